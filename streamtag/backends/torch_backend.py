@@ -1,0 +1,48 @@
+"""The reference backend: the eager :class:`~streamtag.models.step.HopStep` (CPU or CUDA)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import BackendUnavailable, ConfigError
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - torch is a dependency
+    raise BackendUnavailable("the torch backend needs PyTorch: pip install torch==2.11.0") from None
+
+from ..models.io import load_model
+from ..models.step import HopStep
+
+
+class TorchBackend:
+    def __init__(self, model: str | os.PathLike | None = None, batch_size: int = 1, device: str = "cpu",
+                 threads: int | None = 1) -> None:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda asked for, but no CUDA GPU is visible (use --device cpu)")
+        if threads:
+            torch.set_num_threads(threads)
+        self.config, net = load_model(model)
+        self.labels = self.config.labels
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.step = HopStep(self.config, net).to(self.device).eval()
+        self.reset_states()
+
+    def reset_states(self) -> None:
+        self._state = tuple(s.to(self.device) for s in self.step.init_state(self.batch_size))
+
+    @torch.inference_mode()
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).to(self.device)
+        probs, *self._state = self.step(x.reshape(self.batch_size, -1), *self._state)
+        return probs.cpu().numpy()
+
+    def get_state(self) -> list[np.ndarray]:
+        return [s.cpu().numpy().copy() for s in self._state]
+
+    def set_state(self, state: Sequence[np.ndarray]) -> None:
+        self._state = tuple(torch.as_tensor(np.asarray(s, dtype=np.float32)).to(self.device) for s in state)

@@ -1,0 +1,37 @@
+"""Exceptions a user can meet. Each message names the problem and the fix.
+
+The CLI turns any :class:`StreamtagError` into one line on stderr and a non-zero
+exit; anything else is a bug and keeps its traceback.
+"""
+
+
+class StreamtagError(Exception):
+    """Base class: a user-facing problem with a one-line explanation."""
+
+    exit_code = 2
+
+
+class ConfigError(StreamtagError, ValueError):
+    """An option or a config value is out of range or inconsistent."""
+
+
+class AudioFileError(StreamtagError):
+    """An audio file is missing, unreadable, empty or not audio."""
+
+
+class DeviceError(StreamtagError):
+    """The sound device is missing, unknown, or went away mid-stream."""
+
+    exit_code = 1
+
+
+class ModelFileError(StreamtagError):
+    """A model folder is missing, incomplete, unsafe, or its config and weights disagree."""
+
+
+class BackendUnavailable(StreamtagError, ImportError):
+    """A runtime (torch, onnxruntime, PortAudio) is not installed; the message names the package."""
+
+
+class DatasetError(StreamtagError):
+    """A training or evaluation dataset is missing, empty or malformed."""

@@ -1,0 +1,62 @@
+"""Model folders on disk, readable without torch.
+
+A model folder holds ``config.json`` (a :class:`~streamtag.config.ModelConfig`),
+``model.safetensors`` (the weights) and, optionally, ``model.onnx`` (the exported
+streaming step, tagged with the fingerprint of the config and weights it came from).
+The default model ships inside the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import ConfigError, ModelFileError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ONNX_NAME = "model.onnx"
+FINGERPRINT_KEY = "streamtag_fingerprint"
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
+
+
+def resolve_model_dir(path: str | os.PathLike | None) -> Path:
+    """The folder a ``--model`` option names (the bundled default when ``None``), checked to exist."""
+    folder = DEFAULT_MODEL_DIR if path is None else Path(path)
+    if folder.is_file() and folder.name in (CONFIG_NAME, WEIGHTS_NAME, ONNX_NAME):
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ModelFileError(f"model folder not found: {folder} (pass --model DIR holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise ModelFileError(f"model folder {folder} lacks {name} (train one with 'streamtag train' or pass another --model)")
+    return folder
+
+
+def load_config(folder: Path) -> ModelConfig:
+    try:
+        data = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{folder / CONFIG_NAME} is not valid JSON: {exc}") from None
+    try:
+        return ModelConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ModelFileError(f"{folder / CONFIG_NAME}: {exc}") from None
+
+
+def fingerprint(folder: Path) -> str:
+    """SHA-256 over config and weights: an exported graph is reused only for this exact pair."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Where exported ONNX graphs of user models are cached (``$STREAMTAG_CACHE`` or XDG cache)."""
+    root = os.environ.get("STREAMTAG_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamtag"
+    return Path(root)

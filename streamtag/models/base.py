@@ -1,0 +1,142 @@
+"""The causal model protocol, the architecture registry and the parts all models share.
+
+Every model maps log-mel ``(batch, time, n_mels)`` to logits ``(batch, time, classes)``
+through ``forward(feats, state) -> (logits, state)``. Offline use passes
+``init_state(batch)`` and the whole sequence; streaming passes one frame (or any
+chunk) at a time and keeps the returned state. It is one code path, so streaming
+equals offline for any chunking; ``step`` is ``forward`` on a single frame.
+
+A new architecture is one class decorated with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+
+State = tuple[torch.Tensor, ...]
+
+_REGISTRY: dict[str, type[StreamingModel]] = {}
+
+
+def register(name: str) -> Callable[[type[StreamingModel]], type[StreamingModel]]:
+    def add(cls: type[StreamingModel]) -> type[StreamingModel]:
+        _REGISTRY[name] = cls
+        cls.arch_name = name
+        return cls
+
+    return add
+
+
+def architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_model(cfg: ModelConfig) -> StreamingModel:
+    """Instantiate the architecture a config names (weights untrained)."""
+    if cfg.arch not in _REGISTRY:
+        raise ConfigError(f"unknown architecture '{cfg.arch}' (known: {', '.join(architectures())})")
+    try:
+        return _REGISTRY[cfg.arch](n_mels=cfg.features.n_mels, num_classes=cfg.num_classes, **cfg.arch_params)
+    except TypeError as exc:
+        raise ConfigError(f"bad arch_params for '{cfg.arch}': {exc}") from None
+
+
+class StreamingModel(nn.Module):
+    """Base class: input normalisation, a causal trunk (subclass) and a :class:`PooledHead`."""
+
+    arch_name = ""
+
+    def __init__(self, n_mels: int, hidden: int, num_classes: int, pool_seconds: tuple[float, ...]) -> None:
+        super().__init__()
+        # Per-band statistics of the training features, set by the trainer.
+        self.register_buffer("feat_mean", torch.zeros(n_mels))
+        self.register_buffer("feat_std", torch.ones(n_mels))
+        self.head = PooledHead(hidden, num_classes, pool_seconds)
+
+    # -- subclass API --------------------------------------------------------
+    def init_trunk_state(self, batch_size: int) -> State:
+        raise NotImplementedError
+
+    def trunk(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """``(batch, time, n_mels)`` normalised -> ``(batch, time, hidden)``."""
+        raise NotImplementedError
+
+    # -- protocol ------------------------------------------------------------
+    def init_state(self, batch_size: int = 1) -> State:
+        return self.init_trunk_state(batch_size) + self.head.init_state(batch_size, self.feat_mean.device)
+
+    def forward(self, feats: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        n_trunk = len(state) - self.head.n_state
+        x = (feats - self.feat_mean) / self.feat_std
+        hidden, trunk_state = self.trunk(x, state[:n_trunk])
+        logits, head_state = self.head(hidden, state[n_trunk:])
+        return logits, trunk_state + head_state
+
+    def step(self, frame: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One frame ``(batch, n_mels)`` -> logits ``(batch, classes)``."""
+        logits, state = self(frame[:, None, :], state)
+        return logits[:, 0], state
+
+
+class PooledHead(nn.Module):
+    """Linear classifier on the current hidden vector plus exponential running means of it.
+
+    Clip labels are weak (a 5 s clip says "dog" even between barks); running means
+    over ``pool_seconds`` let the decision hold between sound events while staying
+    bounded over hours (an EMA forgets; a cumulative mean would freeze).
+    The EMA is computed chunk-wise as a lower-triangular matmul, the same recurrence
+    streaming and offline.
+    """
+
+    chunk = 64
+
+    def __init__(self, hidden: int, num_classes: int, pool_seconds: tuple[float, ...], hop_seconds: float = 0.01):
+        super().__init__()
+        self.n_state = len(pool_seconds)
+        self.pool_seconds = tuple(float(s) for s in pool_seconds)
+        decay = torch.tensor([math.exp(-hop_seconds / s) for s in self.pool_seconds], dtype=torch.float64)
+        self.register_buffer("decay", decay.float(), persistent=False)
+        if self.n_state:
+            steps = torch.arange(self.chunk, dtype=torch.float64)
+            diff = steps[:, None] - steps[None, :]
+            # (pool, chunk, chunk): weight of input j in output k
+            tri = torch.where(diff >= 0, (1 - decay[:, None, None]) * decay[:, None, None] ** diff.clamp(min=0), 0.0)
+            powers = decay[:, None] ** (steps[None, :] + 1)  # carry of the previous output
+            self.register_buffer("tri", tri.float(), persistent=False)
+            self.register_buffer("carry", powers.float(), persistent=False)
+        self.proj = nn.Linear(hidden * (1 + self.n_state), num_classes)
+
+    def init_state(self, batch_size: int, device: torch.device) -> State:
+        hidden = self.proj.in_features // (1 + self.n_state)
+        return tuple(torch.zeros(batch_size, hidden, device=device) for _ in range(self.n_state))
+
+    def forward(self, hidden: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        pooled, new_state = [], []
+        for i, prev in enumerate(state):
+            if hidden.shape[1] == 1:  # streaming fast path: y = a*y + (1-a)*x
+                a = self.decay[i]
+                y = a * prev[:, None, :] + (1 - a) * hidden
+            else:
+                y = self._ema_chunked(hidden, prev, i)
+            pooled.append(y)
+            new_state.append(y[:, -1])
+        logits = self.proj(torch.cat([hidden, *pooled], dim=-1))
+        return logits, tuple(new_state)
+
+    def _ema_chunked(self, x: torch.Tensor, prev: torch.Tensor, i: int) -> torch.Tensor:
+        outs = []
+        for start in range(0, x.shape[1], self.chunk):
+            part = x[:, start : start + self.chunk]
+            n = part.shape[1]
+            # (chunk, chunk) dot (batch, chunk, hidden) -> (batch, chunk, hidden)
+            y = self.tri[i, :n, :n] @ part + self.carry[i, :n, None] * prev[:, None, :]
+            outs.append(y)
+            prev = y[:, -1]
+        return torch.cat(outs, dim=1)

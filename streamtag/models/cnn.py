@@ -1,0 +1,43 @@
+"""Causal CNN: dilated causal convolutions, each with its own cached left context."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import State, StreamingModel, register
+
+
+@register("cnn")
+class CausalCNN(StreamingModel):
+    """Args:
+    hidden (int): channels. (Default: ``64``)
+    dilations (list of int): one residual conv block per entry; receptive field
+        ``1 + (kernel - 1) * sum(dilations)`` frames. (Default: ``[1, 2, 4, 8, 16]``)
+    kernel (int): taps per conv. (Default: ``3``)
+    pool_seconds (list of float): running-mean time constants of the head. (Default: ``[]``)
+    """
+
+    def __init__(self, n_mels: int, num_classes: int, hidden: int = 64, dilations: tuple[int, ...] = (1, 2, 4, 8, 16),
+                 kernel: int = 3, pool_seconds: tuple[float, ...] = ()) -> None:
+        super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds))
+        self.hidden, self.kernel, self.dilations = hidden, kernel, tuple(dilations)
+        self.inp = nn.Linear(n_mels, hidden)
+        self.convs = nn.ModuleList(nn.Conv1d(hidden, hidden, kernel, dilation=d) for d in self.dilations)
+        self.norms = nn.ModuleList(nn.BatchNorm1d(hidden) for _ in self.dilations)
+
+    def context_frames(self, dilation: int) -> int:
+        return (self.kernel - 1) * dilation
+
+    def init_trunk_state(self, batch_size: int) -> State:
+        dev = self.feat_mean.device
+        return tuple(torch.zeros(batch_size, self.hidden, self.context_frames(d), device=dev) for d in self.dilations)
+
+    def trunk(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        y = torch.relu(self.inp(x)).transpose(1, 2)  # (batch, hidden, time)
+        new_state = []
+        for conv, norm, ctx, d in zip(self.convs, self.norms, state, self.dilations):
+            seq = torch.cat([ctx, y], dim=2)
+            new_state.append(seq[:, :, seq.shape[2] - self.context_frames(d) :])
+            y = y + torch.relu(norm(conv(seq)))
+        return y.transpose(1, 2), tuple(new_state)

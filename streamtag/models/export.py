@@ -1,0 +1,50 @@
+"""torch -> ONNX export of the hop step, with audio context and model state as explicit I/O."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..modelfile import FINGERPRINT_KEY, fingerprint, resolve_model_dir
+from .io import load_model
+from .step import HopStep
+
+OPSET = 17
+
+
+def export_onnx(model_dir: str | os.PathLike | None, out_path: str | os.PathLike) -> Path:
+    """Write the hop step of a model folder as ONNX (dynamic batch), tagged with its fingerprint."""
+    import onnx
+
+    folder = resolve_model_dir(model_dir)
+    cfg, model = load_model(folder)
+    step = HopStep(cfg, model).eval()
+    state = step.init_state(2)
+    audio = torch.zeros(2, cfg.features.hop_length)
+    names = step.state_names()
+    inputs = ["audio", *names]
+    outputs = ["probs", *[n + "_out" for n in names]]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            step,
+            (audio, *state),
+            str(tmp),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={n: {0: "batch"} for n in inputs + outputs},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    graph = onnx.load(str(tmp))
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = FINGERPRINT_KEY, fingerprint(folder)
+    onnx.save(graph, str(tmp))
+    os.replace(tmp, out_path)
+    return out_path
