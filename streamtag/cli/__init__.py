@@ -1,0 +1,41 @@
+"""``streamtag`` command line: wires sources, backends, events and outputs together; no logic of its own.
+
+Each subcommand module has ``add_parser(subparsers)`` and ``run(args) -> int``.
+A :class:`~streamtag.errors.StreamtagError` becomes one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import StreamtagError
+
+SUBCOMMANDS = ["run", "devices"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamtag",
+        description="Real-time streaming audio tagger: a causal model scores every 10 ms hop, live or on replay.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except StreamtagError as exc:
+        print(f"streamtag {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. piped into head
+        return 0

@@ -1,0 +1,224 @@
+"""Per-class hysteresis on streaming probabilities -> events with onset and offset.
+
+A thin layer over the scores, like silero-vad's ``VADIterator``: per class it keeps
+only its state and a few counters. For each class:
+
+- an event *starts* when the score reaches ``on_threshold`` and is *confirmed*
+  ("open") once it has lasted ``min_duration_s`` with ``patience_frames``
+  consecutive frames at or above ``on_threshold``; its onset is backdated to the
+  first frame above the threshold;
+- it *ends* when the score falls below ``off_threshold`` (default ``on - 0.15``)
+  and stays there ``min_gap_s``; rising above ``on_threshold`` within the gap
+  continues (merges into) the same event. The offset is the first frame below.
+
+Every "open" gets exactly one "close" (``flush`` closes what is open at stream end).
+Times are in stream seconds: frame ``i`` covers ``[i * hop, (i + 1) * hop)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import ConfigError
+
+OFF_MARGIN = 0.15  # silero-vad's neg_threshold = threshold - 0.15
+
+
+@dataclasses.dataclass(frozen=True)
+class EventParams:
+    """Args:
+    on_threshold (float): score that starts an event. (Default: ``0.5``)
+    off_threshold (float or None): score below which it ends. (Default: ``on_threshold - 0.15``)
+    min_duration_s (float): shorter events are never reported. (Default: ``0.1``)
+    min_gap_s (float): a dip shorter than this merges the two sides. (Default: ``0.3``)
+    patience_frames (int): consecutive frames at or above ``on_threshold`` needed to confirm. (Default: ``1``)
+    """
+
+    on_threshold: float = 0.5
+    off_threshold: float | None = None
+    min_duration_s: float = 0.1
+    min_gap_s: float = 0.3
+    patience_frames: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.on_threshold <= 1.0:
+            raise ConfigError(f"on_threshold must be in (0, 1] ({self.on_threshold} given)")
+        if self.off_threshold is not None and not 0.0 <= self.off_threshold <= self.on_threshold:
+            raise ConfigError(f"off_threshold must be in [0, on_threshold] ({self.off_threshold} given)")
+        if self.min_duration_s < 0 or self.min_gap_s < 0:
+            raise ConfigError("min_duration_s and min_gap_s must be >= 0")
+        if self.patience_frames < 1:
+            raise ConfigError(f"patience_frames must be >= 1 ({self.patience_frames} given)")
+
+    @property
+    def off(self) -> float:
+        return max(0.0, self.on_threshold - OFF_MARGIN) if self.off_threshold is None else self.off_threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """``kind`` is ``"open"`` (confirmed, still going; ``offset`` is None) or ``"close"``."""
+
+    kind: str
+    label: str
+    onset: float
+    offset: float | None
+    score_max: float
+    score_mean: float
+
+    def as_dict(self) -> dict[str, Any]:
+        row = {"type": self.kind, "label": self.label, "onset": round(self.onset, 3)}
+        if self.offset is not None:
+            row["offset"] = round(self.offset, 3)
+        row["score_max"] = round(self.score_max, 4)
+        row["score_mean"] = round(self.score_mean, 4)
+        return row
+
+
+_IDLE, _PENDING, _ACTIVE, _GAP = range(4)
+
+
+class _Track:
+    __slots__ = ("state", "onset", "below_since", "run", "best_run", "score_max", "score_sum", "n")
+
+    def __init__(self) -> None:
+        self.state = _IDLE
+        self.onset = self.below_since = self.run = self.best_run = self.n = 0
+        self.score_max = self.score_sum = 0.0
+
+
+class EventDetector:
+    """``update(frame_index, probs) -> list[Event]``; ``flush(end_frame)``; ``reset_states()``.
+
+    Args:
+        labels: class names, in score order.
+        frame_seconds (float): the hop in seconds.
+        params (EventParams): defaults for every class.
+        per_class (dict): label -> EventParams overriding the defaults.
+    """
+
+    def __init__(self, labels: Sequence[str], frame_seconds: float, params: EventParams | None = None,
+                 per_class: dict[str, EventParams] | None = None) -> None:
+        self.labels = list(labels)
+        self.frame_seconds = frame_seconds
+        default = params or EventParams()
+        per_class = per_class or {}
+        unknown = sorted(set(per_class) - set(self.labels))
+        if unknown:
+            raise ConfigError(f"event settings name unknown classes: {unknown[:5]}")
+        chosen = [per_class.get(label, default) for label in self.labels]
+        self._on = np.array([p.on_threshold for p in chosen], dtype=np.float32)
+        self._off = np.array([p.off for p in chosen], dtype=np.float32)
+        self._min_frames = [max(1, round(p.min_duration_s / frame_seconds)) for p in chosen]
+        self._gap_frames = [max(1, round(p.min_gap_s / frame_seconds)) for p in chosen]
+        self._patience = [p.patience_frames for p in chosen]
+        self.reset_states()
+
+    def reset_states(self) -> None:
+        self._tracks = [_Track() for _ in self.labels]
+        self._busy: set[int] = set()  # classes not idle: the only ones looked at below threshold
+
+    @property
+    def open_labels(self) -> list[str]:
+        return [self.labels[i] for i in sorted(self._busy) if self._tracks[i].state in (_ACTIVE, _GAP)]
+
+    def update(self, frame_index: int, probs: np.ndarray) -> list[Event]:
+        starting = np.flatnonzero(probs >= self._on)
+        if starting.size == 0 and not self._busy:
+            return []
+        events: list[Event] = []
+        for i in self._busy.union(starting.tolist()):
+            event = self._advance(i, frame_index, float(probs[i]))
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _advance(self, i: int, f: int, p: float) -> Event | None:
+        tr = self._tracks[i]
+        on, off = self._on[i], self._off[i]
+        if tr.state == _IDLE:  # p >= on here
+            tr.state, tr.onset, tr.run, tr.best_run, tr.n = _PENDING, f, 0, 0, 0
+            tr.score_max = tr.score_sum = 0.0
+            self._busy.add(i)
+        if tr.state == _PENDING:
+            if p < off:
+                tr.state = _IDLE
+                self._busy.discard(i)
+                return None
+            self._accumulate(tr, p, on)
+            if f - tr.onset + 1 >= self._min_frames[i] and tr.best_run >= self._patience[i]:
+                tr.state = _ACTIVE
+                return self._event("open", i, None)
+            return None
+        if tr.state == _ACTIVE:
+            if p < off:
+                tr.state, tr.below_since = _GAP, f
+            else:
+                self._accumulate(tr, p, on)
+            return None
+        # _GAP
+        if p >= on:
+            tr.state = _ACTIVE
+            self._accumulate(tr, p, on)
+        elif f - tr.below_since + 1 >= self._gap_frames[i]:
+            return self._close(i, tr.below_since)
+        return None
+
+    @staticmethod
+    def _accumulate(tr: _Track, p: float, on: float) -> None:
+        tr.run = tr.run + 1 if p >= on else 0
+        tr.best_run = max(tr.best_run, tr.run)
+        tr.score_max = max(tr.score_max, p)
+        tr.score_sum += p
+        tr.n += 1
+
+    def _event(self, kind: str, i: int, offset_frame: int | None) -> Event:
+        tr = self._tracks[i]
+        offset = None if offset_frame is None else offset_frame * self.frame_seconds
+        return Event(kind, self.labels[i], tr.onset * self.frame_seconds, offset, tr.score_max, tr.score_sum / tr.n)
+
+    def _close(self, i: int, offset_frame: int) -> Event:
+        event = self._event("close", i, offset_frame)
+        self._tracks[i].state = _IDLE
+        self._busy.discard(i)
+        return event
+
+    def flush(self, end_frame: int) -> list[Event]:
+        """Close every open event (at ``end_frame``, or where it fell below); drop unconfirmed ones."""
+        events = []
+        for i in sorted(self._busy):
+            tr = self._tracks[i]
+            if tr.state == _ACTIVE:
+                events.append(self._close(i, end_frame))
+            elif tr.state == _GAP:
+                events.append(self._close(i, tr.below_since))
+            else:
+                tr.state = _IDLE
+        self._busy.clear()
+        return events
+
+
+def load_event_settings(path: str | os.PathLike) -> tuple[EventParams | None, dict[str, EventParams]]:
+    """Read ``{"default": {...}, "<label>": {...}}`` from JSON or TOML (``.toml``)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"cannot read event settings {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"event settings {path} must map class names to settings")
+    fields = {f.name for f in dataclasses.fields(EventParams)}
+    for key, value in data.items():
+        if not isinstance(value, dict) or set(value) - fields:
+            raise ConfigError(f"event settings {path}: '{key}' must be a table with keys among {sorted(fields)}")
+    base = data.get("default", {})
+    per_class = {key: EventParams(**{**base, **value}) for key, value in data.items() if key != "default"}
+    return (EventParams(**base) if base else None), per_class

@@ -1,0 +1,88 @@
+"""Terminal outputs: a live top-k view that updates in place, or plain lines when piped."""
+
+from __future__ import annotations
+
+import collections
+import sys
+from typing import Callable, TextIO
+
+from ..events import Event
+from ..worker import Step
+from .selection import ClassSelection
+
+BAR_WIDTH = 30
+RECENT_EVENTS = 5
+
+
+def format_event(event: Event) -> str:
+    if event.kind == "open":
+        return f"{event.onset:8.2f}s  open   {event.label}"
+    return (f"{event.offset:8.2f}s  close  {event.label}  {event.onset:.2f}-{event.offset:.2f} s  "
+            f"max {event.score_max:.2f}")
+
+
+class PlainLines:
+    """One line per update (``t  label p  label p ...``) and one per event; for pipes and logs."""
+
+    def __init__(self, selection: ClassSelection, every_frames: int, stream: TextIO | None = None,
+                 show_events: bool = True) -> None:
+        self.selection, self.every, self.show_events = selection, every_frames, show_events
+        self.stream = stream or sys.stdout
+
+    def write(self, step: Step) -> None:
+        if self.show_events:
+            for event in step.events:
+                print(format_event(event), file=self.stream)
+        if step.has_scores and (step.frame_index + 1) % self.every == 0:
+            picks = "  ".join(f"{label} {p:.2f}" for label, p in self.selection.pick(step.probs))
+            print(f"{step.t:8.2f}s  {picks}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self.stream.flush()
+
+
+class LiveView:
+    """A rich panel redrawn in place: top-k bars, open and recent events, and a status line.
+
+    ``status`` returns ``(dropped_samples, p99_ms, budget_ms)`` for the status line.
+    """
+
+    def __init__(self, selection: ClassSelection, every_frames: int, status: Callable[[], tuple[int, float, float]],
+                 title: str = "streamtag") -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.selection, self.every, self.status, self.title = selection, every_frames, status, title
+        self.recent: collections.deque[Event] = collections.deque(maxlen=RECENT_EVENTS)
+        self.open: dict[str, Event] = {}
+        self._live = Live(console=Console(stderr=False), auto_refresh=False, transient=False)
+        self._live.start()
+
+    def write(self, step: Step) -> None:
+        for event in step.events:
+            if event.kind == "open":
+                self.open[event.label] = event
+            else:
+                self.open.pop(event.label, None)
+                self.recent.append(event)
+        if step.has_scores and (step.frame_index + 1) % self.every == 0:
+            self._live.update(self._render(step), refresh=True)
+
+    def _render(self, step: Step):
+        from rich.panel import Panel
+        from rich.table import Table
+
+        table = Table.grid(padding=(0, 1))
+        for label, p in self.selection.pick(step.probs):
+            filled = round(p * BAR_WIDTH)
+            table.add_row(f"{label:>18}", "[green]" + "█" * filled + "[/]" + "·" * (BAR_WIDTH - filled), f"{p:5.2f}")
+        if self.open:
+            table.add_row("", "[bold]now:[/] " + ", ".join(sorted(self.open)), "")
+        for event in list(self.recent)[::-1]:
+            table.add_row("", f"[dim]{event.label} {event.onset:.2f}-{event.offset:.2f} s[/]", "")
+        dropped, p99, budget = self.status()
+        status = f"t {step.t:7.2f} s | dropped {dropped} | p99 {p99:.3f} ms of {budget:.0f} ms | Ctrl-C stops"
+        return Panel(table, title=self.title, subtitle=status)
+
+    def close(self) -> None:
+        self._live.stop()

@@ -1,0 +1,93 @@
+"""File outputs: rolling updates (JSONL), events (JSONL), frame scores (sed_scores_eval TSV).
+
+Every file is written line by line and flushed per line, so a stopped run never
+leaves a partial last line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TextIO
+
+from ..errors import ConfigError
+from ..worker import Step
+from .selection import ClassSelection
+
+
+def open_for_writing(path: str | os.PathLike, line_buffered: bool = True) -> TextIO:
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"output path {path} is a directory; give a file name")
+    if not path.parent.exists():
+        raise ConfigError(f"output folder {path.parent} does not exist; create it first")
+    try:
+        return open(path, "w", encoding="utf-8", buffering=1 if line_buffered else -1)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+
+
+class UpdatesJsonl:
+    """One JSON object per update: ``{"t": s, "top": [[label, p], ...]}`` or all classes with ``all_classes``."""
+
+    def __init__(self, path: str | os.PathLike, selection: ClassSelection, every_frames: int,
+                 all_classes: bool = False, stream: str | None = None) -> None:
+        self._file = open_for_writing(path)
+        self.selection, self.every, self.all_classes, self.stream = selection, every_frames, all_classes, stream
+
+    def write(self, step: Step) -> None:
+        if not step.has_scores or (step.frame_index + 1) % self.every:
+            return
+        row: dict = {"t": round(step.t, 3)}
+        if self.stream is not None:
+            row["stream"] = self.stream
+        if self.all_classes:
+            row["probs"] = {label: round(float(p), 5) for label, p in zip(step.labels, step.probs)}
+        else:
+            row["top"] = [[label, round(p, 5)] for label, p in self.selection.pick(step.probs)]
+        self._file.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class EventsJsonl:
+    """An "open" line when an event is confirmed, a "close" line with onset, offset and scores when it ends."""
+
+    def __init__(self, path: str | os.PathLike, stream: str | None = None) -> None:
+        self._file = open_for_writing(path)
+        self.stream = stream
+
+    def write(self, step: Step) -> None:
+        for event in step.events:
+            row = event.as_dict()
+            if self.stream is not None:
+                row["stream"] = self.stream
+            self._file.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ScoresTsv:
+    """Every frame's scores as a TSV in the sed_scores_eval layout: ``onset  offset  <class>...``.
+
+    ``sed_scores_eval.io.read_sed_scores`` reads it back (one file per audio id).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._file = open_for_writing(path, line_buffered=False)  # 100 rows/s: flushed on close
+        self._header_done = False
+
+    def write(self, step: Step) -> None:
+        if not step.has_scores:
+            return
+        if not self._header_done:
+            self._file.write("\t".join(["onset", "offset", *step.labels]) + "\n")
+            self._header_done = True
+        values = "\t".join(f"{p:.6g}" for p in step.probs)
+        self._file.write(f"{step.onset:.3f}\t{step.t:.3f}\t{values}\n")
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,76 @@
+"""``--plot``: a picture of a whole recording: log-mel on top, top-class probabilities below, events shaded."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..config import FeatureConfig
+from ..errors import ConfigError
+from ..events import Event
+from ..worker import Step
+
+TOP_CLASSES = 5
+
+
+class RecordingPlot:
+    """Collects every step of one stream; draws the PNG on ``close()``."""
+
+    def __init__(self, path: str | os.PathLike, samples: np.ndarray, features: FeatureConfig, title: str = "") -> None:
+        if not str(path).lower().endswith(".png"):
+            raise ConfigError(f"--plot wants a .png path ({path} given)")
+        self.path, self.samples, self.features, self.title = path, samples, features, title
+        self._probs: list[np.ndarray] = []
+        self._events: list[Event] = []
+        self._labels: list[str] = []
+
+    def write(self, step: Step) -> None:
+        if step.has_scores:
+            self._probs.append(step.probs)
+            self._labels = list(step.labels)
+        self._events.extend(e for e in step.events if e.kind == "close")
+
+    def close(self) -> None:
+        if not self._probs:
+            return
+        draw_recording(self.path, self.samples, self.features, np.stack(self._probs), self._labels, self._events,
+                       self.title)
+
+
+def draw_recording(path, samples: np.ndarray, features: FeatureConfig, probs: np.ndarray, labels: list[str],
+                   events: list[Event], title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from ..features import log_mel_offline
+
+    mel = log_mel_offline(torch.from_numpy(samples), features).numpy().T  # (n_mels, frames)
+    hop_s = features.frame_seconds
+    end = probs.shape[0] * hop_s
+    order = np.argsort(-probs.max(axis=0))[:TOP_CLASSES]
+    fig, (ax_mel, ax_p) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, gridspec_kw={"height_ratios": [1, 1.2]})
+    ax_mel.imshow(mel, origin="lower", aspect="auto", extent=(0, mel.shape[1] * hop_s, 0, features.n_mels),
+                  cmap="magma", vmin=np.percentile(mel, 5), vmax=mel.max())
+    ax_mel.set_ylabel("mel band")
+    ax_mel.set_title(title or "recording")
+    t = (np.arange(probs.shape[0]) + 1) * hop_s
+    colours = plt.get_cmap("tab10")
+    for rank, idx in enumerate(order):
+        ax_p.plot(t, probs[:, idx], color=colours(rank), lw=1.4, label=labels[idx])
+    for event in events:
+        colour = colours(list(order).index(labels.index(event.label))) if labels.index(event.label) in order else "grey"
+        for ax in (ax_mel, ax_p):
+            ax.axvspan(event.onset, event.offset, color=colour, alpha=0.18, lw=0)
+        ax_p.text(event.onset, 1.02, event.label, fontsize=8, color=colour, va="bottom")
+    ax_p.set_ylim(0, 1.1)
+    ax_p.set_xlim(0, end)
+    ax_p.set_xlabel("time (s)")
+    ax_p.set_ylabel("probability")
+    ax_p.legend(loc="upper right", fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,48 @@
+"""Which classes to show, like MediaPipe's AudioClassifier options: top-k, score threshold, allow or deny list."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+
+
+class ClassSelection:
+    """``pick(probs) -> [(label, prob), ...]`` best first.
+
+    Args:
+        labels: all class names.
+        max_results (int): keep at most this many (top-k). (Default: ``3``)
+        score_threshold (float): hide classes below this probability. (Default: ``0``)
+        allow / deny: class names to keep only / to hide; at most one of the two.
+    """
+
+    def __init__(self, labels: Sequence[str], max_results: int = 3, score_threshold: float = 0.0,
+                 allow: Sequence[str] | None = None, deny: Sequence[str] | None = None) -> None:
+        if allow and deny:
+            raise ConfigError("--allow and --deny are mutually exclusive: give one of them")
+        if max_results < 1:
+            raise ConfigError(f"--max-results must be >= 1 ({max_results} given)")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ConfigError(f"--score-threshold must be in [0, 1] ({score_threshold} given)")
+        self.labels = list(labels)
+        named = list(allow or deny or [])
+        unknown = [n for n in named if n not in self.labels]
+        if unknown:
+            raise ConfigError(f"unknown class names {unknown[:5]}; known: {', '.join(self.labels[:10])}...")
+        mask = np.ones(len(self.labels), dtype=bool)
+        if allow:
+            mask[:] = False
+            mask[[self.labels.index(n) for n in allow]] = True
+        if deny:
+            mask[[self.labels.index(n) for n in deny]] = False
+        self.indices = np.flatnonzero(mask)
+        self.max_results = min(max_results, self.indices.size)
+        self.score_threshold = score_threshold
+
+    def pick(self, probs: np.ndarray) -> list[tuple[str, float]]:
+        sub = probs[self.indices]
+        order = np.argsort(-sub, kind="stable")[: self.max_results]
+        return [(self.labels[self.indices[i]], float(sub[i])) for i in order if sub[i] >= self.score_threshold]

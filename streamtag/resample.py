@@ -1,0 +1,20 @@
+"""Streaming resampling for devices that cannot run at the model rate (soxr keeps filter state across blocks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import soxr
+
+
+class StreamResampler:
+    """``process(block) -> block`` at ``out_rate``; chunk-safe, about ``soxr`` HQ's delay (a few ms)."""
+
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        self.in_rate, self.out_rate = in_rate, out_rate
+        self._stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
+
+    def process(self, block: np.ndarray, last: bool = False) -> np.ndarray:
+        return self._stream.resample_chunk(block, last=last)
+
+    def reset_states(self) -> None:
+        self._stream = soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="float32", quality="HQ")

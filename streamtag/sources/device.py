@@ -1,0 +1,144 @@
+"""Live capture from a sound device through sounddevice (PortAudio).
+
+Imported only where a microphone is used. The callback contract, as sounddevice
+documents for ``InputStream``::
+
+    callback(indata: numpy.ndarray, frames: int, time: CData, status: CallbackFlags) -> None
+
+It runs on PortAudio's real-time thread and must not allocate, block, touch files
+or take locks. Ours does three things: downmix into a preallocated buffer, copy
+into the ring (dropping and counting what does not fit), and count status flags.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BackendUnavailable, DeviceError
+from ..ring import SpscRing
+from .base import SourceStatus
+
+MAX_CHANNELS = 8  # downmix at most this many device channels
+
+
+def import_sounddevice():
+    """``import sounddevice``, with the fix named when PortAudio is missing."""
+    try:
+        import sounddevice
+    except OSError:
+        raise BackendUnavailable(
+            "PortAudio library not found: install it with 'apt-get install libportaudio2' "
+            "(replay, train, eval and bench work without it)"
+        ) from None
+    return sounddevice
+
+
+def list_input_devices() -> list[tuple[int, str, int, float]]:
+    """``(index, name, input channels, default rate)`` of every device that can record."""
+    sd = import_sounddevice()
+    return [
+        (i, d["name"], d["max_input_channels"], d["default_samplerate"])
+        for i, d in enumerate(sd.query_devices())
+        if d["max_input_channels"] > 0
+    ]
+
+
+def _device_choices() -> str:
+    try:
+        rows = list_input_devices()
+    except Exception:  # listing is best-effort inside an error message
+        return ""
+    return "; input devices: " + (", ".join(f"[{i}] {name}" for i, name, _, _ in rows) or "none")
+
+
+def _parse_device(device: str | int | None) -> str | int | None:
+    if isinstance(device, str) and device.strip().isdigit():
+        return int(device)
+    return device
+
+
+class MicrophoneSource:
+    """Args:
+    sample_rate (int): the model rate. The device is opened at it when supported,
+        otherwise at the device's default rate (the worker then resamples).
+    device (str, int or None): name substring or index; the system default when ``None``.
+    block_size (int): frames per callback at the model rate. (Default: one hop)
+    """
+
+    is_live = True
+
+    def __init__(self, sample_rate: int, device: str | int | None = None, block_size: int = 160) -> None:
+        sd = self._sd = import_sounddevice()
+        device = _parse_device(device)
+        try:
+            info = sd.query_devices(device, "input")
+        except ValueError as exc:
+            raise DeviceError(f"{exc}{_device_choices()} (pick one with --device NAME|INDEX)") from None
+        except sd.PortAudioError as exc:
+            raise DeviceError(
+                f"no input device available ({exc}); plug in a microphone or see 'streamtag devices'"
+            ) from None
+        self.device_name = info["name"]
+        self.channels = max(1, min(int(info["max_input_channels"]), MAX_CHANNELS))
+        try:
+            sd.check_input_settings(device=device, channels=self.channels, samplerate=sample_rate, dtype="float32")
+            self.sample_rate = sample_rate
+        except Exception:  # the device does not support the model rate: open at its own, resample later
+            self.sample_rate = int(info["default_samplerate"])
+        self.block_size = max(1, round(block_size * self.sample_rate / sample_rate))
+        self.description = f"{self.device_name} @ {self.sample_rate} Hz"
+        self.status = SourceStatus()
+        self.error: str | None = None
+        self._device = device
+        self._ring: SpscRing | None = None
+        self._mono = np.zeros(self.block_size * 16, dtype=np.float32)
+        self._stream = None
+        self._stopping = False
+
+    def _callback(self, indata: np.ndarray, frames: int, time, status) -> None:
+        if status.input_overflow:
+            self.status.input_overflows += 1
+        if status.input_underflow:
+            self.status.input_underflows += 1
+        if self.channels == 1:
+            self._ring.push(indata[:, 0])
+        elif frames <= self._mono.shape[0]:
+            np.mean(indata, axis=1, out=self._mono[:frames])
+            self._ring.push(self._mono[:frames])
+        else:  # a block larger than planned: never allocate here, downmix in two halves
+            half = frames // 2
+            for part in (indata[:half], indata[half:]):
+                np.mean(part, axis=1, out=self._mono[: part.shape[0]])
+                self._ring.push(self._mono[: part.shape[0]])
+
+    def _finished(self) -> None:
+        if not self._stopping:
+            self.error = f"input device '{self.device_name}' stopped delivering audio (unplugged or server gone)"
+            if self._ring is not None:
+                self._ring.doorbell.ring()
+
+    def start(self, ring: SpscRing) -> None:
+        self._ring = ring
+        sd = self._sd
+        try:
+            self._stream = sd.InputStream(
+                device=self._device, channels=self.channels, samplerate=self.sample_rate, dtype="float32",
+                blocksize=self.block_size, callback=self._callback, finished_callback=self._finished,
+            )
+            self._stream.start()
+        except sd.PortAudioError as exc:
+            raise DeviceError(f"could not open input device '{self.device_name}': {exc}") from None
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._stream is not None:
+            try:
+                self._stream.stop()
+                self._stream.close()
+            except Exception:  # a vanished device may fail to stop; the run is ending anyway
+                pass
+            self._stream = None
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None

@@ -1,0 +1,265 @@
+"""The worker thread: the only loop. ring -> (resample) -> hops -> backend -> events -> outputs.
+
+Every hop is computed (a decision every 10 ms by default); outputs choose how
+often they show it. Per-frame compute time goes into a bounded histogram, so an
+hours-long run keeps constant memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .backends import Backend
+from .events import Event, EventDetector
+from .resample import StreamResampler
+from .ring import SpscRing
+from .sources.base import Source
+
+STALL_TIMEOUT_S = 2.0  # a live source silent this long is treated as lost
+RING_SECONDS = 2.0  # the ring holds this much audio at the source rate
+
+
+@dataclasses.dataclass
+class Step:
+    """One hop's result. ``probs`` is owned by the step (outputs may keep it)."""
+
+    frame_index: int
+    t: float  # stream time at the end of the hop, seconds
+    probs: np.ndarray
+    events: list[Event]
+    labels: Sequence[str]
+    frame_seconds: float = 0.01
+
+    @property
+    def onset(self) -> float:
+        """Stream time at the start of the hop."""
+        return self.t - self.frame_seconds
+
+    @property
+    def has_scores(self) -> bool:
+        """False for the event-only steps sent when a stream ends or resets."""
+        return self.probs.size > 0
+
+
+class Output(Protocol):
+    """Gets every step; decides itself what to show or write."""
+
+    def write(self, step: Step) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FrameTimer:
+    """Histogram of per-frame compute times: 1 us bins up to ``limit_us``, exact max, constant memory."""
+
+    def __init__(self, limit_us: int = 100_000) -> None:
+        self.counts = np.zeros(limit_us + 1, dtype=np.int64)
+        self.max_ns = 0
+        self.total_ns = 0
+        self.n = 0
+
+    def add(self, ns: int) -> None:
+        self.counts[min(ns // 1000, self.counts.shape[0] - 1)] += 1
+        self.max_ns = max(self.max_ns, ns)
+        self.total_ns += ns
+        self.n += 1
+
+    def percentile_ms(self, q: float) -> float:
+        if self.n == 0:
+            return float("nan")
+        rank = int(np.ceil(q / 100.0 * self.n))
+        idx = int(np.searchsorted(np.cumsum(self.counts), max(rank, 1)))
+        return (idx + 1) / 1000.0  # upper edge of the bin
+
+    def over(self, budget_ns: int) -> int:
+        return int(self.counts[budget_ns // 1000 :].sum())
+
+
+@dataclasses.dataclass
+class Summary:
+    source: str
+    audio_seconds: float
+    frames: int
+    captured: int  # samples the source offered to the ring
+    processed: int  # samples the worker took out of the ring
+    dropped: int  # samples refused by a full ring
+    unread: int  # samples left in the ring at the end
+    source_status: dict
+    compute_p50_ms: float
+    compute_p99_ms: float
+    compute_max_ms: float
+    budget_ms: float
+    deadline_misses: int
+    error: str | None = None
+    interrupted: bool = False
+
+    def lines(self) -> list[str]:
+        out = [
+            f"source: {self.source}",
+            f"audio: {self.audio_seconds:.2f} s, {self.frames} frames",
+            f"samples: captured {self.captured}, processed {self.processed}, dropped {self.dropped}, "
+            f"unread {self.unread}",
+            f"frame compute: p50 {self.compute_p50_ms:.3f} ms, p99 {self.compute_p99_ms:.3f} ms, "
+            f"max {self.compute_max_ms:.3f} ms (budget {self.budget_ms:.1f} ms, {self.deadline_misses} over)",
+        ]
+        problems = {k: v for k, v in self.source_status.items() if v}
+        if problems:
+            out.append("source status: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in problems.items()))
+        return out
+
+
+class Worker(threading.Thread):
+    """Runs one stream. ``start()``, then ``join()``; ``request_stop()`` drains and ends it.
+
+    Args:
+        source: where audio comes from (any :class:`~streamtag.sources.Source`).
+        backend: the model runtime, batch size 1.
+        outputs: each gets every :class:`Step`.
+        detector: optional :class:`~streamtag.events.EventDetector`.
+        reset_every_s (float): reset model and detector state every this many seconds. (Default: never)
+        reset_on_silence_s (float): reset after this much silence (all samples below -60 dBFS). (Default: never)
+    """
+
+    def __init__(self, source: Source, backend: Backend, outputs: Sequence[Output] = (),
+                 detector: EventDetector | None = None, reset_every_s: float | None = None,
+                 reset_on_silence_s: float | None = None) -> None:
+        super().__init__(name="streamtag-worker", daemon=True)
+        self.source, self.backend, self.outputs, self.detector = source, backend, list(outputs), detector
+        feats = backend.config.features
+        self.hop = feats.hop_length
+        self.frame_seconds = feats.frame_seconds
+        self.labels = backend.labels
+        capacity = 1 << int(np.ceil(np.log2(max(RING_SECONDS * source.sample_rate, 4 * self.hop))))
+        self.ring = SpscRing(capacity)
+        self.resampler = (
+            StreamResampler(source.sample_rate, feats.sample_rate) if source.sample_rate != feats.sample_rate else None
+        )
+        self.timer = FrameTimer()
+        self.frames = 0
+        self.processed = 0
+        self.error: str | None = None
+        self.interrupted = False
+        self._reset_every = None if reset_every_s is None else max(1, round(reset_every_s / self.frame_seconds))
+        self._silence_frames = None if reset_on_silence_s is None else max(1, round(reset_on_silence_s / self.frame_seconds))
+        self._silent_run = 0
+        self._stop_requested = threading.Event()
+        self._hop_buf = np.zeros(self.hop, dtype=np.float32)
+        self._hop_fill = 0
+        self._read_buf = np.zeros(capacity, dtype=np.float32)
+
+    # -- control -------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Stop the source, process what is in the ring, flush outputs. Safe from a signal handler."""
+        self.interrupted = True
+        self._stop_requested.set()
+        self.ring.doorbell.ring()
+
+    def reset(self) -> None:
+        """Reset every stateful stage in pipeline order (call from the worker thread or before start)."""
+        if self.resampler is not None:
+            self.resampler.reset_states()
+        self.backend.reset_states()
+        if self.detector is not None:
+            self._emit_events(self.detector.flush(self.frames))
+
+    def start(self) -> None:
+        self.source.start(self.ring)
+        super().start()
+
+    # -- the loop ------------------------------------------------------------
+    def run(self) -> None:
+        last_data = time.monotonic()
+        try:
+            while True:
+                got = self.ring.read_into(self._read_buf)
+                if got:
+                    self.processed += got
+                    last_data = time.monotonic()
+                    self._consume(self._read_buf[:got])
+                    continue
+                if self._stop_requested.is_set():
+                    self.source.stop()
+                    if self.ring.read_available == 0:
+                        break
+                    continue
+                if self.source.finished:
+                    if self.source.error:
+                        self.error = self.source.error
+                    if self.ring.read_available == 0:
+                        break
+                    continue
+                self.ring.doorbell.wait(0.05)
+                if self.source.is_live and time.monotonic() - last_data > STALL_TIMEOUT_S:
+                    self.error = f"no audio from {self.source.description} for {STALL_TIMEOUT_S:.0f} s: device lost?"
+                    break
+        finally:
+            self.source.stop()
+            self._finish()
+
+    def _consume(self, samples: np.ndarray) -> None:
+        if self.resampler is not None:
+            samples = self.resampler.process(samples)
+        pos = 0
+        n = samples.shape[0]
+        while pos < n:
+            take = min(self.hop - self._hop_fill, n - pos)
+            self._hop_buf[self._hop_fill : self._hop_fill + take] = samples[pos : pos + take]
+            self._hop_fill += take
+            pos += take
+            if self._hop_fill == self.hop:
+                self._hop_fill = 0
+                self._frame(self._hop_buf)
+
+    def _frame(self, hop: np.ndarray) -> None:
+        if self._reset_every and self.frames and self.frames % self._reset_every == 0:
+            self.reset()
+        if self._silence_frames is not None:
+            self._silent_run = self._silent_run + 1 if float(np.abs(hop).max()) < 1e-3 else 0
+            if self._silent_run == self._silence_frames:
+                self.reset()
+        t0 = time.perf_counter_ns()
+        probs = self.backend(hop)[0].copy()
+        events = self.detector.update(self.frames, probs) if self.detector is not None else []
+        self.timer.add(time.perf_counter_ns() - t0)
+        self.frames += 1
+        step = Step(self.frames - 1, self.frames * self.frame_seconds, probs, events, self.labels, self.frame_seconds)
+        for out in self.outputs:
+            out.write(step)
+
+    def _emit_events(self, events: list[Event]) -> None:
+        if events:
+            step = Step(self.frames - 1, self.frames * self.frame_seconds, np.zeros(0, np.float32), events,
+                        self.labels, self.frame_seconds)
+            for out in self.outputs:
+                out.write(step)
+
+    def _finish(self) -> None:
+        if self.detector is not None:
+            self._emit_events(self.detector.flush(self.frames))
+        for out in self.outputs:
+            out.close()
+
+    def summary(self) -> Summary:
+        budget_ns = int(self.frame_seconds * 1e9)
+        return Summary(
+            source=self.source.description,
+            audio_seconds=self.frames * self.frame_seconds,
+            frames=self.frames,
+            captured=self.ring.written + self.ring.dropped,
+            processed=self.processed,
+            dropped=self.ring.dropped,
+            unread=self.ring.read_available,
+            source_status=self.source.status.as_dict(),
+            compute_p50_ms=self.timer.percentile_ms(50),
+            compute_p99_ms=self.timer.percentile_ms(99),
+            compute_max_ms=self.timer.max_ns / 1e6,
+            budget_ms=self.frame_seconds * 1000,
+            deadline_misses=self.timer.over(budget_ns),
+            error=self.error,
+            interrupted=self.interrupted,
+        )
