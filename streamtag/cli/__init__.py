@@ -12,7 +12,7 @@ import sys
 
 from ..errors import StreamtagError
 
-SUBCOMMANDS = ["run", "devices"]
+SUBCOMMANDS = ["run", "devices", "train", "evaluate", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

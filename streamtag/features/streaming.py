@@ -17,17 +17,19 @@ from .functional import dft_matrices, frame_causal, log_mel_frames, mel_filterba
 class LogMel(nn.Module):
     """Frames ``(..., win_length)`` -> log-mel ``(..., n_mels)``; constants stored as buffers.
 
+    ``dtype`` is the arithmetic precision (float64 reference; float32 in exported graphs).
+
     Example:
         >>> feats = LogMel(FeatureConfig()).from_signal(torch.randn(16000))  # (100, 64)
     """
 
-    def __init__(self, cfg: FeatureConfig) -> None:
+    def __init__(self, cfg: FeatureConfig, dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
         self.cfg = cfg
-        real, imag = dft_matrices(cfg)
+        real, imag = dft_matrices(cfg, dtype)
         self.register_buffer("dft_real", real, persistent=False)
         self.register_buffer("dft_imag", imag, persistent=False)
-        self.register_buffer("mel_fb", mel_filterbank(cfg), persistent=False)
+        self.register_buffer("mel_fb", mel_filterbank(cfg, dtype), persistent=False)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return log_mel_frames(frames, self.dft_real, self.dft_imag, self.mel_fb, self.cfg.log_floor)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .base import State, StreamingModel, register
+from .frontend import CausalConv2dFront
 
 
 @register("cnn")
@@ -16,13 +17,14 @@ class CausalCNN(StreamingModel):
         ``1 + (kernel - 1) * sum(dilations)`` frames. (Default: ``[1, 2, 4, 8, 16]``)
     kernel (int): taps per conv. (Default: ``3``)
     pool_seconds (list of float): running-mean time constants of the head. (Default: ``[]``)
+    front_channels (list of int): channels of a causal 2-D conv front end; ``[]`` is a linear one. (Default: ``[]``)
     """
 
     def __init__(self, n_mels: int, num_classes: int, hidden: int = 64, dilations: tuple[int, ...] = (1, 2, 4, 8, 16),
-                 kernel: int = 3, pool_seconds: tuple[float, ...] = ()) -> None:
+                 kernel: int = 3, pool_seconds: tuple[float, ...] = (), front_channels: tuple[int, ...] = ()) -> None:
         super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds))
         self.hidden, self.kernel, self.dilations = hidden, kernel, tuple(dilations)
-        self.inp = nn.Linear(n_mels, hidden)
+        self.front = CausalConv2dFront(n_mels, hidden, tuple(front_channels))
         self.convs = nn.ModuleList(nn.Conv1d(hidden, hidden, kernel, dilation=d) for d in self.dilations)
         self.norms = nn.ModuleList(nn.BatchNorm1d(hidden) for _ in self.dilations)
 
@@ -31,12 +33,15 @@ class CausalCNN(StreamingModel):
 
     def init_trunk_state(self, batch_size: int) -> State:
         dev = self.feat_mean.device
-        return tuple(torch.zeros(batch_size, self.hidden, self.context_frames(d), device=dev) for d in self.dilations)
+        convs = tuple(torch.zeros(batch_size, self.hidden, self.context_frames(d), device=dev) for d in self.dilations)
+        return self.front.init_state(batch_size, dev) + convs
 
     def trunk(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        y = torch.relu(self.inp(x)).transpose(1, 2)  # (batch, hidden, time)
-        new_state = []
-        for conv, norm, ctx, d in zip(self.convs, self.norms, state, self.dilations):
+        n_front = len(self.front.channels)
+        y, new_state = self.front(x, state[:n_front])
+        y = y.transpose(1, 2)  # (batch, hidden, time)
+        new_state = list(new_state)
+        for conv, norm, ctx, d in zip(self.convs, self.norms, state[n_front:], self.dilations):
             seq = torch.cat([ctx, y], dim=2)
             new_state.append(seq[:, :, seq.shape[2] - self.context_frames(d) :])
             y = y + torch.relu(norm(conv(seq)))

@@ -21,7 +21,7 @@ def export_onnx(model_dir: str | os.PathLike | None, out_path: str | os.PathLike
 
     folder = resolve_model_dir(model_dir)
     cfg, model = load_model(folder)
-    step = HopStep(cfg, model).eval()
+    step = HopStep(cfg, model, feature_dtype=torch.float32).eval()  # float32: fast MLAS kernels
     state = step.init_state(2)
     audio = torch.zeros(2, cfg.features.hop_length)
     names = step.state_names()

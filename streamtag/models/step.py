@@ -18,10 +18,10 @@ from .base import StreamingModel
 class HopStep(nn.Module):
     """``forward(audio (B, hop), context (B, win - hop), *state) -> (probs (B, C), context, *state)``."""
 
-    def __init__(self, cfg: ModelConfig, model: StreamingModel) -> None:
+    def __init__(self, cfg: ModelConfig, model: StreamingModel, feature_dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
         self.cfg = cfg
-        self.log_mel = LogMel(cfg.features)
+        self.log_mel = LogMel(cfg.features, feature_dtype)
         self.model = model
 
     def init_state(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:

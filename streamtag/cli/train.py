@@ -1,0 +1,170 @@
+"""``streamtag train``: train a causal model on a labelled dataset; ``--cv K`` for cross-validated figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+
+
+def _arch_param(text: str):
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE ({text!r} given), e.g. hidden=96")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model on labelled audio",
+        description="Train a causal model. DATASET is an ESC-50 folder (meta/esc50.csv + audio/), a folder per "
+                    "class (DATASET/<label>/*.wav), or a CSV manifest (path,label[,fold][,group]).")
+    p.add_argument("dataset")
+    p.add_argument("--out", required=True, metavar="DIR", help="output model folder")
+    p.add_argument("--arch", default="cnn", help="lstm, attention or cnn (default cnn)")
+    p.add_argument("--arch-param", action="append", type=_arch_param, default=[], metavar="KEY=VALUE",
+                   help="architecture option, JSON value (repeatable), e.g. hidden=96 or pool_seconds=[0.5,3]")
+    p.add_argument("--epochs", type=int, default=80)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--val-fold", type=int, metavar="F", help="validate on the dataset's fold F")
+    split.add_argument("--no-val", action="store_true", help="train on every clip (no validation)")
+    split.add_argument("--cv", type=int, metavar="K",
+                       help="K-fold source-grouped cross-validation: K models, streaming eval and baseline per fold")
+    p.add_argument("--jobs", type=int, default=1, help="with --cv: folds trained in parallel (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores / jobs)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--cache", metavar="DIR", help="feature cache (default: $STREAMTAG_CACHE/features)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def _options(args):
+    from ..training.trainer import TrainOptions
+
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda asked for, but no CUDA GPU is visible (use --device cpu)")
+    from ..models import architectures
+
+    if args.arch not in architectures():
+        raise ConfigError(f"unknown --arch '{args.arch}' (choose from: {', '.join(architectures())})")
+    return TrainOptions(arch=args.arch, arch_params=dict(args.arch_param), epochs=args.epochs,
+                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..modelfile import cache_dir
+    from ..training.datasets import grouped_folds, load_dataset
+    from ..training.trainer import train
+
+    opts = _options(args)
+    dataset = load_dataset(args.dataset)
+    cache = Path(args.cache) if args.cache else cache_dir() / "features"
+    jobs = max(1, args.jobs if args.cv else 1)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // jobs))
+    if args.cv:
+        return _cross_validate(args, opts, dataset, cache, jobs)
+    idx = np.arange(len(dataset.clips))
+    if args.no_val:
+        train_idx, val_idx = idx, idx[:0]
+    elif args.val_fold is not None:
+        folds = np.array([c.fold if c.fold is not None else -1 for c in dataset.clips])
+        if not (folds == args.val_fold).any():
+            raise ConfigError(f"--val-fold {args.val_fold}: no clip has that fold (folds: {sorted(set(folds))})")
+        train_idx, val_idx = idx[folds != args.val_fold], idx[folds == args.val_fold]
+    else:
+        folds = grouped_folds(dataset, 5, args.seed)
+        train_idx, val_idx = idx[folds != 0], idx[folds == 0]
+    print(f"training {opts.arch} on {len(train_idx)} clips, validating on {len(val_idx)}, "
+          f"{len(dataset.labels)} classes", file=sys.stderr)
+    result = train(dataset, train_idx, val_idx, opts, args.out, cache, args.resume, progress=not args.quiet,
+                   log=lambda line: None if not args.quiet else print(line, file=sys.stderr))
+    print(f"saved {args.out}: best epoch {result['best'].get('epoch')} "
+          f"{json.dumps({k: v for k, v in result['best'].items() if k != 'score'})}")
+    return 0
+
+
+def _one_fold(job):
+    """Train and evaluate one fold (runs in a worker process)."""
+    import torch
+
+    from ..backends import make_backend
+    from ..training.datasets import compute_features
+    from ..training.evaluate import baseline_accuracy, clip_statistics, metrics, stream_scores
+    from ..training.trainer import train
+
+    dataset, train_idx, val_idx, opts, out, cache, threads = job
+    torch.set_num_threads(threads)
+    train(dataset, train_idx, val_idx, opts, out, cache, progress=False, log=lambda line: None)
+    backend = make_backend("onnx", out)
+    targets = dataset.targets()
+    probs = stream_scores(backend, [dataset.clips[i].path for i in val_idx])
+    m = metrics(probs, targets[val_idx], dataset.labels, opts.features.frame_seconds)
+    stats = clip_statistics(compute_features(dataset, opts.features, cache))
+    base = baseline_accuracy(stats[train_idx], targets[train_idx], stats[val_idx], targets[val_idx],
+                             len(dataset.labels))
+    return {"metrics": m, "baseline_acc": base, "val_idx": [int(i) for i in val_idx], "probs_last": None}
+
+
+def _cross_validate(args, opts, dataset, cache, jobs) -> int:
+    from ..training.datasets import compute_features, grouped_folds
+    from ..training.evaluate import write_report
+
+    compute_features(dataset, opts.features, cache)  # fill the cache once, before the workers start
+    folds = grouped_folds(dataset, args.cv, args.seed)
+    idx = np.arange(len(dataset.clips))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    work = [(dataset, idx[folds != k], idx[folds == k], opts, Path(args.out) / f"fold{k}", cache, threads)
+            for k in range(args.cv)]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            results = list(pool.map(_one_fold, work))
+    else:
+        results = [_one_fold(w) for w in work]
+    n = np.array([r["metrics"]["clips"] for r in results], dtype=np.float64)
+
+    def pooled(get):
+        return float((np.array([get(r) for r in results]) * n).sum() / n.sum())
+
+    m0 = results[0]["metrics"]
+    summary = {
+        "clips": int(n.sum()),
+        "acc_last": pooled(lambda r: r["metrics"]["acc_last"]),
+        "acc_mean": pooled(lambda r: r["metrics"]["acc_mean"]),
+        "macro_map": float(np.mean([r["metrics"]["macro_map"] for r in results])),
+        "time_to_detect": {k: pooled(lambda r, k=k: r["metrics"]["time_to_detect"][k]) for k in m0["time_to_detect"]},
+        "per_class": {},
+        "confusion": np.sum([r["metrics"]["confusion"] for r in results], axis=0).tolist(),
+        "labels": m0["labels"],
+    }
+    for label in dataset.labels:
+        rows = [r["metrics"]["per_class"][label] for r in results if label in r["metrics"]["per_class"]]
+        if rows:
+            total = sum(x["n"] for x in rows)
+            summary["per_class"][label] = {"n": total, "acc_last": sum(x["acc_last"] * x["n"] for x in rows) / total,
+                                           "ap": float(np.nanmean([x["ap"] for x in rows]))}
+    report = {"model": f"{opts.arch} ({args.cv}-fold grouped CV)", "dataset": str(args.dataset), "metrics": summary,
+              "baseline_acc": pooled(lambda r: r["baseline_acc"]), "baseline_split": "same folds",
+              "folds": [{k: v for k, v in r.items() if k in ("baseline_acc",)} | {
+                  "acc_last": r["metrics"]["acc_last"], "acc_mean": r["metrics"]["acc_mean"]} for r in results]}
+    write_report(report, args.out, plot=True)
+    print(Path(args.out, "report.md").read_text())
+    return 0

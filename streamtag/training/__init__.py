@@ -1,0 +1,1 @@
+"""Training and evaluation on labelled audio (torch side)."""
