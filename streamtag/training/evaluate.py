@@ -16,38 +16,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..worker import Step, Worker
 
 DETECT_AFTER_S = (0.25, 0.5, 1.0, 2.0, 5.0)
 
 
-class _Collect:
-    def __init__(self) -> None:
-        self.rows: list[np.ndarray] = []
-
-    def write(self, step: Step) -> None:
-        if step.has_scores:
-            self.rows.append(step.probs)
-
-    def close(self) -> None:
-        pass
-
-
 def stream_scores(backend, paths: Sequence[os.PathLike], progress=None) -> list[np.ndarray]:
     """Frame probabilities ``(frames, classes)`` per file, through ring + worker + backend."""
-    from ..sources import WavReplaySource
+    from ..pipeline import tag_file
 
-    feats = backend.config.features
     out = []
     for path in paths:
-        backend.reset_states()
-        source = WavReplaySource(path, feats.sample_rate, block_size=feats.hop_length, speed=0,
-                                 min_samples=feats.hop_length)
-        sink = _Collect()
-        worker = Worker(source, backend, [sink])
-        worker.start()
-        worker.join()
-        out.append(np.stack(sink.rows))
+        out.append(tag_file(backend, path).probs)
         if progress:
             progress()
     return out

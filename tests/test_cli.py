@@ -1,0 +1,108 @@
+"""The CLI as a user runs it: replay end to end, outputs, and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from .conftest import EXAMPLES, LABELS, run_cli
+
+
+def test_replay_jsonl_updates_timestamps_and_probabilities(cnn_dir, tmp_path):
+    out = tmp_path / "u.jsonl"
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--jsonl", out, "--all", "--quiet")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 50  # 5 s at the default 10 updates per second
+    times = [row["t"] for row in rows]
+    assert np.all(np.diff(times) > 0) and times[-1] == pytest.approx(5.0)
+    for row in rows:
+        assert set(row["probs"]) == set(LABELS)
+        assert sum(row["probs"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert "captured 80000, processed 80000, dropped 0, unread 0" in r.stderr
+
+
+def test_replay_rate_topk_and_scores_tsv(cnn_dir, tmp_path):
+    jsonl, scores = tmp_path / "u.jsonl", tmp_path / "s.tsv"
+    r = run_cli("replay", EXAMPLES / "rain.flac", "--model", cnn_dir, "--fast", "--rate", "50", "--max-results", "2",
+                "--jsonl", jsonl, "--scores", scores, "--quiet")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(rows) == 250 and all(len(row["top"]) == 2 for row in rows)
+    assert rows[0]["top"][0][1] >= rows[0]["top"][1][1]
+    lines = scores.read_text().splitlines()
+    assert lines[0].split("\t") == ["onset", "offset", *LABELS]
+    assert len(lines) == 501
+    first = lines[1].split("\t")
+    assert float(first[0]) == 0.0 and float(first[1]) == pytest.approx(0.01)
+    assert sum(map(float, first[2:])) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_scores_tsv_reads_back_with_sed_scores_eval_layout(cnn_dir, tmp_path):
+    """The TSV is what sed_scores_eval.io.read_sed_scores expects: float onset/offset then one column per class."""
+    scores = tmp_path / "clip.tsv"
+    assert run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--scores", scores,
+                   "--quiet").returncode == 0
+    data = np.genfromtxt(scores, delimiter="\t", names=True)
+    assert data.dtype.names[:2] == ("onset", "offset")
+    np.testing.assert_allclose(data["offset"][:-1], data["onset"][1:])
+
+
+def test_plain_lines_when_piped(cnn_dir):
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast")
+    assert r.returncode == 0
+    update_lines = [ln for ln in r.stdout.splitlines() if ln.strip().endswith(tuple("0123456789"))]
+    assert len(update_lines) >= 50
+    assert any(label in r.stdout for label in LABELS)
+
+
+def test_plot_writes_png(cnn_dir, tmp_path):
+    png = tmp_path / "p.png"
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--plot", png, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_paced_replay_takes_real_time(cnn_dir, tmp_path):
+    """--speed 4 paces at four times real time: a 5 s clip cannot finish in under 1.25 s."""
+    import time
+
+    t0 = time.monotonic()
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--speed", "4", "--quiet")
+    assert r.returncode == 0
+    assert time.monotonic() - t0 >= 1.25
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["replay", "nonexistent.wav"], "no such file"),
+        (["replay", "{tmp}"], "is a directory"),
+        (["replay", "{tmp}/text.wav"], "not a readable audio file"),
+        (["replay", "{dog}", "--model", "{tmp}/nomodel"], "model folder not found"),
+        (["replay", "{dog}", "--allow", "dog", "--deny", "rain"], "mutually exclusive"),
+        (["replay", "{dog}", "--allow", "unicorn"], "unknown class names"),
+        (["replay", "{dog}", "--speed", "-1"], "--speed must be >= 0"),
+        (["replay", "{dog}", "--jsonl", "{tmp}/missing/dir/out.jsonl"], "does not exist"),
+        (["replay", "{dog}", "--plot", "{tmp}/x.jpg"], "wants a .png"),
+        (["replay", "{dog}", "--backend", "torch", "--torch-device", "cuda"], "no CUDA GPU"),
+        (["eval", "{tmp}/nomodel", "{tmp}"], "model folder not found"),
+        (["train", "{tmp}/nodata", "--out", "{tmp}/o"], "dataset not found"),
+    ],
+)
+def test_user_mistakes_give_one_line_and_nonzero_exit(args, message, cnn_dir, tmp_path):
+    (tmp_path / "text.wav").write_text("this is not audio\n")
+    args = [a.format(tmp=tmp_path, dog=EXAMPLES / "dog.flac") for a in args]
+    if "--model" not in args and args[0] == "replay":
+        args += ["--model", str(cnn_dir)]
+    r = run_cli(*args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    err_lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(err_lines) == 1 and message in err_lines[0], r.stderr
+
+
+def test_help_lists_every_command():
+    r = run_cli("--help")
+    for command in ("live", "replay", "devices", "train", "eval", "export", "bench"):
+        assert command in r.stdout

@@ -1,0 +1,88 @@
+"""The event detector's state machine on synthetic probabilities, and on a real clip."""
+
+import json
+
+import numpy as np
+import pytest
+
+from streamtag.errors import ConfigError
+from streamtag.events import EventDetector, EventParams, load_event_settings
+
+HOP = 0.01
+
+
+def run(scores, **params):
+    """scores: probabilities of class "a"; class "b" stays at 0 and must never fire."""
+    det = EventDetector(["a", "b"], HOP, EventParams(**params))
+    events = []
+    for f, p in enumerate(scores):
+        events += [(f, e) for e in det.update(f, np.array([p, 0.0], np.float32))]
+    events += [(len(scores), e) for e in det.flush(len(scores))]
+    return events
+
+
+def test_onset_offset_and_open_close_pairing():
+    scores = [0.0] * 10 + [0.9] * 30 + [0.0] * 60
+    events = run(scores, min_duration_s=0.05, min_gap_s=0.1)
+    kinds = [(e.kind, e.label) for _, e in events]
+    assert kinds == [("open", "a"), ("close", "a")]
+    (f_open, opened), (f_close, closed) = events
+    assert opened.onset == pytest.approx(0.10) and f_open == 14  # confirmed after 5 frames, backdated
+    assert closed.onset == pytest.approx(0.10) and closed.offset == pytest.approx(0.40)
+    assert f_close == 40 + 9  # closes once the gap has lasted min_gap
+    assert closed.score_max == pytest.approx(0.9) and closed.score_mean == pytest.approx(0.9)
+
+
+def test_hysteresis_keeps_event_between_on_and_off():
+    scores = [0.9] * 20 + [0.4] * 20 + [0.9] * 20 + [0.0] * 40  # 0.4 is above off = 0.35
+    closes = [e for _, e in run(scores, min_duration_s=0.05, min_gap_s=0.05) if e.kind == "close"]
+    assert len(closes) == 1 and closes[0].offset == pytest.approx(0.60)
+
+
+def test_short_blips_are_not_events():
+    scores = [0.0] * 10 + [0.9] * 4 + [0.0] * 30
+    assert run(scores, min_duration_s=0.1) == []
+
+
+def test_gap_shorter_than_min_gap_merges():
+    scores = [0.9] * 20 + [0.0] * 10 + [0.9] * 20 + [0.0] * 50
+    closes = [e for _, e in run(scores, min_duration_s=0.05, min_gap_s=0.2) if e.kind == "close"]
+    assert [(c.onset, c.offset) for c in closes] == [(0.0, pytest.approx(0.5))]
+    split = [e for _, e in run(scores, min_duration_s=0.05, min_gap_s=0.05) if e.kind == "close"]
+    assert len(split) == 2
+
+
+def test_patience_needs_consecutive_frames():
+    flicker = [0.9, 0.5] * 20 + [0.0] * 30  # never two frames in a row above 0.5... 0.5 counts as on
+    assert run(flicker, on_threshold=0.6, patience_frames=2, min_duration_s=0.01) == []
+    steady = [0.0] * 5 + [0.9] * 3 + [0.0] * 30
+    events = run(steady, on_threshold=0.6, patience_frames=3, min_duration_s=0.01)
+    assert [e.kind for _, e in events] == ["open", "close"]
+    assert events[0][1].onset == pytest.approx(0.05)
+
+
+def test_flush_closes_open_events_at_stream_end():
+    events = run([0.0] * 5 + [0.9] * 50, min_duration_s=0.05)
+    assert [e.kind for _, e in events] == ["open", "close"]
+    assert events[-1][1].offset == pytest.approx(0.55)
+
+
+def test_per_class_settings_file(tmp_path):
+    path = tmp_path / "events.toml"
+    path.write_text('[default]\non_threshold = 0.7\n\n[dog]\nmin_gap_s = 1.0\n')
+    default, per_class = load_event_settings(path)
+    assert default.on_threshold == 0.7
+    assert per_class["dog"].on_threshold == 0.7 and per_class["dog"].min_gap_s == 1.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"dog": {"on_treshold": 0.5}}))
+    with pytest.raises(ConfigError, match="keys among"):
+        load_event_settings(bad)
+    with pytest.raises(ConfigError, match="unknown classes"):
+        EventDetector(["a"], HOP, per_class={"dog": EventParams()})
+
+
+@pytest.mark.parametrize("kwargs", [{"on_threshold": 0}, {"on_threshold": 0.5, "off_threshold": 0.6},
+                                    {"patience_frames": 0}, {"min_gap_s": -1}])
+def test_bad_params_are_refused(kwargs):
+    with pytest.raises(ConfigError):
+        EventParams(**kwargs)

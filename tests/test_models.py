@@ -1,0 +1,101 @@
+"""Each architecture: streaming == offline on real audio for any chunking; onnx == torch; reset; model files."""
+
+import numpy as np
+import pytest
+import torch
+
+from streamtag.backends import make_backend
+from streamtag.config import FeatureConfig
+from streamtag.features import log_mel_offline
+from streamtag.models.io import load_model
+
+from .conftest import EXAMPLES, read_clip
+
+
+def _feats(path) -> torch.Tensor:
+    return log_mel_offline(torch.from_numpy(read_clip(path)), FeatureConfig())[None]
+
+
+def _chunked(model, x, sizes):
+    state, outs, i = model.init_state(1), [], 0
+    while i < x.shape[1]:
+        n = sizes[len(outs) % len(sizes)]
+        logits, state = model(x[:, i : i + n], state)
+        outs.append(logits)
+        i += n
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("clip", ["dog.flac", "chainsaw.flac"])
+def test_streaming_equals_offline_any_chunking(model_dir, clip):
+    _, model = load_model(model_dir)
+    x = _feats(EXAMPLES / clip)
+    with torch.inference_mode():
+        offline, _ = model(x, model.init_state(1))
+        rng = np.random.default_rng(0)
+        for sizes in ([1], [7, 1, 64, 3], list(rng.integers(1, 90, size=20))):
+            streamed = _chunked(model, x, [int(s) for s in sizes])
+            assert (streamed - offline).abs().max().item() < 1e-4
+
+
+def test_streaming_equals_offline_on_esc50(model_dir, esc50):
+    _, model = load_model(model_dir)
+    for path in sorted((esc50 / "audio").iterdir())[:3]:
+        x = _feats(path)
+        with torch.inference_mode():
+            offline, _ = model(x, model.init_state(1))
+            assert (_chunked(model, x, [1]) - offline).abs().max().item() < 1e-4
+
+
+def _run_backend(backend, audio: np.ndarray) -> np.ndarray:
+    hop = backend.config.features.hop_length
+    n = audio.shape[-1] // hop
+    return np.stack([backend(audio[..., i * hop : (i + 1) * hop]).copy() for i in range(n)])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_equals_torch(model_dir, batch):
+    audio = read_clip(EXAMPLES / "dog.flac")
+    streams = np.stack([np.roll(audio, 1000 * k) for k in range(batch)])
+    ref = _run_backend(make_backend("torch", model_dir, batch_size=batch), streams)
+    fast = _run_backend(make_backend("onnx", model_dir, batch_size=batch), streams)
+    assert ref.shape == fast.shape == (audio.size // 160, batch, 5)
+    np.testing.assert_allclose(fast, ref, atol=1e-4)
+    np.testing.assert_allclose(fast.sum(-1), 1.0, atol=1e-5)
+    if batch > 1:  # streams are independent: each row equals its own single-stream run
+        single = _run_backend(make_backend("onnx", model_dir), streams[1])
+        np.testing.assert_allclose(fast[:, 1], single[:, 0], atol=1e-5)
+
+
+def test_torch_step_equals_offline_forward(model_dir):
+    """The hop step (features inside) gives the offline model's probabilities frame by frame."""
+    audio = read_clip(EXAMPLES / "rain.flac")
+    _, model = load_model(model_dir)
+    with torch.inference_mode():
+        logits, _ = model(_feats(EXAMPLES / "rain.flac"), model.init_state(1))
+    offline = torch.softmax(logits[0], -1).numpy()
+    stepped = _run_backend(make_backend("torch", model_dir), audio)[:, 0]
+    np.testing.assert_allclose(stepped, offline, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["onnx", "torch"])
+def test_reset_states_gives_a_fresh_stream(cnn_dir, name):
+    backend = make_backend(name, cnn_dir)
+    audio = read_clip(EXAMPLES / "chainsaw.flac")
+    first = _run_backend(backend, audio[:16000])
+    _run_backend(backend, audio)  # state now full of chainsaw
+    backend.reset_states()
+    again = _run_backend(backend, audio[:16000])
+    np.testing.assert_allclose(again, first, atol=1e-6)
+    assert not np.allclose(_run_backend(backend, audio[:1600]), first[:10], atol=1e-3)  # state does carry over
+
+
+def test_chunk_invariance_through_the_worker(cnn_dir):
+    """Blocks of different sizes from the source give identical scores (openWakeWord-style test)."""
+    from streamtag.pipeline import tag_file
+
+    backend = make_backend("onnx", cnn_dir)
+    a = tag_file(backend, EXAMPLES / "dog.flac", block_size=160).probs
+    b = tag_file(backend, EXAMPLES / "dog.flac", block_size=1037).probs
+    assert a.shape == (500, 5)
+    np.testing.assert_array_equal(a, b)
