@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from .backends import Backend
+from .errors import ConfigError
 from .events import Event, EventDetector
 from .resample import StreamResampler
 from .ring import SpscRing
@@ -123,18 +124,21 @@ class Worker(threading.Thread):
         detector: optional :class:`~streamtag.events.EventDetector`.
         reset_every_s (float): reset model and detector state every this many seconds. (Default: never)
         reset_on_silence_s (float): reset after this much silence (all samples below -60 dBFS). (Default: never)
+        buffer_seconds (float): audio the ring holds before a live source starts dropping. (Default: ``2``)
     """
 
     def __init__(self, source: Source, backend: Backend, outputs: Sequence[Output] = (),
                  detector: EventDetector | None = None, reset_every_s: float | None = None,
-                 reset_on_silence_s: float | None = None) -> None:
+                 reset_on_silence_s: float | None = None, buffer_seconds: float = RING_SECONDS) -> None:
         super().__init__(name="streamtag-worker", daemon=True)
         self.source, self.backend, self.outputs, self.detector = source, backend, list(outputs), detector
         feats = backend.config.features
         self.hop = feats.hop_length
         self.frame_seconds = feats.frame_seconds
         self.labels = backend.labels
-        capacity = 1 << int(np.ceil(np.log2(max(RING_SECONDS * source.sample_rate, 4 * self.hop))))
+        if buffer_seconds <= 0:
+            raise ConfigError(f"buffer_seconds must be > 0 ({buffer_seconds} given)")
+        capacity = 1 << int(np.ceil(np.log2(max(buffer_seconds * source.sample_rate, 4 * self.hop))))
         self.ring = SpscRing(capacity)
         self.resampler = (
             StreamResampler(source.sample_rate, feats.sample_rate) if source.sample_rate != feats.sample_rate else None
@@ -174,19 +178,20 @@ class Worker(threading.Thread):
     # -- the loop ------------------------------------------------------------
     def run(self) -> None:
         last_data = time.monotonic()
+        source_stopped = False
         try:
             while True:
+                if self._stop_requested.is_set() and not source_stopped:
+                    self.source.stop()  # first silence the producer, then drain what it left
+                    source_stopped = True
                 got = self.ring.read_into(self._read_buf)
                 if got:
                     self.processed += got
                     last_data = time.monotonic()
                     self._consume(self._read_buf[:got])
                     continue
-                if self._stop_requested.is_set():
-                    self.source.stop()
-                    if self.ring.read_available == 0:
-                        break
-                    continue
+                if source_stopped:
+                    break
                 if self.source.finished:
                     if self.source.error:
                         self.error = self.source.error
@@ -202,6 +207,10 @@ class Worker(threading.Thread):
             self._finish()
 
     def _consume(self, samples: np.ndarray) -> None:
+        if not np.isfinite(samples).all():  # a broken driver or file: never let NaN reach the model state
+            bad = ~np.isfinite(samples)
+            self.source.status.nonfinite_samples += int(bad.sum())
+            samples[bad] = 0.0
         if self.resampler is not None:
             samples = self.resampler.process(samples)
         pos = 0

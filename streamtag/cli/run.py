@@ -45,6 +45,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     st = p.add_argument_group("state")
     st.add_argument("--reset-every", type=float, metavar="S", help="reset model state every S seconds")
     st.add_argument("--reset-on-silence", type=float, metavar="S", help="reset after S seconds below -60 dBFS")
+    st.add_argument("--buffer-seconds", type=float, default=2.0, metavar="S",
+                    help="audio buffered between capture and worker before samples are dropped (default 2)")
 
 
 def add_parser(subparsers) -> None:
@@ -111,7 +113,8 @@ def run_stream(args, source, backend, extra_outputs=()) -> int:
 
     outputs = _outputs(args, backend, status, extra_outputs)
     worker = holder["worker"] = Worker(
-        source, backend, outputs, _detector(args, backend), args.reset_every, args.reset_on_silence)
+        source, backend, outputs, _detector(args, backend), args.reset_every, args.reset_on_silence,
+        args.buffer_seconds)
     got = {"signal": None}
 
     def on_signal(signum, frame):

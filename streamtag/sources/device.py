@@ -79,12 +79,8 @@ class MicrophoneSource:
                 f"no input device available ({exc}); plug in a microphone or see 'streamtag devices'"
             ) from None
         self.device_name = info["name"]
-        self.channels = max(1, min(int(info["max_input_channels"]), MAX_CHANNELS))
-        try:
-            sd.check_input_settings(device=device, channels=self.channels, samplerate=sample_rate, dtype="float32")
-            self.sample_rate = sample_rate
-        except Exception:  # the device does not support the model rate: open at its own, resample later
-            self.sample_rate = int(info["default_samplerate"])
+        self.channels, self.sample_rate = self._choose_format(device, int(info["max_input_channels"]), sample_rate,
+                                                              int(info["default_samplerate"]))
         self.block_size = max(1, round(block_size * self.sample_rate / sample_rate))
         self.description = f"{self.device_name} @ {self.sample_rate} Hz"
         self.status = SourceStatus()
@@ -94,6 +90,19 @@ class MicrophoneSource:
         self._mono = np.zeros(self.block_size * 16, dtype=np.float32)
         self._stream = None
         self._stopping = False
+
+    def _choose_format(self, device, max_channels: int, model_rate: int, device_rate: int) -> tuple[int, int]:
+        """Mono at the model rate if the device takes it; else fewer channels (downmixed), else its own rate."""
+        channel_options = sorted({1, min(2, max_channels), max(1, min(max_channels, MAX_CHANNELS))})
+        for rate in (model_rate, device_rate):
+            for channels in channel_options:
+                try:
+                    self._sd.check_input_settings(device=device, channels=channels, samplerate=rate, dtype="float32")
+                    return channels, rate
+                except Exception:  # PortAudio says no to this combination: try the next
+                    continue
+        raise DeviceError(f"input device '{self.device_name}' accepts neither {model_rate} Hz nor {device_rate} Hz "
+                          f"with 1-{max_channels} channels")
 
     def _callback(self, indata: np.ndarray, frames: int, time, status) -> None:
         if status.input_overflow:
