@@ -35,6 +35,12 @@ class Backend(Protocol):
     def set_state(self, state: Sequence[np.ndarray]) -> None:
         """Replace the state with arrays shaped like :meth:`get_state`'s."""
 
+    def zero_state(self, batch_size: int) -> list[np.ndarray]:
+        """Fresh state arrays for ``batch_size`` streams (for callers that hold state themselves)."""
+
+    def run_batch(self, audio: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Any batch: ``(probs, new_state)`` with state passed explicitly; the backend's own state is untouched."""
+
 
 BACKENDS = {
     "onnx": "streamtag.backends.onnx_backend:OnnxBackend",

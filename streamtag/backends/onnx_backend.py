@@ -97,6 +97,9 @@ class OnnxBackend:
         for dst, src in zip(self._sets[self._current], state):
             dst[...] = src
 
+    def zero_state(self, batch_size: int) -> list[np.ndarray]:
+        return [np.zeros((batch_size, *shape[1:]), dtype=np.float32) for shape in self._state_shapes]
+
     def run_batch(self, audio: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Any batch size, allocating: ``(probs, new_state)``. For callers that gather streams themselves."""
         feeds = {"audio": np.ascontiguousarray(audio, dtype=np.float32)}

@@ -41,6 +41,16 @@ class TorchBackend:
         probs, *self._state = self.step(x.reshape(self.batch_size, -1), *self._state)
         return probs.cpu().numpy()
 
+    def zero_state(self, batch_size: int) -> list[np.ndarray]:
+        return [s.numpy().copy() for s in self.step.init_state(batch_size)]
+
+    @torch.inference_mode()
+    def run_batch(self, audio: np.ndarray, state) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Any batch size: ``(probs, new_state)``, state passed in and out explicitly."""
+        inputs = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device) for a in (audio, *state)]
+        probs, *new_state = self.step(*inputs)
+        return probs.cpu().numpy(), [s.cpu().numpy() for s in new_state]
+
     def get_state(self) -> list[np.ndarray]:
         return [s.cpu().numpy().copy() for s in self._state]
 

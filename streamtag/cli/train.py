@@ -113,7 +113,7 @@ def _one_fold(job):
 
     dataset, train_idx, val_idx, opts, out, cache, threads = job
     torch.set_num_threads(threads)
-    train(dataset, train_idx, val_idx, opts, out, cache, progress=False, log=lambda line: None)
+    train(dataset, train_idx, val_idx, opts, out, cache, progress=False, log=lambda line: None, keep_best=False)
     backend = make_backend("onnx", out)
     targets = dataset.targets()
     probs = stream_scores(backend, [dataset.clips[i].path for i in val_idx])

@@ -68,8 +68,8 @@ class CausalAttention(StreamingModel):
     def init_trunk_state(self, batch_size: int) -> State:
         dev, keep = self.feat_mean.device, self.window - 1
         caches = []
-        for _ in self.blocks:
-            caches += [torch.zeros(batch_size, keep, self.hidden, device=dev)] * 2
+        for _ in self.blocks:  # separate tensors for K and V: callers may update state in place
+            caches += [torch.zeros(batch_size, keep, self.hidden, device=dev) for _ in range(2)]
         return (torch.zeros(batch_size, keep, device=dev), *caches)  # validity of cached frames, then K, V per block
 
     def trunk(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

@@ -118,8 +118,9 @@ class _Batches:
 
 
 def train(dataset: Dataset, train_idx, val_idx, opts: TrainOptions, out_dir: str | Path, cache: Path | None = None,
-          resume: bool = False, progress: bool = True, log=print) -> dict[str, Any]:
-    """Train, keep the best epoch by validation accuracy, save it as a model folder in ``out_dir``."""
+          resume: bool = False, progress: bool = True, log=print, keep_best: bool = True) -> dict[str, Any]:
+    """Train and save a model folder in ``out_dir``: the epoch best on validation when ``keep_best`` and there
+    is a validation set, else the last epoch (cross-validation must not pick epochs on its test fold)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
@@ -171,9 +172,7 @@ def train(dataset: Dataset, train_idx, val_idx, opts: TrainOptions, out_dir: str
             row = {"epoch": epoch + 1, "loss": total / steps, "seconds": round(time.time() - t_start, 1)}
             if len(val_idx):
                 row.update(accuracies(clip_scores(model, val_feats, opts.device), targets[val_idx]))
-                score = row["acc_mean"] + row["acc_last"]
-            else:
-                score = -row["loss"]
+            score = row["acc_mean"] + row["acc_last"] if keep_best and len(val_idx) else float(epoch)
             history.append(row)
             if score > best["score"]:
                 best = {"score": score, **row}
