@@ -42,6 +42,7 @@ class SpscRing:
         self._write_count = 0  # written by the producer only
         self._read_count = 0  # written by the consumer only
         self._dropped = 0  # written by the producer only
+        self.last_write_ns = 0  # perf_counter_ns of the latest publish, for end-to-end latency
         self.doorbell = Doorbell()
 
     # -- counters, readable from either side --------------------------------
@@ -110,6 +111,7 @@ class SpscRing:
         if count > first:
             self._buffer[: count - first] = samples[first:count]
         self._write_count += count  # publish only after the data is in place
+        self.last_write_ns = time.perf_counter_ns()
 
     # -- consumer side -------------------------------------------------------
     def read_into(self, out: np.ndarray) -> int:

@@ -96,6 +96,8 @@ class Summary:
     compute_max_ms: float
     budget_ms: float
     deadline_misses: int
+    e2e_p50_ms: float = float("nan")
+    e2e_p99_ms: float = float("nan")
     error: str | None = None
     interrupted: bool = False
 
@@ -144,6 +146,7 @@ class Worker(threading.Thread):
             StreamResampler(source.sample_rate, feats.sample_rate) if source.sample_rate != feats.sample_rate else None
         )
         self.timer = FrameTimer()
+        self.latency = FrameTimer()  # last sample of a hop written into the ring -> its step emitted
         self.frames = 0
         self.processed = 0
         self.error: str | None = None
@@ -184,11 +187,15 @@ class Worker(threading.Thread):
                 if self._stop_requested.is_set() and not source_stopped:
                     self.source.stop()  # first silence the producer, then drain what it left
                     source_stopped = True
+                written_ns = self.ring.last_write_ns  # read before the data: never later than our samples
                 got = self.ring.read_into(self._read_buf)
                 if got:
                     self.processed += got
                     last_data = time.monotonic()
+                    frames_before = self.frames
                     self._consume(self._read_buf[:got])
+                    if self.frames > frames_before and self._hop_fill == 0:  # chunk ended on a hop edge
+                        self.latency.add(time.perf_counter_ns() - written_ns)
                     continue
                 if source_stopped:
                     break
@@ -269,6 +276,8 @@ class Worker(threading.Thread):
             compute_max_ms=self.timer.max_ns / 1e6,
             budget_ms=self.frame_seconds * 1000,
             deadline_misses=self.timer.over(budget_ns),
+            e2e_p50_ms=self.latency.percentile_ms(50),
+            e2e_p99_ms=self.latency.percentile_ms(99),
             error=self.error,
             interrupted=self.interrupted,
         )

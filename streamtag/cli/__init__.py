@@ -12,7 +12,7 @@ import sys
 
 from ..errors import StreamtagError
 
-SUBCOMMANDS = ["run", "devices", "train", "evaluate", "export"]
+SUBCOMMANDS = ["run", "devices", "train", "evaluate", "export", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

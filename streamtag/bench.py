@@ -1,0 +1,366 @@
+"""Latency and cost benchmarks: ``streamtag bench`` and ``benchmarks/run_benchmarks.py`` run this.
+
+Prints a Markdown table and writes a JSON report whose ``summary`` holds the headline
+figures for the default model (one thread, onnx backend). Figures, not assertions:
+machines are noisy, so nothing here fails on a slow run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import make_backend
+from .events import EventDetector
+from .modelfile import DEFAULT_MODEL_DIR
+from .outputs import ClassSelection
+from .sources import read_audio
+
+EXAMPLES = Path(__file__).parent / "assets" / "examples"
+PERCENTILES = (50, 90, 99, 99.9)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _stats(ns: np.ndarray, budget_ms: float) -> dict[str, float]:
+    ms = ns / 1e6
+    out = {f"p{q:g}_ms": float(np.percentile(ms, q)) for q in PERCENTILES}
+    out["max_ms"] = float(ms.max())
+    out["mean_ms"] = float(ms.mean())
+    out.update({f"p{q:g}_of_budget": out[f"p{q:g}_ms"] / budget_ms for q in PERCENTILES})
+    out["deadline_misses"] = int((ms > budget_ms).sum())
+    out["real_time_factor"] = out["mean_ms"] / budget_ms
+    return out
+
+
+def bench_frames(backend_name: str, model: str | os.PathLike | None, audio: np.ndarray, frames: int,
+                 warmup: int = 200) -> dict[str, Any]:
+    """Per-frame compute on one thread: the hop step (features + model), post-processing, and total."""
+    backend = make_backend(backend_name, model)
+    feats = backend.config.features
+    hop, budget_ms = feats.hop_length, feats.frame_seconds * 1000
+    detector = EventDetector(backend.labels, feats.frame_seconds)
+    selection = ClassSelection(backend.labels, 3)
+    n_hops = audio.size // hop
+    step_ns = np.zeros(frames, dtype=np.int64)
+    post_ns = np.zeros(frames, dtype=np.int64)
+    cpu0 = 0.0
+    for i in range(-warmup, frames):
+        if i == 0:
+            cpu0 = time.process_time()
+        k = (i + warmup) % n_hops
+        hop_audio = audio[k * hop : (k + 1) * hop]
+        t0 = time.perf_counter_ns()
+        probs = backend(hop_audio)[0]
+        t1 = time.perf_counter_ns()
+        detector.update(i, probs)
+        selection.pick(probs)
+        t2 = time.perf_counter_ns()
+        if i >= 0:
+            step_ns[i], post_ns[i] = t1 - t0, t2 - t1
+    cpu_s = time.process_time() - cpu0
+    total = step_ns + post_ns
+    return {
+        "backend": backend_name,
+        "frames": frames,
+        "warmup_frames": warmup,
+        "step": _stats(step_ns, budget_ms),
+        "post": _stats(post_ns, budget_ms),
+        "total": _stats(total, budget_ms),
+        "cpu_ms_per_audio_s": cpu_s * 1000 / (frames * feats.frame_seconds),
+        "_total_ns": total,
+    }
+
+
+def bench_scale(model, audio: np.ndarray, sizes: list[int], calls: int) -> list[dict[str, Any]]:
+    """Batched steps of N streams on one thread: cost per call and per stream-frame."""
+    backend = make_backend("onnx", model)
+    hop, budget_ms = backend.config.features.hop_length, backend.config.features.frame_seconds * 1000
+    rows = []
+    for n in sizes:
+        state = backend.zero_state(n)
+        batch = np.stack([np.roll(audio, 997 * s)[:hop] for s in range(n)]).astype(np.float32)
+        times = []
+        for i in range(calls + 5):
+            t0 = time.perf_counter_ns()
+            _, state = backend.run_batch(batch, state)
+            if i >= 5:
+                times.append(time.perf_counter_ns() - t0)
+        ms = np.array(times) / 1e6
+        rows.append({"streams": n, "call_p50_ms": float(np.percentile(ms, 50)),
+                     "call_p99_ms": float(np.percentile(ms, 99)),
+                     "us_per_stream_frame": float(np.percentile(ms, 50) * 1000 / n),
+                     "real_time": bool(np.percentile(ms, 99) < budget_ms)})
+    return rows
+
+
+def bench_e2e_replay(model, path: Path, seconds: float) -> dict[str, float]:
+    """Paced replay through the real ring and worker: last sample of a hop written -> its step emitted."""
+    from .sources import WavReplaySource
+    from .worker import Worker
+
+    backend = make_backend("onnx", model)
+    feats = backend.config.features
+    source = WavReplaySource(path, feats.sample_rate, feats.hop_length, speed=1.0,
+                             repeat=max(1, int(np.ceil(seconds / 5))))
+    worker = Worker(source, backend)
+    worker.start()
+    worker.join()
+    s = worker.summary()
+    return {"e2e_p50_ms": s.e2e_p50_ms, "e2e_p99_ms": s.e2e_p99_ms, "audio_s": s.audio_seconds,
+            "dropped": s.dropped}
+
+
+def bench_memory(model, path: Path, minutes: float) -> dict[str, float]:
+    """RSS before and after replaying ``minutes`` of audio as fast as possible."""
+    from .sources import WavReplaySource
+    from .worker import Worker
+
+    backend = make_backend("onnx", model)
+    feats = backend.config.features
+    clip_s = read_audio(path, feats.sample_rate)[0].size / feats.sample_rate
+    source = WavReplaySource(path, feats.sample_rate, feats.hop_length, speed=0,
+                             repeat=max(1, int(round(minutes * 60 / clip_s))))
+    worker = Worker(source, backend, detector=EventDetector(backend.labels, feats.frame_seconds))
+    rss0 = _rss_mb()
+    worker.start()
+    peak = rss0
+    while worker.is_alive():
+        worker.join(0.5)
+        peak = max(peak, _rss_mb())
+    rss1 = _rss_mb()
+    return {"audio_minutes": worker.frames * feats.frame_seconds / 60, "rss_start_mb": rss0, "rss_end_mb": rss1,
+            "rss_peak_mb": peak, "rss_growth_mb": rss1 - rss0}
+
+
+def bench_silero(audio16k: np.ndarray, chunks: int) -> dict[str, Any]:
+    """silero-vad (optional benchmark dependency) on 512-sample chunks: its wrapper and raw onnxruntime."""
+    try:
+        import silero_vad
+    except ImportError:
+        return {"available": False, "note": "pip install silero-vad to compare (never a runtime dependency)"}
+    import onnxruntime as ort
+    import torch
+
+    torch.set_num_threads(1)
+    model = silero_vad.load_silero_vad(onnx=True)
+    chunk = 512
+    x = torch.from_numpy(audio16k)
+    n = audio16k.size // chunk
+    t0 = time.process_time()
+    for i in range(chunks):
+        k = i % n
+        model(x[k * chunk : (k + 1) * chunk], 16000)
+    wrapper_cpu = time.process_time() - t0
+    onnx_path = Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx"
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    state = np.zeros((2, 1, 128), np.float32)
+    context = np.zeros((1, 64), np.float32)
+    sr = np.array(16000, dtype=np.int64)
+    t0 = time.process_time()
+    for i in range(chunks):
+        k = i % n
+        inp = np.concatenate([context, audio16k[None, k * chunk : (k + 1) * chunk]], axis=1)
+        _, state = sess.run(None, {"input": inp, "state": state, "sr": sr})
+        context = inp[:, -64:]
+    raw_cpu = time.process_time() - t0
+    audio_s = chunks * chunk / 16000
+    return {"available": True, "version": getattr(silero_vad, "__version__", "?"),
+            "wrapper_cpu_ms_per_audio_s": wrapper_cpu * 1000 / audio_s,
+            "raw_cpu_ms_per_audio_s": raw_cpu * 1000 / audio_s}
+
+
+def count_macs(model_dir) -> int:
+    """Multiply-accumulates of one hop step: DFT, mel, and every layer's per-frame work."""
+    import torch
+
+    from .models.io import load_model
+
+    cfg, model = load_model(model_dir)
+    f = cfg.features
+    macs = 2 * f.win_length * f.n_freqs + f.n_freqs * f.n_mels
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            macs += module.weight.numel()
+        elif isinstance(module, torch.nn.Conv1d):
+            macs += module.weight.numel()
+        elif isinstance(module, torch.nn.Conv2d):
+            front = getattr(model, "front", None)
+            idx = list(front.convs).index(module) if front is not None and module in list(front.convs) else 0
+            macs += module.weight.numel() * (f.n_mels // (2**idx))
+        elif isinstance(module, torch.nn.LSTM):
+            macs += sum(p.numel() for name, p in module.named_parameters() if name.startswith("weight"))
+    if cfg.arch == "attention":
+        macs += 2 * len(model.blocks) * model.window * model.hidden
+    return int(macs)
+
+
+def matmul_gflops() -> float:
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        a @ b
+    return 2 * 512**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def first_probability_s() -> tuple[float, bool]:
+    """Process start to first printed probability (replay, onnx); and whether torch got imported."""
+    code = ("import sys, streamtag.cli as c; rc = c.main(sys.argv[1:]); "
+            "print('TORCH', 'torch' in sys.modules, flush=True); sys.exit(rc)")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, "replay", str(EXAMPLES / "dog.flac"), "--fast",
+                             "--plain", "--rate", "100", "--max-results", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first = proc.stdout.readline()
+    elapsed = time.perf_counter() - t0
+    rest = proc.stdout.read()
+    proc.wait()
+    return (elapsed if first else float("nan")), "TORCH True" in rest
+
+
+def _arch_models(folder: Path, model_dir) -> dict[str, Path]:
+    """Each architecture at its default size with the benchmarked model's labels (random weights: speed only)."""
+    import torch
+
+    from .config import ModelConfig
+    from .modelfile import load_config, resolve_model_dir
+    from .models import build_model
+    from .models.io import save_model
+
+    labels = load_config(resolve_model_dir(model_dir)).labels
+    out = {}
+    for arch in ("lstm", "attention", "cnn"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(arch, labels)
+        out[arch] = save_model(build_model(cfg), cfg, folder / arch)
+    return out
+
+
+def run(quick: bool = False, out: str | os.PathLike = "benchmarks/results/bench.json", plot: str | None = None,
+        backends: tuple[str, ...] = ("onnx", "torch"), model=None) -> dict[str, Any]:
+    model_dir = model or DEFAULT_MODEL_DIR
+    frames = 2000 if quick else 10000
+    audio = np.concatenate([read_audio(EXAMPLES / n, 16000)[0] for n in ("dog.flac", "rain.flac", "chainsaw.flac")])
+    budget_ms = make_backend("onnx", model_dir).config.features.frame_seconds * 1000
+    report: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                                         f"{platform.python_implementation()} {platform.python_version()}",
+                              "date": datetime.date.today().isoformat(), "quick": quick, "budget_ms": budget_ms}
+    print(f"# streamtag bench ({'quick' if quick else 'full'}), budget {budget_ms:g} ms per frame", flush=True)
+    rows = []
+    default = {b: bench_frames(b, model_dir, audio, frames if b == "onnx" else frames // 5) for b in backends}
+    report["default_model"] = {b: {k: v for k, v in r.items() if not k.startswith("_")} for b, r in default.items()}
+    rows += [("default", b, r) for b, r in default.items()]
+    with tempfile.TemporaryDirectory() as tmp:
+        archs = _arch_models(Path(tmp), model_dir)
+        report["architectures"] = {}
+        for arch, folder in archs.items():
+            report["architectures"][arch] = {}
+            for b in backends:
+                r = bench_frames(b, folder, audio, frames // 2 if b == "onnx" else frames // 10)
+                report["architectures"][arch][b] = {k: v for k, v in r.items() if not k.startswith("_")}
+                rows.append((arch, b, r))
+        report["macs_per_frame"] = {arch: count_macs(folder) for arch, folder in archs.items()}
+    report["macs_per_frame"]["default"] = count_macs(model_dir)
+    gflops = matmul_gflops()
+    report["matmul_gflops_1_thread"] = gflops
+    report["physical_limit"] = {
+        name: {"macs": macs, "limit_ms": 2 * macs / (gflops * 1e9) * 1000,
+               "measured_over_limit": (report["default_model"]["onnx"]["total"]["p50_ms"] if name == "default"
+                                       else report["architectures"][name]["onnx"]["total"]["p50_ms"])
+               / (2 * macs / (gflops * 1e9) * 1000)}
+        for name, macs in report["macs_per_frame"].items()
+    }
+    sizes = [1, 8, 32, 128] if quick else [1, 8, 32, 128, 512, 1024, 2048]
+    report["scale"] = bench_scale(model_dir, audio, sizes, 20 if quick else 100)
+    real_time = [r["streams"] for r in report["scale"] if r["real_time"]]
+    report["e2e_replay"] = bench_e2e_replay(model_dir, EXAMPLES / "dog.flac", 5 if quick else 30)
+    report["memory"] = bench_memory(model_dir, EXAMPLES / "rain.flac", 0.5 if quick else 10)
+    report["silero"] = bench_silero(audio, 500 if quick else 5000)
+    fp, torch_imported = first_probability_s()
+    report["first_probability"] = {"seconds": fp, "torch_imported": torch_imported}
+    d = report["default_model"]["onnx"]
+    report = {"summary": {
+        "frame_total_p50_ms": d["total"]["p50_ms"],
+        "frame_total_p99_ms": d["total"]["p99_ms"],
+        "deadline_misses": d["total"]["deadline_misses"],
+        "cpu_ms_per_audio_s": d["cpu_ms_per_audio_s"],
+        "silero_cpu_ms_per_audio_s": report["silero"].get("wrapper_cpu_ms_per_audio_s"),
+        "silero_raw_cpu_ms_per_audio_s": report["silero"].get("raw_cpu_ms_per_audio_s"),
+        "streams_per_core": max(real_time) if real_time else 0,
+        "e2e_p99_ms": report["e2e_replay"]["e2e_p99_ms"],
+        "rss_growth_mb": report["memory"]["rss_growth_mb"],
+        "first_probability_s": fp,
+        "machine": report["machine"],
+        "date": report["date"],
+    }, **report}
+    print(markdown(report, rows))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=float))
+    print(f"report: {out}")
+    if plot:
+        plot_cdf(plot, rows, budget_ms)
+        print(f"plot: {plot}")
+    return report
+
+
+def markdown(report: dict[str, Any], rows) -> str:
+    lines = ["", "| model | backend | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | p99/budget | misses | CPU ms per audio s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, backend, r in rows:
+        t = r["total"]
+        lines.append(f"| {name} | {backend} | {t['p50_ms']:.3f} | {t['p90_ms']:.3f} | {t['p99_ms']:.3f} | "
+                     f"{t['p99.9_ms']:.3f} | {t['max_ms']:.3f} | {t['p99_of_budget']:.1%} | {t['deadline_misses']} | "
+                     f"{r['cpu_ms_per_audio_s']:.1f} |")
+    s = report["summary"]
+    lines += ["", "| streams batched | call p50 ms | call p99 ms | us per stream-frame | real time |", "|---|---|---|---|---|"]
+    lines += [f"| {r['streams']} | {r['call_p50_ms']:.3f} | {r['call_p99_ms']:.3f} | {r['us_per_stream_frame']:.1f} | "
+              f"{'yes' if r['real_time'] else 'no'} |" for r in report["scale"]]
+    lines += ["", "| summary | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()]
+    return "\n".join(lines)
+
+
+def plot_cdf(path, rows, budget_ms: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, backend, r in rows:
+        ms = np.sort(r["_total_ns"]) / 1e6
+        ax.plot(ms, np.arange(1, ms.size + 1) / ms.size, label=f"{name} / {backend}")
+    ax.axvline(budget_ms, color="red", ls="--", label=f"frame budget ({budget_ms:g} ms)")
+    ax.set_xscale("log")
+    ax.set_xlabel("per-frame compute (ms, log scale)")
+    ax.set_ylabel("fraction of frames")
+    ax.legend(fontsize=7)
+    ax.set_title("per-frame latency CDF, one thread")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,25 @@
+"""``streamtag bench``: latency, cost per stream, scale, memory and the silero-vad peer."""
+
+from __future__ import annotations
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark per-frame latency, streams per core, memory and a peer",
+        description="Measure per-frame compute (p50..max against the frame budget), end-to-end latency through "
+                    "the worker, batched streams per core, memory over a long replay, and silero-vad side by side "
+                    "(when installed). Prints a Markdown table and writes a JSON report.")
+    p.add_argument("--quick", action="store_true", help="small run (under a minute); CI uses it")
+    p.add_argument("--out", default="benchmarks/results/bench.json", metavar="JSON", help="report path")
+    p.add_argument("--plot", metavar="PNG", help="save a per-frame latency CDF with the budget marked")
+    p.add_argument("--backend", choices=["onnx", "torch", "both"], default="both")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from ..bench import run as run_bench
+
+    backends = ("onnx", "torch") if args.backend == "both" else (args.backend,)
+    run_bench(args.quick, args.out, args.plot, backends, args.model)
+    return 0
