@@ -49,8 +49,9 @@ def _stats(ns: np.ndarray, budget_ms: float) -> dict[str, float]:
     return out
 
 
-def bench_frames(backend_name: str, model: str | os.PathLike | None, audio: np.ndarray, frames: int,
-                 warmup: int = 200) -> dict[str, Any]:
+def bench_frames(
+    backend_name: str, model: str | os.PathLike | None, audio: np.ndarray, frames: int, warmup: int = 200
+) -> dict[str, Any]:
     """Per-frame compute on one thread: the hop step (features + model), post-processing, and total."""
     backend = make_backend(backend_name, model)
     feats = backend.config.features
@@ -103,10 +104,15 @@ def bench_scale(model, audio: np.ndarray, sizes: list[int], calls: int) -> list[
             if i >= 5:
                 times.append(time.perf_counter_ns() - t0)
         ms = np.array(times) / 1e6
-        rows.append({"streams": n, "call_p50_ms": float(np.percentile(ms, 50)),
-                     "call_p99_ms": float(np.percentile(ms, 99)),
-                     "us_per_stream_frame": float(np.percentile(ms, 50) * 1000 / n),
-                     "real_time": bool(np.percentile(ms, 99) < budget_ms)})
+        rows.append(
+            {
+                "streams": n,
+                "call_p50_ms": float(np.percentile(ms, 50)),
+                "call_p99_ms": float(np.percentile(ms, 99)),
+                "us_per_stream_frame": float(np.percentile(ms, 50) * 1000 / n),
+                "real_time": bool(np.percentile(ms, 99) < budget_ms),
+            }
+        )
     return rows
 
 
@@ -117,14 +123,14 @@ def bench_e2e_replay(model, path: Path, seconds: float) -> dict[str, float]:
 
     backend = make_backend("onnx", model)
     feats = backend.config.features
-    source = WavReplaySource(path, feats.sample_rate, feats.hop_length, speed=1.0,
-                             repeat=max(1, int(np.ceil(seconds / 5))))
+    source = WavReplaySource(
+        path, feats.sample_rate, feats.hop_length, speed=1.0, repeat=max(1, int(np.ceil(seconds / 5)))
+    )
     worker = Worker(source, backend)
     worker.start()
     worker.join()
     s = worker.summary()
-    return {"e2e_p50_ms": s.e2e_p50_ms, "e2e_p99_ms": s.e2e_p99_ms, "audio_s": s.audio_seconds,
-            "dropped": s.dropped}
+    return {"e2e_p50_ms": s.e2e_p50_ms, "e2e_p99_ms": s.e2e_p99_ms, "audio_s": s.audio_seconds, "dropped": s.dropped}
 
 
 def bench_memory(model, path: Path, minutes: float) -> dict[str, float]:
@@ -135,8 +141,9 @@ def bench_memory(model, path: Path, minutes: float) -> dict[str, float]:
     backend = make_backend("onnx", model)
     feats = backend.config.features
     clip_s = read_audio(path, feats.sample_rate)[0].size / feats.sample_rate
-    source = WavReplaySource(path, feats.sample_rate, feats.hop_length, speed=0,
-                             repeat=max(1, int(round(minutes * 60 / clip_s))))
+    source = WavReplaySource(
+        path, feats.sample_rate, feats.hop_length, speed=0, repeat=max(1, int(round(minutes * 60 / clip_s)))
+    )
     worker = Worker(source, backend, detector=EventDetector(backend.labels, feats.frame_seconds))
     rss0 = _rss_mb()
     worker.start()
@@ -145,8 +152,13 @@ def bench_memory(model, path: Path, minutes: float) -> dict[str, float]:
         worker.join(0.5)
         peak = max(peak, _rss_mb())
     rss1 = _rss_mb()
-    return {"audio_minutes": worker.frames * feats.frame_seconds / 60, "rss_start_mb": rss0, "rss_end_mb": rss1,
-            "rss_peak_mb": peak, "rss_growth_mb": rss1 - rss0}
+    return {
+        "audio_minutes": worker.frames * feats.frame_seconds / 60,
+        "rss_start_mb": rss0,
+        "rss_end_mb": rss1,
+        "rss_peak_mb": peak,
+        "rss_growth_mb": rss1 - rss0,
+    }
 
 
 def bench_silero(audio16k: np.ndarray, chunks: int) -> dict[str, Any]:
@@ -183,9 +195,12 @@ def bench_silero(audio16k: np.ndarray, chunks: int) -> dict[str, Any]:
         context = inp[:, -64:]
     raw_cpu = time.process_time() - t0
     audio_s = chunks * chunk / 16000
-    return {"available": True, "version": getattr(silero_vad, "__version__", "?"),
-            "wrapper_cpu_ms_per_audio_s": wrapper_cpu * 1000 / audio_s,
-            "raw_cpu_ms_per_audio_s": raw_cpu * 1000 / audio_s}
+    return {
+        "available": True,
+        "version": getattr(silero_vad, "__version__", "?"),
+        "wrapper_cpu_ms_per_audio_s": wrapper_cpu * 1000 / audio_s,
+        "raw_cpu_ms_per_audio_s": raw_cpu * 1000 / audio_s,
+    }
 
 
 def count_macs(model_dir) -> int:
@@ -229,12 +244,29 @@ def matmul_gflops() -> float:
 
 def first_probability_s() -> tuple[float, bool]:
     """Process start to first printed probability (replay, onnx); and whether torch got imported."""
-    code = ("import sys, streamtag.cli as c; rc = c.main(sys.argv[1:]); "
-            "print('TORCH', 'torch' in sys.modules, flush=True); sys.exit(rc)")
+    code = (
+        "import sys, streamtag.cli as c; rc = c.main(sys.argv[1:]); "
+        "print('TORCH', 'torch' in sys.modules, flush=True); sys.exit(rc)"
+    )
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, "replay", str(EXAMPLES / "dog.flac"), "--fast",
-                             "--plain", "--rate", "100", "--max-results", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "replay",
+            str(EXAMPLES / "dog.flac"),
+            "--fast",
+            "--plain",
+            "--rate",
+            "100",
+            "--max-results",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     first = proc.stdout.readline()
     elapsed = time.perf_counter() - t0
     rest = proc.stdout.read()
@@ -260,15 +292,24 @@ def _arch_models(folder: Path, model_dir) -> dict[str, Path]:
     return out
 
 
-def run(quick: bool = False, out: str | os.PathLike = "benchmarks/results/bench.json", plot: str | None = None,
-        backends: tuple[str, ...] = ("onnx", "torch"), model=None) -> dict[str, Any]:
+def run(
+    quick: bool = False,
+    out: str | os.PathLike = "benchmarks/results/bench.json",
+    plot: str | None = None,
+    backends: tuple[str, ...] = ("onnx", "torch"),
+    model=None,
+) -> dict[str, Any]:
     model_dir = model or DEFAULT_MODEL_DIR
     frames = 2000 if quick else 10000
     audio = np.concatenate([read_audio(EXAMPLES / n, 16000)[0] for n in ("dog.flac", "rain.flac", "chainsaw.flac")])
     budget_ms = make_backend("onnx", model_dir).config.features.frame_seconds * 1000
-    report: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                                         f"{platform.python_implementation()} {platform.python_version()}",
-                              "date": datetime.date.today().isoformat(), "quick": quick, "budget_ms": budget_ms}
+    report: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.python_implementation()} {platform.python_version()}",
+        "date": datetime.date.today().isoformat(),
+        "quick": quick,
+        "budget_ms": budget_ms,
+    }
     print(f"# streamtag bench ({'quick' if quick else 'full'}), budget {budget_ms:g} ms per frame", flush=True)
     rows = []
     default = {b: bench_frames(b, model_dir, audio, frames if b == "onnx" else frames // 5) for b in backends}
@@ -288,10 +329,16 @@ def run(quick: bool = False, out: str | os.PathLike = "benchmarks/results/bench.
     gflops = matmul_gflops()
     report["matmul_gflops_1_thread"] = gflops
     report["physical_limit"] = {
-        name: {"macs": macs, "limit_ms": 2 * macs / (gflops * 1e9) * 1000,
-               "measured_over_limit": (report["default_model"]["onnx"]["total"]["p50_ms"] if name == "default"
-                                       else report["architectures"][name]["onnx"]["total"]["p50_ms"])
-               / (2 * macs / (gflops * 1e9) * 1000)}
+        name: {
+            "macs": macs,
+            "limit_ms": 2 * macs / (gflops * 1e9) * 1000,
+            "measured_over_limit": (
+                report["default_model"]["onnx"]["total"]["p50_ms"]
+                if name == "default"
+                else report["architectures"][name]["onnx"]["total"]["p50_ms"]
+            )
+            / (2 * macs / (gflops * 1e9) * 1000),
+        }
         for name, macs in report["macs_per_frame"].items()
     }
     sizes = [1, 8, 32, 128] if quick else [1, 8, 32, 128, 512, 1024, 2048]
@@ -303,20 +350,23 @@ def run(quick: bool = False, out: str | os.PathLike = "benchmarks/results/bench.
     fp, torch_imported = first_probability_s()
     report["first_probability"] = {"seconds": fp, "torch_imported": torch_imported}
     d = report["default_model"]["onnx"]
-    report = {"summary": {
-        "frame_total_p50_ms": d["total"]["p50_ms"],
-        "frame_total_p99_ms": d["total"]["p99_ms"],
-        "deadline_misses": d["total"]["deadline_misses"],
-        "cpu_ms_per_audio_s": d["cpu_ms_per_audio_s"],
-        "silero_cpu_ms_per_audio_s": report["silero"].get("wrapper_cpu_ms_per_audio_s"),
-        "silero_raw_cpu_ms_per_audio_s": report["silero"].get("raw_cpu_ms_per_audio_s"),
-        "streams_per_core": max(real_time) if real_time else 0,
-        "e2e_p99_ms": report["e2e_replay"]["e2e_p99_ms"],
-        "rss_growth_mb": report["memory"]["rss_growth_mb"],
-        "first_probability_s": fp,
-        "machine": report["machine"],
-        "date": report["date"],
-    }, **report}
+    report = {
+        "summary": {
+            "frame_total_p50_ms": d["total"]["p50_ms"],
+            "frame_total_p99_ms": d["total"]["p99_ms"],
+            "deadline_misses": d["total"]["deadline_misses"],
+            "cpu_ms_per_audio_s": d["cpu_ms_per_audio_s"],
+            "silero_cpu_ms_per_audio_s": report["silero"].get("wrapper_cpu_ms_per_audio_s"),
+            "silero_raw_cpu_ms_per_audio_s": report["silero"].get("raw_cpu_ms_per_audio_s"),
+            "streams_per_core": max(real_time) if real_time else 0,
+            "e2e_p99_ms": report["e2e_replay"]["e2e_p99_ms"],
+            "rss_growth_mb": report["memory"]["rss_growth_mb"],
+            "first_probability_s": fp,
+            "machine": report["machine"],
+            "date": report["date"],
+        },
+        **report,
+    }
     print(markdown(report, rows))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -329,17 +379,29 @@ def run(quick: bool = False, out: str | os.PathLike = "benchmarks/results/bench.
 
 
 def markdown(report: dict[str, Any], rows) -> str:
-    lines = ["", "| model | backend | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | p99/budget | misses | CPU ms per audio s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "| model | backend | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | p99/budget | misses | CPU ms per audio s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, backend, r in rows:
         t = r["total"]
-        lines.append(f"| {name} | {backend} | {t['p50_ms']:.3f} | {t['p90_ms']:.3f} | {t['p99_ms']:.3f} | "
-                     f"{t['p99.9_ms']:.3f} | {t['max_ms']:.3f} | {t['p99_of_budget']:.1%} | {t['deadline_misses']} | "
-                     f"{r['cpu_ms_per_audio_s']:.1f} |")
+        lines.append(
+            f"| {name} | {backend} | {t['p50_ms']:.3f} | {t['p90_ms']:.3f} | {t['p99_ms']:.3f} | "
+            f"{t['p99.9_ms']:.3f} | {t['max_ms']:.3f} | {t['p99_of_budget']:.1%} | {t['deadline_misses']} | "
+            f"{r['cpu_ms_per_audio_s']:.1f} |"
+        )
     s = report["summary"]
-    lines += ["", "| streams batched | call p50 ms | call p99 ms | us per stream-frame | real time |", "|---|---|---|---|---|"]
-    lines += [f"| {r['streams']} | {r['call_p50_ms']:.3f} | {r['call_p99_ms']:.3f} | {r['us_per_stream_frame']:.1f} | "
-              f"{'yes' if r['real_time'] else 'no'} |" for r in report["scale"]]
+    lines += [
+        "",
+        "| streams batched | call p50 ms | call p99 ms | us per stream-frame | real time |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['streams']} | {r['call_p50_ms']:.3f} | {r['call_p99_ms']:.3f} | {r['us_per_stream_frame']:.1f} | "
+        f"{'yes' if r['real_time'] else 'no'} |"
+        for r in report["scale"]
+    ]
     lines += ["", "| summary | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()]
     return "\n".join(lines)

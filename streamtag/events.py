@@ -20,11 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tomllib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+import tomllib
 
 from .errors import ConfigError
 
@@ -104,8 +105,13 @@ class EventDetector:
         per_class (dict): label -> EventParams overriding the defaults.
     """
 
-    def __init__(self, labels: Sequence[str], frame_seconds: float, params: EventParams | None = None,
-                 per_class: dict[str, EventParams] | None = None) -> None:
+    def __init__(
+        self,
+        labels: Sequence[str],
+        frame_seconds: float,
+        params: EventParams | None = None,
+        per_class: dict[str, EventParams] | None = None,
+    ) -> None:
         self.labels = list(labels)
         self.frame_seconds = frame_seconds
         default = params or EventParams()

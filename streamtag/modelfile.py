@@ -30,10 +30,14 @@ def resolve_model_dir(path: str | os.PathLike | None) -> Path:
     if folder.is_file() and folder.name in (CONFIG_NAME, WEIGHTS_NAME, ONNX_NAME):
         folder = folder.parent
     if not folder.is_dir():
-        raise ModelFileError(f"model folder not found: {folder} (pass --model DIR holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise ModelFileError(
+            f"model folder not found: {folder} (pass --model DIR holding {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
-            raise ModelFileError(f"model folder {folder} lacks {name} (train one with 'streamtag train' or pass another --model)")
+            raise ModelFileError(
+                f"model folder {folder} lacks {name} (train one with 'streamtag train' or pass another --model)"
+            )
     return folder
 
 
@@ -58,5 +62,6 @@ def fingerprint(folder: Path) -> str:
 
 def cache_dir() -> Path:
     """Where exported ONNX graphs of user models are cached (``$STREAMTAG_CACHE`` or XDG cache)."""
-    root = os.environ.get("STREAMTAG_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamtag"
-    return Path(root)
+    if os.environ.get("STREAMTAG_CACHE"):
+        return Path(os.environ["STREAMTAG_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamtag"

@@ -15,7 +15,7 @@ next one to join. This is the engine a network server would stand on::
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -38,8 +38,9 @@ class MultiStreamTagger:
     capacity (int): most streams at once (state is preallocated for all of them).
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, backend: str = "onnx", capacity: int = 64,
-                 **backend_options) -> None:
+    def __init__(
+        self, model: str | os.PathLike | None = None, backend: str = "onnx", capacity: int = 64, **backend_options
+    ) -> None:
         if capacity < 1:
             raise ConfigError(f"capacity must be >= 1 ({capacity} given)")
         self.backend = make_backend(backend, model, **backend_options)

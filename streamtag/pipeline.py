@@ -35,15 +35,22 @@ class FileResult:
     summary: Summary
 
 
-def tag_file(backend, path: str | os.PathLike, block_size: int | None = None, speed: float = 0.0,
-             detector: EventDetector | None = None, outputs=()) -> FileResult:
+def tag_file(
+    backend,
+    path: str | os.PathLike,
+    block_size: int | None = None,
+    speed: float = 0.0,
+    detector: EventDetector | None = None,
+    outputs=(),
+) -> FileResult:
     """Replay ``path`` through ring, worker and ``backend`` (state reset first); collect all scores and events."""
     feats = backend.config.features
     backend.reset_states()
     if detector is not None:
         detector.reset_states()
-    source = WavReplaySource(path, feats.sample_rate, block_size=block_size or feats.hop_length, speed=speed,
-                             min_samples=feats.hop_length)
+    source = WavReplaySource(
+        path, feats.sample_rate, block_size=block_size or feats.hop_length, speed=speed, min_samples=feats.hop_length
+    )
     sink = Collector()
     worker = Worker(source, backend, [sink, *outputs], detector)
     worker.start()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -129,9 +130,16 @@ class Worker(threading.Thread):
         buffer_seconds (float): audio the ring holds before a live source starts dropping. (Default: ``2``)
     """
 
-    def __init__(self, source: Source, backend: Backend, outputs: Sequence[Output] = (),
-                 detector: EventDetector | None = None, reset_every_s: float | None = None,
-                 reset_on_silence_s: float | None = None, buffer_seconds: float = RING_SECONDS) -> None:
+    def __init__(
+        self,
+        source: Source,
+        backend: Backend,
+        outputs: Sequence[Output] = (),
+        detector: EventDetector | None = None,
+        reset_every_s: float | None = None,
+        reset_on_silence_s: float | None = None,
+        buffer_seconds: float = RING_SECONDS,
+    ) -> None:
         super().__init__(name="streamtag-worker", daemon=True)
         self.source, self.backend, self.outputs, self.detector = source, backend, list(outputs), detector
         feats = backend.config.features
@@ -152,7 +160,9 @@ class Worker(threading.Thread):
         self.error: str | None = None
         self.interrupted = False
         self._reset_every = None if reset_every_s is None else max(1, round(reset_every_s / self.frame_seconds))
-        self._silence_frames = None if reset_on_silence_s is None else max(1, round(reset_on_silence_s / self.frame_seconds))
+        self._silence_frames = (
+            None if reset_on_silence_s is None else max(1, round(reset_on_silence_s / self.frame_seconds))
+        )
         self._silent_run = 0
         self._stop_requested = threading.Event()
         self._hop_buf = np.zeros(self.hop, dtype=np.float32)
@@ -249,8 +259,14 @@ class Worker(threading.Thread):
 
     def _emit_events(self, events: list[Event]) -> None:
         if events:
-            step = Step(self.frames - 1, self.frames * self.frame_seconds, np.zeros(0, np.float32), events,
-                        self.labels, self.frame_seconds)
+            step = Step(
+                self.frames - 1,
+                self.frames * self.frame_seconds,
+                np.zeros(0, np.float32),
+                events,
+                self.labels,
+                self.frame_seconds,
+            )
             for out in self.outputs:
                 out.write(step)
 

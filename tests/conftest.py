@@ -68,8 +68,9 @@ def run_cli(*args: str, timeout: float = 120, **kwargs):
     """Run ``python -m streamtag`` in a subprocess (as a user would); returns CompletedProcess."""
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "streamtag", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "streamtag", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
 def read_clip(path: Path, rate: int = 16000) -> np.ndarray:

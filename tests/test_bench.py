@@ -6,9 +6,20 @@ import sys
 
 from .conftest import EXAMPLES, run_cli
 
-SUMMARY_KEYS = ["frame_total_p50_ms", "frame_total_p99_ms", "deadline_misses", "cpu_ms_per_audio_s",
-                "silero_cpu_ms_per_audio_s", "silero_raw_cpu_ms_per_audio_s", "streams_per_core", "e2e_p99_ms",
-                "rss_growth_mb", "first_probability_s", "machine", "date"]
+SUMMARY_KEYS = [
+    "frame_total_p50_ms",
+    "frame_total_p99_ms",
+    "deadline_misses",
+    "cpu_ms_per_audio_s",
+    "silero_cpu_ms_per_audio_s",
+    "silero_raw_cpu_ms_per_audio_s",
+    "streams_per_core",
+    "e2e_p99_ms",
+    "rss_growth_mb",
+    "first_probability_s",
+    "machine",
+    "date",
+]
 
 
 def test_bench_quick_writes_report_and_plot(cnn_dir, tmp_path):
@@ -32,8 +43,24 @@ def test_onnx_replay_does_not_import_torch(cnn_dir):
     from streamtag.modelfile import resolve_model_dir
 
     run_cli("replay", EXAMPLES / "dog.flac", "--model", resolve_model_dir(cnn_dir), "--fast", "--quiet")
-    code = ("import sys, streamtag.cli as c; rc = c.main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
-    r = subprocess.run([sys.executable, "-c", code, "replay", str(EXAMPLES / "dog.flac"), "--model", str(cnn_dir),
-                        "--fast", "--quiet"], capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys, streamtag.cli as c; rc = c.main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "replay",
+            str(EXAMPLES / "dog.flac"),
+            "--model",
+            str(cnn_dir),
+            "--fast",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr

@@ -24,8 +24,22 @@ def test_replay_jsonl_updates_timestamps_and_probabilities(cnn_dir, tmp_path):
 
 def test_replay_rate_topk_and_scores_tsv(cnn_dir, tmp_path):
     jsonl, scores = tmp_path / "u.jsonl", tmp_path / "s.tsv"
-    r = run_cli("replay", EXAMPLES / "rain.flac", "--model", cnn_dir, "--fast", "--rate", "50", "--max-results", "2",
-                "--jsonl", jsonl, "--scores", scores, "--quiet")
+    r = run_cli(
+        "replay",
+        EXAMPLES / "rain.flac",
+        "--model",
+        cnn_dir,
+        "--fast",
+        "--rate",
+        "50",
+        "--max-results",
+        "2",
+        "--jsonl",
+        jsonl,
+        "--scores",
+        scores,
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(rows) == 250 and all(len(row["top"]) == 2 for row in rows)
@@ -41,8 +55,10 @@ def test_replay_rate_topk_and_scores_tsv(cnn_dir, tmp_path):
 def test_scores_tsv_reads_back_with_sed_scores_eval_layout(cnn_dir, tmp_path):
     """The TSV is what sed_scores_eval.io.read_sed_scores expects: float onset/offset then one column per class."""
     scores = tmp_path / "clip.tsv"
-    assert run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--scores", scores,
-                   "--quiet").returncode == 0
+    assert (
+        run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--scores", scores, "--quiet").returncode
+        == 0
+    )
     data = np.genfromtxt(scores, delimiter="\t", names=True)
     assert data.dtype.names[:2] == ("onset", "offset")
     np.testing.assert_allclose(data["offset"][:-1], data["onset"][1:])

@@ -69,7 +69,7 @@ def test_flush_closes_open_events_at_stream_end():
 
 def test_per_class_settings_file(tmp_path):
     path = tmp_path / "events.toml"
-    path.write_text('[default]\non_threshold = 0.7\n\n[dog]\nmin_gap_s = 1.0\n')
+    path.write_text("[default]\non_threshold = 0.7\n\n[dog]\nmin_gap_s = 1.0\n")
     default, per_class = load_event_settings(path)
     assert default.on_threshold == 0.7
     assert per_class["dog"].on_threshold == 0.7 and per_class["dog"].min_gap_s == 1.0
@@ -81,8 +81,10 @@ def test_per_class_settings_file(tmp_path):
         EventDetector(["a"], HOP, per_class={"dog": EventParams()})
 
 
-@pytest.mark.parametrize("kwargs", [{"on_threshold": 0}, {"on_threshold": 0.5, "off_threshold": 0.6},
-                                    {"patience_frames": 0}, {"min_gap_s": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"on_threshold": 0}, {"on_threshold": 0.5, "off_threshold": 0.6}, {"patience_frames": 0}, {"min_gap_s": -1}],
+)
 def test_bad_params_are_refused(kwargs):
     with pytest.raises(ConfigError):
         EventParams(**kwargs)

@@ -41,8 +41,15 @@ def test_matches_torchaudio_melspectrogram():
     ours = log_mel_offline(signal, cfg)
     padded = torch.cat([torch.zeros(cfg.context_length), signal])
     mel = torchaudio.transforms.MelSpectrogram(
-        sample_rate=cfg.sample_rate, n_fft=cfg.win_length, hop_length=cfg.hop_length, n_mels=cfg.n_mels,
-        center=False, power=2.0, mel_scale="htk", norm=None)(padded)
+        sample_rate=cfg.sample_rate,
+        n_fft=cfg.win_length,
+        hop_length=cfg.hop_length,
+        n_mels=cfg.n_mels,
+        center=False,
+        power=2.0,
+        mel_scale="htk",
+        norm=None,
+    )(padded)
     ref = torch.log(mel + cfg.log_floor).T[: ours.shape[0]]
     assert ref.shape == ours.shape
     assert (ours - ref).abs().max().item() < 2e-3  # float32 DFT as matmul vs FFT

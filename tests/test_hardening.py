@@ -60,9 +60,15 @@ def test_bad_files_give_one_clear_error(cnn_dir, tmp_path):
 
 # -- odd but valid files: correct output --------------------------------------------------------------------
 VALID = [
-    ("wav", "PCM_U8", 16000, 1), ("wav", "PCM_16", 16000, 2), ("wav", "PCM_24", 22050, 6),
-    ("wav", "PCM_32", 44100, 1), ("wav", "FLOAT", 48000, 2), ("wav", "DOUBLE", 96000, 1),
-    ("wav", "PCM_16", 8000, 1), ("flac", "PCM_16", 44100, 1), ("flac", "PCM_24", 48000, 2),
+    ("wav", "PCM_U8", 16000, 1),
+    ("wav", "PCM_16", 16000, 2),
+    ("wav", "PCM_24", 22050, 6),
+    ("wav", "PCM_32", 44100, 1),
+    ("wav", "FLOAT", 48000, 2),
+    ("wav", "DOUBLE", 96000, 1),
+    ("wav", "PCM_16", 8000, 1),
+    ("flac", "PCM_16", 44100, 1),
+    ("flac", "PCM_24", 48000, 2),
     ("ogg", "VORBIS", 44100, 1),
 ]
 
@@ -118,8 +124,10 @@ def test_nan_and_inf_samples_are_replaced_and_reported(cnn_dir, tmp_path):
 
 # -- fuzzing --------------------------------------------------------------------------------------------------
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.binary(max_size=2000), header=st.sampled_from([b"", b"RIFF", b"RIFF\x24\x00\x00\x00WAVEfmt ",
-                                                              b"fLaC", b"OggS"]))
+@given(
+    data=st.binary(max_size=2000),
+    header=st.sampled_from([b"", b"RIFF", b"RIFF\x24\x00\x00\x00WAVEfmt ", b"fLaC", b"OggS"]),
+)
 def test_random_bytes_only_raise_the_documented_error(tmp_path, data, header):
     path = tmp_path / "fuzz.wav"
     path.write_bytes(header + data)
@@ -131,12 +139,14 @@ def test_random_bytes_only_raise_the_documented_error(tmp_path, data, header):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rate=st.sampled_from([8000, 11025, 16000, 22050, 32000, 44100, 48000, 96000]),
-       channels=st.integers(1, 8), frames=st.integers(0, 3000),
-       subtype=st.sampled_from(["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"]),
-       scale=st.sampled_from([0.0, 1e-6, 0.5, 1.0, 4.0]))
-def test_odd_valid_wavs_replay_or_fail_cleanly(cnn_backend_fixture, tmp_path, rate, channels, frames, subtype,
-                                              scale):
+@given(
+    rate=st.sampled_from([8000, 11025, 16000, 22050, 32000, 44100, 48000, 96000]),
+    channels=st.integers(1, 8),
+    frames=st.integers(0, 3000),
+    subtype=st.sampled_from(["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"]),
+    scale=st.sampled_from([0.0, 1e-6, 0.5, 1.0, 4.0]),
+)
+def test_odd_valid_wavs_replay_or_fail_cleanly(cnn_backend_fixture, tmp_path, rate, channels, frames, subtype, scale):
     path = tmp_path / "odd.wav"
     x = np.random.default_rng(frames).uniform(-scale, scale, (frames, channels))
     sf.write(path, x, rate, subtype=subtype)
@@ -215,10 +225,29 @@ def test_config_and_weights_mismatch_is_named(cnn_dir, tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
 def test_signals_drain_flush_and_summarise(sig, code, cnn_dir, tmp_path):
     out, events = tmp_path / "u.jsonl", tmp_path / "e.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "streamtag", "replay", str(EXAMPLES / "rain.flac"), "--model",
-                             str(cnn_dir), "--jsonl", str(out), "--events", str(events), "--quiet", "--rate", "50",
-                             "--on-threshold", "0.2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamtag",
+            "replay",
+            str(EXAMPLES / "rain.flac"),
+            "--model",
+            str(cnn_dir),
+            "--jsonl",
+            str(out),
+            "--events",
+            str(events),
+            "--quiet",
+            "--rate",
+            "50",
+            "--on-threshold",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     from .virtual_mic import wait_for_lines
 
     assert wait_for_lines(out, 20, proc) >= 20
@@ -234,9 +263,22 @@ def test_signals_drain_flush_and_summarise(sig, code, cnn_dir, tmp_path):
 
 def test_second_ctrl_c_exits_at_once(cnn_dir, tmp_path):
     out = tmp_path / "u.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "streamtag", "replay", str(EXAMPLES / "rain.flac"), "--model",
-                             str(cnn_dir), "--jsonl", str(out), "--quiet"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamtag",
+            "replay",
+            str(EXAMPLES / "rain.flac"),
+            "--model",
+            str(cnn_dir),
+            "--jsonl",
+            str(out),
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     from .virtual_mic import wait_for_lines
 
     assert wait_for_lines(out, 3, proc) >= 3
@@ -279,9 +321,9 @@ def test_long_run_state_bounded_memory_flat_and_reset_equals_fresh(model_dir):
 
 def test_reset_every_restarts_state_on_schedule(cnn_dir, tmp_path):
     """--reset-every 1: scores from second 1 on equal a fresh run that starts at second 1."""
-    from streamtag.worker import Worker
     from streamtag.pipeline import Collector
     from streamtag.sources import WavReplaySource
+    from streamtag.worker import Worker
 
     audio = read_clip(EXAMPLES / "chainsaw.flac")
     backend = make_backend("onnx", cnn_dir)
@@ -294,5 +336,6 @@ def test_reset_every_restarts_state_on_schedule(cnn_dir, tmp_path):
     sf.write(part, audio[16000:32000], 16000, subtype="FLOAT")
     fresh = tag_file(make_backend("onnx", cnn_dir), part).probs
     np.testing.assert_allclose(with_resets[100:200], fresh[:100], atol=1e-6)
-    assert not np.allclose(with_resets[100:110], tag_file(backend, EXAMPLES / "chainsaw.flac").probs[100:110],
-                           atol=1e-4)
+    assert not np.allclose(
+        with_resets[100:110], tag_file(backend, EXAMPLES / "chainsaw.flac").probs[100:110], atol=1e-4
+    )

@@ -13,8 +13,19 @@ from .virtual_mic import ALSA_DEVICE, alsa_file_mic, pulse_null_sink, wait_for_l
 
 
 def _live(model, jsonl, env, *extra):
-    cmd = [sys.executable, "-m", "streamtag", "live", "--model", str(model), "--jsonl", str(jsonl), "--all",
-           "--quiet", *map(str, extra)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamtag",
+        "live",
+        "--model",
+        str(model),
+        "--jsonl",
+        str(jsonl),
+        "--all",
+        "--quiet",
+        *map(str, extra),
+    ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -32,8 +43,9 @@ def test_live_equals_replay_sample_exact(cnn_dir, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "samples: captured" in err
-    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--jsonl", replay_out, "--all",
-                "--quiet")
+    r = run_cli(
+        "replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--jsonl", replay_out, "--all", "--quiet"
+    )
     assert r.returncode == 0
     live, replay = _probs(live_out)[:50], _probs(replay_out)
     assert [row["t"] for row in live] == [row["t"] for row in replay]
@@ -68,8 +80,13 @@ print(json.dumps(w.summary().__dict__))
 
 def test_every_sample_accounted_for_with_a_slow_worker(cnn_dir, tmp_path):
     env = alsa_file_mic(tmp_path, read_clip(EXAMPLES / "rain.flac"))
-    r = subprocess.run([sys.executable, "-c", ACCOUNTING_SCRIPT, str(cnn_dir), ALSA_DEVICE], env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", ACCOUNTING_SCRIPT, str(cnn_dir), ALSA_DEVICE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout.splitlines()[-1])
     assert s["dropped"] > 0 and s["frames"] > 0

@@ -51,17 +51,35 @@ def pulse_null_sink(rate: int = 16000):
         pytest.skip("pulseaudio/paplay missing (apt-get install pulseaudio pulseaudio-utils libasound2-plugins)")
     runtime = tempfile.mkdtemp(prefix="pulse-")
     env = {**os.environ, "XDG_RUNTIME_DIR": runtime}
-    subprocess.run(["pulseaudio", "--daemonize=yes", "--exit-idle-time=-1", "--disallow-exit", "-n",
-                    "--load=module-native-protocol-unix", f"--load=module-null-sink sink_name=vsink rate={rate} channels=1"],
-                   env=env, check=True, capture_output=True, timeout=30)
+    sink = f"--load=module-null-sink sink_name=vsink rate={rate} channels=1"
+    subprocess.run(
+        [
+            "pulseaudio",
+            "--daemonize=yes",
+            "--exit-idle-time=-1",
+            "--disallow-exit",
+            "-n",
+            "--load=module-native-protocol-unix",
+            sink,
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     subprocess.run(["pactl", "set-default-source", "vsink.monitor"], env=env, check=True, timeout=30)
     players = []
 
     def play(samples: np.ndarray) -> None:
         raw = Path(runtime) / f"play{len(players)}.raw"
         (np.clip(samples, -1, 1) * 32767).astype("<i2").tofile(raw)
-        players.append(subprocess.Popen(["paplay", "--device=vsink", "--raw", f"--rate={rate}", "--channels=1",
-                                         "--format=s16le", str(raw)], env=env, stderr=subprocess.DEVNULL))
+        players.append(
+            subprocess.Popen(
+                ["paplay", "--device=vsink", "--raw", f"--rate={rate}", "--channels=1", "--format=s16le", str(raw)],
+                env=env,
+                stderr=subprocess.DEVNULL,
+            )
+        )
 
     def stop_daemon() -> None:
         pid_file = Path(runtime) / "pulse" / "pid"

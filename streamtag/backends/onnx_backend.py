@@ -8,8 +8,8 @@ two swap. Never imports torch unless a graph must be exported first.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,8 +19,9 @@ from ..models.step import HopStep
 
 
 class TorchBackend:
-    def __init__(self, model: str | os.PathLike | None = None, batch_size: int = 1, device: str = "cpu",
-                 threads: int | None = 1) -> None:
+    def __init__(
+        self, model: str | os.PathLike | None = None, batch_size: int = 1, device: str = "cpu", threads: int | None = 1
+    ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("--device cuda asked for, but no CUDA GPU is visible (use --device cpu)")
         if threads:

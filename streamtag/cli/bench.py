@@ -5,10 +5,12 @@ from __future__ import annotations
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "bench", help="benchmark per-frame latency, streams per core, memory and a peer",
+        "bench",
+        help="benchmark per-frame latency, streams per core, memory and a peer",
         description="Measure per-frame compute (p50..max against the frame budget), end-to-end latency through "
-                    "the worker, batched streams per core, memory over a long replay, and silero-vad side by side "
-                    "(when installed). Prints a Markdown table and writes a JSON report.")
+        "the worker, batched streams per core, memory over a long replay, and silero-vad side by side "
+        "(when installed). Prints a Markdown table and writes a JSON report.",
+    )
     p.add_argument("--quick", action="store_true", help="small run (under a minute); CI uses it")
     p.add_argument("--out", default="benchmarks/results/bench.json", metavar="JSON", help="report path")
     p.add_argument("--plot", metavar="PNG", help="save a per-frame latency CDF with the budget marked")

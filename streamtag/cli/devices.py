@@ -6,8 +6,12 @@ from ..sources.device import import_sounddevice, list_input_devices
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("devices", help="list sound input devices", description="List sound input devices "
-                              "(index, name, channels, default rate); pass the index or a name to 'live --device'.")
+    p = subparsers.add_parser(
+        "devices",
+        help="list sound input devices",
+        description="List sound input devices "
+        "(index, name, channels, default rate); pass the index or a name to 'live --device'.",
+    )
     p.set_defaults(handler=run)
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="export a model's streaming step to ONNX",
+        "export",
+        help="export a model's streaming step to ONNX",
         description="Export the hop step (features, model step, softmax; audio context and state as explicit "
-                    "inputs and outputs, dynamic batch) to ONNX. Writing it as DIR/model.onnx makes every later "
-                    "run of that model skip the export.")
+        "inputs and outputs, dynamic batch) to ONNX. Writing it as DIR/model.onnx makes every later "
+        "run of that model skip the export.",
+    )
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
     p.add_argument("--onnx", required=True, metavar="OUT", help="output .onnx path")
     p.set_defaults(handler=run)

@@ -15,19 +15,31 @@ from ..worker import Worker
 
 
 def add_model_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
-    p.add_argument("--model", metavar="DIR", help="model folder (config.json + model.safetensors); "
-                   "default: the bundled ESC-50 model")
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="model folder (config.json + model.safetensors); default: the bundled ESC-50 model",
+    )
     if backend:
-        p.add_argument("--backend", choices=sorted(BACKENDS), default="onnx",
-                       help="inference runtime: onnx (fast CPU, default) or torch (reference; --torch-device cuda)")
+        p.add_argument(
+            "--backend",
+            choices=sorted(BACKENDS),
+            default="onnx",
+            help="inference runtime: onnx (fast CPU, default) or torch (reference; --torch-device cuda)",
+        )
         p.add_argument("--torch-device", default="cpu", metavar="DEV", help="torch backend device: cpu or cuda")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     out = p.add_argument_group("output")
-    out.add_argument("--rate", type=float, default=10.0, metavar="HZ",
-                     help="updates shown per second (every hop is still computed); default 10")
+    out.add_argument(
+        "--rate",
+        type=float,
+        default=10.0,
+        metavar="HZ",
+        help="updates shown per second (every hop is still computed); default 10",
+    )
     out.add_argument("--max-results", type=int, default=3, metavar="K", help="top-k classes shown (default 3)")
     out.add_argument("--score-threshold", type=float, default=0.0, metavar="P", help="hide classes below P")
     out.add_argument("--allow", nargs="+", metavar="CLASS", help="show only these classes")
@@ -39,32 +51,51 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     out.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
     out.add_argument("--quiet", action="store_true", help="no per-update console output (summary only)")
     ev = p.add_argument_group("events")
-    ev.add_argument("--on-threshold", type=float, default=None, metavar="P",
-                    help="score that starts an event (default 0.5; off = on - 0.15)")
+    ev.add_argument(
+        "--on-threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="score that starts an event (default 0.5; off = on - 0.15)",
+    )
     ev.add_argument("--event-config", metavar="PATH", help="JSON/TOML with 'default' and per-class event settings")
     st = p.add_argument_group("state")
     st.add_argument("--reset-every", type=float, metavar="S", help="reset model state every S seconds")
     st.add_argument("--reset-on-silence", type=float, metavar="S", help="reset after S seconds below -60 dBFS")
-    st.add_argument("--buffer-seconds", type=float, default=2.0, metavar="S",
-                    help="audio buffered between capture and worker before samples are dropped (default 2)")
+    st.add_argument(
+        "--buffer-seconds",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="audio buffered between capture and worker before samples are dropped (default 2)",
+    )
 
 
 def add_parser(subparsers) -> None:
     live = subparsers.add_parser(
-        "live", help="tag the microphone in real time",
-        description="Tag a sound input device in real time. Ctrl-C stops, drains and prints a summary.")
+        "live",
+        help="tag the microphone in real time",
+        description="Tag a sound input device in real time. Ctrl-C stops, drains and prints a summary.",
+    )
     live.add_argument("--device", metavar="NAME|INDEX", help="input device (see 'streamtag devices'); default: system")
     _add_common(live)
     live.set_defaults(handler=run_live)
 
     replay = subparsers.add_parser(
-        "replay", help="replay an audio file as a stream",
+        "replay",
+        help="replay an audio file as a stream",
         description="Replay an audio file (WAV/FLAC/OGG, any rate or channels) through the same ring buffer and "
-                    "worker as the microphone, paced in real time or as fast as possible.")
+        "worker as the microphone, paced in real time or as fast as possible.",
+    )
     replay.add_argument("file", help="audio file")
     pace = replay.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=float, default=1.0, metavar="X",
-                      help="1 = real time (default), 2 = twice as fast, 0 = as fast as possible")
+    pace.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="1 = real time (default), 2 = twice as fast, 0 = as fast as possible",
+    )
     pace.add_argument("--fast", action="store_true", help="as fast as possible (same as --speed 0)")
     replay.add_argument("--plot", metavar="PNG", help="save log-mel, top-class probabilities and events as a PNG")
     _add_common(replay)
@@ -113,8 +144,8 @@ def run_stream(args, source, backend, extra_outputs=()) -> int:
 
     outputs = _outputs(args, backend, status, extra_outputs)
     worker = holder["worker"] = Worker(
-        source, backend, outputs, _detector(args, backend), args.reset_every, args.reset_on_silence,
-        args.buffer_seconds)
+        source, backend, outputs, _detector(args, backend), args.reset_every, args.reset_on_silence, args.buffer_seconds
+    )
     got = {"signal": None}
 
     def on_signal(signum, frame):
@@ -146,11 +177,14 @@ def run_replay(args) -> int:
     backend = _open_backend(args)
     feats = backend.config.features
     speed = 0.0 if args.fast else args.speed
-    source = WavReplaySource(args.file, feats.sample_rate, block_size=feats.hop_length, speed=speed,
-                             min_samples=feats.hop_length)
+    source = WavReplaySource(
+        args.file, feats.sample_rate, block_size=feats.hop_length, speed=speed, min_samples=feats.hop_length
+    )
     if source.status.nonfinite_samples:
-        print(f"streamtag: warning: {source.status.nonfinite_samples} NaN/Inf samples in {args.file} were "
-              "replaced by 0", file=sys.stderr)
+        print(
+            f"streamtag: warning: {source.status.nonfinite_samples} NaN/Inf samples in {args.file} were replaced by 0",
+            file=sys.stderr,
+        )
     extra = []
     if args.plot:
         from ..outputs.plots import RecordingPlot

@@ -26,14 +26,22 @@ def _arch_param(text: str):
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train a model on labelled audio",
+        "train",
+        help="train a model on labelled audio",
         description="Train a causal model. DATASET is an ESC-50 folder (meta/esc50.csv + audio/), a folder per "
-                    "class (DATASET/<label>/*.wav), or a CSV manifest (path,label[,fold][,group]).")
+        "class (DATASET/<label>/*.wav), or a CSV manifest (path,label[,fold][,group]).",
+    )
     p.add_argument("dataset")
     p.add_argument("--out", required=True, metavar="DIR", help="output model folder")
     p.add_argument("--arch", default="cnn", help="lstm, attention or cnn (default cnn)")
-    p.add_argument("--arch-param", action="append", type=_arch_param, default=[], metavar="KEY=VALUE",
-                   help="architecture option, JSON value (repeatable), e.g. hidden=96 or pool_seconds=[0.5,3]")
+    p.add_argument(
+        "--arch-param",
+        action="append",
+        type=_arch_param,
+        default=[],
+        metavar="KEY=VALUE",
+        help="architecture option, JSON value (repeatable), e.g. hidden=96 or pool_seconds=[0.5,3]",
+    )
     p.add_argument("--epochs", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -41,8 +49,12 @@ def add_parser(subparsers) -> None:
     split = p.add_mutually_exclusive_group()
     split.add_argument("--val-fold", type=int, metavar="F", help="validate on the dataset's fold F")
     split.add_argument("--no-val", action="store_true", help="train on every clip (no validation)")
-    split.add_argument("--cv", type=int, metavar="K",
-                       help="K-fold source-grouped cross-validation: K models, streaming eval and baseline per fold")
+    split.add_argument(
+        "--cv",
+        type=int,
+        metavar="K",
+        help="K-fold source-grouped cross-validation: K models, streaming eval and baseline per fold",
+    )
     p.add_argument("--jobs", type=int, default=1, help="with --cv: folds trained in parallel (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores / jobs)")
@@ -64,8 +76,15 @@ def _options(args):
 
     if args.arch not in architectures():
         raise ConfigError(f"unknown --arch '{args.arch}' (choose from: {', '.join(architectures())})")
-    return TrainOptions(arch=args.arch, arch_params=dict(args.arch_param), epochs=args.epochs,
-                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+    return TrainOptions(
+        arch=args.arch,
+        arch_params=dict(args.arch_param),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+    )
 
 
 def run(args) -> int:
@@ -93,12 +112,25 @@ def run(args) -> int:
     else:
         folds = grouped_folds(dataset, 5, args.seed)
         train_idx, val_idx = idx[folds != 0], idx[folds == 0]
-    print(f"training {opts.arch} on {len(train_idx)} clips, validating on {len(val_idx)}, "
-          f"{len(dataset.labels)} classes", file=sys.stderr)
-    result = train(dataset, train_idx, val_idx, opts, args.out, cache, args.resume, progress=not args.quiet,
-                   log=lambda line: None if not args.quiet else print(line, file=sys.stderr))
-    print(f"saved {args.out}: best epoch {result['best'].get('epoch')} "
-          f"{json.dumps({k: v for k, v in result['best'].items() if k != 'score'})}")
+    print(
+        f"training {opts.arch} on {len(train_idx)} clips, validating on {len(val_idx)}, {len(dataset.labels)} classes",
+        file=sys.stderr,
+    )
+    result = train(
+        dataset,
+        train_idx,
+        val_idx,
+        opts,
+        args.out,
+        cache,
+        args.resume,
+        progress=not args.quiet,
+        log=lambda line: None if not args.quiet else print(line, file=sys.stderr),
+    )
+    print(
+        f"saved {args.out}: best epoch {result['best'].get('epoch')} "
+        f"{json.dumps({k: v for k, v in result['best'].items() if k != 'score'})}"
+    )
     return 0
 
 
@@ -119,8 +151,9 @@ def _one_fold(job):
     probs = stream_scores(backend, [dataset.clips[i].path for i in val_idx])
     m = metrics(probs, targets[val_idx], dataset.labels, opts.features.frame_seconds)
     stats = clip_statistics(compute_features(dataset, opts.features, cache))
-    base = baseline_accuracy(stats[train_idx], targets[train_idx], stats[val_idx], targets[val_idx],
-                             len(dataset.labels))
+    base = baseline_accuracy(
+        stats[train_idx], targets[train_idx], stats[val_idx], targets[val_idx], len(dataset.labels)
+    )
     return {"metrics": m, "baseline_acc": base, "val_idx": [int(i) for i in val_idx], "probs_last": None}
 
 
@@ -132,8 +165,10 @@ def _cross_validate(args, opts, dataset, cache, jobs) -> int:
     folds = grouped_folds(dataset, args.cv, args.seed)
     idx = np.arange(len(dataset.clips))
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
-    work = [(dataset, idx[folds != k], idx[folds == k], opts, Path(args.out) / f"fold{k}", cache, threads)
-            for k in range(args.cv)]
+    work = [
+        (dataset, idx[folds != k], idx[folds == k], opts, Path(args.out) / f"fold{k}", cache, threads)
+        for k in range(args.cv)
+    ]
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             results = list(pool.map(_one_fold, work))
@@ -159,12 +194,23 @@ def _cross_validate(args, opts, dataset, cache, jobs) -> int:
         rows = [r["metrics"]["per_class"][label] for r in results if label in r["metrics"]["per_class"]]
         if rows:
             total = sum(x["n"] for x in rows)
-            summary["per_class"][label] = {"n": total, "acc_last": sum(x["acc_last"] * x["n"] for x in rows) / total,
-                                           "ap": float(np.nanmean([x["ap"] for x in rows]))}
-    report = {"model": f"{opts.arch} ({args.cv}-fold grouped CV)", "dataset": str(args.dataset), "metrics": summary,
-              "baseline_acc": pooled(lambda r: r["baseline_acc"]), "baseline_split": "same folds",
-              "folds": [{k: v for k, v in r.items() if k in ("baseline_acc",)} | {
-                  "acc_last": r["metrics"]["acc_last"], "acc_mean": r["metrics"]["acc_mean"]} for r in results]}
+            summary["per_class"][label] = {
+                "n": total,
+                "acc_last": sum(x["acc_last"] * x["n"] for x in rows) / total,
+                "ap": float(np.nanmean([x["ap"] for x in rows])),
+            }
+    report = {
+        "model": f"{opts.arch} ({args.cv}-fold grouped CV)",
+        "dataset": str(args.dataset),
+        "metrics": summary,
+        "baseline_acc": pooled(lambda r: r["baseline_acc"]),
+        "baseline_split": "same folds",
+        "folds": [
+            {k: v for k, v in r.items() if k in ("baseline_acc",)}
+            | {"acc_last": r["metrics"]["acc_last"], "acc_mean": r["metrics"]["acc_mean"]}
+            for r in results
+        ],
+    }
     write_report(report, args.out, plot=True)
     print(Path(args.out, "report.md").read_text())
     return 0

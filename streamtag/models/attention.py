@@ -54,8 +54,16 @@ class CausalAttention(StreamingModel):
     pool_seconds (list of float): running-mean time constants of the head. (Default: ``[]``)
     """
 
-    def __init__(self, n_mels: int, num_classes: int, hidden: int = 64, heads: int = 4, layers: int = 2,
-                 window: int = 100, pool_seconds: tuple[float, ...] = ()) -> None:
+    def __init__(
+        self,
+        n_mels: int,
+        num_classes: int,
+        hidden: int = 64,
+        heads: int = 4,
+        layers: int = 2,
+        window: int = 100,
+        pool_seconds: tuple[float, ...] = (),
+    ) -> None:
         super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds))
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")

@@ -12,7 +12,7 @@ A new architecture is one class decorated with :func:`register`.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -20,8 +20,16 @@ class CausalCNN(StreamingModel):
     front_channels (list of int): channels of a causal 2-D conv front end; ``[]`` is a linear one. (Default: ``[]``)
     """
 
-    def __init__(self, n_mels: int, num_classes: int, hidden: int = 64, dilations: tuple[int, ...] = (1, 2, 4, 8, 16),
-                 kernel: int = 3, pool_seconds: tuple[float, ...] = (), front_channels: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        n_mels: int,
+        num_classes: int,
+        hidden: int = 64,
+        dilations: tuple[int, ...] = (1, 2, 4, 8, 16),
+        kernel: int = 3,
+        pool_seconds: tuple[float, ...] = (),
+        front_channels: tuple[int, ...] = (),
+    ) -> None:
         super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds))
         self.hidden, self.kernel, self.dilations = hidden, kernel, tuple(dilations)
         self.front = CausalConv2dFront(n_mels, hidden, tuple(front_channels))

@@ -31,8 +31,9 @@ class CausalConv2dFront(nn.Module):
         self.proj = nn.Linear(c_in * width if self.channels else n_mels, out_dim)
 
     def init_state(self, batch_size: int, device) -> State:
-        return tuple(torch.zeros(batch_size, c, TIME_TAPS - 1, w, device=device)
-                     for c, w in zip(self.in_channels, self.widths))
+        return tuple(
+            torch.zeros(batch_size, c, TIME_TAPS - 1, w, device=device) for c, w in zip(self.in_channels, self.widths)
+        )
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         if not self.channels:

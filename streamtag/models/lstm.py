@@ -17,8 +17,15 @@ class CausalLSTM(StreamingModel):
     pool_seconds (list of float): running-mean time constants of the head. (Default: ``[]``)
     """
 
-    def __init__(self, n_mels: int, num_classes: int, hidden: int = 128, layers: int = 1, kernel: int = 3,
-                 pool_seconds: tuple[float, ...] = ()) -> None:
+    def __init__(
+        self,
+        n_mels: int,
+        num_classes: int,
+        hidden: int = 128,
+        layers: int = 1,
+        kernel: int = 3,
+        pool_seconds: tuple[float, ...] = (),
+    ) -> None:
         super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds))
         self.n_mels, self.hidden, self.layers, self.kernel = n_mels, hidden, layers, kernel
         self.conv = nn.Conv1d(n_mels, hidden, kernel)

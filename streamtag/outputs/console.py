@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import collections
 import sys
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from ..events import Event
 from ..worker import Step
@@ -17,15 +18,17 @@ RECENT_EVENTS = 5
 def format_event(event: Event) -> str:
     if event.kind == "open":
         return f"{event.onset:8.2f}s  open   {event.label}"
-    return (f"{event.offset:8.2f}s  close  {event.label}  {event.onset:.2f}-{event.offset:.2f} s  "
-            f"max {event.score_max:.2f}")
+    return (
+        f"{event.offset:8.2f}s  close  {event.label}  {event.onset:.2f}-{event.offset:.2f} s  max {event.score_max:.2f}"
+    )
 
 
 class PlainLines:
     """One line per update (``t  label p  label p ...``) and one per event; for pipes and logs."""
 
-    def __init__(self, selection: ClassSelection, every_frames: int, stream: TextIO | None = None,
-                 show_events: bool = True) -> None:
+    def __init__(
+        self, selection: ClassSelection, every_frames: int, stream: TextIO | None = None, show_events: bool = True
+    ) -> None:
         self.selection, self.every, self.show_events = selection, every_frames, show_events
         self.stream = stream or sys.stdout
 
@@ -47,8 +50,13 @@ class LiveView:
     ``status`` returns ``(dropped_samples, p99_ms, budget_ms)`` for the status line.
     """
 
-    def __init__(self, selection: ClassSelection, every_frames: int, status: Callable[[], tuple[int, float, float]],
-                 title: str = "streamtag") -> None:
+    def __init__(
+        self,
+        selection: ClassSelection,
+        every_frames: int,
+        status: Callable[[], tuple[int, float, float]],
+        title: str = "streamtag",
+    ) -> None:
         from rich.console import Console
         from rich.live import Live
 

@@ -31,8 +31,14 @@ def open_for_writing(path: str | os.PathLike, line_buffered: bool = True) -> Tex
 class UpdatesJsonl:
     """One JSON object per update: ``{"t": s, "top": [[label, p], ...]}`` or all classes with ``all_classes``."""
 
-    def __init__(self, path: str | os.PathLike, selection: ClassSelection, every_frames: int,
-                 all_classes: bool = False, stream: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        selection: ClassSelection,
+        every_frames: int,
+        all_classes: bool = False,
+        stream: str | None = None,
+    ) -> None:
         self._file = open_for_writing(path)
         self.selection, self.every, self.all_classes, self.stream = selection, every_frames, all_classes, stream
 

@@ -34,12 +34,20 @@ class RecordingPlot:
     def close(self) -> None:
         if not self._probs:
             return
-        draw_recording(self.path, self.samples, self.features, np.stack(self._probs), self._labels, self._events,
-                       self.title)
+        draw_recording(
+            self.path, self.samples, self.features, np.stack(self._probs), self._labels, self._events, self.title
+        )
 
 
-def draw_recording(path, samples: np.ndarray, features: FeatureConfig, probs: np.ndarray, labels: list[str],
-                   events: list[Event], title: str = "") -> None:
+def draw_recording(
+    path,
+    samples: np.ndarray,
+    features: FeatureConfig,
+    probs: np.ndarray,
+    labels: list[str],
+    events: list[Event],
+    title: str = "",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,8 +61,15 @@ def draw_recording(path, samples: np.ndarray, features: FeatureConfig, probs: np
     end = probs.shape[0] * hop_s
     order = np.argsort(-probs.max(axis=0))[:TOP_CLASSES]
     fig, (ax_mel, ax_p) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, gridspec_kw={"height_ratios": [1, 1.2]})
-    ax_mel.imshow(mel, origin="lower", aspect="auto", extent=(0, mel.shape[1] * hop_s, 0, features.n_mels),
-                  cmap="magma", vmin=np.percentile(mel, 5), vmax=mel.max())
+    ax_mel.imshow(
+        mel,
+        origin="lower",
+        aspect="auto",
+        extent=(0, mel.shape[1] * hop_s, 0, features.n_mels),
+        cmap="magma",
+        vmin=np.percentile(mel, 5),
+        vmax=mel.max(),
+    )
     ax_mel.set_ylabel("mel band")
     ax_mel.set_title(title or "recording")
     t = (np.arange(probs.shape[0]) + 1) * hop_s

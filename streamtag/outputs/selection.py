@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,8 +19,14 @@ class ClassSelection:
         allow / deny: class names to keep only / to hide; at most one of the two.
     """
 
-    def __init__(self, labels: Sequence[str], max_results: int = 3, score_threshold: float = 0.0,
-                 allow: Sequence[str] | None = None, deny: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        labels: Sequence[str],
+        max_results: int = 3,
+        score_threshold: float = 0.0,
+        allow: Sequence[str] | None = None,
+        deny: Sequence[str] | None = None,
+    ) -> None:
         if allow and deny:
             raise ConfigError("--allow and --deny are mutually exclusive: give one of them")
         if max_results < 1:

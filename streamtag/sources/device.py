@@ -79,8 +79,9 @@ class MicrophoneSource:
                 f"no input device available ({exc}); plug in a microphone or see 'streamtag devices'"
             ) from None
         self.device_name = info["name"]
-        self.channels, self.sample_rate = self._choose_format(device, int(info["max_input_channels"]), sample_rate,
-                                                              int(info["default_samplerate"]))
+        self.channels, self.sample_rate = self._choose_format(
+            device, int(info["max_input_channels"]), sample_rate, int(info["default_samplerate"])
+        )
         self.block_size = max(1, round(block_size * self.sample_rate / sample_rate))
         self.description = f"{self.device_name} @ {self.sample_rate} Hz"
         self.status = SourceStatus()
@@ -101,8 +102,10 @@ class MicrophoneSource:
                     return channels, rate
                 except Exception:  # PortAudio says no to this combination: try the next
                     continue
-        raise DeviceError(f"input device '{self.device_name}' accepts neither {model_rate} Hz nor {device_rate} Hz "
-                          f"with 1-{max_channels} channels")
+        raise DeviceError(
+            f"input device '{self.device_name}' accepts neither {model_rate} Hz nor {device_rate} Hz "
+            f"with 1-{max_channels} channels"
+        )
 
     def _callback(self, indata: np.ndarray, frames: int, time, status) -> None:
         if status.input_overflow:
@@ -131,8 +134,13 @@ class MicrophoneSource:
         sd = self._sd
         try:
             self._stream = sd.InputStream(
-                device=self._device, channels=self.channels, samplerate=self.sample_rate, dtype="float32",
-                blocksize=self.block_size, callback=self._callback, finished_callback=self._finished,
+                device=self._device,
+                channels=self.channels,
+                samplerate=self.sample_rate,
+                dtype="float32",
+                blocksize=self.block_size,
+                callback=self._callback,
+                finished_callback=self._finished,
             )
             self._stream.start()
         except sd.PortAudioError as exc:

@@ -67,8 +67,15 @@ class WavReplaySource:
 
     is_live = False
 
-    def __init__(self, path: str | os.PathLike, sample_rate: int, block_size: int = 160, speed: float = 1.0,
-                 repeat: int = 1, min_samples: int = 1) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        sample_rate: int,
+        block_size: int = 160,
+        speed: float = 1.0,
+        repeat: int = 1,
+        min_samples: int = 1,
+    ) -> None:
         if speed < 0:
             raise ConfigError(f"--speed must be >= 0 ({speed} given; 0 means as fast as possible)")
         if repeat < 1:

@@ -75,8 +75,14 @@ def _read_esc50(root: Path) -> list[Clip]:
     with open(root / "meta" / "esc50.csv", newline="") as f:
         for row in csv.DictReader(f):
             try:
-                clips.append(Clip(root / "audio" / row["filename"], row["category"], int(row["fold"]),
-                                  f"esc50:{row.get('src_file') or row['filename']}"))
+                clips.append(
+                    Clip(
+                        root / "audio" / row["filename"],
+                        row["category"],
+                        int(row["fold"]),
+                        f"esc50:{row.get('src_file') or row['filename']}",
+                    )
+                )
             except (KeyError, ValueError) as exc:
                 raise DatasetError(f"{root}/meta/esc50.csv: bad row {row} ({exc})") from None
     return clips
@@ -143,7 +149,8 @@ def compute_features(dataset: Dataset, cfg: FeatureConfig, cache: Path | None) -
     out = []
     for clip in dataset.clips:
         stat = clip.path.stat()
-        key = hashlib.sha1(f"{FEATURE_CODE_VERSION}|{clip.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{cfg}".encode()).hexdigest()
+        ident = f"{FEATURE_CODE_VERSION}|{clip.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{cfg}"
+        key = hashlib.sha1(ident.encode()).hexdigest()
         cached = cache / f"{key}.npy" if cache else None
         if cached is not None and cached.is_file():
             out.append(np.load(cached))

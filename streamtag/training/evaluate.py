@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-
 
 DETECT_AFTER_S = (0.25, 0.5, 1.0, 2.0, 5.0)
 
@@ -53,8 +53,7 @@ def metrics(probs: list[np.ndarray], targets: np.ndarray, labels: Sequence[str],
     for c, label in enumerate(labels):
         mask = targets == c
         if mask.any():
-            per_class[label] = {"n": int(mask.sum()), "acc_last": float((pred_last[mask] == c).mean()),
-                                "ap": aps[c]}
+            per_class[label] = {"n": int(mask.sum()), "acc_last": float((pred_last[mask] == c).mean()), "ap": aps[c]}
     ttd = {}
     for seconds in DETECT_AFTER_S:
         frame = max(1, int(round(seconds / frame_seconds)))
@@ -77,8 +76,9 @@ def clip_statistics(feats: list[np.ndarray]) -> np.ndarray:
     return np.stack([np.concatenate([f.mean(0), f.std(0)]) for f in feats]).astype(np.float32)
 
 
-def baseline_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                      n_classes: int, l2: float = 1e-3) -> float:
+def baseline_accuracy(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, n_classes: int, l2: float = 1e-3
+) -> float:
     """Multinomial logistic regression (L-BFGS, L2) on clip statistics; accuracy on the test clips."""
     import torch
 
@@ -114,11 +114,17 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike, plot: bool 
 def markdown(report: dict[str, Any]) -> str:
     m = report["metrics"]
     lines = [f"# Evaluation: {report.get('model', '')} on {report.get('dataset', '')}", ""]
-    lines += [f"- clips: {m['clips']}", f"- accuracy, last frame: {m['acc_last']:.1%}",
-              f"- accuracy, mean over frames: {m['acc_mean']:.1%}", f"- macro mAP: {m['macro_map']:.3f}"]
+    lines += [
+        f"- clips: {m['clips']}",
+        f"- accuracy, last frame: {m['acc_last']:.1%}",
+        f"- accuracy, mean over frames: {m['acc_mean']:.1%}",
+        f"- macro mAP: {m['macro_map']:.3f}",
+    ]
     if "baseline_acc" in report:
-        lines.append(f"- baseline (logistic regression on clip mean+std of log-mel, {report['baseline_split']}): "
-                     f"{report['baseline_acc']:.1%}")
+        lines.append(
+            f"- baseline (logistic regression on clip mean+std of log-mel, {report['baseline_split']}): "
+            f"{report['baseline_acc']:.1%}"
+        )
     lines += ["", "## Time to detect", "", "| audio heard (s) | accuracy |", "|---|---|"]
     lines += [f"| {k} | {v:.1%} |" for k, v in m["time_to_detect"].items()]
     lines += ["", "## Per class", "", "| class | clips | accuracy (last frame) | AP |", "|---|---|---|---|"]

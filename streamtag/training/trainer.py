@@ -74,8 +74,15 @@ def accuracies(probs: list[np.ndarray], targets: np.ndarray) -> dict[str, float]
 class _Batches:
     """Augmented training batches of fixed-length crops."""
 
-    def __init__(self, feats: list[np.ndarray], targets: np.ndarray, n_classes: int, opts: TrainOptions,
-                 floor: float, rng: np.random.Generator) -> None:
+    def __init__(
+        self,
+        feats: list[np.ndarray],
+        targets: np.ndarray,
+        n_classes: int,
+        opts: TrainOptions,
+        floor: float,
+        rng: np.random.Generator,
+    ) -> None:
         self.feats, self.targets, self.n_classes, self.opts, self.rng = feats, targets, n_classes, opts, rng
         self.crop = int(round(opts.crop_s / opts.features.frame_seconds))
         self.floor = floor
@@ -117,8 +124,18 @@ class _Batches:
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def train(dataset: Dataset, train_idx, val_idx, opts: TrainOptions, out_dir: str | Path, cache: Path | None = None,
-          resume: bool = False, progress: bool = True, log=print, keep_best: bool = True) -> dict[str, Any]:
+def train(
+    dataset: Dataset,
+    train_idx,
+    val_idx,
+    opts: TrainOptions,
+    out_dir: str | Path,
+    cache: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log=print,
+    keep_best: bool = True,
+) -> dict[str, Any]:
     """Train and save a model folder in ``out_dir``: the epoch best on validation when ``keep_best`` and there
     is a validation set, else the last epoch (cross-validation must not pick epochs on its test fold)."""
     out_dir = Path(out_dir)
@@ -179,15 +196,19 @@ def train(dataset: Dataset, train_idx, val_idx, opts: TrainOptions, out_dir: str
                 save_model(model.cpu(), cfg, out_dir)
                 model.to(opts.device)
             if bar:
-                bar.update(task, description=f"epoch {epoch + 1}/{opts.epochs} loss {row['loss']:.3f} "
-                           f"val {row.get('acc_mean', float('nan')):.1%}")
+                bar.update(
+                    task,
+                    description=f"epoch {epoch + 1}/{opts.epochs} loss {row['loss']:.3f} "
+                    f"val {row.get('acc_mean', float('nan')):.1%}",
+                )
             log(json.dumps(row))
             _save_checkpoint(ckpt_path, epoch + 1, model, optim, sched, rng, history, best)
     finally:
         if bar:
             bar.stop()
-    (out_dir / "train_log.json").write_text(json.dumps({"options": _jsonable(opts), "history": history,
-                                                        "best": best}, indent=1))
+    (out_dir / "train_log.json").write_text(
+        json.dumps({"options": _jsonable(opts), "history": history, "best": best}, indent=1)
+    )
     return {"best": best, "history": history}
 
 
@@ -208,9 +229,19 @@ def _jsonable(opts: TrainOptions) -> dict[str, Any]:
 
 def _save_checkpoint(path: Path, epoch, model, optim, sched, rng, history, best) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"epoch": epoch, "model": model.state_dict(), "optim": optim.state_dict(),
-                "sched": sched.state_dict(), "rng": json.dumps(rng.bit_generator.state),
-                "torch_rng": torch.get_rng_state(), "history": json.dumps(history), "best": json.dumps(best)}, tmp)
+    torch.save(
+        {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optim": optim.state_dict(),
+            "sched": sched.state_dict(),
+            "rng": json.dumps(rng.bit_generator.state),
+            "torch_rng": torch.get_rng_state(),
+            "history": json.dumps(history),
+            "best": json.dumps(best),
+        },
+        tmp,
+    )
     tmp.replace(path)
 
 
