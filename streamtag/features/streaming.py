@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import FeatureConfig
-from .functional import dft_matrices, frame_causal, log_mel_frames, mel_filterbank
+from .functional import dft_matrices, frame_causal, mel_filterbank
 
 
 class LogMel(nn.Module):
@@ -27,12 +27,14 @@ class LogMel(nn.Module):
         super().__init__()
         self.cfg = cfg
         real, imag = dft_matrices(cfg, dtype)
-        self.register_buffer("dft_real", real, persistent=False)
-        self.register_buffer("dft_imag", imag, persistent=False)
-        self.register_buffer("mel_fb", mel_filterbank(cfg, dtype), persistent=False)
+        mel = mel_filterbank(cfg, dtype)
+        # Fused: |X|^2 @ mel == ([Re | Im] ** 2) @ [mel; mel]: two matmuls, one square (fewer ONNX kernels).
+        self.register_buffer("dft", torch.cat([real, imag], dim=1), persistent=False)
+        self.register_buffer("mel_fb", torch.cat([mel, mel], dim=0), persistent=False)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return log_mel_frames(frames, self.dft_real, self.dft_imag, self.mel_fb, self.cfg.log_floor)
+        spectrum = frames.to(self.dft.dtype) @ self.dft  # (..., win) dot (win, 2 * freq)
+        return torch.log((spectrum * spectrum) @ self.mel_fb + self.cfg.log_floor).float()
 
     def from_signal(self, signal: torch.Tensor) -> torch.Tensor:
         """Offline: ``(..., time)`` -> ``(..., time // hop_length, n_mels)``."""

@@ -41,7 +41,7 @@ class _WindowedBlock(nn.Module):
         x = x + self.out(mixed)
         x = x + self.ffn(self.norm2(x))
         keep = self.window - 1
-        return x, keys[:, keys.shape[1] - keep :], values[:, values.shape[1] - keep :]
+        return x, keys[:, -keep:], values[:, -keep:]
 
 
 @register("attention")
@@ -72,6 +72,8 @@ class CausalAttention(StreamingModel):
         self.hidden, self.window = hidden, window
         self.inp = nn.Linear(n_mels, hidden)
         self.blocks = nn.ModuleList(_WindowedBlock(hidden, heads, window) for _ in range(layers))
+        # distance of each cached frame (and the new one) from the newest frame, for one-frame steps
+        self.register_buffer("step_distance", torch.arange(window - 1, -1, -1)[None, :], persistent=False)
 
     def init_trunk_state(self, batch_size: int) -> State:
         dev, keep = self.feat_mean.device, self.window - 1
@@ -84,16 +86,20 @@ class CausalAttention(StreamingModel):
         valid, caches = state[0], state[1:]
         b, t, _ = x.shape
         keep = self.window - 1
-        valid_all = torch.cat([valid, torch.ones(b, t, device=x.device)], dim=1)
-        query_pos = torch.arange(t, device=x.device)[:, None] + keep
-        key_pos = torch.arange(keep + t, device=x.device)[None, :]
-        distance = query_pos - key_pos  # (time, keep + time)
-        in_window = (distance >= 0) & (distance < self.window)
-        allowed = in_window[None] & (valid_all[:, None, :] > 0.5)  # (batch, time, keep + time)
-        distance = distance.clamp(0, self.window - 1)
+        valid_all = torch.cat([valid, torch.ones_like(x[:, :, 0])], dim=1)
+        if t == 1:  # the streaming step: constant distances, no index arithmetic in the exported graph
+            distance = self.step_distance
+            allowed = valid_all[:, None, :] > 0.5
+        else:
+            query_pos = torch.arange(t, device=x.device)[:, None] + keep
+            key_pos = torch.arange(keep + t, device=x.device)[None, :]
+            distance = query_pos - key_pos  # (time, keep + time)
+            in_window = (distance >= 0) & (distance < self.window)
+            allowed = in_window[None] & (valid_all[:, None, :] > 0.5)  # (batch, time, keep + time)
+            distance = distance.clamp(0, self.window - 1)
         y = self.inp(x)
         new_caches = []
         for i, block in enumerate(self.blocks):
             y, k, v = block(y, caches[2 * i], caches[2 * i + 1], allowed, distance)
             new_caches += [k, v]
-        return y, (valid_all[:, valid_all.shape[1] - keep :], *new_caches)
+        return y, (valid_all[:, -keep:], *new_caches)

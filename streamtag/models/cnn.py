@@ -51,6 +51,6 @@ class CausalCNN(StreamingModel):
         new_state = list(new_state)
         for conv, norm, ctx, d in zip(self.convs, self.norms, state[n_front:], self.dilations):
             seq = torch.cat([ctx, y], dim=2)
-            new_state.append(seq[:, :, seq.shape[2] - self.context_frames(d) :])
+            new_state.append(seq[:, :, -self.context_frames(d) :])
             y = y + torch.relu(norm(conv(seq)))
         return y.transpose(1, 2), tuple(new_state)

@@ -7,6 +7,7 @@ pooling over frequency only, so time resolution stays one frame per hop.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import State
@@ -38,14 +39,15 @@ class CausalConv2dFront(nn.Module):
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         if not self.channels:
             return torch.relu(self.proj(x)), state
-        y = x[:, None]  # (batch, 1, time, mels)
+        # Written without Python-side shape arithmetic, so the exported step has no shape ops.
+        y = x.unsqueeze(1)  # (batch, 1, time, mels)
         new_state = []
         for conv, norm, ctx in zip(self.convs, self.norms, state):
             seq = torch.cat([ctx, y], dim=2)
-            new_state.append(seq[:, :, seq.shape[2] - (TIME_TAPS - 1) :])
+            new_state.append(seq[:, :, -(TIME_TAPS - 1) :])
             y = torch.relu(norm(conv(seq)))
-            # max over pairs of mel bands: (b, c, t, f) -> (b, c, t, f // 2)
-            b, c, t, f = y.shape
-            y = y[..., : f - f % 2].reshape(b, c, t, f // 2, 2).amax(-1)
-        b, c, t, f = y.shape
-        return torch.relu(self.proj(y.permute(0, 2, 1, 3).reshape(b, t, c * f))), tuple(new_state)
+            y = F.max_pool2d(y, kernel_size=(1, 2))  # max over pairs of mel bands: (b, c, t, f) -> (b, c, t, f // 2)
+        # The linear layer over (channels, bands) as a conv spanning all bands: (b, c, t, f) -> (b, hidden, t, 1)
+        c, f = self.channels[-1], self.widths[-1] // 2
+        y = F.conv2d(y, self.proj.weight.view(-1, c, 1, f), self.proj.bias)
+        return torch.relu(y.squeeze(3).transpose(1, 2)), tuple(new_state)

@@ -27,6 +27,8 @@ class CausalLSTM(StreamingModel):
         pool_seconds: tuple[float, ...] = (),
     ) -> None:
         super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds))
+        if kernel < 2:
+            raise ValueError(f"kernel must be at least 2 frames ({kernel} given)")
         self.n_mels, self.hidden, self.layers, self.kernel = n_mels, hidden, layers, kernel
         self.conv = nn.Conv1d(n_mels, hidden, kernel)
         self.lstm = nn.LSTM(hidden, hidden, num_layers=layers, batch_first=True)
@@ -45,4 +47,4 @@ class CausalLSTM(StreamingModel):
         seq = torch.cat([ctx, x.transpose(1, 2)], dim=2)
         y = torch.relu(self.conv(seq)).transpose(1, 2)
         out, (h, c) = self.lstm(y, (h.transpose(0, 1).contiguous(), c.transpose(0, 1).contiguous()))
-        return out, (seq[:, :, seq.shape[2] - (self.kernel - 1) :], h.transpose(0, 1), c.transpose(0, 1))
+        return out, (seq[:, :, -(self.kernel - 1) :], h.transpose(0, 1), c.transpose(0, 1))
