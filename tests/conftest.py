@@ -73,6 +73,19 @@ def run_cli(*args: str, timeout: float = 120, **kwargs):
     )
 
 
+def start_cli(*args: str, env=None):
+    """Start ``python -m streamtag`` in the background (for signal and live tests); text pipes."""
+    import subprocess
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamtag", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def read_clip(path: Path, rate: int = 16000) -> np.ndarray:
     from streamtag.sources import read_audio
 

@@ -4,8 +4,6 @@ import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from streamtag.errors import AudioFileError, ModelFileError
 from streamtag.pipeline import tag_file
 from streamtag.sources import read_audio
 
-from .conftest import EXAMPLES, read_clip, run_cli
+from .conftest import EXAMPLES, read_clip, run_cli, start_cli
 
 
 def _tone(rate, seconds=1.0, freq=1000.0, channels=1):
@@ -225,28 +223,20 @@ def test_config_and_weights_mismatch_is_named(cnn_dir, tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
 def test_signals_drain_flush_and_summarise(sig, code, cnn_dir, tmp_path):
     out, events = tmp_path / "u.jsonl", tmp_path / "e.jsonl"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamtag",
-            "replay",
-            str(EXAMPLES / "rain.flac"),
-            "--model",
-            str(cnn_dir),
-            "--jsonl",
-            str(out),
-            "--events",
-            str(events),
-            "--quiet",
-            "--rate",
-            "50",
-            "--on-threshold",
-            "0.2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_cli(
+        "replay",
+        EXAMPLES / "rain.flac",
+        "--model",
+        cnn_dir,
+        "--jsonl",
+        out,
+        "--events",
+        events,
+        "--quiet",
+        "--rate",
+        "50",
+        "--on-threshold",
+        "0.2",
     )
     from .virtual_mic import wait_for_lines
 
@@ -263,22 +253,7 @@ def test_signals_drain_flush_and_summarise(sig, code, cnn_dir, tmp_path):
 
 def test_second_ctrl_c_exits_at_once(cnn_dir, tmp_path):
     out = tmp_path / "u.jsonl"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamtag",
-            "replay",
-            str(EXAMPLES / "rain.flac"),
-            "--model",
-            str(cnn_dir),
-            "--jsonl",
-            str(out),
-            "--quiet",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_cli("replay", EXAMPLES / "rain.flac", "--model", cnn_dir, "--jsonl", out, "--quiet")
     from .virtual_mic import wait_for_lines
 
     assert wait_for_lines(out, 3, proc) >= 3

@@ -8,25 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from .conftest import EXAMPLES, read_clip, run_cli
+from .conftest import EXAMPLES, read_clip, run_cli, start_cli
 from .virtual_mic import ALSA_DEVICE, alsa_file_mic, pulse_null_sink, wait_for_lines
 
 
 def _live(model, jsonl, env, *extra):
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamtag",
-        "live",
-        "--model",
-        str(model),
-        "--jsonl",
-        str(jsonl),
-        "--all",
-        "--quiet",
-        *map(str, extra),
-    ]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_cli("live", "--model", model, "--jsonl", jsonl, "--all", "--quiet", *extra, env=env)
 
 
 def _probs(path):
