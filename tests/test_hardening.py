@@ -195,7 +195,7 @@ def test_pickled_code_is_never_run_as_checkpoint(tmp_path):
     ckpt = tmp_path / "checkpoint.pt"
     torch.save({"epoch": 1, "model": _Payload(marker)}, ckpt)
     with pytest.raises(ModelFileError, match="not a checkpoint"):
-        _load_checkpoint(ckpt, torch.nn.Linear(1, 1), None, None, None)
+        _load_checkpoint(ckpt, torch.nn.Linear(1, 1), None, None, None, 1)
     assert not marker.exists()
 
 

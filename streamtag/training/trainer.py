@@ -162,7 +162,7 @@ def train(
     start_epoch = 0
     ckpt_path = out_dir / CHECKPOINT
     if resume:
-        start_epoch, history, best = _load_checkpoint(ckpt_path, model, optim, sched, rng)
+        start_epoch, history, best = _load_checkpoint(ckpt_path, model, optim, sched, rng, opts.epochs)
     bar = _progress(progress)
     task = bar.add_task("training", total=steps) if bar else None
     t_start = time.time()
@@ -202,7 +202,7 @@ def train(
                     f"val {row.get('acc_mean', float('nan')):.1%}",
                 )
             log(json.dumps(row))
-            _save_checkpoint(ckpt_path, epoch + 1, model, optim, sched, rng, history, best)
+            _save_checkpoint(ckpt_path, epoch + 1, model, optim, sched, rng, history, best, opts.epochs)
     finally:
         if bar:
             bar.stop()
@@ -227,11 +227,12 @@ def _jsonable(opts: TrainOptions) -> dict[str, Any]:
     return d
 
 
-def _save_checkpoint(path: Path, epoch, model, optim, sched, rng, history, best) -> None:
+def _save_checkpoint(path: Path, epoch, model, optim, sched, rng, history, best, total_epochs: int) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
             "epoch": epoch,
+            "epochs": total_epochs,
             "model": model.state_dict(),
             "optim": optim.state_dict(),
             "sched": sched.state_dict(),
@@ -245,14 +246,21 @@ def _save_checkpoint(path: Path, epoch, model, optim, sched, rng, history, best)
     tmp.replace(path)
 
 
-def _load_checkpoint(path: Path, model, optim, sched, rng):
+def _load_checkpoint(path: Path, model, optim, sched, rng, total_epochs: int):
     if not path.is_file():
         raise ModelFileError(f"nothing to resume: {path} does not exist (drop --resume to start fresh)")
     try:
         ckpt = torch.load(path, weights_only=True)  # never unpickles code
+        if ckpt["epochs"] != total_epochs:
+            raise ConfigError(
+                f"{path} belongs to a run of --epochs {ckpt['epochs']}; resume with the same --epochs "
+                "(the learning-rate schedule depends on it)"
+            )
         model.load_state_dict(ckpt["model"])
         optim.load_state_dict(ckpt["optim"])
         sched.load_state_dict(ckpt["sched"])
+    except ConfigError:
+        raise
     except Exception as exc:  # torch raises many types for a bad or unsafe file
         raise ModelFileError(f"{path} is not a checkpoint this run can resume ({str(exc).splitlines()[0]})") from None
     rng.bit_generator.state = json.loads(ckpt["rng"])

@@ -1,0 +1,196 @@
+"""Dataset readers, grouped splits, a tiny training run, model files and eval's report."""
+
+import csv
+import json
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamtag.errors import DatasetError
+from streamtag.training.datasets import grouped_folds, load_dataset
+
+from .conftest import EXAMPLES, read_clip, run_cli
+
+
+@pytest.fixture(scope="module")
+def class_folders(tmp_path_factory):
+    """A folder-per-class dataset cut from the repo's clips: 3 classes, 6 clips each, mixed formats and rates."""
+    root = tmp_path_factory.mktemp("folders")
+    rng = np.random.default_rng(0)
+    for name in ("dog", "rain", "chainsaw"):
+        audio = read_clip(EXAMPLES / f"{name}.flac")
+        (root / name).mkdir()
+        for k in range(6):
+            start = int(rng.integers(0, audio.size - 16000 * 2))
+            piece = audio[start : start + 16000 * 2]
+            if k % 2:
+                sf.write(root / name / f"{name}{k}.wav", np.stack([piece, piece], 1), 16000)  # stereo WAV
+            else:
+                sf.write(root / name / f"{name}{k}.flac", piece, 16000)
+    return root
+
+
+def test_folder_per_class_reader(class_folders):
+    ds = load_dataset(class_folders)
+    assert ds.labels == ["chainsaw", "dog", "rain"] and len(ds.clips) == 18
+    assert {c.label for c in ds.clips if c.path.parent.name == "dog"} == {"dog"}
+
+
+def test_csv_manifest_reader(class_folders, tmp_path):
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "fold"])
+        for p in sorted(class_folders.rglob("*.*")):
+            w.writerow([p, p.parent.name, 1 + int(p.stem[-1]) % 2])
+    ds = load_dataset(manifest)
+    assert len(ds.clips) == 18 and {c.fold for c in ds.clips} == {1, 2}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,class\nx.wav,dog\n")
+    with pytest.raises(DatasetError, match="'path' and 'label'"):
+        load_dataset(bad)
+
+
+def test_esc50_reader_and_grouped_folds(esc50):
+    ds = load_dataset(esc50)
+    with open(esc50 / "meta" / "esc50.csv") as f:
+        assert len(ds.clips) == sum(1 for _ in f) - 1  # whatever the metadata lists
+    assert len(ds.labels) == 50
+    folds = grouped_folds(ds, 5)
+    for group in {c.group for c in ds.clips}:
+        assert len({folds[i] for i, c in enumerate(ds.clips) if c.group == group}) == 1  # no source on two sides
+    counts = np.bincount(folds)
+    assert counts.min() > 0.7 * counts.max()
+
+
+def test_esc50_layout_copy_with_other_rate(esc50, tmp_path):
+    """The reader takes the official layout at another rate (the full download is 44.1 kHz WAV)."""
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "audio").mkdir()
+    rows = list(csv.DictReader(open(esc50 / "meta" / "esc50.csv")))[:4]
+    with open(tmp_path / "meta" / "esc50.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=rows[0].keys())
+        w.writeheader()
+        for row in rows:
+            x, _ = sf.read(esc50 / "audio" / row["filename"])
+            row["filename"] = row["filename"].replace(".flac", ".wav")
+            sf.write(tmp_path / "audio" / row["filename"], np.repeat(x, 2), 32000)
+            w.writerow(row)
+    assert len(load_dataset(tmp_path).clips) == 4
+
+
+def test_tiny_training_lowers_loss_and_round_trips(class_folders, tmp_path):
+    out = tmp_path / "model"
+    r = run_cli(
+        "train",
+        class_folders,
+        "--arch",
+        "lstm",
+        "--arch-param",
+        "hidden=24",
+        "--epochs",
+        "20",
+        "--batch-size",
+        "4",
+        "--out",
+        out,
+        "--quiet",
+        "--cache",
+        tmp_path / "cache",
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    log = json.loads((out / "train_log.json").read_text())
+    losses = [row["loss"] for row in log["history"]]
+    assert len(losses) == 20 and np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])  # starts at chance, ln 3
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["arch"] == "lstm" and cfg["labels"] == ["chainsaw", "dog", "rain"] and cfg["arch_params"]["hidden"] == 24
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", out, "--fast", "--quiet")  # the trained folder is usable
+    assert r.returncode == 0, r.stderr
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(class_folders, tmp_path):
+    from safetensors.numpy import load_file
+
+    from .conftest import start_cli
+
+    def args(out, *extra):
+        return [
+            "train",
+            class_folders,
+            "--arch",
+            "cnn",
+            "--arch-param",
+            "hidden=16",
+            "--arch-param",
+            "dilations=[1,2]",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "6",
+            "--no-val",
+            "--out",
+            out,
+            "--quiet",
+            "--cache",
+            tmp_path / "cache",
+            *extra,
+        ]
+
+    straight = tmp_path / "straight"
+    assert run_cli(*args(straight)).returncode == 0
+    resumed = tmp_path / "resumed"
+    proc = start_cli(*args(resumed))
+    while proc.poll() is None and not (resumed / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # stop mid-run: the last checkpoint holds a finished epoch
+    proc.communicate(timeout=120)
+    r = run_cli(*args(resumed, "--resume"))
+    assert r.returncode == 0, r.stderr
+    history = json.loads((resumed / "train_log.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5, 6]
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # exact: data order and RNG restored
+    r = run_cli(*args(resumed, "--resume")[:-6], "--epochs", "9", "--no-val", "--out", resumed, "--resume")
+    assert r.returncode != 0 and "resume with the same --epochs" in r.stderr
+    r = run_cli(*args(tmp_path / "none", "--resume"))
+    assert r.returncode != 0 and "nothing to resume" in r.stderr
+
+
+def test_eval_report_on_a_small_real_subset(class_folders, tmp_path):
+    model = tmp_path / "model"
+    assert (
+        run_cli(
+            "train",
+            class_folders,
+            "--arch",
+            "cnn",
+            "--arch-param",
+            "hidden=16",
+            "--epochs",
+            "3",
+            "--out",
+            model,
+            "--quiet",
+            "--cache",
+            tmp_path / "cache",
+        ).returncode
+        == 0
+    )
+    report_dir = tmp_path / "report"
+    r = run_cli("eval", model, class_folders, "--report", report_dir, "--plot", "--baseline-folds", "3")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((report_dir / "report.json").read_text())
+    m = report["metrics"]
+    assert m["clips"] == 18 and 0 <= m["acc_last"] <= 1 and 0 <= m["macro_map"] <= 1
+    assert list(m["time_to_detect"]) == ["0.25", "0.5", "1", "2", "5"]
+    assert np.array(m["confusion"]).sum() == 18
+    assert 0 <= report["baseline_acc"] <= 1
+    assert (report_dir / "time_to_detect.png").stat().st_size > 10_000
+    assert "Time to detect" in (report_dir / "report.md").read_text()
+    shutil.rmtree(report_dir)
