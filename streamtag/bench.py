@@ -133,6 +133,29 @@ def bench_e2e_replay(model, path: Path, seconds: float) -> dict[str, float]:
     return {"e2e_p50_ms": s.e2e_p50_ms, "e2e_p99_ms": s.e2e_p99_ms, "audio_s": s.audio_seconds, "dropped": s.dropped}
 
 
+def bench_e2e_mic(model, device: str, seconds: float) -> dict[str, float]:
+    """Live capture for ``seconds``: last sample of a hop written by the callback -> its step emitted."""
+    from .sources.device import MicrophoneSource
+    from .worker import Worker
+
+    backend = make_backend("onnx", model)
+    feats = backend.config.features
+    worker = Worker(MicrophoneSource(feats.sample_rate, device, feats.hop_length), backend)
+    worker.start()
+    time.sleep(seconds)
+    worker.request_stop()
+    worker.join()
+    s = worker.summary()
+    return {
+        "device": device,
+        "e2e_p50_ms": s.e2e_p50_ms,
+        "e2e_p99_ms": s.e2e_p99_ms,
+        "audio_s": s.audio_seconds,
+        "dropped": s.dropped,
+        "error": s.error,
+    }
+
+
 def bench_memory(model, path: Path, minutes: float) -> dict[str, float]:
     """RSS before and after replaying ``minutes`` of audio as fast as possible."""
     from .sources import WavReplaySource
@@ -298,6 +321,7 @@ def run(
     plot: str | None = None,
     backends: tuple[str, ...] = ("onnx", "torch"),
     model=None,
+    mic: str | None = None,
 ) -> dict[str, Any]:
     model_dir = model or DEFAULT_MODEL_DIR
     frames = 2000 if quick else 10000
@@ -345,6 +369,8 @@ def run(
     report["scale"] = bench_scale(model_dir, audio, sizes, 20 if quick else 100)
     real_time = [r["streams"] for r in report["scale"] if r["real_time"]]
     report["e2e_replay"] = bench_e2e_replay(model_dir, EXAMPLES / "dog.flac", 5 if quick else 30)
+    if mic is not None:
+        report["e2e_mic"] = bench_e2e_mic(model_dir, mic, 5 if quick else 30)
     report["memory"] = bench_memory(model_dir, EXAMPLES / "rain.flac", 0.5 if quick else 10)
     report["silero"] = bench_silero(audio, 500 if quick else 5000)
     fp, torch_imported = first_probability_s()
@@ -392,6 +418,12 @@ def markdown(report: dict[str, Any], rows) -> str:
             f"{r['cpu_ms_per_audio_s']:.1f} |"
         )
     s = report["summary"]
+    lines += ["", "| end to end (hop written -> probabilities out) | p50 ms | p99 ms |", "|---|---|---|"]
+    for key, name in (("e2e_replay", "paced replay"), ("e2e_mic", "microphone")):
+        if key in report:
+            e = report[key]
+            where = f" ({e['device']})" if "device" in e else ""
+            lines.append(f"| {name}{where} | {e['e2e_p50_ms']:.3f} | {e['e2e_p99_ms']:.3f} |")
     lines += [
         "",
         "| streams batched | call p50 ms | call p99 ms | us per stream-frame | real time |",

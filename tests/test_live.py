@@ -145,3 +145,28 @@ def test_stream_resampler_keeps_pitch(rate):
     assert 0 <= 32000 - out.size < 800  # only the filter delay (under 50 ms) is held back
     spectrum = np.abs(np.fft.rfft(out[4000:20000]))
     assert abs(np.argmax(spectrum) * 16000 / 16000 - 1000) <= 2
+
+
+def test_bench_measures_live_end_to_end_latency(cnn_dir, tmp_path):
+    with pulse_null_sink() as (env, play, _):
+        play(np.tile(read_clip(EXAMPLES / "rain.flac"), 3))
+        out = tmp_path / "bench.json"
+        r = run_cli(
+            "bench",
+            "--quick",
+            "--backend",
+            "onnx",
+            "--model",
+            cnn_dir,
+            "--mic",
+            "pulse",
+            "--out",
+            out,
+            env=env,
+            timeout=600,
+        )
+    assert r.returncode == 0, r.stderr
+    mic = json.loads(out.read_text())["e2e_mic"]
+    assert mic["error"] is None and mic["audio_s"] > 1
+    assert 0 < mic["e2e_p50_ms"] <= mic["e2e_p99_ms"]
+    assert "| microphone (pulse) |" in r.stdout

@@ -16,6 +16,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--plot", metavar="PNG", help="save a per-frame latency CDF with the budget marked")
     p.add_argument("--backend", choices=["onnx", "torch", "both"], default="both")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
+    p.add_argument("--mic", metavar="DEVICE", help="also measure end-to-end latency live from this input device")
     p.set_defaults(handler=run)
 
 
@@ -23,5 +24,5 @@ def run(args) -> int:
     from ..bench import run as run_bench
 
     backends = ("onnx", "torch") if args.backend == "both" else (args.backend,)
-    run_bench(args.quick, args.out, args.plot, backends, args.model)
+    run_bench(args.quick, args.out, args.plot, backends, args.model, args.mic)
     return 0
