@@ -170,3 +170,16 @@ def test_bench_measures_live_end_to_end_latency(cnn_dir, tmp_path):
     assert mic["error"] is None and mic["audio_s"] > 1
     assert 0 < mic["e2e_p50_ms"] <= mic["e2e_p99_ms"]
     assert "| microphone (pulse) |" in r.stdout
+
+
+def test_no_input_device_is_one_line(cnn_dir):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ALSA_CONFIG_PATH", "XDG_RUNTIME_DIR", "PULSE_SERVER")}
+    listing = run_cli("devices", env=env)
+    if "no input devices found" not in listing.stdout:
+        pytest.skip("this machine has an input device")
+    assert listing.returncode == 1
+    r = run_cli("live", "--model", cnn_dir, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("streamtag live: error: no input device available")
