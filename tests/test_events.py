@@ -88,3 +88,18 @@ def test_per_class_settings_file(tmp_path):
 def test_bad_params_are_refused(kwargs):
     with pytest.raises(ConfigError):
         EventParams(**kwargs)
+
+
+def test_bundled_model_finds_the_bark_in_the_example_clip(tmp_path):
+    """dog.flac is silent except for one bark at 2.27-2.45 s: one dog event, starting inside the bark."""
+    from .conftest import EXAMPLES, run_cli
+
+    out = tmp_path / "events.jsonl"
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--fast", "--quiet", "--events", out)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(row["type"], row["label"]) for row in rows] == [("open", "dog"), ("close", "dog")]
+    close = rows[1]
+    assert 2.2 <= close["onset"] <= 2.6
+    assert close["onset"] < close["offset"] <= close["onset"] + 2.0  # the running means hold it for under 2 s
+    assert close["score_max"] >= 0.5
