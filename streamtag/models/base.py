@@ -91,19 +91,23 @@ class PooledHead(nn.Module):
     Clip labels are weak (a 5 s clip says "dog" even between barks); running means
     over ``pool_seconds`` let the decision hold between sound events while staying
     bounded over hours (an EMA forgets; a cumulative mean would freeze).
-    The EMA is computed chunk-wise as a lower-triangular matmul, the same recurrence
-    streaming and offline.
+    State: one ``(batch, pools, hidden)`` tensor, so a streaming step updates every
+    pool in three kernels. Offline, the EMA is a chunk-wise lower-triangular matmul:
+    the same recurrence.
     """
 
     chunk = 64
 
     def __init__(self, hidden: int, num_classes: int, pool_seconds: tuple[float, ...], hop_seconds: float = 0.01):
         super().__init__()
-        self.n_state = len(pool_seconds)
+        self.hidden = hidden
+        self.n_pools = len(pool_seconds)
+        self.n_state = 1 if self.n_pools else 0
         self.pool_seconds = tuple(float(s) for s in pool_seconds)
         decay = torch.tensor([math.exp(-hop_seconds / s) for s in self.pool_seconds], dtype=torch.float64)
-        self.register_buffer("decay", decay.float(), persistent=False)
-        if self.n_state:
+        self.register_buffer("decay", decay.float()[:, None], persistent=False)  # (pools, 1)
+        self.register_buffer("gain", (1 - decay).float()[:, None], persistent=False)
+        if self.n_pools:
             steps = torch.arange(self.chunk, dtype=torch.float64)
             diff = steps[:, None] - steps[None, :]
             # (pool, chunk, chunk): weight of input j in output k
@@ -111,24 +115,25 @@ class PooledHead(nn.Module):
             powers = decay[:, None] ** (steps[None, :] + 1)  # carry of the previous output
             self.register_buffer("tri", tri.float(), persistent=False)
             self.register_buffer("carry", powers.float(), persistent=False)
-        self.proj = nn.Linear(hidden * (1 + self.n_state), num_classes)
+        self.proj = nn.Linear(hidden * (1 + self.n_pools), num_classes)
 
     def init_state(self, batch_size: int, device: torch.device) -> State:
-        hidden = self.proj.in_features // (1 + self.n_state)
-        return tuple(torch.zeros(batch_size, hidden, device=device) for _ in range(self.n_state))
+        if not self.n_pools:
+            return ()
+        return (torch.zeros(batch_size, self.n_pools, self.hidden, device=device),)
 
     def forward(self, hidden: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        pooled, new_state = [], []
-        for i, prev in enumerate(state):
-            if hidden.shape[1] == 1:  # streaming fast path: y = a*y + (1-a)*x
-                a = self.decay[i]
-                y = a * prev[:, None, :] + (1 - a) * hidden
-            else:
-                y = self._ema_chunked(hidden, prev, i)
-            pooled.append(y)
-            new_state.append(y[:, -1])
-        logits = self.proj(torch.cat([hidden, *pooled], dim=-1))
-        return logits, tuple(new_state)
+        if not self.n_pools:
+            return self.proj(hidden), ()
+        (prev,) = state  # (batch, pools, hidden)
+        if hidden.shape[1] == 1:  # streaming step: y = a * y + (1 - a) * x for every pool at once
+            means = self.decay * prev + self.gain * hidden  # (batch, pools, hidden)
+            pooled = means.flatten(1).unsqueeze(1)  # (batch, 1, pools * hidden)
+        else:
+            runs = [self._ema_chunked(hidden, prev[:, i], i) for i in range(self.n_pools)]
+            pooled = torch.cat(runs, dim=-1)  # (batch, time, pools * hidden), pool-major like flatten above
+            means = torch.stack([run[:, -1] for run in runs], dim=1)
+        return self.proj(torch.cat([hidden, pooled], dim=-1)), (means,)
 
     def _ema_chunked(self, x: torch.Tensor, prev: torch.Tensor, i: int) -> torch.Tensor:
         outs = []
