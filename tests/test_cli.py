@@ -122,3 +122,22 @@ def test_help_lists_every_command():
     r = run_cli("--help")
     for command in ("live", "replay", "devices", "train", "eval", "export", "bench"):
         assert command in r.stdout
+
+
+def test_export_writes_a_graph_that_the_onnx_backend_uses(cnn_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(cnn_dir, model)
+    r = run_cli("export", model, "--onnx", model / "model.onnx")
+    assert r.returncode == 0, r.stderr
+    import onnx
+
+    graph = onnx.load(str(model / "model.onnx"))
+    assert [i.name for i in graph.graph.input][0] == "audio"
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch
+    from streamtag.backends.onnx_backend import open_session
+
+    # the exported file is picked up (fingerprint matches): no second export goes to the cache
+    session = open_session(model)
+    assert session._model_path == str(model / "model.onnx")

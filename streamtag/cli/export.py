@@ -11,7 +11,7 @@ def add_parser(subparsers) -> None:
         "inputs and outputs, dynamic batch) to ONNX. Writing it as DIR/model.onnx makes every later "
         "run of that model skip the export.",
     )
-    p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="model folder (default: the bundled model)")
     p.add_argument("--onnx", required=True, metavar="OUT", help="output .onnx path")
     p.set_defaults(handler=run)
 

@@ -56,7 +56,7 @@ def add_parser(subparsers) -> None:
         help="K-fold source-grouped cross-validation: K models, streaming eval and baseline per fold",
     )
     p.add_argument("--jobs", type=int, default=1, help="with --cv: folds trained in parallel (default 1)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores / jobs)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--cache", metavar="DIR", help="feature cache (default: $STREAMTAG_CACHE/features)")
@@ -65,13 +65,14 @@ def add_parser(subparsers) -> None:
 
 
 def _options(args):
+    import torch
+
     from ..training.trainer import TrainOptions
 
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda asked for, but no CUDA GPU is visible (use --device cpu)")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA GPU is visible (use --device cpu)")
     from ..models import architectures
 
     if args.arch not in architectures():
