@@ -177,9 +177,11 @@ class Worker(threading.Thread):
         self.ring.doorbell.ring()
 
     def reset(self) -> None:
-        """Reset every stateful stage in pipeline order (call from the worker thread or before start)."""
-        if self.resampler is not None:
-            self.resampler.reset_states()
+        """Forget the past: model state (audio context included), then close open events.
+
+        The resampler keeps its few milliseconds of filter delay: resetting it would drop audio.
+        Call from the worker thread (the reset policy does) or before ``start()``.
+        """
         self.backend.reset_states()
         if self.detector is not None:
             self._emit_events(self.detector.flush(self.frames))
@@ -219,6 +221,11 @@ class Worker(threading.Thread):
                 if self.source.is_live and time.monotonic() - last_data > STALL_TIMEOUT_S:
                     self.error = f"no audio from {self.source.description} for {STALL_TIMEOUT_S:.0f} s: device lost?"
                     break
+        except OSError as exc:  # an output could not be written (disk full, pipe closed)
+            self.error = f"writing an output failed: {exc.strerror or exc}"
+        except Exception as exc:  # a bug: end the run with an error (the traceback follows on stderr)
+            self.error = f"internal error in the worker: {exc!r}"
+            raise
         finally:
             self.source.stop()
             self._finish()
@@ -271,10 +278,16 @@ class Worker(threading.Thread):
                 out.write(step)
 
     def _finish(self) -> None:
-        if self.detector is not None:
-            self._emit_events(self.detector.flush(self.frames))
-        for out in self.outputs:
-            out.close()
+        try:
+            if self.detector is not None:
+                self._emit_events(self.detector.flush(self.frames))
+        except OSError as exc:
+            self.error = self.error or f"writing an output failed: {exc.strerror or exc}"
+        for out in self.outputs:  # close every output, even when one of them fails
+            try:
+                out.close()
+            except OSError as exc:
+                self.error = self.error or f"writing an output failed: {exc.strerror or exc}"
 
     def summary(self) -> Summary:
         budget_ns = int(self.frame_seconds * 1e9)

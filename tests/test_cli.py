@@ -141,3 +141,11 @@ def test_export_writes_a_graph_that_the_onnx_backend_uses(cnn_dir, tmp_path):
     # the exported file is picked up (fingerprint matches): no second export goes to the cache
     session = open_session(model)
     assert session._model_path == str(model / "model.onnx")
+
+
+def test_full_disk_ends_the_run_with_one_error(cnn_dir):
+    """Writing to /dev/full fails like a full disk: exit 1 and a clear reason, not a silent success."""
+    for option in ("--jsonl", "--scores"):  # line-buffered and block-buffered outputs
+        r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--quiet", option, "/dev/full")
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert "writing an output failed" in r.stderr and "No space left" in r.stderr
