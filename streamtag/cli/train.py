@@ -128,9 +128,15 @@ def run(args) -> int:
         progress=not args.quiet,
         log=lambda line: None if not args.quiet else print(line, file=sys.stderr),
     )
+    best = result["best"]
+    figures = (
+        f", validation {best['acc_mean']:.1%} mean over frames, {best['acc_last']:.1%} last frame"
+        if ("acc_mean" in best)
+        else ""
+    )
     print(
-        f"saved {args.out}: best epoch {result['best'].get('epoch')} "
-        f"{json.dumps({k: v for k, v in result['best'].items() if k != 'score'})}"
+        f"saved {args.out} (epoch {best['epoch']}, loss {best['loss']:.3f}{figures}); "
+        f"log in {Path(args.out) / 'train_log.json'}"
     )
     return 0
 

@@ -195,12 +195,9 @@ def train(
                 best = {"score": score, **row}
                 save_model(model.cpu(), cfg, out_dir)
                 model.to(opts.device)
-            if bar:
-                bar.update(
-                    task,
-                    description=f"epoch {epoch + 1}/{opts.epochs} loss {row['loss']:.3f} "
-                    f"val {row.get('acc_mean', float('nan')):.1%}",
-                )
+            if bar:  # one lasting line per epoch above the bar, which restarts for the next epoch
+                val = f"  val {row['acc_mean']:.1%} mean, {row['acc_last']:.1%} last frame" if "acc_mean" in row else ""
+                bar.console.print(f"epoch {epoch + 1}/{opts.epochs}  loss {row['loss']:.3f}{val}")
             log(json.dumps(row))
             _save_checkpoint(ckpt_path, epoch + 1, model, optim, sched, rng, history, best, opts.epochs)
     finally:
