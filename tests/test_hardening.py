@@ -314,3 +314,43 @@ def test_reset_every_restarts_state_on_schedule(cnn_dir, tmp_path):
     assert not np.allclose(
         with_resets[100:110], tag_file(backend, EXAMPLES / "chainsaw.flac").probs[100:110], atol=1e-4
     )
+
+
+def test_replay_streams_long_files_in_blocks_with_the_same_scores(cnn_dir, tmp_path):
+    """A 48 kHz stereo file is decoded block by block: same frames as one-shot reading, resampled alike."""
+    audio = np.concatenate([read_clip(EXAMPLES / n) for n in ("dog.flac", "rain.flac", "chainsaw.flac")])
+    import soxr
+
+    up = soxr.resample(audio, 16000, 48000)
+    path = tmp_path / "long48k.wav"
+    sf.write(path, np.stack([up, up], 1), 48000, subtype="FLOAT")
+    streamed = tag_file(make_backend("onnx", cnn_dir), path).probs
+    assert streamed.shape[0] == up.size // 3 // 160
+    from streamtag.backends import make_backend as mb
+
+    whole = read_audio(path, 16000)[0]
+    b = mb("onnx", cnn_dir)
+    ref = np.stack([b(whole[i * 160 : (i + 1) * 160])[0].copy() for i in range(whole.size // 160)])
+    np.testing.assert_allclose(streamed, ref, atol=1e-3)  # block-wise vs one-shot resampling only
+
+
+def test_file_cut_short_mid_replay_ends_with_an_error(cnn_dir, tmp_path):
+    from streamtag.sources import WavReplaySource
+
+    path = tmp_path / "ok.wav"
+    sf.write(path, _tone(16000, seconds=3.0), 16000)
+    source = WavReplaySource(path, 16000, speed=0)
+
+    def broken_chunks():
+        yield np.zeros(16000, np.float32)
+        raise sf.LibsndfileError(0, "Internal psf_fseek() failed")
+
+    source._chunks = broken_chunks
+    from streamtag.pipeline import Collector
+    from streamtag.worker import Worker
+
+    worker = Worker(source, make_backend("onnx", cnn_dir), [Collector()])
+    worker.start()
+    worker.join()
+    assert worker.error is not None and "could not be read to the end" in worker.error
+    assert worker.frames == 100

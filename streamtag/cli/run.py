@@ -180,17 +180,18 @@ def run_replay(args) -> int:
     source = WavReplaySource(
         args.file, feats.sample_rate, block_size=feats.hop_length, speed=speed, min_samples=feats.hop_length
     )
+    extra = []
+    if args.plot:
+        from ..outputs.plots import RecordingPlot
+
+        extra.append(RecordingPlot(args.plot, args.file, feats, title=os.path.basename(args.file)))
+    code = run_stream(args, source, backend, extra)
     if source.status.nonfinite_samples:
         print(
             f"streamtag: warning: {source.status.nonfinite_samples} NaN/Inf samples in {args.file} were replaced by 0",
             file=sys.stderr,
         )
-    extra = []
-    if args.plot:
-        from ..outputs.plots import RecordingPlot
-
-        extra.append(RecordingPlot(args.plot, source.samples, feats, title=os.path.basename(args.file)))
-    return run_stream(args, source, backend, extra)
+    return code
 
 
 def run_live(args) -> int:

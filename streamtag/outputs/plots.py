@@ -15,12 +15,14 @@ TOP_CLASSES = 5
 
 
 class RecordingPlot:
-    """Collects every step of one stream; draws the PNG on ``close()``."""
+    """Collects every step of one stream; on ``close()`` reads the audio file again and draws the PNG."""
 
-    def __init__(self, path: str | os.PathLike, samples: np.ndarray, features: FeatureConfig, title: str = "") -> None:
+    def __init__(
+        self, path: str | os.PathLike, audio_path: str | os.PathLike, features: FeatureConfig, title: str = ""
+    ) -> None:
         if not str(path).lower().endswith(".png"):
             raise ConfigError(f"--plot wants a .png path ({path} given)")
-        self.path, self.samples, self.features, self.title = path, samples, features, title
+        self.path, self.audio_path, self.features, self.title = path, audio_path, features, title
         self._probs: list[np.ndarray] = []
         self._events: list[Event] = []
         self._labels: list[str] = []
@@ -34,9 +36,10 @@ class RecordingPlot:
     def close(self) -> None:
         if not self._probs:
             return
-        draw_recording(
-            self.path, self.samples, self.features, np.stack(self._probs), self._labels, self._events, self.title
-        )
+        from ..sources import read_audio
+
+        samples = read_audio(self.audio_path, self.features.sample_rate)[0]
+        draw_recording(self.path, samples, self.features, np.stack(self._probs), self._labels, self._events, self.title)
 
 
 def draw_recording(

@@ -1,8 +1,10 @@
 """Replay of an audio file as a simulated stream, through the same ring as the microphone.
 
-``read_audio`` is the one reader for files everywhere (replay, training, eval):
-anything soundfile reads, any channels, bit depth and rate, downmixed to mono and
-resampled with soxr. NaN and Inf samples are replaced by 0 and counted.
+Anything soundfile reads, any channels, bit depth and rate: downmixed to mono,
+resampled with soxr, NaN and Inf samples replaced by 0 and counted. ``read_audio``
+loads a whole file (training, eval, plots); :class:`WavReplaySource` decodes ~1 s
+blocks as it plays, so an hours-long recording starts at once and never sits in
+memory whole.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,37 +23,66 @@ from ..errors import AudioFileError, ConfigError
 from ..ring import SpscRing
 from .base import SourceStatus
 
+_READ_ERRORS = (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError, OSError)
+READ_BLOCK_SECONDS = 1.0  # replay decodes this much at a time
 
-def read_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) -> tuple[np.ndarray, int]:
-    """Read ``path`` as mono float32 at ``sample_rate``; returns ``(samples, nonfinite_count)``.
 
-    Raises :class:`AudioFileError` with the reason for anything that is not usable audio.
-    """
+def _reason(exc: Exception) -> str:
+    return str(exc).split(":")[-1].strip() or type(exc).__name__
+
+
+def probe_audio(path: str | os.PathLike):
+    """``soundfile.info`` of a usable audio file, or :class:`AudioFileError` saying what is wrong."""
     path = Path(path)
     if not path.exists():
         raise AudioFileError(f"{path}: no such file")
     if path.is_dir():
         raise AudioFileError(f"{path} is a directory, not an audio file")
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError, OSError) as exc:
-        reason = str(exc).split(":")[-1].strip() or type(exc).__name__
-        raise AudioFileError(f"{path} is not a readable audio file ({reason}); use WAV, FLAC or OGG") from None
-    if data.size == 0:
+        info = sf.info(str(path))
+    except _READ_ERRORS as exc:
+        raise AudioFileError(f"{path} is not a readable audio file ({_reason(exc)}); use WAV, FLAC or OGG") from None
+    if info.frames <= 0 or info.samplerate <= 0:
         raise AudioFileError(f"{path} holds no audio samples")
+    return info
+
+
+def _check_length(path: Path, samples: float, sample_rate: int, min_samples: int) -> None:
+    if samples < min_samples:
+        raise AudioFileError(
+            f"{path} is {samples / sample_rate * 1000:.1f} ms long, shorter than one hop "
+            f"({min_samples / sample_rate * 1000:.0f} ms): nothing to tag"
+        )
+
+
+def _mono_finite(data: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(frames, channels)`` -> mono float32 with NaN/Inf replaced by 0; and how many were replaced."""
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     bad = ~np.isfinite(mono)
     nonfinite = int(bad.sum())
     if nonfinite:
         mono = np.where(bad, np.float32(0.0), mono)
+    return np.ascontiguousarray(mono, dtype=np.float32), nonfinite
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) -> tuple[np.ndarray, int]:
+    """Read all of ``path`` as mono float32 at ``sample_rate``; returns ``(samples, nonfinite_count)``.
+
+    Raises :class:`AudioFileError` with the reason for anything that is not usable audio.
+    """
+    path = Path(path)
+    probe_audio(path)
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except _READ_ERRORS as exc:
+        raise AudioFileError(f"{path} is not a readable audio file ({_reason(exc)}); use WAV, FLAC or OGG") from None
+    if data.size == 0:
+        raise AudioFileError(f"{path} holds no audio samples")
+    mono, nonfinite = _mono_finite(data)
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
-    if mono.shape[0] < min_samples:
-        raise AudioFileError(
-            f"{path} is {mono.shape[0] / sample_rate * 1000:.1f} ms long, shorter than one hop "
-            f"({min_samples / sample_rate * 1000:.0f} ms): nothing to tag"
-        )
-    return np.ascontiguousarray(mono, dtype=np.float32), nonfinite
+    _check_length(path, mono.shape[0], sample_rate, min_samples)
+    return mono, nonfinite
 
 
 class WavReplaySource:
@@ -58,11 +90,15 @@ class WavReplaySource:
 
     Args:
         path: any file soundfile reads.
-        sample_rate (int): the model rate; the file is resampled to it.
+        sample_rate (int): the model rate; the file is resampled to it as it plays.
         block_size (int): samples per push, as a device callback would deliver. (Default: one hop)
         speed (float): 1 paces in real time (full ring drops, as live); 2 is twice as fast;
             0 is as fast as possible (waits for ring space, drops nothing). (Default: ``1``)
         repeat (int): play the file this many times back to back (long-run tests). (Default: ``1``)
+        min_samples (int): refuse files shorter than this at the model rate. (Default: ``1``)
+
+    Every problem known before playing (missing, unreadable, empty, too short) raises
+    :class:`AudioFileError` here; a file that breaks mid-way sets ``error`` and ends the stream.
     """
 
     is_live = False
@@ -80,21 +116,35 @@ class WavReplaySource:
             raise ConfigError(f"--speed must be >= 0 ({speed} given; 0 means as fast as possible)")
         if repeat < 1:
             raise ConfigError(f"repeat must be >= 1 ({repeat} given)")
-        self.samples, nonfinite = read_audio(path, sample_rate, min_samples)
+        self.path = Path(path)
+        info = probe_audio(self.path)
+        self.file_rate = info.samplerate
+        _check_length(self.path, info.frames * sample_rate / info.samplerate, sample_rate, min_samples)
         self.sample_rate = sample_rate
         self.block_size = block_size
         self.speed = speed
         self.repeat = repeat
-        self.description = f"{Path(path).name} ({'fast' if speed == 0 else f'x{speed:g}'})"
-        self.status = SourceStatus(nonfinite_samples=nonfinite)
+        self.duration_s = repeat * info.frames / info.samplerate
+        self.description = f"{self.path.name} ({'fast' if speed == 0 else f'x{speed:g}'})"
+        self.status = SourceStatus()
         self.error: str | None = None
         self._stop = threading.Event()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
-    @property
-    def duration_s(self) -> float:
-        return self.repeat * self.samples.shape[0] / self.sample_rate
+    def _chunks(self) -> Iterator[np.ndarray]:
+        """Mono float32 at the model rate, about ``READ_BLOCK_SECONDS`` at a time."""
+        with sf.SoundFile(str(self.path)) as f:
+            resampler = None
+            if self.file_rate != self.sample_rate:
+                resampler = soxr.ResampleStream(self.file_rate, self.sample_rate, 1, dtype="float32", quality="HQ")
+            frames = max(1, int(self.file_rate * READ_BLOCK_SECONDS))
+            for data in f.blocks(blocksize=frames, dtype="float32", always_2d=True):
+                mono, nonfinite = _mono_finite(data)
+                self.status.nonfinite_samples += nonfinite
+                yield resampler.resample_chunk(mono) if resampler is not None else mono
+            if resampler is not None:
+                yield resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
 
     def start(self, ring: SpscRing) -> None:
         self._thread = threading.Thread(target=self._produce, args=(ring,), name="streamtag-replay", daemon=True)
@@ -105,19 +155,22 @@ class WavReplaySource:
             pushed = 0
             t0 = time.perf_counter()
             for _ in range(self.repeat):
-                for start in range(0, self.samples.shape[0], self.block_size):
-                    if self._stop.is_set():
-                        return
-                    block = self.samples[start : start + self.block_size]
-                    if self.speed == 0:
-                        ring.write_blocking(block, self._stop)
-                    else:
-                        due = t0 + (pushed + block.shape[0]) / (self.sample_rate * self.speed)
-                        delay = due - time.perf_counter()
-                        if delay > 0:
-                            time.sleep(delay)
-                        ring.push(block)
-                    pushed += block.shape[0]
+                for chunk in self._chunks():
+                    for start in range(0, chunk.shape[0], self.block_size):
+                        if self._stop.is_set():
+                            return
+                        block = chunk[start : start + self.block_size]
+                        if self.speed == 0:
+                            ring.write_blocking(block, self._stop)
+                        else:
+                            due = t0 + (pushed + block.shape[0]) / (self.sample_rate * self.speed)
+                            delay = due - time.perf_counter()
+                            if delay > 0:
+                                time.sleep(delay)
+                            ring.push(block)
+                        pushed += block.shape[0]
+        except _READ_ERRORS as exc:
+            self.error = f"{self.path} could not be read to the end ({_reason(exc)})"
         finally:
             self._done.set()
             ring.doorbell.ring()
