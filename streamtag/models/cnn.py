@@ -49,8 +49,25 @@ class CausalCNN(StreamingModel):
         y, new_state = self.front(x, state[:n_front])
         y = y.transpose(1, 2)  # (batch, hidden, time)
         new_state = list(new_state)
+        one_frame = y.shape[2] == 1 and not self.training
         for conv, norm, ctx, d in zip(self.convs, self.norms, state[n_front:], self.dilations):
             seq = torch.cat([ctx, y], dim=2)
             new_state.append(seq[:, :, -self.context_frames(d) :])
-            y = y + torch.relu(norm(conv(seq)))
+            if one_frame:
+                y = y + torch.relu(self._conv_one_frame(conv, norm, seq, d))
+            else:
+                y = y + torch.relu(norm(conv(seq)))
         return y.transpose(1, 2), tuple(new_state)
+
+    @staticmethod
+    def _conv_one_frame(conv: nn.Conv1d, norm: nn.BatchNorm1d, seq: torch.Tensor, dilation: int) -> torch.Tensor:
+        """The streaming step's conv: one output frame is one GEMM over the taps, batch-norm folded in.
+
+        Same result as ``norm(conv(seq))`` in eval mode; exported as a single MatMul over all streams
+        instead of one matrix-vector conv per stream (onnxruntime's Conv loops over the batch).
+        """
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        weight = (conv.weight * scale[:, None, None]).flatten(1)  # (out, in * taps), index in * taps + tap
+        bias = (conv.bias - norm.running_mean) * scale + norm.bias
+        taps = seq[:, :, ::dilation].flatten(1)  # (batch, in * taps)
+        return (taps @ weight.t() + bias).unsqueeze(2)  # (batch, out, 1)
