@@ -149,3 +149,19 @@ def test_full_disk_ends_the_run_with_one_error(cnn_dir):
         r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--quiet", option, "/dev/full")
         assert r.returncode == 1 and "Traceback" not in r.stderr
         assert "writing an output failed" in r.stderr and "No space left" in r.stderr
+
+
+def test_installed_package_works_outside_the_checkout(tmp_path):
+    """From another folder (so the checkout is not on sys.path): the package, its model and clips are installed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import streamtag, pathlib; assert streamtag.__file__, 'namespace package: reinstall'; "
+        "b = streamtag.make_backend('onnx'); "
+        "clip = pathlib.Path(streamtag.__file__).parent / 'assets' / 'examples' / 'dog.flac'; "
+        "r = streamtag.tag_file(b, clip); print(r.probs.shape, len(b.labels))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "(500, 50) 50"
