@@ -165,3 +165,21 @@ def test_installed_package_works_outside_the_checkout(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "(500, 50) 50"
+
+
+def test_a_bad_output_path_truncates_nothing(cnn_dir, tmp_path):
+    kept = tmp_path / "earlier.jsonl"
+    kept.write_text('{"t": 1.0}\n')
+    r = run_cli(
+        "replay",
+        EXAMPLES / "dog.flac",
+        "--model",
+        cnn_dir,
+        "--fast",
+        "--jsonl",
+        kept,
+        "--scores",
+        tmp_path / "missing" / "s.tsv",
+    )
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert kept.read_text() == '{"t": 1.0}\n'

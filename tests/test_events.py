@@ -103,3 +103,24 @@ def test_bundled_model_finds_the_bark_in_the_example_clip(tmp_path):
     assert 2.2 <= close["onset"] <= 2.6
     assert close["onset"] < close["offset"] <= close["onset"] + 2.0  # the running means hold it for under 2 s
     assert close["score_max"] >= 0.5
+
+
+def test_on_threshold_option_keeps_the_config_default(tmp_path):
+    from .conftest import EXAMPLES, run_cli
+
+    cfg = tmp_path / "ev.toml"
+    cfg.write_text("[default]\nmin_duration_s = 10.0\n")  # nothing lasts 10 s in the clip
+    out = tmp_path / "e.jsonl"
+    r = run_cli(
+        "replay",
+        EXAMPLES / "dog.flac",
+        "--fast",
+        "--quiet",
+        "--events",
+        out,
+        "--event-config",
+        cfg,
+        "--on-threshold",
+        "0.3",
+    )
+    assert r.returncode == 0 and out.read_text() == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -11,6 +12,7 @@ from ..backends import BACKENDS, make_backend
 from ..errors import ConfigError
 from ..events import EventDetector, EventParams, load_event_settings
 from ..outputs import ClassSelection, EventsJsonl, LiveView, PlainLines, ScoresTsv, UpdatesJsonl
+from ..outputs.files import check_output_path
 from ..worker import Worker
 
 
@@ -104,8 +106,8 @@ def add_parser(subparsers) -> None:
 
 def _detector(args, backend) -> EventDetector:
     default, per_class = (None, {}) if not args.event_config else load_event_settings(args.event_config)
-    if args.on_threshold is not None:
-        default = EventParams(on_threshold=args.on_threshold)
+    if args.on_threshold is not None:  # adjusts the config's default; off follows unless the config set it
+        default = dataclasses.replace(default or EventParams(), on_threshold=args.on_threshold)
     return EventDetector(backend.labels, backend.config.features.frame_seconds, default, per_class)
 
 
@@ -114,6 +116,9 @@ def _outputs(args, backend, worker_status, extra=()) -> list:
     if args.rate <= 0:
         raise ConfigError(f"--rate must be > 0 ({args.rate} given)")
     every = max(1, round(1.0 / (args.rate * backend.config.features.frame_seconds)))
+    for path in (args.jsonl, args.events, args.scores):  # every path checked before any file is opened
+        if path:
+            check_output_path(path)
     outputs = list(extra)
     if args.jsonl:
         outputs.append(UpdatesJsonl(args.jsonl, selection, every, args.all))

@@ -16,12 +16,18 @@ from ..worker import Step
 from .selection import ClassSelection
 
 
-def open_for_writing(path: str | os.PathLike, line_buffered: bool = True) -> TextIO:
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse a path that cannot be written, before anything is opened (so nothing gets truncated first)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"output path {path} is a directory; give a file name")
     if not path.parent.exists():
         raise ConfigError(f"output folder {path.parent} does not exist; create it first")
+    return path
+
+
+def open_for_writing(path: str | os.PathLike, line_buffered: bool = True) -> TextIO:
+    path = check_output_path(path)
     try:
         return open(path, "w", encoding="utf-8", buffering=1 if line_buffered else -1)
     except OSError as exc:
