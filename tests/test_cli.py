@@ -119,6 +119,7 @@ def test_user_mistakes_give_one_line_and_nonzero_exit(args, message, cnn_dir, tm
 
 
 def test_help_lists_every_command():
+    assert run_cli("--version").stdout.startswith("streamtag 0.")
     r = run_cli("--help")
     for command in ("live", "replay", "devices", "train", "eval", "export", "bench"):
         assert command in r.stdout

@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="streamtag",
         description="Real-time streaming audio tagger: a causal model scores every 10 ms hop, live or on replay.",
     )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"streamtag {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in SUBCOMMANDS:
