@@ -235,15 +235,12 @@ def count_macs(model_dir) -> int:
     cfg, model = load_model(model_dir)
     f = cfg.features
     macs = 2 * f.win_length * f.n_freqs + f.n_freqs * f.n_mels
+    front = getattr(model, "front", None)
+    if front is not None:  # 2-D convs: their weights apply at every mel position they cover
+        macs += sum(conv.weight.numel() * width for conv, width in zip(front.convs, front.widths))
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):  # one output frame per hop
             macs += module.weight.numel()
-        elif isinstance(module, torch.nn.Conv1d):
-            macs += module.weight.numel()
-        elif isinstance(module, torch.nn.Conv2d):
-            front = getattr(model, "front", None)
-            idx = list(front.convs).index(module) if front is not None and module in list(front.convs) else 0
-            macs += module.weight.numel() * (f.n_mels // (2**idx))
         elif isinstance(module, torch.nn.LSTM):
             macs += sum(p.numel() for name, p in module.named_parameters() if name.startswith("weight"))
     if cfg.arch == "attention":

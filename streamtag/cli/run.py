@@ -134,9 +134,9 @@ def _outputs(args, backend, worker_status, extra=()) -> list:
     return outputs
 
 
-def _open_backend(args, batch_size: int = 1):
+def _open_backend(args):
     options = {"device": args.torch_device} if args.backend == "torch" else {}
-    return make_backend(args.backend, args.model, batch_size=batch_size, **options)
+    return make_backend(args.backend, args.model, **options)
 
 
 def run_stream(args, source, backend, extra_outputs=()) -> int:

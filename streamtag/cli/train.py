@@ -161,7 +161,7 @@ def _one_fold(job):
     base = baseline_accuracy(
         stats[train_idx], targets[train_idx], stats[val_idx], targets[val_idx], len(dataset.labels)
     )
-    return {"metrics": m, "baseline_acc": base, "val_idx": [int(i) for i in val_idx], "probs_last": None}
+    return {"metrics": m, "baseline_acc": base}
 
 
 def _cross_validate(args, opts, dataset, cache, jobs) -> int:
@@ -213,8 +213,11 @@ def _cross_validate(args, opts, dataset, cache, jobs) -> int:
         "baseline_acc": pooled(lambda r: r["baseline_acc"]),
         "baseline_split": "same folds",
         "folds": [
-            {k: v for k, v in r.items() if k in ("baseline_acc",)}
-            | {"acc_last": r["metrics"]["acc_last"], "acc_mean": r["metrics"]["acc_mean"]}
+            {
+                "baseline_acc": r["baseline_acc"],
+                "acc_last": r["metrics"]["acc_last"],
+                "acc_mean": r["metrics"]["acc_mean"],
+            }
             for r in results
         ],
     }

@@ -61,18 +61,24 @@ def frame_causal(signal: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     return padded.unfold(-1, cfg.win_length, cfg.hop_length)
 
 
-def log_mel_frames(
-    frames: torch.Tensor, dft_real: torch.Tensor, dft_imag: torch.Tensor, mel_fb: torch.Tensor, log_floor: float
-) -> torch.Tensor:
+def fused_matrices(cfg: FeatureConfig, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[Re | Im]`` DFT ``(win_length, 2 * n_freqs)`` and ``[mel; mel]`` ``(2 * n_freqs, n_mels)``.
+
+    ``|X|^2 @ mel == ([Re | Im] ** 2) @ [mel; mel]``: two matmuls and one square (fewer ONNX kernels).
+    """
+    real, imag = dft_matrices(cfg, dtype)
+    mel = mel_filterbank(cfg, dtype)
+    return torch.cat([real, imag], dim=1), torch.cat([mel, mel], dim=0)
+
+
+def log_mel_frames(frames: torch.Tensor, dft: torch.Tensor, mel_fb: torch.Tensor, log_floor: float) -> torch.Tensor:
     """``(..., win_length)`` frames -> ``(..., n_mels)`` float32 log-mel, computed in the matrices' dtype."""
-    frames = frames.to(dft_real.dtype)
-    # (..., win) dot (win, freq) -> (..., freq)
-    power = (frames @ dft_real) ** 2 + (frames @ dft_imag) ** 2
-    # (..., freq) dot (freq, n_mels) -> (..., n_mels)
-    return torch.log(power @ mel_fb + log_floor).float()
+    spectrum = frames.to(dft.dtype) @ dft  # (..., win) dot (win, 2 * freq)
+    # (..., 2 * freq) dot (2 * freq, n_mels) -> (..., n_mels)
+    return torch.log((spectrum * spectrum) @ mel_fb + log_floor).float()
 
 
 def log_mel_offline(signal: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     """Whole-signal log-mel ``(..., time) -> (..., n_frames, n_mels)``; equals the streaming output."""
-    real, imag = dft_matrices(cfg)
-    return log_mel_frames(frame_causal(signal.float(), cfg), real, imag, mel_filterbank(cfg), cfg.log_floor)
+    dft, mel_fb = fused_matrices(cfg)
+    return log_mel_frames(frame_causal(signal.float(), cfg), dft, mel_fb, cfg.log_floor)

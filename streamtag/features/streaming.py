@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import FeatureConfig
-from .functional import dft_matrices, frame_causal, mel_filterbank
+from .functional import frame_causal, fused_matrices, log_mel_frames
 
 
 class LogMel(nn.Module):
@@ -26,15 +26,12 @@ class LogMel(nn.Module):
     def __init__(self, cfg: FeatureConfig, dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
         self.cfg = cfg
-        real, imag = dft_matrices(cfg, dtype)
-        mel = mel_filterbank(cfg, dtype)
-        # Fused: |X|^2 @ mel == ([Re | Im] ** 2) @ [mel; mel]: two matmuls, one square (fewer ONNX kernels).
-        self.register_buffer("dft", torch.cat([real, imag], dim=1), persistent=False)
-        self.register_buffer("mel_fb", torch.cat([mel, mel], dim=0), persistent=False)
+        dft, mel_fb = fused_matrices(cfg, dtype)
+        self.register_buffer("dft", dft, persistent=False)
+        self.register_buffer("mel_fb", mel_fb, persistent=False)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        spectrum = frames.to(self.dft.dtype) @ self.dft  # (..., win) dot (win, 2 * freq)
-        return torch.log((spectrum * spectrum) @ self.mel_fb + self.cfg.log_floor).float()
+        return log_mel_frames(frames, self.dft, self.mel_fb, self.cfg.log_floor)
 
     def from_signal(self, signal: torch.Tensor) -> torch.Tensor:
         """Offline: ``(..., time)`` -> ``(..., time // hop_length, n_mels)``."""

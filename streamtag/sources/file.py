@@ -124,7 +124,6 @@ class WavReplaySource:
         self.block_size = block_size
         self.speed = speed
         self.repeat = repeat
-        self.duration_s = repeat * info.frames / info.samplerate
         self.description = f"{self.path.name} ({'fast' if speed == 0 else f'x{speed:g}'})"
         self.status = SourceStatus()
         self.error: str | None = None

@@ -20,16 +20,11 @@ import numpy as np
 DETECT_AFTER_S = (0.25, 0.5, 1.0, 2.0, 5.0)
 
 
-def stream_scores(backend, paths: Sequence[os.PathLike], progress=None) -> list[np.ndarray]:
+def stream_scores(backend, paths: Sequence[os.PathLike]) -> list[np.ndarray]:
     """Frame probabilities ``(frames, classes)`` per file, through ring + worker + backend."""
     from ..pipeline import tag_file
 
-    out = []
-    for path in paths:
-        out.append(tag_file(backend, path).probs)
-        if progress:
-            progress()
-    return out
+    return [tag_file(backend, path).probs for path in paths]
 
 
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -204,7 +204,7 @@ def train(
         if bar:
             bar.stop()
     (out_dir / "train_log.json").write_text(
-        json.dumps({"options": _jsonable(opts), "history": history, "best": best}, indent=1)
+        json.dumps({"options": dataclasses.asdict(opts), "history": history, "best": best}, indent=1)
     )
     return {"best": best, "history": history}
 
@@ -217,11 +217,6 @@ def _progress(enabled: bool):
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=False)
     bar.start()
     return bar
-
-
-def _jsonable(opts: TrainOptions) -> dict[str, Any]:
-    d = dataclasses.asdict(opts)
-    return d
 
 
 def _save_checkpoint(path: Path, epoch, model, optim, sched, rng, history, best, total_epochs: int) -> None:
