@@ -122,6 +122,7 @@ class EventDetector:
         chosen = [per_class.get(label, default) for label in self.labels]
         self._on = np.array([p.on_threshold for p in chosen], dtype=np.float32)
         self._off = np.array([p.off for p in chosen], dtype=np.float32)
+        self._lowest_on = float(self._on.min())
         self._min_frames = [max(1, round(p.min_duration_s / frame_seconds)) for p in chosen]
         self._gap_frames = [max(1, round(p.min_gap_s / frame_seconds)) for p in chosen]
         self._patience = [p.patience_frames for p in chosen]
@@ -136,9 +137,9 @@ class EventDetector:
         return [self.labels[i] for i in sorted(self._busy) if self._tracks[i].state in (_ACTIVE, _GAP)]
 
     def update(self, frame_index: int, probs: np.ndarray) -> list[Event]:
-        starting = np.flatnonzero(probs >= self._on)
-        if starting.size == 0 and not self._busy:
+        if not self._busy and probs.max() < self._lowest_on:  # the common quiet frame: one reduction
             return []
+        starting = np.flatnonzero(probs >= self._on)
         events: list[Event] = []
         for i in self._busy.union(starting.tolist()):
             event = self._advance(i, frame_index, float(probs[i]))

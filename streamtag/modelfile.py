@@ -20,6 +20,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ONNX_NAME = "model.onnx"
 FINGERPRINT_KEY = "streamtag_fingerprint"
+# Bumped whenever the exported step's inputs, outputs or state layout change, so graphs
+# exported by an older streamtag (shipped or cached) are exported again rather than misread.
+EXPORT_LAYOUT = "step-v2"
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 
@@ -53,8 +56,8 @@ def load_config(folder: Path) -> ModelConfig:
 
 
 def fingerprint(folder: Path) -> str:
-    """SHA-256 over config and weights: an exported graph is reused only for this exact pair."""
-    digest = hashlib.sha256()
+    """SHA-256 over config, weights and export layout: an exported graph is reused only for this exact triple."""
+    digest = hashlib.sha256(EXPORT_LAYOUT.encode())
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         digest.update((folder / name).read_bytes())
     return digest.hexdigest()

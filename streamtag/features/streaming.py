@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import FeatureConfig
-from .functional import frame_causal, fused_matrices, log_mel_frames
+from .functional import dft_matrices, frame_causal, log_mel_frames, mel_filterbank
 
 
 class LogMel(nn.Module):
@@ -26,12 +26,13 @@ class LogMel(nn.Module):
     def __init__(self, cfg: FeatureConfig, dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
         self.cfg = cfg
-        dft, mel_fb = fused_matrices(cfg, dtype)
-        self.register_buffer("dft", dft, persistent=False)
-        self.register_buffer("mel_fb", mel_fb, persistent=False)
+        cos, sin = dft_matrices(cfg, dtype)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("mel_fb", mel_filterbank(cfg, dtype), persistent=False)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return log_mel_frames(frames, self.dft, self.mel_fb, self.cfg.log_floor)
+        return log_mel_frames(frames, self.cos, self.sin, self.mel_fb, self.cfg.log_floor)
 
     def from_signal(self, signal: torch.Tensor) -> torch.Tensor:
         """Offline: ``(..., time)`` -> ``(..., time // hop_length, n_mels)``."""

@@ -41,23 +41,23 @@ class CausalCNN(StreamingModel):
 
     def init_trunk_state(self, batch_size: int) -> State:
         dev = self.feat_mean.device
-        convs = tuple(torch.zeros(batch_size, self.hidden, self.context_frames(d), device=dev) for d in self.dilations)
+        # Time-major (batch, frames, channels): shifting the context and picking taps copy whole rows.
+        convs = tuple(torch.zeros(batch_size, self.context_frames(d), self.hidden, device=dev) for d in self.dilations)
         return self.front.init_state(batch_size, dev) + convs
 
     def trunk(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         n_front = len(self.front.channels)
-        y, new_state = self.front(x, state[:n_front])
-        y = y.transpose(1, 2)  # (batch, hidden, time)
+        y, new_state = self.front(x, state[:n_front])  # (batch, time, hidden)
         new_state = list(new_state)
-        one_frame = y.shape[2] == 1 and not self.training
+        one_frame = y.shape[1] == 1 and not self.training
         for conv, norm, ctx, d in zip(self.convs, self.norms, state[n_front:], self.dilations):
-            seq = torch.cat([ctx, y], dim=2)
-            new_state.append(seq[:, :, -self.context_frames(d) :])
+            seq = torch.cat([ctx, y], dim=1)
+            new_state.append(seq[:, -self.context_frames(d) :])
             if one_frame:
                 y = y + torch.relu(self._conv_one_frame(conv, norm, seq, d))
             else:
-                y = y + torch.relu(norm(conv(seq)))
-        return y.transpose(1, 2), tuple(new_state)
+                y = y + torch.relu(norm(conv(seq.transpose(1, 2)))).transpose(1, 2)
+        return y, tuple(new_state)
 
     @staticmethod
     def _conv_one_frame(conv: nn.Conv1d, norm: nn.BatchNorm1d, seq: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -67,7 +67,7 @@ class CausalCNN(StreamingModel):
         instead of one matrix-vector conv per stream (onnxruntime's Conv loops over the batch).
         """
         scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        weight = (conv.weight * scale[:, None, None]).flatten(1)  # (out, in * taps), index in * taps + tap
+        weight = (conv.weight * scale[:, None, None]).transpose(1, 2).flatten(1)  # (out, taps * in), tap-major
         bias = (conv.bias - norm.running_mean) * scale + norm.bias
-        taps = seq[:, :, ::dilation].flatten(1)  # (batch, in * taps)
-        return (taps @ weight.t() + bias).unsqueeze(2)  # (batch, out, 1)
+        taps = seq[:, ::dilation].flatten(1)  # (batch, taps * in): frames t - 2d, t - d, t
+        return (taps @ weight.t() + bias).unsqueeze(1)  # (batch, 1, out)

@@ -47,8 +47,11 @@ class ClassSelection:
         self.indices = np.flatnonzero(mask)
         self.max_results = min(max_results, self.indices.size)
         self.score_threshold = score_threshold
+        self._every_class = bool(mask.all())  # runs once per frame: skip the gather when nothing is filtered
+        self._names = [self.labels[i] for i in self.indices]
 
     def pick(self, probs: np.ndarray) -> list[tuple[str, float]]:
-        sub = probs[self.indices]
+        sub = probs if self._every_class else probs[self.indices]
         order = np.argsort(-sub, kind="stable")[: self.max_results]
-        return [(self.labels[self.indices[i]], float(sub[i])) for i in order if sub[i] >= self.score_threshold]
+        names = self._names
+        return [(names[i], p) for i, p in zip(order.tolist(), sub[order].tolist()) if p >= self.score_threshold]
