@@ -11,7 +11,8 @@ The DFT is written as two matrix products (cosine and sine, window folded in)
 rather than ``torch.stft``: it is the same arithmetic and exports to plain ONNX
 MatMuls. The Hann window is symmetric (``w[n] == w[N - n]``, ``w[0] == 0``), so the
 frame is folded first: ``x[n] + x[N - n]`` meets the cosines and ``x[n] - x[N - n]``
-the sines, which halves the multiply-adds of the largest product in the step. The torch side computes it in float64 (streaming equals offline to float32
+the sines, which halves the multiply-adds of the largest product in the step.
+The torch side computes it in float64 (streaming equals offline to float32
 rounding, whatever the BLAS blocking); the exported graph uses float32 for speed,
 which moves quiet bins by up to ~2e-4 in log-mel and probabilities by far less.
 """
