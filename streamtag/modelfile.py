@@ -20,9 +20,10 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ONNX_NAME = "model.onnx"
 FINGERPRINT_KEY = "streamtag_fingerprint"
+RING_KEY = "streamtag_delay_lines"  # JSON {"frames", "lags", "width"} when the step keeps rings (RingHopStep)
 # Bumped whenever the exported step's inputs, outputs or state layout change, so graphs
 # exported by an older streamtag (shipped or cached) are exported again rather than misread.
-EXPORT_LAYOUT = "step-v2"
+EXPORT_LAYOUT = "step-v3"
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 

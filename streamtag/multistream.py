@@ -14,6 +14,7 @@ next one to join. This is the engine a network server would stand on::
 
 from __future__ import annotations
 
+import heapq
 import os
 from collections.abc import Iterator
 
@@ -48,28 +49,27 @@ class MultiStreamTagger:
         self.hop = self.backend.config.features.hop_length
         self.frame_seconds = self.backend.config.features.frame_seconds
         self.capacity = capacity
-        self.state = self.backend.zero_state(capacity)
+        self.pool = self.backend.new_pool(capacity)
         self.streams: dict[str, _Stream] = {}
-        self._free = list(range(capacity - 1, -1, -1))
+        self._free = list(range(capacity))  # a heap: joining takes the lowest slot, so busy slots stay 0..n-1
+        self._audio = np.zeros((capacity, self.hop), np.float32)
 
     def join(self, name: str) -> None:
         if name in self.streams:
             raise ConfigError(f"stream '{name}' has already joined")
         if not self._free:
             raise ConfigError(f"all {self.capacity} stream slots are in use; raise capacity or let a stream leave")
-        self.streams[name] = _Stream(self._free.pop(), self.hop)
+        self.streams[name] = _Stream(heapq.heappop(self._free), self.hop)
 
     def leave(self, name: str) -> None:
         stream = self.streams.pop(self._known(name))
-        for arr in self.state:
-            arr[stream.slot] = 0.0
-        self._free.append(stream.slot)
+        self.backend.clear_slots(self.pool, [stream.slot])
+        heapq.heappush(self._free, stream.slot)
 
     def reset(self, name: str) -> None:
         """Forget a stream's past (state and unconsumed samples), keeping its slot."""
         stream = self.streams[self._known(name)]
-        for arr in self.state:
-            arr[stream.slot] = 0.0
+        self.backend.clear_slots(self.pool, [stream.slot])
         stream.fill = 0
 
     def feed(self, name: str, samples: np.ndarray) -> None:
@@ -85,15 +85,15 @@ class MultiStreamTagger:
     def step(self) -> Iterator[tuple[str, float, np.ndarray]]:
         """Run hop rounds until no stream has a full hop; yields ``(name, t_end_s, probs)`` per stream-frame."""
         while True:
-            ready = [(name, s) for name, s in self.streams.items() if s.fill >= self.hop]
+            ready = sorted((s.slot, name, s) for name, s in self.streams.items() if s.fill >= self.hop)
             if not ready:
                 return
-            slots = np.array([s.slot for _, s in ready])
-            audio = np.stack([s.pending[: self.hop] for _, s in ready])
-            probs, new_state = self.backend.run_batch(audio, [arr[slots] for arr in self.state])
-            for arr, new in zip(self.state, new_state):
-                arr[slots] = new
-            for i, (name, s) in enumerate(ready):
+            n = len(ready)
+            slots = np.fromiter((slot for slot, _, _ in ready), dtype=np.int64, count=n)
+            for i, (_, _, s) in enumerate(ready):
+                self._audio[i] = s.pending[: self.hop]
+            probs = self.backend.step_slots(self.pool, slots, self._audio[:n]).copy()  # rows outlive this round
+            for i, (_, name, s) in enumerate(ready):
                 s.pending[: s.fill - self.hop] = s.pending[self.hop : s.fill]
                 s.fill -= self.hop
                 s.frames += 1

@@ -7,6 +7,7 @@ import torch
 from streamtag.backends import make_backend
 from streamtag.config import FeatureConfig
 from streamtag.features import log_mel_offline
+from streamtag.modelfile import DEFAULT_MODEL_DIR, FINGERPRINT_KEY, fingerprint
 from streamtag.models.io import load_model
 
 from .conftest import EXAMPLES, read_clip
@@ -65,6 +66,27 @@ def test_onnx_equals_torch(model_dir, batch):
     if batch > 1:  # streams are independent: each row equals its own single-stream run
         single = _run_backend(make_backend("onnx", model_dir), streams[1])
         np.testing.assert_allclose(fast[:, 1], single[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_shipped_graph_equals_torch_on_the_default_model(batch):
+    """The bundled model.onnx (2-D conv front end, rings) against eager torch on the same weights."""
+    audio = read_clip(EXAMPLES / "chainsaw.flac")[: 16000 * 2]
+    streams = np.stack([np.roll(audio, 777 * k) for k in range(batch)])
+    ref = _run_backend(make_backend("torch", None, batch_size=batch), streams)
+    onnx_backend = make_backend("onnx", None, batch_size=batch)
+    shipped = onnx_backend.session.get_modelmeta().custom_metadata_map[FINGERPRINT_KEY]
+    assert shipped == fingerprint(DEFAULT_MODEL_DIR), "model.onnx is stale: run 'streamtag export --onnx ...'"
+    fast = _run_backend(onnx_backend, streams)
+    np.testing.assert_allclose(fast, ref, atol=1e-4)
+
+
+def test_cnn_graph_keeps_its_history_in_rings(cnn_dir):
+    """The CNN's dilated-conv history streams through rings (no per-hop copy); rings wrap many times above."""
+    backend = make_backend("onnx", cnn_dir)
+    assert backend.rings is not None
+    assert {"ring", "ring_taps"} <= {i.name for i in backend.session.get_inputs()}
+    assert backend.rings.frames * 10 < read_clip(EXAMPLES / "dog.flac").size // 160
 
 
 def test_torch_step_equals_offline_forward(model_dir):

@@ -31,16 +31,20 @@ class Backend(Protocol):
         """Zero every stream's state, as at stream start."""
 
     def get_state(self) -> list[np.ndarray]:
-        """Copies of the state arrays, batch first (context first)."""
+        """Copies of the state arrays, for inspection (layout is the backend's own)."""
 
-    def set_state(self, state: Sequence[np.ndarray]) -> None:
-        """Replace the state with arrays shaped like :meth:`get_state`'s."""
+    def new_pool(self, capacity: int) -> object:
+        """State for up to ``capacity`` streams, stepped by :meth:`step_slots` (opaque to callers)."""
 
-    def zero_state(self, batch_size: int) -> list[np.ndarray]:
-        """Fresh state arrays for ``batch_size`` streams (for callers that hold state themselves)."""
+    def clear_slots(self, pool: object, slots: Sequence[int]) -> None:
+        """Zero these streams' state, as at stream start (a slot joining or leaving)."""
 
-    def run_batch(self, audio: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Any batch: ``(probs, new_state)`` with state passed explicitly; the backend's own state is untouched."""
+    def step_slots(self, pool: object, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        """One hop for each stream in ``slots`` (distinct indices), all in one call.
+
+        ``audio`` is ``(len(slots), hop)``; returns probabilities ``(len(slots), classes)``,
+        valid until the next call. Streams not named keep their state untouched.
+        """
 
 
 BACKENDS = {

@@ -2,11 +2,15 @@
 
 Inputs, outputs and two full state sets are allocated once and bound by pointer
 (``io_binding``); each call writes into one set and reads the other, then the
-two swap. Never imports torch unless a graph must be exported first.
+two swap. Models with delay lines (the CNN's dilated convolutions) keep their
+history in rings this module owns: the graph gathers the few rows it reads and
+returns one new row per line, which lands in place, so no hop copies the history.
+Never imports torch unless a graph must be exported first.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailable, ModelFileError
-from ..modelfile import FINGERPRINT_KEY, ONNX_NAME, cache_dir, fingerprint, load_config, resolve_model_dir
+from ..modelfile import FINGERPRINT_KEY, ONNX_NAME, RING_KEY, cache_dir, fingerprint, load_config, resolve_model_dir
 
 try:
     import onnxruntime as ort
@@ -55,6 +59,49 @@ def open_session(folder: Path, threads: int = 1) -> ort.InferenceSession:
     return _session(cached, threads)
 
 
+class Rings:
+    """The delay lines of a graph: ``frames`` rows per line and stream, read ``lags`` frames back."""
+
+    def __init__(self, spec: str) -> None:
+        data = json.loads(spec)
+        self.frames, self.width = int(data["frames"]), int(data["width"])
+        self.lags = np.asarray(data["lags"], dtype=np.int64)  # (lines, taps per line)
+        self.lines = self.lags.shape[0]
+        self._line = np.arange(self.lines, dtype=np.int64)[:, None]
+
+    def time_major_taps(self, position: int, streams: int) -> np.ndarray:
+        """Row indices into a ``(frames, streams, lines, width)`` ring, every stream at ``position``."""
+        t = (position - self.lags) % self.frames  # (lines, taps)
+        b = np.arange(streams, dtype=np.int64)[:, None, None]
+        return np.ascontiguousarray(((t * streams + b) * self.lines + self._line)[:, :, :])
+
+    def slot_major_taps(self, slots: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+        """Row indices into a ``(slots, frames, lines, width)`` ring, each slot at its own position."""
+        t = (positions[:, None, None] - self.lags) % self.frames  # (n, lines, taps)
+        np.add((slots[:, None, None] * self.frames + t) * self.lines, self._line, out=out)
+
+
+class OnnxPool:
+    """State of up to ``capacity`` streams stepped in any subset (see :meth:`OnnxBackend.step_slots`)."""
+
+    def __init__(self, backend: OnnxBackend, capacity: int) -> None:
+        hop, classes = backend.config.features.hop_length, backend.config.num_classes
+        self.capacity = capacity
+        self.state = backend.zero_state(capacity)
+        self.state_in = backend.zero_state(capacity)  # gathered inputs when the slots are not 0..n-1
+        self.state_out = backend.zero_state(capacity)
+        self.audio = np.zeros((capacity, hop), np.float32)
+        self.probs = np.zeros((capacity, classes), np.float32)
+        self.all_slots = np.arange(capacity)
+        rings = backend.rings
+        if rings is not None:
+            self.ring = np.zeros((capacity, rings.frames, rings.lines, rings.width), np.float32)
+            self.position = np.zeros(capacity, np.int64)  # where each slot's next row goes
+            self.taps = np.zeros((capacity, rings.lines, rings.lags.shape[1]), np.int64)
+            self.rows = np.zeros((capacity, rings.lines, rings.width), np.float32)
+        self.bindings: dict[tuple[bool, int], ort.IOBinding] = {}
+
+
 class OnnxBackend:
     def __init__(self, model: str | os.PathLike | None = None, batch_size: int = 1, threads: int = 1) -> None:
         folder = resolve_model_dir(model)
@@ -62,47 +109,123 @@ class OnnxBackend:
         self.labels = self.config.labels
         self.batch_size = batch_size
         self.session = open_session(folder, threads)
-        self._state_inputs = [i for i in self.session.get_inputs() if i.name != "audio"]
-        self._state_shapes = [(batch_size, *i.shape[1:]) for i in self._state_inputs]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.rings = Rings(meta[RING_KEY]) if RING_KEY in meta else None
+        ring_io = ("audio", "ring", "ring_taps")
+        self._state_inputs = [i.name for i in self.session.get_inputs() if i.name not in ring_io]
+        self._state_shapes = [tuple(i.shape[1:]) for i in self.session.get_inputs() if i.name not in ring_io]
         hop = self.config.features.hop_length
         self._audio = np.zeros((batch_size, hop), dtype=np.float32)
         self._probs = np.zeros((batch_size, self.config.num_classes), dtype=np.float32)
-        self._sets = [[np.zeros(s, dtype=np.float32) for s in self._state_shapes] for _ in range(2)]
-        self._bindings = [self._bind(self._sets[i], self._sets[1 - i]) for i in range(2)]
+        self._sets = [self.zero_state(batch_size) for _ in range(2)]
+        if self.rings is None:
+            self._bindings = [
+                [self._bind(self._audio, self._sets[i], self._probs, self._sets[1 - i]) for i in range(2)]
+            ]
+        else:  # one binding per ring position and state set: the hop itself does no index arithmetic
+            r = self.rings
+            self._ring = np.zeros((r.frames, batch_size, r.lines, r.width), np.float32)
+            self._taps = [r.time_major_taps(p, batch_size) for p in range(r.frames)]
+            self._bindings = [
+                [
+                    self._bind(self._audio, self._sets[i], self._probs, self._sets[1 - i], self._ring, self._taps[p], p)
+                    for i in range(2)
+                ]
+                for p in range(r.frames)
+            ]
         self._current = 0
+        self._position = 0
 
-    def _bind(self, state_in: list[np.ndarray], state_out: list[np.ndarray]) -> ort.IOBinding:
+    def _bind(
+        self,
+        audio: np.ndarray,
+        state_in: Sequence[np.ndarray],
+        probs: np.ndarray,
+        state_out: Sequence[np.ndarray],
+        ring: np.ndarray | None = None,
+        taps: np.ndarray | None = None,
+        rows: np.ndarray | int | None = None,
+    ) -> ort.IOBinding:
+        """Bind arrays by pointer: onnxruntime reads and writes them in place, allocating nothing.
+
+        ``rows`` is a buffer, or a position ``p`` of a time-major ring: the new rows land in ``ring[p]``.
+        """
         binding = self.session.io_binding()
-        for name, arr in [("audio", self._audio)] + list(zip((i.name for i in self._state_inputs), state_in)):
-            binding.bind_input(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
-        binding.bind_output("probs", "cpu", 0, np.float32, list(self._probs.shape), self._probs.ctypes.data)
-        for inp, arr in zip(self._state_inputs, state_out):
-            binding.bind_output(inp.name + "_out", "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        inputs = [("audio", audio), *zip(self._state_inputs, state_in)]
+        outputs = [("probs", probs), *zip((n + "_out" for n in self._state_inputs), state_out)]
+        if ring is not None:
+            inputs += [("ring", ring.reshape(-1, ring.shape[-1])), ("ring_taps", taps)]
+            outputs.append(("ring_rows", ring[rows] if isinstance(rows, int) else rows))
+        for name, arr in inputs:
+            binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        for name, arr in outputs:
+            binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         return binding
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         self._audio[...] = audio.reshape(self._audio.shape)
-        self.session.run_with_iobinding(self._bindings[self._current])
+        self.session.run_with_iobinding(self._bindings[self._position][self._current])
         self._current = 1 - self._current
+        if self.rings is not None:
+            self._position = (self._position + 1) % self.rings.frames
         return self._probs
 
     def reset_states(self) -> None:
         for arr in self._sets[self._current]:
             arr.fill(0.0)
+        if self.rings is not None:
+            self._ring.fill(0.0)
 
     def get_state(self) -> list[np.ndarray]:
-        return [arr.copy() for arr in self._sets[self._current]]
-
-    def set_state(self, state: Sequence[np.ndarray]) -> None:
-        for dst, src in zip(self._sets[self._current], state):
-            dst[...] = src
+        """Copies of the current state arrays (and the ring, time-major, last), for inspection."""
+        rings = [] if self.rings is None else [self._ring.copy()]
+        return [arr.copy() for arr in self._sets[self._current]] + rings
 
     def zero_state(self, batch_size: int) -> list[np.ndarray]:
-        return [np.zeros((batch_size, *shape[1:]), dtype=np.float32) for shape in self._state_shapes]
+        """Zeroed state arrays (batch first) for the graph's state inputs; rings are kept apart."""
+        return [np.zeros((batch_size, *shape), dtype=np.float32) for shape in self._state_shapes]
 
-    def run_batch(self, audio: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Any batch size, allocating: ``(probs, new_state)``. For callers that gather streams themselves."""
-        feeds = {"audio": np.ascontiguousarray(audio, dtype=np.float32)}
-        feeds.update({i.name: s for i, s in zip(self._state_inputs, state)})
-        probs, *new_state = self.session.run(None, feeds)
-        return probs, new_state
+    # -- many streams ------------------------------------------------------------
+    def new_pool(self, capacity: int) -> OnnxPool:
+        return OnnxPool(self, capacity)
+
+    def clear_slots(self, pool: OnnxPool, slots: Sequence[int]) -> None:
+        for arr in pool.state:
+            arr[slots] = 0.0
+        if self.rings is not None:
+            pool.ring[slots] = 0.0
+            pool.position[slots] = 0
+
+    def step_slots(self, pool: OnnxPool, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        """Step the streams in ``slots`` (distinct, ascending is fastest) by one hop each, in one call.
+
+        Returns their probabilities ``(len(slots), classes)``, a view valid until the next call.
+        When ``slots`` is ``0..n-1`` the state is read in place; otherwise it is gathered first.
+        """
+        n = len(slots)
+        in_place = slots[0] == 0 and slots[-1] == n - 1 and bool((slots == pool.all_slots[:n]).all())
+        pool.audio[:n] = audio
+        if not in_place:
+            for src, dst in zip(pool.state, pool.state_in):
+                np.take(src, slots, axis=0, out=dst[:n])
+        if self.rings is not None:
+            self.rings.slot_major_taps(slots, pool.position[slots], pool.taps[:n])
+        binding = pool.bindings.get((in_place, n))
+        if binding is None:
+            state_in = pool.state if in_place else pool.state_in
+            ring_args = () if self.rings is None else (pool.ring, pool.taps[:n], pool.rows[:n])
+            binding = self._bind(
+                pool.audio[:n], [a[:n] for a in state_in], pool.probs[:n], [a[:n] for a in pool.state_out], *ring_args
+            )
+            pool.bindings[(in_place, n)] = binding
+        self.session.run_with_iobinding(binding)
+        for dst, src in zip(pool.state, pool.state_out):
+            if in_place:
+                dst[:n] = src[:n]
+            else:
+                dst[slots] = src[:n]
+        if self.rings is not None:
+            positions = pool.position[slots]
+            pool.ring[slots, positions] = pool.rows[:n]
+            pool.position[slots] = (positions + 1) % self.rings.frames
+        return pool.probs[:n]

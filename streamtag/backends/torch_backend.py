@@ -42,18 +42,26 @@ class TorchBackend:
         probs, *self._state = self.step(x.reshape(self.batch_size, -1), *self._state)
         return probs.cpu().numpy()
 
-    def zero_state(self, batch_size: int) -> list[np.ndarray]:
-        return [s.numpy().copy() for s in self.step.init_state(batch_size)]
-
-    @torch.inference_mode()
-    def run_batch(self, audio: np.ndarray, state) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Any batch size: ``(probs, new_state)``, state passed in and out explicitly."""
-        inputs = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device) for a in (audio, *state)]
-        probs, *new_state = self.step(*inputs)
-        return probs.cpu().numpy(), [s.cpu().numpy() for s in new_state]
-
     def get_state(self) -> list[np.ndarray]:
         return [s.cpu().numpy().copy() for s in self._state]
 
-    def set_state(self, state: Sequence[np.ndarray]) -> None:
-        self._state = tuple(torch.as_tensor(np.asarray(s, dtype=np.float32)).to(self.device) for s in state)
+    def zero_state(self, batch_size: int) -> list[np.ndarray]:
+        return [s.numpy().copy() for s in self.step.init_state(batch_size)]
+
+    # -- many streams: the reference semantics, gathered and scattered per call ---------
+    def new_pool(self, capacity: int) -> list[np.ndarray]:
+        return self.zero_state(capacity)
+
+    def clear_slots(self, pool: list[np.ndarray], slots: Sequence[int]) -> None:
+        for arr in pool:
+            arr[slots] = 0.0
+
+    @torch.inference_mode()
+    def step_slots(self, pool: list[np.ndarray], slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        inputs = [
+            torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (audio, *(s[slots] for s in pool))
+        ]
+        probs, *new_state = self.step(*(t.to(self.device) for t in inputs))
+        for arr, new in zip(pool, new_state):
+            arr[slots] = new.cpu().numpy()
+        return probs.cpu().numpy()

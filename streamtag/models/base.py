@@ -11,6 +11,7 @@ A new architecture is one class decorated with :func:`register`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -48,6 +49,27 @@ def build_model(cfg: ModelConfig) -> StreamingModel:
         raise ConfigError(f"bad arch_params for '{cfg.arch}': {exc}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class DelayLines:
+    """Frame histories a model reads only at a few fixed lags (dilated convolution taps).
+
+    Streaming them as shifted context tensors copies every cached frame on every hop;
+    a runtime can instead keep one ring of ``frames`` rows per line, read the taps and
+    write one row per hop. ``lags[line]`` are how many frames back each past tap is,
+    ``width`` the values per frame, ``state_slice`` the entries of ``init_state()``
+    the rings stand for (see :meth:`StreamingModel.step_from_taps`).
+    """
+
+    lags: tuple[tuple[int, ...], ...]
+    width: int
+    state_slice: slice
+
+    @property
+    def frames(self) -> int:
+        """Ring length: one more than the longest lag, so the row written never is a row read."""
+        return 1 + max(max(lags) for lags in self.lags)
+
+
 class StreamingModel(nn.Module):
     """Base class: input normalisation, a causal trunk (subclass) and a :class:`PooledHead`."""
 
@@ -83,6 +105,22 @@ class StreamingModel(nn.Module):
         """One frame ``(batch, n_mels)`` -> logits ``(batch, classes)``."""
         logits, state = self(frame[:, None, :], state)
         return logits[:, 0], state
+
+    # -- optional: delay-line form of the streaming step -----------------------
+    def delay_lines(self) -> DelayLines | None:
+        """``None`` unless the model can step from ring taps (:meth:`step_from_taps`)."""
+        return None
+
+    def step_from_taps(
+        self, frame: torch.Tensor, state: State, taps: torch.Tensor
+    ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        """:meth:`step` with the delay lines read by the caller.
+
+        ``state`` is ``init_state()`` without ``delay_lines().state_slice``; ``taps`` is
+        ``(batch, lines, n_lags, width)``, the rows ``lags`` frames back. Returns logits,
+        the new state (same entries) and this frame's row for every line ``(batch, lines, width)``.
+        """
+        raise NotImplementedError
 
 
 class PooledHead(nn.Module):

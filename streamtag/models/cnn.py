@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import State, StreamingModel, register
+from .base import DelayLines, State, StreamingModel, register
 from .frontend import CausalConv2dFront
 
 
@@ -44,6 +44,25 @@ class CausalCNN(StreamingModel):
         # Time-major (batch, frames, channels): shifting the context and picking taps copy whole rows.
         convs = tuple(torch.zeros(batch_size, self.context_frames(d), self.hidden, device=dev) for d in self.dilations)
         return self.front.init_state(batch_size, dev) + convs
+
+    def delay_lines(self) -> DelayLines:
+        n_front = len(self.front.channels)
+        lags = tuple((self.context_frames(d), self.context_frames(d) - d) for d in self.dilations)  # t-2d, t-d
+        return DelayLines(lags, self.hidden, slice(n_front, n_front + len(self.dilations)))
+
+    def step_from_taps(
+        self, frame: torch.Tensor, state: State, taps: torch.Tensor
+    ) -> tuple[torch.Tensor, State, torch.Tensor]:
+        n_front = len(self.front.channels)
+        x = (frame[:, None, :] - self.feat_mean) / self.feat_std
+        y, front_state = self.front(x, state[:n_front])  # (batch, 1, hidden)
+        rows = []
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            rows.append(y)  # a conv layer's history is its input
+            seq = torch.cat([taps[:, i], y], dim=1)  # (batch, taps, hidden): frames t - 2d, t - d, t
+            y = y + torch.relu(self._conv_one_frame(conv, norm, seq, 1))
+        logits, head_state = self.head(y, state[n_front:])
+        return logits[:, 0], front_state + head_state, torch.cat(rows, dim=1)
 
     def trunk(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         n_front = len(self.front.channels)

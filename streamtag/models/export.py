@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
 
 import torch
 
-from ..modelfile import FINGERPRINT_KEY, fingerprint, resolve_model_dir
+from ..modelfile import FINGERPRINT_KEY, RING_KEY, fingerprint, resolve_model_dir
 from .io import load_model
-from .step import HopStep
+from .step import HopStep, RingHopStep
 
 OPSET = 17
 
@@ -22,11 +23,25 @@ def export_onnx(model_dir: str | os.PathLike | None, out_path: str | os.PathLike
     folder = resolve_model_dir(model_dir)
     cfg, model = load_model(folder)
     step = HopStep(cfg, model, feature_dtype=torch.float32).eval()  # float32: fast MLAS kernels
-    state = step.init_state(2)
-    audio = torch.zeros(2, cfg.features.hop_length)
+    lines = model.delay_lines()
+    if lines is not None:
+        step = RingHopStep(step).eval()
+    batch = 2
+    state = step.init_state(batch)
     names = step.state_names()
+    args = [torch.zeros(batch, cfg.features.hop_length), *state]
     inputs = ["audio", *names]
     outputs = ["probs", *[n + "_out" for n in names]]
+    metadata = {FINGERPRINT_KEY: fingerprint(folder)}
+    if lines is not None:
+        n_lags = len(lines.lags[0])
+        args += [
+            torch.zeros(lines.frames * batch * len(lines.lags), lines.width),
+            torch.zeros(batch, len(lines.lags), n_lags, dtype=torch.long),
+        ]
+        inputs += ["ring", "ring_taps"]
+        outputs += ["ring_rows"]
+        metadata[RING_KEY] = json.dumps({"frames": lines.frames, "lags": lines.lags, "width": lines.width})
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
@@ -34,7 +49,7 @@ def export_onnx(model_dir: str | os.PathLike | None, out_path: str | os.PathLike
         warnings.simplefilter("ignore")
         torch.onnx.export(
             step,
-            (audio, *state),
+            tuple(args),
             str(tmp),
             input_names=inputs,
             output_names=outputs,
@@ -43,8 +58,9 @@ def export_onnx(model_dir: str | os.PathLike | None, out_path: str | os.PathLike
             dynamo=False,
         )
     graph = onnx.load(str(tmp))
-    entry = graph.metadata_props.add()
-    entry.key, entry.value = FINGERPRINT_KEY, fingerprint(folder)
+    for key, value in metadata.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
     onnx.save(graph, str(tmp))
     os.replace(tmp, out_path)
     return out_path

@@ -47,7 +47,5 @@ class CausalConv2dFront(nn.Module):
             new_state.append(seq[:, :, -(TIME_TAPS - 1) :])
             y = torch.relu(norm(conv(seq)))
             y = F.max_pool2d(y, kernel_size=(1, 2))  # max over pairs of mel bands: (b, c, t, f) -> (b, c, t, f // 2)
-        # The linear layer over (channels, bands) as a conv spanning all bands: (b, c, t, f) -> (b, hidden, t, 1)
-        c, f = self.channels[-1], self.widths[-1] // 2
-        y = F.conv2d(y, self.proj.weight.view(-1, c, 1, f), self.proj.bias)
-        return torch.relu(y.squeeze(3).transpose(1, 2)), tuple(new_state)
+        # (b, c, t, f) -> (b, t, c * f): one GEMM over all streams (a conv spanning all bands is slower)
+        return torch.relu(self.proj(y.transpose(1, 2).flatten(2))), tuple(new_state)

@@ -36,3 +36,39 @@ class HopStep(nn.Module):
         logits, new_state = self.model.step(self.log_mel(frame), state)
         hop = self.cfg.features.hop_length
         return (torch.softmax(logits, dim=-1), frame[:, hop:], *new_state)
+
+
+class RingHopStep(nn.Module):
+    """The hop step of a model with :class:`~streamtag.models.base.DelayLines`, rings kept by the runtime.
+
+    ``forward(audio, context, *state, ring (rows, width), ring_taps (B, lines, lags) int64)
+    -> (probs, context, *state, ring_rows (B, lines, width))``: ``state`` leaves out the
+    delay-line entries; ``ring_taps`` index rows of ``ring``, so the runtime chooses the
+    ring layout and writes ``ring_rows`` in place (no per-hop copy of the history).
+    """
+
+    def __init__(self, step: HopStep) -> None:
+        super().__init__()
+        self.step = step
+        self.lines = step.model.delay_lines()
+        if self.lines is None:
+            raise ValueError(f"{step.model.arch_name} has no delay lines")
+
+    def init_state(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
+        context, *state = self.step.init_state(batch_size)
+        del state[self.lines.state_slice]
+        return (context, *state)
+
+    def state_names(self) -> list[str]:
+        names = self.step.state_names()
+        skip = range(len(names) - 1)[self.lines.state_slice]
+        return [names[0]] + [n for i, n in enumerate(names[1:]) if i not in skip]
+
+    def forward(self, audio: torch.Tensor, context: torch.Tensor, *args: torch.Tensor):
+        *state, ring, ring_taps = args
+        frame = torch.cat([context, audio], dim=1)
+        logits, new_state, rows = self.step.model.step_from_taps(
+            self.step.log_mel(frame), tuple(state), ring[ring_taps]
+        )
+        hop = self.step.cfg.features.hop_length
+        return (torch.softmax(logits, dim=-1), frame[:, hop:], *new_state, rows)
