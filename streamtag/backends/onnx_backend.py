@@ -70,15 +70,15 @@ class Rings:
         self._line = np.arange(self.lines, dtype=np.int64)[:, None]
 
     def time_major_taps(self, position: int, streams: int) -> np.ndarray:
-        """Row indices into a ``(frames, streams, lines, width)`` ring, every stream at ``position``."""
+        """``(lines, streams, taps)`` row indices into a ``(frames, streams, lines, width)`` ring at ``position``."""
         t = (position - self.lags) % self.frames  # (lines, taps)
-        b = np.arange(streams, dtype=np.int64)[:, None, None]
-        return np.ascontiguousarray(((t * streams + b) * self.lines + self._line)[:, :, :])
+        b = np.arange(streams, dtype=np.int64)[:, None]
+        return np.ascontiguousarray((t[:, None, :] * streams + b) * self.lines + self._line[:, :, None])
 
     def slot_major_taps(self, slots: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
-        """Row indices into a ``(slots, frames, lines, width)`` ring, each slot at its own position."""
-        t = (positions[:, None, None] - self.lags) % self.frames  # (n, lines, taps)
-        np.add((slots[:, None, None] * self.frames + t) * self.lines, self._line, out=out)
+        """``(lines, n, taps)`` row indices into a ``(slots, frames, lines, width)`` ring, each slot at its position."""
+        t = (positions[:, None] - self.lags[:, None, :]) % self.frames  # (lines, n, taps)
+        np.add((slots[:, None] * self.frames + t) * self.lines, self._line[:, :, None], out=out)
 
 
 class OnnxPool:
@@ -97,8 +97,8 @@ class OnnxPool:
         if rings is not None:
             self.ring = np.zeros((capacity, rings.frames, rings.lines, rings.width), np.float32)
             self.position = np.zeros(capacity, np.int64)  # where each slot's next row goes
-            self.taps = np.zeros((capacity, rings.lines, rings.lags.shape[1]), np.int64)
-            self.rows = np.zeros((capacity, rings.lines, rings.width), np.float32)
+            self.taps = np.zeros(rings.lines * capacity * rings.lags.shape[1], np.int64)  # (lines, n, taps) for any n
+            self.rows = np.zeros((capacity, rings.lines * rings.width), np.float32)
         self.bindings: dict[tuple[bool, int], ort.IOBinding] = {}
 
 
@@ -155,7 +155,7 @@ class OnnxBackend:
         outputs = [("probs", probs), *zip((n + "_out" for n in self._state_inputs), state_out)]
         if ring is not None:
             inputs += [("ring", ring.reshape(-1, ring.shape[-1])), ("ring_taps", taps)]
-            outputs.append(("ring_rows", ring[rows] if isinstance(rows, int) else rows))
+            outputs.append(("ring_rows", ring[rows].reshape(len(audio), -1) if isinstance(rows, int) else rows))
         for name, arr in inputs:
             binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         for name, arr in outputs:
@@ -209,11 +209,12 @@ class OnnxBackend:
             for src, dst in zip(pool.state, pool.state_in):
                 np.take(src, slots, axis=0, out=dst[:n])
         if self.rings is not None:
-            self.rings.slot_major_taps(slots, pool.position[slots], pool.taps[:n])
+            taps = pool.taps[: pool.taps.size // pool.capacity * n].reshape(self.rings.lines, n, -1)
+            self.rings.slot_major_taps(slots, pool.position[slots], taps)
         binding = pool.bindings.get((in_place, n))
         if binding is None:
             state_in = pool.state if in_place else pool.state_in
-            ring_args = () if self.rings is None else (pool.ring, pool.taps[:n], pool.rows[:n])
+            ring_args = () if self.rings is None else (pool.ring, taps, pool.rows[:n])
             binding = self._bind(
                 pool.audio[:n], [a[:n] for a in state_in], pool.probs[:n], [a[:n] for a in pool.state_out], *ring_args
             )
@@ -226,6 +227,6 @@ class OnnxBackend:
                 dst[slots] = src[:n]
         if self.rings is not None:
             positions = pool.position[slots]
-            pool.ring[slots, positions] = pool.rows[:n]
+            pool.ring[slots, positions] = pool.rows[:n].reshape(n, self.rings.lines, -1)
             pool.position[slots] = (positions + 1) % self.rings.frames
         return pool.probs[:n]

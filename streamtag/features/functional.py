@@ -74,9 +74,9 @@ def log_mel_frames(
 ) -> torch.Tensor:
     """``(..., win_length)`` frames -> ``(..., n_mels)`` float32 log-mel, computed in the matrices' dtype."""
     frames = frames.to(cos.dtype)
-    half, size = cos.shape[0], frames.shape[-1]
+    half = cos.shape[0]  # a Python int: the exported graph slices with constants
     head = frames[..., 1 : half + 1]  # x[1], ..., x[half]; x[0] meets w[0] == 0
-    tail = frames[..., size - half :].flip(-1)  # x[N - 1], ..., x[N - half]
+    tail = frames[..., torch.arange(-1, -half - 1, -1, device=frames.device)]  # x[N - 1], ..., x[N - half]
     real = (head + tail) @ cos  # (..., half) dot (half, freq)
     imag = (head - tail) @ sin
     # (..., freq) dot (freq, n_mels) -> (..., n_mels)

@@ -117,8 +117,8 @@ class StreamingModel(nn.Module):
         """:meth:`step` with the delay lines read by the caller.
 
         ``state`` is ``init_state()`` without ``delay_lines().state_slice``; ``taps`` is
-        ``(batch, lines, n_lags, width)``, the rows ``lags`` frames back. Returns logits,
-        the new state (same entries) and this frame's row for every line ``(batch, lines, width)``.
+        ``(lines, batch, n_lags, width)``, the rows ``lags`` frames back. Returns logits,
+        the new state (same entries) and this frame's row for every line ``(batch, lines * width)``.
         """
         raise NotImplementedError
 
@@ -172,6 +172,13 @@ class PooledHead(nn.Module):
             pooled = torch.cat(runs, dim=-1)  # (batch, time, pools * hidden), pool-major like flatten above
             means = torch.stack([run[:, -1] for run in runs], dim=1)
         return self.proj(torch.cat([hidden, pooled], dim=-1)), (means,)
+
+    def step(self, hidden: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One frame ``(batch, hidden)`` -> logits ``(batch, classes)``; same as ``forward`` on one frame."""
+        if not self.n_pools:
+            return self.proj(hidden), ()
+        means = self.decay * state[0] + self.gain * hidden[:, None, :]  # (batch, pools, hidden)
+        return self.proj(torch.cat([hidden, means.flatten(1)], dim=1)), (means,)
 
     def _ema_chunked(self, x: torch.Tensor, prev: torch.Tensor, i: int) -> torch.Tensor:
         outs = []

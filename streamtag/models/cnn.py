@@ -54,15 +54,19 @@ class CausalCNN(StreamingModel):
         self, frame: torch.Tensor, state: State, taps: torch.Tensor
     ) -> tuple[torch.Tensor, State, torch.Tensor]:
         n_front = len(self.front.channels)
-        x = (frame[:, None, :] - self.feat_mean) / self.feat_std
-        y, front_state = self.front(x, state[:n_front])  # (batch, 1, hidden)
+        y, front_state = self.front.step((frame - self.feat_mean) / self.feat_std, state[:n_front])  # (batch, hidden)
+        weights, biases = zip(*(self._folded(conv, norm) for conv, norm in zip(self.convs, self.norms)))
+        weight = torch.stack(weights)  # (lines, taps * hidden, hidden), tap-major rows: t - 2d, t - d, t
+        n_past = (self.kernel - 1) * self.hidden
+        # Every layer's past taps are known before the hop: one batched GEMM for all of them.
+        lines = len(self.convs)  # static reshape sizes: one Reshape node in the exported graph
+        past = taps.reshape(lines, -1, n_past) @ weight[:, :n_past] + torch.stack(biases)[:, None, :]
         rows = []
-        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+        for i in range(lines):  # past[i]: (batch, hidden)
             rows.append(y)  # a conv layer's history is its input
-            seq = torch.cat([taps[:, i], y], dim=1)  # (batch, taps, hidden): frames t - 2d, t - d, t
-            y = y + torch.relu(self._conv_one_frame(conv, norm, seq, 1))
-        logits, head_state = self.head(y, state[n_front:])
-        return logits[:, 0], front_state + head_state, torch.cat(rows, dim=1)
+            y = y + torch.relu(torch.addmm(past[i], y, weight[i, n_past:]))  # one fused Gemm + Relu in onnxruntime
+        logits, head_state = self.head.step(y, state[n_front:])
+        return logits, front_state + head_state, torch.cat(rows, dim=1)
 
     def trunk(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         n_front = len(self.front.channels)
@@ -79,14 +83,19 @@ class CausalCNN(StreamingModel):
         return y, tuple(new_state)
 
     @staticmethod
-    def _conv_one_frame(conv: nn.Conv1d, norm: nn.BatchNorm1d, seq: torch.Tensor, dilation: int) -> torch.Tensor:
+    def _folded(conv: nn.Conv1d, norm: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv and eval-mode batch norm as one ``(taps * in, out)`` matrix (tap-major rows) and a bias."""
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        taps, c_in, c_out = conv.weight.shape[2], conv.weight.shape[1], conv.weight.shape[0]
+        weight = (conv.weight * scale[:, None, None]).permute(2, 1, 0).reshape(taps * c_in, c_out)
+        return weight, (conv.bias - norm.running_mean) * scale + norm.bias
+
+    def _conv_one_frame(self, conv: nn.Conv1d, norm: nn.BatchNorm1d, seq: torch.Tensor, dilation: int) -> torch.Tensor:
         """The streaming step's conv: one output frame is one GEMM over the taps, batch-norm folded in.
 
         Same result as ``norm(conv(seq))`` in eval mode; exported as a single MatMul over all streams
         instead of one matrix-vector conv per stream (onnxruntime's Conv loops over the batch).
         """
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        weight = (conv.weight * scale[:, None, None]).transpose(1, 2).flatten(1)  # (out, taps * in), tap-major
-        bias = (conv.bias - norm.running_mean) * scale + norm.bias
+        weight, bias = self._folded(conv, norm)
         taps = seq[:, ::dilation].flatten(1)  # (batch, taps * in): frames t - 2d, t - d, t
-        return (taps @ weight.t() + bias).unsqueeze(1)  # (batch, 1, out)
+        return (taps @ weight + bias).unsqueeze(1)  # (batch, 1, out)

@@ -37,7 +37,7 @@ def export_onnx(model_dir: str | os.PathLike | None, out_path: str | os.PathLike
         n_lags = len(lines.lags[0])
         args += [
             torch.zeros(lines.frames * batch * len(lines.lags), lines.width),
-            torch.zeros(batch, len(lines.lags), n_lags, dtype=torch.long),
+            torch.zeros(len(lines.lags), batch, n_lags, dtype=torch.long),
         ]
         inputs += ["ring", "ring_taps"]
         outputs += ["ring_rows"]
@@ -53,7 +53,11 @@ def export_onnx(model_dir: str | os.PathLike | None, out_path: str | os.PathLike
             str(tmp),
             input_names=inputs,
             output_names=outputs,
-            dynamic_axes={n: {0: "batch"} for n in inputs + outputs},
+            dynamic_axes={
+                **{n: {0: "batch"} for n in inputs + outputs},
+                "ring": {0: "rows"},
+                "ring_taps": {1: "batch"},
+            },
             opset_version=OPSET,
             dynamo=False,
         )

@@ -39,13 +39,22 @@ class CausalConv2dFront(nn.Module):
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         if not self.channels:
             return torch.relu(self.proj(x)), state
-        # Written without Python-side shape arithmetic, so the exported step has no shape ops.
-        y = x.unsqueeze(1)  # (batch, 1, time, mels)
+        y, new_state = self._convs(x.unsqueeze(1), state)  # (batch, 1, time, mels) -> (b, c, t, f)
+        # (b, c, t, f) -> (b, t, c * f): one GEMM over all streams (a conv spanning all bands is slower)
+        return torch.relu(self.proj(y.transpose(1, 2).flatten(2))), new_state
+
+    def step(self, frame: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One frame ``(batch, n_mels)`` -> ``(batch, out_dim)``, written with static shapes for export."""
+        if not self.channels:
+            return torch.relu(self.proj(frame)), state
+        y, new_state = self._convs(frame.reshape(-1, 1, 1, self.widths[0]), state)  # (batch, 1, 1, mels)
+        return torch.relu(self.proj(y.flatten(1))), new_state
+
+    def _convs(self, y: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         new_state = []
         for conv, norm, ctx in zip(self.convs, self.norms, state):
             seq = torch.cat([ctx, y], dim=2)
             new_state.append(seq[:, :, -(TIME_TAPS - 1) :])
             y = torch.relu(norm(conv(seq)))
             y = F.max_pool2d(y, kernel_size=(1, 2))  # max over pairs of mel bands: (b, c, t, f) -> (b, c, t, f // 2)
-        # (b, c, t, f) -> (b, t, c * f): one GEMM over all streams (a conv spanning all bands is slower)
-        return torch.relu(self.proj(y.transpose(1, 2).flatten(2))), tuple(new_state)
+        return y, tuple(new_state)

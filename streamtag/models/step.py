@@ -41,8 +41,8 @@ class HopStep(nn.Module):
 class RingHopStep(nn.Module):
     """The hop step of a model with :class:`~streamtag.models.base.DelayLines`, rings kept by the runtime.
 
-    ``forward(audio, context, *state, ring (rows, width), ring_taps (B, lines, lags) int64)
-    -> (probs, context, *state, ring_rows (B, lines, width))``: ``state`` leaves out the
+    ``forward(audio, context, *state, ring (rows, width), ring_taps (lines, B, lags) int64)
+    -> (probs, context, *state, ring_rows (B, lines * width))``: ``state`` leaves out the
     delay-line entries; ``ring_taps`` index rows of ``ring``, so the runtime chooses the
     ring layout and writes ``ring_rows`` in place (no per-hop copy of the history).
     """
