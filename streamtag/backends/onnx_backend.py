@@ -33,6 +33,7 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.set_denormal_as_zero", "1")  # decaying state never hits slow denormals
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors
@@ -41,13 +42,22 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
 
 def open_session(folder: Path, threads: int = 1) -> ort.InferenceSession:
     """The ONNX session for a model folder: the shipped graph, the cached export, or a fresh export."""
+    return _open(folder, threads)[0]
+
+
+def graph_path(folder: Path) -> Path:
+    """Where the up-to-date exported step of a model folder lives (exported first if need be)."""
+    return _open(folder, 1)[1]
+
+
+def _open(folder: Path, threads: int) -> tuple[ort.InferenceSession, Path]:
     expected = fingerprint(folder)
     cached = cache_dir() / "onnx" / f"{expected}.onnx"
     for path in (folder / ONNX_NAME, cached):
         if path.is_file():
             session = _session(path, threads)
             if session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY) == expected:
-                return session
+                return session, path
     try:
         from ..models.export import export_onnx
     except ImportError:
@@ -56,29 +66,43 @@ def open_session(folder: Path, threads: int = 1) -> ort.InferenceSession:
             "or run 'streamtag export' where torch is installed"
         ) from None
     export_onnx(folder, cached)
-    return _session(cached, threads)
+    return _session(cached, threads), cached
 
 
 class Rings:
-    """The delay lines of a graph: ``frames`` rows per line and stream, read ``lags`` frames back."""
+    """The delay lines of a graph and where their rows live.
+
+    Line ``l`` is read ``lags[l]`` frames back and needs ``sizes[l] = max(lags[l]) + 1`` rows.
+    Two layouts: the backend's own streams use one ``(frames, streams, lines, width)`` ring
+    (every line ``frames`` long, so a hop's rows land together and each position has a
+    prebuilt binding); a pool packs each slot's lines back to back (``rows_per_slot`` rows,
+    less than half the memory, so a thousand streams' history stays in cache).
+    """
 
     def __init__(self, spec: str) -> None:
         data = json.loads(spec)
         self.frames, self.width = int(data["frames"]), int(data["width"])
         self.lags = np.asarray(data["lags"], dtype=np.int64)  # (lines, taps per line)
         self.lines = self.lags.shape[0]
-        self._line = np.arange(self.lines, dtype=np.int64)[:, None]
+        self._line = np.arange(self.lines, dtype=np.int64)[:, None, None]
+        self.sizes = self.lags.max(axis=1) + 1
+        self.base = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])  # first row of each line in a slot
+        self.rows_per_slot = int(self.sizes.sum())
 
     def time_major_taps(self, position: int, streams: int) -> np.ndarray:
         """``(lines, streams, taps)`` row indices into a ``(frames, streams, lines, width)`` ring at ``position``."""
         t = (position - self.lags) % self.frames  # (lines, taps)
         b = np.arange(streams, dtype=np.int64)[:, None]
-        return np.ascontiguousarray((t[:, None, :] * streams + b) * self.lines + self._line[:, :, None])
+        return np.ascontiguousarray((t[:, None, :] * streams + b) * self.lines + self._line)
 
-    def slot_major_taps(self, slots: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
-        """``(lines, n, taps)`` row indices into a ``(slots, frames, lines, width)`` ring, each slot at its position."""
-        t = (positions[:, None] - self.lags[:, None, :]) % self.frames  # (lines, n, taps)
-        np.add((slots[:, None] * self.frames + t) * self.lines, self._line[:, :, None], out=out)
+    def pool_taps(self, slots: np.ndarray, frames: np.ndarray, out: np.ndarray) -> None:
+        """``(lines, n, taps)`` row indices into a pool's rings for slots that have stepped ``frames`` hops."""
+        t = (frames[:, None] - self.lags[:, None, :]) % self.sizes[:, None, None]  # (lines, n, taps)
+        np.add(t, (slots * self.rows_per_slot)[:, None] + self.base[:, None, None], out=out)
+
+    def pool_rows(self, slots: np.ndarray, frames: np.ndarray) -> np.ndarray:
+        """``(n, lines)`` row indices where these slots' new rows go."""
+        return slots[:, None] * self.rows_per_slot + self.base + frames[:, None] % self.sizes
 
 
 class OnnxPool:
@@ -95,8 +119,8 @@ class OnnxPool:
         self.all_slots = np.arange(capacity)
         rings = backend.rings
         if rings is not None:
-            self.ring = np.zeros((capacity, rings.frames, rings.lines, rings.width), np.float32)
-            self.position = np.zeros(capacity, np.int64)  # where each slot's next row goes
+            self.ring = np.zeros((capacity, rings.rows_per_slot, rings.width), np.float32)
+            self.frames = np.zeros(capacity, np.int64)  # hops each slot has stepped: its place in its rings
             self.taps = np.zeros(rings.lines * capacity * rings.lags.shape[1], np.int64)  # (lines, n, taps) for any n
             self.rows = np.zeros((capacity, rings.lines * rings.width), np.float32)
         self.bindings: dict[tuple[bool, int], ort.IOBinding] = {}
@@ -118,23 +142,20 @@ class OnnxBackend:
         self._audio = np.zeros((batch_size, hop), dtype=np.float32)
         self._probs = np.zeros((batch_size, self.config.num_classes), dtype=np.float32)
         self._sets = [self.zero_state(batch_size) for _ in range(2)]
-        if self.rings is None:
-            self._bindings = [
-                [self._bind(self._audio, self._sets[i], self._probs, self._sets[1 - i]) for i in range(2)]
-            ]
-        else:  # one binding per ring position and state set: the hop itself does no index arithmetic
+        # The hop's whole schedule, prebuilt: hop k reads state set k % 2 and, with rings, writes
+        # ring position k % frames; the hop itself only picks the next binding.
+        period = 2 if self.rings is None else 2 * self.rings.frames
+        if self.rings is not None:
             r = self.rings
             self._ring = np.zeros((r.frames, batch_size, r.lines, r.width), np.float32)
-            self._taps = [r.time_major_taps(p, batch_size) for p in range(r.frames)]
-            self._bindings = [
-                [
-                    self._bind(self._audio, self._sets[i], self._probs, self._sets[1 - i], self._ring, self._taps[p], p)
-                    for i in range(2)
-                ]
-                for p in range(r.frames)
-            ]
-        self._current = 0
-        self._position = 0
+            self._taps = [r.time_major_taps(p, batch_size) for p in range(r.frames)]  # bound by pointer: keep them
+        self._schedule = []
+        for k in range(period):
+            sets = self._sets[k % 2], self._sets[1 - k % 2]
+            rings = () if self.rings is None else (self._ring, self._taps[k % r.frames], k % r.frames)
+            self._schedule.append(self._bind(self._audio, sets[0], self._probs, sets[1], *rings))
+        self._audio_flat = self._audio.reshape(-1)
+        self._tick = 0
 
     def _bind(
         self,
@@ -163,15 +184,13 @@ class OnnxBackend:
         return binding
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
-        self._audio[...] = audio.reshape(self._audio.shape)
-        self.session.run_with_iobinding(self._bindings[self._position][self._current])
-        self._current = 1 - self._current
-        if self.rings is not None:
-            self._position = (self._position + 1) % self.rings.frames
+        self._audio_flat[:] = audio.reshape(-1)
+        self.session.run_with_iobinding(self._schedule[self._tick])
+        self._tick = (self._tick + 1) % len(self._schedule)
         return self._probs
 
     def reset_states(self) -> None:
-        for arr in self._sets[self._current]:
+        for arr in self._sets[self._tick % 2]:
             arr.fill(0.0)
         if self.rings is not None:
             self._ring.fill(0.0)
@@ -179,7 +198,7 @@ class OnnxBackend:
     def get_state(self) -> list[np.ndarray]:
         """Copies of the current state arrays (and the ring, time-major, last), for inspection."""
         rings = [] if self.rings is None else [self._ring.copy()]
-        return [arr.copy() for arr in self._sets[self._current]] + rings
+        return [arr.copy() for arr in self._sets[self._tick % 2]] + rings
 
     def zero_state(self, batch_size: int) -> list[np.ndarray]:
         """Zeroed state arrays (batch first) for the graph's state inputs; rings are kept apart."""
@@ -194,7 +213,7 @@ class OnnxBackend:
             arr[slots] = 0.0
         if self.rings is not None:
             pool.ring[slots] = 0.0
-            pool.position[slots] = 0
+            pool.frames[slots] = 0
 
     def step_slots(self, pool: OnnxPool, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
         """Step the streams in ``slots`` (distinct, ascending is fastest) by one hop each, in one call.
@@ -210,7 +229,8 @@ class OnnxBackend:
                 np.take(src, slots, axis=0, out=dst[:n])
         if self.rings is not None:
             taps = pool.taps[: pool.taps.size // pool.capacity * n].reshape(self.rings.lines, n, -1)
-            self.rings.slot_major_taps(slots, pool.position[slots], taps)
+            frames = pool.frames[slots]
+            self.rings.pool_taps(slots, frames, taps)
         binding = pool.bindings.get((in_place, n))
         if binding is None:
             state_in = pool.state if in_place else pool.state_in
@@ -226,7 +246,7 @@ class OnnxBackend:
             else:
                 dst[slots] = src[:n]
         if self.rings is not None:
-            positions = pool.position[slots]
-            pool.ring[slots, positions] = pool.rows[:n].reshape(n, self.rings.lines, -1)
-            pool.position[slots] = (positions + 1) % self.rings.frames
+            ring = pool.ring.reshape(-1, self.rings.width)
+            ring[self.rings.pool_rows(slots, frames)] = pool.rows[:n].reshape(n, self.rings.lines, -1)
+            pool.frames[slots] = frames + 1
         return pool.probs[:n]

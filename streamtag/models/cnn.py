@@ -61,8 +61,10 @@ class CausalCNN(StreamingModel):
         # Every layer's past taps are known before the hop: one batched GEMM for all of them.
         lines = len(self.convs)  # static reshape sizes: one Reshape node in the exported graph
         past = taps.reshape(lines, -1, n_past) @ weight[:, :n_past] + torch.stack(biases)[:, None, :]
+        # (lines, batch, hidden) -> per line (batch, hidden): split along hidden, no squeezes
+        past = past.transpose(0, 1).reshape(-1, lines * self.hidden).split(self.hidden, dim=1)
         rows = []
-        for i in range(lines):  # past[i]: (batch, hidden)
+        for i in range(lines):
             rows.append(y)  # a conv layer's history is its input
             y = y + torch.relu(torch.addmm(past[i], y, weight[i, n_past:]))  # one fused Gemm + Relu in onnxruntime
         logits, head_state = self.head.step(y, state[n_front:])
