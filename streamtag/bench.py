@@ -411,7 +411,7 @@ def run(
         }
         for name, macs in report["macs_per_frame"].items()
     }
-    sizes = [1, 8, 32, 128] if quick else [1, 8, 32, 128, 512, 768, 1024, 1280, 1536, 2048]
+    sizes = [1, 8, 32, 128] if quick else [1, 8, 32, 128, 512, 768, 896, 1024, 1280, 1536, 2048]
     report["scale"] = bench_scale(model_dir, audio, sizes, 20 if quick else 100)
     real_time = [r["streams"] for r in report["scale"] if r["real_time"]]
     report["e2e_replay"] = bench_e2e_replay(model_dir, EXAMPLES / "dog.flac", 5 if quick else 30)

@@ -95,14 +95,25 @@ class Rings:
         b = np.arange(streams, dtype=np.int64)[:, None]
         return np.ascontiguousarray((t[:, None, :] * streams + b) * self.lines + self._line)
 
-    def pool_taps(self, slots: np.ndarray, frames: np.ndarray, out: np.ndarray) -> None:
-        """``(lines, n, taps)`` row indices into a pool's rings for slots that have stepped ``frames`` hops."""
+    def pool_taps(self, slots: np.ndarray, frames: np.ndarray | int, out: np.ndarray) -> None:
+        """``(lines, n, taps)`` row indices into a pool's rings for slots that have stepped ``frames`` hops.
+
+        ``frames`` is one int when every slot has stepped as often (the usual case): less index work.
+        """
+        if isinstance(frames, int):
+            t = (frames - self.lags) % self.sizes[:, None] + self.base[:, None]  # (lines, taps)
+            np.add(t[:, None, :], (slots * self.rows_per_slot)[:, None], out=out)
+            return
         t = (frames[:, None] - self.lags[:, None, :]) % self.sizes[:, None, None]  # (lines, n, taps)
         np.add(t, (slots * self.rows_per_slot)[:, None] + self.base[:, None, None], out=out)
 
-    def pool_rows(self, slots: np.ndarray, frames: np.ndarray) -> np.ndarray:
-        """``(n, lines)`` row indices where these slots' new rows go."""
-        return slots[:, None] * self.rows_per_slot + self.base + frames[:, None] % self.sizes
+    def write_rows(self, ring: np.ndarray, slots: np.ndarray, frames: np.ndarray | int, rows: np.ndarray) -> None:
+        """Store each slot's new row of every line: ``ring`` is ``(slots, rows_per_slot, width)``."""
+        rows = rows.reshape(len(slots), self.lines, self.width)
+        if isinstance(frames, int):
+            ring[slots[:, None], self.base + frames % self.sizes] = rows
+        else:
+            ring[slots[:, None], self.base + frames[:, None] % self.sizes] = rows
 
 
 class OnnxPool:
@@ -111,7 +122,9 @@ class OnnxPool:
     def __init__(self, backend: OnnxBackend, capacity: int) -> None:
         hop, classes = backend.config.features.hop_length, backend.config.num_classes
         self.capacity = capacity
-        self.state = backend.zero_state(capacity)
+        self.sets = [backend.zero_state(capacity) for _ in range(2)]  # the current one and its successor
+        self.current = 0
+        self.high_water = 0  # slots at or above this one have never held a stream
         self.state_in = backend.zero_state(capacity)  # gathered inputs when the slots are not 0..n-1
         self.state_out = backend.zero_state(capacity)
         self.audio = np.zeros((capacity, hop), np.float32)
@@ -123,7 +136,11 @@ class OnnxPool:
             self.frames = np.zeros(capacity, np.int64)  # hops each slot has stepped: its place in its rings
             self.taps = np.zeros(rings.lines * capacity * rings.lags.shape[1], np.int64)  # (lines, n, taps) for any n
             self.rows = np.zeros((capacity, rings.lines * rings.width), np.float32)
-        self.bindings: dict[tuple[bool, int], ort.IOBinding] = {}
+        self.bindings: dict[tuple[bool, int, int], ort.IOBinding] = {}
+
+    @property
+    def state(self) -> list[np.ndarray]:
+        return self.sets[self.current]
 
 
 class OnnxBackend:
@@ -209,7 +226,7 @@ class OnnxBackend:
         return OnnxPool(self, capacity)
 
     def clear_slots(self, pool: OnnxPool, slots: Sequence[int]) -> None:
-        for arr in pool.state:
+        for arr in pool.sets[0] + pool.sets[1]:
             arr[slots] = 0.0
         if self.rings is not None:
             pool.ring[slots] = 0.0
@@ -219,10 +236,13 @@ class OnnxBackend:
         """Step the streams in ``slots`` (distinct, ascending is fastest) by one hop each, in one call.
 
         Returns their probabilities ``(len(slots), classes)``, a view valid until the next call.
-        When ``slots`` is ``0..n-1`` the state is read in place; otherwise it is gathered first.
+        When ``slots`` is ``0..n-1`` the state is read in place and the new state written to the
+        pool's second set, which then becomes current (nothing copied when no other slot is in
+        use); otherwise the slots' state is gathered, stepped and scattered back.
         """
         n = len(slots)
         in_place = slots[0] == 0 and slots[-1] == n - 1 and bool((slots == pool.all_slots[:n]).all())
+        pool.high_water = max(pool.high_water, int(slots.max()) + 1)
         pool.audio[:n] = audio
         if not in_place:
             for src, dst in zip(pool.state, pool.state_in):
@@ -230,23 +250,30 @@ class OnnxBackend:
         if self.rings is not None:
             taps = pool.taps[: pool.taps.size // pool.capacity * n].reshape(self.rings.lines, n, -1)
             frames = pool.frames[slots]
+            if frames[0] == frames[-1] and (frames == frames[0]).all():
+                frames = int(frames[0])  # streams in step
             self.rings.pool_taps(slots, frames, taps)
-        binding = pool.bindings.get((in_place, n))
+        key = (in_place, n, pool.current if in_place else 0)
+        binding = pool.bindings.get(key)
         if binding is None:
-            state_in = pool.state if in_place else pool.state_in
+            state_in, state_out = (
+                (pool.state, pool.sets[1 - pool.current]) if in_place else (pool.state_in, pool.state_out)
+            )
             ring_args = () if self.rings is None else (pool.ring, taps, pool.rows[:n])
             binding = self._bind(
-                pool.audio[:n], [a[:n] for a in state_in], pool.probs[:n], [a[:n] for a in pool.state_out], *ring_args
+                pool.audio[:n], [a[:n] for a in state_in], pool.probs[:n], [a[:n] for a in state_out], *ring_args
             )
-            pool.bindings[(in_place, n)] = binding
+            pool.bindings[key] = binding
         self.session.run_with_iobinding(binding)
-        for dst, src in zip(pool.state, pool.state_out):
-            if in_place:
-                dst[:n] = src[:n]
-            else:
+        if in_place:
+            successor = pool.sets[1 - pool.current]
+            for dst, src in zip(successor, pool.state):  # slots not stepped carry over
+                dst[n : pool.high_water] = src[n : pool.high_water]
+            pool.current = 1 - pool.current
+        else:
+            for dst, src in zip(pool.state, pool.state_out):
                 dst[slots] = src[:n]
         if self.rings is not None:
-            ring = pool.ring.reshape(-1, self.rings.width)
-            ring[self.rings.pool_rows(slots, frames)] = pool.rows[:n].reshape(n, self.rings.lines, -1)
-            pool.frames[slots] = frames + 1
+            self.rings.write_rows(pool.ring, slots, frames, pool.rows[:n])
+            pool.frames[slots] += 1
         return pool.probs[:n]
