@@ -30,6 +30,10 @@ EXAMPLES = Path(__file__).parent / "assets" / "examples"
 PERCENTILES = (50, 90, 99, 99.9)
 
 
+def _progress(stage: str) -> None:
+    print(f"measuring: {stage}", file=sys.stderr, flush=True)
+
+
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -380,12 +384,14 @@ def run(
     }
     print(f"# streamtag bench ({'quick' if quick else 'full'}), budget {budget_ms:g} ms per frame", flush=True)
     rows = []
+    _progress("per-frame compute, default model")
     default = {b: bench_frames(b, model_dir, audio, frames if b == "onnx" else frames // 5) for b in backends}
     report["default_model"] = {b: {k: v for k, v in r.items() if not k.startswith("_")} for b, r in default.items()}
     if "onnx" in default:  # the stages inside the step: log-mel alone; the model is the rest
         report["default_model"]["onnx"]["features"] = bench_features(model_dir, audio, frames)
     rows += [("default", b, r) for b, r in default.items()]
     with tempfile.TemporaryDirectory() as tmp:
+        _progress("per-frame compute, each architecture")
         archs = _arch_models(Path(tmp), model_dir)
         report["architectures"] = {}
         for arch, folder in archs.items():
@@ -412,13 +418,19 @@ def run(
         for name, macs in report["macs_per_frame"].items()
     }
     sizes = [1, 8, 32, 128] if quick else [1, 8, 32, 128, 512, 768, 896, 1024, 1280, 1536, 2048]
+    _progress("batched streams")
     report["scale"] = bench_scale(model_dir, audio, sizes, 20 if quick else 100)
     real_time = [r["streams"] for r in report["scale"] if r["real_time"]]
+    _progress("end to end, paced replay")
     report["e2e_replay"] = bench_e2e_replay(model_dir, EXAMPLES / "dog.flac", 5 if quick else 30)
     if mic is not None:
+        _progress(f"end to end, microphone {mic}")
         report["e2e_mic"] = bench_e2e_mic(model_dir, mic, 5 if quick else 30)
+    _progress("memory over a long replay")
     report["memory"] = bench_memory(model_dir, EXAMPLES / "rain.flac", 0.5 if quick else 10)
+    _progress("silero-vad side by side")
     report["silero"] = bench_silero(audio, 500 if quick else 5000)
+    _progress("process start to first probability")
     fp, torch_imported = first_probability_s()
     report["first_probability"] = {"seconds": fp, "torch_imported": torch_imported}
     d = report["default_model"]["onnx"]
