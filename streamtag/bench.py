@@ -167,6 +167,49 @@ def bench_scale(model, audio: np.ndarray, sizes: list[int], calls: int) -> list[
     return rows
 
 
+def bench_scale_gpu(model, audio: np.ndarray, sizes: list[int], calls: int) -> dict[str, Any]:
+    """Batched streams on a CUDA GPU through the torch backend, until a size misses the hop.
+
+    State stays on the GPU; each call moves the hops in and the probabilities out, as a server
+    would. Empty when no GPU is visible.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    rows = []
+    for n in sizes:
+        backend = make_backend("torch", model, batch_size=n, device="cuda")
+        hop, budget_ms = backend.config.features.hop_length, backend.config.features.frame_seconds * 1000
+        batch = np.stack([np.roll(audio, 997 * s)[:hop] for s in range(n)]).astype(np.float32)
+        times = []
+        for i in range(calls + 5):
+            t0 = time.perf_counter_ns()
+            backend(batch)  # returns host probabilities: the GPU work is finished
+            if i >= 5:
+                times.append(time.perf_counter_ns() - t0)
+        ms = np.array(times) / 1e6
+        rows.append(
+            {
+                "streams": n,
+                "call_p50_ms": float(np.percentile(ms, 50)),
+                "call_p99_ms": float(np.percentile(ms, 99)),
+                "us_per_stream_frame": float(np.percentile(ms, 50) * 1000 / n),
+                "real_time": bool(np.percentile(ms, 99) < budget_ms),
+            }
+        )
+        del backend
+        torch.cuda.empty_cache()
+        if not rows[-1]["real_time"]:
+            break
+    real_time = [r["streams"] for r in rows if r["real_time"]]
+    return {
+        "device": torch.cuda.get_device_name(),
+        "rows": rows,
+        "streams_real_time": max(real_time) if real_time else 0,
+    }
+
+
 def bench_e2e_replay(model, path: Path, seconds: float) -> dict[str, float]:
     """Paced replay through the real ring and worker: last sample of a hop written -> its step emitted."""
     from .sources import WavReplaySource
@@ -421,6 +464,12 @@ def run(
     _progress("batched streams")
     report["scale"] = bench_scale(model_dir, audio, sizes, 20 if quick else 100)
     real_time = [r["streams"] for r in report["scale"] if r["real_time"]]
+    if "torch" in backends:
+        gpu_sizes = [1, 64, 1024] if quick else [1, 64, 1024, 4096, 16384, 32768, 49152, 65536, 98304, 131072]
+        gpu = bench_scale_gpu(model_dir, audio, gpu_sizes, 10 if quick else 50)
+        if gpu:
+            _progress(f"batched streams on {gpu['device']}")  # reported apart from the CPU figures
+            report["scale_gpu"] = gpu
     _progress("end to end, paced replay")
     report["e2e_replay"] = bench_e2e_replay(model_dir, EXAMPLES / "dog.flac", 5 if quick else 30)
     if mic is not None:
@@ -504,6 +553,19 @@ def markdown(report: dict[str, Any], rows) -> str:
         f"{'yes' if r['real_time'] else 'no'} |"
         for r in report["scale"]
     ]
+    if "scale_gpu" in report:
+        g = report["scale_gpu"]
+        lines += [
+            "",
+            f"| streams batched on {g['device']} (torch) | call p50 ms | call p99 ms "
+            "| us per stream-frame | real time |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['streams']} | {r['call_p50_ms']:.3f} | {r['call_p99_ms']:.3f} | {r['us_per_stream_frame']:.3f} | "
+            f"{'yes' if r['real_time'] else 'no'} |"
+            for r in g["rows"]
+        ]
     lines += ["", "| summary | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()]
     return "\n".join(lines)

@@ -81,6 +81,15 @@ def test_shipped_graph_equals_torch_on_the_default_model(batch):
     np.testing.assert_allclose(fast, ref, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (checked on an H200: max |dp| 1e-6)")
+def test_torch_on_cuda_equals_onnx_on_cpu():
+    audio = read_clip(EXAMPLES / "dog.flac")[: 16000 * 2]
+    streams = np.stack([np.roll(audio, 1000 * k) for k in range(4)])
+    gpu = _run_backend(make_backend("torch", None, batch_size=4, device="cuda"), streams)
+    cpu = _run_backend(make_backend("onnx", None, batch_size=4), streams)
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+
+
 def test_cnn_graph_keeps_its_history_in_rings(cnn_dir):
     """The CNN's dilated-conv history streams through rings (no per-hop copy); rings wrap many times above."""
     backend = make_backend("onnx", cnn_dir)
