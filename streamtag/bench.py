@@ -147,24 +147,33 @@ def bench_scale(model, audio: np.ndarray, sizes: list[int], calls: int) -> list[
     rows = []
     for n in sizes:
         pool, slots = backend.new_pool(n), np.arange(n)
-        batch = np.stack([np.roll(audio, 997 * s)[:hop] for s in range(n)]).astype(np.float32)
-        times = []
-        for i in range(calls + 5):
-            t0 = time.perf_counter_ns()
-            backend.step_slots(pool, slots, batch)  # what MultiStreamTagger does per hop round
-            if i >= 5:
-                times.append(time.perf_counter_ns() - t0)
-        ms = np.array(times) / 1e6
-        rows.append(
-            {
-                "streams": n,
-                "call_p50_ms": float(np.percentile(ms, 50)),
-                "call_p99_ms": float(np.percentile(ms, 99)),
-                "us_per_stream_frame": float(np.percentile(ms, 50) * 1000 / n),
-                "real_time": bool(np.percentile(ms, 99) < budget_ms),
-            }
-        )
+        batch = _stream_batch(audio, n, hop)
+        rows.append(_time_batched(backend.step_slots, (pool, slots, batch), calls, budget_ms))
     return rows
+
+
+def _stream_batch(audio: np.ndarray, n: int, hop: int) -> np.ndarray:
+    """One hop for each of ``n`` streams, each from its own place in the clip."""
+    return np.stack([np.roll(audio, 997 * s)[:hop] for s in range(n)]).astype(np.float32)
+
+
+def _time_batched(step, args: tuple, calls: int, budget_ms: float, warmup: int = 5) -> dict[str, Any]:
+    """Time ``calls`` batched steps ``step(*args)`` (hops last in ``args``): per call, per stream-frame, real time."""
+    n = len(args[-1])
+    times = []
+    for i in range(calls + warmup):
+        t0 = time.perf_counter_ns()
+        step(*args)
+        if i >= warmup:
+            times.append(time.perf_counter_ns() - t0)
+    ms = np.array(times) / 1e6
+    return {
+        "streams": n,
+        "call_p50_ms": float(np.percentile(ms, 50)),
+        "call_p99_ms": float(np.percentile(ms, 99)),
+        "us_per_stream_frame": float(np.percentile(ms, 50) * 1000 / n),
+        "real_time": bool(np.percentile(ms, 99) < budget_ms),
+    }
 
 
 def bench_scale_gpu(model, audio: np.ndarray, sizes: list[int], calls: int) -> dict[str, Any]:
@@ -181,23 +190,8 @@ def bench_scale_gpu(model, audio: np.ndarray, sizes: list[int], calls: int) -> d
     for n in sizes:
         backend = make_backend("torch", model, batch_size=n, device="cuda")
         hop, budget_ms = backend.config.features.hop_length, backend.config.features.frame_seconds * 1000
-        batch = np.stack([np.roll(audio, 997 * s)[:hop] for s in range(n)]).astype(np.float32)
-        times = []
-        for i in range(calls + 5):
-            t0 = time.perf_counter_ns()
-            backend(batch)  # returns host probabilities: the GPU work is finished
-            if i >= 5:
-                times.append(time.perf_counter_ns() - t0)
-        ms = np.array(times) / 1e6
-        rows.append(
-            {
-                "streams": n,
-                "call_p50_ms": float(np.percentile(ms, 50)),
-                "call_p99_ms": float(np.percentile(ms, 99)),
-                "us_per_stream_frame": float(np.percentile(ms, 50) * 1000 / n),
-                "real_time": bool(np.percentile(ms, 99) < budget_ms),
-            }
-        )
+        batch = _stream_batch(audio, n, hop)
+        rows.append(_time_batched(backend, (batch,), calls, budget_ms))  # returns host probabilities: GPU done
         del backend
         torch.cuda.empty_cache()
         if not rows[-1]["real_time"]:
@@ -543,32 +537,22 @@ def markdown(report: dict[str, Any], rows) -> str:
             e = report[key]
             where = f" ({e['device']})" if "device" in e else ""
             lines.append(f"| {name}{where} | {e['e2e_p50_ms']:.3f} | {e['e2e_p99_ms']:.3f} |")
-    lines += [
-        "",
-        "| streams batched | call p50 ms | call p99 ms | us per stream-frame | real time |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['streams']} | {r['call_p50_ms']:.3f} | {r['call_p99_ms']:.3f} | {r['us_per_stream_frame']:.1f} | "
-        f"{'yes' if r['real_time'] else 'no'} |"
-        for r in report["scale"]
-    ]
+    lines += _scale_table("streams batched", report["scale"], 1)
     if "scale_gpu" in report:
         g = report["scale_gpu"]
-        lines += [
-            "",
-            f"| streams batched on {g['device']} (torch) | call p50 ms | call p99 ms "
-            "| us per stream-frame | real time |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['streams']} | {r['call_p50_ms']:.3f} | {r['call_p99_ms']:.3f} | {r['us_per_stream_frame']:.3f} | "
-            f"{'yes' if r['real_time'] else 'no'} |"
-            for r in g["rows"]
-        ]
+        lines += _scale_table(f"streams batched on {g['device']} (torch)", g["rows"], 3)
     lines += ["", "| summary | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in s.items()]
     return "\n".join(lines)
+
+
+def _scale_table(title: str, rows: list[dict[str, Any]], us_digits: int) -> list[str]:
+    lines = ["", f"| {title} | call p50 ms | call p99 ms | us per stream-frame | real time |", "|---|---|---|---|---|"]
+    return lines + [
+        f"| {r['streams']} | {r['call_p50_ms']:.3f} | {r['call_p99_ms']:.3f} "
+        f"| {r['us_per_stream_frame']:.{us_digits}f} | {'yes' if r['real_time'] else 'no'} |"
+        for r in rows
+    ]
 
 
 def plot_cdf(path, rows, budget_ms: float) -> None:

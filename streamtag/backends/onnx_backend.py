@@ -100,20 +100,13 @@ class Rings:
 
         ``frames`` is one int when every slot has stepped as often (the usual case): less index work.
         """
-        if isinstance(frames, int):
-            t = (frames - self.lags) % self.sizes[:, None] + self.base[:, None]  # (lines, taps)
-            np.add(t[:, None, :], (slots * self.rows_per_slot)[:, None], out=out)
-            return
-        t = (frames[:, None] - self.lags[:, None, :]) % self.sizes[:, None, None]  # (lines, n, taps)
-        np.add(t, (slots * self.rows_per_slot)[:, None] + self.base[:, None, None], out=out)
+        t = (np.reshape(frames, (1, -1, 1)) - self.lags[:, None, :]) % self.sizes[:, None, None]  # (lines, n|1, taps)
+        np.add(t + self.base[:, None, None], (slots * self.rows_per_slot)[:, None], out=out)
 
     def write_rows(self, ring: np.ndarray, slots: np.ndarray, frames: np.ndarray | int, rows: np.ndarray) -> None:
         """Store each slot's new row of every line: ``ring`` is ``(slots, rows_per_slot, width)``."""
-        rows = rows.reshape(len(slots), self.lines, self.width)
-        if isinstance(frames, int):
-            ring[slots[:, None], self.base + frames % self.sizes] = rows
-        else:
-            ring[slots[:, None], self.base + frames[:, None] % self.sizes] = rows
+        at = self.base + np.reshape(frames, (-1, 1)) % self.sizes  # (n or 1, lines)
+        ring[slots[:, None], at] = rows.reshape(len(slots), self.lines, self.width)
 
 
 class OnnxPool:

@@ -163,21 +163,21 @@ class PooledHead(nn.Module):
     def forward(self, hidden: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         if not self.n_pools:
             return self.proj(hidden), ()
+        if hidden.shape[1] == 1:  # streaming step
+            logits, state = self.step(hidden[:, 0], state)
+            return logits[:, None], state
         (prev,) = state  # (batch, pools, hidden)
-        if hidden.shape[1] == 1:  # streaming step: y = a * y + (1 - a) * x for every pool at once
-            means = self.decay * prev + self.gain * hidden  # (batch, pools, hidden)
-            pooled = means.flatten(1).unsqueeze(1)  # (batch, 1, pools * hidden)
-        else:
-            runs = [self._ema_chunked(hidden, prev[:, i], i) for i in range(self.n_pools)]
-            pooled = torch.cat(runs, dim=-1)  # (batch, time, pools * hidden), pool-major like flatten above
-            means = torch.stack([run[:, -1] for run in runs], dim=1)
+        runs = [self._ema_chunked(hidden, prev[:, i], i) for i in range(self.n_pools)]
+        pooled = torch.cat(runs, dim=-1)  # (batch, time, pools * hidden), pool-major like step's flatten
+        means = torch.stack([run[:, -1] for run in runs], dim=1)
         return self.proj(torch.cat([hidden, pooled], dim=-1)), (means,)
 
     def step(self, hidden: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One frame ``(batch, hidden)`` -> logits ``(batch, classes)``; same as ``forward`` on one frame."""
+        """One frame ``(batch, hidden)`` -> logits ``(batch, classes)``; ``forward`` on one frame uses it."""
         if not self.n_pools:
             return self.proj(hidden), ()
-        means = self.decay * state[0] + self.gain * hidden[:, None, :]  # (batch, pools, hidden)
+        # y = a * y + (1 - a) * x for every pool at once: (batch, pools, hidden)
+        means = self.decay * state[0] + self.gain * hidden[:, None, :]
         return self.proj(torch.cat([hidden, means.flatten(1)], dim=1)), (means,)
 
     def _ema_chunked(self, x: torch.Tensor, prev: torch.Tensor, i: int) -> torch.Tensor:

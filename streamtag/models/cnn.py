@@ -88,7 +88,7 @@ class CausalCNN(StreamingModel):
     def _folded(conv: nn.Conv1d, norm: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
         """Conv and eval-mode batch norm as one ``(taps * in, out)`` matrix (tap-major rows) and a bias."""
         scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        taps, c_in, c_out = conv.weight.shape[2], conv.weight.shape[1], conv.weight.shape[0]
+        c_out, c_in, taps = conv.weight.shape
         weight = (conv.weight * scale[:, None, None]).permute(2, 1, 0).reshape(taps * c_in, c_out)
         return weight, (conv.bias - norm.running_mean) * scale + norm.bias
 
