@@ -59,6 +59,9 @@ class FeatureConfig:
         return self.hop_length / self.sample_rate
 
 
+OUTPUTS = ("sigmoid", "softmax")
+
+
 @_dc.dataclass(frozen=True)
 class ModelConfig:
     """What a model folder's ``config.json`` holds: architecture, sizes, features and labels.
@@ -68,14 +71,20 @@ class ModelConfig:
         labels (tuple of str): class names, in output order.
         features (FeatureConfig): how the model's input is computed.
         arch_params (dict): keyword arguments of the architecture's constructor.
+        output (str): ``sigmoid``: an independent probability per class, any number of sounds at once
+            and all low for none (multi-label); ``softmax``: one distribution over the classes, for
+            truly single-label data. (Default: ``softmax``, what models saved before the choice were)
     """
 
     arch: str
     labels: tuple[str, ...]
     features: FeatureConfig = FeatureConfig()
     arch_params: dict[str, Any] = _dc.field(default_factory=dict)
+    output: str = "softmax"
 
     def __post_init__(self) -> None:
+        if self.output not in OUTPUTS:
+            raise ConfigError(f"output must be one of {', '.join(OUTPUTS)} ({self.output!r} given)")
         if len(self.labels) < 1:
             raise ConfigError("a model needs at least one label (0 given)")
         if len(set(self.labels)) != len(self.labels):
@@ -85,12 +94,17 @@ class ModelConfig:
     def num_classes(self) -> int:
         return len(self.labels)
 
+    @property
+    def multi_label(self) -> bool:
+        return self.output == "sigmoid"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "arch": self.arch,
             "labels": list(self.labels),
             "features": _dc.asdict(self.features),
             "arch_params": dict(self.arch_params),
+            "output": self.output,
         }
 
     def to_json(self) -> str:
@@ -100,7 +114,7 @@ class ModelConfig:
     def from_dict(cls, data: Any) -> ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError("model config must be a JSON object")
-        unknown = set(data) - {"arch", "labels", "features", "arch_params"}
+        unknown = set(data) - {"arch", "labels", "features", "arch_params", "output"}
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
         for key in ("arch", "labels"):
@@ -120,4 +134,7 @@ class ModelConfig:
             features = FeatureConfig(**feats)
         except TypeError as exc:
             raise ConfigError(f"model config 'features': {exc}") from None
-        return cls(arch=str(data["arch"]), labels=tuple(labels), features=features, arch_params=params)
+        output = data.get("output", "softmax")
+        return cls(
+            arch=str(data["arch"]), labels=tuple(labels), features=features, arch_params=params, output=str(output)
+        )

@@ -19,6 +19,8 @@ ARCH_PARAMS = {
     "attention": {"hidden": 32, "heads": 2, "layers": 2, "window": 30, "pool_seconds": [0.5]},
 }
 LABELS = ("dog", "rain", "chainsaw", "rooster", "other")
+# "<arch>-ml": multi-label (sigmoid) with the input-level normaliser, as `streamtag train` builds by default
+VARIANTS = sorted(ARCH_PARAMS) + [f"{arch}-ml" for arch in sorted(ARCH_PARAMS)]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -38,7 +40,7 @@ def dog_clip() -> Path:
     return EXAMPLES / "dog.flac"
 
 
-def make_model(arch: str, folder: Path, seed: int = 0) -> Path:
+def make_model(variant: str, folder: Path, seed: int = 0) -> Path:
     import torch
 
     from streamtag.config import ModelConfig
@@ -46,7 +48,9 @@ def make_model(arch: str, folder: Path, seed: int = 0) -> Path:
     from streamtag.models.io import save_model
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(arch=arch, labels=LABELS, arch_params=ARCH_PARAMS[arch])
+    arch, multi_label = variant.removesuffix("-ml"), variant.endswith("-ml")
+    params = dict(ARCH_PARAMS[arch], level_seconds=1.0) if multi_label else ARCH_PARAMS[arch]
+    cfg = ModelConfig(arch=arch, labels=LABELS, arch_params=params, output="sigmoid" if multi_label else "softmax")
     model = build_model(cfg)
     with torch.no_grad():  # plausible input statistics so outputs are not saturated
         model.feat_mean.fill_(-8.0)
@@ -54,7 +58,7 @@ def make_model(arch: str, folder: Path, seed: int = 0) -> Path:
     return save_model(model, cfg, folder)
 
 
-@pytest.fixture(scope="session", params=sorted(ARCH_PARAMS))
+@pytest.fixture(scope="session", params=VARIANTS)
 def model_dir(request, tmp_path_factory) -> Path:
     return make_model(request.param, tmp_path_factory.mktemp(request.param))
 

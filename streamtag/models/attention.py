@@ -63,8 +63,9 @@ class CausalAttention(StreamingModel):
         layers: int = 2,
         window: int = 100,
         pool_seconds: tuple[float, ...] = (),
+        **common,
     ) -> None:
-        super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds))
+        super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds), **common)
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
         if window < 2:

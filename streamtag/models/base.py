@@ -18,8 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import FeatureConfig, ModelConfig
 from ..errors import ConfigError
+from .level import LevelNorm
 
 State = tuple[torch.Tensor, ...]
 
@@ -44,8 +45,10 @@ def build_model(cfg: ModelConfig) -> StreamingModel:
     if cfg.arch not in _REGISTRY:
         raise ConfigError(f"unknown architecture '{cfg.arch}' (known: {', '.join(architectures())})")
     try:
-        return _REGISTRY[cfg.arch](n_mels=cfg.features.n_mels, num_classes=cfg.num_classes, **cfg.arch_params)
-    except TypeError as exc:
+        return _REGISTRY[cfg.arch](
+            n_mels=cfg.features.n_mels, num_classes=cfg.num_classes, features=cfg.features, **cfg.arch_params
+        )
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad arch_params for '{cfg.arch}': {exc}") from None
 
 
@@ -75,12 +78,26 @@ class StreamingModel(nn.Module):
 
     arch_name = ""
 
-    def __init__(self, n_mels: int, hidden: int, num_classes: int, pool_seconds: tuple[float, ...]) -> None:
+    def __init__(
+        self,
+        n_mels: int,
+        hidden: int,
+        num_classes: int,
+        pool_seconds: tuple[float, ...],
+        features: FeatureConfig | None = None,
+        level_seconds: float = 0.0,
+        level_floor_db: float = -70.0,
+    ) -> None:
+        """``features`` gives the hop (time constants are in seconds); ``level_seconds > 0`` adds a
+        :class:`~streamtag.models.level.LevelNorm` in front (models saved before it have none)."""
         super().__init__()
+        features = features or FeatureConfig(n_mels=n_mels)
         # Per-band statistics of the training features, set by the trainer.
         self.register_buffer("feat_mean", torch.zeros(n_mels))
         self.register_buffer("feat_std", torch.ones(n_mels))
-        self.head = PooledHead(hidden, num_classes, pool_seconds)
+        self.level = LevelNorm(features, level_seconds, level_floor_db) if level_seconds else None
+        self.n_level_state = self.level.n_state if self.level is not None else 0
+        self.head = PooledHead(hidden, num_classes, pool_seconds, features.frame_seconds)
 
     # -- subclass API --------------------------------------------------------
     def init_trunk_state(self, batch_size: int) -> State:
@@ -92,14 +109,30 @@ class StreamingModel(nn.Module):
 
     # -- protocol ------------------------------------------------------------
     def init_state(self, batch_size: int = 1) -> State:
-        return self.init_trunk_state(batch_size) + self.head.init_state(batch_size, self.feat_mean.device)
+        """Trunk state, then the head's, then the level's (last, so trunk indices never move)."""
+        dev = self.feat_mean.device
+        level = self.level.init_state(batch_size, dev) if self.level is not None else ()
+        return self.init_trunk_state(batch_size) + self.head.init_state(batch_size, dev) + level
+
+    def normalise(self, feats: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Log-mel ``(batch, time, n_mels)`` -> the trunk's input; ``state`` is the level's entries (or none)."""
+        if self.level is not None:
+            feats, state = self.level(feats, state)
+        return (feats - self.feat_mean) / self.feat_std, state
+
+    def split_state(self, state: State) -> tuple[State, State, State]:
+        """``init_state()``'s layout (or a suffix-compatible one) -> (trunk, head, level) entries."""
+        n_level = self.n_level_state
+        n_head = self.head.n_state
+        end = len(state) - n_level
+        return state[: end - n_head], state[end - n_head : end], state[end:]
 
     def forward(self, feats: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        n_trunk = len(state) - self.head.n_state
-        x = (feats - self.feat_mean) / self.feat_std
-        hidden, trunk_state = self.trunk(x, state[:n_trunk])
-        logits, head_state = self.head(hidden, state[n_trunk:])
-        return logits, trunk_state + head_state
+        trunk_state, head_state, level_state = self.split_state(state)
+        x, level_state = self.normalise(feats, level_state)
+        hidden, trunk_state = self.trunk(x, trunk_state)
+        logits, head_state = self.head(hidden, head_state)
+        return logits, trunk_state + head_state + level_state
 
     def step(self, frame: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One frame ``(batch, n_mels)`` -> logits ``(batch, classes)``."""

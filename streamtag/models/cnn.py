@@ -29,8 +29,9 @@ class CausalCNN(StreamingModel):
         kernel: int = 3,
         pool_seconds: tuple[float, ...] = (),
         front_channels: tuple[int, ...] = (),
+        **common,
     ) -> None:
-        super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds))
+        super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds), **common)
         self.hidden, self.kernel, self.dilations = hidden, kernel, tuple(dilations)
         self.front = CausalConv2dFront(n_mels, hidden, tuple(front_channels))
         self.convs = nn.ModuleList(nn.Conv1d(hidden, hidden, kernel, dilation=d) for d in self.dilations)
@@ -54,7 +55,9 @@ class CausalCNN(StreamingModel):
         self, frame: torch.Tensor, state: State, taps: torch.Tensor
     ) -> tuple[torch.Tensor, State, torch.Tensor]:
         n_front = len(self.front.channels)
-        y, front_state = self.front.step((frame - self.feat_mean) / self.feat_std, state[:n_front])  # (batch, hidden)
+        _, head_state, level_state = self.split_state(state)
+        x, level_state = self.normalise(frame[:, None], level_state)
+        y, front_state = self.front.step(x[:, 0], state[:n_front])  # (batch, hidden)
         weights, biases = zip(*(self._folded(conv, norm) for conv, norm in zip(self.convs, self.norms)))
         weight = torch.stack(weights)  # (lines, taps * hidden, hidden), tap-major rows: t - 2d, t - d, t
         n_past = (self.kernel - 1) * self.hidden
@@ -67,8 +70,8 @@ class CausalCNN(StreamingModel):
         for i in range(lines):
             rows.append(y)  # a conv layer's history is its input
             y = y + torch.relu(torch.addmm(past[i], y, weight[i, n_past:]))  # one fused Gemm + Relu in onnxruntime
-        logits, head_state = self.head.step(y, state[n_front:])
-        return logits, front_state + head_state, torch.cat(rows, dim=1)
+        logits, head_state = self.head.step(y, head_state)
+        return logits, front_state + head_state + level_state, torch.cat(rows, dim=1)
 
     def trunk(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         n_front = len(self.front.channels)

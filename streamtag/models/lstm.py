@@ -25,8 +25,9 @@ class CausalLSTM(StreamingModel):
         layers: int = 1,
         kernel: int = 3,
         pool_seconds: tuple[float, ...] = (),
+        **common,
     ) -> None:
-        super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds))
+        super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds), **common)
         if kernel < 2:
             raise ValueError(f"kernel must be at least 2 frames ({kernel} given)")
         self.n_mels, self.hidden, self.layers, self.kernel = n_mels, hidden, layers, kernel

@@ -15,6 +15,11 @@ from ..features import LogMel
 from .base import StreamingModel
 
 
+def probabilities(logits: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Logits -> what every runner reports: independent sigmoids (multi-label) or a softmax."""
+    return torch.sigmoid(logits) if cfg.multi_label else torch.softmax(logits, dim=-1)
+
+
 class HopStep(nn.Module):
     """``forward(audio (B, hop), context (B, win - hop), *state) -> (probs (B, C), context, *state)``."""
 
@@ -35,7 +40,7 @@ class HopStep(nn.Module):
         frame = torch.cat([context, audio], dim=1)
         logits, new_state = self.model.step(self.log_mel(frame), state)
         hop = self.cfg.features.hop_length
-        return (torch.softmax(logits, dim=-1), frame[:, hop:], *new_state)
+        return (probabilities(logits, self.cfg), frame[:, hop:], *new_state)
 
 
 class RingHopStep(nn.Module):
@@ -71,4 +76,4 @@ class RingHopStep(nn.Module):
             self.step.log_mel(frame), tuple(state), ring[ring_taps]
         )
         hop = self.step.cfg.features.hop_length
-        return (torch.softmax(logits, dim=-1), frame[:, hop:], *new_state, rows)
+        return (probabilities(logits, self.step.cfg), frame[:, hop:], *new_state, rows)
