@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
 from .run import BACKENDS
 
 
@@ -14,14 +15,18 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
         help="evaluate a model on labelled audio through the streaming path",
-        description="Replay every clip of DATASET through the ring buffer, worker and backend, and report clip "
-        "accuracy (last frame and mean over frames), macro mAP, per-class accuracy, a confusion matrix "
-        "and a time-to-detect curve, beside an offline logistic-regression baseline.",
+        description="Step every clip of DATASET hop by hop through the backend and report clip accuracy (last "
+        "frame and mean over frames, argmax among the dataset's classes), macro mAP, per-class AP and F1 at "
+        "the event thresholds, a confusion matrix, a time-to-detect curve and a level sweep, beside an "
+        "offline logistic-regression baseline. Optionally: false alarms per hour on audio without these "
+        "classes, and agreement with a teacher on unlabelled audio.",
     )
     p.add_argument("model", help="model folder, or 'default' for the bundled model")
     p.add_argument("dataset", help="ESC-50 folder, folder per class, or CSV manifest")
     p.add_argument("--backend", choices=sorted(BACKENDS), default="onnx")
-    p.add_argument("--report", metavar="DIR", default="eval_report", help="where report.json/.md go")
+    p.add_argument(
+        "--report", metavar="DIR", default="eval_report", help="where report.json/.md go (default eval_report)"
+    )
     p.add_argument("--plot", action="store_true", help="also save confusion.png and time_to_detect.png")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N clips (a quick look)")
     p.add_argument(
@@ -29,23 +34,89 @@ def add_parser(subparsers) -> None:
         type=int,
         default=5,
         metavar="K",
-        help="the baseline is scored by K-fold source-grouped CV on the same clips (default 5)",
+        help="the baseline is scored by K-fold source-grouped CV on the same clips (default 5; 0: none)",
     )
+    p.add_argument(
+        "--levels",
+        default="0,-10,-20,-30,-40",
+        metavar="DB,...",
+        help="input gains of the level sweep in dB ('' for none; default 0,-10,-20,-30,-40)",
+    )
+    p.add_argument(
+        "--false-alarm-audio",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="audio holding none of the model's classes except --expected (folder or CSV with path): events per hour",
+    )
+    p.add_argument(
+        "--expected",
+        default="speech,music",
+        metavar="A,B",
+        help="classes that may be present in --false-alarm-audio, not counted (default speech,music)",
+    )
+    p.add_argument(
+        "--event-stream",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also play one clip of each of N classes one after another over a quiet noise floor and check "
+        "that each is found as an event with the right label and onset (default 0: off)",
+    )
+    p.add_argument("--teacher", metavar="ONNX", help="AudioSet tagger to compare with on --agreement-audio")
+    p.add_argument("--agreement-audio", action="append", default=[], metavar="PATH", help="unlabelled audio for it")
+    p.add_argument("--label-map", metavar="TSV", help="label map for the teacher (default: the packaged one)")
     p.set_defaults(handler=run)
+
+
+def _levels(text: str) -> list[float]:
+    try:
+        levels = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--levels {text!r}: expected comma-separated gains in dB, e.g. 0,-20,-40") from None
+    bad = [x for x in levels if not -120 <= x <= 40]
+    if bad:
+        raise ConfigError(f"--levels: {bad[0]} dB is outside -120..40")
+    return levels
 
 
 def run(args) -> int:
     from ..backends import make_backend
-    from ..modelfile import cache_dir
-    from ..training.datasets import compute_features, grouped_folds, load_dataset
-    from ..training.evaluate import baseline_accuracy, clip_statistics, metrics, stream_scores, write_report
+    from ..events import EventDetector
+    from ..modelfile import cache_dir, resolve_model_dir
+    from ..training.datasets import compute_features, grouped_folds, load_dataset, read_unlabelled
+    from ..training.evaluate import (
+        baseline_accuracy,
+        clip_statistics,
+        detected,
+        event_stream,
+        f1_scores,
+        false_alarms,
+        metrics,
+        stream_scores,
+        teacher_agreement,
+        write_report,
+    )
+    from ..training.teacher import Teacher, read_label_map
+    from ..training.trainer import TRAINED_ON
 
+    levels = _levels(args.levels)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1 ({args.limit} given)")
+    if args.event_stream < 0:
+        raise ConfigError(f"--event-stream must be >= 0 ({args.event_stream} given)")
+    if args.agreement_audio and not args.teacher:
+        raise ConfigError("--agreement-audio needs --teacher (the scores to agree with)")
+    label_map = read_label_map(args.label_map)
+    model_dir = resolve_model_dir(None if args.model == "default" else args.model)
     backend = make_backend(args.backend, None if args.model == "default" else args.model)
     dataset = load_dataset(args.dataset)
     if args.limit:
         dataset = dataset.subset(range(min(args.limit, len(dataset.clips))))
+    _warn_if_seen(model_dir / TRAINED_ON, dataset)
+    names = [label_map.canonical(c.label) for c in dataset.clips]
     known = set(backend.labels)
-    unknown = sorted({c.label for c in dataset.clips} - known)
+    unknown = sorted(set(names) - known)
     if unknown:
         print(
             f"streamtag eval: warning: {len(unknown)} dataset classes are not model classes and count as "
@@ -53,13 +124,46 @@ def run(args) -> int:
             file=sys.stderr,
         )
     index = {label: i for i, label in enumerate(backend.labels)}
-    targets = np.array([index.get(c.label, -1) for c in dataset.clips])
-    probs = stream_scores(backend, [c.path for c in dataset.clips])
+    targets = np.array([index.get(n, -1) for n in names])
+    allowed = np.isin(backend.labels, sorted(set(names)))
+    hard = np.full((len(names), len(backend.labels)), np.nan, np.float32)
+    hard[:, allowed] = 0.0
+    hard[targets >= 0, targets[targets >= 0]] = 1.0
+    frame_s = backend.config.features.frame_seconds
+    paths = [c.path for c in dataset.clips]
+    print(f"streamtag eval: {len(paths)} clips through the {args.backend} backend", file=sys.stderr)
+    probs = stream_scores(backend, paths)
+    detector = EventDetector(backend.labels, frame_s)
     report = {
         "model": args.model,
         "dataset": str(args.dataset),
-        "metrics": metrics(probs, targets, backend.labels, backend.config.features.frame_seconds),
+        "metrics": metrics(probs, targets, backend.labels, frame_s, allowed),
+        "f1": f1_scores(np.stack([detected(p, detector) for p in probs]), hard, backend.labels),
     }
+    if levels:
+        report["levels"] = {}
+        for db in levels:
+            print(f"streamtag eval: level sweep, {db:g} dB", file=sys.stderr)
+            quiet = probs if db == 0 else stream_scores(backend, paths, db)
+            m = metrics(quiet, targets, backend.labels, frame_s, allowed)
+            report["levels"][f"{db:g}"] = {"acc_mean": m["acc_mean"], "acc_last": m["acc_last"]}
+    if args.event_stream:
+        first: dict[str, int] = {}
+        for i, t in enumerate(targets):
+            if t >= 0 and backend.labels[t] not in first and len(first) < args.event_stream:
+                first[backend.labels[t]] = i
+        print(f"streamtag eval: event stream of {len(first)} isolated sounds", file=sys.stderr)
+        report["event_stream"] = event_stream(backend, [paths[i] for i in first.values()], list(first))
+    if args.false_alarm_audio:
+        files = [c.path for path in args.false_alarm_audio for c in read_unlabelled(path)]
+        expected = [x.strip() for x in args.expected.split(",") if x.strip()]
+        print(f"streamtag eval: false alarms on {len(files)} files", file=sys.stderr)
+        report["false_alarms"] = false_alarms(backend, detector, files, expected)
+    if args.agreement_audio:
+        teacher = Teacher(args.teacher, cache=cache_dir() / "teacher")
+        files = [c.path for path in args.agreement_audio for c in read_unlabelled(path)]
+        print(f"streamtag eval: agreement with the teacher on {len(files)} files", file=sys.stderr)
+        report["teacher_agreement"] = teacher_agreement(backend, teacher, label_map, files)
     k = args.baseline_folds
     if k >= 2 and len(dataset.clips) >= 2 * k:
         stats = clip_statistics(compute_features(dataset, backend.config.features, cache_dir() / "features"))
@@ -75,4 +179,19 @@ def run(args) -> int:
         report["baseline_split"] = f"{k}-fold source-grouped CV on these clips"
     out = write_report(report, args.report, args.plot)
     print((Path(out) / "report.md").read_text())
+    print(f"streamtag eval: report written to {Path(out) / 'report.md'} and report.json", file=sys.stderr)
     return 0
+
+
+def _warn_if_seen(trained_on: Path, dataset) -> None:
+    """Figures on clips a model was trained on are not held-out figures: say so."""
+    if not trained_on.is_file():
+        return
+    seen = set(trained_on.read_text().split("\n"))
+    overlap = sum(str(c.path.resolve()) in seen for c in dataset.clips)
+    if overlap:
+        print(
+            f"streamtag eval: warning: {overlap} of {len(dataset.clips)} clips were in this model's training set "
+            f"({trained_on}); these figures are not held-out figures",
+            file=sys.stderr,
+        )

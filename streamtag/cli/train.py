@@ -28,10 +28,13 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a model on labelled audio",
-        description="Train a causal model. DATASET is an ESC-50 folder (meta/esc50.csv + audio/), a folder per "
-        "class (DATASET/<label>/*.wav), or a CSV manifest (path,label[,fold][,group]).",
+        description="Train a causal model. Each DATASET is an ESC-50 folder (meta/esc50.csv + audio/), a folder "
+        "per class (DATASET/<label>/*.wav), or a CSV manifest (path,label[,fold][,group]). Several datasets "
+        "train one model; --label-map renames their labels (dog_bark -> dog). With --teacher, an AudioSet "
+        "tagger's scores become soft frame targets (knowledge distillation) and --unlabelled audio "
+        "can be learned from.",
     )
-    p.add_argument("dataset")
+    p.add_argument("dataset", nargs="+")
     p.add_argument("--out", required=True, metavar="DIR", help="output model folder")
     p.add_argument("--arch", default="cnn", help="lstm, attention or cnn (default cnn)")
     p.add_argument(
@@ -42,7 +45,54 @@ def add_parser(subparsers) -> None:
         metavar="KEY=VALUE",
         help="architecture option, JSON value (repeatable), e.g. hidden=96 or pool_seconds=[0.5,3]",
     )
+    p.add_argument(
+        "--output",
+        choices=["sigmoid", "softmax"],
+        default="sigmoid",
+        help="sigmoid: independent probability per class, several sounds at once or none (default); "
+        "softmax: one class per clip, for truly single-label data",
+    )
+    p.add_argument(
+        "--level-seconds",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="time constant of the input-level normaliser that makes the model gain-invariant (0: none; default 3)",
+    )
+    p.add_argument("--teacher", metavar="ONNX", help="AudioSet tagger for soft targets (audioset_labels.csv beside it)")
+    p.add_argument(
+        "--label-map",
+        metavar="TSV",
+        help="label<TAB>AudioSet names<TAB>aliases (default: the packaged map of ESC-50, UrbanSound8K, speech, music)",
+    )
+    p.add_argument(
+        "--teacher-labels",
+        default="",
+        metavar="A,B",
+        help="classes learned from the teacher alone (no dataset labels them), e.g. speech,music",
+    )
+    p.add_argument(
+        "--teacher-weight",
+        type=float,
+        default=0.5,
+        metavar="W",
+        help="where a label is known, target = (1 - W) * label + W * teacher (default 0.5)",
+    )
+    p.add_argument(
+        "--unlabelled",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="audio without labels (folder or CSV with path[,group]), learned from the teacher (repeatable)",
+    )
     p.add_argument("--epochs", type=int, default=80)
+    p.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="batches per epoch (default: one pass over the clips)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -77,6 +127,12 @@ def _options(args):
 
     if args.arch not in architectures():
         raise ConfigError(f"unknown --arch '{args.arch}' (choose from: {', '.join(architectures())})")
+    if args.steps_per_epoch < 0:
+        raise ConfigError(f"--steps-per-epoch must be >= 0 ({args.steps_per_epoch} given)")
+    if not (args.level_seconds >= 0 and args.level_seconds < 3600):
+        raise ConfigError(f"--level-seconds must be in 0..3600 ({args.level_seconds} given)")
+    if (args.unlabelled or args.teacher_labels) and not args.teacher:
+        raise ConfigError("--unlabelled and --teacher-labels need --teacher (their targets come from it)")
     return TrainOptions(
         arch=args.arch,
         arch_params=dict(args.arch_param),
@@ -85,23 +141,54 @@ def _options(args):
         lr=args.lr,
         seed=args.seed,
         device=args.device,
+        output=args.output,
+        level_seconds=args.level_seconds,
+        teacher_weight=args.teacher_weight,
+        steps_per_epoch=args.steps_per_epoch,
     )
+
+
+def load_training_data(args):
+    """The datasets, unlabelled audio, teacher and label map that the arguments name."""
+    from ..modelfile import cache_dir
+    from ..training.datasets import combine, load_dataset, read_unlabelled
+    from ..training.teacher import Teacher, read_label_map
+
+    label_map = read_label_map(args.label_map) if (args.teacher or args.label_map) else None
+    several = len(args.dataset) > 1 or bool(args.unlabelled or args.teacher_labels)
+    datasets = [load_dataset(d, min_classes=1 if several else 2) for d in args.dataset]
+    unlabelled = [clip for path in args.unlabelled for clip in read_unlabelled(path)]
+    extra = tuple(x.strip() for x in args.teacher_labels.split(",") if x.strip())
+    if label_map is not None:
+        missing = [x for x in extra if x not in label_map.targets]
+        if missing:
+            raise ConfigError(f"--teacher-labels {','.join(missing)}: not in the label map (see --label-map)")
+    if len(datasets) == 1 and not unlabelled and not extra and label_map is None:
+        dataset = datasets[0]
+    else:
+        dataset = combine(datasets, label_map.aliases if label_map else {}, unlabelled, extra)
+    if len(dataset.labels) < 2:
+        raise ConfigError(f"need at least 2 classes to train ({len(dataset.labels)} found: {dataset.labels})")
+    teacher = None
+    if args.teacher:
+        teacher = Teacher(args.teacher, cache=cache_dir() / "teacher")
+    return dataset, teacher, label_map
 
 
 def run(args) -> int:
     import torch
 
     from ..modelfile import cache_dir
-    from ..training.datasets import grouped_folds, load_dataset
+    from ..training.datasets import grouped_folds
     from ..training.trainer import train
 
     opts = _options(args)
-    dataset = load_dataset(args.dataset)
+    dataset, teacher, label_map = load_training_data(args)
     cache = Path(args.cache) if args.cache else cache_dir() / "features"
     jobs = max(1, args.jobs if args.cv else 1)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // jobs))
     if args.cv:
-        return _cross_validate(args, opts, dataset, cache, jobs)
+        return _cross_validate(args, opts, dataset, cache, jobs, teacher, label_map)
     idx = np.arange(len(dataset.clips))
     if args.no_val:
         train_idx, val_idx = idx, idx[:0]
@@ -127,6 +214,8 @@ def run(args) -> int:
         args.resume,
         progress=not args.quiet,
         log=lambda line: None if not args.quiet else print(line, file=sys.stderr),
+        teacher=teacher,
+        label_map=label_map,
     )
     best = result["best"]
     figures = (
@@ -150,11 +239,24 @@ def _one_fold(job):
     from ..training.evaluate import baseline_accuracy, clip_statistics, metrics, stream_scores
     from ..training.trainer import train
 
-    dataset, train_idx, val_idx, opts, out, cache, threads = job
+    dataset, train_idx, val_idx, opts, out, cache, threads, teacher, label_map = job
     torch.set_num_threads(threads)
-    train(dataset, train_idx, val_idx, opts, out, cache, progress=False, log=lambda line: None, keep_best=False)
+    train(
+        dataset,
+        train_idx,
+        val_idx,
+        opts,
+        out,
+        cache,
+        progress=False,
+        log=lambda line: None,
+        keep_best=False,
+        teacher=teacher,
+        label_map=label_map,
+    )
     backend = make_backend("onnx", out)
     targets = dataset.targets()
+    train_idx, val_idx = train_idx[targets[train_idx] >= 0], val_idx[targets[val_idx] >= 0]  # labelled clips
     probs = stream_scores(backend, [dataset.clips[i].path for i in val_idx])
     m = metrics(probs, targets[val_idx], dataset.labels, opts.features.frame_seconds)
     stats = clip_statistics(compute_features(dataset, opts.features, cache))
@@ -164,7 +266,7 @@ def _one_fold(job):
     return {"metrics": m, "baseline_acc": base}
 
 
-def _cross_validate(args, opts, dataset, cache, jobs) -> int:
+def _cross_validate(args, opts, dataset, cache, jobs, teacher=None, label_map=None) -> int:
     from ..training.datasets import compute_features, grouped_folds
     from ..training.evaluate import write_report
 
@@ -173,7 +275,17 @@ def _cross_validate(args, opts, dataset, cache, jobs) -> int:
     idx = np.arange(len(dataset.clips))
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     work = [
-        (dataset, idx[folds != k], idx[folds == k], opts, Path(args.out) / f"fold{k}", cache, threads)
+        (
+            dataset,
+            idx[folds != k],
+            idx[folds == k],
+            opts,
+            Path(args.out) / f"fold{k}",
+            cache,
+            threads,
+            teacher,
+            label_map,
+        )
         for k in range(args.cv)
     ]
     if jobs > 1:
@@ -208,7 +320,7 @@ def _cross_validate(args, opts, dataset, cache, jobs) -> int:
             }
     report = {
         "model": f"{opts.arch} ({args.cv}-fold grouped CV)",
-        "dataset": str(args.dataset),
+        "dataset": " + ".join(args.dataset),
         "metrics": summary,
         "baseline_acc": pooled(lambda r: r["baseline_acc"]),
         "baseline_split": "same folds",

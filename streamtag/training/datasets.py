@@ -6,6 +6,12 @@ Layouts:
 - CSV manifest: a ``.csv`` file with ``path,label[,fold][,group]`` (paths relative to the file).
 
 ``group`` names the source recording: clips of one group never sit on both sides of a split.
+
+Several datasets train one model through :func:`combine`: dataset labels are renamed by a
+label map's aliases (``dog_bark`` -> ``dog``), and each clip remembers its dataset, whose
+label set says which classes the clip is known *not* to hold (a dog clip of ESC-50 is no
+rain; whether it holds speech, ESC-50 does not say). Unlabelled audio (label ``""``) knows
+nothing and learns from a teacher alone.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 @dataclasses.dataclass(frozen=True)
 class Clip:
     path: Path
-    label: str
+    label: str  # "" for unlabelled audio
     fold: int | None
     group: str
+    source: str = ""  # the dataset it came from: its label set are the clip's known classes
 
 
 @dataclasses.dataclass
@@ -38,16 +45,77 @@ class Dataset:
     clips: list[Clip]
     labels: list[str]
     name: str
+    source_labels: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def targets(self) -> np.ndarray:
+        """Class index per clip, -1 for unlabelled audio."""
         index = {label: i for i, label in enumerate(self.labels)}
-        return np.array([index[c.label] for c in self.clips], dtype=np.int64)
+        return np.array([index.get(c.label, -1) for c in self.clips], dtype=np.int64)
+
+    def hard_targets(self) -> np.ndarray:
+        """``(clips, classes)``: 1 for a clip's label, 0 for the other labels of its dataset, NaN unknown."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        out = np.full((len(self.clips), len(self.labels)), np.nan, dtype=np.float32)
+        for n, clip in enumerate(self.clips):
+            known = self.source_labels.get(clip.source, tuple(self.labels) if clip.label else ())
+            out[n, [index[k] for k in known if k in index]] = 0.0
+            if clip.label:
+                out[n, index[clip.label]] = 1.0
+        return out
 
     def subset(self, indices) -> Dataset:
-        return Dataset([self.clips[i] for i in indices], self.labels, self.name)
+        return Dataset([self.clips[i] for i in indices], self.labels, self.name, self.source_labels)
 
 
-def load_dataset(path: str | os.PathLike) -> Dataset:
+def combine(
+    datasets: list[Dataset],
+    aliases: dict[str, str] | None = None,
+    unlabelled: list[Clip] | None = None,
+    extra_labels: tuple[str, ...] = (),
+) -> Dataset:
+    """One training set from several: labels renamed by ``aliases``, each clip tagged with its dataset."""
+    aliases = aliases or {}
+    clips: list[Clip] = []
+    source_labels: dict[str, tuple[str, ...]] = {}
+    for n, ds in enumerate(datasets):
+        source = f"{n}:{ds.name}"
+        source_labels[source] = tuple(sorted({aliases.get(x, x) for x in ds.labels}))
+        clips += [dataclasses.replace(c, label=aliases.get(c.label, c.label), source=source) for c in ds.clips]
+    clips += [dataclasses.replace(c, label="", source="unlabelled") for c in unlabelled or []]
+    labels = sorted({c.label for c in clips if c.label} | set(extra_labels))
+    name = "+".join(ds.name for ds in datasets) + ("+unlabelled" if unlabelled else "")
+    return Dataset(clips, labels, name, source_labels)
+
+
+def read_unlabelled(path: str | os.PathLike) -> list[Clip]:
+    """Audio without labels: a folder (searched recursively) or a CSV with ``path`` (and optional ``group``)."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"unlabelled audio not found: {path}")
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
+        clips = [Clip(f, "", None, str(f)) for f in files]
+    else:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise DatasetError(f"{path}: the header must name a 'path' column")
+            clips = []
+            for row in reader:
+                clip_path = Path(row["path"])
+                if not clip_path.is_absolute():
+                    clip_path = path.parent / clip_path
+                clips.append(Clip(clip_path, "", None, row.get("group") or str(clip_path)))
+    if not clips:
+        raise DatasetError(f"{path}: no audio files found")
+    missing = [c.path for c in clips if not c.path.is_file()]
+    if missing:
+        raise DatasetError(f"{path}: {len(missing)} listed files are missing, e.g. {missing[0]}")
+    return clips
+
+
+def load_dataset(path: str | os.PathLike, min_classes: int = 2) -> Dataset:
+    """Read one dataset; ``min_classes=1`` for a dataset that is one of several (e.g. only crying babies)."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset not found: {path}")
@@ -65,8 +133,8 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     if missing:
         raise DatasetError(f"{path}: {len(missing)} listed clips are missing, e.g. {missing[0]}")
     labels = sorted({c.label for c in clips})
-    if len(labels) < 2:
-        raise DatasetError(f"{path}: need at least 2 classes to train ({len(labels)} found)")
+    if len(labels) < min_classes:
+        raise DatasetError(f"{path}: need at least {min_classes} classes to train ({len(labels)} found)")
     return Dataset(clips, labels, path.name)
 
 
@@ -80,7 +148,7 @@ def _read_esc50(root: Path) -> list[Clip]:
                         root / "audio" / row["filename"],
                         row["category"],
                         int(row["fold"]),
-                        f"esc50:{row.get('src_file') or row['filename']}",
+                        f"freesound:{row['src_file']}" if row.get("src_file") else f"esc50:{row['filename']}",
                     )
                 )
             except (KeyError, ValueError) as exc:

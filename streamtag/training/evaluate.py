@@ -1,10 +1,12 @@
 """Evaluation through the streaming path, with an offline baseline for honesty.
 
-Every clip is replayed through the ring, worker and backend exactly as
-``streamtag replay --fast`` would run it; the frame probabilities collected
-there give clip accuracy (last frame, mean over frames), macro mAP, per-class
-accuracy, a confusion matrix and the time-to-detect curve (accuracy using only
-the first N seconds heard).
+Every clip is stepped hop by hop through the backend, as the worker steps it in
+``streamtag replay --fast`` (the ring and thread only move samples). The frame
+probabilities give clip accuracy (last frame, mean over frames), macro mAP,
+per-class AP and F1 at the event thresholds, a confusion matrix, the time-to-detect
+curve (accuracy using only the first N seconds heard) and a level sweep (the same
+clips played quieter). On audio known to hold none of the classes it counts false
+alarms per hour; against a teacher it measures agreement on unlabelled audio.
 """
 
 from __future__ import annotations
@@ -18,13 +20,75 @@ from typing import Any
 import numpy as np
 
 DETECT_AFTER_S = (0.25, 0.5, 1.0, 2.0, 5.0)
+LEVELS_DB = (0.0, -10.0, -20.0, -30.0, -40.0)
 
 
-def stream_scores(backend, paths: Sequence[os.PathLike]) -> list[np.ndarray]:
-    """Frame probabilities ``(frames, classes)`` per file, through ring + worker + backend."""
-    from ..pipeline import tag_file
+def stream_probs(backend, samples: np.ndarray) -> np.ndarray:
+    """Frame probabilities ``(frames, classes)`` of mono samples at the model rate, hop by hop, state reset first."""
+    hop = backend.config.features.hop_length
+    backend.reset_states()
+    n = len(samples) // hop
+    out = np.empty((n, backend.config.num_classes), np.float32)
+    hops = np.ascontiguousarray(samples[: n * hop], dtype=np.float32).reshape(n, 1, hop)
+    for i in range(n):
+        out[i] = backend(hops[i])
+    return out
 
-    return [tag_file(backend, path).probs for path in paths]
+
+def stream_scores(backend, paths: Sequence[os.PathLike], gain_db: float = 0.0) -> list[np.ndarray]:
+    """:func:`stream_probs` of each file, decoded at the model rate and scaled by ``gain_db``."""
+    from ..sources.file import read_audio
+
+    feats = backend.config.features
+    gain = np.float32(10 ** (gain_db / 20))
+    return [
+        stream_probs(backend, read_audio(p, feats.sample_rate, min_samples=feats.hop_length)[0] * gain) for p in paths
+    ]
+
+
+def detected(probs: np.ndarray, detector) -> np.ndarray:
+    """Which classes opened an event anywhere in ``probs`` (bool per class), by the event detector."""
+    detector.reset_states()
+    hit = np.zeros(probs.shape[1], dtype=bool)
+    index = {label: i for i, label in enumerate(detector.labels)}
+    for f, row in enumerate(probs):
+        for event in detector.update(f, row):
+            hit[index[event.label]] = True
+    for event in detector.flush(len(probs)):
+        hit[index[event.label]] = True
+    return hit
+
+
+def event_counts(probs: np.ndarray, detector) -> dict[str, int]:
+    """Events opened per label over one stream."""
+    detector.reset_states()
+    counts: dict[str, int] = {}
+    for f, row in enumerate(probs):
+        for event in detector.update(f, row):
+            if event.kind == "open":
+                counts[event.label] = counts.get(event.label, 0) + 1
+    detector.flush(len(probs))
+    return counts
+
+
+def f1_scores(hits: np.ndarray, hard: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """Clip-level precision, recall and F1 per class from event decisions, over clips whose truth is known."""
+    per_class, tp_all, fp_all, fn_all = {}, 0, 0, 0
+    for c, label in enumerate(labels):
+        known = ~np.isnan(hard[:, c])
+        truth = hard[known, c] >= 0.5
+        if not truth.any():
+            continue
+        pred = hits[known, c]
+        tp, fp, fn = int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1}
+        tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
+    micro = 2 * tp_all / (2 * tp_all + fp_all + fn_all) if tp_all else 0.0
+    macro = float(np.mean([v["f1"] for v in per_class.values()])) if per_class else float("nan")
+    return {"micro_f1": micro, "macro_f1": macro, "per_class": per_class}
 
 
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -36,11 +100,20 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((precision * hits).sum() / hits.sum())
 
 
-def metrics(probs: list[np.ndarray], targets: np.ndarray, labels: Sequence[str], frame_seconds: float) -> dict:
+def metrics(
+    probs: list[np.ndarray],
+    targets: np.ndarray,
+    labels: Sequence[str],
+    frame_seconds: float,
+    allowed: np.ndarray | None = None,
+) -> dict:
+    """Clip figures. ``allowed`` (classes,) restricts the argmax to the classes the dataset can name
+    (a multi-label model also knows speech or music, which an ESC-50 clip is never labelled as)."""
     n_classes = len(labels)
+    offset = np.zeros(n_classes) if allowed is None else np.where(allowed, 0.0, -np.inf)
     mean = np.stack([p.mean(0) for p in probs])
     last = np.stack([p[-1] for p in probs])
-    pred_mean, pred_last = mean.argmax(1), last.argmax(1)
+    pred_mean, pred_last = (mean + offset).argmax(1), (last + offset).argmax(1)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(confusion, (targets, pred_last), 1)
     aps = [average_precision(mean[:, c], targets == c) for c in range(n_classes)]
@@ -52,7 +125,7 @@ def metrics(probs: list[np.ndarray], targets: np.ndarray, labels: Sequence[str],
     ttd = {}
     for seconds in DETECT_AFTER_S:
         frame = max(1, int(round(seconds / frame_seconds)))
-        preds = np.array([p[min(frame, len(p)) - 1].argmax() for p in probs])
+        preds = np.array([(p[min(frame, len(p)) - 1] + offset).argmax() for p in probs])
         ttd[f"{seconds:g}"] = float((preds == targets).mean())
     return {
         "clips": len(probs),
@@ -64,6 +137,130 @@ def metrics(probs: list[np.ndarray], targets: np.ndarray, labels: Sequence[str],
         "confusion": confusion.tolist(),
         "labels": list(labels),
     }
+
+
+def false_alarms(backend, detector, paths: Sequence[os.PathLike], expected: Sequence[str]) -> dict[str, Any]:
+    """Events per hour of audio known to hold none of the model's classes except ``expected`` (e.g. music)."""
+    frame_s = backend.config.features.frame_seconds
+    frames, counts = 0, {}
+    for probs in _each_stream(backend, paths):
+        frames += len(probs)
+        for label, n in event_counts(probs, detector).items():
+            if label not in expected:
+                counts[label] = counts.get(label, 0) + n
+    hours = frames * frame_s / 3600
+    per_hour = {k: v / hours for k, v in sorted(counts.items(), key=lambda kv: -kv[1])} if hours else {}
+    return {
+        "files": len(paths),
+        "hours": hours,
+        "expected": list(expected),
+        "events": int(sum(counts.values())),
+        "per_hour": sum(counts.values()) / hours if hours else float("nan"),
+        "by_label_per_hour": per_hour,
+    }
+
+
+def teacher_agreement(
+    backend, teacher, label_map, paths: Sequence[os.PathLike], every_s: float = 0.5, min_positives: int = 5
+) -> dict[str, Any]:
+    """Average precision of the student's frame scores against the teacher's (>= 0.5 is positive).
+
+    Frames are sampled every ``every_s``; a class counts once the teacher finds it at least
+    ``min_positives`` times."""
+    from pathlib import Path as _Path
+
+    feats = backend.config.features
+    mapping = teacher.mapping(backend.labels, label_map)
+    every = max(1, int(round(every_s / feats.frame_seconds)))
+    student, truth = [], []
+    for path, probs in zip(paths, _each_stream(backend, paths)):
+        windows = teacher.windows(_Path(path), feats.sample_rate)
+        target = teacher.frame_targets(windows, len(probs), feats.frame_seconds, mapping)
+        pick = np.arange(every - 1, len(probs), every)
+        student.append(probs[pick])
+        truth.append(target[pick])
+    scores, target = np.concatenate(student), np.concatenate(truth)
+    per_class = {}
+    for c, label in enumerate(backend.labels):
+        if not mapping[c].size:
+            continue
+        positive = target[:, c] >= 0.5
+        if positive.sum() >= min_positives:
+            per_class[label] = {"ap": average_precision(scores[:, c], positive), "positives": int(positive.sum())}
+    return {
+        "files": len(paths),
+        "frames": int(len(scores)),
+        "map": float(np.mean([v["ap"] for v in per_class.values()])) if per_class else float("nan"),
+        "per_class": per_class,
+    }
+
+
+def event_stream(
+    backend,
+    paths: Sequence[os.PathLike],
+    labels: Sequence[str],
+    floor_db: float = -65.0,
+    level_db: float = -20.0,
+    gap_s: float = 3.0,
+    onset_tolerance_s: float = 0.3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Isolated sounds one after another over a quiet noise floor, as a microphone would hear them.
+
+    Each clip is trimmed to where it is audible, scaled to ``level_db`` dBFS peak and placed after
+    ``gap_s`` of white noise at ``floor_db`` dBFS RMS. A sound is found when an event of its label
+    opens with an onset within ``onset_tolerance_s`` of where it was placed (backdating counts, so an
+    event that opens late but says when the sound began is found). Other events are false alarms.
+    """
+    from ..events import EventDetector
+    from ..sources.file import read_audio
+
+    feats = backend.config.features
+    rate = feats.sample_rate
+    rng = np.random.default_rng(seed)
+    pieces, placed, t = [], [], 0
+    for path, label in zip(paths, labels):
+        audio = read_audio(path, rate, min_samples=feats.hop_length)[0]
+        loud = np.flatnonzero(np.abs(audio) > 0.05 * np.abs(audio).max())
+        audio = audio[loud[0] : loud[-1] + 1] if loud.size else audio
+        gap = rng.normal(0.0, 10 ** (floor_db / 20), int(gap_s * rate)).astype(np.float32)
+        sound = audio / max(np.abs(audio).max(), 1e-9) * 10 ** (level_db / 20)
+        sound = sound + rng.normal(0.0, 10 ** (floor_db / 20), sound.size).astype(np.float32)
+        pieces += [gap, sound.astype(np.float32)]
+        placed.append((label, (t + gap.size) / rate, (t + gap.size + sound.size) / rate))
+        t += gap.size + sound.size
+    pieces.append(rng.normal(0.0, 10 ** (floor_db / 20), int(gap_s * rate)).astype(np.float32))
+    stream = np.concatenate(pieces)
+    probs = stream_probs(backend, stream)
+    detector = EventDetector(backend.labels, feats.frame_seconds)
+    events = []
+    for f, row in enumerate(probs):
+        events += [e for e in detector.update(f, row) if e.kind == "open"]
+    used, rows = set(), []
+    for label, start, end in placed:
+        match = [
+            (abs(e.onset - start), n)
+            for n, e in enumerate(events)
+            if e.label == label and n not in used and abs(e.onset - start) <= onset_tolerance_s
+        ]
+        if match:
+            used.add(min(match)[1])
+        rows.append({"label": label, "start": round(start, 2), "end": round(end, 2), "found": bool(match)})
+    false = [e for n, e in enumerate(events) if n not in used]
+    found = [r for r in rows if r["found"]]
+    return {
+        "sounds": len(rows),
+        "found": len(found),
+        "false_events": len(false),
+        "false_labels": sorted({e.label for e in false}),
+        "seconds": round(stream.size / rate, 1),
+        "placed": rows,
+    }
+
+
+def _each_stream(backend, paths: Sequence[os.PathLike]):
+    for path in paths:
+        yield stream_scores(backend, [path])[0]
 
 
 def clip_statistics(feats: list[np.ndarray]) -> np.ndarray:
@@ -122,8 +319,48 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "## Time to detect", "", "| audio heard (s) | accuracy |", "|---|---|"]
     lines += [f"| {k} | {v:.1%} |" for k, v in m["time_to_detect"].items()]
-    lines += ["", "## Per class", "", "| class | clips | accuracy (last frame) | AP |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['n']} | {v['acc_last']:.1%} | {v['ap']:.3f} |" for k, v in m["per_class"].items()]
+    if "levels" in report:
+        lines += ["", "## Input level (the same clips played quieter)", ""]
+        lines += ["| gain (dB) | accuracy, mean over frames | last frame |", "|---|---|---|"]
+        lines += [f"| {k} | {v['acc_mean']:.1%} | {v['acc_last']:.1%} |" for k, v in report["levels"].items()]
+    f1 = report.get("f1")
+    if f1:
+        lines += ["", "## Events at the shipped thresholds (clip level)", ""]
+        lines += [f"- micro F1 {f1['micro_f1']:.3f}, macro F1 {f1['macro_f1']:.3f}"]
+    fa = report.get("false_alarms")
+    if fa:
+        lines += ["", "## False alarms on audio without these classes", ""]
+        lines += [
+            f"- {fa['hours']:.2f} h in {fa['files']} files ({', '.join(fa['expected']) or 'no class'} expected there): "
+            f"{fa['events']} events, {fa['per_hour']:.1f} per hour"
+        ]
+        lines += [f"  - {k}: {v:.1f} per hour" for k, v in list(fa["by_label_per_hour"].items())[:10]]
+    es = report.get("event_stream")
+    if es:
+        lines += ["", "## Isolated sounds over a quiet floor (one stream)", ""]
+        lines += [
+            f"- {es['found']} of {es['sounds']} sounds found with the right label and onset within 0.3 s; "
+            f"{es['false_events']} other events ({', '.join(es['false_labels'][:8]) or 'none'}) in {es['seconds']} s"
+        ]
+        missed = [r["label"] for r in es["placed"] if not r["found"]]
+        if missed:
+            lines += [f"- missed: {', '.join(missed)}"]
+    ag = report.get("teacher_agreement")
+    if ag:
+        lines += ["", "## Agreement with the teacher on unlabelled audio", ""]
+        lines += [f"- {ag['frames']} frames (every 0.5 s) of {ag['files']} files: mAP {ag['map']:.3f}", ""]
+        lines += ["| class | teacher positives | AP |", "|---|---|---|"]
+        lines += [f"| {k} | {v['positives']} | {v['ap']:.3f} |" for k, v in ag["per_class"].items()]
+    lines += ["", "## Per class", "", "| class | clips | accuracy (last frame) | AP | F1 |", "|---|---|---|---|---|"]
+    f1_rows = (f1 or {}).get("per_class", {})
+    lines += [
+        f"| {k} | {v['n']} | {v['acc_last']:.1%} | {v['ap']:.3f} | {f1_rows[k]['f1']:.2f} |".replace(
+            "| None |", "| - |"
+        )
+        if k in f1_rows
+        else f"| {k} | {v['n']} | {v['acc_last']:.1%} | {v['ap']:.3f} | - |"
+        for k, v in m["per_class"].items()
+    ]
     return "\n".join(lines) + "\n"
 
 

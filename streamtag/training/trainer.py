@@ -1,9 +1,17 @@
-"""Train a causal model on labelled clips with frame-wise loss, so it is right early in a sound.
+"""Train a causal model on labelled clips (and unlabelled audio with a teacher), loss on every frame.
 
 The model is trained on whole crops with its offline ``forward`` (the same code
-path as streaming), the loss on every frame after a short warm-up. Augmentation
-works on log-mel, in the power domain where sounds add: random gain, random crop,
-another clip mixed in as background, mixup (mixed labels) and SpecAugment masks.
+path as streaming), the loss on every frame after a short warm-up, so it is right
+early in a sound. Targets are per frame and per class: a clip's label (1), the other
+classes its dataset knows it lacks (0), and where a teacher is given its soft scores
+(mixed in where the label is known, alone where it is not); entries nobody knows are
+left out of the loss.
+
+Augmentation works on log-mel, in the power domain where sounds add: a second
+recording mixed under the first at a random signal-to-noise ratio (targets are the
+union, so the model learns polyphony and backgrounds), a reverberation tail, a
+microphone noise floor, a wide random gain (the level normaliser must see quiet
+input), and SpecAugment masks.
 """
 
 from __future__ import annotations
@@ -19,13 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import FeatureConfig, ModelConfig
+from ..config import OUTPUTS, FeatureConfig, ModelConfig
 from ..errors import ConfigError, ModelFileError
 from ..models import build_model
 from ..models.io import save_model
 from .datasets import Dataset, compute_features
 
 CHECKPOINT = "checkpoint.pt"
+DB = math.log(10) / 10  # one decibel of power in log-mel units
 
 
 @dataclasses.dataclass
@@ -38,90 +47,225 @@ class TrainOptions:
     weight_decay: float = 1e-2
     crop_s: float = 3.0
     warmup_s: float = 0.25
-    gain_db: float = 6.0
-    background_p: float = 0.5
-    mixup_p: float = 0.3
+    output: str = "sigmoid"
+    level_seconds: float = 3.0  # the model's level normaliser (0: none); arch_params may override
+    gain_db: tuple[float, float] = (-45.0, 6.0)
+    background_p: float = 0.6
+    snr_db: tuple[float, float] = (-5.0, 20.0)
+    reverb_p: float = 0.3
+    noise_floor_p: float = 0.5
+    noise_floor_db: tuple[float, float] = (-95.0, -55.0)
+    unlabelled_p: float = 0.25
+    silence_p: float = 0.03
+    teacher_weight: float = 0.5
     spec_masks: int = 2
+    steps_per_epoch: int = 0  # 0: one pass over the training clips
     seed: int = 0
     device: str = "cpu"
-    features: FeatureConfig = dataclasses.field(default_factory=FeatureConfig)
+    # a floor 30 dB below 16-bit quantisation noise: quiet input stays above it, so gain stays a pure shift
+    features: FeatureConfig = dataclasses.field(default_factory=lambda: FeatureConfig(log_floor=1e-9))
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("--epochs and --batch-size must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number ({self.lr} given)")
         if not self.crop_s > self.warmup_s:
             raise ConfigError(f"crop ({self.crop_s} s) must be longer than the warm-up ({self.warmup_s} s)")
+        if self.output not in OUTPUTS:
+            raise ConfigError(f"--output must be one of {', '.join(OUTPUTS)} ({self.output!r} given)")
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise ConfigError(f"--teacher-weight must be in 0..1 ({self.teacher_weight} given)")
+
+    def model_config(self, labels) -> ModelConfig:
+        params = dict(self.arch_params)
+        if self.level_seconds and "level_seconds" not in params:
+            params["level_seconds"] = self.level_seconds
+        return ModelConfig(self.arch, tuple(labels), self.features, params, self.output)
 
 
-def clip_scores(model, feats: list[np.ndarray], device: str = "cpu") -> list[np.ndarray]:
+def activation(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
+
+
+def clip_scores(model, feats: list[np.ndarray], multi_label: bool, device: str = "cpu") -> list[np.ndarray]:
     """Frame probabilities ``(frames, classes)`` per clip, by the offline forward (== streaming)."""
     model.eval()
     out = []
     with torch.inference_mode():
         for x in feats:
-            t = torch.from_numpy(x)[None].to(device)
+            t = torch.from_numpy(np.asarray(x, dtype=np.float32))[None].to(device)
             logits, _ = model(t, model.init_state(1))
-            out.append(torch.softmax(logits[0], -1).cpu().numpy())
+            out.append(activation(logits[0], multi_label).cpu().numpy())
     return out
 
 
-def accuracies(probs: list[np.ndarray], targets: np.ndarray) -> dict[str, float]:
-    last = np.array([p[-1].argmax() for p in probs])
-    mean = np.array([p.mean(0).argmax() for p in probs])
+def accuracies(probs: list[np.ndarray], targets: np.ndarray, allowed: np.ndarray | None = None) -> dict[str, float]:
+    """Clip accuracy by the last frame and by the mean over frames; ``allowed`` (clips, classes) restricts
+    each clip's argmax to the classes its dataset can name (the standard protocol for a benchmark set)."""
+    mask = 0.0 if allowed is None else np.where(allowed, 0.0, -np.inf)
+    last = np.array([(p[-1] + (mask[i] if allowed is not None else 0)).argmax() for i, p in enumerate(probs)])
+    mean = np.array([(p.mean(0) + (mask[i] if allowed is not None else 0)).argmax() for i, p in enumerate(probs)])
     return {"acc_last": float((last == targets).mean()), "acc_mean": float((mean == targets).mean())}
 
 
+@dataclasses.dataclass
+class _Crop:
+    x: np.ndarray  # (frames, n_mels) log-mel
+    y: np.ndarray  # (frames, classes) targets, NaN unknown
+
+
 class _Batches:
-    """Augmented training batches of fixed-length crops."""
+    """Augmented training batches of fixed-length crops with frame targets."""
 
     def __init__(
         self,
         feats: list[np.ndarray],
-        targets: np.ndarray,
-        n_classes: int,
+        hard: np.ndarray,
+        soft,
         opts: TrainOptions,
         floor: float,
         rng: np.random.Generator,
+        noise_bands: np.ndarray,
+        groups: list[str] | None = None,
     ) -> None:
-        self.feats, self.targets, self.n_classes, self.opts, self.rng = feats, targets, n_classes, opts, rng
+        self.feats, self.hard, self.soft, self.opts, self.rng = feats, hard, soft, opts, rng
         self.crop = int(round(opts.crop_s / opts.features.frame_seconds))
         self.floor = floor
-        counts = np.bincount(targets, minlength=n_classes).astype(np.float64)
-        weights = 1.0 / counts[targets]
-        self.p = weights / weights.sum()  # class-balanced sampling
+        self.noise_bands = noise_bands  # log power per band of white noise at 0 dBFS
+        labelled = np.nan_to_num(hard, nan=0.0).max(1) > 0
+        cls = np.where(labelled, np.nan_to_num(hard, nan=0.0).argmax(1), -1)
+        counts = np.bincount(cls[labelled], minlength=hard.shape[1]).astype(np.float64)
+        w = np.where(labelled, 1.0 / np.maximum(counts[np.maximum(cls, 0)], 1), 0.0)
+        self.p_labelled = w / w.sum() if w.sum() else None  # class-balanced sampling
+        self.unlabelled = np.flatnonzero(~labelled)
+        # unlabelled audio is drawn group by group (a package of a corpus), then a file: a package of many
+        # short files does not crowd out one of a few long ones
+        self.unlabelled_groups = _by_group(groups, self.unlabelled) if groups is not None else [self.unlabelled]
+        self.n_classes = hard.shape[1]
+        self.frame_s = opts.features.frame_seconds
 
-    def _crop(self, i: int) -> np.ndarray:
+    def _pick(self) -> int:
+        o, rng = self.opts, self.rng
+        if self.p_labelled is None or (self.unlabelled.size and rng.random() < o.unlabelled_p):
+            return self._pick_unlabelled()
+        return int(rng.choice(len(self.feats), p=self.p_labelled))
+
+    def _pick_unlabelled(self) -> int:
+        members = self.unlabelled_groups[int(self.rng.integers(len(self.unlabelled_groups)))]
+        return int(self.rng.choice(members))
+
+    def _crop(self, i: int) -> _Crop:
         x = self.feats[i]
-        if x.shape[0] <= self.crop:
-            out = np.full((self.crop, x.shape[1]), self.floor, dtype=np.float32)
-            start = self.rng.integers(0, self.crop - x.shape[0] + 1)
-            out[start : start + x.shape[0]] = x
-            return out
-        start = self.rng.integers(0, x.shape[0] - self.crop + 1)
-        return x[start : start + self.crop]
+        n, c = self.crop, self.n_classes
+        if x.shape[0] <= n:  # short clip: placed at random in silence
+            start = int(self.rng.integers(0, n - x.shape[0] + 1))
+            src, dst = slice(0, x.shape[0]), slice(start, start + x.shape[0])
+            out = np.full((n, x.shape[1]), self.floor, dtype=np.float32)
+            y = np.full((n, c), np.nan, dtype=np.float32)
+            y[:start] = 0.0  # before the sound starts nothing is heard
+            first = 0
+        else:
+            first = int(self.rng.integers(0, x.shape[0] - n + 1))
+            src, dst = slice(first, first + n), slice(0, n)
+            out = np.empty((n, x.shape[1]), dtype=np.float32)
+            y = np.empty((n, c), dtype=np.float32)
+        out[dst] = x[src]
+        frames = dst.stop - dst.start
+        target = np.broadcast_to(self.hard[i], (frames, c)).copy()
+        if self.soft is not None:
+            soft = self.soft(i, first, frames)
+            if soft is not None:
+                w = self.opts.teacher_weight
+                both = ~np.isnan(target) & ~np.isnan(soft)
+                target[both] = (1 - w) * target[both] + w * soft[both]
+                target = np.where(np.isnan(target), soft, target)
+        y[dst] = target
+        if dst.stop < n:
+            y[dst.stop :] = target[-1]  # after the clip: what was last heard (the head's running means hold it)
+        return _Crop(out, y)
+
+    @staticmethod
+    def _level(x: np.ndarray) -> float:
+        return float(np.logaddexp.reduce(x, axis=None) - math.log(x.size))
+
+    def _mix(self, a: _Crop, b: _Crop, snr_db: float) -> _Crop:
+        shift = self._level(a.x) - self._level(b.x) - snr_db * DB
+        x = np.logaddexp(a.x, b.x + shift)
+        both = np.fmax(a.y, b.y)  # a class either recording holds is heard
+        known = (~np.isnan(a.y) & ~np.isnan(b.y)) | (both >= 0.5)
+        return _Crop(x.astype(np.float32), np.where(known, both, np.nan).astype(np.float32))
+
+    def _reverb(self, x: np.ndarray) -> np.ndarray:
+        """A late-reverberation tail per band: power smeared by an exponential decay (RT60 0.2-1.2 s)."""
+        rt60 = self.rng.uniform(0.2, 1.2)
+        a = math.exp(-6.9 * self.frame_s / rt60)
+        wet = 10 ** (self.rng.uniform(-12, 0) / 10)
+        p = np.exp(x)
+        tail = np.empty_like(p)
+        acc = np.zeros(p.shape[1], dtype=np.float64)
+        for t in range(p.shape[0]):
+            acc = a * acc + (1 - a) * p[t]
+            tail[t] = acc
+        return np.log(p + wet * tail).astype(np.float32)
+
+    def _noise_floor(self, x: np.ndarray) -> np.ndarray:
+        """A microphone's self-noise: white to pink, fluctuating, at a random level."""
+        level = self.rng.uniform(*self.opts.noise_floor_db) * DB
+        tilt = self.rng.uniform(0.0, 1.0) * np.log(np.arange(1, x.shape[1] + 1))
+        noise = self.noise_bands + level - tilt + self.rng.normal(0, 0.3, size=x.shape).astype(np.float32)
+        return np.logaddexp(x, noise).astype(np.float32)
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         o, rng, b = self.opts, self.rng, self.opts.batch_size
-        idx = rng.choice(len(self.feats), size=b, p=self.p)
-        x = np.stack([self._crop(i) for i in idx])
-        y = np.eye(self.n_classes, dtype=np.float32)[self.targets[idx]]
-        x += (rng.uniform(-o.gain_db, o.gain_db, size=(b, 1, 1)) * math.log(10) / 10).astype(np.float32)
-        for j in range(b):
-            if rng.random() < o.mixup_p:  # mixup in the power domain, labels mixed too
-                k = rng.choice(len(self.feats), p=self.p)
-                lam = float(rng.uniform(0.3, 0.7))
-                x[j] = np.logaddexp(x[j] + math.log(lam), self._crop(k) + math.log(1 - lam))
-                y[j] = lam * y[j] + (1 - lam) * np.eye(self.n_classes, dtype=np.float32)[self.targets[k]]
-            elif rng.random() < o.background_p:  # quiet background, label unchanged
-                k = rng.choice(len(self.feats))
-                gain_db = rng.uniform(-25.0, -10.0)
-                x[j] = np.logaddexp(x[j], self._crop(k) + gain_db * math.log(10) / 10)
+        xs, ys = [], []
+        for _ in range(b):
+            if rng.random() < o.silence_p:
+                item = _Crop(
+                    np.full((self.crop, self.feats[0].shape[1]), self.floor, np.float32),
+                    np.zeros((self.crop, self.n_classes), np.float32),
+                )
+            else:
+                item = self._crop(self._pick())
+            if rng.random() < o.background_p:  # half the time a recording without labels (music, speech, noise)
+                use_unlabelled = self.unlabelled.size and rng.random() < 0.5
+                other = self._crop(self._pick_unlabelled() if use_unlabelled else int(rng.integers(len(self.feats))))
+                item = self._mix(item, other, rng.uniform(*o.snr_db))
+            x = item.x
+            if rng.random() < o.reverb_p:
+                x = self._reverb(x)
+            if rng.random() < o.noise_floor_p:
+                x = self._noise_floor(x)
+            # a gain scales power; the log floor stays where it is
+            x = np.logaddexp(x + np.float32(rng.uniform(*o.gain_db) * DB), np.float32(self.floor))
             for _ in range(o.spec_masks):  # SpecAugment: a band and a stretch of time set to silence
-                f0, fw = rng.integers(0, x.shape[2]), rng.integers(0, 8)
-                x[j, :, f0 : f0 + fw] = self.floor
-                t0, tw = rng.integers(0, x.shape[1]), rng.integers(0, 25)
-                x[j, t0 : t0 + tw] = self.floor
-        return torch.from_numpy(x), torch.from_numpy(y)
+                f0, fw = rng.integers(0, x.shape[1]), rng.integers(0, 8)
+                x[:, f0 : f0 + fw] = self.floor
+                t0, tw = rng.integers(0, x.shape[0]), rng.integers(0, 25)
+                x[t0 : t0 + tw] = self.floor
+            xs.append(x)
+            ys.append(item.y)
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+def _by_group(groups: list[str], members: np.ndarray) -> list[np.ndarray]:
+    out: dict[str, list[int]] = {}
+    for i in members:
+        out.setdefault(groups[i], []).append(int(i))
+    return [np.array(v) for v in out.values()] or [members]
+
+
+def frame_loss(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Loss over the frames and classes whose target is known (NaN entries are left out)."""
+    known = ~torch.isnan(y)
+    target = torch.nan_to_num(y, nan=0.0)
+    if multi_label:
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        return (loss * known).sum() / known.sum().clamp(min=1)
+    total = target.sum(-1, keepdim=True)
+    rows = total[..., 0] > 0
+    logp = F.log_softmax(logits, dim=-1)
+    return -((target / total.clamp(min=1e-6)) * logp).sum(-1)[rows].mean()
 
 
 def train(
@@ -135,28 +279,43 @@ def train(
     progress: bool = True,
     log=print,
     keep_best: bool = True,
+    teacher=None,
+    label_map=None,
 ) -> dict[str, Any]:
     """Train and save a model folder in ``out_dir``: the epoch best on validation when ``keep_best`` and there
-    is a validation set, else the last epoch (cross-validation must not pick epochs on its test fold)."""
+    is a validation set, else the last epoch (cross-validation must not pick epochs on its test fold).
+    ``teacher`` (:class:`~streamtag.training.teacher.Teacher`) with ``label_map`` adds soft targets."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     feats = compute_features(dataset, opts.features, cache)
     targets = dataset.targets()
+    hard = dataset.hard_targets()
+    soft = _soft_targets(dataset, opts, teacher, label_map, train_idx)
+    train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     train_feats = [feats[i] for i in train_idx]
-    val_feats = [feats[i] for i in val_idx]
-    cfg = ModelConfig(opts.arch, tuple(dataset.labels), opts.features, dict(opts.arch_params))
+    _check_every_class_is_taught(dataset.labels, hard[train_idx], soft is not None and teacher, label_map)
+    cfg = opts.model_config(dataset.labels)
     model = build_model(cfg).to(opts.device)
-    stacked = np.concatenate(train_feats)
-    model.feat_mean.copy_(torch.from_numpy(stacked.mean(0)))
-    model.feat_std.copy_(torch.from_numpy(stacked.std(0) + 1e-3))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _set_feature_statistics(model, train_feats)
     floor = float(math.log(opts.features.log_floor))
-    batches = _Batches(train_feats, targets[train_idx], len(dataset.labels), opts, floor, rng)
-    steps = max(1, math.ceil(len(train_idx) / opts.batch_size))
+    batches = _Batches(
+        train_feats,
+        hard[train_idx],
+        None if soft is None else (lambda i, first, n: soft(int(train_idx[i]), first, n)),
+        opts,
+        floor,
+        rng,
+        _noise_bands(opts.features),
+        [dataset.clips[i].group for i in train_idx],
+    )
+    steps = opts.steps_per_epoch or max(1, math.ceil(len(train_idx) / opts.batch_size))
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=opts.lr, total_steps=opts.epochs * steps)
     warm = int(round(opts.warmup_s / opts.features.frame_seconds))
+    val_labelled = val_idx[targets[val_idx] >= 0] if len(val_idx) else val_idx
+    allowed = ~np.isnan(hard[val_labelled]) if len(val_labelled) else None
     history: list[dict[str, Any]] = []
     best = {"score": -1.0}
     start_epoch = 0
@@ -176,8 +335,7 @@ def train(
                 x, y = batches.batch()
                 x, y = x.to(opts.device), y.to(opts.device)
                 logits, _ = model(x, model.init_state(x.shape[0]))
-                logp = F.log_softmax(logits[:, warm:], dim=-1)
-                loss = -(y[:, None, :] * logp).sum(-1).mean()
+                loss = frame_loss(logits[:, warm:], y[:, warm:], cfg.multi_label)
                 optim.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -187,9 +345,10 @@ def train(
                 if bar:
                     bar.update(task, advance=1)
             row = {"epoch": epoch + 1, "loss": total / steps, "seconds": round(time.time() - t_start, 1)}
-            if len(val_idx):
-                row.update(accuracies(clip_scores(model, val_feats, opts.device), targets[val_idx]))
-            score = row["acc_mean"] + row["acc_last"] if keep_best and len(val_idx) else float(epoch)
+            if len(val_labelled):
+                probs = clip_scores(model, [feats[i] for i in val_labelled], cfg.multi_label, opts.device)
+                row.update(accuracies(probs, targets[val_labelled], allowed))
+            score = row["acc_mean"] + row["acc_last"] if keep_best and len(val_labelled) else float(epoch)
             history.append(row)
             if score > best["score"]:
                 best = {"score": score, **row}
@@ -203,10 +362,71 @@ def train(
     finally:
         if bar:
             bar.stop()
+    clips = sorted({str(dataset.clips[i].path.resolve()) for i in train_idx})
     (out_dir / "train_log.json").write_text(
         json.dumps({"options": dataclasses.asdict(opts), "history": history, "best": best}, indent=1)
     )
+    (out_dir / TRAINED_ON).write_text("\n".join(clips) + "\n")
     return {"best": best, "history": history}
+
+
+TRAINED_ON = "trained_on.txt"  # the training clips' paths, so eval can warn about clips a model has seen
+
+
+def _check_every_class_is_taught(labels, hard: np.ndarray, teacher, label_map) -> None:
+    """A class no training clip is labelled with and no teacher scores would sit at its initial output."""
+    mapped = {label for label, m in zip(labels, teacher.mapping(labels, label_map)) if m.size} if teacher else set()
+    silent = [label for c, label in enumerate(labels) if not (hard[:, c] == 1).any() and label not in mapped]
+    if silent:
+        raise ConfigError(
+            f"no training signal for {', '.join(silent[:5])}: no training clip has that label and no teacher "
+            "class is mapped to it; add clips of it, or map it in --label-map"
+        )
+
+
+def _set_feature_statistics(model, train_feats: list[np.ndarray]) -> None:
+    """Per-band mean and spread of the trunk's input, measured on the (level-normalised) training features."""
+    sample = train_feats if len(train_feats) <= 2000 else [train_feats[i] for i in range(0, len(train_feats), 4)]
+    with torch.no_grad():
+        normed = []
+        for x in sample:
+            t = torch.from_numpy(np.asarray(x[:3000], dtype=np.float32))[None]
+            if model.level is not None:
+                t, _ = model.level(t, model.level.init_state(1, "cpu"))
+            normed.append(t[0].numpy())
+    stacked = np.concatenate(normed)
+    model.feat_mean.copy_(torch.from_numpy(stacked.mean(0)))
+    model.feat_std.copy_(torch.from_numpy(stacked.std(0) + 1e-3))
+
+
+def _noise_bands(cfg: FeatureConfig) -> np.ndarray:
+    """Log power per mel band of white noise at 0 dBFS RMS (the noise-floor augmentation's unit)."""
+    from ..features.functional import mel_filterbank
+
+    window = torch.hann_window(cfg.win_length, periodic=True, dtype=torch.float64)
+    bands = float((window**2).sum()) * mel_filterbank(cfg).sum(0)
+    return torch.log(bands).float().numpy()
+
+
+def _soft_targets(dataset: Dataset, opts: TrainOptions, teacher, label_map, train_idx):
+    """``soft(i, first_frame, n_frames) -> (n, classes)`` from cached teacher windows, or None without a teacher."""
+    if teacher is None:
+        return None
+    from .teacher import fill_cache
+
+    mapping = teacher.mapping(dataset.labels, label_map)
+    if not any(m.size for m in mapping):
+        raise ConfigError("--teacher: none of the model's labels is in the label map (--label-map)")
+    paths = [c.path for c in dataset.clips]
+    fill_cache(teacher, paths, opts.features.sample_rate)
+    windows: dict[int, dict[str, np.ndarray]] = {}
+
+    def soft(i: int, first: int, n: int) -> np.ndarray:
+        if i not in windows:
+            windows[i] = teacher.windows(dataset.clips[i].path, opts.features.sample_rate)
+        return teacher.frame_targets(windows[i], n, opts.features.frame_seconds, mapping, first)
+
+    return soft
 
 
 def _progress(enabled: bool):

@@ -1,0 +1,136 @@
+"""Knowledge distillation end to end on a tiny synthetic teacher made here: targets cached, loss falls,
+the student exports and replays; teacher windows line up causally with frames; multi-label datasets."""
+
+import csv
+import json
+import warnings
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from streamtag.training.datasets import combine, load_dataset
+from streamtag.training.teacher import Teacher, read_label_map
+
+from .conftest import EXAMPLES, read_clip, run_cli
+
+
+class _TinyTeacher(torch.nn.Module):
+    """wav32k (batch, samples) -> 3 sigmoid scores: loud, quiet, never (a stand-in for an AudioSet tagger)."""
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        level = torch.log10(wav.pow(2).mean(dim=1, keepdim=True) + 1e-10)
+        loud = torch.sigmoid(4.0 * (level + 3.0))
+        return torch.cat([loud, 1.0 - loud, torch.full_like(loud, 0.01)], dim=1)
+
+
+def _export(folder) -> None:
+    torch.onnx.export(
+        _TinyTeacher(),
+        (torch.zeros(2, 32000),),
+        str(folder / "tiny.onnx"),
+        input_names=["wav32k"],
+        output_names=["scores"],
+        dynamic_axes={"wav32k": {0: "batch", 1: "samples"}, "scores": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teacher")
+    with warnings.catch_warnings():  # the legacy exporter warns that it is legacy
+        warnings.simplefilter("ignore")
+        _export(folder)
+    with open(folder / "audioset_labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "mid", "display_name"])
+        for i, name in enumerate(["Loud", "Quiet", "Never"]):
+            w.writerow([i, f"/m/{i}", name])
+    (folder / "map.tsv").write_text(
+        "label\taudioset_display_names\taliases\nchainsaw\tLoud\t\nrain\tQuiet\t\nhum\tNever\t\ndog\t\tdog_bark\n"
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """Two labelled datasets with an alias (dog_bark -> dog) and a folder of unlabelled audio."""
+    root = tmp_path_factory.mktemp("distill_data")
+    rng = np.random.default_rng(0)
+    for ds, names in (("a", ("dog", "rain")), ("b", ("dog_bark", "chainsaw"))):
+        for name in names:
+            audio = read_clip(EXAMPLES / f"{name.removesuffix('_bark')}.flac")
+            (root / ds / name).mkdir(parents=True)
+            for k in range(3):
+                start = int(rng.integers(0, audio.size - 16000 * 2))
+                sf.write(root / ds / name / f"{k}.flac", audio[start : start + 16000 * 2], 16000)
+    (root / "unlabelled").mkdir()
+    for k, name in enumerate(("rain", "chainsaw")):
+        sf.write(root / "unlabelled" / f"{k}.wav", read_clip(EXAMPLES / f"{name}.flac")[: 16000 * 4], 16000)
+    return root
+
+
+def test_frame_targets_follow_the_window_that_has_just_ended(teacher_dir):
+    teacher = Teacher(teacher_dir / "tiny.onnx", window_s=2.0, hop_s=0.5, min_s=1.0)
+    ends = teacher.window_ends(2.3)
+    np.testing.assert_allclose(ends, [1.0, 1.5, 2.0, 2.3])
+    windows = {"ends": ends, "scores": np.array([[0.1, 0, 0], [0.2, 0, 0], [0.3, 0, 0], [0.4, 0, 0]], np.float16)}
+    mapping = [np.array([0]), np.array([], dtype=np.int64)]
+    target = Teacher.frame_targets(windows, 230, 0.01, mapping)
+    assert target.shape == (230, 2) and np.isnan(target[:, 1]).all()  # no mapping: unknown, left out of the loss
+    np.testing.assert_allclose(
+        target[[0, 99, 100, 149, 150, 199, 200, 229], 0], [0.1, 0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.4], atol=1e-3
+    )
+    np.testing.assert_allclose(Teacher.frame_targets(windows, 30, 0.01, mapping, first=140)[:, 0], target[140:170, 0])
+
+
+def test_combined_datasets_know_which_classes_a_clip_lacks(small_data, teacher_dir):
+    label_map = read_label_map(teacher_dir / "map.tsv")
+    a, b = load_dataset(small_data / "a"), load_dataset(small_data / "b")
+    ds = combine([a, b], label_map.aliases, extra_labels=("hum",))
+    assert ds.labels == ["chainsaw", "dog", "hum", "rain"]
+    hard = ds.hard_targets()
+    dog_from_b = next(i for i, c in enumerate(ds.clips) if c.label == "dog" and c.source.endswith(":b"))
+    # dataset b names dog and chainsaw only: it says nothing of rain or hum
+    assert hard[dog_from_b].tolist()[:2] == [0.0, 1.0] and np.isnan(hard[dog_from_b][[2, 3]]).all()
+
+
+def test_distillation_end_to_end(small_data, teacher_dir, tmp_path):
+    out = tmp_path / "student"
+    args = [
+        "train", small_data / "a", small_data / "b",
+        "--teacher", teacher_dir / "tiny.onnx", "--label-map", teacher_dir / "map.tsv",
+        "--teacher-labels", "hum", "--unlabelled", small_data / "unlabelled",
+        "--arch-param", "hidden=16", "--arch-param", "dilations=[1,2]", "--arch-param", "pool_seconds=[0.5]",
+        "--epochs", "4", "--steps-per-epoch", "6", "--batch-size", "8", "--lr", "0.01",
+        "--no-val", "--quiet", "--out", out,
+    ]  # fmt: skip
+    done = run_cli(*args, timeout=600)
+    assert done.returncode == 0, done.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["output"] == "sigmoid" and cfg["labels"] == ["chainsaw", "dog", "hum", "rain"]
+    assert cfg["arch_params"]["level_seconds"] == 3.0
+    import os
+    from pathlib import Path
+
+    cached = list((Path(os.environ["STREAMTAG_CACHE"]) / "teacher").glob("*.npz"))
+    assert len(cached) >= 12 + 2  # every labelled clip and every unlabelled file, scored once
+    history = json.loads((out / "train_log.json").read_text())["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    trained_on = (out / "trained_on.txt").read_text().split()
+    assert len(trained_on) == 14
+    events = tmp_path / "ev.jsonl"
+    replay = run_cli("replay", EXAMPLES / "chainsaw.flac", "--model", out, "--fast", "--events", events)
+    assert replay.returncode == 0, replay.stderr
+    rows = [json.loads(line) for line in events.read_text().splitlines()]
+    assert sum(r["type"] == "open" for r in rows) == sum(r["type"] == "close" for r in rows)
+
+
+def test_teacher_options_need_a_teacher(small_data, tmp_path):
+    done = run_cli("train", small_data / "a", "--teacher-labels", "speech", "--out", tmp_path / "m")
+    assert done.returncode == 2 and "need --teacher" in done.stderr and "Traceback" not in done.stderr
+    done = run_cli("train", small_data / "a", "--teacher", tmp_path / "nope.onnx", "--out", tmp_path / "m")
+    assert done.returncode == 2 and "nope.onnx" in done.stderr and "Traceback" not in done.stderr
