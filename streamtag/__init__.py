@@ -39,6 +39,7 @@ from .errors import (
     DeviceError,
     ModelFileError,
     StreamtagError,
+    UnknownDeviceError,
 )
 from .events import Event, EventDetector, EventParams
 from .multistream import MultiStreamTagger
@@ -67,6 +68,7 @@ __all__ = [
     "Step",
     "StreamtagError",
     "Summary",
+    "UnknownDeviceError",
     "WavReplaySource",
     "Worker",
     "make_backend",

@@ -1,6 +1,6 @@
 """Latency and cost benchmarks: ``streamtag bench`` and ``benchmarks/run_benchmarks.py`` run this.
 
-Prints a Markdown table and writes a JSON report whose ``summary`` holds the headline
+Prints a Markdown table and, when given a path, writes a JSON report whose ``summary`` holds the headline
 figures for the default model (one thread, onnx backend). Figures, not assertions:
 machines are noisy, so nothing here fails on a slow run.
 """
@@ -423,7 +423,7 @@ def _arch_models(folder: Path, model_dir) -> dict[str, Path]:
 
 def run(
     quick: bool = False,
-    out: str | os.PathLike = "benchmarks/results/bench.json",
+    out: str | os.PathLike | None = None,
     plot: str | None = None,
     backends: tuple[str, ...] = ("onnx", "torch"),
     model=None,
@@ -517,10 +517,9 @@ def run(
         **report,
     }
     print(markdown(report, rows))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=float))
-    print(f"report: {out}")
+    if out is not None:  # only where asked: the folder must exist
+        Path(out).write_text(json.dumps(report, indent=1, default=float))
+        print(f"report: {out}")
     if plot:
         plot_cdf(plot, rows, budget_ms)
         print(f"plot: {plot}")

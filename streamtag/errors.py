@@ -20,9 +20,15 @@ class AudioFileError(StreamtagError):
 
 
 class DeviceError(StreamtagError):
-    """The sound device is missing, unknown, or went away mid-stream."""
+    """No sound device is available, it cannot be opened, or it went away mid-stream (exit 1)."""
 
     exit_code = 1
+
+
+class UnknownDeviceError(DeviceError):
+    """``--device`` names no input device (or several): a usage error, exit 2 like any other."""
+
+    exit_code = 2
 
 
 class ModelFileError(StreamtagError):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +51,14 @@ class EventParams:
     patience_frames: int = 1
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None and field.name == "off_threshold":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ConfigError(f"{field.name} must be a finite number ({value!r} given)")
+        if not isinstance(self.patience_frames, numbers.Integral):
+            raise ConfigError(f"patience_frames must be a whole number ({self.patience_frames!r} given)")
         if not 0.0 < self.on_threshold <= 1.0:
             raise ConfigError(f"on_threshold must be in (0, 1] ({self.on_threshold} given)")
         if self.off_threshold is not None and not 0.0 <= self.off_threshold <= self.on_threshold:
@@ -213,11 +223,14 @@ class EventDetector:
 
 
 def load_event_settings(path: str | os.PathLike) -> tuple[EventParams | None, dict[str, EventParams]]:
-    """Read ``{"default": {...}, "<label>": {...}}`` from JSON or TOML (``.toml``)."""
+    """Read ``{"default": {...}, "<label>": {...}}`` from a ``.json`` or ``.toml`` file."""
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".toml"):
+        raise ConfigError(f"event settings {path}: give a .json or .toml file ({suffix or 'no suffix'} is not read)")
     try:
         text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"cannot read event settings {path}: {exc}") from None
     if not isinstance(data, dict):

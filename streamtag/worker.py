@@ -24,6 +24,13 @@ from .sources.base import Source
 
 STALL_TIMEOUT_S = 2.0  # a live source silent this long is treated as lost
 RING_SECONDS = 2.0  # the ring holds this much audio at the source rate
+MAX_BUFFER_SECONDS = 60.0  # the most ``buffer_seconds`` may ask for (two buffers of it are allocated)
+
+
+def _write_failed(exc: OSError) -> str:
+    """One line for an output that could not be written, naming the file when the error knows it."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"writing an output failed: {where}{exc.strerror or exc}"
 
 
 @dataclasses.dataclass
@@ -127,7 +134,8 @@ class Worker(threading.Thread):
         detector: optional :class:`~streamtag.events.EventDetector`.
         reset_every_s (float): reset model and detector state every this many seconds. (Default: never)
         reset_on_silence_s (float): reset after this much silence (all samples below -60 dBFS). (Default: never)
-        buffer_seconds (float): audio the ring holds before a live source starts dropping. (Default: ``2``)
+        buffer_seconds (float): audio the ring holds before a live source starts dropping, at most
+            ``MAX_BUFFER_SECONDS``. (Default: ``2``)
     """
 
     def __init__(
@@ -146,8 +154,11 @@ class Worker(threading.Thread):
         self.hop = feats.hop_length
         self.frame_seconds = feats.frame_seconds
         self.labels = backend.labels
-        if buffer_seconds <= 0:
-            raise ConfigError(f"buffer_seconds must be > 0 ({buffer_seconds} given)")
+        if not 0 < buffer_seconds <= MAX_BUFFER_SECONDS:  # NaN fails too
+            raise ConfigError(f"buffer_seconds must be in (0, {MAX_BUFFER_SECONDS:g}] ({buffer_seconds} given)")
+        for name, value in (("reset_every_s", reset_every_s), ("reset_on_silence_s", reset_on_silence_s)):
+            if value is not None and not 0 < value < float("inf"):
+                raise ConfigError(f"{name} must be a finite number > 0 ({value} given)")
         capacity = 1 << int(np.ceil(np.log2(max(buffer_seconds * source.sample_rate, 4 * self.hop))))
         self.ring = SpscRing(capacity)
         self.resampler = (
@@ -222,7 +233,7 @@ class Worker(threading.Thread):
                     self.error = f"no audio from {self.source.description} for {STALL_TIMEOUT_S:.0f} s: device lost?"
                     break
         except OSError as exc:  # an output could not be written (disk full, pipe closed)
-            self.error = f"writing an output failed: {exc.strerror or exc}"
+            self.error = _write_failed(exc)
         except Exception as exc:  # a bug: end the run with an error (the traceback follows on stderr)
             self.error = f"internal error in the worker: {exc!r}"
             raise
@@ -282,12 +293,12 @@ class Worker(threading.Thread):
             if self.detector is not None:
                 self._emit_events(self.detector.flush(self.frames))
         except OSError as exc:
-            self.error = self.error or f"writing an output failed: {exc.strerror or exc}"
+            self.error = self.error or _write_failed(exc)
         for out in self.outputs:  # close every output, even when one of them fails
             try:
                 out.close()
             except OSError as exc:
-                self.error = self.error or f"writing an output failed: {exc.strerror or exc}"
+                self.error = self.error or _write_failed(exc)
 
     def summary(self) -> Summary:
         budget_ns = int(self.frame_seconds * 1e9)

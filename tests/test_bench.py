@@ -1,10 +1,11 @@
 """The benchmark suite runs (no timing thresholds: figures only) and the onnx path never imports torch."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 
-from .conftest import EXAMPLES, run_cli
+from .conftest import EXAMPLES, REPO, run_cli
 
 SUMMARY_KEYS = [
     "frame_total_p50_ms",
@@ -64,3 +65,29 @@ def test_onnx_replay_does_not_import_torch(cnn_dir):
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_bench_writes_a_report_only_where_asked(tmp_path, monkeypatch):
+    """`streamtag bench` writes nothing without --out; run_benchmarks.py keeps benchmarks/results/bench.json."""
+    import streamtag.bench
+    from streamtag.cli import main
+
+    calls = []
+    monkeypatch.setattr(streamtag.bench, "run", lambda quick, out, *rest: calls.append(out))
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick"]) == 0 and calls == [None]
+    assert list(tmp_path.iterdir()) == []
+    spec = importlib.util.spec_from_file_location("run_benchmarks", REPO / "benchmarks" / "run_benchmarks.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.bench_argv(["--quick"]) == ["bench", "--quick", "--out", str(REPO / "benchmarks/results/bench.json")]
+    assert script.bench_argv(["--out", "x.json"]) == ["bench", "--out", "x.json"]
+
+
+def test_bench_checks_its_paths_before_measuring(tmp_path):
+    for option, name in (("--out", "b.json"), ("--plot", "cdf.png")):
+        path = tmp_path / "missing" / name
+        r = run_cli("bench", "--quick", option, path, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "measuring" not in r.stderr
+        assert r.stderr.strip().startswith(f"streamtag bench: error: {option} {path}: output folder ")
+    assert list(tmp_path.iterdir()) == []

@@ -98,10 +98,13 @@ def test_paced_replay_takes_real_time(cnn_dir, tmp_path):
         (["replay", "{dog}", "--model", "{tmp}/nomodel"], "model folder not found"),
         (["replay", "{dog}", "--allow", "dog", "--deny", "rain"], "mutually exclusive"),
         (["replay", "{dog}", "--allow", "unicorn"], "unknown class names"),
-        (["replay", "{dog}", "--speed", "-1"], "--speed must be >= 0"),
+        (["replay", "{dog}", "--speed", "-1"], "argument --speed: must be a finite number > 0 (-1 given)"),
         (["replay", "{dog}", "--jsonl", "{tmp}/missing/dir/out.jsonl"], "does not exist"),
         (["replay", "{dog}", "--plot", "{tmp}/x.jpg"], "wants a .png"),
-        (["replay", "{dog}", "--backend", "torch", "--torch-device", "cuda"], "no CUDA GPU"),
+        (
+            ["replay", "{dog}", "--backend", "torch", "--torch-device", "cuda"],
+            "no CUDA GPU is visible (use --torch-device cpu)",
+        ),
         (["eval", "{tmp}/nomodel", "{tmp}"], "model folder not found"),
         (["train", "{tmp}/nodata", "--out", "{tmp}/o"], "dataset not found"),
     ],
@@ -145,11 +148,114 @@ def test_export_writes_a_graph_that_the_onnx_backend_uses(cnn_dir, tmp_path):
 
 
 def test_full_disk_ends_the_run_with_one_error(cnn_dir):
-    """Writing to /dev/full fails like a full disk: exit 1 and a clear reason, not a silent success."""
+    """Writing to /dev/full fails like a full disk: exit 1 and a clear reason naming the file, not a silent success."""
     for option in ("--jsonl", "--scores"):  # line-buffered and block-buffered outputs
         r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--quiet", option, "/dev/full")
         assert r.returncode == 1 and "Traceback" not in r.stderr
-        assert "writing an output failed" in r.stderr and "No space left" in r.stderr
+        assert "writing an output failed: /dev/full: No space left" in r.stderr
+
+
+def test_full_disk_for_events_and_plot_names_the_file(tmp_path):
+    """The bundled model finds the bark in dog.flac, so --events writes mid-run; --plot writes at the end."""
+    png = tmp_path / "p.png"
+    png.symlink_to("/dev/full")  # passes every check before the run, fails when written
+    for option, path in (("--events", "/dev/full"), ("--plot", png)):
+        r = run_cli("replay", EXAMPLES / "dog.flac", "--fast", "--quiet", option, path)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last == f"streamtag: error: writing an output failed: {path}: No space left on device"
+
+
+ONE_LINE_USAGE_ERRORS = [
+    # (arguments after "replay DOG --model M --fast --quiet", text the one error line must hold)
+    (["--buffer-seconds", "1e9"], "argument --buffer-seconds: must be a finite number in (0, 60] (1e9 given)"),
+    (["--buffer-seconds", "0"], "argument --buffer-seconds: must be a finite number in (0, 60] (0 given)"),
+    (["--rate", "nan"], "argument --rate: must be a finite number > 0 (nan given)"),
+    (["--rate", "0"], "argument --rate: must be a finite number > 0 (0 given)"),
+    (["--rate", "1e6"], "--rate must be at most 100 for this model (one update per 10 ms hop; 1e+06 given)"),
+    (
+        ["--backend", "torch", "--torch-device", "tpu"],
+        "argument --torch-device: must be cpu, cuda or cuda:N (tpu given)",
+    ),
+    (["--torch-device", "cpu"], "--torch-device cpu needs --backend torch"),
+    (["--speed", "nan"], "argument --speed: must be a finite number > 0 (nan given)"),
+    (["--speed", "inf"], "argument --speed: must be a finite number > 0 (inf given)"),
+    (["--speed", "0"], "argument --speed: must be a finite number > 0 (0 given); --fast replays as fast as possible"),
+    (["--reset-every", "0"], "argument --reset-every: must be a finite number > 0 (0 given)"),
+    (["--reset-every", "-1"], "argument --reset-every: must be a finite number > 0 (-1 given)"),
+    (["--reset-on-silence", "0"], "argument --reset-on-silence: must be a finite number > 0 (0 given)"),
+    (["--on-threshold", "2"], "argument --on-threshold: must be a finite number in (0, 1] (2 given)"),
+    (["--score-threshold", "nan"], "argument --score-threshold: must be a finite number in [0, 1] (nan given)"),
+    (["--all"], "--all selects what --jsonl writes: add --jsonl PATH"),
+    (["--allow", ","], "--allow ',' names no class"),
+    (
+        ["--event-config", "{tmp}/events.yaml"],
+        "--event-config: event settings {tmp}/events.yaml: give a .json or .toml",
+    ),
+    (["--plot", "{tmp}/missing/p.png"], "--plot {tmp}/missing/p.png: output folder {tmp}/missing does not exist"),
+    (["--events", "{tmp}/missing/e.jsonl"], "--events {tmp}/missing/e.jsonl: output folder {tmp}/missing does not"),
+    (["--scores", "{tmp}/events.yaml/s.tsv"], "--scores {tmp}/events.yaml/s.tsv: {tmp}/events.yaml is not a folder"),
+]
+
+
+@pytest.mark.parametrize("extra, message", ONE_LINE_USAGE_ERRORS)
+def test_bad_values_are_refused_before_any_work_in_one_line(extra, message, cnn_dir, tmp_path):
+    """Exit 2 and one stderr line naming the flag, the value and what is allowed; nothing played, nothing written."""
+    (tmp_path / "events.yaml").write_text("default:\n  on_threshold: 0.5\n")
+    extra = [a.format(tmp=tmp_path) for a in extra]
+    kept = tmp_path / "u.jsonl"  # a valid output next to the bad value: must not even be created
+    jsonl = [] if "--all" in extra else ["--jsonl", kept]
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--quiet", *jsonl, *extra)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamtag replay: error: "), r.stderr
+    assert message.format(tmp=tmp_path) in lines[0]
+    assert not kept.exists() and not (tmp_path / "missing").exists()
+
+
+def test_an_output_never_overwrites_the_input_or_another_output(cnn_dir, tmp_path):
+    import shutil
+
+    clip = tmp_path / "rec.flac"
+    shutil.copy(EXAMPLES / "dog.flac", clip)
+    before = clip.read_bytes()
+    for extra, message in (
+        (["--scores", clip], f"--scores {clip} is also the file replayed"),
+        (["--jsonl", tmp_path / "a", "--events", tmp_path / "a"], f"--events {tmp_path / 'a'} is also --jsonl"),
+    ):
+        r = run_cli("replay", clip, "--model", cnn_dir, "--fast", "--quiet", *extra)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip() == f"streamtag replay: error: {message}: give each output a file of its own"
+    assert clip.read_bytes() == before and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("allow", [["--allow", "dog,rain"], ["--allow", "dog", "--allow", "rain"]])
+def test_allow_takes_comma_separated_or_repeated_classes(allow, cnn_dir, tmp_path):
+    out = tmp_path / "u.jsonl"
+    r = run_cli("replay", *allow, EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--quiet", "--jsonl", out)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 50 and all(sorted(label for label, _ in row["top"]) == ["dog", "rain"] for row in rows)
+
+
+def test_allow_before_the_file_leaves_the_file_alone(cnn_dir, tmp_path):
+    """`replay --allow dog FILE`: FILE is the audio file, not a second class name."""
+    out = tmp_path / "u.jsonl"
+    r = run_cli("replay", "--allow", "dog", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run_cli(
+        "replay", "--deny", "dog", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--jsonl", out, "--quiet"
+    )
+    assert r.returncode == 0, r.stderr
+    assert all("dog" not in dict(json.loads(line)["top"]) for line in out.read_text().splitlines())
+
+
+def test_export_creates_no_folder(tmp_path):
+    target = tmp_path / "missing" / "x.onnx"
+    r = run_cli("export", "--onnx", target)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith(f"streamtag export: error: --onnx {target}: output folder {target.parent} ")
+    assert not target.parent.exists()
 
 
 def test_installed_package_works_outside_the_checkout(tmp_path):

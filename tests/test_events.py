@@ -83,11 +83,31 @@ def test_per_class_settings_file(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"on_threshold": 0}, {"on_threshold": 0.5, "off_threshold": 0.6}, {"patience_frames": 0}, {"min_gap_s": -1}],
+    [
+        {"on_threshold": 0},
+        {"on_threshold": 0.5, "off_threshold": 0.6},
+        {"patience_frames": 0},
+        {"min_gap_s": -1},
+        {"min_duration_s": float("nan")},
+        {"min_gap_s": float("inf")},
+        {"on_threshold": "high"},
+        {"patience_frames": 2.5},
+    ],
 )
 def test_bad_params_are_refused(kwargs):
     with pytest.raises(ConfigError):
         EventParams(**kwargs)
+
+
+def test_settings_file_must_be_json_or_toml(tmp_path):
+    for name in ("events.yaml", "events"):
+        path = tmp_path / name
+        path.write_text('{"default": {"on_threshold": 0.5}}')
+        with pytest.raises(ConfigError, match=r"give a \.json or \.toml file"):
+            load_event_settings(path)
+    upper = tmp_path / "EVENTS.TOML"
+    upper.write_text("[default]\non_threshold = 0.6\n")
+    assert load_event_settings(upper)[0].on_threshold == 0.6
 
 
 def test_bundled_model_finds_the_bark_in_the_example_clip(tmp_path):

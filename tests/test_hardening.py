@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamtag.backends import make_backend
-from streamtag.errors import AudioFileError, ModelFileError
+from streamtag.errors import AudioFileError, ConfigError, ModelFileError
 from streamtag.pipeline import tag_file
 from streamtag.sources import read_audio
 
@@ -118,6 +118,29 @@ def test_nan_and_inf_samples_are_replaced_and_reported(cnn_dir, tmp_path):
     assert "101 NaN/Inf samples" in r.stderr and "nonfinite samples 101" in r.stderr
     for row in map(json.loads, out.read_text().splitlines()):
         assert all(np.isfinite(list(row["probs"].values())))
+
+
+def test_api_refuses_settings_the_cli_refuses(cnn_dir):
+    """The same limits hold without the CLI: nothing allocates 64 TiB, NaN never reaches a schedule."""
+    from streamtag.sources import WavReplaySource
+    from streamtag.worker import Worker
+
+    backend = make_backend("onnx", cnn_dir)
+    for speed in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ConfigError, match="speed must be a finite number >= 0"):
+            WavReplaySource(EXAMPLES / "dog.flac", 16000, speed=speed)
+    source = WavReplaySource(EXAMPLES / "dog.flac", 16000, speed=0)
+    for kwargs in (
+        {"buffer_seconds": 1e9},
+        {"buffer_seconds": float("nan")},
+        {"reset_every_s": 0.0},
+        {"reset_on_silence_s": float("nan")},
+    ):
+        with pytest.raises(ConfigError, match=next(iter(kwargs))):
+            Worker(source, backend, **kwargs)
+    for device in ("tpu", "cuda:99"):
+        with pytest.raises(ConfigError, match=f"--torch-device.*{device}"):
+            make_backend("torch", cnn_dir, device=device)
 
 
 # -- fuzzing --------------------------------------------------------------------------------------------------

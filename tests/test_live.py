@@ -113,10 +113,14 @@ def test_device_lost_mid_stream_ends_cleanly(cnn_dir, tmp_path):
 
 
 def test_unknown_device_lists_choices(cnn_dir, tmp_path):
+    """A --device that names nothing is a usage error (exit 2), by name or by index; a lost device exits 1."""
     env = alsa_file_mic(tmp_path, np.zeros(1600, np.float32))
-    r = run_cli("live", "--model", cnn_dir, "--device", "no-such-mic", env=env)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "no-such-mic" in r.stderr and ALSA_DEVICE in r.stderr
+    for device in ("no-such-mic", "99"):
+        r = run_cli("live", "--model", cnn_dir, "--device", device, env=env)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"streamtag live: error: --device {device}: "), r.stderr
+        assert ALSA_DEVICE in lines[0]
     r = run_cli("devices", env=env)
     assert r.returncode == 0 and ALSA_DEVICE in r.stdout
 

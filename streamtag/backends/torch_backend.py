@@ -18,18 +18,33 @@ from ..models.io import load_model
 from ..models.step import HopStep
 
 
+def _check_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` of a visible GPU; anything else is a :class:`ConfigError` naming the flag."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--torch-device must be cpu, cuda or cuda:N ({device!r} given)")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--torch-device {device} asked for, but no CUDA GPU is visible (use --torch-device cpu)")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"--torch-device {device}: only {count} CUDA GPU(s) visible (cuda:0 to cuda:{count - 1})")
+    return dev
+
+
 class TorchBackend:
     def __init__(
         self, model: str | os.PathLike | None = None, batch_size: int = 1, device: str = "cpu", threads: int | None = 1
     ) -> None:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("--device cuda asked for, but no CUDA GPU is visible (use --device cpu)")
+        self.device = _check_device(device)
         if threads:
             torch.set_num_threads(threads)
         self.config, net = load_model(model)
         self.labels = self.config.labels
         self.batch_size = batch_size
-        self.device = torch.device(device)
         self.step = HopStep(self.config, net).to(self.device).eval()
         # On a GPU, hops go in and probabilities come out through page-locked buffers: the copies
         # run at full bus speed instead of through a pageable staging copy.

@@ -1,7 +1,8 @@
 """``streamtag`` command line: wires sources, backends, events and outputs together; no logic of its own.
 
 Each subcommand module has ``add_parser(subparsers)`` and ``run(args) -> int``.
-A :class:`~streamtag.errors.StreamtagError` becomes one line on stderr and a non-zero exit.
+A :class:`~streamtag.errors.StreamtagError` becomes one line on stderr and a non-zero exit; a usage
+error (a value out of range, a missing argument) is one line too, exit 2.
 """
 
 from __future__ import annotations
@@ -9,14 +10,22 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from ..errors import StreamtagError
 
 SUBCOMMANDS = ["run", "devices", "train", "evaluate", "export", "bench"]
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors are one line too, exit 2: ``streamtag replay: error: argument --rate: ... (nan given)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="streamtag",
         description="Real-time streaming audio tagger: a causal model scores every 10 ms hop, live or on replay.",
     )

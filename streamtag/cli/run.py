@@ -4,16 +4,48 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 import signal
 import sys
+from collections.abc import Callable, Sequence
 
 from ..backends import BACKENDS, make_backend
 from ..errors import ConfigError
 from ..events import EventDetector, EventParams, load_event_settings
 from ..outputs import ClassSelection, EventsJsonl, LiveView, PlainLines, ScoresTsv, UpdatesJsonl
 from ..outputs.files import check_output_path
-from ..worker import Worker
+from ..outputs.plots import check_plot_path
+from ..worker import MAX_BUFFER_SECONDS, Worker
+
+
+def number(low: float, high: float = math.inf, low_ok: bool = False, hint: str = "") -> Callable[[str], float]:
+    """argparse ``type=``: a finite float above ``low`` (or equal with ``low_ok``) and at most ``high``.
+
+    Anything else is a usage error (exit 2) that argparse prefixes with the flag, e.g.
+    ``argument --rate: must be a finite number > 0 (nan given)``.
+    """
+    above = f"{'>=' if low_ok else '>'} {low:g}"
+    allowed = above if high == math.inf else f"in {'[' if low_ok else '('}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (low <= value if low_ok else low < value) and value <= high):
+            raise argparse.ArgumentTypeError(f"must be a finite number {allowed} ({text} given){hint}")
+        return value
+
+    return parse
+
+
+def torch_device(text: str) -> str:
+    """argparse ``type=`` for ``--torch-device``: cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N ({text} given)")
+    return text
 
 
 def add_model_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
@@ -29,7 +61,12 @@ def add_model_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
             default="onnx",
             help="inference runtime: onnx (fast CPU, default) or torch (reference; --torch-device cuda)",
         )
-        p.add_argument("--torch-device", default="cpu", metavar="DEV", help="torch backend device: cpu or cuda")
+        p.add_argument(
+            "--torch-device",
+            type=torch_device,
+            metavar="DEV",
+            help="with --backend torch: cpu (default), cuda or cuda:N",
+        )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -37,15 +74,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output")
     out.add_argument(
         "--rate",
-        type=float,
+        type=number(0),
         default=10.0,
         metavar="HZ",
-        help="updates shown per second (every hop is still computed); default 10",
+        help="updates shown per second, at most one per hop (100 for 10 ms hops); every hop is computed; default 10",
     )
     out.add_argument("--max-results", type=int, default=3, metavar="K", help="top-k classes shown (default 3)")
-    out.add_argument("--score-threshold", type=float, default=0.0, metavar="P", help="hide classes below P")
-    out.add_argument("--allow", nargs="+", metavar="CLASS", help="show only these classes")
-    out.add_argument("--deny", nargs="+", metavar="CLASS", help="never show these classes")
+    out.add_argument(
+        "--score-threshold", type=number(0, 1, low_ok=True), default=0.0, metavar="P", help="hide classes below P"
+    )
+    for flag, what in (("--allow", "show only these classes"), ("--deny", "never show these classes")):
+        out.add_argument(
+            flag, action="append", metavar="CLASS[,CLASS]", help=f"{what} (comma-separated, or repeat {flag})"
+        )
     out.add_argument("--jsonl", metavar="PATH", help="write one JSON object per update")
     out.add_argument("--all", action="store_true", help="with --jsonl: every class's probability, not the top-k")
     out.add_argument("--events", metavar="PATH", help="write events as JSONL (an open line, then a close line)")
@@ -55,21 +96,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     ev = p.add_argument_group("events")
     ev.add_argument(
         "--on-threshold",
-        type=float,
+        type=number(0, 1),
         default=None,
         metavar="P",
         help="score that starts an event (default 0.5; off = on - 0.15)",
     )
     ev.add_argument("--event-config", metavar="PATH", help="JSON/TOML with 'default' and per-class event settings")
     st = p.add_argument_group("state")
-    st.add_argument("--reset-every", type=float, metavar="S", help="reset model state every S seconds")
-    st.add_argument("--reset-on-silence", type=float, metavar="S", help="reset after S seconds below -60 dBFS")
+    st.add_argument("--reset-every", type=number(0), metavar="S", help="reset model state every S seconds")
+    st.add_argument("--reset-on-silence", type=number(0), metavar="S", help="reset after S seconds below -60 dBFS")
     st.add_argument(
         "--buffer-seconds",
-        type=float,
+        type=number(0, MAX_BUFFER_SECONDS),
         default=2.0,
         metavar="S",
-        help="audio buffered between capture and worker before samples are dropped (default 2)",
+        help=f"audio buffered between capture and worker before samples are dropped (default 2, "
+        f"at most {MAX_BUFFER_SECONDS:g})",
     )
 
 
@@ -93,32 +135,90 @@ def add_parser(subparsers) -> None:
     pace = replay.add_mutually_exclusive_group()
     pace.add_argument(
         "--speed",
-        type=float,
+        type=number(0, hint="; --fast replays as fast as possible"),
         default=1.0,
         metavar="X",
-        help="1 = real time (default), 2 = twice as fast, 0 = as fast as possible",
+        help="1 = real time (default), 2 = twice as fast; --fast for as fast as possible",
     )
-    pace.add_argument("--fast", action="store_true", help="as fast as possible (same as --speed 0)")
+    pace.add_argument("--fast", action="store_true", help="as fast as possible, dropping nothing")
     replay.add_argument("--plot", metavar="PNG", help="save log-mel, top-class probabilities and events as a PNG")
     _add_common(replay)
     replay.set_defaults(handler=run_replay)
 
 
-def _detector(args, backend) -> EventDetector:
-    default, per_class = (None, {}) if not args.event_config else load_event_settings(args.event_config)
+OUTPUT_FLAGS = ("--jsonl", "--events", "--scores", "--plot")
+
+
+def _check_output_paths(args) -> None:
+    """Every output writable, and none the same file as another output or as the file replayed."""
+    taken = {os.path.realpath(args.file): "the file replayed"} if getattr(args, "file", None) else {}
+    for flag in OUTPUT_FLAGS:
+        path = getattr(args, flag[2:], None)
+        if not path:
+            continue
+        if flag == "--plot":
+            check_plot_path(path)
+        else:
+            check_output_path(path, flag)
+        real = os.path.realpath(path)
+        if real in taken and not (os.path.exists(real) and not os.path.isfile(real)):  # /dev/null may repeat
+            raise ConfigError(f"{flag} {path} is also {taken[real]}: give each output a file of its own")
+        taken[real] = flag
+
+
+def check_args(args) -> tuple[EventParams | None, dict[str, EventParams]]:
+    """What can be checked before a model loads: option pairs, output paths, the event settings file.
+
+    Returns the event settings (default, per class).
+    """
+    if args.all and not args.jsonl:
+        raise ConfigError("--all selects what --jsonl writes: add --jsonl PATH, or drop --all")
+    if args.torch_device is not None and args.backend != "torch":
+        raise ConfigError(f"--torch-device {args.torch_device} needs --backend torch ({args.backend} runs on the CPU)")
+    _check_output_paths(args)
+    settings = (None, {})
+    if args.event_config:
+        try:
+            settings = load_event_settings(args.event_config)
+        except ConfigError as exc:
+            raise ConfigError(f"--event-config: {exc}") from None
+    default, per_class = settings
     if args.on_threshold is not None:  # adjusts the config's default; off follows unless the config set it
         default = dataclasses.replace(default or EventParams(), on_threshold=args.on_threshold)
-    return EventDetector(backend.labels, backend.config.features.frame_seconds, default, per_class)
+    return default, per_class
+
+
+def class_names(flag: str, values: list[str] | None, labels: Sequence[str]) -> list[str] | None:
+    """``--allow``/``--deny`` values, each one class or several comma-separated (a label with a comma stays whole)."""
+    if not values:
+        return None
+    names = []
+    for value in values:
+        names += [value] if value in labels else [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"{flag} {','.join(values)!r} names no class")
+    return names
+
+
+def _detector(settings, backend) -> EventDetector:
+    default, per_class = settings
+    try:
+        return EventDetector(backend.labels, backend.config.features.frame_seconds, default, per_class)
+    except ConfigError as exc:
+        raise ConfigError(f"--event-config: {exc}") from None
 
 
 def _outputs(args, backend, worker_status, extra=()) -> list:
-    selection = ClassSelection(backend.labels, args.max_results, args.score_threshold, args.allow, args.deny)
-    if args.rate <= 0:
-        raise ConfigError(f"--rate must be > 0 ({args.rate} given)")
-    every = max(1, round(1.0 / (args.rate * backend.config.features.frame_seconds)))
-    for path in (args.jsonl, args.events, args.scores):  # every path checked before any file is opened
-        if path:
-            check_output_path(path)
+    labels = backend.labels
+    allow, deny = class_names("--allow", args.allow, labels), class_names("--deny", args.deny, labels)
+    selection = ClassSelection(labels, args.max_results, args.score_threshold, allow, deny)
+    frame_s = backend.config.features.frame_seconds
+    if args.rate * frame_s > 1 + 1e-9:
+        raise ConfigError(
+            f"--rate must be at most {1 / frame_s:g} for this model (one update per {frame_s * 1000:g} ms hop; "
+            f"{args.rate:g} given)"
+        )
+    every = max(1, round(1.0 / (args.rate * frame_s)))
     outputs = list(extra)
     if args.jsonl:
         outputs.append(UpdatesJsonl(args.jsonl, selection, every, args.all))
@@ -135,11 +235,11 @@ def _outputs(args, backend, worker_status, extra=()) -> list:
 
 
 def _open_backend(args):
-    options = {"device": args.torch_device} if args.backend == "torch" else {}
+    options = {"device": args.torch_device or "cpu"} if args.backend == "torch" else {}
     return make_backend(args.backend, args.model, **options)
 
 
-def run_stream(args, source, backend, extra_outputs=()) -> int:
+def run_stream(args, source, backend, event_settings, extra_outputs=()) -> int:
     """Run one worker to the end (file end, Ctrl-C, SIGTERM or a lost device); print the summary."""
     holder: dict = {}
 
@@ -147,9 +247,10 @@ def run_stream(args, source, backend, extra_outputs=()) -> int:
         w = holder["worker"]
         return w.ring.dropped, w.timer.percentile_ms(99), w.frame_seconds * 1000
 
+    detector = _detector(event_settings, backend)  # before any output file is opened
     outputs = _outputs(args, backend, status, extra_outputs)
     worker = holder["worker"] = Worker(
-        source, backend, outputs, _detector(args, backend), args.reset_every, args.reset_on_silence, args.buffer_seconds
+        source, backend, outputs, detector, args.reset_every, args.reset_on_silence, args.buffer_seconds
     )
     got = {"signal": None}
 
@@ -179,6 +280,7 @@ def run_stream(args, source, backend, extra_outputs=()) -> int:
 def run_replay(args) -> int:
     from ..sources import WavReplaySource
 
+    settings = check_args(args)
     backend = _open_backend(args)
     feats = backend.config.features
     speed = 0.0 if args.fast else args.speed
@@ -190,7 +292,7 @@ def run_replay(args) -> int:
         from ..outputs.plots import RecordingPlot
 
         extra.append(RecordingPlot(args.plot, args.file, feats, title=os.path.basename(args.file)))
-    code = run_stream(args, source, backend, extra)
+    code = run_stream(args, source, backend, settings, extra)
     if source.status.nonfinite_samples:
         print(
             f"streamtag: warning: {source.status.nonfinite_samples} NaN/Inf samples in {args.file} were replaced by 0",
@@ -202,8 +304,9 @@ def run_replay(args) -> int:
 def run_live(args) -> int:
     from ..sources.device import MicrophoneSource
 
+    settings = check_args(args)
     backend = _open_backend(args)
     feats = backend.config.features
     source = MicrophoneSource(feats.sample_rate, args.device, block_size=feats.hop_length)
     print(f"listening on {source.description}; Ctrl-C stops", file=sys.stderr)
-    return run_stream(args, source, backend)
+    return run_stream(args, source, backend, settings)

@@ -16,14 +16,30 @@ from ..worker import Step
 from .selection import ClassSelection
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Refuse a path that cannot be written, before anything is opened (so nothing gets truncated first)."""
+def check_output_path(path: str | os.PathLike, flag: str | None = None) -> Path:
+    """Refuse a path that cannot be written, before anything is opened (so nothing gets truncated first).
+
+    The folder must exist already (nothing is created) and be writable. ``flag`` (e.g. ``"--jsonl"``)
+    starts the message, so it names the option to fix.
+    """
     path = Path(path)
+    name = f"{flag} {path}" if flag else f"output path {path}"
     if path.is_dir():
-        raise ConfigError(f"output path {path} is a directory; give a file name")
-    if not path.parent.exists():
-        raise ConfigError(f"output folder {path.parent} does not exist; create it first")
+        raise ConfigError(f"{name} is a directory; give a file name")
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{name}: {folder} is not a folder")
+    if not folder.is_dir():
+        raise ConfigError(f"{name}: output folder {folder} does not exist; create it first")
+    target = path if path.exists() else folder
+    if not os.access(target, os.W_OK):
+        raise ConfigError(f"{name}: {'file' if target is path else 'folder'} {target} is not writable")
     return path
+
+
+def named_error(exc: OSError, path: str | os.PathLike) -> OSError:
+    """``exc`` with ``path`` as its filename: a write that fails mid-run (disk full) says which file."""
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def open_for_writing(path: str | os.PathLike, line_buffered: bool = True) -> TextIO:
@@ -32,6 +48,26 @@ def open_for_writing(path: str | os.PathLike, line_buffered: bool = True) -> Tex
         return open(path, "w", encoding="utf-8", buffering=1 if line_buffered else -1)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+
+
+class _TextFile:
+    """A file opened for writing whose errors name it (see :func:`named_error`)."""
+
+    def __init__(self, path: str | os.PathLike, line_buffered: bool = True) -> None:
+        self.path = Path(path)
+        self._file = open_for_writing(path, line_buffered)
+
+    def write(self, text: str) -> None:
+        try:
+            self._file.write(text)
+        except OSError as exc:
+            raise named_error(exc, self.path) from None
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as exc:
+            raise named_error(exc, self.path) from None
 
 
 class UpdatesJsonl:
@@ -45,7 +81,7 @@ class UpdatesJsonl:
         all_classes: bool = False,
         stream: str | None = None,
     ) -> None:
-        self._file = open_for_writing(path)
+        self._file = _TextFile(path)
         self.selection, self.every, self.all_classes, self.stream = selection, every_frames, all_classes, stream
 
     def write(self, step: Step) -> None:
@@ -68,7 +104,7 @@ class EventsJsonl:
     """An "open" line when an event is confirmed, a "close" line with onset, offset and scores when it ends."""
 
     def __init__(self, path: str | os.PathLike, stream: str | None = None) -> None:
-        self._file = open_for_writing(path)
+        self._file = _TextFile(path)
         self.stream = stream
 
     def write(self, step: Step) -> None:
@@ -89,7 +125,7 @@ class ScoresTsv:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self._file = open_for_writing(path, line_buffered=False)  # 100 rows/s: flushed on close
+        self._file = _TextFile(path, line_buffered=False)  # 100 rows/s: flushed on close
         self._header_done = False
 
     def write(self, step: Step) -> None:

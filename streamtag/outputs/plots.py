@@ -10,8 +10,16 @@ from ..config import FeatureConfig
 from ..errors import ConfigError
 from ..events import Event
 from ..worker import Step
+from .files import check_output_path, named_error
 
 TOP_CLASSES = 5
+
+
+def check_plot_path(path: str | os.PathLike, flag: str = "--plot") -> None:
+    """A ``.png`` path whose folder exists and is writable, checked before any audio is read."""
+    if not str(path).lower().endswith(".png"):
+        raise ConfigError(f"{flag} wants a .png path ({path} given)")
+    check_output_path(path, flag)
 
 
 class RecordingPlot:
@@ -20,8 +28,7 @@ class RecordingPlot:
     def __init__(
         self, path: str | os.PathLike, audio_path: str | os.PathLike, features: FeatureConfig, title: str = ""
     ) -> None:
-        if not str(path).lower().endswith(".png"):
-            raise ConfigError(f"--plot wants a .png path ({path} given)")
+        check_plot_path(path)
         self.path, self.audio_path, self.features, self.title = path, audio_path, features, title
         self._probs: list[np.ndarray] = []
         self._events: list[Event] = []
@@ -39,7 +46,12 @@ class RecordingPlot:
         from ..sources import read_audio
 
         samples = read_audio(self.audio_path, self.features.sample_rate)[0]
-        draw_recording(self.path, samples, self.features, np.stack(self._probs), self._labels, self._events, self.title)
+        try:
+            draw_recording(
+                self.path, samples, self.features, np.stack(self._probs), self._labels, self._events, self.title
+            )
+        except OSError as exc:
+            raise named_error(exc, self.path) from None
 
 
 def draw_recording(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BackendUnavailable, DeviceError
+from ..errors import BackendUnavailable, DeviceError, UnknownDeviceError
 from ..ring import SpscRing
 from .base import SourceStatus
 
@@ -72,12 +72,16 @@ class MicrophoneSource:
         device = _parse_device(device)
         try:
             info = sd.query_devices(device, "input")
-        except ValueError as exc:
-            raise DeviceError(f"{exc}{_device_choices()} (pick one with --device NAME|INDEX)") from None
+        except ValueError as exc:  # no name matches, or several do
+            raise UnknownDeviceError(f"--device {device}: {exc}{_device_choices()}") from None
         except sd.PortAudioError as exc:
+            if device is not None:  # an index with no device behind it
+                raise UnknownDeviceError(f"--device {device}: no device has this index{_device_choices()}") from None
             raise DeviceError(
                 f"no input device available ({exc}); plug in a microphone or see 'streamtag devices'"
             ) from None
+        if device is not None and info["max_input_channels"] < 1:
+            raise UnknownDeviceError(f"--device {device}: '{info['name']}' cannot record{_device_choices()}")
         self.device_name = info["name"]
         self.channels, self.sample_rate = self._choose_format(
             device, int(info["max_input_channels"]), sample_rate, int(info["default_samplerate"])

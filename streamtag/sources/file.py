@@ -112,8 +112,8 @@ class WavReplaySource:
         repeat: int = 1,
         min_samples: int = 1,
     ) -> None:
-        if speed < 0:
-            raise ConfigError(f"--speed must be >= 0 ({speed} given; 0 means as fast as possible)")
+        if not 0 <= speed < float("inf"):  # NaN fails too
+            raise ConfigError(f"speed must be a finite number >= 0 ({speed} given; 0 means as fast as possible)")
         if repeat < 1:
             raise ConfigError(f"repeat must be >= 1 ({repeat} given)")
         self.path = Path(path)
