@@ -62,7 +62,7 @@ def _open(folder: Path, threads: int) -> tuple[ort.InferenceSession, Path]:
         from ..models.export import export_onnx
     except ImportError:
         raise BackendUnavailable(
-            f"{folder} has no up-to-date {ONNX_NAME}, and exporting one needs torch (pip install torch==2.11.0), "
+            f"{folder} has no up-to-date {ONNX_NAME}, and exporting one needs torch (pip install 'streamtag[train]'), "
             "or run 'streamtag export' where torch is installed"
         ) from None
     export_onnx(folder, cached)

@@ -12,7 +12,7 @@ from ..errors import BackendUnavailable, ConfigError
 try:
     import torch
 except ImportError:  # pragma: no cover - torch is a dependency
-    raise BackendUnavailable("the torch backend needs PyTorch: pip install torch==2.11.0") from None
+    raise BackendUnavailable("the torch backend needs PyTorch: pip install 'streamtag[train]'") from None
 
 from ..models.io import load_model
 from ..models.step import HopStep

@@ -15,6 +15,8 @@ from typing import NoReturn
 from ..errors import StreamtagError
 
 SUBCOMMANDS = ["run", "devices", "train", "evaluate", "export", "bench"]
+# optional modules -> the extra that installs them (pip install 'streamtag[EXTRA]')
+EXTRAS = {"torch": "train", "torchaudio": "train", "onnx": "train", "safetensors": "train", "matplotlib": "plot"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,6 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     except StreamtagError as exc:
         print(f"streamtag {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"streamtag {args.command}: error: this needs {exc.name}, which is not installed; "
+            f"install it with: pip install 'streamtag[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. piped into head

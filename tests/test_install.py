@@ -1,0 +1,73 @@
+"""A user's install without torch (`pip install streamtag`): replay and live run; torch-only commands name the extra.
+
+`.ci/setup` makes `.venv-notorch` beside `.venv` with the runtime dependencies alone.
+"""
+
+import json
+import signal
+import subprocess
+
+import pytest
+
+from .conftest import EXAMPLES, REPO, read_clip
+from .virtual_mic import ALSA_DEVICE, alsa_file_mic, wait_for_lines
+
+LITE = REPO / ".venv-notorch" / "bin"
+
+
+@pytest.fixture(scope="module")
+def lite():
+    if not (LITE / "streamtag").is_file():
+        pytest.skip(f"{LITE.parent} absent (made by .ci/setup): no torch-free environment to test")
+    return LITE
+
+
+def _run(lite, *args, **kwargs):
+    return subprocess.run(
+        [str(lite / "streamtag"), *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs
+    )
+
+
+def test_the_environment_really_lacks_torch(lite):
+    r = subprocess.run([str(lite / "python"), "-c", "import torch"], capture_output=True, text=True)
+    assert r.returncode != 0 and "No module named 'torch'" in r.stderr
+
+
+def test_replay_runs_without_torch(lite, tmp_path):
+    events = tmp_path / "ev.jsonl"
+    r = _run(lite, "replay", EXAMPLES / "dog.flac", "--fast", "--quiet", "--events", events)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in events.read_text().splitlines()]
+    assert ("open", "dog") in [(row["type"], row["label"]) for row in rows]
+
+
+def test_live_runs_without_torch(lite, tmp_path):
+    env = alsa_file_mic(tmp_path, read_clip(EXAMPLES / "dog.flac"))
+    out = tmp_path / "live.jsonl"
+    proc = subprocess.Popen(
+        [str(lite / "streamtag"), "live", "--device", ALSA_DEVICE, "--jsonl", out, "--quiet"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert wait_for_lines(out, 20, proc) >= 20
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "{data}", "--out", "{tmp}/m"],
+        ["replay", "{dog}", "--backend", "torch", "--fast", "--quiet"],
+        ["replay", "{dog}", "--fast", "--quiet", "--plot", "{tmp}/p.png"],
+    ],
+)
+def test_torch_only_commands_name_the_extra(lite, tmp_path, args):
+    fill = {"data": EXAMPLES, "tmp": tmp_path, "dog": EXAMPLES / "dog.flac"}
+    r = _run(lite, *[a.format(**fill) for a in args])
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'streamtag[" in lines[0] and "Traceback" not in r.stderr
