@@ -89,6 +89,14 @@ def test_paced_replay_takes_real_time(cnn_dir, tmp_path):
     assert time.monotonic() - t0 >= 1.25
 
 
+def test_fast_paced_replay_never_drops(cnn_dir):
+    """A file can wait for the worker: pacing faster than the worker steps slows the replay, never drops."""
+    clip = EXAMPLES / "chainsaw.flac"
+    r = run_cli("replay", clip, "--model", cnn_dir, "--speed", "500", "--quiet", "--buffer-seconds", "0.05")
+    assert r.returncode == 0, r.stderr
+    assert "captured 80000, processed 80000, dropped 0, unread 0" in r.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

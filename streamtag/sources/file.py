@@ -92,8 +92,9 @@ class WavReplaySource:
         path: any file soundfile reads.
         sample_rate (int): the model rate; the file is resampled to it as it plays.
         block_size (int): samples per push, as a device callback would deliver. (Default: one hop)
-        speed (float): 1 paces in real time (full ring drops, as live); 2 is twice as fast;
-            0 is as fast as possible (waits for ring space, drops nothing). (Default: ``1``)
+        speed (float): 1 paces in real time, 2 twice as fast, 0 as fast as possible. A file is never
+            dropped from: when the ring is full the source waits for the worker (only live audio,
+            which cannot wait, is dropped and counted). (Default: ``1``)
         repeat (int): play the file this many times back to back (long-run tests). (Default: ``1``)
         min_samples (int): refuse files shorter than this at the model rate. (Default: ``1``)
 
@@ -159,14 +160,12 @@ class WavReplaySource:
                         if self._stop.is_set():
                             return
                         block = chunk[start : start + self.block_size]
-                        if self.speed == 0:
-                            ring.write_blocking(block, self._stop)
-                        else:
+                        if self.speed:
                             due = t0 + (pushed + block.shape[0]) / (self.sample_rate * self.speed)
                             delay = due - time.perf_counter()
                             if delay > 0:
                                 time.sleep(delay)
-                            ring.push(block)
+                        ring.write_blocking(block, self._stop)
                         pushed += block.shape[0]
         except _READ_ERRORS as exc:
             self.error = f"{self.path} could not be read to the end ({_reason(exc)})"
