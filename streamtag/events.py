@@ -42,6 +42,9 @@ class EventParams:
     min_duration_s (float): shorter events are never reported. (Default: ``0.1``)
     min_gap_s (float): a dip shorter than this merges the two sides. (Default: ``0.3``)
     patience_frames (int): consecutive frames at or above ``on_threshold`` needed to confirm. (Default: ``1``)
+    max_duration_s (float or None): an event this long is closed (reason ``max_duration``) and, if the
+        sound goes on, a new one opens, so consumers of a never-ending sound (an engine, rain) are
+        not left waiting for a close. (Default: ``None``, no limit)
     """
 
     on_threshold: float = 0.5
@@ -49,11 +52,12 @@ class EventParams:
     min_duration_s: float = 0.1
     min_gap_s: float = 0.3
     patience_frames: int = 1
+    max_duration_s: float | None = None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is None and field.name == "off_threshold":
+            if value is None and field.name in ("off_threshold", "max_duration_s"):
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ConfigError(f"{field.name} must be a finite number ({value!r} given)")
@@ -65,6 +69,11 @@ class EventParams:
             raise ConfigError(f"off_threshold must be in [0, on_threshold] ({self.off_threshold} given)")
         if self.min_duration_s < 0 or self.min_gap_s < 0:
             raise ConfigError("min_duration_s and min_gap_s must be >= 0")
+        if self.max_duration_s is not None and not self.max_duration_s > self.min_duration_s:
+            raise ConfigError(
+                f"max_duration_s must be longer than min_duration_s ({self.max_duration_s} given, "
+                f"min_duration_s {self.min_duration_s})"
+            )
         if self.patience_frames < 1:
             raise ConfigError(f"patience_frames must be >= 1 ({self.patience_frames} given)")
 
@@ -73,9 +82,17 @@ class EventParams:
         return max(0.0, self.on_threshold - OFF_MARGIN) if self.off_threshold is None else self.off_threshold
 
 
+CLOSE_REASONS = ("ended", "stream_end", "interrupted", "reset", "max_duration")
+
+
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """``kind`` is ``"open"`` (confirmed, still going; ``offset`` is None) or ``"close"``."""
+    """``kind`` is ``"open"`` (confirmed, still going; ``offset`` is None) or ``"close"``.
+
+    A close says why (``reason``): ``ended`` (the score fell and stayed down), ``stream_end`` (the
+    file or stream ended while it was on), ``interrupted`` (Ctrl-C, SIGTERM or an error), ``reset``
+    (a scheduled state reset) or ``max_duration`` (``max_duration_s`` reached).
+    """
 
     kind: str
     label: str
@@ -83,6 +100,7 @@ class Event:
     offset: float | None
     score_max: float
     score_mean: float
+    reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         row = {"type": self.kind, "label": self.label, "onset": round(self.onset, 3)}
@@ -90,6 +108,8 @@ class Event:
             row["offset"] = round(self.offset, 3)
         row["score_max"] = round(self.score_max, 4)
         row["score_mean"] = round(self.score_mean, 4)
+        if self.reason is not None:
+            row["reason"] = self.reason
         return row
 
 
@@ -135,6 +155,9 @@ class EventDetector:
         self._lowest_on = float(self._on.min())
         self._min_frames = [max(1, round(p.min_duration_s / frame_seconds)) for p in chosen]
         self._gap_frames = [max(1, round(p.min_gap_s / frame_seconds)) for p in chosen]
+        self._max_frames = [
+            round(p.max_duration_s / frame_seconds) if p.max_duration_s is not None else None for p in chosen
+        ]
         self._patience = [p.patience_frames for p in chosen]
         self.reset_states()
 
@@ -179,13 +202,16 @@ class EventDetector:
                 tr.state, tr.below_since = _GAP, f
             else:
                 self._accumulate(tr, p, on)
+                limit = self._max_frames[i]
+                if limit is not None and f + 1 - tr.onset >= limit:
+                    return self._close(i, f + 1, "max_duration")  # the next frame above starts a new one
             return None
         # _GAP
         if p >= on:
             tr.state = _ACTIVE
             self._accumulate(tr, p, on)
         elif f - tr.below_since + 1 >= self._gap_frames[i]:
-            return self._close(i, tr.below_since)
+            return self._close(i, tr.below_since, "ended")
         return None
 
     @staticmethod
@@ -196,26 +222,33 @@ class EventDetector:
         tr.score_sum += p
         tr.n += 1
 
-    def _event(self, kind: str, i: int, offset_frame: int | None) -> Event:
+    def _event(self, kind: str, i: int, offset_frame: int | None, reason: str | None = None) -> Event:
         tr = self._tracks[i]
         offset = None if offset_frame is None else offset_frame * self.frame_seconds
-        return Event(kind, self.labels[i], tr.onset * self.frame_seconds, offset, tr.score_max, tr.score_sum / tr.n)
+        return Event(
+            kind, self.labels[i], tr.onset * self.frame_seconds, offset, tr.score_max, tr.score_sum / tr.n, reason
+        )
 
-    def _close(self, i: int, offset_frame: int) -> Event:
-        event = self._event("close", i, offset_frame)
+    def _close(self, i: int, offset_frame: int, reason: str) -> Event:
+        event = self._event("close", i, offset_frame, reason)
         self._tracks[i].state = _IDLE
         self._busy.discard(i)
         return event
 
-    def flush(self, end_frame: int) -> list[Event]:
-        """Close every open event (at ``end_frame``, or where it fell below); drop unconfirmed ones."""
+    def flush(self, end_frame: int, reason: str = "stream_end") -> list[Event]:
+        """Close every open event (at ``end_frame``, or where it fell below); drop unconfirmed ones.
+
+        ``reason`` is why the stream stops (see :class:`Event`); an event whose sound had already
+        ended, waiting out its gap, closes as ``ended``."""
+        if reason not in CLOSE_REASONS:
+            raise ValueError(f"unknown close reason {reason!r}")
         events = []
         for i in sorted(self._busy):
             tr = self._tracks[i]
             if tr.state == _ACTIVE:
-                events.append(self._close(i, end_frame))
+                events.append(self._close(i, end_frame, reason))
             elif tr.state == _GAP:
-                events.append(self._close(i, tr.below_since))
+                events.append(self._close(i, tr.below_since, "ended"))
             else:
                 tr.state = _IDLE
         self._busy.clear()

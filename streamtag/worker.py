@@ -195,7 +195,7 @@ class Worker(threading.Thread):
         """
         self.backend.reset_states()
         if self.detector is not None:
-            self._emit_events(self.detector.flush(self.frames))
+            self._emit_events(self.detector.flush(self.frames, "reset"))
 
     def start(self) -> None:
         self.source.start(self.ring)
@@ -291,7 +291,8 @@ class Worker(threading.Thread):
     def _finish(self) -> None:
         try:
             if self.detector is not None:
-                self._emit_events(self.detector.flush(self.frames))
+                why = "interrupted" if self.interrupted or self.error else "stream_end"
+                self._emit_events(self.detector.flush(self.frames, why))
         except OSError as exc:
             self.error = self.error or _write_failed(exc)
         for out in self.outputs:  # close every output, even when one of them fails

@@ -298,3 +298,30 @@ def test_a_bad_output_path_truncates_nothing(cnn_dir, tmp_path):
     )
     assert r.returncode == 2 and "does not exist" in r.stderr
     assert kept.read_text() == '{"t": 1.0}\n'
+
+
+def test_jsonl_rows_carry_schema_source_and_wall_clock(cnn_dir, tmp_path):
+    import datetime
+
+    events, updates = tmp_path / "ev.jsonl", tmp_path / "up.jsonl"
+    clip = EXAMPLES / "chainsaw.flac"
+    r = run_cli(
+        "replay", clip, "--model", cnn_dir, "--fast", "--quiet", "--events", events, "--jsonl", updates,
+        "--on-threshold", "0.05", "--max-event-seconds", "1",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for path in (events, updates) for line in path.read_text().splitlines()]
+    assert rows and all(row["schema"] == 1 and row["source"] == str(clip) for row in rows)
+    stamps = [datetime.datetime.fromisoformat(row["time"]) for row in rows]
+    assert all(s.tzinfo is not None for s in stamps)
+    closes = [row for row in rows if row.get("type") == "close"]
+    assert closes and {row["reason"] for row in closes} <= {"ended", "max_duration", "stream_end"}
+    assert any(row["reason"] == "max_duration" and row["offset"] - row["onset"] <= 1.0 + 1e-6 for row in closes)
+
+
+def test_plain_lines_never_go_back_in_time(cnn_dir):
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--plain", "--on-threshold", "0.05")
+    assert r.returncode == 0, r.stderr
+    times = [float(line.split("s", 1)[0]) for line in r.stdout.splitlines() if line.strip()]
+    assert any("open" in line for line in r.stdout.splitlines())
+    assert times == sorted(times)

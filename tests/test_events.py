@@ -144,3 +144,39 @@ def test_on_threshold_option_keeps_the_config_default(tmp_path):
         "0.3",
     )
     assert r.returncode == 0 and out.read_text() == ""
+
+
+def test_two_classes_open_at_once():
+    """Multi-label scores: a dog over rain gives two events that overlap in time, each with its own close."""
+    det = EventDetector(["dog", "rain"], HOP, EventParams(min_duration_s=0.05, min_gap_s=0.1))
+    rain = [0.9] * 100
+    dog = [0.0] * 30 + [0.8] * 30 + [0.0] * 40
+    events = []
+    for f, (d, r) in enumerate(zip(dog, rain)):
+        events += det.update(f, np.array([d, r], np.float32))
+    events += det.flush(100)
+    spans = {e.label: (e.onset, e.offset) for e in events if e.kind == "close"}
+    assert [(e.kind, e.label) for e in events] == [
+        ("open", "rain"),
+        ("open", "dog"),
+        ("close", "dog"),
+        ("close", "rain"),
+    ]
+    assert spans["rain"][0] < spans["dog"][0] < spans["dog"][1] < spans["rain"][1]
+
+
+def test_close_says_why():
+    """ended (the score fell), max_duration (then a new event opens), stream_end / reset / interrupted (flush)."""
+    det = EventDetector(["a", "b"], HOP, EventParams(min_duration_s=0.05, min_gap_s=0.1, max_duration_s=0.5))
+    events = []
+    for f, p in enumerate([0.9] * 80 + [0.0] * 20 + [0.9] * 20):
+        events += det.update(f, np.array([p, 0.0], np.float32))
+    events += det.flush(120, "interrupted")
+    closes = [(e.reason, round(e.onset, 2), round(e.offset, 2)) for e in events if e.kind == "close"]
+    assert closes == [("max_duration", 0.0, 0.5), ("ended", 0.5, 0.8), ("interrupted", 1.0, 1.2)]
+    assert all(e.reason is None for e in events if e.kind == "open")
+    assert [e.as_dict().get("reason") for e in events].count("max_duration") == 1
+    with pytest.raises(ValueError):
+        det.flush(0, "because")
+    with pytest.raises(ConfigError, match="max_duration_s must be longer"):
+        EventParams(max_duration_s=0.05)

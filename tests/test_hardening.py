@@ -270,8 +270,11 @@ def test_signals_drain_flush_and_summarise(sig, code, cnn_dir, tmp_path):
     assert "samples: captured" in err
     rows = [json.loads(line) for line in out.read_text().splitlines()]  # no partial last line
     assert 20 <= len(rows) < 250
-    kinds = [json.loads(line)["type"] for line in events.read_text().splitlines()]
+    ev_rows = [json.loads(line) for line in events.read_text().splitlines()]
+    kinds = [row["type"] for row in ev_rows]
     assert kinds.count("open") == kinds.count("close")  # open events were closed at the stop
+    last = [row for row in ev_rows if row["type"] == "close"][-1:]
+    assert last and last[0]["reason"] in ("interrupted", "ended")  # an event cut by the signal says so
 
 
 def test_second_ctrl_c_exits_at_once(cnn_dir, tmp_path):

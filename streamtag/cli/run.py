@@ -101,6 +101,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         metavar="P",
         help="score that starts an event (default 0.5; off = on - 0.15)",
     )
+    ev.add_argument(
+        "--max-event-seconds",
+        type=number(0),
+        default=None,
+        metavar="S",
+        help="close an event that has lasted S seconds (reason max_duration) and open a new one if the sound "
+        "goes on, so consumers of a never-ending sound are not left waiting (default: no limit)",
+    )
     ev.add_argument("--event-config", metavar="PATH", help="JSON/TOML with 'default' and per-class event settings")
     st = p.add_argument_group("state")
     st.add_argument("--reset-every", type=number(0), metavar="S", help="reset model state every S seconds")
@@ -185,6 +193,11 @@ def check_args(args) -> tuple[EventParams | None, dict[str, EventParams]]:
     default, per_class = settings
     if args.on_threshold is not None:  # adjusts the config's default; off follows unless the config set it
         default = dataclasses.replace(default or EventParams(), on_threshold=args.on_threshold)
+    if args.max_event_seconds is not None:
+        try:
+            default = dataclasses.replace(default or EventParams(), max_duration_s=args.max_event_seconds)
+        except ConfigError as exc:
+            raise ConfigError(f"--max-event-seconds {args.max_event_seconds:g}: {exc}") from None
     return default, per_class
 
 
@@ -208,7 +221,7 @@ def _detector(settings, backend) -> EventDetector:
         raise ConfigError(f"--event-config: {exc}") from None
 
 
-def _outputs(args, backend, worker_status, extra=()) -> list:
+def _outputs(args, backend, worker_status, extra=(), source: str | None = None) -> list:
     labels = backend.labels
     allow, deny = class_names("--allow", args.allow, labels), class_names("--deny", args.deny, labels)
     selection = ClassSelection(labels, args.max_results, args.score_threshold, allow, deny)
@@ -221,9 +234,9 @@ def _outputs(args, backend, worker_status, extra=()) -> list:
     every = max(1, round(1.0 / (args.rate * frame_s)))
     outputs = list(extra)
     if args.jsonl:
-        outputs.append(UpdatesJsonl(args.jsonl, selection, every, args.all))
+        outputs.append(UpdatesJsonl(args.jsonl, selection, every, args.all, source=source))
     if args.events:
-        outputs.append(EventsJsonl(args.events))
+        outputs.append(EventsJsonl(args.events, source=source))
     if args.scores:
         outputs.append(ScoresTsv(args.scores))
     if not args.quiet:
@@ -248,7 +261,8 @@ def run_stream(args, source, backend, event_settings, extra_outputs=()) -> int:
         return w.ring.dropped, w.timer.percentile_ms(99), w.frame_seconds * 1000
 
     detector = _detector(event_settings, backend)  # before any output file is opened
-    outputs = _outputs(args, backend, status, extra_outputs)
+    name = getattr(source, "path", None) or getattr(source, "device_name", None) or source.description
+    outputs = _outputs(args, backend, status, extra_outputs, source=str(name))
     worker = holder["worker"] = Worker(
         source, backend, outputs, detector, args.reset_every, args.reset_on_silence, args.buffer_seconds
     )

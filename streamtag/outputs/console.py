@@ -15,11 +15,14 @@ BAR_WIDTH = 30
 RECENT_EVENTS = 5
 
 
-def format_event(event: Event) -> str:
+def format_event(event: Event, now: float) -> str:
+    """One line stamped ``now`` (the stream time it is printed at, so lines never go back in time); the
+    onset it is backdated to is in the text."""
     if event.kind == "open":
-        return f"{event.onset:8.2f}s  open   {event.label}"
+        return f"{now:8.2f}s  open   {event.label}  (from {event.onset:.2f} s)"
+    reason = f"  ({event.reason})" if event.reason not in (None, "ended") else ""
     return (
-        f"{event.offset:8.2f}s  close  {event.label}  {event.onset:.2f}-{event.offset:.2f} s  max {event.score_max:.2f}"
+        f"{now:8.2f}s  close  {event.label}  {event.onset:.2f}-{event.offset:.2f} s  max {event.score_max:.2f}{reason}"
     )
 
 
@@ -35,7 +38,7 @@ class PlainLines:
     def write(self, step: Step) -> None:
         if self.show_events:
             for event in step.events:
-                print(format_event(event), file=self.stream)
+                print(format_event(event, step.t), file=self.stream)
         if step.has_scores and (step.frame_index + 1) % self.every == 0:
             picks = "  ".join(f"{label} {p:.2f}" for label, p in self.selection.pick(step.probs))
             print(f"{step.t:8.2f}s  {picks}", file=self.stream, flush=True)

@@ -6,6 +6,7 @@ leaves a partial last line.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,21 @@ from typing import TextIO
 from ..errors import ConfigError
 from ..worker import Step
 from .selection import ClassSelection
+
+SCHEMA_VERSION = 1  # of the JSONL rows below; bumped when a field changes meaning or goes away
+
+
+def _header(source: str | None, stream: str | None) -> dict:
+    """The fields every JSONL row starts with: schema version, wall-clock time (UTC), source and stream."""
+    row: dict = {
+        "schema": SCHEMA_VERSION,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+    }
+    if source is not None:
+        row["source"] = source
+    if stream is not None:
+        row["stream"] = stream
+    return row
 
 
 def check_output_path(path: str | os.PathLike, flag: str | None = None) -> Path:
@@ -80,16 +96,17 @@ class UpdatesJsonl:
         every_frames: int,
         all_classes: bool = False,
         stream: str | None = None,
+        source: str | None = None,
     ) -> None:
         self._file = _TextFile(path)
         self.selection, self.every, self.all_classes, self.stream = selection, every_frames, all_classes, stream
+        self.source = source
 
     def write(self, step: Step) -> None:
         if not step.has_scores or (step.frame_index + 1) % self.every:
             return
-        row: dict = {"t": round(step.t, 3)}
-        if self.stream is not None:
-            row["stream"] = self.stream
+        row = _header(self.source, self.stream)
+        row["t"] = round(step.t, 3)
         if self.all_classes:
             row["probs"] = {label: round(float(p), 5) for label, p in zip(step.labels, step.probs)}
         else:
@@ -103,15 +120,13 @@ class UpdatesJsonl:
 class EventsJsonl:
     """An "open" line when an event is confirmed, a "close" line with onset, offset and scores when it ends."""
 
-    def __init__(self, path: str | os.PathLike, stream: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, stream: str | None = None, source: str | None = None) -> None:
         self._file = _TextFile(path)
-        self.stream = stream
+        self.stream, self.source = stream, source
 
     def write(self, step: Step) -> None:
         for event in step.events:
-            row = event.as_dict()
-            if self.stream is not None:
-                row["stream"] = self.stream
+            row = _header(self.source, self.stream) | event.as_dict()
             self._file.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
