@@ -195,3 +195,25 @@ def test_eval_report_on_a_small_real_subset(class_folders, tmp_path):
     assert (report_dir / "time_to_detect.png").stat().st_size > 10_000
     assert "Time to detect" in (report_dir / "report.md").read_text()
     shutil.rmtree(report_dir)
+
+
+def test_sigterm_saves_and_says_how_to_resume(class_folders, tmp_path):
+    """Started from a script in the background (SIGINT ignored there), a signal still stops it cleanly."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "model"
+    cmd = [sys.executable, "-m", "streamtag", "train", str(class_folders), "--arch-param", "hidden=16",
+           "--epochs", "200", "--batch-size", "4", "--out", str(out), "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint.pt").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    import torch
+
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] >= 1  # what --resume starts from

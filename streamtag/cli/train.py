@@ -204,19 +204,24 @@ def run(args) -> int:
         f"training {opts.arch} on {len(train_idx)} clips, validating on {len(val_idx)}, {len(dataset.labels)} classes",
         file=sys.stderr,
     )
-    result = train(
-        dataset,
-        train_idx,
-        val_idx,
-        opts,
-        args.out,
-        cache,
-        args.resume,
-        progress=not args.quiet,
-        log=lambda line: None if not args.quiet else print(line, file=sys.stderr),
-        teacher=teacher,
-        label_map=label_map,
-    )
+    _interrupt_on_signals()
+    try:
+        result = train(
+            dataset,
+            train_idx,
+            val_idx,
+            opts,
+            args.out,
+            cache,
+            args.resume,
+            progress=not args.quiet,
+            log=lambda line: None if not args.quiet else print(line, file=sys.stderr),
+            teacher=teacher,
+            label_map=label_map,
+        )
+    except KeyboardInterrupt:
+        _say_how_to_resume(args)
+        return 130
     best = result["best"]
     figures = (
         f", validation {best['acc_mean']:.1%} mean over frames, {best['acc_last']:.1%} last frame"
@@ -228,6 +233,33 @@ def run(args) -> int:
         f"log in {Path(args.out) / 'train_log.json'}"
     )
     return 0
+
+
+def _interrupt_on_signals() -> None:
+    """Ctrl-C and SIGTERM stop training between steps, also when started in the background from a script
+    (where the shell sets SIGINT to be ignored, so Python never turns it into KeyboardInterrupt)."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _say_how_to_resume(args) -> None:
+    import torch
+
+    ckpt = Path(args.out) / "checkpoint.pt"
+    if ckpt.is_file():
+        epoch = torch.load(ckpt, weights_only=True)["epoch"]
+        print(
+            f"streamtag train: interrupted; {ckpt} holds epoch {epoch} of {args.epochs}. Resume with the same "
+            "command plus --resume",
+            file=sys.stderr,
+        )
+    else:
+        print("streamtag train: interrupted before the first epoch ended; nothing to resume", file=sys.stderr)
 
 
 def _one_fold(job):
