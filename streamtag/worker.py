@@ -108,6 +108,9 @@ class Summary:
     e2e_p99_ms: float = float("nan")
     error: str | None = None
     interrupted: bool = False
+    level_rms_dbfs: float = float("-inf")  # over the whole stream, after the gain
+    level_peak_dbfs: float = float("-inf")
+    gain_db: float = 0.0
 
     def lines(self) -> list[str]:
         out = [
@@ -117,6 +120,9 @@ class Summary:
             f"unread {self.unread}",
             f"frame compute: p50 {self.compute_p50_ms:.3f} ms, p99 {self.compute_p99_ms:.3f} ms, "
             f"max {self.compute_max_ms:.3f} ms (budget {self.budget_ms:.1f} ms, {self.deadline_misses} over)",
+            f"level: RMS {self.level_rms_dbfs:.1f} dBFS, peak {self.level_peak_dbfs:.1f} dBFS"
+            + (f" (after --gain {self.gain_db:+g} dB)" if self.gain_db else "")
+            + ("; very quiet input: check the microphone or its gain" if self.level_peak_dbfs < -50 else ""),
         ]
         problems = {k: v for k, v in self.source_status.items() if v}
         if problems:
@@ -136,6 +142,7 @@ class Worker(threading.Thread):
         reset_on_silence_s (float): reset after this much silence (all samples below -60 dBFS). (Default: never)
         buffer_seconds (float): audio the ring holds before a live source starts dropping, at most
             ``MAX_BUFFER_SECONDS``. (Default: ``2``)
+        gain_db (float): gain applied to every sample before the model and the level meter. (Default: ``0``)
     """
 
     def __init__(
@@ -147,8 +154,17 @@ class Worker(threading.Thread):
         reset_every_s: float | None = None,
         reset_on_silence_s: float | None = None,
         buffer_seconds: float = RING_SECONDS,
+        gain_db: float = 0.0,
     ) -> None:
         super().__init__(name="streamtag-worker", daemon=True)
+        if not -120.0 <= gain_db <= 120.0:  # NaN fails too
+            raise ConfigError(f"gain_db must be in -120..120 ({gain_db} given)")
+        self.gain_db = float(gain_db)
+        self._gain = np.float32(10 ** (gain_db / 20))
+        self._power_sum = 0.0  # sum of hop mean-square levels, for the stream's RMS
+        self._peak = 0.0
+        self.level_dbfs = float("-inf")  # RMS of the last ~0.3 s, for the live view
+        self._recent_power = 0.0
         self.source, self.backend, self.outputs, self.detector = source, backend, list(outputs), detector
         feats = backend.config.features
         self.hop = feats.hop_length
@@ -266,6 +282,13 @@ class Worker(threading.Thread):
             self._silent_run = self._silent_run + 1 if float(np.abs(hop).max()) < 1e-3 else 0
             if self._silent_run == self._silence_frames:
                 self.reset()
+        if self.gain_db:
+            hop *= self._gain
+        power = float(np.dot(hop, hop)) / hop.size
+        self._power_sum += power
+        self._peak = max(self._peak, float(np.abs(hop).max()))
+        self._recent_power = 0.97 * self._recent_power + 0.03 * power
+        self.level_dbfs = _dbfs(self._recent_power)
         t0 = time.perf_counter_ns()
         probs = self.backend(hop)[0].copy()
         events = self.detector.update(self.frames, probs) if self.detector is not None else []
@@ -321,4 +344,12 @@ class Worker(threading.Thread):
             e2e_p99_ms=self.latency.percentile_ms(99),
             error=self.error,
             interrupted=self.interrupted,
+            level_rms_dbfs=_dbfs(self._power_sum / self.frames) if self.frames else float("-inf"),
+            level_peak_dbfs=20 * float(np.log10(self._peak)) if self._peak > 0 else float("-inf"),
+            gain_db=self.gain_db,
         )
+
+
+def _dbfs(power: float) -> float:
+    """Mean-square level -> dB relative to full scale (a full-scale square wave is 0 dBFS)."""
+    return 10 * float(np.log10(power)) if power > 0 else float("-inf")

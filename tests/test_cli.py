@@ -1,6 +1,7 @@
 """The CLI as a user runs it: replay end to end, outputs, and one-line errors."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -325,3 +326,20 @@ def test_plain_lines_never_go_back_in_time(cnn_dir):
     times = [float(line.split("s", 1)[0]) for line in r.stdout.splitlines() if line.strip()]
     assert any("open" in line for line in r.stdout.splitlines())
     assert times == sorted(times)
+
+
+def _level(stderr: str) -> tuple[float, float]:
+    line = next(line for line in stderr.splitlines() if line.startswith("level: "))
+    rms, peak = re.findall(r"(-?[\d.]+) dBFS", line)
+    return float(rms), float(peak)
+
+
+def test_gain_and_level_in_the_summary(cnn_dir):
+    clip = EXAMPLES / "rain.flac"
+    plain = run_cli("replay", clip, "--model", cnn_dir, "--fast", "--quiet")
+    quiet = run_cli("replay", clip, "--model", cnn_dir, "--fast", "--quiet", "--gain", "-50")
+    assert plain.returncode == quiet.returncode == 0
+    (rms, peak), (rms_q, peak_q) = _level(plain.stderr), _level(quiet.stderr)
+    assert rms_q == pytest.approx(rms - 50, abs=0.2) and peak_q == pytest.approx(peak - 50, abs=0.2)
+    assert "very quiet input" in quiet.stderr and "very quiet input" not in plain.stderr
+    assert "after --gain -50 dB" in quiet.stderr

@@ -110,6 +110,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "goes on, so consumers of a never-ending sound are not left waiting (default: no limit)",
     )
     ev.add_argument("--event-config", metavar="PATH", help="JSON/TOML with 'default' and per-class event settings")
+    p.add_argument(
+        "--gain",
+        type=number(-60, 60, low_ok=True),
+        default=0.0,
+        metavar="DB",
+        help="gain in dB applied to the input before the model and the level meter, -60..60 (default 0)",
+    )
     st = p.add_argument_group("state")
     st.add_argument("--reset-every", type=number(0), metavar="S", help="reset model state every S seconds")
     st.add_argument("--reset-on-silence", type=number(0), metavar="S", help="reset after S seconds below -60 dBFS")
@@ -256,15 +263,15 @@ def run_stream(args, source, backend, event_settings, extra_outputs=()) -> int:
     """Run one worker to the end (file end, Ctrl-C, SIGTERM or a lost device); print the summary."""
     holder: dict = {}
 
-    def status() -> tuple[int, float, float]:
+    def status() -> tuple[int, float, float, float]:
         w = holder["worker"]
-        return w.ring.dropped, w.timer.percentile_ms(99), w.frame_seconds * 1000
+        return w.ring.dropped, w.timer.percentile_ms(99), w.frame_seconds * 1000, w.level_dbfs
 
     detector = _detector(event_settings, backend)  # before any output file is opened
     name = getattr(source, "path", None) or getattr(source, "device_name", None) or source.description
     outputs = _outputs(args, backend, status, extra_outputs, source=str(name))
     worker = holder["worker"] = Worker(
-        source, backend, outputs, detector, args.reset_every, args.reset_on_silence, args.buffer_seconds
+        source, backend, outputs, detector, args.reset_every, args.reset_on_silence, args.buffer_seconds, args.gain
     )
     got = {"signal": None}
 

@@ -26,6 +26,12 @@ def format_event(event: Event, now: float) -> str:
     )
 
 
+def _meter(dbfs: float, width: int = 10) -> str:
+    """A bar for -60..0 dBFS, so a too-quiet input shows at a glance."""
+    filled = 0 if dbfs != dbfs else int(round(max(0.0, min(1.0, (dbfs + 60.0) / 60.0)) * width))
+    return "#" * filled + "." * (width - filled)
+
+
 class PlainLines:
     """One line per update (``t  label p  label p ...``) and one per event; for pipes and logs."""
 
@@ -50,14 +56,14 @@ class PlainLines:
 class LiveView:
     """A rich panel redrawn in place: top-k bars, open and recent events, and a status line.
 
-    ``status`` returns ``(dropped_samples, p99_ms, budget_ms)`` for the status line.
+    ``status`` returns ``(dropped_samples, p99_ms, budget_ms, level_dbfs)`` for the status line.
     """
 
     def __init__(
         self,
         selection: ClassSelection,
         every_frames: int,
-        status: Callable[[], tuple[int, float, float]],
+        status: Callable[[], tuple[int, float, float, float]],
         title: str = "streamtag",
     ) -> None:
         from rich.console import Console
@@ -91,8 +97,11 @@ class LiveView:
             table.add_row("", "[bold]now:[/] " + ", ".join(sorted(self.open)), "")
         for event in list(self.recent)[::-1]:
             table.add_row("", f"[dim]{event.label} {event.onset:.2f}-{event.offset:.2f} s[/]", "")
-        dropped, p99, budget = self.status()
-        status = f"t {step.t:7.2f} s | dropped {dropped} | p99 {p99:.3f} ms of {budget:.0f} ms | Ctrl-C stops"
+        dropped, p99, budget, level = self.status()
+        status = (
+            f"t {step.t:7.2f} s | level {level:5.1f} dBFS {_meter(level)} | dropped {dropped} | "
+            f"p99 {p99:.3f} ms of {budget:.0f} ms | Ctrl-C stops"
+        )
         return Panel(table, title=self.title, subtitle=status)
 
     def close(self) -> None:
