@@ -39,6 +39,18 @@ TEST_PACKAGES = {
 TRAIN_HOURS_PER_PACKAGE = {"music": 0.45, "speech": 1.0, "effects": 0.4}
 TEST_HOURS_PER_PACKAGE = 0.3
 SEED = 0
+ESC10 = {
+    "dog",
+    "rooster",
+    "rain",
+    "sea_waves",
+    "crackling_fire",
+    "crying_baby",
+    "sneezing",
+    "clock_tick",
+    "helicopter",
+    "chainsaw",
+}
 
 
 def write(path: Path, rows: list[dict], fields: list[str]) -> None:
@@ -112,6 +124,7 @@ def main(shared: Path, corpus: Path, out: Path) -> None:
 
     write(out / "esc50_train.csv", esc_train, fields)
     write(out / "esc50_test.csv", esc_test, fields)
+    write(out / "esc10_test.csv", [r for r in esc_test if r["label"] in ESC10], fields)
     write(out / "us8k_train.csv", us8k_train, fields)
     write(out / "us8k_test.csv", us8k_test, fields)
     write(out / "cry_train.csv", [r for r, f in zip(cry_rows, cry_fold) if f != 0], fields)

@@ -120,8 +120,8 @@ def test_distillation_end_to_end(small_data, teacher_dir, tmp_path):
     assert len(cached) >= 12 + 2  # every labelled clip and every unlabelled file, scored once
     history = json.loads((out / "train_log.json").read_text())["history"]
     assert history[-1]["loss"] < history[0]["loss"]
-    trained_on = (out / "trained_on.txt").read_text().split()
-    assert len(trained_on) == 14
+    trained_on = (out / "trained_on.txt").read_text().splitlines()
+    assert len(trained_on) == 14 and all("\t" in line for line in trained_on)
     events = tmp_path / "ev.jsonl"
     replay = run_cli("replay", EXAMPLES / "chainsaw.flac", "--model", out, "--fast", "--events", events)
     assert replay.returncode == 0, replay.stderr

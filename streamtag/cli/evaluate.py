@@ -84,7 +84,7 @@ def run(args) -> int:
     from ..backends import make_backend
     from ..events import EventDetector
     from ..modelfile import cache_dir, resolve_model_dir
-    from ..training.datasets import compute_features, grouped_folds, load_dataset, read_unlabelled
+    from ..training.datasets import TRAINED_ON, compute_features, grouped_folds, load_dataset, read_unlabelled
     from ..training.evaluate import (
         baseline_accuracy,
         clip_statistics,
@@ -98,7 +98,6 @@ def run(args) -> int:
         write_report,
     )
     from ..training.teacher import Teacher, read_label_map
-    from ..training.trainer import TRAINED_ON
 
     levels = _levels(args.levels)
     if args.limit is not None and args.limit < 1:
@@ -187,8 +186,10 @@ def _warn_if_seen(trained_on: Path, dataset) -> None:
     """Figures on clips a model was trained on are not held-out figures: say so."""
     if not trained_on.is_file():
         return
+    from ..training.datasets import clip_identity
+
     seen = set(trained_on.read_text().split("\n"))
-    overlap = sum(str(c.path.resolve()) in seen for c in dataset.clips)
+    overlap = sum(clip_identity(c.path) in seen for c in dataset.clips)
     if overlap:
         print(
             f"streamtag eval: warning: {overlap} of {len(dataset.clips)} clips were in this model's training set "

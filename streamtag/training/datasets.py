@@ -29,6 +29,12 @@ from ..errors import DatasetError
 
 FEATURE_CODE_VERSION = 2  # bump when the feature arithmetic changes: invalidates cached features
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+TRAINED_ON = "trained_on.txt"  # in a model folder: its training clips, so eval can warn about clips it has seen
+
+
+def clip_identity(path: Path) -> str:
+    """File name and size: the same clip on another machine or under another folder is still recognised."""
+    return f"{path.name}\t{path.stat().st_size}"
 
 
 @dataclasses.dataclass(frozen=True)
