@@ -343,3 +343,29 @@ def test_gain_and_level_in_the_summary(cnn_dir):
     assert rms_q == pytest.approx(rms - 50, abs=0.2) and peak_q == pytest.approx(peak - 50, abs=0.2)
     assert "very quiet input" in quiet.stderr and "very quiet input" not in plain.stderr
     assert "after --gain -50 dB" in quiet.stderr
+
+
+@pytest.mark.parametrize("columns", [40, 100])
+def test_live_view_keeps_labels_whole_on_narrow_terminals(columns):
+    import io
+
+    from rich.console import Console
+
+    from streamtag.events import Event
+    from streamtag.outputs import ClassSelection, LiveView
+    from streamtag.worker import Step
+
+    labels = ["door_wood_creaks", "children_playing", "rain"]
+    screen = io.StringIO()
+    console = Console(file=screen, width=columns, force_terminal=True, color_system=None)
+    view = LiveView(ClassSelection(labels, 3, 0.0, None, None), 1, lambda: (0, 0.2, 10.0, -23.0), console=console)
+    opened = Event("open", "children_playing", 0.5, None, 0.9, 0.8)
+    step = Step(0, 0.01, np.array([0.9, 0.6, 0.1], np.float32), [opened], labels, 0.01)
+    view.write(step)
+    view.close()
+    screen = io.StringIO()  # the frame itself, without the cursor codes of the in-place redraw
+    Console(file=screen, width=columns, color_system=None).print(view._render(step))
+    lines = [line for line in screen.getvalue().splitlines() if line.strip()]
+    assert lines and all(len(line) <= columns for line in lines)
+    text = screen.getvalue()
+    assert all(label in text for label in labels) and "children_playing" in text

@@ -12,6 +12,7 @@ from ..worker import Step
 from .selection import ClassSelection
 
 BAR_WIDTH = 30
+LABEL_WIDTH = 18  # the longest bundled label is 16 characters
 RECENT_EVENTS = 5
 
 
@@ -65,6 +66,7 @@ class LiveView:
         every_frames: int,
         status: Callable[[], tuple[int, float, float, float]],
         title: str = "streamtag",
+        console=None,
     ) -> None:
         from rich.console import Console
         from rich.live import Live
@@ -72,7 +74,8 @@ class LiveView:
         self.selection, self.every, self.status, self.title = selection, every_frames, status, title
         self.recent: collections.deque[Event] = collections.deque(maxlen=RECENT_EVENTS)
         self.open: dict[str, Event] = {}
-        self._live = Live(console=Console(stderr=False), auto_refresh=False, transient=False)
+        self.console = console or Console(stderr=False)
+        self._live = Live(console=self.console, auto_refresh=False, transient=False)
         self._live.start()
 
     def write(self, step: Step) -> None:
@@ -86,23 +89,34 @@ class LiveView:
             self._live.update(self._render(step), refresh=True)
 
     def _render(self, step: Step):
+        from rich.console import Group
         from rich.panel import Panel
         from rich.table import Table
+        from rich.text import Text
 
+        # the bars give way first, so labels stay whole down to a 40-column terminal
+        width = self.console.width
+        bar_width = max(4, min(BAR_WIDTH, width - 4 - LABEL_WIDTH - 5 - 2))
         table = Table.grid(padding=(0, 1))
+        table.add_column(justify="right", no_wrap=True, min_width=LABEL_WIDTH)
+        table.add_column(no_wrap=True, overflow="ellipsis")
+        table.add_column(no_wrap=True)
         for label, p in self.selection.pick(step.probs):
-            filled = round(p * BAR_WIDTH)
-            table.add_row(f"{label:>18}", "[green]" + "█" * filled + "[/]" + "·" * (BAR_WIDTH - filled), f"{p:5.2f}")
+            filled = round(p * bar_width)
+            table.add_row(label, "[green]" + "█" * filled + "[/]" + "·" * (bar_width - filled), f"{p:5.2f}")
+        lines = []  # events below the bars, wrapped rather than cut on a narrow terminal
         if self.open:
-            table.add_row("", "[bold]now:[/] " + ", ".join(sorted(self.open)), "")
+            lines.append(Text.from_markup("[bold]now:[/] " + ", ".join(sorted(self.open)), overflow="fold"))
         for event in list(self.recent)[::-1]:
-            table.add_row("", f"[dim]{event.label} {event.onset:.2f}-{event.offset:.2f} s[/]", "")
+            lines.append(Text(f"{event.label} {event.onset:.2f}-{event.offset:.2f} s", style="dim", overflow="fold"))
         dropped, p99, budget, level = self.status()
         status = (
             f"t {step.t:7.2f} s | level {level:5.1f} dBFS {_meter(level)} | dropped {dropped} | "
             f"p99 {p99:.3f} ms of {budget:.0f} ms | Ctrl-C stops"
         )
-        return Panel(table, title=self.title, subtitle=status)
+        if len(status) > width - 4:  # a narrow terminal: the essentials
+            status = f"{step.t:.1f} s | {level:.0f} dBFS | drop {dropped}"
+        return Panel(Group(table, *lines), title=self.title, subtitle=status)
 
     def close(self) -> None:
         self._live.stop()
