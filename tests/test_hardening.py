@@ -380,3 +380,22 @@ def test_file_cut_short_mid_replay_ends_with_an_error(cnn_dir, tmp_path):
     worker.join()
     assert worker.error is not None and "could not be read to the end" in worker.error
     assert worker.frames == 100
+
+
+@pytest.mark.parametrize("suffix", ["wav", "flac"])
+def test_a_truncated_file_is_tagged_as_far_as_it_goes_and_said_so(tmp_path, cnn_dir, suffix):
+    """A WAV whose data stops early (libsndfile reads on quietly) and a FLAC cut mid-stream: what is
+    there is tagged, then one line names the damage, exit 1; never a silent success."""
+    import soundfile as sf
+
+    whole = tmp_path / f"whole.{suffix}"
+    sf.write(whole, read_clip(EXAMPLES / "chainsaw.flac"), 16000)
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut.{suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    r = run_cli("replay", cut, "--model", cnn_dir, "--fast", "--quiet")
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and str(cut) in errors[0] and ("truncated" in errors[0] or "to the end" in errors[0])
+    assert "Traceback" not in r.stderr and "nan" not in r.stderr
+    assert run_cli("replay", whole, "--model", cnn_dir, "--fast", "--quiet").returncode == 0

@@ -10,6 +10,7 @@ memory whole.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -85,6 +86,16 @@ def read_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) 
     return mono, nonfinite
 
 
+def _missing_part(info) -> str | None:
+    """How much of a WAV/AIFF file its header promises but the file lacks (libsndfile reads what is there
+    and only notes the shortfall in its log), e.g. ``"50%"``; None for a whole file."""
+    match = re.search(r"^(?:data|SSND)\s*:\s*(\d+) \(should be (\d+)\)", info.extra_info or "", re.MULTILINE)
+    if not match:
+        return None
+    promised, present = int(match.group(1)), int(match.group(2))
+    return f"{1 - present / promised:.0%}" if promised > present else None
+
+
 class WavReplaySource:
     """Pushes a file's samples into the ring in mic-sized blocks from a producer thread.
 
@@ -120,6 +131,7 @@ class WavReplaySource:
         self.path = Path(path)
         info = probe_audio(self.path)
         self.file_rate = info.samplerate
+        self._short_by = _missing_part(info)
         _check_length(self.path, info.frames * sample_rate / info.samplerate, sample_rate, min_samples)
         self.sample_rate = sample_rate
         self.block_size = block_size
@@ -139,7 +151,9 @@ class WavReplaySource:
             if self.file_rate != self.sample_rate:
                 resampler = soxr.ResampleStream(self.file_rate, self.sample_rate, 1, dtype="float32", quality="HQ")
             frames = max(1, int(self.file_rate * READ_BLOCK_SECONDS))
+            self._frames_read = 0
             for data in f.blocks(blocksize=frames, dtype="float32", always_2d=True):
+                self._frames_read += data.shape[0]
                 mono, nonfinite = _mono_finite(data)
                 self.status.nonfinite_samples += nonfinite
                 yield resampler.resample_chunk(mono) if resampler is not None else mono
@@ -167,6 +181,12 @@ class WavReplaySource:
                                 time.sleep(delay)
                         ring.write_blocking(block, self._stop)
                         pushed += block.shape[0]
+                if self._short_by is not None:
+                    self.error = (
+                        f"{self.path} is truncated: {self._short_by} of its audio is missing; "
+                        f"the {self._frames_read / self.file_rate:.2f} s that could be read were tagged"
+                    )
+                    return
         except _READ_ERRORS as exc:
             self.error = f"{self.path} could not be read to the end ({_reason(exc)})"
         finally:
