@@ -217,3 +217,20 @@ def test_sigterm_saves_and_says_how_to_resume(class_folders, tmp_path):
     import torch
 
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] >= 1  # what --resume starts from
+
+
+def test_train_never_replaces_a_model_by_surprise(class_folders, tmp_path):
+    out = tmp_path / "model"
+    args = ["train", class_folders, "--arch-param", "hidden=8", "--epochs", "1", "--out", out, "--quiet"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert (out / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others, as any model file
+    (out / "model.onnx").write_text("stale graph of the old weights")
+    again = run_cli(*args)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    replaced = run_cli(*args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert not (out / "model.onnx").exists()
+    no_folds = run_cli("train", class_folders, "--val-fold", "1", "--out", tmp_path / "m2", "--quiet")
+    assert no_folds.returncode == 2 and "has no folds" in no_folds.stderr and "np.int64" not in no_folds.stderr
+    assert not (tmp_path / "m2").exists()  # a refused run leaves no folder behind

@@ -109,6 +109,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores / jobs)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (default: refuse)")
     p.add_argument("--cache", metavar="DIR", help="feature cache (default: $STREAMTAG_CACHE/features)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
@@ -183,6 +184,7 @@ def run(args) -> int:
     from ..training.trainer import train
 
     opts = _options(args)
+    _check_out(Path(args.out), args)
     dataset, teacher, label_map = load_training_data(args)
     cache = Path(args.cache) if args.cache else cache_dir() / "features"
     jobs = max(1, args.jobs if args.cv else 1)
@@ -195,7 +197,11 @@ def run(args) -> int:
     elif args.val_fold is not None:
         folds = np.array([c.fold if c.fold is not None else -1 for c in dataset.clips])
         if not (folds == args.val_fold).any():
-            raise ConfigError(f"--val-fold {args.val_fold}: no clip has that fold (folds: {sorted(set(folds))})")
+            known = sorted({int(f) for f in folds if f >= 0})
+            raise ConfigError(
+                f"--val-fold {args.val_fold}: no clip has that fold "
+                + (f"(folds: {known})" if known else "(this dataset has no folds; drop --val-fold)")
+            )
         train_idx, val_idx = idx[folds != args.val_fold], idx[folds == args.val_fold]
     else:
         folds = grouped_folds(dataset, 5, args.seed)
@@ -233,6 +239,19 @@ def run(args) -> int:
         f"log in {Path(args.out) / 'train_log.json'}"
     )
     return 0
+
+
+def _check_out(out: Path, args) -> None:
+    """Never replace a trained model by surprise; a replaced one loses its stale exported graph too."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    if (out / "config.json").exists() and not (args.resume or args.overwrite or args.cv):
+        raise ConfigError(f"--out {out} already holds a model; add --overwrite to replace it or --resume to continue")
+    if args.overwrite:
+        for stale in ("model.onnx", "checkpoint.pt", "train_log.json", "trained_on.txt"):
+            (out / stale).unlink(missing_ok=True)
 
 
 def _interrupt_on_signals() -> None:

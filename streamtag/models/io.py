@@ -20,6 +20,7 @@ def save_model(model: StreamingModel, cfg: ModelConfig, folder: str | os.PathLik
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_NAME))
+    os.chmod(folder / WEIGHTS_NAME, 0o644)  # safetensors writes 0600: a model is meant to be shared
     (folder / CONFIG_NAME).write_text(cfg.to_json() + "\n")
     return folder
 
