@@ -109,7 +109,7 @@ def run(args) -> int:
     label_map = read_label_map(args.label_map)
     model_dir = resolve_model_dir(None if args.model == "default" else args.model)
     backend = make_backend(args.backend, None if args.model == "default" else args.model)
-    dataset = load_dataset(args.dataset)
+    dataset = load_dataset(args.dataset, min_classes=1)  # one class is enough to measure how often it is found
     if args.limit:
         dataset = dataset.subset(range(min(args.limit, len(dataset.clips))))
     _warn_if_seen(model_dir / TRAINED_ON, dataset)
