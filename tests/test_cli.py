@@ -165,11 +165,11 @@ def test_full_disk_ends_the_run_with_one_error(cnn_dir):
 
 
 def test_full_disk_for_events_and_plot_names_the_file(tmp_path):
-    """The bundled model finds the bark in dog.flac, so --events writes mid-run; --plot writes at the end."""
+    """The bundled model finds the rain in rain.flac, so --events writes mid-run; --plot writes at the end."""
     png = tmp_path / "p.png"
     png.symlink_to("/dev/full")  # passes every check before the run, fails when written
     for option, path in (("--events", "/dev/full"), ("--plot", png)):
-        r = run_cli("replay", EXAMPLES / "dog.flac", "--fast", "--quiet", option, path)
+        r = run_cli("replay", EXAMPLES / "rain.flac", "--fast", "--quiet", option, path)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         last = r.stderr.strip().splitlines()[-1]
         assert last == f"streamtag: error: writing an output failed: {path}: No space left on device"
@@ -280,7 +280,7 @@ def test_installed_package_works_outside_the_checkout(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "(500, 50) 50"
+    assert r.stdout.strip() == "(500, 57) 57"
 
 
 def test_a_bad_output_path_truncates_nothing(cnn_dir, tmp_path):
