@@ -353,14 +353,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"| {k} | {v['positives']} | {v['ap']:.3f} |" for k, v in ag["per_class"].items()]
     lines += ["", "## Per class", "", "| class | clips | accuracy (last frame) | AP | F1 |", "|---|---|---|---|---|"]
     f1_rows = (f1 or {}).get("per_class", {})
-    lines += [
-        f"| {k} | {v['n']} | {v['acc_last']:.1%} | {v['ap']:.3f} | {f1_rows[k]['f1']:.2f} |".replace(
-            "| None |", "| - |"
-        )
-        if k in f1_rows
-        else f"| {k} | {v['n']} | {v['acc_last']:.1%} | {v['ap']:.3f} | - |"
-        for k, v in m["per_class"].items()
-    ]
+    for k, v in m["per_class"].items():
+        f1_text = f"{f1_rows[k]['f1']:.2f}" if k in f1_rows else "-"
+        lines.append(f"| {k} | {v['n']} | {v['acc_last']:.1%} | {v['ap']:.3f} | {f1_text} |")
     return "\n".join(lines) + "\n"
 
 
