@@ -146,7 +146,15 @@ def add_parser(subparsers) -> None:
         description="Replay an audio file (WAV/FLAC/OGG, any rate or channels) through the same ring buffer and "
         "worker as the microphone, paced in real time or as fast as possible.",
     )
-    replay.add_argument("file", help="audio file")
+    replay.add_argument(
+        "file",
+        help="audio file, or - for stdin: a WAV stream (ffmpeg -i URL -f wav - | streamtag replay -) or raw PCM "
+        "with --raw-rate and --raw-format",
+    )
+    raw = replay.add_argument_group("raw PCM on stdin (replay -)")
+    raw.add_argument("--raw-rate", type=int, metavar="HZ", help="sample rate of raw PCM on stdin")
+    raw.add_argument("--raw-format", choices=["s16le", "s32le", "f32le"], help="sample format of raw PCM on stdin")
+    raw.add_argument("--raw-channels", type=int, default=1, metavar="N", help="channels of raw PCM (default 1)")
     pace = replay.add_mutually_exclusive_group()
     pace.add_argument(
         "--speed",
@@ -170,6 +178,13 @@ def _check_output_paths(args) -> None:
     for flag in OUTPUT_FLAGS:
         path = getattr(args, flag[2:], None)
         if not path:
+            continue
+        if path == "-":
+            if flag == "--plot":
+                raise ConfigError("--plot - : a picture cannot go to standard output; give a .png path")
+            if "-" in taken:
+                raise ConfigError(f"{flag} - : standard output is already {taken['-']}; give one of them a file")
+            taken["-"] = flag
             continue
         if flag == "--plot":
             check_plot_path(path)
@@ -246,7 +261,8 @@ def _outputs(args, backend, worker_status, extra=(), source: str | None = None) 
         outputs.append(EventsJsonl(args.events, source=source))
     if args.scores:
         outputs.append(ScoresTsv(args.scores))
-    if not args.quiet:
+    writes_stdout = "-" in (args.jsonl, args.events, args.scores)
+    if not args.quiet and not writes_stdout:  # standard output carries that file alone
         if sys.stdout.isatty() and not args.plain:
             outputs.append(LiveView(selection, every, worker_status))
         else:
@@ -301,13 +317,26 @@ def run_stream(args, source, backend, event_settings, extra_outputs=()) -> int:
 def run_replay(args) -> int:
     from ..sources import WavReplaySource
 
+    from_stdin = args.file == "-"
+    if (args.raw_rate is None) != (args.raw_format is None):
+        raise ConfigError("raw PCM needs both --raw-rate and --raw-format (e.g. --raw-rate 16000 --raw-format s16le)")
+    if args.raw_rate is not None and not from_stdin:
+        raise ConfigError(f"--raw-rate and --raw-format describe stdin: replay - reads it ({args.file} given)")
+    if from_stdin and args.plot:
+        raise ConfigError("--plot reads the recording again at the end: give a file, not - (stdin)")
     settings = check_args(args)
     backend = _open_backend(args)
     feats = backend.config.features
     speed = 0.0 if args.fast else args.speed
-    source = WavReplaySource(
-        args.file, feats.sample_rate, block_size=feats.hop_length, speed=speed, min_samples=feats.hop_length
-    )
+    if from_stdin:
+        from ..sources.pipe import PcmFormat, PipeSource
+
+        fmt = PcmFormat.raw(args.raw_rate, args.raw_format, args.raw_channels) if args.raw_rate else None
+        source = PipeSource(sys.stdin.buffer, feats.sample_rate, fmt, block_size=feats.hop_length, speed=speed)
+    else:
+        source = WavReplaySource(
+            args.file, feats.sample_rate, block_size=feats.hop_length, speed=speed, min_samples=feats.hop_length
+        )
     extra = []
     if args.plot:
         from ..outputs.plots import RecordingPlot

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -58,12 +59,32 @@ def named_error(exc: OSError, path: str | os.PathLike) -> OSError:
     return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
+STDOUT = "-"  # as an output path: standard output (for pipes into jq, mosquitto_pub, ...)
+
+
 def open_for_writing(path: str | os.PathLike, line_buffered: bool = True) -> TextIO:
+    if str(path) == STDOUT:
+        return _Unclosed(sys.stdout)
     path = check_output_path(path)
     try:
         return open(path, "w", encoding="utf-8", buffering=1 if line_buffered else -1)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+
+
+class _Unclosed:
+    """Standard output as an output file: written and flushed line by line, never closed."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        self._stream.write(text)
+        if text.endswith("\n"):
+            self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.flush()
 
 
 class _TextFile:

@@ -1,0 +1,187 @@
+"""Audio from a pipe (``streamtag replay -``): a WAV stream or raw PCM, read as it arrives.
+
+``ffmpeg -i rtsp://camera/stream -f wav - | streamtag replay -`` is the usual way in: ffmpeg
+writes a WAV header with an unknown length and then PCM for as long as the stream runs.
+libsndfile cannot read a stream it cannot seek, so the header is parsed here; raw PCM
+(``--raw-rate``, ``--raw-format``) needs no header at all. Like a file, a pipe waits for
+the worker (nothing is dropped): the writer is blocked by the pipe instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import threading
+import time
+from typing import BinaryIO
+
+import numpy as np
+import soxr
+
+from ..errors import AudioFileError, ConfigError
+from ..ring import SpscRing
+from .base import SourceStatus
+
+RAW_FORMATS = {"s16le": ("<i2", 2**15), "s32le": ("<i4", 2**31), "f32le": ("<f4", 1.0)}
+READ_SECONDS = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class PcmFormat:
+    """How the bytes of a pipe become samples."""
+
+    rate: int
+    channels: int
+    dtype: str  # numpy dtype of one sample ("<i2", "<i4", "<f4"); 24-bit PCM is widened on read
+    scale: float  # divide by this to get [-1, 1]
+    width: int  # bytes per sample in the stream
+    data_bytes: int | None = None  # from a WAV header; None: until the pipe closes
+
+    @classmethod
+    def raw(cls, rate: int, fmt: str, channels: int = 1) -> PcmFormat:
+        if fmt not in RAW_FORMATS:
+            raise ConfigError(f"--raw-format {fmt}: choose from {', '.join(RAW_FORMATS)}")
+        if not 1000 <= rate <= 384000:
+            raise ConfigError(f"--raw-rate must be in 1000..384000 Hz ({rate} given)")
+        if not 1 <= channels <= 64:
+            raise ConfigError(f"--raw-channels must be in 1..64 ({channels} given)")
+        dtype, scale = RAW_FORMATS[fmt]
+        return cls(rate, channels, dtype, scale, int(dtype[-1]))
+
+
+def read_wav_header(stream: BinaryIO) -> PcmFormat:
+    """Parse a RIFF/WAVE header up to its ``data`` chunk; the stream is left at the first sample."""
+
+    def need(n: int) -> bytes:
+        data = stream.read(n)
+        if len(data) < n:
+            raise AudioFileError("stdin ended inside the WAV header")
+        return data
+
+    head = stream.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+        raise AudioFileError(
+            "stdin is not a WAV stream: pipe WAV (ffmpeg ... -f wav -) or raw PCM with --raw-rate and --raw-format"
+        )
+    fmt = None
+    while True:
+        chunk_id, size = struct.unpack("<4sI", need(8))
+        if chunk_id == b"fmt ":
+            body = need(size + (size & 1))
+            code, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+            if code == 0xFFFE and size >= 26:  # WAVE_FORMAT_EXTENSIBLE: the sub-format's first two bytes
+                code = struct.unpack("<H", body[24:26])[0]
+            fmt = (code, channels, rate, bits)
+        elif chunk_id == b"data":
+            break
+        else:
+            need(size + (size & 1))
+    if fmt is None:
+        raise AudioFileError("stdin: the WAV stream has no fmt chunk before its data")
+    code, channels, rate, bits = fmt
+    kinds = {(1, 16): ("<i2", 2**15), (1, 32): ("<i4", 2**31), (1, 24): ("<i4", 2**31), (3, 32): ("<f4", 1.0)}
+    if (code, bits) not in kinds or channels < 1 or rate < 1:
+        raise AudioFileError(f"stdin: WAV format {code} with {bits}-bit samples is not read from a pipe (16/24/32-bit)")
+    dtype, scale = kinds[(code, bits)]
+    unknown = size in (0, 0xFFFFFFFF)  # ffmpeg writes these when it cannot know the length
+    return PcmFormat(rate, channels, dtype, scale, bits // 8, None if unknown else size)
+
+
+class PipeSource:
+    """Pushes a pipe's samples into the ring from a reader thread, resampled to the model rate.
+
+    Args:
+        stream: a binary stream (``sys.stdin.buffer``).
+        sample_rate (int): the model rate.
+        fmt (PcmFormat or None): raw PCM layout; None reads a WAV header first.
+        block_size (int): samples per push. (Default: one hop)
+        speed (float): 1 paces in real time, 0 as fast as the pipe delivers. (Default: ``1``)
+    """
+
+    is_live = False
+
+    def __init__(
+        self,
+        stream: BinaryIO,
+        sample_rate: int,
+        fmt: PcmFormat | None = None,
+        block_size: int = 160,
+        speed: float = 1.0,
+    ) -> None:
+        self.stream = stream
+        self.fmt = fmt if fmt is not None else read_wav_header(stream)  # a bad header fails here, before any work
+        self.sample_rate, self.block_size, self.speed = sample_rate, block_size, speed
+        self.description = f"stdin ({self.fmt.rate} Hz, {self.fmt.channels} ch)"
+        self.status = SourceStatus()
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, ring: SpscRing) -> None:
+        self._thread = threading.Thread(target=self._produce, args=(ring,), name="streamtag-pipe", daemon=True)
+        self._thread.start()
+
+    def _samples(self):
+        fmt = self.fmt
+        frame_bytes = fmt.width * fmt.channels
+        block = max(1, int(fmt.rate * READ_SECONDS)) * frame_bytes
+        left = fmt.data_bytes
+        resampler = None
+        if fmt.rate != self.sample_rate:
+            resampler = soxr.ResampleStream(fmt.rate, self.sample_rate, 1, dtype="float32", quality="HQ")
+        pending = b""
+        while not self._stop.is_set():
+            want = block if left is None else min(block, left)
+            data = self.stream.read(want) if want else b""
+            if not data:
+                break
+            if left is not None:
+                left -= len(data)
+            data = pending + data
+            usable = len(data) - len(data) % frame_bytes
+            data, pending = data[:usable], data[usable:]
+            mono = self._decode(data).reshape(-1, fmt.channels).mean(axis=1, dtype=np.float32)
+            bad = ~np.isfinite(mono)
+            if bad.any():
+                self.status.nonfinite_samples += int(bad.sum())
+                mono[bad] = 0.0
+            yield resampler.resample_chunk(mono) if resampler is not None else mono
+        if resampler is not None:
+            yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        fmt = self.fmt
+        if fmt.width == 3:  # 24-bit: widen each sample to the top three bytes of an int32
+            raw = np.frombuffer(data, np.uint8).reshape(-1, 3)
+            wide = np.zeros((raw.shape[0], 4), np.uint8)
+            wide[:, 1:] = raw
+            return wide.view("<i4").reshape(-1).astype(np.float32) / fmt.scale
+        return np.frombuffer(data, fmt.dtype).astype(np.float32) / fmt.scale
+
+    def _produce(self, ring: SpscRing) -> None:
+        try:
+            pushed, t0 = 0, time.perf_counter()
+            for chunk in self._samples():
+                for start in range(0, chunk.shape[0], self.block_size):
+                    block = chunk[start : start + self.block_size]
+                    if self.speed:
+                        delay = t0 + (pushed + block.shape[0]) / (self.sample_rate * self.speed) - time.perf_counter()
+                        if delay > 0:
+                            time.sleep(delay)
+                    ring.write_blocking(block, self._stop)
+                    pushed += block.shape[0]
+        except OSError as exc:
+            self.error = f"reading stdin failed ({exc.strerror or exc})"
+        finally:
+            self._done.set()
+            ring.doorbell.ring()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)  # a reader blocked on an idle pipe ends with the process
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()

@@ -1,0 +1,86 @@
+"""`replay -`: a WAV stream or raw PCM on stdin gives the scores of the same audio from a file."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from .conftest import EXAMPLES
+
+
+def _replay(model, *args, stdin: bytes | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "streamtag", "replay", *map(str, args), "--model", str(model), "--fast", "--quiet"],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def _probs(path):
+    return np.array([list(json.loads(line)["probs"].values()) for line in path.read_text().splitlines()])
+
+
+def test_raw_pcm_on_stdin_equals_the_file(cnn_dir, tmp_path):
+    clip = EXAMPLES / "rain.flac"
+    samples, _ = sf.read(clip, dtype="int16")
+    piped, filed = tmp_path / "piped.jsonl", tmp_path / "file.jsonl"
+    r = _replay(cnn_dir, "-", "--raw-rate", 16000, "--raw-format", "s16le", "--jsonl", piped, "--all",
+                stdin=samples.astype("<i2").tobytes())  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert b"captured 80000, processed 80000, dropped 0" in r.stderr
+    assert _replay(cnn_dir, clip, "--jsonl", filed, "--all").returncode == 0
+    np.testing.assert_array_equal(_probs(piped), _probs(filed))
+
+
+def test_a_wav_stream_of_another_rate_and_width(cnn_dir, tmp_path):
+    """24-bit stereo at 44.1 kHz, as ffmpeg -f wav writes it, read from the pipe without seeking."""
+    wav = tmp_path / "rain44.wav"
+    audio, _ = sf.read(EXAMPLES / "rain.flac", dtype="float32")
+    import soxr
+
+    up = soxr.resample(audio, 16000, 44100)
+    sf.write(wav, np.stack([up, up], 1), 44100, subtype="PCM_24")
+    piped, filed = tmp_path / "piped.jsonl", tmp_path / "file.jsonl"
+    r = _replay(cnn_dir, "-", "--jsonl", piped, "--all", stdin=wav.read_bytes())
+    assert r.returncode == 0, r.stderr
+    assert _replay(cnn_dir, wav, "--jsonl", filed, "--all").returncode == 0
+    a, b = _probs(piped), _probs(filed)
+    assert a.shape == b.shape and len(a) >= 49
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, stdin, message",
+    [
+        (["-"], (EXAMPLES / "rain.flac").read_bytes(), "stdin is not a WAV stream"),
+        (["-", "--raw-rate", "16000"], b"\0" * 3200, "needs both --raw-rate and --raw-format"),
+        (["-", "--raw-rate", "5", "--raw-format", "s16le"], b"\0" * 3200, "--raw-rate must be in"),
+        (["-", "--plot", "{tmp}/p.png"], b"", "--plot reads the recording again"),
+        (["{dog}", "--raw-rate", "16000", "--raw-format", "s16le"], b"", "describe stdin"),
+    ],
+)
+def test_bad_pipe_input_is_one_line(cnn_dir, tmp_path, args, stdin, message):
+    fill = {"tmp": tmp_path, "dog": EXAMPLES / "dog.flac"}
+    r = _replay(cnn_dir, *[a.format(**fill) for a in args], stdin=stdin)
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_events_to_stdout_carry_nothing_else(cnn_dir):
+    """--events - writes the event lines to stdout (for jq or mosquitto_pub) and nothing else goes there."""
+    r = subprocess.run(
+        [sys.executable, "-m", "streamtag", "replay", str(EXAMPLES / "rain.flac"), "--model", str(cnn_dir),
+         "--fast", "--events", "-", "--on-threshold", "0.05"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert rows and all(row["type"] in ("open", "close") for row in rows)
+    assert "samples: captured" in r.stderr  # the summary stays on stderr
+    both = _replay(cnn_dir, EXAMPLES / "rain.flac", "--events", "-", "--jsonl", "-")
+    assert both.returncode == 2 and b"standard output is already" in both.stderr
