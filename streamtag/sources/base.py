@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterable
 from typing import Protocol
+
+import numpy as np
 
 from ..ring import SpscRing
 
@@ -51,3 +56,31 @@ class Source(Protocol):
 
     @property
     def finished(self) -> bool: ...
+
+
+def push_paced(
+    ring: SpscRing,
+    chunks: Iterable[np.ndarray],
+    block_size: int,
+    sample_rate: int,
+    speed: float,
+    stop: threading.Event,
+) -> bool:
+    """Push audio into the ring in blocks of ``block_size``, at ``speed`` times real time (0: as fast as the
+    worker takes it). A file or a pipe can wait, so a full ring is waited on, never dropped from.
+
+    Returns False when ``stop`` ended it early.
+    """
+    pushed, t0 = 0, time.perf_counter()
+    for chunk in chunks:
+        for start in range(0, chunk.shape[0], block_size):
+            if stop.is_set():
+                return False
+            block = chunk[start : start + block_size]
+            if speed:
+                delay = t0 + (pushed + block.shape[0]) / (sample_rate * speed) - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            ring.write_blocking(block, stop)
+            pushed += block.shape[0]
+    return not stop.is_set()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import soxr
 
 from ..errors import AudioFileError, ConfigError
 from ..ring import SpscRing
-from .base import SourceStatus
+from .base import SourceStatus, push_paced
 
 _READ_ERRORS = (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError, OSError)
 READ_BLOCK_SECONDS = 1.0  # replay decodes this much at a time
@@ -166,27 +165,13 @@ class WavReplaySource:
 
     def _produce(self, ring: SpscRing) -> None:
         try:
-            pushed = 0
-            t0 = time.perf_counter()
-            for _ in range(self.repeat):
-                for chunk in self._chunks():
-                    for start in range(0, chunk.shape[0], self.block_size):
-                        if self._stop.is_set():
-                            return
-                        block = chunk[start : start + self.block_size]
-                        if self.speed:
-                            due = t0 + (pushed + block.shape[0]) / (self.sample_rate * self.speed)
-                            delay = due - time.perf_counter()
-                            if delay > 0:
-                                time.sleep(delay)
-                        ring.write_blocking(block, self._stop)
-                        pushed += block.shape[0]
-                if self._short_by is not None:
-                    self.error = (
-                        f"{self.path} is truncated: {self._short_by} of its audio is missing; "
-                        f"the {self._frames_read / self.file_rate:.2f} s that could be read were tagged"
-                    )
-                    return
+            chunks = (chunk for _ in range(self.repeat) for chunk in self._chunks())
+            done = push_paced(ring, chunks, self.block_size, self.sample_rate, self.speed, self._stop)
+            if done and self._short_by is not None:
+                self.error = (
+                    f"{self.path} is truncated: {self._short_by} of its audio is missing; "
+                    f"the {self._frames_read / self.file_rate:.2f} s that could be read were tagged"
+                )
         except _READ_ERRORS as exc:
             self.error = f"{self.path} could not be read to the end ({_reason(exc)})"
         finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import struct
 import threading
-import time
 from typing import BinaryIO
 
 import numpy as np
@@ -20,7 +19,7 @@ import soxr
 
 from ..errors import AudioFileError, ConfigError
 from ..ring import SpscRing
-from .base import SourceStatus
+from .base import SourceStatus, push_paced
 
 RAW_FORMATS = {"s16le": ("<i2", 2**15), "s32le": ("<i4", 2**31), "f32le": ("<f4", 1.0)}
 READ_SECONDS = 0.1
@@ -161,16 +160,7 @@ class PipeSource:
 
     def _produce(self, ring: SpscRing) -> None:
         try:
-            pushed, t0 = 0, time.perf_counter()
-            for chunk in self._samples():
-                for start in range(0, chunk.shape[0], self.block_size):
-                    block = chunk[start : start + self.block_size]
-                    if self.speed:
-                        delay = t0 + (pushed + block.shape[0]) / (self.sample_rate * self.speed) - time.perf_counter()
-                        if delay > 0:
-                            time.sleep(delay)
-                    ring.write_blocking(block, self._stop)
-                    pushed += block.shape[0]
+            push_paced(ring, self._samples(), self.block_size, self.sample_rate, self.speed, self._stop)
         except OSError as exc:
             self.error = f"reading stdin failed ({exc.strerror or exc})"
         finally:
