@@ -35,12 +35,13 @@ def resolve_model_dir(path: str | os.PathLike | None) -> Path:
         folder = folder.parent
     if not folder.is_dir():
         raise ModelFileError(
-            f"model folder not found: {folder} (pass --model DIR holding {CONFIG_NAME} and {WEIGHTS_NAME})"
+            f"model folder not found: {folder} (give a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}: "
+            "--model DIR for live, replay and bench, the first argument for eval and export)"
         )
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise ModelFileError(
-                f"model folder {folder} lacks {name} (train one with 'streamtag train' or pass another --model)"
+                f"model folder {folder} lacks {name} (train one with 'streamtag train', or give another model folder)"
             )
     return folder
 

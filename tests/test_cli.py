@@ -115,6 +115,7 @@ def test_fast_paced_replay_never_drops(cnn_dir):
             "no CUDA GPU is visible (use --torch-device cpu)",
         ),
         (["eval", "{tmp}/nomodel", "{tmp}"], "model folder not found"),
+        (["export", "{tmp}/nomodel", "--onnx", "{tmp}/x.onnx"], "the first argument for eval and export"),
         (["train", "{tmp}/nodata", "--out", "{tmp}/o"], "dataset not found"),
     ],
 )

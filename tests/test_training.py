@@ -186,6 +186,8 @@ def test_eval_report_on_a_small_real_subset(class_folders, tmp_path):
     report_dir = tmp_path / "report"
     r = run_cli("eval", model, class_folders, "--report", report_dir, "--plot", "--baseline-folds", "3")
     assert r.returncode == 0, r.stderr
+    assert f"report written to {report_dir / 'report.md'}" in r.stderr  # says where, and what it is doing
+    assert "clips through the onnx backend" in r.stderr and "level sweep, -40 dB" in r.stderr
     report = json.loads((report_dir / "report.json").read_text())
     m = report["metrics"]
     assert m["clips"] == 18 and 0 <= m["acc_last"] <= 1 and 0 <= m["macro_map"] <= 1

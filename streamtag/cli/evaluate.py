@@ -131,7 +131,8 @@ def run(args) -> int:
     frame_s = backend.config.features.frame_seconds
     paths = [c.path for c in dataset.clips]
     print(f"streamtag eval: {len(paths)} clips through the {args.backend} backend", file=sys.stderr)
-    probs = stream_scores(backend, paths)
+    bar = _progress_bar()
+    probs = _with_bar(bar, "clips", len(paths), lambda tick: stream_scores(backend, paths, progress=tick))
     detector = EventDetector(backend.labels, frame_s)
     report = {
         "model": args.model,
@@ -143,7 +144,13 @@ def run(args) -> int:
         report["levels"] = {}
         for db in levels:
             print(f"streamtag eval: level sweep, {db:g} dB", file=sys.stderr)
-            quiet = probs if db == 0 else stream_scores(backend, paths, db)
+            quiet = (
+                probs
+                if db == 0
+                else _with_bar(
+                    bar, f"{db:g} dB", len(paths), lambda tick, db=db: stream_scores(backend, paths, db, tick)
+                )
+            )
             m = metrics(quiet, targets, backend.labels, frame_s, allowed)
             report["levels"][f"{db:g}"] = {"acc_mean": m["acc_mean"], "acc_last": m["acc_last"]}
     if args.event_stream:
@@ -176,10 +183,41 @@ def run(args) -> int:
                 )
         report["baseline_acc"] = correct / len(dataset.clips)
         report["baseline_split"] = f"{k}-fold source-grouped CV on these clips"
+    if bar is not None:
+        bar.stop()
     out = write_report(report, args.report, args.plot)
     print((Path(out) / "report.md").read_text())
     print(f"streamtag eval: report written to {Path(out) / 'report.md'} and report.json", file=sys.stderr)
     return 0
+
+
+def _progress_bar():
+    """A progress bar on stderr when it is a terminal (the stage lines say the rest when it is not)."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    bar.start()
+    return bar
+
+
+def _with_bar(bar, name: str, total: int, work):
+    if bar is None:
+        return work(None)
+    task = bar.add_task(name, total=total)
+    try:
+        return work(lambda: bar.advance(task))
+    finally:
+        bar.remove_task(task)
 
 
 def _warn_if_seen(trained_on: Path, dataset) -> None:

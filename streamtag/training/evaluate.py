@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,21 @@ def stream_probs(backend, samples: np.ndarray) -> np.ndarray:
     return out
 
 
-def stream_scores(backend, paths: Sequence[os.PathLike], gain_db: float = 0.0) -> list[np.ndarray]:
-    """:func:`stream_probs` of each file, decoded at the model rate and scaled by ``gain_db``."""
+def stream_scores(
+    backend, paths: Sequence[os.PathLike], gain_db: float = 0.0, progress: Callable[[], None] | None = None
+) -> list[np.ndarray]:
+    """:func:`stream_probs` of each file, decoded at the model rate and scaled by ``gain_db``;
+    ``progress()`` is called after each file."""
     from ..sources.file import read_audio
 
     feats = backend.config.features
     gain = np.float32(10 ** (gain_db / 20))
-    return [
-        stream_probs(backend, read_audio(p, feats.sample_rate, min_samples=feats.hop_length)[0] * gain) for p in paths
-    ]
+    out = []
+    for p in paths:
+        out.append(stream_probs(backend, read_audio(p, feats.sample_rate, min_samples=feats.hop_length)[0] * gain))
+        if progress is not None:
+            progress()
+    return out
 
 
 def detected(probs: np.ndarray, detector) -> np.ndarray:
