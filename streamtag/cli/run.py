@@ -331,7 +331,7 @@ def run_replay(args) -> int:
     if from_stdin:
         from ..sources.pipe import PcmFormat, PipeSource
 
-        fmt = PcmFormat.raw(args.raw_rate, args.raw_format, args.raw_channels) if args.raw_rate else None
+        fmt = PcmFormat.raw(args.raw_rate, args.raw_format, args.raw_channels) if args.raw_format else None
         source = PipeSource(sys.stdin.buffer, feats.sample_rate, fmt, block_size=feats.hop_length, speed=speed)
     else:
         source = WavReplaySource(
