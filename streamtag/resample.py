@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 import soxr
 
@@ -18,3 +20,14 @@ class StreamResampler:
 
     def reset_states(self) -> None:
         self._stream = soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="float32", quality="HQ")
+
+
+def resample_chunks(chunks: Iterable[np.ndarray], in_rate: int, out_rate: int) -> Iterator[np.ndarray]:
+    """Mono chunks at ``out_rate`` as they come, then the filter's tail (the chunks as they are at one rate)."""
+    if in_rate == out_rate:
+        yield from chunks
+        return
+    stream = StreamResampler(in_rate, out_rate)
+    for chunk in chunks:
+        yield stream.process(chunk)
+    yield stream.process(np.zeros(0, np.float32), last=True)

@@ -163,8 +163,7 @@ class Worker(threading.Thread):
         self._gain = np.float32(10 ** (gain_db / 20))
         self._power_sum = 0.0  # sum of hop mean-square levels, for the stream's RMS
         self._peak = 0.0
-        self.level_dbfs = float("-inf")  # RMS of the last ~0.3 s, for the live view
-        self._recent_power = 0.0
+        self._recent_power = 0.0  # mean square of the last ~0.3 s, for the live view
         self.source, self.backend, self.outputs, self.detector = source, backend, list(outputs), detector
         feats = backend.config.features
         self.hop = feats.hop_length
@@ -278,17 +277,17 @@ class Worker(threading.Thread):
     def _frame(self, hop: np.ndarray) -> None:
         if self._reset_every and self.frames and self.frames % self._reset_every == 0:
             self.reset()
+        peak = float(np.abs(hop).max())  # before the gain: silence is judged on the input itself
         if self._silence_frames is not None:
-            self._silent_run = self._silent_run + 1 if float(np.abs(hop).max()) < 1e-3 else 0
+            self._silent_run = self._silent_run + 1 if peak < 1e-3 else 0
             if self._silent_run == self._silence_frames:
                 self.reset()
         if self.gain_db:
             hop *= self._gain
         power = float(np.dot(hop, hop)) / hop.size
         self._power_sum += power
-        self._peak = max(self._peak, float(np.abs(hop).max()))
+        self._peak = max(self._peak, peak * float(self._gain))
         self._recent_power = 0.97 * self._recent_power + 0.03 * power
-        self.level_dbfs = _dbfs(self._recent_power)
         t0 = time.perf_counter_ns()
         probs = self.backend(hop)[0].copy()
         events = self.detector.update(self.frames, probs) if self.detector is not None else []
@@ -323,6 +322,11 @@ class Worker(threading.Thread):
                 out.close()
             except OSError as exc:
                 self.error = self.error or _write_failed(exc)
+
+    @property
+    def level_dbfs(self) -> float:
+        """RMS level of the last ~0.3 s (read by the live view a few times a second, not every hop)."""
+        return _dbfs(self._recent_power)
 
     def summary(self) -> Summary:
         budget_ns = int(self.frame_seconds * 1e9)

@@ -25,15 +25,19 @@ from ..features.functional import mel_filterbank
 State = tuple[torch.Tensor, ...]
 
 
-def white_noise_level(cfg: FeatureConfig, rms_db: float) -> float:
-    """Mean log-mel (the quantity :class:`LevelNorm` tracks) of white noise at ``rms_db`` dBFS RMS.
+def white_noise_bands(cfg: FeatureConfig) -> torch.Tensor:
+    """Expected mel power per band ``(n_mels,)`` float64 of white noise at 0 dBFS RMS.
 
-    White noise of variance s2 has expected power ``s2 * sum(w**2)`` in every DFT bin,
-    so each mel band holds that times the sum of its filter weights.
+    White noise of variance 1 has expected power ``sum(w**2)`` in every DFT bin, so each mel
+    band holds that times the sum of its filter weights; other levels scale it.
     """
     window = torch.hann_window(cfg.win_length, periodic=True, dtype=torch.float64)
-    bin_power = 10.0 ** (rms_db / 10.0) * float((window**2).sum())
-    band_power = bin_power * mel_filterbank(cfg).sum(0)
+    return float((window**2).sum()) * mel_filterbank(cfg).sum(0)
+
+
+def white_noise_level(cfg: FeatureConfig, rms_db: float) -> float:
+    """Mean log-mel (the quantity :class:`LevelNorm` tracks) of white noise at ``rms_db`` dBFS RMS."""
+    band_power = 10.0 ** (rms_db / 10.0) * white_noise_bands(cfg)
     return float(torch.log(band_power + cfg.log_floor).mean())
 
 

@@ -58,6 +58,55 @@ class Source(Protocol):
     def finished(self) -> bool: ...
 
 
+def mono_finite(data: np.ndarray) -> tuple[np.ndarray, int]:
+    """``(frames, channels)`` -> mono float32 with NaN/Inf replaced by 0; and how many were replaced."""
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    bad = ~np.isfinite(mono)
+    nonfinite = int(bad.sum())
+    if nonfinite:
+        mono = np.where(bad, np.float32(0.0), mono)
+    return np.ascontiguousarray(mono, dtype=np.float32), nonfinite
+
+
+class ProducerSource:
+    """A source that can wait (a file, a pipe): a thread runs :meth:`_push` into the ring, which waits
+    for space rather than dropping. ``stop()`` ends it; ``finished`` once it has pushed all it will."""
+
+    is_live = False
+    thread_name = "streamtag-producer"
+    join_timeout: float | None = None  # None: wait for the thread; a pipe's reader may block on an idle pipe
+
+    def __init__(self) -> None:
+        self.status = SourceStatus()
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _push(self, ring: SpscRing) -> None:
+        raise NotImplementedError
+
+    def start(self, ring: SpscRing) -> None:
+        self._thread = threading.Thread(target=self._run, args=(ring,), name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def _run(self, ring: SpscRing) -> None:
+        try:
+            self._push(ring)
+        finally:
+            self._done.set()
+            ring.doorbell.ring()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.join_timeout)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+
 def push_paced(
     ring: SpscRing,
     chunks: Iterable[np.ndarray],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +19,9 @@ import soundfile as sf
 import soxr
 
 from ..errors import AudioFileError, ConfigError
+from ..resample import resample_chunks
 from ..ring import SpscRing
-from .base import SourceStatus, push_paced
+from .base import ProducerSource, mono_finite, push_paced
 
 _READ_ERRORS = (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError, OSError)
 READ_BLOCK_SECONDS = 1.0  # replay decodes this much at a time
@@ -55,16 +55,6 @@ def _check_length(path: Path, samples: float, sample_rate: int, min_samples: int
         )
 
 
-def _mono_finite(data: np.ndarray) -> tuple[np.ndarray, int]:
-    """``(frames, channels)`` -> mono float32 with NaN/Inf replaced by 0; and how many were replaced."""
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    bad = ~np.isfinite(mono)
-    nonfinite = int(bad.sum())
-    if nonfinite:
-        mono = np.where(bad, np.float32(0.0), mono)
-    return np.ascontiguousarray(mono, dtype=np.float32), nonfinite
-
-
 def read_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) -> tuple[np.ndarray, int]:
     """Read all of ``path`` as mono float32 at ``sample_rate``; returns ``(samples, nonfinite_count)``.
 
@@ -78,7 +68,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) 
         raise AudioFileError(f"{path} is not a readable audio file ({_reason(exc)}); use WAV, FLAC or OGG") from None
     if data.size == 0:
         raise AudioFileError(f"{path} holds no audio samples")
-    mono, nonfinite = _mono_finite(data)
+    mono, nonfinite = mono_finite(data)
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
     _check_length(path, mono.shape[0], sample_rate, min_samples)
@@ -95,7 +85,7 @@ def _missing_part(info) -> str | None:
     return f"{1 - present / promised:.0%}" if promised > present else None
 
 
-class WavReplaySource:
+class WavReplaySource(ProducerSource):
     """Pushes a file's samples into the ring in mic-sized blocks from a producer thread.
 
     Args:
@@ -112,7 +102,7 @@ class WavReplaySource:
     :class:`AudioFileError` here; a file that breaks mid-way sets ``error`` and ends the stream.
     """
 
-    is_live = False
+    thread_name = "streamtag-replay"
 
     def __init__(
         self,
@@ -123,6 +113,7 @@ class WavReplaySource:
         repeat: int = 1,
         min_samples: int = 1,
     ) -> None:
+        super().__init__()
         if not 0 <= speed < float("inf"):  # NaN fails too
             raise ConfigError(f"speed must be a finite number >= 0 ({speed} given; 0 means as fast as possible)")
         if repeat < 1:
@@ -137,33 +128,22 @@ class WavReplaySource:
         self.speed = speed
         self.repeat = repeat
         self.description = f"{self.path.name} ({'fast' if speed == 0 else f'x{speed:g}'})"
-        self.status = SourceStatus()
-        self.error: str | None = None
-        self._stop = threading.Event()
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def _chunks(self) -> Iterator[np.ndarray]:
         """Mono float32 at the model rate, about ``READ_BLOCK_SECONDS`` at a time."""
+        return resample_chunks(self._file_chunks(), self.file_rate, self.sample_rate)
+
+    def _file_chunks(self) -> Iterator[np.ndarray]:
         with sf.SoundFile(str(self.path)) as f:
-            resampler = None
-            if self.file_rate != self.sample_rate:
-                resampler = soxr.ResampleStream(self.file_rate, self.sample_rate, 1, dtype="float32", quality="HQ")
             frames = max(1, int(self.file_rate * READ_BLOCK_SECONDS))
             self._frames_read = 0
             for data in f.blocks(blocksize=frames, dtype="float32", always_2d=True):
                 self._frames_read += data.shape[0]
-                mono, nonfinite = _mono_finite(data)
+                mono, nonfinite = mono_finite(data)
                 self.status.nonfinite_samples += nonfinite
-                yield resampler.resample_chunk(mono) if resampler is not None else mono
-            if resampler is not None:
-                yield resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+                yield mono
 
-    def start(self, ring: SpscRing) -> None:
-        self._thread = threading.Thread(target=self._produce, args=(ring,), name="streamtag-replay", daemon=True)
-        self._thread.start()
-
-    def _produce(self, ring: SpscRing) -> None:
+    def _push(self, ring: SpscRing) -> None:
         try:
             chunks = (chunk for _ in range(self.repeat) for chunk in self._chunks())
             done = push_paced(ring, chunks, self.block_size, self.sample_rate, self.speed, self._stop)
@@ -174,15 +154,3 @@ class WavReplaySource:
                 )
         except _READ_ERRORS as exc:
             self.error = f"{self.path} could not be read to the end ({_reason(exc)})"
-        finally:
-            self._done.set()
-            ring.doorbell.ring()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set()

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import threading
 from typing import BinaryIO
 
 import numpy as np
-import soxr
 
 from ..errors import AudioFileError, ConfigError
+from ..resample import resample_chunks
 from ..ring import SpscRing
-from .base import SourceStatus, push_paced
+from .base import ProducerSource, mono_finite, push_paced
 
 RAW_FORMATS = {"s16le": ("<i2", 2**15), "s32le": ("<i4", 2**31), "f32le": ("<f4", 1.0)}
 READ_SECONDS = 0.1
@@ -86,7 +85,7 @@ def read_wav_header(stream: BinaryIO) -> PcmFormat:
     return PcmFormat(rate, channels, dtype, scale, bits // 8, None if unknown else size)
 
 
-class PipeSource:
+class PipeSource(ProducerSource):
     """Pushes a pipe's samples into the ring from a reader thread, resampled to the model rate.
 
     Args:
@@ -97,7 +96,8 @@ class PipeSource:
         speed (float): 1 paces in real time, 0 as fast as the pipe delivers. (Default: ``1``)
     """
 
-    is_live = False
+    thread_name = "streamtag-pipe"
+    join_timeout = 1.0  # a reader blocked on an idle pipe ends with the process
 
     def __init__(
         self,
@@ -107,28 +107,18 @@ class PipeSource:
         block_size: int = 160,
         speed: float = 1.0,
     ) -> None:
+        super().__init__()
         self.stream = stream
         self.fmt = fmt if fmt is not None else read_wav_header(stream)  # a bad header fails here, before any work
         self.sample_rate, self.block_size, self.speed = sample_rate, block_size, speed
         self.description = f"stdin ({self.fmt.rate} Hz, {self.fmt.channels} ch)"
-        self.status = SourceStatus()
-        self.error: str | None = None
-        self._stop = threading.Event()
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self, ring: SpscRing) -> None:
-        self._thread = threading.Thread(target=self._produce, args=(ring,), name="streamtag-pipe", daemon=True)
-        self._thread.start()
 
     def _samples(self):
+        """Mono float32 at the pipe's rate, about ``READ_SECONDS`` at a time, until the pipe or the data ends."""
         fmt = self.fmt
         frame_bytes = fmt.width * fmt.channels
         block = max(1, int(fmt.rate * READ_SECONDS)) * frame_bytes
         left = fmt.data_bytes
-        resampler = None
-        if fmt.rate != self.sample_rate:
-            resampler = soxr.ResampleStream(fmt.rate, self.sample_rate, 1, dtype="float32", quality="HQ")
         pending = b""
         while not self._stop.is_set():
             want = block if left is None else min(block, left)
@@ -140,14 +130,9 @@ class PipeSource:
             data = pending + data
             usable = len(data) - len(data) % frame_bytes
             data, pending = data[:usable], data[usable:]
-            mono = self._decode(data).reshape(-1, fmt.channels).mean(axis=1, dtype=np.float32)
-            bad = ~np.isfinite(mono)
-            if bad.any():
-                self.status.nonfinite_samples += int(bad.sum())
-                mono[bad] = 0.0
-            yield resampler.resample_chunk(mono) if resampler is not None else mono
-        if resampler is not None:
-            yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+            mono, nonfinite = mono_finite(self._decode(data).reshape(-1, fmt.channels))
+            self.status.nonfinite_samples += nonfinite
+            yield mono
 
     def _decode(self, data: bytes) -> np.ndarray:
         fmt = self.fmt
@@ -158,20 +143,9 @@ class PipeSource:
             return wide.view("<i4").reshape(-1).astype(np.float32) / fmt.scale
         return np.frombuffer(data, fmt.dtype).astype(np.float32) / fmt.scale
 
-    def _produce(self, ring: SpscRing) -> None:
+    def _push(self, ring: SpscRing) -> None:
+        chunks = resample_chunks(self._samples(), self.fmt.rate, self.sample_rate)
         try:
-            push_paced(ring, self._samples(), self.block_size, self.sample_rate, self.speed, self._stop)
+            push_paced(ring, chunks, self.block_size, self.sample_rate, self.speed, self._stop)
         except OSError as exc:
             self.error = f"reading stdin failed ({exc.strerror or exc})"
-        finally:
-            self._done.set()
-            ring.doorbell.ring()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=1.0)  # a reader blocked on an idle pipe ends with the process
-
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set()

@@ -187,34 +187,19 @@ class Teacher:
                 raise ConfigError(f"--teacher {self.path}: not an ONNX model onnxruntime can run ({exc})") from None
         return self._session
 
-    def __getstate__(self):  # sessions do not pickle; each worker process opens its own
+    def __getstate__(self):  # sessions do not pickle; each process of a --cv run opens its own
         state = dict(self.__dict__)
         state["_session"] = None
         return state
 
 
-def _windows_job(job) -> None:
-    teacher, path, rate = job
-    try:
-        teacher.windows(path, rate)
-    except AudioFileError:
-        pass  # the trainer reports unreadable clips when it reads them
-
-
-def fill_cache(teacher: Teacher, paths: Sequence[Path], rate: int, jobs: int = 1, progress=None) -> None:
-    """Score every clip not cached yet, ``jobs`` processes at once (the teacher costs ~1% of real time)."""
+def fill_cache(teacher: Teacher, paths: Sequence[Path], rate: int) -> None:
+    """Score every clip not cached yet (the teacher costs about 1% of real time); an unreadable clip is
+    skipped here and reported by the trainer when it reads the clip's features."""
     if teacher.cache is None:
         return
-    work = [(teacher, Path(p), rate) for p in paths]
-    if jobs <= 1:
-        for n, job in enumerate(work):
-            _windows_job(job)
-            if progress:
-                progress(n + 1, len(work))
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(jobs) as pool:
-        for n, _ in enumerate(pool.map(_windows_job, work, chunksize=8)):
-            if progress:
-                progress(n + 1, len(work))
+    for path in paths:
+        try:
+            teacher.windows(Path(path), rate)
+        except AudioFileError:
+            pass

@@ -31,6 +31,8 @@ from ..config import OUTPUTS, FeatureConfig, ModelConfig
 from ..errors import ConfigError, ModelFileError
 from ..models import build_model
 from ..models.io import save_model
+from ..models.level import white_noise_bands
+from ..models.step import probabilities
 from .datasets import TRAINED_ON, Dataset, clip_identity, compute_features
 
 CHECKPOINT = "checkpoint.pt"
@@ -84,11 +86,7 @@ class TrainOptions:
         return ModelConfig(self.arch, tuple(labels), self.features, params, self.output)
 
 
-def activation(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
-
-
-def clip_scores(model, feats: list[np.ndarray], multi_label: bool, device: str = "cpu") -> list[np.ndarray]:
+def clip_scores(model, feats: list[np.ndarray], cfg: ModelConfig, device: str = "cpu") -> list[np.ndarray]:
     """Frame probabilities ``(frames, classes)`` per clip, by the offline forward (== streaming)."""
     model.eval()
     out = []
@@ -96,16 +94,16 @@ def clip_scores(model, feats: list[np.ndarray], multi_label: bool, device: str =
         for x in feats:
             t = torch.from_numpy(np.asarray(x, dtype=np.float32))[None].to(device)
             logits, _ = model(t, model.init_state(1))
-            out.append(activation(logits[0], multi_label).cpu().numpy())
+            out.append(probabilities(logits[0], cfg).cpu().numpy())
     return out
 
 
 def accuracies(probs: list[np.ndarray], targets: np.ndarray, allowed: np.ndarray | None = None) -> dict[str, float]:
     """Clip accuracy by the last frame and by the mean over frames; ``allowed`` (clips, classes) restricts
     each clip's argmax to the classes its dataset can name (the standard protocol for a benchmark set)."""
-    mask = 0.0 if allowed is None else np.where(allowed, 0.0, -np.inf)
-    last = np.array([(p[-1] + (mask[i] if allowed is not None else 0)).argmax() for i, p in enumerate(probs)])
-    mean = np.array([(p.mean(0) + (mask[i] if allowed is not None else 0)).argmax() for i, p in enumerate(probs)])
+    offset = np.zeros((len(probs), 1)) if allowed is None else np.where(allowed, 0.0, -np.inf)
+    last = np.array([(p[-1] + offset[i]).argmax() for i, p in enumerate(probs)])
+    mean = np.array([(p.mean(0) + offset[i]).argmax() for i, p in enumerate(probs)])
     return {"acc_last": float((last == targets).mean()), "acc_mean": float((mean == targets).mean())}
 
 
@@ -306,10 +304,10 @@ def train(
     feats = compute_features(dataset, opts.features, cache)
     targets = dataset.targets()
     hard = dataset.hard_targets()
-    soft = _soft_targets(dataset, opts, teacher, label_map, train_idx)
+    soft = _soft_targets(dataset, opts, teacher, label_map)
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     train_feats = [feats[i] for i in train_idx]
-    _check_every_class_is_taught(dataset.labels, hard[train_idx], soft is not None and teacher, label_map)
+    _check_every_class_is_taught(dataset.labels, hard[train_idx], teacher, label_map)
     cfg = opts.model_config(dataset.labels)
     model = build_model(cfg).to(opts.device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,7 +320,7 @@ def train(
         opts,
         floor,
         rng,
-        _noise_bands(opts.features),
+        np.log(white_noise_bands(opts.features).numpy()).astype(np.float32),
         [dataset.clips[i].group for i in train_idx],
     )
     steps = opts.steps_per_epoch or max(1, math.ceil(len(train_idx) / opts.batch_size))
@@ -361,7 +359,7 @@ def train(
                     bar.update(task, advance=1)
             row = {"epoch": epoch + 1, "loss": total / steps, "seconds": round(time.time() - t_start, 1)}
             if len(val_labelled):
-                probs = clip_scores(model, [feats[i] for i in val_labelled], cfg.multi_label, opts.device)
+                probs = clip_scores(model, [feats[i] for i in val_labelled], cfg, opts.device)
                 row.update(accuracies(probs, targets[val_labelled], allowed))
             score = row["acc_mean"] + row["acc_last"] if keep_best and len(val_labelled) else float(epoch)
             history.append(row)
@@ -411,16 +409,7 @@ def _set_feature_statistics(model, train_feats: list[np.ndarray]) -> None:
     model.feat_std.copy_(torch.from_numpy(stacked.std(0) + 1e-3))
 
 
-def _noise_bands(cfg: FeatureConfig) -> np.ndarray:
-    """Log power per mel band of white noise at 0 dBFS RMS (the noise-floor augmentation's unit)."""
-    from ..features.functional import mel_filterbank
-
-    window = torch.hann_window(cfg.win_length, periodic=True, dtype=torch.float64)
-    bands = float((window**2).sum()) * mel_filterbank(cfg).sum(0)
-    return torch.log(bands).float().numpy()
-
-
-def _soft_targets(dataset: Dataset, opts: TrainOptions, teacher, label_map, train_idx):
+def _soft_targets(dataset: Dataset, opts: TrainOptions, teacher, label_map):
     """``soft(i, first_frame, n_frames) -> (n, classes)`` from cached teacher windows, or None without a teacher."""
     if teacher is None:
         return None
