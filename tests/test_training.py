@@ -236,3 +236,47 @@ def test_train_never_replaces_a_model_by_surprise(class_folders, tmp_path):
     no_folds = run_cli("train", class_folders, "--val-fold", "1", "--out", tmp_path / "m2", "--quiet")
     assert no_folds.returncode == 2 and "has no folds" in no_folds.stderr and "np.int64" not in no_folds.stderr
     assert not (tmp_path / "m2").exists()  # a refused run leaves no folder behind
+
+
+def test_init_starts_from_a_trained_model_and_refuses_another_shape(class_folders, tmp_path):
+    from safetensors.numpy import load_file
+
+    def args(out, *extra):
+        common = ["--arch", "cnn", "--arch-param", "hidden=16", "--arch-param", "dilations=[1,2]", "--batch-size", "4"]
+        quiet = ["--no-val", "--quiet", "--cache", tmp_path / "cache"]
+        return ["train", class_folders, *common, *quiet, "--out", out, *extra]
+
+    base = tmp_path / "base"
+    assert run_cli(*args(base, "--epochs", "2")).returncode == 0
+    tuned = tmp_path / "tuned"
+    r = run_cli(*args(tuned, "--epochs", "1", "--lr", "1e-9", "--init", base))  # a step too small to move them
+    assert r.returncode == 0, r.stderr
+    scratch = tmp_path / "scratch"
+    assert run_cli(*args(scratch, "--epochs", "1", "--lr", "1e-9", "--seed", "1")).returncode == 0
+    a, b, c = (load_file(m / "model.safetensors") for m in (base, tuned, scratch))
+    weight = next(n for n in a if n.endswith("weight") and a[n].ndim > 1)
+    np.testing.assert_allclose(b[weight], a[weight], atol=1e-5)
+    assert not np.allclose(c[weight], a[weight], atol=1e-3)  # without --init the weights are fresh
+
+    r = run_cli(*args(tmp_path / "other", "--epochs", "1", "--arch-param", "hidden=24", "--init", base))
+    assert r.returncode == 2 and "--init" in r.stderr and "differ" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(*args(tmp_path / "none", "--epochs", "1", "--init", tmp_path / "missing"))
+    assert r.returncode == 2 and "not a model folder" in r.stderr
+
+
+def test_some_crops_start_with_a_settled_level_estimate():
+    """Streams meet a sound with the level estimate settled on what came before it; training must show that."""
+    from streamtag.training.trainer import DB, TrainOptions, _Batches
+
+    opts = TrainOptions(batch_size=64, warm_level_p=0.5, warm_level_db=(-50.0, 10.0), spec_masks=0)
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(-5.0, 1.0, size=(400, 64)).astype(np.float32) for _ in range(4)]
+    hard = np.eye(2, dtype=np.float32)[[0, 1, 0, 1]]
+    batches = _Batches(feats, hard, None, opts, float(np.log(1e-9)), rng, np.zeros(64, np.float32))
+    batches.settled_frames = 300.0
+    x, _, level0 = batches.batch()
+    settled = level0[:, 1] > 0
+    assert 16 < int(settled.sum()) < 48  # about half of 64
+    assert np.all(level0[settled, 1].numpy() == 300.0) and np.all(level0[~settled].numpy() == 0.0)
+    offset = (level0[settled, 0] - x[settled].mean(dim=(1, 2))).numpy() / DB
+    assert offset.min() >= -50.01 and offset.max() <= 10.01 and offset.max() - offset.min() > 20

@@ -109,6 +109,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores / jobs)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="start from this trained model's weights (fine-tuning; same --arch, --arch-param and labels)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (default: refuse)")
     p.add_argument("--cache", metavar="DIR", help="feature cache (default: $STREAMTAG_CACHE/features)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -132,6 +137,8 @@ def _options(args):
         raise ConfigError(f"--steps-per-epoch must be >= 0 ({args.steps_per_epoch} given)")
     if not (args.level_seconds >= 0 and args.level_seconds < 3600):
         raise ConfigError(f"--level-seconds must be in 0..3600 ({args.level_seconds} given)")
+    if args.init and not (Path(args.init) / "config.json").is_file():
+        raise ConfigError(f"--init {args.init}: not a model folder (no config.json there)")
     if (args.unlabelled or args.teacher_labels) and not args.teacher:
         raise ConfigError("--unlabelled and --teacher-labels need --teacher (their targets come from it)")
     return TrainOptions(
@@ -146,6 +153,7 @@ def _options(args):
         level_seconds=args.level_seconds,
         teacher_weight=args.teacher_weight,
         steps_per_epoch=args.steps_per_epoch,
+        init_from=args.init,
     )
 
 

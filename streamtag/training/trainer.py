@@ -61,6 +61,11 @@ class TrainOptions:
     silence_p: float = 0.03
     teacher_weight: float = 0.5
     spec_masks: int = 2
+    # a stream's level estimate has usually settled on what came before a sound (a quiet room, a louder
+    # street): this share of crops starts with the estimate settled that many dB from the crop's own level
+    warm_level_p: float = 0.5
+    warm_level_db: tuple[float, float] = (-50.0, 10.0)
+    init_from: str | None = None  # a trained model folder to start from (fine-tuning)
     steps_per_epoch: int = 0  # 0: one pass over the training clips
     seed: int = 0
     device: str = "cpu"
@@ -76,6 +81,8 @@ class TrainOptions:
             raise ConfigError(f"crop ({self.crop_s} s) must be longer than the warm-up ({self.warmup_s} s)")
         if self.output not in OUTPUTS:
             raise ConfigError(f"--output must be one of {', '.join(OUTPUTS)} ({self.output!r} given)")
+        if not 0.0 <= self.warm_level_p <= 1.0:
+            raise ConfigError(f"warm_level_p must be in 0..1 ({self.warm_level_p} given)")
         if not 0.0 <= self.teacher_weight <= 1.0:
             raise ConfigError(f"--teacher-weight must be in 0..1 ({self.teacher_weight} given)")
 
@@ -142,6 +149,7 @@ class _Batches:
         self.unlabelled_groups = _by_group(groups, self.unlabelled) if groups is not None else [self.unlabelled]
         self.n_classes = hard.shape[1]
         self.frame_s = opts.features.frame_seconds
+        self.settled_frames = 1.0  # the level normaliser's time constant in frames; set by train()
 
     def _pick(self) -> int:
         o, rng = self.opts, self.rng
@@ -214,9 +222,12 @@ class _Batches:
         noise = self.noise_bands + level - tilt + self.rng.normal(0, 0.3, size=x.shape).astype(np.float32)
         return np.logaddexp(x, noise).astype(np.float32)
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, y, level0)``: features, targets and each crop's starting level-estimate state
+        ``(level, frames counted)``; zeros (a fresh stream) or settled ``warm_level_db`` off the crop's level."""
         o, rng, b = self.opts, self.rng, self.opts.batch_size
         xs, ys = [], []
+        level0 = np.zeros((b, 2), dtype=np.float32)
         for _ in range(b):
             if rng.random() < o.silence_p:
                 item = _Crop(
@@ -236,6 +247,8 @@ class _Batches:
                 x = self._noise_floor(x)
             # a gain scales power; the log floor stays where it is
             x = np.logaddexp(x + np.float32(rng.uniform(*o.gain_db) * DB), np.float32(self.floor))
+            if rng.random() < o.warm_level_p:
+                level0[len(xs)] = (x.mean() + rng.uniform(*o.warm_level_db) * DB, self.settled_frames)
             for _ in range(o.spec_masks):  # SpecAugment: a band and a stretch of time set to silence
                 f0, fw = rng.integers(0, x.shape[1]), rng.integers(0, 8)
                 x[:, f0 : f0 + fw] = self.floor
@@ -243,7 +256,7 @@ class _Batches:
                 x[t0 : t0 + tw] = self.floor
             xs.append(x)
             ys.append(item.y)
-        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)), torch.from_numpy(level0)
 
 
 def _by_group(groups: list[str], members: np.ndarray) -> list[np.ndarray]:
@@ -312,6 +325,8 @@ def train(
     model = build_model(cfg).to(opts.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     _set_feature_statistics(model, train_feats)
+    if opts.init_from:
+        _start_from(model, cfg, opts.init_from)
     floor = float(math.log(opts.features.log_floor))
     batches = _Batches(
         train_feats,
@@ -323,6 +338,8 @@ def train(
         np.log(white_noise_bands(opts.features).numpy()).astype(np.float32),
         [dataset.clips[i].group for i in train_idx],
     )
+    if model.level is not None:
+        batches.settled_frames = float(model.level.frames)
     steps = opts.steps_per_epoch or max(1, math.ceil(len(train_idx) / opts.batch_size))
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=opts.lr, total_steps=opts.epochs * steps)
@@ -345,9 +362,12 @@ def train(
             if bar:
                 bar.reset(task, total=steps, description=f"epoch {epoch + 1}/{opts.epochs}")
             for _ in range(steps):
-                x, y = batches.batch()
+                x, y, level0 = batches.batch()
                 x, y = x.to(opts.device), y.to(opts.device)
-                logits, _ = model(x, model.init_state(x.shape[0]))
+                state = model.init_state(x.shape[0])
+                if model.level is not None:  # the level's state is the last entry
+                    state = state[:-1] + (level0.to(opts.device),)
+                logits, _ = model(x, state)
                 loss = frame_loss(logits[:, warm:], y[:, warm:], cfg.multi_label)
                 optim.zero_grad()
                 loss.backward()
@@ -381,6 +401,25 @@ def train(
     )
     (out_dir / TRAINED_ON).write_text("\n".join(clips) + "\n")
     return {"best": best, "history": history}
+
+
+def _start_from(model, cfg: ModelConfig, folder: str) -> None:
+    """Fine-tuning: the weights of a trained model with the same architecture, parameters and labels."""
+    from ..models.io import load_model
+
+    init_cfg, init_model = load_model(folder)
+    for what, mine, theirs in (
+        ("architecture", cfg.arch, init_cfg.arch),
+        ("labels", list(cfg.labels), list(init_cfg.labels)),
+        ("arch parameters", cfg.arch_params, init_cfg.arch_params),
+        ("features", cfg.features, init_cfg.features),
+    ):
+        if mine != theirs:
+            raise ConfigError(
+                f"--init {folder}: its {what} differ from this run's ({theirs} there, {mine} here); "
+                "give the same --arch, --arch-param and datasets, or train from scratch"
+            )
+    model.load_state_dict(init_model.state_dict())
 
 
 def _check_every_class_is_taught(labels, hard: np.ndarray, teacher, label_map) -> None:
