@@ -134,3 +134,35 @@ def test_chunk_invariance_through_the_worker(cnn_dir):
     b = tag_file(backend, EXAMPLES / "dog.flac", block_size=1037).probs
     assert a.shape == (500, 5)
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kernel", [2, 3, 4])
+def test_cnn_of_any_kernel_exports_and_replays_as_torch(tmp_path, kernel):
+    """The ring-fed step reads ``kernel - 1`` past taps per layer; any kernel must export and match torch."""
+    from streamtag.config import ModelConfig
+    from streamtag.models import build_model
+    from streamtag.models.io import save_model
+
+    torch.manual_seed(kernel)
+    params = {"hidden": 16, "dilations": [1, 2, 4], "kernel": kernel, "level_seconds": 1.0}
+    cfg = ModelConfig(arch="cnn", labels=("a", "b", "c"), arch_params=params, output="sigmoid")
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.feat_mean.fill_(-8.0)
+        model.feat_std.fill_(3.0)
+    folder = save_model(model, cfg, tmp_path / f"k{kernel}")
+    audio = read_clip(EXAMPLES / "dog.flac")[: 16000 * 2]
+    onnx_backend = make_backend("onnx", folder)
+    assert onnx_backend.rings.lags.shape == (3, kernel - 1)
+    np.testing.assert_allclose(
+        _run_backend(onnx_backend, audio), _run_backend(make_backend("torch", folder), audio), atol=1e-4
+    )
+
+
+def test_cnn_kernel_below_two_is_refused():
+    from streamtag.config import ModelConfig
+    from streamtag.errors import ConfigError
+    from streamtag.models import build_model
+
+    with pytest.raises((ConfigError, ValueError), match="kernel"):
+        build_model(ModelConfig(arch="cnn", labels=("a", "b"), arch_params={"kernel": 1}))

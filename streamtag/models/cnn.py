@@ -31,6 +31,8 @@ class CausalCNN(StreamingModel):
         front_channels: tuple[int, ...] = (),
         **common,
     ) -> None:
+        if not (isinstance(kernel, int) and kernel >= 2):
+            raise ValueError(f"kernel must be a whole number of at least 2 frames ({kernel!r} given)")
         super().__init__(n_mels, hidden, num_classes, tuple(pool_seconds), **common)
         self.hidden, self.kernel, self.dilations = hidden, kernel, tuple(dilations)
         self.front = CausalConv2dFront(n_mels, hidden, tuple(front_channels))
@@ -48,7 +50,8 @@ class CausalCNN(StreamingModel):
 
     def delay_lines(self) -> DelayLines:
         n_front = len(self.front.channels)
-        lags = tuple((self.context_frames(d), self.context_frames(d) - d) for d in self.dilations)  # t-2d, t-d
+        # the past taps of each layer, oldest first: t - (kernel - 1) d, ..., t - d
+        lags = tuple(tuple(j * d for j in range(self.kernel - 1, 0, -1)) for d in self.dilations)
         return DelayLines(lags, self.hidden, slice(n_front, n_front + len(self.dilations)))
 
     def step_from_taps(
@@ -59,7 +62,7 @@ class CausalCNN(StreamingModel):
         x, level_state = self.normalise(frame[:, None], level_state)
         y, front_state = self.front.step(x[:, 0], state[:n_front])  # (batch, hidden)
         weights, biases = zip(*(self._folded(conv, norm) for conv, norm in zip(self.convs, self.norms)))
-        weight = torch.stack(weights)  # (lines, taps * hidden, hidden), tap-major rows: t - 2d, t - d, t
+        weight = torch.stack(weights)  # (lines, taps * hidden, hidden), tap-major rows: oldest tap first, t last
         n_past = (self.kernel - 1) * self.hidden
         # Every layer's past taps are known before the hop: one batched GEMM for all of them.
         lines = len(self.convs)  # static reshape sizes: one Reshape node in the exported graph
@@ -102,5 +105,5 @@ class CausalCNN(StreamingModel):
         instead of one matrix-vector conv per stream (onnxruntime's Conv loops over the batch).
         """
         weight, bias = self._folded(conv, norm)
-        taps = seq[:, ::dilation].flatten(1)  # (batch, taps * in): frames t - 2d, t - d, t
+        taps = seq[:, ::dilation].flatten(1)  # (batch, taps * in): frames t - (kernel - 1) d, ..., t
         return (taps @ weight + bias).unsqueeze(1)  # (batch, 1, out)
