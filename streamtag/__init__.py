@@ -18,25 +18,29 @@ Models and backends
     ``streamtag.models`` (torch: LSTM, attention, CNN; training and export) and
     :func:`~streamtag.backends.make_backend` (``"onnx"``, the fast default, or ``"torch"``).
 
-Worker and outputs
-    :class:`~streamtag.worker.Worker` (ring -> features -> model -> events -> outputs),
-    :class:`~streamtag.events.EventDetector`, ``streamtag.outputs``.
+The engine (one per stream; every runner below drives it)
+    :class:`~streamtag.engine.StreamTagger`: ``feed(samples) -> [Step]``, ``finish()``, ``reset()``;
+    hops, input guard, model, :class:`~streamtag.events.EventDetector`; :class:`~streamtag.steps.Step`.
 
-Conveniences
-    :func:`~streamtag.pipeline.tag_file` (a file through the whole streaming path),
-    :class:`~streamtag.multistream.MultiStreamTagger` (many streams, one batched call).
+Runners and outputs
+    :class:`~streamtag.worker.Worker` (a thread: ring -> engine -> outputs, for ``live`` and ``replay``),
+    :func:`~streamtag.pipeline.tag_file` (a file in a plain loop),
+    :class:`~streamtag.multistream.MultiStreamTagger` (many engines, one batched model call a round),
+    ``streamtag.outputs`` (each a class with ``write(step)`` and ``close()``).
 
 Importing :mod:`streamtag` imports neither torch nor sounddevice.
 """
 
 from .backends import make_backend
 from .config import FeatureConfig, ModelConfig
+from .engine import StreamTagger
 from .errors import (
     AudioFileError,
     BackendUnavailable,
     ConfigError,
     DatasetError,
     DeviceError,
+    InputError,
     ModelFileError,
     StreamtagError,
     UnknownDeviceError,
@@ -46,7 +50,8 @@ from .multistream import MultiStreamTagger
 from .pipeline import FileResult, tag_file
 from .ring import SpscRing
 from .sources import WavReplaySource, read_audio
-from .worker import Step, Summary, Worker
+from .steps import Step
+from .worker import Summary, Worker
 
 __version__ = "0.1.0"
 
@@ -61,11 +66,13 @@ __all__ = [
     "EventParams",
     "FeatureConfig",
     "FileResult",
+    "InputError",
     "ModelConfig",
     "ModelFileError",
     "MultiStreamTagger",
     "SpscRing",
     "Step",
+    "StreamTagger",
     "StreamtagError",
     "Summary",
     "UnknownDeviceError",

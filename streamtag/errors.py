@@ -41,3 +41,7 @@ class BackendUnavailable(StreamtagError, ImportError):
 
 class DatasetError(StreamtagError):
     """A training or evaluation dataset is missing, empty or malformed."""
+
+
+class InputError(StreamtagError, ValueError):
+    """Samples handed to an engine are not what it takes (not mono, not audio, wrong type)."""

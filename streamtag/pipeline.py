@@ -1,4 +1,4 @@
-"""One-call use of the streaming pipeline from Python: tag a file as ``streamtag replay --fast`` would."""
+"""One-call use of the engine from Python: tag a file as ``streamtag replay --fast`` would, in a plain loop."""
 
 from __future__ import annotations
 
@@ -7,52 +7,43 @@ import os
 
 import numpy as np
 
+from .engine import StreamStats, StreamTagger
 from .events import Event, EventDetector
 from .sources import WavReplaySource
-from .worker import Step, Summary, Worker
-
-
-class Collector:
-    """An output that keeps every step's scores and every event (for tests, eval and notebooks)."""
-
-    def __init__(self) -> None:
-        self.rows: list[np.ndarray] = []
-        self.events: list[Event] = []
-
-    def write(self, step: Step) -> None:
-        if step.has_scores:
-            self.rows.append(step.probs)
-        self.events.extend(step.events)
-
-    def close(self) -> None:
-        pass
+from .steps import Collector, Output
 
 
 @dataclasses.dataclass
 class FileResult:
     probs: np.ndarray  # (frames, classes)
     events: list[Event]
-    summary: Summary
+    stats: StreamStats
+    nonfinite_in_file: int = 0  # NaN/Inf samples the file itself held (replaced by 0 when decoded)
+    error: str | None = None  # the file was truncated or broke mid-way: the audio before it was tagged
 
 
 def tag_file(
     backend,
     path: str | os.PathLike,
-    block_size: int | None = None,
-    speed: float = 0.0,
     detector: EventDetector | None = None,
-    outputs=(),
+    outputs: tuple[Output, ...] = (),
+    **engine_options,
 ) -> FileResult:
-    """Replay ``path`` through ring, worker and ``backend`` (state reset first); collect all scores and events."""
+    """Decode ``path`` a block at a time, feed one :class:`StreamTagger` (state cleared first) and collect
+    every score and event; ``outputs`` get every step too. No thread: the same steps as ``replay --fast``."""
     feats = backend.config.features
+    source = WavReplaySource(path, feats.sample_rate, speed=0, min_samples=feats.hop_length)
     backend.reset_states()
-    if detector is not None:
-        detector.reset_states()
-    source = WavReplaySource(
-        path, feats.sample_rate, block_size=block_size or feats.hop_length, speed=speed, min_samples=feats.hop_length
-    )
+    tagger = StreamTagger(backend, events=detector, **engine_options)
     sink = Collector()
-    worker = Worker(source, backend, [sink, *outputs], detector)
-    worker.start()
-    worker.join()
-    return FileResult(np.stack(sink.rows), sink.events, worker.summary())
+    sinks = [sink, *outputs]
+    for chunk in source.chunks():
+        for step in tagger.feed(chunk):
+            for out in sinks:
+                out.write(step)
+    for step in tagger.finish():
+        for out in sinks:
+            out.write(step)
+    for out in outputs:
+        out.close()
+    return FileResult(sink.probs, sink.events, tagger.stats, source.status.nonfinite_samples, source.error)

@@ -1,8 +1,10 @@
-"""The worker thread: the only loop. ring -> (resample) -> hops -> backend -> events -> outputs.
+"""The worker thread: ring -> :class:`~streamtag.engine.StreamTagger` -> outputs.
 
-Every hop is computed (a decision every 10 ms by default); outputs choose how
-often they show it. Per-frame compute time goes into a bounded histogram, so an
-hours-long run keeps constant memory.
+The thread owns only transport: it drains the ring the source fills, feeds the
+stream's engine (which does everything per stream: hops, guard, model, events)
+and hands every step to the outputs. Every hop is computed (a decision every
+10 ms by default); outputs choose how often they show it. Per-hop time goes into
+a bounded histogram, so an hours-long run keeps constant memory.
 """
 
 from __future__ import annotations
@@ -11,16 +13,16 @@ import dataclasses
 import threading
 import time
 from collections.abc import Sequence
-from typing import Protocol
 
 import numpy as np
 
 from .backends import Backend
+from .engine import StreamTagger
 from .errors import ConfigError
-from .events import Event, EventDetector
-from .resample import StreamResampler
+from .events import EventDetector
 from .ring import SpscRing
 from .sources.base import Source
+from .steps import Output, Step
 
 STALL_TIMEOUT_S = 2.0  # a live source silent this long is treated as lost
 RING_SECONDS = 2.0  # the ring holds this much audio at the source rate
@@ -31,36 +33,6 @@ def _write_failed(exc: OSError) -> str:
     """One line for an output that could not be written, naming the file when the error knows it."""
     where = f"{exc.filename}: " if exc.filename else ""
     return f"writing an output failed: {where}{exc.strerror or exc}"
-
-
-@dataclasses.dataclass
-class Step:
-    """One hop's result. ``probs`` is owned by the step (outputs may keep it)."""
-
-    frame_index: int
-    t: float  # stream time at the end of the hop, seconds
-    probs: np.ndarray
-    events: list[Event]
-    labels: Sequence[str]
-    frame_seconds: float = 0.01
-
-    @property
-    def onset(self) -> float:
-        """Stream time at the start of the hop."""
-        return self.t - self.frame_seconds
-
-    @property
-    def has_scores(self) -> bool:
-        """False for the event-only steps sent when a stream ends or resets."""
-        return self.probs.size > 0
-
-
-class Output(Protocol):
-    """Gets every step; decides itself what to show or write."""
-
-    def write(self, step: Step) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class FrameTimer:
@@ -104,6 +76,8 @@ class Summary:
     compute_max_ms: float
     budget_ms: float
     deadline_misses: int
+    model_mean_ms: float = float("nan")  # the model's step alone, per hop
+    input_problems: str | None = None  # samples the engine replaced (NaN, beyond full scale)
     e2e_p50_ms: float = float("nan")
     e2e_p99_ms: float = float("nan")
     error: str | None = None
@@ -118,8 +92,10 @@ class Summary:
             f"audio: {self.audio_seconds:.2f} s, {self.frames} frames",
             f"samples: captured {self.captured}, processed {self.processed}, dropped {self.dropped}, "
             f"unread {self.unread}",
-            f"frame compute: p50 {self.compute_p50_ms:.3f} ms, p99 {self.compute_p99_ms:.3f} ms, "
-            f"max {self.compute_max_ms:.3f} ms (budget {self.budget_ms:.1f} ms, {self.deadline_misses} over)",
+            f"hop compute (model, events, outputs): p50 {self.compute_p50_ms:.3f} ms, "
+            f"p99 {self.compute_p99_ms:.3f} ms, "
+            f"max {self.compute_max_ms:.3f} ms (budget {self.budget_ms:.1f} ms, {self.deadline_misses} over); "
+            f"model alone {self.model_mean_ms:.3f} ms a hop on average",
             f"level: RMS {self.level_rms_dbfs:.1f} dBFS, peak {self.level_peak_dbfs:.1f} dBFS"
             + (f" (after --gain {self.gain_db:+g} dB)" if self.gain_db else "")
             + ("; very quiet input: check the microphone or its gain" if self.level_peak_dbfs < -50 else ""),
@@ -127,6 +103,8 @@ class Summary:
         problems = {k: v for k, v in self.source_status.items() if v}
         if problems:
             out.append("source status: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in problems.items()))
+        if self.input_problems:
+            out.append(f"input: {self.input_problems}")
         return out
 
 
@@ -136,13 +114,11 @@ class Worker(threading.Thread):
     Args:
         source: where audio comes from (any :class:`~streamtag.sources.Source`).
         backend: the model runtime, batch size 1.
-        outputs: each gets every :class:`Step`.
+        outputs: each gets every :class:`~streamtag.steps.Step`.
         detector: optional :class:`~streamtag.events.EventDetector`.
-        reset_every_s (float): reset model and detector state every this many seconds. (Default: never)
-        reset_on_silence_s (float): reset after this much silence (all samples below -60 dBFS). (Default: never)
+        reset_every_s, reset_on_silence_s, gain_db: the engine's (see :class:`~streamtag.engine.StreamTagger`).
         buffer_seconds (float): audio the ring holds before a live source starts dropping, at most
             ``MAX_BUFFER_SECONDS``. (Default: ``2``)
-        gain_db (float): gain applied to every sample before the model and the level meter. (Default: ``0``)
     """
 
     def __init__(
@@ -157,43 +133,33 @@ class Worker(threading.Thread):
         gain_db: float = 0.0,
     ) -> None:
         super().__init__(name="streamtag-worker", daemon=True)
-        if not -120.0 <= gain_db <= 120.0:  # NaN fails too
-            raise ConfigError(f"gain_db must be in -120..120 ({gain_db} given)")
-        self.gain_db = float(gain_db)
-        self._gain = np.float32(10 ** (gain_db / 20))
-        self._power_sum = 0.0  # sum of hop mean-square levels, for the stream's RMS
-        self._peak = 0.0
-        self._recent_power = 0.0  # mean square of the last ~0.3 s, for the live view
-        self.source, self.backend, self.outputs, self.detector = source, backend, list(outputs), detector
-        feats = backend.config.features
-        self.hop = feats.hop_length
-        self.frame_seconds = feats.frame_seconds
-        self.labels = backend.labels
+        self.tagger = StreamTagger(
+            backend,
+            sample_rate=source.sample_rate,
+            events=detector,
+            reset_every_s=reset_every_s,
+            reset_on_silence_s=reset_on_silence_s,
+            gain_db=gain_db,
+        )
+        self.source, self.backend, self.outputs = source, backend, list(outputs)
+        self.frame_seconds = self.tagger.frame_seconds
+        self.labels = self.tagger.labels
         if not 0 < buffer_seconds <= MAX_BUFFER_SECONDS:  # NaN fails too
             raise ConfigError(f"buffer_seconds must be in (0, {MAX_BUFFER_SECONDS:g}] ({buffer_seconds} given)")
-        for name, value in (("reset_every_s", reset_every_s), ("reset_on_silence_s", reset_on_silence_s)):
-            if value is not None and not 0 < value < float("inf"):
-                raise ConfigError(f"{name} must be a finite number > 0 ({value} given)")
-        capacity = 1 << int(np.ceil(np.log2(max(buffer_seconds * source.sample_rate, 4 * self.hop))))
+        hop_at_source = max(1, round(self.tagger.hop * source.sample_rate / self.tagger.model_rate))
+        capacity = 1 << int(np.ceil(np.log2(max(buffer_seconds * source.sample_rate, 4 * hop_at_source))))
         self.ring = SpscRing(capacity)
-        self.resampler = (
-            StreamResampler(source.sample_rate, feats.sample_rate) if source.sample_rate != feats.sample_rate else None
-        )
-        self.timer = FrameTimer()
-        self.latency = FrameTimer()  # last sample of a hop written into the ring -> its step emitted
-        self.frames = 0
+        self.timer = FrameTimer()  # per hop: engine (model, events) and outputs
+        self.latency = FrameTimer()  # last sample of a hop written into the ring -> its step handed out
         self.processed = 0
         self.error: str | None = None
         self.interrupted = False
-        self._reset_every = None if reset_every_s is None else max(1, round(reset_every_s / self.frame_seconds))
-        self._silence_frames = (
-            None if reset_on_silence_s is None else max(1, round(reset_on_silence_s / self.frame_seconds))
-        )
-        self._silent_run = 0
         self._stop_requested = threading.Event()
-        self._hop_buf = np.zeros(self.hop, dtype=np.float32)
-        self._hop_fill = 0
         self._read_buf = np.zeros(capacity, dtype=np.float32)
+
+    @property
+    def frames(self) -> int:
+        return self.tagger.stats.frames
 
     # -- control -------------------------------------------------------------
     def request_stop(self) -> None:
@@ -203,14 +169,9 @@ class Worker(threading.Thread):
         self.ring.doorbell.ring()
 
     def reset(self) -> None:
-        """Forget the past: model state (audio context included), then close open events.
-
-        The resampler keeps its few milliseconds of filter delay: resetting it would drop audio.
-        Call from the worker thread (the reset policy does) or before ``start()``.
-        """
-        self.backend.reset_states()
-        if self.detector is not None:
-            self._emit_events(self.detector.flush(self.frames, "reset"))
+        """Forget the past (model state, audio context) and close open events.
+        Call from the worker thread or before ``start()``."""
+        self._write(self.tagger.reset())
 
     def start(self) -> None:
         self.source.start(self.ring)
@@ -230,10 +191,7 @@ class Worker(threading.Thread):
                 if got:
                     self.processed += got
                     last_data = time.monotonic()
-                    frames_before = self.frames
-                    self._consume(self._read_buf[:got])
-                    if self.frames > frames_before and self._hop_fill == 0:  # chunk ended on a hop edge
-                        self.latency.add(time.perf_counter_ns() - written_ns)
+                    self._consume(self._read_buf[:got], written_ns)
                     continue
                 if source_stopped:
                     break
@@ -256,65 +214,27 @@ class Worker(threading.Thread):
             self.source.stop()
             self._finish()
 
-    def _consume(self, samples: np.ndarray) -> None:
-        if not np.isfinite(samples).all():  # a broken driver or file: never let NaN reach the model state
-            bad = ~np.isfinite(samples)
-            self.source.status.nonfinite_samples += int(bad.sum())
-            samples[bad] = 0.0
-        if self.resampler is not None:
-            samples = self.resampler.process(samples)
-        pos = 0
-        n = samples.shape[0]
-        while pos < n:
-            take = min(self.hop - self._hop_fill, n - pos)
-            self._hop_buf[self._hop_fill : self._hop_fill + take] = samples[pos : pos + take]
-            self._hop_fill += take
-            pos += take
-            if self._hop_fill == self.hop:
-                self._hop_fill = 0
-                self._frame(self._hop_buf)
-
-    def _frame(self, hop: np.ndarray) -> None:
-        if self._reset_every and self.frames and self.frames % self._reset_every == 0:
-            self.reset()
-        peak = float(np.abs(hop).max())  # before the gain: silence is judged on the input itself
-        if self._silence_frames is not None:
-            self._silent_run = self._silent_run + 1 if peak < 1e-3 else 0
-            if self._silent_run == self._silence_frames:
-                self.reset()
-        if self.gain_db:
-            hop *= self._gain
-        power = float(np.dot(hop, hop)) / hop.size
-        self._power_sum += power
-        self._peak = max(self._peak, peak * float(self._gain))
-        self._recent_power = 0.97 * self._recent_power + 0.03 * power
+    def _consume(self, samples: np.ndarray, written_ns: int) -> None:
         t0 = time.perf_counter_ns()
-        probs = self.backend(hop)[0].copy()
-        events = self.detector.update(self.frames, probs) if self.detector is not None else []
-        self.timer.add(time.perf_counter_ns() - t0)
-        self.frames += 1
-        step = Step(self.frames - 1, self.frames * self.frame_seconds, probs, events, self.labels, self.frame_seconds)
-        for out in self.outputs:
-            out.write(step)
+        steps = self.tagger.feed(samples)
+        self._write(steps)
+        if steps:
+            done = time.perf_counter_ns()
+            hops = sum(1 for s in steps if s.has_scores) or 1
+            per_hop = (done - t0) // hops
+            for _ in range(hops):
+                self.timer.add(per_hop)
+            if self.tagger.pending_samples == 0:  # the chunk ended on a hop edge
+                self.latency.add(done - written_ns)
 
-    def _emit_events(self, events: list[Event]) -> None:
-        if events:
-            step = Step(
-                self.frames - 1,
-                self.frames * self.frame_seconds,
-                np.zeros(0, np.float32),
-                events,
-                self.labels,
-                self.frame_seconds,
-            )
+    def _write(self, steps: list[Step]) -> None:
+        for step in steps:
             for out in self.outputs:
                 out.write(step)
 
     def _finish(self) -> None:
         try:
-            if self.detector is not None:
-                why = "interrupted" if self.interrupted or self.error else "stream_end"
-                self._emit_events(self.detector.flush(self.frames, why))
+            self._write(self.tagger.finish("interrupted" if self.interrupted or self.error else "stream_end"))
         except OSError as exc:
             self.error = self.error or _write_failed(exc)
         for out in self.outputs:  # close every output, even when one of them fails
@@ -326,14 +246,15 @@ class Worker(threading.Thread):
     @property
     def level_dbfs(self) -> float:
         """RMS level of the last ~0.3 s (read by the live view a few times a second, not every hop)."""
-        return _dbfs(self._recent_power)
+        return self.tagger.stats.recent_dbfs
 
     def summary(self) -> Summary:
         budget_ns = int(self.frame_seconds * 1e9)
+        stats = self.tagger.stats
         return Summary(
             source=self.source.description,
-            audio_seconds=self.frames * self.frame_seconds,
-            frames=self.frames,
+            audio_seconds=stats.frames * self.frame_seconds,
+            frames=stats.frames,
             captured=self.ring.written + self.ring.dropped,
             processed=self.processed,
             dropped=self.ring.dropped,
@@ -344,16 +265,13 @@ class Worker(threading.Thread):
             compute_max_ms=self.timer.max_ns / 1e6,
             budget_ms=self.frame_seconds * 1000,
             deadline_misses=self.timer.over(budget_ns),
+            model_mean_ms=stats.model_ns / stats.frames / 1e6 if stats.frames else float("nan"),
+            input_problems=stats.problems(),
             e2e_p50_ms=self.latency.percentile_ms(50),
             e2e_p99_ms=self.latency.percentile_ms(99),
             error=self.error,
             interrupted=self.interrupted,
-            level_rms_dbfs=_dbfs(self._power_sum / self.frames) if self.frames else float("-inf"),
-            level_peak_dbfs=20 * float(np.log10(self._peak)) if self._peak > 0 else float("-inf"),
-            gain_db=self.gain_db,
+            level_rms_dbfs=stats.rms_dbfs,
+            level_peak_dbfs=stats.peak_dbfs,
+            gain_db=self.tagger.gain_db,
         )
-
-
-def _dbfs(power: float) -> float:
-    """Mean-square level -> dB relative to full scale (a full-scale square wave is 0 dBFS)."""
-    return 10 * float(np.log10(power)) if power > 0 else float("-inf")

@@ -177,8 +177,7 @@ def test_odd_valid_wavs_replay_or_fail_cleanly(cnn_backend_fixture, tmp_path, ra
         assert "no audio samples" in str(exc) or "shorter than one hop" in str(exc)
         return
     assert result.probs.shape[0] >= 1 and np.isfinite(result.probs).all()
-    s = result.summary
-    assert s.captured == s.processed + s.dropped + s.unread and s.dropped == 0
+    assert result.stats.frames == result.probs.shape[0] and result.error is None
 
 
 @pytest.fixture(scope="module")
@@ -322,8 +321,8 @@ def test_long_run_state_bounded_memory_flat_and_reset_equals_fresh(model_dir):
 
 def test_reset_every_restarts_state_on_schedule(cnn_dir, tmp_path):
     """--reset-every 1: scores from second 1 on equal a fresh run that starts at second 1."""
-    from streamtag.pipeline import Collector
     from streamtag.sources import WavReplaySource
+    from streamtag.steps import Collector
     from streamtag.worker import Worker
 
     audio = read_clip(EXAMPLES / "chainsaw.flac")
@@ -371,8 +370,8 @@ def test_file_cut_short_mid_replay_ends_with_an_error(cnn_dir, tmp_path):
         yield np.zeros(16000, np.float32)
         raise sf.LibsndfileError(0, "Internal psf_fseek() failed")
 
-    source._chunks = broken_chunks
-    from streamtag.pipeline import Collector
+    source._file_chunks = broken_chunks
+    from streamtag.steps import Collector
     from streamtag.worker import Worker
 
     worker = Worker(source, make_backend("onnx", cnn_dir), [Collector()])

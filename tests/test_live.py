@@ -95,7 +95,7 @@ def test_live_on_clocked_pulseaudio_mic_and_sigterm(cnn_dir, tmp_path):
     times = [row["t"] for row in rows]
     assert np.all(np.diff(times) > 0)
     assert all(abs(sum(row["probs"].values()) - 1) < 1e-3 for row in rows)
-    assert "dropped 0" in err and "frame compute" in err
+    assert "dropped 0" in err and "hop compute" in err
 
 
 def test_device_lost_mid_stream_ends_cleanly(cnn_dir, tmp_path):

@@ -126,14 +126,25 @@ def test_reset_states_gives_a_fresh_stream(cnn_dir, name):
 
 
 def test_chunk_invariance_through_the_worker(cnn_dir):
-    """Blocks of different sizes from the source give identical scores (openWakeWord-style test)."""
+    """Blocks of different sizes from the source give identical scores (openWakeWord-style test), through
+    the worker thread and through tag_file's plain loop alike."""
     from streamtag.pipeline import tag_file
+    from streamtag.sources import WavReplaySource
+    from streamtag.steps import Collector
+    from streamtag.worker import Worker
 
     backend = make_backend("onnx", cnn_dir)
-    a = tag_file(backend, EXAMPLES / "dog.flac", block_size=160).probs
-    b = tag_file(backend, EXAMPLES / "dog.flac", block_size=1037).probs
-    assert a.shape == (500, 5)
-    np.testing.assert_array_equal(a, b)
+    runs = []
+    for block in (160, 1037):
+        sink = Collector()
+        worker = Worker(WavReplaySource(EXAMPLES / "dog.flac", 16000, block_size=block, speed=0), backend, [sink])
+        worker.reset()
+        worker.start()
+        worker.join()
+        runs.append(sink.probs)
+    assert runs[0].shape == (500, 5)
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], tag_file(backend, EXAMPLES / "dog.flac").probs)
 
 
 @pytest.mark.parametrize("kernel", [2, 3, 4])

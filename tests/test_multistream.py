@@ -1,45 +1,64 @@
+"""MultiStreamTagger: many engines, one batched call a round, the same steps as each stream alone."""
+
 import numpy as np
 import pytest
 
 from streamtag.backends import make_backend
-from streamtag.errors import ConfigError
+from streamtag.engine import StreamTagger
+from streamtag.errors import ConfigError, InputError
+from streamtag.events import EventParams
 from streamtag.multistream import MultiStreamTagger
 
 from .conftest import EXAMPLES, read_clip
 
+LOW = EventParams(on_threshold=0.2, min_duration_s=0.05)  # untrained test models: low scores, still events
 
-def _single(model_dir, backend, audio):
-    b = make_backend(backend, model_dir)
-    return np.stack([b(audio[i : i + 160]).copy()[0] for i in range(0, audio.size - 159, 160)])
+
+def _alone(model_dir, backend, audio, events=LOW):
+    """The same audio through one engine of its own: probabilities and events."""
+    tagger = StreamTagger(make_backend(backend, model_dir), events=events)
+    steps = tagger.feed(audio) + tagger.finish()
+    return _split(steps)
+
+
+def _split(steps):
+    probs = np.stack([s.probs for s in steps if s.has_scores])
+    events = [(e.kind, e.label, round(e.onset, 3), e.reason) for s in steps for e in s.events]
+    return probs, events
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
 def test_batched_streams_equal_separate_runs_with_joins_and_leaves(model_dir, backend):
     clips = [read_clip(EXAMPLES / n)[: 16000 * 2] for n in ("dog.flac", "rain.flac", "chainsaw.flac")]
-    tagger = MultiStreamTagger(model_dir, backend, capacity=2)
+    tagger = MultiStreamTagger(model_dir, backend, capacity=2, events=LOW)
     got: dict[str, list] = {"a": [], "b": [], "c": []}
     rng = np.random.default_rng(0)
     tagger.join("a")
     tagger.join("b")
     pos = {"a": 0, "b": 0, "c": 0}
     src = {"a": clips[0], "b": clips[1], "c": clips[2]}
-    while any(pos[n] < src[n].size for n in tagger.streams):
+    while tagger.streams:
         for name in list(tagger.streams):
             n = int(rng.integers(1, 700))  # ragged arrival, different per stream
             tagger.feed(name, src[name][pos[name] : pos[name] + n])
             pos[name] += n
-        for name, _, probs in tagger.step():
-            got[name].append(probs.copy())
-        if "a" in tagger.streams and pos["a"] >= src["a"].size:
-            tagger.leave("a")  # its slot is reused by "c", which must start from a clean state
-            tagger.join("c")
+        for name, step in tagger.step():
+            got[name].append(step)
+        for name in list(tagger.streams):
+            if pos[name] >= src[name].size:
+                got[name] += tagger.leave(name)
+                if name == "a":
+                    tagger.join("c")  # takes a's slot, which must start from a clean state
     for name in ("a", "b", "c"):
-        ref = _single(model_dir, backend, src[name])
-        assert len(got[name]) == len(ref)
-        np.testing.assert_allclose(np.stack(got[name]), ref, atol=1e-5, err_msg=f"stream {name}")
+        probs, events = _split(got[name])
+        ref_probs, ref_events = _alone(model_dir, backend, src[name])
+        assert probs.shape == ref_probs.shape
+        np.testing.assert_allclose(probs, ref_probs, atol=1e-5, err_msg=f"stream {name}")
+        assert events == ref_events, f"stream {name}"
+    assert any(got[n][-1].events for n in "abc")  # the low threshold does give events to compare
 
 
-def test_capacity_and_names_are_checked(cnn_dir):
+def test_capacity_names_and_input_are_checked(cnn_dir):
     tagger = MultiStreamTagger(cnn_dir, capacity=1)
     tagger.join("x")
     with pytest.raises(ConfigError, match="slots are in use"):
@@ -48,13 +67,17 @@ def test_capacity_and_names_are_checked(cnn_dir):
         tagger.join("x")
     with pytest.raises(ConfigError, match="no stream named"):
         tagger.feed("y", np.zeros(10, np.float32))
+    with pytest.raises(InputError, match="mono"):
+        tagger.feed("x", np.zeros((100, 2), np.float32))
+    tagger.leave("x")
+    tagger.join("y")  # the slot came back
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
 def test_rounds_keep_their_rows_and_slots_step_in_any_subset(cnn_dir, backend):
     """Several hop rounds in one step() call keep their own rows; streams stepped in place and gathered agree."""
     clips = [read_clip(EXAMPLES / n)[:16000] for n in ("dog.flac", "rain.flac", "chainsaw.flac")]
-    tagger = MultiStreamTagger(cnn_dir, backend, capacity=4)
+    tagger = MultiStreamTagger(cnn_dir, backend, capacity=4, events=None)
     for name in "abc":
         tagger.join(name)
     got: dict[str, list] = {n: [] for n in "abc"}
@@ -63,8 +86,26 @@ def test_rounds_keep_their_rows_and_slots_step_in_any_subset(cnn_dir, backend):
             if name != "b" or start % 1600 == 0:  # "b" lags, so rounds alternate between slots 0..2 and {0, 2}
                 tagger.feed(name, clip[start : start + (800 if name != "b" else 1600)])
         rows = list(tagger.step())  # collected without copying
-        for name, _, probs in rows:
-            got[name].append(probs)
+        for name, step in rows:
+            got[name].append(step.probs)
     for name, clip in zip("abc", clips):
-        ref = _single(cnn_dir, backend, clip)
+        ref, _ = _alone(cnn_dir, backend, clip, events=None)
         np.testing.assert_allclose(np.stack(got[name]), ref, atol=1e-5, err_msg=f"stream {name}")
+
+
+def test_a_stream_at_another_rate_is_resampled_like_a_single_engine(cnn_dir):
+    audio = read_clip(EXAMPLES / "dog.flac")[:16000]
+    import soxr
+
+    at_48k = soxr.resample(audio, 16000, 48000).astype(np.float32)
+    tagger = MultiStreamTagger(cnn_dir, capacity=2, events=None)
+    tagger.join("mic", sample_rate=48000)
+    steps = []
+    for i in range(0, at_48k.size, 4800):
+        tagger.feed("mic", at_48k[i : i + 4800])
+        steps += [s for _, s in tagger.step()]
+    steps += tagger.leave("mic")
+    alone = StreamTagger(make_backend("onnx", cnn_dir), sample_rate=48000, events=None)
+    ref = [s for i in range(0, at_48k.size, 4800) for s in alone.feed(at_48k[i : i + 4800])] + alone.finish()
+    assert len(ref) == 100
+    np.testing.assert_allclose(_split(steps)[0], _split(ref)[0], atol=1e-5)

@@ -1,4 +1,4 @@
-"""Outputs: each is one class with ``write(step)`` and ``close()`` (see :class:`streamtag.worker.Output`)."""
+"""Outputs: each is one class with ``write(step)`` and ``close()`` (see :class:`streamtag.steps.Output`)."""
 
 from .console import LiveView, PlainLines
 from .files import EventsJsonl, ScoresTsv, UpdatesJsonl

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from ..events import Event
-from ..worker import Step
+from ..steps import Step
 from .selection import ClassSelection
 
 BAR_WIDTH = 30

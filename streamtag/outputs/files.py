@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import ConfigError
-from ..worker import Step
+from ..steps import Step
 from .selection import ClassSelection
 
 SCHEMA_VERSION = 1  # of the JSONL rows below; bumped when a field changes meaning or goes away

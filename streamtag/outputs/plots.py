@@ -9,7 +9,7 @@ import numpy as np
 from ..config import FeatureConfig
 from ..errors import ConfigError
 from ..events import Event
-from ..worker import Step
+from ..steps import Step
 from .files import check_output_path, named_error
 
 TOP_CLASSES = 5

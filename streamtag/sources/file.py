@@ -129,9 +129,19 @@ class WavReplaySource(ProducerSource):
         self.repeat = repeat
         self.description = f"{self.path.name} ({'fast' if speed == 0 else f'x{speed:g}'})"
 
-    def _chunks(self) -> Iterator[np.ndarray]:
-        """Mono float32 at the model rate, about ``READ_BLOCK_SECONDS`` at a time."""
-        return resample_chunks(self._file_chunks(), self.file_rate, self.sample_rate)
+    def chunks(self) -> Iterator[np.ndarray]:
+        """Mono float32 at the model rate, about ``READ_BLOCK_SECONDS`` at a time. A file that is truncated or
+        breaks mid-way yields what could be read, then sets ``error`` saying so."""
+        try:
+            yield from resample_chunks(self._file_chunks(), self.file_rate, self.sample_rate)
+        except _READ_ERRORS as exc:
+            self.error = f"{self.path} could not be read to the end ({_reason(exc)})"
+            return
+        if self._short_by is not None:
+            self.error = (
+                f"{self.path} is truncated: {self._short_by} of its audio is missing; "
+                f"the {self._frames_read / self.file_rate:.2f} s that could be read were tagged"
+            )
 
     def _file_chunks(self) -> Iterator[np.ndarray]:
         with sf.SoundFile(str(self.path)) as f:
@@ -144,13 +154,5 @@ class WavReplaySource(ProducerSource):
                 yield mono
 
     def _push(self, ring: SpscRing) -> None:
-        try:
-            chunks = (chunk for _ in range(self.repeat) for chunk in self._chunks())
-            done = push_paced(ring, chunks, self.block_size, self.sample_rate, self.speed, self._stop)
-            if done and self._short_by is not None:
-                self.error = (
-                    f"{self.path} is truncated: {self._short_by} of its audio is missing; "
-                    f"the {self._frames_read / self.file_rate:.2f} s that could be read were tagged"
-                )
-        except _READ_ERRORS as exc:
-            self.error = f"{self.path} could not be read to the end ({_reason(exc)})"
+        chunks = (chunk for _ in range(self.repeat) if not self.error for chunk in self.chunks())
+        push_paced(ring, chunks, self.block_size, self.sample_rate, self.speed, self._stop)

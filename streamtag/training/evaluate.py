@@ -23,16 +23,16 @@ DETECT_AFTER_S = (0.25, 0.5, 1.0, 2.0, 5.0)
 LEVELS_DB = (0.0, -10.0, -20.0, -30.0, -40.0)
 
 
-def stream_probs(backend, samples: np.ndarray) -> np.ndarray:
-    """Frame probabilities ``(frames, classes)`` of mono samples at the model rate, hop by hop, state reset first."""
-    hop = backend.config.features.hop_length
+def stream_probs(backend, samples: np.ndarray, gain_db: float = 0.0) -> np.ndarray:
+    """Frame probabilities ``(frames, classes)`` of mono samples at the model rate, through a fresh
+    :class:`~streamtag.engine.StreamTagger` (the engine every runner uses)."""
+    from ..engine import StreamTagger
+
     backend.reset_states()
-    n = len(samples) // hop
-    out = np.empty((n, backend.config.num_classes), np.float32)
-    hops = np.ascontiguousarray(samples[: n * hop], dtype=np.float32).reshape(n, 1, hop)
-    for i in range(n):
-        out[i] = backend(hops[i])
-    return out
+    steps = StreamTagger(backend, events=None, gain_db=gain_db).feed(samples)
+    if not steps:
+        return np.zeros((0, backend.config.num_classes), np.float32)
+    return np.stack([s.probs for s in steps])
 
 
 def stream_scores(
@@ -43,10 +43,9 @@ def stream_scores(
     from ..sources.file import read_audio
 
     feats = backend.config.features
-    gain = np.float32(10 ** (gain_db / 20))
     out = []
     for p in paths:
-        out.append(stream_probs(backend, read_audio(p, feats.sample_rate, min_samples=feats.hop_length)[0] * gain))
+        out.append(stream_probs(backend, read_audio(p, feats.sample_rate, min_samples=feats.hop_length)[0], gain_db))
         if progress is not None:
             progress()
     return out

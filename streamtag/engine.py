@@ -1,0 +1,379 @@
+"""One stream's engine: samples in, steps out. No thread, no ring, no transport.
+
+:class:`StreamTagger` is the state machine of one stream, in the shape of silero-vad's
+``VADIterator``: ``feed(samples)`` returns a :class:`~streamtag.steps.Step` for every hop
+it completes (probabilities and events), ``finish()`` flushes and closes the events still
+open, ``reset()`` forgets the past. It owns everything between the samples and the
+outputs: the input contract, resampling, hop assembly, the guard that keeps a bad
+sample out of the model state, the gain, the level meter, the reset policies and the
+event detector. Every runner drives it: the worker thread (``live``, ``replay``),
+:func:`~streamtag.pipeline.tag_file` (a plain loop), :class:`~streamtag.multistream.MultiStreamTagger`
+(many streams, one batched model call a round), eval and bench; so they cannot disagree.
+
+    tagger = StreamTagger()                   # the bundled model, onnxruntime
+    for chunk in chunks:                      # any sizes, float32 mono at 16 kHz
+        for step in tagger.feed(chunk):
+            print(step.t, step.events)
+    tagger.finish()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Protocol
+
+import numpy as np
+
+from .backends import Backend, make_backend
+from .errors import ConfigError, InputError
+from .events import EventDetector, EventParams
+from .resample import StreamResampler
+from .steps import Step
+
+FULL_SCALE = 1.0  # float audio is -1..1; a sample beyond it is clipped (counted), as an ADC would
+SILENCE_PEAK = 1e-3  # a hop whose peak stays below this (-60 dBFS) counts as silence for reset_on_silence_s
+_INT_SCALE = {np.dtype(np.int16): 1 / 32768.0, np.dtype(np.int32): 1 / 2147483648.0}
+
+
+def as_mono_float32(samples) -> np.ndarray:
+    """The engines' input contract: a 1-D float32 array of samples in -1..1.
+
+    Documented conversions: float64 and float16 are cast; int16 and int32 PCM are scaled to -1..1;
+    a ``(n, 1)`` or ``(1, n)`` array is taken as mono. Anything else (several channels, other integer
+    types, non-numbers) raises :class:`~streamtag.errors.InputError` naming what was given.
+    """
+    arr = samples if isinstance(samples, np.ndarray) else np.asarray(samples)
+    if arr.ndim == 2 and 1 in arr.shape:
+        arr = arr.reshape(-1)
+    if arr.ndim != 1:
+        raise InputError(
+            f"samples must be mono, a 1-D array; got shape {arr.shape}: mix channels down first "
+            "(e.g. samples.mean(axis=1) for (frames, channels))"
+        )
+    if arr.dtype == np.float32:
+        return arr
+    if arr.dtype in _INT_SCALE:
+        return arr.astype(np.float32) * np.float32(_INT_SCALE[arr.dtype])
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32)
+    raise InputError(
+        f"samples must be float32 in -1..1 (int16 and int32 PCM are scaled); got dtype {arr.dtype}"
+        + (" (a list with non-numbers?)" if arr.dtype == object else "")
+    )
+
+
+@dataclasses.dataclass
+class StreamStats:
+    """What an engine has seen over its life (``finish()`` and ``reset()`` keep it)."""
+
+    frames: int = 0  # hops stepped
+    samples: int = 0  # samples taken, at the model rate
+    nonfinite: int = 0  # NaN/Inf samples replaced by 0
+    clipped: int = 0  # samples beyond full scale, clipped to it
+    power_sum: float = 0.0  # sum of hop mean squares (after the gain): the stream's RMS
+    peak: float = 0.0  # after the gain
+    recent_power: float = 0.0  # mean square of the last ~0.3 s, for a level meter
+    model_ns: int = 0  # time in the model's step calls
+
+    @property
+    def rms_dbfs(self) -> float:
+        return _dbfs(self.power_sum / self.frames) if self.frames else float("-inf")
+
+    @property
+    def peak_dbfs(self) -> float:
+        return 20 * float(np.log10(self.peak)) if self.peak > 0 else float("-inf")
+
+    @property
+    def recent_dbfs(self) -> float:
+        return _dbfs(self.recent_power)
+
+    def problems(self) -> str | None:
+        """One line about samples that were replaced, or None."""
+        parts = []
+        if self.nonfinite:
+            parts.append(f"{self.nonfinite} NaN/Inf samples were replaced by 0")
+        if self.clipped:
+            parts.append(f"{self.clipped} samples beyond full scale (|x| > 1) were clipped")
+        if not parts:
+            return None
+        return "; ".join(parts) + ": is the input format right (e.g. int16 read as float)?"
+
+
+class HopModel(Protocol):
+    """The model side of one engine: its own state, stepped a block of hops at a time."""
+
+    def step(self, hops: np.ndarray) -> np.ndarray:
+        """``(k, hop)`` float32 -> probabilities ``(k, classes)``, the same as ``k`` single hops."""
+
+    def clear(self) -> None:
+        """Back to a new stream's state."""
+
+
+class SingleStream:
+    """A :class:`HopModel` over a backend of batch size 1."""
+
+    def __init__(self, backend: Backend) -> None:
+        if backend.batch_size != 1:
+            raise ConfigError(f"an engine steps one stream: its backend needs batch_size 1 ({backend.batch_size})")
+        self.backend = backend
+        self._out = np.zeros((16, backend.config.num_classes), np.float32)
+
+    def step(self, hops: np.ndarray) -> np.ndarray:
+        k = hops.shape[0]
+        if k == 1:
+            return self.backend(hops[:1])
+        if k > self._out.shape[0]:
+            self._out = np.zeros((max(k, 2 * self._out.shape[0]), self._out.shape[1]), np.float32)
+        out = self._out[:k]
+        for i in range(k):
+            out[i] = self.backend(hops[i : i + 1])[0]
+        return out
+
+    def clear(self) -> None:
+        self.backend.reset_states()
+
+
+class StreamTagger:
+    """One stream: ``feed(samples) -> list[Step]``, ``finish() -> list[Step]``, ``reset() -> list[Step]``.
+
+    Args:
+        model: a model folder (the bundled one when ``None``) or an open backend of batch size 1.
+        backend (str): ``onnx`` or ``torch``, when ``model`` is a folder. (Default: ``onnx``)
+        sample_rate (int): rate of the samples fed; resampled to the model's. (Default: the model's rate)
+        events: ``True`` for events at the default thresholds, an :class:`EventParams`, an
+            :class:`EventDetector`, or ``None`` for probabilities only. (Default: ``True``)
+        reset_every_s (float): forget the past every this many seconds of stream. (Default: never)
+        reset_on_silence_s (float): forget it after this much silence (peak below -60 dBFS). (Default: never)
+        gain_db (float): applied to every sample after the guard. (Default: ``0``)
+
+    A sample that is NaN or Inf is replaced by 0, one beyond full scale is clipped to it; both are
+    counted in :attr:`stats` and never reach the model state. The time of a step is stream time:
+    hops since the stream started (``finish()`` starts the next stream at 0).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | Backend | None = None,
+        *,
+        backend: str = "onnx",
+        sample_rate: int | None = None,
+        events: bool | EventParams | EventDetector | None = True,
+        reset_every_s: float | None = None,
+        reset_on_silence_s: float | None = None,
+        gain_db: float = 0.0,
+        hop_model: HopModel | None = None,
+    ) -> None:
+        if model is None or isinstance(model, (str, os.PathLike)):
+            model = make_backend(backend, model)
+        self.backend = model
+        feats = model.config.features
+        self.labels = model.labels
+        self.hop = feats.hop_length
+        self.frame_seconds = feats.frame_seconds
+        self.model_rate = feats.sample_rate
+        self.sample_rate = int(sample_rate or self.model_rate)
+        if self.sample_rate <= 0:
+            raise ConfigError(f"sample_rate must be > 0 ({sample_rate} given)")
+        self.hop_model = hop_model if hop_model is not None else SingleStream(model)
+        self.detector = _detector(events, self.labels, self.frame_seconds)
+        if not -120.0 <= gain_db <= 120.0:  # NaN fails too
+            raise ConfigError(f"gain_db must be in -120..120 ({gain_db} given)")
+        self.gain_db = float(gain_db)
+        self._gain = np.float32(10 ** (gain_db / 20))
+        for name, value in (("reset_every_s", reset_every_s), ("reset_on_silence_s", reset_on_silence_s)):
+            if value is not None and not 0 < value < float("inf"):
+                raise ConfigError(f"{name} must be a finite number > 0 ({value} given)")
+        self._reset_every = None if reset_every_s is None else max(1, round(reset_every_s / self.frame_seconds))
+        self._silence_frames = (
+            None if reset_on_silence_s is None else max(1, round(reset_on_silence_s / self.frame_seconds))
+        )
+        self.stats = StreamStats()
+        self._resampler = (
+            StreamResampler(self.sample_rate, self.model_rate) if self.sample_rate != self.model_rate else None
+        )
+        self._pending = np.zeros(self.hop * 64, np.float32)  # samples not yet a whole hop (grows for big chunks)
+        self._fill = 0
+        self._start = 0  # first pending sample not yet stepped
+        self.frames = 0  # hops of this stream so far
+        self._silent_run = 0
+        self._no_events: list = []
+
+    # -- the three calls -------------------------------------------------------------
+    def feed(self, samples) -> list[Step]:
+        """Take samples (any count); return a step for every hop they complete, in order."""
+        self.push(samples)
+        out: list[Step] = []
+        while self.ready:
+            out += self.before_hop()
+            k = self._run_length()
+            hops = self.take(k)
+            t0 = time.perf_counter_ns()
+            probs = self.hop_model.step(hops)
+            self.stats.model_ns += time.perf_counter_ns() - t0
+            out += self.complete(hops, probs)
+        return out
+
+    def finish(self, reason: str = "stream_end") -> list[Step]:
+        """End of the stream: step what the resampler still holds, close open events (``reason``) and start
+        a new stream (state, time and hop buffer cleared; a last part-hop is not tagged)."""
+        out: list[Step] = []
+        if self._resampler is not None:
+            self._append(self._resampler.process(np.zeros(0, np.float32), last=True))
+            out += self.feed(np.zeros(0, np.float32))
+            self._resampler.reset_states()
+        out += self._close_events(reason)
+        self._clear_model()
+        self._fill = self._start = 0
+        self.frames = 0
+        self._silent_run = 0
+        return out
+
+    def reset(self) -> list[Step]:
+        """Forget the past (model state, audio context); open events close with reason ``reset``. Stream time
+        goes on; samples not yet a whole hop are kept, and so is the resampler's few ms of filter delay."""
+        out = self._close_events("reset")
+        self._clear_model()
+        return out
+
+    # -- pieces a batching runner drives (MultiStreamTagger) ----------------------------
+    def push(self, samples) -> None:
+        """Check, guard, resample and queue samples; :attr:`ready` hops can then be taken."""
+        x = as_mono_float32(samples)
+        if x.size == 0:
+            return
+        x = self._guard(x)
+        if self._resampler is not None:
+            x = self._resampler.process(x)
+        self._append(x)
+
+    @property
+    def ready(self) -> int:
+        """Whole hops queued and not yet taken."""
+        return (self._fill - self._start) // self.hop
+
+    @property
+    def pending_samples(self) -> int:
+        """Samples queued and not yet taken (whole hops and the part-hop after them)."""
+        return self._fill - self._start
+
+    def before_hop(self) -> list[Step]:
+        """Apply the reset policies due before the next hop (call before :meth:`take`); returns the steps
+        of the events they closed."""
+        out: list[Step] = []
+        if self._reset_every and self.frames and self.frames % self._reset_every == 0:
+            out += self.reset()
+        if self._silence_frames is not None:
+            nxt = self._pending[self._start : self._start + self.hop]
+            self._silent_run = self._silent_run + 1 if float(np.abs(nxt).max()) < SILENCE_PEAK else 0
+            if self._silent_run == self._silence_frames:
+                out += self.reset()
+        return out
+
+    def take(self, k: int = 1) -> np.ndarray:
+        """The next ``k`` hops ``(k, hop)``, gain applied (a view valid until the next :meth:`push`)."""
+        if not 0 < k <= self.ready:
+            raise ValueError(f"take({k}): {self.ready} hops ready")
+        start = self._start
+        self._start += k * self.hop
+        hops = self._pending[start : self._start].reshape(k, self.hop)
+        if self.gain_db:
+            hops *= self._gain
+        return hops
+
+    def complete(self, hops: np.ndarray, probs: np.ndarray) -> list[Step]:
+        """Steps for hops taken and stepped: level meter, events, stream time."""
+        k = hops.shape[0]
+        probs = np.array(probs[:k], dtype=np.float32)  # the steps own their rows
+        power = np.einsum("ij,ij->i", hops, hops) / self.hop
+        s = self.stats
+        s.frames += k
+        s.samples += k * self.hop
+        s.power_sum += float(power.sum())
+        s.peak = max(s.peak, float(np.abs(hops).max()))
+        decay = 0.97 ** np.arange(k - 1, -1, -1)
+        s.recent_power = float(0.97**k * s.recent_power + 0.03 * (decay * power).sum())
+        out = []
+        for i in range(k):
+            events = self.detector.update(self.frames, probs[i]) if self.detector is not None else self._no_events
+            self.frames += 1
+            out.append(
+                Step(
+                    self.frames - 1, self.frames * self.frame_seconds, probs[i], events, self.labels, self.frame_seconds
+                )
+            )
+        if self._start == self._fill:
+            self._start = self._fill = 0
+        return out
+
+    # -- internals ----------------------------------------------------------------
+    def _run_length(self) -> int:
+        """How many ready hops can go to the model in one call: up to the next scheduled reset (one at a
+        time when silence resets are on, each hop's silence being judged before it is stepped)."""
+        k = self.ready
+        if self._silence_frames is not None:
+            return 1
+        if self._reset_every:
+            k = min(k, self._reset_every - self.frames % self._reset_every)
+        return k
+
+    def _guard(self, x: np.ndarray) -> np.ndarray:
+        peak = float(np.max(np.abs(x)))
+        if peak <= FULL_SCALE:  # the usual chunk: one reduction
+            return x
+        x = np.array(x, dtype=np.float32)  # never modify the caller's array
+        bad = ~np.isfinite(x)
+        n_bad = int(bad.sum())
+        if n_bad:
+            self.stats.nonfinite += n_bad
+            x[bad] = 0.0
+        over = np.abs(x) > FULL_SCALE
+        n_over = int(over.sum())
+        if n_over:
+            self.stats.clipped += n_over
+            np.clip(x, -FULL_SCALE, FULL_SCALE, out=x)
+        return x
+
+    def _append(self, x: np.ndarray) -> None:
+        n = x.shape[0]
+        if self._start and self._fill + n > self._pending.shape[0]:  # move the unstepped tail to the front
+            tail = self._fill - self._start
+            self._pending[:tail] = self._pending[self._start : self._fill]
+            self._start, self._fill = 0, tail
+        if self._fill + n > self._pending.shape[0]:
+            grown = np.zeros(max(2 * self._pending.shape[0], self._fill + n), np.float32)
+            grown[: self._fill] = self._pending[: self._fill]
+            self._pending = grown
+        self._pending[self._fill : self._fill + n] = x
+        self._fill += n
+
+    def _clear_model(self) -> None:
+        self.hop_model.clear()
+
+    def _close_events(self, reason: str) -> list[Step]:
+        if self.detector is None:
+            return []
+        events = self.detector.flush(self.frames, reason)
+        if not events:
+            return []
+        empty = np.zeros(0, np.float32)
+        return [Step(self.frames - 1, self.frames * self.frame_seconds, empty, events, self.labels, self.frame_seconds)]
+
+
+def _detector(events, labels, frame_seconds: float) -> EventDetector | None:
+    if events is None or events is False:
+        return None
+    if isinstance(events, EventDetector):
+        events.reset_states()
+        return events
+    if events is True:
+        return EventDetector(labels, frame_seconds)
+    if isinstance(events, EventParams):
+        return EventDetector(labels, frame_seconds, events)
+    raise ConfigError(f"events must be True, None, EventParams or an EventDetector ({type(events).__name__} given)")
+
+
+def _dbfs(power: float) -> float:
+    """Mean-square level -> dB relative to full scale (a full-scale square wave is 0 dBFS)."""
+    return 10 * float(np.log10(power)) if power > 0 else float("-inf")

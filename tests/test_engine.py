@@ -1,0 +1,136 @@
+"""StreamTagger: the input contract, the guard, chunking, multi-hop calls, finish and reset."""
+
+import numpy as np
+import pytest
+
+from streamtag.backends import make_backend
+from streamtag.engine import StreamTagger, as_mono_float32
+from streamtag.errors import ConfigError, InputError
+from streamtag.events import EventParams
+
+from .conftest import EXAMPLES, read_clip, run_cli
+
+LOW = EventParams(on_threshold=0.2, min_duration_s=0.05)
+
+
+def _probs(steps):
+    return np.stack([s.probs for s in steps if s.has_scores])
+
+
+def _events(steps):
+    return [(e.kind, e.label, round(e.onset, 3), e.reason) for s in steps for e in s.events]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return read_clip(EXAMPLES / "dog.flac")[: 16000 * 3]
+
+
+def test_any_chunking_gives_the_same_steps_as_one_call(cnn_dir, clip):
+    tagger = StreamTagger(cnn_dir, events=LOW)
+    whole = tagger.feed(clip) + tagger.finish()  # 300 hops in one call: stepped as a block
+    rng = np.random.default_rng(0)
+    cuts = np.sort(rng.integers(0, clip.size, 40))
+    pieces = [s for part in np.split(clip, cuts) for s in tagger.feed(part)] + tagger.finish()
+    hop_by_hop = StreamTagger(make_backend("onnx", cnn_dir), events=LOW)
+    single = [s for i in range(0, clip.size, 160) for s in hop_by_hop.feed(clip[i : i + 160])] + hop_by_hop.finish()
+    assert len(_probs(whole)) == 300
+    np.testing.assert_array_equal(_probs(whole), _probs(pieces))
+    np.testing.assert_array_equal(_probs(whole), _probs(single))
+    assert _events(whole) == _events(pieces) == _events(single) and _events(whole)
+    assert [s.frame_index for s in whole if s.has_scores] == list(range(300))
+    assert whole[-1].events and all(e.reason == "stream_end" for e in whole[-1].events if e.kind == "close")
+
+
+def test_finish_starts_a_fresh_stream(cnn_dir, clip):
+    tagger = StreamTagger(cnn_dir, events=None)
+    first = tagger.feed(clip[:16000])
+    tagger.feed(clip)
+    tagger.finish()
+    again = tagger.feed(clip[:16000])
+    assert again[0].frame_index == 0
+    np.testing.assert_array_equal(_probs(first), _probs(again))
+
+
+def test_reset_every_equals_a_fresh_engine_on_each_piece(cnn_dir, clip):
+    tagger = StreamTagger(cnn_dir, events=None, reset_every_s=1.0)
+    probs = _probs(tagger.feed(clip))
+    fresh = StreamTagger(cnn_dir, events=None)
+    for k in range(3):
+        piece = _probs(fresh.feed(clip[k * 16000 : (k + 1) * 16000]) + fresh.finish())
+        np.testing.assert_allclose(probs[k * 100 : (k + 1) * 100], piece, atol=1e-6)
+
+
+def test_input_contract_conversions_and_errors():
+    x = np.linspace(-0.5, 0.5, 320, dtype=np.float32)
+    assert as_mono_float32(x) is x  # the common case is not copied
+    np.testing.assert_array_equal(as_mono_float32(x.astype(np.float64)), x)
+    np.testing.assert_array_equal(as_mono_float32(list(x)), x)
+    np.testing.assert_array_equal(as_mono_float32(x[:, None]), x)
+    pcm = (x * 32768).astype(np.int16)
+    np.testing.assert_allclose(as_mono_float32(pcm), x, atol=1 / 32768)
+    pcm32 = (x.astype(np.float64) * 2**31).astype(np.int32)
+    np.testing.assert_allclose(as_mono_float32(pcm32), x, atol=1e-7)
+    with pytest.raises(InputError, match=r"mono.*shape \(160, 2\).*mean\(axis=1\)"):
+        as_mono_float32(np.zeros((160, 2), np.float32))
+    with pytest.raises(InputError, match="got dtype uint8"):
+        as_mono_float32(np.zeros(160, np.uint8))
+    with pytest.raises(InputError, match="non-numbers"):
+        as_mono_float32(["a", None])
+
+
+def test_int16_is_scaled_so_it_tags_like_float(cnn_dir, clip):
+    pcm = np.round(clip * 32767).astype(np.int16)
+    as_float = _probs(StreamTagger(cnn_dir, events=None).feed(pcm.astype(np.float32) / 32768))
+    np.testing.assert_allclose(_probs(StreamTagger(cnn_dir, events=None).feed(pcm)), as_float, atol=1e-6)
+
+
+def test_a_poisoned_sample_never_reaches_the_model_state(cnn_dir, clip):
+    """One sample of 1e30 (or NaN) is clipped (replaced), counted, and the stream carries on as if it were
+    a full-scale click: every row finite, and the rows after it match the audio with a real click there."""
+    bad = clip.copy()
+    bad[12345] = 1e30
+    bad[23456] = np.nan
+    tagger = StreamTagger(cnn_dir, events=None)
+    probs = _probs(tagger.feed(bad))
+    assert np.isfinite(probs).all()
+    assert tagger.stats.clipped == 1 and tagger.stats.nonfinite == 1
+    assert "1 NaN/Inf" in tagger.stats.problems() and "1 samples beyond full scale" in tagger.stats.problems()
+    click = clip.copy()
+    click[12345], click[23456] = 1.0, 0.0
+    np.testing.assert_array_equal(probs, _probs(StreamTagger(cnn_dir, events=None).feed(click)))
+    assert bad[12345] == 1e30  # the caller's array is left as it was
+
+
+def test_other_rates_and_bad_settings(cnn_dir, clip):
+    import soxr
+
+    at_44k = soxr.resample(clip, 16000, 44100).astype(np.float32)
+    tagger = StreamTagger(cnn_dir, sample_rate=44100, events=None)
+    steps = tagger.feed(at_44k) + tagger.finish()
+    assert abs(len(_probs(steps)) - 300) <= 1
+    for kwargs, match in (
+        ({"sample_rate": -1}, "sample_rate"),
+        ({"gain_db": float("nan")}, "gain_db"),
+        ({"reset_every_s": 0}, "reset_every_s"),
+        ({"events": "yes"}, "events must be"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            StreamTagger(cnn_dir, **kwargs)
+
+
+def test_cli_reports_a_poisoned_float_wav_and_stays_finite(cnn_dir, tmp_path, clip):
+    import json
+
+    import soundfile as sf
+
+    bad = clip.copy()
+    bad[20000] = 1e30
+    path = tmp_path / "spike.wav"
+    sf.write(path, bad, 16000, subtype="FLOAT")
+    out = tmp_path / "s.jsonl"
+    r = run_cli("replay", path, "--model", cnn_dir, "--fast", "--quiet", "--jsonl", out, "--all")
+    assert r.returncode == 0, r.stderr
+    assert "1 samples beyond full scale (|x| > 1) were clipped" in r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) >= 29 and all(np.isfinite(list(row["probs"].values())).all() for row in rows if "probs" in row)
