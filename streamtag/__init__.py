@@ -12,7 +12,7 @@ Ring buffer
     :class:`~streamtag.ring.SpscRing`: lock-free, one writer (the audio callback), one reader (the worker).
 
 Features
-    :class:`~streamtag.features.StreamingLogMel`, :func:`~streamtag.features.log_mel_offline`.
+    :class:`~streamtag.features.LogMel` (inside the hop step), :func:`~streamtag.features.log_mel_offline`.
 
 Models and backends
     ``streamtag.models`` (torch: LSTM, attention, CNN; training and export) and

@@ -27,7 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 from .errors import ConfigError
 
@@ -164,10 +168,6 @@ class EventDetector:
     def reset_states(self) -> None:
         self._tracks = [_Track() for _ in self.labels]
         self._busy: set[int] = set()  # classes not idle: the only ones looked at below threshold
-
-    @property
-    def open_labels(self) -> list[str]:
-        return [self.labels[i] for i in sorted(self._busy) if self._tracks[i].state in (_ACTIVE, _GAP)]
 
     def update(self, frame_index: int, probs: np.ndarray) -> list[Event]:
         if not self._busy and probs.max() < self._lowest_on:  # the common quiet frame: one reduction

@@ -126,10 +126,6 @@ class SpscRing:
             self._read_count += count  # release the space only after copying out
         return count
 
-    def flush(self) -> None:
-        """Forget unread samples. Only call when neither side is running."""
-        self._read_count = self._write_count
-
 
 class Doorbell:
     """Wakes the reader from the writer side without ever making the writer wait.

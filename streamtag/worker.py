@@ -55,7 +55,7 @@ class FrameTimer:
             return float("nan")
         rank = int(np.ceil(q / 100.0 * self.n))
         idx = int(np.searchsorted(np.cumsum(self.counts), max(rank, 1)))
-        return (idx + 1) / 1000.0  # upper edge of the bin
+        return min((idx + 1) / 1000.0, self.max_ns / 1e6)  # the bin's upper edge, never above the max
 
     def over(self, budget_ns: int) -> int:
         return int(self.counts[budget_ns // 1000 :].sum())

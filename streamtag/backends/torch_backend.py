@@ -37,10 +37,14 @@ def _check_device(device: str) -> torch.device:
 
 class TorchBackend:
     def __init__(
-        self, model: str | os.PathLike | None = None, batch_size: int = 1, device: str = "cpu", threads: int | None = 1
+        self,
+        model: str | os.PathLike | None = None,
+        batch_size: int = 1,
+        device: str = "cpu",
+        threads: int | None = None,
     ) -> None:
         self.device = _check_device(device)
-        if threads:
+        if threads:  # process-wide in torch: only when the caller asks
             torch.set_num_threads(threads)
         self.config, net = load_model(model)
         self.labels = self.config.labels

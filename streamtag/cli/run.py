@@ -271,7 +271,8 @@ def _outputs(args, backend, worker_status, extra=(), source: str | None = None) 
 
 
 def _open_backend(args):
-    options = {"device": args.torch_device or "cpu"} if args.backend == "torch" else {}
+    # one stream, one hop at a time: one torch thread (this process is ours; a library caller chooses its own)
+    options = {"device": args.torch_device or "cpu", "threads": 1} if args.backend == "torch" else {}
     return make_backend(args.backend, args.model, **options)
 
 

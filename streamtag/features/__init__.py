@@ -1,6 +1,6 @@
 """Audio -> log-mel frames. Never imports :mod:`streamtag.models`."""
 
 from .functional import frame_causal, log_mel_offline
-from .streaming import LogMel, StreamingLogMel
+from .streaming import LogMel
 
-__all__ = ["LogMel", "StreamingLogMel", "frame_causal", "log_mel_offline"]
+__all__ = ["LogMel", "frame_causal", "log_mel_offline"]

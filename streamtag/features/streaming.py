@@ -1,8 +1,7 @@
-"""Stateful log-mel: one frame per hop, keeping ``win_length - hop_length`` samples of left context.
-
-Chunk-safe: feeding a signal hop by hop gives exactly the frames of
-:func:`~streamtag.features.functional.log_mel_offline` over the whole signal,
-because both use the same causal framing and the same matrices.
+"""Log-mel as a module: the hop step (models/step.py) runs it on ``win_length - hop_length`` samples of
+left context plus the new hop, so a signal fed hop by hop gives exactly the frames of
+:func:`~streamtag.features.functional.log_mel_offline` over the whole signal (same causal framing,
+same matrices).
 """
 
 from __future__ import annotations
@@ -37,27 +36,3 @@ class LogMel(nn.Module):
     def from_signal(self, signal: torch.Tensor) -> torch.Tensor:
         """Offline: ``(..., time)`` -> ``(..., time // hop_length, n_mels)``."""
         return self(frame_causal(signal, self.cfg))
-
-
-class StreamingLogMel:
-    """Hop-by-hop log-mel with explicit left context, like silero-vad's ``_context``.
-
-    ``__call__(hop)`` takes ``(..., hop_length)`` samples and returns ``(..., n_mels)``.
-    """
-
-    def __init__(self, cfg: FeatureConfig) -> None:
-        self.cfg = cfg
-        self.log_mel = LogMel(cfg)
-        self._context: torch.Tensor | None = None
-
-    def reset_states(self) -> None:
-        self._context = None
-
-    def __call__(self, hop: torch.Tensor) -> torch.Tensor:
-        if hop.shape[-1] != self.cfg.hop_length:
-            raise ValueError(f"expected {self.cfg.hop_length} samples per hop ({hop.shape[-1]} given)")
-        if self._context is None or self._context.shape[:-1] != hop.shape[:-1]:
-            self._context = hop.new_zeros(*hop.shape[:-1], self.cfg.context_length)
-        frame = torch.cat([self._context, hop], dim=-1)
-        self._context = frame[..., self.cfg.hop_length :]
-        return self.log_mel(frame)

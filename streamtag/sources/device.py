@@ -118,14 +118,12 @@ class MicrophoneSource:
             self.status.input_underflows += 1
         if self.channels == 1:
             self._ring.push(indata[:, 0])
-        elif frames <= self._mono.shape[0]:
-            np.mean(indata, axis=1, out=self._mono[:frames])
-            self._ring.push(self._mono[:frames])
-        else:  # a block larger than planned: never allocate here, downmix in two halves
-            half = frames // 2
-            for part in (indata[:half], indata[half:]):
-                np.mean(part, axis=1, out=self._mono[: part.shape[0]])
-                self._ring.push(self._mono[: part.shape[0]])
+            return
+        step = self._mono.shape[0]  # downmix into a preallocated buffer, a buffer's worth at a time
+        for start in range(0, frames, step):
+            part = indata[start : start + step]
+            np.mean(part, axis=1, out=self._mono[: part.shape[0]])
+            self._ring.push(self._mono[: part.shape[0]])
 
     def _finished(self) -> None:
         if not self._stopping:
