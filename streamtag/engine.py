@@ -143,7 +143,8 @@ class StreamTagger:
         backend (str): ``onnx`` or ``torch``, when ``model`` is a folder. (Default: ``onnx``)
         sample_rate (int): rate of the samples fed; resampled to the model's. (Default: the model's rate)
         events: ``True`` for events at the default thresholds, an :class:`EventParams`, an
-            :class:`EventDetector`, or ``None`` for probabilities only. (Default: ``True``)
+            :class:`EventDetector` (or a function making one), or ``None`` for probabilities only.
+            (Default: ``True``)
         reset_every_s (float): forget the past every this many seconds of stream. (Default: never)
         reset_on_silence_s (float): forget it after this much silence (peak below -60 dBFS). (Default: never)
         gain_db (float): applied to every sample after the guard. (Default: ``0``)
@@ -198,7 +199,6 @@ class StreamTagger:
         self._start = 0  # first pending sample not yet stepped
         self.frames = 0  # hops of this stream so far
         self._silent_run = 0
-        self._no_events: list = []
 
     # -- the three calls -------------------------------------------------------------
     def feed(self, samples) -> list[Step]:
@@ -207,7 +207,7 @@ class StreamTagger:
         out: list[Step] = []
         while self.ready:
             out += self.before_hop()
-            k = self._run_length()
+            k = self.block_length()
             hops = self.take(k)
             t0 = time.perf_counter_ns()
             probs = self.hop_model.step(hops)
@@ -294,23 +294,18 @@ class StreamTagger:
         s.peak = max(s.peak, float(np.abs(hops).max()))
         decay = 0.97 ** np.arange(k - 1, -1, -1)
         s.recent_power = float(0.97**k * s.recent_power + 0.03 * (decay * power).sum())
-        out = []
-        for i in range(k):
-            events = self.detector.update(self.frames, probs[i]) if self.detector is not None else self._no_events
-            self.frames += 1
-            out.append(
-                Step(
-                    self.frames - 1, self.frames * self.frame_seconds, probs[i], events, self.labels, self.frame_seconds
-                )
-            )
+        fs, labels, first = self.frame_seconds, self.labels, self.frames
+        found = self.detector.update_block(first, probs) if self.detector is not None else {}
+        out = [Step(first + i, (first + i + 1) * fs, probs[i], found.get(i) or [], labels, fs) for i in range(k)]
+        self.frames += k
         if self._start == self._fill:
             self._start = self._fill = 0
         return out
 
     # -- internals ----------------------------------------------------------------
-    def _run_length(self) -> int:
-        """How many ready hops can go to the model in one call: up to the next scheduled reset (one at a
-        time when silence resets are on, each hop's silence being judged before it is stepped)."""
+    def block_length(self) -> int:
+        """How many ready hops can be stepped as one block (after :meth:`before_hop`): up to the next scheduled
+        reset; one at a time when silence resets are on (each hop's silence is judged before it is stepped)."""
         k = self.ready
         if self._silence_frames is not None:
             return 1
@@ -371,7 +366,12 @@ def _detector(events, labels, frame_seconds: float) -> EventDetector | None:
         return EventDetector(labels, frame_seconds)
     if isinstance(events, EventParams):
         return EventDetector(labels, frame_seconds, events)
-    raise ConfigError(f"events must be True, None, EventParams or an EventDetector ({type(events).__name__} given)")
+    if callable(events):  # a factory: one detector per stream (MultiStreamTagger, tag)
+        return _detector(events(), labels, frame_seconds)
+    raise ConfigError(
+        f"events must be True, None, EventParams, an EventDetector or a function making one "
+        f"({type(events).__name__} given)"
+    )
 
 
 def _dbfs(power: float) -> float:

@@ -180,6 +180,24 @@ class EventDetector:
                 events.append(event)
         return events
 
+    def update_block(self, first_frame: int, probs: np.ndarray) -> dict[int, list[Event]]:
+        """:meth:`update` for ``probs`` ``(k, classes)``, frames ``first_frame..``: ``{row: events}`` for the rows
+        that have any. Stretches where no class is busy or above its threshold are skipped in one pass."""
+        out: dict[int, list[Event]] = {}
+        above = np.flatnonzero((probs >= self._on).any(axis=1))
+        i, k, a = 0, probs.shape[0], 0
+        while i < k:
+            if not self._busy:  # jump to the next row with a score at or above its threshold
+                a = int(np.searchsorted(above, i))
+                if a == above.size:
+                    break
+                i = int(above[a])
+            events = self.update(first_frame + i, probs[i])
+            if events:
+                out[i] = events
+            i += 1
+        return out
+
     def _advance(self, i: int, f: int, p: float) -> Event | None:
         tr = self._tracks[i]
         on, off = self._on[i], self._off[i]

@@ -79,7 +79,6 @@ class MultiStreamTagger:
         self._events = events
         self._engine_options = dict(engine_options or {})
         self._free = list(range(capacity))  # a heap: joining takes the lowest slot, so busy slots stay 0..n-1
-        self._audio = np.zeros((capacity, self.hop), np.float32)
 
     def join(self, name: str, sample_rate: int | None = None) -> StreamTagger:
         """Add a stream (its samples at ``sample_rate``, the model's by default); returns its engine."""
@@ -120,26 +119,40 @@ class MultiStreamTagger:
         self.streams[self._known(name)].push(samples)
 
     def step(self) -> Iterator[tuple[str, Step]]:
-        """Run hop rounds until no stream has a whole hop; yields ``(name, step)`` in order per stream.
+        """Step every hop the streams hold; yields ``(name, step)``, in order within each stream.
 
-        A round steps every stream that has a hop in one backend call; steps own their rows.
+        Each stream hands over a block of its ready hops; round ``r`` steps the ``r``-th hop of every
+        block that long in one backend call, and each stream's steps are built once its block is done
+        (events and level meter per block, not per hop). Steps own their rows.
         """
         while True:
-            ready = sorted((e.hop_model.slot, name, e) for name, e in self.streams.items() if e.ready)
-            if not ready:
-                return
-            n = len(ready)
-            slots = np.fromiter((slot for slot, _, _ in ready), dtype=np.int64, count=n)
-            hops = []
-            for i, (_, name, engine) in enumerate(ready):
-                for step in engine.before_hop():  # a due reset clears the slot before the hop
+            blocks = []
+            for name, engine in self.streams.items():
+                if not engine.ready:
+                    continue
+                for step in engine.before_hop():  # a due reset clears the slot before the block
                     yield name, step
-                hop = engine.take(1)
-                self._audio[i] = hop[0]
-                hops.append(hop)
-            probs = self.backend.step_slots(self.pool, slots, self._audio[:n])
-            for i, (_, name, engine) in enumerate(ready):
-                for step in engine.complete(hops[i], probs[i : i + 1]):
+                k = engine.block_length()
+                blocks.append((engine.hop_model.slot, name, engine, engine.take(k)))
+            if not blocks:
+                return
+            blocks.sort(key=lambda b: b[0])  # ascending slots: the pool steps 0..n-1 in place
+            nb = len(blocks)
+            lengths = np.array([b[3].shape[0] for b in blocks])
+            slots = np.array([b[0] for b in blocks], dtype=np.int64)
+            audio = np.zeros((int(lengths.max()), nb, self.hop), np.float32)  # (round, stream, hop)
+            for i, b in enumerate(blocks):
+                audio[: lengths[i], i] = b[3]
+            out = np.empty((audio.shape[0], nb, len(self.labels)), np.float32)
+            for r in range(audio.shape[0]):
+                members = np.flatnonzero(lengths > r)
+                if members.size == nb:
+                    out[r] = self.backend.step_slots(self.pool, slots, audio[r])
+                else:
+                    out[r, members] = self.backend.step_slots(self.pool, slots[members], audio[r, members])
+            probs = [out[: lengths[i], i] for i in range(nb)]
+            for (_, name, engine, hops), p in zip(blocks, probs):
+                for step in engine.complete(hops, p):
                     yield name, step
 
     def _known(self, name: str) -> str:

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from ..errors import StreamtagError
 
-SUBCOMMANDS = ["run", "devices", "train", "evaluate", "export", "bench"]
+SUBCOMMANDS = ["run", "tag", "devices", "train", "evaluate", "export", "bench"]
 # optional modules -> the extra that installs them (pip install 'streamtag[EXTRA]')
 EXTRAS = {"torch": "train", "torchaudio": "train", "onnx": "train", "safetensors": "train", "matplotlib": "plot"}
 

@@ -1,0 +1,363 @@
+"""Tag whole archives: many files at once as streams of one batched pool, resumably.
+
+A file is one stream: decoded a second at a time (constant memory for hours-long
+files), fed to its own :class:`~streamtag.engine.StreamTagger` on a slot of one
+:class:`~streamtag.multistream.MultiStreamTagger`, so every model call steps one hop
+of up to ``width`` files together. Probabilities and events are those of
+``streamtag replay`` of the same file: this is the streaming path, batched across
+files instead of across time.
+
+Per file, under ``out``: ``<name>.events.jsonl``, ``<name>.labels.txt`` (Audacity
+labels), optionally ``<name>.scores.tsv``, and last ``<name>.done.json``, the marker
+a rerun skips on. Everything is written to a temporary name and renamed, so a stopped
+run leaves finished files or nothing. The run's ``summary.csv`` (and Parquet) is
+rebuilt from the markers; ``errors.csv`` lists the files that failed, one line each.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AudioFileError, ConfigError
+from .events import EventDetector
+from .multistream import MultiStreamTagger
+from .sources.file import WavReplaySource
+from .steps import Step
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
+MANIFEST_SUFFIXES = (".csv", ".txt", ".lst")
+DONE = ".done.json"
+TOP_LABELS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One file to tag and the name its outputs take under ``out`` (its path below the folder given)."""
+
+    path: Path
+    name: str
+
+
+def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Item]:
+    """Files, folders (searched recursively for audio) and manifests (``.csv`` with a ``path`` column, or
+    ``.txt``/``.lst`` with one path a line; relative paths are taken from the manifest's folder)."""
+    items: list[Item] = []
+    for given in inputs:
+        p = Path(given)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
+            if not found:
+                raise ConfigError(f"{p}: no audio files in this folder ({', '.join(AUDIO_SUFFIXES)})")
+            items += [Item(f, str(Path(p.resolve().name) / f.relative_to(p))) for f in found]
+        elif p.suffix.lower() in MANIFEST_SUFFIXES and p.is_file():
+            items += [Item(f, _name_in(f, p.parent)) for f in _manifest(p)]
+        elif p.is_file():
+            items.append(Item(p, p.name))
+        else:
+            raise ConfigError(f"{p}: no such file or folder")
+    seen: dict[str, Path] = {}
+    for item in items:
+        other = seen.setdefault(item.name, item.path)
+        if other != item.path:
+            raise ConfigError(
+                f"{other} and {item.path} would both write outputs named '{item.name}': "
+                "give their folders instead (outputs keep the path below each folder)"
+            )
+    return items
+
+
+def _name_in(path: Path, folder: Path) -> str:
+    """The output name of a manifest's file: its path below the manifest's folder, else folder/name."""
+    try:
+        return str(path.resolve().relative_to(folder.resolve()))
+    except ValueError:
+        return str(Path(path.parent.name) / path.name) if path.parent.name else path.name
+
+
+def _manifest(path: Path) -> list[Path]:
+    base = path.parent
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix.lower() == ".csv":
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise ConfigError(f"{path}: a manifest CSV needs a 'path' column ({reader.fieldnames} found)")
+            rows = [row["path"] for row in reader]
+        else:
+            rows = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    out = [p if p.is_absolute() else base / p for p in map(Path, rows)]
+    if not out:
+        raise ConfigError(f"{path}: the manifest lists no files")
+    return out
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What tagging one file gave (one summary row)."""
+
+    name: str
+    path: str
+    seconds: float = 0.0
+    events: dict[str, int] = dataclasses.field(default_factory=dict)  # opened events per label
+    top: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # highest mean probabilities
+    error: str | None = None
+    skipped: bool = False  # finished by an earlier run
+
+    def row(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "seconds": round(self.seconds, 3),
+            "events": sum(self.events.values()),
+            "events_by_label": ";".join(f"{k}:{v}" for k, v in sorted(self.events.items())),
+            "top_labels": ";".join(f"{k}:{p:.3f}" for k, p in self.top),
+            "error": self.error or "",
+        }
+
+
+class _Job:
+    """One file in flight: its decoder, its partial outputs and its running sums."""
+
+    def __init__(self, item: Item, out: Path, rate: int, hop: int, scores: bool, labels: Sequence[str]) -> None:
+        self.item, self.marker = item, done_marker(out, item)
+        self.source = WavReplaySource(item.path, rate, speed=0, min_samples=hop)  # AudioFileError for a bad file
+        self.chunks: Iterator[np.ndarray] = iter(self.source.chunks())
+        base = out / item.name
+        base.parent.mkdir(parents=True, exist_ok=True)
+        self.final = {"events": _with(base, ".events.jsonl"), "labels": _with(base, ".labels.txt")}
+        if scores:
+            self.final["scores"] = _with(base, ".scores.tsv")
+        self.files = {k: open(_tmp(p), "w", encoding="utf-8") for k, p in self.final.items()}
+        if scores:
+            self.files["scores"].write("\t".join(["onset", "offset", *labels]) + "\n")
+        self.labels = labels
+        self.sums = np.zeros(len(labels), np.float64)
+        self.frames = 0
+        self.events: dict[str, int] = {}
+
+    def write(self, step: Step) -> None:
+        if step.has_scores:
+            self.sums += step.probs
+            self.frames += 1
+            if "scores" in self.files:
+                values = "\t".join(f"{p:.6g}" for p in step.probs)
+                self.files["scores"].write(f"{step.onset:.3f}\t{step.t:.3f}\t{values}\n")
+        for event in step.events:
+            self.files["events"].write(json.dumps({"source": str(self.item.path), **event.as_dict()}) + "\n")
+            if event.kind == "open":
+                self.events[event.label] = self.events.get(event.label, 0) + 1
+            elif event.offset is not None:  # Audacity: start, end, label
+                self.files["labels"].write(f"{event.onset:.3f}\t{event.offset:.3f}\t{event.label}\n")
+
+    def finish(self, frame_seconds: float) -> Outcome:
+        """Close and rename the outputs; the done marker goes last."""
+        for f in self.files.values():
+            f.close()
+        outcome = Outcome(self.item.name, str(self.item.path), self.frames * frame_seconds, dict(self.events))
+        if self.frames:
+            mean = self.sums / self.frames
+            outcome.top = [(self.labels[i], float(mean[i])) for i in np.argsort(-mean)[:TOP_LABELS]]
+        if self.source.error:
+            outcome.error = self.source.error
+            self.discard()
+            return outcome
+        for path in self.final.values():
+            os.replace(_tmp(path), path)
+        _write_atomic(self.marker, json.dumps(dataclasses.asdict(outcome)))
+        return outcome
+
+    def discard(self) -> None:
+        for key, f in self.files.items():
+            f.close()
+            _tmp(self.final[key]).unlink(missing_ok=True)
+
+
+def _with(base: Path, suffix: str) -> Path:
+    return base.with_name(base.name + suffix)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".part")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = _tmp(path)
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def done_marker(out: Path, item: Item) -> Path:
+    return _with(out / item.name, DONE)
+
+
+def tag_archive(
+    items: Iterable[Item],
+    out: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    backend: str = "onnx",
+    width: int = 64,
+    scores: bool = False,
+    detector: Callable[[], EventDetector] | None = None,
+    force: bool = False,
+    progress: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Tag every item not finished yet (all with ``force``), ``width`` files at a time; returns one outcome
+    per item, in order of completion. ``detector()`` makes each file's event detector (default thresholds
+    when ``None``); ``progress(outcome)`` is called as each file ends."""
+    out = Path(out)
+    multi = MultiStreamTagger(model, backend, capacity=width, events=detector or True)
+    feats = multi.backend.config.features
+    outcomes: list[Outcome] = []
+
+    def ended(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        if progress is not None:
+            progress(outcome)
+
+    queue = list(items)
+    queue.reverse()  # pop() takes them in the order given
+    active: dict[str, _Job] = {}
+    while queue or active:
+        while queue and len(active) < width:
+            item = queue.pop()
+            marker = done_marker(out, item)
+            if marker.is_file() and not force:
+                ended(_skipped(item, marker))
+                continue
+            try:
+                job = _Job(item, out, feats.sample_rate, feats.hop_length, scores, multi.labels)
+            except (AudioFileError, OSError) as exc:
+                ended(Outcome(item.name, str(item.path), error=_one_line(exc)))
+                continue
+            marker.unlink(missing_ok=True)
+            multi.join(item.name)
+            active[item.name] = job
+        for name, job in list(active.items()):
+            chunk = next(job.chunks, None)
+            if chunk is None:
+                for step in multi.leave(name):
+                    job.write(step)
+                ended(job.finish(feats.frame_seconds))
+                del active[name]
+            else:
+                multi.feed(name, chunk)
+        for name, step in multi.step():
+            active[name].write(step)
+    return outcomes
+
+
+def _skipped(item: Item, marker: Path) -> Outcome:
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        outcome = Outcome(**{k: data[k] for k in ("name", "path", "seconds", "events", "error")})
+        outcome.top = [tuple(x) for x in data.get("top", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        outcome = Outcome(item.name, str(item.path))
+    outcome.skipped = True
+    return outcome
+
+
+def _one_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: bool = False) -> list[Path]:
+    """``summary.csv`` (one row per file; Parquet too when asked) and ``errors.csv`` (failed files only)."""
+    out = Path(out)
+    rows = [o.row() for o in sorted(outcomes, key=lambda o: o.name)]
+    fields = list(Outcome("", "").row())
+    written = [out / "summary.csv", out / "errors.csv"]
+    _write_csv(written[0], fields, [r for r in rows if not r["error"]])
+    failed = [{k: r[k] for k in ("name", "path", "error")} for r in rows if r["error"]]
+    _write_csv(written[1], ["name", "path", "error"], failed)
+    if parquet:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist([r for r in rows if not r["error"]], schema=_parquet_schema(pa))
+        pq.write_table(table, _tmp(out / "summary.parquet"))
+        os.replace(_tmp(out / "summary.parquet"), out / "summary.parquet")
+        written.append(out / "summary.parquet")
+    return written
+
+
+def _parquet_schema(pa):
+    return pa.schema(
+        [
+            ("name", pa.string()),
+            ("path", pa.string()),
+            ("seconds", pa.float64()),
+            ("events", pa.int64()),
+            ("events_by_label", pa.string()),
+            ("top_labels", pa.string()),
+            ("error", pa.string()),
+        ]
+    )
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    tmp = _tmp(path)
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def shards(items: Sequence[Item], n: int) -> list[list[Item]]:
+    """``n`` shards of about equal bytes (largest files first, each to the lightest shard)."""
+    loads = [0] * n
+    out: list[list[Item]] = [[] for _ in range(n)]
+    sized = sorted(items, key=lambda it: -(it.path.stat().st_size if it.path.is_file() else 0))
+    for item in sized:
+        k = loads.index(min(loads))
+        out[k].append(item)
+        loads[k] += item.path.stat().st_size if item.path.is_file() else 0
+    return [s for s in out if s]
+
+
+def _shard_main(shard: list[Item], queue, kwargs: dict) -> None:
+    try:
+        tag_archive(shard, progress=queue.put, **kwargs)
+    except Exception as exc:  # a process that cannot run reports every file it held as failed
+        for item in shard:
+            queue.put(Outcome(item.name, str(item.path), error=f"worker process failed: {_one_line(exc)}"))
+    queue.put(None)
+
+
+def tag_in_processes(
+    items: Sequence[Item], jobs: int, progress: Callable[[Outcome], None] | None = None, **kwargs
+) -> list[Outcome]:
+    """:func:`tag_archive` in ``jobs`` local processes, each with its own backend and its share of the files."""
+    import multiprocessing as mp
+
+    parts = shards(items, jobs)
+    if len(parts) <= 1:
+        return tag_archive(items, progress=progress, **kwargs)
+    ctx = mp.get_context("spawn")  # a fresh interpreter per process: no forked threads or sessions
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_shard_main, args=(part, queue, kwargs), daemon=True) for part in parts]
+    for p in procs:
+        p.start()
+    outcomes, running = [], len(procs)
+    try:
+        while running:
+            got = queue.get()
+            if got is None:
+                running -= 1
+                continue
+            outcomes.append(got)
+            if progress is not None:
+                progress(got)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+    return outcomes

@@ -1,0 +1,137 @@
+"""``streamtag tag``: every file of an archive tagged, resumably, many files per model call."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tag",
+        help="tag whole archives: files, folders or manifests, resumably",
+        description="Tag every audio file given (folders are searched recursively; a .csv manifest with a 'path' "
+        "column or a .txt with one path a line lists files). Files are decoded a second at a time and stepped "
+        "as streams of one batched pool, so results equal 'streamtag replay' of each file. Per file, under "
+        "--out: NAME.events.jsonl, NAME.labels.txt (Audacity labels), NAME.scores.tsv with --scores, and "
+        "NAME.done.json; for the run: summary.csv (and summary.parquet with --parquet) and errors.csv. A rerun "
+        "skips finished files. Exit 1 when any file failed (see errors.csv).",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files, folders, or manifests (.csv/.txt)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
+    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
+    p.add_argument("--scores", action="store_true", help="also write every frame's scores (sed_scores_eval TSV)")
+    p.add_argument("--parquet", action="store_true", help="also write summary.parquet (needs pyarrow)")
+    p.add_argument("--force", action="store_true", help="tag files again even when a finished output exists")
+    p.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="local processes (default: all cores, %(default)s here)"
+    )
+    p.add_argument("--width", type=int, default=64, help="files stepped together per model call (default 64)")
+    p.add_argument("--event-config", metavar="FILE", help="event thresholds per class (TOML or JSON), as replay's")
+    p.add_argument("--on-threshold", type=float, help="score that starts an event, for every class")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+class _Detectors:
+    """A picklable factory of one event detector per file (worker processes build their own)."""
+
+    def __init__(self, labels, frame_seconds, default, per_class) -> None:
+        self.args = (labels, frame_seconds, default, per_class)
+
+    def __call__(self):
+        from ..events import EventDetector
+
+        return EventDetector(*self.args)
+
+
+def run(args) -> int:
+    import dataclasses
+
+    from ..archive import find_inputs, tag_in_processes, write_tables
+    from ..events import EventDetector, EventParams, load_event_settings
+    from ..modelfile import load_config, resolve_model_dir
+
+    if args.jobs < 1 or args.width < 1:
+        raise ConfigError(f"--jobs and --width must be >= 1 ({args.jobs}, {args.width} given)")
+    if args.parquet:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError("--parquet needs pyarrow: pip install 'streamtag[archive]' (or pyarrow)") from None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    items = find_inputs(args.inputs)
+    cfg = load_config(resolve_model_dir(args.model))
+    default, per_class = load_event_settings(args.event_config) if args.event_config else (None, {})
+    if args.on_threshold is not None:
+        default = dataclasses.replace(default or EventParams(), on_threshold=args.on_threshold)
+    detectors = _Detectors(cfg.labels, cfg.features.frame_seconds, default, per_class)
+    try:
+        EventDetector(*detectors.args)  # unknown class names and bad thresholds fail here, before any work
+    except ConfigError as exc:
+        raise ConfigError(f"--event-config: {exc}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _Progress(len(items), enabled=not args.quiet and sys.stderr.isatty())
+    kwargs = dict(out=out, model=args.model, backend=args.backend, width=args.width, scores=args.scores)
+    kwargs.update(detector=detectors, force=args.force)
+    started = time.perf_counter()
+    try:
+        outcomes = tag_in_processes(items, min(args.jobs, len(items)), progress=bar.update, **kwargs)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - started
+    tables = write_tables(outcomes, out, parquet=args.parquet)
+    failed = [o for o in outcomes if o.error]
+    skipped = sum(o.skipped for o in outcomes)
+    tagged_s = sum(o.seconds for o in outcomes if not o.skipped and not o.error)
+    print(
+        f"tagged {len(outcomes) - len(failed) - skipped} files ({tagged_s / 3600:.2f} h of audio in {wall:.1f} s, "
+        f"{tagged_s / max(wall, 1e-9):.0f}x real time), {skipped} already done, {len(failed)} failed; "
+        f"summary in {tables[0]}",
+        file=sys.stderr,
+    )
+    for o in failed[:5]:
+        print(f"streamtag: error: {o.error if o.path in o.error else f'{o.path}: {o.error}'}", file=sys.stderr)
+    if len(failed) > 5:
+        print(f"streamtag: ... and {len(failed) - 5} more in {tables[1]}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+class _Progress:
+    """Files done, audio hours, and audio hours per second of wall time."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        self.hours = 0.0
+        self.started = time.perf_counter()
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("tagging"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[audio]}"),
+                TimeElapsedColumn(),
+                transient=True,
+            )
+            self.task = self.bar.add_task("tag", total=total, audio="")
+            self.bar.start()
+
+    def update(self, outcome) -> None:
+        if self.bar is None:
+            return
+        self.hours += outcome.seconds / 3600
+        rate = self.hours / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.update(self.task, advance=1, audio=f"{self.hours:.2f} h audio, {rate * 3600:.0f}x real time")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
