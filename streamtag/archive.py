@@ -39,10 +39,13 @@ TOP_LABELS = 3
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-    """One file to tag and the name its outputs take under ``out`` (its path below the folder given)."""
+    """One file to tag and the name its outputs take under ``out`` (its path below the folder given).
+
+    ``opener(rate)``, when set, makes the source instead of decoding ``path`` (``tag -`` reads stdin)."""
 
     path: Path
     name: str
+    opener: Callable[[int], object] | None = dataclasses.field(default=None, compare=False)
 
 
 def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Item]:
@@ -126,7 +129,10 @@ class _Job:
 
     def __init__(self, item: Item, out: Path, rate: int, hop: int, scores: bool, labels: Sequence[str]) -> None:
         self.item, self.marker = item, done_marker(out, item)
-        self.source = WavReplaySource(item.path, rate, speed=0, min_samples=hop)  # AudioFileError for a bad file
+        if item.opener is not None:
+            self.source = item.opener(rate)
+        else:
+            self.source = WavReplaySource(item.path, rate, speed=0, min_samples=hop)  # AudioFileError: a bad file
         self.chunks: Iterator[np.ndarray] = iter(self.source.chunks())
         base = out / item.name
         base.parent.mkdir(parents=True, exist_ok=True)
@@ -163,8 +169,8 @@ class _Job:
         if self.frames:
             mean = self.sums / self.frames
             outcome.top = [(self.labels[i], float(mean[i])) for i in np.argsort(-mean)[:TOP_LABELS]]
-        if self.source.error:
-            outcome.error = self.source.error
+        if self.source.error or not self.frames:
+            outcome.error = self.source.error or "no audio (less than one hop)"
             self.discard()
             return outcome
         for path in self.final.values():
@@ -227,7 +233,7 @@ def tag_archive(
         while queue and len(active) < width:
             item = queue.pop()
             marker = done_marker(out, item)
-            if marker.is_file() and not force:
+            if marker.is_file() and not force and item.opener is None:  # stdin is new audio every time
                 ended(_skipped(item, marker))
                 continue
             try:

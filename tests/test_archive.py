@@ -139,3 +139,25 @@ def test_bad_invocations_say_what_to_fix(tmp_path, cnn_dir):
         "tag", tmp_path / "a", "--out", tmp_path / "o", "--model", cnn_dir, "--event-config", tmp_path / "x.toml"
     )
     assert r.returncode == 2 and "x.toml" in r.stderr
+
+
+def test_stdin_is_tagged_as_one_named_file(tmp_path, cnn_dir):
+    import subprocess
+    import sys
+
+    from .conftest import read_clip
+
+    pcm = (read_clip(EXAMPLES / "rain.flac") * 32767).astype("<i2").tobytes()
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "streamtag", "tag", "-", "--out", str(out), "--model", str(cnn_dir), "--scores"]
+    raw = ["--raw-rate", "16000", "--raw-format", "s16le", "--name", "porch"]
+    r = subprocess.run(cmd + raw, input=pcm, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    scores = np.loadtxt(out / "porch.scores.tsv", skiprows=1)
+    files = tmp_path / "files"
+    assert run_cli("tag", EXAMPLES / "rain.flac", "--out", files, "--model", cnn_dir, "--scores").returncode == 0
+    np.testing.assert_allclose(scores, np.loadtxt(files / "rain.flac.scores.tsv", skiprows=1), atol=1e-3)  # 16-bit
+    r = subprocess.run(cmd + raw, input=b"", capture_output=True, timeout=120)
+    assert r.returncode == 1 and b"no audio" in r.stderr
+    r = subprocess.run(cmd, input=b"not a wav header at all", capture_output=True, timeout=120)
+    assert r.returncode == 2 and b"not a WAV stream" in r.stderr

@@ -57,6 +57,13 @@ def test_replay_runs_without_torch(lite, tmp_path):
     assert ("open", "rain") in [(row["type"], row["label"]) for row in rows]
 
 
+def test_tag_runs_without_torch(lite, tmp_path):
+    r = _run(lite, "tag", EXAMPLES, "--out", tmp_path / "out", "--jobs", "1")
+    assert r.returncode == 0, r.stderr
+    labels = (tmp_path / "out" / "examples" / "rain.flac.labels.txt").read_text()
+    assert "\train" in labels
+
+
 def test_live_runs_without_torch(lite, tmp_path):
     env = alsa_file_mic(tmp_path, read_clip(EXAMPLES / "dog.flac"))
     out = tmp_path / "live.jsonl"

@@ -21,7 +21,9 @@ def add_parser(subparsers) -> None:
         "NAME.done.json; for the run: summary.csv (and summary.parquet with --parquet) and errors.csv. A rerun "
         "skips finished files. Exit 1 when any file failed (see errors.csv).",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files, folders, or manifests (.csv/.txt)")
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="audio files, folders, or manifests (.csv/.txt); - reads stdin"
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
     p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
@@ -34,6 +36,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--width", type=int, default=64, help="files stepped together per model call (default 64)")
     p.add_argument("--event-config", metavar="FILE", help="event thresholds per class (TOML or JSON), as replay's")
     p.add_argument("--on-threshold", type=float, help="score that starts an event, for every class")
+    p.add_argument("--name", default="stdin", help="with -: the name stdin's outputs take (default stdin)")
+    p.add_argument("--raw-rate", type=int, metavar="HZ", help="with -: raw PCM at this rate (default: a WAV stream)")
+    p.add_argument("--raw-format", choices=["s16le", "s32le", "f32le"], help="with -: raw PCM sample format")
+    p.add_argument("--raw-channels", type=int, default=1, metavar="N", help="with -: raw PCM channels (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
@@ -67,7 +73,11 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
-    items = find_inputs(args.inputs)
+    if "-" in args.inputs:
+        items = [_stdin_item(args)]
+        args.jobs = 1  # worker processes cannot share this process's stdin
+    else:
+        items = find_inputs(args.inputs)
     cfg = load_config(resolve_model_dir(args.model))
     default, per_class = load_event_settings(args.event_config) if args.event_config else (None, {})
     if args.on_threshold is not None:
@@ -102,6 +112,33 @@ def run(args) -> int:
     if len(failed) > 5:
         print(f"streamtag: ... and {len(failed) - 5} more in {tables[1]}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _stdin_item(args):
+    """``tag -``: stdin as one file named ``--name``, a WAV stream or raw PCM as ``replay -`` reads it."""
+    from ..archive import Item
+    from ..sources.pipe import PcmFormat, PipeSource
+
+    if args.inputs != ["-"]:
+        raise ConfigError("- (stdin) is tagged alone: give it as the only INPUT")
+    if (args.raw_rate is None) != (args.raw_format is None):
+        raise ConfigError("raw PCM needs both --raw-rate and --raw-format (e.g. --raw-rate 16000 --raw-format s16le)")
+    if not args.name or "/" in args.name or args.name.startswith("."):
+        raise ConfigError(f"--name {args.name!r}: give a plain file name for stdin's outputs")
+    fmt = PcmFormat.raw(args.raw_rate, args.raw_format, args.raw_channels) if args.raw_format else None
+    stream = sys.stdin.buffer
+    pipe = {}
+
+    def opener(rate):
+        if "source" not in pipe:
+            pipe["source"] = PipeSource(stream, rate, fmt, speed=0)
+        return pipe["source"]
+
+    if fmt is None:  # a bad WAV header fails here, one line, before any output is opened
+        from ..modelfile import load_config, resolve_model_dir
+
+        opener(load_config(resolve_model_dir(args.model)).features.sample_rate)
+    return Item(Path("-"), args.name, opener)
 
 
 class _Progress:

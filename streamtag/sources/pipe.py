@@ -143,9 +143,12 @@ class PipeSource(ProducerSource):
             return wide.view("<i4").reshape(-1).astype(np.float32) / fmt.scale
         return np.frombuffer(data, fmt.dtype).astype(np.float32) / fmt.scale
 
-    def _push(self, ring: SpscRing) -> None:
-        chunks = resample_chunks(self._samples(), self.fmt.rate, self.sample_rate)
+    def chunks(self):
+        """Mono float32 at the model rate as the pipe delivers it; a read error ends it and sets ``error``."""
         try:
-            push_paced(ring, chunks, self.block_size, self.sample_rate, self.speed, self._stop)
+            yield from resample_chunks(self._samples(), self.fmt.rate, self.sample_rate)
         except OSError as exc:
             self.error = f"reading stdin failed ({exc.strerror or exc})"
+
+    def _push(self, ring: SpscRing) -> None:
+        push_paced(ring, self.chunks(), self.block_size, self.sample_rate, self.speed, self._stop)
