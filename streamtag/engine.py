@@ -28,7 +28,7 @@ import numpy as np
 
 from .backends import Backend, make_backend
 from .errors import ConfigError, InputError
-from .events import EventDetector, EventParams
+from .events import EventDetector, EventParams, build_event_settings, model_event_table
 from .resample import StreamResampler
 from .steps import Step
 
@@ -142,7 +142,8 @@ class StreamTagger:
         model: a model folder (the bundled one when ``None``) or an open backend of batch size 1.
         backend (str): ``onnx`` or ``torch``, when ``model`` is a folder. (Default: ``onnx``)
         sample_rate (int): rate of the samples fed; resampled to the model's. (Default: the model's rate)
-        events: ``True`` for events at the default thresholds, an :class:`EventParams`, an
+        events: ``True`` for events at the model's settings (its folder's ``events.toml``, else the
+            defaults), an :class:`EventParams` for every class, an
             :class:`EventDetector` (or a function making one), or ``None`` for probabilities only.
             (Default: ``True``)
         reset_every_s (float): forget the past every this many seconds of stream. (Default: never)
@@ -178,7 +179,7 @@ class StreamTagger:
         if self.sample_rate <= 0:
             raise ConfigError(f"sample_rate must be > 0 ({sample_rate} given)")
         self.hop_model = hop_model if hop_model is not None else SingleStream(model)
-        self.detector = _detector(events, self.labels, self.frame_seconds)
+        self.detector = _detector(events, self.labels, self.frame_seconds, getattr(model, "folder", None))
         if not -120.0 <= gain_db <= 120.0:  # NaN fails too
             raise ConfigError(f"gain_db must be in -120..120 ({gain_db} given)")
         self.gain_db = float(gain_db)
@@ -356,18 +357,18 @@ class StreamTagger:
         return [Step(self.frames - 1, self.frames * self.frame_seconds, empty, events, self.labels, self.frame_seconds)]
 
 
-def _detector(events, labels, frame_seconds: float) -> EventDetector | None:
+def _detector(events, labels, frame_seconds: float, folder=None) -> EventDetector | None:
     if events is None or events is False:
         return None
     if isinstance(events, EventDetector):
         events.reset_states()
         return events
-    if events is True:
-        return EventDetector(labels, frame_seconds)
+    if events is True:  # the model folder's own settings (events.toml), else the defaults
+        return EventDetector(labels, frame_seconds, *build_event_settings(model_event_table(folder)))
     if isinstance(events, EventParams):
         return EventDetector(labels, frame_seconds, events)
     if callable(events):  # a factory: one detector per stream (MultiStreamTagger, tag)
-        return _detector(events(), labels, frame_seconds)
+        return _detector(events(), labels, frame_seconds, folder)
     raise ConfigError(
         f"events must be True, None, EventParams, an EventDetector or a function making one "
         f"({type(events).__name__} given)"

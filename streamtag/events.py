@@ -273,8 +273,11 @@ class EventDetector:
         return events
 
 
-def load_event_settings(path: str | os.PathLike) -> tuple[EventParams | None, dict[str, EventParams]]:
-    """Read ``{"default": {...}, "<label>": {...}}`` from a ``.json`` or ``.toml`` file."""
+MODEL_EVENTS_NAME = "events.toml"  # a model folder's own event settings, applied unless overridden
+
+
+def read_event_table(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{"default": {...}, "<label>": {...}}`` from a ``.json`` or ``.toml`` file, keys checked."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".json", ".toml"):
@@ -290,6 +293,29 @@ def load_event_settings(path: str | os.PathLike) -> tuple[EventParams | None, di
     for key, value in data.items():
         if not isinstance(value, dict) or set(value) - fields:
             raise ConfigError(f"event settings {path}: '{key}' must be a table with keys among {sorted(fields)}")
-    base = data.get("default", {})
-    per_class = {key: EventParams(**{**base, **value}) for key, value in data.items() if key != "default"}
+    return data
+
+
+def model_event_table(folder: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
+    """The event settings a model folder ships (``events.toml``), or none."""
+    if folder is None:
+        return {}
+    path = Path(folder) / MODEL_EVENTS_NAME
+    return read_event_table(path) if path.is_file() else {}
+
+
+def build_event_settings(*tables: dict[str, dict[str, Any]]) -> tuple[EventParams | None, dict[str, EventParams]]:
+    """Later tables override earlier ones key by key (a model's settings, then the user's file, then flags);
+    every class entry is completed from the merged default."""
+    merged: dict[str, dict[str, Any]] = {}
+    for table in tables:
+        for key, value in table.items():
+            merged[key] = {**merged.get(key, {}), **value}
+    base = merged.get("default", {})
+    per_class = {key: EventParams(**{**base, **value}) for key, value in merged.items() if key != "default"}
     return (EventParams(**base) if base else None), per_class
+
+
+def load_event_settings(path: str | os.PathLike) -> tuple[EventParams | None, dict[str, EventParams]]:
+    """Read ``{"default": {...}, "<label>": {...}}`` from a ``.json`` or ``.toml`` file."""
+    return build_event_settings(read_event_table(path))

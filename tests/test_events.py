@@ -180,3 +180,37 @@ def test_close_says_why():
         det.flush(0, "because")
     with pytest.raises(ConfigError, match="max_duration_s must be longer"):
         EventParams(max_duration_s=0.05)
+
+
+def test_an_alarm_s_beeps_stay_one_event_with_the_bundled_settings():
+    """A smoke alarm (T3: three 0.5 s beeps 0.5 s apart, then 1.5 s quiet) is one event, not one per beep."""
+    from streamtag.events import build_event_settings, model_event_table
+    from streamtag.modelfile import DEFAULT_MODEL_DIR, load_config
+
+    labels = load_config(DEFAULT_MODEL_DIR).labels
+    alarm = labels.index("clock_alarm")
+    cycle = ([0.9] * 50 + [0.05] * 50) * 2 + [0.9] * 50 + [0.05] * 150  # 4 s
+    probs = np.zeros((len(cycle) * 3, len(labels)), np.float32)
+    probs[:, alarm] = cycle * 3
+
+    def opened(detector):
+        events = [e for f, row in enumerate(probs) for e in detector.update(f, row)]
+        return [e for e in events + detector.flush(len(probs)) if e.kind == "open"]
+
+    assert len(opened(EventDetector(labels, 0.01))) == 9  # the plain defaults: one event per beep
+    shipped = EventDetector(labels, 0.01, *build_event_settings(model_event_table(DEFAULT_MODEL_DIR)))
+    assert len(opened(shipped)) == 1
+
+
+def test_the_model_settings_apply_by_default_and_flags_override_them(tmp_path):
+    from streamtag.cli.run import event_settings
+    from streamtag.engine import StreamTagger
+
+    tagger = StreamTagger()  # events=True: the bundled folder's events.toml
+    alarm = tagger.labels.index("clock_alarm")
+    assert tagger.detector._gap_frames[alarm] == 200 and tagger.detector._gap_frames[tagger.labels.index("rain")] == 30
+    mine = tmp_path / "mine.toml"
+    mine.write_text("[default]\non_threshold = 0.7\n\n[clock_alarm]\nmin_gap_s = 0.5\n")
+    default, per_class = event_settings(None, mine, on_threshold=0.3)
+    assert default.on_threshold == 0.3 and per_class["clock_alarm"].on_threshold == 0.3  # the flag moves every class
+    assert per_class["clock_alarm"].min_gap_s == 0.5 and per_class["siren"].min_gap_s == 2.0  # the file wins per key

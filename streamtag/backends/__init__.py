@@ -22,6 +22,7 @@ class Backend(Protocol):
 
     config: ModelConfig
     labels: Sequence[str]
+    folder: os.PathLike  # the model folder (its events.toml gives default event settings)
     batch_size: int
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:

@@ -138,7 +138,7 @@ class OnnxPool:
 
 class OnnxBackend:
     def __init__(self, model: str | os.PathLike | None = None, batch_size: int = 1, threads: int = 1) -> None:
-        folder = resolve_model_dir(model)
+        self.folder = folder = resolve_model_dir(model)
         self.config = load_config(folder)
         self.labels = self.config.labels
         self.batch_size = batch_size

@@ -14,6 +14,7 @@ try:
 except ImportError:  # pragma: no cover - torch is a dependency
     raise BackendUnavailable("the torch backend needs PyTorch: pip install 'streamtag[train]'") from None
 
+from ..modelfile import resolve_model_dir
 from ..models.io import load_model
 from ..models.step import HopStep
 
@@ -46,7 +47,8 @@ class TorchBackend:
         self.device = _check_device(device)
         if threads:  # process-wide in torch: only when the caller asks
             torch.set_num_threads(threads)
-        self.config, net = load_model(model)
+        self.folder = resolve_model_dir(model)
+        self.config, net = load_model(self.folder)
         self.labels = self.config.labels
         self.batch_size = batch_size
         self.step = HopStep(self.config, net).to(self.device).eval()

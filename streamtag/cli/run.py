@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import re
@@ -13,7 +12,8 @@ from collections.abc import Callable, Sequence
 
 from ..backends import BACKENDS, make_backend
 from ..errors import ConfigError
-from ..events import EventDetector, EventParams, load_event_settings
+from ..events import EventDetector, EventParams, build_event_settings, model_event_table, read_event_table
+from ..modelfile import resolve_model_dir
 from ..outputs import ClassSelection, EventsJsonl, LiveView, PlainLines, ScoresTsv, UpdatesJsonl
 from ..outputs.files import check_output_path
 from ..outputs.plots import check_plot_path
@@ -206,21 +206,30 @@ def check_args(args) -> tuple[EventParams | None, dict[str, EventParams]]:
     if args.torch_device is not None and args.backend != "torch":
         raise ConfigError(f"--torch-device {args.torch_device} needs --backend torch ({args.backend} runs on the CPU)")
     _check_output_paths(args)
-    settings = (None, {})
-    if args.event_config:
+    return event_settings(args.model, args.event_config, args.on_threshold, args.max_event_seconds)
+
+
+def event_settings(
+    model, event_config=None, on_threshold: float | None = None, max_event_seconds: float | None = None
+) -> tuple[EventParams | None, dict[str, EventParams]]:
+    """The model folder's own ``events.toml``, then ``--event-config``, then the flags, each overriding the
+    one before key by key (``--on-threshold`` moves every class; off follows unless a file set it)."""
+    tables = [model_event_table(resolve_model_dir(model))]
+    if event_config:
         try:
-            settings = load_event_settings(args.event_config)
+            tables.append(read_event_table(event_config))
         except ConfigError as exc:
             raise ConfigError(f"--event-config: {exc}") from None
-    default, per_class = settings
-    if args.on_threshold is not None:  # adjusts the config's default; off follows unless the config set it
-        default = dataclasses.replace(default or EventParams(), on_threshold=args.on_threshold)
-    if args.max_event_seconds is not None:
-        try:
-            default = dataclasses.replace(default or EventParams(), max_duration_s=args.max_event_seconds)
-        except ConfigError as exc:
-            raise ConfigError(f"--max-event-seconds {args.max_event_seconds:g}: {exc}") from None
-    return default, per_class
+    flags: dict = {}
+    if on_threshold is not None:
+        flags["on_threshold"] = on_threshold
+    if max_event_seconds is not None:
+        flags["max_duration_s"] = max_event_seconds
+    try:
+        return build_event_settings(*tables, {"default": flags})
+    except ConfigError as exc:
+        which = f"--max-event-seconds {max_event_seconds:g}" if max_event_seconds is not None else "--event-config"
+        raise ConfigError(f"{which}: {exc}") from None
 
 
 def class_names(flag: str, values: list[str] | None, labels: Sequence[str]) -> list[str] | None:

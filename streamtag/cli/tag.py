@@ -57,11 +57,10 @@ class _Detectors:
 
 
 def run(args) -> int:
-    import dataclasses
-
     from ..archive import find_inputs, tag_in_processes, write_tables
-    from ..events import EventDetector, EventParams, load_event_settings
+    from ..events import EventDetector
     from ..modelfile import load_config, resolve_model_dir
+    from .run import event_settings
 
     if args.jobs < 1 or args.width < 1:
         raise ConfigError(f"--jobs and --width must be >= 1 ({args.jobs}, {args.width} given)")
@@ -79,9 +78,7 @@ def run(args) -> int:
     else:
         items = find_inputs(args.inputs)
     cfg = load_config(resolve_model_dir(args.model))
-    default, per_class = load_event_settings(args.event_config) if args.event_config else (None, {})
-    if args.on_threshold is not None:
-        default = dataclasses.replace(default or EventParams(), on_threshold=args.on_threshold)
+    default, per_class = event_settings(args.model, args.event_config, args.on_threshold)
     detectors = _Detectors(cfg.labels, cfg.features.frame_seconds, default, per_class)
     try:
         EventDetector(*detectors.args)  # unknown class names and bad thresholds fail here, before any work
