@@ -231,10 +231,10 @@ class StreamTagger:
         self._silent_run = 0
         return out
 
-    def reset(self) -> list[Step]:
-        """Forget the past (model state, audio context); open events close with reason ``reset``. Stream time
+    def reset(self, reason: str = "reset") -> list[Step]:
+        """Forget the past (model state, audio context); open events close with ``reason``. Stream time
         goes on; samples not yet a whole hop are kept, and so is the resampler's few ms of filter delay."""
-        out = self._close_events("reset")
+        out = self._close_events(reason)
         self._clear_model()
         return out
 

@@ -86,7 +86,7 @@ class EventParams:
         return max(0.0, self.on_threshold - OFF_MARGIN) if self.off_threshold is None else self.off_threshold
 
 
-CLOSE_REASONS = ("ended", "stream_end", "interrupted", "reset", "max_duration")
+CLOSE_REASONS = ("ended", "stream_end", "interrupted", "reset", "max_duration", "gap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,8 @@ class Event:
 
     A close says why (``reason``): ``ended`` (the score fell and stayed down), ``stream_end`` (the
     file or stream ended while it was on), ``interrupted`` (Ctrl-C, SIGTERM or an error), ``reset``
-    (a scheduled state reset) or ``max_duration`` (``max_duration_s`` reached).
+    (a scheduled state reset), ``max_duration`` (``max_duration_s`` reached) or ``gap`` (the live
+    device was lost; ``live --reconnect`` reopens it).
     """
 
     kind: str

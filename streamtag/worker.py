@@ -18,13 +18,14 @@ import numpy as np
 
 from .backends import Backend
 from .engine import StreamTagger
-from .errors import ConfigError
+from .errors import ConfigError, StreamtagError
 from .events import EventDetector
 from .ring import SpscRing
 from .sources.base import Source
 from .steps import Output, Step
 
 STALL_TIMEOUT_S = 2.0  # a live source silent this long is treated as lost
+RECONNECT_MAX_DELAY_S = 5.0  # --reconnect retries at 0.25 s, doubling up to this
 RING_SECONDS = 2.0  # the ring holds this much audio at the source rate
 MAX_BUFFER_SECONDS = 60.0  # the most ``buffer_seconds`` may ask for (two buffers of it are allocated)
 
@@ -78,6 +79,8 @@ class Summary:
     deadline_misses: int
     model_mean_ms: float = float("nan")  # the model's step alone, per hop
     input_problems: str | None = None  # samples the engine replaced (NaN, beyond full scale)
+    reconnects: int = 0  # times a lost live source was reopened (--reconnect)
+    gap_seconds: float = 0.0  # audio missed while it was gone
     e2e_p50_ms: float = float("nan")
     e2e_p99_ms: float = float("nan")
     error: str | None = None
@@ -105,6 +108,8 @@ class Summary:
             out.append("source status: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in problems.items()))
         if self.input_problems:
             out.append(f"input: {self.input_problems}")
+        if self.reconnects:
+            out.append(f"device lost and reopened {self.reconnects} time(s); {self.gap_seconds:.1f} s of audio missed")
         return out
 
 
@@ -119,6 +124,9 @@ class Worker(threading.Thread):
         reset_every_s, reset_on_silence_s, gain_db: the engine's (see :class:`~streamtag.engine.StreamTagger`).
         buffer_seconds (float): audio the ring holds before a live source starts dropping, at most
             ``MAX_BUFFER_SECONDS``. (Default: ``2``)
+        reconnect (bool): a live source that is lost (unplugged, sound server restarted) is reopened with
+            backoff instead of ending the run; open events close (reason ``gap``), the model state is
+            cleared, and the gap is counted. (Default: ``False``)
     """
 
     def __init__(
@@ -131,8 +139,12 @@ class Worker(threading.Thread):
         reset_on_silence_s: float | None = None,
         buffer_seconds: float = RING_SECONDS,
         gain_db: float = 0.0,
+        reconnect: bool = False,
     ) -> None:
         super().__init__(name="streamtag-worker", daemon=True)
+        self.reconnect = reconnect and source.is_live and hasattr(source, "restart")
+        self.reconnects = 0
+        self.gap_seconds = 0.0
         self.tagger = StreamTagger(
             backend,
             sample_rate=source.sample_rate,
@@ -196,6 +208,9 @@ class Worker(threading.Thread):
                 if source_stopped:
                     break
                 if self.source.finished:
+                    if self.source.error and self.reconnect and not self._stop_requested.is_set():
+                        last_data = self._reopen(last_data)
+                        continue
                     if self.source.error:
                         self.error = self.source.error
                     if self.ring.read_available == 0:
@@ -203,6 +218,9 @@ class Worker(threading.Thread):
                     continue
                 self.ring.doorbell.wait(0.05)
                 if self.source.is_live and time.monotonic() - last_data > STALL_TIMEOUT_S:
+                    if self.reconnect and not self._stop_requested.is_set():
+                        last_data = self._reopen(last_data)
+                        continue
                     self.error = f"no audio from {self.source.description} for {STALL_TIMEOUT_S:.0f} s: device lost?"
                     break
         except OSError as exc:  # an output could not be written (disk full, pipe closed)
@@ -213,6 +231,23 @@ class Worker(threading.Thread):
         finally:
             self.source.stop()
             self._finish()
+
+    def _reopen(self, last_data: float) -> float:
+        """The live source is gone: close events (reason ``gap``), clear the state, reopen with backoff until
+        it is back or a stop is asked for. Returns the time audio may be expected from again."""
+        self._write(self.tagger.reset("gap"))
+        delay = 0.25
+        while not self._stop_requested.is_set():
+            try:
+                self.source.restart()
+                break
+            except StreamtagError:
+                self._stop_requested.wait(delay)
+                delay = min(2 * delay, RECONNECT_MAX_DELAY_S)
+        now = time.monotonic()
+        self.reconnects += 1
+        self.gap_seconds += now - last_data
+        return now
 
     def _consume(self, samples: np.ndarray, written_ns: int) -> None:
         t0 = time.perf_counter_ns()
@@ -267,6 +302,8 @@ class Worker(threading.Thread):
             deadline_misses=self.timer.over(budget_ns),
             model_mean_ms=stats.model_ns / stats.frames / 1e6 if stats.frames else float("nan"),
             input_problems=stats.problems(),
+            reconnects=self.reconnects,
+            gap_seconds=self.gap_seconds,
             e2e_p50_ms=self.latency.percentile_ms(50),
             e2e_p99_ms=self.latency.percentile_ms(99),
             error=self.error,

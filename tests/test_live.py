@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_every_sample_accounted_for_with_a_slow_worker(cnn_dir, tmp_path):
 
 def test_live_on_clocked_pulseaudio_mic_and_sigterm(cnn_dir, tmp_path):
     """Recipe B: real-time callbacks; SIGTERM drains, flushes whole lines, prints the summary, exits 0."""
-    with pulse_null_sink() as (env, play, _):
+    with pulse_null_sink() as (env, play, _, _):
         play(np.tile(read_clip(EXAMPLES / "chainsaw.flac"), 2))
         out = tmp_path / "live.jsonl"
         proc = _live(cnn_dir, out, env, "--device", "pulse")
@@ -98,8 +99,29 @@ def test_live_on_clocked_pulseaudio_mic_and_sigterm(cnn_dir, tmp_path):
     assert "dropped 0" in err and "hop compute" in err
 
 
+def test_reconnect_survives_a_sound_server_restart(cnn_dir, tmp_path):
+    """--reconnect: the PulseAudio daemon is killed and started again mid-run; tagging goes on after the gap,
+    and the summary counts it."""
+    with pulse_null_sink() as (env, play, stop_daemon, start_daemon):
+        play(np.tile(read_clip(EXAMPLES / "rain.flac"), 4))
+        out = tmp_path / "live.jsonl"
+        proc = _live(cnn_dir, out, env, "--device", "pulse", "--reconnect")
+        assert wait_for_lines(out, 5, proc) >= 5
+        stop_daemon()
+        time.sleep(3.0)  # longer than the stall timeout: the worker is waiting for the device now
+        assert proc.poll() is None  # still running, not ended with exit 1
+        before = out.read_text().count("\n")
+        start_daemon()
+        play(np.tile(read_clip(EXAMPLES / "rain.flac"), 4))
+        assert wait_for_lines(out, before + 10, proc, timeout_s=60) >= before + 10  # rows again after the gap
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "device lost and reopened" in err and "Traceback" not in err
+
+
 def test_device_lost_mid_stream_ends_cleanly(cnn_dir, tmp_path):
-    with pulse_null_sink() as (env, play, stop_daemon):
+    with pulse_null_sink() as (env, play, stop_daemon, _):
         play(read_clip(EXAMPLES / "rain.flac"))
         out = tmp_path / "live.jsonl"
         proc = _live(cnn_dir, out, env, "--device", "pulse")
@@ -152,7 +174,7 @@ def test_stream_resampler_keeps_pitch(rate):
 
 
 def test_bench_measures_live_end_to_end_latency(cnn_dir, tmp_path):
-    with pulse_null_sink() as (env, play, _):
+    with pulse_null_sink() as (env, play, _, _):
         play(np.tile(read_clip(EXAMPLES / "rain.flac"), 3))
         out = tmp_path / "bench.json"
         r = run_cli(

@@ -45,29 +45,34 @@ def alsa_file_mic(folder: Path, samples: np.ndarray) -> dict[str, str]:
 
 @contextlib.contextmanager
 def pulse_null_sink(rate: int = 16000):
-    """Recipe B: a PulseAudio daemon with a null sink; yields (env, play) where play(samples) feeds the mic."""
+    """Recipe B: a PulseAudio daemon with a null sink; yields ``(env, play, stop_daemon, start_daemon)``:
+    ``play(samples)`` feeds the mic, the other two kill and restart the daemon (a lost device)."""
     require_portaudio()
     if not shutil.which("pulseaudio") or not shutil.which("paplay"):
         pytest.skip("pulseaudio/paplay missing (apt-get install pulseaudio pulseaudio-utils libasound2-plugins)")
     runtime = tempfile.mkdtemp(prefix="pulse-")
     env = {**os.environ, "XDG_RUNTIME_DIR": runtime}
     sink = f"--load=module-null-sink sink_name=vsink rate={rate} channels=1"
-    subprocess.run(
-        [
-            "pulseaudio",
-            "--daemonize=yes",
-            "--exit-idle-time=-1",
-            "--disallow-exit",
-            "-n",
-            "--load=module-native-protocol-unix",
-            sink,
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    subprocess.run(["pactl", "set-default-source", "vsink.monitor"], env=env, check=True, timeout=30)
+
+    def start_daemon() -> None:
+        subprocess.run(
+            [
+                "pulseaudio",
+                "--daemonize=yes",
+                "--exit-idle-time=-1",
+                "--disallow-exit",
+                "-n",
+                "--load=module-native-protocol-unix",
+                sink,
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        subprocess.run(["pactl", "set-default-source", "vsink.monitor"], env=env, check=True, timeout=30)
+
+    start_daemon()
     players = []
 
     def play(samples: np.ndarray) -> None:
@@ -88,7 +93,7 @@ def pulse_null_sink(rate: int = 16000):
                 os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
 
     try:
-        yield env, play, stop_daemon
+        yield env, play, stop_daemon, start_daemon
     finally:
         for p in players:
             p.kill()

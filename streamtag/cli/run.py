@@ -137,6 +137,12 @@ def add_parser(subparsers) -> None:
         description="Tag a sound input device in real time. Ctrl-C stops, drains and prints a summary.",
     )
     live.add_argument("--device", metavar="NAME|INDEX", help="input device (see 'streamtag devices'); default: system")
+    live.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="when the device is lost (unplugged, sound server restarted), wait for it and go on "
+        "(open events close with reason gap; the gap is counted); default: end with exit 1",
+    )
     _add_common(live)
     live.set_defaults(handler=run_live)
 
@@ -297,7 +303,15 @@ def run_stream(args, source, backend, event_settings, extra_outputs=()) -> int:
     name = getattr(source, "path", None) or getattr(source, "device_name", None) or source.description
     outputs = _outputs(args, backend, status, extra_outputs, source=str(name))
     worker = holder["worker"] = Worker(
-        source, backend, outputs, detector, args.reset_every, args.reset_on_silence, args.buffer_seconds, args.gain
+        source,
+        backend,
+        outputs,
+        detector,
+        args.reset_every,
+        args.reset_on_silence,
+        args.buffer_seconds,
+        args.gain,
+        reconnect=getattr(args, "reconnect", False),
     )
     got = {"signal": None}
 

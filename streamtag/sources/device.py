@@ -131,6 +131,23 @@ class MicrophoneSource:
             if self._ring is not None:
                 self._ring.doorbell.ring()
 
+    def restart(self) -> None:
+        """Open the device again after it was lost (``live --reconnect``): PortAudio re-scans its devices,
+        so a replugged USB microphone is found again by name. Raises :class:`DeviceError` while it is absent."""
+        self.stop()
+        self._stopping = False
+        self.error = None
+        sd = self._sd
+        try:
+            sd._terminate()  # sounddevice's documented way to re-enumerate: terminate, then initialize
+            sd._initialize()
+            info = sd.query_devices(self._device if self._device is not None else None, "input")
+        except (ValueError, sd.PortAudioError) as exc:
+            raise DeviceError(f"input device '{self.device_name}' not back yet ({exc})") from None
+        if info["name"] != self.device_name and isinstance(self._device, int):
+            raise DeviceError(f"device index {self._device} is now '{info['name']}', not '{self.device_name}'")
+        self.start(self._ring)
+
     def start(self, ring: SpscRing) -> None:
         self._ring = ring
         sd = self._sd
