@@ -297,7 +297,10 @@ class StreamTagger:
         s.recent_power = float(0.97**k * s.recent_power + 0.03 * (decay * power).sum())
         fs, labels, first = self.frame_seconds, self.labels, self.frames
         found = self.detector.update_block(first, probs) if self.detector is not None else {}
-        out = [Step(first + i, (first + i + 1) * fs, probs[i], found.get(i) or [], labels, fs) for i in range(k)]
+        audio = np.array(hops, dtype=np.float32)  # the steps own their samples too (clip saving)
+        out = [
+            Step(first + i, (first + i + 1) * fs, probs[i], found.get(i) or [], labels, fs, audio[i]) for i in range(k)
+        ]
         self.frames += k
         if self._start == self._fill:
             self._start = self._fill = 0

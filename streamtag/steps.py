@@ -25,6 +25,7 @@ class Step:
     events: list[Event]
     labels: Sequence[str]
     frame_seconds: float = 0.01
+    audio: np.ndarray | None = None  # the hop's samples at the model rate, after the gain (owned)
 
     @property
     def onset(self) -> float:

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..events import EventDetector, EventParams, build_event_settings, model_event_table, read_event_table
 from ..modelfile import resolve_model_dir
 from ..outputs import ClassSelection, EventsJsonl, LiveView, PlainLines, ScoresTsv, UpdatesJsonl
-from ..outputs.files import check_output_path
+from ..outputs.files import Rotation, check_output_path
 from ..outputs.plots import check_plot_path
 from ..worker import MAX_BUFFER_SECONDS, Worker
 
@@ -91,6 +91,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     out.add_argument("--all", action="store_true", help="with --jsonl: every class's probability, not the top-k")
     out.add_argument("--events", metavar="PATH", help="write events as JSONL (an open line, then a close line)")
     out.add_argument("--scores", metavar="PATH", help="write every frame's scores as a sed_scores_eval TSV")
+    out.add_argument(
+        "--rotate",
+        type=_rotation,
+        metavar="AGE|SIZE",
+        help="start fresh --jsonl/--events/--scores files every AGE (30m, 1h, 1d) or SIZE (100MB); "
+        "the old one is kept with its start time in its name, and a file from an earlier run is kept too",
+    )
+    out.add_argument(
+        "--save-clips",
+        metavar="DIR",
+        help="save the audio of each event as FLAC in DIR, from 2 s before its onset to 1 s after it ends "
+        "(30 s at most)",
+    )
     out.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
     out.add_argument("--quiet", action="store_true", help="no per-update console output (summary only)")
     ev = p.add_argument_group("events")
@@ -178,6 +191,13 @@ def add_parser(subparsers) -> None:
 OUTPUT_FLAGS = ("--jsonl", "--events", "--scores", "--plot")
 
 
+def _rotation(text: str) -> Rotation:
+    try:
+        return Rotation.parse(text)
+    except ConfigError as exc:  # argparse shows an ArgumentTypeError's own words
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--rotate {text!r}: ")) from None
+
+
 def _check_output_paths(args) -> None:
     """Every output writable, and none the same file as another output or as the file replayed."""
     taken = {os.path.realpath(args.file): "the file replayed"} if getattr(args, "file", None) else {}
@@ -209,6 +229,8 @@ def check_args(args) -> tuple[EventParams | None, dict[str, EventParams]]:
     """
     if args.all and not args.jsonl:
         raise ConfigError("--all selects what --jsonl writes: add --jsonl PATH, or drop --all")
+    if args.rotate and not any(p and p != "-" for p in (args.jsonl, args.events, args.scores)):
+        raise ConfigError("--rotate applies to --jsonl, --events and --scores files: give one, or drop --rotate")
     if args.torch_device is not None and args.backend != "torch":
         raise ConfigError(f"--torch-device {args.torch_device} needs --backend torch ({args.backend} runs on the CPU)")
     _check_output_paths(args)
@@ -271,11 +293,15 @@ def _outputs(args, backend, worker_status, extra=(), source: str | None = None) 
     every = max(1, round(1.0 / (args.rate * frame_s)))
     outputs = list(extra)
     if args.jsonl:
-        outputs.append(UpdatesJsonl(args.jsonl, selection, every, args.all, source=source))
+        outputs.append(UpdatesJsonl(args.jsonl, selection, every, args.all, source=source, rotation=args.rotate))
     if args.events:
-        outputs.append(EventsJsonl(args.events, source=source))
+        outputs.append(EventsJsonl(args.events, source=source, rotation=args.rotate))
     if args.scores:
-        outputs.append(ScoresTsv(args.scores))
+        outputs.append(ScoresTsv(args.scores, labels, rotation=args.rotate))
+    if args.save_clips:
+        from ..outputs.clips import ClipSaver
+
+        outputs.append(ClipSaver(args.save_clips, backend.config.features.sample_rate))
     writes_stdout = "-" in (args.jsonl, args.events, args.scores)
     if not args.quiet and not writes_stdout:  # standard output carries that file alone
         if sys.stdout.isatty() and not args.plain:

@@ -6,10 +6,13 @@ leaves a partial last line.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
+import re
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -87,18 +90,80 @@ class _Unclosed:
         self._stream.flush()
 
 
-class _TextFile:
-    """A file opened for writing whose errors name it (see :func:`named_error`)."""
+@dataclasses.dataclass(frozen=True)
+class Rotation:
+    """When an output file is closed and a fresh one started (``--rotate 1h``, ``--rotate 100MB``).
 
-    def __init__(self, path: str | os.PathLike, line_buffered: bool = True) -> None:
+    The closed file keeps its name with the UTC time it was started inserted before the suffix
+    (``events.jsonl`` -> ``events.2026-12-02T01-06-29Z.jsonl``); the path given is always the current one.
+    A file already at the path when the run starts is rotated away first, never truncated.
+    """
+
+    seconds: float | None = None
+    bytes: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Rotation:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|kb|mb|gb)\s*", text.lower())
+        if not match:
+            raise ConfigError(f"--rotate {text!r}: give a duration (30m, 1h, 1d) or a size (100MB, 1GB)")
+        value, unit = float(match.group(1)), match.group(2)
+        if value <= 0:
+            raise ConfigError(f"--rotate {text!r} must be above 0")
+        if unit in ("s", "m", "h", "d"):
+            return cls(seconds=value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+        return cls(bytes=int(value * {"kb": 1e3, "mb": 1e6, "gb": 1e9}[unit]))
+
+
+def rotated_name(path: Path, started: datetime.datetime) -> Path:
+    stamp = started.strftime("%Y-%m-%dT%H-%M-%SZ")
+    candidate = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    n = 1
+    while candidate.exists():  # two rotations in one second
+        candidate = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+class _TextFile:
+    """A file opened for writing whose errors name it (see :func:`named_error`); rotated when asked.
+
+    ``header`` starts every file (a TSV's column names)."""
+
+    def __init__(
+        self, path: str | os.PathLike, line_buffered: bool = True, rotation: Rotation | None = None, header: str = ""
+    ) -> None:
         self.path = Path(path)
-        self._file = open_for_writing(path, line_buffered)
+        self.line_buffered, self.header = line_buffered, header
+        self.rotation = rotation if str(path) != STDOUT else None
+        if self.rotation is not None and self.path.is_file() and self.path.stat().st_size:
+            started = datetime.datetime.fromtimestamp(self.path.stat().st_mtime, datetime.timezone.utc)
+            os.replace(self.path, rotated_name(self.path, started))  # a restart never truncates the last run's file
+        self._open()
+
+    def _open(self) -> None:
+        self._file = open_for_writing(self.path, self.line_buffered)
+        self._started = datetime.datetime.now(datetime.timezone.utc)
+        self._opened_at = time.monotonic()
+        self._bytes = 0
+        if self.header:
+            self.write(self.header)
 
     def write(self, text: str) -> None:
         try:
             self._file.write(text)
         except OSError as exc:
             raise named_error(exc, self.path) from None
+        self._bytes += len(text)
+        r = self.rotation
+        if r is not None and text.endswith("\n"):
+            if (r.bytes and self._bytes >= r.bytes) or (r.seconds and time.monotonic() - self._opened_at >= r.seconds):
+                self._rotate()
+
+    def _rotate(self) -> None:
+        self.close()
+        os.replace(self.path, rotated_name(self.path, self._started))
+        self._open()
 
     def close(self) -> None:
         try:
@@ -118,8 +183,9 @@ class UpdatesJsonl:
         all_classes: bool = False,
         stream: str | None = None,
         source: str | None = None,
+        rotation: Rotation | None = None,
     ) -> None:
-        self._file = _TextFile(path)
+        self._file = _TextFile(path, rotation=rotation)
         self.selection, self.every, self.all_classes, self.stream = selection, every_frames, all_classes, stream
         self.source = source
 
@@ -141,8 +207,14 @@ class UpdatesJsonl:
 class EventsJsonl:
     """An "open" line when an event is confirmed, a "close" line with onset, offset and scores when it ends."""
 
-    def __init__(self, path: str | os.PathLike, stream: str | None = None, source: str | None = None) -> None:
-        self._file = _TextFile(path)
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        stream: str | None = None,
+        source: str | None = None,
+        rotation: Rotation | None = None,
+    ) -> None:
+        self._file = _TextFile(path, rotation=rotation)
         self.stream, self.source = stream, source
 
     def write(self, step: Step) -> None:
@@ -160,16 +232,13 @@ class ScoresTsv:
     ``sed_scores_eval.io.read_sed_scores`` reads it back (one file per audio id).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self._file = _TextFile(path, line_buffered=False)  # 100 rows/s: flushed on close
-        self._header_done = False
+    def __init__(self, path: str | os.PathLike, labels, rotation: Rotation | None = None) -> None:
+        header = "\t".join(["onset", "offset", *labels]) + "\n"  # every rotated file starts with it
+        self._file = _TextFile(path, line_buffered=False, rotation=rotation, header=header)  # flushed on close
 
     def write(self, step: Step) -> None:
         if not step.has_scores:
             return
-        if not self._header_done:
-            self._file.write("\t".join(["onset", "offset", *step.labels]) + "\n")
-            self._header_done = True
         values = "\t".join(f"{p:.6g}" for p in step.probs)
         self._file.write(f"{step.onset:.3f}\t{step.t:.3f}\t{values}\n")
 

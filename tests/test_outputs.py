@@ -1,0 +1,89 @@
+"""File outputs over long runs: rotation (--rotate) and event clips (--save-clips)."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamtag.errors import ConfigError
+from streamtag.events import Event
+from streamtag.outputs.clips import ClipSaver
+from streamtag.outputs.files import EventsJsonl, Rotation, ScoresTsv
+from streamtag.steps import Step
+
+from .conftest import EXAMPLES, read_clip, run_cli
+
+LABELS = ("dog", "rain")
+
+
+def _step(i: int, events=(), audio=None) -> Step:
+    probs = np.array([0.1, 0.2], np.float32)
+    return Step(i, (i + 1) * 0.01, probs, list(events), LABELS, 0.01, audio)
+
+
+def test_rotation_values():
+    assert Rotation.parse("30m") == Rotation(seconds=1800) and Rotation.parse("1d") == Rotation(seconds=86400)
+    assert Rotation.parse("100MB") == Rotation(bytes=100_000_000) and Rotation.parse("1.5kb") == Rotation(bytes=1500)
+    for bad in ("1x", "-1h", "0m", "h"):
+        with pytest.raises(ConfigError, match="--rotate"):
+            Rotation.parse(bad)
+
+
+def test_scores_rotate_by_size_losing_no_row_and_keeping_the_header(tmp_path):
+    path = tmp_path / "scores.tsv"
+    path.write_text("an earlier run's file\n")
+    out = ScoresTsv(path, LABELS, rotation=Rotation(bytes=2000))
+    for i in range(500):
+        out.write(_step(i))
+    out.close()
+    files = sorted(tmp_path.glob("scores*.tsv"))
+    earlier = [f for f in files if f.read_text() == "an earlier run's file\n"]
+    assert len(earlier) == 1 and earlier[0] != path  # kept under a dated name, never truncated
+    rows = []
+    for f in files:
+        if f in earlier:
+            continue
+        lines = f.read_text().splitlines()
+        assert lines[0] == "onset\toffset\tdog\train"
+        rows += lines[1:]
+    assert len(files) > 5 and len(rows) == 500
+    assert sorted(float(r.split("\t")[0]) for r in rows) == [round(i * 0.01, 3) for i in range(500)]
+
+
+def test_events_rotate_by_age(tmp_path):
+    path = tmp_path / "events.jsonl"
+    out = EventsJsonl(path, rotation=Rotation(seconds=1e-9))  # every line is past the age: one file each
+    for i in range(3):
+        out.write(_step(i, [Event("open", "dog", i * 0.01, None, 0.9, 0.9)]))
+    out.close()
+    assert len(list(tmp_path.glob("events.*.jsonl"))) == 3 and path.read_text() == ""
+
+
+def test_clips_hold_pre_roll_event_and_post_roll(tmp_path):
+    rate, hop = 16000, 160
+    saver = ClipSaver(tmp_path, rate, pre_s=1.0, post_s=0.5)
+    audio = np.arange(800 * hop, dtype=np.float32) / (800 * hop)  # 8 s, each sample says where it was
+    for i in range(800):
+        events = []
+        if i == 320:  # confirmed at 3.2 s, onset backdated to 3.0 s
+            events = [Event("open", "dog", 3.0, None, 0.9, 0.9)]
+        if i == 400:
+            events = [Event("close", "dog", 3.0, 4.0, 0.9, 0.8, "ended")]
+        saver.write(_step(i, events, audio[i * hop : (i + 1) * hop]))
+    saver.close()
+    (clip,) = saver.saved
+    x, got_rate = sf.read(clip, dtype="float32")
+    assert got_rate == rate and clip.name.startswith("dog_") and clip.name.endswith("_3.00s.flac")
+    assert x.size == int((4.5 - 2.0) * rate)  # from onset - 1 s to offset + 0.5 s
+    np.testing.assert_allclose(x, audio[2 * rate : int(4.5 * rate)], atol=1 / 32768)
+
+
+def test_replay_saves_clips_and_refuses_a_missing_folder(tmp_path):
+    clips = tmp_path / "clips"
+    r = run_cli("replay", EXAMPLES / "rain.flac", "--fast", "--quiet", "--save-clips", clips)
+    assert r.returncode == 2 and "--save-clips" in r.stderr and "create it first" in r.stderr
+    clips.mkdir()
+    r = run_cli("replay", EXAMPLES / "rain.flac", "--fast", "--quiet", "--save-clips", clips)
+    assert r.returncode == 0, r.stderr
+    (clip,) = clips.glob("rain_*.flac")  # the bundled model hears the rain
+    x, _ = sf.read(clip, dtype="float32")
+    np.testing.assert_allclose(x, read_clip(EXAMPLES / "rain.flac")[: x.size], atol=1 / 32768)
