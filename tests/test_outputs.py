@@ -87,3 +87,37 @@ def test_replay_saves_clips_and_refuses_a_missing_folder(tmp_path):
     (clip,) = clips.glob("rain_*.flac")  # the bundled model hears the rain
     x, _ = sf.read(clip, dtype="float32")
     np.testing.assert_allclose(x, read_clip(EXAMPLES / "rain.flac")[: x.size], atol=1 / 32768)
+
+
+def test_plot_keeps_a_bounded_number_of_columns_and_every_peak(tmp_path, monkeypatch):
+    """A long stream merges neighbouring columns (time resolution halves) instead of growing; a one-hop spike
+    survives every merge as its column's maximum."""
+    import streamtag.outputs.plots as plots
+    from streamtag.config import FeatureConfig
+
+    monkeypatch.setattr(plots, "MAX_COLUMNS", 64)
+    plot = plots.RecordingPlot(tmp_path / "p.png", FeatureConfig(), title="long")
+    rng = np.random.default_rng(0)
+    spike = 7777
+    for i in range(10_000):
+        probs = np.array([0.1, 1.0 if i == spike else 0.05], np.float32)
+        events = [Event("close", "dog", i * 0.01, i * 0.01 + 0.5, 0.9, 0.8, "ended")] if i % 1000 == 0 else []
+        plot.write(Step(i, (i + 1) * 0.01, probs, events, LABELS, 0.01, rng.normal(0, 0.1, 160).astype(np.float32)))
+    plot._flush()
+    assert plot._bucket == 256 and plot._mel.shape[0] == 64  # 10,000 hops in 40 columns of 256
+    assert plot._count.sum() == 10_000
+    assert plot._probs[spike // 256, 1] == 1.0 and np.sort(plot._probs[:, 1])[-2] == pytest.approx(0.05)
+    plot.close()
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_plot_of_stdin(tmp_path):
+    import subprocess
+    import sys
+
+    pcm = (read_clip(EXAMPLES / "rain.flac") * 32767).astype("<i2").tobytes()
+    png = tmp_path / "p.png"
+    cmd = [sys.executable, "-m", "streamtag", "replay", "-", "--raw-rate", "16000", "--raw-format", "s16le"]
+    r = subprocess.run([*cmd, "--fast", "--quiet", "--plot", str(png)], input=pcm, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert png.stat().st_size > 10_000

@@ -372,8 +372,6 @@ def run_replay(args) -> int:
         raise ConfigError("raw PCM needs both --raw-rate and --raw-format (e.g. --raw-rate 16000 --raw-format s16le)")
     if args.raw_rate is not None and not from_stdin:
         raise ConfigError(f"--raw-rate and --raw-format describe stdin: replay - reads it ({args.file} given)")
-    if from_stdin and args.plot:
-        raise ConfigError("--plot reads the recording again at the end: give a file, not - (stdin)")
     settings = check_args(args)
     backend = _open_backend(args)
     feats = backend.config.features
@@ -391,7 +389,7 @@ def run_replay(args) -> int:
     if args.plot:
         from ..outputs.plots import RecordingPlot
 
-        extra.append(RecordingPlot(args.plot, args.file, feats, title=os.path.basename(args.file)))
+        extra.append(RecordingPlot(args.plot, feats, title="stdin" if from_stdin else os.path.basename(args.file)))
     code = run_stream(args, source, backend, settings, extra)
     if source.status.nonfinite_samples:
         print(
