@@ -167,9 +167,9 @@ def bench_scale(model, audio: np.ndarray, sizes: list[int], calls: int) -> list[
     hop, budget_ms = backend.config.features.hop_length, backend.config.features.frame_seconds * 1000
     rows = []
     for n in sizes:
-        pool, slots = backend.new_pool(n), np.arange(n)
+        pool, slots = backend.new_state(n), np.arange(n)
         batch = _stream_batch(audio, n, hop)
-        rows.append(_time_batched(backend.step_slots, (pool, slots, batch), calls, budget_ms))
+        rows.append(_time_batched(backend.step, (pool, slots, batch), calls, budget_ms))
     return rows
 
 

@@ -40,11 +40,11 @@ class _PoolSlot:
     def step(self, hops: np.ndarray) -> np.ndarray:  # used when a stream is fed through its engine alone
         b, out = self.owner.backend, np.empty((len(hops), len(self.owner.labels)), np.float32)
         for i in range(len(hops)):  # each call's rows are valid until the next
-            out[i] = b.step_slots(self.owner.pool, self._slots, hops[i : i + 1])[0]
+            out[i] = b.step(self.owner.pool, self._slots, hops[i : i + 1])[0]
         return out
 
     def clear(self) -> None:
-        self.owner.backend.clear_slots(self.owner.pool, self._slots)
+        self.owner.backend.clear(self.owner.pool, self._slots)
 
 
 class MultiStreamTagger:
@@ -74,7 +74,7 @@ class MultiStreamTagger:
         self.hop = self.backend.config.features.hop_length
         self.frame_seconds = self.backend.config.features.frame_seconds
         self.capacity = capacity
-        self.pool = self.backend.new_pool(capacity)
+        self.pool = self.backend.new_state(capacity)
         self.streams: dict[str, StreamTagger] = {}
         self._events = events
         self._engine_options = dict(engine_options or {})
@@ -147,9 +147,9 @@ class MultiStreamTagger:
             for r in range(audio.shape[0]):
                 members = np.flatnonzero(lengths > r)
                 if members.size == nb:
-                    out[r] = self.backend.step_slots(self.pool, slots, audio[r])
+                    out[r] = self.backend.step(self.pool, slots, audio[r])
                 else:
-                    out[r, members] = self.backend.step_slots(self.pool, slots[members], audio[r, members])
+                    out[r, members] = self.backend.step(self.pool, slots[members], audio[r, members])
             probs = [out[: lengths[i], i] for i in range(nb)]
             for (_, name, engine, hops), p in zip(blocks, probs):
                 for step in engine.complete(hops, p):

@@ -177,3 +177,22 @@ def test_cnn_kernel_below_two_is_refused():
 
     with pytest.raises((ConfigError, ValueError), match="kernel"):
         build_model(ModelConfig(arch="cnn", labels=("a", "b"), arch_params={"kernel": 1}))
+
+
+def test_one_backend_primitive_and_the_adapter_over_it(cnn_dir):
+    """backend(audio) is step() on the backend's own lockstep state; a pool's subsets agree with it; torch keeps
+    pool state as tensors on its device (no trip through host memory between calls)."""
+    audio = read_clip(EXAMPLES / "rain.flac")[:8000]
+    for name in ("onnx", "torch"):
+        backend = make_backend(name, cnn_dir)
+        adapter = _run_backend(backend, audio)[:, 0]
+        pool = backend.new_state(3)
+        rows = []
+        for i in range(0, audio.size - 159, 160):
+            rows.append(backend.step(pool, np.array([2]), audio[None, i : i + 160])[0].copy())
+        np.testing.assert_allclose(np.stack(rows), adapter, atol=1e-5, err_msg=name)
+        backend.clear(pool, [2])
+        again = backend.step(pool, np.array([2]), audio[None, :160])[0]
+        np.testing.assert_allclose(again, adapter[0], atol=1e-6, err_msg=name)
+        if name == "torch":
+            assert all(isinstance(t, torch.Tensor) and t.device == backend.device for t in pool.tensors)

@@ -18,34 +18,34 @@ from ..errors import ConfigError
 
 
 class Backend(Protocol):
-    """Runtime side of a model: holds the streaming state of ``batch_size`` streams."""
+    """Runtime side of a model. One primitive: :meth:`step` steps any subset of the streams of a state
+    from :meth:`new_state`; ``backend(audio)`` and :meth:`reset_states` are a thin adapter over it for the
+    backend's own ``batch_size`` streams (what a single stream's engine uses)."""
 
     config: ModelConfig
     labels: Sequence[str]
     folder: os.PathLike  # the model folder (its events.toml gives default event settings)
     batch_size: int
 
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        """One hop ``(batch, hop)`` float32 -> probabilities ``(batch, classes)`` (a reused buffer)."""
+    def new_state(self, capacity: int, lockstep: bool = False) -> object:
+        """State for ``capacity`` streams (opaque to callers). ``lockstep``: every step will step all of
+        them together, which a backend may prepare for (onnx prebuilds the whole hop)."""
 
-    def reset_states(self) -> None:
-        """Zero every stream's state, as at stream start."""
-
-    def get_state(self) -> list[np.ndarray]:
-        """Copies of the state arrays, for inspection (layout is the backend's own)."""
-
-    def new_pool(self, capacity: int) -> object:
-        """State for up to ``capacity`` streams, stepped by :meth:`step_slots` (opaque to callers)."""
-
-    def clear_slots(self, pool: object, slots: Sequence[int]) -> None:
-        """Zero these streams' state, as at stream start (a slot joining or leaving)."""
-
-    def step_slots(self, pool: object, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
+    def step(self, state: object, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
         """One hop for each stream in ``slots`` (distinct indices), all in one call.
 
-        ``audio`` is ``(len(slots), hop)``; returns probabilities ``(len(slots), classes)``,
-        valid until the next call. Streams not named keep their state untouched.
+        ``audio`` is ``(len(slots), hop)``; returns probabilities ``(len(slots), classes)``, valid until
+        the next call. Streams not named keep their state untouched.
         """
+
+    def clear(self, state: object, slots: Sequence[int]) -> None:
+        """These streams back to a new stream's state (a stream joining, leaving or resetting)."""
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        """The adapter: one hop ``(batch_size, hop)`` of the backend's own streams."""
+
+    def reset_states(self) -> None:
+        """The adapter: the own streams back to a new stream's state."""
 
 
 BACKENDS = {

@@ -110,7 +110,7 @@ class Rings:
 
 
 class OnnxPool:
-    """State of up to ``capacity`` streams stepped in any subset (see :meth:`OnnxBackend.step_slots`)."""
+    """State of up to ``capacity`` streams stepped in any subset (see :meth:`OnnxBackend.step`)."""
 
     def __init__(self, backend: OnnxBackend, capacity: int) -> None:
         hop, classes = backend.config.features.hop_length, backend.config.num_classes
@@ -136,7 +136,39 @@ class OnnxPool:
         return self.sets[self.current]
 
 
+class LockstepState:
+    """State of ``n`` streams that always step together (one stream, or a fixed batch): the whole hop is one
+    prebuilt binding. Hop ``k`` reads state set ``k % 2`` and, with rings, writes position ``k % frames``
+    of one time-major ``(frames, streams, lines, width)`` ring, so a hop does no index arithmetic."""
+
+    def __init__(self, backend: OnnxBackend, n: int) -> None:
+        hop, classes = backend.config.features.hop_length, backend.config.num_classes
+        self.capacity = n
+        self.audio = np.zeros((n, hop), np.float32)
+        self.audio_flat = self.audio.reshape(-1)
+        self.probs = np.zeros((n, classes), np.float32)
+        self.sets = [backend.zero_state(n) for _ in range(2)]
+        r = backend.rings
+        self.ring = None if r is None else np.zeros((r.frames, n, r.lines, r.width), np.float32)
+        taps = [] if r is None else [r.time_major_taps(p, n) for p in range(r.frames)]  # bound by pointer: kept
+        self._taps = taps
+        period = 2 if r is None else 2 * r.frames
+        self.schedule = []
+        for k in range(period):
+            sets = self.sets[k % 2], self.sets[1 - k % 2]
+            rings = () if r is None else (self.ring, taps[k % r.frames], k % r.frames)
+            self.schedule.append(backend._bind(self.audio, sets[0], self.probs, sets[1], *rings))
+        self.tick = 0
+
+    @property
+    def state(self) -> list[np.ndarray]:
+        return self.sets[self.tick % 2]
+
+
 class OnnxBackend:
+    """The hop step on onnxruntime. One primitive, :meth:`step` on a state from :meth:`new_state`;
+    ``backend(audio)`` is a thin adapter stepping the backend's own ``batch_size`` streams in lockstep."""
+
     def __init__(self, model: str | os.PathLike | None = None, batch_size: int = 1, threads: int = 1) -> None:
         self.folder = folder = resolve_model_dir(model)
         self.config = load_config(folder)
@@ -148,24 +180,8 @@ class OnnxBackend:
         ring_io = ("audio", "ring", "ring_taps")
         self._state_inputs = [i.name for i in self.session.get_inputs() if i.name not in ring_io]
         self._state_shapes = [tuple(i.shape[1:]) for i in self.session.get_inputs() if i.name not in ring_io]
-        hop = self.config.features.hop_length
-        self._audio = np.zeros((batch_size, hop), dtype=np.float32)
-        self._probs = np.zeros((batch_size, self.config.num_classes), dtype=np.float32)
-        self._sets = [self.zero_state(batch_size) for _ in range(2)]
-        # The hop's whole schedule, prebuilt: hop k reads state set k % 2 and, with rings, writes
-        # ring position k % frames; the hop itself only picks the next binding.
-        period = 2 if self.rings is None else 2 * self.rings.frames
-        if self.rings is not None:
-            r = self.rings
-            self._ring = np.zeros((r.frames, batch_size, r.lines, r.width), np.float32)
-            self._taps = [r.time_major_taps(p, batch_size) for p in range(r.frames)]  # bound by pointer: keep them
-        self._schedule = []
-        for k in range(period):
-            sets = self._sets[k % 2], self._sets[1 - k % 2]
-            rings = () if self.rings is None else (self._ring, self._taps[k % r.frames], k % r.frames)
-            self._schedule.append(self._bind(self._audio, sets[0], self._probs, sets[1], *rings))
-        self._audio_flat = self._audio.reshape(-1)
-        self._tick = 0
+        self._own = self.new_state(batch_size, lockstep=True)
+        self._all = np.arange(batch_size)
 
     def _bind(
         self,
@@ -193,46 +209,57 @@ class OnnxBackend:
             binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         return binding
 
+    # -- the single-stream adapter -------------------------------------------------
     def __call__(self, audio: np.ndarray) -> np.ndarray:
-        self._audio_flat[:] = audio.reshape(-1)
-        self.session.run_with_iobinding(self._schedule[self._tick])
-        self._tick = (self._tick + 1) % len(self._schedule)
-        return self._probs
+        """One hop ``(batch_size, hop)`` of the backend's own streams -> probabilities (a reused buffer)."""
+        return self.step(self._own, self._all, audio)
 
     def reset_states(self) -> None:
-        for arr in self._sets[self._tick % 2]:
-            arr.fill(0.0)
-        if self.rings is not None:
-            self._ring.fill(0.0)
+        self.clear(self._own, self._all)
 
     def get_state(self) -> list[np.ndarray]:
-        """Copies of the current state arrays (and the ring, time-major, last), for inspection."""
-        rings = [] if self.rings is None else [self._ring.copy()]
-        return [arr.copy() for arr in self._sets[self._tick % 2]] + rings
+        """Copies of the own streams' state arrays (and the ring, time-major, last), for inspection."""
+        own = self._own
+        return [arr.copy() for arr in own.state] + ([] if own.ring is None else [own.ring.copy()])
 
     def zero_state(self, batch_size: int) -> list[np.ndarray]:
         """Zeroed state arrays (batch first) for the graph's state inputs; rings are kept apart."""
         return [np.zeros((batch_size, *shape), dtype=np.float32) for shape in self._state_shapes]
 
-    # -- many streams ------------------------------------------------------------
-    def new_pool(self, capacity: int) -> OnnxPool:
-        return OnnxPool(self, capacity)
+    # -- the primitive ------------------------------------------------------------
+    def new_state(self, capacity: int, lockstep: bool = False) -> OnnxPool | LockstepState:
+        """State for ``capacity`` streams. ``lockstep``: every step steps all of them (fastest: prebuilt)."""
+        return LockstepState(self, capacity) if lockstep else OnnxPool(self, capacity)
 
-    def clear_slots(self, pool: OnnxPool, slots: Sequence[int]) -> None:
-        for arr in pool.sets[0] + pool.sets[1]:
+    def clear(self, state: OnnxPool | LockstepState, slots: Sequence[int]) -> None:
+        """These streams back to a new stream's state."""
+        for arr in state.sets[0] + state.sets[1]:
             arr[slots] = 0.0
-        if self.rings is not None:
-            pool.ring[slots] = 0.0
-            pool.frames[slots] = 0
+        if self.rings is None:
+            return
+        if isinstance(state, LockstepState):
+            state.ring[:, slots] = 0.0
+        else:
+            state.ring[slots] = 0.0
+            state.frames[slots] = 0
 
-    def step_slots(self, pool: OnnxPool, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
-        """Step the streams in ``slots`` (distinct, ascending is fastest) by one hop each, in one call.
+    def step(self, state: OnnxPool | LockstepState, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        """One hop for each stream in ``slots`` (distinct; ascending is fastest), all in one call.
 
-        Returns their probabilities ``(len(slots), classes)``, a view valid until the next call.
-        When ``slots`` is ``0..n-1`` the state is read in place and the new state written to the
-        pool's second set, which then becomes current (nothing copied when no other slot is in
-        use); otherwise the slots' state is gathered, stepped and scattered back.
+        ``audio`` is ``(len(slots), hop)``; returns probabilities ``(len(slots), classes)``, a view valid
+        until the next call. Streams not named keep their state. A lockstep state steps all its streams.
         """
+        if isinstance(state, LockstepState):
+            state.audio_flat[:] = audio.reshape(-1)
+            self.session.run_with_iobinding(state.schedule[state.tick % len(state.schedule)])
+            state.tick += 1
+            return state.probs
+        return self._step_pool(state, slots, audio)
+
+    def _step_pool(self, pool: OnnxPool, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        """When ``slots`` is ``0..n-1`` the state is read in place and the new state written to the pool's
+        second set, which then becomes current (nothing copied when no other slot is in use); otherwise the
+        slots' state is gathered, stepped and scattered back."""
         n = len(slots)
         in_place = slots[0] == 0 and slots[-1] == n - 1 and bool((slots == pool.all_slots[:n]).all())
         pool.high_water = max(pool.high_water, int(slots.max()) + 1)

@@ -36,7 +36,19 @@ def _check_device(device: str) -> torch.device:
     return dev
 
 
+class TorchState:
+    """State of ``capacity`` streams, kept on the backend's device between calls."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.capacity = tensors[0].shape[0]
+
+
 class TorchBackend:
+    """The reference: the eager hop step. One primitive, :meth:`step` on a state from :meth:`new_state`
+    (state stays on the device: a GPU's streams never travel through host memory); ``backend(audio)``
+    is a thin adapter stepping the backend's own ``batch_size`` streams."""
+
     def __init__(
         self,
         model: str | os.PathLike | None = None,
@@ -51,48 +63,51 @@ class TorchBackend:
         self.config, net = load_model(self.folder)
         self.labels = self.config.labels
         self.batch_size = batch_size
-        self.step = HopStep(self.config, net).to(self.device).eval()
+        self.step_module = HopStep(self.config, net).to(self.device).eval()
         # On a GPU, hops go in and probabilities come out through page-locked buffers: the copies
         # run at full bus speed instead of through a pageable staging copy.
-        pinned = self.device.type == "cuda"
-        hop, classes = self.config.features.hop_length, self.config.num_classes
-        self._audio_in = torch.zeros(batch_size, hop, pin_memory=pinned)
-        self._probs_out = torch.zeros(batch_size, classes, pin_memory=pinned)
-        self.reset_states()
+        self._pinned = self.device.type == "cuda"
+        self._own = self.new_state(batch_size)
+        self._all = np.arange(batch_size)
+
+    # -- the single-stream adapter -------------------------------------------------
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        return self.step(self._own, self._all, audio)
 
     def reset_states(self) -> None:
-        self._state = tuple(s.to(self.device) for s in self.step.init_state(self.batch_size))
-
-    @torch.inference_mode()
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        self._audio_in.numpy()[...] = audio.reshape(self._audio_in.shape)
-        x = self._audio_in.to(self.device, non_blocking=True)
-        probs, *self._state = self.step(x, *self._state)
-        self._probs_out.copy_(probs, non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return self._probs_out.numpy()
+        self.clear(self._own, self._all)
 
     def get_state(self) -> list[np.ndarray]:
-        return [s.cpu().numpy().copy() for s in self._state]
+        return [s.cpu().numpy().copy() for s in self._own.tensors]
 
     def zero_state(self, batch_size: int) -> list[np.ndarray]:
-        return [s.numpy().copy() for s in self.step.init_state(batch_size)]
+        return [s.numpy().copy() for s in self.step_module.init_state(batch_size)]
 
-    # -- many streams: the reference semantics, gathered and scattered per call ---------
-    def new_pool(self, capacity: int) -> list[np.ndarray]:
-        return self.zero_state(capacity)
-
-    def clear_slots(self, pool: list[np.ndarray], slots: Sequence[int]) -> None:
-        for arr in pool:
-            arr[slots] = 0.0
+    # -- the primitive ------------------------------------------------------------
+    @torch.inference_mode()
+    def new_state(self, capacity: int, lockstep: bool = False) -> TorchState:
+        return TorchState([s.to(self.device) for s in self.step_module.init_state(capacity)])
 
     @torch.inference_mode()
-    def step_slots(self, pool: list[np.ndarray], slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
-        inputs = [
-            torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (audio, *(s[slots] for s in pool))
-        ]
-        probs, *new_state = self.step(*(t.to(self.device) for t in inputs))
-        for arr, new in zip(pool, new_state):
-            arr[slots] = new.cpu().numpy()
+    def clear(self, state: TorchState, slots) -> None:
+        index = torch.as_tensor(np.asarray(slots), dtype=torch.long, device=self.device)
+        for t in state.tensors:
+            t.index_fill_(0, index, 0.0)
+
+    @torch.inference_mode()
+    def step(self, state: TorchState, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        n = len(slots)
+        whole = n == state.capacity and bool((np.asarray(slots) == np.arange(n)).all())
+        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32).reshape(n, -1))
+        if self._pinned:
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        if whole:  # every stream, in order: no gather or scatter
+            probs, *new = self.step_module(x, *state.tensors)
+            state.tensors = list(new)
+        else:
+            index = torch.as_tensor(np.asarray(slots), dtype=torch.long, device=self.device)
+            probs, *new = self.step_module(x, *(t.index_select(0, index) for t in state.tensors))
+            for t, rows in zip(state.tensors, new):
+                t.index_copy_(0, index, rows)
         return probs.cpu().numpy()
