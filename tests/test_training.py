@@ -280,3 +280,28 @@ def test_some_crops_start_with_a_settled_level_estimate():
     assert np.all(level0[settled, 1].numpy() == 300.0) and np.all(level0[~settled].numpy() == 0.0)
     offset = (level0[settled, 0] - x[settled].mean(dim=(1, 2))).numpy() / DB
     assert offset.min() >= -50.01 and offset.max() <= 10.01 and offset.max() - offset.min() > 20
+
+
+def test_cross_validation_pools_source_grouped_folds(class_folders, tmp_path):
+    out = tmp_path / "cv"
+    common = ["--arch", "cnn", "--arch-param", "hidden=16", "--arch-param", "dilations=[1,2]", "--batch-size", "4"]
+    r = run_cli(
+        "train",
+        class_folders,
+        *common,
+        "--epochs",
+        "2",
+        "--cv",
+        "2",
+        "--out",
+        out,
+        "--quiet",
+        "--cache",
+        tmp_path / "cache",
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "cnn (2-fold grouped CV)" and report["metrics"]["clips"] == 18
+    assert len(report["folds"]) == 2 and 0.0 <= report["baseline_acc"] <= 1.0
+    assert (out / "fold0" / "config.json").is_file() and (out / "fold1" / "model.safetensors").is_file()

@@ -84,14 +84,14 @@ def run(args) -> int:
     from ..backends import make_backend
     from ..events import EventDetector
     from ..modelfile import cache_dir, resolve_model_dir
-    from ..training.datasets import TRAINED_ON, compute_features, grouped_folds, load_dataset, read_unlabelled
+    from ..training.datasets import TRAINED_ON, load_dataset, read_unlabelled
     from ..training.evaluate import (
-        baseline_accuracy,
-        clip_statistics,
+        dataset_targets,
         detected,
         event_stream,
         f1_scores,
         false_alarms,
+        grouped_baseline,
         metrics,
         stream_scores,
         teacher_agreement,
@@ -113,21 +113,13 @@ def run(args) -> int:
     if args.limit:
         dataset = dataset.subset(range(min(args.limit, len(dataset.clips))))
     _warn_if_seen(model_dir / TRAINED_ON, dataset)
-    names = [label_map.canonical(c.label) for c in dataset.clips]
-    known = set(backend.labels)
-    unknown = sorted(set(names) - known)
+    targets, hard, allowed, unknown = dataset_targets(dataset, backend.labels, label_map)
     if unknown:
         print(
             f"streamtag eval: warning: {len(unknown)} dataset classes are not model classes and count as "
             f"errors: {unknown[:5]}",
             file=sys.stderr,
         )
-    index = {label: i for i, label in enumerate(backend.labels)}
-    targets = np.array([index.get(n, -1) for n in names])
-    allowed = np.isin(backend.labels, sorted(set(names)))
-    hard = np.full((len(names), len(backend.labels)), np.nan, np.float32)
-    hard[:, allowed] = 0.0
-    hard[targets >= 0, targets[targets >= 0]] = 1.0
     frame_s = backend.config.features.frame_seconds
     paths = [c.path for c in dataset.clips]
     print(f"streamtag eval: {len(paths)} clips through the {args.backend} backend", file=sys.stderr)
@@ -172,16 +164,10 @@ def run(args) -> int:
         report["teacher_agreement"] = teacher_agreement(backend, teacher, label_map, files)
     k = args.baseline_folds
     if k >= 2 and len(dataset.clips) >= 2 * k:
-        stats = clip_statistics(compute_features(dataset, backend.config.features, cache_dir() / "features"))
-        folds = grouped_folds(dataset, k)
-        correct = 0.0
-        for f in range(k):
-            tr, te = folds != f, folds == f
-            if te.any() and tr.any():
-                correct += (
-                    baseline_accuracy(stats[tr], targets[tr], stats[te], targets[te], len(backend.labels)) * te.sum()
-                )
-        report["baseline_acc"] = correct / len(dataset.clips)
+        feats = backend.config.features
+        report["baseline_acc"] = grouped_baseline(
+            dataset, targets, feats, cache_dir() / "features", k, len(backend.labels)
+        )
         report["baseline_split"] = f"{k}-fold source-grouped CV on these clips"
     if bar is not None:
         bar.stop()

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -198,7 +197,15 @@ def run(args) -> int:
     jobs = max(1, args.jobs if args.cv else 1)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // jobs))
     if args.cv:
-        return _cross_validate(args, opts, dataset, cache, jobs, teacher, label_map)
+        from ..training.crossval import cross_validate
+        from ..training.evaluate import write_report
+
+        threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+        report = cross_validate(dataset, opts, args.out, cache, args.cv, args.seed, jobs, threads, teacher, label_map)
+        report["dataset"] = " + ".join(args.dataset)
+        write_report(report, args.out, plot=True)
+        print(Path(args.out, "report.md").read_text())
+        return 0
     idx = np.arange(len(dataset.clips))
     if args.no_val:
         train_idx, val_idx = idx, idx[:0]
@@ -287,111 +294,3 @@ def _say_how_to_resume(args) -> None:
         )
     else:
         print("streamtag train: interrupted before the first epoch ended; nothing to resume", file=sys.stderr)
-
-
-def _one_fold(job):
-    """Train and evaluate one fold (runs in a worker process)."""
-    import torch
-
-    from ..backends import make_backend
-    from ..training.datasets import compute_features
-    from ..training.evaluate import baseline_accuracy, clip_statistics, metrics, stream_scores
-    from ..training.trainer import train
-
-    dataset, train_idx, val_idx, opts, out, cache, threads, teacher, label_map = job
-    torch.set_num_threads(threads)
-    train(
-        dataset,
-        train_idx,
-        val_idx,
-        opts,
-        out,
-        cache,
-        progress=False,
-        log=lambda line: None,
-        keep_best=False,
-        teacher=teacher,
-        label_map=label_map,
-    )
-    backend = make_backend("onnx", out)
-    targets = dataset.targets()
-    train_idx, val_idx = train_idx[targets[train_idx] >= 0], val_idx[targets[val_idx] >= 0]  # labelled clips
-    probs = stream_scores(backend, [dataset.clips[i].path for i in val_idx])
-    m = metrics(probs, targets[val_idx], dataset.labels, opts.features.frame_seconds)
-    stats = clip_statistics(compute_features(dataset, opts.features, cache))
-    base = baseline_accuracy(
-        stats[train_idx], targets[train_idx], stats[val_idx], targets[val_idx], len(dataset.labels)
-    )
-    return {"metrics": m, "baseline_acc": base}
-
-
-def _cross_validate(args, opts, dataset, cache, jobs, teacher=None, label_map=None) -> int:
-    from ..training.datasets import compute_features, grouped_folds
-    from ..training.evaluate import write_report
-
-    compute_features(dataset, opts.features, cache)  # fill the cache once, before the workers start
-    folds = grouped_folds(dataset, args.cv, args.seed)
-    idx = np.arange(len(dataset.clips))
-    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
-    work = [
-        (
-            dataset,
-            idx[folds != k],
-            idx[folds == k],
-            opts,
-            Path(args.out) / f"fold{k}",
-            cache,
-            threads,
-            teacher,
-            label_map,
-        )
-        for k in range(args.cv)
-    ]
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(_one_fold, work))
-    else:
-        results = [_one_fold(w) for w in work]
-    n = np.array([r["metrics"]["clips"] for r in results], dtype=np.float64)
-
-    def pooled(get):
-        return float((np.array([get(r) for r in results]) * n).sum() / n.sum())
-
-    m0 = results[0]["metrics"]
-    summary = {
-        "clips": int(n.sum()),
-        "acc_last": pooled(lambda r: r["metrics"]["acc_last"]),
-        "acc_mean": pooled(lambda r: r["metrics"]["acc_mean"]),
-        "macro_map": float(np.mean([r["metrics"]["macro_map"] for r in results])),
-        "time_to_detect": {k: pooled(lambda r, k=k: r["metrics"]["time_to_detect"][k]) for k in m0["time_to_detect"]},
-        "per_class": {},
-        "confusion": np.sum([r["metrics"]["confusion"] for r in results], axis=0).tolist(),
-        "labels": m0["labels"],
-    }
-    for label in dataset.labels:
-        rows = [r["metrics"]["per_class"][label] for r in results if label in r["metrics"]["per_class"]]
-        if rows:
-            total = sum(x["n"] for x in rows)
-            summary["per_class"][label] = {
-                "n": total,
-                "acc_last": sum(x["acc_last"] * x["n"] for x in rows) / total,
-                "ap": float(np.nanmean([x["ap"] for x in rows])),
-            }
-    report = {
-        "model": f"{opts.arch} ({args.cv}-fold grouped CV)",
-        "dataset": " + ".join(args.dataset),
-        "metrics": summary,
-        "baseline_acc": pooled(lambda r: r["baseline_acc"]),
-        "baseline_split": "same folds",
-        "folds": [
-            {
-                "baseline_acc": r["baseline_acc"],
-                "acc_last": r["metrics"]["acc_last"],
-                "acc_mean": r["metrics"]["acc_mean"],
-            }
-            for r in results
-        ],
-    }
-    write_report(report, args.out, plot=True)
-    print(Path(args.out, "report.md").read_text())
-    return 0

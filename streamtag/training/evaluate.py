@@ -51,6 +51,34 @@ def stream_scores(
     return out
 
 
+def dataset_targets(dataset, labels: Sequence[str], label_map) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """A labelled dataset against a model's classes: ``(targets, hard, allowed, unknown)``: each clip's class
+    index (-1 for a class the model lacks), hard multi-label targets (NaN outside the dataset's classes),
+    the model classes the dataset has, and the dataset classes the model lacks."""
+    names = [label_map.canonical(c.label) for c in dataset.clips]
+    index = {label: i for i, label in enumerate(labels)}
+    targets = np.array([index.get(n, -1) for n in names])
+    allowed = np.isin(labels, sorted(set(names)))
+    hard = np.full((len(names), len(labels)), np.nan, np.float32)
+    hard[:, allowed] = 0.0
+    hard[targets >= 0, targets[targets >= 0]] = 1.0
+    return targets, hard, allowed, sorted(set(names) - set(labels))
+
+
+def grouped_baseline(dataset, targets: np.ndarray, features, cache, k: int, n_classes: int) -> float:
+    """The offline baseline's accuracy by ``k``-fold source-grouped CV on these clips (an honesty check)."""
+    from .datasets import compute_features, grouped_folds
+
+    stats = clip_statistics(compute_features(dataset, features, cache))
+    folds = grouped_folds(dataset, k)
+    correct = 0.0
+    for f in range(k):
+        tr, te = folds != f, folds == f
+        if te.any() and tr.any():
+            correct += baseline_accuracy(stats[tr], targets[tr], stats[te], targets[te], n_classes) * te.sum()
+    return correct / len(dataset.clips)
+
+
 def detected(probs: np.ndarray, detector) -> np.ndarray:
     """Which classes opened an event anywhere in ``probs`` (bool per class), by the event detector."""
     detector.reset_states()
