@@ -287,17 +287,28 @@ class StreamTagger:
         """Steps for hops taken and stepped: level meter, events, stream time."""
         k = hops.shape[0]
         probs = np.array(probs[:k], dtype=np.float32)  # the steps own their rows
-        power = np.einsum("ij,ij->i", hops, hops) / self.hop
+        audio = np.array(hops, dtype=np.float32)  # and their samples (clip saving)
         s = self.stats
         s.frames += k
         s.samples += k * self.hop
-        s.power_sum += float(power.sum())
-        s.peak = max(s.peak, float(np.abs(hops).max()))
-        decay = 0.97 ** np.arange(k - 1, -1, -1)
-        s.recent_power = float(0.97**k * s.recent_power + 0.03 * (decay * power).sum())
+        if k == 1:  # the live case: scalars, no temporaries
+            power = float(np.dot(audio[0], audio[0])) / self.hop
+            s.power_sum += power
+            s.recent_power = 0.97 * s.recent_power + 0.03 * power
+        else:
+            powers = np.einsum("ij,ij->i", audio, audio) / self.hop
+            s.power_sum += float(powers.sum())
+            decay = 0.97 ** np.arange(k - 1, -1, -1)
+            s.recent_power = float(0.97**k * s.recent_power + 0.03 * (decay * powers).sum())
+        s.peak = max(s.peak, float(np.abs(audio).max()))
         fs, labels, first = self.frame_seconds, self.labels, self.frames
-        found = self.detector.update_block(first, probs) if self.detector is not None else {}
-        audio = np.array(hops, dtype=np.float32)  # the steps own their samples too (clip saving)
+        if self.detector is None:
+            found = {}
+        elif k == 1:
+            events = self.detector.update(first, probs[0])
+            found = {0: events} if events else {}
+        else:
+            found = self.detector.update_block(first, probs)
         out = [
             Step(first + i, (first + i + 1) * fs, probs[i], found.get(i) or [], labels, fs, audio[i]) for i in range(k)
         ]

@@ -1,34 +1,126 @@
-"""``streamtag bench``: latency, cost per stream, scale, memory and the silero-vad peer."""
+"""``streamtag bench``: does this machine run this model in real time? A short measurement of the engine.
+
+The full suite (batched scale, memory, the silero-vad peer, whole-process CPU, every architecture)
+lives in ``benchmarks/run_benchmarks.py``; it is for developers, this is for a user's machine.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+from ..errors import ConfigError
 from ..outputs.files import check_output_path
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="benchmark per-frame latency, streams per core, memory and a peer",
-        description="Measure per-frame compute (p50..max against the frame budget), end-to-end latency through "
-        "the worker, batched streams per core, memory over a long replay, and silero-vad side by side "
-        "(when installed). Prints a Markdown table; writes a JSON report only with --out.",
+        help="check that this machine runs a model in real time",
+        description="Time the engine on this machine: every 10 ms hop through the model and the event detector, "
+        "back to back and paced as a microphone delivers it, with the model alone beside it. Says whether the "
+        "model runs in real time and what share of a core one stream takes. Writes JSON only with --out. "
+        "(The full benchmark suite is benchmarks/run_benchmarks.py in the source tree.)",
     )
-    p.add_argument("--quick", action="store_true", help="small run (under a minute); CI uses it")
-    p.add_argument("--out", metavar="JSON", help="write the JSON report here (default: nothing is written)")
-    p.add_argument("--plot", metavar="PNG", help="save a per-frame latency CDF with the budget marked")
-    p.add_argument("--backend", choices=["onnx", "torch", "both"], default="both")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
-    p.add_argument("--mic", metavar="DEVICE", help="also measure end-to-end latency live from this input device")
+    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
+    p.add_argument("--seconds", type=float, default=20.0, help="audio timed back to back (default 20)")
+    p.add_argument("--paced-seconds", type=float, default=2.0, help="audio timed paced, one hop per 10 ms (default 2)")
+    p.add_argument("--out", metavar="JSON", help="also write the figures here")
     p.set_defaults(handler=run)
 
 
-def run(args) -> int:
-    if args.out:  # both paths checked before minutes of measuring
-        check_output_path(args.out, "--out")
-    if args.plot:
-        check_output_path(args.plot, "--plot")
-    from ..bench import run as run_bench
+def _stats(ns: np.ndarray, budget_ms: float) -> dict[str, float]:
+    ms = ns / 1e6
+    return {
+        "hops": int(ms.size),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "max_ms": float(ms.max()),
+        "over_budget": int((ms > budget_ms).sum()),
+    }
 
-    backends = ("onnx", "torch") if args.backend == "both" else (args.backend,)
-    run_bench(args.quick, args.out, args.plot, backends, args.model, args.mic)
+
+def run(args) -> int:
+    from ..backends import make_backend
+    from ..engine import StreamTagger
+    from ..modelfile import DEFAULT_MODEL_DIR
+    from ..sources import read_audio
+
+    if not 1 <= args.seconds <= 3600 or not 0 <= args.paced_seconds <= 600:
+        raise ConfigError(
+            f"--seconds must be in 1..3600 and --paced-seconds in 0..600 ({args.seconds}, {args.paced_seconds})"
+        )
+    if args.out:
+        check_output_path(args.out, "--out")
+    options = {"threads": 1} if args.backend == "torch" else {}
+    backend = make_backend(args.backend, args.model, **options)
+    feats = backend.config.features
+    hop, budget_ms = feats.hop_length, feats.frame_seconds * 1000
+    examples = DEFAULT_MODEL_DIR.parent / "examples"
+    clips = np.concatenate([read_audio(examples / n, feats.sample_rate)[0] for n in ("dog.flac", "rain.flac")])
+    n = int(args.seconds / feats.frame_seconds)
+    audio = np.resize(clips, (n + 100) * hop).astype(np.float32)
+    tagger = StreamTagger(backend)
+    for i in range(100):  # warm-up
+        tagger.feed(audio[i * hop : (i + 1) * hop])
+    engine_ns = np.zeros(n, np.int64)
+    cpu0 = time.process_time()
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        tagger.feed(audio[(i + 100) * hop : (i + 101) * hop])
+        engine_ns[i] = time.perf_counter_ns() - t0
+    cpu_s = time.process_time() - cpu0
+    model_ns = np.zeros(n, np.int64)
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        backend(audio[i * hop : (i + 1) * hop])
+        model_ns[i] = time.perf_counter_ns() - t0
+    paced = int(args.paced_seconds / feats.frame_seconds)
+    paced_ns = np.zeros(max(paced, 1), np.int64)
+    next_t = time.perf_counter()
+    for i in range(paced):  # as a microphone delivers: the core idles between hops, caches go cold
+        next_t += feats.frame_seconds
+        time.sleep(max(0.0, next_t - time.perf_counter()))
+        t0 = time.perf_counter_ns()
+        tagger.feed(audio[i * hop : (i + 1) * hop])
+        paced_ns[i] = time.perf_counter_ns() - t0
+    report = {
+        "model": str(args.model or "bundled"),
+        "arch": backend.config.arch,
+        "classes": len(backend.labels),
+        "backend": args.backend,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "budget_ms": budget_ms,
+        "engine": _stats(engine_ns, budget_ms),
+        "model_alone": _stats(model_ns, budget_ms),
+        "paced": _stats(paced_ns, budget_ms) if paced else None,
+        "core_share_per_stream": cpu_s / (n * feats.frame_seconds),
+    }
+    worst = max(report["engine"]["p99_ms"], report["paced"]["p99_ms"] if paced else 0.0)
+    report["real_time"] = worst < budget_ms
+    e, m = report["engine"], report["model_alone"]
+    print(
+        f"model: {report['arch']}, {report['classes']} classes, {args.backend} backend, one thread; {report['machine']}"
+    )
+    print(
+        f"hop (model + events), back to back: p50 {e['p50_ms']:.3f} ms, p99 {e['p99_ms']:.3f} ms, "
+        f"max {e['max_ms']:.3f} ms over {e['hops']} hops"
+    )
+    print(f"model alone: p50 {m['p50_ms']:.3f} ms, p99 {m['p99_ms']:.3f} ms")
+    if paced:
+        p = report["paced"]
+        print(f"hop, paced every {budget_ms:g} ms (cold caches, as live): p50 {p['p50_ms']:.3f} ms, ", end="")
+        print(f"p99 {p['p99_ms']:.3f} ms")
+    print(f"one real-time stream takes {report['core_share_per_stream']:.1%} of a core")
+    verdict = "yes" if report["real_time"] else "no"
+    print(f"real time: {verdict} (worst p99 {worst:.3f} ms is {worst / budget_ms:.0%} of the {budget_ms:g} ms budget)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"report: {args.out}")
     return 0

@@ -1,4 +1,5 @@
-"""Latency and cost benchmarks: ``streamtag bench`` and ``benchmarks/run_benchmarks.py`` run this.
+"""The benchmark suite (``python benchmarks/run_benchmarks.py``): latency, cost per stream, scale, memory,
+the silero-vad peer, and whole-process CPU. ``streamtag bench`` keeps only the real-time check.
 
 Prints a Markdown table and, when given a path, writes a JSON report whose ``summary`` holds the headline
 figures for the default model (one thread, onnx backend). Figures, not assertions:
@@ -20,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from .backends import make_backend
-from .events import EventDetector
-from .modelfile import DEFAULT_MODEL_DIR
-from .outputs import ClassSelection
-from .sources import read_audio
+from streamtag.backends import make_backend
+from streamtag.events import EventDetector
+from streamtag.modelfile import DEFAULT_MODEL_DIR
+from streamtag.outputs import ClassSelection
+from streamtag.sources import read_audio
 
-EXAMPLES = Path(__file__).parent / "assets" / "examples"
+EXAMPLES = DEFAULT_MODEL_DIR.parent / "examples"
 PERCENTILES = (50, 90, 99, 99.9)
 
 
@@ -110,8 +111,8 @@ def bench_features(model, audio: np.ndarray, frames: int, warmup: int = 200) -> 
     """The log-mel stage alone: the exported step cut at its log-mel output, bound and run like the step."""
     import onnx
 
-    from .backends.onnx_backend import _session, graph_path
-    from .modelfile import load_config, resolve_model_dir
+    from streamtag.backends.onnx_backend import _session, graph_path
+    from streamtag.modelfile import load_config, resolve_model_dir
 
     folder = resolve_model_dir(model)
     feats = load_config(folder).features
@@ -227,8 +228,8 @@ def bench_scale_gpu(model, audio: np.ndarray, sizes: list[int], calls: int) -> d
 
 def bench_e2e_replay(model, path: Path, seconds: float) -> dict[str, float]:
     """Paced replay through the real ring and worker: last sample of a hop written -> its step emitted."""
-    from .sources import WavReplaySource
-    from .worker import Worker
+    from streamtag.sources import WavReplaySource
+    from streamtag.worker import Worker
 
     backend = make_backend("onnx", model)
     feats = backend.config.features
@@ -244,8 +245,8 @@ def bench_e2e_replay(model, path: Path, seconds: float) -> dict[str, float]:
 
 def bench_e2e_mic(model, device: str, seconds: float) -> dict[str, float]:
     """Live capture for ``seconds``: last sample of a hop written by the callback -> its step emitted."""
-    from .sources.device import MicrophoneSource
-    from .worker import Worker
+    from streamtag.sources.device import MicrophoneSource
+    from streamtag.worker import Worker
 
     backend = make_backend("onnx", model)
     feats = backend.config.features
@@ -267,8 +268,8 @@ def bench_e2e_mic(model, device: str, seconds: float) -> dict[str, float]:
 
 def bench_memory(model, path: Path, minutes: float) -> dict[str, float]:
     """RSS before and after replaying ``minutes`` of audio as fast as possible."""
-    from .sources import WavReplaySource
-    from .worker import Worker
+    from streamtag.sources import WavReplaySource
+    from streamtag.worker import Worker
 
     backend = make_backend("onnx", model)
     feats = backend.config.features
@@ -335,11 +336,66 @@ def bench_silero(audio16k: np.ndarray, chunks: int) -> dict[str, Any]:
     }
 
 
+SILERO_PROCESS = """
+import sys, numpy as np, soundfile as sf, torch
+from silero_vad import VADIterator, load_silero_vad
+torch.set_num_threads(1)
+audio, rate = sf.read(sys.argv[1], dtype="float32")
+vad = VADIterator(load_silero_vad(onnx=True), sampling_rate=16000)
+x = torch.from_numpy(audio)
+for i in range(0, x.numel() - 511, 512):
+    vad(x[i : i + 512])
+"""
+
+
+def _child_cpu(cmd: list[str]) -> float:
+    """User + system CPU seconds of one child process run to the end (its whole life: imports included)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=3600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def bench_whole_process(model, minutes: float, tmp: Path) -> dict[str, Any]:
+    """Whole processes over the same audio, CPU time measured by the kernel: ``replay --fast`` of one long
+    FLAC, silero-vad's VADIterator over it (when installed), and ``tag`` of the same audio as 5 s files."""
+    import soundfile as sf
+
+    clips = np.concatenate([read_audio(EXAMPLES / n, 16000)[0] for n in ("dog.flac", "rain.flac", "chainsaw.flac")])
+    n = int(minutes * 60 * 16000)
+    audio = np.resize(clips, n)
+    long_file = tmp / "long.flac"
+    sf.write(long_file, audio, 16000)
+    folder = tmp / "clips"
+    folder.mkdir()
+    for i in range(0, n, 5 * 16000):
+        sf.write(folder / f"{i // 80000:05d}.flac", audio[i : i + 5 * 16000], 16000)
+    cli = [sys.executable, "-m", "streamtag"]
+    model_args = ["--model", str(model)]
+    out: dict[str, Any] = {"audio_s": n / 16000}
+    out["replay_fast_cpu_s"] = _child_cpu([*cli, "replay", str(long_file), "--fast", "--quiet", *model_args])
+    tag = [*cli, "tag", str(folder), "--out", str(tmp / "tags"), "--jobs", "1", "--width", "128", *model_args]
+    out["tag_files_cpu_s"] = _child_cpu(tag)
+    try:
+        import silero_vad  # noqa: F401
+    except ImportError:
+        out["silero_cpu_s"] = None
+    else:
+        out["silero_cpu_s"] = _child_cpu([sys.executable, "-c", SILERO_PROCESS, str(long_file)])
+    if out["silero_cpu_s"]:
+        out["replay_over_silero"] = out["replay_fast_cpu_s"] / out["silero_cpu_s"]
+    out["tag_real_time_factor"] = out["audio_s"] / out["tag_files_cpu_s"]
+    out["replay_real_time_factor"] = out["audio_s"] / out["replay_fast_cpu_s"]
+    return out
+
+
 def count_macs(model_dir) -> int:
     """Multiply-accumulates of one hop step: DFT, mel, and every layer's per-frame work."""
     import torch
 
-    from .models.io import load_model
+    from streamtag.models.io import load_model
 
     cfg, model = load_model(model_dir)
     f = cfg.features
@@ -407,10 +463,10 @@ def _arch_models(folder: Path, model_dir) -> dict[str, Path]:
     """Each architecture at its default size with the benchmarked model's labels (random weights: speed only)."""
     import torch
 
-    from .config import ModelConfig
-    from .modelfile import load_config, resolve_model_dir
-    from .models import build_model
-    from .models.io import save_model
+    from streamtag.config import ModelConfig
+    from streamtag.modelfile import load_config, resolve_model_dir
+    from streamtag.models import build_model
+    from streamtag.models.io import save_model
 
     labels = load_config(resolve_model_dir(model_dir)).labels
     out = {}
@@ -495,6 +551,9 @@ def run(
     report["memory"] = bench_memory(model_dir, EXAMPLES / "rain.flac", 0.5 if quick else 10)
     _progress("silero-vad side by side")
     report["silero"] = bench_silero(audio, 500 if quick else 5000)
+    _progress("whole processes: replay --fast, tag, silero-vad")
+    with tempfile.TemporaryDirectory() as tmp:
+        report["whole_process"] = bench_whole_process(model_dir, 1 if quick else 10, Path(tmp))
     _progress("process start to first probability")
     fp, torch_imported = first_probability_s()
     report["first_probability"] = {"seconds": fp, "torch_imported": torch_imported}
@@ -511,6 +570,8 @@ def run(
             "e2e_p99_ms": report["e2e_replay"]["e2e_p99_ms"],
             "rss_growth_mb": report["memory"]["rss_growth_mb"],
             "first_probability_s": fp,
+            "replay_over_silero_cpu": report["whole_process"].get("replay_over_silero"),
+            "tag_real_time_factor": report["whole_process"]["tag_real_time_factor"],
             "machine": report["machine"],
             "date": report["date"],
         },
