@@ -1,9 +1,7 @@
-"""Bad input, fuzzing, model-file safety, signals, long runs and the reset policy."""
+"""Audio files: refused with one line, odd but valid ones read right, damaged ones tagged as far as they go
+(and said so), fuzzed bytes only ever raise the documented error."""
 
 import json
-import os
-import pickle
-import signal
 
 import numpy as np
 import pytest
@@ -12,11 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamtag.backends import make_backend
-from streamtag.errors import AudioFileError, ConfigError, ModelFileError
+from streamtag.errors import AudioFileError
 from streamtag.pipeline import tag_file
 from streamtag.sources import read_audio
 
-from .conftest import EXAMPLES, read_clip, run_cli, start_cli
+from .conftest import EXAMPLES, read_clip, run_cli
 
 
 def _tone(rate, seconds=1.0, freq=1000.0, channels=1):
@@ -30,7 +28,6 @@ def _peak_hz(samples, rate=16000):
     return np.argmax(spec) * rate / samples.size
 
 
-# -- files that must be refused with one line ---------------------------------------------------------------
 def _bad_files(folder):
     wav = folder / "good.wav"
     sf.write(wav, _tone(16000), 16000)
@@ -56,7 +53,6 @@ def test_bad_files_give_one_clear_error(cnn_dir, tmp_path):
         assert str(path.name) in r.stderr
 
 
-# -- odd but valid files: correct output --------------------------------------------------------------------
 VALID = [
     ("wav", "PCM_U8", 16000, 1),
     ("wav", "PCM_16", 16000, 2),
@@ -120,30 +116,6 @@ def test_nan_and_inf_samples_are_replaced_and_reported(cnn_dir, tmp_path):
         assert all(np.isfinite(list(row["probs"].values())))
 
 
-def test_api_refuses_settings_the_cli_refuses(cnn_dir):
-    """The same limits hold without the CLI: nothing allocates 64 TiB, NaN never reaches a schedule."""
-    from streamtag.sources import WavReplaySource
-    from streamtag.worker import Worker
-
-    backend = make_backend("onnx", cnn_dir)
-    for speed in (float("nan"), float("inf"), -1.0):
-        with pytest.raises(ConfigError, match="speed must be a finite number >= 0"):
-            WavReplaySource(EXAMPLES / "dog.flac", 16000, speed=speed)
-    source = WavReplaySource(EXAMPLES / "dog.flac", 16000, speed=0)
-    for kwargs in (
-        {"buffer_seconds": 1e9},
-        {"buffer_seconds": float("nan")},
-        {"reset_every_s": 0.0},
-        {"reset_on_silence_s": float("nan")},
-    ):
-        with pytest.raises(ConfigError, match=next(iter(kwargs))):
-            Worker(source, backend, **kwargs)
-    for device in ("tpu", "cuda:99"):
-        with pytest.raises(ConfigError, match=f"--torch-device.*{device}"):
-            make_backend("torch", cnn_dir, device=device)
-
-
-# -- fuzzing --------------------------------------------------------------------------------------------------
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     data=st.binary(max_size=2000),
@@ -183,162 +155,6 @@ def test_odd_valid_wavs_replay_or_fail_cleanly(cnn_backend_fixture, tmp_path, ra
 @pytest.fixture(scope="module")
 def cnn_backend_fixture(cnn_dir):
     return make_backend("onnx", cnn_dir)
-
-
-# -- model files ----------------------------------------------------------------------------------------------
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_pickled_code_is_never_run_as_weights(cnn_dir, tmp_path):
-    import shutil
-
-    bad = tmp_path / "evil_model"
-    shutil.copytree(cnn_dir, bad)
-    marker = tmp_path / "pwned"
-    (bad / "model.safetensors").write_bytes(pickle.dumps({"w": _Payload(marker)}))
-    for backend in ("torch", "onnx"):
-        r = run_cli("replay", EXAMPLES / "dog.flac", "--model", bad, "--backend", backend, "--fast", "--quiet")
-        assert r.returncode == 2 and "Traceback" not in r.stderr
-        assert "not a safetensors file" in r.stderr or "not a loadable" in r.stderr or "safetensors" in r.stderr
-    assert not marker.exists()
-
-
-def test_pickled_code_is_never_run_as_checkpoint(tmp_path):
-    import torch
-
-    from streamtag.training.trainer import _load_checkpoint
-
-    marker = tmp_path / "pwned"
-    ckpt = tmp_path / "checkpoint.pt"
-    torch.save({"epoch": 1, "model": _Payload(marker)}, ckpt)
-    with pytest.raises(ModelFileError, match="not a checkpoint"):
-        _load_checkpoint(ckpt, torch.nn.Linear(1, 1), None, None, None, 1)
-    assert not marker.exists()
-
-
-def test_config_and_weights_mismatch_is_named(cnn_dir, tmp_path):
-    import shutil
-
-    bad = tmp_path / "mismatch"
-    shutil.copytree(cnn_dir, bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["labels"].append("extra_class")
-    (bad / "config.json").write_text(json.dumps(cfg))
-    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", bad, "--fast", "--quiet")
-    assert r.returncode == 2 and "head.proj.weight" in r.stderr and "(6, " in r.stderr
-    cfg["features"]["n_mels"] = 40
-    cfg["labels"].pop()
-    (bad / "config.json").write_text(json.dumps(cfg))
-    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", bad, "--fast", "--quiet")
-    assert r.returncode == 2 and "disagree" in r.stderr
-    (bad / "config.json").write_text("{not json")
-    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", bad, "--fast", "--quiet")
-    assert r.returncode == 2 and "not valid JSON" in r.stderr
-
-
-# -- signals --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
-def test_signals_drain_flush_and_summarise(sig, code, cnn_dir, tmp_path):
-    out, events = tmp_path / "u.jsonl", tmp_path / "e.jsonl"
-    proc = start_cli(
-        "replay",
-        EXAMPLES / "rain.flac",
-        "--model",
-        cnn_dir,
-        "--jsonl",
-        out,
-        "--events",
-        events,
-        "--quiet",
-        "--rate",
-        "50",
-        "--on-threshold",
-        "0.2",
-    )
-    from .virtual_mic import wait_for_lines
-
-    assert wait_for_lines(out, 20, proc) >= 20
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err
-    assert "samples: captured" in err
-    rows = [json.loads(line) for line in out.read_text().splitlines()]  # no partial last line
-    assert 20 <= len(rows) < 250
-    ev_rows = [json.loads(line) for line in events.read_text().splitlines()]
-    kinds = [row["type"] for row in ev_rows]
-    assert kinds.count("open") == kinds.count("close")  # open events were closed at the stop
-    last = [row for row in ev_rows if row["type"] == "close"][-1:]
-    assert last and last[0]["reason"] in ("interrupted", "ended")  # an event cut by the signal says so
-
-
-def test_second_ctrl_c_exits_at_once(cnn_dir, tmp_path):
-    out = tmp_path / "u.jsonl"
-    proc = start_cli("replay", EXAMPLES / "rain.flac", "--model", cnn_dir, "--jsonl", out, "--quiet")
-    from .virtual_mic import wait_for_lines
-
-    assert wait_for_lines(out, 3, proc) >= 3
-    proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=30)
-    assert proc.returncode == 130
-
-
-# -- long runs ------------------------------------------------------------------------------------------------
-LONG_SECONDS = float(os.environ.get("STREAMTAG_LONG_SECONDS", "180"))
-
-
-def test_long_run_state_bounded_memory_flat_and_reset_equals_fresh(model_dir):
-    """Looping real audio: state norms stay bounded, RSS flat, and after reset_states() == a fresh run."""
-    from streamtag.bench import _rss_mb
-
-    audio = np.concatenate([read_clip(EXAMPLES / n) for n in ("dog.flac", "rain.flac", "chainsaw.flac")])
-    backend = make_backend("onnx", model_dir)
-    hops = audio.size // 160
-    loops = max(2, int(LONG_SECONDS * 100 // hops))
-    norms = np.zeros((loops, len(backend.get_state())))
-    rss0 = _rss_mb()
-    for loop in range(loops):
-        for i in range(hops):
-            probs = backend(audio[i * 160 : (i + 1) * 160])
-            if i % 250 == 0:
-                norms[loop] = np.maximum(norms[loop], [np.abs(s).max() for s in backend.get_state()])
-        assert np.isfinite(probs).all()
-    rss_growth = _rss_mb() - rss0
-    assert rss_growth < 30, f"RSS grew {rss_growth:.1f} MB"
-    assert (norms[-1] <= 1.5 * norms[0] + 1e-3).all(), "state drifts: last loop's norms exceed the first's"
-    tail = audio[-16000 * 3 :]
-    backend.reset_states()
-    after_reset = np.stack([backend(tail[i * 160 : (i + 1) * 160])[0].copy() for i in range(tail.size // 160)])
-    fresh = make_backend("onnx", model_dir)
-    ref = np.stack([fresh(tail[i * 160 : (i + 1) * 160])[0].copy() for i in range(tail.size // 160)])
-    np.testing.assert_array_equal(after_reset, ref)
-
-
-def test_reset_every_restarts_state_on_schedule(cnn_dir, tmp_path):
-    """--reset-every 1: scores from second 1 on equal a fresh run that starts at second 1."""
-    from streamtag.sources import WavReplaySource
-    from streamtag.steps import Collector
-    from streamtag.worker import Worker
-
-    audio = read_clip(EXAMPLES / "chainsaw.flac")
-    backend = make_backend("onnx", cnn_dir)
-    sink = Collector()
-    worker = Worker(WavReplaySource(EXAMPLES / "chainsaw.flac", 16000, speed=0), backend, [sink], reset_every_s=1.0)
-    worker.start()
-    worker.join()
-    with_resets = np.stack(sink.rows)
-    part = tmp_path / "from1s.wav"
-    sf.write(part, audio[16000:32000], 16000, subtype="FLOAT")
-    fresh = tag_file(make_backend("onnx", cnn_dir), part).probs
-    np.testing.assert_allclose(with_resets[100:200], fresh[:100], atol=1e-6)
-    assert not np.allclose(
-        with_resets[100:110], tag_file(backend, EXAMPLES / "chainsaw.flac").probs[100:110], atol=1e-4
-    )
 
 
 def test_replay_streams_long_files_in_blocks_with_the_same_scores(cnn_dir, tmp_path):

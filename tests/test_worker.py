@@ -1,0 +1,147 @@
+"""The worker thread: settings checked like the CLI's, signals drain and flush, long runs stay bounded, resets on
+schedule."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamtag.backends import make_backend
+from streamtag.errors import ConfigError
+from streamtag.pipeline import tag_file
+
+from .conftest import EXAMPLES, read_clip, start_cli
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _tone(rate, seconds=1.0, freq=1000.0, channels=1):
+    t = np.arange(int(rate * seconds)) / rate
+    x = 0.5 * np.sin(2 * np.pi * freq * t)
+    return np.repeat(x[:, None], channels, axis=1) if channels > 1 else x
+
+
+def test_api_refuses_settings_the_cli_refuses(cnn_dir):
+    """The same limits hold without the CLI: nothing allocates 64 TiB, NaN never reaches a schedule."""
+    from streamtag.sources import WavReplaySource
+    from streamtag.worker import Worker
+
+    backend = make_backend("onnx", cnn_dir)
+    for speed in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ConfigError, match="speed must be a finite number >= 0"):
+            WavReplaySource(EXAMPLES / "dog.flac", 16000, speed=speed)
+    source = WavReplaySource(EXAMPLES / "dog.flac", 16000, speed=0)
+    for kwargs in (
+        {"buffer_seconds": 1e9},
+        {"buffer_seconds": float("nan")},
+        {"reset_every_s": 0.0},
+        {"reset_on_silence_s": float("nan")},
+    ):
+        with pytest.raises(ConfigError, match=next(iter(kwargs))):
+            Worker(source, backend, **kwargs)
+    for device in ("tpu", "cuda:99"):
+        with pytest.raises(ConfigError, match=f"--torch-device.*{device}"):
+            make_backend("torch", cnn_dir, device=device)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_signals_drain_flush_and_summarise(sig, code, cnn_dir, tmp_path):
+    out, events = tmp_path / "u.jsonl", tmp_path / "e.jsonl"
+    proc = start_cli(
+        "replay",
+        EXAMPLES / "rain.flac",
+        "--model",
+        cnn_dir,
+        "--jsonl",
+        out,
+        "--events",
+        events,
+        "--quiet",
+        "--rate",
+        "50",
+        "--on-threshold",
+        "0.2",
+    )
+    from .virtual_mic import wait_for_lines
+
+    assert wait_for_lines(out, 20, proc) >= 20
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "samples: captured" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]  # no partial last line
+    assert 20 <= len(rows) < 250
+    ev_rows = [json.loads(line) for line in events.read_text().splitlines()]
+    kinds = [row["type"] for row in ev_rows]
+    assert kinds.count("open") == kinds.count("close")  # open events were closed at the stop
+    last = [row for row in ev_rows if row["type"] == "close"][-1:]
+    assert last and last[0]["reason"] in ("interrupted", "ended")  # an event cut by the signal says so
+
+
+def test_second_ctrl_c_exits_at_once(cnn_dir, tmp_path):
+    out = tmp_path / "u.jsonl"
+    proc = start_cli("replay", EXAMPLES / "rain.flac", "--model", cnn_dir, "--jsonl", out, "--quiet")
+    from .virtual_mic import wait_for_lines
+
+    assert wait_for_lines(out, 3, proc) >= 3
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+
+
+LONG_SECONDS = float(os.environ.get("STREAMTAG_LONG_SECONDS", "180"))
+
+
+def test_long_run_state_bounded_memory_flat_and_reset_equals_fresh(model_dir):
+    """Looping real audio: state norms stay bounded, RSS flat, and after reset_states() == a fresh run."""
+
+    audio = np.concatenate([read_clip(EXAMPLES / n) for n in ("dog.flac", "rain.flac", "chainsaw.flac")])
+    backend = make_backend("onnx", model_dir)
+    hops = audio.size // 160
+    loops = max(2, int(LONG_SECONDS * 100 // hops))
+    norms = np.zeros((loops, len(backend.get_state())))
+    rss0 = _rss_mb()
+    for loop in range(loops):
+        for i in range(hops):
+            probs = backend(audio[i * 160 : (i + 1) * 160])
+            if i % 250 == 0:
+                norms[loop] = np.maximum(norms[loop], [np.abs(s).max() for s in backend.get_state()])
+        assert np.isfinite(probs).all()
+    rss_growth = _rss_mb() - rss0
+    assert rss_growth < 30, f"RSS grew {rss_growth:.1f} MB"
+    assert (norms[-1] <= 1.5 * norms[0] + 1e-3).all(), "state drifts: last loop's norms exceed the first's"
+    tail = audio[-16000 * 3 :]
+    backend.reset_states()
+    after_reset = np.stack([backend(tail[i * 160 : (i + 1) * 160])[0].copy() for i in range(tail.size // 160)])
+    fresh = make_backend("onnx", model_dir)
+    ref = np.stack([fresh(tail[i * 160 : (i + 1) * 160])[0].copy() for i in range(tail.size // 160)])
+    np.testing.assert_array_equal(after_reset, ref)
+
+
+def test_reset_every_restarts_state_on_schedule(cnn_dir, tmp_path):
+    """--reset-every 1: scores from second 1 on equal a fresh run that starts at second 1."""
+    from streamtag.sources import WavReplaySource
+    from streamtag.steps import Collector
+    from streamtag.worker import Worker
+
+    audio = read_clip(EXAMPLES / "chainsaw.flac")
+    backend = make_backend("onnx", cnn_dir)
+    sink = Collector()
+    worker = Worker(WavReplaySource(EXAMPLES / "chainsaw.flac", 16000, speed=0), backend, [sink], reset_every_s=1.0)
+    worker.start()
+    worker.join()
+    with_resets = np.stack(sink.rows)
+    part = tmp_path / "from1s.wav"
+    sf.write(part, audio[16000:32000], 16000, subtype="FLOAT")
+    fresh = tag_file(make_backend("onnx", cnn_dir), part).probs
+    np.testing.assert_allclose(with_resets[100:200], fresh[:100], atol=1e-6)
+    assert not np.allclose(
+        with_resets[100:110], tag_file(backend, EXAMPLES / "chainsaw.flac").probs[100:110], atol=1e-4
+    )
