@@ -61,33 +61,48 @@ class CausalCNN(StreamingModel):
         _, head_state, level_state = self.split_state(state)
         x, level_state = self.normalise(frame[:, None], level_state)
         y, front_state = self.front.step(x[:, 0], state[:n_front])  # (batch, hidden)
+        # static reshape sizes (lines, -1, past width): one Reshape node in the exported graph
+        y, rows = self._step_layers(y, taps.reshape(len(self.convs), -1, (self.kernel - 1) * self.hidden))
+        logits, head_state = self.head.step(y, head_state)
+        return logits, front_state + head_state + level_state, rows
+
+    def _step_layers(self, y: torch.Tensor, past_taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The streaming step of every conv layer, for the ring-fed graph and the torch step alike.
+
+        ``y`` is the front end's frame ``(batch, hidden)``; ``past_taps`` ``(lines, batch, (kernel - 1) * hidden)``
+        each layer's input ``(kernel - 1) d .. d`` frames back, oldest first. Returns the trunk's output and
+        each layer's input this frame ``(batch, lines * hidden)`` (the rows its history keeps).
+        """
         weights, biases = zip(*(self._folded(conv, norm) for conv, norm in zip(self.convs, self.norms)))
         weight = torch.stack(weights)  # (lines, taps * hidden, hidden), tap-major rows: oldest tap first, t last
         n_past = (self.kernel - 1) * self.hidden
         # Every layer's past taps are known before the hop: one batched GEMM for all of them.
         lines = len(self.convs)  # static reshape sizes: one Reshape node in the exported graph
-        past = taps.reshape(lines, -1, n_past) @ weight[:, :n_past] + torch.stack(biases)[:, None, :]
+        past = past_taps @ weight[:, :n_past] + torch.stack(biases)[:, None, :]
         # (lines, batch, hidden) -> per line (batch, hidden): split along hidden, no squeezes
         past = past.transpose(0, 1).reshape(-1, lines * self.hidden).split(self.hidden, dim=1)
         rows = []
         for i in range(lines):
             rows.append(y)  # a conv layer's history is its input
             y = y + torch.relu(torch.addmm(past[i], y, weight[i, n_past:]))  # one fused Gemm + Relu in onnxruntime
-        logits, head_state = self.head.step(y, head_state)
-        return logits, front_state + head_state + level_state, torch.cat(rows, dim=1)
+        return y, torch.cat(rows, dim=1)
 
     def trunk(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         n_front = len(self.front.channels)
-        y, new_state = self.front(x, state[:n_front])  # (batch, time, hidden)
-        new_state = list(new_state)
-        one_frame = y.shape[1] == 1 and not self.training
-        for conv, norm, ctx, d in zip(self.convs, self.norms, state[n_front:], self.dilations):
+        y, front_state = self.front(x, state[:n_front])  # (batch, time, hidden)
+        contexts = state[n_front:]
+        if y.shape[1] == 1 and not self.training:  # streaming: the same layer step as the exported graph
+            past = torch.stack([ctx[:, ::d].flatten(1) for ctx, d in zip(contexts, self.dilations)])
+            out, rows = self._step_layers(y[:, 0], past)
+            new_contexts = tuple(
+                torch.cat([ctx[:, 1:], row[:, None]], dim=1) for ctx, row in zip(contexts, rows.split(self.hidden, 1))
+            )
+            return out[:, None], tuple(front_state) + new_contexts
+        new_state = list(front_state)
+        for conv, norm, ctx, d in zip(self.convs, self.norms, contexts, self.dilations):
             seq = torch.cat([ctx, y], dim=1)
             new_state.append(seq[:, -self.context_frames(d) :])
-            if one_frame:
-                y = y + torch.relu(self._conv_one_frame(conv, norm, seq, d))
-            else:
-                y = y + torch.relu(norm(conv(seq.transpose(1, 2)))).transpose(1, 2)
+            y = y + torch.relu(norm(conv(seq.transpose(1, 2)))).transpose(1, 2)
         return y, tuple(new_state)
 
     @staticmethod
@@ -97,13 +112,3 @@ class CausalCNN(StreamingModel):
         c_out, c_in, taps = conv.weight.shape
         weight = (conv.weight * scale[:, None, None]).permute(2, 1, 0).reshape(taps * c_in, c_out)
         return weight, (conv.bias - norm.running_mean) * scale + norm.bias
-
-    def _conv_one_frame(self, conv: nn.Conv1d, norm: nn.BatchNorm1d, seq: torch.Tensor, dilation: int) -> torch.Tensor:
-        """The streaming step's conv: one output frame is one GEMM over the taps, batch-norm folded in.
-
-        Same result as ``norm(conv(seq))`` in eval mode; exported as a single MatMul over all streams
-        instead of one matrix-vector conv per stream (onnxruntime's Conv loops over the batch).
-        """
-        weight, bias = self._folded(conv, norm)
-        taps = seq[:, ::dilation].flatten(1)  # (batch, taps * in): frames t - (kernel - 1) d, ..., t
-        return (taps @ weight + bias).unsqueeze(1)  # (batch, 1, out)
