@@ -212,12 +212,15 @@ def tag_archive(
     detector: Callable[[], EventDetector] | None = None,
     force: bool = False,
     progress: Callable[[Outcome], None] | None = None,
+    multi: MultiStreamTagger | None = None,
 ) -> list[Outcome]:
     """Tag every item not finished yet (all with ``force``), ``width`` files at a time; returns one outcome
     per item, in order of completion. ``detector()`` makes each file's event detector (default thresholds
-    when ``None``); ``progress(outcome)`` is called as each file ends."""
+    when ``None``); ``progress(outcome)`` is called as each file ends. ``multi``: a pool to reuse (a Ray
+    actor keeps one across batches); every stream has left it again when this returns."""
     out = Path(out)
-    multi = MultiStreamTagger(model, backend, capacity=width, events=detector or True)
+    if multi is None:
+        multi = MultiStreamTagger(model, backend, capacity=width, events=detector or True)
     feats = multi.backend.config.features
     outcomes: list[Outcome] = []
 

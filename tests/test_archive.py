@@ -161,3 +161,20 @@ def test_stdin_is_tagged_as_one_named_file(tmp_path, cnn_dir):
     assert r.returncode == 1 and b"no audio" in r.stderr
     r = subprocess.run(cmd, input=b"not a wav header at all", capture_output=True, timeout=120)
     assert r.returncode == 2 and b"not a WAV stream" in r.stderr
+
+
+def test_ray_writes_exactly_what_a_local_tag_writes(archive, tmp_path, cnn_dir):
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'streamtag[ray]')")
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    args = ["--model", cnn_dir, "--scores", "--on-threshold", "0.3"]
+    assert run_cli("tag", archive, "--out", local, "--jobs", "1", *args).returncode == 1  # the broken file
+    r = run_cli("tag", archive, "--out", on_ray, "--ray", "auto", "--jobs", "2", *args, timeout=300)
+    assert r.returncode == 1 and "1 failed" in r.stderr, r.stderr
+    assert _rows(on_ray / "summary.csv") == _rows(local / "summary.csv")
+    assert _rows(on_ray / "errors.csv") == _rows(local / "errors.csv")
+    for f in local.rglob("*.events.jsonl"):
+        assert _events(on_ray / f.relative_to(local)) == _events(f)
+    for f in local.rglob("*.scores.tsv"):
+        np.testing.assert_allclose(
+            np.loadtxt(on_ray / f.relative_to(local), skiprows=1), np.loadtxt(f, skiprows=1), atol=1e-5
+        )

@@ -64,6 +64,11 @@ def test_tag_runs_without_torch(lite, tmp_path):
     assert "\train" in labels
 
 
+def test_ray_is_an_extra_named_when_missing(lite, tmp_path):
+    r = _run(lite, "tag", EXAMPLES, "--out", tmp_path / "out", "--ray", "auto")
+    assert r.returncode == 2 and "pip install 'streamtag[ray]'" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_live_runs_without_torch(lite, tmp_path):
     env = alsa_file_mic(tmp_path, read_clip(EXAMPLES / "dog.flac"))
     out = tmp_path / "live.jsonl"

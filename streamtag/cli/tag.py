@@ -31,7 +31,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--parquet", action="store_true", help="also write summary.parquet (needs pyarrow)")
     p.add_argument("--force", action="store_true", help="tag files again even when a finished output exists")
     p.add_argument(
-        "--jobs", type=int, default=os.cpu_count() or 1, help="local processes (default: all cores, %(default)s here)"
+        "--jobs",
+        type=int,
+        default=None,
+        help=f"local processes, or Ray actors with --ray (default: one per core, {os.cpu_count()} here; with --ray, "
+        "one per CPU of the cluster)",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run on Ray (pip install 'streamtag[ray]'): auto (a Ray running here, else a local one) or a cluster "
+        "address; --out must be a path every node shares",
     )
     p.add_argument("--width", type=int, default=64, help="files stepped together per model call (default 64)")
     p.add_argument("--event-config", metavar="FILE", help="event thresholds per class (TOML or JSON), as replay's")
@@ -62,7 +72,7 @@ def run(args) -> int:
     from ..modelfile import load_config, resolve_model_dir
     from .run import event_settings
 
-    if args.jobs < 1 or args.width < 1:
+    if (args.jobs is not None and args.jobs < 1) or args.width < 1:
         raise ConfigError(f"--jobs and --width must be >= 1 ({args.jobs}, {args.width} given)")
     if args.parquet:
         try:
@@ -90,7 +100,13 @@ def run(args) -> int:
     kwargs.update(detector=detectors, force=args.force)
     started = time.perf_counter()
     try:
-        outcomes = tag_in_processes(items, min(args.jobs, len(items)), progress=bar.update, **kwargs)
+        if args.ray:
+            from ..distributed import tag_on_ray
+
+            outcomes = tag_on_ray(items, args.ray, args.jobs, progress=bar.update, **kwargs)
+        else:
+            jobs = args.jobs or os.cpu_count() or 1
+            outcomes = tag_in_processes(items, min(jobs, len(items)), progress=bar.update, **kwargs)
     finally:
         bar.close()
     wall = time.perf_counter() - started
