@@ -82,7 +82,7 @@ def _levels(text: str) -> list[float]:
 
 def run(args) -> int:
     from ..backends import make_backend
-    from ..events import EventDetector
+    from ..events import EventDetector, build_event_settings, model_event_table
     from ..modelfile import cache_dir, resolve_model_dir
     from ..training.datasets import TRAINED_ON, load_dataset, read_unlabelled
     from ..training.evaluate import (
@@ -125,7 +125,7 @@ def run(args) -> int:
     print(f"streamtag eval: {len(paths)} clips through the {args.backend} backend", file=sys.stderr)
     bar = _progress_bar()
     probs = _with_bar(bar, "clips", len(paths), lambda tick: stream_scores(backend, paths, progress=tick))
-    detector = EventDetector(backend.labels, frame_s)
+    detector = EventDetector(backend.labels, frame_s, *build_event_settings(model_event_table(backend.folder)))
     report = {
         "model": args.model,
         "dataset": str(args.dataset),
@@ -151,7 +151,9 @@ def run(args) -> int:
             if t >= 0 and backend.labels[t] not in first and len(first) < args.event_stream:
                 first[backend.labels[t]] = i
         print(f"streamtag eval: event stream of {len(first)} isolated sounds", file=sys.stderr)
-        report["event_stream"] = event_stream(backend, [paths[i] for i in first.values()], list(first))
+        report["event_stream"] = event_stream(
+            backend, [paths[i] for i in first.values()], list(first), detector=detector
+        )
     if args.false_alarm_audio:
         files = [c.path for path in args.false_alarm_audio for c in read_unlabelled(path)]
         expected = [x.strip() for x in args.expected.split(",") if x.strip()]

@@ -237,6 +237,7 @@ def event_stream(
     gap_s: float = 3.0,
     onset_tolerance_s: float = 0.3,
     seed: int = 0,
+    detector=None,
 ) -> dict[str, Any]:
     """Isolated sounds one after another over a quiet noise floor, as a microphone would hear them.
 
@@ -244,6 +245,7 @@ def event_stream(
     ``gap_s`` of white noise at ``floor_db`` dBFS RMS. A sound is found when an event of its label
     opens with an onset within ``onset_tolerance_s`` of where it was placed (backdating counts, so an
     event that opens late but says when the sound began is found). Other events are false alarms.
+    ``detector``: the event detector to use (default thresholds when ``None``).
     """
     from ..events import EventDetector
     from ..sources.file import read_audio
@@ -265,7 +267,8 @@ def event_stream(
     pieces.append(rng.normal(0.0, 10 ** (floor_db / 20), int(gap_s * rate)).astype(np.float32))
     stream = np.concatenate(pieces)
     probs = stream_probs(backend, stream)
-    detector = EventDetector(backend.labels, feats.frame_seconds)
+    detector = detector or EventDetector(backend.labels, feats.frame_seconds)
+    detector.reset_states()
     events = []
     for f, row in enumerate(probs):
         events += [e for e in detector.update(f, row) if e.kind == "open"]
