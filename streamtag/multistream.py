@@ -101,11 +101,12 @@ class MultiStreamTagger:
         self.streams[name] = engine
         return engine
 
-    def leave(self, name: str) -> list[Step]:
-        """Remove a stream; returns its last steps (the hops it still held, then its events closed)."""
+    def leave(self, name: str, reason: str = "stream_end") -> list[Step]:
+        """Remove a stream; returns its last steps (the hops it still held, then its events closed with
+        ``reason``)."""
         engine = self.streams[self._known(name)]
         out = engine.feed(np.zeros(0, np.float32))  # its last hops, stepped alone: a leaver does not wait
-        out += engine.finish()
+        out += engine.finish(reason)
         del self.streams[name]
         heapq.heappush(self._free, engine.hop_model.slot)
         return out

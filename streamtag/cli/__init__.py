@@ -14,9 +14,20 @@ from typing import NoReturn
 
 from ..errors import StreamtagError
 
-SUBCOMMANDS = ["run", "tag", "devices", "train", "evaluate", "export", "bench"]
+SUBCOMMANDS = ["run", "tag", "serve", "devices", "train", "evaluate", "export", "bench"]
 # optional modules -> the extra that installs them (pip install 'streamtag[EXTRA]')
-EXTRAS = {"torch": "train", "torchaudio": "train", "onnx": "train", "safetensors": "train", "matplotlib": "plot"}
+EXTRAS = {
+    "torch": "train",
+    "torchaudio": "train",
+    "onnx": "train",
+    "safetensors": "train",
+    "matplotlib": "plot",
+    "aiohttp": "serve",
+    "paho": "serve",
+    "prometheus_client": "serve",
+    "pyarrow": "archive",
+    "ray": "ray",
+}
 
 
 class Parser(argparse.ArgumentParser):

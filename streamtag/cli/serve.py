@@ -1,0 +1,125 @@
+"""``streamtag serve``: remote streams over WebSocket, events to clients, MQTT/Home Assistant and a web page."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import signal
+import sys
+
+from ..errors import ConfigError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="tag many remote streams: WebSocket in; events to clients, MQTT and Home Assistant; a live page",
+        description="Serve many streams through one batched worker. Clients stream PCM over WebSocket to "
+        "ws://HOST:PORT/v1/streams/NAME and get scores and events back; --mqtt also publishes events, per-label "
+        "ON/OFF states and Home Assistant discovery. /metrics (Prometheus), /healthz and a live page at /. "
+        "Binds 127.0.0.1 by default; any other address needs --token. Ctrl-C or SIGTERM closes every open "
+        "event (published), sets states OFF and availability offline, and exits.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8750, help="port (default 8750; 0 picks a free one)")
+    p.add_argument("--token", help="required from clients (?token= or Authorization: Bearer); needed off loopback")
+    p.add_argument("--mqtt", metavar="mqtt://HOST[:PORT]", help="publish events and states to this broker")
+    p.add_argument("--mqtt-prefix", default="streamtag", help="topic prefix (default streamtag)")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
+    p.add_argument("--max-streams", type=int, default=256, help="streams at once (default 256)")
+    p.add_argument("--rate", type=float, default=10.0, help="score messages per second to each client (default 10)")
+    p.add_argument("--idle-seconds", type=float, default=30.0, help="close a client silent this long (default 30)")
+    p.add_argument("--event-config", metavar="FILE", help="event thresholds per class (TOML or JSON)")
+    p.add_argument("--on-threshold", type=float, help="score that starts an event, for every class")
+    p.add_argument("--port-file", metavar="PATH", help="write the bound port here once listening (for scripts)")
+    p.set_defaults(handler=run)
+
+
+def _check(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535 ({args.port} given)")
+    if not 1 <= args.max_streams <= 100_000:
+        raise ConfigError(f"--max-streams must be in 1..100000 ({args.max_streams} given)")
+    if not 0 < args.rate <= 100:
+        raise ConfigError(f"--rate must be in (0, 100] updates per second ({args.rate} given)")
+    if not 1 <= args.idle_seconds <= 86400:
+        raise ConfigError(f"--idle-seconds must be in 1..86400 ({args.idle_seconds} given)")
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not args.token:
+        raise ConfigError(f"--host {args.host} is reachable from other machines: add --token SECRET (clients send it)")
+
+
+def run(args) -> int:
+    from ..events import EventDetector
+    from ..modelfile import load_config, resolve_model_dir
+    from ..multistream import MultiStreamTagger
+    from ..outputs.mqtt import MqttPublisher, parse_broker
+    from ..server import Metrics, ServeOptions, ServeWorker
+    from .run import event_settings
+    from .tag import _Detectors
+
+    _check(args)
+    if args.mqtt:
+        parse_broker(args.mqtt)
+    import aiohttp  # noqa: F401  (missing: one line naming the extra)
+    import prometheus_client  # noqa: F401
+
+    cfg = load_config(resolve_model_dir(args.model))
+    default, per_class = event_settings(args.model, args.event_config, args.on_threshold)
+    detectors = _Detectors(cfg.labels, cfg.features.frame_seconds, default, per_class)
+    EventDetector(*detectors.args)  # bad settings fail here
+    options = ServeOptions(capacity=args.max_streams, rate=args.rate, idle_s=args.idle_seconds, token=args.token)
+    multi = MultiStreamTagger(args.model, capacity=args.max_streams, events=detectors)
+    mqtt = MqttPublisher(args.mqtt, multi.labels, prefix=args.mqtt_prefix) if args.mqtt else None
+    worker = ServeWorker(multi, options, mqtt)
+    metrics = Metrics(lambda: worker.accounts)
+    worker.metrics = metrics
+    if mqtt is not None:
+        mqtt.start()
+    worker.start()
+    try:
+        return asyncio.run(_serve(args, worker, metrics, options))
+    finally:
+        worker.stop()
+        worker.join(timeout=10)
+        if mqtt is not None:
+            mqtt.close()
+
+
+async def _serve(args, worker, metrics, options) -> int:
+    from aiohttp import web
+
+    from ..server import build_app
+
+    app = build_app(worker, metrics, options)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
+    port = site._server.sockets[0].getsockname()[1]
+    print(
+        f"streamtag serve: listening on http://{args.host}:{port}/ (streams: ws://{args.host}:{port}/v1/streams/NAME)",
+        file=sys.stderr,
+        flush=True,
+    )
+    if args.port_file:
+        with open(args.port_file, "w") as f:
+            f.write(f"{port}\n")
+    stop = asyncio.Event()
+    got = {}
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda s=sig: (got.setdefault("signal", s), stop.set()))
+    await stop.wait()
+    print("streamtag serve: stopping: closing open events and streams", file=sys.stderr, flush=True)
+    worker.stop()  # every stream leaves: open events close (reason interrupted), published
+    await asyncio.get_running_loop().run_in_executor(None, worker.join, 10)
+    await runner.cleanup()
+    return 130 if got.get("signal") == signal.SIGINT else 0

@@ -1,0 +1,138 @@
+"""MQTT for ``serve``: event messages, per-label ON/OFF states, levels, and Home Assistant discovery.
+
+Topics (``prefix`` defaults to ``streamtag``), the layout Frigate's audio users already automate on:
+
+- ``<prefix>/availability``: ``online`` / ``offline`` (retained; the broker sends ``offline`` as our last
+  will when the server dies);
+- ``<prefix>/<stream>/audio/<label>``: ``ON`` while an event of that label is open, ``OFF`` after (retained);
+- ``<prefix>/<stream>/audio/level``: the stream's level in dBFS, a few times a second;
+- ``<prefix>/events``: one JSON object per event open and close (type, stream, label, onset, offset,
+  score, wall-clock time in ISO 8601);
+- ``homeassistant/binary_sensor/<prefix>_<stream>_<label>/config``: discovery (retained), one device per
+  stream, one ``binary_sensor`` with ``device_class: sound`` per label, availability wired.
+
+paho-mqtt runs its own network thread, reconnects with backoff when the broker goes away and queues
+up to ``queue_limit`` messages meanwhile; what does not fit is counted in ``dropped``, never blocks
+the worker.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Sequence
+from urllib.parse import urlparse
+
+from ..errors import BackendUnavailable, ConfigError
+from ..events import Event
+
+
+def parse_broker(url: str) -> tuple[str, int]:
+    """``mqtt://host[:port]`` (1883 by default) -> ``(host, port)``."""
+    parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+    if parsed.scheme != "mqtt" or not parsed.hostname:
+        raise ConfigError(f"--mqtt {url!r}: give mqtt://HOST[:PORT]")
+    try:
+        return parsed.hostname, parsed.port or 1883
+    except ValueError:
+        raise ConfigError(f"--mqtt {url!r}: the port is not a number in 1..65535") from None
+
+
+class MqttPublisher:
+    """Publishes what the server's streams hear. Thread-safe calls: the worker thread makes them."""
+
+    def __init__(
+        self,
+        url: str,
+        labels: Sequence[str],
+        prefix: str = "streamtag",
+        discovery_prefix: str = "homeassistant",
+        queue_limit: int = 10_000,
+    ) -> None:
+        try:
+            import paho.mqtt.client as mqtt
+        except ImportError:
+            raise BackendUnavailable("--mqtt needs paho-mqtt: pip install 'streamtag[serve]'") from None
+        self.host, self.port = parse_broker(url)
+        self.labels, self.prefix, self.discovery_prefix = list(labels), prefix, discovery_prefix
+        self.availability = f"{prefix}/availability"
+        self.published = 0
+        self.dropped = 0
+        self._mqtt = mqtt
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{prefix}-server")
+        self.client.max_queued_messages_set(queue_limit)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.will_set(self.availability, "offline", qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self._streams: set[str] = set()
+
+    def start(self) -> None:
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if not reason_code.is_failure:  # after every (re)connect: the broker may have lost retained state
+            self._send(self.availability, "online", retain=True)
+            for stream in list(self._streams):
+                self._discovery(stream)
+
+    def _send(self, topic: str, payload: str, retain: bool = False, qos: int = 0) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == self._mqtt.MQTT_ERR_SUCCESS or info.rc == self._mqtt.MQTT_ERR_NO_CONN:
+            self.published += 1  # with no connection paho keeps it queued and sends it on reconnect
+        else:
+            self.dropped += 1
+
+    # -- what the server calls ---------------------------------------------------------------------------
+    def stream_joined(self, stream: str) -> None:
+        self._streams.add(stream)
+        self._discovery(stream)
+        for label in self.labels:
+            self._send(f"{self.prefix}/{stream}/audio/{label}", "OFF", retain=True)
+
+    def stream_left(self, stream: str) -> None:
+        self._streams.discard(stream)
+
+    def event(self, stream: str, event: Event) -> None:
+        state = "ON" if event.kind == "open" else "OFF"
+        self._send(f"{self.prefix}/{stream}/audio/{event.label}", state, retain=True)
+        row = {
+            "type": event.kind,
+            "stream": stream,
+            "label": event.label,
+            "onset": round(event.onset, 3),
+            "offset": None if event.offset is None else round(event.offset, 3),
+            "score": round(event.score_max, 4),
+            "reason": event.reason,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+        }
+        self._send(f"{self.prefix}/events", json.dumps(row), qos=1)
+
+    def level(self, stream: str, dbfs: float) -> None:
+        self._send(f"{self.prefix}/{stream}/audio/level", f"{max(dbfs, -120.0):.1f}")
+
+    def close(self) -> None:
+        """States OFF were sent by the events' closes; say offline, flush, disconnect."""
+        info = self.client.publish(self.availability, "offline", qos=1, retain=True)
+        try:
+            info.wait_for_publish(timeout=2.0)
+        except (RuntimeError, ValueError):  # not connected: the last will says it for us
+            pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _discovery(self, stream: str) -> None:
+        device = {"identifiers": [f"{self.prefix}_{stream}"], "name": f"{self.prefix} {stream}", "model": "streamtag"}
+        for label in self.labels:
+            uid = f"{self.prefix}_{stream}_{label}"
+            config = {
+                "name": label.replace("_", " "),
+                "unique_id": uid,
+                "state_topic": f"{self.prefix}/{stream}/audio/{label}",
+                "device_class": "sound",
+                "payload_on": "ON",
+                "payload_off": "OFF",
+                "availability_topic": self.availability,
+                "device": device,
+            }
+            self._send(f"{self.discovery_prefix}/binary_sensor/{uid}/config", json.dumps(config), retain=True)

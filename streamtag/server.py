@@ -1,0 +1,406 @@
+"""``streamtag serve``: many remote streams through one batched worker; events to clients, MQTT and a web page.
+
+Two halves. An asyncio front (aiohttp) speaks to the network: WebSocket streams in, JSON back,
+``/metrics``, ``/healthz`` and the live page. One worker thread owns a
+:class:`~streamtag.multistream.MultiStreamTagger`: it takes decoded audio from an inbox, steps every
+stream that has a hop in one batched call a round, and hands each step to that stream's client,
+to MQTT and to the metrics. The network never waits on the model and the model never waits on
+the network: a stream whose client sends faster than real time is bounded by ``max_backlog_s``
+(the excess is dropped and counted), and every sample is accounted for (received = processed +
+dropped + pending).
+
+WebSocket protocol, ``ws://HOST:PORT/v1/streams/<name>``: an optional first text message
+``{"sample_rate": 16000, "format": "s16le" | "f32le", "channels": 1}`` (the defaults), then binary
+PCM of any size; ``{"type": "eof"}`` ends the stream. The server sends ``{"type": "scores", "t",
+"top": [[label, p], ...]}`` ``rate`` times a second, ``{"type": "open" | "close", "label", "onset",
+"offset", ...}`` for events, and a last ``{"type": "summary", ...}`` before it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+from .multistream import MultiStreamTagger
+
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+FORMATS = {"s16le": ("<i2", 32768.0), "f32le": ("<f4", 1.0)}
+PAGE = Path(__file__).parent / "assets" / "serve_page.html"
+
+# close codes (4000-4999 are the application's)
+CLOSE_BAD_REQUEST, CLOSE_NAME_TAKEN, CLOSE_FULL, CLOSE_IDLE, CLOSE_UNAUTHORISED = 4400, 4409, 4429, 4408, 4401
+
+
+@dataclasses.dataclass
+class ServeOptions:
+    capacity: int = 256  # streams at once
+    rate: float = 10.0  # score messages per second per client
+    top: int = 3
+    max_message_bytes: int = 1 << 20
+    max_backlog_s: float = 5.0  # audio a stream may have queued before its excess is dropped
+    idle_s: float = 30.0  # a client that sends nothing this long is closed
+    token: str | None = None
+
+
+@dataclasses.dataclass
+class StreamAccount:
+    """Per stream: every sample received is processed, dropped, or still pending."""
+
+    rate: int
+    received: int = 0
+    dropped: int = 0
+    processed: int = 0  # at the client's rate, counted as the engine takes them
+    frames: int = 0
+    events: int = 0
+    level_dbfs: float = float("-inf")
+    top: list = dataclasses.field(default_factory=list)
+    recent: list = dataclasses.field(default_factory=list)  # the last few events, for the page
+
+
+class ServeWorker(threading.Thread):
+    """The one batched worker. Commands come through :meth:`submit` from any thread."""
+
+    def __init__(self, multi: MultiStreamTagger, options: ServeOptions, mqtt=None, metrics=None) -> None:
+        super().__init__(name="streamtag-serve-worker", daemon=True)
+        self.multi, self.options, self.mqtt, self.metrics = multi, options, mqtt, metrics
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.accounts: dict[str, StreamAccount] = {}
+        self.listeners: dict[str, Callable[[dict], None]] = {}
+        self._pending: dict[str, int] = {}
+        self._every = max(1, round(1.0 / (options.rate * multi.frame_seconds)))
+        self._stopping = threading.Event()
+        self.lock = threading.Lock()  # guards accounts for readers on other threads (metrics, page)
+
+    def submit(self, *command) -> None:
+        self.inbox.put(command)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.inbox.put(("wake",))
+
+    def run(self) -> None:
+        while True:
+            try:
+                command = self.inbox.get(timeout=0.05)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                self._handle(command)
+                try:
+                    command = self.inbox.get_nowait()
+                except queue.Empty:
+                    command = None
+            t0 = time.perf_counter()
+            hops = 0
+            for name, step in self.multi.step():
+                hops += step.has_scores
+                self._deliver(name, step)
+            if hops and self.metrics is not None:
+                self.metrics.stepped(hops, time.perf_counter() - t0)
+            if self._stopping.is_set():
+                for name in list(self.accounts):
+                    self._leave(name, "interrupted")
+                return
+
+    # -- commands ------------------------------------------------------------------------------------------
+    def _handle(self, command) -> None:
+        kind = command[0]
+        if kind == "join":
+            _, name, rate, listener = command
+            self.multi.join(name, sample_rate=rate)
+            with self.lock:
+                self.accounts[name] = StreamAccount(rate)
+            self.listeners[name] = listener
+            self._pending[name] = 0
+            if self.mqtt is not None:
+                self.mqtt.stream_joined(name)
+        elif kind == "audio":
+            _, name, samples = command
+            account = self.accounts.get(name)
+            if account is None:
+                return
+            account.received += samples.size
+            room = int(self.options.max_backlog_s * account.rate) - self._backlog(name)
+            if samples.size > room:  # a client far ahead of real time: keep the stream bounded
+                keep = max(room, 0)
+                account.dropped += samples.size - keep
+                samples = samples[:keep]
+            if samples.size:
+                self.multi.feed(name, samples)
+                account.processed += samples.size
+        elif kind == "eof":
+            self._leave(command[1], "stream_end")
+        elif kind == "gone":
+            self._leave(command[1], "interrupted")
+
+    def _backlog(self, name: str) -> int:
+        engine = self.multi.streams[name]
+        return int(engine.pending_samples * self.accounts[name].rate / engine.model_rate)
+
+    def _leave(self, name: str, reason: str) -> None:
+        if name not in self.accounts:
+            return
+        for step in self.multi.leave(name, reason):
+            self._deliver(name, step)
+        with self.lock:
+            account = self.accounts.pop(name)
+        listener = self.listeners.pop(name)
+        listener({"type": "summary", "reason": reason, **self._summary(account)})
+        listener(None)  # the connection may close now
+        if self.mqtt is not None:
+            self.mqtt.stream_left(name)
+        if self.metrics is not None:
+            self.metrics.left(account)
+
+    @staticmethod
+    def _summary(account: StreamAccount) -> dict:
+        return {
+            "received": account.received,
+            "processed": account.processed,
+            "dropped": account.dropped,
+            "frames": account.frames,
+            "events": account.events,
+        }
+
+    # -- steps out -----------------------------------------------------------------------------------------
+    def _deliver(self, name: str, step) -> None:
+        account = self.accounts[name]
+        listener = self.listeners[name]
+        if step.has_scores:
+            account.frames += 1
+            if account.frames % self._every == 0:
+                order = np.argsort(-step.probs)[: self.options.top]
+                top = [[step.labels[i], round(float(step.probs[i]), 4)] for i in order]
+                engine = self.multi.streams.get(name)
+                level = engine.stats.recent_dbfs if engine is not None else account.level_dbfs
+                with self.lock:
+                    account.top, account.level_dbfs = top, level
+                listener(
+                    {"type": "scores", "t": round(step.t, 3), "top": top, "level_dbfs": round(max(level, -120), 1)}
+                )
+                if self.mqtt is not None and account.frames % (self._every * 5) == 0:
+                    self.mqtt.level(name, level)
+        for event in step.events:
+            listener(event.as_dict())
+            if event.kind == "open":
+                account.events += 1
+            with self.lock:
+                account.recent = (account.recent + [event.as_dict()])[-8:]
+            if self.mqtt is not None:
+                self.mqtt.event(name, event)
+            if self.metrics is not None and event.kind == "open":
+                self.metrics.event(event.label)
+
+
+class Metrics:
+    """Prometheus metrics (``/metrics``): streams, hops, samples, events by label, step latency."""
+
+    def __init__(self, worker_accounts: Callable[[], dict]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.hops = Counter("streamtag_hops", "hops stepped, all streams", registry=self.registry)
+        self.events = Counter("streamtag_events", "events opened", ["label"], registry=self.registry)
+        self.step_seconds = Histogram(
+            "streamtag_round_seconds",
+            "time of one round of batched steps",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+            registry=self.registry,
+        )
+        self.received = Counter(
+            "streamtag_samples_received", "samples received, streams that left", registry=self.registry
+        )
+        self.dropped = Counter(
+            "streamtag_samples_dropped", "samples dropped, streams that left", registry=self.registry
+        )
+        streams = Gauge("streamtag_streams", "streams connected", registry=self.registry)
+        streams.set_function(lambda: len(worker_accounts()))
+        live_dropped = Gauge(
+            "streamtag_samples_dropped_open", "samples dropped, streams still open", registry=self.registry
+        )
+        live_dropped.set_function(lambda: sum(a.dropped for a in list(worker_accounts().values())))
+
+    def stepped(self, hops: int, seconds: float) -> None:
+        self.hops.inc(hops)
+        self.step_seconds.observe(seconds)
+
+    def event(self, label: str) -> None:
+        self.events.labels(label).inc()
+
+    def left(self, account: StreamAccount) -> None:
+        self.received.inc(account.received)
+        self.dropped.inc(account.dropped)
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def decode(data: bytes, fmt: str, channels: int, carry: bytes) -> tuple[np.ndarray, bytes]:
+    """PCM bytes -> mono float32; a trailing part-frame is carried to the next message."""
+    dtype, scale = FORMATS[fmt]
+    frame = np.dtype(dtype).itemsize * channels
+    data = carry + data
+    usable = len(data) - len(data) % frame
+    x = np.frombuffer(data[:usable], dtype=dtype).astype(np.float32) / np.float32(scale)
+    if channels > 1:
+        x = x.reshape(-1, channels).mean(axis=1, dtype=np.float32)
+    return x, data[usable:]
+
+
+def parse_hello(text: str) -> tuple[int, str, int]:
+    """The optional first text message -> ``(sample_rate, format, channels)``; ConfigError says what is wrong."""
+    try:
+        hello = json.loads(text)
+    except ValueError:
+        raise ConfigError(
+            'the first text message must be JSON, e.g. {"sample_rate": 16000, "format": "s16le"}'
+        ) from None
+    if not isinstance(hello, dict):
+        raise ConfigError("the first text message must be a JSON object")
+    unknown = set(hello) - {"sample_rate", "format", "channels", "type"}
+    if unknown:
+        raise ConfigError(f"unknown keys {sorted(unknown)} (sample_rate, format, channels)")
+    rate, fmt, channels = hello.get("sample_rate", 16000), hello.get("format", "s16le"), hello.get("channels", 1)
+    if not isinstance(rate, int) or not 8000 <= rate <= 192000:
+        raise ConfigError(f"sample_rate must be a whole number in 8000..192000 ({rate!r} given)")
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)} ({fmt!r} given)")
+    if not isinstance(channels, int) or not 1 <= channels <= 8:
+        raise ConfigError(f"channels must be 1..8 ({channels!r} given)")
+    return rate, fmt, channels
+
+
+def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOptions):
+    """The aiohttp application: the stream endpoint, /metrics, /healthz and the live page."""
+    from aiohttp import WSMsgType, web
+
+    def authorised(request) -> bool:
+        if options.token is None:
+            return True
+        given = request.query.get("token") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+        return given == options.token
+
+    async def stream(request):
+        ws = web.WebSocketResponse(max_msg_size=options.max_message_bytes, heartbeat=20)
+        await ws.prepare(request)
+        name = request.match_info["name"]
+        if not authorised(request):
+            await ws.close(code=CLOSE_UNAUTHORISED, message=b"a token is needed: ?token=... or Authorization: Bearer")
+            return ws
+        if not NAME.match(name):
+            await ws.close(code=CLOSE_BAD_REQUEST, message=b"stream names are 1-64 of A-Z a-z 0-9 _ -")
+            return ws
+        if name in worker.accounts or name in joining:
+            await ws.close(code=CLOSE_NAME_TAKEN, message=f"stream '{name}' is already connected".encode())
+            return ws
+        if len(worker.accounts) + len(joining) >= options.capacity:
+            await ws.close(code=CLOSE_FULL, message=f"server full ({options.capacity} streams)".encode())
+            return ws
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        def listener(message) -> None:  # called on the worker thread
+            loop.call_soon_threadsafe(outbox.put_nowait, message)
+
+        async def sender():
+            while True:
+                message = await outbox.get()
+                if message is None:
+                    return
+                if not ws.closed:
+                    await ws.send_str(json.dumps(message))
+
+        joining.add(name)
+        rate, fmt, channels, carry, joined = 16000, "s16le", 1, b"", False
+        send_task = asyncio.create_task(sender())
+        reason, code = None, 1000
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(ws.receive(), timeout=options.idle_s)
+                except asyncio.TimeoutError:
+                    reason, code = f"idle for {options.idle_s:g} s", CLOSE_IDLE
+                    break
+                if msg.type == WSMsgType.TEXT:
+                    try:
+                        body = json.loads(msg.data)
+                    except ValueError:
+                        body = None
+                    if isinstance(body, dict) and body.get("type") == "eof":
+                        break
+                    if joined:
+                        reason, code = "settings come first, before any audio", CLOSE_BAD_REQUEST
+                        break
+                    try:
+                        rate, fmt, channels = parse_hello(msg.data)
+                    except ConfigError as exc:
+                        reason, code = str(exc), CLOSE_BAD_REQUEST
+                        break
+                elif msg.type == WSMsgType.BINARY:
+                    if not joined:
+                        worker.submit("join", name, rate, listener)
+                        joined = True
+                    samples, carry = decode(msg.data, fmt, channels, carry)
+                    if samples.size:
+                        worker.submit("audio", name, samples)
+                else:  # closed, closing or an error (a message over the size limit closes with 1009)
+                    reason = "gone"
+                    break
+        finally:
+            joining.discard(name)
+        if joined:
+            worker.submit("eof" if reason is None else "gone", name)
+            await send_task  # the summary, then the end
+        else:
+            await outbox.put(None)
+            await send_task
+        if not ws.closed:
+            await ws.close(code=code, message=(reason or "done").encode()[:120])
+        return ws
+
+    async def healthz(request):
+        return web.Response(
+            text="ok\n" if worker.is_alive() else "worker stopped\n", status=200 if worker.is_alive() else 503
+        )
+
+    async def prometheus(request):
+        if not authorised(request):
+            return web.Response(status=401, text="a token is needed\n")
+        return web.Response(body=metrics.text(), content_type="text/plain", charset="utf-8")
+
+    async def page(request):
+        if not authorised(request):
+            return web.Response(status=401, text="a token is needed: /?token=...\n")
+        return web.Response(text=PAGE.read_text(), content_type="text/html")
+
+    async def state(request):
+        if not authorised(request):
+            return web.Response(status=401, text="a token is needed\n")
+        with worker.lock:
+            snapshot = {
+                name: {"level_dbfs": max(a.level_dbfs, -120.0), "top": a.top, "recent": a.recent, "frames": a.frames}
+                for name, a in worker.accounts.items()
+            }
+        return web.json_response(snapshot)
+
+    joining: set[str] = set()
+    app = web.Application()
+    app.router.add_get("/v1/streams/{name}", stream)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/state", state)
+    if metrics is not None:
+        app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/", page)
+    return app

@@ -1,0 +1,232 @@
+"""streamtag serve: real WebSocket clients, a real mosquitto broker, loopback only, bounded."""
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from .conftest import EXAMPLES, read_clip
+
+aiohttp = pytest.importorskip("aiohttp", reason="serve needs the [serve] extra (aiohttp, paho-mqtt, prometheus_client)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(tmp_path, *extra):
+    """A `streamtag serve` process on a free loopback port; yields (port, process)."""
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamtag", "serve", "--port", "0", "--port-file", str(port_file), *map(str, extra)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not port_file.exists() or not port_file.read_text().strip():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"serve did not start: {proc.communicate()[1]}")
+        time.sleep(0.05)
+    try:
+        yield int(port_file.read_text()), proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+
+
+async def _stream(port, name, pcm: bytes, hello=None, chunk=3200, token=None, pace=0.0):
+    """Send ``pcm`` in chunks (100 ms of s16le at 16 kHz), then eof; return every message the server sent."""
+    url = f"ws://127.0.0.1:{port}/v1/streams/{name}" + (f"?token={token}" if token else "")
+    messages = []
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url) as ws:
+            if hello is not None:
+                await ws.send_str(json.dumps(hello))
+            for i in range(0, len(pcm), chunk):
+                await ws.send_bytes(pcm[i : i + chunk])
+                if pace:
+                    await asyncio.sleep(pace)
+            await ws.send_str(json.dumps({"type": "eof"}))
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    messages.append(json.loads(msg.data))
+            return messages, ws.close_code
+
+
+def _pcm(clip: str) -> tuple[bytes, np.ndarray]:
+    x = np.round(read_clip(EXAMPLES / clip) * 32767).astype("<i2")
+    return x.tobytes(), x.astype(np.float32) / 32768
+
+
+def _alone(audio):
+    """The same audio through one engine of its own, with the bundled model's event settings."""
+    from streamtag.engine import StreamTagger
+
+    tagger = StreamTagger()
+    return tagger.feed(audio) + tagger.finish()
+
+
+def test_two_streams_at_once_each_get_what_replay_gives(tmp_path):
+    rain, rain_audio = _pcm("rain.flac")
+    chainsaw, chainsaw_audio = _pcm("chainsaw.flac")
+    with serve(tmp_path) as (port, _):
+
+        async def both():
+            return await asyncio.gather(_stream(port, "porch", rain), _stream(port, "garage", chainsaw, chunk=1000))
+
+        (rain_msgs, code_a), (saw_msgs, code_b) = asyncio.run(both())
+    assert code_a == code_b == 1000
+    for messages, audio in ((rain_msgs, rain_audio), (saw_msgs, chainsaw_audio)):
+        ref = _alone(audio)
+        events = [(m["type"], m["label"], m["onset"]) for m in messages if m["type"] in ("open", "close")]
+        ref_events = [(e.kind, e.label, round(e.onset, 3)) for s in ref for e in s.events]
+        assert events == ref_events and events  # the bundled model hears rain and a chainsaw
+        scores = [m for m in messages if m["type"] == "scores"]
+        assert len(scores) == 50  # 10 a second for 5 s
+        step = {round(s.t, 3): s for s in ref if s.has_scores}
+        for m in scores:
+            label, p = m["top"][0]
+            assert abs(p - float(step[m["t"]].probs[list(step[m["t"]].labels).index(label)])) < 1e-3
+        summary = messages[-1]
+        assert summary["type"] == "summary" and summary["received"] == audio.size
+        assert summary["received"] == summary["processed"] + summary["dropped"] and summary["dropped"] == 0
+    assert {m["label"] for m in rain_msgs if m["type"] == "open"} != {
+        m["label"] for m in saw_msgs if m["type"] == "open"
+    }
+
+
+def test_bad_clients_get_a_clear_close_and_harm_no_one(tmp_path):
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path, "--max-streams", "2", "--idle-seconds", "1") as (port, proc):
+
+        async def scenario():
+            async with aiohttp.ClientSession() as session:
+                base = f"ws://127.0.0.1:{port}/v1/streams/"
+                closes = {}
+                async with session.ws_connect(base + "bad") as ws:  # garbage settings
+                    await ws.send_str("{not json")
+                    await ws.receive()
+                    closes["garbage"] = (ws.close_code, ws.close_reason if hasattr(ws, "close_reason") else None)
+                async with session.ws_connect(base + "fmt") as ws:
+                    await ws.send_str(json.dumps({"sample_rate": 16000, "format": "mp3"}))
+                    msg = await ws.receive()
+                    closes["format"] = (ws.close_code, msg.extra)
+                async with session.ws_connect(base + "bad%20name") as ws:
+                    msg = await ws.receive()
+                    closes["name"] = (ws.close_code, msg.extra)
+                async with session.ws_connect(base + "quiet") as ws:  # never sends
+                    msg = await ws.receive()
+                    closes["idle"] = (ws.close_code, msg.extra)
+                good = asyncio.create_task(_stream(port, "good", rain, pace=0.03))  # still streaming below
+                await asyncio.sleep(0.3)
+                async with session.ws_connect(base + "good") as ws:  # the same name twice
+                    msg = await ws.receive()
+                    closes["taken"] = (ws.close_code, msg.extra)
+                return closes, await good
+
+        closes, (messages, code) = asyncio.run(scenario())
+        assert proc.poll() is None  # the server is still up
+    assert closes["garbage"][0] == 4400
+    assert closes["format"][0] == 4400 and "format must be one of" in closes["format"][1]
+    assert closes["name"][0] == 4400 and "stream names" in closes["name"][1]
+    assert closes["idle"][0] == 4408 and "idle" in closes["idle"][1]
+    assert closes["taken"][0] == 4409 and "already connected" in closes["taken"][1]
+    assert code == 1000 and messages[-1]["type"] == "summary" and messages[-1]["dropped"] == 0
+
+
+def test_off_loopback_needs_a_token_and_the_token_is_checked(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "streamtag", "serve", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and "--token" in r.stderr and "Traceback" not in r.stderr
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path, "--token", "s3cret") as (port, _):
+
+        async def scenario():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"ws://127.0.0.1:{port}/v1/streams/x") as ws:
+                    msg = await ws.receive()
+                    refused = (ws.close_code, msg.extra)
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    metrics_status = r.status
+            return refused, metrics_status, await _stream(port, "x", rain, token="s3cret")
+
+        refused, metrics_status, (messages, code) = asyncio.run(scenario())
+    assert refused[0] == 4401 and metrics_status == 401
+    assert code == 1000 and messages[-1]["type"] == "summary"
+
+
+@pytest.fixture()
+def mosquitto(tmp_path):
+    if not shutil.which("mosquitto") and not shutil.which("/usr/sbin/mosquitto"):
+        pytest.skip("mosquitto missing (apt-get install mosquitto; .ci/setup installs it)")
+    port = _free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            break
+        time.sleep(0.05)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _subscriber(port):
+    import paho.mqtt.client as mqtt
+
+    got = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, m: got.append((m.topic, m.payload.decode(), m.retain))
+    client.connect("127.0.0.1", port)
+    client.subscribe([("streamtag/#", 0), ("homeassistant/#", 0)])
+    client.loop_start()
+    return client, got
+
+
+def test_mqtt_events_states_discovery_and_a_clean_stop(tmp_path, mosquitto):
+    rain, audio = _pcm("rain.flac")
+    client, got = _subscriber(mosquitto)
+    try:
+        with serve(tmp_path, "--mqtt", f"mqtt://127.0.0.1:{mosquitto}") as (port, proc):
+            messages, _ = asyncio.run(_stream(port, "porch", rain + rain))  # rain, open past the first file
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+        time.sleep(0.5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    topics = {t for t, _, _ in got}
+    config = next(json.loads(p) for t, p, _ in got if t == "homeassistant/binary_sensor/streamtag_porch_rain/config")
+    assert config["device_class"] == "sound" and config["state_topic"] == "streamtag/porch/audio/rain"
+    assert config["availability_topic"] == "streamtag/availability" and config["device"]["identifiers"] == [
+        "streamtag_porch"
+    ]
+    states = [p for t, p, _ in got if t == "streamtag/porch/audio/rain"]
+    assert states[0] == "OFF" and "ON" in states and states[-1] == "OFF"
+    events = [json.loads(p) for t, p, _ in got if t == "streamtag/events"]
+    sent = [m for m in messages if m["type"] in ("open", "close")]
+    assert [(e["type"], e["label"], e["onset"]) for e in events] == [(m["type"], m["label"], m["onset"]) for m in sent]
+    assert all(e["stream"] == "porch" and e["time"].endswith("+00:00") for e in events)
+    assert "streamtag/porch/audio/level" in topics
+    availability = [p for t, p, _ in got if t == "streamtag/availability"]
+    assert availability[0] == "online" and availability[-1] == "offline"
