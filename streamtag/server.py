@@ -295,6 +295,13 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
     async def stream(request):
         ws = web.WebSocketResponse(max_msg_size=options.max_message_bytes, heartbeat=20)
         await ws.prepare(request)
+        sockets.add(ws)
+        try:
+            return await handle(ws, request)
+        finally:
+            sockets.discard(ws)
+
+    async def handle(ws, request):
         name = request.match_info["name"]
         if not authorised(request):
             await ws.close(code=CLOSE_UNAUTHORISED, message=b"a token is needed: ?token=... or Authorization: Bearer")
@@ -395,8 +402,14 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
             }
         return web.json_response(snapshot)
 
+    async def close_all(app) -> None:  # on shutdown: every client is told, none waited for
+        for ws in list(sockets):
+            await ws.close(code=1001, message=b"server stopping")
+
     joining: set[str] = set()
+    sockets: set = set()
     app = web.Application()
+    app.on_shutdown.append(close_all)
     app.router.add_get("/v1/streams/{name}", stream)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/state", state)

@@ -99,3 +99,41 @@ def test_torch_only_commands_name_the_extra(lite, tmp_path, args):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'streamtag[" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_serve_runs_without_torch(lite, tmp_path):
+    import asyncio
+    import json
+    import sys
+    import time
+
+    aiohttp = pytest.importorskip("aiohttp")
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        [str(lite / "streamtag"), "serve", "--port", "0", "--port-file", str(port_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()) and proc.poll() is None:
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+        pcm = (read_clip(EXAMPLES / "rain.flac") * 32767).astype("<i2").tobytes()
+
+        async def client():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"ws://127.0.0.1:{port}/v1/streams/porch") as ws:
+                    await ws.send_bytes(pcm)
+                    await ws.send_str(json.dumps({"type": "eof"}))
+                    return [json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT]
+
+        messages = asyncio.run(client())
+        assert ("open", "rain") in [(m["type"], m.get("label")) for m in messages]
+        r = subprocess.run([str(lite / "python"), "-c", "import torch"], capture_output=True)
+        assert r.returncode != 0 and sys.executable not in str(lite)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)

@@ -54,16 +54,24 @@ async def _stream(port, name, pcm: bytes, hello=None, chunk=3200, token=None, pa
     messages = []
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(url) as ws:
-            if hello is not None:
-                await ws.send_str(json.dumps(hello))
-            for i in range(0, len(pcm), chunk):
-                await ws.send_bytes(pcm[i : i + chunk])
-                if pace:
-                    await asyncio.sleep(pace)
-            await ws.send_str(json.dumps({"type": "eof"}))
-            async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    messages.append(json.loads(msg.data))
+
+            async def receive():
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        messages.append(json.loads(msg.data))
+
+            receiver = asyncio.create_task(receive())
+            try:
+                if hello is not None:
+                    await ws.send_str(json.dumps(hello))
+                for i in range(0, len(pcm), chunk):
+                    await ws.send_bytes(pcm[i : i + chunk])
+                    if pace:
+                        await asyncio.sleep(pace)
+                await ws.send_str(json.dumps({"type": "eof"}))
+            except (aiohttp.ClientConnectionResetError, ConnectionResetError):
+                pass  # the server went away mid-stream (a test stops it)
+            await receiver
             return messages, ws.close_code
 
 
@@ -230,3 +238,22 @@ def test_mqtt_events_states_discovery_and_a_clean_stop(tmp_path, mosquitto):
     assert "streamtag/porch/audio/level" in topics
     availability = [p for t, p, _ in got if t == "streamtag/availability"]
     assert availability[0] == "online" and availability[-1] == "offline"
+
+
+def test_sigterm_mid_stream_closes_open_events_and_exits_0(tmp_path):
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path) as (port, proc):
+
+        async def scenario():
+            task = asyncio.create_task(_stream(port, "porch", rain * 4, pace=0.05))  # 20 s of rain, in real time x2
+            await asyncio.sleep(4.0)  # the rain event is open by now
+            proc.send_signal(signal.SIGTERM)
+            return await task
+
+        messages, _ = asyncio.run(scenario())
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    closes = [m for m in messages if m["type"] == "close"]
+    assert closes and closes[-1]["reason"] == "interrupted" and messages[-1]["type"] == "summary"
+    opened = [m for m in messages if m["type"] == "open"]
+    assert len(opened) == len(closes)  # every open got its close
