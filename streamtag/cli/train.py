@@ -109,6 +109,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores / jobs)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument(
+        "--warm-level",
+        type=float,
+        default=0.5,
+        metavar="P",
+        help="share of training crops whose level estimate starts settled 50 dB below to 10 dB above the crop, "
+        "as a stream meets a sound after quiet or loud audio (default 0.5; 0 for fresh estimates only)",
+    )
+    p.add_argument(
         "--init",
         metavar="MODEL",
         help="start from this trained model's weights (fine-tuning; same --arch, --arch-param and labels)",
@@ -153,6 +161,7 @@ def _options(args):
         teacher_weight=args.teacher_weight,
         steps_per_epoch=args.steps_per_epoch,
         init_from=args.init,
+        warm_level_p=args.warm_level,
     )
 
 

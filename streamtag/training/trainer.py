@@ -82,7 +82,7 @@ class TrainOptions:
         if self.output not in OUTPUTS:
             raise ConfigError(f"--output must be one of {', '.join(OUTPUTS)} ({self.output!r} given)")
         if not 0.0 <= self.warm_level_p <= 1.0:
-            raise ConfigError(f"warm_level_p must be in 0..1 ({self.warm_level_p} given)")
+            raise ConfigError(f"--warm-level must be in 0..1 ({self.warm_level_p} given)")
         if not 0.0 <= self.teacher_weight <= 1.0:
             raise ConfigError(f"--teacher-weight must be in 0..1 ({self.teacher_weight} given)")
 
