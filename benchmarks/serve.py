@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""How many real-time streams one `streamtag serve` takes on this machine.
+
+Starts a server on a free loopback port, then N WebSocket clients that each send real audio (the
+bundled clips, s16le) in 100 ms messages paced in real time for ``--seconds``. A 100 ms message
+completes ten hops, and the server sends one scores message per 100 ms, so the latency of a
+message is the time from sending its last sample to receiving the scores of its last hop. For each
+N: p50/p99 latency over every message of every client, samples dropped (from each stream's
+summary), and the server's CPU per stream (from /proc). The clients run in this process, on the
+same machine: on a small machine they compete with the server for the cores.
+
+    python benchmarks/serve.py --streams 10,50,100,200 --seconds 10 [--out results/serve.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "streamtag" / "assets" / "examples"
+
+
+def _pcm() -> np.ndarray:
+    from streamtag.sources import read_audio
+
+    clips = [read_audio(EXAMPLES / n, 16000)[0] for n in ("rain.flac", "chainsaw.flac", "dog.flac")]
+    return (np.concatenate(clips) * 32767).astype("<i2")
+
+
+async def _client(port: int, name: str, pcm: np.ndarray, seconds: float, latencies: list, summaries: list) -> None:
+    import aiohttp
+
+    chunk = 1600  # 100 ms at 16 kHz
+    sent_at: dict[float, float] = {}
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"ws://127.0.0.1:{port}/v1/streams/{name}", max_msg_size=0) as ws:
+
+            async def receive():
+                async for msg in ws:
+                    m = json.loads(msg.data)
+                    if m["type"] == "scores" and m["t"] in sent_at:
+                        latencies.append(time.perf_counter() - sent_at[m["t"]])
+                    elif m["type"] == "summary":
+                        summaries.append(m)
+
+            receiver = asyncio.create_task(receive())
+            start = time.perf_counter()
+            n = int(seconds * 10)
+            offset = np.random.default_rng(abs(hash(name)) % 2**32).integers(0, pcm.size - chunk * n)
+            for k in range(n):
+                await asyncio.sleep(max(0.0, start + k * 0.1 - time.perf_counter()))
+                sent_at[round((k + 1) * 0.1, 3)] = time.perf_counter()
+                await ws.send_bytes(pcm[offset + k * chunk : offset + (k + 1) * chunk].tobytes())
+            await ws.send_str(json.dumps({"type": "eof"}))
+            await receiver
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_one(n: int, seconds: float, pcm: np.ndarray) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = Path(tmp) / "port"
+        cmd = [sys.executable, "-m", "streamtag", "serve", "--port", "0", "--port-file", str(port_file)]
+        server = subprocess.Popen([*cmd, "--max-streams", str(max(n, 1))], stderr=subprocess.DEVNULL)
+        try:
+            while not (port_file.exists() and port_file.read_text().strip()):
+                time.sleep(0.05)
+            port = int(port_file.read_text())
+            latencies: list = []
+            summaries: list = []
+            cpu0 = _cpu_seconds(server.pid)
+
+            async def all_clients():
+                await asyncio.gather(*(_client(port, f"s{i}", pcm, seconds, latencies, summaries) for i in range(n)))
+
+            asyncio.run(all_clients())
+            cpu = _cpu_seconds(server.pid) - cpu0
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    ms = np.array(latencies) * 1000
+    return {
+        "streams": n,
+        "seconds": seconds,
+        "latency_p50_ms": float(np.percentile(ms, 50)) if ms.size else None,
+        "latency_p99_ms": float(np.percentile(ms, 99)) if ms.size else None,
+        "dropped": int(sum(s["dropped"] for s in summaries)),
+        "completed": len(summaries),
+        "server_cpu_share_per_stream": cpu / seconds / n,
+    }
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--streams", default="10,50,100", help="comma-separated stream counts (default 10,50,100)")
+    p.add_argument("--seconds", type=float, default=10.0, help="audio each client sends (default 10)")
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    pcm = _pcm()
+    rows = []
+    print("| streams | latency p50 ms | p99 ms | dropped | server CPU per stream |")
+    print("|---|---|---|---|---|")
+    for n in (int(x) for x in args.streams.split(",")):
+        row = run_one(n, args.seconds, pcm)
+        rows.append(row)
+        print(
+            f"| {n} | {row['latency_p50_ms']:.1f} | {row['latency_p99_ms']:.1f} | {row['dropped']} | "
+            f"{row['server_cpu_share_per_stream']:.2%} |",
+            flush=True,
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
