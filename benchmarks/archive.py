@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""`streamtag tag` throughput: one long file vs many files, 1 and 2 local processes, Ray with 1 and 2 actors.
+
+Builds ``--minutes`` of audio from the bundled clips, as one FLAC and as 5 s FLAC files, and tags them
+as whole processes. Reports wall time, the CPU time the kernel counts for the process and its
+children, and audio seconds per wall second and per CPU second, beside ``replay --fast`` of the long
+file (the one-stream path). Ray rows need ``pip install 'streamtag[ray]'`` and include starting Ray.
+
+    python benchmarks/archive.py [--minutes 10] [--out results/archive.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "streamtag" / "assets" / "examples"
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system of the process and everything it started) of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, timeout=7200)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    from streamtag.sources import read_audio
+
+    clips = np.concatenate([read_audio(EXAMPLES / n, 16000)[0] for n in ("dog.flac", "rain.flac", "chainsaw.flac")])
+    n = int(args.minutes * 60 * 16000)
+    audio = np.resize(clips, n)
+    cli = [sys.executable, "-m", "streamtag"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        long_file, folder = tmp / "long.flac", tmp / "clips"
+        sf.write(long_file, audio, 16000)
+        folder.mkdir()
+        for i in range(0, n, 80000):
+            sf.write(folder / f"{i // 80000:05d}.flac", audio[i : i + 80000], 16000)
+        runs = [
+            ("replay --fast, one file", [*cli, "replay", str(long_file), "--fast", "--quiet"]),
+            ("tag, one file", [*cli, "tag", str(long_file), "--out", str(tmp / "o1"), "--jobs", "1"]),
+            ("tag, 5 s files, 1 process", [*cli, "tag", str(folder), "--out", str(tmp / "o2"), "--jobs", "1"]),
+            ("tag, 5 s files, 2 processes", [*cli, "tag", str(folder), "--out", str(tmp / "o3"), "--jobs", "2"]),
+        ]
+        try:
+            import ray  # noqa: F401
+
+            for k in (1, 2):
+                out = str(tmp / f"ray{k}")
+                runs.append(
+                    (
+                        f"tag --ray auto, {k} actor(s)",
+                        [*cli, "tag", str(folder), "--out", out, "--ray", "auto", "--jobs", str(k)],
+                    )
+                )
+        except ImportError:
+            print("(Ray rows skipped: pip install 'streamtag[ray]')")
+        print(f"{args.minutes:g} minutes of audio; {n // 80000 + (n % 80000 > 0)} files of 5 s")
+        print("| run | wall s | CPU s | x real time per wall s | per CPU s |")
+        print("|---|---|---|---|---|")
+        for name, cmd in runs:
+            wall, cpu = timed(cmd)
+            row = {"run": name, "wall_s": wall, "cpu_s": cpu, "audio_s": n / 16000}
+            rows.append(row)
+            print(f"| {name} | {wall:.1f} | {cpu:.1f} | {n / 16000 / wall:.0f} | {n / 16000 / cpu:.0f} |", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
