@@ -282,6 +282,75 @@ def parse_hello(text: str) -> tuple[int, str, int]:
     return rate, fmt, channels
 
 
+@dataclasses.dataclass
+class PullStats:
+    restarts: int = 0
+    gap_seconds: float = 0.0
+
+
+async def pull(name: str, url: str, worker: ServeWorker, stats: PullStats, stop: asyncio.Event) -> None:
+    """A pulled source: ``ffmpeg`` decodes ``url`` (RTSP, HTTP, a file: anything it reads) to 16 kHz mono
+    s16le, which goes to the worker as the stream ``name``. When ffmpeg ends or fails (a camera drops)
+    it is started again with backoff (1 s doubling to 30 s); the stream stays joined and the time
+    without audio is counted. A file that ends is read again, as a looping source would be."""
+    import shutil
+
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise ConfigError("--pull needs ffmpeg on the PATH (apt-get install ffmpeg)")
+    loop = asyncio.get_running_loop()
+
+    def listener(message) -> None:  # pulled streams have no client: their steps go to MQTT and the page
+        pass
+
+    worker.submit("join", name, 16000, listener)
+    delay = 1.0
+    carry = b""
+    while not stop.is_set():
+        proc = await asyncio.create_subprocess_exec(
+            ffmpeg,
+            "-nostdin",
+            "-v",
+            "error",
+            "-i",
+            url,
+            "-f",
+            "s16le",
+            "-ac",
+            "1",
+            "-ar",
+            "16000",
+            "-",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        got_audio = False
+        try:
+            while not stop.is_set():
+                data = await proc.stdout.read(6400)
+                if not data:
+                    break
+                got_audio = True
+                samples, carry = decode(data, "s16le", 1, carry)
+                if samples.size:
+                    worker.submit("audio", name, samples)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+        if stop.is_set():
+            break
+        delay = 1.0 if got_audio else min(2 * delay, 30.0)
+        lost = loop.time()
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        except asyncio.TimeoutError:
+            pass
+        stats.restarts += 1
+        stats.gap_seconds += loop.time() - lost
+    worker.submit("eof", name)
+
+
 def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOptions):
     """The aiohttp application: the stream endpoint, /metrics, /healthz and the live page."""
     from aiohttp import WSMsgType, web

@@ -257,3 +257,44 @@ def test_sigterm_mid_stream_closes_open_events_and_exits_0(tmp_path):
     assert closes and closes[-1]["reason"] == "interrupted" and messages[-1]["type"] == "summary"
     opened = [m for m in messages if m["type"] == "open"]
     assert len(opened) == len(closes)  # every open got its close
+
+
+def test_a_pulled_source_over_http_is_tagged_and_restarted_when_it_ends(tmp_path):
+    """--pull NAME=URL: ffmpeg reads a clip served over HTTP on loopback (in real time); when it ends,
+    the source is started again, and the stream shows on /v1/state with what it hears."""
+    if not shutil.which("ffmpeg"):
+        pytest.skip("ffmpeg missing (apt-get install ffmpeg; .ci/setup installs it)")
+    import http.server
+    import threading
+
+    shutil.copy(EXAMPLES / "rain.flac", tmp_path / "rain.flac")
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/rain.flac"
+    try:
+        with serve(tmp_path, "--pull", f"porch={url}") as (port, proc):
+
+            async def poll():
+                async with aiohttp.ClientSession() as session:
+                    seen = []
+                    deadline = time.monotonic() + 40
+                    while time.monotonic() < deadline:
+                        async with session.get(f"http://127.0.0.1:{port}/v1/state") as r:
+                            state = await r.json()
+                        if "porch" in state:
+                            seen.append(state["porch"])
+                            if state["porch"]["frames"] > 700:  # 7 s: past the 5 s file, so it was restarted
+                                return seen
+                        await asyncio.sleep(0.25)
+                    return seen
+
+            seen = asyncio.run(poll())
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+    finally:
+        httpd.shutdown()
+    assert proc.returncode == 0, err
+    assert seen and seen[-1]["frames"] > 700, seen[-1:] or "never seen"
+    assert any(row["top"] and row["top"][0][0] == "rain" for row in seen)
+    assert any(e["label"] == "rain" for row in seen for e in row["recent"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
+import shutil
 import signal
 import sys
 
@@ -31,6 +33,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--idle-seconds", type=float, default=30.0, help="close a client silent this long (default 30)")
     p.add_argument("--event-config", metavar="FILE", help="event thresholds per class (TOML or JSON)")
     p.add_argument("--on-threshold", type=float, help="score that starts an event, for every class")
+    p.add_argument(
+        "--pull",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="also tag a source ffmpeg reads (rtsp://camera/stream, an HTTP stream, a file) as stream NAME; "
+        "restarted with backoff when it drops (repeat for several)",
+    )
     p.add_argument("--port-file", metavar="PATH", help="write the bound port here once listening (for scripts)")
     p.set_defaults(handler=run)
 
@@ -48,6 +58,14 @@ def _check(args) -> None:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     except ValueError:
         loopback = False
+    for item in args.pull:
+        name, _, url = item.partition("=")
+        if not url or not re.match(r"^[A-Za-z0-9_-]{1,64}$", name):
+            raise ConfigError(f"--pull {item!r}: give NAME=URL, NAME 1-64 of A-Z a-z 0-9 _ -")
+    if len({item.partition("=")[0] for item in args.pull}) < len(args.pull):
+        raise ConfigError("--pull: two sources have the same NAME")
+    if args.pull and not shutil.which("ffmpeg"):
+        raise ConfigError("--pull needs ffmpeg on the PATH (apt-get install ffmpeg)")
     if not loopback and not args.token:
         raise ConfigError(f"--host {args.host} is reachable from other machines: add --token SECRET (clients send it)")
 
@@ -117,7 +135,12 @@ async def _serve(args, worker, metrics, options) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda s=sig: (got.setdefault("signal", s), stop.set()))
+    from ..server import PullStats, pull
+
+    pulls = [asyncio.create_task(pull(*item.split("=", 1), worker, PullStats(), stop)) for item in args.pull]
     await stop.wait()
+    for task in pulls:
+        await task
     print("streamtag serve: stopping: closing open events and streams", file=sys.stderr, flush=True)
     worker.stop()  # every stream leaves: open events close (reason interrupted), published
     await asyncio.get_running_loop().run_in_executor(None, worker.join, 10)
