@@ -219,6 +219,9 @@ def tag_archive(
     when ``None``); ``progress(outcome)`` is called as each file ends. ``multi``: a pool to reuse (a Ray
     actor keeps one across batches); every stream has left it again when this returns."""
     out = Path(out)
+    items = list(items)
+    if multi is None and len(items) == 1:  # one stream: the single-stream hop is cheaper than a pool's
+        return _tag_alone(items[0], out, model, backend, scores, detector, force, progress)
     if multi is None:
         multi = MultiStreamTagger(model, backend, capacity=width, events=detector or True)
     feats = multi.backend.config.features
@@ -259,6 +262,34 @@ def tag_archive(
         for name, step in multi.step():
             active[name].write(step)
     return outcomes
+
+
+def _tag_alone(item: Item, out: Path, model, backend: str, scores: bool, detector, force: bool, progress):
+    """One file through one engine on the backend's own (lockstep) state: the same steps as in a pool."""
+    from .backends import make_backend
+    from .engine import StreamTagger
+
+    marker = done_marker(out, item)
+    if marker.is_file() and not force and item.opener is None:
+        outcome = _skipped(item, marker)
+    else:
+        engine = StreamTagger(make_backend(backend, model), events=detector or True)
+        feats = engine.backend.config.features
+        try:
+            job = _Job(item, out, feats.sample_rate, feats.hop_length, scores, engine.labels)
+        except (AudioFileError, OSError) as exc:
+            outcome = Outcome(item.name, str(item.path), error=_one_line(exc))
+        else:
+            marker.unlink(missing_ok=True)
+            for chunk in job.chunks:
+                for step in engine.feed(chunk):
+                    job.write(step)
+            for step in engine.finish():
+                job.write(step)
+            outcome = job.finish(feats.frame_seconds)
+    if progress is not None:
+        progress(outcome)
+    return [outcome]
 
 
 def _skipped(item: Item, marker: Path) -> Outcome:
