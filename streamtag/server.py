@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, StreamtagError
 from .multistream import MultiStreamTagger
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -95,7 +95,10 @@ class ServeWorker(threading.Thread):
             except queue.Empty:
                 command = None
             while command is not None:
-                self._handle(command)
+                try:
+                    self._handle(command)
+                except StreamtagError as exc:  # one stream's problem (a join refused): that client is told
+                    self._refuse(command, str(exc))
                 try:
                     command = self.inbox.get_nowait()
                 except queue.Empty:
@@ -111,6 +114,12 @@ class ServeWorker(threading.Thread):
                 for name in list(self.accounts):
                     self._leave(name, "interrupted")
                 return
+
+    def _refuse(self, command, reason: str) -> None:
+        if command[0] == "join":
+            listener = command[3]
+            listener({"type": "error", "message": reason})
+            listener(None)
 
     # -- commands ------------------------------------------------------------------------------------------
     def _handle(self, command) -> None:

@@ -298,3 +298,31 @@ def test_a_pulled_source_over_http_is_tagged_and_restarted_when_it_ends(tmp_path
     assert seen and seen[-1]["frames"] > 700, seen[-1:] or "never seen"
     assert any(row["top"] and row["top"][0][0] == "rain" for row in seen)
     assert any(e["label"] == "rain" for row in seen for e in row["recent"])
+
+
+def test_the_live_page_shows_what_a_stream_hears_in_a_real_browser(tmp_path):
+    """Headless Chromium loads / while a stream of rain plays; the page's DOM names the stream and rain."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium missing (apt-get install chromium; .ci/setup installs it)")
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path) as (port, _):
+
+        async def scenario():
+            stream = asyncio.create_task(_stream(port, "porch", rain * 3, pace=0.1))  # 15 s of rain, real time
+            await asyncio.sleep(3.0)  # the rain event is open by now
+            cmd = [
+                browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=2000", "--dump-dom",
+                f"http://127.0.0.1:{port}/",
+            ]  # fmt: skip
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            )
+            dom, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+            await stream
+            return dom.decode()
+
+        dom = asyncio.run(scenario())
+    assert 'data-stream="porch"' in dom
+    assert 'data-label="rain"' in dom and "open rain" in dom
