@@ -214,7 +214,7 @@ class ServeWorker(threading.Thread):
 class Metrics:
     """Prometheus metrics (``/metrics``): streams, hops, samples, events by label, step latency."""
 
-    def __init__(self, worker_accounts: Callable[[], dict]) -> None:
+    def __init__(self, worker_accounts: Callable[[], dict], mqtt=None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
@@ -238,6 +238,11 @@ class Metrics:
             "streamtag_samples_dropped_open", "samples dropped, streams still open", registry=self.registry
         )
         live_dropped.set_function(lambda: sum(a.dropped for a in list(worker_accounts().values())))
+        if mqtt is not None:  # what the broker got, and what did not fit paho's queue while it was away
+            published = Gauge("streamtag_mqtt_published", "MQTT messages handed to the client", registry=self.registry)
+            published.set_function(lambda: mqtt.published)
+            dropped = Gauge("streamtag_mqtt_dropped", "MQTT messages dropped (queue full)", registry=self.registry)
+            dropped.set_function(lambda: mqtt.dropped)
 
     def stepped(self, hops: int, seconds: float) -> None:
         self.hops.inc(hops)

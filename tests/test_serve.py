@@ -216,6 +216,17 @@ def test_mqtt_events_states_discovery_and_a_clean_stop(tmp_path, mosquitto):
         with serve(tmp_path, "--mqtt", f"mqtt://127.0.0.1:{mosquitto}") as (port, proc):
             messages, _ = asyncio.run(_stream(port, "porch", rain + rain))  # rain, open past the first file
             time.sleep(0.5)
+
+            async def metrics():
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+                        return await r.text()
+
+            text = asyncio.run(metrics())
+            published = next(
+                float(line.split()[1]) for line in text.splitlines() if line.startswith("streamtag_mqtt_published ")
+            )
+            assert published > 57 and "streamtag_mqtt_dropped 0.0" in text and "streamtag_hops_total" in text
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
             assert proc.returncode == 0, err
@@ -326,3 +337,60 @@ def test_the_live_page_shows_what_a_stream_hears_in_a_real_browser(tmp_path):
         dom = asyncio.run(scenario())
     assert 'data-stream="porch"' in dom
     assert 'data-label="rain"' in dom and "open rain" in dom
+
+
+def test_tagging_goes_on_while_the_broker_restarts(tmp_path):
+    """mosquitto stopped mid-stream and started again on the same port: the stream is not disturbed, the
+    server reconnects, and the events after the restart reach a subscriber."""
+    binary = shutil.which("mosquitto") or shutil.which("/usr/sbin/mosquitto")
+    if binary is None:
+        pytest.skip("mosquitto missing (apt-get install mosquitto; .ci/setup installs it)")
+    import paho.mqtt.client as mqtt
+
+    port = _free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+
+    def broker():
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+            time.sleep(0.05)
+        return proc
+
+    got = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    sub.on_connect = lambda c, u, f, rc, p: c.subscribe("streamtag/events")  # again after every reconnect
+    sub.on_message = lambda c, u, m: got.append((time.monotonic(), json.loads(m.payload)))
+    sub.reconnect_delay_set(min_delay=1, max_delay=2)
+    first = broker()
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    rain, _ = _pcm("rain.flac")
+    try:
+        with serve(tmp_path, "--mqtt", f"mqtt://127.0.0.1:{port}") as (server_port, proc):
+
+            async def scenario():
+                stream = asyncio.create_task(_stream(server_port, "porch", rain * 3, pace=0.08))  # 12 s
+                await asyncio.sleep(2.0)
+                first.terminate()
+                first.wait(timeout=10)
+                await asyncio.sleep(2.0)  # the broker is gone; tagging goes on
+                second = broker()
+                restarted = time.monotonic()
+                result = await stream
+                await asyncio.sleep(3.0)  # both clients reconnect (backoff 1 s)
+                return result, second, restarted
+
+            (messages, code), second, restarted = asyncio.run(scenario())
+            assert proc.poll() is None
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+    second.terminate()
+    second.wait(timeout=10)
+    assert code == 1000 and messages[-1]["type"] == "summary" and messages[-1]["dropped"] == 0
+    after = [e for t, e in got if t > restarted]
+    assert any(e["type"] == "close" and e["stream"] == "porch" for e in after)  # the stream's end, after the restart

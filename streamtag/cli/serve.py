@@ -93,7 +93,7 @@ def run(args) -> int:
     multi = MultiStreamTagger(args.model, capacity=args.max_streams, events=detectors)
     mqtt = MqttPublisher(args.mqtt, multi.labels, prefix=args.mqtt_prefix) if args.mqtt else None
     worker = ServeWorker(multi, options, mqtt)
-    metrics = Metrics(lambda: worker.accounts)
+    metrics = Metrics(lambda: worker.accounts, mqtt)
     worker.metrics = metrics
     if mqtt is not None:
         mqtt.start()
