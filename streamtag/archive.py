@@ -232,22 +232,15 @@ def tag_archive(
         if progress is not None:
             progress(outcome)
 
-    queue = list(items)
-    queue.reverse()  # pop() takes them in the order given
+    queue = items[::-1]  # pop() takes them in the order given
     active: dict[str, _Job] = {}
     while queue or active:
         while queue and len(active) < width:
             item = queue.pop()
-            marker = done_marker(out, item)
-            if marker.is_file() and not force and item.opener is None:  # stdin is new audio every time
-                ended(_skipped(item, marker))
+            job = _open_job(item, out, force, feats, scores, multi.labels)
+            if isinstance(job, Outcome):
+                ended(job)
                 continue
-            try:
-                job = _Job(item, out, feats.sample_rate, feats.hop_length, scores, multi.labels)
-            except (AudioFileError, OSError) as exc:
-                ended(Outcome(item.name, str(item.path), error=_one_line(exc)))
-                continue
-            marker.unlink(missing_ok=True)
             multi.join(item.name)
             active[item.name] = job
         for name, job in list(active.items()):
@@ -268,28 +261,39 @@ def _tag_alone(item: Item, out: Path, model, backend: str, scores: bool, detecto
     """One file through one engine on the backend's own (lockstep) state: the same steps as in a pool."""
     from .backends import make_backend
     from .engine import StreamTagger
+    from .modelfile import load_config, resolve_model_dir
 
-    marker = done_marker(out, item)
-    if marker.is_file() and not force and item.opener is None:
-        outcome = _skipped(item, marker)
-    else:
-        engine = StreamTagger(make_backend(backend, model), events=detector or True)
-        feats = engine.backend.config.features
+    cfg = load_config(resolve_model_dir(model))  # the model loads only when there is something to tag
+    outcome = job = _open_job(item, out, force, cfg.features, scores, cfg.labels)
+    if isinstance(job, _Job):
         try:
-            job = _Job(item, out, feats.sample_rate, feats.hop_length, scores, engine.labels)
-        except (AudioFileError, OSError) as exc:
-            outcome = Outcome(item.name, str(item.path), error=_one_line(exc))
-        else:
-            marker.unlink(missing_ok=True)
-            for chunk in job.chunks:
-                for step in engine.feed(chunk):
-                    job.write(step)
-            for step in engine.finish():
+            engine = StreamTagger(make_backend(backend, model), events=detector or True)
+        except Exception:
+            job.discard()  # no half-written outputs left behind
+            raise
+        for chunk in job.chunks:
+            for step in engine.feed(chunk):
                 job.write(step)
-            outcome = job.finish(feats.frame_seconds)
+        for step in engine.finish():
+            job.write(step)
+        outcome = job.finish(cfg.features.frame_seconds)
     if progress is not None:
         progress(outcome)
     return [outcome]
+
+
+def _open_job(item: Item, out: Path, force: bool, feats, scores: bool, labels) -> _Job | Outcome:
+    """The job for one item, or its outcome when there is nothing to tag: finished by an earlier run
+    (its done marker is there; stdin is new audio every time), or not readable."""
+    marker = done_marker(out, item)
+    if marker.is_file() and not force and item.opener is None:
+        return _skipped(item, marker)
+    try:
+        job = _Job(item, out, feats.sample_rate, feats.hop_length, scores, labels)
+    except (AudioFileError, OSError) as exc:
+        return Outcome(item.name, str(item.path), error=_one_line(exc))
+    marker.unlink(missing_ok=True)
+    return job
 
 
 def _skipped(item: Item, marker: Path) -> Outcome:

@@ -69,7 +69,6 @@ class StreamStats:
     """What an engine has seen over its life (``finish()`` and ``reset()`` keep it)."""
 
     frames: int = 0  # hops stepped
-    samples: int = 0  # samples taken, at the model rate
     nonfinite: int = 0  # NaN/Inf samples replaced by 0
     clipped: int = 0  # samples beyond full scale, clipped to it
     power_sum: float = 0.0  # sum of hop mean squares (after the gain): the stream's RMS
@@ -225,7 +224,7 @@ class StreamTagger:
             out += self.feed(np.zeros(0, np.float32))
             self._resampler.reset_states()
         out += self._close_events(reason)
-        self._clear_model()
+        self.hop_model.clear()
         self._fill = self._start = 0
         self.frames = 0
         self._silent_run = 0
@@ -235,7 +234,7 @@ class StreamTagger:
         """Forget the past (model state, audio context); open events close with ``reason``. Stream time
         goes on; samples not yet a whole hop are kept, and so is the resampler's few ms of filter delay."""
         out = self._close_events(reason)
-        self._clear_model()
+        self.hop_model.clear()
         return out
 
     # -- pieces a batching runner drives (MultiStreamTagger) ----------------------------
@@ -290,7 +289,6 @@ class StreamTagger:
         audio = np.array(hops, dtype=np.float32)  # and their samples (clip saving)
         s = self.stats
         s.frames += k
-        s.samples += k * self.hop
         if k == 1:  # the live case: scalars, no temporaries
             power = float(np.dot(audio[0], audio[0])) / self.hop
             s.power_sum += power
@@ -357,9 +355,6 @@ class StreamTagger:
             self._pending = grown
         self._pending[self._fill : self._fill + n] = x
         self._fill += n
-
-    def _clear_model(self) -> None:
-        self.hop_model.clear()
 
     def _close_events(self, reason: str) -> list[Step]:
         if self.detector is None:

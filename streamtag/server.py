@@ -76,7 +76,6 @@ class ServeWorker(threading.Thread):
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.accounts: dict[str, StreamAccount] = {}
         self.listeners: dict[str, Callable[[dict], None]] = {}
-        self._pending: dict[str, int] = {}
         self._every = max(1, round(1.0 / (options.rate * multi.frame_seconds)))
         self._stopping = threading.Event()
         self.lock = threading.Lock()  # guards accounts for readers on other threads (metrics, page)
@@ -130,7 +129,6 @@ class ServeWorker(threading.Thread):
             with self.lock:
                 self.accounts[name] = StreamAccount(rate)
             self.listeners[name] = listener
-            self._pending[name] = 0
             if self.mqtt is not None:
                 self.mqtt.stream_joined(name)
         elif kind == "audio":

@@ -12,8 +12,15 @@ from collections.abc import Callable, Sequence
 
 from ..backends import BACKENDS, make_backend
 from ..errors import ConfigError
-from ..events import EventDetector, EventParams, build_event_settings, model_event_table, read_event_table
-from ..modelfile import resolve_model_dir
+from ..events import (
+    DetectorFactory,
+    EventDetector,
+    EventParams,
+    build_event_settings,
+    model_event_table,
+    read_event_table,
+)
+from ..modelfile import load_config, resolve_model_dir
 from ..outputs import ClassSelection, EventsJsonl, LiveView, PlainLines, ScoresTsv, UpdatesJsonl
 from ..outputs.files import Rotation, check_output_path
 from ..outputs.plots import check_plot_path
@@ -258,6 +265,20 @@ def event_settings(
     except ConfigError as exc:
         which = f"--max-event-seconds {max_event_seconds:g}" if max_event_seconds is not None else "--event-config"
         raise ConfigError(f"{which}: {exc}") from None
+
+
+def detector_factory(model, event_config=None, on_threshold: float | None = None) -> DetectorFactory:
+    """One event detector per stream (tag, serve), at the settings :func:`event_settings` gives; a bad class
+    name or threshold fails here, before any work."""
+    cfg = load_config(resolve_model_dir(model))
+    factory = DetectorFactory(
+        cfg.labels, cfg.features.frame_seconds, *event_settings(model, event_config, on_threshold)
+    )
+    try:
+        factory()
+    except ConfigError as exc:
+        raise ConfigError(f"--event-config: {exc}") from None
+    return factory
 
 
 def class_names(flag: str, values: list[str] | None, labels: Sequence[str]) -> list[str] | None:

@@ -71,13 +71,10 @@ def _check(args) -> None:
 
 
 def run(args) -> int:
-    from ..events import EventDetector
-    from ..modelfile import load_config, resolve_model_dir
     from ..multistream import MultiStreamTagger
     from ..outputs.mqtt import MqttPublisher, parse_broker
     from ..server import Metrics, ServeOptions, ServeWorker
-    from .run import event_settings
-    from .tag import _Detectors
+    from .run import detector_factory
 
     _check(args)
     if args.mqtt:
@@ -85,10 +82,7 @@ def run(args) -> int:
     import aiohttp  # noqa: F401  (missing: one line naming the extra)
     import prometheus_client  # noqa: F401
 
-    cfg = load_config(resolve_model_dir(args.model))
-    default, per_class = event_settings(args.model, args.event_config, args.on_threshold)
-    detectors = _Detectors(cfg.labels, cfg.features.frame_seconds, default, per_class)
-    EventDetector(*detectors.args)  # bad settings fail here
+    detectors = detector_factory(args.model, args.event_config, args.on_threshold)
     options = ServeOptions(capacity=args.max_streams, rate=args.rate, idle_s=args.idle_seconds, token=args.token)
     multi = MultiStreamTagger(args.model, capacity=args.max_streams, events=detectors)
     mqtt = MqttPublisher(args.mqtt, multi.labels, prefix=args.mqtt_prefix) if args.mqtt else None

@@ -54,23 +54,9 @@ def add_parser(subparsers) -> None:
     p.set_defaults(handler=run)
 
 
-class _Detectors:
-    """A picklable factory of one event detector per file (worker processes build their own)."""
-
-    def __init__(self, labels, frame_seconds, default, per_class) -> None:
-        self.args = (labels, frame_seconds, default, per_class)
-
-    def __call__(self):
-        from ..events import EventDetector
-
-        return EventDetector(*self.args)
-
-
 def run(args) -> int:
     from ..archive import find_inputs, tag_in_processes, write_tables
-    from ..events import EventDetector
-    from ..modelfile import load_config, resolve_model_dir
-    from .run import event_settings
+    from .run import detector_factory
 
     if (args.jobs is not None and args.jobs < 1) or args.width < 1:
         raise ConfigError(f"--jobs and --width must be >= 1 ({args.jobs}, {args.width} given)")
@@ -87,13 +73,7 @@ def run(args) -> int:
         args.jobs = 1  # worker processes cannot share this process's stdin
     else:
         items = find_inputs(args.inputs)
-    cfg = load_config(resolve_model_dir(args.model))
-    default, per_class = event_settings(args.model, args.event_config, args.on_threshold)
-    detectors = _Detectors(cfg.labels, cfg.features.frame_seconds, default, per_class)
-    try:
-        EventDetector(*detectors.args)  # unknown class names and bad thresholds fail here, before any work
-    except ConfigError as exc:
-        raise ConfigError(f"--event-config: {exc}") from None
+    detectors = detector_factory(args.model, args.event_config, args.on_threshold)
     out.mkdir(parents=True, exist_ok=True)
     bar = _Progress(len(items), enabled=not args.quiet and sys.stderr.isatty())
     kwargs = dict(out=out, model=args.model, backend=args.backend, width=args.width, scores=args.scores)
