@@ -260,7 +260,7 @@ def tag_archive(
 def _tag_alone(item: Item, out: Path, model, backend: str, scores: bool, detector, force: bool, progress):
     """One file through one engine on the backend's own (lockstep) state: the same steps as in a pool."""
     from .backends import make_backend
-    from .engine import StreamTagger
+    from .engine import StreamTagger, drive
     from .modelfile import load_config, resolve_model_dir
 
     cfg = load_config(resolve_model_dir(model))  # the model loads only when there is something to tag
@@ -271,11 +271,7 @@ def _tag_alone(item: Item, out: Path, model, backend: str, scores: bool, detecto
         except Exception:
             job.discard()  # no half-written outputs left behind
             raise
-        for chunk in job.chunks:
-            for step in engine.feed(chunk):
-                job.write(step)
-        for step in engine.finish():
-            job.write(step)
+        drive(engine, job.chunks, [job])
         outcome = job.finish(cfg.features.frame_seconds)
     if progress is not None:
         progress(outcome)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -364,6 +365,18 @@ class StreamTagger:
             return []
         empty = np.zeros(0, np.float32)
         return [Step(self.frames - 1, self.frames * self.frame_seconds, empty, events, self.labels, self.frame_seconds)]
+
+
+def drive(tagger: StreamTagger, chunks: Iterable[np.ndarray], outputs: Sequence) -> None:
+    """Feed every chunk of one stream to ``tagger``, hand each step to every output (``write``), then finish
+    the stream: a file in a plain loop, no thread (tag_file, tag of a single file)."""
+    for chunk in chunks:
+        for step in tagger.feed(chunk):
+            for out in outputs:
+                out.write(step)
+    for step in tagger.finish():
+        for out in outputs:
+            out.write(step)
 
 
 def _detector(events, labels, frame_seconds: float, folder=None) -> EventDetector | None:

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from .engine import StreamStats, StreamTagger
+from .engine import StreamStats, StreamTagger, drive
 from .events import Event, EventDetector
 from .sources import WavReplaySource
 from .steps import Collector, Output
@@ -36,14 +36,7 @@ def tag_file(
     backend.reset_states()
     tagger = StreamTagger(backend, events=detector, **engine_options)
     sink = Collector()
-    sinks = [sink, *outputs]
-    for chunk in source.chunks():
-        for step in tagger.feed(chunk):
-            for out in sinks:
-                out.write(step)
-    for step in tagger.finish():
-        for out in sinks:
-            out.write(step)
+    drive(tagger, source.chunks(), [sink, *outputs])
     for out in outputs:
         out.close()
     return FileResult(sink.probs, sink.events, tagger.stats, source.status.nonfinite_samples, source.error)
