@@ -274,23 +274,6 @@ class EventDetector:
         return events
 
 
-class DetectorFactory:
-    """Makes one :class:`EventDetector` per stream, all with the same settings; picklable, so worker
-    processes and Ray actors build their own."""
-
-    def __init__(
-        self,
-        labels: Sequence[str],
-        frame_seconds: float,
-        params: EventParams | None = None,
-        per_class: dict[str, EventParams] | None = None,
-    ) -> None:
-        self.args = (list(labels), frame_seconds, params, per_class)
-
-    def __call__(self) -> EventDetector:
-        return EventDetector(*self.args)
-
-
 MODEL_EVENTS_NAME = "events.toml"  # a model folder's own event settings, applied unless overridden
 
 

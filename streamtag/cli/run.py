@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -13,7 +14,6 @@ from collections.abc import Callable, Sequence
 from ..backends import BACKENDS, make_backend
 from ..errors import ConfigError
 from ..events import (
-    DetectorFactory,
     EventDetector,
     EventParams,
     build_event_settings,
@@ -267,13 +267,12 @@ def event_settings(
         raise ConfigError(f"{which}: {exc}") from None
 
 
-def detector_factory(model, event_config=None, on_threshold: float | None = None) -> DetectorFactory:
-    """One event detector per stream (tag, serve), at the settings :func:`event_settings` gives; a bad class
-    name or threshold fails here, before any work."""
+def detector_factory(model, event_config=None, on_threshold: float | None = None) -> Callable[[], EventDetector]:
+    """One event detector per stream (tag, serve), at the settings :func:`event_settings` gives; picklable,
+    so worker processes and Ray actors build their own. A bad class name or threshold fails here."""
     cfg = load_config(resolve_model_dir(model))
-    factory = DetectorFactory(
-        cfg.labels, cfg.features.frame_seconds, *event_settings(model, event_config, on_threshold)
-    )
+    settings = event_settings(model, event_config, on_threshold)
+    factory = functools.partial(EventDetector, cfg.labels, cfg.features.frame_seconds, *settings)
     try:
         factory()
     except ConfigError as exc:
