@@ -4,7 +4,9 @@
 Builds ``--minutes`` of audio from the bundled clips, as one FLAC and as 5 s FLAC files, and tags them
 as whole processes. Reports wall time, the CPU time the kernel counts for the process and its
 children, and audio seconds per wall second and per CPU second, beside ``replay --fast`` of the long
-file (the one-stream path). Ray rows need ``pip install 'streamtag[ray]'`` and include starting Ray.
+file. Ray rows need ``pip install 'streamtag[ray]'`` and include starting Ray. In-process rows split the
+cost: decoding alone, the model alone on the chunk graph (what ``tag`` runs) and hop by hop (what a live
+stream runs), and a process that only starts.
 
     python benchmarks/archive.py [--minutes 10] [--out results/archive.json]
 """
@@ -34,6 +36,33 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def in_process(path: Path, n: int, cli: list[str]) -> list[dict]:
+    """CPU seconds of the parts, measured in this process (``time.process_time``) on the same long file."""
+    from streamtag.backends import make_backend
+
+    def cpu(fn) -> float:
+        t0 = time.process_time()
+        fn()
+        return time.process_time() - t0
+
+    audio = sf.read(path, dtype="float32")[0]
+    hops = audio[: audio.size // 160 * 160].reshape(1, -1, 160)
+    chunk, single = make_backend("onnx"), make_backend("onnx")
+    chunk.steps(hops[:, :200])  # opened and warm
+    parts = [
+        ("decode the FLAC (soundfile)", cpu(lambda: sf.read(path, dtype="float32"))),
+        ("model only, chunk graph (tag, replay --fast)", cpu(lambda: chunk.steps(hops))),
+        ("model only, hop by hop (live)", cpu(lambda: [single(hops[:, i]) for i in range(hops.shape[1])])),
+    ]
+    wall, start = timed([*cli, "--help"])
+    parts.append(("a process that starts and exits (streamtag --help)", start))
+    rows = []
+    for name, seconds in parts:
+        rows.append({"run": name, "cpu_s": seconds, "audio_s": n / 16000})
+        print(f"| {name} | | {seconds:.2f} | | {n / 16000 / seconds:.0f} |", flush=True)
+    return rows
 
 
 def main(argv: list[str]) -> int:
@@ -82,6 +111,7 @@ def main(argv: list[str]) -> int:
             row = {"run": name, "wall_s": wall, "cpu_s": cpu, "audio_s": n / 16000}
             rows.append(row)
             print(f"| {name} | {wall:.1f} | {cpu:.1f} | {n / 16000 / wall:.0f} | {n / 16000 / cpu:.0f} |", flush=True)
+        rows += in_process(long_file, n, cli)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

@@ -376,7 +376,7 @@ def bench_whole_process(model, minutes: float, tmp: Path) -> dict[str, Any]:
     model_args = ["--model", str(model)]
     out: dict[str, Any] = {"audio_s": n / 16000}
     out["replay_fast_cpu_s"] = _child_cpu([*cli, "replay", str(long_file), "--fast", "--quiet", *model_args])
-    tag = [*cli, "tag", str(folder), "--out", str(tmp / "tags"), "--jobs", "1", "--width", "128", *model_args]
+    tag = [*cli, "tag", str(folder), "--out", str(tmp / "tags"), "--jobs", "1", *model_args]
     out["tag_files_cpu_s"] = _child_cpu(tag)
     try:
         import silero_vad  # noqa: F401

@@ -112,24 +112,17 @@ class HopModel(Protocol):
 
 
 class SingleStream:
-    """A :class:`HopModel` over a backend of batch size 1."""
+    """A :class:`HopModel` over a backend of batch size 1: a backlog goes to the backend in one call."""
 
     def __init__(self, backend: Backend) -> None:
         if backend.batch_size != 1:
             raise ConfigError(f"an engine steps one stream: its backend needs batch_size 1 ({backend.batch_size})")
         self.backend = backend
-        self._out = np.zeros((16, backend.config.num_classes), np.float32)
 
     def step(self, hops: np.ndarray) -> np.ndarray:
-        k = hops.shape[0]
-        if k == 1:
+        if hops.shape[0] == 1:
             return self.backend(hops[:1])
-        if k > self._out.shape[0]:
-            self._out = np.zeros((max(k, 2 * self._out.shape[0]), self._out.shape[1]), np.float32)
-        out = self._out[:k]
-        for i in range(k):
-            out[i] = self.backend(hops[i : i + 1])[0]
-        return out
+        return self.backend.steps(hops[None])[0]
 
     def clear(self) -> None:
         self.backend.reset_states()
@@ -236,6 +229,13 @@ class StreamTagger:
         goes on; samples not yet a whole hop are kept, and so is the resampler's few ms of filter delay."""
         out = self._close_events(reason)
         self.hop_model.clear()
+        return out
+
+    def set_events(self, events, reason: str = "settings") -> list[Step]:
+        """New event settings (as the ``events`` argument) from the next hop on; events still open close first
+        with ``reason``, so every open keeps its close. The model state is untouched."""
+        out = self._close_events(reason)
+        self.detector = _detector(events, self.labels, self.frame_seconds, getattr(self.backend, "folder", None))
         return out
 
     # -- pieces a batching runner drives (MultiStreamTagger) ----------------------------

@@ -86,7 +86,7 @@ class EventParams:
         return max(0.0, self.on_threshold - OFF_MARGIN) if self.off_threshold is None else self.off_threshold
 
 
-CLOSE_REASONS = ("ended", "stream_end", "interrupted", "reset", "max_duration", "gap")
+CLOSE_REASONS = ("ended", "stream_end", "interrupted", "reset", "max_duration", "gap", "settings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +95,9 @@ class Event:
 
     A close says why (``reason``): ``ended`` (the score fell and stayed down), ``stream_end`` (the
     file or stream ended while it was on), ``interrupted`` (Ctrl-C, SIGTERM or an error), ``reset``
-    (a scheduled state reset), ``max_duration`` (``max_duration_s`` reached) or ``gap`` (the live
-    device was lost; ``live --reconnect`` reopens it).
+    (a scheduled state reset), ``max_duration`` (``max_duration_s`` reached), ``gap`` (the live
+    device was lost; ``live --reconnect`` reopens it) or ``settings`` (the stream's event settings
+    were changed while it ran: ``serve``).
     """
 
     kind: str
@@ -138,6 +139,8 @@ class EventDetector:
         frame_seconds (float): the hop in seconds.
         params (EventParams): defaults for every class.
         per_class (dict): label -> EventParams overriding the defaults.
+        enabled (list of bool): per class, whether it may open events at all (``serve``'s allow/deny).
+            (Default: every class)
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class EventDetector:
         frame_seconds: float,
         params: EventParams | None = None,
         per_class: dict[str, EventParams] | None = None,
+        enabled: Sequence[bool] | None = None,
     ) -> None:
         self.labels = list(labels)
         self.frame_seconds = frame_seconds
@@ -156,6 +160,8 @@ class EventDetector:
             raise ConfigError(f"event settings name unknown classes: {unknown[:5]}")
         chosen = [per_class.get(label, default) for label in self.labels]
         self._on = np.array([p.on_threshold for p in chosen], dtype=np.float32)
+        if enabled is not None:  # a class turned off never reaches its threshold
+            self._on[~np.asarray(enabled, dtype=bool)] = np.inf
         self._off = np.array([p.off for p in chosen], dtype=np.float32)
         self._lowest_on = float(self._on.min())
         self._min_frames = [max(1, round(p.min_duration_s / frame_seconds)) for p in chosen]
@@ -173,31 +179,42 @@ class EventDetector:
     def update(self, frame_index: int, probs: np.ndarray) -> list[Event]:
         if not self._busy and probs.max() < self._lowest_on:  # the common quiet frame: one reduction
             return []
-        starting = np.flatnonzero(probs >= self._on)
-        events: list[Event] = []
-        for i in self._busy.union(starting.tolist()):
-            event = self._advance(i, frame_index, float(probs[i]))
-            if event is not None:
-                events.append(event)
-        return events
+        return self._update_row(frame_index, probs, (probs >= self._on).nonzero()[0].tolist())
 
     def update_block(self, first_frame: int, probs: np.ndarray) -> dict[int, list[Event]]:
         """:meth:`update` for ``probs`` ``(k, classes)``, frames ``first_frame..``: ``{row: events}`` for the rows
-        that have any. Stretches where no class is busy or above its threshold are skipped in one pass."""
+        that have any. Stretches where no class is busy or above its threshold are skipped in one pass; the
+        thresholds are compared for the whole block at once and the rows walked as Python floats."""
         out: dict[int, list[Event]] = {}
-        above = np.flatnonzero((probs >= self._on).any(axis=1))
-        i, k, a = 0, probs.shape[0], 0
+        rows, cols = (probs >= self._on).nonzero()
+        k = probs.shape[0]
+        if not rows.size and not self._busy:
+            return out
+        bounds = np.searchsorted(rows, np.arange(k + 1)).tolist()  # row i's columns: cols[bounds[i]:bounds[i+1]]
+        cols, values = cols.tolist(), probs.tolist()
+        above = np.unique(rows)
+        i, a = 0, 0
         while i < k:
             if not self._busy:  # jump to the next row with a score at or above its threshold
                 a = int(np.searchsorted(above, i))
                 if a == above.size:
                     break
                 i = int(above[a])
-            events = self.update(first_frame + i, probs[i])
+            events = self._update_row(first_frame + i, values[i], cols[bounds[i] : bounds[i + 1]])
             if events:
                 out[i] = events
             i += 1
         return out
+
+    def _update_row(self, frame_index: int, probs, starting: list[int]) -> list[Event]:
+        """One frame, given the classes at or above their threshold in it (``probs``: an array or a list)."""
+        events: list[Event] = []
+        busy = self._busy
+        for i in busy.union(starting) if busy else starting:
+            event = self._advance(i, frame_index, float(probs[i]))
+            if event is not None:
+                events.append(event)
+        return events
 
     def _advance(self, i: int, f: int, p: float) -> Event | None:
         tr = self._tracks[i]

@@ -1,8 +1,8 @@
 """Model folders on disk, readable without torch.
 
 A model folder holds ``config.json`` (a :class:`~streamtag.config.ModelConfig`),
-``model.safetensors`` (the weights) and, optionally, ``model.onnx`` (the exported
-streaming step, tagged with the fingerprint of the config and weights it came from).
+``model.safetensors`` (the weights) and, optionally, ``model.onnx`` and ``chunk.onnx`` (the exported
+hop and chunk steps, tagged with the fingerprint of the config and weights they came from).
 The default model ships inside the package.
 """
 
@@ -19,7 +19,9 @@ from .errors import ConfigError, ModelFileError
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ONNX_NAME = "model.onnx"
+CHUNK_NAME = "chunk.onnx"  # the chunk step: many hops of one backlog in one call (optional; exported when missing)
 FINGERPRINT_KEY = "streamtag_fingerprint"
+CHUNK_KEY = "streamtag_chunk_hops"  # the most hops a chunk graph takes in one call
 RING_KEY = "streamtag_delay_lines"  # JSON {"frames", "lags", "width"} when the step keeps rings (RingHopStep)
 # Bumped whenever the exported step's inputs, outputs or state layout change, so graphs
 # exported by an older streamtag (shipped or cached) are exported again rather than misread.

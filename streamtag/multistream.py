@@ -80,8 +80,9 @@ class MultiStreamTagger:
         self._engine_options = dict(engine_options or {})
         self._free = list(range(capacity))  # a heap: joining takes the lowest slot, so busy slots stay 0..n-1
 
-    def join(self, name: str, sample_rate: int | None = None) -> StreamTagger:
-        """Add a stream (its samples at ``sample_rate``, the model's by default); returns its engine."""
+    def join(self, name: str, sample_rate: int | None = None, events=None) -> StreamTagger:
+        """Add a stream (its samples at ``sample_rate``, the model's by default; ``events``: its own event
+        settings, as :class:`StreamTagger` takes them, instead of the pool's); returns its engine."""
         if name in self.streams:
             raise ConfigError(f"stream '{name}' has already joined")
         if not self._free:
@@ -91,7 +92,7 @@ class MultiStreamTagger:
             engine = StreamTagger(
                 self.backend,
                 sample_rate=sample_rate,
-                events=self._events,
+                events=self._events if events is None else events,
                 hop_model=_PoolSlot(self, slot),
                 **self._engine_options,
             )

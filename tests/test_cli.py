@@ -143,7 +143,7 @@ def test_export_writes_a_graph_that_the_onnx_backend_uses(cnn_dir, tmp_path):
 
     model = tmp_path / "model"
     shutil.copytree(cnn_dir, model)
-    r = run_cli("export", model, "--onnx", model / "model.onnx")
+    r = run_cli("export", model, "--onnx", model / "model.onnx", "--chunk-onnx", model / "chunk.onnx")
     assert r.returncode == 0, r.stderr
     import onnx
 
@@ -155,6 +155,12 @@ def test_export_writes_a_graph_that_the_onnx_backend_uses(cnn_dir, tmp_path):
     # the exported file is picked up (fingerprint matches): no second export goes to the cache
     session = open_session(model)
     assert session._model_path == str(model / "model.onnx")
+    assert open_session(model, chunk=True)._model_path == str(model / "chunk.onnx")
+    # a hop graph written where the chunk graph belongs is not mistaken for one
+    shutil.copy(model / "model.onnx", model / "chunk.onnx")
+    assert open_session(model, chunk=True)._model_path != str(model / "chunk.onnx")
+    r = run_cli("export", model)
+    assert r.returncode == 2 and "give --onnx OUT, --chunk-onnx OUT or both" in r.stderr
 
 
 def test_full_disk_ends_the_run_with_one_error(cnn_dir):

@@ -35,8 +35,9 @@ def test_any_chunking_gives_the_same_steps_as_one_call(cnn_dir, clip):
     hop_by_hop = StreamTagger(make_backend("onnx", cnn_dir), events=LOW)
     single = [s for i in range(0, clip.size, 160) for s in hop_by_hop.feed(clip[i : i + 160])] + hop_by_hop.finish()
     assert len(_probs(whole)) == 300
-    np.testing.assert_array_equal(_probs(whole), _probs(pieces))
-    np.testing.assert_array_equal(_probs(whole), _probs(single))
+    # a backlog goes through the chunk graph, single hops through the hop graph: equal to float rounding
+    np.testing.assert_allclose(_probs(whole), _probs(pieces), atol=1e-5)
+    np.testing.assert_allclose(_probs(whole), _probs(single), atol=1e-5)
     assert _events(whole) == _events(pieces) == _events(single) and _events(whole)
     assert [s.frame_index for s in whole if s.has_scores] == list(range(300))
     assert whole[-1].events and all(e.reason == "stream_end" for e in whole[-1].events if e.kind == "close")

@@ -54,6 +54,9 @@ class Slow:
     def __call__(self, audio):
         time.sleep(0.002)  # a worker slower than the source: the ring must drop and count
         return self.inner(audio)
+    def steps(self, audio):  # a backlog: as slow per hop
+        time.sleep(0.002 * audio.shape[1])
+        return self.inner.steps(audio)
     def reset_states(self):
         self.inner.reset_states()
 

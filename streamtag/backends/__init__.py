@@ -38,11 +38,18 @@ class Backend(Protocol):
         the next call. Streams not named keep their state untouched.
         """
 
+    def step_hops(self, state: object, audio: np.ndarray) -> np.ndarray:
+        """``k`` hops of every stream of a lockstep state, ``(n, k, hop) -> (n, k, classes)``: the results of ``k``
+        :meth:`step` calls (to float rounding), in as few calls as the backend can (a backlog, a file)."""
+
     def clear(self, state: object, slots: Sequence[int]) -> None:
         """These streams back to a new stream's state (a stream joining, leaving or resetting)."""
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         """The adapter: one hop ``(batch_size, hop)`` of the backend's own streams."""
+
+    def steps(self, audio: np.ndarray) -> np.ndarray:
+        """The adapter: ``k`` hops ``(batch_size, k, hop)`` of the own streams (:meth:`step_hops`)."""
 
     def reset_states(self) -> None:
         """The adapter: the own streams back to a new stream's state."""

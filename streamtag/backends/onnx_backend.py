@@ -5,6 +5,8 @@ Inputs, outputs and two full state sets are allocated once and bound by pointer
 two swap. Models with delay lines (the CNN's dilated convolutions) keep their
 history in rings this module owns: the graph gathers the few rows it reads and
 returns one new row per line, which lands in place, so no hop copies the history.
+A backlog of hops (a file, fast replay) runs on the chunk graph instead: many hops of
+the same state in one call (see :meth:`OnnxBackend.step_hops`).
 Never imports torch unless a graph must be exported first.
 """
 
@@ -12,13 +14,24 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BackendUnavailable, ModelFileError
-from ..modelfile import FINGERPRINT_KEY, ONNX_NAME, RING_KEY, cache_dir, fingerprint, load_config, resolve_model_dir
+from ..modelfile import (
+    CHUNK_KEY,
+    CHUNK_NAME,
+    FINGERPRINT_KEY,
+    ONNX_NAME,
+    RING_KEY,
+    cache_dir,
+    fingerprint,
+    load_config,
+    resolve_model_dir,
+)
 
 try:
     import onnxruntime as ort
@@ -40,9 +53,10 @@ def _session(path: Path, threads: int) -> ort.InferenceSession:
         raise ModelFileError(f"{path} is not a loadable ONNX graph: {str(exc).splitlines()[0]}") from None
 
 
-def open_session(folder: Path, threads: int = 1) -> ort.InferenceSession:
-    """The ONNX session for a model folder: the shipped graph, the cached export, or a fresh export."""
-    return _open(folder, threads)[0]
+def open_session(folder: Path, threads: int = 1, chunk: bool = False) -> ort.InferenceSession:
+    """The ONNX session of a model folder's hop step (``chunk``: its chunk step): the shipped graph, the
+    cached export, or a fresh export."""
+    return _open(folder, threads, chunk)[0]
 
 
 def graph_path(folder: Path) -> Path:
@@ -50,23 +64,33 @@ def graph_path(folder: Path) -> Path:
     return _open(folder, 1)[1]
 
 
-def _open(folder: Path, threads: int) -> tuple[ort.InferenceSession, Path]:
+def _open(folder: Path, threads: int, chunk: bool = False) -> tuple[ort.InferenceSession, Path]:
     expected = fingerprint(folder)
-    cached = cache_dir() / "onnx" / f"{expected}.onnx"
-    for path in (folder / ONNX_NAME, cached):
+    name = CHUNK_NAME if chunk else ONNX_NAME
+    cached = cache_dir() / "onnx" / (f"{expected}.chunk.onnx" if chunk else f"{expected}.onnx")
+    for path in (folder / name, cached):
         if path.is_file():
             session = _session(path, threads)
-            if session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY) == expected:
+            meta = session.get_modelmeta().custom_metadata_map
+            if meta.get(FINGERPRINT_KEY) == expected and (CHUNK_KEY in meta) == chunk:
                 return session, path
     try:
-        from ..models.export import export_onnx
+        from ..models.export import export_chunk_onnx, export_onnx
     except ImportError:
         raise BackendUnavailable(
-            f"{folder} has no up-to-date {ONNX_NAME}, and exporting one needs torch (pip install 'streamtag[train]'), "
+            f"{folder} has no up-to-date {name}, and exporting one needs torch (pip install 'streamtag[train]'), "
             "or run 'streamtag export' where torch is installed"
         ) from None
-    export_onnx(folder, cached)
+    if chunk:
+        export_chunk_onnx(folder, cached)
+    else:  # the chunk graph too, now: opened mid-stream later (a backlog), it must not cost an export then
+        export_onnx(folder, cached)
+        if not (folder / CHUNK_NAME).is_file():
+            export_chunk_onnx(folder, cached.with_name(f"{expected}.chunk.onnx"))
     return _session(cached, threads), cached
+
+
+MIN_CHUNK_HOPS = 6  # fewer hops than this step one by one: the chunk graph's fixed cost outweighs them
 
 
 class Rings:
@@ -174,7 +198,10 @@ class OnnxBackend:
         self.config = load_config(folder)
         self.labels = self.config.labels
         self.batch_size = batch_size
+        self.threads = threads
         self.session = open_session(folder, threads)
+        self._chunk: ort.InferenceSession | None = None  # opened on the first backlog
+        self._no_chunk = False
         meta = self.session.get_modelmeta().custom_metadata_map
         self.rings = Rings(meta[RING_KEY]) if RING_KEY in meta else None
         ring_io = ("audio", "ring", "ring_taps")
@@ -213,6 +240,10 @@ class OnnxBackend:
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         """One hop ``(batch_size, hop)`` of the backend's own streams -> probabilities (a reused buffer)."""
         return self.step(self._own, self._all, audio)
+
+    def steps(self, audio: np.ndarray) -> np.ndarray:
+        """``k`` hops ``(batch_size, k, hop)`` of the own streams -> ``(batch_size, k, classes)``, as ``k`` calls."""
+        return self.step_hops(self._own, audio)
 
     def reset_states(self) -> None:
         self.clear(self._own, self._all)
@@ -297,3 +328,73 @@ class OnnxBackend:
             self.rings.write_rows(pool.ring, slots, frames, pool.rows[:n])
             pool.frames[slots] += 1
         return pool.probs[:n]
+
+    # -- a backlog: many hops of a lockstep state in one call -------------------------
+    def step_hops(self, state: LockstepState, audio: np.ndarray) -> np.ndarray:
+        """``k`` hops of every stream of a lockstep state: ``audio (n, k, hop) -> probabilities (n, k, classes)``.
+
+        The same results as ``k`` calls of :meth:`step` (to float rounding, ~1e-6), in ``k / 128`` calls of
+        the chunk graph; the state goes on from there, so hop steps and chunks can alternate freely. The chunk
+        graph keeps each delay line as its last frames (the model's own state layout); they are gathered from
+        the ring before the call and written back after it.
+        """
+        if not isinstance(state, LockstepState):
+            raise TypeError("step_hops steps a lockstep state (new_state(n, lockstep=True)); a pool steps hop by hop")
+        if audio.shape[1] < MIN_CHUNK_HOPS:
+            return self._step_each(state, audio)
+        session = self._chunk_session()
+        if session is None:  # no chunk graph to be had: hop by hop, the same results
+            return self._step_each(state, audio)
+        n, k, _ = audio.shape
+        names = self._chunk_state
+        feeds = self._chunk_feeds(state)
+        parts = []
+        for start in range(0, k, self._chunk_hops):
+            piece = np.ascontiguousarray(audio[:, start : start + self._chunk_hops]).reshape(n, -1)
+            probs, *new = session.run(None, {"audio": piece, **feeds})
+            parts.append(probs)
+            feeds = dict(zip(names, new))
+        self._store_chunk_state(state, feeds, k)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def _step_each(self, state: LockstepState, audio: np.ndarray) -> np.ndarray:
+        n, k, _ = audio.shape
+        out = np.empty((n, k, self.config.num_classes), np.float32)
+        for i in range(k):
+            out[:, i] = self.step(state, None, audio[:, i])
+        return out
+
+    def _chunk_session(self) -> ort.InferenceSession | None:
+        """The chunk graph, opened on first use; ``None`` (with a warning) when the folder has none and torch is
+        not there to export one, or this onnxruntime cannot load it: hop by hop is as right, only slower."""
+        if self._chunk is None and not self._no_chunk:
+            try:
+                self._chunk = open_session(self.folder, self.threads, chunk=True)
+            except (BackendUnavailable, ModelFileError) as exc:  # hop by hop gives the same results
+                warnings.warn(f"stepping backlogs hop by hop, slower: {exc}", RuntimeWarning, stacklevel=2)
+                self._no_chunk = True
+                return None
+            self._chunk_hops = int(self._chunk.get_modelmeta().custom_metadata_map[CHUNK_KEY])
+            self._chunk_state = [i.name for i in self._chunk.get_inputs()][1:]
+            # the delay lines are the chunk graph's state entries the hop graph keeps in rings, in line order
+            self._line_names = [name for name in self._chunk_state if name not in self._state_inputs]
+        return self._chunk
+
+    def _chunk_feeds(self, state: LockstepState) -> dict[str, np.ndarray]:
+        feeds = dict(zip(self._state_inputs, state.sets[state.tick % 2]))
+        r = self.rings
+        for line, name in enumerate(self._line_names):
+            size = int(r.sizes[line]) - 1  # the frames this line's history holds: its longest lag
+            rows = (state.tick - size + np.arange(size)) % r.frames
+            feeds[name] = np.ascontiguousarray(state.ring[rows, :, line].transpose(1, 0, 2))  # (n, size, width)
+        return feeds
+
+    def _store_chunk_state(self, state: LockstepState, new: dict[str, np.ndarray], k: int) -> None:
+        state.tick += k
+        for name, arr in zip(self._state_inputs, state.sets[state.tick % 2]):
+            arr[...] = new[name]
+        r = self.rings
+        for line, name in enumerate(self._line_names):
+            history = new[name]  # (n, size, width), oldest first
+            rows = (state.tick - history.shape[1] + np.arange(history.shape[1])) % r.frames
+            state.ring[rows, :, line] = history.transpose(1, 0, 2)

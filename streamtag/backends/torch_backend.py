@@ -15,7 +15,7 @@ except ImportError:  # pragma: no cover - torch is a dependency
 
 from ..modelfile import resolve_model_dir
 from ..models.io import load_model
-from ..models.step import HopStep
+from ..models.step import ChunkStep, HopStep
 
 
 def _check_device(device: str) -> torch.device:
@@ -63,6 +63,7 @@ class TorchBackend:
         self.labels = self.config.labels
         self.batch_size = batch_size
         self.step_module = HopStep(self.config, net).to(self.device).eval()
+        self.chunk_module = ChunkStep(self.step_module)  # a backlog of hops in one forward, same state
         # On a GPU, hops go in and probabilities come out through page-locked buffers: the copies
         # run at full bus speed instead of through a pageable staging copy.
         self._pinned = self.device.type == "cuda"
@@ -72,6 +73,9 @@ class TorchBackend:
     # -- the single-stream adapter -------------------------------------------------
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         return self.step(self._own, self._all, audio)
+
+    def steps(self, audio: np.ndarray) -> np.ndarray:
+        return self.step_hops(self._own, audio)
 
     def reset_states(self) -> None:
         self.clear(self._own, self._all)
@@ -109,4 +113,13 @@ class TorchBackend:
             probs, *new = self.step_module(x, *(t.index_select(0, index) for t in state.tensors))
             for t, rows in zip(state.tensors, new):
                 t.index_copy_(0, index, rows)
+        return probs.cpu().numpy()
+
+    @torch.inference_mode()
+    def step_hops(self, state: TorchState, audio: np.ndarray) -> np.ndarray:
+        """``k`` hops of every stream of ``state``: ``(n, k, hop) -> (n, k, classes)``, one forward over them."""
+        n = audio.shape[0]
+        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32).reshape(n, -1)).to(self.device)
+        probs, *new = self.chunk_module(x, *state.tensors)
+        state.tensors = list(new)
         return probs.cpu().numpy()

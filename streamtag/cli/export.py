@@ -1,7 +1,8 @@
-"""``streamtag export``: write a model's hop step as ONNX for deployment elsewhere."""
+"""``streamtag export``: write a model's hop step (and chunk step) as ONNX for deployment elsewhere."""
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from ..outputs.files import check_output_path
 
 
@@ -9,19 +10,26 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
         help="export a model's streaming step to ONNX",
-        description="Export the hop step (features, model step, softmax; audio context and state as explicit "
-        "inputs and outputs, dynamic batch) to ONNX. Writing it as DIR/model.onnx makes every later "
-        "run of that model skip the export.",
+        description="Export the hop step (features, model step, probabilities; audio context and state as "
+        "explicit inputs and outputs, dynamic batch) to ONNX, and with --chunk-onnx the chunk step (the same "
+        "state, up to 128 hops in one call: what files and fast replay run). Writing them as DIR/model.onnx and "
+        "DIR/chunk.onnx makes every later run of that model skip the export.",
     )
     p.add_argument("model", nargs="?", metavar="MODEL", help="model folder (default: the bundled model)")
-    p.add_argument("--onnx", required=True, metavar="OUT", help="output .onnx path (its folder must exist)")
+    p.add_argument("--onnx", metavar="OUT", help="output path of the hop step (its folder must exist)")
+    p.add_argument("--chunk-onnx", metavar="OUT", help="output path of the chunk step (its folder must exist)")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    check_output_path(args.onnx, "--onnx")  # its folder must exist: nothing is created
-    from ..models.export import export_onnx
+    if not (args.onnx or args.chunk_onnx):
+        raise ConfigError("nothing to write: give --onnx OUT, --chunk-onnx OUT or both")
+    for flag, path in (("--onnx", args.onnx), ("--chunk-onnx", args.chunk_onnx)):
+        if path:
+            check_output_path(path, flag)  # its folder must exist: nothing is created
+    from ..models.export import export_chunk_onnx, export_onnx
 
-    path = export_onnx(args.model, args.onnx)
-    print(f"wrote {path}")
+    for path, export in ((args.onnx, export_onnx), (args.chunk_onnx, export_chunk_onnx)):
+        if path:
+            print(f"wrote {export(args.model, path)}")
     return 0

@@ -178,15 +178,25 @@ class PooledHead(nn.Module):
         decay = torch.tensor([math.exp(-hop_seconds / s) for s in self.pool_seconds], dtype=torch.float64)
         self.register_buffer("decay", decay.float()[:, None], persistent=False)  # (pools, 1)
         self.register_buffer("gain", (1 - decay).float()[:, None], persistent=False)
+        self._decay64 = decay
         if self.n_pools:
-            steps = torch.arange(self.chunk, dtype=torch.float64)
-            diff = steps[:, None] - steps[None, :]
-            # (pool, chunk, chunk): weight of input j in output k
-            tri = torch.where(diff >= 0, (1 - decay[:, None, None]) * decay[:, None, None] ** diff.clamp(min=0), 0.0)
-            powers = decay[:, None] ** (steps[None, :] + 1)  # carry of the previous output
-            self.register_buffer("tri", tri.float(), persistent=False)
-            self.register_buffer("carry", powers.float(), persistent=False)
+            self.set_chunk(self.chunk)
         self.proj = nn.Linear(hidden * (1 + self.n_pools), num_classes)
+
+    def set_chunk(self, chunk: int) -> None:
+        """Frames per block of the offline EMA (an exported chunk step evaluates up to ``chunk`` frames as one)."""
+        self.chunk = chunk
+        if not self.n_pools:
+            return
+        decay = self._decay64
+        steps = torch.arange(chunk, dtype=torch.float64)
+        diff = steps[:, None] - steps[None, :]
+        # (pool, chunk, chunk): weight of input j in output k
+        tri = torch.where(diff >= 0, (1 - decay[:, None, None]) * decay[:, None, None] ** diff.clamp(min=0), 0.0)
+        powers = decay[:, None] ** (steps[None, :] + 1)  # carry of the previous output
+        device = self.decay.device
+        self.register_buffer("tri", tri.float().to(device), persistent=False)
+        self.register_buffer("carry", powers.float().to(device), persistent=False)
 
     def init_state(self, batch_size: int, device: torch.device) -> State:
         if not self.n_pools:

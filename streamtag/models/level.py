@@ -16,6 +16,8 @@ level-invariant.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -58,6 +60,7 @@ class LevelNorm(nn.Module):
             raise ValueError(f"level_seconds must be > 0 ({level_seconds} given)")
         self.frames = max(1, int(round(level_seconds / cfg.frame_seconds)))
         self.floor = white_noise_level(cfg, floor_db)
+        self._tri: torch.Tensor | None = None  # the exponential phase's weights, built on first use
 
     def init_state(self, batch_size: int, device) -> State:
         return (torch.zeros(batch_size, 2, device=device),)
@@ -91,17 +94,30 @@ class LevelNorm(nn.Module):
     def _chunk(self, x: torch.Tensor, level: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """Closed form of ``l_t = l_{t-1} + (x_t - l_{t-1}) / n_t``, ``n_t = min(count + t + 1, frames)``.
 
-        ``l_t = prod(a_0..a_t) * l_prev + sum_k g_k * prod(a_{k+1}..a_t) * x_k`` with ``g = 1 / n``,
-        ``a = 1 - g``. Only ``a_0`` can be 0 (a new stream), so the products after it are taken in
-        log space and ``a_0`` multiplies the carry alone.
+        While ``n_t`` still counts up it is a cumulative mean, ``l_t = (count * l_prev + x_0 + .. + x_t) / n_t``;
+        once it is capped it is an exponential mean with ``a = 1 - 1 / frames``,
+        ``l_t = a^(t - s + 1) l_{s-1} + sum_{k=s..t} a^(t - k) x_k / frames`` from the first capped frame ``s``.
+        Both are evaluated for every ``t`` (a cumulative sum, and one fixed lower-triangular matrix) and the
+        right one is picked per frame: no ``time x time`` temporaries, and nothing to evaluate per chunk size.
         """
-        steps = torch.arange(1, x.shape[1] + 1, dtype=torch.float64, device=x.device)
-        n = torch.clamp(count[:, None] + steps, max=float(self.frames))  # (batch, time)
-        g = 1.0 / n
-        log_a = torch.log1p(-g[:, 1:])  # a_1.. are > 0
-        cum = torch.cat([g.new_zeros(g.shape[0], 1), torch.cumsum(log_a, dim=1)], dim=1)  # sum log a_1..a_t
-        diff = cum[:, :, None] - cum[:, None, :]  # (batch, t, k): log prod a_{k+1}..a_t
-        lower = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril()
-        weights = torch.where(lower, torch.exp(diff.clamp(max=0.0)), 0.0) * g[:, None, :]
-        carry = (1.0 - g[:, :1]) * torch.exp(cum) * level[:, None]
-        return carry + (weights @ x[:, :, None])[:, :, 0]
+        t = x.shape[1]
+        steps = torch.arange(t, dtype=torch.float64, device=x.device)[None, :]  # (1, time)
+        frames = float(self.frames)
+        counting = (count[:, None] + steps + 1.0) <= frames  # (batch, time): n_t not capped yet
+        cumulative = (count[:, None] * level[:, None] + torch.cumsum(x, dim=1)) / (count[:, None] + steps + 1.0)
+        first = torch.clamp(frames - count, min=0.0)[:, None]  # s: frames still counting (may pass this chunk)
+        last_counted = torch.minimum(torch.clamp(first - 1.0, min=0.0), steps[:, -1:]).long()
+        base = torch.where(first > 0, torch.gather(cumulative, 1, last_counted), level[:, None])  # l_{s-1}
+        decay = 1.0 - 1.0 / frames
+        weights = self._weights(t, decay, x.device)  # (k, t): a^(t - k) / frames where k <= t
+        tail = torch.where(counting, 0.0, x) @ weights
+        carry = torch.exp((steps - first + 1.0) * math.log(decay)) * base
+        return torch.where(counting, cumulative, carry + tail)
+
+    def _weights(self, t: int, decay: float, device) -> torch.Tensor:
+        size = max(self.chunk, t)
+        if self._tri is None or self._tri.shape[0] < size or self._tri.device != torch.device(device):
+            k = torch.arange(size, dtype=torch.float64, device=device)
+            diff = k[None, :] - k[:, None]  # t - k, rows k, columns t: no transpose in the graph
+            self._tri = torch.where(diff >= 0, decay ** diff.clamp(min=0) / self.frames, 0.0)
+        return self._tri[:t, :t]

@@ -7,6 +7,8 @@ outputs, all batch-first, so many streams can share one call.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -41,6 +43,53 @@ class HopStep(nn.Module):
         logits, new_state = self.model.step(self.log_mel(frame), state)
         hop = self.cfg.features.hop_length
         return (probabilities(logits, self.cfg), frame[:, hop:], *new_state)
+
+
+class ChunkStep(nn.Module):
+    """``forward(audio (B, T * hop), context, *state) -> (probs (B, T, C), context, *state)``: ``T`` hops in one call.
+
+    The same state as :class:`HopStep` and the same arithmetic as ``T`` calls of it (the model's ``forward``
+    on ``T`` frames), so a runtime can step a backlog in one call and go on hop by hop. ``T`` may be anything
+    from 1 to ``max_hops``: the offline recurrences (level, pooled head) are evaluated as one block of that
+    size, and the frames are cut with constant strided slices, so the exported graph has no per-``T`` part.
+    """
+
+    def __init__(self, step: HopStep, max_hops: int | None = None) -> None:
+        """``max_hops``: set the model's offline block sizes to it, for an exported graph (``None``: any ``T``)."""
+        super().__init__()
+        self.step = step
+        self.max_hops = max_hops
+        model = step.model
+        if max_hops is not None:
+            model.head.set_chunk(max_hops)
+            if model.level is not None:
+                model.level.chunk = max_hops
+
+    def init_state(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
+        return self.step.init_state(batch_size)
+
+    def state_names(self) -> list[str]:
+        return self.step.state_names()
+
+    def frames(self, signal: torch.Tensor) -> torch.Tensor:
+        """``(B, context + T * hop)`` -> ``(B, T, win)``: frame ``i`` is ``signal[i * hop : i * hop + win]``.
+
+        The signal is cut into blocks of ``gcd(win, hop)`` samples; frame ``i`` is blocks ``i * s .. i * s + w - 1``
+        (``s = hop / g``, ``w = win / g``), so the frames are ``w`` strided slices side by side, each ending a
+        constant number of blocks before the end (an ``unfold`` exports as one slice per frame).
+        """
+        feats = self.step.cfg.features
+        g = math.gcd(feats.win_length, feats.hop_length)
+        s, w = feats.hop_length // g, feats.win_length // g
+        blocks = signal.reshape(signal.shape[0], -1, g)
+        parts = [blocks[:, k : (k - w + 1) or None : s] for k in range(w)]
+        return torch.cat(parts, dim=2)
+
+    def forward(self, audio: torch.Tensor, context: torch.Tensor, *state: torch.Tensor):
+        signal = torch.cat([context, audio], dim=1)
+        logits, new_state = self.step.model(self.step.log_mel(self.frames(signal)), state)
+        keep = self.step.cfg.features.context_length
+        return (probabilities(logits, self.step.cfg), signal[:, signal.shape[1] - keep :], *new_state)
 
 
 class RingHopStep(nn.Module):

@@ -24,7 +24,7 @@ from ..ring import SpscRing
 from .base import ProducerSource, mono_finite, push_paced
 
 _READ_ERRORS = (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError, OSError)
-READ_BLOCK_SECONDS = 1.0  # replay decodes this much at a time
+READ_BLOCK_SECONDS = 1.28  # decoded at a time: 128 hops, one full chunk-graph call
 
 
 def _reason(exc: Exception) -> str:
@@ -147,7 +147,10 @@ class WavReplaySource(ProducerSource):
         with sf.SoundFile(str(self.path)) as f:
             frames = max(1, int(self.file_rate * READ_BLOCK_SECONDS))
             self._frames_read = 0
-            for data in f.blocks(blocksize=frames, dtype="float32", always_2d=True):
+            while True:  # read(), not blocks(): blocks() seeks back before every block (for overlaps)
+                data = f.read(frames, dtype="float32", always_2d=True)
+                if not data.shape[0]:
+                    break
                 self._frames_read += data.shape[0]
                 mono, nonfinite = mono_finite(data)
                 self.status.nonfinite_samples += nonfinite
