@@ -14,6 +14,10 @@ WebSocket protocol, ``ws://HOST:PORT/v1/streams/<name>``: an optional first text
 PCM of any size; ``{"type": "eof"}`` ends the stream. The server sends ``{"type": "scores", "t",
 "top": [[label, p], ...]}`` ``rate`` times a second, ``{"type": "open" | "close", "label", "onset",
 "offset", ...}`` for events, and a last ``{"type": "summary", ...}`` before it closes.
+
+Per-stream settings (labels, event thresholds; :mod:`streamtag.serve_config`) are changed on the
+worker thread like everything else: ``GET``/``PUT /v1/streams/<name>/settings`` and MQTT
+``<prefix>/<name>/set`` submit a command and wait for its answer.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import dataclasses
 import json
 import queue
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +37,7 @@ import numpy as np
 
 from .errors import ConfigError, StreamtagError
 from .multistream import MultiStreamTagger
+from .serve_config import SettingsBook
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 FORMATS = {"s16le": ("<i2", 32768.0), "f32le": ("<f4", 1.0)}
@@ -70,9 +76,13 @@ class StreamAccount:
 class ServeWorker(threading.Thread):
     """The one batched worker. Commands come through :meth:`submit` from any thread."""
 
-    def __init__(self, multi: MultiStreamTagger, options: ServeOptions, mqtt=None, metrics=None) -> None:
+    def __init__(
+        self, multi: MultiStreamTagger, options: ServeOptions, mqtt=None, metrics=None, book: SettingsBook | None = None
+    ) -> None:
         super().__init__(name="streamtag-serve-worker", daemon=True)
         self.multi, self.options, self.mqtt, self.metrics = multi, options, mqtt, metrics
+        self.book = book  # per-stream settings (serve --config, run-time changes); None: the pool's for all
+        self.enabled: dict[str, np.ndarray] = {}  # per stream: the classes its settings let through
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.accounts: dict[str, StreamAccount] = {}
         self.listeners: dict[str, Callable[[dict], None]] = {}
@@ -115,7 +125,9 @@ class ServeWorker(threading.Thread):
                 return
 
     def _refuse(self, command, reason: str) -> None:
-        if command[0] == "join":
+        if command[0] == "settings":
+            command[3]({"error": reason})
+        elif command[0] == "join":
             listener = command[3]
             listener({"type": "error", "message": reason})
             listener(None)
@@ -125,12 +137,29 @@ class ServeWorker(threading.Thread):
         kind = command[0]
         if kind == "join":
             _, name, rate, listener = command
-            self.multi.join(name, sample_rate=rate)
+            self.multi.join(name, sample_rate=rate, events=self.book.detector(name) if self.book else None)
             with self.lock:
                 self.accounts[name] = StreamAccount(rate)
             self.listeners[name] = listener
+            self.enabled[name] = self._enabled(name)
             if self.mqtt is not None:
-                self.mqtt.stream_joined(name)
+                self.mqtt.stream_joined(name, self.enabled[name].tolist())
+        elif kind == "settings":  # ("settings", name, change or None to read, reply)
+            _, name, change, reply = command
+            if self.book is None:
+                raise ConfigError("this server has no per-stream settings")
+            if not NAME.match(name):
+                raise ConfigError("stream names are 1-64 of A-Z a-z 0-9 _ -")
+            if change is not None:
+                self.book.change(name, change)
+                engine = self.multi.streams.get(name)
+                if engine is not None:  # a running stream: open events close (reason settings), new detector
+                    for step in engine.set_events(self.book.detector(name)):
+                        self._deliver(name, step)
+                    self.enabled[name] = self._enabled(name)
+                    if self.mqtt is not None:
+                        self.mqtt.stream_joined(name, self.enabled[name].tolist())
+            reply({"stream": name, "settings": self.book.settings(name).as_dict()})
         elif kind == "audio":
             _, name, samples = command
             account = self.accounts.get(name)
@@ -150,6 +179,10 @@ class ServeWorker(threading.Thread):
         elif kind == "gone":
             self._leave(command[1], "interrupted")
 
+    def _enabled(self, name: str) -> np.ndarray:
+        labels = self.multi.labels
+        return np.asarray(self.book.settings(name).enabled(labels) if self.book else [True] * len(labels))
+
     def _backlog(self, name: str) -> int:
         engine = self.multi.streams[name]
         return int(engine.pending_samples * self.accounts[name].rate / engine.model_rate)
@@ -162,6 +195,7 @@ class ServeWorker(threading.Thread):
         with self.lock:
             account = self.accounts.pop(name)
         listener = self.listeners.pop(name)
+        self.enabled.pop(name, None)
         listener({"type": "summary", "reason": reason, **self._summary(account)})
         listener(None)  # the connection may close now
         if self.mqtt is not None:
@@ -186,7 +220,8 @@ class ServeWorker(threading.Thread):
         if step.has_scores:
             account.frames += 1
             if account.frames % self._every == 0:
-                order = np.argsort(-step.probs)[: self.options.top]
+                enabled = self.enabled[name]
+                order = [i for i in np.argsort(-np.where(enabled, step.probs, -1.0))[: self.options.top] if enabled[i]]
                 top = [[step.labels[i], round(float(step.probs[i]), 4)] for i in order]
                 engine = self.multi.streams.get(name)
                 level = engine.stats.recent_dbfs if engine is not None else account.level_dbfs
@@ -363,6 +398,65 @@ async def pull(name: str, url: str, worker: ServeWorker, stats: PullStats, stop:
     worker.submit("eof", name)
 
 
+class _WorkerInbox:
+    """What a :class:`~streamtag.sources.device.MicrophoneSource` pushes into instead of a ring: each block
+    goes to the worker as the stream's audio (copied: PortAudio reuses its buffer)."""
+
+    def __init__(self, name: str, worker: ServeWorker) -> None:
+        self.name, self.worker = name, worker
+        self.doorbell = self  # the source rings it when the device is lost; the capture task polls instead
+
+    def push(self, samples: np.ndarray) -> None:
+        self.worker.submit("audio", self.name, np.array(samples, dtype=np.float32))
+
+    def ring(self) -> None:
+        pass
+
+
+async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Event) -> None:
+    """A local sound card, by name (as ``live --device``), tagged as the stream ``name``. A device that is
+    missing or lost is opened again with backoff (1 s doubling to 30 s); the stream stays joined."""
+    from .sources.device import MicrophoneSource
+
+    model_rate = worker.multi.backend.config.features.sample_rate
+    source, delay, joined, running = None, 1.0, False, False
+    while not stop.is_set():
+        if not running or source.finished:
+            try:
+                if source is None:
+                    source = MicrophoneSource(model_rate, device, block_size=model_rate // 10)
+                    if not joined:
+                        worker.submit("join", name, source.sample_rate, lambda message: None)
+                        joined = True
+                    source.start(_WorkerInbox(name, worker))
+                else:
+                    source.restart()
+                running, delay = True, 1.0
+            except StreamtagError as exc:
+                running = False
+                print(f"streamtag serve: {name}: {exc}; trying again in {delay:g} s", file=sys.stderr, flush=True)
+                await _sleep_unless(stop, delay)
+                delay = min(2 * delay, 30.0)
+                continue
+        await _sleep_unless(stop, 0.2)
+    if source is not None:
+        source.stop()
+    if joined:
+        worker.submit("eof", name)
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+def _settle(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOptions):
     """The aiohttp application: the stream endpoint, /metrics, /healthz and the live page."""
     from aiohttp import WSMsgType, web
@@ -483,6 +577,25 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
             }
         return web.json_response(snapshot)
 
+    async def settings(request):
+        """GET: a stream's settings in force; PUT a JSON change (allow, deny, events), applied from the next hop."""
+        if not authorised(request):
+            return web.Response(status=401, text="a token is needed\n")
+        name = request.match_info["name"]
+        if not NAME.match(name):
+            return web.json_response({"error": "stream names are 1-64 of A-Z a-z 0-9 _ -"}, status=400)
+        change = None
+        if request.method == "PUT":
+            try:
+                change = await request.json()
+            except ValueError:
+                return web.json_response({"error": 'the body must be JSON, e.g. {"allow": ["dog"]}'}, status=400)
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        worker.submit("settings", name, change, lambda m: loop.call_soon_threadsafe(_settle, answer, m))
+        message = await asyncio.wait_for(answer, timeout=10)
+        return web.json_response(message, status=400 if "error" in message else 200)
+
     async def close_all(app) -> None:  # on shutdown: every client is told, none waited for
         for ws in list(sockets):
             await ws.close(code=1001, message=b"server stopping")
@@ -494,6 +607,8 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
     app.router.add_get("/v1/streams/{name}", stream)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/state", state)
+    app.router.add_get("/v1/streams/{name}/settings", settings)
+    app.router.add_put("/v1/streams/{name}/settings", settings)
     if metrics is not None:
         app.router.add_get("/metrics", prometheus)
     app.router.add_get("/", page)

@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(tmp_path, *extra):
+def serve(tmp_path, *extra, env=None):
     """A `streamtag serve` process on a free loopback port; yields (port, process)."""
     port_file = tmp_path / "port"
     proc = subprocess.Popen(
@@ -33,6 +33,7 @@ def serve(tmp_path, *extra):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     deadline = time.monotonic() + 60
     while not port_file.exists() or not port_file.read_text().strip():
@@ -403,3 +404,152 @@ def test_tagging_goes_on_while_the_broker_restarts(tmp_path):
     assert code == 1000 and messages[-1]["type"] == "summary" and messages[-1]["dropped"] == 0
     after = [e for t, e in got if t > restarted]
     assert any(e["type"] == "close" and e["stream"] == "porch" for e in after)  # the stream's end, after the restart
+
+
+SERVE_TOML = """
+[defaults]
+deny = ["crying_baby"]
+
+[streams.porch]
+allow = ["rain", "dog"]
+[streams.porch.events.rain]
+on_threshold = 0.3
+
+[streams.yard]
+deny = ["rain"]
+"""
+
+
+async def _http(method, url, body=None):
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, url, data=body) as r:
+            return r.status, await r.json()
+
+
+def test_per_stream_settings_from_the_config_file_and_changed_at_run_time(tmp_path, mosquitto):
+    """allow/deny and thresholds per stream from serve.toml; changed over HTTP (an open event closes with reason
+    settings) and over MQTT; a bad change is refused with one line and changes nothing."""
+    rain, _ = _pcm("rain.flac")
+    config = tmp_path / "serve.toml"
+    config.write_text(SERVE_TOML)
+    client, got = _subscriber(mosquitto)
+    try:
+        with serve(tmp_path, "--config", config, "--mqtt", f"mqtt://127.0.0.1:{mosquitto}") as (port, _):
+            base = f"http://127.0.0.1:{port}/v1/streams"
+            porch, _ = asyncio.run(_stream(port, "porch", rain))
+            yard, _ = asyncio.run(_stream(port, "yard", rain))
+            status, porch_settings = asyncio.run(_http("GET", f"{base}/porch/settings"))
+            assert status == 200 and porch_settings["settings"]["allow"] == ["rain", "dog"]
+            assert porch_settings["settings"]["events"] == {"rain": {"on_threshold": 0.3}}
+            bad = [
+                asyncio.run(_http("PUT", f"{base}/porch/settings", json.dumps({"allow": ["raain"]}))),
+                asyncio.run(_http("PUT", f"{base}/porch/settings", json.dumps({"colour": "red"}))),
+                asyncio.run(_http("PUT", f"{base}/porch/settings", "not json")),
+                asyncio.run(_http("PUT", f"{base}/porch/settings", json.dumps({"events": {"rain": {"on": 2}}}))),
+            ]
+            assert [b[0] for b in bad] == [400] * 4
+            assert "unknown class 'raain'" in bad[0][1]["error"] and "unknown setting 'colour'" in bad[1][1]["error"]
+            assert "must be JSON" in bad[2][1]["error"] and "keys among" in bad[3][1]["error"]
+            assert asyncio.run(_http("GET", f"{base}/porch/settings"))[1] == porch_settings  # nothing changed
+
+            async def change_while_open():  # rain is heard, then turned off for this stream mid-event
+                url = f"ws://127.0.0.1:{port}/v1/streams/porch"
+                messages = []
+                async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                    for i in range(0, len(rain), 3200):
+                        await ws.send_bytes(rain[i : i + 3200])
+                        await asyncio.sleep(0.04)
+                        while (msg := await _poll(ws)) is not None:
+                            messages.append(msg)
+                            if msg.get("type") == "open":
+                                changed = await _http("PUT", f"{base}/porch/settings", json.dumps({"deny": ["rain"]}))
+                                assert changed[0] == 200 and changed[1]["settings"]["deny"] == ["rain"]
+                    await ws.send_str(json.dumps({"type": "eof"}))
+                    async for msg in ws:
+                        messages.append(json.loads(msg.data))
+                return messages
+
+            changed = asyncio.run(change_while_open())
+            publish = client.publish("streamtag/yard/set", json.dumps({"deny": []}), qos=1)
+            publish.wait_for_publish(timeout=10)
+            client.publish("streamtag/yard/set", "{not json", qos=1).wait_for_publish(timeout=10)
+            deadline = time.monotonic() + 10
+            while not any(t == "streamtag/yard/settings" for t, _, _ in got) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            yard_again, _ = asyncio.run(_stream(port, "yard", rain))
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+    def opened(messages):
+        return {m["label"] for m in messages if m.get("type") == "open"}
+
+    def shown(messages):
+        return {label for m in messages if m.get("type") == "scores" for label, _ in m["top"]}
+
+    assert opened(porch) == {"rain"} and shown(porch) <= {"rain", "dog"}
+    assert "rain" not in opened(yard) and "rain" not in shown(yard) and "crying_baby" not in shown(yard)
+    closes = [m for m in changed if m.get("type") == "close"]
+    assert closes and closes[0]["label"] == "rain" and closes[0]["reason"] == "settings"
+    assert [m["type"] for m in changed if m.get("label") == "rain"] == ["open", "close"]  # no rain after the change
+    assert "rain" in opened(yard_again)  # MQTT cleared yard's deny list
+    yard_settings = [json.loads(p) for t, p, _ in got if t == "streamtag/yard/settings"]
+    assert yard_settings and yard_settings[-1]["deny"] == []
+    errors = [json.loads(p) for t, p, _ in got if t == "streamtag/yard/settings/error"]
+    assert errors and "must be JSON" in errors[0]["error"]
+    removed = [p for t, p, _ in got if t == "homeassistant/binary_sensor/streamtag_porch_chainsaw/config"]
+    kept = [p for t, p, _ in got if t == "homeassistant/binary_sensor/streamtag_porch_rain/config"]
+    assert removed[0] == "" and kept and json.loads(kept[0])["device_class"] == "sound"  # allow: rain and dog only
+    assert json.loads(removed[-1])["name"] == "chainsaw"  # a deny list given at run time replaced porch's allow list
+
+
+async def _poll(ws):
+    """The next text message if one is waiting, else None (never blocks the sender for long)."""
+    try:
+        msg = await asyncio.wait_for(ws.receive(), timeout=0.001)
+    except asyncio.TimeoutError:
+        return None
+    return json.loads(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else None
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[streams.a]\nallow = ["nope"]\n', "[streams.a]: allow: unknown class 'nope'"),
+        ('[streams.a]\nallow = ["dog"]\ndeny = ["cat"]\n', "give allow or deny, not both"),
+        ('[streams.a]\nurl = "x"\ndevice = "y"\n', "give url or device, not both"),
+        ('[streams."a b"]\n', "stream names are 1-64"),
+        ("[extra]\n", "unknown table [extra]"),
+        ("[streams.a\n", "cannot read it"),
+        ("[streams.a.events.dog]\non_threshold = 3\n", "on_threshold must be in (0, 1]"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, text, message):
+    config = tmp_path / "serve.toml"
+    config.write_text(text)
+    r = subprocess.run(
+        [sys.executable, "-m", "streamtag", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_sound_card_from_the_config_file_is_a_stream(tmp_path):
+    """device = NAME opens a local capture device (an ALSA file-backed one here) as a pulled stream."""
+    from .virtual_mic import ALSA_DEVICE, alsa_file_mic
+
+    env = alsa_file_mic(tmp_path, np.tile(read_clip(EXAMPLES / "rain.flac"), 4))
+    config = tmp_path / "serve.toml"
+    config.write_text(f'[streams.kitchen]\ndevice = "{ALSA_DEVICE}"\n')
+    with serve(tmp_path, "--config", config, env=env) as (port, _):
+        deadline, state = time.monotonic() + 30, {}
+        while time.monotonic() < deadline:
+            state = asyncio.run(_http("GET", f"http://127.0.0.1:{port}/v1/state"))[1]
+            if state.get("kitchen", {}).get("frames", 0) > 200:
+                break
+            time.sleep(0.2)
+    assert state["kitchen"]["frames"] > 200, state
+    assert state["kitchen"]["top"][0][0] == "rain"

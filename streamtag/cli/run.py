@@ -249,6 +249,18 @@ def event_settings(
 ) -> tuple[EventParams | None, dict[str, EventParams]]:
     """The model folder's own ``events.toml``, then ``--event-config``, then the flags, each overriding the
     one before key by key (``--on-threshold`` moves every class; off follows unless a file set it)."""
+    tables = event_tables(model, event_config, on_threshold, max_event_seconds)
+    try:
+        return build_event_settings(*tables)
+    except ConfigError as exc:
+        which = f"--max-event-seconds {max_event_seconds:g}" if max_event_seconds is not None else "--event-config"
+        raise ConfigError(f"{which}: {exc}") from None
+
+
+def event_tables(
+    model, event_config=None, on_threshold: float | None = None, max_event_seconds: float | None = None
+) -> list[dict]:
+    """The layers :func:`event_settings` merges, for callers that add their own on top (serve's streams)."""
     tables = [model_event_table(resolve_model_dir(model))]
     if event_config:
         try:
@@ -260,11 +272,7 @@ def event_settings(
         flags["on_threshold"] = on_threshold
     if max_event_seconds is not None:
         flags["max_duration_s"] = max_event_seconds
-    try:
-        return build_event_settings(*tables, {"default": flags})
-    except ConfigError as exc:
-        which = f"--max-event-seconds {max_event_seconds:g}" if max_event_seconds is not None else "--event-config"
-        raise ConfigError(f"{which}: {exc}") from None
+    return [*tables, {"default": flags}]
 
 
 def detector_factory(model, event_config=None, on_threshold: float | None = None) -> Callable[[], EventDetector]:

@@ -31,6 +31,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-streams", type=int, default=256, help="streams at once (default 256)")
     p.add_argument("--rate", type=float, default=10.0, help="score messages per second to each client (default 10)")
     p.add_argument("--idle-seconds", type=float, default=30.0, help="close a client silent this long (default 30)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="serve.toml: per-stream labels (allow/deny) and event settings, and streams to pull (url = ... "
+        "through ffmpeg, device = ... a sound card by name); see the README. Settings change at run time too: "
+        "PUT /v1/streams/NAME/settings or MQTT PREFIX/NAME/set",
+    )
     p.add_argument("--event-config", metavar="FILE", help="event thresholds per class (TOML or JSON)")
     p.add_argument("--on-threshold", type=float, help="score that starts an event, for every class")
     p.add_argument(
@@ -64,36 +71,60 @@ def _check(args) -> None:
             raise ConfigError(f"--pull {item!r}: give NAME=URL, NAME 1-64 of A-Z a-z 0-9 _ -")
     if len({item.partition("=")[0] for item in args.pull}) < len(args.pull):
         raise ConfigError("--pull: two sources have the same NAME")
-    if args.pull and not shutil.which("ffmpeg"):
-        raise ConfigError("--pull needs ffmpeg on the PATH (apt-get install ffmpeg)")
     if not loopback and not args.token:
         raise ConfigError(f"--host {args.host} is reachable from other machines: add --token SECRET (clients send it)")
 
 
+def _sources(args, config) -> list:
+    """The config file's pulled streams and sound cards, then --pull's; names must differ."""
+    from ..serve_config import PulledSource
+
+    sources = list(config.sources)
+    for item in args.pull:
+        name, url = item.split("=", 1)
+        sources.append(PulledSource(name, url=url))
+    names = [s.name for s in sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"stream '{twice[0]}' is pulled twice (--config and --pull): give each source its own name")
+    if any(s.url for s in sources) and not shutil.which("ffmpeg"):
+        raise ConfigError("pulled streams (url = ... or --pull) need ffmpeg on the PATH (apt-get install ffmpeg)")
+    return sources
+
+
 def run(args) -> int:
+    from ..modelfile import load_config, resolve_model_dir
     from ..multistream import MultiStreamTagger
     from ..outputs.mqtt import MqttPublisher, parse_broker
+    from ..serve_config import ServeConfig, SettingsBook, read_serve_config
     from ..server import Metrics, ServeOptions, ServeWorker
-    from .run import detector_factory
+    from .run import detector_factory, event_tables
 
     _check(args)
+    cfg = load_config(resolve_model_dir(args.model))
+    config = read_serve_config(args.config, cfg.labels) if args.config else ServeConfig()
+    sources = _sources(args, config)
+
     if args.mqtt:
         parse_broker(args.mqtt)
     import aiohttp  # noqa: F401  (missing: one line naming the extra)
     import prometheus_client  # noqa: F401
 
-    detectors = detector_factory(args.model, args.event_config, args.on_threshold)
+    detectors = detector_factory(args.model, args.event_config, args.on_threshold)  # checks --event-config
+    base = event_tables(args.model, args.event_config, args.on_threshold)
+    book = SettingsBook(cfg.labels, cfg.features.frame_seconds, base, config)
     options = ServeOptions(capacity=args.max_streams, rate=args.rate, idle_s=args.idle_seconds, token=args.token)
     multi = MultiStreamTagger(args.model, capacity=args.max_streams, events=detectors)
     mqtt = MqttPublisher(args.mqtt, multi.labels, prefix=args.mqtt_prefix) if args.mqtt else None
-    worker = ServeWorker(multi, options, mqtt)
+    worker = ServeWorker(multi, options, mqtt, book=book)
     metrics = Metrics(lambda: worker.accounts, mqtt)
     worker.metrics = metrics
     if mqtt is not None:
+        mqtt.on_settings = lambda name, change, reply: worker.submit("settings", name, change, reply)
         mqtt.start()
     worker.start()
     try:
-        return asyncio.run(_serve(args, worker, metrics, options))
+        return asyncio.run(_serve(args, worker, metrics, options, sources))
     finally:
         worker.stop()
         worker.join(timeout=10)
@@ -101,7 +132,7 @@ def run(args) -> int:
             mqtt.close()
 
 
-async def _serve(args, worker, metrics, options) -> int:
+async def _serve(args, worker, metrics, options, sources) -> int:
     from aiohttp import web
 
     from ..server import build_app
@@ -129,9 +160,14 @@ async def _serve(args, worker, metrics, options) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda s=sig: (got.setdefault("signal", s), stop.set()))
-    from ..server import PullStats, pull
+    from ..server import PullStats, capture, pull
 
-    pulls = [asyncio.create_task(pull(*item.split("=", 1), worker, PullStats(), stop)) for item in args.pull]
+    pulls = [
+        asyncio.create_task(
+            pull(s.name, s.url, worker, PullStats(), stop) if s.url else capture(s.name, s.device, worker, stop)
+        )
+        for s in sources
+    ]
     await stop.wait()
     for task in pulls:
         await task

@@ -9,7 +9,11 @@ Topics (``prefix`` defaults to ``streamtag``), the layout Frigate's audio users 
 - ``<prefix>/events``: one JSON object per event open and close (type, stream, label, onset, offset,
   score, wall-clock time in ISO 8601);
 - ``homeassistant/binary_sensor/<prefix>_<stream>_<label>/config``: discovery (retained), one device per
-  stream, one ``binary_sensor`` with ``device_class: sound`` per label, availability wired.
+  stream, one ``binary_sensor`` with ``device_class: sound`` per enabled label, availability wired (a
+  label turned off gets an empty config, which removes its sensor);
+- ``<prefix>/<stream>/set`` (subscribed): a JSON settings change (``allow``, ``deny``, ``events``), as
+  ``PUT /v1/streams/<stream>/settings`` takes it; the settings in force come back retained on
+  ``<prefix>/<stream>/settings``, a refused change on ``<prefix>/<stream>/settings/error``.
 
 paho-mqtt runs its own network thread, reconnects with backoff when the broker goes away and queues
 up to ``queue_limit`` messages meanwhile; what does not fit is counted in ``dropped``, never blocks
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import BackendUnavailable, ConfigError
@@ -64,7 +69,10 @@ class MqttPublisher:
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.will_set(self.availability, "offline", qos=1, retain=True)
         self.client.on_connect = self._on_connect
-        self._streams: set[str] = set()
+        self.client.on_message = self._on_message
+        self._streams: dict[str, list[bool]] = {}  # joined streams: which labels each reports
+        # (stream, change, reply) -> applies a settings change; set by serve to hand it to its worker
+        self.on_settings: Callable[[str, Any, Callable[[dict], None]], None] | None = None
 
     def start(self) -> None:
         self.client.connect_async(self.host, self.port, keepalive=30)
@@ -73,8 +81,25 @@ class MqttPublisher:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if not reason_code.is_failure:  # after every (re)connect: the broker may have lost retained state
             self._send(self.availability, "online", retain=True)
-            for stream in list(self._streams):
-                self._discovery(stream)
+            client.subscribe(f"{self.prefix}/+/set", qos=1)
+            for stream, enabled in list(self._streams.items()):
+                self._discovery(stream, enabled)
+
+    def _on_message(self, client, userdata, message) -> None:
+        stream = message.topic[len(self.prefix) + 1 : -len("/set")]
+        try:
+            change = json.loads(message.payload)
+        except ValueError:
+            self.settings_reply(stream, {"error": 'the payload must be JSON, e.g. {"allow": ["dog"]}'})
+            return
+        if self.on_settings is not None:
+            self.on_settings(stream, change, lambda reply: self.settings_reply(stream, reply))
+
+    def settings_reply(self, stream: str, reply: dict) -> None:
+        if "error" in reply:
+            self._send(f"{self.prefix}/{stream}/settings/error", json.dumps(reply), qos=1)
+        else:
+            self._send(f"{self.prefix}/{stream}/settings", json.dumps(reply["settings"]), retain=True, qos=1)
 
     def _send(self, topic: str, payload: str, retain: bool = False, qos: int = 0) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
@@ -84,14 +109,16 @@ class MqttPublisher:
             self.dropped += 1
 
     # -- what the server calls ---------------------------------------------------------------------------
-    def stream_joined(self, stream: str) -> None:
-        self._streams.add(stream)
-        self._discovery(stream)
+    def stream_joined(self, stream: str, enabled: Sequence[bool] | None = None) -> None:
+        """A stream joined, or its labels changed: discovery for the labels it reports, every state OFF."""
+        enabled = list(enabled) if enabled is not None else [True] * len(self.labels)
+        self._streams[stream] = enabled
+        self._discovery(stream, enabled)
         for label in self.labels:
             self._send(f"{self.prefix}/{stream}/audio/{label}", "OFF", retain=True)
 
     def stream_left(self, stream: str) -> None:
-        self._streams.discard(stream)
+        self._streams.pop(stream, None)
 
     def event(self, stream: str, event: Event) -> None:
         state = "ON" if event.kind == "open" else "OFF"
@@ -121,10 +148,13 @@ class MqttPublisher:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def _discovery(self, stream: str) -> None:
+    def _discovery(self, stream: str, enabled: Sequence[bool]) -> None:
         device = {"identifiers": [f"{self.prefix}_{stream}"], "name": f"{self.prefix} {stream}", "model": "streamtag"}
-        for label in self.labels:
+        for label, on in zip(self.labels, enabled):
             uid = f"{self.prefix}_{stream}_{label}"
+            if not on:  # an empty retained config removes the sensor from Home Assistant
+                self._send(f"{self.discovery_prefix}/binary_sensor/{uid}/config", "", retain=True)
+                continue
             config = {
                 "name": label.replace("_", " "),
                 "unique_id": uid,

@@ -1,0 +1,207 @@
+"""Per-stream settings for ``serve``: which labels a stream reports and at what event thresholds, from
+``serve --config`` and changed while the server runs (HTTP ``PUT /v1/streams/<name>/settings`` or MQTT
+``<prefix>/<name>/set``).
+
+A stream's settings are layered: the model's ``events.toml``, then ``--event-config`` and the flags, then
+the config file's ``[defaults]``, then its ``[streams.<name>]``, then run-time changes, each overriding
+the one before key by key. A label left out by ``allow`` or ``deny`` opens no events, gets no Home
+Assistant sensor and is left out of the scores a client sees; the model still runs on every class, so
+turning a label back on needs no restart and loses no state.
+
+    [defaults]                      # every stream
+    deny = ["breathing"]
+    [defaults.events.default]       # event settings, as in --event-config
+    on_threshold = 0.5
+
+    [streams.porch]                 # one stream by name
+    url = "rtsp://camera.local/stream"   # pulled through ffmpeg (or device = "USB": a sound card by name)
+    allow = ["dog", "glass_breaking", "speech"]
+    [streams.porch.events.dog]
+    on_threshold = 0.6
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .events import EventDetector, EventParams, build_event_settings
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SETTING_KEYS = ("allow", "deny", "events")
+EVENT_KEYS = {f.name for f in dataclasses.fields(EventParams)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSettings:
+    """One layer of settings: ``allow``/``deny`` (label lists, at most one of them; ``None`` leaves the layer
+    below in force, ``[]`` clears it) and ``events`` (``{"default" | label: {key: value}}``)."""
+
+    allow: tuple[str, ...] | None = None
+    deny: tuple[str, ...] | None = None
+    events: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: Any, labels: Sequence[str], where: str) -> StreamSettings:
+        """Checked settings from a TOML table or a JSON body; one line naming ``where`` and the fix if wrong."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: settings must be a table/object with keys among {list(SETTING_KEYS)}")
+        unknown = sorted(set(data) - set(SETTING_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(SETTING_KEYS)})")
+        lists = {}
+        for key in ("allow", "deny"):
+            value = data.get(key)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: {key} must be a list of class names")
+            _known(value, labels, f"{where}: {key}")
+            lists[key] = tuple(value)
+        if lists.get("allow") and lists.get("deny"):
+            raise ConfigError(f"{where}: give allow or deny, not both")
+        events = data.get("events", {})
+        if not isinstance(events, dict):
+            raise ConfigError(f"{where}: events must map 'default' or a class name to event settings")
+        _known([k for k in events if k != "default"], labels, f"{where}: events")
+        for key, value in events.items():
+            if not isinstance(value, dict) or set(value) - EVENT_KEYS:
+                raise ConfigError(f"{where}: events.{key} must be a table with keys among {sorted(EVENT_KEYS)}")
+        return cls(lists.get("allow"), lists.get("deny"), {k: dict(v) for k, v in events.items()})
+
+    def over(self, below: StreamSettings) -> StreamSettings:
+        """This layer on top of ``below``: lists replace (either one given replaces both), events merge by key."""
+        if self.allow is not None or self.deny is not None:
+            allow, deny = self.allow or None, self.deny or None
+        else:
+            allow, deny = below.allow, below.deny
+        events = {k: dict(v) for k, v in below.events.items()}
+        for key, value in self.events.items():
+            events[key] = {**events.get(key, {}), **value}
+        return StreamSettings(allow, deny, events)
+
+    def enabled(self, labels: Sequence[str]) -> list[bool]:
+        if self.allow:
+            return [label in self.allow for label in labels]
+        deny = set(self.deny or ())
+        return [label not in deny for label in labels]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"allow": list(self.allow or []), "deny": list(self.deny or []), "events": self.events}
+
+
+@dataclasses.dataclass(frozen=True)
+class PulledSource:
+    """A stream the server opens itself: ``url`` through ffmpeg, or a sound card ``device`` (by name)."""
+
+    name: str
+    url: str | None = None
+    device: str | None = None
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """``serve --config``: layers of settings and the sources to pull."""
+
+    defaults: StreamSettings = dataclasses.field(default_factory=StreamSettings)
+    streams: dict[str, StreamSettings] = dataclasses.field(default_factory=dict)
+    sources: list[PulledSource] = dataclasses.field(default_factory=list)
+
+
+def read_serve_config(path: str | os.PathLike, labels: Sequence[str]) -> ServeConfig:
+    """Parse and check a config file (TOML, or JSON of the same shape)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({str(exc).splitlines()[0]})") from None
+    unknown = sorted(set(data) - {"defaults", "streams"})
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown table [{unknown[0]}] (known: [defaults], [streams.NAME])")
+    config = ServeConfig(StreamSettings.parse(data.get("defaults", {}), labels, f"--config {path}: [defaults]"))
+    streams = data.get("streams", {})
+    if not isinstance(streams, dict):
+        raise ConfigError(f"--config {path}: streams must be tables, [streams.NAME]")
+    for name, table in streams.items():
+        where = f"--config {path}: [streams.{name}]"
+        if not NAME.match(name):
+            raise ConfigError(f"{where}: stream names are 1-64 of A-Z a-z 0-9 _ -")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        table = dict(table)
+        url, device = table.pop("url", None), table.pop("device", None)
+        if url is not None and device is not None:
+            raise ConfigError(f"{where}: give url or device, not both")
+        for key, value in (("url", url), ("device", device)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{where}: {key} must be a non-empty string")
+        config.streams[name] = StreamSettings.parse(table, labels, where)
+        if url or device:
+            config.sources.append(PulledSource(name, url, device))
+    return config
+
+
+class SettingsBook:
+    """Every stream's settings while the server runs: the base event tables, the config file's layers and
+    run-time changes, kept by name (a stream that reconnects keeps what was set for it)."""
+
+    def __init__(
+        self, labels: Sequence[str], frame_seconds: float, base_tables: Sequence[dict], config: ServeConfig
+    ) -> None:
+        self.labels, self.frame_seconds = list(labels), frame_seconds
+        self.base_tables = list(base_tables)
+        self.config = config
+        self.changes: dict[str, StreamSettings] = {}
+        for name in config.streams:  # a bad combination in the file fails at start, not at the stream's join
+            self.detector(name)
+        self.detector("any-stream")
+
+    def settings(self, name: str) -> StreamSettings:
+        merged = self.config.defaults
+        for layer in (self.config.streams.get(name), self.changes.get(name)):
+            if layer is not None:
+                merged = layer.over(merged)
+        return merged
+
+    def change(self, name: str, data: Any) -> StreamSettings:
+        """Apply a run-time change (a JSON object) to ``name``; checked in full before anything changes."""
+        layer = StreamSettings.parse(data, self.labels, f"settings for '{name}'")
+        previous = self.changes.get(name)
+        self.changes[name] = layer if previous is None else layer.over(previous)
+        try:
+            self.detector(name)
+        except ConfigError:
+            if previous is None:
+                del self.changes[name]
+            else:
+                self.changes[name] = previous
+            raise
+        return self.settings(name)
+
+    def detector(self, name: str) -> EventDetector:
+        settings = self.settings(name)
+        try:
+            default, per_class = build_event_settings(*self.base_tables, settings.events)
+        except ConfigError as exc:
+            raise ConfigError(f"settings for '{name}': {exc}") from None
+        return EventDetector(self.labels, self.frame_seconds, default, per_class, enabled=settings.enabled(self.labels))
+
+
+def _known(names: Sequence[str], labels: Sequence[str], where: str) -> None:
+    unknown = [n for n in names if n not in labels]
+    if unknown:
+        raise ConfigError(f"{where}: unknown class {unknown[0]!r} (the model's classes are in its config.json)")
