@@ -1,7 +1,7 @@
 """``tag --ray``: an archive tagged by a pool of Ray actors, on one machine or a cluster.
 
 Ray is an optional extra (``pip install 'streamtag[ray]'``), imported only here. Each actor
-loads the model once and keeps one engine; a task is a batch of whole files
+loads the model once and keeps one batched pool of streams; a task is a batch of whole files
 (never part of one), so a stream's state never crosses machines, and every actor writes its
 files' outputs under ``--out`` itself (on a cluster, a path every node shares). The outputs
 are exactly those of a local ``tag``: the same engine runs inside each actor.
@@ -15,8 +15,6 @@ from collections.abc import Callable, Sequence
 from .archive import Item, Outcome, tag_archive
 from .errors import BackendUnavailable, ConfigError
 
-BATCH_FILES = 64  # files per task: few enough to balance actors, enough that a task's overhead is small
-
 
 def _ray():
     try:
@@ -27,17 +25,18 @@ def _ray():
 
 
 class _Tagger:
-    """The actor: one loaded model in one engine, reused for every batch of files it is given."""
+    """The actor: one loaded model and one pool of streams, reused for every batch it is given."""
 
     def __init__(self, kwargs: dict) -> None:
-        from .backends import make_backend
-        from .engine import StreamTagger
+        from .multistream import MultiStreamTagger
 
         self.kwargs = kwargs
-        self.engine = StreamTagger(make_backend(kwargs["backend"], kwargs["model"]), events=kwargs["detector"] or True)
+        self.multi = MultiStreamTagger(
+            kwargs["model"], kwargs["backend"], capacity=kwargs["width"], events=kwargs["detector"] or True
+        )
 
     def run(self, batch: list[Item]) -> list[Outcome]:
-        return tag_archive(batch, engine=self.engine, **self.kwargs)
+        return tag_archive(batch, multi=self.multi, **self.kwargs)
 
 
 def tag_on_ray(
@@ -67,7 +66,7 @@ def tag_on_ray(
         from ray.util import ActorPool
 
         n = actors or max(1, int(ray.available_resources().get("CPU", 1)))
-        size = max(1, min(BATCH_FILES, -(-len(items) // n)))  # every actor gets work; batches even out the load
+        size = max(1, min(kwargs["width"], -(-len(items) // n)))  # every actor gets work, a batch fills a pool
         batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
         remote = ray.remote(num_cpus=1)(_Tagger)
         pool = ActorPool([remote.remote(kwargs) for _ in range(min(n, len(batches)) or 1)])

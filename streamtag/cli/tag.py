@@ -1,4 +1,4 @@
-"""``streamtag tag``: every file of an archive tagged, resumably, many hops per model call."""
+"""``streamtag tag``: every file of an archive tagged, resumably, many files per model call."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ def add_parser(subparsers) -> None:
         "tag",
         help="tag whole archives: files, folders or manifests, resumably",
         description="Tag every audio file given (folders are searched recursively; a .csv manifest with a 'path' "
-        "column or a .txt with one path a line lists files). Files are decoded 5 s at a time and their "
-        "hops go to the model 128 at a time, on the streaming state, so results equal 'streamtag replay' "
-        "of each file (to float rounding; the same events). Per file, under "
+        "column or a .txt with one path a line lists files). Files are decoded a second or so at a time and stepped "
+        "as streams of one batched pool (one file alone: 128 hops per model call), so results equal 'streamtag "
+        "replay' of each file (to float rounding; the same events). Per file, under "
         "--out: NAME.events.jsonl, NAME.labels.txt (Audacity labels), NAME.scores.tsv with --scores, and "
         "NAME.done.json; for the run: summary.csv (and summary.parquet with --parquet) and errors.csv. A rerun "
         "skips finished files. Exit 1 when any file failed (see errors.csv).",
@@ -44,6 +44,7 @@ def add_parser(subparsers) -> None:
         help="run on Ray (pip install 'streamtag[ray]'): auto (a Ray running here, else a local one) or a cluster "
         "address; --out must be a path every node shares",
     )
+    p.add_argument("--width", type=int, default=64, help="files stepped together per model call (default 64)")
     p.add_argument("--event-config", metavar="FILE", help="event thresholds per class (TOML or JSON), as replay's")
     p.add_argument("--on-threshold", type=float, help="score that starts an event, for every class")
     p.add_argument("--name", default="stdin", help="with -: the name stdin's outputs take (default stdin)")
@@ -58,8 +59,8 @@ def run(args) -> int:
     from ..archive import find_inputs, tag_in_processes, write_tables
     from .run import detector_factory
 
-    if args.jobs is not None and args.jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1 ({args.jobs} given)")
+    if (args.jobs is not None and args.jobs < 1) or args.width < 1:
+        raise ConfigError(f"--jobs and --width must be >= 1 ({args.jobs}, {args.width} given)")
     if args.parquet:
         try:
             import pyarrow  # noqa: F401
@@ -76,7 +77,7 @@ def run(args) -> int:
     detectors = detector_factory(args.model, args.event_config, args.on_threshold)
     out.mkdir(parents=True, exist_ok=True)
     bar = _Progress(len(items), enabled=not args.quiet and sys.stderr.isatty())
-    kwargs = dict(out=out, model=args.model, backend=args.backend, scores=args.scores)
+    kwargs = dict(out=out, model=args.model, backend=args.backend, width=args.width, scores=args.scores)
     kwargs.update(detector=detectors, force=args.force)
     started = time.perf_counter()
     try:
