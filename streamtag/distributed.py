@@ -9,11 +9,17 @@ are exactly those of a local ``tag``: the same engine runs inside each actor.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
 
 from .archive import Item, Outcome, tag_archive
 from .errors import BackendUnavailable, ConfigError
+from .steps import Step
 
 
 def _ray():
@@ -79,3 +85,271 @@ def tag_on_ray(
         return outcomes
     finally:
         ray.shutdown()
+
+
+# -- serve --ray: the streams' engines on Ray actors ------------------------------------------------------------
+
+SEND_SECONDS = 0.1  # audio goes to an engine in chunks of at least this much (never one hop per call)
+SNAPSHOT_SECONDS = 2.0  # an engine sends each stream's state back this often (stream time)
+VIRTUAL_NODES = 64  # points per engine on the hash ring: streams spread evenly, and few move when one is lost
+
+
+class _EngineActor:
+    """A Ray actor: one :class:`~streamtag.multistream.MultiStreamTagger` for its share of the streams.
+
+    :meth:`run` takes the commands gathered since the last call, in order, steps every hop they completed
+    and returns compact steps ``(name, frame_index, probs, events)``, each stream's level, and a snapshot of
+    each stream that has gone :data:`SNAPSHOT_SECONDS` without one."""
+
+    def __init__(self, model, capacity: int) -> None:
+        from .multistream import MultiStreamTagger
+
+        self.multi = MultiStreamTagger(model, capacity=capacity)
+        self.every = round(SNAPSHOT_SECONDS / self.multi.frame_seconds)
+        self.snapped: dict[str, int] = {}
+
+    def run(self, commands: list) -> tuple[list, dict[str, float], dict[str, dict]]:
+        out = []
+        for command in commands:
+            kind, name = command[0], command[1]
+            if kind == "join":
+                self.multi.join(name, sample_rate=command[2], events=command[3])
+                if command[4] is not None:
+                    self.multi.restore(name, command[4])
+                self.snapped[name] = self.multi.streams[name].frames
+            elif kind == "audio":
+                self.multi.feed(name, command[2])
+            elif kind == "events":
+                out += [(name, s) for s in self.multi.streams[name].set_events(command[2])]
+            elif kind == "leave":
+                out += [(name, s) for s in self.multi.leave(name, command[2])]
+                del self.snapped[name]
+        out += list(self.multi.step())
+        levels, snapshots = {}, {}
+        for name, engine in self.multi.streams.items():
+            levels[name] = engine.stats.recent_dbfs
+            if engine.frames - self.snapped[name] >= self.every:
+                snapshots[name] = self.multi.snapshot(name)
+                self.snapped[name] = engine.frames
+        return [(name, s.frame_index, s.probs, s.events) for name, s in out], levels, snapshots
+
+
+class _Stats:
+    recent_dbfs = float("-inf")
+
+
+class _RemoteStream:
+    """The front's view of one stream on an engine: what :class:`~streamtag.server.ServeWorker` asks of an
+    engine, and what it takes to move the stream: its last snapshot and every command sent since."""
+
+    def __init__(self, pool: RayEnginePool, name: str, rate: int, model_rate: int, events) -> None:
+        self.pool, self.name = pool, name
+        self.rate, self.model_rate = rate, model_rate
+        self.events = events  # the detector it joined with
+        self.stats = _Stats()
+        self.buffered: list[np.ndarray] = []
+        self.buffered_samples = 0
+        self.in_flight = 0  # samples sent whose steps have not come back
+        self.snapshot: dict | None = None
+        self.log: list[tuple[int, tuple]] = []  # (call, command) sent since the snapshot
+        self.last_frame = -1  # the last hop handed out: a replay after a move repeats none
+        self.seen: collections.deque = collections.deque(maxlen=64)  # events handed out lately
+
+    @property
+    def pending_samples(self) -> int:
+        return int((self.buffered_samples + self.in_flight) * self.model_rate / self.rate)
+
+    def set_events(self, events) -> list:
+        """New event settings; the events they close come back through the pool's next steps."""
+        self.pool._send(self.name, ("events", self.name, events))
+        return []
+
+
+class RayEnginePool:
+    """``serve --ray``: the streams spread over ``engines`` Ray actors by a consistent hash of their names,
+    each actor a batched pool; the same calls as :class:`~streamtag.multistream.MultiStreamTagger`, so the
+    serve worker drives either. Audio moves in chunks of :data:`SEND_SECONDS` or more.
+
+    An engine that dies is dropped from the ring and each of its streams moves to the engine the ring now
+    names: it joins with its last snapshot (at most :data:`SNAPSHOT_SECONDS` old) and every command sent
+    since is sent again, so it goes on exactly where it was; the hops and events already handed out are
+    not handed out twice. Nothing is lost but time (:attr:`moved` counts the moves)."""
+
+    def __init__(self, model, address: str, engines: int, capacity: int) -> None:
+        from .modelfile import load_config, resolve_model_dir
+
+        ray = self._ray = _ray()
+        try:
+            ray.init(
+                address=None if address == "auto" else address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                ignore_reinit_error=True,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            msg = str(exc).splitlines()[0]
+            raise ConfigError(f"--ray {address}: cannot reach a Ray cluster there ({msg})") from None
+        self.config = cfg = load_config(resolve_model_dir(model))
+        self.labels, self.frame_seconds = cfg.labels, cfg.features.frame_seconds
+        self.model_rate = cfg.features.sample_rate
+        self.backend = self  # capture() reads backend.config
+        remote = ray.remote(num_cpus=1, max_restarts=0)(_EngineActor)
+        self.actors = {i: remote.remote(model, capacity) for i in range(engines)}
+        self.ring = sorted((_hash(f"engine-{i}-{v}"), i) for i in range(engines) for v in range(VIRTUAL_NODES))
+        self.streams: dict[str, _RemoteStream] = {}
+        self.placement: dict[str, int] = {}
+        self.queued: dict[int, list] = {i: [] for i in self.actors}  # commands not yet sent, per engine
+        self.calls: list[tuple[object, int, int, dict[str, int]]] = []  # (ref, id, engine, samples per stream)
+        self.ready: list[tuple[str, Step]] = []  # steps back and not handed out yet
+        self.moved = 0
+        self._ids = 0
+
+    # -- what ServeWorker calls -----------------------------------------------------------------------------
+    def engine_of(self, name: str) -> int:
+        """The engine a stream belongs to: the first point on the ring at or after its name's hash."""
+        point = _hash(name)
+        return next((engine for p, engine in self.ring if p >= point), self.ring[0][1])
+
+    def join(self, name: str, sample_rate: int | None = None, events=None) -> _RemoteStream:
+        if name in self.streams:
+            raise ConfigError(f"stream '{name}' has already joined")
+        stream = _RemoteStream(self, name, int(sample_rate or self.model_rate), self.model_rate, events)
+        self.streams[name] = stream
+        self.placement[name] = engine = self.engine_of(name)
+        self.queued[engine].append(("join", name, stream.rate, events, None))
+        return stream
+
+    def feed(self, name: str, samples: np.ndarray) -> None:
+        stream = self.streams[name]
+        stream.buffered.append(np.asarray(samples, dtype=np.float32))
+        stream.buffered_samples += len(samples)
+        if stream.buffered_samples >= SEND_SECONDS * stream.rate:
+            self._flush(stream)
+
+    def step(self) -> Iterator[tuple[str, Step]]:
+        busy = {c[2] for c in self.calls}
+        for engine, commands in list(self.queued.items()):
+            if commands and engine not in busy:  # one call in flight per engine keeps each one's order
+                self._call(engine)
+        if self.calls:
+            done, _ = self._ray.wait([c[0] for c in self.calls], num_returns=len(self.calls), timeout=0.02)
+            for call in [c for c in self.calls if c[0] in done]:
+                self._collect(call)
+        ready, self.ready = self.ready, []
+        yield from ready
+
+    def leave(self, name: str, reason: str = "stream_end") -> list[Step]:
+        """Send what the stream still holds and its leave, and wait for its engine to answer (following the
+        stream if that engine dies meanwhile); returns the stream's last steps."""
+        self._flush(self.streams[name])
+        self._send(name, ("leave", name, reason))
+        while True:
+            engine = self.placement[name]
+            calls = [c for c in self.calls if c[2] == engine]
+            if calls:
+                for call in calls:
+                    self._collect(call)
+            elif self.queued.get(engine):
+                self._call(engine)
+            else:
+                break
+        mine = [s for n, s in self.ready if n == name]
+        self.ready = [(n, s) for n, s in self.ready if n != name]
+        del self.streams[name], self.placement[name]
+        return mine
+
+    def close(self) -> None:
+        self._ray.shutdown()
+
+    # -- internals --------------------------------------------------------------------------------------------
+    def _flush(self, stream: _RemoteStream) -> None:
+        if stream.buffered_samples:
+            samples = np.concatenate(stream.buffered)
+            stream.buffered, stream.buffered_samples = [], 0
+            self._send(stream.name, ("audio", stream.name, samples))
+
+    def _send(self, name: str, command) -> None:
+        self.queued[self.placement[name]].append(command)
+
+    def _call(self, engine: int) -> None:
+        commands, self.queued[engine] = self.queued[engine], []
+        self._ids += 1
+        sent: dict[str, int] = {}
+        for c in commands:
+            stream = self.streams.get(c[1])
+            if stream is None:
+                continue
+            if c[0] != "join":
+                stream.log.append((self._ids, c))
+            if c[0] == "audio":
+                sent[c[1]] = sent.get(c[1], 0) + len(c[2])
+                stream.in_flight += len(c[2])
+        self.calls.append((self.actors[engine].run.remote(commands), self._ids, engine, sent))
+
+    def _collect(self, call) -> None:
+        ref, call_id, engine, sent = call
+        self.calls.remove(call)
+        for name, n in sent.items():
+            if name in self.streams:
+                self.streams[name].in_flight -= n
+        try:
+            steps, levels, snapshots = self._ray.get(ref)
+        except self._ray.exceptions.RayActorError:
+            self._engine_lost(engine)
+            return
+        for name, snapshot in snapshots.items():  # it holds everything up to this call: the log restarts here
+            stream = self.streams.get(name)
+            if stream is not None:
+                stream.snapshot = snapshot
+                stream.log = [(i, c) for i, c in stream.log if i > call_id]
+        for name, level in levels.items():
+            if name in self.streams:
+                self.streams[name].stats.recent_dbfs = level
+        fs = self.frame_seconds
+        for name, frame, probs, events in steps:
+            stream = self.streams.get(name)
+            if stream is not None:
+                if probs.size:
+                    if frame <= stream.last_frame:
+                        continue  # handed out before the stream moved
+                    stream.last_frame = frame
+                keys = [(e.kind, e.label, e.onset, e.reason) for e in events]
+                events = [e for e, k in zip(events, keys) if k not in stream.seen]
+                stream.seen.extend(keys)
+                if not (probs.size or events):
+                    continue
+            self.ready.append((name, Step(frame, (frame + 1) * fs, probs, events, self.labels, fs)))
+
+    def _engine_lost(self, engine: int) -> None:
+        """Drop a dead engine from the ring; each of its streams joins the engine the ring names now, with its
+        last snapshot, and everything sent since goes again, then what was still waiting to be sent."""
+        self.actors.pop(engine, None)
+        self.ring = [(p, e) for p, e in self.ring if e != engine]
+        if not self.ring:
+            raise RuntimeError("every Ray engine of serve --ray is gone")
+        for call in [c for c in self.calls if c[2] == engine]:
+            self.calls.remove(call)
+            for name, n in call[3].items():
+                if name in self.streams:
+                    self.streams[name].in_flight -= n
+        waiting = self.queued.pop(engine, [])
+        moving = [n for n in self.streams if self.placement.get(n) == engine]
+        print(
+            f"streamtag serve: a Ray engine is gone; {len(moving)} stream(s) move to the {len(set(self.actors))} left",
+            file=sys.stderr,
+            flush=True,
+        )
+        for name, stream in self.streams.items():
+            if self.placement.get(name) != engine:
+                continue
+            self.placement[name] = target = self.engine_of(name)
+            replay = [c for _, c in stream.log] + [c for c in waiting if c[1] == name and c[0] != "join"]
+            stream.log = []
+            self.queued[target] += [("join", name, stream.rate, stream.events, stream.snapshot), *replay]
+            self.moved += 1
+
+
+def _hash(text: str) -> int:
+    """A hash that is the same in every process (Python's own is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")

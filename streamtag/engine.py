@@ -19,6 +19,7 @@ event detector. Every runner drives it: the worker thread (``live``, ``replay``)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -237,6 +238,26 @@ class StreamTagger:
         out = self._close_events(reason)
         self.detector = _detector(events, self.labels, self.frame_seconds, getattr(self.backend, "folder", None))
         return out
+
+    def snapshot(self) -> dict:
+        """This engine's state outside the model (hop buffer, stream time, event tracks, counters), to
+        :meth:`restore` on another engine of the same model (``serve --ray`` moving a stream). The
+        resampler's few ms of filter state are not kept: a restored resampling stream restarts its filter."""
+        return {
+            "pending": self._pending[self._start : self._fill].copy(),
+            "frames": self.frames,
+            "silent_run": self._silent_run,
+            "detector": None if self.detector is None else copy.deepcopy(self.detector),
+            "stats": dataclasses.replace(self.stats),
+        }
+
+    def restore(self, snapshot: dict) -> None:
+        pending = snapshot["pending"]
+        self._start, self._fill = 0, 0
+        self._append(pending)
+        self.frames, self._silent_run = snapshot["frames"], snapshot["silent_run"]
+        self.detector = snapshot["detector"]
+        self.stats = dataclasses.replace(snapshot["stats"])
 
     # -- pieces a batching runner drives (MultiStreamTagger) ----------------------------
     def push(self, samples) -> None:

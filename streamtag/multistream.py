@@ -102,6 +102,17 @@ class MultiStreamTagger:
         self.streams[name] = engine
         return engine
 
+    def snapshot(self, name: str) -> dict:
+        """A stream's whole state (engine and model), to :meth:`restore` into a pool of the same model."""
+        engine = self.streams[self._known(name)]
+        return {"engine": engine.snapshot(), "model": self.backend.snapshot(self.pool, engine.hop_model.slot)}
+
+    def restore(self, name: str, snapshot: dict) -> None:
+        """Give a joined stream the state a :meth:`snapshot` took (here or in another process)."""
+        engine = self.streams[self._known(name)]
+        engine.restore(snapshot["engine"])
+        self.backend.restore(self.pool, engine.hop_model.slot, snapshot["model"])
+
     def leave(self, name: str, reason: str = "stream_end") -> list[Step]:
         """Remove a stream; returns its last steps (the hops it still held, then its events closed with
         ``reason``)."""

@@ -109,3 +109,37 @@ def test_a_stream_at_another_rate_is_resampled_like_a_single_engine(cnn_dir):
     ref = [s for i in range(0, at_48k.size, 4800) for s in alone.feed(at_48k[i : i + 4800])] + alone.finish()
     assert len(ref) == 100
     np.testing.assert_allclose(_split(steps)[0], _split(ref)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_a_stream_snapshot_restored_in_another_pool_goes_on_exactly(cnn_dir, backend):
+    """serve --ray moves a stream by snapshot: engine state (hop buffer, time, event tracks) and model state
+    (rows and rings) restored into another pool's slot give the steps the stream would have given."""
+    from streamtag.multistream import MultiStreamTagger
+
+    audio = read_clip(EXAMPLES / "rain.flac")
+    cut = 16000 * 2 + 77  # mid-hop: the part-hop travels too
+    alone = MultiStreamTagger(cnn_dir, backend, capacity=2, events=EventParams(on_threshold=0.2))
+    alone.join("a")
+    alone.feed("a", audio)
+    ref = list(alone.step()) + [("a", s) for s in alone.leave("a")]
+
+    first = MultiStreamTagger(cnn_dir, backend, capacity=4, events=EventParams(on_threshold=0.2))
+    first.join("other")  # the stream sits in another slot than it will in the second pool
+    first.join("a")
+    first.feed("a", audio[:cut])
+    before = [(n, s) for n, s in first.step() if n == "a"]
+    snap = first.snapshot("a")
+    second = MultiStreamTagger(cnn_dir, backend, capacity=2, events=EventParams(on_threshold=0.2))
+    second.join("a")
+    second.restore("a", snap)
+    second.feed("a", audio[cut:])
+    after = list(second.step()) + [("a", s) for s in second.leave("a")]
+    got = before + after
+    assert [s.frame_index for _, s in got] == [s.frame_index for _, s in ref]
+    np.testing.assert_allclose(
+        np.stack([s.probs for _, s in got if s.has_scores]), np.stack([s.probs for _, s in ref if s.has_scores]),
+        atol=1e-6,
+    )
+    events = [(e.kind, e.label, e.onset, e.reason) for _, s in got for e in s.events]
+    assert events == [(e.kind, e.label, e.onset, e.reason) for _, s in ref for e in s.events] and events

@@ -3,12 +3,15 @@
 import asyncio
 import contextlib
 import json
+import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -553,3 +556,82 @@ def test_a_sound_card_from_the_config_file_is_a_stream(tmp_path):
             time.sleep(0.2)
     assert state["kitchen"]["frames"] > 200, state
     assert state["kitchen"]["top"][0][0] == "rain"
+
+
+def _ray_engines():
+    pytest.importorskip("ray", reason="serve --ray needs the [ray] extra")
+    return ("--ray", "auto", "--engines", "2")
+
+
+def test_streams_on_two_ray_engines_get_what_one_process_gives(tmp_path):
+    """serve --ray: each stream on one of two engine actors (a local Ray started by the server), audio moved
+    in 100 ms chunks; the probabilities and events equal those of a stream alone."""
+    rain, rain_audio = _pcm("rain.flac")
+    chainsaw, chainsaw_audio = _pcm("chainsaw.flac")
+    with serve(tmp_path, *_ray_engines()) as (port, _):
+
+        async def both():
+            return await asyncio.gather(_stream(port, "porch", rain), _stream(port, "garage", chainsaw, chunk=1000))
+
+        (rain_msgs, code_a), (saw_msgs, code_b) = asyncio.run(both())
+    assert code_a == code_b == 1000
+    for messages, audio in ((rain_msgs, rain_audio), (saw_msgs, chainsaw_audio)):
+        ref = _alone(audio)
+        events = [(m["type"], m["label"], m["onset"]) for m in messages if m["type"] in ("open", "close")]
+        assert events == [(e.kind, e.label, round(e.onset, 3)) for s in ref for e in s.events] and events
+        step = {round(s.t, 3): s for s in ref if s.has_scores}
+        scores = [m for m in messages if m["type"] == "scores"]
+        assert len(scores) == 50
+        for m in scores:
+            label, p = m["top"][0]
+            assert abs(p - float(step[m["t"]].probs[list(step[m["t"]].labels).index(label)])) < 1e-3
+        summary = messages[-1]
+        assert summary["received"] == summary["processed"] == audio.size and summary["dropped"] == 0
+
+
+def _engine_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if b"_EngineActor" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+    return pids
+
+
+def test_a_lost_ray_engine_moves_its_streams_and_they_go_on_exactly(tmp_path):
+    """SIGKILL one engine actor mid-stream: its streams join the other engine with their last snapshot and
+    the audio sent since, so every stream still gets what it would have got alone (the same events, scores
+    to the end), nothing dropped, every summary adding up."""
+    rain, _ = _pcm("rain.flac")
+    long_rain = rain * 3  # 15 s, sent at about twice real time
+    audio = np.frombuffer(long_rain, "<i2").astype(np.float32) / 32768
+    ref = _alone(audio)
+    ref_events = [(e.kind, e.label, round(e.onset, 3), e.reason) for s in ref for e in s.events]
+    names = [f"s{i}" for i in range(6)]  # the hash ring puts some on each engine
+    with serve(tmp_path, *_ray_engines()) as (port, proc):
+
+        async def scenario():
+            streams = [asyncio.create_task(_stream(port, n, long_rain, pace=0.05)) for n in names]
+            await asyncio.sleep(3.0)
+            pids = _engine_pids()
+            assert len(pids) == 2, pids
+            os.kill(pids[0], signal.SIGKILL)
+            return await asyncio.gather(*streams)
+
+        results = asyncio.run(scenario())
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    moved = re.search(r"a Ray engine is gone; (\d+) stream\(s\) move to the 1 left", err)
+    assert proc.returncode == 0 and moved and int(moved.group(1)) >= 1, err
+    for messages, code in results:
+        summary = messages[-1]
+        assert code == 1000 and summary["type"] == "summary"
+        assert summary["received"] == summary["processed"] == audio.size and summary["dropped"] == 0
+        events = [
+            (m["type"], m["label"], m["onset"], m.get("reason")) for m in messages if m["type"] in ("open", "close")
+        ]
+        assert events == ref_events and events
+        times = [m["t"] for m in messages if m["type"] == "scores"]
+        assert times == sorted(set(times)) and times[-1] > 14.5  # no hop twice, none missing at the end

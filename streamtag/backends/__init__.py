@@ -42,6 +42,12 @@ class Backend(Protocol):
         """``k`` hops of every stream of a lockstep state, ``(n, k, hop) -> (n, k, classes)``: the results of ``k``
         :meth:`step` calls (to float rounding), in as few calls as the backend can (a backlog, a file)."""
 
+    def snapshot(self, state: object, slot: int) -> list[np.ndarray]:
+        """Copies of one stream's state in a pool (host arrays: it may travel to another process)."""
+
+    def restore(self, state: object, slot: int, rows: list[np.ndarray]) -> None:
+        """One stream's state back from :meth:`snapshot`, taken in any pool of the same model."""
+
     def clear(self, state: object, slots: Sequence[int]) -> None:
         """These streams back to a new stream's state (a stream joining, leaving or resetting)."""
 

@@ -274,6 +274,22 @@ class OnnxBackend:
             state.ring[slots] = 0.0
             state.frames[slots] = 0
 
+    def snapshot(self, pool: OnnxPool, slot: int) -> list[np.ndarray]:
+        """Copies of one pool stream's state: every state row, and its rings and place in them."""
+        rows = [arr[slot].copy() for arr in pool.state]
+        if self.rings is not None:
+            rows += [pool.ring[slot].copy(), np.array(pool.frames[slot])]
+        return rows
+
+    def restore(self, pool: OnnxPool, slot: int, rows: list[np.ndarray]) -> None:
+        """One pool stream's state back from :meth:`snapshot` (taken in any pool of this model)."""
+        n = len(pool.state)
+        for arr, row in zip(pool.state, rows[:n]):
+            arr[slot] = row
+        if self.rings is not None:
+            pool.ring[slot], pool.frames[slot] = rows[n], int(rows[n + 1])
+        pool.high_water = max(pool.high_water, slot + 1)
+
     def step(self, state: OnnxPool | LockstepState, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
         """One hop for each stream in ``slots`` (distinct; ascending is fastest), all in one call.
 

@@ -98,6 +98,15 @@ class TorchBackend:
             t.index_fill_(0, index, 0.0)
 
     @torch.inference_mode()
+    def snapshot(self, state: TorchState, slot: int) -> list[np.ndarray]:
+        return [t[slot].cpu().numpy().copy() for t in state.tensors]
+
+    @torch.inference_mode()
+    def restore(self, state: TorchState, slot: int, rows: list[np.ndarray]) -> None:
+        for t, row in zip(state.tensors, rows):
+            t[slot] = torch.from_numpy(row).to(t.device)
+
+    @torch.inference_mode()
     def step(self, state: TorchState, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
         n = len(slots)
         whole = n == state.capacity and bool((np.asarray(slots) == np.arange(n)).all())

@@ -48,6 +48,13 @@ def add_parser(subparsers) -> None:
         help="also tag a source ffmpeg reads (rtsp://camera/stream, an HTTP stream, a file) as stream NAME; "
         "restarted with backoff when it drops (repeat for several)",
     )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the streams' engines on Ray (pip install 'streamtag[ray]'): auto (a Ray running here, else a "
+        "local one) or a cluster address; each stream goes to one engine by a hash of its name",
+    )
+    p.add_argument("--engines", type=int, default=2, help="with --ray: engine actors (default 2)")
     p.add_argument("--port-file", metavar="PATH", help="write the bound port here once listening (for scripts)")
     p.set_defaults(handler=run)
 
@@ -71,6 +78,8 @@ def _check(args) -> None:
             raise ConfigError(f"--pull {item!r}: give NAME=URL, NAME 1-64 of A-Z a-z 0-9 _ -")
     if len({item.partition("=")[0] for item in args.pull}) < len(args.pull):
         raise ConfigError("--pull: two sources have the same NAME")
+    if not 1 <= args.engines <= 1024:
+        raise ConfigError(f"--engines must be in 1..1024 ({args.engines} given)")
     if not loopback and not args.token:
         raise ConfigError(f"--host {args.host} is reachable from other machines: add --token SECRET (clients send it)")
 
@@ -114,7 +123,12 @@ def run(args) -> int:
     base = event_tables(args.model, args.event_config, args.on_threshold)
     book = SettingsBook(cfg.labels, cfg.features.frame_seconds, base, config)
     options = ServeOptions(capacity=args.max_streams, rate=args.rate, idle_s=args.idle_seconds, token=args.token)
-    multi = MultiStreamTagger(args.model, capacity=args.max_streams, events=detectors)
+    if args.ray:
+        from ..distributed import RayEnginePool
+
+        multi = RayEnginePool(args.model, args.ray, args.engines, capacity=args.max_streams)
+    else:
+        multi = MultiStreamTagger(args.model, capacity=args.max_streams, events=detectors)
     mqtt = MqttPublisher(args.mqtt, multi.labels, prefix=args.mqtt_prefix) if args.mqtt else None
     worker = ServeWorker(multi, options, mqtt, book=book)
     metrics = Metrics(lambda: worker.accounts, mqtt)
@@ -130,6 +144,8 @@ def run(args) -> int:
         worker.join(timeout=10)
         if mqtt is not None:
             mqtt.close()
+        if args.ray:
+            multi.close()
 
 
 async def _serve(args, worker, metrics, options, sources) -> int:
