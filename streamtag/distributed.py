@@ -30,6 +30,22 @@ def _ray():
     return ray
 
 
+def _start_ray(address: str):
+    """Ray, connected: ``auto`` (a Ray running on this machine, else a local one) or a cluster address."""
+    ray = _ray()
+    try:
+        ray.init(
+            address=None if address == "auto" else address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            ignore_reinit_error=True,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--ray {address}: cannot reach a Ray cluster there ({str(exc).splitlines()[0]})") from None
+    return ray
+
+
 class _Tagger:
     """The actor: one loaded model and one pool of streams, reused for every batch it is given."""
 
@@ -55,19 +71,9 @@ def tag_on_ray(
     """:func:`~streamtag.archive.tag_archive` over Ray actors. ``address``: ``auto`` (a Ray already running
     on this machine, else a local one started for the run) or a cluster address (``ray://host:10001``).
     ``actors``: how many (default: one per CPU Ray offers)."""
-    ray = _ray()
     if any(item.opener is not None for item in items):
         raise ConfigError("--ray tags files: stdin (-) is tagged locally, without --ray")
-    try:
-        ray.init(
-            address=None if address == "auto" else address,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-            ignore_reinit_error=True,
-        )
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"--ray {address}: cannot reach a Ray cluster there ({str(exc).splitlines()[0]})") from None
+    ray = _start_ray(address)
     try:
         from ray.util import ActorPool
 
@@ -119,7 +125,8 @@ class _EngineActor:
                 self.snapped[name] = self.multi.streams[name].frames
             elif kind == "audio":
                 self.multi.feed(name, command[2])
-            elif kind == "events":
+            elif kind == "events":  # the audio before it is stepped first, however the commands were grouped
+                out += list(self.multi.step())
                 out += [(name, s) for s in self.multi.streams[name].set_events(command[2])]
             elif kind == "leave":
                 out += [(name, s) for s in self.multi.leave(name, command[2])]
@@ -160,7 +167,9 @@ class _RemoteStream:
         return int((self.buffered_samples + self.in_flight) * self.model_rate / self.rate)
 
     def set_events(self, events) -> list:
-        """New event settings; the events they close come back through the pool's next steps."""
+        """New event settings, after the audio already given; the events they close come back through the
+        pool's next steps."""
+        self.pool._flush(self)
         self.pool._send(self.name, ("events", self.name, events))
         return []
 
@@ -172,24 +181,14 @@ class RayEnginePool:
 
     An engine that dies is dropped from the ring and each of its streams moves to the engine the ring now
     names: it joins with its last snapshot (at most :data:`SNAPSHOT_SECONDS` old) and every command sent
-    since is sent again, so it goes on exactly where it was; the hops and events already handed out are
-    not handed out twice. Nothing is lost but time (:attr:`moved` counts the moves)."""
+    since is sent again, so it goes on exactly where it was (a resampled stream restarts its resampler's
+    filter: soxr's state does not travel); the hops and events already handed out are not handed out
+    twice. Nothing is lost but time (:attr:`moved` counts the moves)."""
 
     def __init__(self, model, address: str, engines: int, capacity: int) -> None:
         from .modelfile import load_config, resolve_model_dir
 
-        ray = self._ray = _ray()
-        try:
-            ray.init(
-                address=None if address == "auto" else address,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-                ignore_reinit_error=True,
-            )
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            msg = str(exc).splitlines()[0]
-            raise ConfigError(f"--ray {address}: cannot reach a Ray cluster there ({msg})") from None
+        ray = self._ray = _start_ray(address)
         self.config = cfg = load_config(resolve_model_dir(model))
         self.labels, self.frame_seconds = cfg.labels, cfg.features.frame_seconds
         self.model_rate = cfg.features.sample_rate

@@ -256,7 +256,7 @@ class StreamTagger:
         self._start, self._fill = 0, 0
         self._append(pending)
         self.frames, self._silent_run = snapshot["frames"], snapshot["silent_run"]
-        self.detector = snapshot["detector"]
+        self.detector = copy.deepcopy(snapshot["detector"])  # a snapshot may be restored more than once
         self.stats = dataclasses.replace(snapshot["stats"])
 
     # -- pieces a batching runner drives (MultiStreamTagger) ----------------------------

@@ -83,9 +83,10 @@ class StreamSettings:
         return cls(lists.get("allow"), lists.get("deny"), {k: dict(v) for k, v in events.items()})
 
     def over(self, below: StreamSettings) -> StreamSettings:
-        """This layer on top of ``below``: lists replace (either one given replaces both), events merge by key."""
+        """This layer on top of ``below``: lists replace (either one given replaces both; an empty one stays,
+        so it clears what is below), events merge by key."""
         if self.allow is not None or self.deny is not None:
-            allow, deny = self.allow or None, self.deny or None
+            allow, deny = self.allow, self.deny
         else:
             allow, deny = below.allow, below.deny
         events = {k: dict(v) for k, v in below.events.items()}

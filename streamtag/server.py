@@ -88,6 +88,7 @@ class ServeWorker(threading.Thread):
         self.listeners: dict[str, Callable[[dict], None]] = {}
         self._every = max(1, round(1.0 / (options.rate * multi.frame_seconds)))
         self._stopping = threading.Event()
+        self.failure: str | None = None  # why the worker stopped on its own, if it did
         self.lock = threading.Lock()  # guards accounts for readers on other threads (metrics, page)
 
     def submit(self, *command) -> None:
@@ -98,6 +99,13 @@ class ServeWorker(threading.Thread):
         self.inbox.put(("wake",))
 
     def run(self) -> None:
+        try:
+            self._rounds()
+        except Exception as exc:  # the engines failed (a Ray cluster gone): say so; the front stops the server
+            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print(f"streamtag serve: error: the tagging worker stopped ({self.failure})", file=sys.stderr, flush=True)
+
+    def _rounds(self) -> None:
         while True:
             try:
                 command = self.inbox.get(timeout=0.05)
@@ -405,32 +413,51 @@ class _WorkerInbox:
     def __init__(self, name: str, worker: ServeWorker) -> None:
         self.name, self.worker = name, worker
         self.doorbell = self  # the source rings it when the device is lost; the capture task polls instead
+        self.last = time.monotonic()  # when audio last came: a device silent this long is taken as lost
 
     def push(self, samples: np.ndarray) -> None:
+        self.last = time.monotonic()
         self.worker.submit("audio", self.name, np.array(samples, dtype=np.float32))
 
     def ring(self) -> None:
         pass
 
 
+STALL_SECONDS = 2.0  # a sound card that delivers nothing this long is opened again (as live --reconnect)
+
+
 async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Event) -> None:
     """A local sound card, by name (as ``live --device``), tagged as the stream ``name``. A device that is
-    missing or lost is opened again with backoff (1 s doubling to 30 s); the stream stays joined."""
+    missing, lost or stalled (nothing for :data:`STALL_SECONDS`) is opened again with backoff (1 s
+    doubling to 30 s); the stream stays joined. A name already taken by a client: one line, not tagged."""
     from .sources.device import MicrophoneSource
 
     model_rate = worker.multi.backend.config.features.sample_rate
     source, delay, joined, running = None, 1.0, False, False
+    refused: list[str] = []
+    inbox = _WorkerInbox(name, worker)
+
+    def listener(message) -> None:  # no client: steps go to MQTT and the page; a refused join ends the task
+        if message is not None and message.get("type") == "error":
+            refused.append(message["message"])
+
     while not stop.is_set():
-        if not running or source.finished:
+        if refused:
+            print(f"streamtag serve: {name}: {refused[0]}; this sound card is not tagged", file=sys.stderr, flush=True)
+            source.stop()
+            return
+        stalled = running and time.monotonic() - inbox.last > STALL_SECONDS
+        if not running or source.finished or stalled:
             try:
                 if source is None:
                     source = MicrophoneSource(model_rate, device, block_size=model_rate // 10)
                     if not joined:
-                        worker.submit("join", name, source.sample_rate, lambda message: None)
+                        worker.submit("join", name, source.sample_rate, listener)
                         joined = True
-                    source.start(_WorkerInbox(name, worker))
+                    source.start(inbox)
                 else:
                     source.restart()
+                inbox.last = time.monotonic()
                 running, delay = True, 1.0
             except StreamtagError as exc:
                 running = False
@@ -593,7 +620,10 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
         worker.submit("settings", name, change, lambda m: loop.call_soon_threadsafe(_settle, answer, m))
-        message = await asyncio.wait_for(answer, timeout=10)
+        try:
+            message = await asyncio.wait_for(answer, timeout=10)
+        except asyncio.TimeoutError:
+            return web.json_response({"error": "the tagging worker did not answer in 10 s"}, status=503)
         return web.json_response(message, status=400 if "error" in message else 200)
 
     async def close_all(app) -> None:  # on shutdown: every client is told, none waited for

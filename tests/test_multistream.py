@@ -138,7 +138,8 @@ def test_a_stream_snapshot_restored_in_another_pool_goes_on_exactly(cnn_dir, bac
     got = before + after
     assert [s.frame_index for _, s in got] == [s.frame_index for _, s in ref]
     np.testing.assert_allclose(
-        np.stack([s.probs for _, s in got if s.has_scores]), np.stack([s.probs for _, s in ref if s.has_scores]),
+        np.stack([s.probs for _, s in got if s.has_scores]),
+        np.stack([s.probs for _, s in ref if s.has_scores]),
         atol=1e-6,
     )
     events = [(e.kind, e.label, e.onset, e.reason) for _, s in got for e in s.events]

@@ -84,6 +84,11 @@ def _pcm(clip: str) -> tuple[bytes, np.ndarray]:
     return x.tobytes(), x.astype(np.float32) / 32768
 
 
+def _ray_engines():
+    pytest.importorskip("ray", reason="serve --ray needs the [ray] extra")
+    return ("--ray", "auto", "--engines", "2")
+
+
 def _alone(audio):
     """The same audio through one engine of its own, with the bundled model's event settings."""
     from streamtag.engine import StreamTagger
@@ -92,10 +97,13 @@ def _alone(audio):
     return tagger.feed(audio) + tagger.finish()
 
 
-def test_two_streams_at_once_each_get_what_replay_gives(tmp_path):
+@pytest.mark.parametrize("where", ["one process", "two Ray engines"])
+def test_two_streams_at_once_each_get_what_replay_gives(tmp_path, where):
+    """In the server's own worker, or (serve --ray) each stream on one of two engine actors of a local Ray the
+    server starts, audio moved in 100 ms chunks: the probabilities and events of a stream alone."""
     rain, rain_audio = _pcm("rain.flac")
     chainsaw, chainsaw_audio = _pcm("chainsaw.flac")
-    with serve(tmp_path) as (port, _):
+    with serve(tmp_path, *(_ray_engines() if where == "two Ray engines" else ())) as (port, _):
 
         async def both():
             return await asyncio.gather(_stream(port, "porch", rain), _stream(port, "garage", chainsaw, chunk=1000))
@@ -558,37 +566,6 @@ def test_a_sound_card_from_the_config_file_is_a_stream(tmp_path):
     assert state["kitchen"]["top"][0][0] == "rain"
 
 
-def _ray_engines():
-    pytest.importorskip("ray", reason="serve --ray needs the [ray] extra")
-    return ("--ray", "auto", "--engines", "2")
-
-
-def test_streams_on_two_ray_engines_get_what_one_process_gives(tmp_path):
-    """serve --ray: each stream on one of two engine actors (a local Ray started by the server), audio moved
-    in 100 ms chunks; the probabilities and events equal those of a stream alone."""
-    rain, rain_audio = _pcm("rain.flac")
-    chainsaw, chainsaw_audio = _pcm("chainsaw.flac")
-    with serve(tmp_path, *_ray_engines()) as (port, _):
-
-        async def both():
-            return await asyncio.gather(_stream(port, "porch", rain), _stream(port, "garage", chainsaw, chunk=1000))
-
-        (rain_msgs, code_a), (saw_msgs, code_b) = asyncio.run(both())
-    assert code_a == code_b == 1000
-    for messages, audio in ((rain_msgs, rain_audio), (saw_msgs, chainsaw_audio)):
-        ref = _alone(audio)
-        events = [(m["type"], m["label"], m["onset"]) for m in messages if m["type"] in ("open", "close")]
-        assert events == [(e.kind, e.label, round(e.onset, 3)) for s in ref for e in s.events] and events
-        step = {round(s.t, 3): s for s in ref if s.has_scores}
-        scores = [m for m in messages if m["type"] == "scores"]
-        assert len(scores) == 50
-        for m in scores:
-            label, p = m["top"][0]
-            assert abs(p - float(step[m["t"]].probs[list(step[m["t"]].labels).index(label)])) < 1e-3
-        summary = messages[-1]
-        assert summary["received"] == summary["processed"] == audio.size and summary["dropped"] == 0
-
-
 def _engine_pids() -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -604,7 +581,7 @@ def test_a_lost_ray_engine_moves_its_streams_and_they_go_on_exactly(tmp_path):
     the audio sent since, so every stream still gets what it would have got alone (the same events, scores
     to the end), nothing dropped, every summary adding up."""
     rain, _ = _pcm("rain.flac")
-    long_rain = rain * 3  # 15 s, sent at about twice real time
+    long_rain = rain * 4  # 20 s, sent at about twice real time
     audio = np.frombuffer(long_rain, "<i2").astype(np.float32) / 32768
     ref = _alone(audio)
     ref_events = [(e.kind, e.label, round(e.onset, 3), e.reason) for s in ref for e in s.events]
@@ -613,9 +590,14 @@ def test_a_lost_ray_engine_moves_its_streams_and_they_go_on_exactly(tmp_path):
 
         async def scenario():
             streams = [asyncio.create_task(_stream(port, n, long_rain, pace=0.05)) for n in names]
-            await asyncio.sleep(3.0)
-            pids = _engine_pids()
+            await asyncio.sleep(2.0)
+            for _ in range(100):  # the engines are up once the streams have joined; a loaded machine is slow
+                pids = _engine_pids()
+                if len(pids) == 2:
+                    break
+                await asyncio.sleep(0.1)
             assert len(pids) == 2, pids
+            assert not any(t.done() for t in streams)  # killed mid-stream
             os.kill(pids[0], signal.SIGKILL)
             return await asyncio.gather(*streams)
 
@@ -634,4 +616,4 @@ def test_a_lost_ray_engine_moves_its_streams_and_they_go_on_exactly(tmp_path):
         ]
         assert events == ref_events and events
         times = [m["t"] for m in messages if m["type"] == "scores"]
-        assert times == sorted(set(times)) and times[-1] > 14.5  # no hop twice, none missing at the end
+        assert times == sorted(set(times)) and times[-1] > 19.5  # no hop twice, none missing at the end

@@ -69,11 +69,9 @@ def _open(folder: Path, threads: int, chunk: bool = False) -> tuple[ort.Inferenc
     name = CHUNK_NAME if chunk else ONNX_NAME
     cached = cache_dir() / "onnx" / (f"{expected}.chunk.onnx" if chunk else f"{expected}.onnx")
     for path in (folder / name, cached):
-        if path.is_file():
-            session = _session(path, threads)
-            meta = session.get_modelmeta().custom_metadata_map
-            if meta.get(FINGERPRINT_KEY) == expected and (CHUNK_KEY in meta) == chunk:
-                return session, path
+        session = _current(path, threads, expected, chunk)
+        if session is not None:
+            return session, path
     try:
         from ..models.export import export_chunk_onnx, export_onnx
     except ImportError:
@@ -85,9 +83,22 @@ def _open(folder: Path, threads: int, chunk: bool = False) -> tuple[ort.Inferenc
         export_chunk_onnx(folder, cached)
     else:  # the chunk graph too, now: opened mid-stream later (a backlog), it must not cost an export then
         export_onnx(folder, cached)
-        if not (folder / CHUNK_NAME).is_file():
-            export_chunk_onnx(folder, cached.with_name(f"{expected}.chunk.onnx"))
+        chunk_cached = cached.with_name(f"{expected}.chunk.onnx")
+        if _current(folder / CHUNK_NAME, 1, expected, True) is None and not chunk_cached.is_file():
+            try:
+                export_chunk_onnx(folder, chunk_cached)
+            except Exception as exc:  # the hop step is what a stream needs; backlogs then go hop by hop
+                warnings.warn(f"no chunk graph for {folder}: {exc}", RuntimeWarning, stacklevel=2)
     return _session(cached, threads), cached
+
+
+def _current(path: Path, threads: int, expected: str, chunk: bool) -> ort.InferenceSession | None:
+    """A session on ``path`` if it holds this model's up-to-date graph of the kind asked for, else None."""
+    if not path.is_file():
+        return None
+    session = _session(path, threads)
+    meta = session.get_modelmeta().custom_metadata_map
+    return session if meta.get(FINGERPRINT_KEY) == expected and (CHUNK_KEY in meta) == chunk else None
 
 
 MIN_CHUNK_HOPS = 6  # fewer hops than this step one by one: the chunk graph's fixed cost outweighs them

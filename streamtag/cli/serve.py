@@ -184,11 +184,23 @@ async def _serve(args, worker, metrics, options, sources) -> int:
         )
         for s in sources
     ]
+
+    async def watch_worker() -> None:
+        while not stop.is_set():
+            if not worker.is_alive():
+                got["failed"] = True
+                stop.set()
+            await asyncio.sleep(0.5)
+
+    watcher = asyncio.create_task(watch_worker())
     await stop.wait()
+    await watcher
     for task in pulls:
         await task
     print("streamtag serve: stopping: closing open events and streams", file=sys.stderr, flush=True)
     worker.stop()  # every stream leaves: open events close (reason interrupted), published
     await asyncio.get_running_loop().run_in_executor(None, worker.join, 10)
     await runner.cleanup()
+    if got.get("failed"):
+        return 1
     return 130 if got.get("signal") == signal.SIGINT else 0

@@ -86,6 +86,8 @@ class MqttPublisher:
                 self._discovery(stream, enabled)
 
     def _on_message(self, client, userdata, message) -> None:
+        if message.retain:  # a retained change would be applied again at every reconnect: changes are events
+            return
         stream = message.topic[len(self.prefix) + 1 : -len("/set")]
         try:
             change = json.loads(message.payload)

@@ -1,0 +1,61 @@
+"""serve's per-stream settings: the layers (config file, run-time changes) and their checks, no server."""
+
+import pytest
+
+from streamtag.errors import ConfigError
+from streamtag.modelfile import load_config, resolve_model_dir
+from streamtag.serve_config import ServeConfig, SettingsBook, StreamSettings, read_serve_config
+
+LABELS = load_config(resolve_model_dir(None)).labels
+
+
+def _book(**streams) -> SettingsBook:
+    return SettingsBook(LABELS, 0.01, [{"default": {"on_threshold": 0.5}}], ServeConfig(streams=streams))
+
+
+def test_run_time_changes_layer_over_the_config_file_and_an_empty_list_clears():
+    book = _book(porch=StreamSettings(allow=("dog",)))
+    assert sum(book.settings("porch").enabled(LABELS)) == 1
+    book.change("porch", {"allow": ["dog", "cat"]})
+    assert sum(book.settings("porch").enabled(LABELS)) == 2
+    book.change("porch", {"events": {"dog": {"on_threshold": 0.7}}})  # lists untouched by an events change
+    assert sum(book.settings("porch").enabled(LABELS)) == 2
+    book.change("porch", {"allow": []})  # clears the config file's list too
+    assert all(book.settings("porch").enabled(LABELS)) and book.settings("porch").as_dict()["allow"] == []
+    book.change("porch", {"deny": ["rain"]})
+    assert not book.settings("porch").enabled(LABELS)[LABELS.index("rain")]
+
+
+def test_a_refused_change_leaves_the_settings_as_they_were():
+    book = _book()
+    book.change("porch", {"events": {"dog": {"on_threshold": 0.6}}})
+    before = book.settings("porch")
+    for change, message in [
+        ({"allow": ["raain"]}, "unknown class 'raain'"),
+        ({"allow": ["dog"], "deny": ["cat"]}, "allow or deny, not both"),
+        ({"events": {"dog": {"on_threshold": 2.0}}}, "on_threshold must be in (0, 1]"),
+        ({"colour": 1}, "unknown setting 'colour'"),
+        ("dog", "must be a table/object"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            book.change("porch", change)
+        assert book.settings("porch") == before
+
+
+def test_a_disabled_label_opens_no_event_and_the_detector_follows_the_settings():
+    import numpy as np
+
+    book = _book(porch=StreamSettings(deny=("dog",)))
+    probs = np.zeros(len(LABELS), np.float32)
+    probs[LABELS.index("dog")] = probs[LABELS.index("rain")] = 0.99
+    detector = book.detector("porch")
+    opened = [e.label for f in range(50) for e in detector.update(f, probs) if e.kind == "open"]
+    assert opened == ["rain"]
+
+
+def test_the_config_file_names_its_sources(tmp_path):
+    path = tmp_path / "serve.toml"
+    path.write_text('[streams.cam]\nurl = "rtsp://x/y"\nallow = ["dog"]\n[streams.mic]\ndevice = "USB"\n[streams.ws]\n')
+    config = read_serve_config(path, LABELS)
+    assert [(s.name, s.url, s.device) for s in config.sources] == [("cam", "rtsp://x/y", None), ("mic", None, "USB")]
+    assert set(config.streams) == {"cam", "mic", "ws"} and config.streams["cam"].allow == ("dog",)
