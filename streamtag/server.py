@@ -571,7 +571,13 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
             joining.discard(name)
         if joined:
             worker.submit("eof" if reason is None else "gone", name)
-            await send_task  # the summary, then the end
+            while not send_task.done():  # the summary, then the end; nothing more if the worker has stopped
+                alive = worker.is_alive()  # seen before the wait: a dead worker's last messages arrive within it
+                await asyncio.wait({send_task}, timeout=0.5)
+                if not alive and not send_task.done():
+                    send_task.cancel()
+                    reason, code = "the server is stopping", 1011
+                    break
         else:
             await outbox.put(None)
             await send_task

@@ -566,13 +566,25 @@ def test_a_sound_card_from_the_config_file_is_a_stream(tmp_path):
     assert state["kitchen"]["top"][0][0] == "rain"
 
 
-def _engine_pids() -> list[int]:
+def _engine_pids(server: int) -> list[int]:
+    """Processes of the server's own Ray engine actors (descendants of the server: its local Ray)."""
+
+    def parent(pid: int) -> int:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        return 0
+
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                if b"_EngineActor" in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
+                if b"_EngineActor" not in (entry / "cmdline").read_bytes():
+                    continue
+            pid = int(entry.name)
+            while pid > 1 and pid != server:
+                pid = parent(pid)
+            if pid == server:
+                pids.append(int(entry.name))
     return pids
 
 
@@ -592,7 +604,7 @@ def test_a_lost_ray_engine_moves_its_streams_and_they_go_on_exactly(tmp_path):
             streams = [asyncio.create_task(_stream(port, n, long_rain, pace=0.05)) for n in names]
             await asyncio.sleep(2.0)
             for _ in range(100):  # the engines are up once the streams have joined; a loaded machine is slow
-                pids = _engine_pids()
+                pids = _engine_pids(proc.pid)
                 if len(pids) == 2:
                     break
                 await asyncio.sleep(0.1)
@@ -617,3 +629,27 @@ def test_a_lost_ray_engine_moves_its_streams_and_they_go_on_exactly(tmp_path):
         assert events == ref_events and events
         times = [m["t"] for m in messages if m["type"] == "scores"]
         assert times == sorted(set(times)) and times[-1] > 19.5  # no hop twice, none missing at the end
+
+
+def test_when_every_ray_engine_is_gone_the_server_says_so_and_exits_1(tmp_path):
+    """One engine, SIGKILLed under a stream: nothing left to move it to, so one line and exit 1, no traceback."""
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path, "--ray", "auto", "--engines", "1") as (port, proc):
+        pytest.importorskip("ray", reason="serve --ray needs the [ray] extra")
+
+        async def scenario():
+            stream = asyncio.create_task(_stream(port, "porch", rain * 4, pace=0.05))
+            for _ in range(150):
+                pids = _engine_pids(proc.pid)
+                if pids:
+                    break
+                await asyncio.sleep(0.1)
+            os.kill(pids[0], signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stream, timeout=30)
+
+        asyncio.run(scenario())
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "streamtag serve: error: the tagging worker stopped (RuntimeError: every Ray engine" in err
+    assert "Traceback" not in err
