@@ -61,6 +61,25 @@ class Backend(Protocol):
         """The adapter: the own streams back to a new stream's state."""
 
 
+class OwnStreams:
+    """The adapter both backends share: their own ``batch_size`` streams (``_own``, slots ``_all``) stepped in
+    lockstep through the primitive, what a single stream's engine calls."""
+
+    _own: object
+    _all: np.ndarray
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        """One hop ``(batch_size, hop)`` of the own streams -> probabilities (valid until the next call)."""
+        return self.step(self._own, self._all, audio)
+
+    def steps(self, audio: np.ndarray) -> np.ndarray:
+        """``k`` hops ``(batch_size, k, hop)`` of the own streams -> ``(batch_size, k, classes)``, as ``k`` calls."""
+        return self.step_hops(self._own, audio)
+
+    def reset_states(self) -> None:
+        self.clear(self._own, self._all)
+
+
 BACKENDS = {
     "onnx": "streamtag.backends.onnx_backend:OnnxBackend",
     "torch": "streamtag.backends.torch_backend:TorchBackend",

@@ -32,6 +32,7 @@ from ..modelfile import (
     load_config,
     resolve_model_dir,
 )
+from . import OwnStreams
 
 try:
     import onnxruntime as ort
@@ -200,7 +201,7 @@ class LockstepState:
         return self.sets[self.tick % 2]
 
 
-class OnnxBackend:
+class OnnxBackend(OwnStreams):
     """The hop step on onnxruntime. One primitive, :meth:`step` on a state from :meth:`new_state`;
     ``backend(audio)`` is a thin adapter stepping the backend's own ``batch_size`` streams in lockstep."""
 
@@ -247,18 +248,7 @@ class OnnxBackend:
             binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
         return binding
 
-    # -- the single-stream adapter -------------------------------------------------
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        """One hop ``(batch_size, hop)`` of the backend's own streams -> probabilities (a reused buffer)."""
-        return self.step(self._own, self._all, audio)
-
-    def steps(self, audio: np.ndarray) -> np.ndarray:
-        """``k`` hops ``(batch_size, k, hop)`` of the own streams -> ``(batch_size, k, classes)``, as ``k`` calls."""
-        return self.step_hops(self._own, audio)
-
-    def reset_states(self) -> None:
-        self.clear(self._own, self._all)
-
+    # -- the single-stream adapter (OwnStreams) ---------------------------------------
     def get_state(self) -> list[np.ndarray]:
         """Copies of the own streams' state arrays (and the ring, time-major, last), for inspection."""
         own = self._own

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from ..errors import BackendUnavailable, ConfigError
+from . import OwnStreams
 
 try:
     import torch
@@ -43,7 +44,7 @@ class TorchState:
         self.capacity = tensors[0].shape[0]
 
 
-class TorchBackend:
+class TorchBackend(OwnStreams):
     """The reference: the eager hop step. One primitive, :meth:`step` on a state from :meth:`new_state`
     (state stays on the device: a GPU's streams never travel through host memory); ``backend(audio)``
     is a thin adapter stepping the backend's own ``batch_size`` streams."""
@@ -70,16 +71,7 @@ class TorchBackend:
         self._own = self.new_state(batch_size)
         self._all = np.arange(batch_size)
 
-    # -- the single-stream adapter -------------------------------------------------
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        return self.step(self._own, self._all, audio)
-
-    def steps(self, audio: np.ndarray) -> np.ndarray:
-        return self.step_hops(self._own, audio)
-
-    def reset_states(self) -> None:
-        self.clear(self._own, self._all)
-
+    # -- the single-stream adapter (OwnStreams) ---------------------------------------
     def get_state(self) -> list[np.ndarray]:
         return [s.cpu().numpy().copy() for s in self._own.tensors]
 
