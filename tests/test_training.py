@@ -1,6 +1,7 @@
 """Dataset readers, grouped splits, a tiny training run, model files and eval's report."""
 
 import csv
+import dataclasses
 import json
 import shutil
 import signal
@@ -280,6 +281,27 @@ def test_some_crops_start_with_a_settled_level_estimate():
     assert np.all(level0[settled, 1].numpy() == 300.0) and np.all(level0[~settled].numpy() == 0.0)
     offset = (level0[settled, 0] - x[settled].mean(dim=(1, 2))).numpy() / DB
     assert offset.min() >= -50.01 and offset.max() <= 10.01 and offset.max() - offset.min() > 20
+
+
+def test_quiet_lead_crops_start_quiet_with_nothing_to_detect():
+    """--quiet-lead: the sound moves later behind a quiet floor whose targets are all 0; the rest of the crop
+    keeps its targets (shifted with it)."""
+    from streamtag.training.trainer import TrainOptions, _Batches
+
+    opts = TrainOptions(batch_size=32, quiet_lead_p=1.0, warm_level_p=0.0, spec_masks=0, background_p=0.0)
+    opts = dataclasses.replace(opts, reverb_p=0.0, noise_floor_p=0.0, gain_db=(0.0, 0.0), silence_p=0.0)
+    rng = np.random.default_rng(0)
+    feats = [np.full((300, 64), 2.0, np.float32) for _ in range(4)]  # loud, far above any floor
+    hard = np.eye(2, dtype=np.float32)[[0, 1, 0, 1]]
+    batches = _Batches(feats, hard, None, opts, float(np.log(1e-9)), rng, np.zeros(64, np.float32))
+    x, y, level0 = batches.batch()
+    loud = x.mean(dim=2) > 1.0  # (batch, frames)
+    lead = (~loud).int().argmin(dim=1)  # first loud frame
+    assert int(lead.min()) >= 50 and int(lead.max()) <= 150 and len(set(lead.tolist())) > 5  # 0.5-1.5 s here
+    for i, n in enumerate(lead.tolist()):
+        assert bool(loud[i, n:].all()) and float(y[i, :n].abs().sum()) == 0.0
+        assert float(y[i, n:].sum(dim=1).min()) == 1.0  # the clip's label from its (later) start on
+    assert float(level0.abs().sum()) == 0.0  # the quiet itself settles the estimate
 
 
 def test_cross_validation_pools_source_grouped_folds(class_folders, tmp_path):

@@ -117,6 +117,14 @@ def add_parser(subparsers) -> None:
         "as a stream meets a sound after quiet or loud audio (default 0.5; 0 for fresh estimates only)",
     )
     p.add_argument(
+        "--quiet-lead",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of training crops that begin with 0.5-2 s of a quiet microphone floor (nothing to detect) "
+        "before the sound, as a live stream meets one after a quiet room (default 0)",
+    )
+    p.add_argument(
         "--init",
         metavar="MODEL",
         help="start from this trained model's weights (fine-tuning; same --arch, --arch-param and labels)",
@@ -162,6 +170,7 @@ def _options(args):
         steps_per_epoch=args.steps_per_epoch,
         init_from=args.init,
         warm_level_p=args.warm_level,
+        quiet_lead_p=args.quiet_lead,
     )
 
 

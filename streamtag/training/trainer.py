@@ -65,6 +65,10 @@ class TrainOptions:
     # street): this share of crops starts with the estimate settled that many dB from the crop's own level
     warm_level_p: float = 0.5
     warm_level_db: tuple[float, float] = (-50.0, 10.0)
+    # a live stream meets a sound after seconds of a quiet room, which fill the model's running means and
+    # level estimate; this share of crops starts with a quiet floor (every target 0) before the sound
+    quiet_lead_p: float = 0.0
+    quiet_lead_s: tuple[float, float] = (0.5, 2.0)
     init_from: str | None = None  # a trained model folder to start from (fine-tuning)
     steps_per_epoch: int = 0  # 0: one pass over the training clips
     seed: int = 0
@@ -83,6 +87,8 @@ class TrainOptions:
             raise ConfigError(f"--output must be one of {', '.join(OUTPUTS)} ({self.output!r} given)")
         if not 0.0 <= self.warm_level_p <= 1.0:
             raise ConfigError(f"--warm-level must be in 0..1 ({self.warm_level_p} given)")
+        if not 0.0 <= self.quiet_lead_p <= 1.0:
+            raise ConfigError(f"--quiet-lead must be in 0..1 ({self.quiet_lead_p} given)")
         if not 0.0 <= self.teacher_weight <= 1.0:
             raise ConfigError(f"--teacher-weight must be in 0..1 ({self.teacher_weight} given)")
 
@@ -247,7 +253,10 @@ class _Batches:
                 x = self._noise_floor(x)
             # a gain scales power; the log floor stays where it is
             x = np.logaddexp(x + np.float32(rng.uniform(*o.gain_db) * DB), np.float32(self.floor))
-            if rng.random() < o.warm_level_p:
+            y = item.y
+            if rng.random() < o.quiet_lead_p:
+                x, y = self._quiet_lead(x, y)
+            elif rng.random() < o.warm_level_p:
                 level0[len(xs)] = (x.mean() + rng.uniform(*o.warm_level_db) * DB, self.settled_frames)
             for _ in range(o.spec_masks):  # SpecAugment: a band and a stretch of time set to silence
                 f0, fw = rng.integers(0, x.shape[1]), rng.integers(0, 8)
@@ -255,8 +264,16 @@ class _Batches:
                 t0, tw = rng.integers(0, x.shape[0]), rng.integers(0, 25)
                 x[t0 : t0 + tw] = self.floor
             xs.append(x)
-            ys.append(item.y)
+            ys.append(y)
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)), torch.from_numpy(level0)
+
+    def _quiet_lead(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The crop shifted later behind ``quiet_lead_s`` of a quiet microphone floor (targets 0 there): the
+        sound's onset then meets running means and a level estimate filled with quiet, as in a live stream."""
+        lead = min(int(self.rng.uniform(*self.opts.quiet_lead_s) / self.opts.features.frame_seconds), len(x) // 2)
+        quiet = self._noise_floor(np.full((lead, x.shape[1]), self.floor, np.float32))
+        shifted = np.concatenate([np.zeros_like(y[:lead]), y[: len(y) - lead]])
+        return np.concatenate([quiet, x[: len(x) - lead]]), shifted
 
 
 def _by_group(groups: list[str], members: np.ndarray) -> list[np.ndarray]:
