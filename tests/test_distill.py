@@ -116,8 +116,11 @@ def test_distillation_end_to_end(small_data, teacher_dir, tmp_path):
     import os
     from pathlib import Path
 
+    from streamtag.training.datasets import content_digest
+
     cached = list((Path(os.environ["STREAMTAG_CACHE"]) / "teacher").glob("*.npz"))
-    assert len(cached) >= 12 + 2  # every labelled clip and every unlabelled file, scored once
+    audio = [p for p in small_data.rglob("*") if p.suffix in (".flac", ".wav")]
+    assert len(audio) == 14 and len(cached) >= len({content_digest(p) for p in audio})  # each distinct file once
     history = json.loads((out / "train_log.json").read_text())["history"]
     assert history[-1]["loss"] < history[0]["loss"]
     trained_on = (out / "trained_on.txt").read_text().splitlines()
@@ -134,3 +137,37 @@ def test_teacher_options_need_a_teacher(small_data, tmp_path):
     assert done.returncode == 2 and "need --teacher" in done.stderr and "Traceback" not in done.stderr
     done = run_cli("train", small_data / "a", "--teacher", tmp_path / "nope.onnx", "--out", tmp_path / "m")
     assert done.returncode == 2 and "nope.onnx" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_caches_follow_the_audio_not_its_path_or_time(teacher_dir, tmp_path, monkeypatch):
+    """A dataset and teacher copied elsewhere (new paths, new times: ../shared is provisioned afresh for every
+    session) reuse the cached teacher scores and features: nothing is decoded again."""
+    import shutil
+
+    from streamtag.config import FeatureConfig
+    from streamtag.sources import file as file_source
+    from streamtag.training.datasets import Clip, Dataset, compute_features
+
+    clip = tmp_path / "a" / "rain.flac"
+    clip.parent.mkdir()
+    shutil.copy(EXAMPLES / "rain.flac", clip)
+    cache = tmp_path / "cache"
+    first = Teacher(teacher_dir / "tiny.onnx", cache=cache / "teacher").windows(clip, 32000)
+    feats = compute_features(Dataset([Clip(clip, "rain", 0, "g")], ["rain"], "d"), FeatureConfig(), cache / "features")[
+        0
+    ]
+    moved = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", moved)  # copytree keeps times; touch them too
+    shutil.copytree(teacher_dir, tmp_path / "teacher2")
+    for p in [moved / "rain.flac", tmp_path / "teacher2" / "tiny.onnx"]:
+        p.touch()
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again: the cache was missed")
+
+    monkeypatch.setattr(file_source, "read_audio", no_decoding)
+    again = Teacher(tmp_path / "teacher2" / "tiny.onnx", cache=cache / "teacher").windows(moved / "rain.flac", 32000)
+    np.testing.assert_array_equal(again["scores"], first["scores"])
+    moved_set = Dataset([Clip(moved / "rain.flac", "rain", 0, "g")], ["rain"], "d")
+    moved_feats = compute_features(moved_set, FeatureConfig(), cache / "features")
+    np.testing.assert_array_equal(moved_feats[0], feats)

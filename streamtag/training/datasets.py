@@ -213,6 +213,16 @@ def grouped_folds(dataset: Dataset, k: int, seed: int = 0) -> np.ndarray:
     return folds
 
 
+def content_digest(path: Path) -> str:
+    """SHA-1 of a file's bytes: what the training caches are keyed on, so a dataset that is copied, moved or
+    provisioned again (new paths and times, the same audio) keeps its cached features and teacher scores."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def compute_features(dataset: Dataset, cfg: FeatureConfig, cache: Path | None) -> list[np.ndarray]:
     """Log-mel ``(frames, n_mels)`` per clip, from the cache when the clip and config are unchanged."""
     import torch
@@ -222,8 +232,7 @@ def compute_features(dataset: Dataset, cfg: FeatureConfig, cache: Path | None) -
 
     out = []
     for clip in dataset.clips:
-        stat = clip.path.stat()
-        ident = f"{FEATURE_CODE_VERSION}|{clip.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{cfg}"
+        ident = f"{FEATURE_CODE_VERSION}|{content_digest(clip.path)}|{cfg}"
         key = hashlib.sha1(ident.encode()).hexdigest()
         cached = cache / f"{key}.npy" if cache else None
         if cached is not None and cached.is_file():

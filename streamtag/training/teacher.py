@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AudioFileError, ConfigError
+from .datasets import content_digest
 
 TEACHER_RATE = 32000
 DEFAULT_MAP = Path(__file__).with_name("teacher_map.tsv")
@@ -86,8 +87,7 @@ class Teacher:
         if not 0 < min_s <= window_s or hop_s <= 0:
             raise ConfigError(f"teacher windows: need 0 < min ({min_s}) <= window ({window_s}) and hop > 0 ({hop_s})")
         self.path, self.window_s, self.hop_s, self.min_s = path, window_s, hop_s, min_s
-        stat = path.stat()
-        self.ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{window_s}|{hop_s}|{min_s}"
+        self.ident = f"{content_digest(path)}|{window_s}|{hop_s}|{min_s}"
         self.cache = cache
         self._session = None
 
@@ -158,8 +158,7 @@ class Teacher:
         """Cached :meth:`score_samples` of an audio file, decoded at ``rate``."""
         from ..sources.file import read_audio
 
-        stat = path.stat()
-        key = hashlib.sha1(f"{self.ident}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{rate}".encode())
+        key = hashlib.sha1(f"{self.ident}|{content_digest(path)}|{rate}".encode())
         cached = self.cache / f"{key.hexdigest()}.npz" if self.cache else None
         if cached is not None and cached.is_file():
             with np.load(cached) as data:
