@@ -397,10 +397,7 @@ async def pull(name: str, url: str, worker: ServeWorker, stats: PullStats, stop:
             break
         delay = 1.0 if got_audio else min(2 * delay, 30.0)
         lost = loop.time()
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=delay)
-        except asyncio.TimeoutError:
-            pass
+        await _sleep_unless(stop, delay)
         stats.restarts += 1
         stats.gap_seconds += loop.time() - lost
     worker.submit("eof", name)

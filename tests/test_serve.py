@@ -47,9 +47,13 @@ def serve(tmp_path, *extra, env=None):
     try:
         yield int(port_file.read_text()), proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
+        if proc.poll() is None:  # SIGTERM first: the server shuts down what it started (a local Ray, too)
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate(timeout=30)
 
 
 async def _stream(port, name, pcm: bytes, hello=None, chunk=3200, token=None, pace=0.0):

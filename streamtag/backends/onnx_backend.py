@@ -68,7 +68,7 @@ def graph_path(folder: Path) -> Path:
 def _open(folder: Path, threads: int, chunk: bool = False) -> tuple[ort.InferenceSession, Path]:
     expected = fingerprint(folder)
     name = CHUNK_NAME if chunk else ONNX_NAME
-    cached = cache_dir() / "onnx" / (f"{expected}.chunk.onnx" if chunk else f"{expected}.onnx")
+    cached = _cached(expected, chunk)
     for path in (folder / name, cached):
         session = _current(path, threads, expected, chunk)
         if session is not None:
@@ -84,13 +84,18 @@ def _open(folder: Path, threads: int, chunk: bool = False) -> tuple[ort.Inferenc
         export_chunk_onnx(folder, cached)
     else:  # the chunk graph too, now: opened mid-stream later (a backlog), it must not cost an export then
         export_onnx(folder, cached)
-        chunk_cached = cached.with_name(f"{expected}.chunk.onnx")
+        chunk_cached = _cached(expected, True)
         if _current(folder / CHUNK_NAME, 1, expected, True) is None and not chunk_cached.is_file():
             try:
                 export_chunk_onnx(folder, chunk_cached)
             except Exception as exc:  # the hop step is what a stream needs; backlogs then go hop by hop
                 warnings.warn(f"no chunk graph for {folder}: {exc}", RuntimeWarning, stacklevel=2)
     return _session(cached, threads), cached
+
+
+def _cached(fingerprint: str, chunk: bool) -> Path:
+    """Where the export of a model with this fingerprint is cached (hop step, or chunk step)."""
+    return cache_dir() / "onnx" / (f"{fingerprint}.chunk.onnx" if chunk else f"{fingerprint}.onnx")
 
 
 def _current(path: Path, threads: int, expected: str, chunk: bool) -> ort.InferenceSession | None:
@@ -138,6 +143,12 @@ class Rings:
         """
         t = (np.reshape(frames, (1, -1, 1)) - self.lags[:, None, :]) % self.sizes[:, None, None]  # (lines, n|1, taps)
         np.add(t + self.base[:, None, None], (slots * self.rows_per_slot)[:, None], out=out)
+
+    def history(self, line: int, end: int) -> np.ndarray:
+        """Positions in a time-major ring of ``line``'s history before hop ``end``, oldest first: as many rows
+        as its longest lag reads (what the chunk graph takes and gives back as that line's state)."""
+        size = int(self.sizes[line]) - 1
+        return (end - size + np.arange(size)) % self.frames
 
     def write_rows(self, ring: np.ndarray, slots: np.ndarray, frames: np.ndarray | int, rows: np.ndarray) -> None:
         """Store each slot's new row of every line: ``ring`` is ``(slots, rows_per_slot, width)``."""
@@ -401,8 +412,7 @@ class OnnxBackend(OwnStreams):
         feeds = dict(zip(self._state_inputs, state.sets[state.tick % 2]))
         r = self.rings
         for line, name in enumerate(self._line_names):
-            size = int(r.sizes[line]) - 1  # the frames this line's history holds: its longest lag
-            rows = (state.tick - size + np.arange(size)) % r.frames
+            rows = r.history(line, state.tick)
             feeds[name] = np.ascontiguousarray(state.ring[rows, :, line].transpose(1, 0, 2))  # (n, size, width)
         return feeds
 
@@ -413,5 +423,4 @@ class OnnxBackend(OwnStreams):
         r = self.rings
         for line, name in enumerate(self._line_names):
             history = new[name]  # (n, size, width), oldest first
-            rows = (state.tick - history.shape[1] + np.arange(history.shape[1])) % r.frames
-            state.ring[rows, :, line] = history.transpose(1, 0, 2)
+            state.ring[r.history(line, state.tick), :, line] = history.transpose(1, 0, 2)
