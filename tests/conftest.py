@@ -19,7 +19,7 @@ ARCH_PARAMS = {
     "attention": {"hidden": 32, "heads": 2, "layers": 2, "window": 30, "pool_seconds": [0.5]},
 }
 LABELS = ("dog", "rain", "chainsaw", "rooster", "other")
-# "<arch>-ml": multi-label (sigmoid) with the input-level normaliser, as `streamtag train` builds by default
+# "<arch>-ml": multi-label (sigmoid), with the input-level normaliser and the gated head
 VARIANTS = sorted(ARCH_PARAMS) + [f"{arch}-ml" for arch in sorted(ARCH_PARAMS)]
 
 
@@ -49,12 +49,15 @@ def make_model(variant: str, folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     arch, multi_label = variant.removesuffix("-ml"), variant.endswith("-ml")
-    params = dict(ARCH_PARAMS[arch], level_seconds=1.0) if multi_label else ARCH_PARAMS[arch]
+    params = dict(ARCH_PARAMS[arch], level_seconds=1.0, pool_gate=True) if multi_label else ARCH_PARAMS[arch]
     cfg = ModelConfig(arch=arch, labels=LABELS, arch_params=params, output="sigmoid" if multi_label else "softmax")
     model = build_model(cfg)
     with torch.no_grad():  # plausible input statistics so outputs are not saturated
         model.feat_mean.fill_(-8.0)
         model.feat_std.fill_(3.0)
+        if model.head.gate is not None:  # a gate that varies from frame to frame, as a trained one does
+            model.head.gate.weight.normal_(0.0, 0.3)
+            model.head.gate.bias.fill_(0.0)
     return save_model(model, cfg, folder)
 
 

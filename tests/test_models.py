@@ -247,3 +247,30 @@ def test_a_backlog_without_a_chunk_graph_steps_hop_by_hop(cnn_dir, monkeypatch):
     with pytest.warns(RuntimeWarning, match="hop by hop"):
         got = backend.steps(audio.reshape(1, -1, 160))[0]
     np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_a_closed_pool_gate_keeps_the_head_fresh_and_an_open_one_is_the_plain_head():
+    """The gated head's means take in what the gate lets through: nothing (a stream after quiet looks fresh)
+    or everything (the head without a gate), step by step and offline alike."""
+    from streamtag.models.base import PooledHead
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 150, 8)
+    plain = PooledHead(8, 3, (0.5, 3.0))
+    gated = PooledHead(8, 3, (0.5, 3.0), gate=True)
+    gated.proj.load_state_dict(plain.proj.state_dict())
+    fresh = plain.init_state(2, "cpu")
+    with torch.no_grad():
+        gated.gate.bias.fill_(-40.0)  # closed
+        _, (closed,) = gated(hidden, fresh)
+        assert closed.abs().max() < 1e-12
+        gated.gate.bias.fill_(40.0)  # open
+        ref_logits, (ref,) = plain(hidden, fresh)
+        logits, (means,) = gated(hidden, fresh)
+        torch.testing.assert_close(means, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+        state = (ref.clone(),)
+        for t in range(5):  # the step form lets the same through
+            _, state = gated.step(hidden[:, t], state)
+        _, (ref_step,) = plain(hidden[:, :5], (ref.clone(),))
+        torch.testing.assert_close(state[0], ref_step, rtol=1e-5, atol=1e-6)

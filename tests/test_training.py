@@ -244,6 +244,7 @@ def test_init_starts_from_a_trained_model_and_refuses_another_shape(class_folder
 
     def args(out, *extra):
         common = ["--arch", "cnn", "--arch-param", "hidden=16", "--arch-param", "dilations=[1,2]", "--batch-size", "4"]
+        common += ["--arch-param", "pool_seconds=[0.5]"]
         quiet = ["--no-val", "--quiet", "--cache", tmp_path / "cache"]
         return ["train", class_folders, *common, *quiet, "--out", out, *extra]
 
@@ -258,6 +259,15 @@ def test_init_starts_from_a_trained_model_and_refuses_another_shape(class_folder
     weight = next(n for n in a if n.endswith("weight") and a[n].ndim > 1)
     np.testing.assert_allclose(b[weight], a[weight], atol=1e-5)
     assert not np.allclose(c[weight], a[weight], atol=1e-3)  # without --init the weights are fresh
+
+    # a run may add the head's gate: every other weight comes over, the gate starts open
+    gated = tmp_path / "gated"
+    r = run_cli(*args(gated, "--epochs", "1", "--lr", "1e-9", "--arch-param", "pool_gate=true", "--init", base))
+    assert r.returncode == 0, r.stderr
+    d = load_file(gated / "model.safetensors")
+    np.testing.assert_allclose(d[weight], a[weight], atol=1e-5)
+    assert set(d) - set(a) == {"head.gate.weight", "head.gate.bias"}
+    assert (1 / (1 + np.exp(-d["head.gate.bias"])) > 0.9).all()
 
     r = run_cli(*args(tmp_path / "other", "--epochs", "1", "--arch-param", "hidden=24", "--init", base))
     assert r.returncode == 2 and "--init" in r.stderr and "differ" in r.stderr and "Traceback" not in r.stderr

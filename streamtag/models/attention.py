@@ -52,6 +52,7 @@ class CausalAttention(StreamingModel):
     layers (int): transformer blocks. (Default: ``2``)
     window (int): frames each frame attends to, itself included. (Default: ``100`` = 1 s)
     pool_seconds (list of float): running-mean time constants of the head. (Default: ``[]``)
+    pool_gate (bool): a learned weight per frame on what enters those means. (Default: ``false``)
     """
 
     def __init__(

@@ -87,9 +87,11 @@ class StreamingModel(nn.Module):
         features: FeatureConfig | None = None,
         level_seconds: float = 0.0,
         level_floor_db: float = -70.0,
+        pool_gate: bool = False,
     ) -> None:
         """``features`` gives the hop (time constants are in seconds); ``level_seconds > 0`` adds a
-        :class:`~streamtag.models.level.LevelNorm` in front (models saved before it have none)."""
+        :class:`~streamtag.models.level.LevelNorm` in front (models saved before it have none);
+        ``pool_gate`` lets the head learn which frames its running means keep (:class:`PooledHead`)."""
         super().__init__()
         features = features or FeatureConfig(n_mels=n_mels)
         # Per-band statistics of the training features, set by the trainer.
@@ -97,7 +99,7 @@ class StreamingModel(nn.Module):
         self.register_buffer("feat_std", torch.ones(n_mels))
         self.level = LevelNorm(features, level_seconds, level_floor_db) if level_seconds else None
         self.n_level_state = self.level.n_state if self.level is not None else 0
-        self.head = PooledHead(hidden, num_classes, pool_seconds, features.frame_seconds)
+        self.head = PooledHead(hidden, num_classes, pool_seconds, features.frame_seconds, gate=pool_gate)
 
     # -- subclass API --------------------------------------------------------
     def init_trunk_state(self, batch_size: int) -> State:
@@ -165,11 +167,26 @@ class PooledHead(nn.Module):
     State: one ``(batch, pools, hidden)`` tensor, so a streaming step updates every
     pool in three kernels. Offline, the EMA is a chunk-wise lower-triangular matmul:
     the same recurrence.
+
+    ``gate``: each frame enters the means scaled by a learned weight in 0..1 (one per pool,
+    from the frame itself). Without it a stream's means fill with whatever it heard last,
+    say seconds of a quiet room, a state no training crop starts from, and a sound after
+    quiet is half as likely to be named as the same sound heard from a fresh stream; with
+    it the head can let quiet frames in at weight near zero, so that after quiet the means
+    have decayed towards the fresh state. The recurrence stays linear in its input, so the
+    offline and chunk forms are unchanged.
     """
 
     chunk = 64
 
-    def __init__(self, hidden: int, num_classes: int, pool_seconds: tuple[float, ...], hop_seconds: float = 0.01):
+    def __init__(
+        self,
+        hidden: int,
+        num_classes: int,
+        pool_seconds: tuple[float, ...],
+        hop_seconds: float = 0.01,
+        gate: bool = False,
+    ):
         super().__init__()
         self.hidden = hidden
         self.n_pools = len(pool_seconds)
@@ -182,6 +199,10 @@ class PooledHead(nn.Module):
         if self.n_pools:
             self.set_chunk(self.chunk)
         self.proj = nn.Linear(hidden * (1 + self.n_pools), num_classes)
+        self.gate = nn.Linear(hidden, self.n_pools) if gate and self.n_pools else None
+        if self.gate is not None:  # starts open (0.95): a gate added to a trained head changes little at first
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, 3.0)
 
     def set_chunk(self, chunk: int) -> None:
         """Frames per block of the offline EMA (an exported chunk step evaluates up to ``chunk`` frames as one)."""
@@ -210,7 +231,11 @@ class PooledHead(nn.Module):
             logits, state = self.step(hidden[:, 0], state)
             return logits[:, None], state
         (prev,) = state  # (batch, pools, hidden)
-        runs = [self._ema_chunked(hidden, prev[:, i], i) for i in range(self.n_pools)]
+        if self.gate is None:
+            runs = [self._ema_chunked(hidden, prev[:, i], i) for i in range(self.n_pools)]
+        else:
+            weight = torch.sigmoid(self.gate(hidden))  # (batch, time, pools)
+            runs = [self._ema_chunked(hidden * weight[..., i : i + 1], prev[:, i], i) for i in range(self.n_pools)]
         pooled = torch.cat(runs, dim=-1)  # (batch, time, pools * hidden), pool-major like step's flatten
         means = torch.stack([run[:, -1] for run in runs], dim=1)
         return self.proj(torch.cat([hidden, pooled], dim=-1)), (means,)
@@ -220,7 +245,10 @@ class PooledHead(nn.Module):
         if not self.n_pools:
             return self.proj(hidden), ()
         # y = a * y + (1 - a) * x for every pool at once: (batch, pools, hidden)
-        means = self.decay * state[0] + self.gain * hidden[:, None, :]
+        entering = hidden[:, None, :]
+        if self.gate is not None:
+            entering = entering * torch.sigmoid(self.gate(hidden))[:, :, None]
+        means = self.decay * state[0] + self.gain * entering
         return self.proj(torch.cat([hidden, means.flatten(1)], dim=1)), (means,)
 
     def _ema_chunked(self, x: torch.Tensor, prev: torch.Tensor, i: int) -> torch.Tensor:

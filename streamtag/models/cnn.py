@@ -17,6 +17,7 @@ class CausalCNN(StreamingModel):
         ``1 + (kernel - 1) * sum(dilations)`` frames. (Default: ``[1, 2, 4, 8, 16]``)
     kernel (int): taps per conv. (Default: ``3``)
     pool_seconds (list of float): running-mean time constants of the head. (Default: ``[]``)
+    pool_gate (bool): a learned weight per frame on what enters those means. (Default: ``false``)
     front_channels (list of int): channels of a causal 2-D conv front end; ``[]`` is a linear one. (Default: ``[]``)
     """
 

@@ -15,6 +15,7 @@ class CausalLSTM(StreamingModel):
     layers (int): stacked LSTM layers. (Default: ``1``)
     kernel (int): conv taps over past frames. (Default: ``3``)
     pool_seconds (list of float): running-mean time constants of the head. (Default: ``[]``)
+    pool_gate (bool): a learned weight per frame on what enters those means. (Default: ``false``)
     """
 
     def __init__(

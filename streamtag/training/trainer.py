@@ -421,14 +421,20 @@ def train(
 
 
 def _start_from(model, cfg: ModelConfig, folder: str) -> None:
-    """Fine-tuning: the weights of a trained model with the same architecture, parameters and labels."""
+    """Fine-tuning: the weights of a trained model with the same architecture, parameters and labels.
+
+    One difference is allowed: this run may add the head's gate (``pool_gate=true``) to a model
+    trained without one; the gate starts open, so the model starts where the other one ended.
+    """
     from ..models.io import load_model
 
     init_cfg, init_model = load_model(folder)
+    adds_gate = bool(cfg.arch_params.get("pool_gate")) and not init_cfg.arch_params.get("pool_gate")
+    mine_params = {k: v for k, v in cfg.arch_params.items() if not (adds_gate and k == "pool_gate")}
     for what, mine, theirs in (
         ("architecture", cfg.arch, init_cfg.arch),
         ("labels", list(cfg.labels), list(init_cfg.labels)),
-        ("arch parameters", cfg.arch_params, init_cfg.arch_params),
+        ("arch parameters", mine_params, init_cfg.arch_params),
         ("features", cfg.features, init_cfg.features),
     ):
         if mine != theirs:
@@ -436,7 +442,9 @@ def _start_from(model, cfg: ModelConfig, folder: str) -> None:
                 f"--init {folder}: its {what} differ from this run's ({theirs} there, {mine} here); "
                 "give the same --arch, --arch-param and datasets, or train from scratch"
             )
-    model.load_state_dict(init_model.state_dict())
+    missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=not adds_gate)
+    if adds_gate and (unexpected or any(not k.startswith("head.gate.") for k in missing)):
+        raise ConfigError(f"--init {folder}: its weights do not fit this model ({missing + unexpected})")
 
 
 def _check_every_class_is_taught(labels, hard: np.ndarray, teacher, label_map) -> None:
