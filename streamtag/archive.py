@@ -32,7 +32,7 @@ from .errors import AudioFileError, ConfigError
 from .events import EventDetector
 from .multistream import MultiStreamTagger
 from .sources.file import WavReplaySource
-from .steps import Step
+from .steps import Step, StepBlock, write_to
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
 MANIFEST_SUFFIXES = (".csv", ".txt", ".lst")
@@ -155,9 +155,27 @@ class _Job:
             self.sums += step.probs
             self.frames += 1
             if "scores" in self.files:
-                values = "\t".join(f"{p:.6g}" for p in step.probs)
-                self.files["scores"].write(f"{step.onset:.3f}\t{step.t:.3f}\t{values}\n")
-        for event in step.events:
+                self._score_row(step.onset, step.t, step.probs)
+        self._events(step.events)
+
+    def write_block(self, block: StepBlock) -> None:
+        """A block's hops at once: the running sums in one reduction, events as they come."""
+        self.sums += block.probs.sum(axis=0, dtype=np.float64)
+        self.frames += len(block)
+        if "scores" not in self.files:
+            for i in sorted(block.events):
+                self._events(block.events[i])
+            return
+        for i in range(len(block)):
+            self._score_row(block.t(i) - block.frame_seconds, block.t(i), block.probs[i])
+            self._events(block.events.get(i, ()))
+
+    def _score_row(self, onset: float, end: float, probs: np.ndarray) -> None:
+        values = "\t".join(f"{p:.6g}" for p in probs)
+        self.files["scores"].write(f"{onset:.3f}\t{end:.3f}\t{values}\n")
+
+    def _events(self, events) -> None:
+        for event in events:
             self.files["events"].write(json.dumps({"source": str(self.item.path), **event.as_dict()}) + "\n")
             if event.kind == "open":
                 self.events[event.label] = self.events.get(event.label, 0) + 1
@@ -255,8 +273,8 @@ def tag_archive(
                 del active[name]
             else:
                 multi.feed(name, chunk)
-        for name, step in multi.step():
-            active[name].write(step)
+        for name, item in multi.step_blocks():
+            write_to(active[name], item)
     return outcomes
 
 

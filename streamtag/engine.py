@@ -32,7 +32,7 @@ from .backends import Backend, make_backend
 from .errors import ConfigError, InputError
 from .events import EventDetector, EventParams, build_event_settings, model_event_table
 from .resample import StreamResampler
-from .steps import Step
+from .steps import Step, StepBlock, as_steps, write_to
 
 FULL_SCALE = 1.0  # float audio is -1..1; a sample beyond it is clipped (counted), as an ADC would
 SILENCE_PEAK = 1e-3  # a hop whose peak stays below this (-60 dBFS) counts as silence for reset_on_silence_s
@@ -198,8 +198,13 @@ class StreamTagger:
     # -- the three calls -------------------------------------------------------------
     def feed(self, samples) -> list[Step]:
         """Take samples (any count); return a step for every hop they complete, in order."""
+        return as_steps(self.feed_blocks(samples))
+
+    def feed_blocks(self, samples) -> list[Step | StepBlock]:
+        """:meth:`feed` with the hops of each model call as one :class:`StepBlock` (the event-only steps of a
+        reset as they are): what a runner that moves many hops reads, without a Python object per hop."""
         self.push(samples)
-        out: list[Step] = []
+        out: list[Step | StepBlock] = []
         while self.ready:
             out += self.before_hop()
             k = self.block_length()
@@ -207,7 +212,7 @@ class StreamTagger:
             t0 = time.perf_counter_ns()
             probs = self.hop_model.step(hops)
             self.stats.model_ns += time.perf_counter_ns() - t0
-            out += self.complete(hops, probs)
+            out.append(self.complete_block(hops, probs))
         return out
 
     def finish(self, reason: str = "stream_end") -> list[Step]:
@@ -306,6 +311,10 @@ class StreamTagger:
 
     def complete(self, hops: np.ndarray, probs: np.ndarray) -> list[Step]:
         """Steps for hops taken and stepped: level meter, events, stream time."""
+        return self.complete_block(hops, probs).steps()
+
+    def complete_block(self, hops: np.ndarray, probs: np.ndarray) -> StepBlock:
+        """:meth:`complete` as one :class:`StepBlock`."""
         k = hops.shape[0]
         probs = np.array(probs[:k], dtype=np.float32)  # the steps own their rows
         audio = np.array(hops, dtype=np.float32)  # and their samples (clip saving)
@@ -329,13 +338,10 @@ class StreamTagger:
             found = {0: events} if events else {}
         else:
             found = self.detector.update_block(first, probs)
-        out = [
-            Step(first + i, (first + i + 1) * fs, probs[i], found.get(i) or [], labels, fs, audio[i]) for i in range(k)
-        ]
         self.frames += k
         if self._start == self._fill:
             self._start = self._fill = 0
-        return out
+        return StepBlock(first, probs, found, labels, fs, audio)
 
     # -- internals ----------------------------------------------------------------
     def block_length(self) -> int:
@@ -392,9 +398,9 @@ def drive(tagger: StreamTagger, chunks: Iterable[np.ndarray], outputs: Sequence)
     """Feed every chunk of one stream to ``tagger``, hand each step to every output (``write``), then finish
     the stream: a file in a plain loop, no thread (tag_file, tag of a single file)."""
     for chunk in chunks:
-        for step in tagger.feed(chunk):
+        for item in tagger.feed_blocks(chunk):
             for out in outputs:
-                out.write(step)
+                write_to(out, item)
     for step in tagger.finish():
         for out in outputs:
             out.write(step)

@@ -27,7 +27,7 @@ from .backends import make_backend
 from .engine import StreamTagger
 from .errors import ConfigError
 from .events import EventParams
-from .steps import Step
+from .steps import Step, StepBlock
 
 
 class _PoolSlot:
@@ -132,11 +132,22 @@ class MultiStreamTagger:
         self.streams[self._known(name)].push(samples)
 
     def step(self) -> Iterator[tuple[str, Step]]:
-        """Step every hop the streams hold; yields ``(name, step)``, in order within each stream.
+        """Step every hop the streams hold; yields ``(name, step)``, in order within each stream. Steps own
+        their rows."""
+        for name, item in self.step_blocks():
+            if isinstance(item, StepBlock):
+                for step in item.steps():
+                    yield name, step
+            else:
+                yield name, item
+
+    def step_blocks(self) -> Iterator[tuple[str, StepBlock | Step]]:
+        """:meth:`step` with each stream's hops of a round as one :class:`StepBlock` (and the event-only steps
+        of resets as they are): what serve and tag read, without a Python object per hop.
 
         Each stream hands over a block of its ready hops; round ``r`` steps the ``r``-th hop of every
-        block that long in one backend call, and each stream's steps are built once its block is done
-        (events and level meter per block, not per hop). Steps own their rows.
+        block that long in one backend call, and each stream's block is completed once it is done
+        (events and level meter per block, not per hop).
         """
         while True:
             blocks = []
@@ -165,8 +176,7 @@ class MultiStreamTagger:
                     out[r, members] = self.backend.step(self.pool, slots[members], audio[r, members])
             probs = [out[: lengths[i], i] for i in range(nb)]
             for (_, name, engine, hops), p in zip(blocks, probs):
-                for step in engine.complete(hops, p):
-                    yield name, step
+                yield name, engine.complete_block(hops, p)
 
     def _known(self, name: str) -> str:
         if name not in self.streams:

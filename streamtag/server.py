@@ -38,6 +38,7 @@ import numpy as np
 from .errors import ConfigError, StreamtagError
 from .multistream import MultiStreamTagger
 from .serve_config import SettingsBook
+from .steps import Step, StepBlock
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 FORMATS = {"s16le": ("<i2", 32768.0), "f32le": ("<f4", 1.0)}
@@ -122,15 +123,20 @@ class ServeWorker(threading.Thread):
                     command = None
             t0 = time.perf_counter()
             hops = 0
-            for name, step in self.multi.step():
-                hops += step.has_scores
-                self._deliver(name, step)
+            for name, item in self._stepped():
+                hops += len(item) if isinstance(item, StepBlock) else item.has_scores
+                self._deliver(name, item)
             if hops and self.metrics is not None:
                 self.metrics.stepped(hops, time.perf_counter() - t0)
             if self._stopping.is_set():
                 for name in list(self.accounts):
                     self._leave(name, "interrupted")
                 return
+
+    def _stepped(self):
+        """Every hop stepped this round, as blocks where the pool gives them (a Ray pool gives steps)."""
+        blocks = getattr(self.multi, "step_blocks", None)
+        return blocks() if blocks is not None else self.multi.step()
 
     def _refuse(self, command, reason: str) -> None:
         if command[0] == "settings":
@@ -222,25 +228,40 @@ class ServeWorker(threading.Thread):
         }
 
     # -- steps out -----------------------------------------------------------------------------------------
-    def _deliver(self, name: str, step) -> None:
-        account = self.accounts[name]
-        listener = self.listeners[name]
-        if step.has_scores:
+    def _deliver(self, name: str, item: Step | StepBlock) -> None:
+        """A step or a block of one stream out to its client, MQTT and the metrics: a scores message every
+        ``_every`` hops, every event."""
+        account, listener = self.accounts[name], self.listeners[name]
+        if isinstance(item, StepBlock):
+            before, every = account.frames, self._every
+            account.frames += len(item)
+            due = range((-(before + 1)) % every, len(item), every)  # rows whose hop count is a multiple of every
+            for i in sorted(set(due).union(item.events)) if item.events else due:
+                if (before + i + 1) % every == 0:
+                    self._scores(name, account, listener, before + i + 1, item.t(i), item.probs[i])
+                self._events(name, account, listener, item.events.get(i, ()))
+            return
+        if item.has_scores:
             account.frames += 1
             if account.frames % self._every == 0:
-                enabled = self.enabled[name]
-                order = [i for i in np.argsort(-np.where(enabled, step.probs, -1.0))[: self.options.top] if enabled[i]]
-                top = [[step.labels[i], round(float(step.probs[i]), 4)] for i in order]
-                engine = self.multi.streams.get(name)
-                level = engine.stats.recent_dbfs if engine is not None else account.level_dbfs
-                with self.lock:
-                    account.top, account.level_dbfs = top, level
-                listener(
-                    {"type": "scores", "t": round(step.t, 3), "top": top, "level_dbfs": round(max(level, -120), 1)}
-                )
-                if self.mqtt is not None and account.frames % (self._every * 5) == 0:
-                    self.mqtt.level(name, level)
-        for event in step.events:
+                self._scores(name, account, listener, account.frames, item.t, item.probs)
+        self._events(name, account, listener, item.events)
+
+    def _scores(self, name: str, account: StreamAccount, listener, frames: int, t: float, probs: np.ndarray) -> None:
+        enabled = self.enabled[name]
+        order = [i for i in np.argsort(-np.where(enabled, probs, -1.0))[: self.options.top] if enabled[i]]
+        labels = self.multi.labels
+        top = [[labels[i], round(float(probs[i]), 4)] for i in order]
+        engine = self.multi.streams.get(name)
+        level = engine.stats.recent_dbfs if engine is not None else account.level_dbfs
+        with self.lock:
+            account.top, account.level_dbfs = top, level
+        listener({"type": "scores", "t": round(t, 3), "top": top, "level_dbfs": round(max(level, -120), 1)})
+        if self.mqtt is not None and frames % (self._every * 5) == 0:
+            self.mqtt.level(name, level)
+
+    def _events(self, name: str, account: StreamAccount, listener, events) -> None:
+        for event in events:
             listener(event.as_dict())
             if event.kind == "open":
                 account.events += 1

@@ -7,7 +7,7 @@ view, a network sink) imports only what it is given, never the loop that feeds i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -38,12 +38,71 @@ class Step:
         return self.probs.size > 0
 
 
+@dataclasses.dataclass
+class StepBlock:
+    """The hops of one stream that one model call completed, ``k`` rows at once: how runners that move many
+    hops (serve, tag) read an engine's results without a Python object per hop. :meth:`steps` is the same as
+    one :class:`Step` per row. Arrays are owned by the block."""
+
+    first_frame: int
+    probs: np.ndarray  # (k, classes)
+    events: dict[int, list[Event]]  # row -> that hop's events; rows without any are absent
+    labels: Sequence[str]
+    frame_seconds: float = 0.01
+    audio: np.ndarray | None = None  # (k, hop), at the model rate, after the gain
+
+    def __len__(self) -> int:
+        return self.probs.shape[0]
+
+    def t(self, row: int) -> float:
+        """Stream time at the end of hop ``row``."""
+        return (self.first_frame + row + 1) * self.frame_seconds
+
+    def steps(self) -> list[Step]:
+        fs, first, audio, events = self.frame_seconds, self.first_frame, self.audio, self.events
+        return [
+            Step(
+                first + i,
+                (first + i + 1) * fs,
+                self.probs[i],
+                events.get(i) or [],
+                self.labels,
+                fs,
+                None if audio is None else audio[i],
+            )
+            for i in range(len(self))
+        ]
+
+
+def as_steps(items: Iterable[Step | StepBlock]) -> list[Step]:
+    """Blocks and steps, in order -> steps."""
+    out: list[Step] = []
+    for item in items:
+        if isinstance(item, StepBlock):
+            out += item.steps()
+        else:
+            out.append(item)
+    return out
+
+
 class Output(Protocol):
-    """Gets every step; decides itself what to show or write."""
+    """Gets every step; decides itself what to show or write. An output may also have
+    ``write_block(block)`` for a :class:`StepBlock` (else it gets the block's steps one by one)."""
 
     def write(self, step: Step) -> None: ...
 
     def close(self) -> None: ...
+
+
+def write_to(output: Output, item: Step | StepBlock) -> None:
+    """Hand a step or a block to an output: whole to one that has ``write_block``, else step by step."""
+    if not isinstance(item, StepBlock):
+        output.write(item)
+    elif hasattr(output, "write_block"):
+        output.write_block(item)
+    else:
+        for step in item.steps():
+            output.write(step)
 
 
 class Collector:

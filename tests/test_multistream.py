@@ -144,3 +144,55 @@ def test_a_stream_snapshot_restored_in_another_pool_goes_on_exactly(cnn_dir, bac
     )
     events = [(e.kind, e.label, e.onset, e.reason) for _, s in got for e in s.events]
     assert events == [(e.kind, e.label, e.onset, e.reason) for _, s in ref for e in s.events] and events
+
+
+def test_blocks_are_the_steps_and_serve_sends_the_same_messages_from_either(cnn_dir):
+    """step_blocks() is step() a block at a time (same hops, times, scores, events), and the serve worker
+    sends the same messages whether it is handed blocks or the steps inside them."""
+    from streamtag.server import ServeOptions, ServeWorker, StreamAccount
+    from streamtag.steps import StepBlock, as_steps
+
+    clips = {"a": read_clip(EXAMPLES / "dog.flac"), "b": read_clip(EXAMPLES / "rain.flac")[:37_000]}
+    low = EventParams(on_threshold=0.05, off_threshold=0.02)  # events in both streams
+
+    def run(blocks: bool):
+        multi = MultiStreamTagger(cnn_dir, capacity=2, events=low)
+        worker = ServeWorker(multi, ServeOptions())
+        sent = {name: [] for name in clips}
+        items = []
+        for name in clips:
+            multi.join(name)
+            worker.accounts[name] = StreamAccount(16000)
+            worker.listeners[name] = sent[name].append
+            worker.enabled[name] = np.ones(len(multi.labels), bool)
+        for start in range(0, 80_000, 2_700):  # uneven chunks: blocks of several lengths
+            for name, clip in clips.items():
+                if start < clip.size:
+                    multi.feed(name, clip[start : start + 2_700])
+            got = list(multi.step_blocks() if blocks else multi.step())
+            items += got
+            for name, item in got:
+                worker._deliver(name, item)
+        for name in clips:
+            for step in multi.leave(name):
+                items.append((name, step))
+                worker._deliver(name, step)
+        return items, sent
+
+    block_items, block_sent = run(True)
+    step_items, step_sent = run(False)
+    assert any(isinstance(item, StepBlock) and len(item) > 1 for _, item in block_items)
+    expanded = {n: as_steps(i for m, i in block_items if m == n) for n in clips}
+    plain = {n: [s for m, s in step_items if m == n] for n in clips}
+    for name in clips:
+        assert [s.frame_index for s in expanded[name]] == [s.frame_index for s in plain[name]]
+        assert [s.t for s in expanded[name]] == [s.t for s in plain[name]]
+        np.testing.assert_array_equal(
+            np.stack([s.probs for s in expanded[name] if s.has_scores]),
+            np.stack([s.probs for s in plain[name] if s.has_scores]),
+        )
+        assert [e.as_dict() for s in expanded[name] for e in s.events] == [
+            e.as_dict() for s in plain[name] for e in s.events
+        ]
+    assert sum(m["type"] == "open" for m in block_sent["a"] + block_sent["b"]) > 0
+    assert block_sent == step_sent
