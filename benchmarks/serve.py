@@ -74,9 +74,13 @@ def run_one(n: int, seconds: float, pcm: np.ndarray) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         cmd = [sys.executable, "-m", "streamtag", "serve", "--port", "0", "--port-file", str(port_file)]
-        server = subprocess.Popen([*cmd, "--max-streams", str(max(n, 1))], stderr=subprocess.DEVNULL)
+        log = open(Path(tmp) / "stderr", "w+")  # a file, not a pipe: a chatty server never blocks on it
+        server = subprocess.Popen([*cmd, "--max-streams", str(max(n, 1))], stderr=log)
         try:
             while not (port_file.exists() and port_file.read_text().strip()):
+                if server.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(f"the server did not start: {log.read().strip()[-500:]}")
                 time.sleep(0.05)
             port = int(port_file.read_text())
             latencies: list = []
@@ -91,6 +95,7 @@ def run_one(n: int, seconds: float, pcm: np.ndarray) -> dict:
         finally:
             server.terminate()
             server.wait(timeout=30)
+            log.close()
     ms = np.array(latencies) * 1000
     return {
         "streams": n,
