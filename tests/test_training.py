@@ -293,13 +293,38 @@ def test_some_crops_start_with_a_settled_level_estimate():
     assert offset.min() >= -50.01 and offset.max() <= 10.01 and offset.max() - offset.min() > 20
 
 
+def test_band_limited_crops_have_nothing_above_their_cutoff():
+    """--band-limit: a share of crops (of every class) loses everything above a random 3.4-7 kHz, so a dataset
+    recorded at 8 kHz (Donate-a-cry) cannot teach that a missing top octave is its class."""
+    from streamtag.training.trainer import TrainOptions, _Batches
+
+    opts = TrainOptions(batch_size=64, band_limit_p=0.5, warm_level_p=0.0, spec_masks=0, background_p=0.0)
+    opts = dataclasses.replace(opts, reverb_p=0.0, noise_floor_p=0.0, gain_db=(0.0, 0.0), silence_p=0.0)
+    floor = float(np.log(1e-9))
+    rng = np.random.default_rng(0)
+    feats = [np.full((300, 64), 2.0, np.float32) for _ in range(4)]
+    hard = np.eye(2, dtype=np.float32)[[0, 1, 0, 1]]
+    batches = _Batches(feats, hard, None, opts, floor, rng, np.zeros(64, np.float32))
+    x, y, _ = batches.batch()
+    empty = (x < floor + 1.0).all(dim=1).numpy()  # (batch, bands): bands at the floor throughout the crop
+    cut = np.where(empty.any(axis=1), empty.argmax(axis=1), 64)
+    limited = cut < 64
+    assert 16 < int(limited.sum()) < 48  # about half
+    assert (y[limited].sum() > 0).all()  # targets stay: the sound is still there below the cutoff
+    for i in np.flatnonzero(limited):
+        assert empty[i, cut[i] :].all() and not empty[i, : cut[i]].any()  # everything above, nothing below
+    hz = batches.band_centres[cut[limited]]
+    assert hz.min() >= 3400 and hz.max() <= 7400 and hz.max() - hz.min() > 1000
+    assert not empty[~limited].any()
+
+
 def test_quiet_lead_crops_start_quiet_with_nothing_to_detect():
     """--quiet-lead: the sound moves later behind a quiet floor whose targets are all 0; the rest of the crop
     keeps its targets (shifted with it)."""
     from streamtag.training.trainer import TrainOptions, _Batches
 
     opts = TrainOptions(batch_size=32, quiet_lead_p=1.0, warm_level_p=0.0, spec_masks=0, background_p=0.0)
-    opts = dataclasses.replace(opts, reverb_p=0.0, noise_floor_p=0.0, gain_db=(0.0, 0.0), silence_p=0.0)
+    opts = dataclasses.replace(opts, reverb_p=0.0, noise_floor_p=0.0, gain_db=(0.0, 0.0), silence_p=0.0, band_limit_p=0)
     rng = np.random.default_rng(0)
     feats = [np.full((300, 64), 2.0, np.float32) for _ in range(4)]  # loud, far above any floor
     hard = np.eye(2, dtype=np.float32)[[0, 1, 0, 1]]

@@ -117,6 +117,14 @@ def add_parser(subparsers) -> None:
         "as a stream meets a sound after quiet or loud audio (default 0.5; 0 for fresh estimates only)",
     )
     p.add_argument(
+        "--band-limit",
+        type=float,
+        default=0.2,
+        metavar="P",
+        help="share of training crops with nothing above a random 3.4-7 kHz, as telephone and 8 kHz recordings "
+        "have, so a class recorded that way is not learned by its missing top octave (default 0.2)",
+    )
+    p.add_argument(
         "--quiet-lead",
         type=float,
         default=0.0,
@@ -171,6 +179,7 @@ def _options(args):
         init_from=args.init,
         warm_level_p=args.warm_level,
         quiet_lead_p=args.quiet_lead,
+        band_limit_p=args.band_limit,
     )
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..config import OUTPUTS, FeatureConfig, ModelConfig
 from ..errors import ConfigError, ModelFileError
+from ..features.functional import mel_filterbank
 from ..models import build_model
 from ..models.io import save_model
 from ..models.level import white_noise_bands
@@ -69,6 +70,10 @@ class TrainOptions:
     # level estimate; this share of crops starts with a quiet floor (every target 0) before the sound
     quiet_lead_p: float = 0.0
     quiet_lead_s: tuple[float, float] = (0.5, 2.0)
+    # a share of crops with nothing above a cutoff (telephone, 8 kHz recorders, codecs): a dataset recorded that
+    # way (Donate-a-cry is 8 kHz) must not teach that a missing top octave is its class
+    band_limit_p: float = 0.2
+    band_limit_hz: tuple[float, float] = (3400.0, 7000.0)
     init_from: str | None = None  # a trained model folder to start from (fine-tuning)
     steps_per_epoch: int = 0  # 0: one pass over the training clips
     seed: int = 0
@@ -89,6 +94,8 @@ class TrainOptions:
             raise ConfigError(f"--warm-level must be in 0..1 ({self.warm_level_p} given)")
         if not 0.0 <= self.quiet_lead_p <= 1.0:
             raise ConfigError(f"--quiet-lead must be in 0..1 ({self.quiet_lead_p} given)")
+        if not 0.0 <= self.band_limit_p <= 1.0:
+            raise ConfigError(f"--band-limit must be in 0..1 ({self.band_limit_p} given)")
         if not 0.0 <= self.teacher_weight <= 1.0:
             raise ConfigError(f"--teacher-weight must be in 0..1 ({self.teacher_weight} given)")
 
@@ -156,6 +163,8 @@ class _Batches:
         self.n_classes = hard.shape[1]
         self.frame_s = opts.features.frame_seconds
         self.settled_frames = 1.0  # the level normaliser's time constant in frames; set by train()
+        f = opts.features  # each mel band's peak frequency, Hz
+        self.band_centres = mel_filterbank(f).argmax(0).numpy() * (f.sample_rate / f.win_length)
 
     def _pick(self) -> int:
         o, rng = self.opts, self.rng
@@ -208,6 +217,14 @@ class _Batches:
         known = (~np.isnan(a.y) & ~np.isnan(b.y)) | (both >= 0.5)
         return _Crop(x.astype(np.float32), np.where(known, both, np.nan).astype(np.float32))
 
+    def _band_limit(self, x: np.ndarray) -> np.ndarray:
+        """Nothing above a random cutoff: the bands centred above it drop to the log floor (the microphone
+        noise floor added after this fills them as it would an upsampled telephone recording)."""
+        cut = int(np.searchsorted(self.band_centres, self.rng.uniform(*self.opts.band_limit_hz)))
+        x = x.copy()
+        x[:, cut:] = self.floor
+        return x
+
     def _reverb(self, x: np.ndarray) -> np.ndarray:
         """A late-reverberation tail per band: power smeared by an exponential decay (RT60 0.2-1.2 s)."""
         rt60 = self.rng.uniform(0.2, 1.2)
@@ -247,6 +264,8 @@ class _Batches:
                 other = self._crop(self._pick_unlabelled() if use_unlabelled else int(rng.integers(len(self.feats))))
                 item = self._mix(item, other, rng.uniform(*o.snr_db))
             x = item.x
+            if rng.random() < o.band_limit_p:
+                x = self._band_limit(x)
             if rng.random() < o.reverb_p:
                 x = self._reverb(x)
             if rng.random() < o.noise_floor_p:
