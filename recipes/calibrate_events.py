@@ -65,7 +65,8 @@ def write_thresholds(path: Path, thresholds: dict[str, float], note: str) -> Non
     header = header[: next((i for i, line in enumerate(text.splitlines()) if not line.startswith("#")), len(header))]
     for label, value in thresholds.items():
         table.setdefault(label, {})["on_threshold"] = value
-    lines = header + ["", f"# {note}"] if header else [f"# {note}"]
+    noted = [f"# {line}" for line in note.splitlines()]
+    lines = header + [""] + noted if header else noted
     for key in ["default"] + sorted(k for k in table if k != "default"):
         if key not in table:
             continue
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> int:
             print(f"  {label:18s} {rates[0, c]:7.1f} -> {GRID[i]:.2f} ({rates[i, c]:.1f} per hour)")
     if args.write:
         note = (
-            f"on_threshold per class: recipes/calibrate_events.py, at most {args.budget:g} events per hour on "
+            f"on_threshold per class: recipes/calibrate_events.py, at most {args.budget:g} events per hour on\n"
             f"{hours:.1f} h of speech and music the model never trained on ({Path(args.calibration).name})"
         )
         write_thresholds(Path(args.model) / MODEL_EVENTS_NAME, chosen, note)
