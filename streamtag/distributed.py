@@ -19,7 +19,7 @@ import numpy as np
 
 from .archive import Item, Outcome, tag_archive
 from .errors import BackendUnavailable, ConfigError
-from .steps import Step
+from .steps import Step, StepBlock, as_steps
 
 
 def _ray():
@@ -104,8 +104,9 @@ class _EngineActor:
     """A Ray actor: one :class:`~streamtag.multistream.MultiStreamTagger` for its share of the streams.
 
     :meth:`run` takes the commands gathered since the last call, in order, steps every hop they completed
-    and returns compact steps ``(name, frame_index, probs, events)``, each stream's level, and a snapshot of
-    each stream that has gone :data:`SNAPSHOT_SECONDS` without one."""
+    and returns compact blocks ``(name, first frame, probs (k, classes), {row: events})`` (``k`` 0 for the
+    events a leave or a settings change closed), each stream's level, and a snapshot of each stream that has
+    gone :data:`SNAPSHOT_SECONDS` without one."""
 
     def __init__(self, model, capacity: int) -> None:
         from .multistream import MultiStreamTagger
@@ -126,19 +127,28 @@ class _EngineActor:
             elif kind == "audio":
                 self.multi.feed(name, command[2])
             elif kind == "events":  # the audio before it is stepped first, however the commands were grouped
-                out += list(self.multi.step())
+                out += list(self.multi.step_blocks())
                 out += [(name, s) for s in self.multi.streams[name].set_events(command[2])]
             elif kind == "leave":
                 out += [(name, s) for s in self.multi.leave(name, command[2])]
                 del self.snapped[name]
-        out += list(self.multi.step())
+        out += list(self.multi.step_blocks())
         levels, snapshots = {}, {}
         for name, engine in self.multi.streams.items():
             levels[name] = engine.stats.recent_dbfs
             if engine.frames - self.snapped[name] >= self.every:
                 snapshots[name] = self.multi.snapshot(name)
                 self.snapped[name] = engine.frames
-        return [(name, s.frame_index, s.probs, s.events) for name, s in out], levels, snapshots
+        return [_compact(name, item) for name, item in out], levels, snapshots
+
+
+def _compact(name: str, item: StepBlock | Step) -> tuple[str, int, np.ndarray, dict[int, list]]:
+    """What travels back from an engine: a block as it is; a step as a block of its one row, or of none for
+    the events a leave or a settings change closed."""
+    if isinstance(item, StepBlock):
+        return name, item.first_frame, item.probs, item.events
+    rows = item.probs[None] if item.has_scores else np.zeros((0, len(item.labels)), np.float32)
+    return name, item.frame_index, rows, ({0: item.events} if item.events else {})
 
 
 class _Stats:
@@ -200,7 +210,7 @@ class RayEnginePool:
         self.placement: dict[str, int] = {}
         self.queued: dict[int, list] = {i: [] for i in self.actors}  # commands not yet sent, per engine
         self.calls: list[tuple[object, int, int, dict[str, int]]] = []  # (ref, id, engine, samples per stream)
-        self.ready: list[tuple[str, Step]] = []  # steps back and not handed out yet
+        self.ready: list[tuple[str, StepBlock | Step]] = []  # blocks and steps back, not handed out yet
         self.moved = 0
         self._ids = 0
 
@@ -227,6 +237,12 @@ class RayEnginePool:
             self._flush(stream)
 
     def step(self) -> Iterator[tuple[str, Step]]:
+        for name, item in self.step_blocks():
+            for step in as_steps([item]):
+                yield name, step
+
+    def step_blocks(self) -> Iterator[tuple[str, StepBlock | Step]]:
+        """What the engines have stepped since the last call, as blocks (and event-only steps)."""
         busy = {c[2] for c in self.calls}
         for engine, commands in list(self.queued.items()):
             if commands and engine not in busy:  # one call in flight per engine keeps each one's order
@@ -253,7 +269,7 @@ class RayEnginePool:
                 self._call(engine)
             else:
                 break
-        mine = [s for n, s in self.ready if n == name]
+        mine = as_steps(s for n, s in self.ready if n == name)
         self.ready = [(n, s) for n, s in self.ready if n != name]
         del self.streams[name], self.placement[name]
         return mine
@@ -306,19 +322,31 @@ class RayEnginePool:
             if name in self.streams:
                 self.streams[name].stats.recent_dbfs = level
         fs = self.frame_seconds
-        for name, frame, probs, events in steps:
+        for name, first, probs, events in steps:
             stream = self.streams.get(name)
             if stream is not None:
-                if probs.size:
-                    if frame <= stream.last_frame:
-                        continue  # handed out before the stream moved
-                    stream.last_frame = frame
-                keys = [(e.kind, e.label, e.onset, e.reason) for e in events]
-                events = [e for e, k in zip(events, keys) if k not in stream.seen]
-                stream.seen.extend(keys)
-                if not (probs.size or events):
+                if len(probs):
+                    skip = max(0, stream.last_frame + 1 - first)  # rows handed out before the stream moved
+                    if skip >= len(probs):
+                        continue
+                    first, probs = first + skip, probs[skip:]
+                    events = {i - skip: e for i, e in events.items() if i >= skip}
+                    stream.last_frame = first + len(probs) - 1
+                fresh = {}
+                for i, row in sorted(events.items()):
+                    keys = [(e.kind, e.label, e.onset, e.reason) for e in row]
+                    row = [e for e, k in zip(row, keys) if k not in stream.seen]
+                    stream.seen.extend(keys)
+                    if row:
+                        fresh[i] = row
+                events = fresh
+                if not (len(probs) or events):
                     continue
-            self.ready.append((name, Step(frame, (frame + 1) * fs, probs, events, self.labels, fs)))
+            if len(probs):
+                self.ready.append((name, StepBlock(first, probs, events, self.labels, fs)))
+            else:
+                empty = np.zeros(0, np.float32)
+                self.ready.append((name, Step(first, (first + 1) * fs, empty, events.get(0, []), self.labels, fs)))
 
     def _engine_lost(self, engine: int) -> None:
         """Drop a dead engine from the ring; each of its streams joins the engine the ring names now, with its
