@@ -214,3 +214,40 @@ def test_the_model_settings_apply_by_default_and_flags_override_them(tmp_path):
     default, per_class = event_settings(None, mine, on_threshold=0.3)
     assert default.on_threshold == 0.3 and per_class["clock_alarm"].on_threshold == 0.3  # the flag moves every class
     assert per_class["clock_alarm"].min_gap_s == 0.5 and per_class["siren"].min_gap_s == 2.0  # the file wins per key
+
+
+def _calibration_recipe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "calibrate_events.py"
+    spec = importlib.util.spec_from_file_location("calibrate_events", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_event_calibration_counts_events_per_threshold_and_keeps_the_other_settings(tmp_path):
+    """recipes/calibrate_events.py: events per hour fall as the threshold rises, the settings file keeps its
+    comments and other keys, and the streamtag reader takes what it writes."""
+    from streamtag.events import read_event_table
+
+    cal = _calibration_recipe()
+    labels = ["dog", "rain", "speech"]
+    probs = np.zeros((36_000, 3), np.float32)  # 6 minutes at 10 ms
+    for start, peak in ((1000, 0.55), (9000, 0.75), (20000, 0.95)):  # three dog-like bursts of different heights
+        probs[start : start + 50, 0] = peak
+    rates = {t: cal.events_per_hour([probs], labels, 0.01, {"dog": {"min_gap_s": 1.0}}, t) for t in (0.5, 0.7, 0.9)}
+    assert rates[0.5][0] == pytest.approx(30.0) and rates[0.7][0] == pytest.approx(20.0)
+    assert rates[0.9][0] == pytest.approx(10.0) and rates[0.5][1:].sum() == 0
+
+    settings = tmp_path / "events.toml"
+    settings.write_text(
+        "# shipped settings\n# second line\n\n[default]\non_threshold = 0.5\n\n[dog]\nmin_gap_s = 1.0\n"
+    )
+    cal.write_thresholds(settings, {"dog": 0.8, "rain": 0.65}, "calibrated\non two lines")
+    text = settings.read_text()
+    assert text.startswith("# shipped settings\n# second line\n") and "# calibrated\n# on two lines" in text
+    table = read_event_table(settings)
+    assert table["dog"] == {"min_gap_s": 1.0, "on_threshold": 0.8} and table["rain"] == {"on_threshold": 0.65}
+    assert table["default"] == {"on_threshold": 0.5}
