@@ -58,13 +58,20 @@ def events_per_hour(
 
 
 def write_thresholds(path: Path, thresholds: dict[str, float], note: str) -> None:
-    """Set ``on_threshold`` per class in an events.toml, keeping its other keys and its opening comments."""
+    """Set ``on_threshold`` per class in an events.toml, keeping its other keys and its opening comments; a class
+    at the default threshold loses an ``on_threshold`` an earlier calibration gave it."""
     text = path.read_text() if path.is_file() else ""
     table = read_event_table(path) if text else {}
     header = [line for line in text.splitlines() if line.startswith("#")]
     header = header[: next((i for i, line in enumerate(text.splitlines()) if not line.startswith("#")), len(header))]
-    for label, value in thresholds.items():
-        table.setdefault(label, {})["on_threshold"] = value
+    default = table.get("default", {}).get("on_threshold", 0.5)
+    for label, value in thresholds.items():  # a class at the default needs no entry: an earlier one goes
+        if value > default:
+            table.setdefault(label, {})["on_threshold"] = value
+        elif label in table:
+            table[label].pop("on_threshold", None)
+            if not table[label]:
+                del table[label]
     noted = [f"# {line}" for line in note.splitlines()]
     lines = header + [""] + noted if header else noted
     for key in ["default"] + sorted(k for k in table if k != "default"):
@@ -100,8 +107,8 @@ def main(argv: list[str]) -> int:
             continue
         within = np.flatnonzero(rates[:, c] <= args.budget)
         i = int(within[0]) if within.size else len(GRID) - 1
-        if GRID[i] > 0.5:
-            chosen[label] = GRID[i]
+        chosen[label] = GRID[i]
+        if GRID[i] > GRID[0]:
             print(f"  {label:18s} {rates[0, c]:7.1f} -> {GRID[i]:.2f} ({rates[i, c]:.1f} per hour)")
     if args.write:
         note = (

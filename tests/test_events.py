@@ -244,10 +244,11 @@ def test_event_calibration_counts_events_per_threshold_and_keeps_the_other_setti
     settings = tmp_path / "events.toml"
     settings.write_text(
         "# shipped settings\n# second line\n\n[default]\non_threshold = 0.5\n\n[dog]\nmin_gap_s = 1.0\n"
+        "\n[speech]\non_threshold = 0.9\n"  # from an earlier calibration: speech is at the default now
     )
-    cal.write_thresholds(settings, {"dog": 0.8, "rain": 0.65}, "calibrated\non two lines")
+    cal.write_thresholds(settings, {"dog": 0.8, "rain": 0.65, "speech": 0.5}, "calibrated\non two lines")
     text = settings.read_text()
     assert text.startswith("# shipped settings\n# second line\n") and "# calibrated\n# on two lines" in text
     table = read_event_table(settings)
     assert table["dog"] == {"min_gap_s": 1.0, "on_threshold": 0.8} and table["rain"] == {"on_threshold": 0.65}
-    assert table["default"] == {"on_threshold": 0.5}
+    assert table["default"] == {"on_threshold": 0.5} and "speech" not in table
