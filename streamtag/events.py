@@ -190,21 +190,53 @@ class EventDetector:
         k = probs.shape[0]
         if not rows.size and not self._busy:
             return out
-        bounds = np.searchsorted(rows, np.arange(k + 1)).tolist()  # row i's columns: cols[bounds[i]:bounds[i+1]]
-        cols, values = cols.tolist(), probs.tolist()
-        above = np.unique(rows)
-        i, a = 0, 0
-        while i < k:
-            if not self._busy:  # jump to the next row with a score at or above its threshold
-                a = int(np.searchsorted(above, i))
-                if a == above.size:
-                    break
-                i = int(above[a])
-            events = self._update_row(first_frame + i, values[i], cols[bounds[i] : bounds[i + 1]])
-            if events:
-                out[i] = events
-            i += 1
+        steady = self._steady(probs) if self._busy else set()
+        if steady:  # open events that stay at or above their threshold all block long: no row to walk for them
+            keep = ~np.isin(cols, list(steady))
+            rows, cols = rows[keep], cols[keep]
+            self._busy -= steady
+        try:
+            bounds = np.searchsorted(rows, np.arange(k + 1)).tolist()  # row i's columns: cols[bounds[i]:bounds[i+1]]
+            cols, values = cols.tolist(), probs.tolist()
+            above = np.unique(rows)
+            i, a = 0, 0
+            while i < k:
+                if not self._busy:  # jump to the next row with a score at or above its threshold
+                    a = int(np.searchsorted(above, i))
+                    if a == above.size:
+                        break
+                    i = int(above[a])
+                events = self._update_row(first_frame + i, values[i], cols[bounds[i] : bounds[i + 1]])
+                if events:
+                    out[i] = events
+                i += 1
+        finally:
+            self._busy |= steady
         return out
+
+    def _steady(self, probs: np.ndarray) -> set[int]:
+        """Classes with an open event whose scores stay at or above the on threshold through ``probs`` and that
+        no maximum duration can close: each row would only add to their statistics, so that is done here, in the
+        same order and arithmetic as row by row."""
+        steady = set()
+        k = probs.shape[0]
+        for i in self._busy:
+            tr = self._tracks[i]
+            if tr.state != _ACTIVE or self._max_frames[i] is not None:
+                continue
+            column = probs[:, i]
+            if column.min() < self._on[i]:
+                continue
+            total = tr.score_sum
+            for p in column.tolist():
+                total += p
+            tr.score_sum = total
+            tr.score_max = max(tr.score_max, float(column.max()))
+            tr.run += k
+            tr.best_run = max(tr.best_run, tr.run)
+            tr.n += k
+            steady.add(i)
+        return steady
 
     def _update_row(self, frame_index: int, probs, starting: list[int]) -> list[Event]:
         """One frame, given the classes at or above their threshold in it (``probs``: an array or a list)."""

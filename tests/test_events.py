@@ -252,3 +252,31 @@ def test_event_calibration_counts_events_per_threshold_and_keeps_the_other_setti
     table = read_event_table(settings)
     assert table["dog"] == {"min_gap_s": 1.0, "on_threshold": 0.8} and table["rain"] == {"on_threshold": 0.65}
     assert table["default"] == {"on_threshold": 0.5} and "speech" not in table
+
+
+@pytest.mark.parametrize("max_duration_s", [None, 0.7])
+def test_blocks_of_any_size_give_the_events_of_row_by_row(max_duration_s):
+    """update_block (what engines call for several hops) equals update row by row, scores included, also for
+    events that stay above their threshold through whole blocks (added up in bulk) and ones cut at a limit."""
+    rng = np.random.default_rng(3)
+    frames, labels = 3000, ["a", "b", "c", "d"]
+    probs = np.clip(rng.normal(0.2, 0.1, (frames, 4)), 0, 1).astype(np.float32)
+    probs[200:1400, 0] = rng.uniform(0.6, 1.0, 1200)  # steady for many blocks
+    probs[500:2500, 1] = rng.uniform(0.45, 0.9, 2000)  # dips below on now and then, not below off
+    probs[800:820, 2] = 0.9  # a short one inside
+    for start in range(1000, 2900, 97):  # short bursts
+        probs[start : start + 8, 3] = 0.95
+    params = EventParams(min_duration_s=0.05, max_duration_s=max_duration_s)
+
+    row = EventDetector(labels, 0.01, params)
+    expected = [e for f in range(frames) for e in row.update(f, probs[f])] + row.flush(frames)
+    block = EventDetector(labels, 0.01, params)
+    got, f = [], 0
+    while f < frames:
+        k = int(rng.integers(1, 40))
+        found = block.update_block(f, probs[f : f + k])
+        got += [e for r in sorted(found) for e in found[r]]
+        f += k
+    got += block.flush(frames)
+    assert {e.label for e in expected} == set(labels)
+    assert got == expected  # the same events, exact scores (frozen dataclasses compare every field)
