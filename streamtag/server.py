@@ -58,9 +58,9 @@ class ServeOptions:
     max_backlog_s: float = 5.0  # audio a stream may have queued before its excess is dropped
     idle_s: float = 30.0  # a client that sends nothing this long is closed
     token: str | None = None
-    # Rounds start at most this often. A round of one stream costs the model about ten times more per hop
-    # than a round of a hundred (one call per hop either way), so under load the worker lets a round's worth of
-    # clients' messages gather; after a quiet spell the next message is stepped at once.
+    # Rounds start at most this often under load. A round of one stream costs the model about ten times more per
+    # hop than a round of a hundred (one call per hop either way), so a busy worker lets clients' messages gather
+    # for up to twice what its last round cost, up to this; a lightly loaded one (short rounds) barely waits.
     round_s: float = 0.02
 
 
@@ -112,7 +112,7 @@ class ServeWorker(threading.Thread):
             print(f"streamtag serve: error: the tagging worker stopped ({self.failure})", file=sys.stderr, flush=True)
 
     def _rounds(self) -> None:
-        started = 0.0  # when the last round began
+        started, cost = 0.0, 0.0  # when the last round began, and what it took
         while True:
             try:
                 command = self.inbox.get(timeout=0.05)
@@ -123,7 +123,7 @@ class ServeWorker(threading.Thread):
                     self._handle(command)
                 except StreamtagError as exc:  # one stream's problem (a join refused): that client is told
                     self._refuse(command, str(exc))
-                wait = started + self.options.round_s - time.perf_counter()
+                wait = started + min(self.options.round_s, 2.0 * cost) - time.perf_counter()
                 try:
                     command = self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()
                 except queue.Empty:
@@ -133,8 +133,9 @@ class ServeWorker(threading.Thread):
             for name, item in self._stepped():
                 hops += len(item) if isinstance(item, StepBlock) else item.has_scores
                 self._deliver(name, item)
+            cost = time.perf_counter() - t0
             if hops and self.metrics is not None:
-                self.metrics.stepped(hops, time.perf_counter() - t0)
+                self.metrics.stepped(hops, cost)
             if self._stopping.is_set():
                 for name in list(self.accounts):
                     self._leave(name, "interrupted")
