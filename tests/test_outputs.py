@@ -86,7 +86,10 @@ def test_replay_saves_clips_and_refuses_a_missing_folder(tmp_path):
     assert r.returncode == 0, r.stderr
     (clip,) = clips.glob("rain_*.flac")  # the bundled model hears the rain
     x, _ = sf.read(clip, dtype="float32")
-    np.testing.assert_allclose(x, read_clip(EXAMPLES / "rain.flac")[: x.size], atol=1 / 32768)
+    onset = float(clip.stem.rsplit("_", 1)[1].removesuffix("s"))  # rain_<time>_<onset>s.flac
+    start = max(0, round((onset - 2.0) * 16000))  # 2 s of pre-roll before the onset
+    np.testing.assert_allclose(x, read_clip(EXAMPLES / "rain.flac")[start : start + x.size], atol=1 / 32768)
+    assert start + x.size == 80000  # the event ran to the end of the clip
 
 
 def test_plot_keeps_a_bounded_number_of_columns_and_every_peak(tmp_path, monkeypatch):
