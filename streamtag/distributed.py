@@ -19,7 +19,7 @@ import numpy as np
 
 from .archive import Item, Outcome, tag_archive
 from .errors import BackendUnavailable, ConfigError
-from .steps import Step, StepBlock, as_steps
+from .steps import Step, StepBlock, as_steps, named_steps
 
 
 def _ray():
@@ -237,9 +237,7 @@ class RayEnginePool:
             self._flush(stream)
 
     def step(self) -> Iterator[tuple[str, Step]]:
-        for name, item in self.step_blocks():
-            for step in as_steps([item]):
-                yield name, step
+        return named_steps(self.step_blocks())
 
     def step_blocks(self) -> Iterator[tuple[str, StepBlock | Step]]:
         """What the engines have stepped since the last call, as blocks (and event-only steps)."""

@@ -309,12 +309,8 @@ class StreamTagger:
             hops *= self._gain
         return hops
 
-    def complete(self, hops: np.ndarray, probs: np.ndarray) -> list[Step]:
-        """Steps for hops taken and stepped: level meter, events, stream time."""
-        return self.complete_block(hops, probs).steps()
-
     def complete_block(self, hops: np.ndarray, probs: np.ndarray) -> StepBlock:
-        """:meth:`complete` as one :class:`StepBlock`."""
+        """The block for hops taken and stepped: level meter, events, stream time."""
         k = hops.shape[0]
         probs = np.array(probs[:k], dtype=np.float32)  # the steps own their rows
         audio = np.array(hops, dtype=np.float32)  # and their samples (clip saving)

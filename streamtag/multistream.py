@@ -27,7 +27,7 @@ from .backends import make_backend
 from .engine import StreamTagger
 from .errors import ConfigError
 from .events import EventParams
-from .steps import Step, StepBlock
+from .steps import Step, StepBlock, named_steps
 
 
 class _PoolSlot:
@@ -134,12 +134,7 @@ class MultiStreamTagger:
     def step(self) -> Iterator[tuple[str, Step]]:
         """Step every hop the streams hold; yields ``(name, step)``, in order within each stream. Steps own
         their rows."""
-        for name, item in self.step_blocks():
-            if isinstance(item, StepBlock):
-                for step in item.steps():
-                    yield name, step
-            else:
-                yield name, item
+        return named_steps(self.step_blocks())
 
     def step_blocks(self) -> Iterator[tuple[str, StepBlock | Step]]:
         """:meth:`step` with each stream's hops of a round as one :class:`StepBlock` (and the event-only steps

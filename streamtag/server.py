@@ -130,7 +130,7 @@ class ServeWorker(threading.Thread):
                     command = None
             t0 = started = time.perf_counter()
             hops = 0
-            for name, item in self._stepped():
+            for name, item in self.multi.step_blocks():
                 hops += len(item) if isinstance(item, StepBlock) else item.has_scores
                 self._deliver(name, item)
             cost = time.perf_counter() - t0
@@ -140,11 +140,6 @@ class ServeWorker(threading.Thread):
                 for name in list(self.accounts):
                     self._leave(name, "interrupted")
                 return
-
-    def _stepped(self):
-        """Every hop stepped this round, as blocks where the pool gives them (a Ray pool gives steps)."""
-        blocks = getattr(self.multi, "step_blocks", None)
-        return blocks() if blocks is not None else self.multi.step()
 
     def _refuse(self, command, reason: str) -> None:
         if command[0] == "settings":

@@ -7,7 +7,7 @@ view, a network sink) imports only what it is given, never the loop that feeds i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -72,6 +72,14 @@ class StepBlock:
             )
             for i in range(len(self))
         ]
+
+
+def named_steps(items: Iterable[tuple[str, Step | StepBlock]]) -> Iterator[tuple[str, Step]]:
+    """``(name, block or step)`` pairs, in order -> ``(name, step)`` pairs: a pool's ``step()`` from its
+    ``step_blocks()``."""
+    for name, item in items:
+        for step in item.steps() if isinstance(item, StepBlock) else (item,):
+            yield name, step
 
 
 def as_steps(items: Iterable[Step | StepBlock]) -> list[Step]:
