@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from streamtag.backends import make_backend
+from streamtag.errors import StreamtagError
 from streamtag.events import (
     MODEL_EVENTS_NAME,
     EventDetector,
@@ -121,4 +122,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (StreamtagError, OSError, KeyError) as exc:  # a wrong path or manifest: one line, not a traceback
+        what = f"the manifest has no {exc} column" if isinstance(exc, KeyError) else str(exc)
+        sys.exit(f"calibrate_events: error: {what}")
