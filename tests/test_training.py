@@ -318,6 +318,25 @@ def test_band_limited_crops_have_nothing_above_their_cutoff():
     assert not empty[~limited].any()
 
 
+def test_a_recording_mixed_far_under_is_left_out_of_the_loss_not_taught_as_heard():
+    """A background mixed close under a crop is heard (targets the union); one further under than
+    --audible-snr may be masked, so its classes are unknown there: a model taught "dog" for a dog 25 dB
+    under music learns to call music dog."""
+    from streamtag.training.trainer import TrainOptions, _Batches
+
+    opts = TrainOptions(audible_snr_db=12.0)
+    rng = np.random.default_rng(0)
+    feats = [np.full((400, 64), 2.0, np.float32), np.full((400, 64), 1.0, np.float32)]
+    hard = np.array([[1, 0, 0], [0, 1, 0]], np.float32)  # class 2: known absent from both
+    batches = _Batches(feats, hard, None, opts, float(np.log(1e-9)), rng, np.zeros(64, np.float32))
+    dog, music = batches._crop(0), batches._crop(1)
+    near, far = batches._mix(dog, music, 6.0), batches._mix(dog, music, 20.0)
+    assert (near.y[:, 0] == 1).all() and (near.y[:, 1] == 1).all() and (near.y[:, 2] == 0).all()
+    assert (far.y[:, 0] == 1).all() and np.isnan(far.y[:, 1]).all() and (far.y[:, 2] == 0).all()
+    assert np.allclose(near.x, far.x, atol=0.5) and not np.allclose(near.x, far.x)  # the audio: 14 dB apart
+    assert (batches._mix(music, dog, 20.0).y[:, 1] == 1).all()  # the louder one is always heard
+
+
 def test_quiet_lead_crops_start_quiet_with_nothing_to_detect():
     """--quiet-lead: the sound moves later behind a quiet floor whose targets are all 0; the rest of the crop
     keeps its targets (shifted with it)."""

@@ -125,6 +125,15 @@ def add_parser(subparsers) -> None:
         "have, so a class recorded that way is not learned by its missing top octave (default 0.2)",
     )
     p.add_argument(
+        "--audible-snr",
+        type=float,
+        default=12.0,
+        metavar="DB",
+        help="a second recording mixed under a crop (0-25 dB down) counts as heard down to this many dB; further "
+        "under, its classes are left out of the loss rather than taught as present (default 12; 25 or more: "
+        "always heard, as before 2026-12)",
+    )
+    p.add_argument(
         "--quiet-lead",
         type=float,
         default=0.0,
@@ -180,6 +189,7 @@ def _options(args):
         warm_level_p=args.warm_level,
         quiet_lead_p=args.quiet_lead,
         band_limit_p=args.band_limit,
+        audible_snr_db=args.audible_snr,
     )
 
 

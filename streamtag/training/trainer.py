@@ -9,7 +9,8 @@ left out of the loss.
 
 Augmentation works on log-mel, in the power domain where sounds add: a second
 recording mixed under the first at a random signal-to-noise ratio (targets are the
-union, so the model learns polyphony and backgrounds), a reverberation tail, a
+union while the second is loud enough to be heard, so the model learns polyphony and
+backgrounds; further under, its classes are left out of the loss), a reverberation tail, a
 microphone noise floor, a wide random gain (the level normaliser must see quiet
 input), and SpecAugment masks.
 """
@@ -55,6 +56,9 @@ class TrainOptions:
     gain_db: tuple[float, float] = (-45.0, 6.0)
     background_p: float = 0.5
     snr_db: tuple[float, float] = (0.0, 25.0)
+    # a recording mixed further under than this may be masked: its classes are then left out of the loss, not
+    # taught as heard (a dog 25 dB under music taught as "dog" makes a model call music dog)
+    audible_snr_db: float = 12.0
     reverb_p: float = 0.3
     noise_floor_p: float = 0.5
     noise_floor_db: tuple[float, float] = (-100.0, -65.0)
@@ -213,8 +217,11 @@ class _Batches:
     def _mix(self, a: _Crop, b: _Crop, snr_db: float) -> _Crop:
         shift = self._level(a.x) - self._level(b.x) - snr_db * DB
         x = np.logaddexp(a.x, b.x + shift)
-        both = np.fmax(a.y, b.y)  # a class either recording holds is heard
-        known = (~np.isnan(a.y) & ~np.isnan(b.y)) | (both >= 0.5)
+        under = b.y
+        if snr_db > self.opts.audible_snr_db:  # what the quieter one holds may be masked: unknown, not heard
+            under = np.where(b.y >= 0.2, np.float32(np.nan), b.y)
+        both = np.fmax(a.y, under)  # a class either recording holds is heard
+        known = (~np.isnan(a.y) & ~np.isnan(under)) | (both >= 0.5)
         return _Crop(x.astype(np.float32), np.where(known, both, np.nan).astype(np.float32))
 
     def _band_limit(self, x: np.ndarray) -> np.ndarray:
