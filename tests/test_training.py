@@ -192,11 +192,15 @@ def test_eval_report_on_a_small_real_subset(class_folders, tmp_path):
     report = json.loads((report_dir / "report.json").read_text())
     m = report["metrics"]
     assert m["clips"] == 18 and 0 <= m["acc_last"] <= 1 and 0 <= m["macro_map"] <= 1
+    for key in ("acc_last", "acc_mean"):
+        lo, hi = m[f"{key}_ci95"]
+        assert lo <= m[key] <= hi and (hi - lo > 0.05 or m[key] in (0.0, 1.0))  # 18 clips: a wide interval
     assert list(m["time_to_detect"]) == ["0.25", "0.5", "1", "2", "5"]
     assert np.array(m["confusion"]).sum() == 18
     assert 0 <= report["baseline_acc"] <= 1
     assert (report_dir / "time_to_detect.png").stat().st_size > 10_000
     assert "Time to detect" in (report_dir / "report.md").read_text()
+    assert "95% interval" in (report_dir / "report.md").read_text()
     shutil.rmtree(report_dir)
 
 
@@ -291,6 +295,18 @@ def test_some_crops_start_with_a_settled_level_estimate():
     assert np.all(level0[settled, 1].numpy() == 300.0) and np.all(level0[~settled].numpy() == 0.0)
     offset = (level0[settled, 0] - x[settled].mean(dim=(1, 2))).numpy() / DB
     assert offset.min() >= -50.01 and offset.max() <= 10.01 and offset.max() - offset.min() > 20
+
+
+def test_bootstrap_interval_of_an_accuracy_narrows_with_more_clips():
+    """eval's 95% interval: around the accuracy, about +-1.96 standard errors wide, narrower for more clips."""
+    from streamtag.training.evaluate import bootstrap_interval
+
+    lo, hi = bootstrap_interval(np.arange(100) < 60)  # 60 of 100 right
+    assert lo < 0.6 < hi and 0.14 < hi - lo < 0.24  # 2 * 1.96 * sqrt(0.24 / 100) = 0.19
+    lo2, hi2 = bootstrap_interval(np.arange(1000) < 600)
+    assert lo2 < 0.6 < hi2 and hi2 - lo2 < (hi - lo) / 2.5
+    assert bootstrap_interval(np.ones(50)) == [1.0, 1.0]
+    assert all(np.isnan(bootstrap_interval(np.zeros(0))))
 
 
 def test_band_limited_crops_have_nothing_above_their_cutoff():
