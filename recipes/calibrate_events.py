@@ -16,7 +16,6 @@ MODEL/events.toml, keeping every other setting; without it the table is only pri
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from streamtag.events import (
     model_event_table,
     read_event_table,
 )
+from streamtag.training.datasets import read_unlabelled
 from streamtag.training.evaluate import stream_scores
 
 GRID = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
@@ -91,11 +91,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--write", action="store_true", help="store the thresholds in MODEL/events.toml")
     args = p.parse_args(argv)
 
+    paths = [clip.path for clip in read_unlabelled(args.calibration)]  # checked: a path column, files there
     backend = make_backend("onnx", args.model)
     labels = list(backend.labels)
     fs = backend.config.features.frame_seconds
-    with open(args.calibration, newline="") as f:
-        paths = [row["path"] for row in csv.DictReader(f)]
     scores = stream_scores(backend, paths)
     hours = sum(len(s) for s in scores) * fs / 3600
     table = model_event_table(args.model)
@@ -124,6 +123,5 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (StreamtagError, OSError, KeyError) as exc:  # a wrong path or manifest: one line, not a traceback
-        what = f"the manifest has no {exc} column" if isinstance(exc, KeyError) else str(exc)
-        sys.exit(f"calibrate_events: error: {what}")
+    except (StreamtagError, OSError) as exc:  # a wrong model folder or manifest: one line, not a traceback
+        sys.exit(f"calibrate_events: error: {exc}")

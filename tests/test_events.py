@@ -281,3 +281,19 @@ def test_blocks_of_any_size_give_the_events_of_row_by_row(max_duration_s):
     got += block.flush(frames)
     assert {e.label for e in expected} == set(labels)
     assert got == expected  # the same events, exact scores (frozen dataclasses compare every field)
+
+
+def test_event_calibration_refuses_a_manifest_without_a_path_column_in_one_line(tmp_path):
+    """A user mistake in the recipe's manifest is one line naming the column and exit 1, before the model loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "calibrate_events.py"
+    manifest = tmp_path / "calibration.csv"
+    manifest.write_text("file,group\na.wav,x\n")
+    r = subprocess.run(
+        [sys.executable, str(recipe), "default-model-not-needed", str(manifest)], capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"calibrate_events: error: {manifest}: the header must name a 'path' column"
