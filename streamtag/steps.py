@@ -74,23 +74,21 @@ class StepBlock:
         ]
 
 
+def _steps_of(item: Step | StepBlock) -> Sequence[Step]:
+    return item.steps() if isinstance(item, StepBlock) else (item,)
+
+
 def named_steps(items: Iterable[tuple[str, Step | StepBlock]]) -> Iterator[tuple[str, Step]]:
     """``(name, block or step)`` pairs, in order -> ``(name, step)`` pairs: a pool's ``step()`` from its
     ``step_blocks()``."""
     for name, item in items:
-        for step in item.steps() if isinstance(item, StepBlock) else (item,):
+        for step in _steps_of(item):
             yield name, step
 
 
 def as_steps(items: Iterable[Step | StepBlock]) -> list[Step]:
     """Blocks and steps, in order -> steps."""
-    out: list[Step] = []
-    for item in items:
-        if isinstance(item, StepBlock):
-            out += item.steps()
-        else:
-            out.append(item)
-    return out
+    return [step for item in items for step in _steps_of(item)]
 
 
 class Output(Protocol):
