@@ -397,3 +397,45 @@ def test_cross_validation_pools_source_grouped_folds(class_folders, tmp_path):
     assert report["model"] == "cnn (2-fold grouped CV)" and report["metrics"]["clips"] == 18
     assert len(report["folds"]) == 2 and 0.0 <= report["baseline_acc"] <= 1.0
     assert (out / "fold0" / "config.json").is_file() and (out / "fold1" / "model.safetensors").is_file()
+
+
+def test_unlabelled_manifest_weights_groups(class_folders, tmp_path):
+    """A ``weight`` column: a group is drawn that many times as often as a group of weight 1 (the recipe
+    uses it for speech, which two corpus packages of seventeen hold); bad weights are one clear error."""
+    from streamtag.training.datasets import read_unlabelled
+    from streamtag.training.trainer import TrainOptions, _Batches
+
+    files = sorted(class_folders.rglob("*.*"))
+    manifest = tmp_path / "u.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "group", "weight"])
+        for p in files:
+            w.writerow([p, p.parent.name, {"dog": "3", "rain": "1"}.get(p.parent.name, "")])  # chainsaw: 1
+    clips = read_unlabelled(manifest)
+    weight = {c.group: c.weight for c in clips}
+    assert weight == {"dog": 3.0, "rain": 1.0, "chainsaw": 1.0}
+
+    opts = TrainOptions(batch_size=8)
+    feats = [np.zeros((300, 64), np.float32) for _ in clips]
+    hard = np.full((len(clips), 2), np.nan, np.float32)  # nothing labelled: every draw is unlabelled
+    groups, weights = [c.group for c in clips], [c.weight for c in clips]
+    bands = np.zeros(64, np.float32)
+    batches = _Batches(feats, hard, None, opts, 0.0, np.random.default_rng(0), bands, groups, weights)
+    drawn = [groups[batches._pick()] for _ in range(5000)]
+    share = {g: drawn.count(g) / len(drawn) for g in weight}
+    assert share["dog"] == pytest.approx(0.6, abs=0.03) and share["rain"] == pytest.approx(0.2, abs=0.03)
+    even = _Batches(feats, hard, None, opts, 0.0, np.random.default_rng(0), bands, groups)
+    drawn = [groups[even._pick()] for _ in range(3000)]
+    assert drawn.count("dog") / len(drawn) == pytest.approx(1 / 3, abs=0.03)  # no weights: groups alike
+
+    for rows, message in (
+        ([[files[0], "a", "-2"]], "line 2: weight '-2' must be a positive number"),
+        ([[files[0], "a", "many"]], "weight 'many' must be a positive number"),
+        ([[files[0], "a", "2"], [files[1], "a", "1"]], "group 'a' has weights 2 and 1"),
+    ):
+        bad = tmp_path / "bad.csv"
+        with open(bad, "w", newline="") as f:
+            csv.writer(f).writerows([["path", "group", "weight"], *rows])
+        with pytest.raises(DatasetError, match=message):
+            read_unlabelled(bad)

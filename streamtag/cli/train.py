@@ -82,7 +82,8 @@ def add_parser(subparsers) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="audio without labels (folder or CSV with path[,group]), learned from the teacher (repeatable)",
+        help="audio without labels (folder or CSV with path[,group][,weight]: a group of weight 3 is drawn "
+        "three times as often), learned from the teacher (repeatable)",
     )
     p.add_argument("--epochs", type=int, default=80)
     p.add_argument(

@@ -44,6 +44,7 @@ class Clip:
     fold: int | None
     group: str
     source: str = ""  # the dataset it came from: its label set are the clip's known classes
+    weight: float = 1.0  # unlabelled audio: how often its group is drawn, relative to other groups
 
 
 @dataclasses.dataclass
@@ -94,7 +95,10 @@ def combine(
 
 
 def read_unlabelled(path: str | os.PathLike) -> list[Clip]:
-    """Audio without labels: a folder (searched recursively) or a CSV with ``path`` (and optional ``group``)."""
+    """Audio without labels: a folder (searched recursively) or a CSV with ``path`` (and optional ``group``
+    and ``weight``: training draws a group, then a file of it, so a package of many short files does not crowd
+    out one of a few long ones; ``weight`` makes a group drawn that many times as often as a group of weight 1,
+    for a kind of audio that a few groups hold and the model must learn well, such as speech)."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"unlabelled audio not found: {path}")
@@ -107,17 +111,37 @@ def read_unlabelled(path: str | os.PathLike) -> list[Clip]:
             if not reader.fieldnames or "path" not in reader.fieldnames:
                 raise DatasetError(f"{path}: the header must name a 'path' column")
             clips = []
-            for row in reader:
+            for line, row in enumerate(reader, start=2):
                 clip_path = Path(row["path"])
                 if not clip_path.is_absolute():
                     clip_path = path.parent / clip_path
-                clips.append(Clip(clip_path, "", None, row.get("group") or str(clip_path)))
+                weight = _weight(row.get("weight"), f"{path}, line {line}")
+                clips.append(Clip(clip_path, "", None, row.get("group") or str(clip_path), weight=weight))
+            groups: dict[str, float] = {}
+            for c in clips:
+                if groups.setdefault(c.group, c.weight) != c.weight:
+                    raise DatasetError(
+                        f"{path}: group '{c.group}' has weights {groups[c.group]:g} and {c.weight:g}: "
+                        "a weight belongs to a group, give all its rows the same"
+                    )
     if not clips:
         raise DatasetError(f"{path}: no audio files found")
     missing = [c.path for c in clips if not c.path.is_file()]
     if missing:
         raise DatasetError(f"{path}: {len(missing)} listed files are missing, e.g. {missing[0]}")
     return clips
+
+
+def _weight(text: str | None, where: str) -> float:
+    if text is None or not text.strip():
+        return 1.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and np.isfinite(value)):
+        raise DatasetError(f"{where}: weight '{text}' must be a positive number (or empty for 1)")
+    return value
 
 
 def load_dataset(path: str | os.PathLike, min_classes: int = 2) -> Dataset:

@@ -150,6 +150,7 @@ class _Batches:
         rng: np.random.Generator,
         noise_bands: np.ndarray,
         groups: list[str] | None = None,
+        weights: list[float] | None = None,
     ) -> None:
         self.feats, self.hard, self.soft, self.opts, self.rng = feats, hard, soft, opts, rng
         self.crop = int(round(opts.crop_s / opts.features.frame_seconds))
@@ -162,8 +163,10 @@ class _Batches:
         self.p_labelled = w / w.sum() if w.sum() else None  # class-balanced sampling
         self.unlabelled = np.flatnonzero(~labelled)
         # unlabelled audio is drawn group by group (a package of a corpus), then a file: a package of many
-        # short files does not crowd out one of a few long ones
+        # short files does not crowd out one of a few long ones; a group of weight w is drawn w times as often
         self.unlabelled_groups = _by_group(groups, self.unlabelled) if groups is not None else [self.unlabelled]
+        w_group = np.array([1.0 if weights is None else weights[g[0]] for g in self.unlabelled_groups])
+        self.p_group = None if np.all(w_group == 1.0) else w_group / w_group.sum()  # None: uniform, as before
         self.n_classes = hard.shape[1]
         self.frame_s = opts.features.frame_seconds
         self.settled_frames = 1.0  # the level normaliser's time constant in frames; set by train()
@@ -177,7 +180,9 @@ class _Batches:
         return int(rng.choice(len(self.feats), p=self.p_labelled))
 
     def _pick_unlabelled(self) -> int:
-        members = self.unlabelled_groups[int(self.rng.integers(len(self.unlabelled_groups)))]
+        n = len(self.unlabelled_groups)
+        g = self.rng.integers(n) if self.p_group is None else self.rng.choice(n, p=self.p_group)
+        members = self.unlabelled_groups[int(g)]
         return int(self.rng.choice(members))
 
     def _crop(self, i: int) -> _Crop:
@@ -380,6 +385,7 @@ def train(
         rng,
         np.log(white_noise_bands(opts.features).numpy()).astype(np.float32),
         [dataset.clips[i].group for i in train_idx],
+        [dataset.clips[i].weight for i in train_idx],
     )
     if model.level is not None:
         batches.settled_frames = float(model.level.frames)
