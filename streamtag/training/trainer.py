@@ -165,7 +165,7 @@ class _Batches:
         # unlabelled audio is drawn group by group (a package of a corpus), then a file: a package of many
         # short files does not crowd out one of a few long ones; a group of weight w is drawn w times as often
         self.unlabelled_groups = _by_group(groups, self.unlabelled) if groups is not None else [self.unlabelled]
-        w_group = np.array([1.0 if weights is None else weights[g[0]] for g in self.unlabelled_groups])
+        w_group = np.array([1.0 if weights is None or not g.size else weights[g[0]] for g in self.unlabelled_groups])
         self.p_group = None if np.all(w_group == 1.0) else w_group / w_group.sum()  # None: uniform, as before
         self.n_classes = hard.shape[1]
         self.frame_s = opts.features.frame_seconds
