@@ -44,7 +44,9 @@ def main(recipe: Path, out: Path) -> None:
             gain = gains[r["group"]]
             target = out / "audio" / Path(r["path"]).name
             sf.write(target, np.clip(audio * 10 ** (gain / 20), -1.0, 1.0), rate, subtype="PCM_16")
-            w.writerow({"path": str(target.resolve()), "label": r["label"], "group": r["group"], "gain_db": f"{gain:.1f}"})
+            w.writerow(
+                {"path": str(target.resolve()), "label": r["label"], "group": r["group"], "gain_db": f"{gain:.1f}"}
+            )
     print(f"{len(rows)} training clips of {len(classes)} classes from {len(gains)} recordings, at {GAIN_DB} dB: {out}")
 
 
