@@ -131,6 +131,25 @@ def test_distillation_end_to_end(small_data, teacher_dir, tmp_path):
     rows = [json.loads(line) for line in events.read_text().splitlines()]
     assert sum(r["type"] == "open" for r in rows) == sum(r["type"] == "close" for r in rows)
 
+    # eval against the teacher, per source group: which group a class is heard weakly or wrongly in
+    manifest = tmp_path / "agree.csv"
+    u = small_data / "unlabelled"
+    manifest.write_text(f"path,group\n{u / '0.wav'},rainy\n{u / '1.wav'},saws\n{small_data / 'a/rain/0.flac'},rainy\n")
+    report_dir = tmp_path / "report"
+    done = run_cli(
+        "eval", out, small_data / "a", "--teacher", teacher_dir / "tiny.onnx", "--label-map", teacher_dir / "map.tsv",
+        "--agreement-audio", manifest, "--baseline-folds", "0", "--report", report_dir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    agreement = json.loads((report_dir / "report.json").read_text())["teacher_agreement"]
+    assert agreement["per_class"] and set(agreement["per_group"]) == {"rainy", "saws"}
+    assert sum(g["frames"] for g in agreement["per_group"].values()) == agreement["frames"]
+    for label, whole in agreement["per_class"].items():
+        assert sum(g[label]["positives"] for g in agreement["per_group"].values()) == whole["positives"]
+        for g in agreement["per_group"].values():
+            assert all(x is None or 0.0 <= x <= 1.0 for x in (g[label]["mean_on_positives"], g[label]["mean_on_rest"]))
+    assert "| group | frames | class |" in (report_dir / "report.md").read_text()
+
 
 def test_teacher_options_need_a_teacher(small_data, tmp_path):
     done = run_cli("train", small_data / "a", "--teacher-labels", "speech", "--out", tmp_path / "m")

@@ -64,7 +64,13 @@ def add_parser(subparsers) -> None:
         "that each is found as an event with the right label and onset (default 0: off)",
     )
     p.add_argument("--teacher", metavar="ONNX", help="AudioSet tagger to compare with on --agreement-audio")
-    p.add_argument("--agreement-audio", action="append", default=[], metavar="PATH", help="unlabelled audio for it")
+    p.add_argument(
+        "--agreement-audio",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="unlabelled audio for it (folder or CSV; a group column adds a per-group table)",
+    )
     p.add_argument("--label-map", metavar="TSV", help="label map for the teacher (default: the packaged one)")
     p.set_defaults(handler=run)
 
@@ -161,9 +167,16 @@ def run(args) -> int:
         report["false_alarms"] = false_alarms(backend, detector, files, expected)
     if args.agreement_audio:
         teacher = Teacher(args.teacher, cache=cache_dir() / "teacher")
-        files = [c.path for path in args.agreement_audio for c in read_unlabelled(path)]
-        print(f"streamtag eval: agreement with the teacher on {len(files)} files", file=sys.stderr)
-        report["teacher_agreement"] = teacher_agreement(backend, teacher, label_map, files)
+        clips = [c for path in args.agreement_audio for c in read_unlabelled(path)]
+        print(f"streamtag eval: agreement with the teacher on {len(clips)} files", file=sys.stderr)
+        groups = [c.group for c in clips]  # a manifest's group column; a folder's files are each their own
+        report["teacher_agreement"] = teacher_agreement(
+            backend,
+            teacher,
+            label_map,
+            [c.path for c in clips],
+            groups=groups if len(set(groups)) < len(groups) else None,
+        )
     k = args.baseline_folds
     if k >= 2 and len(dataset.clips) >= 2 * k:
         feats = backend.config.features

@@ -210,24 +210,34 @@ def false_alarms(backend, detector, paths: Sequence[os.PathLike], expected: Sequ
 
 
 def teacher_agreement(
-    backend, teacher, label_map, paths: Sequence[os.PathLike], every_s: float = 0.5, min_positives: int = 5
+    backend,
+    teacher,
+    label_map,
+    paths: Sequence[os.PathLike],
+    every_s: float = 0.5,
+    min_positives: int = 5,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Average precision of the student's frame scores against the teacher's (>= 0.5 is positive).
 
     Frames are sampled every ``every_s``; a class counts once the teacher finds it at least
-    ``min_positives`` times."""
+    ``min_positives`` times. With ``groups`` (each file's source, e.g. its package) the report also
+    holds, per group and counted class, the student's mean score on the teacher's positive frames and
+    on the rest: a low AP is either a class heard weakly where it is, or heard where it is not, and
+    this says which, and where."""
     from pathlib import Path as _Path
 
     feats = backend.config.features
     mapping = teacher.mapping(backend.labels, label_map)
     every = max(1, int(round(every_s / feats.frame_seconds)))
-    student, truth = [], []
-    for path, probs in zip(paths, _each_stream(backend, paths)):
+    student, truth, origin = [], [], []
+    for n, (path, probs) in enumerate(zip(paths, _each_stream(backend, paths))):
         windows = teacher.windows(_Path(path), feats.sample_rate)
         target = teacher.frame_targets(windows, len(probs), feats.frame_seconds, mapping)
         pick = np.arange(every - 1, len(probs), every)
         student.append(probs[pick])
         truth.append(target[pick])
+        origin += [n] * len(pick)
     scores, target = np.concatenate(student), np.concatenate(truth)
     per_class = {}
     for c, label in enumerate(backend.labels):
@@ -236,12 +246,29 @@ def teacher_agreement(
         positive = target[:, c] >= 0.5
         if positive.sum() >= min_positives:
             per_class[label] = {"ap": average_precision(scores[:, c], positive), "positives": int(positive.sum())}
-    return {
+    out = {
         "files": len(paths),
         "frames": int(len(scores)),
         "map": float(np.mean([v["ap"] for v in per_class.values()])) if per_class else float("nan"),
         "per_class": per_class,
     }
+    if groups is not None:
+        file_group = np.array([groups[n] for n in origin])
+        out["per_group"] = {}
+        for g in dict.fromkeys(groups):
+            rows = file_group == g
+            entry = {"frames": int(rows.sum())}
+            for label in per_class:
+                c = backend.labels.index(label)
+                positive = target[rows, c] >= 0.5
+                on = scores[rows, c]
+                entry[label] = {
+                    "positives": int(positive.sum()),
+                    "mean_on_positives": float(on[positive].mean()) if positive.any() else None,
+                    "mean_on_rest": float(on[~positive].mean()) if (~positive).any() else None,
+                }
+            out["per_group"][g] = entry
+    return out
 
 
 def event_stream(
@@ -408,6 +435,24 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- {ag['frames']} frames (every 0.5 s) of {ag['files']} files: mAP {ag['map']:.3f}", ""]
         lines += ["| class | teacher positives | AP |", "|---|---|---|"]
         lines += [f"| {k} | {v['positives']} | {v['ap']:.3f} |" for k, v in ag["per_class"].items()]
+        if ag.get("per_group"):
+            lines += [
+                "",
+                "The student's mean score per source group, where the teacher hears the class and elsewhere:",
+                "",
+            ]
+            lines += [
+                "| group | frames | class | teacher positives | mean there | mean elsewhere |",
+                "|---|---|---|---|---|---|",
+            ]
+            for g, entry in ag["per_group"].items():
+                for k in ag["per_class"]:
+                    e = entry[k]
+                    there, rest = (
+                        f"{x:.2f}" if x is not None else "-" for x in (e["mean_on_positives"], e["mean_on_rest"])
+                    )
+                    if e["positives"] or (e["mean_on_rest"] or 0.0) >= 0.1:  # where it is heard, or heard wrongly
+                        lines.append(f"| {g} | {entry['frames']} | {k} | {e['positives']} | {there} | {rest} |")
     lines += ["", "## Per class", "", "| class | clips | accuracy (last frame) | AP | F1 |", "|---|---|---|---|---|"]
     f1_rows = (f1 or {}).get("per_class", {})
     for k, v in m["per_class"].items():
