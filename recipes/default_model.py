@@ -39,7 +39,7 @@ TEST_PACKAGES = {
     "sound-theme-freedesktop": "effects",
 }
 TRAIN_HOURS_PER_PACKAGE = {"music": 0.45, "speech": 1.0, "effects": 0.4}
-# Training draws an unlabelled package, then a file of it. Two of the seventeen training packages hold speech,
+# Training draws an unlabelled package, then a file of it. Two of the eighteen unlabelled groups hold speech,
 # so speech was about 3% of the crops and its held-out AP stayed low (0.28 for model v7): from stage 7 on, a
 # speech package is drawn three times as often as another (the manifest's weight column).
 TRAIN_WEIGHT_PER_KIND = {"music": 1, "speech": 3, "effects": 1}

@@ -401,7 +401,7 @@ def test_cross_validation_pools_source_grouped_folds(class_folders, tmp_path):
 
 def test_unlabelled_manifest_weights_groups(class_folders, tmp_path):
     """A ``weight`` column: a group is drawn that many times as often as a group of weight 1 (the recipe
-    uses it for speech, which two corpus packages of seventeen hold); bad weights are one clear error."""
+    uses it for speech, which two unlabelled groups of eighteen hold); bad weights are one clear error."""
     from streamtag.training.datasets import read_unlabelled
     from streamtag.training.trainer import TrainOptions, _Batches
 
