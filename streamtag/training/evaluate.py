@@ -230,22 +230,24 @@ def teacher_agreement(
     feats = backend.config.features
     mapping = teacher.mapping(backend.labels, label_map)
     every = max(1, int(round(every_s / feats.frame_seconds)))
-    student, truth, origin = [], [], []
+    student, truth, frame_group = [], [], []
     for n, (path, probs) in enumerate(zip(paths, _each_stream(backend, paths))):
         windows = teacher.windows(_Path(path), feats.sample_rate)
         target = teacher.frame_targets(windows, len(probs), feats.frame_seconds, mapping)
         pick = np.arange(every - 1, len(probs), every)
         student.append(probs[pick])
         truth.append(target[pick])
-        origin += [n] * len(pick)
-    scores, target = np.concatenate(student), np.concatenate(truth)
-    per_class = {}
-    for c, label in enumerate(backend.labels):
-        if not mapping[c].size:
-            continue
-        positive = target[:, c] >= 0.5
-        if positive.sum() >= min_positives:
-            per_class[label] = {"ap": average_precision(scores[:, c], positive), "positives": int(positive.sum())}
+        if groups is not None:
+            frame_group += [groups[n]] * len(pick)
+    scores, positive = np.concatenate(student), np.concatenate(truth) >= 0.5  # NaN (no mapping): never positive
+    counted = [c for c in range(len(backend.labels)) if mapping[c].size and positive[:, c].sum() >= min_positives]
+    per_class = {
+        backend.labels[c]: {
+            "ap": average_precision(scores[:, c], positive[:, c]),
+            "positives": int(positive[:, c].sum()),
+        }
+        for c in counted
+    }
     out = {
         "files": len(paths),
         "frames": int(len(scores)),
@@ -253,19 +255,17 @@ def teacher_agreement(
         "per_class": per_class,
     }
     if groups is not None:
-        file_group = np.array([groups[n] for n in origin])
+        frame_group = np.array(frame_group)
         out["per_group"] = {}
         for g in dict.fromkeys(groups):
-            rows = file_group == g
+            rows = frame_group == g
             entry = {"frames": int(rows.sum())}
-            for label in per_class:
-                c = backend.labels.index(label)
-                positive = target[rows, c] >= 0.5
-                on = scores[rows, c]
-                entry[label] = {
-                    "positives": int(positive.sum()),
-                    "mean_on_positives": float(on[positive].mean()) if positive.any() else None,
-                    "mean_on_rest": float(on[~positive].mean()) if (~positive).any() else None,
+            for c in counted:
+                heard, on = positive[rows, c], scores[rows, c]
+                entry[backend.labels[c]] = {
+                    "positives": int(heard.sum()),
+                    "mean_on_positives": float(on[heard].mean()) if heard.any() else None,
+                    "mean_on_rest": float(on[~heard].mean()) if (~heard).any() else None,
                 }
             out["per_group"][g] = entry
     return out
@@ -448,11 +448,12 @@ def markdown(report: dict[str, Any]) -> str:
             for g, entry in ag["per_group"].items():
                 for k in ag["per_class"]:
                     e = entry[k]
+                    if not (e["positives"] or (e["mean_on_rest"] or 0.0) >= 0.1):  # shown where heard, or heard wrongly
+                        continue
                     there, rest = (
                         f"{x:.2f}" if x is not None else "-" for x in (e["mean_on_positives"], e["mean_on_rest"])
                     )
-                    if e["positives"] or (e["mean_on_rest"] or 0.0) >= 0.1:  # where it is heard, or heard wrongly
-                        lines.append(f"| {g} | {entry['frames']} | {k} | {e['positives']} | {there} | {rest} |")
+                    lines.append(f"| {g} | {entry['frames']} | {k} | {e['positives']} | {there} | {rest} |")
     lines += ["", "## Per class", "", "| class | clips | accuracy (last frame) | AP | F1 |", "|---|---|---|---|---|"]
     f1_rows = (f1 or {}).get("per_class", {})
     for k, v in m["per_class"].items():
