@@ -53,4 +53,7 @@ def main(recipe: Path, out: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit(__doc__.split("\n\n")[1])
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    try:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))
+    except (OSError, sf.LibsndfileError) as exc:  # a wrong recipe folder or an unreadable clip: one line
+        sys.exit(f"user_levels: error: {exc} (run recipes/default_model.py first; see the docstring)")
