@@ -439,3 +439,23 @@ def test_unlabelled_manifest_weights_groups(class_folders, tmp_path):
             csv.writer(f).writerows([["path", "group", "weight"], *rows])
         with pytest.raises(DatasetError, match=message):
             read_unlabelled(bad)
+
+    # two manifests may share a group (e.g. one package split in two lists), but then also its weight
+    other = tmp_path / "other.csv"
+    with open(other, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "group", "weight"], [files[0], "dog", "1"]])
+    teacher = tmp_path / "teacher.onnx"  # never opened: the manifests are read first
+    teacher.write_bytes(b"")
+    r = run_cli(
+        "train",
+        class_folders,
+        "--unlabelled",
+        manifest,
+        "--unlabelled",
+        other,
+        "--teacher",
+        teacher,
+        "--out",
+        tmp_path / "m",
+    )
+    assert r.returncode == 2 and "group 'dog' has weights 3 and 1" in r.stderr and "Traceback" not in r.stderr

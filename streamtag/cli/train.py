@@ -197,13 +197,15 @@ def _options(args):
 def load_training_data(args):
     """The datasets, unlabelled audio, teacher and label map that the arguments name."""
     from ..modelfile import cache_dir
-    from ..training.datasets import combine, load_dataset, read_unlabelled
+    from ..training.datasets import check_group_weights, combine, load_dataset, read_unlabelled
     from ..training.teacher import Teacher, read_label_map
 
     label_map = read_label_map(args.label_map) if (args.teacher or args.label_map) else None
     several = len(args.dataset) > 1 or bool(args.unlabelled or args.teacher_labels)
     datasets = [load_dataset(d, min_classes=1 if several else 2) for d in args.dataset]
     unlabelled = [clip for path in args.unlabelled for clip in read_unlabelled(path)]
+    if len(args.unlabelled) > 1:
+        check_group_weights(unlabelled, "--unlabelled " + " ".join(map(str, args.unlabelled)))
     extra = tuple(x.strip() for x in args.teacher_labels.split(",") if x.strip())
     if label_map is not None:
         missing = [x for x in extra if x not in label_map.targets]

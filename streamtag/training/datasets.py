@@ -117,19 +117,25 @@ def read_unlabelled(path: str | os.PathLike) -> list[Clip]:
                     clip_path = path.parent / clip_path
                 weight = _weight(row.get("weight"), f"{path}, line {line}")
                 clips.append(Clip(clip_path, "", None, row.get("group") or str(clip_path), weight=weight))
-            groups: dict[str, float] = {}
-            for c in clips:
-                if groups.setdefault(c.group, c.weight) != c.weight:
-                    raise DatasetError(
-                        f"{path}: group '{c.group}' has weights {groups[c.group]:g} and {c.weight:g}: "
-                        "a weight belongs to a group, give all its rows the same"
-                    )
+            check_group_weights(clips, str(path))
     if not clips:
         raise DatasetError(f"{path}: no audio files found")
     missing = [c.path for c in clips if not c.path.is_file()]
     if missing:
         raise DatasetError(f"{path}: {len(missing)} listed files are missing, e.g. {missing[0]}")
     return clips
+
+
+def check_group_weights(clips: list[Clip], where: str) -> None:
+    """A weight belongs to a group: training draws the group, so two weights for one group (in one manifest,
+    or in two manifests that share a group name) would leave it unclear how often to draw it."""
+    groups: dict[str, float] = {}
+    for c in clips:
+        if groups.setdefault(c.group, c.weight) != c.weight:
+            raise DatasetError(
+                f"{where}: group '{c.group}' has weights {groups[c.group]:g} and {c.weight:g}: "
+                "a weight belongs to a group, give all its rows the same"
+            )
 
 
 def _weight(text: str | None, where: str) -> float:
