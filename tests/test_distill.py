@@ -138,11 +138,11 @@ def test_distillation_end_to_end(small_data, teacher_dir, tmp_path):
     report_dir = tmp_path / "report"
     done = run_cli(
         "eval", out, small_data / "a", "--teacher", teacher_dir / "tiny.onnx", "--label-map", teacher_dir / "map.tsv",
-        "--agreement-audio", manifest, "--baseline-folds", "0", "--report", report_dir,
+        "--agreement-audio", manifest, "--agreement-audio", u, "--baseline-folds", "0", "--report", report_dir,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     agreement = json.loads((report_dir / "report.json").read_text())["teacher_agreement"]
-    assert agreement["per_class"] and set(agreement["per_group"]) == {"rainy", "saws"}
+    assert agreement["per_class"] and set(agreement["per_group"]) == {"rainy", "saws", str(u)}  # a folder: one group
     assert sum(g["frames"] for g in agreement["per_group"].values()) == agreement["frames"]
     for label, whole in agreement["per_class"].items():
         assert sum(g[label]["positives"] for g in agreement["per_group"].values()) == whole["positives"]

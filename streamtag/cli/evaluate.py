@@ -69,7 +69,8 @@ def add_parser(subparsers) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="unlabelled audio for it (folder or CSV; a group column adds a per-group table)",
+        help="unlabelled audio for it (folder or CSV; repeatable): a per-group table when it spans several groups "
+        "(a CSV's group column, else one group per PATH)",
     )
     p.add_argument("--label-map", metavar="TSV", help="label map for the teacher (default: the packaged one)")
     p.set_defaults(handler=run)
@@ -167,15 +168,16 @@ def run(args) -> int:
         report["false_alarms"] = false_alarms(backend, detector, files, expected)
     if args.agreement_audio:
         teacher = Teacher(args.teacher, cache=cache_dir() / "teacher")
-        clips = [c for path in args.agreement_audio for c in read_unlabelled(path)]
-        print(f"streamtag eval: agreement with the teacher on {len(clips)} files", file=sys.stderr)
-        groups = [c.group for c in clips]  # a manifest's group column; a folder's files are each their own
+        files, groups = [], []
+        for path in args.agreement_audio:
+            for c in read_unlabelled(path):
+                files.append(c.path)
+                # a manifest's group column names a row's source; a folder, or a row without a group, counts
+                # as the source the argument names (read_unlabelled gives such a file its own path as group)
+                groups.append(c.group if c.group != str(c.path) else str(path))
+        print(f"streamtag eval: agreement with the teacher on {len(files)} files", file=sys.stderr)
         report["teacher_agreement"] = teacher_agreement(
-            backend,
-            teacher,
-            label_map,
-            [c.path for c in clips],
-            groups=groups if len(set(groups)) < len(groups) else None,
+            backend, teacher, label_map, files, groups=groups if len(set(groups)) > 1 else None
         )
     k = args.baseline_folds
     if k >= 2 and len(dataset.clips) >= 2 * k:

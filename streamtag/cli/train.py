@@ -203,9 +203,9 @@ def load_training_data(args):
     label_map = read_label_map(args.label_map) if (args.teacher or args.label_map) else None
     several = len(args.dataset) > 1 or bool(args.unlabelled or args.teacher_labels)
     datasets = [load_dataset(d, min_classes=1 if several else 2) for d in args.dataset]
-    unlabelled = [clip for path in args.unlabelled for clip in read_unlabelled(path)]
-    if len(args.unlabelled) > 1:
-        check_group_weights(unlabelled, "--unlabelled " + " ".join(map(str, args.unlabelled)))
+    sources = [(str(path), read_unlabelled(path)) for path in args.unlabelled]
+    check_group_weights(sources)  # two manifests may share a group name, and then must agree on its weight
+    unlabelled = [clip for _, clips in sources for clip in clips]
     extra = tuple(x.strip() for x in args.teacher_labels.split(",") if x.strip())
     if label_map is not None:
         missing = [x for x in extra if x not in label_map.targets]

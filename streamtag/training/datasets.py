@@ -117,7 +117,7 @@ def read_unlabelled(path: str | os.PathLike) -> list[Clip]:
                     clip_path = path.parent / clip_path
                 weight = _weight(row.get("weight"), f"{path}, line {line}")
                 clips.append(Clip(clip_path, "", None, row.get("group") or str(clip_path), weight=weight))
-            check_group_weights(clips, str(path))
+            check_group_weights([(str(path), clips)])
     if not clips:
         raise DatasetError(f"{path}: no audio files found")
     missing = [c.path for c in clips if not c.path.is_file()]
@@ -126,16 +126,20 @@ def read_unlabelled(path: str | os.PathLike) -> list[Clip]:
     return clips
 
 
-def check_group_weights(clips: list[Clip], where: str) -> None:
+def check_group_weights(sources: list[tuple[str, list[Clip]]]) -> None:
     """A weight belongs to a group: training draws the group, so two weights for one group (in one manifest,
-    or in two manifests that share a group name) would leave it unclear how often to draw it."""
-    groups: dict[str, float] = {}
-    for c in clips:
-        if groups.setdefault(c.group, c.weight) != c.weight:
-            raise DatasetError(
-                f"{where}: group '{c.group}' has weights {groups[c.group]:g} and {c.weight:g}: "
-                "a weight belongs to a group, give all its rows the same"
-            )
+    or in two manifests that share a group name) would leave it unclear how often to draw it. ``sources``
+    pairs each manifest's name with its clips, so the error names the manifests that disagree."""
+    seen: dict[str, tuple[float, str]] = {}
+    for where, clips in sources:
+        for c in clips:
+            weight, first = seen.setdefault(c.group, (c.weight, where))
+            if weight != c.weight:
+                at = where if first == where else f"{first} and {where}"
+                raise DatasetError(
+                    f"{at}: group '{c.group}' has weights {weight:g} and {c.weight:g}: "
+                    "a weight belongs to a group, give all its rows the same"
+                )
 
 
 def _weight(text: str | None, where: str) -> float:
