@@ -6,7 +6,9 @@
 Takes the ESC-10 classes of the recipe's source-grouped ESC-50 split (``recipes/default_model.py``) and
 writes the training clips again at mixed levels, as a user's recordings come: each source recording
 (group) at one gain drawn from 0 to -10 dB. Then train and evaluate as a user would; the held-out clips
-are played at their own level and 20 and 30 dB quieter, 10 to 30 dB below anything in training:
+are played at their own level and 20 and 30 dB quieter, 10 to 30 dB below the quietest recording (training's
+gain augmentation, -45..+6 dB, covers those levels; what is tested is a device unlike the recordings).
+Without ``--no-val`` the trainer holds out a grouped fifth of the clips to pick the best epoch:
 
     streamtag train runs/user_levels/train.csv --out runs/user_levels/model --epochs 60
     streamtag eval runs/user_levels/model runs/recipe/esc10_test.csv --levels 0,-20,-30 --baseline-folds 0
