@@ -16,6 +16,8 @@ Held out, never trained on:
 - corpus: whole packages (TEST_PACKAGES), for speech/music AP and false alarms per hour.
 - corpus_calibration: speech and music files of the training packages that training did not use, for the
   event thresholds (recipes/calibrate_events.py).
+Also written: corpus_train_speech_more, the speech files of the training packages left after training and
+calibration took theirs (stage 8 trains on them).
 Training audio from the corpus is capped per package so no package dominates and the
 teacher's pass stays short.
 """
@@ -156,6 +158,17 @@ def main(shared: Path, corpus: Path, out: Path) -> None:
         if pkg not in TEST_PACKAGES and rows and rows[0]["kind"] in ("speech", "music"):
             calibration += capped(rows, CALIBRATION_HOURS_PER_PACKAGE, rng)
     write(out / "corpus_calibration.csv", calibration, ["path", "group"])
+
+    # stage 8 adds the rest of the training speech packages (more speakers and words; the held-out speech is
+    # short spoken letters, which the model heard weakly): their groups and weights are corpus_train.csv's, so
+    # speech keeps its share of the draws and only gains variety. Drawn after calibration, leaving it unchanged.
+    taken = used | {r["path"] for r in calibration}
+    more = [
+        dict(r, weight=TRAIN_WEIGHT_PER_KIND["speech"])
+        for r in corpus_rows
+        if r["kind"] == "speech" and r["package"] not in TEST_PACKAGES and r["path"] not in taken
+    ]
+    write(out / "corpus_train_speech_more.csv", sorted(more, key=lambda r: r["path"]), ["path", "group", "weight"])
 
 
 if __name__ == "__main__":
