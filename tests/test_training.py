@@ -460,3 +460,30 @@ def test_unlabelled_manifest_weights_groups(class_folders, tmp_path):
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{manifest} and {other}: group 'dog' has weights 3 and 1" in r.stderr
+
+
+def test_unmapped_negatives_teach_a_class_without_a_teacher_counterpart_absent_where_the_teacher_hears_another():
+    """--unmapped-negatives: class 1 has no teacher class; on unlabelled frames where the teacher hears class 0
+    it is taught absent (0), elsewhere it stays unknown; a clip that labels it keeps its label."""
+    from streamtag.training.trainer import TrainOptions, _Batches
+
+    opts = TrainOptions(crop_s=3.0, unmapped_negatives=True)
+    rng = np.random.default_rng(0)
+    feats = [np.full((300, 64), 2.0, np.float32), np.full((300, 64), 2.0, np.float32)]
+    hard = np.array([[np.nan, np.nan], [0.0, 1.0]], np.float32)  # an unlabelled file; a clip of class 1
+
+    def soft(i, first, n):  # the teacher hears class 0 in the first half of every file; class 1 is unmapped
+        out = np.full((n, 2), np.nan, np.float32)
+        out[:, 0] = (np.arange(first, first + n) < 150).astype(np.float32)
+        return out
+
+    unmapped = np.array([False, True])
+    floor, bands = float(np.log(1e-9)), np.zeros(64, np.float32)
+    with_rule = _Batches(feats, hard, soft, opts, floor, rng, bands, None, None, unmapped)
+    crop = with_rule._crop(0)
+    heard = crop.y[:, 0] >= 0.5
+    assert heard.any() and (~heard).any()
+    assert (crop.y[heard, 1] == 0).all() and np.isnan(crop.y[~heard, 1]).all()
+    assert (with_rule._crop(1).y[:, 1] == 1.0).all()  # its own clips still teach it present
+    without = _Batches(feats, hard, soft, opts, floor, rng, bands)
+    assert np.isnan(without._crop(0).y[:, 1]).all()

@@ -135,6 +135,14 @@ def add_parser(subparsers) -> None:
         "always heard, as before 2026-12)",
     )
     p.add_argument(
+        "--unmapped-negatives",
+        action="store_true",
+        help="with --teacher: a class the teacher has no counterpart for (ESC-50's can_opening, drinking_sipping, "
+        "washing_machine) is taught absent on frames where no clip label speaks of it and the teacher hears one "
+        "of the mapped classes (speech, music, a dog); without it only labelled clips of other classes say it is "
+        "absent, and it may fire on speech and music",
+    )
+    p.add_argument(
         "--quiet-lead",
         type=float,
         default=0.0,
@@ -172,8 +180,10 @@ def _options(args):
         raise ConfigError(f"--level-seconds must be in 0..3600 ({args.level_seconds} given)")
     if args.init and not (Path(args.init) / "config.json").is_file():
         raise ConfigError(f"--init {args.init}: not a model folder (no config.json there)")
-    if (args.unlabelled or args.teacher_labels) and not args.teacher:
-        raise ConfigError("--unlabelled and --teacher-labels need --teacher (their targets come from it)")
+    if (args.unlabelled or args.teacher_labels or args.unmapped_negatives) and not args.teacher:
+        raise ConfigError(
+            "--unlabelled, --teacher-labels and --unmapped-negatives need --teacher (their targets come from it)"
+        )
     return TrainOptions(
         arch=args.arch,
         arch_params=dict(args.arch_param),
@@ -191,6 +201,7 @@ def _options(args):
         quiet_lead_p=args.quiet_lead,
         band_limit_p=args.band_limit,
         audible_snr_db=args.audible_snr,
+        unmapped_negatives=args.unmapped_negatives,
     )
 
 

@@ -78,6 +78,10 @@ class TrainOptions:
     # way (Donate-a-cry is 8 kHz) must not teach that a missing top octave is its class
     band_limit_p: float = 0.2
     band_limit_hz: tuple[float, float] = (3400.0, 7000.0)
+    # a class the teacher has no counterpart for (can_opening) gets targets from its labelled clips alone, so
+    # nothing teaches it absent on speech or music: with this, it is taught absent (0) wherever a clip says
+    # nothing of it and the teacher hears one of the mapped classes (a sound accounted for by something else)
+    unmapped_negatives: bool = False
     init_from: str | None = None  # a trained model folder to start from (fine-tuning)
     steps_per_epoch: int = 0  # 0: one pass over the training clips
     seed: int = 0
@@ -151,8 +155,10 @@ class _Batches:
         noise_bands: np.ndarray,
         groups: list[str] | None = None,
         weights: list[float] | None = None,
+        unmapped: np.ndarray | None = None,
     ) -> None:
         self.feats, self.hard, self.soft, self.opts, self.rng = feats, hard, soft, opts, rng
+        self.unmapped = unmapped  # (classes,) bool: no teacher counterpart, taught absent where another is heard
         self.crop = int(round(opts.crop_s / opts.features.frame_seconds))
         self.floor = floor
         self.noise_bands = noise_bands  # log power per band of white noise at 0 dBFS
@@ -210,6 +216,9 @@ class _Batches:
                 both = ~np.isnan(target) & ~np.isnan(soft)
                 target[both] = (1 - w) * target[both] + w * soft[both]
                 target = np.where(np.isnan(target), soft, target)
+                if self.unmapped is not None and self.unmapped.any():
+                    heard = np.nan_to_num(soft, nan=0.0).max(1, keepdims=True) >= 0.5  # teacher: a mapped class
+                    target = np.where(np.isnan(target) & self.unmapped & heard, np.float32(0.0), target)
         y[dst] = target
         if dst.stop < n:
             y[dst.stop :] = target[-1]  # after the clip: what was last heard (the head's running means hold it)
@@ -386,6 +395,7 @@ def train(
         np.log(white_noise_bands(opts.features).numpy()).astype(np.float32),
         [dataset.clips[i].group for i in train_idx],
         [dataset.clips[i].weight for i in train_idx],
+        _unmapped_classes(dataset.labels, teacher, label_map) if opts.unmapped_negatives else None,
     )
     if model.level is not None:
         batches.settled_frames = float(model.level.frames)
@@ -477,6 +487,13 @@ def _start_from(model, cfg: ModelConfig, folder: str) -> None:
     missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=not adds_gate)
     if adds_gate and (unexpected or any(not k.startswith("head.gate.") for k in missing)):
         raise ConfigError(f"--init {folder}: its weights do not fit this model ({missing + unexpected})")
+
+
+def _unmapped_classes(labels, teacher, label_map) -> np.ndarray | None:
+    """Which classes the teacher has no counterpart for (``None`` without a teacher)."""
+    if teacher is None:
+        return None
+    return np.array([m.size == 0 for m in teacher.mapping(labels, label_map)])
 
 
 def _check_every_class_is_taught(labels, hard: np.ndarray, teacher, label_map) -> None:
