@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -376,3 +378,18 @@ def test_live_view_keeps_labels_whole_on_narrow_terminals(columns):
     assert lines and all(len(line) <= columns for line in lines)
     text = screen.getvalue()
     assert all(label in text for label in labels) and "children_playing" in text
+
+
+def test_the_package_and_the_command_line_start_without_numpy_and_every_exported_name_resolves():
+    """`import streamtag` and the parser's module load nothing heavy (start-up is most of what tagging a short
+    archive costs); the names of the API still import on first use."""
+    code = (
+        "import sys, streamtag, streamtag.cli\n"
+        "heavy = [m for m in ('numpy', 'onnxruntime', 'torch', 'asyncio') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "missing = [n for n in streamtag.__all__ if getattr(streamtag, n, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert 'numpy' in sys.modules and 'StreamTagger' in dir(streamtag)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

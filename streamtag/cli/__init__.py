@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import NoReturn
 
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # numpy's BLAS starts a thread per core when imported (about 40 ms of CPU a process, paid again by every
+    # `tag --jobs` worker), and no command does BLAS work in numpy: models run in onnxruntime or torch, with
+    # thread pools of their own. One thread, unless the environment already says otherwise.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

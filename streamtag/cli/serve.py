@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 import shutil
@@ -102,6 +101,8 @@ def _sources(args, config) -> list:
 
 
 def run(args) -> int:
+    import asyncio  # here, not at the top: every other command starts without the network stack
+
     from ..modelfile import load_config, resolve_model_dir
     from ..multistream import MultiStreamTagger
     from ..outputs.mqtt import MqttPublisher, parse_broker
@@ -149,6 +150,8 @@ def run(args) -> int:
 
 
 async def _serve(args, worker, metrics, options, sources) -> int:
+    import asyncio
+
     from aiohttp import web
 
     from ..server import build_app
