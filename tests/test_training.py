@@ -487,3 +487,18 @@ def test_unmapped_negatives_teach_a_class_without_a_teacher_counterpart_absent_w
     assert (with_rule._crop(1).y[:, 1] == 1.0).all()  # its own clips still teach it present
     without = _Batches(feats, hard, soft, opts, floor, rng, bands)
     assert np.isnan(without._crop(0).y[:, 1]).all()
+
+
+def test_agreement_by_group_says_which_source_pulls_a_class_down():
+    """eval --agreement-audio, per group: a source where the student ranks the teacher's frames right gets AP 1,
+    one where it ranks them backwards a low AP, and one with too few frames either way none."""
+    from streamtag.training.evaluate import agreement_by_group
+
+    truth = np.array([1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1], bool)[:, None]
+    scores = np.array([0.9, 0.8, 0.1, 0.2, 0.1, 0.2, 0.9, 0.8, 0.5, 0.5, 0.5, 0.5], np.float32)[:, None]
+    groups = np.array(["good"] * 4 + ["backwards"] * 4 + ["speech only"] * 4)
+    out = agreement_by_group(scores, truth, groups, {0: "speech"}, min_positives=2)
+    assert out["good"]["speech"]["ap"] == 1.0 and out["backwards"]["speech"]["ap"] < 0.6
+    assert out["speech only"]["speech"]["ap"] is None and out["speech only"]["speech"]["positives"] == 4
+    assert out["good"]["speech"]["mean_on_positives"] == pytest.approx(0.85)
+    assert sum(g["frames"] for g in out.values()) == 12

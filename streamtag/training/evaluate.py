@@ -224,7 +224,8 @@ def teacher_agreement(
     ``min_positives`` times. With ``groups`` (each file's source, e.g. its package) the report also
     holds, per group and counted class, the student's mean score on the teacher's positive frames and
     on the rest: a low AP is either a class heard weakly where it is, or heard where it is not, and
-    this says which, and where."""
+    this says which, and where; and the class's AP within the group, where it has ``min_positives`` frames
+    with and without the class."""
     from pathlib import Path as _Path
 
     feats = backend.config.features
@@ -255,19 +256,29 @@ def teacher_agreement(
         "per_class": per_class,
     }
     if groups is not None:
-        frame_group = np.array(frame_group)
-        out["per_group"] = {}
-        for g in dict.fromkeys(groups):
-            rows = frame_group == g
-            entry = {"frames": int(rows.sum())}
-            for c in counted:
-                heard, on = positive[rows, c], scores[rows, c]
-                entry[backend.labels[c]] = {
-                    "positives": int(heard.sum()),
-                    "mean_on_positives": float(on[heard].mean()) if heard.any() else None,
-                    "mean_on_rest": float(on[~heard].mean()) if (~heard).any() else None,
-                }
-            out["per_group"][g] = entry
+        names = {c: backend.labels[c] for c in counted}
+        out["per_group"] = agreement_by_group(scores, positive, np.array(frame_group), names, min_positives)
+    return out
+
+
+def agreement_by_group(
+    scores: np.ndarray, positive: np.ndarray, frame_group: np.ndarray, classes: dict[int, str], min_positives: int
+) -> dict[str, dict[str, Any]]:
+    """Per source group and class: the teacher's positives, the student's mean score on them and on the rest,
+    and the AP within the group (where it has ``min_positives`` frames with and without the class)."""
+    out = {}
+    for g in dict.fromkeys(frame_group.tolist()):
+        rows = frame_group == g
+        entry: dict[str, Any] = {"frames": int(rows.sum())}
+        for c, name in classes.items():
+            heard, on = positive[rows, c], scores[rows, c]
+            entry[name] = {
+                "positives": int(heard.sum()),
+                "mean_on_positives": float(on[heard].mean()) if heard.any() else None,
+                "mean_on_rest": float(on[~heard].mean()) if (~heard).any() else None,
+                "ap": average_precision(on, heard) if min(heard.sum(), (~heard).sum()) >= min_positives else None,
+            }
+        out[g] = entry
     return out
 
 
@@ -438,12 +449,13 @@ def markdown(report: dict[str, Any]) -> str:
         if ag.get("per_group"):
             lines += [
                 "",
-                "The student's mean score per source group, where the teacher hears the class and elsewhere:",
+                "The student's mean score per source group, where the teacher hears the class and elsewhere, and "
+                "its AP within the group (where it has enough frames with and without the class):",
                 "",
             ]
             lines += [
-                "| group | frames | class | teacher positives | mean there | mean elsewhere |",
-                "|---|---|---|---|---|---|",
+                "| group | frames | class | teacher positives | mean there | mean elsewhere | AP in the group |",
+                "|---|---|---|---|---|---|---|",
             ]
             for g, entry in ag["per_group"].items():
                 for k in ag["per_class"]:
@@ -453,7 +465,8 @@ def markdown(report: dict[str, Any]) -> str:
                     there, rest = (
                         f"{x:.2f}" if x is not None else "-" for x in (e["mean_on_positives"], e["mean_on_rest"])
                     )
-                    lines.append(f"| {g} | {entry['frames']} | {k} | {e['positives']} | {there} | {rest} |")
+                    ap = f"{e['ap']:.3f}" if e.get("ap") is not None else "-"
+                    lines.append(f"| {g} | {entry['frames']} | {k} | {e['positives']} | {there} | {rest} | {ap} |")
     lines += ["", "## Per class", "", "| class | clips | accuracy (last frame) | AP | F1 |", "|---|---|---|---|---|"]
     f1_rows = (f1 or {}).get("per_class", {})
     for k, v in m["per_class"].items():
