@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamtag.errors import DatasetError
+from streamtag.errors import ConfigError, DatasetError
 from streamtag.training.datasets import grouped_folds, load_dataset
 
 from .conftest import EXAMPLES, read_clip, run_cli
@@ -502,3 +502,27 @@ def test_agreement_by_group_says_which_source_pulls_a_class_down():
     assert out["speech only"]["speech"]["ap"] is None and out["speech only"]["speech"]["positives"] == 4
     assert out["good"]["speech"]["mean_on_positives"] == pytest.approx(0.85)
     assert sum(g["frames"] for g in out.values()) == 12
+
+
+def test_label_frames_teach_a_clip_label_where_the_clip_is_loud_and_leave_its_silence_to_the_teacher():
+    """--label-frames DB: a clip of class 0 that is a loud second then near silence is taught class 0 as 1 where
+    it is loud (not blended with the teacher's 0.3), the teacher's word alone in its silence, and the classes
+    it is known not to hold stay 0 throughout; 0 keeps the blended label on every frame."""
+    from streamtag.training.trainer import TrainOptions, _Batches
+
+    x = np.full((300, 64), -20.0, np.float32)  # 3 s, so one crop is the whole clip
+    x[:100] = 2.0  # the first second is 50 dB above the rest
+    hard = np.array([[1.0, 0.0]], np.float32)
+
+    def soft(i, first, n):
+        return np.full((n, 2), 0.3, np.float32)
+
+    floor, bands = float(np.log(1e-9)), np.zeros(64, np.float32)
+    rng = np.random.default_rng(0)
+    crop = _Batches([x], hard, soft, TrainOptions(label_frames_db=20.0), floor, rng, bands)._crop(0)
+    assert (crop.y[:100, 0] == 1.0).all() and np.allclose(crop.y[115:, 0], 0.3)
+    assert np.allclose(crop.y[:, 1], 0.5 * 0.0 + 0.5 * 0.3)  # a known absence stays blended
+    before = _Batches([x], hard, soft, TrainOptions(), floor, rng, bands)._crop(0)
+    assert np.allclose(before.y[:, 0], 0.65)
+    with pytest.raises(ConfigError, match="--label-frames"):
+        TrainOptions(label_frames_db=-3.0)

@@ -135,6 +135,15 @@ def add_parser(subparsers) -> None:
         "always heard, as before 2026-12)",
     )
     p.add_argument(
+        "--label-frames",
+        type=float,
+        default=0.0,
+        metavar="DB",
+        help="a clip's label names a sound, not which frames hold it: teach it as 1 on the frames within DB of the "
+        "clip's loudest (not blended with the teacher) and leave quieter frames to the teacher alone (e.g. 20; "
+        "default 0: the label on every frame, blended)",
+    )
+    p.add_argument(
         "--unmapped-negatives",
         action="store_true",
         help="with --teacher: a class the teacher has no counterpart for (ESC-50's can_opening, drinking_sipping, "
@@ -202,6 +211,7 @@ def _options(args):
         band_limit_p=args.band_limit,
         audible_snr_db=args.audible_snr,
         unmapped_negatives=args.unmapped_negatives,
+        label_frames_db=args.label_frames,
     )
 
 

@@ -82,6 +82,10 @@ class TrainOptions:
     # nothing teaches it absent on speech or music: with this, it is taught absent (0) wherever a clip says
     # nothing of it and the teacher hears one of the mapped classes (a sound accounted for by something else)
     unmapped_negatives: bool = False
+    # a clip's label is weak: a 5 s dog clip is barks and silence. > 0: its own class is taught as 1 on the frames
+    # within this many dB of its loudest (give or take 0.1 s), not blended with the teacher, and quieter frames take
+    # the teacher's word alone; 0: the label on every frame, blended (before 2026-12-02)
+    label_frames_db: float = 0.0
     init_from: str | None = None  # a trained model folder to start from (fine-tuning)
     steps_per_epoch: int = 0  # 0: one pass over the training clips
     seed: int = 0
@@ -106,6 +110,10 @@ class TrainOptions:
             raise ConfigError(f"--band-limit must be in 0..1 ({self.band_limit_p} given)")
         if not 0.0 <= self.teacher_weight <= 1.0:
             raise ConfigError(f"--teacher-weight must be in 0..1 ({self.teacher_weight} given)")
+        if not (math.isfinite(self.label_frames_db) and self.label_frames_db >= 0):
+            raise ConfigError(
+                f"--label-frames must be 0 (off) or a positive number of dB ({self.label_frames_db} given)"
+            )
 
     def model_config(self, labels) -> ModelConfig:
         params = dict(self.arch_params)
@@ -159,6 +167,7 @@ class _Batches:
     ) -> None:
         self.feats, self.hard, self.soft, self.opts, self.rng = feats, hard, soft, opts, rng
         self.unmapped = unmapped  # (classes,) bool: no teacher counterpart, taught absent where another is heard
+        self._loud: dict[int, np.ndarray] = {}  # clip -> its frames within label_frames_db of its loudest
         self.crop = int(round(opts.crop_s / opts.features.frame_seconds))
         self.floor = floor
         self.noise_bands = noise_bands  # log power per band of white noise at 0 dBFS
@@ -209,6 +218,10 @@ class _Batches:
         out[dst] = x[src]
         frames = dst.stop - dst.start
         target = np.broadcast_to(self.hard[i], (frames, c)).copy()
+        own = (self.hard[i] == 1) if self.opts.label_frames_db > 0 else np.zeros(c, bool)
+        if own.any():
+            loud = self._loud_frames(i)[src]
+            target[np.ix_(~loud, own)] = np.nan  # the label does not say which frames hold the sound
         if self.soft is not None:
             soft = self.soft(i, first, frames)
             if soft is not None:
@@ -219,10 +232,22 @@ class _Batches:
                 if self.unmapped is not None and self.unmapped.any():
                     heard = np.nan_to_num(soft, nan=0.0).max(1, keepdims=True) >= 0.5  # teacher: a mapped class
                     target = np.where(np.isnan(target) & self.unmapped & heard, np.float32(0.0), target)
+        if own.any():
+            target[np.ix_(loud, own)] = 1.0  # where the sound is, the label is the truth
         y[dst] = target
         if dst.stop < n:
             y[dst.stop :] = target[-1]  # after the clip: what was last heard (the head's running means hold it)
         return _Crop(out, y)
+
+    def _loud_frames(self, i: int) -> np.ndarray:
+        """Frames of clip ``i`` within ``label_frames_db`` of its loudest frame, widened by 0.1 s each way."""
+        if i not in self._loud:
+            power = np.logaddexp.reduce(self.feats[i], axis=1)  # each frame's log power over all bands
+            loud = power >= power.max() - self.opts.label_frames_db * DB
+            pad = max(1, int(round(0.1 / self.frame_s)))
+            padded = np.pad(loud, pad)
+            self._loud[i] = np.lib.stride_tricks.sliding_window_view(padded, 2 * pad + 1).any(axis=1)
+        return self._loud[i]
 
     @staticmethod
     def _level(x: np.ndarray) -> float:
