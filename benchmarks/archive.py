@@ -8,7 +8,10 @@ file. Ray rows need ``pip install 'streamtag[ray]'`` and include starting Ray. I
 cost: decoding alone, the model alone on the chunk graph (what ``tag`` runs) and hop by hop (what a live
 stream runs), and a process that only starts.
 
-    python benchmarks/archive.py [--minutes 10] [--out results/archive.json]
+Every figure is the median of ``--repeat`` runs (default 3): one run of a sub-second process moves by
+10-20% on a shared VM.
+
+    python benchmarks/archive.py [--minutes 10] [--repeat 3] [--out results/archive.json]
 """
 
 from __future__ import annotations
@@ -28,8 +31,13 @@ import soundfile as sf
 EXAMPLES = Path(__file__).resolve().parents[1] / "streamtag" / "assets" / "examples"
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall and CPU seconds (user + system of the process and everything it started) of one command."""
+def timed(cmd: list[str], repeat: int = 1) -> tuple[float, float]:
+    """Median wall and CPU seconds (user + system of the process and everything it started) of a command."""
+    runs = [_timed_once(cmd) for _ in range(repeat)]
+    return float(np.median([w for w, _ in runs])), float(np.median([c for _, c in runs]))
+
+
+def _timed_once(cmd: list[str]) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, timeout=7200)
@@ -38,14 +46,17 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def in_process(path: Path, n: int, cli: list[str]) -> list[dict]:
+def in_process(path: Path, n: int, cli: list[str], repeat: int) -> list[dict]:
     """CPU seconds of the parts, measured in this process (``time.process_time``) on the same long file."""
     from streamtag.backends import make_backend
 
     def cpu(fn) -> float:
-        t0 = time.process_time()
-        fn()
-        return time.process_time() - t0
+        seconds = []
+        for _ in range(repeat):
+            t0 = time.process_time()
+            fn()
+            seconds.append(time.process_time() - t0)
+        return float(np.median(seconds))
 
     audio = sf.read(path, dtype="float32")[0]
     hops = audio[: audio.size // 160 * 160].reshape(1, -1, 160)
@@ -56,7 +67,7 @@ def in_process(path: Path, n: int, cli: list[str]) -> list[dict]:
         ("model only, chunk graph (tag, replay --fast)", cpu(lambda: chunk.steps(hops))),
         ("model only, hop by hop (live)", cpu(lambda: [single(hops[:, i]) for i in range(hops.shape[1])])),
     ]
-    wall, start = timed([*cli, "--help"])
+    wall, start = timed([*cli, "--help"], repeat)
     parts.append(("a process that starts and exits (streamtag --help)", start))
     rows = []
     for name, seconds in parts:
@@ -68,6 +79,7 @@ def in_process(path: Path, n: int, cli: list[str]) -> list[dict]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--repeat", type=int, default=3, help="runs of each row; the median is reported (default 3)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     from streamtag.sources import read_audio
@@ -84,11 +96,18 @@ def main(argv: list[str]) -> int:
         folder.mkdir()
         for i in range(0, n, 80000):
             sf.write(folder / f"{i // 80000:05d}.flac", audio[i : i + 80000], 16000)
+        tag = [*cli, "tag", "--force"]  # each row runs --repeat times: a rerun without --force skips its files
         runs = [
             ("replay --fast, one file", [*cli, "replay", str(long_file), "--fast", "--quiet"]),
-            ("tag, one file", [*cli, "tag", str(long_file), "--out", str(tmp / "o1"), "--jobs", "1"]),
-            ("tag, 5 s files, 1 process", [*cli, "tag", str(folder), "--out", str(tmp / "o2"), "--jobs", "1"]),
-            ("tag, 5 s files, 2 processes", [*cli, "tag", str(folder), "--out", str(tmp / "o3"), "--jobs", "2"]),
+            ("tag, one file", [*tag, str(long_file), "--out", str(tmp / "o1"), "--jobs", "1"]),
+            (
+                "tag, 5 s files, 1 process",
+                [*tag, str(folder), "--out", str(tmp / "o2"), "--jobs", "1"],
+            ),
+            (
+                "tag, 5 s files, 2 processes",
+                [*tag, str(folder), "--out", str(tmp / "o3"), "--jobs", "2"],
+            ),
         ]
         try:
             import ray  # noqa: F401
@@ -98,7 +117,7 @@ def main(argv: list[str]) -> int:
                 runs.append(
                     (
                         f"tag --ray auto, {k} actor(s)",
-                        [*cli, "tag", str(folder), "--out", out, "--ray", "auto", "--jobs", str(k)],
+                        [*tag, str(folder), "--out", out, "--ray", "auto", "--jobs", str(k)],
                     )
                 )
         except ImportError:
@@ -107,11 +126,11 @@ def main(argv: list[str]) -> int:
         print("| run | wall s | CPU s | x real time per wall s | per CPU s |")
         print("|---|---|---|---|---|")
         for name, cmd in runs:
-            wall, cpu = timed(cmd)
+            wall, cpu = timed(cmd, args.repeat)
             row = {"run": name, "wall_s": wall, "cpu_s": cpu, "audio_s": n / 16000}
             rows.append(row)
             print(f"| {name} | {wall:.1f} | {cpu:.1f} | {n / 16000 / wall:.0f} | {n / 16000 / cpu:.0f} |", flush=True)
-        rows += in_process(long_file, n, cli)
+        rows += in_process(long_file, n, cli, args.repeat)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
