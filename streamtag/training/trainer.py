@@ -231,7 +231,8 @@ class _Batches:
                 target = np.where(np.isnan(target), soft, target)
                 if self.unmapped is not None and self.unmapped.any():
                     heard = np.nan_to_num(soft, nan=0.0).max(1, keepdims=True) >= 0.5  # teacher: a mapped class
-                    target = np.where(np.isnan(target) & self.unmapped & heard, np.float32(0.0), target)
+                    absent = np.isnan(target) & self.unmapped & ~own & heard  # never the clip's own label
+                    target = np.where(absent, np.float32(0.0), target)
         if own.any():
             target[np.ix_(loud, own)] = 1.0  # where the sound is, the label is the truth
         y[dst] = target
