@@ -152,8 +152,9 @@ def test_distillation_end_to_end(small_data, teacher_dir, tmp_path):
 
 
 def test_teacher_options_need_a_teacher(small_data, tmp_path):
-    done = run_cli("train", small_data / "a", "--teacher-labels", "speech", "--out", tmp_path / "m")
-    assert done.returncode == 2 and "need --teacher" in done.stderr and "Traceback" not in done.stderr
+    for option in (["--teacher-labels", "speech"], ["--unmapped-negatives"]):
+        done = run_cli("train", small_data / "a", *option, "--out", tmp_path / "m")
+        assert done.returncode == 2 and "need --teacher" in done.stderr and "Traceback" not in done.stderr
     done = run_cli("train", small_data / "a", "--teacher", tmp_path / "nope.onnx", "--out", tmp_path / "m")
     assert done.returncode == 2 and "nope.onnx" in done.stderr and "Traceback" not in done.stderr
 
