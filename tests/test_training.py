@@ -477,21 +477,20 @@ def test_unmapped_negatives_teach_a_class_without_a_teacher_counterpart_absent_w
         out[:, 0] = (np.arange(first, first + n) < 150).astype(np.float32)
         return out
 
-    unmapped = np.array([False, True])
     floor, bands = float(np.log(1e-9)), np.zeros(64, np.float32)
-    with_rule = _Batches(feats, hard, soft, opts, floor, rng, bands, None, None, unmapped)
+    with_rule = _Batches(feats, hard, soft, opts, floor, rng, bands)
     crop = with_rule._crop(0)
     heard = crop.y[:, 0] >= 0.5
     assert heard.any() and (~heard).any()
     assert (crop.y[heard, 1] == 0).all() and np.isnan(crop.y[~heard, 1]).all()
     assert (with_rule._crop(1).y[:, 1] == 1.0).all()  # its own clips still teach it present
-    without = _Batches(feats, hard, soft, opts, floor, rng, bands)
+    without = _Batches(feats, hard, soft, TrainOptions(crop_s=3.0), floor, rng, bands)
     assert np.isnan(without._crop(0).y[:, 1]).all()
     # with --label-frames, the quiet frames of a clip of the unmapped class are its own label's to leave
     # unknown, never taught absent: a can opening followed by speech is still a can-opening clip
     quiet_tail = [feats[0], np.where(np.arange(300)[:, None] < 100, 2.0, -20.0).astype(np.float32)]
     both = TrainOptions(crop_s=3.0, unmapped_negatives=True, label_frames_db=20.0)
-    own = _Batches(quiet_tail, hard, soft, both, floor, rng, bands, None, None, unmapped)._crop(1).y[:, 1]
+    own = _Batches(quiet_tail, hard, soft, both, floor, rng, bands)._crop(1).y[:, 1]
     assert (own[:100] == 1.0).all() and np.isnan(own[115:150]).all()  # the teacher hears class 0 there
 
 

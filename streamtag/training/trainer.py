@@ -163,10 +163,8 @@ class _Batches:
         noise_bands: np.ndarray,
         groups: list[str] | None = None,
         weights: list[float] | None = None,
-        unmapped: np.ndarray | None = None,
     ) -> None:
         self.feats, self.hard, self.soft, self.opts, self.rng = feats, hard, soft, opts, rng
-        self.unmapped = unmapped  # (classes,) bool: no teacher counterpart, taught absent where another is heard
         self._loud: dict[int, np.ndarray] = {}  # clip -> its frames within label_frames_db of its loudest
         self.crop = int(round(opts.crop_s / opts.features.frame_seconds))
         self.floor = floor
@@ -229,9 +227,10 @@ class _Batches:
                 both = ~np.isnan(target) & ~np.isnan(soft)
                 target[both] = (1 - w) * target[both] + w * soft[both]
                 target = np.where(np.isnan(target), soft, target)
-                if self.unmapped is not None and self.unmapped.any():
+                if self.opts.unmapped_negatives:
+                    unmapped = np.isnan(soft).all(axis=0)  # the teacher gives no class without a counterpart a score
                     heard = np.nan_to_num(soft, nan=0.0).max(1, keepdims=True) >= 0.5  # teacher: a mapped class
-                    absent = np.isnan(target) & self.unmapped & ~own & heard  # never the clip's own label
+                    absent = np.isnan(target) & unmapped & ~own & heard  # never the clip's own label
                     target = np.where(absent, np.float32(0.0), target)
         if own.any():
             target[np.ix_(loud, own)] = 1.0  # where the sound is, the label is the truth
@@ -421,7 +420,6 @@ def train(
         np.log(white_noise_bands(opts.features).numpy()).astype(np.float32),
         [dataset.clips[i].group for i in train_idx],
         [dataset.clips[i].weight for i in train_idx],
-        _unmapped_classes(dataset.labels, teacher, label_map) if opts.unmapped_negatives else None,
     )
     if model.level is not None:
         batches.settled_frames = float(model.level.frames)
@@ -513,13 +511,6 @@ def _start_from(model, cfg: ModelConfig, folder: str) -> None:
     missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=not adds_gate)
     if adds_gate and (unexpected or any(not k.startswith("head.gate.") for k in missing)):
         raise ConfigError(f"--init {folder}: its weights do not fit this model ({missing + unexpected})")
-
-
-def _unmapped_classes(labels, teacher, label_map) -> np.ndarray | None:
-    """Which classes the teacher has no counterpart for (``None`` without a teacher)."""
-    if teacher is None:
-        return None
-    return np.array([m.size == 0 for m in teacher.mapping(labels, label_map)])
 
 
 def _check_every_class_is_taught(labels, hard: np.ndarray, teacher, label_map) -> None:
