@@ -255,6 +255,23 @@ def test_event_calibration_counts_events_per_threshold_and_keeps_the_other_setti
     assert table["default"] == {"on_threshold": 0.5} and "speech" not in table
 
 
+def test_event_calibration_puts_a_class_above_its_highest_score_unless_told_to_count_events_only():
+    """A class whose short peaks open no event on the calibration audio still gets a threshold above them (a
+    few hours are too few to count on its silence elsewhere); --events-only counts events. A class that never
+    fits gets the top of the grid; the classes expected there are left out."""
+    cal = _calibration_recipe()
+    labels = ["dog", "drinking", "siren", "speech"]
+    grid = np.array(cal.GRID)
+    rates = np.zeros((grid.size, 4))
+    rates[:, 0] = np.where(grid < 0.7, 3.0, 0.0)  # dog: events below 0.7, none above
+    rates[:, 2] = 5.0  # siren: over the budget everywhere
+    peaks = np.array([0.65, 0.82, 1.0, 0.99])  # drinking: peaks at 0.82 but opens no event
+    chosen = cal.choose_thresholds(rates, peaks, labels, 0.5, keep={"speech"})
+    assert chosen == {"dog": 0.7, "drinking": 0.85, "siren": 0.99}
+    counted = cal.choose_thresholds(rates, peaks, labels, 0.5, keep={"speech"}, events_only=True)
+    assert counted == {"dog": 0.7, "drinking": 0.5, "siren": 0.99}
+
+
 @pytest.mark.parametrize("max_duration_s", [None, 0.7])
 def test_blocks_of_any_size_give_the_events_of_row_by_row(max_duration_s):
     """update_block (what engines call for several hops) equals update row by row, scores included, also for
