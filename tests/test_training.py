@@ -531,3 +531,44 @@ def test_label_frames_teach_a_clip_label_where_the_clip_is_loud_and_leave_its_si
     assert np.allclose(before.y[:, 0], 0.65)
     with pytest.raises(ConfigError, match="--label-frames"):
         TrainOptions(label_frames_db=-3.0)
+
+
+def test_averaging_models_writes_the_mean_of_their_weights_and_refuses_another_architecture(tmp_path):
+    """recipes/average_models.py: the averaged model holds the element-wise mean of the weights (a model that
+    loads and steps), the union of the training lists; a model with another config is one line, exit 1."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    from streamtag.backends import make_backend
+
+    from .conftest import make_model
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "average_models.py"
+    spec = importlib.util.spec_from_file_location("average_models", recipe)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    a, b = make_model("cnn-ml", tmp_path / "a", seed=0), make_model("cnn-ml", tmp_path / "b", seed=1)
+    (a / "trained_on.txt").write_text("one.wav 10\ntwo.wav 20\n")
+    (b / "trained_on.txt").write_text("two.wav 20\nthree.wav 30\n")
+    out = module.average_models([a, b], tmp_path / "soup")
+    wa, wb, avg = (load_file(str(f / "model.safetensors")) for f in (a, b, out))
+    conv = "convs.0.weight"
+    assert not np.allclose(wa[conv], wb[conv])
+    for name in wa:
+        if wa[name].dtype.kind == "f":
+            np.testing.assert_allclose(avg[name], (wa[name] + wb[name]) / 2, rtol=1e-6, atol=1e-7)
+    assert (out / "trained_on.txt").read_text().splitlines() == ["one.wav 10", "three.wav 30", "two.wav 20"]
+    probs = make_backend("torch", out)(np.zeros((1, 160), np.float32))
+    assert probs.shape == (1, 5) and np.isfinite(probs).all()
+
+    other = make_model("lstm-ml", tmp_path / "lstm")
+    r = subprocess.run(
+        [sys.executable, str(recipe), str(tmp_path / "x"), str(a), str(other)], capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("average_models: error: ") and "only models of one architecture" in r.stderr
+    assert not (tmp_path / "x").exists()
