@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
     for c, label in enumerate(labels):
         if chosen.get(label, GRID[0]) > GRID[0]:
             i = GRID.index(chosen[label])
-            print(f"  {label:18s} {rates[0, c]:7.1f} {peaks[c]:5.2f} -> {GRID[i]:.2f} ({rates[i, c]:.1f} per hour)")
+            print(f"  {label:18s} {rates[0, c]:7.1f} {peaks[c]:6.3f} -> {GRID[i]:.2f} ({rates[i, c]:.1f} per hour)")
     if args.write:
         rule = f"at most {args.budget:g} events per hour" if args.events_only else "above every score of the class"
         note = (
