@@ -13,7 +13,7 @@ Every model must have the same config.json (architecture, features and labels). 
 statistics are averaged too, which is only close to what the averaged network computes: one epoch of
 `streamtag train ... --init OUT --epochs 1 --lr 1e-9` measures them again with the weights unchanged.
 OUT gets config.json, model.safetensors, trained_on.txt (every model's training clips) and train_log.json
-naming the models; event settings are the first model's, to be calibrated again
+(the models and their own training logs); event settings are the first model's, to be calibrated again
 (recipes/calibrate_events.py).
 """
 
@@ -60,7 +60,9 @@ def average_models(folders: list[Path], out: Path) -> Path:
         if (folder / TRAINED_ON).is_file():
             clips.update(line for line in (folder / TRAINED_ON).read_text().splitlines() if line)
     (out / TRAINED_ON).write_text("".join(f"{c}\n" for c in sorted(clips)))
-    (out / "train_log.json").write_text(json.dumps({"averaged": [str(f) for f in folders]}, indent=1) + "\n")
+    logs = {str(f): json.loads((f / "train_log.json").read_text()) for f in folders if (f / "train_log.json").is_file()}
+    log = {"averaged": [str(f) for f in folders], "their_logs": logs}
+    (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
     if (folders[0] / MODEL_EVENTS_NAME).is_file():
         shutil.copyfile(folders[0] / MODEL_EVENTS_NAME, out / MODEL_EVENTS_NAME)
     return out

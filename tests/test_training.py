@@ -562,6 +562,7 @@ def test_averaging_models_writes_the_mean_of_their_weights_and_refuses_another_a
         if wa[name].dtype.kind == "f":
             np.testing.assert_allclose(avg[name], (wa[name] + wb[name]) / 2, rtol=1e-6, atol=1e-7)
     assert (out / "trained_on.txt").read_text().splitlines() == ["one.wav 10", "three.wav 30", "two.wav 20"]
+    assert json.loads((out / "train_log.json").read_text())["averaged"] == [str(a), str(b)]
     probs = make_backend("torch", out)(np.zeros((1, 160), np.float32))
     assert probs.shape == (1, 5) and np.isfinite(probs).all()
 
