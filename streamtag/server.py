@@ -77,6 +77,8 @@ class StreamAccount:
     level_dbfs: float = float("-inf")
     top: list = dataclasses.field(default_factory=list)
     recent: list = dataclasses.field(default_factory=list)  # the last few events, for the page
+    # (samples processed once a message was taken, when it arrived): how old a hop's audio is when its scores go
+    arrivals: collections.deque = dataclasses.field(default_factory=collections.deque)
 
 
 class ServeWorker(threading.Thread):
@@ -98,6 +100,8 @@ class ServeWorker(threading.Thread):
         self.lock = threading.Lock()  # guards accounts for readers on other threads (metrics, page)
 
     def submit(self, *command) -> None:
+        if command[0] == "audio":  # stamped on arrival: the latency metric counts the wait for the worker too
+            command = (*command, time.perf_counter())
         self.inbox.put(command)
 
     def stop(self) -> None:
@@ -178,7 +182,7 @@ class ServeWorker(threading.Thread):
                         self.mqtt.stream_joined(name, self.enabled[name].tolist())
             reply({"stream": name, "settings": self.book.settings(name).as_dict()})
         elif kind == "audio":
-            _, name, samples = command
+            _, name, samples, arrived = command
             account = self.accounts.get(name)
             if account is None:
                 return
@@ -191,6 +195,8 @@ class ServeWorker(threading.Thread):
             if samples.size:
                 self.multi.feed(name, samples)
                 account.processed += samples.size
+                if self.metrics is not None:
+                    account.arrivals.append((account.processed, arrived))
         elif kind == "eof":
             self._leave(command[1], "stream_end")
         elif kind == "gone":
@@ -260,8 +266,21 @@ class ServeWorker(threading.Thread):
         with self.lock:
             account.top, account.level_dbfs = top, level
         listener({"type": "scores", "t": round(t, 3), "top": top, "level_dbfs": round(max(level, -120), 1)})
+        if self.metrics is not None:
+            self._latency(account, frames)
         if self.mqtt is not None and frames % (self._every * 5) == 0:
             self.mqtt.level(name, level)
+
+    def _latency(self, account: StreamAccount, frames: int) -> None:
+        """Time from the arrival of the message that held the last sample of hop ``frames`` to now, when
+        its scores are handed to the network front: the latency of issue 14's benchmark, measured where
+        no client's own scheduling is in it."""
+        last_sample = round(frames * self.multi.frame_seconds * account.rate)
+        arrivals = account.arrivals
+        while arrivals and arrivals[0][0] < last_sample:  # messages wholly before this hop
+            arrivals.popleft()
+        if arrivals:
+            self.metrics.latency(time.perf_counter() - arrivals[0][1])
 
     def _events(self, name: str, account: StreamAccount, listener, events) -> None:
         for event in events:
@@ -291,6 +310,12 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
             registry=self.registry,
         )
+        self.latency_seconds = Histogram(
+            "streamtag_latency_seconds",
+            "a hop's last sample received -> its scores handed to the network front",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            registry=self.registry,
+        )
         self.received = Counter(
             "streamtag_samples_received", "samples received, streams that left", registry=self.registry
         )
@@ -312,6 +337,9 @@ class Metrics:
     def stepped(self, hops: int, seconds: float) -> None:
         self.hops.inc(hops)
         self.step_seconds.observe(seconds)
+
+    def latency(self, seconds: float) -> None:
+        self.latency_seconds.observe(seconds)
 
     def event(self, label: str) -> None:
         self.events.labels(label).inc()

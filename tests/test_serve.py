@@ -243,6 +243,13 @@ def test_mqtt_events_states_discovery_and_a_clean_stop(tmp_path, mosquitto):
                 float(line.split()[1]) for line in text.splitlines() if line.startswith("streamtag_mqtt_published ")
             )
             assert published > 57 and "streamtag_mqtt_dropped 0.0" in text and "streamtag_hops_total" in text
+            # every scores message sent was timed from the arrival of the audio that completed its hop
+            timed = next(
+                float(line.split()[1])
+                for line in text.splitlines()
+                if line.startswith("streamtag_latency_seconds_count ")
+            )
+            assert timed == sum(m["type"] == "scores" for m in messages) > 0
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
             assert proc.returncode == 0, err
