@@ -10,8 +10,8 @@ N: p50/p99 latency over every message of every client; the server's own measure 
 network front, no client scheduling in it) as the share within 50 ms and the bucket p99 falls under;
 samples dropped (from each stream's summary), and the server's CPU per stream (from /proc). The
 clients run in this process, on the same machine: on a small machine they compete with the server
-for the cores. ``--mqtt`` also starts a
-mosquitto broker on loopback and has the server publish to it (messages per second from /metrics).
+for the cores. ``--mqtt`` also starts a mosquitto broker on loopback and has the server publish to it
+(messages per second from /metrics).
 The last line names the most streams that met issue 14's bar: nothing dropped and p99 under 50 ms.
 
     python benchmarks/serve.py --streams 10,50,100,200 --seconds 10 [--mqtt] [--out results/serve.json]
@@ -105,23 +105,28 @@ def _broker(tmp: str):
         proc.wait(timeout=10)
 
 
-def _metrics(port: int) -> dict[str, float]:
-    """The server's /metrics as ``{sample name with labels: value}``."""
+def _metrics(port: int) -> list:
+    """The samples of the server's /metrics (prometheus_client's parser: name, labels, value)."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        lines = r.read().decode().splitlines()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line and line[0] != "#"}
+        text = r.read().decode()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
-def _server_latency(metrics: dict[str, float]) -> tuple[float | None, float | None]:
+def _value(samples: list, name: str) -> float:
+    return next((s.value for s in samples if s.name == name), 0.0)
+
+
+def _server_latency(samples: list) -> tuple[float | None, float | None]:
     """From the server's latency histogram (a hop's last sample received -> its scores handed to the network
     front): the share of hops within 50 ms, and the bucket bound p99 falls under (s)."""
-    count = metrics.get("streamtag_latency_seconds_count", 0.0)
+    count = _value(samples, "streamtag_latency_seconds_count")
     if not count:
         return None, None
-    prefix = 'streamtag_latency_seconds_bucket{le="'
-    buckets = sorted((float(k[len(prefix) : -2]), v) for k, v in metrics.items() if k.startswith(prefix))
+    buckets = sorted((float(s.labels["le"]), s.value) for s in samples if s.name == "streamtag_latency_seconds_bucket")
     within = next(v for le, v in buckets if le == 0.05) / count
     p99 = next(le for le, v in buckets if v >= 0.99 * count)
     return within, p99
@@ -147,7 +152,7 @@ def run_one(n: int, seconds: float, pcm: np.ndarray, mqtt: bool = False, model: 
             latencies: list = []
             summaries: list = []
             cpu0 = _cpu_seconds(server.pid)
-            published0 = _metrics(port).get("streamtag_mqtt_published", 0.0) if broker else 0.0
+            published0 = _value(_metrics(port), "streamtag_mqtt_published") if broker else 0.0
 
             async def all_clients():
                 clients = (_client(port, f"s{i}", pcm, seconds, latencies, summaries) for i in range(n))
@@ -156,7 +161,7 @@ def run_one(n: int, seconds: float, pcm: np.ndarray, mqtt: bool = False, model: 
             failed = sum(isinstance(r, Exception) for r in asyncio.run(all_clients()))  # an overwhelmed server
             cpu = _cpu_seconds(server.pid) - cpu0
             metrics = _metrics(port)
-            published = metrics.get("streamtag_mqtt_published", 0.0) - published0 if broker else None
+            published = _value(metrics, "streamtag_mqtt_published") - published0 if broker else None
             within_50ms, p99_bound = _server_latency(metrics)
         finally:
             server.terminate()

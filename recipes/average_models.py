@@ -5,8 +5,8 @@ usage: python recipes/average_models.py OUT MODEL MODEL [MODEL ...]
 
 Stages fine-tuned from one starting model stay close enough in weight space that their average is a
 model of its own, often better than each of them and never slower: the same network, one set of weights
-(Wortsman et al., "Model soups", ICML 2022). The bundled model is the average of four stages trained from
-one stage with different seeds and target rules (docs/MODEL.md); each stage traded some figures for
+(Wortsman et al., "Model soups", ICML 2022). The bundled model is the average of three: one stage and two
+trained from it with other seeds and target rules (docs/MODEL.md); each stage traded some figures for
 others, and the average kept most of the gains of each.
 
 Every model must have the same config.json (architecture, features and labels). Batch-norm running
