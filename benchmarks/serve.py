@@ -158,7 +158,9 @@ def run_one(n: int, seconds: float, pcm: np.ndarray, mqtt: bool = False, model: 
                 clients = (_client(port, f"s{i}", pcm, seconds, latencies, summaries) for i in range(n))
                 return await asyncio.gather(*clients, return_exceptions=True)
 
-            failed = sum(isinstance(r, Exception) for r in asyncio.run(all_clients()))  # an overwhelmed server
+            failures = [r for r in asyncio.run(all_clients()) if isinstance(r, Exception)]  # an overwhelmed server
+            failed = len(failures)
+            why = sorted({f"{type(r).__name__}: {str(r)[:80]}" for r in failures})
             cpu = _cpu_seconds(server.pid) - cpu0
             metrics = _metrics(port)
             published = _value(metrics, "streamtag_mqtt_published") - published0 if broker else None
@@ -176,6 +178,7 @@ def run_one(n: int, seconds: float, pcm: np.ndarray, mqtt: bool = False, model: 
         "dropped": int(sum(s["dropped"] for s in summaries)),
         "completed": len(summaries),
         "clients_failed": failed,
+        "failures": why,
         "server_cpu_share_per_stream": cpu / seconds / n,
         "server_share_within_50ms": within_50ms,
         "server_p99_under_s": p99_bound,
@@ -209,11 +212,12 @@ def main(argv: list[str]) -> int:
         row = run_one(n, args.seconds, pcm, args.mqtt, args.model)
         rows.append(row)
         mqtt = "-" if row["mqtt_messages_per_s"] is None else f"{row['mqtt_messages_per_s']:.0f}"
+        failed = row["clients_failed"]
         print(
             f"| {n} | {row['latency_p50_ms']:.1f} | {row['latency_p99_ms']:.1f} | {_server_cell(row)} "
             f"| {row['dropped']} | "
             f"{row['server_cpu_share_per_stream']:.2%} | {mqtt} |"
-            + (f" {row['clients_failed']} clients failed" if row["clients_failed"] else ""),
+            + (f" {row['clients_failed']} clients failed ({'; '.join(row['failures'])})" if failed else ""),
             flush=True,
         )
     met = [

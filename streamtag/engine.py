@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -323,8 +324,7 @@ class StreamTagger:
         else:
             powers = np.einsum("ij,ij->i", audio, audio) / self.hop
             s.power_sum += float(powers.sum())
-            decay = 0.97 ** np.arange(k - 1, -1, -1)
-            s.recent_power = float(0.97**k * s.recent_power + 0.03 * (decay * powers).sum())
+            s.recent_power = float(0.97**k * s.recent_power + 0.03 * (_decay(k) * powers).sum())
         s.peak = max(s.peak, float(np.abs(audio).max()))
         fs, labels, first = self.frame_seconds, self.labels, self.frames
         if self.detector is None:
@@ -418,6 +418,14 @@ def _detector(events, labels, frame_seconds: float, folder=None) -> EventDetecto
         f"events must be True, None, EventParams, an EventDetector or a function making one "
         f"({type(events).__name__} given)"
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _decay(k: int) -> np.ndarray:
+    """The level meter's weights for a block of ``k`` hops, oldest first (a block's length repeats: cached)."""
+    weights = 0.97 ** np.arange(k - 1, -1, -1)
+    weights.flags.writeable = False  # shared by every stream
+    return weights
 
 
 def _dbfs(power: float) -> float:

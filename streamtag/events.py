@@ -17,6 +17,7 @@ Times are in stream seconds: frame ``i`` covers ``[i * hop, (i + 1) * hop)``.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
@@ -192,20 +193,22 @@ class EventDetector:
             return out
         steady = self._steady(probs) if self._busy else set()
         if steady:  # open events that stay at or above their threshold all block long: no row to walk for them
-            keep = ~np.isin(cols, list(steady))
+            walked = np.ones(probs.shape[1], dtype=bool)
+            walked[list(steady)] = False
+            keep = walked[cols]
             rows, cols = rows[keep], cols[keep]
             self._busy -= steady
         try:
-            bounds = np.searchsorted(rows, np.arange(k + 1)).tolist()  # row i's columns: cols[bounds[i]:bounds[i+1]]
-            cols, values = cols.tolist(), probs.tolist()
-            above = np.unique(rows)
+            edges = np.searchsorted(rows, np.arange(k + 1))  # row i's columns: cols[edges[i]:edges[i+1]]
+            above = np.flatnonzero(edges[1:] != edges[:-1]).tolist()  # rows with a score at or above threshold
+            bounds, cols, values = edges.tolist(), cols.tolist(), probs.tolist()
             i, a = 0, 0
             while i < k:
                 if not self._busy:  # jump to the next row with a score at or above its threshold
-                    a = int(np.searchsorted(above, i))
-                    if a == above.size:
+                    a = bisect.bisect_left(above, i, a)
+                    if a == len(above):
                         break
-                    i = int(above[a])
+                    i = above[a]
                 events = self._update_row(first_frame + i, values[i], cols[bounds[i] : bounds[i + 1]])
                 if events:
                     out[i] = events

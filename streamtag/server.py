@@ -164,7 +164,7 @@ class ServeWorker(threading.Thread):
             self.listeners[name] = listener
             self.enabled[name] = self._enabled(name)
             if self.mqtt is not None:
-                self.mqtt.stream_joined(name, self.enabled[name].tolist())
+                self.mqtt.stream_joined(name, self.enabled[name])
         elif kind == "settings":  # ("settings", name, change or None to read, reply)
             _, name, change, reply = command
             if self.book is None:
@@ -179,7 +179,7 @@ class ServeWorker(threading.Thread):
                         self._deliver(name, step)
                     self.enabled[name] = self._enabled(name)
                     if self.mqtt is not None:
-                        self.mqtt.stream_joined(name, self.enabled[name].tolist())
+                        self.mqtt.stream_joined(name, self.enabled[name])
             reply({"stream": name, "settings": self.book.settings(name).as_dict()})
         elif kind == "audio":
             _, name, samples, arrived = command
@@ -202,9 +202,12 @@ class ServeWorker(threading.Thread):
         elif kind == "gone":
             self._leave(command[1], "interrupted")
 
-    def _enabled(self, name: str) -> np.ndarray:
-        labels = self.multi.labels
-        return np.asarray(self.book.settings(name).enabled(labels) if self.book else [True] * len(labels))
+    def _enabled(self, name: str) -> np.ndarray | None:
+        """The classes a stream's settings let through; ``None`` when that is all of them."""
+        if self.book is None:
+            return None
+        enabled = np.asarray(self.book.settings(name).enabled(self.multi.labels), dtype=bool)
+        return None if enabled.all() else enabled
 
     def _backlog(self, name: str) -> int:
         engine = self.multi.streams[name]
@@ -258,9 +261,13 @@ class ServeWorker(threading.Thread):
 
     def _scores(self, name: str, account: StreamAccount, listener, frames: int, t: float, probs: np.ndarray) -> None:
         enabled = self.enabled[name]
-        order = [i for i in np.argsort(-np.where(enabled, probs, -1.0))[: self.options.top] if enabled[i]]
+        if enabled is None:  # every class: the common case, without a masked copy
+            order = np.argsort(-probs)[: self.options.top]
+        else:
+            order = np.argsort(-np.where(enabled, probs, -1.0))[: self.options.top]
+            order = order[enabled[order]]
         labels = self.multi.labels
-        top = [[labels[i], round(float(probs[i]), 4)] for i in order]
+        top = [[labels[i], round(p, 4)] for i, p in zip(order.tolist(), probs[order].tolist())]
         engine = self.multi.streams.get(name)
         level = engine.stats.recent_dbfs if engine is not None else account.level_dbfs
         with self.lock:

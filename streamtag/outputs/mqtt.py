@@ -113,7 +113,7 @@ class MqttPublisher:
     # -- what the server calls ---------------------------------------------------------------------------
     def stream_joined(self, stream: str, enabled: Sequence[bool] | None = None) -> None:
         """A stream joined, or its labels changed: discovery for the labels it reports, every state OFF."""
-        enabled = list(enabled) if enabled is not None else [True] * len(self.labels)
+        enabled = [bool(x) for x in enabled] if enabled is not None else [True] * len(self.labels)
         self._streams[stream] = enabled
         self._discovery(stream, enabled)
         for label in self.labels:
