@@ -64,11 +64,14 @@ async def _client(port: int, name: str, pcm: np.ndarray, seconds: float, latenci
             start = time.perf_counter()
             n = int(seconds * 10)
             offset = np.random.default_rng(abs(hash(name)) % 2**32).integers(0, pcm.size - chunk * n)
-            for k in range(n):
-                await asyncio.sleep(max(0.0, start + k * 0.1 - time.perf_counter()))
-                sent_at[round((k + 1) * 0.1, 3)] = time.perf_counter()
-                await ws.send_bytes(pcm[offset + k * chunk : offset + (k + 1) * chunk].tobytes())
-            await ws.send_str(json.dumps({"type": "eof"}))
+            try:
+                for k in range(n):
+                    await asyncio.sleep(max(0.0, start + k * 0.1 - time.perf_counter()))
+                    sent_at[round((k + 1) * 0.1, 3)] = time.perf_counter()
+                    await ws.send_bytes(pcm[offset + k * chunk : offset + (k + 1) * chunk].tobytes())
+                await ws.send_str(json.dumps({"type": "eof"}))
+            except ConnectionError as exc:  # the server closed the stream: say how, for the report
+                raise ConnectionError(f"{exc} after {k} messages; close code {ws.close_code}, {ws.exception()}")
             await receiver
 
 

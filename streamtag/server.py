@@ -596,7 +596,9 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
         if name in worker.accounts or name in joining:
             await ws.close(code=CLOSE_NAME_TAKEN, message=f"stream '{name}' is already connected".encode())
             return ws
-        if len(worker.accounts) + len(joining) >= options.capacity:
+        with worker.lock:  # a client's stream is in both sets once the worker has taken its join: count it once
+            streams = len(joining.union(worker.accounts))
+        if streams >= options.capacity:
             await ws.close(code=CLOSE_FULL, message=f"server full ({options.capacity} streams)".encode())
             return ws
         nonlocal post
@@ -721,7 +723,7 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
             await ws.close(code=1001, message=b"server stopping")
 
     post: _LoopPost | None = None  # made on the first connection, in the running loop
-    joining: set[str] = set()
+    joining: set[str] = set()  # streams whose client is connected (the worker's accounts add pulled sources)
     sockets: set = set()
     app = web.Application()
     app.on_shutdown.append(close_all)

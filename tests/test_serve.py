@@ -690,3 +690,34 @@ def test_the_front_runs_on_uvloop_when_it_is_installed():
         check=True,
     )
     assert hidden.stdout.strip().startswith("asyncio")
+
+
+def test_max_streams_counts_each_connected_stream_once(tmp_path):
+    """A stream whose join the worker has taken was counted twice (its connection and its account), so a
+    server of --max-streams N refused clients from about N/2 on (close 4429, found under benchmark load)."""
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path, "--max-streams", "2") as (port, proc):
+
+        async def scenario():
+            async with aiohttp.ClientSession() as session:
+                base = f"ws://127.0.0.1:{port}/v1/streams/"
+                opened, outcome = [], {}
+                for name in ("first", "second", "third"):
+                    ws = await session.ws_connect(base + name)
+                    opened.append(ws)
+                    await ws.send_bytes(rain[:3200])
+                    msg = await ws.receive(timeout=30)  # a scores message once the worker has it, or the close
+                    outcome[name] = (
+                        json.loads(msg.data)["type"] if msg.type == aiohttp.WSMsgType.TEXT else ws.close_code
+                    )
+                for ws in opened:
+                    if not ws.closed:
+                        await ws.send_str(json.dumps({"type": "eof"}))
+                        async for _ in ws:
+                            pass
+                    await ws.close()
+                return outcome
+
+        outcome = asyncio.run(scenario())
+        assert proc.poll() is None
+    assert outcome == {"first": "scores", "second": "scores", "third": 4429}
