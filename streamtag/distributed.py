@@ -212,6 +212,7 @@ class RayEnginePool:
         self.calls: list[tuple[object, int, int, dict[str, int]]] = []  # (ref, id, engine, samples per stream)
         self.ready: list[tuple[str, StepBlock | Step]] = []  # blocks and steps back, not handed out yet
         self.moved = 0
+        self.behind = False  # as MultiStreamTagger's: an engine always steps all it holds
         self._ids = 0
 
     # -- what ServeWorker calls -----------------------------------------------------------------------------
@@ -239,8 +240,9 @@ class RayEnginePool:
     def step(self) -> Iterator[tuple[str, Step]]:
         return named_steps(self.step_blocks())
 
-    def step_blocks(self) -> Iterator[tuple[str, StepBlock | Step]]:
-        """What the engines have stepped since the last call, as blocks (and event-only steps)."""
+    def step_blocks(self, max_hops: int | None = None) -> Iterator[tuple[str, StepBlock | Step]]:
+        """What the engines have stepped since the last call, as blocks (and event-only steps). ``max_hops`` is
+        for a pool in this process: each engine steps what it was sent, in its own process."""
         busy = {c[2] for c in self.calls}
         for engine, commands in list(self.queued.items()):
             if commands and engine not in busy:  # one call in flight per engine keeps each one's order

@@ -78,6 +78,7 @@ class MultiStreamTagger:
         self.streams: dict[str, StreamTagger] = {}
         self._events = events
         self._engine_options = dict(engine_options or {})
+        self.behind = False  # the last step_blocks(max_hops) left ready hops for the next round
         self._free = list(range(capacity))  # a heap: joining takes the lowest slot, so busy slots stay 0..n-1
 
     def join(self, name: str, sample_rate: int | None = None, events=None) -> StreamTagger:
@@ -136,14 +137,17 @@ class MultiStreamTagger:
         their rows."""
         return named_steps(self.step_blocks())
 
-    def step_blocks(self) -> Iterator[tuple[str, StepBlock | Step]]:
+    def step_blocks(self, max_hops: int | None = None) -> Iterator[tuple[str, StepBlock | Step]]:
         """:meth:`step` with each stream's hops of a round as one :class:`StepBlock` (and the event-only steps
         of resets as they are): what serve and tag read, without a Python object per hop.
 
         Each stream hands over a block of its ready hops; round ``r`` steps the ``r``-th hop of every
         block that long in one backend call, and each stream's block is completed once it is done
-        (events and level meter per block, not per hop).
+        (events and level meter per block, not per hop). Rounds go on until every ready hop is stepped;
+        with ``max_hops``, one round of at most that many hops a stream, so a stream far ahead of the
+        others (a client sending faster than real time) cannot make the round long for all of them.
         """
+        self.behind = False
         while True:
             blocks = []
             for name, engine in self.streams.items():
@@ -152,6 +156,8 @@ class MultiStreamTagger:
                 for step in engine.before_hop():  # a due reset clears the slot before the block
                     yield name, step
                 k = engine.block_length()
+                if max_hops is not None and k > max_hops:
+                    k, self.behind = max_hops, True
                 blocks.append((engine.hop_model.slot, name, engine, engine.take(k)))
             if not blocks:
                 return
@@ -172,6 +178,8 @@ class MultiStreamTagger:
             probs = [out[: lengths[i], i] for i in range(nb)]
             for (_, name, engine, hops), p in zip(blocks, probs):
                 yield name, engine.complete_block(hops, p)
+            if max_hops is not None:
+                return
 
     def _known(self, name: str) -> str:
         if name not in self.streams:

@@ -5,9 +5,10 @@ Two halves. An asyncio front (aiohttp) speaks to the network: WebSocket streams 
 :class:`~streamtag.multistream.MultiStreamTagger`: it takes decoded audio from an inbox, steps every
 stream that has a hop in one batched call a round, and hands each step to that stream's client,
 to MQTT and to the metrics. The network never waits on the model and the model never waits on
-the network: a stream whose client sends faster than real time is bounded by ``max_backlog_s``
-(the excess is dropped and counted), and every sample is accounted for (received = processed +
-dropped + pending).
+the network: a client (or pulled source) sending faster than real time is not read while
+``max_backlog_s`` of its audio waits (:class:`Pacer`; a sound card, which cannot wait, has the excess
+dropped and counted), a round steps at most ``max_round_hops`` of one stream, and every sample is
+accounted for (received = processed + dropped + pending).
 
 WebSocket protocol, ``ws://HOST:PORT/v1/streams/<name>``: an optional first text message
 ``{"sample_rate": 16000, "format": "s16le" | "f32le", "channels": 1}`` (the defaults), then binary
@@ -47,6 +48,7 @@ PAGE = Path(__file__).parent / "assets" / "serve_page.html"
 
 # close codes (4000-4999 are the application's)
 CLOSE_BAD_REQUEST, CLOSE_NAME_TAKEN, CLOSE_FULL, CLOSE_IDLE, CLOSE_UNAUTHORISED = 4400, 4409, 4429, 4408, 4401
+CLOSE_TOO_MANY_MESSAGES = 4420
 
 
 @dataclasses.dataclass
@@ -55,7 +57,16 @@ class ServeOptions:
     rate: float = 10.0  # score messages per second per client
     top: int = 3
     max_message_bytes: int = 1 << 20
-    max_backlog_s: float = 5.0  # audio a stream may have queued before its excess is dropped
+    # Audio a stream may have queued. A client or pulled source further ahead is not read until the worker
+    # catches up (TCP holds it back: nothing lost); a sound card cannot wait, so its excess is dropped.
+    max_backlog_s: float = 5.0
+    # A round steps at most this many hops of one stream, so one far ahead (a file pushed unpaced) cannot make
+    # the round long for every other; it gets the next rounds, which start at once while any stream is behind.
+    max_round_hops: int = 25
+    # Every `message_window` messages must carry this much audio on average: a flood of tiny messages costs
+    # the front per message, whatever the audio, and is closed (CLOSE_TOO_MANY_MESSAGES).
+    min_message_ms: float = 5.0
+    message_window: int = 200
     idle_s: float = 30.0  # a client that sends nothing this long is closed
     token: str | None = None
     # Rounds start at most this often under load. A round of one stream costs the model about ten times more per
@@ -117,9 +128,10 @@ class ServeWorker(threading.Thread):
 
     def _rounds(self) -> None:
         started, cost = 0.0, 0.0  # when the last round began, and what it took
+        behind = False  # the last round left hops of a stream far ahead: the next one is due now
         while True:
             try:
-                command = self.inbox.get(timeout=0.05)
+                command = self.inbox.get_nowait() if behind else self.inbox.get(timeout=0.05)
             except queue.Empty:
                 command = None
             while command is not None:  # take commands until the next round is due
@@ -127,16 +139,17 @@ class ServeWorker(threading.Thread):
                     self._handle(command)
                 except StreamtagError as exc:  # one stream's problem (a join refused): that client is told
                     self._refuse(command, str(exc))
-                wait = started + min(self.options.round_s, 2.0 * cost) - time.perf_counter()
+                wait = 0.0 if behind else started + min(self.options.round_s, 2.0 * cost) - time.perf_counter()
                 try:
                     command = self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()
                 except queue.Empty:
                     command = None
             t0 = started = time.perf_counter()
             hops = 0
-            for name, item in self.multi.step_blocks():
+            for name, item in self.multi.step_blocks(max_hops=self.options.max_round_hops):
                 hops += len(item) if isinstance(item, StepBlock) else item.has_scores
                 self._deliver(name, item)
+            behind = self.multi.behind
             cost = time.perf_counter() - t0
             if hops and self.metrics is not None:
                 self.metrics.stepped(hops, cost)
@@ -201,6 +214,12 @@ class ServeWorker(threading.Thread):
             self._leave(command[1], "stream_end")
         elif kind == "gone":
             self._leave(command[1], "interrupted")
+
+    def stepped_samples(self, name: str) -> int:
+        """Samples of a stream (at its own rate) whose hops are stepped; 0 before its join is taken. Read from the
+        front's thread to pace a sender: an int read, no lock."""
+        account = self.accounts.get(name)
+        return 0 if account is None else round(account.frames * self.multi.frame_seconds * account.rate)
 
     def _enabled(self, name: str) -> np.ndarray | None:
         """The classes a stream's settings let through; ``None`` when that is all of them."""
@@ -396,6 +415,33 @@ def parse_hello(text: str) -> tuple[int, str, int]:
     return rate, fmt, channels
 
 
+class Pacer:
+    """Hands a stream's audio to the worker, holding the sender back while the worker is ``max_backlog_s``
+    behind it: a client pushing a file unpaced, or ffmpeg reading one, is then read no faster than it is
+    tagged (TCP or the pipe holds the rest back) instead of having its excess dropped. Audio goes in pieces of
+    at most a second, so one large message waits its turn as many small ones would."""
+
+    POLL_S = 0.01
+
+    def __init__(self, worker: ServeWorker, name: str, rate: int, go_on: Callable[[], bool]) -> None:
+        self.worker, self.name, self.go_on = worker, name, go_on
+        self.limit = max(1, int(worker.options.max_backlog_s * rate))
+        self.piece = min(rate, self.limit)
+        self.submitted = 0
+
+    async def submit(self, samples: np.ndarray) -> None:
+        for i in range(0, samples.size, self.piece):
+            piece = samples[i : i + self.piece]
+            while (
+                self.submitted + piece.size - self.worker.stepped_samples(self.name) > self.limit
+                and self.go_on()
+                and self.worker.is_alive()
+            ):
+                await asyncio.sleep(self.POLL_S)
+            self.worker.submit("audio", self.name, piece)
+            self.submitted += piece.size
+
+
 @dataclasses.dataclass
 class PullStats:
     restarts: int = 0
@@ -418,6 +464,9 @@ async def pull(name: str, url: str, worker: ServeWorker, stats: PullStats, stop:
         pass
 
     worker.submit("join", name, 16000, listener)
+    pacer = Pacer(worker, name, 16000, lambda: not stop.is_set())
+    # a file is read at its own pace (-re), as the live source it stands for; a network source comes at its own
+    realtime = ["-re"] if "://" not in url or url.startswith("file:") else []
     delay = 1.0
     carry = b""
     while not stop.is_set():
@@ -426,6 +475,7 @@ async def pull(name: str, url: str, worker: ServeWorker, stats: PullStats, stop:
             "-nostdin",
             "-v",
             "error",
+            *realtime,
             "-i",
             url,
             "-f",
@@ -447,7 +497,7 @@ async def pull(name: str, url: str, worker: ServeWorker, stats: PullStats, stop:
                 got_audio = True
                 samples, carry = decode(data, "s16le", 1, carry)
                 if samples.size:
-                    worker.submit("audio", name, samples)
+                    await pacer.submit(samples)
         finally:
             if proc.returncode is None:
                 proc.kill()
@@ -621,6 +671,8 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
         rate, fmt, channels, carry, joined = 16000, "s16le", 1, b"", False
         send_task = asyncio.create_task(sender())
         reason, code = None, 1000
+        pacer: Pacer | None = None
+        window_messages, window_samples = 0, 0  # messages and audio since the last check of their sizes
         try:
             while True:
                 try:
@@ -628,6 +680,16 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
                 except asyncio.TimeoutError:
                     reason, code = f"idle for {options.idle_s:g} s", CLOSE_IDLE
                     break
+                window_messages += 1
+                if window_messages == options.message_window:
+                    if window_samples < options.message_window * options.min_message_ms / 1000 * rate:
+                        reason = (
+                            f"{window_messages} messages carried {window_samples / rate * 1000:.0f} ms of audio: "
+                            f"send at least {options.min_message_ms:g} ms of audio a message"
+                        )
+                        code = CLOSE_TOO_MANY_MESSAGES
+                        break
+                    window_messages, window_samples = 0, 0
                 if msg.type == WSMsgType.TEXT:
                     try:
                         body = json.loads(msg.data)
@@ -647,9 +709,11 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
                     if not joined:
                         worker.submit("join", name, rate, listener)
                         joined = True
+                        pacer = Pacer(worker, name, rate, lambda: not send_task.done())
                     samples, carry = decode(msg.data, fmt, channels, carry)
+                    window_samples += samples.size
                     if samples.size:
-                        worker.submit("audio", name, samples)
+                        await pacer.submit(samples)
                 else:  # closed, closing or an error (a message over the size limit closes with 1009)
                     reason = "gone"
                     break

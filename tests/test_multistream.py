@@ -93,6 +93,34 @@ def test_rounds_keep_their_rows_and_slots_step_in_any_subset(cnn_dir, backend):
         np.testing.assert_allclose(np.stack(got[name]), ref, atol=1e-5, err_msg=f"stream {name}")
 
 
+def test_a_round_of_max_hops_leaves_a_stream_far_ahead_for_the_next_rounds(cnn_dir):
+    """step_blocks(max_hops): one round, at most that many hops a stream; `behind` says hops are left, and the
+    rounds that follow give each stream exactly the steps of a stream alone."""
+    clips = {"far": read_clip(EXAMPLES / "rain.flac")[:8000], "near": read_clip(EXAMPLES / "dog.flac")[:480]}
+    tagger = MultiStreamTagger(cnn_dir, "onnx", capacity=2, events=LOW)
+    for name, clip in clips.items():
+        tagger.join(name)
+        tagger.feed(name, clip)  # 50 hops and 3
+    first = list(tagger.step_blocks(max_hops=10))
+    assert sorted((name, len(block)) for name, block in first) == [("far", 10), ("near", 3)] and tagger.behind
+    got = {name: [] for name in clips}
+    for name, block in first:
+        got[name] += block.steps()
+    rounds = 1
+    while tagger.behind:
+        for name, block in tagger.step_blocks(max_hops=10):
+            got[name] += block.steps()
+        rounds += 1
+    assert rounds == 5 and not tagger.behind  # 40 hops of "far" left, 10 a round
+    for name in clips:
+        got[name] += tagger.leave(name)
+    for name, clip in clips.items():
+        probs, events = _split(got[name])
+        ref_probs, ref_events = _alone(cnn_dir, "onnx", clip)
+        np.testing.assert_allclose(probs, ref_probs, atol=1e-5, err_msg=name)
+        assert events == ref_events, name
+
+
 def test_a_stream_at_another_rate_is_resampled_like_a_single_engine(cnn_dir):
     audio = read_clip(EXAMPLES / "dog.flac")[:16000]
     import soxr

@@ -578,13 +578,25 @@ def test_a_sound_card_from_the_config_file_is_a_stream(tmp_path):
     assert state["kitchen"]["top"][0][0] == "rain", state
 
 
+def _parent(pid: int) -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    return 0
+
+
+def _children_args(pid: int) -> list[list[bytes]]:
+    """The command lines of a process's children (those that exit meanwhile are left out)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _parent(int(entry.name)) == pid:
+            with contextlib.suppress(OSError):
+                out.append((entry / "cmdline").read_bytes().split(b"\0"))
+    return out
+
+
 def _engine_pids(server: int) -> list[int]:
     """Processes of the server's own Ray engine actors (descendants of the server: its local Ray)."""
-
-    def parent(pid: int) -> int:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        return 0
+    parent = _parent
 
     pids = []
     for entry in Path("/proc").iterdir():
@@ -721,3 +733,70 @@ def test_max_streams_counts_each_connected_stream_once(tmp_path):
         outcome = asyncio.run(scenario())
         assert proc.poll() is None
     assert outcome == {"first": "scores", "second": "scores", "third": 4429}
+
+
+def test_a_client_far_ahead_of_real_time_is_held_back_not_dropped_and_others_are_untouched(tmp_path):
+    """20 s of rain pushed as fast as the socket takes it (4x the 5 s a stream may have queued) beside a
+    chainsaw streamed at its pace: the fast client is read no faster than it is tagged, so nothing of it is
+    dropped, and both get exactly what each would alone."""
+    rain, rain_audio = _pcm("rain.flac")
+    chainsaw, chainsaw_audio = _pcm("chainsaw.flac")
+    flood, flood_audio = rain * 4, np.tile(rain_audio, 4)
+    with serve(tmp_path) as (port, proc):
+
+        async def both():
+            return await asyncio.gather(_stream(port, "fast", flood), _stream(port, "paced", chainsaw, pace=0.05))
+
+        results = asyncio.run(both())
+        assert proc.poll() is None
+    for (messages, code), audio in zip(results, (flood_audio, chainsaw_audio)):
+        assert code == 1000
+        summary = messages[-1]
+        assert summary["type"] == "summary" and summary["received"] == summary["processed"] == audio.size
+        assert summary["dropped"] == 0
+        ref = _alone(audio)
+        events = [(m["type"], m["label"], m["onset"]) for m in messages if m["type"] in ("open", "close")]
+        assert events == [(e.kind, e.label, round(e.onset, 3)) for s in ref for e in s.events] and events
+        times = [m["t"] for m in messages if m["type"] == "scores"]
+        assert times == sorted(set(times)) and len(times) == round(audio.size / 1600)
+
+
+def test_a_flood_of_tiny_messages_is_closed_with_a_reason(tmp_path):
+    """Messages of 1 ms of audio (the front pays per message): closed once 200 of them carry less than 5 ms each
+    on average, with a code and a reason that says what to send; a stream beside it is untouched."""
+    rain, rain_audio = _pcm("rain.flac")
+    with serve(tmp_path) as (port, proc):
+
+        async def tiny():  # 400 messages of 16 samples; returns the close code and reason
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"ws://127.0.0.1:{port}/v1/streams/tiny") as ws:
+                    with contextlib.suppress(aiohttp.ClientConnectionResetError, ConnectionResetError):
+                        for i in range(400):
+                            await ws.send_bytes(rain[32 * i : 32 * (i + 1)])
+                    while (msg := await ws.receive(timeout=30)).type == aiohttp.WSMsgType.TEXT:
+                        pass
+                    return ws.close_code, msg.extra
+
+        async def scenario():
+            good = asyncio.create_task(_stream(port, "good", rain, pace=0.02))
+            return await tiny(), await good
+
+        (tiny_code, reason), (good_msgs, good_code) = asyncio.run(scenario())
+        assert proc.poll() is None
+    assert tiny_code == 4420 and "send at least 5 ms of audio a message" in reason, reason
+    assert good_code == 1000 and good_msgs[-1]["dropped"] == 0 and good_msgs[-1]["processed"] == rain_audio.size
+
+
+def test_a_pulled_file_is_read_at_its_own_pace(tmp_path):
+    """A file given to --pull stands for a live source: ffmpeg reads it with -re (real time), where a network URL
+    comes at its own pace; unpaced, a looping file would take every round the worker has."""
+    clip = EXAMPLES / "rain.flac"
+    with serve(tmp_path, "--pull", f"porch={clip}") as (port, proc):
+        for _ in range(200):
+            ffmpeg = [args for args in _children_args(proc.pid) if args and args[0].endswith(b"ffmpeg")]
+            if ffmpeg:
+                break
+            time.sleep(0.05)
+    assert ffmpeg, "serve started no ffmpeg"
+    args = ffmpeg[0]
+    assert b"-re" in args and args.index(b"-re") < args.index(b"-i") and str(clip).encode() in args
