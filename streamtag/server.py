@@ -348,6 +348,18 @@ class Metrics:
         self.dropped = Counter(
             "streamtag_samples_dropped", "samples dropped, streams that left", registry=self.registry
         )
+        self.restarts = Counter(
+            "streamtag_source_restarts",
+            "pulled sources and sound cards started again",
+            ["stream"],
+            registry=self.registry,
+        )
+        self.gap_seconds = Counter(
+            "streamtag_source_gap_seconds",
+            "time pulled sources and sound cards gave no audio",
+            ["stream"],
+            registry=self.registry,
+        )
         streams = Gauge("streamtag_streams", "streams connected", registry=self.registry)
         streams.set_function(lambda: len(worker_accounts()))
         live_dropped = Gauge(
@@ -369,6 +381,12 @@ class Metrics:
 
     def event(self, label: str) -> None:
         self.events.labels(label).inc()
+
+    def source_restarted(self, stream: str, gap_seconds: float) -> None:
+        """A pulled source or sound card of the server's own was started again after ``gap_seconds`` without
+        audio."""
+        self.restarts.labels(stream).inc()
+        self.gap_seconds.labels(stream).inc(max(gap_seconds, 0.0))
 
     def left(self, account: StreamAccount) -> None:
         self.received.inc(account.received)
@@ -442,17 +460,12 @@ class Pacer:
             self.submitted += piece.size
 
 
-@dataclasses.dataclass
-class PullStats:
-    restarts: int = 0
-    gap_seconds: float = 0.0
-
-
-async def pull(name: str, url: str, worker: ServeWorker, stats: PullStats, stop: asyncio.Event) -> None:
+async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) -> None:
     """A pulled source: ``ffmpeg`` decodes ``url`` (RTSP, HTTP, a file: anything it reads) to 16 kHz mono
     s16le, which goes to the worker as the stream ``name``. When ffmpeg ends or fails (a camera drops)
-    it is started again with backoff (1 s doubling to 30 s); the stream stays joined and the time
-    without audio is counted. A file that ends is read again, as a looping source would be."""
+    it is started again with backoff (1 s doubling to 30 s); the stream stays joined and the restarts and
+    the time without audio are counted in ``/metrics``. A file that ends is read again, as a looping
+    source would be."""
     import shutil
 
     ffmpeg = shutil.which("ffmpeg")
@@ -507,8 +520,8 @@ async def pull(name: str, url: str, worker: ServeWorker, stats: PullStats, stop:
         delay = 1.0 if got_audio else min(2 * delay, 30.0)
         lost = loop.time()
         await _sleep_unless(stop, delay)
-        stats.restarts += 1
-        stats.gap_seconds += loop.time() - lost
+        if worker.metrics is not None and not stop.is_set():
+            worker.metrics.source_restarted(name, loop.time() - lost)
     worker.submit("eof", name)
 
 
@@ -563,6 +576,8 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
                     source.start(inbox)
                 else:
                     source.restart()
+                    if worker.metrics is not None:
+                        worker.metrics.source_restarted(name, time.monotonic() - inbox.last)
                 inbox.last = time.monotonic()
                 running, delay = True, 1.0
             except StreamtagError as exc:

@@ -294,7 +294,7 @@ def test_sigterm_mid_stream_closes_open_events_and_exits_0(tmp_path):
 
 
 def test_a_pulled_source_over_http_is_tagged_and_restarted_when_it_ends(tmp_path):
-    """--pull NAME=URL: ffmpeg reads a clip served over HTTP on loopback (in real time); when it ends,
+    """--pull NAME=URL: ffmpeg reads a clip served over HTTP on loopback (as fast as it is tagged); when it ends,
     the source is started again, and the stream shows on /v1/state with what it hears."""
     if not shutil.which("ffmpeg"):
         pytest.skip("ffmpeg missing (apt-get install ffmpeg; .ci/setup installs it)")
@@ -319,11 +319,12 @@ def test_a_pulled_source_over_http_is_tagged_and_restarted_when_it_ends(tmp_path
                         if "porch" in state:
                             seen.append(state["porch"])
                             if state["porch"]["frames"] > 700:  # 7 s: past the 5 s file, so it was restarted
-                                return seen
+                                async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+                                    return seen, await r.text()
                         await asyncio.sleep(0.25)
-                    return seen
+                    return seen, ""
 
-            seen = asyncio.run(poll())
+            seen, metrics = asyncio.run(poll())
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)
     finally:
@@ -332,6 +333,9 @@ def test_a_pulled_source_over_http_is_tagged_and_restarted_when_it_ends(tmp_path
     assert seen and seen[-1]["frames"] > 700, seen[-1:] or "never seen"
     assert any(row["top"] and row["top"][0][0] == "rain" for row in seen)
     assert any(e["label"] == "rain" for row in seen for e in row["recent"])
+    restarts = re.search(r'streamtag_source_restarts_total\{stream="porch"\} (\S+)', metrics)
+    gap = re.search(r'streamtag_source_gap_seconds_total\{stream="porch"\} (\S+)', metrics)
+    assert restarts and float(restarts.group(1)) >= 1 and gap and float(gap.group(1)) > 0, metrics[-2000:]
 
 
 def test_the_live_page_shows_what_a_stream_hears_in_a_real_browser(tmp_path):

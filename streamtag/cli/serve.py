@@ -190,12 +190,10 @@ async def _serve(args, worker, metrics, options, sources) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda s=sig: (got.setdefault("signal", s), stop.set()))
-    from ..server import PullStats, capture, pull
+    from ..server import capture, pull
 
     pulls = [
-        asyncio.create_task(
-            pull(s.name, s.url, worker, PullStats(), stop) if s.url else capture(s.name, s.device, worker, stop)
-        )
+        asyncio.create_task(pull(s.name, s.url, worker, stop) if s.url else capture(s.name, s.device, worker, stop))
         for s in sources
     ]
 
