@@ -691,7 +691,7 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
         try:
             while True:
                 try:
-                    msg = await asyncio.wait_for(ws.receive(), timeout=options.idle_s)
+                    msg = await ws.receive(timeout=options.idle_s)  # no task per message, as wait_for makes
                 except asyncio.TimeoutError:
                     reason, code = f"idle for {options.idle_s:g} s", CLOSE_IDLE
                     break
