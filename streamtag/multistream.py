@@ -155,10 +155,10 @@ class MultiStreamTagger:
                     continue
                 for step in engine.before_hop():  # a due reset clears the slot before the block
                     yield name, step
-                k = engine.block_length()
-                if max_hops is not None and k > max_hops:
-                    k, self.behind = max_hops, True
+                k = engine.block_length() if max_hops is None else min(engine.block_length(), max_hops)
                 blocks.append((engine.hop_model.slot, name, engine, engine.take(k)))
+                if max_hops is not None and engine.ready:  # capped, or a block cut short by a reset due
+                    self.behind = True
             if not blocks:
                 return
             blocks.sort(key=lambda b: b[0])  # ascending slots: the pool steps 0..n-1 in place

@@ -119,6 +119,14 @@ def test_a_round_of_max_hops_leaves_a_stream_far_ahead_for_the_next_rounds(cnn_d
         ref_probs, ref_events = _alone(cnn_dir, "onnx", clip)
         np.testing.assert_allclose(probs, ref_probs, atol=1e-5, err_msg=name)
         assert events == ref_events, name
+    # silence resets step a stream one hop a block: still behind until every ready hop is stepped
+    tagger = MultiStreamTagger(cnn_dir, "onnx", capacity=1, events=None, engine_options={"reset_on_silence_s": 1.0})
+    tagger.join("quiet")
+    tagger.feed("quiet", clips["near"])
+    blocks = [len(block) for _, block in tagger.step_blocks(max_hops=10)]
+    while tagger.behind:
+        blocks += [len(block) for _, block in tagger.step_blocks(max_hops=10)]
+    assert blocks == [1, 1, 1]
 
 
 def test_a_stream_at_another_rate_is_resampled_like_a_single_engine(cnn_dir):
