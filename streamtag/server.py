@@ -61,7 +61,7 @@ class ServeOptions:
     # catches up (TCP holds it back: nothing lost); a sound card cannot wait, so its excess is dropped.
     max_backlog_s: float = 5.0
     # A round steps at most this many hops of one stream, so one far ahead (a file pushed unpaced) cannot make
-    # the round long for every other; it gets the next rounds, which start at once while any stream is behind.
+    # the round long for every other; it gets the rounds that follow (not with --ray: engines step all they get).
     max_round_hops: int = 25
     # Every `message_window` messages must carry this much audio on average: a flood of tiny messages costs
     # the front per message, whatever the audio, and is closed (CLOSE_TOO_MANY_MESSAGES).
@@ -128,10 +128,13 @@ class ServeWorker(threading.Thread):
 
     def _rounds(self) -> None:
         started, cost = 0.0, 0.0  # when the last round began, and what it took
-        behind = False  # the last round left hops of a stream far ahead: the next one is due now
+        behind = False  # the last round left ready hops (a stream far ahead): the next round is due, not idle
         while True:
+            # Idle, wait for audio; behind, the next round starts when a busy worker's would (at most twice what
+            # the last took after it began), so a stream far ahead has at most about half the worker's time.
+            due = started + min(self.options.round_s, 2.0 * cost) - time.perf_counter() if behind else 0.05
             try:
-                command = self.inbox.get_nowait() if behind else self.inbox.get(timeout=0.05)
+                command = self.inbox.get(timeout=due) if due > 0 else self.inbox.get_nowait()
             except queue.Empty:
                 command = None
             while command is not None:  # take commands until the next round is due
@@ -139,7 +142,7 @@ class ServeWorker(threading.Thread):
                     self._handle(command)
                 except StreamtagError as exc:  # one stream's problem (a join refused): that client is told
                     self._refuse(command, str(exc))
-                wait = 0.0 if behind else started + min(self.options.round_s, 2.0 * cost) - time.perf_counter()
+                wait = started + min(self.options.round_s, 2.0 * cost) - time.perf_counter()
                 try:
                     command = self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()
                 except queue.Empty:
@@ -443,7 +446,8 @@ class Pacer:
 
     def __init__(self, worker: ServeWorker, name: str, rate: int, go_on: Callable[[], bool]) -> None:
         self.worker, self.name, self.go_on = worker, name, go_on
-        self.limit = max(1, int(worker.options.max_backlog_s * rate))
+        hop = worker.multi.frame_seconds * rate  # the limit holds a few hops at least, or the sender never moves
+        self.limit = max(int(worker.options.max_backlog_s * rate), int(8 * hop) + 1)
         self.piece = min(rate, self.limit)
         self.submitted = 0
 
@@ -473,16 +477,23 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
         raise ConfigError("--pull needs ffmpeg on the PATH (apt-get install ffmpeg)")
     loop = asyncio.get_running_loop()
 
-    def listener(message) -> None:  # pulled streams have no client: their steps go to MQTT and the page
-        pass
+    refused: list[str] = []
+
+    def listener(message) -> None:  # no client: steps go to MQTT and the page; a refused join ends the task
+        if message is not None and message.get("type") == "error":
+            refused.append(message["message"])
 
     worker.submit("join", name, 16000, listener)
-    pacer = Pacer(worker, name, 16000, lambda: not stop.is_set())
+    pacer = Pacer(worker, name, 16000, lambda: not (stop.is_set() or refused))
     # a file is read at its own pace (-re), as the live source it stands for; a network source comes at its own
     realtime = ["-re"] if "://" not in url or url.startswith("file:") else []
     delay = 1.0
     carry = b""
+    last_audio = loop.time()
     while not stop.is_set():
+        if refused:
+            print(f"streamtag serve: {name}: {refused[0]}; this source is not tagged", file=sys.stderr, flush=True)
+            return
         proc = await asyncio.create_subprocess_exec(
             ffmpeg,
             "-nostdin",
@@ -503,11 +514,11 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
         )
         got_audio = False
         try:
-            while not stop.is_set():
+            while not (stop.is_set() or refused):
                 data = await proc.stdout.read(6400)
                 if not data:
                     break
-                got_audio = True
+                got_audio, last_audio = True, loop.time()
                 samples, carry = decode(data, "s16le", 1, carry)
                 if samples.size:
                     await pacer.submit(samples)
@@ -515,13 +526,12 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
-        if stop.is_set():
-            break
+        if stop.is_set() or refused:
+            continue
         delay = 1.0 if got_audio else min(2 * delay, 30.0)
-        lost = loop.time()
         await _sleep_unless(stop, delay)
-        if worker.metrics is not None and not stop.is_set():
-            worker.metrics.source_restarted(name, loop.time() - lost)
+        if worker.metrics is not None and not stop.is_set():  # the gap: from its last audio, failed tries included
+            worker.metrics.source_restarted(name, loop.time() - last_audio)
     worker.submit("eof", name)
 
 
@@ -552,7 +562,7 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
     from .sources.device import MicrophoneSource
 
     model_rate = worker.multi.backend.config.features.sample_rate
-    source, delay, joined, running = None, 1.0, False, False
+    source, delay, joined, running, ran = None, 1.0, False, False, False  # ran: it gave audio once
     refused: list[str] = []
     inbox = _WorkerInbox(name, worker)
 
@@ -576,8 +586,9 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
                     source.start(inbox)
                 else:
                     source.restart()
-                    if worker.metrics is not None:
+                    if worker.metrics is not None and ran:
                         worker.metrics.source_restarted(name, time.monotonic() - inbox.last)
+                ran = True
                 inbox.last = time.monotonic()
                 running, delay = True, 1.0
             except StreamtagError as exc:
@@ -687,24 +698,17 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
         send_task = asyncio.create_task(sender())
         reason, code = None, 1000
         pacer: Pacer | None = None
-        window_messages, window_samples = 0, 0  # messages and audio since the last check of their sizes
+        hello_seen = False
+        window_messages, window_samples = 0, 0  # audio messages, and their samples, since the last check
         try:
             while True:
                 try:
-                    msg = await ws.receive(timeout=options.idle_s)  # no task per message, as wait_for makes
+                    # an outer timeout: aiohttp's receive(timeout) starts again at every ping, so a client sending
+                    # only pings would never be idle
+                    msg = await asyncio.wait_for(ws.receive(), timeout=options.idle_s)
                 except asyncio.TimeoutError:
                     reason, code = f"idle for {options.idle_s:g} s", CLOSE_IDLE
                     break
-                window_messages += 1
-                if window_messages == options.message_window:
-                    if window_samples < options.message_window * options.min_message_ms / 1000 * rate:
-                        reason = (
-                            f"{window_messages} messages carried {window_samples / rate * 1000:.0f} ms of audio: "
-                            f"send at least {options.min_message_ms:g} ms of audio a message"
-                        )
-                        code = CLOSE_TOO_MANY_MESSAGES
-                        break
-                    window_messages, window_samples = 0, 0
                 if msg.type == WSMsgType.TEXT:
                     try:
                         body = json.loads(msg.data)
@@ -712,9 +716,10 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
                         body = None
                     if isinstance(body, dict) and body.get("type") == "eof":
                         break
-                    if joined:
-                        reason, code = "settings come first, before any audio", CLOSE_BAD_REQUEST
+                    if joined or hello_seen:
+                        reason, code = "settings come once, before any audio", CLOSE_BAD_REQUEST
                         break
+                    hello_seen = True
                     try:
                         rate, fmt, channels = parse_hello(msg.data)
                     except ConfigError as exc:
@@ -726,7 +731,16 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
                         joined = True
                         pacer = Pacer(worker, name, rate, lambda: not send_task.done())
                     samples, carry = decode(msg.data, fmt, channels, carry)
-                    window_samples += samples.size
+                    window_messages, window_samples = window_messages + 1, window_samples + samples.size
+                    if window_messages == options.message_window:  # audio messages only, each counted in
+                        if window_samples < window_messages * options.min_message_ms / 1000 * rate:
+                            reason = (
+                                f"{window_messages} messages carried {window_samples / rate * 1000:.0f} ms of audio: "
+                                f"send at least {options.min_message_ms:g} ms of audio a message"
+                            )
+                            code = CLOSE_TOO_MANY_MESSAGES
+                            break
+                        window_messages, window_samples = 0, 0
                     if samples.size:
                         await pacer.submit(samples)
                 else:  # closed, closing or an error (a message over the size limit closes with 1009)

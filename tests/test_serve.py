@@ -783,11 +783,15 @@ def test_a_flood_of_tiny_messages_is_closed_with_a_reason(tmp_path):
 
         async def scenario():
             good = asyncio.create_task(_stream(port, "good", rain, pace=0.02))
-            return await tiny(), await good
+            at_limit = asyncio.create_task(  # 400 messages of exactly 5 ms, after a settings message: not a flood
+                _stream(port, "edge", rain[: 2 * 80 * 400], chunk=2 * 80, hello={"sample_rate": 16000})
+            )
+            return await tiny(), await good, await at_limit
 
-        (tiny_code, reason), (good_msgs, good_code) = asyncio.run(scenario())
+        (tiny_code, reason), (good_msgs, good_code), (edge_msgs, edge_code) = asyncio.run(scenario())
         assert proc.poll() is None
     assert tiny_code == 4420 and "send at least 5 ms of audio a message" in reason, reason
+    assert edge_code == 1000 and edge_msgs[-1]["processed"] == 80 * 400, edge_msgs[-1:]
     assert good_code == 1000 and good_msgs[-1]["dropped"] == 0 and good_msgs[-1]["processed"] == rain_audio.size
 
 
@@ -804,3 +808,37 @@ def test_a_pulled_file_is_read_at_its_own_pace(tmp_path):
     assert ffmpeg, "serve started no ffmpeg"
     args = ffmpeg[0]
     assert b"-re" in args and args.index(b"-re") < args.index(b"-i") and str(clip).encode() in args
+
+
+def test_a_client_sending_only_pings_is_idle_and_settings_come_once(tmp_path):
+    """Pings are not audio: a client that only pings is closed as idle (4408); a second settings message is
+    refused (4400) rather than taken."""
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path, "--idle-seconds", "1") as (port, proc):
+
+        async def scenario():
+            async with aiohttp.ClientSession() as session:
+                base = f"ws://127.0.0.1:{port}/v1/streams/"
+                async with session.ws_connect(base + "pinger", autoping=True) as ws:
+                    await ws.send_bytes(rain[:3200])
+                    for _ in range(40):  # 12 s of pings at most, far past the 1 s idle limit
+                        if ws.closed:
+                            break
+                        with contextlib.suppress(aiohttp.ClientConnectionResetError, ConnectionResetError):
+                            await ws.ping()
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            msg = await ws.receive(timeout=0.3)
+                            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                                break
+                    pinger = ws.close_code
+                async with session.ws_connect(base + "twice") as ws:
+                    await ws.send_str(json.dumps({"sample_rate": 16000}))
+                    await ws.send_str(json.dumps({"sample_rate": 8000}))
+                    msg = await ws.receive(timeout=10)
+                    twice = (ws.close_code, msg.extra)
+                return pinger, twice
+
+        pinger, twice = asyncio.run(scenario())
+        assert proc.poll() is None
+    assert pinger == 4408
+    assert twice[0] == 4400 and "settings come once" in twice[1]
