@@ -232,3 +232,45 @@ def test_blocks_are_the_steps_and_serve_sends_the_same_messages_from_either(cnn_
         ]
     assert sum(m["type"] == "open" for m in block_sent["a"] + block_sent["b"]) > 0
     assert block_sent == step_sent
+
+
+def test_the_serve_worker_steps_a_stream_far_ahead_a_capped_round_at_a_time(cnn_dir):
+    """The running serve worker, handed 4 s of one stream and 0.1 s of another at once: no round steps more
+    than max_round_hops of a stream, and every hop is stepped (the rounds after the first follow on their own)."""
+    import threading
+
+    from streamtag.server import ServeOptions, ServeWorker
+
+    class Rounds:  # what the worker reports of each round
+        def __init__(self):
+            self.hops, self.done = [], threading.Event()
+
+        def stepped(self, hops, seconds):
+            self.hops.append(hops)
+            if sum(self.hops) >= 410:
+                self.done.set()
+
+        def latency(self, seconds):
+            pass
+
+        def left(self, account):
+            pass
+
+    multi = MultiStreamTagger(cnn_dir, capacity=2, events=None)
+    worker = ServeWorker(multi, ServeOptions(capacity=2, max_round_hops=25))
+    worker.metrics = rounds = Rounds()
+    rain = read_clip(EXAMPLES / "rain.flac")
+    worker.submit("join", "fast", 16000, lambda message: None)
+    worker.submit("join", "slow", 16000, lambda message: None)
+    worker.submit("audio", "fast", rain[:64_000])  # 400 hops, within the 5 s a stream may queue
+    worker.submit("audio", "slow", rain[:1_600])  # 10 hops
+    worker.start()
+    try:
+        assert rounds.done.wait(60), rounds.hops
+        with worker.lock:
+            dropped = {name: account.dropped for name, account in worker.accounts.items()}
+    finally:
+        worker.stop()
+        worker.join(10)
+    assert sum(rounds.hops) == 410 and max(rounds.hops) <= 25 + 10, rounds.hops
+    assert dropped == {"fast": 0, "slow": 0} and worker.failure is None
