@@ -842,3 +842,38 @@ def test_a_client_sending_only_pings_is_idle_and_settings_come_once(tmp_path):
         assert proc.poll() is None
     assert pinger == 4408
     assert twice[0] == 4400 and "settings come once" in twice[1]
+
+
+def test_discovery_of_many_streams_joining_at_once_is_all_published_even_when_closed_at_once(mosquitto):
+    """Twenty streams join at once (over a thousand discovery configs) and the publisher is closed right after:
+    every config still reaches the broker, retained."""
+    import paho.mqtt.client as mqtt
+
+    from streamtag.modelfile import load_config, resolve_model_dir
+    from streamtag.outputs.mqtt import MqttPublisher
+
+    labels = load_config(resolve_model_dir(None)).labels
+    publisher = MqttPublisher(f"mqtt://127.0.0.1:{mosquitto}", labels)
+    publisher.start()
+    for _ in range(200):
+        if publisher.client.is_connected():
+            break
+        time.sleep(0.05)
+    for i in range(20):
+        publisher.stream_joined(f"s{i}")
+    publisher.close()
+    configs = {}
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, m: configs.setdefault(m.topic, (json.loads(m.payload), m.retain))
+    client.connect("127.0.0.1", mosquitto)
+    client.subscribe("homeassistant/#")
+    client.loop_start()
+    for _ in range(200):  # retained messages arrive at once; bounded wait
+        if len(configs) >= 20 * len(labels):
+            break
+        time.sleep(0.05)
+    client.loop_stop()
+    client.disconnect()
+    assert len(configs) == 20 * len(labels)
+    assert all(retained and body["device_class"] == "sound" for body, retained in configs.values())
+    assert configs["homeassistant/binary_sensor/streamtag_s7_dog/config"][0]["state_topic"] == "streamtag/s7/audio/dog"
