@@ -71,7 +71,9 @@ async def _client(port: int, name: str, pcm: np.ndarray, seconds: float, latenci
                     await ws.send_bytes(pcm[offset + k * chunk : offset + (k + 1) * chunk].tobytes())
                 await ws.send_str(json.dumps({"type": "eof"}))
             except ConnectionError as exc:  # the server closed the stream: say how, for the report
-                raise ConnectionError(f"{exc} after {k} messages; close code {ws.close_code}, {ws.exception()}")
+                raise ConnectionError(
+                    f"{exc} after {k} messages; close code {ws.close_code}, {ws.exception()}"
+                ) from exc
             await receiver
 
 
