@@ -129,10 +129,14 @@ class ServeWorker(threading.Thread):
     def _rounds(self) -> None:
         started, cost = 0.0, 0.0  # when the last round began, and what it took
         behind = False  # the last round left ready hops (a stream far ahead): the next round is due, not idle
+
+        def until_next_round() -> float:  # a busy worker lets messages gather up to twice its last round's cost
+            return started + min(self.options.round_s, 2.0 * cost) - time.perf_counter()
+
         while True:
-            # Idle, wait for audio; behind, the next round starts when a busy worker's would (at most twice what
-            # the last took after it began), so a stream far ahead has at most about half the worker's time.
-            due = started + min(self.options.round_s, 2.0 * cost) - time.perf_counter() if behind else 0.05
+            # Idle, wait for audio; behind, the next round starts when a busy worker's would, so a stream far
+            # ahead has at most about half the worker's time.
+            due = until_next_round() if behind else 0.05
             try:
                 command = self.inbox.get(timeout=due) if due > 0 else self.inbox.get_nowait()
             except queue.Empty:
@@ -142,7 +146,7 @@ class ServeWorker(threading.Thread):
                     self._handle(command)
                 except StreamtagError as exc:  # one stream's problem (a join refused): that client is told
                     self._refuse(command, str(exc))
-                wait = started + min(self.options.round_s, 2.0 * cost) - time.perf_counter()
+                wait = until_next_round()
                 try:
                     command = self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()
                 except queue.Empty:

@@ -600,8 +600,6 @@ def _children_args(pid: int) -> list[list[bytes]]:
 
 def _engine_pids(server: int) -> list[int]:
     """Processes of the server's own Ray engine actors (descendants of the server: its local Ray)."""
-    parent = _parent
-
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -610,7 +608,7 @@ def _engine_pids(server: int) -> list[int]:
                     continue
             pid = int(entry.name)
             while pid > 1 and pid != server:
-                pid = parent(pid)
+                pid = _parent(pid)
             if pid == server:
                 pids.append(int(entry.name))
     return pids
