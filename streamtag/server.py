@@ -110,6 +110,44 @@ class ServeWorker(threading.Thread):
         self.failure: str | None = None  # why the worker stopped on its own, if it did
         self.lock = threading.Lock()  # guards accounts for readers on other threads (metrics, page)
 
+    @property
+    def frame_seconds(self) -> float:
+        return self.multi.frame_seconds
+
+    @property
+    def model_rate(self) -> int:
+        """The model's sample rate: a sound card is opened at it."""
+        return self.multi.backend.config.features.sample_rate
+
+    def connected(self) -> set[str]:
+        """The streams the worker holds (clients, pulled sources, sound cards); from any thread."""
+        with self.lock:
+            return set(self.accounts)
+
+    def snapshot(self) -> dict:
+        """What the live page shows of every stream; from any thread."""
+        with self.lock:
+            return {
+                name: {"level_dbfs": max(a.level_dbfs, -120.0), "top": a.top, "recent": a.recent, "frames": a.frames}
+                for name, a in self.accounts.items()
+            }
+
+    async def ask(self, what: str):
+        """``"state"`` (:meth:`snapshot`) or ``"metrics"`` (the Prometheus text), for the front's handlers; a
+        :class:`~streamtag.serve_process.WorkerProcess` answers the same from its process."""
+        if what == "state":
+            return self.snapshot()
+        return self.metrics.text() if self.metrics is not None else b""
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The front's event loop, once it runs (a :class:`~streamtag.serve_process.WorkerProcess` talks
+        through it); this thread posts to each client's own queue and needs nothing."""
+
+    def source_restarted(self, name: str, gap_seconds: float) -> None:
+        """A pulled source or sound card of the server's own was started again (counted in /metrics)."""
+        if self.metrics is not None:
+            self.metrics.source_restarted(name, gap_seconds)
+
     def submit(self, *command) -> None:
         if command[0] == "audio":  # stamped on arrival: the latency metric counts the wait for the worker too
             command = (*command, time.perf_counter())
@@ -136,21 +174,13 @@ class ServeWorker(threading.Thread):
         while True:
             # Idle, wait for audio; behind, the next round starts when a busy worker's would, so a stream far
             # ahead has at most about half the worker's time.
-            due = until_next_round() if behind else 0.05
-            try:
-                command = self.inbox.get(timeout=due) if due > 0 else self.inbox.get_nowait()
-            except queue.Empty:
-                command = None
+            command = self.next_command(until_next_round() if behind else 0.05)
             while command is not None:  # take commands until the next round is due
                 try:
                     self._handle(command)
                 except StreamtagError as exc:  # one stream's problem (a join refused): that client is told
                     self._refuse(command, str(exc))
-                wait = until_next_round()
-                try:
-                    command = self.inbox.get(timeout=wait) if wait > 0 else self.inbox.get_nowait()
-                except queue.Empty:
-                    command = None
+                command = self.next_command(until_next_round())
             t0 = started = time.perf_counter()
             hops = 0
             for name, item in self.multi.step_blocks(max_hops=self.options.max_round_hops):
@@ -163,7 +193,20 @@ class ServeWorker(threading.Thread):
             if self._stopping.is_set():
                 for name in list(self.accounts):
                     self._leave(name, "interrupted")
+                self.round_done()
                 return
+            self.round_done()
+
+    def next_command(self, timeout: float):
+        """The next command, waiting at most ``timeout`` seconds for one (none: ``None``)."""
+        try:
+            return self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def round_done(self) -> None:
+        """Called after every round (and the commands before it): the place for a subclass to hand what the
+        round produced on in one go."""
 
     def _refuse(self, command, reason: str) -> None:
         if command[0] == "settings":
@@ -450,7 +493,7 @@ class Pacer:
 
     def __init__(self, worker: ServeWorker, name: str, rate: int, go_on: Callable[[], bool]) -> None:
         self.worker, self.name, self.go_on = worker, name, go_on
-        hop = worker.multi.frame_seconds * rate  # the limit holds a few hops at least, or the sender never moves
+        hop = worker.frame_seconds * rate  # the limit holds a few hops at least, or the sender never moves
         self.limit = max(int(worker.options.max_backlog_s * rate), int(8 * hop) + 1)
         self.piece = min(rate, self.limit)
         self.submitted = 0
@@ -534,8 +577,8 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
             continue
         delay = 1.0 if got_audio else min(2 * delay, 30.0)
         await _sleep_unless(stop, delay)
-        if worker.metrics is not None and not stop.is_set():  # the gap: from its last audio, failed tries included
-            worker.metrics.source_restarted(name, loop.time() - last_audio)
+        if not stop.is_set():  # the gap: from its last audio, failed tries included
+            worker.source_restarted(name, loop.time() - last_audio)
     worker.submit("eof", name)
 
 
@@ -565,7 +608,7 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
     doubling to 30 s); the stream stays joined. A name already taken by a client: one line, not tagged."""
     from .sources.device import MicrophoneSource
 
-    model_rate = worker.multi.backend.config.features.sample_rate
+    model_rate = worker.model_rate
     source, delay, joined, running, ran = None, 1.0, False, False, False  # ran: it gave audio once
     refused: list[str] = []
     inbox = _WorkerInbox(name, worker)
@@ -590,8 +633,8 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
                     source.start(inbox)
                 else:
                     source.restart()
-                    if worker.metrics is not None and ran:
-                        worker.metrics.source_restarted(name, time.monotonic() - inbox.last)
+                    if ran:
+                        worker.source_restarted(name, time.monotonic() - inbox.last)
                 ran = True
                 inbox.last = time.monotonic()
                 running, delay = True, 1.0
@@ -620,12 +663,15 @@ class _LoopPost:
     system call, and at hundreds of streams the worker hands over thousands of messages a second."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self.loop, self.loop_thread = loop, threading.get_ident()  # made on the loop's thread
         self.items: collections.deque = collections.deque()
         self.lock = threading.Lock()
         self.armed = False  # a drain is scheduled and has not started
 
     def __call__(self, outbox: asyncio.Queue, message) -> None:
+        if threading.get_ident() == self.loop_thread:  # a worker process's messages are read on the loop
+            outbox.put_nowait(message)
+            return
         self.items.append((outbox, message))
         with self.lock:
             if self.armed:
@@ -646,7 +692,7 @@ def _settle(future: asyncio.Future, value) -> None:
         future.set_result(value)
 
 
-def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOptions):
+def build_app(worker: ServeWorker, options: ServeOptions):
     """The aiohttp application: the stream endpoint, /metrics, /healthz and the live page."""
     from aiohttp import WSMsgType, web
 
@@ -673,12 +719,11 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
         if not NAME.match(name):
             await ws.close(code=CLOSE_BAD_REQUEST, message=b"stream names are 1-64 of A-Z a-z 0-9 _ -")
             return ws
-        if name in worker.accounts or name in joining:
+        held = worker.connected()
+        if name in held or name in joining:
             await ws.close(code=CLOSE_NAME_TAKEN, message=f"stream '{name}' is already connected".encode())
             return ws
-        with worker.lock:  # a client's stream is in both sets once the worker has taken its join: count it once
-            streams = len(joining.union(worker.accounts))
-        if streams >= options.capacity:
+        if len(joining | held) >= options.capacity:  # a client's stream is in both once its join is taken: once
             await ws.close(code=CLOSE_FULL, message=f"server full ({options.capacity} streams)".encode())
             return ws
         nonlocal post
@@ -776,7 +821,7 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
     async def prometheus(request):
         if not authorised(request):
             return web.Response(status=401, text="a token is needed\n")
-        return web.Response(body=metrics.text(), content_type="text/plain", charset="utf-8")
+        return web.Response(body=await worker.ask("metrics"), content_type="text/plain", charset="utf-8")
 
     async def page(request):
         if not authorised(request):
@@ -786,12 +831,7 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
     async def state(request):
         if not authorised(request):
             return web.Response(status=401, text="a token is needed\n")
-        with worker.lock:
-            snapshot = {
-                name: {"level_dbfs": max(a.level_dbfs, -120.0), "top": a.top, "recent": a.recent, "frames": a.frames}
-                for name, a in worker.accounts.items()
-            }
-        return web.json_response(snapshot)
+        return web.json_response(await worker.ask("state"))
 
     async def settings(request):
         """GET: a stream's settings in force; PUT a JSON change (allow, deny, events), applied from the next hop."""
@@ -829,7 +869,6 @@ def build_app(worker: ServeWorker, metrics: Metrics | None, options: ServeOption
     app.router.add_get("/v1/state", state)
     app.router.add_get("/v1/streams/{name}/settings", settings)
     app.router.add_put("/v1/streams/{name}/settings", settings)
-    if metrics is not None:
-        app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/metrics", prometheus)
     app.router.add_get("/", page)
     return app

@@ -101,13 +101,15 @@ def _alone(audio):
     return tagger.feed(audio) + tagger.finish()
 
 
-@pytest.mark.parametrize("where", ["one process", "two Ray engines"])
+@pytest.mark.parametrize("where", ["worker process", "--one-process", "two Ray engines"])
 def test_two_streams_at_once_each_get_what_replay_gives(tmp_path, where):
-    """In the server's own worker, or (serve --ray) each stream on one of two engine actors of a local Ray the
-    server starts, audio moved in 100 ms chunks: the probabilities and events of a stream alone."""
+    """In the server's worker process (the default), its worker thread (--one-process), or (serve --ray) each
+    stream on one of two engine actors of a local Ray the server starts, audio moved in 100 ms chunks: the
+    probabilities and events of a stream alone."""
     rain, rain_audio = _pcm("rain.flac")
     chainsaw, chainsaw_audio = _pcm("chainsaw.flac")
-    with serve(tmp_path, *(_ray_engines() if where == "two Ray engines" else ())) as (port, _):
+    extra = {"worker process": (), "--one-process": ("--one-process",)}.get(where) or _ray_engines()
+    with serve(tmp_path, *extra) as (port, _):
 
         async def both():
             return await asyncio.gather(_stream(port, "porch", rain), _stream(port, "garage", chainsaw, chunk=1000))
@@ -875,3 +877,58 @@ def test_discovery_of_many_streams_joining_at_once_is_all_published_even_when_cl
     assert len(configs) == 20 * len(labels)
     assert all(retained and body["device_class"] == "sound" for body, retained in configs.values())
     assert configs["homeassistant/binary_sensor/streamtag_s7_dog/config"][0]["state_topic"] == "streamtag/s7/audio/dog"
+
+
+def _worker_process(server_pid: int) -> int | None:
+    """The pid of serve's tagging worker process (a multiprocessing child; not its resource tracker)."""
+    for task in os.listdir(f"/proc/{server_pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{server_pid}/task/{task}/children") as f:
+            for child in f.read().split():
+                with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as cmd:
+                    if b"spawn_main" in cmd.read():
+                        return int(child)
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker process through /proc")
+def test_when_the_worker_process_dies_the_server_says_so_and_exits_1(tmp_path):
+    """The tagging worker runs in a process of its own; killed under a stream (out of memory, say), the server
+    says so in one line, closes its clients and exits 1, no traceback."""
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path) as (port, proc):
+
+        async def scenario():
+            stream = asyncio.create_task(_stream(port, "porch", rain * 4, pace=0.05))
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                state = (await _http("GET", f"http://127.0.0.1:{port}/v1/state"))[1]
+                if state.get("porch", {}).get("frames"):
+                    break
+            os.kill(_worker_process(proc.pid), signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                return await asyncio.wait_for(stream, timeout=30)
+
+        outcome = asyncio.run(scenario())
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "streamtag serve: error: the tagging worker process ended (exit code -9)" in err
+    assert "Traceback" not in err
+    assert outcome is not None and outcome[1] != 1000  # the client was closed, not left hanging
+
+
+def test_frames_come_back_whole_from_any_split_of_the_bytes():
+    """The front reads the worker's pipe without blocking, so a message arrives in pieces of any size."""
+    from streamtag.serve_process import _Frames, _write_frame
+
+    objects = [[("msg", 1, {"type": "scores", "t": 0.1})], [("stepped", {"a": 1600})] * 300, [("left", "a")]]
+    read, write = os.pipe()
+    with os.fdopen(read, "rb") as r:
+        for obj in objects:
+            _write_frame(write, obj)
+        os.close(write)
+        data = r.read()
+    for piece in (1, 7, len(data)):
+        frames, got = _Frames(), []
+        for i in range(0, len(data), piece):
+            got += frames.feed(data[i : i + piece])
+        assert got == objects and not frames.buffer

@@ -54,6 +54,13 @@ def add_parser(subparsers) -> None:
         "local one) or a cluster address; each stream goes to one engine by a hash of its name",
     )
     p.add_argument("--engines", type=int, default=2, help="with --ray: engine actors (default 2)")
+    p.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run the tagging worker as a thread of the server's process, not a process of its own: less memory "
+        "(one model loaded, not two interpreters), but the network and the model then share one core's worth of "
+        "Python, which limits it to about half the streams",
+    )
     p.add_argument("--port-file", metavar="PATH", help="write the bound port here once listening (for scripts)")
     p.set_defaults(handler=run)
 
@@ -102,10 +109,10 @@ def _sources(args, config) -> list:
 
 def run(args) -> int:  # the network stack is imported here, not at the top: every other command starts without it
     from ..modelfile import load_config, resolve_model_dir
-    from ..multistream import MultiStreamTagger
-    from ..outputs.mqtt import MqttPublisher, parse_broker
+    from ..outputs.mqtt import parse_broker
     from ..serve_config import ServeConfig, SettingsBook, read_serve_config
-    from ..server import Metrics, ServeOptions, ServeWorker
+    from ..serve_process import ServeParts, WorkerProcess, build_worker, close_worker
+    from ..server import ServeOptions, ServeWorker
     from .run import detector_factory, event_tables
 
     _check(args)
@@ -122,29 +129,24 @@ def run(args) -> int:  # the network stack is imported here, not at the top: eve
     base = event_tables(args.model, args.event_config, args.on_threshold)
     book = SettingsBook(cfg.labels, cfg.features.frame_seconds, base, config)
     options = ServeOptions(capacity=args.max_streams, rate=args.rate, idle_s=args.idle_seconds, token=args.token)
-    if args.ray:
+    parts = ServeParts(args.model, args.max_streams, detectors, book, options, args.mqtt, args.mqtt_prefix)
+    if args.ray:  # the engines run elsewhere already: the worker stays a thread of this process
         from ..distributed import RayEnginePool
 
         multi = RayEnginePool(args.model, args.ray, args.engines, capacity=args.max_streams)
+        worker = build_worker(parts, multi)
+    elif args.one_process:
+        worker = build_worker(parts)
     else:
-        multi = MultiStreamTagger(args.model, capacity=args.max_streams, events=detectors)
-    mqtt = MqttPublisher(args.mqtt, multi.labels, prefix=args.mqtt_prefix) if args.mqtt else None
-    worker = ServeWorker(multi, options, mqtt, book=book)
-    metrics = Metrics(lambda: worker.accounts, mqtt)
-    worker.metrics = metrics
-    if mqtt is not None:
-        mqtt.on_settings = lambda name, change, reply: worker.submit("settings", name, change, reply)
-        mqtt.start()
+        worker = WorkerProcess(parts)
     worker.start()
     try:
-        return _run(_serve(args, worker, metrics, options, sources))
+        return _run(_serve(args, worker, options, sources))
     finally:
         worker.stop()
         worker.join(timeout=10)
-        if mqtt is not None:
-            mqtt.close()
-        if args.ray:
-            multi.close()
+        if isinstance(worker, ServeWorker):
+            close_worker(worker)
 
 
 def _run(main):
@@ -160,14 +162,15 @@ def _run(main):
     return uvloop.run(main)
 
 
-async def _serve(args, worker, metrics, options, sources) -> int:
+async def _serve(args, worker, options, sources) -> int:
     import asyncio
 
     from aiohttp import web
 
     from ..server import build_app
 
-    app = build_app(worker, metrics, options)
+    worker.attach(asyncio.get_running_loop())
+    app = build_app(worker, options)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
