@@ -167,6 +167,9 @@ class SettingsBook:
         self.base_tables = list(base_tables)
         self.config = config
         self.changes: dict[str, StreamSettings] = {}
+        # the event settings of a stream with none of its own (most): building them was most of a join's cost,
+        # and hundreds of clients joining at once held up every stream for a quarter of a second
+        self._shared = None
         for name in config.streams:  # a bad combination in the file fails at start, not at the stream's join
             self.detector(name)
         self.detector("any-stream")
@@ -195,11 +198,18 @@ class SettingsBook:
 
     def detector(self, name: str) -> EventDetector:
         settings = self.settings(name)
-        try:
-            default, per_class = build_event_settings(*self.base_tables, settings.events)
-        except ConfigError as exc:
-            raise ConfigError(f"settings for '{name}': {exc}") from None
-        return EventDetector(self.labels, self.frame_seconds, default, per_class, enabled=settings.enabled(self.labels))
+        own = name in self.config.streams or name in self.changes
+        if own or self._shared is None:
+            try:
+                built = build_event_settings(*self.base_tables, settings.events), settings.enabled(self.labels)
+            except ConfigError as exc:
+                raise ConfigError(f"settings for '{name}': {exc}") from None
+            if not own:  # a stream with no settings of its own has the defaults': built once, not at every join
+                self._shared = built
+        else:
+            built = self._shared
+        (default, per_class), enabled = built
+        return EventDetector(self.labels, self.frame_seconds, default, per_class, enabled=enabled)
 
 
 def _known(names: Sequence[str], labels: Sequence[str], where: str) -> None:
