@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import itertools
 import multiprocessing
 import os
@@ -215,6 +216,7 @@ def _child_main(commands, results, parts: ServeParts) -> None:
         _write_frame(results.fileno(), [("error", f"the tagging worker did not start: {exc!r}")])
         raise
     worker.commands, worker.results = commands, results
+    gc.freeze()  # what startup made lives as long as the process: full collections need not walk it again
     worker.send([("ready", worker.frame_seconds, worker.model_rate)])
     worker.start()
     worker.join()

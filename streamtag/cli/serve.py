@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import re
 import shutil
@@ -170,6 +171,7 @@ async def _serve(args, worker, options, sources) -> int:
     from ..server import build_app
 
     worker.attach(asyncio.get_running_loop())
+    gc.freeze()  # the imports and the model live as long as the process: a full collection need not walk them
     app = build_app(worker, options)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
