@@ -34,14 +34,22 @@ from .server import Metrics, ServeOptions, ServeWorker, _settle
 
 START_TIMEOUT_S = 120.0  # loading the model in the child; a slow disk or a cold import cache takes seconds
 PIPE_BYTES = 1 << 20  # each way: a round's audio at hundreds of streams fits, so neither side waits on a write
+ASK_TIMEOUT_S = 10.0  # /metrics and /v1/state wait this long for a busy worker, then answer 503
+OFF_LOOP_WRITE_S = 5.0
+_GONE = object()  # the answer to a question the worker will not answer: it has ended
 FLUSH_S = 0.003  # within a round, what is ready goes to the front at least this often
 _HEADER = struct.Struct("!I")
 
 
-def _write_frame(fd: int, obj) -> None:
-    """One pickled object, length first (blocking): what :class:`_Frames` reads back."""
+def _frame(obj) -> bytes:
+    """One pickled object, length first: what :class:`_Frames` reads back."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_HEADER.pack(len(data)) + data)
+    return _HEADER.pack(len(data)) + data
+
+
+def _write_frame(fd: int, obj) -> None:
+    """:func:`_frame` written whole (blocking): the worker's side."""
+    view = memoryview(_frame(obj))
     while view:
         view = view[os.write(fd, view) :]
 
@@ -124,8 +132,9 @@ class _ChildWorker(ServeWorker):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.commands = None  # the front's batches come in here (a multiprocessing Connection)
-        self.results = None  # and go out through this one, written with _write_frame
+        self.commands = None  # the front's batches come in here (a pipe's read end, _write_frame's frames)
+        self.results = None  # and what the rounds produce goes out through this one
+        self._frames = _Frames()
         self._commands: collections.deque = collections.deque()  # the rest of the last batch from the front
         self._out: list = []  # ("msg", client id, message), ("reply", id, value), ("joined" | "left", name), ...
         self._stepped: set[str] = set()
@@ -138,9 +147,18 @@ class _ChildWorker(ServeWorker):
         if own is not None:
             return own
         # MQTT's settings wait in the inbox for at most this wait (50 ms idle, a round's time when busy)
+        fd = self.commands.fileno()
         try:
-            if self.commands.poll(max(timeout, 0.0)):
-                self._take(self.commands.recv())
+            wait = max(timeout, 0.0)
+            for _ in range(16):  # all that is there already, so the round that follows has it
+                if not select.select([fd], [], [], wait)[0]:
+                    break
+                data = os.read(fd, PIPE_BYTES)
+                if not data:
+                    raise EOFError
+                for batch in self._frames.feed(data):
+                    self._take(batch)
+                wait = 0.0
         except (EOFError, OSError):  # the front is gone: nobody to tag for
             self.stop()
             return None
@@ -155,18 +173,11 @@ class _ChildWorker(ServeWorker):
             elif kind == "settings":
                 _, name, change, request = command
                 self._commands.append(("settings", name, change, self._reply(request)))
-            elif kind == "ask":
-                _, request, what = command
-                self._out.append(("reply", request, self.snapshot() if what == "state" else self.metrics.text()))
-            elif kind == "restarted":
-                self.source_restarted(command[1], command[2])
-            elif kind == "stop":
-                self.stop()
             elif kind == "audio":  # float32 bytes, stamped on arrival by the front
                 _, name, data, arrived = command
                 self._commands.append(("audio", name, np.frombuffer(data, np.float32), arrived))
-            else:  # eof, gone
-                self._commands.append(command)
+            else:  # eof, gone, and ask, restarted, stop: in their order with the rest (a state asked for after a
+                self._commands.append(command)  # join shows the stream)
 
     def _relay(self, client: int) -> Callable:
         return lambda message: self._out.append(("msg", client, message))
@@ -181,9 +192,18 @@ class _ChildWorker(ServeWorker):
             self.stop()
 
     def _handle(self, command) -> None:
-        super()._handle(command)
-        if command[0] == "join":  # taken (a refused join raised above)
-            self._out.append(("joined", command[1]))
+        kind = command[0]
+        if kind == "ask":
+            _, request, what = command
+            self._out.append(("reply", request, self.snapshot() if what == "state" else self.metrics.text()))
+        elif kind == "restarted":
+            self.source_restarted(command[1], command[2])
+        elif kind == "stop":
+            self.stop()
+        else:
+            super()._handle(command)
+            if kind == "join":  # taken (a refused join raised above)
+                self._out.append(("joined", command[1]))
 
     def _leave(self, name: str, reason: str) -> None:
         held = name in self.accounts
@@ -243,6 +263,7 @@ class WorkerProcess:
         self._results, child_results = context.Pipe(duplex=False)
         for conn in (self._commands, self._results):
             _widen(conn)
+        os.set_blocking(self._commands.fileno(), False)  # the front's loop writes it: see _write_out
         self.process = context.Process(
             target=_child_main, args=(child_commands, child_results, parts), name="streamtag-serve-worker", daemon=True
         )
@@ -262,6 +283,8 @@ class WorkerProcess:
         self._loop, self._loop_thread = None, None
         self._ended = threading.Event()  # the child said its last word, or is gone
         self._exited = False  # it said its last word
+        self._out = bytearray()  # framed commands the pipe has not taken yet
+        self._writing = False  # the loop is waiting for the pipe to take them
 
     def _wait_ready(self) -> tuple[float, int]:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -302,7 +325,9 @@ class WorkerProcess:
         elif kind == "settings":
             _, name, change, reply = command
             request = next(self._ids)
-            self._replies[request] = reply
+            self._replies[request] = lambda value: reply(
+                {"error": "the tagging worker stopped"} if value is _GONE else value
+            )
             command = ("settings", name, change, request)
         with self._lock:
             self._pending.append(command)
@@ -321,15 +346,20 @@ class WorkerProcess:
         import asyncio
 
         if not self.is_alive():
-            return {} if what == "state" else b""
+            raise StreamtagError("the tagging worker stopped")
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
         request = next(self._ids)
         self._replies[request] = lambda value: _settle(answer, value)
-        with self._lock:
-            self._pending.append(("ask", request, what))
-        self._flush()
-        return await asyncio.wait_for(answer, timeout=10)
+        self.submit("ask", request, what)
+        try:
+            value = await asyncio.wait_for(answer, timeout=ASK_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self._replies.pop(request, None)
+            raise StreamtagError(f"the tagging worker did not answer in {ASK_TIMEOUT_S:g} s") from None
+        if value is _GONE:
+            raise StreamtagError("the tagging worker stopped")
+        return value
 
     def source_restarted(self, name: str, gap_seconds: float) -> None:
         self.submit("restarted", name, gap_seconds)
@@ -345,6 +375,9 @@ class WorkerProcess:
 
     def stop(self) -> None:
         self.submit("stop")
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():  # a flush scheduled there would never run
+            self._flush()
 
     def join(self, timeout: float | None = None) -> None:
         """Until the child has said its last word (the loop reads it) or, with no loop running, has ended."""
@@ -359,11 +392,35 @@ class WorkerProcess:
     def _flush(self) -> None:
         with self._lock:
             batch, self._pending = self._pending, []
-        if batch and not self._ended.is_set():
-            try:
-                self._commands.send(batch)
-            except OSError:  # the child is gone; the reader sees it too
-                pass
+        if not batch or self._ended.is_set():
+            return
+        self._out += _frame(batch)
+        self._write_out()
+
+    def _write_out(self) -> None:
+        """What the pipe takes now. On the loop, never more: the rest waits for the pipe to be writable, since the
+        child may itself be waiting to write to us (a round's results) and reads only between rounds. With no
+        loop (before it runs, after it ended) a few seconds' wait for a stuck child at most."""
+        fd, loop = self._commands.fileno(), self._loop
+        on_loop = loop is not None and loop.is_running() and threading.get_ident() == self._loop_thread
+        deadline = time.monotonic() + (0.0 if on_loop else OFF_LOOP_WRITE_S)
+        try:
+            while self._out:
+                try:
+                    del self._out[: os.write(fd, self._out)]
+                except BlockingIOError:
+                    if on_loop:
+                        if not self._writing:
+                            loop.add_writer(fd, self._write_out)
+                            self._writing = True
+                        return
+                    if not select.select([], [fd], [], max(deadline - time.monotonic(), 0.0))[1]:
+                        return  # the child takes nothing: join() ends it
+        except OSError:  # the child is gone; the reader sees it too
+            self._out.clear()
+        if self._writing and not loop.is_closed():
+            loop.remove_writer(fd)
+        self._writing = False
 
     def _readable(self) -> None:
         try:
@@ -385,6 +442,9 @@ class WorkerProcess:
             for listener in self._listeners.values():  # no more messages: every client may close
                 listener(None)
             self._listeners.clear()
+            for reply in list(self._replies.values()):  # nor answers
+                reply(_GONE)
+            self._replies.clear()
 
     def _take(self, item) -> None:
         kind = item[0]

@@ -821,7 +821,11 @@ def build_app(worker: ServeWorker, options: ServeOptions):
     async def prometheus(request):
         if not authorised(request):
             return web.Response(status=401, text="a token is needed\n")
-        return web.Response(body=await worker.ask("metrics"), content_type="text/plain", charset="utf-8")
+        try:
+            body = await worker.ask("metrics")
+        except StreamtagError as exc:  # a worker process that does not answer: say so, do not hang the scraper
+            return web.Response(status=503, text=f"{exc}\n")
+        return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
     async def page(request):
         if not authorised(request):
@@ -831,7 +835,10 @@ def build_app(worker: ServeWorker, options: ServeOptions):
     async def state(request):
         if not authorised(request):
             return web.Response(status=401, text="a token is needed\n")
-        return web.json_response(await worker.ask("state"))
+        try:
+            return web.json_response(await worker.ask("state"))
+        except StreamtagError as exc:
+            return web.json_response({"error": str(exc)}, status=503)
 
     async def settings(request):
         """GET: a stream's settings in force; PUT a JSON change (allow, deny, events), applied from the next hop."""

@@ -932,3 +932,86 @@ def test_frames_come_back_whole_from_any_split_of_the_bytes():
         for i in range(0, len(data), piece):
             got += frames.feed(data[i : i + piece])
         assert got == objects and not frames.buffer
+
+
+def test_a_flood_both_ways_through_default_size_pipes_does_not_deadlock(monkeypatch):
+    """The front writes the worker's commands while the worker writes its results: if each blocked on a full
+    pipe waiting for the other to read, both would hang (seen with 64 KiB pipes, which a system that cannot
+    widen them has). Forty streams of 12 s each handed over a second at a time, scores every hop: every summary
+    comes."""
+    from streamtag import serve_process
+    from streamtag.server import ServeOptions
+
+    monkeypatch.setattr(serve_process, "_widen", lambda conn: None)
+    audio = np.resize(_pcm("rain.flac")[1], 12 * 16000)
+
+    made = []
+
+    async def scenario():
+        worker = serve_process.WorkerProcess(
+            serve_process.ServeParts(None, 64, None, None, ServeOptions(capacity=64, rate=100, max_backlog_s=60))
+        )
+        made.append(worker)
+        worker.attach(asyncio.get_running_loop())
+        summaries = []
+        done = asyncio.Event()
+
+        def listener(message):
+            if message is not None and message["type"] == "summary":
+                summaries.append(message)
+                if len(summaries) == 40:
+                    done.set()
+
+        try:
+            for i in range(40):
+                worker.submit("join", f"s{i}", 16000, listener)
+            for piece in np.split(audio, 12):  # a second of every stream, sent while the last one's results come
+                for i in range(40):
+                    worker.submit("audio", f"s{i}", piece)
+                await asyncio.sleep(0.01)
+            for i in range(40):
+                worker.submit("eof", f"s{i}")
+            await asyncio.wait_for(done.wait(), timeout=120)
+        finally:
+            worker.stop()
+            await asyncio.get_running_loop().run_in_executor(None, worker.join, 10)
+        return summaries
+
+    import threading
+
+    outcome = []
+    runner = threading.Thread(target=lambda: outcome.append(asyncio.run(scenario())), daemon=True)
+    runner.start()
+    runner.join(timeout=180)  # a deadlock blocks the loop itself: no timeout inside it could fire
+    if runner.is_alive():
+        made[0].process.kill()
+        pytest.fail("the front and the worker process are stuck writing to each other")
+    (summaries,) = outcome
+    assert len(summaries) == 40
+    assert all(s["received"] == s["processed"] == audio.size and s["frames"] == 1200 for s in summaries)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker process through /proc")
+def test_metrics_and_state_of_a_worker_that_does_not_answer_are_503_not_a_hang(tmp_path):
+    """/metrics and /v1/state come from the worker process; one that is stuck (stopped here) gets a 503 naming
+    it after the ask timeout, and answers again once it goes on."""
+    with serve(tmp_path) as (port, proc):
+        child = _worker_process(proc.pid)
+        os.kill(child, signal.SIGSTOP)
+        try:
+
+            async def ask():
+                async with aiohttp.ClientSession() as session:
+                    out = []
+                    for path in ("/metrics", "/v1/state"):
+                        async with session.get(f"http://127.0.0.1:{port}{path}") as r:
+                            out.append((r.status, await r.text()))
+                    return out
+
+            (metrics_status, metrics_text), (state_status, state_text) = asyncio.run(ask())
+        finally:
+            os.kill(child, signal.SIGCONT)
+        assert metrics_status == 503 and "the tagging worker did not answer in 10 s" in metrics_text
+        assert state_status == 503 and "did not answer" in state_text
+        (status, text), _ = asyncio.run(ask())
+        assert status == 200 and "streamtag_hops_total" in text
