@@ -195,7 +195,7 @@ class _ChildWorker(ServeWorker):
         kind = command[0]
         if kind == "ask":
             _, request, what = command
-            self._out.append(("reply", request, self.snapshot() if what == "state" else self.metrics.text()))
+            self._out.append(("reply", request, self.answer(what)))
         elif kind == "restarted":
             self.source_restarted(command[1], command[2])
         elif kind == "stop":
@@ -342,7 +342,7 @@ class WorkerProcess:
         else:
             loop.call_soon_threadsafe(self._flush)
 
-    async def ask(self, what: str):
+    async def ask(self, what: str, timeout: float = ASK_TIMEOUT_S):
         import asyncio
 
         if not self.is_alive():
@@ -353,10 +353,11 @@ class WorkerProcess:
         self._replies[request] = lambda value: _settle(answer, value)
         self.submit("ask", request, what)
         try:
-            value = await asyncio.wait_for(answer, timeout=ASK_TIMEOUT_S)
+            value = await asyncio.wait_for(answer, timeout=timeout)
         except asyncio.TimeoutError:
+            raise StreamtagError(f"the tagging worker did not answer in {timeout:g} s") from None
+        finally:
             self._replies.pop(request, None)
-            raise StreamtagError(f"the tagging worker did not answer in {ASK_TIMEOUT_S:g} s") from None
         if value is _GONE:
             raise StreamtagError("the tagging worker stopped")
         return value

@@ -49,6 +49,7 @@ PAGE = Path(__file__).parent / "assets" / "serve_page.html"
 # close codes (4000-4999 are the application's)
 CLOSE_BAD_REQUEST, CLOSE_NAME_TAKEN, CLOSE_FULL, CLOSE_IDLE, CLOSE_UNAUTHORISED = 4400, 4409, 4429, 4408, 4401
 CLOSE_TOO_MANY_MESSAGES = 4420
+HEALTH_TIMEOUT_S = 2.0  # /healthz: the worker must answer within this
 
 
 @dataclasses.dataclass
@@ -132,12 +133,18 @@ class ServeWorker(threading.Thread):
                 for name, a in self.accounts.items()
             }
 
-    async def ask(self, what: str):
-        """``"state"`` (:meth:`snapshot`) or ``"metrics"`` (the Prometheus text), for the front's handlers; a
-        :class:`~streamtag.serve_process.WorkerProcess` answers the same from its process."""
+    async def ask(self, what: str, timeout: float = 10.0):
+        """:meth:`answer` for the front's handlers; a :class:`~streamtag.serve_process.WorkerProcess` asks its
+        process, and raises StreamtagError when no answer comes within ``timeout``."""
+        return self.answer(what)
+
+    def answer(self, what: str):
+        """``"state"`` (:meth:`snapshot`), ``"metrics"`` (the Prometheus text) or ``"ping"`` (``True``)."""
         if what == "state":
             return self.snapshot()
-        return self.metrics.text() if self.metrics is not None else b""
+        if what == "metrics":
+            return self.metrics.text() if self.metrics is not None else b""
+        return True
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """The front's event loop, once it runs (a :class:`~streamtag.serve_process.WorkerProcess` talks
@@ -814,9 +821,13 @@ def build_app(worker: ServeWorker, options: ServeOptions):
         return ws
 
     async def healthz(request):
-        return web.Response(
-            text="ok\n" if worker.is_alive() else "worker stopped\n", status=200 if worker.is_alive() else 503
-        )
+        if not worker.is_alive():
+            return web.Response(text="worker stopped\n", status=503)
+        try:  # alive is not enough: a worker process that is stuck does not answer
+            await worker.ask("ping", timeout=HEALTH_TIMEOUT_S)
+        except StreamtagError as exc:
+            return web.Response(text=f"{exc}\n", status=503)
+        return web.Response(text="ok\n")
 
     async def prometheus(request):
         if not authorised(request):

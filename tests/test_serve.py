@@ -992,9 +992,10 @@ def test_a_flood_both_ways_through_default_size_pipes_does_not_deadlock(monkeypa
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker process through /proc")
-def test_metrics_and_state_of_a_worker_that_does_not_answer_are_503_not_a_hang(tmp_path):
+def test_metrics_state_and_health_of_a_worker_that_does_not_answer_are_503_not_a_hang(tmp_path):
     """/metrics and /v1/state come from the worker process; one that is stuck (stopped here) gets a 503 naming
-    it after the ask timeout, and answers again once it goes on."""
+    it after the ask timeout, /healthz too (after 2 s: a live process is not a healthy one), and all answer
+    again once it goes on."""
     with serve(tmp_path) as (port, proc):
         child = _worker_process(proc.pid)
         os.kill(child, signal.SIGSTOP)
@@ -1003,15 +1004,16 @@ def test_metrics_and_state_of_a_worker_that_does_not_answer_are_503_not_a_hang(t
             async def ask():
                 async with aiohttp.ClientSession() as session:
                     out = []
-                    for path in ("/metrics", "/v1/state"):
+                    for path in ("/metrics", "/v1/state", "/healthz"):
                         async with session.get(f"http://127.0.0.1:{port}{path}") as r:
                             out.append((r.status, await r.text()))
                     return out
 
-            (metrics_status, metrics_text), (state_status, state_text) = asyncio.run(ask())
+            (metrics_status, metrics_text), (state_status, state_text), health = asyncio.run(ask())
         finally:
             os.kill(child, signal.SIGCONT)
         assert metrics_status == 503 and "the tagging worker did not answer in 10 s" in metrics_text
         assert state_status == 503 and "did not answer" in state_text
-        (status, text), _ = asyncio.run(ask())
-        assert status == 200 and "streamtag_hops_total" in text
+        assert health == (503, "the tagging worker did not answer in 2 s\n")
+        (status, text), _, health = asyncio.run(ask())
+        assert status == 200 and "streamtag_hops_total" in text and health == (200, "ok\n")
