@@ -3,7 +3,7 @@
 In one process the front (asyncio, aiohttp) and the worker thread take turns at Python's lock: at a few
 hundred streams each waits for the other and latency grows long before either is short of a core
 (``benchmarks/serve.py``). Here the worker, with the model, the metrics and MQTT, runs in a child process
-and the front talks to it through one pipe, in batches both ways: down, every command and piece of audio
+and the front talks to it through two pipes, in batches both ways: down, every command and piece of audio
 that arrived since the last send; up, everything a round produced (clients' messages, how far each stream
 is stepped, joins and leaves) in one message. :class:`WorkerProcess` is what the front holds; it answers
 the calls of :class:`~streamtag.server.ServeWorker` the front makes, so the front does not know which one
@@ -132,7 +132,7 @@ class _ChildWorker(ServeWorker):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.commands = None  # the front's batches come in here (a pipe's read end, _write_frame's frames)
+        self.commands = None  # the front's batches come in here (a pipe's read end, in _frame's frames)
         self.results = None  # and what the rounds produce goes out through this one
         self._frames = _Frames()
         self._commands: collections.deque = collections.deque()  # the rest of the last batch from the front
@@ -169,21 +169,19 @@ class _ChildWorker(ServeWorker):
             kind = command[0]
             if kind == "join":
                 _, name, rate, client = command
-                self._commands.append(("join", name, rate, self._relay(client)))
+                self._commands.append(("join", name, rate, self._to_front("msg", client)))
             elif kind == "settings":
                 _, name, change, request = command
-                self._commands.append(("settings", name, change, self._reply(request)))
+                self._commands.append(("settings", name, change, self._to_front("reply", request)))
             elif kind == "audio":  # float32 bytes, stamped on arrival by the front
                 _, name, data, arrived = command
                 self._commands.append(("audio", name, np.frombuffer(data, np.float32), arrived))
             else:  # eof, gone, and ask, restarted, stop: in their order with the rest (a state asked for after a
                 self._commands.append(command)  # join shows the stream)
 
-    def _relay(self, client: int) -> Callable:
-        return lambda message: self._out.append(("msg", client, message))
-
-    def _reply(self, request: int) -> Callable:
-        return lambda value: self._out.append(("reply", request, value))
+    def _to_front(self, kind: str, key: int) -> Callable:
+        """A client's listener (``msg``, by client id) or a question's reply (``reply``, by request id)."""
+        return lambda value: self._out.append((kind, key, value))
 
     def send(self, batch: list) -> None:
         try:
@@ -216,9 +214,14 @@ class _ChildWorker(ServeWorker):
         self._stepped.add(name)
         super()._deliver(name, item)
         if time.perf_counter() - self._sent_at > FLUSH_S:  # a long round: the streams stepped so far go now
-            self.round_done()
+            self._send_out()
 
     def round_done(self) -> None:
+        self._send_out()
+
+    def _send_out(self) -> None:
+        """What is ready for the front, in one message: the clients' messages, replies, joins and leaves, and how
+        far each stream stepped since the last one."""
         self._sent_at = time.perf_counter()
         if self._stepped:
             self._out.append(("stepped", {name: self.stepped_samples(name) for name in self._stepped}))
