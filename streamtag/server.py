@@ -4,11 +4,11 @@ Two halves. An asyncio front (aiohttp) speaks to the network: WebSocket streams 
 ``/metrics``, ``/healthz`` and the live page. One worker (a thread here, or in a process of its own:
 :mod:`streamtag.serve_process`) owns a :class:`~streamtag.multistream.MultiStreamTagger`: it takes
 decoded audio from an inbox, steps every stream that has a hop in one batched call a round, and
-hands each step to that stream's client, to MQTT and to the metrics. The network never waits on the model and the model never waits on
-the network: a client (or pulled source) sending faster than real time is not read while
-``max_backlog_s`` of its audio waits (:class:`Pacer`; a sound card, which cannot wait, has the excess
-dropped and counted), a round steps at most ``max_round_hops`` of one stream, and every sample is
-accounted for (received = processed + dropped + pending).
+hands each step to that stream's client, to MQTT and to the metrics. The network never waits on the
+model and the model never waits on the network: a client (or pulled source) sending faster than
+real time is not read while ``max_backlog_s`` of its audio waits (:class:`Pacer`; a sound card,
+which cannot wait, has the excess dropped and counted), a round steps at most ``max_round_hops``
+of one stream, and every sample is accounted for (received = processed + dropped + pending).
 
 WebSocket protocol, ``ws://HOST:PORT/v1/streams/<name>``: an optional first text message
 ``{"sample_rate": 16000, "format": "s16le" | "f32le", "channels": 1}`` (the defaults), then binary
