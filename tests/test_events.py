@@ -217,6 +217,19 @@ def test_the_model_settings_apply_by_default_and_flags_override_them(tmp_path):
     assert per_class["clock_alarm"].min_gap_s == 0.5 and per_class["siren"].min_gap_s == 2.0  # the file wins per key
 
 
+def test_a_stream_pool_gives_each_stream_its_own_detector_with_the_model_settings():
+    """MultiStreamTagger reads the model's events.toml once, but every stream still gets a detector of its
+    own (event state must never be shared between streams)."""
+    from streamtag.multistream import MultiStreamTagger
+
+    pool = MultiStreamTagger(capacity=2)  # events=True: the bundled folder's events.toml
+    a, b = pool.join("a"), pool.join("b")
+    alarm, rain = pool.labels.index("clock_alarm"), pool.labels.index("rain")
+    for engine in (a, b):
+        assert engine.detector._gap_frames[alarm] == 200 and engine.detector._gap_frames[rain] == 30
+    assert a.detector is not b.detector and a.detector._tracks is not b.detector._tracks
+
+
 def _calibration_recipe():
     import importlib.util
     from pathlib import Path
