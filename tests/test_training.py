@@ -151,6 +151,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(class_folders, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)  # stop mid-run: the last checkpoint holds a finished epoch
     proc.communicate(timeout=120)
+    other = run_cli(*args(resumed, "--resume", "--steps-per-epoch", "97"))  # a schedule of another length
+    assert other.returncode == 2 and "--steps-per-epoch" in other.stderr and "Traceback" not in other.stderr
     r = run_cli(*args(resumed, "--resume"))
     assert r.returncode == 0, r.stderr
     history = json.loads((resumed / "train_log.json").read_text())["history"]
@@ -235,6 +237,11 @@ def test_train_never_replaces_a_model_by_surprise(class_folders, tmp_path):
     (out / "model.onnx").write_text("stale graph of the old weights")
     again = run_cli(*args)
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    typo = run_cli("train", tmp_path / "no_such_data", *args[2:], "--overwrite")  # refused before anything goes
+    assert typo.returncode == 2 and "not found" in typo.stderr
+    assert (out / "model.onnx").exists() and (out / "train_log.json").exists()
+    unwritable = run_cli("train", class_folders, "--epochs", "1", "--out", "/proc/streamtag_model", "--quiet")
+    assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr and "Traceback" not in unwritable.stderr
     replaced = run_cli(*args, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert not (out / "model.onnx").exists()

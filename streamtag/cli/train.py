@@ -254,6 +254,8 @@ def run(args) -> int:
     opts = _options(args)
     _check_out(Path(args.out), args)
     dataset, teacher, label_map = load_training_data(args)
+    if args.overwrite:  # only once the data checked out: a typo in a dataset path must not cost the old model
+        _clear_stale(Path(args.out))
     cache = Path(args.cache) if args.cache else cache_dir() / "features"
     jobs = max(1, args.jobs if args.cv else 1)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // jobs))
@@ -318,16 +320,24 @@ def run(args) -> int:
 
 
 def _check_out(out: Path, args) -> None:
-    """Never replace a trained model by surprise; a replaced one loses its stale exported graph too."""
+    """Never replace a trained model by surprise, and find an unwritable --out before the features are computed."""
+    from ..outputs.files import check_output_folder
+
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    check_output_folder(out, "--out")
+    if args.cv and any(out.glob("fold*/config.json")) and not args.overwrite:
+        raise ConfigError(f"--out {out} already holds cross-validation models; add --overwrite to replace them")
     if (out / "config.json").exists() and not (args.resume or args.overwrite or args.cv):
         raise ConfigError(f"--out {out} already holds a model; add --overwrite to replace it or --resume to continue")
-    if args.overwrite:
-        for stale in ("model.onnx", "checkpoint.pt", "train_log.json", "trained_on.txt"):
-            (out / stale).unlink(missing_ok=True)
+
+
+def _clear_stale(out: Path) -> None:
+    """A model being replaced loses what would no longer match it (its exported graph, checkpoint, log)."""
+    for stale in ("model.onnx", "chunk.onnx", "checkpoint.pt", "train_log.json", "trained_on.txt"):
+        (out / stale).unlink(missing_ok=True)
 
 
 def _interrupt_on_signals() -> None:

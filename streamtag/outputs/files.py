@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
@@ -54,6 +55,27 @@ def check_output_path(path: str | os.PathLike, flag: str | None = None) -> Path:
     target = path if path.exists() else folder
     if not os.access(target, os.W_OK):
         raise ConfigError(f"{name}: {'file' if target is path else 'folder'} {target} is not writable")
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """Refuse an output folder that cannot be written, before any work is done: a file in its place, or a
+    location where not even a probe file can be made (read-only, /proc), found by trying rather than from
+    permission bits (root passes those everywhere). A missing folder is checked at its nearest existing parent."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; give a folder")
+    where = path
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise ConfigError(f"{flag} {path}: {where} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".streamtag-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write in {where} ({exc.strerror or exc})") from None
     return path
 
 

@@ -599,6 +599,13 @@ def _load_checkpoint(path: Path, model, optim, sched, rng, total_epochs: int):
                 f"{path} belongs to a run of --epochs {ckpt['epochs']}; resume with the same --epochs "
                 "(the learning-rate schedule depends on it)"
             )
+        total = ckpt["sched"].get("total_steps")
+        if total is not None and total != sched.total_steps:  # else the schedule runs out mid-run, a traceback
+            raise ConfigError(
+                f"{path} belongs to a run of {total} steps in all ({total // total_epochs} an epoch), this one "
+                f"has {sched.total_steps // total_epochs}; resume with the same --steps-per-epoch and --batch-size "
+                "and the same clips"
+            )
         model.load_state_dict(ckpt["model"])
         optim.load_state_dict(ckpt["optim"])
         sched.load_state_dict(ckpt["sched"])
