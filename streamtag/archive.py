@@ -12,29 +12,41 @@ file no longer pays the single-stream hop's 0.1 ms.
 
 Per file, under ``out``: ``<name>.events.jsonl``, ``<name>.labels.txt`` (Audacity
 labels), optionally ``<name>.scores.tsv``, and last ``<name>.done.json``, the marker
-a rerun skips on. Everything is written to a temporary name and renamed, so a stopped
-run leaves finished files or nothing. The run's ``summary.csv`` (and Parquet) is
-rebuilt from the markers; ``errors.csv`` lists the files that failed, one line each.
+a rerun skips on. The marker names what the outputs depend on (the file's size and
+time, the model, the event settings, ``--scores``): a rerun tags a file again when any
+of that changed, rather than keep outputs that no longer match the command. Everything
+is written to a temporary name and renamed, so a stopped run leaves finished files or
+nothing. ``summary.csv`` (and Parquet) lists every finished file under ``out``, from
+the markers; ``errors.csv`` the files of this run that failed, one line each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 
 from .errors import AudioFileError, ConfigError
-from .events import EventDetector
+from .events import EventDetector, build_event_settings, model_event_table
 from .multistream import MultiStreamTagger
+from .outputs.files import row_header
 from .sources.file import WavReplaySource
 from .steps import Step, StepBlock, write_to
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf")
+AUDIO_SUFFIXES = (
+    *(".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".rf64", ".caf"),
+    *(".sph", ".nist"),
+)
 MANIFEST_SUFFIXES = (".csv", ".txt", ".lst")
 DONE = ".done.json"
 TOP_LABELS = 3
@@ -51,14 +63,20 @@ class Item:
     opener: Callable[[int], object] | None = dataclasses.field(default=None, compare=False)
 
 
-def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Item]:
+def find_inputs(inputs: Sequence[str | os.PathLike], passed_over: list[Path] | None = None) -> list[Item]:
     """Files, folders (searched recursively for audio) and manifests (``.csv`` with a ``path`` column, or
-    ``.txt``/``.lst`` with one path a line; relative paths are taken from the manifest's folder)."""
+    ``.txt``/``.lst`` with one path a line; relative paths are taken from the manifest's folder). A file listed
+    twice is tagged once. ``passed_over`` receives the files of a folder that were left out for their
+    extension (not audio by name; a manifest can still list them)."""
     items: list[Item] = []
     for given in inputs:
         p = Path(given)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
+            found = []
+            for f in sorted(p.rglob("*")):
+                if f.is_file():
+                    taken = f.suffix.lower() in AUDIO_SUFFIXES
+                    (found if taken else passed_over if passed_over is not None else []).append(f)
             if not found:
                 raise ConfigError(f"{p}: no audio files in this folder ({', '.join(AUDIO_SUFFIXES)})")
             items += [Item(f, str(Path(p.resolve().name) / f.relative_to(p))) for f in found]
@@ -69,14 +87,21 @@ def find_inputs(inputs: Sequence[str | os.PathLike]) -> list[Item]:
         else:
             raise ConfigError(f"{p}: no such file or folder")
     seen: dict[str, Path] = {}
+    files: set[Path] = set()
+    unique = []
     for item in items:
+        real = item.path.resolve()
+        if real in files:  # the same file twice (listed, or also in a folder given): tagged once
+            continue
         other = seen.setdefault(item.name, item.path)
-        if other != item.path:
+        if other is not item.path:
             raise ConfigError(
                 f"{other} and {item.path} would both write outputs named '{item.name}': "
                 "give their folders instead (outputs keep the path below each folder)"
             )
-    return items
+        files.add(real)
+        unique.append(item)
+    return unique
 
 
 def _name_in(path: Path, folder: Path) -> str:
@@ -113,6 +138,7 @@ class Outcome:
     events: dict[str, int] = dataclasses.field(default_factory=dict)  # opened events per label
     top: list[tuple[str, float]] = dataclasses.field(default_factory=list)  # highest mean probabilities
     error: str | None = None
+    warning: str | None = None  # tagged, with something to know (NaN samples replaced)
     skipped: bool = False  # finished by an earlier run
 
     def row(self) -> dict[str, object]:
@@ -124,14 +150,17 @@ class Outcome:
             "events_by_label": ";".join(f"{k}:{v}" for k, v in sorted(self.events.items())),
             "top_labels": ";".join(f"{k}:{p:.3f}" for k, p in self.top),
             "error": self.error or "",
+            "warning": self.warning or "",
         }
 
 
 class _Job:
     """One file in flight: its decoder, its partial outputs and its running sums."""
 
-    def __init__(self, item: Item, out: Path, rate: int, hop: int, scores: bool, labels: Sequence[str]) -> None:
-        self.item, self.marker = item, done_marker(out, item)
+    def __init__(
+        self, item: Item, out: Path, rate: int, hop: int, scores: bool, labels: Sequence[str], stamp: dict
+    ) -> None:
+        self.item, self.marker, self.stamp = item, done_marker(out, item), stamp
         if item.opener is not None:
             self.source = item.opener(rate)
         else:
@@ -175,8 +204,9 @@ class _Job:
         self.files["scores"].write(f"{onset:.3f}\t{end:.3f}\t{values}\n")
 
     def _events(self, events) -> None:
-        for event in events:
-            self.files["events"].write(json.dumps({"source": str(self.item.path), **event.as_dict()}) + "\n")
+        source = self.item.name if self.item.opener is not None else str(self.item.path)
+        for event in events:  # the rows replay --events writes
+            self.files["events"].write(json.dumps({**row_header(source, None), **event.as_dict()}) + "\n")
             if event.kind == "open":
                 self.events[event.label] = self.events.get(event.label, 0) + 1
             elif event.offset is not None:  # Audacity: start, end, label
@@ -190,13 +220,19 @@ class _Job:
         if self.frames:
             mean = self.sums / self.frames
             outcome.top = [(self.labels[i], float(mean[i])) for i in np.argsort(-mean)[:TOP_LABELS]]
-        if self.source.error or not self.frames:
+        nonfinite = self.source.status.nonfinite_samples
+        if nonfinite:
+            outcome.warning = f"{nonfinite} NaN/Inf samples were replaced by 0"
+        if not self.frames:
             outcome.error = self.source.error or "no audio (less than one hop)"
             self.discard()
             return outcome
         for path in self.final.values():
             os.replace(_tmp(path), path)
-        _write_atomic(self.marker, json.dumps(dataclasses.asdict(outcome)))
+        if self.source.error:  # cut short (a truncated file): what was read is kept, but the file is not done
+            outcome.error = self.source.error
+            return outcome
+        _write_atomic(self.marker, json.dumps({**dataclasses.asdict(outcome), **self.stamp}))
         return outcome
 
     def discard(self) -> None:
@@ -246,6 +282,7 @@ def tag_archive(
     if multi is None:
         multi = MultiStreamTagger(model, backend, capacity=width, events=detector or True)
     feats = multi.backend.config.features
+    key = settings_key(multi.backend.folder, multi.labels, feats.frame_seconds, scores, detector)
     outcomes: list[Outcome] = []
 
     def ended(outcome: Outcome) -> None:
@@ -255,26 +292,33 @@ def tag_archive(
 
     queue = items[::-1]  # pop() takes them in the order given
     active: dict[str, _Job] = {}
-    while queue or active:
-        while queue and len(active) < width:
-            item = queue.pop()
-            job = _open_job(item, out, force, feats, scores, multi.labels)
-            if isinstance(job, Outcome):
-                ended(job)
-                continue
-            multi.join(item.name)
-            active[item.name] = job
-        for name, job in list(active.items()):
-            chunk = next(job.chunks, None)
-            if chunk is None:
-                for step in multi.leave(name):
-                    job.write(step)
-                ended(job.finish(feats.frame_seconds))
-                del active[name]
-            else:
-                multi.feed(name, chunk)
-        for name, item in multi.step_blocks():
-            write_to(active[name], item)
+    try:
+        while queue or active:
+            while queue and len(active) < width:
+                item = queue.pop()
+                job = _open_job(item, out, force, feats, scores, multi.labels, key)
+                if isinstance(job, Outcome):
+                    ended(job)
+                    continue
+                multi.join(item.name)
+                active[item.name] = job
+            for name, job in list(active.items()):
+                chunk = next(job.chunks, None)
+                if chunk is None:
+                    for step in multi.leave(name):
+                        job.write(step)
+                    ended(job.finish(feats.frame_seconds))
+                    del active[name]
+                else:
+                    multi.feed(name, chunk)
+            for name, item in multi.step_blocks():
+                write_to(active[name], item)
+    except BaseException:  # stopped (Ctrl-C, SIGTERM) or failed: no half-written outputs, the pool left empty
+        for name, job in active.items():
+            job.discard()
+            with contextlib.suppress(Exception):
+                multi.leave(name)
+        raise
     return outcomes
 
 
@@ -285,42 +329,78 @@ def _tag_alone(item: Item, out: Path, model, backend: str, scores: bool, detecto
     from .engine import StreamTagger, drive
     from .modelfile import load_config, resolve_model_dir
 
-    cfg = load_config(resolve_model_dir(model))  # the model loads only when there is something to tag
-    outcome = job = _open_job(item, out, force, cfg.features, scores, cfg.labels)
+    folder = resolve_model_dir(model)
+    cfg = load_config(folder)  # the model loads only when there is something to tag
+    key = settings_key(folder, cfg.labels, cfg.features.frame_seconds, scores, detector)
+    outcome = job = _open_job(item, out, force, cfg.features, scores, cfg.labels, key)
     if isinstance(job, _Job):
         try:
             engine = StreamTagger(make_backend(backend, model), events=detector or True)
-        except Exception:
+            drive(engine, job.chunks, [job])
+        except BaseException:
             job.discard()  # no half-written outputs left behind
             raise
-        drive(engine, job.chunks, [job])
         outcome = job.finish(cfg.features.frame_seconds)
     if progress is not None:
         progress(outcome)
     return [outcome]
 
 
-def _open_job(item: Item, out: Path, force: bool, feats, scores: bool, labels) -> _Job | Outcome:
-    """The job for one item, or its outcome when there is nothing to tag: finished by an earlier run
-    (its done marker is there; stdin is new audio every time), or not readable."""
+def settings_key(folder: Path, labels: Sequence[str], frame_seconds: float, scores: bool, detector) -> str:
+    """What a file's outputs depend on besides its audio, as one digest: the model's files, every event
+    setting (``detector()``'s, else the model's events.toml) and whether frame scores are written."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors", "model.onnx"):
+        path = Path(folder) / name
+        if path.is_file():
+            digest.update(name.encode() + path.read_bytes())
+    events = detector() if detector is not None else None
+    if not isinstance(events, EventDetector):
+        events = EventDetector(labels, frame_seconds, *build_event_settings(model_event_table(folder)))
+    digest.update(events.describe().encode() + (b"scores" if scores else b""))
+    return digest.hexdigest()[:20]
+
+
+def _identity(item: Item) -> dict | None:
+    """The file a marker was written for: a file of the same name elsewhere, or this one changed, is not it."""
+    if item.opener is not None:
+        return None
+    st = item.path.stat()
+    return {"path": str(item.path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _open_job(item: Item, out: Path, force: bool, feats, scores: bool, labels, key: str) -> _Job | Outcome:
+    """The job for one item, or its outcome when there is nothing to tag: finished by an earlier run with
+    the same settings (its done marker says so; stdin is new audio every time), or not readable."""
     marker = done_marker(out, item)
-    if marker.is_file() and not force and item.opener is None:
-        return _skipped(item, marker)
     try:
-        job = _Job(item, out, feats.sample_rate, feats.hop_length, scores, labels)
+        stamp = {"settings": key, "file": _identity(item)}
+    except OSError as exc:
+        return Outcome(item.name, str(item.path), error=_one_line(exc))
+    if marker.is_file() and not force and item.opener is None:
+        done = _finished(marker, stamp)
+        if done is not None:
+            return done
+    try:
+        job = _Job(item, out, feats.sample_rate, feats.hop_length, scores, labels, stamp)
     except (AudioFileError, OSError) as exc:
         return Outcome(item.name, str(item.path), error=_one_line(exc))
     marker.unlink(missing_ok=True)
     return job
 
 
-def _skipped(item: Item, marker: Path) -> Outcome:
+def _finished(marker: Path, stamp: dict | None = None) -> Outcome | None:
+    """The outcome a done marker keeps; ``None`` when it is unreadable or, given ``stamp``, was written for
+    other settings or another version of the file (the file is tagged again)."""
     try:
         data = json.loads(marker.read_text(encoding="utf-8"))
+        if stamp is not None and any(data.get(k) != v for k, v in stamp.items()):
+            return None
         outcome = Outcome(**{k: data[k] for k in ("name", "path", "seconds", "events", "error")})
         outcome.top = [tuple(x) for x in data.get("top", [])]
+        outcome.warning = data.get("warning")
     except (OSError, ValueError, KeyError, TypeError):
-        outcome = Outcome(item.name, str(item.path))
+        return None
     outcome.skipped = True
     return outcome
 
@@ -330,8 +410,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: bool = False) -> list[Path]:
-    """``summary.csv`` (one row per file; Parquet too when asked) and ``errors.csv`` (failed files only)."""
+    """``summary.csv`` (one row per finished file under ``out``: this run's and, from their markers, those
+    of earlier runs; Parquet too when asked) and ``errors.csv`` (the files of this run that failed)."""
     out = Path(out)
+    mine = {o.name for o in outcomes}
+    earlier = [_finished(m) for m in out.rglob("*" + DONE)]
+    outcomes = [*outcomes, *(o for o in earlier if o is not None and o.name not in mine)]
     rows = [o.row() for o in sorted(outcomes, key=lambda o: o.name)]
     fields = list(Outcome("", "").row())
     written = [out / "summary.csv", out / "errors.csv"]
@@ -359,6 +443,7 @@ def _parquet_schema(pa):
             ("events_by_label", pa.string()),
             ("top_labels", pa.string()),
             ("error", pa.string()),
+            ("warning", pa.string()),
         ]
     )
 
@@ -384,13 +469,28 @@ def shards(items: Sequence[Item], n: int) -> list[list[Item]]:
     return [s for s in out if s]
 
 
-def _shard_main(shard: list[Item], queue, kwargs: dict) -> None:
+def _shard_main(k: int, shard: list[Item], queue, kwargs: dict) -> None:
+    """One worker process: ``(k, outcome)`` per file, then ``(k, None)``. Ctrl-C is the parent's to handle;
+    SIGTERM (the parent stopping it) ends it through ``SystemExit``, so its half-written outputs go."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit)
+    reported: set[str] = set()
+
+    def report(outcome: Outcome) -> None:
+        reported.add(outcome.name)
+        queue.put((k, outcome))
+
     try:
-        tag_archive(shard, progress=queue.put, **kwargs)
-    except Exception as exc:  # a process that cannot run reports every file it held as failed
+        tag_archive(shard, progress=report, **kwargs)
+    except Exception as exc:  # a process that cannot go on reports the files it did not finish as failed
         for item in shard:
-            queue.put(Outcome(item.name, str(item.path), error=f"worker process failed: {_one_line(exc)}"))
-    queue.put(None)
+            if item.name not in reported:
+                queue.put((k, Outcome(item.name, str(item.path), error=f"worker process failed: {_one_line(exc)}")))
+    queue.put((k, None))
+
+
+def _exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def tag_in_processes(
@@ -404,22 +504,52 @@ def tag_in_processes(
         return tag_archive(items, progress=progress, **kwargs)
     ctx = mp.get_context("spawn")  # a fresh interpreter per process: no forked threads or sessions
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_shard_main, args=(part, queue, kwargs), daemon=True) for part in parts]
-    for p in procs:
-        p.start()
-    outcomes, running = [], len(procs)
+    procs = [
+        ctx.Process(target=_shard_main, args=(k, part, queue, kwargs), daemon=True) for k, part in enumerate(parts)
+    ]
+    # started with Ctrl-C ignored (they inherit it), so a Ctrl-C reaches this process alone, which stops them
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
-        while running:
-            got = queue.get()
-            if got is None:
-                running -= 1
+        for p in procs:
+            p.start()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, before)
+    outcomes: list[Outcome] = []
+    unreported = [{item.name: item for item in part} for part in parts]
+    ended: set[int] = set()
+    quiet: set[int] = set()  # found dead once with nothing in the queue: gone without a word if again
+
+    def report(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        if progress is not None:
+            progress(outcome)
+
+    try:
+        while len(ended) < len(procs):
+            try:
+                k, got = queue.get(timeout=1.0)
+            except Empty:
+                for k, p in enumerate(procs):
+                    if k in ended or p.is_alive():
+                        continue
+                    if k in quiet:  # killed (out of memory, SIGKILL): its files fail, the others go on
+                        ended.add(k)
+                        for item in unreported[k].values():
+                            why = f"worker process ended (exit code {p.exitcode}) before finishing this file"
+                            report(Outcome(item.name, str(item.path), error=why))
+                    quiet.add(k)
                 continue
-            outcomes.append(got)
-            if progress is not None:
-                progress(got)
+            if got is None:
+                ended.add(k)
+            else:
+                unreported[k].pop(got.name, None)
+                report(got)
     finally:
         for p in procs:
             if p.is_alive():
-                p.terminate()
+                p.terminate()  # SIGTERM: each removes its half-written outputs
+        for p in procs:
             p.join()
     return outcomes

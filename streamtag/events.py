@@ -173,6 +173,13 @@ class EventDetector:
         self._patience = [p.patience_frames for p in chosen]
         self.reset_states()
 
+    def describe(self) -> str:
+        """Every setting in one string: what events depend on besides the scores (archive tagging keeps it with
+        a file's outputs, so a rerun with other settings tags the file again instead of keeping stale events)."""
+        per_class = zip(self.labels, self._on, self._off, self._min_frames, self._gap_frames, self._max_frames)
+        rows = [f"{k}:{on:g}/{off:g}/{a}/{b}/{c}" for k, on, off, a, b, c in per_class]
+        return f"{self.frame_seconds:g};{self._patience};" + ";".join(rows)
+
     def reset_states(self) -> None:
         self._tracks = [_Track() for _ in self.labels]
         self._busy: set[int] = set()  # classes not idle: the only ones looked at below threshold

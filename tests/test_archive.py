@@ -1,13 +1,21 @@
 """streamtag tag: whole folders and manifests, results equal to replay, resumable, bad files recorded."""
 
 import csv
+import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
-from .conftest import EXAMPLES, run_cli
+from .conftest import EXAMPLES, read_clip, run_cli
 
 CLIPS = ("dog.flac", "rain.flac", "chainsaw.flac")
 
@@ -142,11 +150,6 @@ def test_bad_invocations_say_what_to_fix(tmp_path, cnn_dir):
 
 
 def test_stdin_is_tagged_as_one_named_file(tmp_path, cnn_dir):
-    import subprocess
-    import sys
-
-    from .conftest import read_clip
-
     pcm = (read_clip(EXAMPLES / "rain.flac") * 32767).astype("<i2").tobytes()
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "streamtag", "tag", "-", "--out", str(out), "--model", str(cnn_dir), "--scores"]
@@ -157,8 +160,14 @@ def test_stdin_is_tagged_as_one_named_file(tmp_path, cnn_dir):
     files = tmp_path / "files"
     assert run_cli("tag", EXAMPLES / "rain.flac", "--out", files, "--model", cnn_dir, "--scores").returncode == 0
     np.testing.assert_allclose(scores, np.loadtxt(files / "rain.flac.scores.tsv", skiprows=1), atol=1e-3)  # 16-bit
-    r = subprocess.run(cmd + raw, input=b"", capture_output=True, timeout=120)
+    r = subprocess.run(cmd + raw, input=pcm, capture_output=True, timeout=120)  # stdin is new audio every time
+    assert r.returncode == 2 and b"already holds results named 'porch'" in r.stderr and b"--force" in r.stderr
+    r = subprocess.run(cmd + raw + ["--force"], input=b"", capture_output=True, timeout=120)
     assert r.returncode == 1 and b"no audio" in r.stderr
+    wav = io.BytesIO()
+    sf.write(wav, read_clip(EXAMPLES / "rain.flac"), 16000, format="WAV", subtype="PCM_16")
+    r = subprocess.run(cmd + ["--name", "cut"], input=wav.getvalue()[:60000], capture_output=True, timeout=120)
+    assert r.returncode == 1 and b"stdin ended early" in r.stderr  # the header announced more than came
     r = subprocess.run(cmd, input=b"not a wav header at all", capture_output=True, timeout=120)
     assert r.returncode == 2 and b"not a WAV stream" in r.stderr
 
@@ -178,3 +187,112 @@ def test_ray_writes_exactly_what_a_local_tag_writes(archive, tmp_path, cnn_dir):
         np.testing.assert_allclose(
             np.loadtxt(on_ray / f.relative_to(local), skiprows=1), np.loadtxt(f, skiprows=1), atol=1e-5
         )
+
+
+def test_a_rerun_tags_again_what_no_longer_matches_its_outputs(tmp_path, cnn_dir):
+    """A done file is skipped only for the same file and settings: --scores added, another threshold, or
+    another file under the same output name are tagged again, not answered with stale outputs."""
+    (tmp_path / "day1").mkdir()
+    (tmp_path / "day2" / "day1").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "dog.flac", tmp_path / "day1" / "a.flac")
+    shutil.copy(EXAMPLES / "rain.flac", tmp_path / "day2" / "day1" / "a.flac")  # a recorder reusing names
+    out = tmp_path / "out"
+    tag = ["tag", "--out", out, "--model", cnn_dir, "--jobs", "1"]
+    assert run_cli(*tag, tmp_path / "day1").returncode == 0
+    r = run_cli(*tag, tmp_path / "day1")
+    assert "0 files" in r.stderr and "1 already done" in r.stderr
+    r = run_cli(*tag, tmp_path / "day1", "--scores")
+    assert r.returncode == 0 and "tagged 1 files" in r.stderr and (out / "day1" / "a.flac.scores.tsv").is_file()
+    r = run_cli(*tag, tmp_path / "day1", "--scores", "--on-threshold", "0.2")
+    assert r.returncode == 0 and "tagged 1 files" in r.stderr
+    r = run_cli(*tag, tmp_path / "day2" / "day1", "--scores", "--on-threshold", "0.2")
+    assert r.returncode == 0 and "tagged 1 files" in r.stderr
+    (row,) = _rows(out / "summary.csv")
+    assert row["path"] == str(tmp_path / "day2" / "day1" / "a.flac")
+
+
+def test_duplicates_truncation_nan_and_other_extensions_are_reported(tmp_path, cnn_dir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    audio = read_clip(EXAMPLES / "dog.flac")
+    sf.write(folder / "whole.wav", audio, 16000)
+    cut = io.BytesIO()
+    sf.write(cut, audio, 16000, format="WAV", subtype="PCM_16")
+    (folder / "cut.wav").write_bytes(cut.getvalue()[:60000])  # the header says 5 s, 1.9 s follow
+    spoiled = audio.copy()
+    spoiled[1000:1101] = np.nan
+    sf.write(folder / "nan.wav", spoiled, 16000, subtype="FLOAT")
+    sf.write(folder / "notes.rf64", audio, 16000, format="RF64")
+    sf.write(folder / "take.bak", audio, 16000, format="WAV")  # an extension the folder search leaves out
+    (folder / "readme.txt").write_text("not audio")
+    out = tmp_path / "out"
+    r = run_cli("tag", folder, folder / "whole.wav", "--out", out, "--model", cnn_dir, "--jobs", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "tagged 3 files" in r.stderr and "1 failed" in r.stderr  # whole.wav given twice is tagged once
+    assert "cut.wav is truncated" in r.stderr and "nan.wav: 101 NaN/Inf samples were replaced by 0" in r.stderr
+    assert "2 files of the folders given were not tagged" in r.stderr and ".bak, .txt" in r.stderr
+    assert (out / "in" / "cut.wav.events.jsonl").is_file()  # what could be read was tagged and kept ...
+    assert not (out / "in" / "cut.wav.done.json").exists()  # ... but the file is not done
+    summary = {row["name"]: row for row in _rows(out / "summary.csv")}
+    assert sorted(summary) == ["in/nan.wav", "in/notes.rf64", "in/whole.wav"]
+    assert "NaN" in summary["in/nan.wav"]["warning"] and not summary["in/whole.wav"]["warning"]
+    (row,) = map(json.loads, (out / "in" / "whole.wav.events.jsonl").read_text().splitlines()[:1] or ["{}"])
+    assert not row or (row["schema"] == 1 and "time" in row)  # replay's rows
+    r = run_cli("tag", folder / "take.bak", "--out", out, "--model", cnn_dir)  # given by name, it is tagged
+    assert r.returncode == 0 and "tagged 1 files" in r.stderr, r.stderr
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, cnn_dir):
+    for out, why in ((tmp_path / "x.wav" / "sub", "not a folder"), ("/proc/streamtag_out", "cannot write")):
+        (tmp_path / "x.wav").write_bytes(b"")
+        r = run_cli("tag", EXAMPLES / "dog.flac", "--out", out, "--model", cnn_dir)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.fixture()
+def long_archive(tmp_path):
+    """Twelve 60 s files: long enough to stop a run in the middle."""
+    folder = tmp_path / "long"
+    folder.mkdir()
+    audio = np.tile(read_clip(EXAMPLES / "dog.flac"), 12)
+    for i in range(12):
+        sf.write(folder / f"f{i:02d}.wav", audio, 16000)
+    return folder
+
+
+def _wait_for_a_finished_file(proc, out, limit_s=120):
+    deadline = time.monotonic() + limit_s
+    while proc.poll() is None and time.monotonic() < deadline and not list(out.rglob("*.done.json")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+
+
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(long_archive, tmp_path, cnn_dir):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "streamtag", "tag", str(long_archive), "--out", str(out), "--model", str(cnn_dir)]
+    cmd += ["--jobs", "2", "--width", "2"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_a_finished_file(proc, out)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "run the same command again" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert not list(out.rglob("*.part"))  # nothing half-written left
+    done = len(list(out.rglob("*.done.json")))
+    assert 1 <= done < 12 and len(_rows(out / "summary.csv")) == done
+    r = run_cli("tag", long_archive, "--out", out, "--model", cnn_dir, "--jobs", "2", timeout=300)
+    assert r.returncode == 0 and f"{done} already done" in r.stderr and f"tagged {12 - done} files" in r.stderr
+
+
+def test_a_worker_process_killed_mid_run_fails_its_files_and_the_rest_finish(long_archive, tmp_path, cnn_dir):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "streamtag", "tag", str(long_archive), "--out", str(out), "--model", str(cnn_dir)]
+    proc = subprocess.Popen([*cmd, "--jobs", "2", "--width", "2"], stderr=subprocess.PIPE, text=True)
+    _wait_for_a_finished_file(proc, out)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    os.kill(int(workers[0]), signal.SIGKILL)  # as the out-of-memory killer would
+    _, err = proc.communicate(timeout=300)  # before the fix: waited for ever
+    assert proc.returncode == 1 and "worker process ended (exit code -9)" in err, err
+    failed = _rows(out / "errors.csv")
+    assert failed and len(failed) + len(_rows(out / "summary.csv")) == 12

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..outputs.files import check_output_folder
 
 
 def add_parser(subparsers) -> None:
@@ -19,15 +20,17 @@ def add_parser(subparsers) -> None:
         "as streams of one batched pool (one file alone: 128 hops per model call), so results equal 'streamtag "
         "replay' of each file (to float rounding; the same events). Per file, under "
         "--out: NAME.events.jsonl, NAME.labels.txt (Audacity labels), NAME.scores.tsv with --scores, and "
-        "NAME.done.json; for the run: summary.csv (and summary.parquet with --parquet) and errors.csv. A rerun "
-        "skips finished files. Exit 1 when any file failed (see errors.csv).",
+        "NAME.done.json; summary.csv (every finished file under --out; summary.parquet with --parquet) and errors.csv "
+        "(this run's failures). A rerun skips the files finished with the same model and settings and tags the "
+        "others (new, changed, or finished with other settings); Ctrl-C stops cleanly, and the same command "
+        "resumes. Exit 1 when any file failed (see errors.csv), 130 when interrupted.",
     )
     p.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="audio files, folders, or manifests (.csv/.txt); - reads stdin"
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created, with its parents, if missing)")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
-    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
+    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx", help="inference backend (default onnx)")
     p.add_argument("--scores", action="store_true", help="also write every frame's scores (sed_scores_eval TSV)")
     p.add_argument("--parquet", action="store_true", help="also write summary.parquet (needs pyarrow)")
     p.add_argument("--force", action="store_true", help="tag files again even when a finished output exists")
@@ -46,7 +49,11 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--width", type=int, default=64, help="files stepped together per model call (default 64)")
     p.add_argument("--event-config", metavar="FILE", help="event thresholds per class (TOML or JSON), as replay's")
-    p.add_argument("--on-threshold", type=float, help="score that starts an event, for every class")
+    p.add_argument(
+        "--on-threshold",
+        type=float,
+        help="score that starts an event, for every class (default: the model's per-class thresholds, its events.toml)",
+    )
     p.add_argument("--name", default="stdin", help="with -: the name stdin's outputs take (default stdin)")
     p.add_argument("--raw-rate", type=int, metavar="HZ", help="with -: raw PCM at this rate (default: a WAV stream)")
     p.add_argument("--raw-format", choices=["s16le", "s32le", "f32le"], help="with -: raw PCM sample format")
@@ -66,28 +73,41 @@ def run(args) -> int:
             import pyarrow  # noqa: F401
         except ImportError:
             raise ConfigError("--parquet needs pyarrow: pip install 'streamtag[archive]' (or pyarrow)") from None
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder")
+    out = check_output_folder(args.out, "--out")
+    passed_over: list[Path] = []
     if "-" in args.inputs:
         items = [_stdin_item(args)]
         args.jobs = 1  # worker processes cannot share this process's stdin
+        if (out / f"{args.name}.events.jsonl").exists() and not args.force:
+            raise ConfigError(
+                f"--out {out} already holds results named '{args.name}'; give stdin another --name, "
+                "or add --force to replace them"
+            )
     else:
-        items = find_inputs(args.inputs)
+        items = find_inputs(args.inputs, passed_over)
     detectors = detector_factory(args.model, args.event_config, args.on_threshold)
     out.mkdir(parents=True, exist_ok=True)
     bar = _Progress(len(items), enabled=not args.quiet and sys.stderr.isatty())
     kwargs = dict(out=out, model=args.model, backend=args.backend, width=args.width, scores=args.scores)
     kwargs.update(detector=detectors, force=args.force)
+    outcomes: list = []  # as each file ends, so an interrupted run still writes its summary
+
+    def ended(outcome) -> None:
+        outcomes.append(outcome)
+        bar.update(outcome)
+
     started = time.perf_counter()
+    interrupted = False
     try:
         if args.ray:
             from ..distributed import tag_on_ray
 
-            outcomes = tag_on_ray(items, args.ray, args.jobs, progress=bar.update, **kwargs)
+            tag_on_ray(items, args.ray, args.jobs, progress=ended, **kwargs)
         else:
             jobs = args.jobs or os.cpu_count() or 1
-            outcomes = tag_in_processes(items, min(jobs, len(items)), progress=bar.update, **kwargs)
+            tag_in_processes(items, min(jobs, len(items)), progress=ended, **kwargs)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         bar.close()
     wall = time.perf_counter() - started
@@ -101,11 +121,32 @@ def run(args) -> int:
         f"summary in {tables[0]}",
         file=sys.stderr,
     )
-    for o in failed[:5]:
-        print(f"streamtag: error: {o.error if o.path in o.error else f'{o.path}: {o.error}'}", file=sys.stderr)
-    if len(failed) > 5:
-        print(f"streamtag: ... and {len(failed) - 5} more in {tables[1]}", file=sys.stderr)
+    _say_each("error", [o for o in failed], lambda o: o.error, tables[1])
+    _say_each("warning", [o for o in outcomes if o.warning], lambda o: o.warning, tables[0])
+    if passed_over:
+        kinds = ", ".join(sorted({f.suffix.lower() or "no extension" for f in passed_over}))
+        print(
+            f"streamtag tag: note: {len(passed_over)} files of the folders given were not tagged for their "
+            f"extension ({kinds}; e.g. {passed_over[0]}); list them in a manifest to tag them",
+            file=sys.stderr,
+        )
+    if interrupted:
+        print(
+            f"streamtag tag: interrupted; {len(items) - len(outcomes)} of {len(items)} files not finished "
+            "(nothing half-written was kept); run the same command again to tag them",
+            file=sys.stderr,
+        )
+        return 130
     return 1 if failed else 0
+
+
+def _say_each(kind: str, outcomes: list, what, table: Path, most: int = 5) -> None:
+    """One line per file for the first few, then where the rest are listed."""
+    for o in outcomes[:most]:
+        text = what(o)
+        print(f"streamtag tag: {kind}: {text if o.path in text else f'{o.path}: {text}'}", file=sys.stderr)
+    if len(outcomes) > most:
+        print(f"streamtag tag: ... and {len(outcomes) - most} more in {table}", file=sys.stderr)
 
 
 def _stdin_item(args):

@@ -24,7 +24,7 @@ from .selection import ClassSelection
 SCHEMA_VERSION = 1  # of the JSONL rows below; bumped when a field changes meaning or goes away
 
 
-def _header(source: str | None, stream: str | None) -> dict:
+def row_header(source: str | None, stream: str | None) -> dict:
     """The fields every JSONL row starts with: schema version, wall-clock time (UTC), source and stream."""
     row: dict = {
         "schema": SCHEMA_VERSION,
@@ -214,7 +214,7 @@ class UpdatesJsonl:
     def write(self, step: Step) -> None:
         if not step.has_scores or (step.frame_index + 1) % self.every:
             return
-        row = _header(self.source, self.stream)
+        row = row_header(self.source, self.stream)
         row["t"] = round(step.t, 3)
         if self.all_classes:
             row["probs"] = {label: round(float(p), 5) for label, p in zip(step.labels, step.probs)}
@@ -241,7 +241,7 @@ class EventsJsonl:
 
     def write(self, step: Step) -> None:
         for event in step.events:
-            row = _header(self.source, self.stream) | event.as_dict()
+            row = row_header(self.source, self.stream) | event.as_dict()
             self._file.write(json.dumps(row) + "\n")
 
     def close(self) -> None:

@@ -124,6 +124,12 @@ class PipeSource(ProducerSource):
             want = block if left is None else min(block, left)
             data = self.stream.read(want) if want else b""
             if not data:
+                if left:  # the header named a length the stream did not deliver: say so, as a short file does
+                    missing = left / (fmt.data_bytes or 1)
+                    self.error = (
+                        f"stdin ended early: {missing:.0%} of the audio its WAV header announced is missing; "
+                        "what arrived was tagged"
+                    )
                 break
             if left is not None:
                 left -= len(data)
