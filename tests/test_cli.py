@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from .conftest import EXAMPLES, LABELS, run_cli
+from .conftest import EXAMPLES, LABELS, read_clip, run_cli
 
 
 def test_replay_jsonl_updates_timestamps_and_probabilities(cnn_dir, tmp_path):
@@ -119,11 +119,13 @@ def test_fast_paced_replay_never_drops(cnn_dir):
         (["eval", "{tmp}/nomodel", "{tmp}"], "model folder not found"),
         (["export", "{tmp}/nomodel", "--onnx", "{tmp}/x.onnx"], "the first argument for eval and export"),
         (["train", "{tmp}/nodata", "--out", "{tmp}/o"], "dataset not found"),
+        (["eval", "{cnn}", "{tmp}", "--report", "/proc/streamtag_report"], "--report /proc/streamtag_report"),
+        (["tag", "{dog}", "--out", "{tmp}/o", "--on-threshold", "2"], "--on-threshold 2: on_threshold must be"),
     ],
 )
 def test_user_mistakes_give_one_line_and_nonzero_exit(args, message, cnn_dir, tmp_path):
     (tmp_path / "text.wav").write_text("this is not audio\n")
-    args = [a.format(tmp=tmp_path, dog=EXAMPLES / "dog.flac") for a in args]
+    args = [a.format(tmp=tmp_path, dog=EXAMPLES / "dog.flac", cnn=cnn_dir) for a in args]
     if "--model" not in args and args[0] == "replay":
         args += ["--model", str(cnn_dir)]
     r = run_cli(*args)
@@ -393,3 +395,29 @@ def test_the_package_and_the_command_line_start_without_numpy_and_every_exported
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_ctrl_c_in_a_command_that_keeps_nothing_still_says_so(tmp_path):
+    """eval keeps no partial report: interrupted, it says so in one line (exit 130), no traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    for label in ("dog", "rain"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        audio = np.tile(read_clip(EXAMPLES / f"{label}.flac"), 12)
+        for i in range(6):
+            sf.write(tmp_path / "data" / label / f"{i}.wav", audio, 16000)
+    cmd = [sys.executable, "-m", "streamtag", "eval", "default", str(tmp_path / "data")]
+    cmd += ["--levels", "0,-10,-20,-30,-40,-50", "--report", str(tmp_path / "report"), "--baseline-folds", "0"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # stopped during the level sweep: minutes of audio still to go
+        lines.append(line)
+        if "level sweep" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    err = "".join(lines) + proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "streamtag eval: interrupted" in err and "Traceback" not in err, err

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a command that stops cleanly says what it kept itself; the rest say this much
+        print(f"streamtag {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. piped into head
         return 0

@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
         "(The full benchmark suite is benchmarks/run_benchmarks.py in the source tree.)",
     )
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
-    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
+    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx", help="inference backend (default onnx)")
     p.add_argument("--seconds", type=float, default=20.0, help="audio timed back to back (default 20)")
     p.add_argument("--paced-seconds", type=float, default=2.0, help="audio timed paced, one hop per 10 ms (default 2)")
     p.add_argument("--out", metavar="JSON", help="also write the figures here")

@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("model", help="model folder, or 'default' for the bundled model")
     p.add_argument("dataset", help="ESC-50 folder, folder per class, or CSV manifest")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="onnx")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="onnx", help="inference backend (default onnx)")
     p.add_argument(
         "--report", metavar="DIR", default="eval_report", help="where report.json/.md go (default eval_report)"
     )
@@ -91,6 +91,7 @@ def run(args) -> int:
     from ..backends import make_backend
     from ..events import EventDetector, build_event_settings, model_event_table
     from ..modelfile import cache_dir, resolve_model_dir
+    from ..outputs.files import check_output_folder
     from ..training.datasets import TRAINED_ON, load_dataset, read_unlabelled
     from ..training.evaluate import (
         dataset_targets,
@@ -107,6 +108,7 @@ def run(args) -> int:
     from ..training.teacher import Teacher, read_label_map
 
     levels = _levels(args.levels)
+    check_output_folder(args.report, "--report")  # before the clips are scored, not after
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1 ({args.limit} given)")
     if args.event_stream < 0:

@@ -252,8 +252,13 @@ def event_settings(
     tables = event_tables(model, event_config, on_threshold, max_event_seconds)
     try:
         return build_event_settings(*tables)
-    except ConfigError as exc:
-        which = f"--max-event-seconds {max_event_seconds:g}" if max_event_seconds is not None else "--event-config"
+    except ConfigError as exc:  # name the flag or file the bad value came from
+        if on_threshold is not None and "on_threshold" in str(exc):
+            which = f"--on-threshold {on_threshold:g}"
+        elif max_event_seconds is not None and "max_duration_s" in str(exc):
+            which = f"--max-event-seconds {max_event_seconds:g}"
+        else:
+            which = "--event-config" if event_config else "the model's events.toml"
         raise ConfigError(f"{which}: {exc}") from None
 
 

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
         "tagger's scores become soft frame targets (knowledge distillation) and --unlabelled audio "
         "can be learned from.",
     )
-    p.add_argument("dataset", nargs="+")
+    p.add_argument("dataset", nargs="+", help="labelled audio: an ESC-50 folder, a folder per class, or a CSV manifest")
     p.add_argument("--out", required=True, metavar="DIR", help="output model folder")
     p.add_argument("--arch", default="cnn", help="lstm, attention or cnn (default cnn)")
     p.add_argument(
@@ -85,7 +85,7 @@ def add_parser(subparsers) -> None:
         help="audio without labels (folder or CSV with path[,group][,weight]: a group of weight 3 is drawn "
         "three times as often), learned from the teacher (repeatable)",
     )
-    p.add_argument("--epochs", type=int, default=80)
+    p.add_argument("--epochs", type=int, default=80, help="passes over the data (default 80)")
     p.add_argument(
         "--steps-per-epoch",
         type=int,
@@ -93,9 +93,9 @@ def add_parser(subparsers) -> None:
         metavar="N",
         help="batches per epoch (default: one pass over the clips)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="crops per training step (default 32)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the crops and the weights (default 0)")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--val-fold", type=int, metavar="F", help="validate on the dataset's fold F")
     split.add_argument("--no-val", action="store_true", help="train on every clip (no validation)")
