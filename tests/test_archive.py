@@ -209,6 +209,10 @@ def test_a_rerun_tags_again_what_no_longer_matches_its_outputs(tmp_path, cnn_dir
     assert r.returncode == 0 and "tagged 1 files" in r.stderr
     (row,) = _rows(out / "summary.csv")
     assert row["path"] == str(tmp_path / "day2" / "day1" / "a.flac")
+    (tmp_path / "other").mkdir()
+    shutil.copy(EXAMPLES / "chainsaw.flac", tmp_path / "other" / "b.flac")
+    assert run_cli(*tag, tmp_path / "other").returncode == 0
+    assert [row["name"] for row in _rows(out / "summary.csv")] == ["day1/a.flac", "other/b.flac"]  # the archive's
 
 
 def test_duplicates_truncation_nan_and_other_extensions_are_reported(tmp_path, cnn_dir):
