@@ -294,7 +294,8 @@ class StreamTagger:
             out += self.reset()
         if self._silence_frames is not None:
             nxt = self._pending[self._start : self._start + self.hop]
-            self._silent_run = self._silent_run + 1 if float(np.abs(nxt).max()) < SILENCE_PEAK else 0
+            peak = float(np.abs(nxt).max()) * (self._gain if self.gain_db else 1.0)  # as the model will hear it
+            self._silent_run = self._silent_run + 1 if peak < SILENCE_PEAK else 0
             if self._silent_run == self._silence_frames:
                 out += self.reset()
         return out

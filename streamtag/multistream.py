@@ -17,6 +17,7 @@ a network server stands on::
 
 from __future__ import annotations
 
+import copy
 import functools
 import heapq
 import os
@@ -80,6 +81,8 @@ class MultiStreamTagger:
         if events is True:  # the model's events.toml, read once: parsing it at every join cost 1.7 ms a stream
             settings = build_event_settings(model_event_table(getattr(self.backend, "folder", None)))
             events = functools.partial(EventDetector, self.labels, self.frame_seconds, *settings)
+        elif isinstance(events, EventDetector):  # a template: each stream needs a detector (event state) of its own
+            events = functools.partial(copy.deepcopy, events)
         self._events = events
         self._engine_options = dict(engine_options or {})
         self.behind = False  # the last step_blocks(max_hops) left ready hops for the next round

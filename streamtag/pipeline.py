@@ -25,12 +25,14 @@ class FileResult:
 def tag_file(
     backend,
     path: str | os.PathLike,
-    detector: EventDetector | None = None,
+    detector: EventDetector | bool | None = True,
     outputs: tuple[Output, ...] = (),
     **engine_options,
 ) -> FileResult:
     """Decode ``path`` a block at a time, feed one :class:`StreamTagger` (state cleared first) and collect
-    every score and event; ``outputs`` get every step too. No thread: the same steps as ``replay --fast``."""
+    every score and event; ``outputs`` get every step too. No thread: the same steps as ``replay --fast``.
+    ``detector``: as :class:`StreamTagger`'s ``events`` (default: the model's own event settings, as replay's;
+    ``None`` for scores alone)."""
     feats = backend.config.features
     source = WavReplaySource(path, feats.sample_rate, speed=0, min_samples=feats.hop_length)
     backend.reset_states()

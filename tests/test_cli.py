@@ -421,3 +421,26 @@ def test_ctrl_c_in_a_command_that_keeps_nothing_still_says_so(tmp_path):
             break
     err = "".join(lines) + proc.communicate(timeout=120)[1]
     assert proc.returncode == 130 and "streamtag eval: interrupted" in err and "Traceback" not in err, err
+
+
+def test_outputs_are_checked_before_any_is_opened_and_export_keeps_the_model(cnn_dir, tmp_path):
+    import shutil
+
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text('{"precious": 1}\n')
+    replay = ["replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast"]
+    r = run_cli(*replay, "--events", kept, "--save-clips", "nodir")
+    assert r.returncode == 2 and "--save-clips nodir" in r.stderr and "Traceback" not in r.stderr
+    assert kept.read_text() == '{"precious": 1}\n'  # refused before it was opened (truncated)
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--events", kept, "--scores", "/proc/x.tsv")
+    assert r.returncode == 2 and "--scores /proc/x.tsv" in r.stderr and kept.read_text() == '{"precious": 1}\n'
+    model = tmp_path / "model"
+    shutil.copytree(cnn_dir, model)
+    weights = (model / "model.safetensors").read_bytes()
+    r = run_cli("export", model, "--onnx", model / "model.safetensors")
+    assert r.returncode == 2 and "would replace the model's own model.safetensors" in r.stderr
+    assert (model / "model.safetensors").read_bytes() == weights
+    r = run_cli("export", model, "--onnx", tmp_path / "g.onnx", "--chunk-onnx", tmp_path / "g.onnx")
+    assert r.returncode == 2 and "is also --onnx" in r.stderr and not (tmp_path / "g.onnx").exists()
+    r = run_cli("export", model, "--onnx", "/proc/g.onnx")
+    assert r.returncode == 2 and "cannot write in /proc" in r.stderr and "Traceback" not in r.stderr

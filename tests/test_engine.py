@@ -62,6 +62,22 @@ def test_reset_every_equals_a_fresh_engine_on_each_piece(cnn_dir, clip):
         np.testing.assert_allclose(probs[k * 100 : (k + 1) * 100], piece, atol=1e-6)
 
 
+def test_silence_is_judged_after_the_gain(cnn_dir, clip):
+    """--reset-on-silence looks at what the model hears: a quiet input raised by --gain is not silence."""
+    quiet = np.random.default_rng(0).normal(0, 10 ** (-80 / 20), 48000).astype(np.float32)  # peaks near -68 dBFS
+
+    def resets(**options):
+        tagger = StreamTagger(cnn_dir, events=None, reset_on_silence_s=0.5, **options)
+        count = []
+        reset = tagger.reset
+        tagger.reset = lambda *a, **k: count.append(1) or reset(*a, **k)
+        tagger.feed(quiet)
+        return len(count)
+
+    assert resets() >= 1  # silence as heard
+    assert resets(gain_db=40.0) == 0  # -30 dBFS as the model hears it
+
+
 def test_input_contract_conversions_and_errors():
     x = np.linspace(-0.5, 0.5, 320, dtype=np.float32)
     assert as_mono_float32(x) is x  # the common case is not copied

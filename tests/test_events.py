@@ -230,6 +230,21 @@ def test_a_stream_pool_gives_each_stream_its_own_detector_with_the_model_setting
     assert a.detector is not b.detector and a.detector._tracks is not b.detector._tracks
 
 
+def test_tag_file_gives_the_events_replay_gives_and_a_detector_template_is_copied_per_stream():
+    from streamtag import make_backend, tag_file
+    from streamtag.multistream import MultiStreamTagger
+
+    from .conftest import EXAMPLES
+
+    backend = make_backend("onnx")
+    result = tag_file(backend, EXAMPLES / "rain.flac")  # as the README shows it
+    assert [(e.kind, e.label, round(e.onset, 2)) for e in result.events][:1] == [("open", "rain", 2.21)]
+    template = EventDetector(backend.labels, 0.01)
+    pool = MultiStreamTagger(capacity=2, events=template)
+    first, second = pool.join("x").detector, pool.join("y").detector
+    assert first is not second and first is not template and first._tracks is not second._tracks
+
+
 def _calibration_recipe():
     import importlib.util
     from pathlib import Path

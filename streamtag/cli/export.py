@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import ConfigError
 from ..outputs.files import check_output_path
 
@@ -24,9 +26,20 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     if not (args.onnx or args.chunk_onnx):
         raise ConfigError("nothing to write: give --onnx OUT, --chunk-onnx OUT or both")
-    for flag, path in (("--onnx", args.onnx), ("--chunk-onnx", args.chunk_onnx)):
-        if path:
-            check_output_path(path, flag)  # its folder must exist: nothing is created
+    from ..modelfile import resolve_model_dir
+
+    folder = resolve_model_dir(args.model).resolve()
+    chosen: dict[Path, str] = {}
+    for flag, path, own in (("--onnx", args.onnx, "model.onnx"), ("--chunk-onnx", args.chunk_onnx, "chunk.onnx")):
+        if not path:
+            continue
+        check_output_path(path, flag)  # its folder must exist: nothing is created
+        real = Path(path).resolve()
+        if real in chosen:
+            raise ConfigError(f"{flag} {path} is also {chosen[real]}: give each graph a file of its own")
+        chosen[real] = flag
+        if real.parent == folder and real.name != own and real.exists():  # the model's weights, config, ...
+            raise ConfigError(f"{flag} {path} would replace the model's own {real.name}; write it elsewhere")
     from ..models.export import export_chunk_onnx, export_onnx
 
     for path, export in ((args.onnx, export_onnx), (args.chunk_onnx, export_chunk_onnx)):

@@ -22,7 +22,7 @@ from ..events import (
 )
 from ..modelfile import load_config, resolve_model_dir
 from ..outputs import ClassSelection, EventsJsonl, LiveView, PlainLines, ScoresTsv, UpdatesJsonl
-from ..outputs.files import Rotation, check_output_path
+from ..outputs.files import Rotation, check_output_folder, check_output_path
 from ..outputs.plots import check_plot_path
 from ..worker import MAX_BUFFER_SECONDS, Worker
 
@@ -227,6 +227,11 @@ def _check_output_paths(args) -> None:
         if real in taken and not (os.path.exists(real) and not os.path.isfile(real)):  # /dev/null may repeat
             raise ConfigError(f"{flag} {path} is also {taken[real]}: give each output a file of its own")
         taken[real] = flag
+    clips = getattr(args, "save_clips", None)
+    if clips:  # a folder that exists already, checked with the files: before any of them is opened (truncated)
+        if not os.path.isdir(clips):
+            raise ConfigError(f"--save-clips {clips}: no such folder; create it first")
+        check_output_folder(clips, "--save-clips")
 
 
 def check_args(args) -> tuple[EventParams | None, dict[str, EventParams]]:

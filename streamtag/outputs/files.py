@@ -52,9 +52,13 @@ def check_output_path(path: str | os.PathLike, flag: str | None = None) -> Path:
         raise ConfigError(f"{name}: {folder} is not a folder")
     if not folder.is_dir():
         raise ConfigError(f"{name}: output folder {folder} does not exist; create it first")
-    target = path if path.exists() else folder
-    if not os.access(target, os.W_OK):
-        raise ConfigError(f"{name}: {'file' if target is path else 'folder'} {target} is not writable")
+    if path.exists():  # opened for appending, nothing written: what a write would meet (root passes os.access)
+        try:
+            open(path, "ab").close()
+        except OSError as exc:
+            raise ConfigError(f"{name}: file {path} is not writable ({exc.strerror or exc})") from None
+    else:
+        _probe(folder, name)
     return path
 
 
@@ -70,13 +74,18 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
         where = where.parent
     if not where.is_dir():
         raise ConfigError(f"{flag} {path}: {where} is not a folder")
+    _probe(where, f"{flag} {path}")
+    return path
+
+
+def _probe(folder: Path, name: str) -> None:
+    """Make and remove a file in ``folder``: the one sure test that it takes new files."""
     try:
-        fd, probe = tempfile.mkstemp(dir=where, prefix=".streamtag-probe-")
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".streamtag-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot write in {where} ({exc.strerror or exc})") from None
-    return path
+        raise ConfigError(f"{name}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def named_error(exc: OSError, path: str | os.PathLike) -> OSError:
