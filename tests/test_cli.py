@@ -444,3 +444,14 @@ def test_outputs_are_checked_before_any_is_opened_and_export_keeps_the_model(cnn
     assert r.returncode == 2 and "is also --onnx" in r.stderr and not (tmp_path / "g.onnx").exists()
     r = run_cli("export", model, "--onnx", "/proc/g.onnx")
     assert r.returncode == 2 and "cannot write in /proc" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_class_left_out_by_allow_or_deny_opens_no_events(tmp_path):
+    def rain_events(*flags):
+        events = tmp_path / "ev.jsonl"
+        r = run_cli("replay", EXAMPLES / "rain.flac", "--fast", "--quiet", "--events", events, *flags)
+        assert r.returncode == 0, r.stderr
+        return [row["label"] for row in map(json.loads, events.read_text().splitlines()) if row["label"] == "rain"]
+
+    assert rain_events("--allow", "rain,dog") == ["rain", "rain"]  # open and close
+    assert rain_events("--deny", "rain") == [] and rain_events("--allow", "dog") == []

@@ -90,7 +90,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--score-threshold", type=number(0, 1, low_ok=True), default=0.0, metavar="P", help="hide classes below P"
     )
-    for flag, what in (("--allow", "show only these classes"), ("--deny", "never show these classes")):
+    for flag, what in (
+        ("--allow", "show and open events for only these classes"),
+        ("--deny", "never show these classes or open their events"),
+    ):
         out.add_argument(
             flag, action="append", metavar="CLASS[,CLASS]", help=f"{what} (comma-separated, or repeat {flag})"
         )
@@ -312,10 +315,19 @@ def class_names(flag: str, values: list[str] | None, labels: Sequence[str]) -> l
     return names
 
 
-def _detector(settings, backend) -> EventDetector:
+def _detector(settings, backend, args) -> EventDetector:
+    """The stream's detector; a class that ``--allow``/``--deny`` hides opens no events either (as in serve)."""
+    import numpy as np
+
     default, per_class = settings
+    labels = backend.labels
+    allow, deny = class_names("--allow", args.allow, labels), class_names("--deny", args.deny, labels)
+    enabled = None
+    if allow or deny:
+        enabled = np.zeros(len(labels), dtype=bool)
+        enabled[ClassSelection(labels, 1, 0.0, allow, deny).indices] = True
     try:
-        return EventDetector(backend.labels, backend.config.features.frame_seconds, default, per_class)
+        return EventDetector(labels, backend.config.features.frame_seconds, default, per_class, enabled=enabled)
     except ConfigError as exc:
         raise ConfigError(f"--event-config: {exc}") from None
 
@@ -365,7 +377,7 @@ def run_stream(args, source, backend, event_settings, extra_outputs=()) -> int:
         w = holder["worker"]
         return w.ring.dropped, w.timer.percentile_ms(99), w.frame_seconds * 1000, w.level_dbfs
 
-    detector = _detector(event_settings, backend)  # before any output file is opened
+    detector = _detector(event_settings, backend, args)  # before any output file is opened
     name = getattr(source, "path", None) or getattr(source, "device_name", None) or source.description
     outputs = _outputs(args, backend, status, extra_outputs, source=str(name))
     worker = holder["worker"] = Worker(
