@@ -61,6 +61,8 @@ def test_a_wav_stream_of_another_rate_and_width(cnn_dir, tmp_path):
         (["-", "--raw-rate", "5", "--raw-format", "s16le"], b"\0" * 3200, "--raw-rate must be in"),
         (["-", "--raw-rate", "0", "--raw-format", "s16le"], b"\0" * 3200, "--raw-rate must be in"),
         (["{dog}", "--raw-rate", "16000", "--raw-format", "s16le"], b"", "describe stdin"),
+        (["{dog}", "--raw-channels", "2"], b"", "--raw-channels describes raw PCM"),
+        (["-", "--raw-channels", "2"], b"\0" * 3200, "--raw-channels describes raw PCM"),
     ],
 )
 def test_bad_pipe_input_is_one_line(cnn_dir, tmp_path, args, stdin, message):
@@ -84,3 +86,14 @@ def test_events_to_stdout_carry_nothing_else(cnn_dir):
     assert "samples: captured" in r.stderr  # the summary stays on stderr
     both = _replay(cnn_dir, EXAMPLES / "rain.flac", "--events", "-", "--jsonl", "-")
     assert both.returncode == 2 and b"standard output is already" in both.stderr
+
+
+def test_stdin_with_no_audio_or_the_wrong_format_is_said_plainly(cnn_dir):
+    raw = ["-", "--raw-rate", "16000", "--raw-format", "s16le"]
+    for stdin in (b"", b"abc"):  # nothing, or not one whole hop
+        r = _replay(cnn_dir, *raw, stdin=stdin)
+        assert r.returncode == 1 and "stdin ended with no audio to tag" in r.stderr.decode()
+    s16 = (np.sin(np.arange(32000) / 5) * 30000).astype("<i2").tobytes()
+    r = _replay(cnn_dir, "-", "--raw-rate", "16000", "--raw-format", "f32le", stdin=s16 * 4)  # read as float
+    err = r.stderr.decode()
+    assert "RuntimeWarning" not in err and "Traceback" not in err

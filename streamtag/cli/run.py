@@ -122,7 +122,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         type=number(0, 1),
         default=None,
         metavar="P",
-        help="score that starts an event (default 0.5; off = on - 0.15)",
+        help="score that starts an event, for every class (default: the model's per-class thresholds, its "
+        "events.toml, else 0.5; off = on - 0.15)",
     )
     ev.add_argument(
         "--max-event-seconds",
@@ -183,7 +184,7 @@ def add_parser(subparsers) -> None:
     raw = replay.add_argument_group("raw PCM on stdin (replay -)")
     raw.add_argument("--raw-rate", type=int, metavar="HZ", help="sample rate of raw PCM on stdin")
     raw.add_argument("--raw-format", choices=["s16le", "s32le", "f32le"], help="sample format of raw PCM on stdin")
-    raw.add_argument("--raw-channels", type=int, default=1, metavar="N", help="channels of raw PCM (default 1)")
+    raw.add_argument("--raw-channels", type=int, metavar="N", help="channels of raw PCM (default 1)")
     pace = replay.add_mutually_exclusive_group()
     pace.add_argument(
         "--speed",
@@ -424,6 +425,10 @@ def run_replay(args) -> int:
         raise ConfigError("raw PCM needs both --raw-rate and --raw-format (e.g. --raw-rate 16000 --raw-format s16le)")
     if args.raw_rate is not None and not from_stdin:
         raise ConfigError(f"--raw-rate and --raw-format describe stdin: replay - reads it ({args.file} given)")
+    if args.raw_channels is not None and args.raw_format is None:
+        raise ConfigError(
+            "--raw-channels describes raw PCM: give it with --raw-rate and --raw-format (a WAV says its own)"
+        )
     settings = check_args(args)
     backend = _open_backend(args)
     feats = backend.config.features
@@ -431,7 +436,7 @@ def run_replay(args) -> int:
     if from_stdin:
         from ..sources.pipe import PcmFormat, PipeSource
 
-        fmt = PcmFormat.raw(args.raw_rate, args.raw_format, args.raw_channels) if args.raw_format else None
+        fmt = PcmFormat.raw(args.raw_rate, args.raw_format, args.raw_channels or 1) if args.raw_format else None
         source = PipeSource(sys.stdin.buffer, feats.sample_rate, fmt, block_size=feats.hop_length, speed=speed)
     else:
         source = WavReplaySource(
@@ -445,7 +450,8 @@ def run_replay(args) -> int:
     code = run_stream(args, source, backend, settings, extra)
     if source.status.nonfinite_samples:
         print(
-            f"streamtag: warning: {source.status.nonfinite_samples} NaN/Inf samples in {args.file} were replaced by 0",
+            f"streamtag: warning: {source.status.nonfinite_samples} NaN/Inf samples in "
+            f"{'stdin' if from_stdin else args.file} were replaced by 0",
             file=sys.stderr,
         )
     return code

@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--name", default="stdin", help="with -: the name stdin's outputs take (default stdin)")
     p.add_argument("--raw-rate", type=int, metavar="HZ", help="with -: raw PCM at this rate (default: a WAV stream)")
     p.add_argument("--raw-format", choices=["s16le", "s32le", "f32le"], help="with -: raw PCM sample format")
-    p.add_argument("--raw-channels", type=int, default=1, metavar="N", help="with -: raw PCM channels (default 1)")
+    p.add_argument("--raw-channels", type=int, metavar="N", help="with -: raw PCM channels (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
@@ -84,6 +84,8 @@ def run(args) -> int:
                 "or add --force to replace them"
             )
     else:
+        if args.raw_rate or args.raw_format or args.raw_channels:
+            raise ConfigError("--raw-rate, --raw-format and --raw-channels describe stdin: give - as the INPUT")
         items = find_inputs(args.inputs, passed_over)
     detectors = detector_factory(args.model, args.event_config, args.on_threshold)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,11 +158,11 @@ def _stdin_item(args):
 
     if args.inputs != ["-"]:
         raise ConfigError("- (stdin) is tagged alone: give it as the only INPUT")
-    if (args.raw_rate is None) != (args.raw_format is None):
+    if (args.raw_rate is None) != (args.raw_format is None) or (args.raw_channels and not args.raw_format):
         raise ConfigError("raw PCM needs both --raw-rate and --raw-format (e.g. --raw-rate 16000 --raw-format s16le)")
     if not args.name or "/" in args.name or args.name.startswith("."):
         raise ConfigError(f"--name {args.name!r}: give a plain file name for stdin's outputs")
-    fmt = PcmFormat.raw(args.raw_rate, args.raw_format, args.raw_channels) if args.raw_format else None
+    fmt = PcmFormat.raw(args.raw_rate, args.raw_format, args.raw_channels or 1) if args.raw_format else None
     stream = sys.stdin.buffer
     pipe = {}
 

@@ -147,14 +147,21 @@ class PipeSource(ProducerSource):
             wide = np.zeros((raw.shape[0], 4), np.uint8)
             wide[:, 1:] = raw
             return wide.view("<i4").reshape(-1).astype(np.float32) / fmt.scale
-        return np.frombuffer(data, fmt.dtype).astype(np.float32) / fmt.scale
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf (the wrong --raw-format) are counted after
+            return np.frombuffer(data, fmt.dtype).astype(np.float32) / fmt.scale
 
     def chunks(self):
-        """Mono float32 at the model rate as the pipe delivers it; a read error ends it and sets ``error``."""
+        """Mono float32 at the model rate as the pipe delivers it; a read error, or a stream that ends before
+        one hop, ends it and sets ``error``."""
+        delivered = 0
         try:
-            yield from resample_chunks(self._samples(), self.fmt.rate, self.sample_rate)
+            for chunk in resample_chunks(self._samples(), self.fmt.rate, self.sample_rate):
+                delivered += chunk.size
+                yield chunk
         except OSError as exc:
             self.error = f"reading stdin failed ({exc.strerror or exc})"
+        if delivered < self.block_size and not self.error and not self._stop.is_set():
+            self.error = f"stdin ended with no audio to tag ({delivered} samples, less than one hop)"
 
     def _push(self, ring: SpscRing) -> None:
         push_paced(ring, self.chunks(), self.block_size, self.sample_rate, self.speed, self._stop)
