@@ -2,6 +2,7 @@
 (and said so), fuzzed bytes only ever raise the documented error."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -213,4 +214,7 @@ def test_a_truncated_file_is_tagged_as_far_as_it_goes_and_said_so(tmp_path, cnn_
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and str(cut) in errors[0] and ("truncated" in errors[0] or "to the end" in errors[0])
     assert "Traceback" not in r.stderr and "nan" not in r.stderr
+    tagged = float(re.search(r"audio: ([0-9.]+) s", r.stderr).group(1))
+    said = float(re.search(r"the ([0-9.]+) s", errors[0]).group(1))
+    assert abs(said - tagged) < 0.02 and tagged > 1.5  # more than the blocks before the broken one
     assert run_cli("replay", whole, "--model", cnn_dir, "--fast", "--quiet").returncode == 0

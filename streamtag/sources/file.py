@@ -132,10 +132,16 @@ class WavReplaySource(ProducerSource):
     def chunks(self) -> Iterator[np.ndarray]:
         """Mono float32 at the model rate, about ``READ_BLOCK_SECONDS`` at a time. A file that is truncated or
         breaks mid-way yields what could be read, then sets ``error`` saying so."""
+        delivered = 0
         try:
-            yield from resample_chunks(self._file_chunks(), self.file_rate, self.sample_rate)
+            for chunk in resample_chunks(self._file_chunks(), self.file_rate, self.sample_rate):
+                delivered += chunk.size
+                yield chunk
         except _READ_ERRORS as exc:
-            self.error = f"{self.path} could not be read to the end ({_reason(exc)})"
+            self.error = (
+                f"{self.path} could not be read to the end ({_reason(exc)}); "
+                f"the {delivered / self.sample_rate:.2f} s before that were tagged"
+            )
             return
         if self._short_by is not None:
             self.error = (
@@ -144,17 +150,33 @@ class WavReplaySource(ProducerSource):
             )
 
     def _file_chunks(self) -> Iterator[np.ndarray]:
-        with sf.SoundFile(str(self.path)) as f:
-            frames = max(1, int(self.file_rate * READ_BLOCK_SECONDS))
-            self._frames_read = 0
+        self._frames_read = 0
+        frames = max(1, int(self.file_rate * READ_BLOCK_SECONDS))
+        small = max(1, self.file_rate // 10)
+        f = sf.SoundFile(str(self.path))
+        try:
             while True:  # read(), not blocks(): blocks() seeks back before every block (for overlaps)
-                data = f.read(frames, dtype="float32", always_2d=True)
+                try:
+                    data = f.read(frames, dtype="float32", always_2d=True)
+                except _READ_ERRORS:
+                    if frames <= small:
+                        raise
+                    # a broken block loses its good start too: decode up to it again, then 0.1 s at a time
+                    f.close()
+                    f = sf.SoundFile(str(self.path))
+                    for _ in range(self._frames_read // small):
+                        f.read(small, dtype="float32")
+                    f.read(self._frames_read % small, dtype="float32")
+                    frames = small
+                    continue
                 if not data.shape[0]:
                     break
                 self._frames_read += data.shape[0]
                 mono, nonfinite = mono_finite(data)
                 self.status.nonfinite_samples += nonfinite
                 yield mono
+        finally:
+            f.close()
 
     def _push(self, ring: SpscRing) -> None:
         chunks = (chunk for _ in range(self.repeat) if not self.error for chunk in self.chunks())
