@@ -166,6 +166,7 @@ class Worker(threading.Thread):
         self.processed = 0
         self.error: str | None = None
         self.interrupted = False
+        self.reader_gone = False  # standard output was closed by its reader (| head): the run stopped there
         self._stop_requested = threading.Event()
         self._read_buf = np.zeros(capacity, dtype=np.float32)
 
@@ -223,7 +224,9 @@ class Worker(threading.Thread):
                         continue
                     self.error = f"no audio from {self.source.description} for {STALL_TIMEOUT_S:.0f} s: device lost?"
                     break
-        except OSError as exc:  # an output could not be written (disk full, pipe closed)
+        except BrokenPipeError:  # the reader of standard output is gone (piped into head): a stop, not a failure
+            self.reader_gone = True
+        except OSError as exc:  # an output could not be written (disk full)
             self.error = _write_failed(exc)
         except Exception as exc:  # a bug: end the run with an error (the traceback follows on stderr)
             self.error = f"internal error in the worker: {exc!r}"
@@ -268,13 +271,18 @@ class Worker(threading.Thread):
                 out.write(step)
 
     def _finish(self) -> None:
+        ended = "interrupted" if self.interrupted or self.error or self.reader_gone else "stream_end"
         try:
-            self._write(self.tagger.finish("interrupted" if self.interrupted or self.error else "stream_end"))
+            self._write(self.tagger.finish(ended))
+        except BrokenPipeError:
+            self.reader_gone = True
         except OSError as exc:
             self.error = self.error or _write_failed(exc)
         for out in self.outputs:  # close every output, even when one of them fails
             try:
                 out.close()
+            except BrokenPipeError:
+                self.reader_gone = True
             except OSError as exc:
                 self.error = self.error or _write_failed(exc)
 

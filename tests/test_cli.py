@@ -455,3 +455,20 @@ def test_a_class_left_out_by_allow_or_deny_opens_no_events(tmp_path):
 
     assert rain_events("--allow", "rain,dog") == ["rain", "rain"]  # open and close
     assert rain_events("--deny", "rain") == [] and rain_events("--allow", "dog") == []
+
+
+def test_a_reader_that_stops_reading_ends_the_run_quietly(cnn_dir, tmp_path):
+    """replay ... | head: the closed pipe stops the run, exit 0, no error line (as for any Unix filter)."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    long = tmp_path / "long.wav"
+    sf.write(long, np.tile(read_clip(EXAMPLES / "dog.flac"), 12), 16000)  # 6000 lines: more than a pipe holds
+    cmd = [sys.executable, "-m", "streamtag", "replay", str(long), "--model", str(cnn_dir), "--fast", "--plain"]
+    proc = subprocess.Popen([*cmd, "--rate", "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline()
+    proc.stdout.close()  # as head does after its lines
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "error" not in err and "Exception ignored" not in err, err

@@ -414,6 +414,9 @@ def run_stream(args, source, backend, event_settings, extra_outputs=()) -> int:
     if summary.error:
         print(f"streamtag: error: {summary.error}", file=sys.stderr)
         return 1
+    if worker.reader_gone:  # | head had what it wanted: stop quietly (no flush error at exit either)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 130 if got["signal"] == signal.SIGINT else 0
 
 
