@@ -172,7 +172,7 @@ class SettingsBook:
         self._shared = None
         for name in config.streams:  # a bad combination in the file fails at start, not at the stream's join
             self.detector(name)
-        self.detector("any-stream")
+        self.detector("")  # the defaults' (no stream has an empty name)
 
     def settings(self, name: str) -> StreamSettings:
         merged = self.config.defaults
@@ -202,8 +202,13 @@ class SettingsBook:
         if own or self._shared is None:
             try:
                 built = build_event_settings(*self.base_tables, settings.events), settings.enabled(self.labels)
-            except ConfigError as exc:
-                raise ConfigError(f"settings for '{name}': {exc}") from None
+            except ConfigError as exc:  # name where the bad value is: a change, a stream's table, or the defaults
+                where = "[defaults] of the config file"
+                if name in self.changes:
+                    where = f"settings for '{name}'"
+                elif name in self.config.streams:
+                    where = f"[streams.{name}] of the config file"
+                raise ConfigError(f"{where}: {exc}") from None
             if not own:  # a stream with no settings of its own has the defaults': built once, not at every join
                 self._shared = built
         else:

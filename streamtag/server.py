@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -103,6 +104,7 @@ class ServeWorker(threading.Thread):
         self.multi, self.options, self.mqtt, self.metrics = multi, options, mqtt, metrics
         self.book = book  # per-stream settings (serve --config, run-time changes); None: the pool's for all
         self.enabled: dict[str, np.ndarray] = {}  # per stream: the classes its settings let through
+        self._leaving: dict[str, object] = {}  # a leaving stream's engine: its last hops still report its level
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.accounts: dict[str, StreamAccount] = {}
         self.listeners: dict[str, Callable[[dict], None]] = {}
@@ -292,8 +294,16 @@ class ServeWorker(threading.Thread):
     def _leave(self, name: str, reason: str) -> None:
         if name not in self.accounts:
             return
-        for step in self.multi.leave(name, reason):
-            self._deliver(name, step)
+        self._leaving[name] = self.multi.streams.get(name)
+        try:
+            hops = 0
+            for step in self.multi.leave(name, reason):  # the hops it still held are stepped here
+                hops += len(step) if isinstance(step, StepBlock) else step.has_scores
+                self._deliver(name, step)
+        finally:
+            self._leaving.pop(name, None)
+        if hops and self.metrics is not None:
+            self.metrics.hops.inc(hops)
         with self.lock:
             account = self.accounts.pop(name)
         listener = self.listeners.pop(name)
@@ -344,7 +354,7 @@ class ServeWorker(threading.Thread):
             order = order[enabled[order]]
         labels = self.multi.labels
         top = [[labels[i], round(p, 4)] for i, p in zip(order.tolist(), probs[order].tolist())]
-        engine = self.multi.streams.get(name)
+        engine = self.multi.streams.get(name) or self._leaving.get(name)
         level = engine.stats.recent_dbfs if engine is not None else account.level_dbfs
         with self.lock:
             account.top, account.level_dbfs = top, level
@@ -423,6 +433,10 @@ class Metrics:
             "streamtag_samples_dropped_open", "samples dropped, streams still open", registry=self.registry
         )
         live_dropped.set_function(lambda: sum(a.dropped for a in list(worker_accounts().values())))
+        live_received = Gauge(
+            "streamtag_samples_received_open", "samples received, streams still open", registry=self.registry
+        )
+        live_received.set_function(lambda: sum(a.received for a in list(worker_accounts().values())))
         if mqtt is not None:  # what the broker got, and what did not fit paho's queue while it was away
             published = Gauge("streamtag_mqtt_published", "MQTT messages handed to the client", registry=self.registry)
             published.set_function(lambda: mqtt.published)
@@ -520,10 +534,11 @@ class Pacer:
 
 async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) -> None:
     """A pulled source: ``ffmpeg`` decodes ``url`` (RTSP, HTTP, a file: anything it reads) to 16 kHz mono
-    s16le, which goes to the worker as the stream ``name``. When ffmpeg ends or fails (a camera drops)
-    it is started again with backoff (1 s doubling to 30 s); the stream stays joined and the restarts and
-    the time without audio are counted in ``/metrics``. A file that ends is read again, as a looping
-    source would be."""
+    s16le, which goes to the worker as the stream ``name``. When ffmpeg ends or fails (a camera drops) or
+    gives nothing for ``PULL_STALL_S`` (a camera that hangs), it is started again with backoff (1 s
+    doubling to 30 s); the stream stays joined, the first failure of a run is said on stderr, and the
+    restarts and the time without audio are counted in ``/metrics``. A file that ends is read again, as a
+    looping source would be."""
     import shutil
 
     ffmpeg = shutil.which("ffmpeg")
@@ -539,11 +554,13 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
 
     worker.submit("join", name, 16000, listener)
     pacer = Pacer(worker, name, 16000, lambda: not (stop.is_set() or refused))
-    # a file is read at its own pace (-re), as the live source it stands for; a network source comes at its own
-    realtime = ["-re"] if "://" not in url or url.startswith("file:") else []
+    # a file (or a file over HTTP) is read at its own pace (-re), as the live source it stands for; a live
+    # protocol (a camera's RTSP) comes at its own pace already
+    realtime = [] if urlparse(url).scheme.lower() in LIVE_SCHEMES else ["-re"]
     delay = 1.0
     carry = b""
     last_audio = loop.time()
+    failing = False  # a failure is said once, until audio comes again (no line per retry)
     while not stop.is_set():
         if refused:
             print(f"streamtag serve: {name}: {refused[0]}; this source is not tagged", file=sys.stderr, flush=True)
@@ -564,15 +581,29 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
             "16000",
             "-",
             stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
         )
-        got_audio = False
+        errors: collections.deque = collections.deque(maxlen=2)  # ffmpeg's last words, drained as they come
+        drain = asyncio.create_task(_lines(proc.stderr, errors))
+        got_audio, why = False, None
         try:
+            stalled = 0.0
             while not (stop.is_set() or refused):
-                data = await proc.stdout.read(6400)
+                try:  # in slices, so a stop or a stalled source (a camera that hangs, not drops) is seen
+                    data = await asyncio.wait_for(proc.stdout.read(6400), timeout=PULL_POLL_S)
+                except asyncio.TimeoutError:
+                    stalled += PULL_POLL_S
+                    if stalled >= PULL_STALL_S:
+                        why = f"no audio for {PULL_STALL_S:g} s"
+                        break
+                    continue
                 if not data:
                     break
+                stalled = 0.0
                 got_audio, last_audio = True, loop.time()
+                if failing:
+                    failing = False
+                    print(f"streamtag serve: {name}: audio again", file=sys.stderr, flush=True)
                 samples, carry = decode(data, "s16le", 1, carry)
                 if samples.size:
                     await pacer.submit(samples)
@@ -580,13 +611,32 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
+            await drain
         if stop.is_set() or refused:
             continue
         delay = 1.0 if got_audio else min(2 * delay, 30.0)
+        why = why or (errors[-1] if errors else None)
+        if why and not failing:  # the URL is not printed: it may hold a camera's password
+            failing = True
+            print(f"streamtag serve: {name}: {why}; trying again (1 s doubling to 30 s)", file=sys.stderr, flush=True)
         await _sleep_unless(stop, delay)
         if not stop.is_set():  # the gap: from its last audio, failed tries included
             worker.source_restarted(name, loop.time() - last_audio)
     worker.submit("eof", name)
+
+
+async def _lines(stream: asyncio.StreamReader, keep: collections.deque) -> None:
+    """Read a child's stderr to the end (a full pipe would stop it), keeping its last lines."""
+    async for line in stream:
+        text = line.decode(errors="replace").strip()
+        if text:
+            keep.append(f"ffmpeg: {text}")
+
+
+# URL schemes of live sources: they deliver in real time by themselves, anything else is paced (-re)
+LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "rtp", "srt", "udp", "tcp"})
+PULL_POLL_S = 0.5  # a pulled source's read waits this long at a time, then looks at the stop flag
+PULL_STALL_S = 10.0  # a pulled source that gives no audio this long (a hung camera) is started again
 
 
 class _WorkerInbox:

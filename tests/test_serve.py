@@ -397,10 +397,15 @@ def test_tagging_goes_on_while_the_broker_restarts(tmp_path):
             time.sleep(0.05)
         return proc
 
-    got = []
+    got, states = [], []
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    sub.on_connect = lambda c, u, f, rc, p: c.subscribe("streamtag/events")  # again after every reconnect
-    sub.on_message = lambda c, u, m: got.append((time.monotonic(), json.loads(m.payload)))
+    # again after every reconnect; dog opens no event in this clip, so its state after the restart is the resend
+    sub.on_connect = lambda c, u, f, rc, p: c.subscribe([("streamtag/events", 1), ("streamtag/porch/audio/dog", 0)])
+    sub.on_message = lambda c, u, m: (
+        states.append((time.monotonic(), m.payload.decode()))
+        if m.topic.endswith("/dog")
+        else got.append((time.monotonic(), json.loads(m.payload)))
+    )
     sub.reconnect_delay_set(min_delay=1, max_delay=2)
     first = broker()
     rain, _ = _pcm("rain.flac")
@@ -423,6 +428,8 @@ def test_tagging_goes_on_while_the_broker_restarts(tmp_path):
 
             (messages, code), restarted = asyncio.run(scenario())
             assert proc.poll() is None
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
     finally:
         sub.loop_stop()
         sub.disconnect()
@@ -432,6 +439,9 @@ def test_tagging_goes_on_while_the_broker_restarts(tmp_path):
     assert code == 1000 and messages[-1]["type"] == "summary" and messages[-1]["dropped"] == 0
     after = [e for t, e in got if t > restarted]
     assert any(e["type"] == "close" and e["stream"] == "porch" for e in after)  # the stream's end, after the restart
+    # the new broker (no persistence) knew no states: every state was sent again on reconnect
+    assert any(t > restarted and payload == "OFF" for t, payload in states), states
+    assert err.count("lost the MQTT broker") == 1 and "connected again" in err, err
 
 
 SERVE_TOML = """
@@ -549,7 +559,9 @@ async def _poll(ws):
         ('[streams."a b"]\n', "stream names are 1-64"),
         ("[extra]\n", "unknown table [extra]"),
         ("[streams.a\n", "cannot read it"),
-        ("[streams.a.events.dog]\non_threshold = 3\n", "on_threshold must be in (0, 1]"),
+        ("[streams.a.events.dog]\non_threshold = 3\n", "[streams.a] of the config file: on_threshold must be in"),
+        ("[defaults.events.default]\non_threshold = 7\n", "[defaults] of the config file: on_threshold must be"),
+        ('[streams.cam]\nurl = "htp:/not a url"\n', "neither a URL (scheme://...) nor an existing file"),
     ],
 )
 def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, text, message):
@@ -563,6 +575,69 @@ def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, text, message):
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_mqtt_prefix_with_wildcards_is_refused_at_start():
+    r = subprocess.run(
+        [sys.executable, "-m", "streamtag", "serve", "--mqtt", "mqtt://127.0.0.1:9", "--mqtt-prefix", "home/+"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "--mqtt-prefix 'home/+'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_pulled_source_that_hangs_is_started_again_and_does_not_hold_up_a_stop(tmp_path):
+    """A camera that stops sending without closing the connection: restarted after 10 s without audio, said
+    once on stderr; SIGTERM meanwhile ends the server (it waited for the read for ever)."""
+    if not shutil.which("ffmpeg"):
+        pytest.skip("ffmpeg missing (apt-get install ffmpeg; .ci/setup installs it)")
+    import http.server
+    import io
+    import threading
+
+    import soundfile as sf
+
+    wav = io.BytesIO()
+    sf.write(wav, np.zeros(16000 * 30, np.float32), 16000, format="WAV", subtype="PCM_16")
+    head = wav.getvalue()[: 44 + 16000 * 2]  # a header announcing 30 s, then 1 s, then nothing
+
+    class Hanging(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/wav")
+            self.end_headers()
+            self.wfile.write(head)
+            self.wfile.flush()
+            time.sleep(60)  # holds the connection open, sending nothing
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hanging)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/cam.wav"
+    try:
+        with serve(tmp_path, "--pull", f"hung={url}") as (port, proc):
+
+            async def restarts():
+                async with aiohttp.ClientSession() as session:
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline:
+                        async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+                            found = re.search(r'streamtag_source_restarts_total\{stream="hung"\} (\S+)', await r.text())
+                        if found and float(found.group(1)) >= 1:
+                            return float(found.group(1))
+                        await asyncio.sleep(0.5)
+                    return 0.0
+
+            assert asyncio.run(restarts()) >= 1
+            proc.send_signal(signal.SIGTERM)  # while the new ffmpeg hangs on the same server
+            _, err = proc.communicate(timeout=30)
+    finally:
+        httpd.shutdown()
+    assert proc.returncode == 0, err
+    assert err.count("hung: no audio for 10 s; trying again") == 1, err
 
 
 def test_a_sound_card_from_the_config_file_is_a_stream(tmp_path):
@@ -1017,3 +1092,24 @@ def test_metrics_state_and_health_of_a_worker_that_does_not_answer_are_503_not_a
         assert health == (503, "the tagging worker did not answer in 2 s\n")
         (status, text), _, health = asyncio.run(ask())
         assert status == 200 and "streamtag_hops_total" in text and health == (200, "ok\n")
+
+
+def test_hops_stepped_as_a_stream_leaves_are_counted_and_report_its_level(tmp_path):
+    """A client that pushes a clip at once and says eof (the README's client): the hops still queued are
+    stepped as it leaves; they count in /metrics and their scores carry the stream's level, not -120."""
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path) as (port, proc):
+
+        async def run():
+            messages, code = await _stream(port, "porch", rain, chunk=len(rain))  # one message, then eof
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    return messages, await r.text()
+
+        messages, metrics = asyncio.run(run())
+    scores = [m for m in messages if m["type"] == "scores"]
+    assert scores and all(m["level_dbfs"] > -60 for m in scores), [m["level_dbfs"] for m in scores][:5]
+    hops = float(re.search(r"^streamtag_hops_total (\S+)", metrics, re.M).group(1))
+    assert hops == 500  # the 5 s clip, every hop
+    received = float(re.search(r"^streamtag_samples_received_total (\S+)", metrics, re.M).group(1))
+    assert received == len(rain) // 2

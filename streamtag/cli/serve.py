@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import os
 import re
 import shutil
 import signal
@@ -89,6 +90,10 @@ def _check(args) -> None:
         raise ConfigError(f"--engines must be in 1..1024 ({args.engines} given)")
     if not loopback and not args.token:
         raise ConfigError(f"--host {args.host} is reachable from other machines: add --token SECRET (clients send it)")
+    if args.mqtt:
+        from ..outputs.mqtt import check_prefix
+
+        check_prefix(args.mqtt_prefix)
 
 
 def _sources(args, config) -> list:
@@ -103,6 +108,11 @@ def _sources(args, config) -> list:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"stream '{twice[0]}' is pulled twice (--config and --pull): give each source its own name")
+    for source in sources:  # a path that is not there fails now, not as a silent retry loop later
+        if source.url and "://" not in source.url and not os.path.exists(source.url):
+            raise ConfigError(
+                f"stream '{source.name}': {source.url!r} is neither a URL (scheme://...) nor an existing file"
+            )
     if any(s.url for s in sources) and not shutil.which("ffmpeg"):
         raise ConfigError("pulled streams (url = ... or --pull) need ffmpeg on the PATH (apt-get install ffmpeg)")
     return sources

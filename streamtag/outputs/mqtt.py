@@ -16,20 +16,30 @@ Topics (``prefix`` defaults to ``streamtag``), the layout Frigate's audio users 
   ``<prefix>/<stream>/settings``, a refused change on ``<prefix>/<stream>/settings/error``.
 
 paho-mqtt runs its own network thread, reconnects with backoff when the broker goes away and queues
-up to ``queue_limit`` messages meanwhile; what does not fit is counted in ``dropped``, never blocks
-the worker.
+up to ``queue_limit`` event messages (QoS 1) meanwhile; states and levels (QoS 0) sent while it is away
+are counted in ``dropped``, and every state is published again on reconnect, so Home Assistant never
+keeps an ``ON`` the broker missed the end of. Losing and regaining the broker is said on stderr, once
+each way. Nothing here blocks the worker.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import BackendUnavailable, ConfigError
 from ..events import Event
+
+
+def check_prefix(prefix: str, flag: str = "--mqtt-prefix") -> str:
+    """A topic prefix we can publish under: no MQTT wildcards, no empty levels."""
+    if not prefix or any(c in prefix for c in "+#\0") or "" in prefix.split("/"):
+        raise ConfigError(f"{flag} {prefix!r}: give topic levels without + or # and none empty, e.g. home/audio")
+    return prefix
 
 
 def parse_broker(url: str) -> tuple[str, int]:
@@ -63,14 +73,19 @@ class MqttPublisher:
         self.availability = f"{prefix}/availability"
         self.published = 0
         self.dropped = 0
+        self.connected = False
+        self._said_down = False  # a lost or unreachable broker is said once, until it is back
         self._mqtt = mqtt
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{prefix}-server")
         self.client.max_queued_messages_set(queue_limit)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.will_set(self.availability, "offline", qos=1, retain=True)
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self._streams: dict[str, list[bool]] = {}  # joined streams: which labels each reports
+        self._on: dict[str, set[str]] = {}  # joined streams: the labels with an event open (state ON)
         # (stream, change, reply) -> applies a settings change; set by serve to hand it to its worker
         self.on_settings: Callable[[str, Any, Callable[[dict], None]], None] | None = None
 
@@ -79,11 +94,37 @@ class MqttPublisher:
         self.client.loop_start()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if not reason_code.is_failure:  # after every (re)connect: the broker may have lost retained state
-            self._send(self.availability, "online", retain=True)
-            client.subscribe(f"{self.prefix}/+/set", qos=1)
-            for stream, enabled in list(self._streams.items()):
-                self._discovery(stream, enabled)
+        if reason_code.is_failure:
+            self._down(f"the MQTT broker {self.host}:{self.port} refused the connection ({reason_code})")
+            return
+        self.connected = True
+        if self._said_down:
+            self._said_down = False
+            print(f"streamtag serve: MQTT broker {self.host}:{self.port} connected again", file=sys.stderr, flush=True)
+        # after every (re)connect: the broker may have lost retained messages, and states changed meanwhile
+        self._send(self.availability, "online", retain=True)
+        client.subscribe(f"{self.prefix}/+/set", qos=1)
+        for stream, enabled in list(self._streams.items()):
+            self._discovery(stream, enabled)
+            self._states(stream, enabled)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self._down(f"cannot reach the MQTT broker {self.host}:{self.port}")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected = False
+        if not getattr(self, "_closing", False):
+            self._down(f"lost the MQTT broker {self.host}:{self.port} ({reason_code})")
+
+    def _down(self, what: str) -> None:
+        self.connected = False
+        if not self._said_down:
+            self._said_down = True
+            print(
+                f"streamtag serve: {what}; tagging goes on, retrying (events are queued, states sent again once back)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _on_message(self, client, userdata, message) -> None:
         if message.retain:  # a retained change would be applied again at every reconnect: changes are events
@@ -105,25 +146,38 @@ class MqttPublisher:
 
     def _send(self, topic: str, payload: str, retain: bool = False, qos: int = 0) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc == self._mqtt.MQTT_ERR_SUCCESS or info.rc == self._mqtt.MQTT_ERR_NO_CONN:
-            self.published += 1  # with no connection paho keeps it queued and sends it on reconnect
+        if info.rc == self._mqtt.MQTT_ERR_SUCCESS or (info.rc == self._mqtt.MQTT_ERR_NO_CONN and qos > 0):
+            self.published += 1  # with no connection paho queues QoS 1 and sends it on reconnect ...
         else:
-            self.dropped += 1
+            self.dropped += 1  # ... and drops QoS 0 (a state is sent again on reconnect), or its queue is full
+
+    def _states(self, stream: str, enabled: Sequence[bool]) -> None:
+        on = self._on.get(stream, set())
+        for label, shown in zip(self.labels, enabled):
+            if shown:
+                self._send(f"{self.prefix}/{stream}/audio/{label}", "ON" if label in on else "OFF", retain=True)
 
     # -- what the server calls ---------------------------------------------------------------------------
     def stream_joined(self, stream: str, enabled: Sequence[bool] | None = None) -> None:
         """A stream joined, or its labels changed: discovery for the labels it reports, every state OFF."""
         enabled = [bool(x) for x in enabled] if enabled is not None else [True] * len(self.labels)
         self._streams[stream] = enabled
+        self._on[stream] = set()
         self._discovery(stream, enabled)
         for label in self.labels:
             self._send(f"{self.prefix}/{stream}/audio/{label}", "OFF", retain=True)
 
     def stream_left(self, stream: str) -> None:
         self._streams.pop(stream, None)
+        self._on.pop(stream, None)
 
     def event(self, stream: str, event: Event) -> None:
         state = "ON" if event.kind == "open" else "OFF"
+        on = self._on.setdefault(stream, set())
+        if event.kind == "open":
+            on.add(event.label)
+        else:
+            on.discard(event.label)
         self._send(f"{self.prefix}/{stream}/audio/{event.label}", state, retain=True)
         row = {
             "type": event.kind,
@@ -142,6 +196,7 @@ class MqttPublisher:
 
     def close(self) -> None:
         """States OFF were sent by the events' closes; say offline, flush, disconnect."""
+        self._closing = True
         info = self.client.publish(self.availability, "offline", qos=1, retain=True)
         try:
             info.wait_for_publish(timeout=2.0)
