@@ -83,6 +83,16 @@ async def _stream(port, name, pcm: bytes, hello=None, chunk=3200, token=None, pa
             return messages, ws.close_code
 
 
+def _http_on_loopback(handler, path: str):
+    """An HTTP server on a free loopback port in a thread (pulled sources); returns it and the URL of ``path``."""
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/{path}"
+
+
 def _pcm(clip: str) -> tuple[bytes, np.ndarray]:
     x = np.round(read_clip(EXAMPLES / clip) * 32767).astype("<i2")
     return x.tobytes(), x.astype(np.float32) / 32768
@@ -301,13 +311,10 @@ def test_a_pulled_source_over_http_is_tagged_and_restarted_when_it_ends(tmp_path
     if not shutil.which("ffmpeg"):
         pytest.skip("ffmpeg missing (apt-get install ffmpeg; .ci/setup installs it)")
     import http.server
-    import threading
 
     shutil.copy(EXAMPLES / "rain.flac", tmp_path / "rain.flac")
     handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/rain.flac"
+    httpd, url = _http_on_loopback(handler, "rain.flac")
     try:
         with serve(tmp_path, "--pull", f"porch={url}") as (port, proc):
 
@@ -594,7 +601,6 @@ def test_a_pulled_source_that_hangs_is_started_again_and_does_not_hold_up_a_stop
         pytest.skip("ffmpeg missing (apt-get install ffmpeg; .ci/setup installs it)")
     import http.server
     import io
-    import threading
 
     import soundfile as sf
 
@@ -614,9 +620,7 @@ def test_a_pulled_source_that_hangs_is_started_again_and_does_not_hold_up_a_stop
         def log_message(self, *args):
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hanging)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/cam.wav"
+    httpd, url = _http_on_loopback(Hanging, "cam.wav")
     try:
         with serve(tmp_path, "--pull", f"hung={url}") as (port, proc):
 
