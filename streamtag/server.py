@@ -109,6 +109,8 @@ class ServeWorker(threading.Thread):
         self.accounts: dict[str, StreamAccount] = {}
         self.listeners: dict[str, Callable[[dict], None]] = {}
         self._every = max(1, round(1.0 / (options.rate * multi.frame_seconds)))
+        # MQTT levels about twice a second whatever --rate is: a whole number of updates near 0.5 s
+        self._level_every = self._every * max(1, round(0.5 / multi.frame_seconds / self._every))
         self._stopping = threading.Event()
         self.failure: str | None = None  # why the worker stopped on its own, if it did
         self.lock = threading.Lock()  # guards accounts for readers on other threads (metrics, page)
@@ -361,7 +363,7 @@ class ServeWorker(threading.Thread):
         listener({"type": "scores", "t": round(t, 3), "top": top, "level_dbfs": round(max(level, -120), 1)})
         if self.metrics is not None:
             self._latency(account, frames)
-        if self.mqtt is not None and frames % (self._every * 5) == 0:
+        if self.mqtt is not None and frames % self._level_every == 0:
             self.mqtt.level(name, level)
 
     def _latency(self, account: StreamAccount, frames: int) -> None:
