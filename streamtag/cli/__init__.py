@@ -31,6 +31,19 @@ EXTRAS = {
 }
 
 
+def interrupt_on_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, for a command that stops cleanly on it (train, tag, eval),
+    also when started in the background from a script (where the shell sets SIGINT to be ignored, so Python
+    never turns it into KeyboardInterrupt) and when stopped by a service manager (SIGTERM)."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 class Parser(argparse.ArgumentParser):
     """Usage errors are one line too, exit 2: ``streamtag replay: error: argument --rate: ... (nan given)``."""
 

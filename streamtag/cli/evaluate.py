@@ -106,9 +106,11 @@ def run(args) -> int:
         write_report,
     )
     from ..training.teacher import Teacher, read_label_map
+    from . import interrupt_on_signals
 
     levels = _levels(args.levels)
     check_output_folder(args.report, "--report")  # before the clips are scored, not after
+    interrupt_on_signals()
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1 ({args.limit} given)")
     if args.event_stream < 0:

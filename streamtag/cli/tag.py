@@ -64,6 +64,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..archive import find_inputs, tag_in_processes, write_tables
+    from . import interrupt_on_signals
     from .run import detector_factory
 
     if (args.jobs is not None and args.jobs < 1) or args.width < 1:
@@ -100,6 +101,7 @@ def run(args) -> int:
 
     started = time.perf_counter()
     interrupted = False
+    interrupt_on_signals()  # SIGTERM too: finished files kept, the summary written, nothing half-written left
     try:
         if args.ray:
             from ..distributed import tag_on_ray

@@ -250,6 +250,7 @@ def run(args) -> int:
     from ..modelfile import cache_dir
     from ..training.datasets import grouped_folds
     from ..training.trainer import train
+    from . import interrupt_on_signals
 
     opts = _options(args)
     _check_out(Path(args.out), args)
@@ -288,7 +289,7 @@ def run(args) -> int:
         f"training {opts.arch} on {len(train_idx)} clips, validating on {len(val_idx)}, {len(dataset.labels)} classes",
         file=sys.stderr,
     )
-    _interrupt_on_signals()
+    interrupt_on_signals()
     try:
         result = train(
             dataset,
@@ -338,18 +339,6 @@ def _clear_stale(out: Path) -> None:
     """A model being replaced loses what would no longer match it (its exported graph, checkpoint, log)."""
     for stale in ("model.onnx", "chunk.onnx", "checkpoint.pt", "train_log.json", "trained_on.txt"):
         (out / stale).unlink(missing_ok=True)
-
-
-def _interrupt_on_signals() -> None:
-    """Ctrl-C and SIGTERM stop training between steps, also when started in the background from a script
-    (where the shell sets SIGINT to be ignored, so Python never turns it into KeyboardInterrupt)."""
-    import signal
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
 
 
 def _say_how_to_resume(args) -> None:
