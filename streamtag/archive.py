@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import signal
-import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from queue import Empty
@@ -140,6 +140,7 @@ class Outcome:
     error: str | None = None
     warning: str | None = None  # tagged, with something to know (NaN samples replaced)
     skipped: bool = False  # finished by an earlier run
+    retagged: bool = False  # finished before, with other settings or an older file or streamtag: tagged again
 
     def row(self) -> dict[str, object]:
         return {
@@ -161,6 +162,7 @@ class _Job:
         self, item: Item, out: Path, rate: int, hop: int, scores: bool, labels: Sequence[str], stamp: dict
     ) -> None:
         self.item, self.marker, self.stamp = item, done_marker(out, item), stamp
+        self.retagged = False
         if item.opener is not None:
             self.source = item.opener(rate)
         else:
@@ -217,6 +219,7 @@ class _Job:
         for f in self.files.values():
             f.close()
         outcome = Outcome(self.item.name, str(self.item.path), self.frames * frame_seconds, dict(self.events))
+        outcome.retagged = self.retagged
         if self.frames:
             mean = self.sums / self.frames
             outcome.top = [(self.labels[i], float(mean[i])) for i in np.argsort(-mean)[:TOP_LABELS]]
@@ -377,15 +380,18 @@ def _open_job(item: Item, out: Path, force: bool, feats, scores: bool, labels, k
         stamp = {"settings": key, "file": _identity(item)}
     except OSError as exc:
         return Outcome(item.name, str(item.path), error=_one_line(exc))
+    retagged = False
     if marker.is_file() and not force and item.opener is None:
         done = _finished(marker, stamp)
         if done is not None:
             return done
+        retagged = True  # said in the run's last lines: an archive tagged again is hours, not a surprise
     try:
         job = _Job(item, out, feats.sample_rate, feats.hop_length, scores, labels, stamp)
     except (AudioFileError, OSError) as exc:
         return Outcome(item.name, str(item.path), error=_one_line(exc))
     marker.unlink(missing_ok=True)
+    job.retagged = retagged
     return job
 
 
@@ -473,7 +479,13 @@ def _shard_main(k: int, shard: list[Item], queue, kwargs: dict) -> None:
     """One worker process: ``(k, outcome)`` per file, then ``(k, None)``. Ctrl-C is the parent's to handle;
     SIGTERM (the parent stopping it) ends it through ``SystemExit``, so its half-written outputs go."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit)
+
+    def stopped(signum, frame):  # what is still queued for a parent that stopped reading is not waited for
+        queue.cancel_join_thread()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked while it started
     reported: set[str] = set()
 
     def report(outcome: Outcome) -> None:
@@ -487,10 +499,6 @@ def _shard_main(k: int, shard: list[Item], queue, kwargs: dict) -> None:
             if item.name not in reported:
                 queue.put((k, Outcome(item.name, str(item.path), error=f"worker process failed: {_one_line(exc)}")))
     queue.put((k, None))
-
-
-def _exit(signum, frame) -> None:
-    raise SystemExit(128 + signum)
 
 
 def tag_in_processes(
@@ -507,15 +515,8 @@ def tag_in_processes(
     procs = [
         ctx.Process(target=_shard_main, args=(k, part, queue, kwargs), daemon=True) for k, part in enumerate(parts)
     ]
-    # started with Ctrl-C ignored (they inherit it), so a Ctrl-C reaches this process alone, which stops them
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, before)
+    # started with Ctrl-C and SIGTERM blocked (they inherit the mask and then ignore Ctrl-C: this process stops
+    # them); a Ctrl-C meanwhile waits, blocked, and arrives here once they are started, instead of being lost
     outcomes: list[Outcome] = []
     unreported = [{item.name: item for item in part} for part in parts]
     ended: set[int] = set()
@@ -526,7 +527,15 @@ def tag_in_processes(
         if progress is not None:
             progress(outcome)
 
+    started: list = []
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for p in procs:
+                p.start()
+                started.append(p)
+        finally:  # a Ctrl-C that waited arrives here, and the clause below stops what was started
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         while len(ended) < len(procs):
             try:
                 k, got = queue.get(timeout=1.0)
@@ -547,9 +556,15 @@ def tag_in_processes(
                 unreported[k].pop(got.name, None)
                 report(got)
     finally:
-        for p in procs:
+        for p in started:
             if p.is_alive():
                 p.terminate()  # SIGTERM: each removes its half-written outputs
-        for p in procs:
+        deadline = time.monotonic() + 30
+        while any(p.is_alive() for p in started) and time.monotonic() < deadline:
+            with contextlib.suppress(Empty, OSError, EOFError, ValueError):  # read on: a full pipe stops no one
+                queue.get(timeout=0.1)
+        for p in started:
+            if p.is_alive():
+                p.kill()
             p.join()
     return outcomes

@@ -556,9 +556,7 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
 
     worker.submit("join", name, 16000, listener)
     pacer = Pacer(worker, name, 16000, lambda: not (stop.is_set() or refused))
-    # a file (or a file over HTTP) is read at its own pace (-re), as the live source it stands for; a live
-    # protocol (a camera's RTSP) comes at its own pace already
-    realtime = [] if urlparse(url).scheme.lower() in LIVE_SCHEMES else ["-re"]
+    realtime = ["-re"] if _is_file(url) else []
     delay = 1.0
     carry = b""
     last_audio = loop.time()
@@ -635,8 +633,21 @@ async def _lines(stream: asyncio.StreamReader, keep: collections.deque) -> None:
             keep.append(f"ffmpeg: {text}")
 
 
-# URL schemes of live sources: they deliver in real time by themselves, anything else is paced (-re)
-LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "rtp", "srt", "udp", "tcp"})
+AUDIO_FILE_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aif", ".aiff", ".w64")
+
+
+def _is_file(url: str) -> bool:
+    """Whether a pulled source is a recording (read at its own pace, -re, as the live source it stands for)
+    rather than a live stream, which comes at its own pace and must be read as fast as it comes, or it
+    falls behind for good after any hiccup: a local path or file: URL, or a URL naming an audio file
+    (http://host/clip.flac). A live stream whose URL ends so (an Icecast mount such as /radio.mp3) is
+    paced too: it keeps up, but does not catch up after a stall."""
+    parsed = urlparse(url)
+    if not parsed.scheme or len(parsed.scheme) == 1 or parsed.scheme == "file":
+        return True
+    return parsed.scheme in ("http", "https", "ftp") and parsed.path.lower().endswith(AUDIO_FILE_SUFFIXES)
+
+
 PULL_POLL_S = 0.5  # a pulled source's read waits this long at a time, then looks at the stop flag
 PULL_STALL_S = 10.0  # a pulled source that gives no audio this long (a hung camera) is started again
 

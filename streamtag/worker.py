@@ -224,10 +224,8 @@ class Worker(threading.Thread):
                         continue
                     self.error = f"no audio from {self.source.description} for {STALL_TIMEOUT_S:.0f} s: device lost?"
                     break
-        except BrokenPipeError:  # the reader of standard output is gone (piped into head): a stop, not a failure
-            self.reader_gone = True
-        except OSError as exc:  # an output could not be written (disk full)
-            self.error = _write_failed(exc)
+        except OSError as exc:  # an output could not be written (disk full), or its reader is gone
+            self._write_error(exc)
         except Exception as exc:  # a bug: end the run with an error (the traceback follows on stderr)
             self.error = f"internal error in the worker: {exc!r}"
             raise
@@ -274,17 +272,21 @@ class Worker(threading.Thread):
         ended = "interrupted" if self.interrupted or self.error or self.reader_gone else "stream_end"
         try:
             self._write(self.tagger.finish(ended))
-        except BrokenPipeError:
-            self.reader_gone = True
         except OSError as exc:
-            self.error = self.error or _write_failed(exc)
+            self._write_error(exc)
         for out in self.outputs:  # close every output, even when one of them fails
             try:
                 out.close()
-            except BrokenPipeError:
-                self.reader_gone = True
             except OSError as exc:
-                self.error = self.error or _write_failed(exc)
+                self._write_error(exc)
+
+    def _write_error(self, exc: OSError) -> None:
+        """Standard output closed by its reader (``| head``) stops the run quietly; any other failed write
+        (a full disk, the reader of an --events pipe gone) is the run's error."""
+        if isinstance(exc, BrokenPipeError) and exc.filename in (None, "-"):
+            self.reader_gone = True
+        else:
+            self.error = self.error or _write_failed(exc)
 
     @property
     def level_dbfs(self) -> float:

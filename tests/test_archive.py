@@ -209,6 +209,12 @@ def test_a_rerun_tags_again_what_no_longer_matches_its_outputs(tmp_path, cnn_dir
     assert r.returncode == 0 and "tagged 1 files" in r.stderr
     (row,) = _rows(out / "summary.csv")
     assert row["path"] == str(tmp_path / "day2" / "day1" / "a.flac")
+    assert "1 of the files tagged had been finished before" in r.stderr  # said, not silently hours of work
+    marker = out / "day1" / "a.flac.done.json"  # a marker of an older streamtag names no settings
+    old = {k: v for k, v in json.loads(marker.read_text()).items() if k not in ("settings", "file")}
+    marker.write_text(json.dumps(old))
+    r = run_cli(*tag, tmp_path / "day2" / "day1", "--scores", "--on-threshold", "0.2")
+    assert "tagged 1 files" in r.stderr and "by an older streamtag" in r.stderr
     (tmp_path / "other").mkdir()
     shutil.copy(EXAMPLES / "chainsaw.flac", tmp_path / "other" / "b.flac")
     assert run_cli(*tag, tmp_path / "other").returncode == 0
@@ -240,8 +246,9 @@ def test_duplicates_truncation_nan_and_other_extensions_are_reported(tmp_path, c
     summary = {row["name"]: row for row in _rows(out / "summary.csv")}
     assert sorted(summary) == ["in/nan.wav", "in/notes.rf64", "in/whole.wav"]
     assert "NaN" in summary["in/nan.wav"]["warning"] and not summary["in/whole.wav"]["warning"]
-    (row,) = map(json.loads, (out / "in" / "whole.wav.events.jsonl").read_text().splitlines()[:1] or ["{}"])
-    assert not row or (row["schema"] == 1 and "time" in row)  # replay's rows
+    for path in out.rglob("*.events.jsonl"):  # replay's rows (schema and time): where the model heard events
+        for row in map(json.loads, path.read_text().splitlines()):
+            assert row["schema"] == 1 and "time" in row and row["source"].endswith(path.name[: -len(".events.jsonl")])
     r = run_cli("tag", folder / "take.bak", "--out", out, "--model", cnn_dir)  # given by name, it is tagged
     assert r.returncode == 0 and "tagged 1 files" in r.stderr, r.stderr
 
@@ -300,3 +307,33 @@ def test_a_worker_process_killed_mid_run_fails_its_files_and_the_rest_finish(lon
     assert proc.returncode == 1 and "worker process ended (exit code -9)" in err, err
     failed = _rows(out / "errors.csv")
     assert failed and len(failed) + len(_rows(out / "summary.csv")) == 12
+
+
+def test_ctrl_c_at_any_moment_of_a_rerun_over_many_finished_files_ends_cleanly(tmp_path):
+    """Thousands of finished files: the workers report them faster than the parent reads. A Ctrl-C while
+    they start, or while their reports fill the queue, ends the run (no hang, no traceback)."""
+    from streamtag.archive import _identity, done_marker, find_inputs, settings_key
+    from streamtag.cli.run import detector_factory
+    from streamtag.modelfile import load_config, resolve_model_dir
+
+    folder, out = tmp_path / "many", tmp_path / "out"
+    folder.mkdir()
+    tiny = np.zeros(1600, np.float32)
+    for i in range(4000):
+        sf.write(folder / f"f{i:04d}.wav", tiny, 16000)
+    model = resolve_model_dir(None)
+    cfg = load_config(model)
+    key = settings_key(model, cfg.labels, cfg.features.frame_seconds, False, detector_factory(None))
+    for item in find_inputs([folder]):  # finished with the same settings: a rerun only reports them
+        marker = done_marker(out, item)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        row = {"name": item.name, "path": str(item.path), "seconds": 0.1, "events": {}, "error": None}
+        marker.write_text(json.dumps({**row, "settings": key, "file": _identity(item)}))
+    cmd = [sys.executable, "-m", "streamtag", "tag", str(folder), "--out", str(out), "--jobs", "2"]
+    for delay in (0.6, 1.0, 1.4):
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)  # before the fix: a hang, or a worker's traceback
+        assert proc.returncode in (0, 130) and "Traceback" not in err, err
+        assert not list(out.rglob("*.part"))

@@ -472,3 +472,31 @@ def test_a_reader_that_stops_reading_ends_the_run_quietly(cnn_dir, tmp_path):
     proc.stdout.close()  # as head does after its lines
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and "error" not in err and "Exception ignored" not in err, err
+
+
+def test_an_output_fifo_is_written_and_its_reader_leaving_is_an_error(cnn_dir, tmp_path):
+    """--events into a named pipe (mkfifo ev; jq . < ev &): the check before the run must not open it (that
+    ends its reader); a reader that leaves mid-run is an error naming the file, unlike | head on stdout."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    import soundfile as sf
+
+    fifo = tmp_path / "ev.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
+    reader.start()
+    r = run_cli("replay", EXAMPLES / "rain.flac", "--fast", "--quiet", "--events", fifo)
+    reader.join(30)
+    assert r.returncode == 0 and got and '"label": "rain"' in got[0], r.stderr
+    long = tmp_path / "long.wav"
+    sf.write(long, np.tile(read_clip(EXAMPLES / "dog.flac"), 12), 16000)
+    cmd = [sys.executable, "-m", "streamtag", "replay", str(long), "--model", str(cnn_dir), "--fast", "--quiet"]
+    proc = subprocess.Popen([*cmd, "--scores", str(fifo)], stderr=subprocess.PIPE, text=True)
+    with open(fifo) as f:
+        f.read(1000)  # then gone, with megabytes of scores still to come
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1 and f"{fifo}: Broken pipe" in err, err

@@ -568,7 +568,8 @@ async def _poll(ws):
         ("[streams.a\n", "cannot read it"),
         ("[streams.a.events.dog]\non_threshold = 3\n", "[streams.a] of the config file: on_threshold must be in"),
         ("[defaults.events.default]\non_threshold = 7\n", "[defaults] of the config file: on_threshold must be"),
-        ('[streams.cam]\nurl = "htp:/not a url"\n', "neither a URL (scheme://...) nor an existing file"),
+        ('[streams.cam]\nurl = "/no/such/cam.wav"\n', "stream 'cam': no such file '/no/such/cam.wav'"),
+        ('[streams.cam]\nurl = "file:/no/such/cam.wav"\n', "stream 'cam': no such file '/no/such/cam.wav'"),
     ],
 )
 def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, text, message):

@@ -127,6 +127,13 @@ def run(args) -> int:
     )
     _say_each("error", [o for o in failed], lambda o: o.error, tables[1])
     _say_each("warning", [o for o in outcomes if o.warning], lambda o: o.warning, tables[0])
+    retagged = sum(o.retagged for o in outcomes)
+    if retagged:
+        print(
+            f"streamtag tag: note: {retagged} of the files tagged had been finished before with other settings, "
+            "as an older version of the file, or by an older streamtag (markers without settings): tagged again",
+            file=sys.stderr,
+        )
     if passed_over:
         kinds = ", ".join(sorted({f.suffix.lower() or "no extension" for f in passed_over}))
         print(
@@ -135,6 +142,9 @@ def run(args) -> int:
             file=sys.stderr,
         )
     if interrupted:
+        if args.ray:  # Ray's actors were stopped without their own clean-up: what they left half-written goes
+            for part in out.rglob("*.part"):
+                part.unlink(missing_ok=True)
         print(
             f"streamtag tag: interrupted; {len(items) - len(outcomes)} of {len(items)} files not finished "
             "(nothing half-written was kept); run the same command again to tag them",

@@ -52,11 +52,14 @@ def check_output_path(path: str | os.PathLike, flag: str | None = None) -> Path:
         raise ConfigError(f"{name}: {folder} is not a folder")
     if not folder.is_dir():
         raise ConfigError(f"{name}: output folder {folder} does not exist; create it first")
-    if path.exists():  # opened for appending, nothing written: what a write would meet (root passes os.access)
+    if path.is_file():  # opened for appending, nothing written: what a write would meet (root passes os.access)
         try:
             open(path, "ab").close()
         except OSError as exc:
             raise ConfigError(f"{name}: file {path} is not writable ({exc.strerror or exc})") from None
+    elif path.exists():  # a FIFO or a device: opening it would connect to (and end) its reader
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{name}: {path} is not writable")
     else:
         _probe(folder, name)
     return path

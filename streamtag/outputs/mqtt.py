@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -86,6 +87,7 @@ class MqttPublisher:
         self.client.on_message = self._on_message
         self._streams: dict[str, list[bool]] = {}  # joined streams: which labels each reports
         self._on: dict[str, set[str]] = {}  # joined streams: the labels with an event open (state ON)
+        self._lock = threading.Lock()  # _on and the counters: the worker and paho's thread both use them
         # (stream, change, reply) -> applies a settings change; set by serve to hand it to its worker
         self.on_settings: Callable[[str, Any, Callable[[dict], None]], None] | None = None
 
@@ -104,9 +106,9 @@ class MqttPublisher:
         # after every (re)connect: the broker may have lost retained messages, and states changed meanwhile
         self._send(self.availability, "online", retain=True)
         client.subscribe(f"{self.prefix}/+/set", qos=1)
-        for stream, enabled in list(self._streams.items()):
+        for stream, (enabled, _) in self._snapshot().items():
             self._discovery(stream, enabled)
-            self._states(stream, enabled)
+        self._resend_states()
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._down(f"cannot reach the MQTT broker {self.host}:{self.port}")
@@ -146,38 +148,55 @@ class MqttPublisher:
 
     def _send(self, topic: str, payload: str, retain: bool = False, qos: int = 0) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc == self._mqtt.MQTT_ERR_SUCCESS or (info.rc == self._mqtt.MQTT_ERR_NO_CONN and qos > 0):
-            self.published += 1  # with no connection paho queues QoS 1 and sends it on reconnect ...
-        else:
-            self.dropped += 1  # ... and drops QoS 0 (a state is sent again on reconnect), or its queue is full
+        sent = info.rc == self._mqtt.MQTT_ERR_SUCCESS or (info.rc == self._mqtt.MQTT_ERR_NO_CONN and qos > 0)
+        with self._lock:  # with no connection paho queues QoS 1 and sends it on reconnect, and drops QoS 0
+            if sent:
+                self.published += 1
+            else:
+                self.dropped += 1
 
-    def _states(self, stream: str, enabled: Sequence[bool]) -> None:
-        on = self._on.get(stream, set())
-        for label, shown in zip(self.labels, enabled):
-            if shown:
-                self._send(f"{self.prefix}/{stream}/audio/{label}", "ON" if label in on else "OFF", retain=True)
+    def _snapshot(self) -> dict[str, tuple[list[bool], set[str]]]:
+        with self._lock:
+            return {s: (list(self._streams[s]), set(on)) for s, on in self._on.items() if s in self._streams}
+
+    def _resend_states(self) -> None:
+        """Every stream's state again (on paho's thread, after a reconnect). Published outside the lock (paho
+        may call back while publishing), so an event the worker publishes meanwhile could be overtaken by
+        the stale state sent here: what changed during the pass is sent once more, after it."""
+        before = self._snapshot()
+        for stream, (enabled, on) in before.items():
+            for label, shown in zip(self.labels, enabled):
+                if shown:
+                    self._send(f"{self.prefix}/{stream}/audio/{label}", "ON" if label in on else "OFF", retain=True)
+        for stream, (_, on) in self._snapshot().items():
+            if stream in before:
+                for label in on ^ before[stream][1]:
+                    self._send(f"{self.prefix}/{stream}/audio/{label}", "ON" if label in on else "OFF", retain=True)
 
     # -- what the server calls ---------------------------------------------------------------------------
     def stream_joined(self, stream: str, enabled: Sequence[bool] | None = None) -> None:
         """A stream joined, or its labels changed: discovery for the labels it reports, every state OFF."""
         enabled = [bool(x) for x in enabled] if enabled is not None else [True] * len(self.labels)
-        self._streams[stream] = enabled
-        self._on[stream] = set()
+        with self._lock:
+            self._streams[stream] = enabled
+            self._on[stream] = set()
         self._discovery(stream, enabled)
         for label in self.labels:
             self._send(f"{self.prefix}/{stream}/audio/{label}", "OFF", retain=True)
 
     def stream_left(self, stream: str) -> None:
-        self._streams.pop(stream, None)
-        self._on.pop(stream, None)
+        with self._lock:
+            self._streams.pop(stream, None)
+            self._on.pop(stream, None)
 
     def event(self, stream: str, event: Event) -> None:
         state = "ON" if event.kind == "open" else "OFF"
-        on = self._on.setdefault(stream, set())
-        if event.kind == "open":
-            on.add(event.label)
-        else:
-            on.discard(event.label)
+        with self._lock:
+            on = self._on.setdefault(stream, set())
+            if event.kind == "open":
+                on.add(event.label)
+            else:
+                on.discard(event.label)
         self._send(f"{self.prefix}/{stream}/audio/{event.label}", state, retain=True)
         row = {
             "type": event.kind,
