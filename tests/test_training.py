@@ -580,3 +580,55 @@ def test_averaging_models_writes_the_mean_of_their_weights_and_refuses_another_a
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("average_models: error: ") and "only models of one architecture" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_the_split_keeps_sources_apart_and_unlabelled_or_lone_classes_in_training(class_folders, tmp_path):
+    """No recording on both sides (--val-fold with a shared group), a class of one clip trains (it used to be
+    the whole of its validation fold, then 'no training signal'), and a label map without a header keeps its
+    first row; a manifest row without a label is one line."""
+    import argparse
+
+    from streamtag.cli.train import _split
+    from streamtag.training.datasets import load_dataset
+    from streamtag.training.teacher import read_label_map
+
+    rows = ["path,label,fold,group"]
+    for name in ("dog", "rain", "chainsaw"):
+        for i, f in enumerate(sorted((class_folders / name).iterdir())):
+            rows.append(f"{f},{name},{i % 2},{name}-{i // 2}")  # groups of two clips, one in each fold
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    data = load_dataset(manifest)
+    args = argparse.Namespace(no_val=False, val_fold=1, seed=0)
+    train_idx, val_idx = _split(data, args)
+    assert not {data.clips[i].group for i in train_idx} & {data.clips[i].group for i in val_idx}
+    lone = tmp_path / "lone"
+    shutil.copytree(class_folders, lone)
+    (lone / "cat").mkdir()
+    shutil.copy(next((class_folders / "dog").iterdir()), lone / "cat" / "only.wav")
+    data = load_dataset(lone)
+    train_idx, val_idx = _split(data, argparse.Namespace(no_val=False, val_fold=None, seed=0))
+    assert "cat" in {data.clips[i].label for i in train_idx} and "cat" not in {data.clips[i].label for i in val_idx}
+    table = tmp_path / "map.tsv"
+    table.write_text("dog\tDog|Bark\tdog_bark\nrain\tRain\t\n")
+    assert read_label_map(table).canonical("dog_bark") == "dog"
+    broken = tmp_path / "broken.csv"
+    broken.write_text(f"path,label\n{next((class_folders / 'dog').iterdir())}\n")
+    r = run_cli("train", broken, "--out", tmp_path / "o")
+    assert r.returncode == 2 and "broken.csv:2: every row needs a path and a label" in r.stderr, r.stderr
+
+
+def test_eval_of_a_class_the_model_lacks_and_of_one_class(class_folders, cnn_dir, tmp_path):
+    """A dataset class the model lacks counts as errors without a traceback in the baseline or a wrong row in the
+    confusion matrix; one class alone is scored over every model class (an argmax among one is always right)."""
+    data = tmp_path / "data"
+    shutil.copytree(class_folders, data)
+    shutil.copytree(class_folders / "dog", data / "cat")  # a class cnn_dir has not got
+    r = run_cli("eval", cnn_dir, data, "--baseline-folds", "2", "--report", tmp_path / "r")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    confusion = np.array(report["metrics"]["confusion"])
+    assert confusion.sum() == 18  # the 18 clips of known classes, the 6 cat clips in no row
+    shutil.copytree(class_folders / "dog", tmp_path / "one" / "dog")
+    r = run_cli("eval", cnn_dir, tmp_path / "one", "--baseline-folds", "0", "--report", tmp_path / "r1")
+    assert r.returncode == 0 and "accuracy is the argmax over all 5" in r.stderr, r.stderr

@@ -28,7 +28,9 @@ def add_parser(subparsers) -> None:
         "--report", metavar="DIR", default="eval_report", help="where report.json/.md go (default eval_report)"
     )
     p.add_argument("--plot", action="store_true", help="also save confusion.png and time_to_detect.png")
-    p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N clips (a quick look)")
+    p.add_argument(
+        "--limit", type=int, metavar="N", help="evaluate only N clips, taken from each class in turn (a quick look)"
+    )
     p.add_argument(
         "--baseline-folds",
         type=int,
@@ -121,10 +123,27 @@ def run(args) -> int:
     model_dir = resolve_model_dir(None if args.model == "default" else args.model)
     backend = make_backend(args.backend, None if args.model == "default" else args.model)
     dataset = load_dataset(args.dataset, min_classes=1)  # one class is enough to measure how often it is found
-    if args.limit:
-        dataset = dataset.subset(range(min(args.limit, len(dataset.clips))))
+    seen, unique = set(), []
+    for i, clip in enumerate(dataset.clips):  # a clip listed twice would count twice
+        if clip.path.resolve() not in seen:
+            seen.add(clip.path.resolve())
+            unique.append(i)
+    if len(unique) < len(dataset.clips):
+        twice = len(dataset.clips) - len(unique)
+        print(f"streamtag eval: note: {twice} clips listed twice, scored once", file=sys.stderr)
+        dataset = dataset.subset(unique)
+    _, _, allowed, _ = dataset_targets(dataset, backend.labels, label_map)  # the dataset's classes, before --limit
+    if args.limit:  # taken across the classes in turn: the first N of a folder per class would be one class
+        dataset = dataset.subset(_spread(dataset, args.limit))
     _warn_if_seen(model_dir / TRAINED_ON, dataset)
-    targets, hard, allowed, unknown = dataset_targets(dataset, backend.labels, label_map)
+    targets, hard, _, unknown = dataset_targets(dataset, backend.labels, label_map)
+    if allowed.sum() < 2:  # an argmax among one class is right by construction: among every class instead
+        print(
+            f"streamtag eval: note: the dataset has one of the model's classes, so accuracy is the argmax over all "
+            f"{len(backend.labels)} of them",
+            file=sys.stderr,
+        )
+        allowed = np.ones(len(backend.labels), dtype=bool)
     if unknown:
         print(
             f"streamtag eval: warning: {len(unknown)} dataset classes are not model classes and count as "
@@ -241,3 +260,17 @@ def _warn_if_seen(trained_on: Path, dataset) -> None:
             f"({trained_on}); these figures are not held-out figures",
             file=sys.stderr,
         )
+
+
+def _spread(dataset, limit: int) -> list[int]:
+    """``limit`` clip indices taken from each class in turn (in dataset order within a class)."""
+    by_class: dict[str, list[int]] = {}
+    for i, clip in enumerate(dataset.clips):
+        by_class.setdefault(clip.label, []).append(i)
+    queues = [list(reversed(v)) for _, v in sorted(by_class.items())]
+    picked: list[int] = []
+    while len(picked) < min(limit, len(dataset.clips)):
+        for q in queues:
+            if q and len(picked) < limit:
+                picked.append(q.pop())
+    return sorted(picked)

@@ -248,7 +248,6 @@ def run(args) -> int:
     import torch
 
     from ..modelfile import cache_dir
-    from ..training.datasets import grouped_folds
     from ..training.trainer import train
     from . import interrupt_on_signals
 
@@ -270,21 +269,7 @@ def run(args) -> int:
         write_report(report, args.out, plot=True)
         print(Path(args.out, "report.md").read_text())
         return 0
-    idx = np.arange(len(dataset.clips))
-    if args.no_val:
-        train_idx, val_idx = idx, idx[:0]
-    elif args.val_fold is not None:
-        folds = np.array([c.fold if c.fold is not None else -1 for c in dataset.clips])
-        if not (folds == args.val_fold).any():
-            known = sorted({int(f) for f in folds if f >= 0})
-            raise ConfigError(
-                f"--val-fold {args.val_fold}: no clip has that fold "
-                + (f"(folds: {known})" if known else "(this dataset has no folds; drop --val-fold)")
-            )
-        train_idx, val_idx = idx[folds != args.val_fold], idx[folds == args.val_fold]
-    else:
-        folds = grouped_folds(dataset, 5, args.seed)
-        train_idx, val_idx = idx[folds != 0], idx[folds == 0]
+    train_idx, val_idx = _split(dataset, args)
     print(
         f"training {opts.arch} on {len(train_idx)} clips, validating on {len(val_idx)}, {len(dataset.labels)} classes",
         file=sys.stderr,
@@ -318,6 +303,49 @@ def run(args) -> int:
         f"log in {Path(args.out) / 'train_log.json'}"
     )
     return 0
+
+
+def _split(dataset, args) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation clips. Unlabelled clips (the teacher's alone) always train; a class that would
+    validate on all its clips (one source recording) trains instead; and no source recording is on both
+    sides: training clips of a group that validates (UrbanSound8K and ESC-50 share Freesound recordings) are
+    left out. What is moved is said in one line each."""
+    from ..training.datasets import grouped_folds
+
+    idx = np.arange(len(dataset.clips))
+    if args.no_val:
+        return idx, idx[:0]
+    labels = np.array([c.label for c in dataset.clips])
+    if args.val_fold is not None:
+        folds = np.array([c.fold if c.fold is not None else -1 for c in dataset.clips])
+        if not (folds == args.val_fold).any():
+            known = sorted({int(f) for f in folds if f >= 0})
+            raise ConfigError(
+                f"--val-fold {args.val_fold}: no clip has that fold "
+                + (f"(folds: {known})" if known else "(this dataset has no folds; drop --val-fold)")
+            )
+        val = (folds == args.val_fold) & (labels != "")
+    else:
+        val = (grouped_folds(dataset, 5, args.seed) == 0) & (labels != "")
+        alone = sorted(label for label in set(labels[labels != ""]) if val[labels == label].all())
+        for label in alone:
+            val[labels == label] = False
+        if alone:
+            print(
+                f"streamtag train: note: {', '.join(alone[:5])}: every clip is one source recording (or too few to "
+                "split), so it trains and is not validated",
+                file=sys.stderr,
+            )
+    held = {dataset.clips[i].group for i in idx[val]}
+    leak = ~val & np.array([c.group in held for c in dataset.clips])
+    if leak.any():
+        example = dataset.clips[int(np.flatnonzero(leak)[0])].group
+        print(
+            f"streamtag train: note: {int(leak.sum())} clips share a source recording with validation clips "
+            f"(e.g. group {example}): left out of training, so none is on both sides",
+            file=sys.stderr,
+        )
+    return idx[~val & ~leak], idx[val]
 
 
 def _check_out(out: Path, args) -> None:

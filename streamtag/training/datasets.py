@@ -212,6 +212,8 @@ def _read_manifest(path: Path) -> list[Clip]:
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
             raise DatasetError(f"{path}: the header must name at least 'path' and 'label' columns")
         for n, row in enumerate(reader, start=2):
+            if not (row.get("path") or "").strip() or not (row.get("label") or "").strip():
+                raise DatasetError(f"{path}:{n}: every row needs a path and a label ({row.get('path')!r} given)")
             clip_path = Path(row["path"])
             if not clip_path.is_absolute():
                 clip_path = path.parent / clip_path

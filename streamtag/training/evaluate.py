@@ -72,8 +72,8 @@ def grouped_baseline(dataset, targets: np.ndarray, features, cache, k: int, n_cl
     stats = clip_statistics(compute_features(dataset, features, cache))
     folds = grouped_folds(dataset, k)
     correct = 0.0
-    for f in range(k):
-        tr, te = folds != f, folds == f
+    for f in range(k):  # a class the model lacks is not learned (no index), and its clips count as errors
+        tr, te = (folds != f) & (targets >= 0), folds == f
         if te.any() and tr.any():
             correct += baseline_accuracy(stats[tr], targets[tr], stats[te], targets[te], n_classes) * te.sum()
     return correct / len(dataset.clips)
@@ -162,7 +162,8 @@ def metrics(
     last = np.stack([p[-1] for p in probs])
     pred_mean, pred_last = (mean + offset).argmax(1), (last + offset).argmax(1)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(confusion, (targets, pred_last), 1)
+    known = targets >= 0  # a clip of a class the model lacks has no row
+    np.add.at(confusion, (targets[known], pred_last[known]), 1)
     aps = [average_precision(mean[:, c], targets == c) for c in range(n_classes)]
     per_class = {}
     for c, label in enumerate(labels):

@@ -43,7 +43,8 @@ class LabelMap:
 
 
 def read_label_map(path: str | os.PathLike | None = None) -> LabelMap:
-    """Read ``label<TAB>display names separated by |<TAB>aliases separated by |`` (a header line first)."""
+    """Read ``label<TAB>display names separated by |<TAB>aliases separated by |``; a first line whose first
+    cell is ``label`` is a header (the packaged map has one; a user's may not)."""
     path = Path(path) if path else DEFAULT_MAP
     if not path.is_file():
         raise ConfigError(f"label map not found: {path}")
@@ -51,7 +52,9 @@ def read_label_map(path: str | os.PathLike | None = None) -> LabelMap:
     aliases: dict[str, str] = {}
     with open(path, newline="") as f:
         rows = list(csv.reader(f, delimiter="\t"))
-    for row in rows[1:]:
+    if rows and rows[0] and rows[0][0].strip().lower() == "label":
+        rows = rows[1:]
+    for row in rows:
         if not row or not row[0].strip():
             continue
         label = row[0].strip()
