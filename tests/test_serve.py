@@ -407,10 +407,11 @@ def test_tagging_goes_on_while_the_broker_restarts(tmp_path):
     got, states = [], []
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     # again after every reconnect; dog opens no event in this clip, so its state after the restart is the resend
-    sub.on_connect = lambda c, u, f, rc, p: c.subscribe([("streamtag/events", 1), ("streamtag/porch/audio/dog", 0)])
+    topics = [("streamtag/events", 1), ("streamtag/porch/audio/dog", 0), ("streamtag/porch/audio/rain", 0)]
+    sub.on_connect = lambda c, u, f, rc, p: c.subscribe(topics)
     sub.on_message = lambda c, u, m: (
-        states.append((time.monotonic(), m.payload.decode()))
-        if m.topic.endswith("/dog")
+        states.append((time.monotonic(), m.topic.rsplit("/", 1)[1], m.payload.decode()))
+        if "/audio/" in m.topic
         else got.append((time.monotonic(), json.loads(m.payload)))
     )
     sub.reconnect_delay_set(min_delay=1, max_delay=2)
@@ -446,8 +447,11 @@ def test_tagging_goes_on_while_the_broker_restarts(tmp_path):
     assert code == 1000 and messages[-1]["type"] == "summary" and messages[-1]["dropped"] == 0
     after = [e for t, e in got if t > restarted]
     assert any(e["type"] == "close" and e["stream"] == "porch" for e in after)  # the stream's end, after the restart
-    # the new broker (no persistence) knew no states: every state was sent again on reconnect
-    assert any(t > restarted and payload == "OFF" for t, payload in states), states
+    # the new broker (no persistence) knew no states: every state was sent again on reconnect, as it stood
+    assert any(t > restarted and label == "dog" and payload == "OFF" for t, label, payload in states), states
+    opened = [t for t, e in got if e["type"] == "open" and e["label"] == "rain"]
+    assert any(t > restarted and label == "rain" and payload == "ON" for t, label, payload in states), (opened, states)
+    assert [payload for _, label, payload in states if label == "rain"][-1] == "OFF"  # and the end of it
     assert err.count("lost the MQTT broker") == 1 and "connected again" in err, err
 
 
