@@ -121,6 +121,7 @@ def test_fast_paced_replay_never_drops(cnn_dir):
         (["train", "{tmp}/nodata", "--out", "{tmp}/o"], "dataset not found"),
         (["eval", "{cnn}", "{tmp}", "--report", "/proc/streamtag_report"], "--report /proc/streamtag_report"),
         (["tag", "{dog}", "--out", "{tmp}/o", "--on-threshold", "2"], "--on-threshold 2: on_threshold must be"),
+        (["eval", "{cnn}", "{tmp}", "--false-alarm-audio", "{tmp}", "--expected", "speach"], "--expected: 'speach'"),
     ],
 )
 def test_user_mistakes_give_one_line_and_nonzero_exit(args, message, cnn_dir, tmp_path):

@@ -122,6 +122,9 @@ def run(args) -> int:
     label_map = read_label_map(args.label_map)
     model_dir = resolve_model_dir(None if args.model == "default" else args.model)
     backend = make_backend(args.backend, None if args.model == "default" else args.model)
+    unknown_expected = [x.strip() for x in args.expected.split(",") if x.strip() and x.strip() not in backend.labels]
+    if args.false_alarm_audio and unknown_expected:  # a typo would count its class's events as false alarms
+        raise ConfigError(f"--expected: {unknown_expected[0]!r} is not one of the model's classes (its config.json)")
     dataset = load_dataset(args.dataset, min_classes=1)  # one class is enough to measure how often it is found
     seen, unique = set(), []
     for i, clip in enumerate(dataset.clips):  # a clip listed twice would count twice
