@@ -506,7 +506,7 @@ def _start_from(model, cfg: ModelConfig, folder: str) -> None:
         if mine != theirs:
             raise ConfigError(
                 f"--init {folder}: its {what} differ from this run's ({theirs} there, {mine} here); "
-                "give the same --arch, --arch-param and datasets, or train from scratch"
+                "give the same --arch, --arch-param, --output, --level-seconds and datasets, or train from scratch"
             )
     missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=not adds_gate)
     if adds_gate and (unexpected or any(not k.startswith("head.gate.") for k in missing)):
