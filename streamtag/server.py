@@ -850,6 +850,8 @@ def build_app(worker: ServeWorker, options: ServeOptions):
                         joined = True
                         pacer = Pacer(worker, name, rate, lambda: not send_task.done())
                     samples, carry = decode(msg.data, fmt, channels, carry)
+                    if samples.size:  # tagged and counted even when this message is the one that closes it
+                        await pacer.submit(samples)
                     window_messages, window_samples = window_messages + 1, window_samples + samples.size
                     if window_messages == options.message_window:  # audio messages only, each counted in
                         if window_samples < window_messages * options.min_message_ms / 1000 * rate:
@@ -860,8 +862,6 @@ def build_app(worker: ServeWorker, options: ServeOptions):
                             code = CLOSE_TOO_MANY_MESSAGES
                             break
                         window_messages, window_samples = 0, 0
-                    if samples.size:
-                        await pacer.submit(samples)
                 else:  # closed, closing or an error (a message over the size limit closes with 1009)
                     reason = "gone"
                     break

@@ -861,9 +861,11 @@ def test_a_flood_of_tiny_messages_is_closed_with_a_reason(tmp_path):
                     with contextlib.suppress(aiohttp.ClientConnectionResetError, ConnectionResetError):
                         for i in range(400):
                             await ws.send_bytes(rain[32 * i : 32 * (i + 1)])
+                    summary = None
                     while (msg := await ws.receive(timeout=30)).type == aiohttp.WSMsgType.TEXT:
-                        pass
-                    return ws.close_code, msg.extra
+                        if json.loads(msg.data)["type"] == "summary":
+                            summary = json.loads(msg.data)
+                    return ws.close_code, msg.extra, summary
 
         async def scenario():
             good = asyncio.create_task(_stream(port, "good", rain, pace=0.02))
@@ -872,9 +874,10 @@ def test_a_flood_of_tiny_messages_is_closed_with_a_reason(tmp_path):
             )
             return await tiny(), await good, await at_limit
 
-        (tiny_code, reason), (good_msgs, good_code), (edge_msgs, edge_code) = asyncio.run(scenario())
+        (tiny_code, reason, summary), (good_msgs, good_code), (edge_msgs, edge_code) = asyncio.run(scenario())
         assert proc.poll() is None
     assert tiny_code == 4420 and "send at least 5 ms of audio a message" in reason, reason
+    assert summary["received"] == 200 * 16 == summary["processed"] + summary["dropped"], summary  # all accounted
     assert edge_code == 1000 and edge_msgs[-1]["processed"] == 80 * 400, edge_msgs[-1:]
     assert good_code == 1000 and good_msgs[-1]["dropped"] == 0 and good_msgs[-1]["processed"] == rain_audio.size
 
