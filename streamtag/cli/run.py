@@ -316,27 +316,24 @@ def class_names(flag: str, values: list[str] | None, labels: Sequence[str]) -> l
     return names
 
 
-def _detector(settings, backend, args) -> EventDetector:
-    """The stream's detector; a class that ``--allow``/``--deny`` hides opens no events either (as in serve)."""
-    import numpy as np
-
-    default, per_class = settings
-    labels = backend.labels
+def _selection(args, labels) -> ClassSelection:
     allow, deny = class_names("--allow", args.allow, labels), class_names("--deny", args.deny, labels)
-    enabled = None
-    if allow or deny:
-        enabled = np.zeros(len(labels), dtype=bool)
-        enabled[ClassSelection(labels, 1, 0.0, allow, deny).indices] = True
+    return ClassSelection(labels, args.max_results, args.score_threshold, allow, deny)
+
+
+def _detector(settings, backend, selection: ClassSelection) -> EventDetector:
+    """The stream's detector; a class that ``--allow``/``--deny`` hides opens no events either (as in serve)."""
+    default, per_class = settings
     try:
-        return EventDetector(labels, backend.config.features.frame_seconds, default, per_class, enabled=enabled)
+        return EventDetector(
+            backend.labels, backend.config.features.frame_seconds, default, per_class, enabled=selection.enabled
+        )
     except ConfigError as exc:
         raise ConfigError(f"--event-config: {exc}") from None
 
 
-def _outputs(args, backend, worker_status, extra=(), source: str | None = None) -> list:
+def _outputs(args, backend, selection, worker_status, extra=(), source: str | None = None) -> list:
     labels = backend.labels
-    allow, deny = class_names("--allow", args.allow, labels), class_names("--deny", args.deny, labels)
-    selection = ClassSelection(labels, args.max_results, args.score_threshold, allow, deny)
     frame_s = backend.config.features.frame_seconds
     if args.rate * frame_s > 1 + 1e-9:
         raise ConfigError(
@@ -378,9 +375,10 @@ def run_stream(args, source, backend, event_settings, extra_outputs=()) -> int:
         w = holder["worker"]
         return w.ring.dropped, w.timer.percentile_ms(99), w.frame_seconds * 1000, w.level_dbfs
 
-    detector = _detector(event_settings, backend, args)  # before any output file is opened
+    selection = _selection(args, backend.labels)  # what is shown, and the classes that may open events
+    detector = _detector(event_settings, backend, selection)  # before any output file is opened
     name = getattr(source, "path", None) or getattr(source, "device_name", None) or source.description
-    outputs = _outputs(args, backend, status, extra_outputs, source=str(name))
+    outputs = _outputs(args, backend, selection, status, extra_outputs, source=str(name))
     worker = holder["worker"] = Worker(
         source,
         backend,
@@ -420,26 +418,36 @@ def run_stream(args, source, backend, event_settings, extra_outputs=()) -> int:
     return 130 if got["signal"] == signal.SIGINT else 0
 
 
-def run_replay(args) -> int:
-    from ..sources import WavReplaySource
+def raw_pcm(args, from_stdin: bool):
+    """``--raw-rate``/``--raw-format``/``--raw-channels`` checked (replay and tag): the format of raw PCM on
+    stdin, or ``None`` for a WAV stream (which says its own)."""
+    from ..sources.pipe import PcmFormat
 
-    from_stdin = args.file == "-"
     if (args.raw_rate is None) != (args.raw_format is None):
         raise ConfigError("raw PCM needs both --raw-rate and --raw-format (e.g. --raw-rate 16000 --raw-format s16le)")
-    if args.raw_rate is not None and not from_stdin:
-        raise ConfigError(f"--raw-rate and --raw-format describe stdin: replay - reads it ({args.file} given)")
     if args.raw_channels is not None and args.raw_format is None:
         raise ConfigError(
             "--raw-channels describes raw PCM: give it with --raw-rate and --raw-format (a WAV says its own)"
         )
+    if args.raw_format is None:
+        return None
+    if not from_stdin:
+        raise ConfigError("--raw-rate and --raw-format describe stdin: give - as the input to read it")
+    return PcmFormat.raw(args.raw_rate, args.raw_format, args.raw_channels or 1)
+
+
+def run_replay(args) -> int:
+    from ..sources import WavReplaySource
+
+    from_stdin = args.file == "-"
+    fmt = raw_pcm(args, from_stdin)
     settings = check_args(args)
     backend = _open_backend(args)
     feats = backend.config.features
     speed = 0.0 if args.fast else args.speed
     if from_stdin:
-        from ..sources.pipe import PcmFormat, PipeSource
+        from ..sources.pipe import PipeSource
 
-        fmt = PcmFormat.raw(args.raw_rate, args.raw_format, args.raw_channels or 1) if args.raw_format else None
         source = PipeSource(sys.stdin.buffer, feats.sample_rate, fmt, block_size=feats.hop_length, speed=speed)
     else:
         source = WavReplaySource(

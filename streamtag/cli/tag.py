@@ -65,7 +65,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..archive import find_inputs, tag_in_processes, write_tables
     from . import interrupt_on_signals
-    from .run import detector_factory
+    from .run import detector_factory, raw_pcm
 
     if (args.jobs is not None and args.jobs < 1) or args.width < 1:
         raise ConfigError(f"--jobs and --width must be >= 1 ({args.jobs}, {args.width} given)")
@@ -85,8 +85,7 @@ def run(args) -> int:
                 "or add --force to replace them"
             )
     else:
-        if args.raw_rate or args.raw_format or args.raw_channels:
-            raise ConfigError("--raw-rate, --raw-format and --raw-channels describe stdin: give - as the INPUT")
+        raw_pcm(args, from_stdin=False)  # refuses raw PCM options without stdin
         items = find_inputs(args.inputs, passed_over)
     detectors = detector_factory(args.model, args.event_config, args.on_threshold)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +124,7 @@ def run(args) -> int:
         f"summary in {tables[0]}",
         file=sys.stderr,
     )
-    _say_each("error", [o for o in failed], lambda o: o.error, tables[1])
+    _say_each("error", failed, lambda o: o.error, tables[1])
     _say_each("warning", [o for o in outcomes if o.warning], lambda o: o.warning, tables[0])
     retagged = sum(o.retagged for o in outcomes)
     if retagged:
@@ -166,15 +165,14 @@ def _say_each(kind: str, outcomes: list, what, table: Path, most: int = 5) -> No
 def _stdin_item(args):
     """``tag -``: stdin as one file named ``--name``, a WAV stream or raw PCM as ``replay -`` reads it."""
     from ..archive import Item
-    from ..sources.pipe import PcmFormat, PipeSource
+    from ..sources.pipe import PipeSource
+    from .run import raw_pcm
 
     if args.inputs != ["-"]:
         raise ConfigError("- (stdin) is tagged alone: give it as the only INPUT")
-    if (args.raw_rate is None) != (args.raw_format is None) or (args.raw_channels and not args.raw_format):
-        raise ConfigError("raw PCM needs both --raw-rate and --raw-format (e.g. --raw-rate 16000 --raw-format s16le)")
+    fmt = raw_pcm(args, from_stdin=True)
     if not args.name or "/" in args.name or args.name.startswith("."):
         raise ConfigError(f"--name {args.name!r}: give a plain file name for stdin's outputs")
-    fmt = PcmFormat.raw(args.raw_rate, args.raw_format, args.raw_channels or 1) if args.raw_format else None
     stream = sys.stdin.buffer
     pipe = {}
 

@@ -45,13 +45,13 @@ class ClassSelection:
         if deny:
             mask[[self.labels.index(n) for n in deny]] = False
         self.indices = np.flatnonzero(mask)
+        self.enabled = None if mask.all() else mask  # per class, whether it is shown; None: every class
         self.max_results = min(max_results, self.indices.size)
         self.score_threshold = score_threshold
-        self._every_class = bool(mask.all())  # runs once per frame: skip the gather when nothing is filtered
         self._names = [self.labels[i] for i in self.indices]
 
     def pick(self, probs: np.ndarray) -> list[tuple[str, float]]:
-        sub = probs if self._every_class else probs[self.indices]
+        sub = probs if self.enabled is None else probs[self.indices]  # once per frame: no gather when unfiltered
         order = np.argsort(-sub, kind="stable")[: self.max_results]
         names = self._names
         return [(names[i], p) for i, p in zip(order.tolist(), sub[order].tolist()) if p >= self.score_threshold]
