@@ -420,8 +420,9 @@ def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: b
     of earlier runs; Parquet too when asked) and ``errors.csv`` (the files of this run that failed)."""
     out = Path(out)
     mine = {o.name for o in outcomes}
-    earlier = [_finished(m) for m in out.rglob("*" + DONE)]
-    outcomes = [*outcomes, *(o for o in earlier if o is not None and o.name not in mine)]
+    markers = (m for m in out.rglob("*" + DONE) if str(m.relative_to(out))[: -len(DONE)] not in mine)
+    earlier = [_finished(m) for m in markers]  # this run's files are in ``outcomes`` already: not read again
+    outcomes = [*outcomes, *(o for o in earlier if o is not None)]
     rows = [o.row() for o in sorted(outcomes, key=lambda o: o.name)]
     fields = list(Outcome("", "").row())
     written = [out / "summary.csv", out / "errors.csv"]
@@ -515,8 +516,6 @@ def tag_in_processes(
     procs = [
         ctx.Process(target=_shard_main, args=(k, part, queue, kwargs), daemon=True) for k, part in enumerate(parts)
     ]
-    # started with Ctrl-C and SIGTERM blocked (they inherit the mask and then ignore Ctrl-C: this process stops
-    # them); a Ctrl-C meanwhile waits, blocked, and arrives here once they are started, instead of being lost
     outcomes: list[Outcome] = []
     unreported = [{item.name: item for item in part} for part in parts]
     ended: set[int] = set()
@@ -529,6 +528,8 @@ def tag_in_processes(
 
     started: list = []
     try:
+        # started with Ctrl-C and SIGTERM blocked (they inherit the mask and then ignore Ctrl-C: this process
+        # stops them); a Ctrl-C meanwhile waits, blocked, and arrives here once they are started, not lost
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             for p in procs:

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 
@@ -195,7 +195,7 @@ class ServeWorker(threading.Thread):
             t0 = started = time.perf_counter()
             hops = 0
             for name, item in self.multi.step_blocks(max_hops=self.options.max_round_hops):
-                hops += len(item) if isinstance(item, StepBlock) else item.has_scores
+                hops += _hops(item)
                 self._deliver(name, item)
             behind = self.multi.behind
             cost = time.perf_counter() - t0
@@ -300,7 +300,7 @@ class ServeWorker(threading.Thread):
         try:
             hops = 0
             for step in self.multi.leave(name, reason):  # the hops it still held are stepped here
-                hops += len(step) if isinstance(step, StepBlock) else step.has_scores
+                hops += _hops(step)
                 self._deliver(name, step)
         finally:
             self._leaving.pop(name, None)
@@ -534,6 +534,11 @@ class Pacer:
             self.submitted += piece.size
 
 
+def _hops(item: StepBlock | Step) -> int:
+    """The hops a delivered item holds (a reset's event-only step holds none)."""
+    return len(item) if isinstance(item, StepBlock) else int(item.has_scores)
+
+
 async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) -> None:
     """A pulled source: ``ffmpeg`` decodes ``url`` (RTSP, HTTP, a file: anything it reads) to 16 kHz mono
     s16le, which goes to the worker as the stream ``name``. When ffmpeg ends or fails (a camera drops) or
@@ -636,15 +641,24 @@ async def _lines(stream: asyncio.StreamReader, keep: collections.deque) -> None:
 AUDIO_FILE_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aif", ".aiff", ".w64")
 
 
+def local_path(url: str) -> str | None:
+    """The file a pulled source names, for a plain path or a file: URL; ``None`` for anything else ffmpeg reads
+    (a network URL, pipe:, concat:, ...), which only ffmpeg can judge."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return unquote(parsed.path)
+    return url if not parsed.scheme or len(parsed.scheme) == 1 else None  # one letter: a Windows drive
+
+
 def _is_file(url: str) -> bool:
     """Whether a pulled source is a recording (read at its own pace, -re, as the live source it stands for)
     rather than a live stream, which comes at its own pace and must be read as fast as it comes, or it
-    falls behind for good after any hiccup: a local path or file: URL, or a URL naming an audio file
+    falls behind for good after any hiccup: a local file, or a URL naming an audio file
     (http://host/clip.flac). A live stream whose URL ends so (an Icecast mount such as /radio.mp3) is
     paced too: it keeps up, but does not catch up after a stall."""
-    parsed = urlparse(url)
-    if not parsed.scheme or len(parsed.scheme) == 1 or parsed.scheme == "file":
+    if local_path(url) is not None:
         return True
+    parsed = urlparse(url)
     return parsed.scheme in ("http", "https", "ftp") and parsed.path.lower().endswith(AUDIO_FILE_SUFFIXES)
 
 

@@ -122,14 +122,16 @@ def run(args) -> int:
     label_map = read_label_map(args.label_map)
     model_dir = resolve_model_dir(None if args.model == "default" else args.model)
     backend = make_backend(args.backend, None if args.model == "default" else args.model)
-    unknown_expected = [x.strip() for x in args.expected.split(",") if x.strip() and x.strip() not in backend.labels]
+    expected = [x.strip() for x in args.expected.split(",") if x.strip()]
+    unknown_expected = [x for x in expected if x not in backend.labels]
     if args.false_alarm_audio and unknown_expected:  # a typo would count its class's events as false alarms
         raise ConfigError(f"--expected: {unknown_expected[0]!r} is not one of the model's classes (its config.json)")
     dataset = load_dataset(args.dataset, min_classes=1)  # one class is enough to measure how often it is found
     seen, unique = set(), []
     for i, clip in enumerate(dataset.clips):  # a clip listed twice would count twice
-        if clip.path.resolve() not in seen:
-            seen.add(clip.path.resolve())
+        real = clip.path.resolve()
+        if real not in seen:
+            seen.add(real)
             unique.append(i)
     if len(unique) < len(dataset.clips):
         twice = len(dataset.clips) - len(unique)
@@ -189,7 +191,6 @@ def run(args) -> int:
         )
     if args.false_alarm_audio:
         files = [c.path for path in args.false_alarm_audio for c in read_unlabelled(path)]
-        expected = [x.strip() for x in args.expected.split(",") if x.strip()]
         print(f"streamtag eval: false alarms on {len(files)} files", file=sys.stderr)
         report["false_alarms"] = false_alarms(backend, detector, files, expected)
     if args.agreement_audio:

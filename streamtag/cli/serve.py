@@ -96,20 +96,10 @@ def _check(args) -> None:
         check_prefix(args.mqtt_prefix)
 
 
-def _local_path(url: str) -> str | None:
-    """The file a pulled source names, for a plain path or a file: URL; ``None`` for anything else ffmpeg reads
-    (a network URL, pipe:, concat:, ...), which only ffmpeg can judge."""
-    from urllib.parse import unquote, urlparse
-
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return unquote(parsed.path)
-    return url if not parsed.scheme or len(parsed.scheme) == 1 else None  # one letter: a Windows drive
-
-
 def _sources(args, config) -> list:
     """The config file's pulled streams and sound cards, then --pull's; names must differ."""
     from ..serve_config import PulledSource
+    from ..server import local_path
 
     sources = list(config.sources)
     for item in args.pull:
@@ -120,7 +110,7 @@ def _sources(args, config) -> list:
     if twice:
         raise ConfigError(f"stream '{twice[0]}' is pulled twice (--config and --pull): give each source its own name")
     for source in sources:  # a file that is not there fails now, not as a silent retry loop later
-        path = _local_path(source.url) if source.url else None
+        path = local_path(source.url) if source.url else None
         if path is not None and not os.path.exists(path):
             raise ConfigError(
                 f"stream '{source.name}': no such file {path!r} (give a file, or a URL such as rtsp://...)"

@@ -352,11 +352,9 @@ def _check_out(out: Path, args) -> None:
     """Never replace a trained model by surprise, and find an unwritable --out before the features are computed."""
     from ..outputs.files import check_output_folder
 
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: folder {out.parent} does not exist; create it first")
-    check_output_folder(out, "--out")
+    check_output_folder(out, "--out")  # a file in its place, or a place nothing can be written
     if args.cv and any(out.glob("fold*/config.json")) and not args.overwrite:
         raise ConfigError(f"--out {out} already holds cross-validation models; add --overwrite to replace them")
     if (out / "config.json").exists() and not (args.resume or args.overwrite or args.cv):

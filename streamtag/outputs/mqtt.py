@@ -74,7 +74,6 @@ class MqttPublisher:
         self.availability = f"{prefix}/availability"
         self.published = 0
         self.dropped = 0
-        self.connected = False
         self._said_down = False  # a lost or unreachable broker is said once, until it is back
         self._mqtt = mqtt
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{prefix}-server")
@@ -85,9 +84,10 @@ class MqttPublisher:
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        self._streams: dict[str, list[bool]] = {}  # joined streams: which labels each reports
-        self._on: dict[str, set[str]] = {}  # joined streams: the labels with an event open (state ON)
-        self._lock = threading.Lock()  # _on and the counters: the worker and paho's thread both use them
+        # joined streams: which labels each reports, and those with an event open (state ON)
+        self._streams: dict[str, tuple[list[bool], set[str]]] = {}
+        self._lock = threading.Lock()  # _streams and the counters: the worker and paho's thread both use them
+        self._closing = False
         # (stream, change, reply) -> applies a settings change; set by serve to hand it to its worker
         self.on_settings: Callable[[str, Any, Callable[[dict], None]], None] | None = None
 
@@ -99,7 +99,6 @@ class MqttPublisher:
         if reason_code.is_failure:
             self._down(f"the MQTT broker {self.host}:{self.port} refused the connection ({reason_code})")
             return
-        self.connected = True
         if self._said_down:
             self._said_down = False
             print(f"streamtag serve: MQTT broker {self.host}:{self.port} connected again", file=sys.stderr, flush=True)
@@ -114,12 +113,10 @@ class MqttPublisher:
         self._down(f"cannot reach the MQTT broker {self.host}:{self.port}")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connected = False
-        if not getattr(self, "_closing", False):
+        if not self._closing:
             self._down(f"lost the MQTT broker {self.host}:{self.port} ({reason_code})")
 
     def _down(self, what: str) -> None:
-        self.connected = False
         if not self._said_down:
             self._said_down = True
             print(
@@ -157,7 +154,10 @@ class MqttPublisher:
 
     def _snapshot(self) -> dict[str, tuple[list[bool], set[str]]]:
         with self._lock:
-            return {s: (list(self._streams[s]), set(on)) for s, on in self._on.items() if s in self._streams}
+            return {s: (list(enabled), set(on)) for s, (enabled, on) in self._streams.items()}
+
+    def _state(self, stream: str, label: str, on: bool) -> None:
+        self._send(f"{self.prefix}/{stream}/audio/{label}", "ON" if on else "OFF", retain=True)
 
     def _resend_states(self) -> None:
         """Every stream's state again (on paho's thread, after a reconnect). Published outside the lock (paho
@@ -167,37 +167,35 @@ class MqttPublisher:
         for stream, (enabled, on) in before.items():
             for label, shown in zip(self.labels, enabled):
                 if shown:
-                    self._send(f"{self.prefix}/{stream}/audio/{label}", "ON" if label in on else "OFF", retain=True)
+                    self._state(stream, label, label in on)
         for stream, (_, on) in self._snapshot().items():
             if stream in before:
                 for label in on ^ before[stream][1]:
-                    self._send(f"{self.prefix}/{stream}/audio/{label}", "ON" if label in on else "OFF", retain=True)
+                    self._state(stream, label, label in on)
 
     # -- what the server calls ---------------------------------------------------------------------------
     def stream_joined(self, stream: str, enabled: Sequence[bool] | None = None) -> None:
         """A stream joined, or its labels changed: discovery for the labels it reports, every state OFF."""
         enabled = [bool(x) for x in enabled] if enabled is not None else [True] * len(self.labels)
         with self._lock:
-            self._streams[stream] = enabled
-            self._on[stream] = set()
+            self._streams[stream] = (enabled, set())
         self._discovery(stream, enabled)
         for label in self.labels:
-            self._send(f"{self.prefix}/{stream}/audio/{label}", "OFF", retain=True)
+            self._state(stream, label, False)
 
     def stream_left(self, stream: str) -> None:
         with self._lock:
             self._streams.pop(stream, None)
-            self._on.pop(stream, None)
 
     def event(self, stream: str, event: Event) -> None:
-        state = "ON" if event.kind == "open" else "OFF"
+        opened = event.kind == "open"
         with self._lock:
-            on = self._on.setdefault(stream, set())
-            if event.kind == "open":
+            on = self._streams[stream][1] if stream in self._streams else set()
+            if opened:
                 on.add(event.label)
             else:
                 on.discard(event.label)
-        self._send(f"{self.prefix}/{stream}/audio/{event.label}", state, retain=True)
+        self._state(stream, event.label, opened)
         row = {
             "type": event.kind,
             "stream": stream,
