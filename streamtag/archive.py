@@ -252,10 +252,22 @@ def _tmp(path: Path) -> Path:
     return path.with_name(path.name + ".part")
 
 
-def _write_atomic(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def _replaced(path: Path) -> Iterator[Path]:
+    """Write ``path`` under its temporary name and rename it once written: a stop midway (a Ctrl-C as the
+    summary is written) leaves the file as it was and no ``.part`` behind."""
     tmp = _tmp(path)
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    with _replaced(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
 
 
 def done_marker(out: Path, item: Item) -> Path:
@@ -434,8 +446,8 @@ def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: b
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pylist([r for r in rows if not r["error"]], schema=_parquet_schema(pa))
-        pq.write_table(table, _tmp(out / "summary.parquet"))
-        os.replace(_tmp(out / "summary.parquet"), out / "summary.parquet")
+        with _replaced(out / "summary.parquet") as tmp:
+            pq.write_table(table, tmp)
         written.append(out / "summary.parquet")
     return written
 
@@ -456,12 +468,10 @@ def _parquet_schema(pa):
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with _replaced(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def shards(items: Sequence[Item], n: int) -> list[list[Item]]:
