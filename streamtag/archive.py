@@ -40,13 +40,9 @@ from .errors import AudioFileError, ConfigError
 from .events import EventDetector, build_event_settings, model_event_table
 from .multistream import MultiStreamTagger
 from .outputs.files import row_header
-from .sources.file import WavReplaySource
+from .sources.file import AUDIO_SUFFIXES, WavReplaySource
 from .steps import Step, StepBlock, write_to
 
-AUDIO_SUFFIXES = (
-    *(".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".rf64", ".caf"),
-    *(".sph", ".nist"),
-)
 MANIFEST_SUFFIXES = (".csv", ".txt", ".lst")
 DONE = ".done.json"
 TOP_LABELS = 3

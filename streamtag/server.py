@@ -41,6 +41,7 @@ import numpy as np
 from .errors import ConfigError, StreamtagError
 from .multistream import MultiStreamTagger
 from .serve_config import SettingsBook
+from .sources.file import AUDIO_SUFFIXES
 from .steps import Step, StepBlock
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -638,7 +639,7 @@ async def _lines(stream: asyncio.StreamReader, keep: collections.deque) -> None:
             keep.append(f"ffmpeg: {text}")
 
 
-AUDIO_FILE_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aif", ".aiff", ".w64")
+AUDIO_FILE_SUFFIXES = (*AUDIO_SUFFIXES, ".m4a", ".aac", ".wma", ".webm", ".mka")  # and what only ffmpeg reads
 
 
 def local_path(url: str) -> str | None:

@@ -24,6 +24,11 @@ from ..ring import SpscRing
 from .base import ProducerSource, mono_finite, push_paced
 
 _READ_ERRORS = (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError, OSError)
+# the extensions of files libsndfile reads (a folder is searched for these by tag, train and eval)
+AUDIO_SUFFIXES = (
+    *(".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".rf64", ".caf"),
+    *(".sph", ".nist"),
+)
 READ_BLOCK_SECONDS = 1.28  # decoded at a time: 128 hops, one full chunk-graph call
 
 

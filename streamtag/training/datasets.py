@@ -26,9 +26,9 @@ import numpy as np
 
 from ..config import FeatureConfig
 from ..errors import DatasetError
+from ..sources.file import AUDIO_SUFFIXES
 
 FEATURE_CODE_VERSION = 2  # bump when the feature arithmetic changes: invalidates cached features
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 TRAINED_ON = "trained_on.txt"  # in a model folder: its training clips, so eval can warn about clips it has seen
 
 
