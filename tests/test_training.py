@@ -84,6 +84,14 @@ def test_esc50_layout_copy_with_other_rate(esc50, tmp_path):
     assert len(load_dataset(tmp_path).clips) == 4
 
 
+def test_esc50_layout_without_a_column_names_it(tmp_path):
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "meta" / "esc50.csv").write_text("filename,fold,target\n1-100032-A-0.wav,1,0\n")
+    with pytest.raises(DatasetError, match="has no category column"):
+        load_dataset(tmp_path)
+
+
 def test_tiny_training_lowers_loss_and_round_trips(class_folders, tmp_path):
     out = tmp_path / "model"
     r = run_cli(

@@ -181,7 +181,14 @@ def load_dataset(path: str | os.PathLike, min_classes: int = 2) -> Dataset:
 def _read_esc50(root: Path) -> list[Clip]:
     clips = []
     with open(root / "meta" / "esc50.csv", newline="") as f:
-        for row in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        absent = [c for c in ("filename", "category", "fold") if c not in (reader.fieldnames or ())]
+        if absent:
+            raise DatasetError(
+                f"{root}/meta/esc50.csv has no {', '.join(absent)} column: ESC-50's own meta file has "
+                "filename, fold, target, category, esc10, src_file and take"
+            )
+        for row in reader:
             try:
                 clips.append(
                     Clip(
