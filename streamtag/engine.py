@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -134,7 +134,8 @@ class StreamTagger:
     """One stream: ``feed(samples) -> list[Step]``, ``finish() -> list[Step]``, ``reset() -> list[Step]``.
 
     Args:
-        model: a model folder (the bundled one when ``None``) or an open backend of batch size 1.
+        model: a model folder (the bundled one when ``None``) or an open backend of batch size 1 (its state
+            is cleared: a new engine starts a new stream).
         backend (str): ``onnx`` or ``torch``, when ``model`` is a folder. (Default: ``onnx``)
         sample_rate (int): rate of the samples fed; resampled to the model's. (Default: the model's rate)
         events: ``True`` for events at the model's settings (its folder's ``events.toml``, else the
@@ -144,6 +145,8 @@ class StreamTagger:
         reset_every_s (float): forget the past every this many seconds of stream. (Default: never)
         reset_on_silence_s (float): forget it after this much silence (peak below -60 dBFS). (Default: never)
         gain_db (float): applied to every sample after the guard. (Default: ``0``)
+        hop_model: the model side, when several engines share a batched backend (a
+            :class:`MultiStreamTagger` gives each its slot). (Default: ``model`` stepped alone)
 
     A sample that is NaN or Inf is replaced by 0, one beyond full scale is clipped to it; both are
     counted in :attr:`stats` and never reach the model state. The time of a step is stream time:
@@ -156,7 +159,7 @@ class StreamTagger:
         *,
         backend: str = "onnx",
         sample_rate: int | None = None,
-        events: bool | EventParams | EventDetector | None = True,
+        events: bool | EventParams | EventDetector | Callable[[], EventDetector] | None = True,
         reset_every_s: float | None = None,
         reset_on_silence_s: float | None = None,
         gain_db: float = 0.0,
@@ -173,7 +176,10 @@ class StreamTagger:
         self.sample_rate = int(sample_rate or self.model_rate)
         if self.sample_rate <= 0:
             raise ConfigError(f"sample_rate must be > 0 ({sample_rate} given)")
-        self.hop_model = hop_model if hop_model is not None else SingleStream(model)
+        if hop_model is None:  # an open backend may hold another stream's state: start from a new one
+            hop_model = SingleStream(model)
+            hop_model.clear()
+        self.hop_model = hop_model
         self.detector = _detector(events, self.labels, self.frame_seconds, getattr(model, "folder", None))
         if not -120.0 <= gain_db <= 120.0:  # NaN fails too
             raise ConfigError(f"gain_db must be in -120..120 ({gain_db} given)")

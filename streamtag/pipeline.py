@@ -7,8 +7,10 @@ import os
 
 import numpy as np
 
+from .backends import Backend
 from .engine import StreamStats, StreamTagger, drive
-from .events import Event, EventDetector
+from .errors import ConfigError
+from .events import Event, EventDetector, EventParams
 from .sources import WavReplaySource
 from .steps import Collector, Output
 
@@ -23,22 +25,26 @@ class FileResult:
 
 
 def tag_file(
-    backend,
+    backend: Backend,
     path: str | os.PathLike,
-    detector: EventDetector | bool | None = True,
+    events: EventDetector | EventParams | bool | None = True,
     outputs: tuple[Output, ...] = (),
     **engine_options,
 ) -> FileResult:
-    """Decode ``path`` a block at a time, feed one :class:`StreamTagger` (state cleared first) and collect
-    every score and event; ``outputs`` get every step too. No thread: the same steps as ``replay --fast``.
-    ``detector``: as :class:`StreamTagger`'s ``events`` (default: the model's own event settings, as replay's;
-    ``None`` for scores alone)."""
+    """Decode ``path`` a block at a time, feed one :class:`StreamTagger` (a new stream's state) and collect
+    every score and event; ``outputs`` get every step too and are closed at the end. No thread: the same
+    steps as ``replay --fast``. ``events``: as :class:`StreamTagger`'s (default: the model's own event
+    settings, as replay's; ``None`` for scores alone). ``engine_options``: its other options, except
+    ``sample_rate`` (a file is read at its own rate and resampled to the model's)."""
+    if "sample_rate" in engine_options:
+        raise ConfigError("tag_file reads the file's own sample rate: leave sample_rate out")
     feats = backend.config.features
     source = WavReplaySource(path, feats.sample_rate, speed=0, min_samples=feats.hop_length)
-    backend.reset_states()
-    tagger = StreamTagger(backend, events=detector, **engine_options)
+    tagger = StreamTagger(backend, events=events, **engine_options)
     sink = Collector()
-    drive(tagger, source.chunks(), [sink, *outputs])
-    for out in outputs:
-        out.close()
+    try:
+        drive(tagger, source.chunks(), [sink, *outputs])
+    finally:
+        for out in outputs:
+            out.close()
     return FileResult(sink.probs, sink.events, tagger.stats, source.status.nonfinite_samples, source.error)

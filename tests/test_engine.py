@@ -26,6 +26,13 @@ def clip():
     return read_clip(EXAMPLES / "dog.flac")[: 16000 * 3]
 
 
+def test_a_new_engine_on_an_open_backend_starts_a_new_stream(cnn_dir, clip):
+    backend = make_backend("onnx", cnn_dir)
+    first = _probs(StreamTagger(backend, events=None).feed(clip))
+    second = _probs(StreamTagger(backend, events=None).feed(clip))  # the backend still held the first's state
+    np.testing.assert_array_equal(first, second)
+
+
 def test_any_chunking_gives_the_same_steps_as_one_call(cnn_dir, clip):
     tagger = StreamTagger(cnn_dir, events=LOW)
     whole = tagger.feed(clip) + tagger.finish()  # 300 hops in one call: stepped as a block

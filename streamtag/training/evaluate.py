@@ -28,7 +28,6 @@ def stream_probs(backend, samples: np.ndarray, gain_db: float = 0.0) -> np.ndarr
     :class:`~streamtag.engine.StreamTagger` (the engine every runner uses)."""
     from ..engine import StreamTagger
 
-    backend.reset_states()
     steps = StreamTagger(backend, events=None, gain_db=gain_db).feed(samples)
     if not steps:
         return np.zeros((0, backend.config.num_classes), np.float32)
