@@ -38,7 +38,15 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a stream's name: in MQTT topics, Home Assistant ids and URLs
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` is a stream name (fullmatch: ``$`` would let a trailing newline through, and a newline
+    in a topic gets the server thrown off the broker)."""
+    return NAME.fullmatch(name) is not None
+
+
 SETTING_KEYS = ("allow", "deny", "events")
 EVENT_KEYS = {f.name for f in dataclasses.fields(EventParams)}
 
@@ -139,7 +147,7 @@ def read_serve_config(path: str | os.PathLike, labels: Sequence[str]) -> ServeCo
         raise ConfigError(f"--config {path}: streams must be tables, [streams.NAME]")
     for name, table in streams.items():
         where = f"--config {path}: [streams.{name}]"
-        if not NAME.match(name):
+        if not valid_name(name):
             raise ConfigError(f"{where}: stream names are 1-64 of A-Z a-z 0-9 _ -")
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be a table")

@@ -28,7 +28,6 @@ import collections
 import dataclasses
 import json
 import queue
-import re
 import sys
 import threading
 import time
@@ -40,11 +39,10 @@ import numpy as np
 
 from .errors import ConfigError, StreamtagError
 from .multistream import MultiStreamTagger
-from .serve_config import SettingsBook
+from .serve_config import SettingsBook, valid_name
 from .sources.file import AUDIO_SUFFIXES
 from .steps import Step, StepBlock
 
-NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 FORMATS = {"s16le": ("<i2", 32768.0), "f32le": ("<f4", 1.0)}
 PAGE = Path(__file__).parent / "assets" / "serve_page.html"
 
@@ -225,7 +223,8 @@ class ServeWorker(threading.Thread):
             command[3]({"error": reason})
         elif command[0] == "join":
             listener = command[3]
-            listener({"type": "error", "message": reason})
+            code = CLOSE_NAME_TAKEN if command[1] in self.accounts else CLOSE_FULL
+            listener({"type": "error", "message": reason, "code": code})
             listener(None)
 
     # -- commands ------------------------------------------------------------------------------------------
@@ -244,7 +243,7 @@ class ServeWorker(threading.Thread):
             _, name, change, reply = command
             if self.book is None:
                 raise ConfigError("this server has no per-stream settings")
-            if not NAME.match(name):
+            if not valid_name(name):
                 raise ConfigError("stream names are 1-64 of A-Z a-z 0-9 _ -")
             if change is not None:
                 self.book.change(name, change)
@@ -777,8 +776,10 @@ def _settle(future: asyncio.Future, value) -> None:
         future.set_result(value)
 
 
-def build_app(worker: ServeWorker, options: ServeOptions):
-    """The aiohttp application: the stream endpoint, /metrics, /healthz and the live page."""
+def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str] = frozenset()):
+    """The aiohttp application: the stream endpoint, /metrics, /healthz and the live page. ``sources``: the
+    names of this server's pulled streams and sound cards, which no client may take (held from the start, so
+    one that joins late, or a restart, never finds its name in a client's hands)."""
     from aiohttp import WSMsgType, web
 
     def authorised(request) -> bool:
@@ -801,14 +802,17 @@ def build_app(worker: ServeWorker, options: ServeOptions):
         if not authorised(request):
             await ws.close(code=CLOSE_UNAUTHORISED, message=b"a token is needed: ?token=... or Authorization: Bearer")
             return ws
-        if not NAME.match(name):
+        if not valid_name(name):
             await ws.close(code=CLOSE_BAD_REQUEST, message=b"stream names are 1-64 of A-Z a-z 0-9 _ -")
             return ws
         held = worker.connected()
+        if name in sources:
+            await ws.close(code=CLOSE_NAME_TAKEN, message=f"stream '{name}' is a source of this server".encode())
+            return ws
         if name in held or name in joining:
             await ws.close(code=CLOSE_NAME_TAKEN, message=f"stream '{name}' is already connected".encode())
             return ws
-        if len(joining | held) >= options.capacity:  # a client's stream is in both once its join is taken: once
+        if len(joining | held | sources) >= options.capacity:  # a union: a joined client is in two of them
             await ws.close(code=CLOSE_FULL, message=f"server full ({options.capacity} streams)".encode())
             return ws
         nonlocal post
@@ -816,7 +820,11 @@ def build_app(worker: ServeWorker, options: ServeOptions):
             post = _LoopPost(asyncio.get_running_loop())
         outbox: asyncio.Queue = asyncio.Queue()
 
+        refused: list[dict] = []  # the worker refused the join (server full): the client is told and closed
+
         def listener(message) -> None:  # called on the worker thread
+            if message is not None and message.get("type") == "error":
+                refused.append(message)
             post(outbox, message)
 
         async def sender():
@@ -842,6 +850,9 @@ def build_app(worker: ServeWorker, options: ServeOptions):
                     msg = await asyncio.wait_for(ws.receive(), timeout=options.idle_s)
                 except asyncio.TimeoutError:
                     reason, code = f"idle for {options.idle_s:g} s", CLOSE_IDLE
+                    break
+                if refused:
+                    reason, code = refused[0]["message"], refused[0]["code"]
                     break
                 if msg.type == WSMsgType.TEXT:
                     try:
@@ -882,7 +893,7 @@ def build_app(worker: ServeWorker, options: ServeOptions):
                     break
         finally:
             joining.discard(name)
-        if joined:
+        if joined and not refused:
             worker.submit("eof" if reason is None else "gone", name)
             while not send_task.done():  # the summary, then the end; nothing more if the worker has stopped
                 alive = worker.is_alive()  # seen before the wait: a dead worker's last messages arrive within it
@@ -934,7 +945,7 @@ def build_app(worker: ServeWorker, options: ServeOptions):
         if not authorised(request):
             return web.Response(status=401, text="a token is needed\n")
         name = request.match_info["name"]
-        if not NAME.match(name):
+        if not valid_name(name):
             return web.json_response({"error": "stream names are 1-64 of A-Z a-z 0-9 _ -"}, status=400)
         change = None
         if request.method == "PUT":

@@ -164,6 +164,9 @@ def test_bad_clients_get_a_clear_close_and_harm_no_one(tmp_path):
                 async with session.ws_connect(base + "bad%20name") as ws:
                     msg = await ws.receive()
                     closes["name"] = (ws.close_code, msg.extra)
+                async with session.ws_connect(base + "porch%0A") as ws:  # a newline in a topic: off the broker
+                    msg = await ws.receive()
+                    closes["newline"] = (ws.close_code, msg.extra)
                 async with session.ws_connect(base + "quiet") as ws:  # never sends
                     msg = await ws.receive()
                     closes["idle"] = (ws.close_code, msg.extra)
@@ -179,6 +182,7 @@ def test_bad_clients_get_a_clear_close_and_harm_no_one(tmp_path):
     assert closes["garbage"][0] == 4400
     assert closes["format"][0] == 4400 and "format must be one of" in closes["format"][1]
     assert closes["name"][0] == 4400 and "stream names" in closes["name"][1]
+    assert closes["newline"][0] == 4400
     assert closes["idle"][0] == 4408 and "idle" in closes["idle"][1]
     assert closes["taken"][0] == 4409 and "already connected" in closes["taken"][1]
     assert code == 1000 and messages[-1]["type"] == "summary" and messages[-1]["dropped"] == 0
@@ -895,6 +899,41 @@ def test_a_pulled_file_is_read_at_its_own_pace(tmp_path):
     assert ffmpeg, "serve started no ffmpeg"
     args = ffmpeg[0]
     assert b"-re" in args and args.index(b"-re") < args.index(b"-i") and str(clip).encode() in args
+
+
+def test_a_client_cannot_take_the_name_or_the_slot_of_a_pulled_source(tmp_path):
+    """A pulled source's name is its own from the start: a client that took it (or won a race for it) fed its audio
+    into the source's stream and, on leaving, ended it."""
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path, "--max-streams", "2", "--pull", f"porch={EXAMPLES / 'rain.flac'}") as (port, proc):
+
+        async def scenario():
+            async with aiohttp.ClientSession() as session:
+                closes, opened = {}, []
+                for name in ("porch", "other", "third"):  # "other" stays connected while "third" comes
+                    ws = await session.ws_connect(f"ws://127.0.0.1:{port}/v1/streams/{name}")
+                    opened.append(ws)
+                    await ws.send_bytes(rain[:3200])
+                    msg = await ws.receive(timeout=30)
+                    closes[name] = (ws.close_code, msg.extra) if ws.closed else json.loads(msg.data)["type"]
+                for ws in opened:
+                    if not ws.closed:
+                        await ws.send_str(json.dumps({"type": "eof"}))
+                        async for _ in ws:
+                            pass
+                    await ws.close()
+                return closes
+
+        closes = asyncio.run(scenario())
+        deadline, state = time.monotonic() + 30, {}
+        while time.monotonic() < deadline and not state.get("porch", {}).get("frames"):
+            state = asyncio.run(_http("GET", f"http://127.0.0.1:{port}/v1/state"))[1]
+            time.sleep(0.2)
+        assert proc.poll() is None
+    assert closes["porch"][0] == 4409 and "source of this server" in closes["porch"][1]
+    assert closes["other"] == "scores"
+    assert closes["third"][0] == 4429  # the source holds one of the two slots
+    assert state["porch"]["frames"] > 0  # still tagged
 
 
 def test_a_client_sending_only_pings_is_idle_and_settings_come_once(tmp_path):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import gc
 import ipaddress
 import os
-import re
 import shutil
 import signal
 import sys
 
 from ..errors import ConfigError
+from ..serve_config import valid_name
 
 
 def add_parser(subparsers) -> None:
@@ -82,7 +82,7 @@ def _check(args) -> None:
         loopback = False
     for item in args.pull:
         name, _, url = item.partition("=")
-        if not url or not re.match(r"^[A-Za-z0-9_-]{1,64}$", name):
+        if not url or not valid_name(name):
             raise ConfigError(f"--pull {item!r}: give NAME=URL, NAME 1-64 of A-Z a-z 0-9 _ -")
     if len({item.partition("=")[0] for item in args.pull}) < len(args.pull):
         raise ConfigError("--pull: two sources have the same NAME")
@@ -184,7 +184,7 @@ async def _serve(args, worker, options, sources) -> int:
 
     worker.attach(asyncio.get_running_loop())
     gc.freeze()  # the imports and the model live as long as the process: a full collection need not walk them
-    app = build_app(worker, options)
+    app = build_app(worker, options, frozenset(s.name for s in sources))
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
