@@ -31,7 +31,7 @@ import numpy as np
 
 from .backends import Backend, make_backend
 from .errors import ConfigError, InputError
-from .events import EventDetector, EventParams, build_event_settings, model_event_table
+from .events import Event, EventDetector, EventParams, build_event_settings, model_event_table
 from .resample import StreamResampler
 from .steps import Step, StepBlock, as_steps, write_to
 
@@ -246,9 +246,14 @@ class StreamTagger:
 
     def set_events(self, events, reason: str = "settings") -> list[Step]:
         """New event settings (as the ``events`` argument) from the next hop on; events still open close first
-        with ``reason``, so every open keeps its close. The model state is untouched."""
-        out = self._close_events(reason)
-        self.detector = _detector(events, self.labels, self.frame_seconds, getattr(self.backend, "folder", None))
+        with ``reason``, so every open keeps its close, unless its class's settings are the same in the new ones.
+        The model state is untouched."""
+        new = _detector(events, self.labels, self.frame_seconds, getattr(self.backend, "folder", None))
+        if self.detector is None or new is None:
+            out = self._close_events(reason)
+        else:
+            out = self._event_step(new.take_over(self.detector, self.frames, reason))
+        self.detector = new
         return out
 
     def snapshot(self) -> dict:
@@ -390,7 +395,9 @@ class StreamTagger:
     def _close_events(self, reason: str) -> list[Step]:
         if self.detector is None:
             return []
-        events = self.detector.flush(self.frames, reason)
+        return self._event_step(self.detector.flush(self.frames, reason))
+
+    def _event_step(self, events: list[Event]) -> list[Step]:
         if not events:
             return []
         empty = np.zeros(0, np.float32)

@@ -313,15 +313,38 @@ class EventDetector:
         self._busy.discard(i)
         return event
 
-    def flush(self, end_frame: int, reason: str = "stream_end") -> list[Event]:
+    def take_over(self, old: EventDetector, end_frame: int, reason: str = "settings") -> list[Event]:
+        """Go on from ``old`` (the same labels) with these settings: a class whose settings are the same here
+        keeps its open event (a change to one label does not split the others' events); the rest are closed as
+        :meth:`flush` closes them."""
+        if old.labels != self.labels:
+            return old.flush(end_frame, reason)
+        changed = {i for i in old._busy if old._class_settings(i) != self._class_settings(i)}
+        events = old.flush(end_frame, reason, classes=changed)
+        for i in old._busy:
+            self._tracks[i] = old._tracks[i]
+        self._busy = set(old._busy)
+        return events
+
+    def _class_settings(self, i: int) -> tuple:
+        return (
+            float(self._on[i]),
+            float(self._off[i]),
+            self._min_frames[i],
+            self._gap_frames[i],
+            self._max_frames[i],
+            self._patience[i],
+        )
+
+    def flush(self, end_frame: int, reason: str = "stream_end", classes: set[int] | None = None) -> list[Event]:
         """Close every open event (at ``end_frame``, or where it fell below); drop unconfirmed ones.
 
         ``reason`` is why the stream stops (see :class:`Event`); an event whose sound had already
-        ended, waiting out its gap, closes as ``ended``."""
+        ended, waiting out its gap, closes as ``ended``. ``classes``: only these (by index)."""
         if reason not in CLOSE_REASONS:
             raise ValueError(f"unknown close reason {reason!r}")
         events = []
-        for i in sorted(self._busy):
+        for i in sorted(self._busy if classes is None else self._busy & classes):
             tr = self._tracks[i]
             if tr.state == _ACTIVE:
                 events.append(self._close(i, end_frame, reason))
@@ -329,7 +352,7 @@ class EventDetector:
                 events.append(self._close(i, tr.below_since, "ended"))
             else:
                 tr.state = _IDLE
-        self._busy.clear()
+        self._busy -= self._busy if classes is None else classes
         return events
 
 

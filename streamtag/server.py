@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hmac
+import ipaddress
 import json
 import queue
 import sys
@@ -239,6 +241,8 @@ class ServeWorker(threading.Thread):
             self.enabled[name] = self._enabled(name)
             if self.mqtt is not None:
                 self.mqtt.stream_joined(name, self.enabled[name])
+                if self.book is not None:
+                    self.mqtt.settings(name, self.book.settings(name).as_dict())
         elif kind == "settings":  # ("settings", name, change or None to read, reply)
             _, name, change, reply = command
             if self.book is None:
@@ -248,12 +252,14 @@ class ServeWorker(threading.Thread):
             if change is not None:
                 self.book.change(name, change)
                 engine = self.multi.streams.get(name)
-                if engine is not None:  # a running stream: open events close (reason settings), new detector
+                if engine is not None:  # a running stream: events of changed labels close (reason settings)
                     for step in engine.set_events(self.book.detector(name)):
                         self._deliver(name, step)
                     self.enabled[name] = self._enabled(name)
                     if self.mqtt is not None:
-                        self.mqtt.stream_joined(name, self.enabled[name])
+                        self.mqtt.labels_changed(name, self.enabled[name])
+                if self.mqtt is not None:
+                    self.mqtt.settings(name, self.book.settings(name).as_dict())
             reply({"stream": name, "settings": self.book.settings(name).as_dict()})
         elif kind == "audio":
             _, name, samples, arrived = command
@@ -776,17 +782,45 @@ def _settle(future: asyncio.Future, value) -> None:
         future.set_result(value)
 
 
+def _is_loopback(netloc: str) -> bool:
+    """Whether ``host[:port]`` (``[v6]:port`` too) names this machine's loopback: localhost, 127.0.0.0/8, ::1."""
+    host = (urlparse(f"//{netloc}").hostname or "").lower()
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str] = frozenset()):
     """The aiohttp application: the stream endpoint, /metrics, /healthz and the live page. ``sources``: the
     names of this server's pulled streams and sound cards, which no client may take (held from the start, so
     one that joins late, or a restart, never finds its name in a client's hands)."""
     from aiohttp import WSMsgType, web
 
-    def authorised(request) -> bool:
-        if options.token is None:
-            return True
-        given = request.query.get("token") or request.headers.get("Authorization", "").removeprefix("Bearer ")
-        return given == options.token
+    def refusal(request) -> str | None:
+        """Why a request may not use the server, or ``None``. With a token: the token. Without one the server is
+        on loopback, where any web page the user opens could still reach it (a cross-site WebSocket, or a
+        hostile name resolving to 127.0.0.1): only requests addressed to a loopback name, from no page or a
+        loopback page, are taken."""
+        if options.token is not None:
+            scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+            given = request.query.get("token") or (credential.strip() if scheme.lower() == "bearer" else "")
+            if not given:
+                return "a token is needed: ?token=... or Authorization: Bearer ..."
+            if not hmac.compare_digest(given.encode(), options.token.encode()):
+                return "wrong token"
+            return None
+        origin = request.headers.get("Origin")
+        if not _is_loopback(request.host) or (origin is not None and not _is_loopback(urlparse(origin).netloc)):
+            return "requests from other sites or host names are refused; open it at http://127.0.0.1:PORT/"
+        return None
+
+    def denied(request):
+        """The 401/403 answer to a refused HTTP request, or ``None``."""
+        reason = refusal(request)
+        if reason is None:
+            return None
+        return web.Response(status=401 if options.token is not None else 403, text=f"{reason}\n")
 
     async def stream(request):
         ws = web.WebSocketResponse(max_msg_size=options.max_message_bytes, heartbeat=20)
@@ -799,8 +833,9 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
 
     async def handle(ws, request):
         name = request.match_info["name"]
-        if not authorised(request):
-            await ws.close(code=CLOSE_UNAUTHORISED, message=b"a token is needed: ?token=... or Authorization: Bearer")
+        reason = refusal(request)
+        if reason is not None:
+            await ws.close(code=CLOSE_UNAUTHORISED, message=reason.encode())
             return ws
         if not valid_name(name):
             await ws.close(code=CLOSE_BAD_REQUEST, message=b"stream names are 1-64 of A-Z a-z 0-9 _ -")
@@ -919,8 +954,8 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
         return web.Response(text="ok\n")
 
     async def prometheus(request):
-        if not authorised(request):
-            return web.Response(status=401, text="a token is needed\n")
+        if (answer := denied(request)) is not None:
+            return answer
         try:
             body = await worker.ask("metrics")
         except StreamtagError as exc:  # a worker process that does not answer: say so, do not hang the scraper
@@ -928,13 +963,13 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
         return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
     async def page(request):
-        if not authorised(request):
-            return web.Response(status=401, text="a token is needed: /?token=...\n")
+        if (answer := denied(request)) is not None:
+            return answer
         return web.Response(text=PAGE.read_text(), content_type="text/html")
 
     async def state(request):
-        if not authorised(request):
-            return web.Response(status=401, text="a token is needed\n")
+        if (answer := denied(request)) is not None:
+            return answer
         try:
             return web.json_response(await worker.ask("state"))
         except StreamtagError as exc:
@@ -942,8 +977,8 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
 
     async def settings(request):
         """GET: a stream's settings in force; PUT a JSON change (allow, deny, events), applied from the next hop."""
-        if not authorised(request):
-            return web.Response(status=401, text="a token is needed\n")
+        if (answer := denied(request)) is not None:
+            return answer
         name = request.match_info["name"]
         if not valid_name(name):
             return web.json_response({"error": "stream names are 1-64 of A-Z a-z 0-9 _ -"}, status=400)
@@ -952,7 +987,11 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
             try:
                 change = await request.json()
             except ValueError:
-                return web.json_response({"error": 'the body must be JSON, e.g. {"allow": ["dog"]}'}, status=400)
+                change = None
+            if not isinstance(change, dict):
+                return web.json_response(
+                    {"error": 'the body must be a JSON object, e.g. {"allow": ["dog"]}'}, status=400
+                )
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
         worker.submit("settings", name, change, lambda m: loop.call_soon_threadsafe(_settle, answer, m))

@@ -166,6 +166,24 @@ def test_two_classes_open_at_once():
     assert spans["rain"][0] < spans["dog"][0] < spans["dog"][1] < spans["rain"][1]
 
 
+def test_new_settings_close_only_the_events_of_classes_they_change():
+    """serve changes a stream's settings at run time: a new threshold for dog must not close (and, in Home
+    Assistant, switch OFF and ON again) the rain event open meanwhile."""
+    params = EventParams(min_duration_s=0.05, min_gap_s=0.1)
+    det = EventDetector(["dog", "rain"], HOP, params)
+    events = []
+    for f in range(50):
+        events += det.update(f, np.array([0.8, 0.9], np.float32))
+    assert [(e.kind, e.label) for e in events] == [("open", "dog"), ("open", "rain")]
+    new = EventDetector(["dog", "rain"], HOP, params, {"dog": EventParams(on_threshold=0.95, min_duration_s=0.05)})
+    closed = new.take_over(det, 50, "settings")
+    assert [(e.kind, e.label, e.reason) for e in closed] == [("close", "dog", "settings")]
+    later = [e for f in range(50, 100) for e in new.update(f, np.array([0.0, 0.9 if f < 80 else 0.0], np.float32))]
+    later += new.flush(100)
+    assert [(e.kind, e.label) for e in later] == [("close", "rain")]  # the rain event went on, and closed once
+    assert later[0].onset == pytest.approx(0.0)
+
+
 def test_close_says_why():
     """ended (the score fell), max_duration (then a new event opens), stream_end / reset / interrupted (flush)."""
     det = EventDetector(["a", "b"], HOP, EventParams(min_duration_s=0.05, min_gap_s=0.1, max_duration_s=0.5))

@@ -202,12 +202,45 @@ def test_off_loopback_needs_a_token_and_the_token_is_checked(tmp_path):
                     msg = await ws.receive()
                     refused = (ws.close_code, msg.extra)
                 async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
-                    metrics_status = r.status
-            return refused, metrics_status, await _stream(port, "x", rain, token="s3cret")
+                    metrics = r.status, await r.text()
+                async with session.get(f"http://127.0.0.1:{port}/metrics?token=guess") as r:
+                    wrong = r.status, await r.text()
+                async with session.get(
+                    f"http://127.0.0.1:{port}/metrics", headers={"Authorization": "bearer s3cret"}
+                ) as r:
+                    lower_case_scheme = r.status
+            return refused, metrics, wrong, lower_case_scheme, await _stream(port, "x", rain, token="s3cret")
 
-        refused, metrics_status, (messages, code) = asyncio.run(scenario())
-    assert refused[0] == 4401 and metrics_status == 401
+        refused, metrics, wrong, lower_case_scheme, (messages, code) = asyncio.run(scenario())
+    assert refused[0] == 4401 and metrics[0] == 401 and "a token is needed" in metrics[1]
+    assert wrong == (401, "wrong token\n") and lower_case_scheme == 200
     assert code == 1000 and messages[-1]["type"] == "summary"
+
+
+def test_without_a_token_only_loopback_requests_from_no_page_or_a_loopback_page_are_taken(tmp_path):
+    """A server on loopback needs no token, so any web page the user opens could reach it: a cross-site WebSocket
+    (browsers do not stop those) could feed audio and fake events, and a hostile name resolved to 127.0.0.1 could
+    read and change settings."""
+    with serve(tmp_path) as (port, _):
+
+        async def scenario():
+            base = f"127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(
+                    f"ws://{base}/v1/streams/x", headers={"Origin": "http://evil.example"}
+                ) as ws:
+                    msg = await ws.receive()
+                    cross_site = ws.close_code, msg.extra
+                async with session.get(f"http://{base}/v1/state", headers={"Host": f"evil.example:{port}"}) as r:
+                    rebound = r.status, await r.text()
+                async with session.get(f"http://{base}/v1/state", headers={"Origin": f"http://localhost:{port}"}) as r:
+                    own_page = r.status
+            return cross_site, rebound, own_page
+
+        cross_site, rebound, own_page = asyncio.run(scenario())
+    assert cross_site[0] == 4401 and "other sites" in cross_site[1]
+    assert rebound[0] == 403 and "other sites" in rebound[1]
+    assert own_page == 200
 
 
 @pytest.fixture()
@@ -276,9 +309,10 @@ def test_mqtt_events_states_discovery_and_a_clean_stop(tmp_path, mosquitto):
     topics = {t for t, _, _ in got}
     config = next(json.loads(p) for t, p, _ in got if t == "homeassistant/binary_sensor/streamtag_porch_rain/config")
     assert config["device_class"] == "sound" and config["state_topic"] == "streamtag/porch/audio/rain"
-    assert config["availability_topic"] == "streamtag/availability" and config["device"]["identifiers"] == [
-        "streamtag_porch"
-    ]
+    assert config["availability"] == [{"topic": "streamtag/availability"}, {"topic": "streamtag/porch/availability"}]
+    assert config["availability_mode"] == "all" and config["device"]["identifiers"] == ["streamtag_porch"]
+    # the stream is available while connected, not after it left (its sensors would show a stale OFF)
+    assert [p for t, p, _ in got if t == "streamtag/porch/availability"] == ["online", "offline"]
     states = [p for t, p, _ in got if t == "streamtag/porch/audio/rain"]
     assert states[0] == "OFF" and "ON" in states and states[-1] == "OFF"
     events = [json.loads(p) for t, p, _ in got if t == "streamtag/events"]
@@ -499,10 +533,12 @@ def test_per_stream_settings_from_the_config_file_and_changed_at_run_time(tmp_pa
                 asyncio.run(_http("PUT", f"{base}/porch/settings", json.dumps({"colour": "red"}))),
                 asyncio.run(_http("PUT", f"{base}/porch/settings", "not json")),
                 asyncio.run(_http("PUT", f"{base}/porch/settings", json.dumps({"events": {"rain": {"on": 2}}}))),
+                asyncio.run(_http("PUT", f"{base}/porch/settings", "null")),  # not a read
             ]
-            assert [b[0] for b in bad] == [400] * 4
+            assert [b[0] for b in bad] == [400] * 5
             assert "unknown class 'raain'" in bad[0][1]["error"] and "unknown setting 'colour'" in bad[1][1]["error"]
-            assert "must be JSON" in bad[2][1]["error"] and "keys among" in bad[3][1]["error"]
+            assert "must be a JSON object" in bad[2][1]["error"] and "keys among" in bad[3][1]["error"]
+            assert "must be a JSON object" in bad[4][1]["error"]
             assert asyncio.run(_http("GET", f"{base}/porch/settings"))[1] == porch_settings  # nothing changed
 
             async def change_while_open():  # rain is heard, then turned off for this stream mid-event
@@ -549,7 +585,10 @@ def test_per_stream_settings_from_the_config_file_and_changed_at_run_time(tmp_pa
     yard_settings = [json.loads(p) for t, p, _ in got if t == "streamtag/yard/settings"]
     assert yard_settings and yard_settings[-1]["deny"] == []
     errors = [json.loads(p) for t, p, _ in got if t == "streamtag/yard/settings/error"]
-    assert errors and "must be JSON" in errors[0]["error"]
+    assert errors and "must be a JSON object" in errors[0]["error"]
+    porch_settings = [json.loads(p) for t, p, _ in got if t == "streamtag/porch/settings"]
+    assert porch_settings[0]["allow"] == ["rain", "dog"]  # published at its join
+    assert porch_settings[-1]["deny"] == ["rain"]  # and after the change made over HTTP
     removed = [p for t, p, _ in got if t == "homeassistant/binary_sensor/streamtag_porch_chainsaw/config"]
     kept = [p for t, p, _ in got if t == "homeassistant/binary_sensor/streamtag_porch_rain/config"]
     assert removed[0] == "" and kept and json.loads(kept[0])["device_class"] == "sound"  # allow: rain and dog only

@@ -3,17 +3,20 @@
 Topics (``prefix`` defaults to ``streamtag``), the layout Frigate's audio users already automate on:
 
 - ``<prefix>/availability``: ``online`` / ``offline`` (retained; the broker sends ``offline`` as our last
-  will when the server dies);
+  will when the server dies); ``<prefix>/<stream>/availability``: ``online`` while the stream is
+  connected, ``offline`` once it has left (retained), so a camera that drops shows as unavailable;
 - ``<prefix>/<stream>/audio/<label>``: ``ON`` while an event of that label is open, ``OFF`` after (retained);
 - ``<prefix>/<stream>/audio/level``: the stream's level in dBFS, a few times a second;
 - ``<prefix>/events``: one JSON object per event open and close (type, stream, label, onset, offset,
   score, wall-clock time in ISO 8601);
 - ``homeassistant/binary_sensor/<prefix>_<stream>_<label>/config``: discovery (retained), one device per
-  stream, one ``binary_sensor`` with ``device_class: sound`` per enabled label, availability wired (a
-  label turned off gets an empty config, which removes its sensor);
+  stream, one ``binary_sensor`` with ``device_class: sound`` per enabled label, available while both the
+  server and the stream are (a label turned off gets an empty config, which removes its sensor; in the
+  topic, characters Home Assistant does not take in an id, such as the ``/`` of ``home/audio``, are ``_``);
 - ``<prefix>/<stream>/set`` (subscribed): a JSON settings change (``allow``, ``deny``, ``events``), as
-  ``PUT /v1/streams/<stream>/settings`` takes it; the settings in force come back retained on
-  ``<prefix>/<stream>/settings``, a refused change on ``<prefix>/<stream>/settings/error``.
+  ``PUT /v1/streams/<stream>/settings`` takes it; the settings in force are retained on
+  ``<prefix>/<stream>/settings`` (sent when the stream joins and after every change, over MQTT or HTTP),
+  a refused change comes on ``<prefix>/<stream>/settings/error``.
 
 paho-mqtt runs its own network thread, reconnects with backoff when the broker goes away and queues
 up to ``queue_limit`` event messages (QoS 1) meanwhile; states and levels (QoS 0) sent while it is away
@@ -26,6 +29,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import re
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -34,6 +40,8 @@ from urllib.parse import urlparse
 
 from ..errors import BackendUnavailable, ConfigError
 from ..events import Event
+
+OBJECT_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # Home Assistant's discovery topics take ids of these only
 
 
 def check_prefix(prefix: str, flag: str = "--mqtt-prefix") -> str:
@@ -76,7 +84,9 @@ class MqttPublisher:
         self.dropped = 0
         self._said_down = False  # a lost or unreachable broker is said once, until it is back
         self._mqtt = mqtt
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{prefix}-server")
+        # a client id of its own: two servers on one broker with the same id would throw each other off
+        client_id = f"streamtag-{socket.gethostname()}-{os.getpid()}"[:64]
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
         self.client.max_queued_messages_set(queue_limit)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.will_set(self.availability, "offline", qos=1, retain=True)
@@ -107,6 +117,7 @@ class MqttPublisher:
         client.subscribe(f"{self.prefix}/+/set", qos=1)
         for stream, (enabled, _) in self._snapshot().items():
             self._discovery(stream, enabled)
+            self._send(self._stream_availability(stream), "online", retain=True, qos=1)
         self._resend_states()
 
     def _on_connect_fail(self, client, userdata) -> None:
@@ -129,19 +140,25 @@ class MqttPublisher:
         if message.retain:  # a retained change would be applied again at every reconnect: changes are events
             return
         stream = message.topic[len(self.prefix) + 1 : -len("/set")]
+        if not message.payload:  # an empty message clears a retained one: not a change
+            return
         try:
             change = json.loads(message.payload)
         except ValueError:
-            self.settings_reply(stream, {"error": 'the payload must be JSON, e.g. {"allow": ["dog"]}'})
+            change = None
+        if not isinstance(change, dict):
+            self._settings_error(stream, {"error": 'the payload must be a JSON object, e.g. {"allow": ["dog"]}'})
             return
-        if self.on_settings is not None:
-            self.on_settings(stream, change, lambda reply: self.settings_reply(stream, reply))
+        if self.on_settings is not None:  # the settings in force are published by the server once applied
+            self.on_settings(stream, change, lambda reply: self._settings_error(stream, reply))
 
-    def settings_reply(self, stream: str, reply: dict) -> None:
+    def _settings_error(self, stream: str, reply: dict) -> None:
         if "error" in reply:
             self._send(f"{self.prefix}/{stream}/settings/error", json.dumps(reply), qos=1)
-        else:
-            self._send(f"{self.prefix}/{stream}/settings", json.dumps(reply["settings"]), retain=True, qos=1)
+
+    def settings(self, stream: str, settings: dict) -> None:
+        """The settings in force for ``stream`` (retained), at its join and after every change."""
+        self._send(f"{self.prefix}/{stream}/settings", json.dumps(settings), retain=True, qos=1)
 
     def _send(self, topic: str, payload: str, retain: bool = False, qos: int = 0) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
@@ -175,17 +192,34 @@ class MqttPublisher:
 
     # -- what the server calls ---------------------------------------------------------------------------
     def stream_joined(self, stream: str, enabled: Sequence[bool] | None = None) -> None:
-        """A stream joined, or its labels changed: discovery for the labels it reports, every state OFF."""
+        """A stream joined: discovery for the labels it reports, every state OFF, the stream available."""
         enabled = [bool(x) for x in enabled] if enabled is not None else [True] * len(self.labels)
         with self._lock:
             self._streams[stream] = (enabled, set())
         self._discovery(stream, enabled)
         for label in self.labels:
             self._state(stream, label, False)
+        self._send(self._stream_availability(stream), "online", retain=True, qos=1)
+
+    def labels_changed(self, stream: str, enabled: Sequence[bool] | None) -> None:
+        """A running stream's labels changed: discovery again; a label turned on starts OFF. The states of the
+        others stay as they are (a label turned off had its open event closed, OFF, by the server)."""
+        enabled = [bool(x) for x in enabled] if enabled is not None else [True] * len(self.labels)
+        with self._lock:
+            before, on = self._streams.get(stream, ([False] * len(self.labels), set()))
+            self._streams[stream] = (enabled, on)
+        self._discovery(stream, enabled)
+        for label, was, now in zip(self.labels, before, enabled):
+            if now and not was:
+                self._state(stream, label, label in on)
 
     def stream_left(self, stream: str) -> None:
         with self._lock:
             self._streams.pop(stream, None)
+        self._send(self._stream_availability(stream), "offline", retain=True, qos=1)
+
+    def _stream_availability(self, stream: str) -> str:
+        return f"{self.prefix}/{stream}/availability"
 
     def event(self, stream: str, event: Event) -> None:
         opened = event.kind == "open"
@@ -226,8 +260,9 @@ class MqttPublisher:
         device = {"identifiers": [f"{self.prefix}_{stream}"], "name": f"{self.prefix} {stream}", "model": "streamtag"}
         for label, on in zip(self.labels, enabled):
             uid = f"{self.prefix}_{stream}_{label}"
+            topic = f"{self.discovery_prefix}/binary_sensor/{OBJECT_ID_UNSAFE.sub('_', uid)}/config"
             if not on:  # an empty retained config removes the sensor from Home Assistant
-                self._send(f"{self.discovery_prefix}/binary_sensor/{uid}/config", "", retain=True)
+                self._send(topic, "", retain=True)
                 continue
             config = {
                 "name": label.replace("_", " "),
@@ -236,7 +271,8 @@ class MqttPublisher:
                 "device_class": "sound",
                 "payload_on": "ON",
                 "payload_off": "OFF",
-                "availability_topic": self.availability,
+                "availability": [{"topic": self.availability}, {"topic": self._stream_availability(stream)}],
+                "availability_mode": "all",
                 "device": device,
             }
-            self._send(f"{self.discovery_prefix}/binary_sensor/{uid}/config", json.dumps(config), retain=True)
+            self._send(topic, json.dumps(config), retain=True)
