@@ -32,7 +32,7 @@ import numpy as np
 from .backends import Backend, make_backend
 from .errors import ConfigError, InputError
 from .events import Event, EventDetector, EventParams, build_event_settings, model_event_table
-from .resample import StreamResampler
+from .resample import StreamResampler, check_rate
 from .steps import Step, StepBlock, as_steps, write_to
 
 FULL_SCALE = 1.0  # float audio is -1..1; a sample beyond it is clipped (counted), as an ADC would
@@ -43,10 +43,12 @@ _INT_SCALE = {np.dtype(np.int16): 1 / 32768.0, np.dtype(np.int32): 1 / 214748364
 def as_mono_float32(samples) -> np.ndarray:
     """The engines' input contract: a 1-D float32 array of samples in -1..1.
 
-    Documented conversions: float64 and float16 are cast; int16 and int32 PCM are scaled to -1..1;
+    Documented conversions: float64 and float16 (and lists of floats) are cast; int16 and int32 PCM are scaled to -1..1;
     a ``(n, 1)`` or ``(1, n)`` array is taken as mono. Anything else (several channels, other integer
     types, non-numbers) raises :class:`~streamtag.errors.InputError` naming what was given.
     """
+    if not isinstance(samples, (np.ndarray, list, tuple)):
+        raise InputError(f"samples must be a numpy array (or a list of floats); got {type(samples).__name__}")
     arr = samples if isinstance(samples, np.ndarray) else np.asarray(samples)
     if arr.ndim == 2 and 1 in arr.shape:
         arr = arr.reshape(-1)
@@ -122,12 +124,18 @@ class SingleStream:
         self.backend = backend
 
     def step(self, hops: np.ndarray) -> np.ndarray:
+        if getattr(self.backend, "_stream_owner", self) is not self:  # its state is another stream's now
+            raise ConfigError(
+                "this backend holds one stream's state and a newer StreamTagger took it: give each stream its own "
+                "backend (make_backend), or use MultiStreamTagger for many"
+            )
         if hops.shape[0] == 1:
             return self.backend(hops[:1])
         return self.backend.steps(hops[None])[0]
 
     def clear(self) -> None:
         self.backend.reset_states()
+        self.backend._stream_owner = self  # the stream whose state the backend holds
 
 
 class StreamTagger:
@@ -173,9 +181,7 @@ class StreamTagger:
         self.hop = feats.hop_length
         self.frame_seconds = feats.frame_seconds
         self.model_rate = feats.sample_rate
-        self.sample_rate = int(sample_rate or self.model_rate)
-        if self.sample_rate <= 0:
-            raise ConfigError(f"sample_rate must be > 0 ({sample_rate} given)")
+        self.sample_rate = self.model_rate if sample_rate is None else check_rate(sample_rate)
         if hop_model is None:  # an open backend may hold another stream's state: start from a new one
             hop_model = SingleStream(model)
             hop_model.clear()
@@ -420,6 +426,11 @@ def _detector(events, labels, frame_seconds: float, folder=None) -> EventDetecto
     if events is None or events is False:
         return None
     if isinstance(events, EventDetector):
+        if list(events.labels) != list(labels):
+            raise ConfigError(
+                f"the EventDetector's {len(events.labels)} labels are not the model's {len(labels)}: "
+                "make it with the model's labels (backend.labels), in the same order"
+            )
         events.reset_states()
         return events
     if events is True:  # the model folder's own settings (events.toml), else the defaults

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import soxr
+
+from .errors import ConfigError
+
+RATES = (1000, 384000)  # the input rates taken, in Hz: far outside them soxr's buffers grow past memory (or crash)
+
+
+def check_rate(rate, what: str = "sample_rate") -> int:
+    """``rate`` as an int if it is a whole number of Hz in :data:`RATES`, else ConfigError naming ``what``."""
+    whole = isinstance(rate, numbers.Integral) or (isinstance(rate, float) and rate.is_integer())
+    if isinstance(rate, bool) or not whole or not RATES[0] <= rate <= RATES[1]:
+        raise ConfigError(f"{what} must be a whole number of Hz in {RATES[0]}..{RATES[1]} ({rate!r} given)")
+    return int(rate)
 
 
 class StreamResampler:

@@ -33,6 +33,17 @@ def test_a_new_engine_on_an_open_backend_starts_a_new_stream(cnn_dir, clip):
     np.testing.assert_array_equal(first, second)
 
 
+def test_two_engines_cannot_share_one_backend(cnn_dir, clip):
+    """One backend holds one stream's state: fed in turn, two engines on it gave each other's scores."""
+    backend = make_backend("onnx", cnn_dir)
+    first = StreamTagger(backend, events=None)
+    first.feed(clip[:1600])
+    second = StreamTagger(backend, events=None)
+    second.feed(clip[:1600])
+    with pytest.raises(ConfigError, match="give each stream its own backend"):
+        first.feed(clip[1600:3200])
+
+
 def test_any_chunking_gives_the_same_steps_as_one_call(cnn_dir, clip):
     tagger = StreamTagger(cnn_dir, events=LOW)
     whole = tagger.feed(clip) + tagger.finish()  # 300 hops in one call: stepped as a block
@@ -101,6 +112,16 @@ def test_input_contract_conversions_and_errors():
         as_mono_float32(np.zeros(160, np.uint8))
     with pytest.raises(InputError, match="non-numbers"):
         as_mono_float32(["a", None])
+    for wrong in (None, "abc", b"\0\0"):  # not "must be mono ... shape ()"
+        with pytest.raises(InputError, match=f"numpy array .*got {type(wrong).__name__}"):
+            as_mono_float32(wrong)
+
+
+def test_an_event_detector_for_other_labels_is_refused_in_one_line(cnn_dir):
+    from streamtag.events import EventDetector
+
+    with pytest.raises(ConfigError, match="labels are not the model's"):
+        StreamTagger(cnn_dir, events=EventDetector(["a", "b"], 0.01))
 
 
 def test_int16_is_scaled_so_it_tags_like_float(cnn_dir, clip):
@@ -135,6 +156,11 @@ def test_other_rates_and_bad_settings(cnn_dir, clip):
     assert abs(len(_probs(steps)) - 300) <= 1
     for kwargs, match in (
         ({"sample_rate": -1}, "sample_rate"),
+        ({"sample_rate": 1}, "sample_rate"),  # 80,000 samples at 1 Hz: soxr crashed the interpreter
+        ({"sample_rate": True}, "sample_rate"),
+        ({"sample_rate": 0}, "sample_rate"),
+        ({"sample_rate": 44100.5}, "sample_rate"),
+        ({"sample_rate": "16000"}, "sample_rate"),
         ({"gain_db": float("nan")}, "gain_db"),
         ({"reset_every_s": 0}, "reset_every_s"),
         ({"events": "yes"}, "events must be"),

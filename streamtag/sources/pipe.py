@@ -16,7 +16,7 @@ from typing import BinaryIO
 import numpy as np
 
 from ..errors import AudioFileError, ConfigError
-from ..resample import resample_chunks
+from ..resample import check_rate, resample_chunks
 from ..ring import SpscRing
 from .base import ProducerSource, mono_finite, push_paced
 
@@ -39,8 +39,7 @@ class PcmFormat:
     def raw(cls, rate: int, fmt: str, channels: int = 1) -> PcmFormat:
         if fmt not in RAW_FORMATS:
             raise ConfigError(f"--raw-format {fmt}: choose from {', '.join(RAW_FORMATS)}")
-        if not 1000 <= rate <= 384000:
-            raise ConfigError(f"--raw-rate must be in 1000..384000 Hz ({rate} given)")
+        check_rate(rate, "--raw-rate")
         if not 1 <= channels <= 64:
             raise ConfigError(f"--raw-channels must be in 1..64 ({channels} given)")
         dtype, scale = RAW_FORMATS[fmt]
