@@ -12,8 +12,11 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -31,8 +34,17 @@ def _ray():
 
 
 def _start_ray(address: str):
-    """Ray, connected: ``auto`` (a Ray running on this machine, else a local one) or a cluster address."""
+    """Ray, connected: ``auto`` (a Ray running on this machine, else a local one) or a cluster address. An
+    address that does not answer is refused at once (Ray itself would retry for minutes), and the signal
+    handlers Ray puts in place of ours are put back (its SIGTERM handler exits 1 with a crash dump)."""
     ray = _ray()
+    if address != "auto":
+        host, port = _host_port(address)
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            raise ConfigError(f"--ray {address}: nothing answers at {host}:{port} ({exc.strerror or exc})") from None
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         ray.init(
             address=None if address == "auto" else address,
@@ -42,8 +54,31 @@ def _start_ray(address: str):
             ignore_reinit_error=True,
         )
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"--ray {address}: cannot reach a Ray cluster there ({str(exc).splitlines()[0]})") from None
+        if "ray[client]" in str(exc):
+            raise ConfigError(
+                f"--ray {address}: a cluster is reached through Ray Client: pip install 'ray[client]'"
+            ) from None
+        raise ConfigError(f"--ray {address}: cannot connect to Ray there ({str(exc).splitlines()[0]})") from None
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     return ray
+
+
+CONNECT_TIMEOUT_S = 5.0  # a cluster address must answer within this
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """``ray://HOST:PORT`` (Ray Client, port 10001 by default) or ``HOST:PORT`` (a cluster's GCS, 6379)."""
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if not parsed.hostname or (parsed.scheme not in ("ray", "gcs")):
+        raise ConfigError(f"--ray {address}: give auto, ray://HOST:10001 or HOST:6379")
+    return parsed.hostname, port or (10001 if parsed.scheme == "ray" else 6379)
 
 
 class _Tagger:
@@ -75,15 +110,33 @@ def tag_on_ray(
         raise ConfigError("--ray tags files: stdin (-) is tagged locally, without --ray")
     ray = _start_ray(address)
     try:
-        from ray.util import ActorPool
-
         n = actors or max(1, int(ray.available_resources().get("CPU", 1)))
         size = max(1, min(kwargs["width"], -(-len(items) // n)))  # every actor gets work, a batch fills a pool
-        batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
+        batches = collections.deque(list(items[i : i + size]) for i in range(0, len(items), size))
         remote = ray.remote(num_cpus=1)(_Tagger)
-        pool = ActorPool([remote.remote(kwargs) for _ in range(min(n, len(batches)) or 1)])
+        idle = [remote.remote(kwargs) for _ in range(min(n, len(batches)) or 1)]
+        running: dict = {}  # task -> (actor, batch, tries)
         outcomes: list[Outcome] = []
-        for done in pool.map_unordered(lambda actor, batch: actor.run.remote(batch), batches):
+
+        def give(actor, batch, tries: int = 0) -> None:
+            running[actor.run.remote(batch)] = (actor, batch, tries)
+
+        while batches or running:
+            while idle and batches:
+                give(idle.pop(), batches.popleft())
+            (task,), _ = ray.wait(list(running), num_returns=1)
+            actor, batch, tries = running.pop(task)
+            try:
+                done = ray.get(task)
+            except ray.exceptions.RayActorError as exc:  # the actor died (out of memory, killed): a new one
+                actor = remote.remote(kwargs)  # takes its place; its batch is given once more (the files it
+                if tries == 0:  # finished are skipped by their done markers), then its files fail
+                    give(actor, batch, tries + 1)
+                    continue
+                done = _failed(batch, f"the Ray actor tagging it died twice ({_first_line(exc)})")
+            except ray.exceptions.RayError as exc:  # the task failed (a disk full): its files fail, the rest go on
+                done = _failed(batch, f"the Ray task tagging it failed ({_first_line(exc)})")
+            idle.append(actor)
             for outcome in done:
                 outcomes.append(outcome)
                 if progress is not None:
@@ -91,6 +144,15 @@ def tag_on_ray(
         return outcomes
     finally:
         ray.shutdown()
+
+
+def _failed(batch: Sequence[Item], why: str) -> list[Outcome]:
+    return [Outcome(item.name, str(item.path), error=why) for item in batch]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 # -- serve --ray: the streams' engines on Ray actors ------------------------------------------------------------

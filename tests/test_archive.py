@@ -189,6 +189,95 @@ def test_ray_writes_exactly_what_a_local_tag_writes(archive, tmp_path, cnn_dir):
         )
 
 
+class _Task:  # what a fake remote call returns (Ray's object refs are hashable)
+    def __init__(self, value):
+        self.value = value
+
+
+class _FakeRay:
+    """Ray's calls as tag_on_ray makes them, run in this process; the actor of a batch named in ``dies`` dies on it
+    (each time, or once), and one named in ``fails`` raises, as a disk full would."""
+
+    class exceptions:
+        class RayError(Exception):
+            pass
+
+        class RayActorError(RayError):
+            pass
+
+    def __init__(self, dies, fails, once):
+        self.dies, self.fails, self.once, self.actors = dies, fails, once, 0
+
+    def available_resources(self):
+        return {"CPU": 2}
+
+    def remote(self, num_cpus):
+        fake = self
+
+        class Actor:
+            def __init__(self, kwargs):
+                fake.actors += 1
+
+            @classmethod
+            def remote(cls, kwargs):
+                actor = cls(kwargs)
+                actor.run = type("Method", (), {"remote": staticmethod(actor._run)})
+                return actor
+
+            def _run(self, batch):
+                from streamtag.archive import Outcome
+
+                names = {item.name for item in batch}
+                if names & fake.dies:
+                    if fake.once:
+                        fake.dies -= names
+                    return _Task(fake.exceptions.RayActorError("The actor died unexpectedly"))
+                if names & fake.fails:
+                    return _Task(fake.exceptions.RayError("OSError: No space left on device"))
+                return _Task([Outcome(item.name, str(item.path), seconds=1.0) for item in batch])
+
+        return lambda cls: Actor
+
+    def wait(self, tasks, num_returns):
+        return tasks[:1], tasks[1:]
+
+    def get(self, task):
+        if isinstance(task.value, Exception):
+            raise task.value
+        return task.value
+
+    def shutdown(self):
+        pass
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_a_ray_actor_that_dies_or_a_task_that_fails_fails_its_own_files_only(tmp_path, monkeypatch, once):
+    """One actor killed (out of memory) aborted the whole run with a traceback, no summary, and threw the
+    other actors' work away; now its batch goes once more to a new actor, and only a second death fails it."""
+    from streamtag import distributed
+    from streamtag.archive import Item
+
+    items = [Item(tmp_path / f"f{i}.wav", f"f{i}.wav") for i in range(6)]
+    fake = _FakeRay(dies={"f0.wav"}, fails={"f5.wav"}, once=once)
+    monkeypatch.setattr(distributed, "_start_ray", lambda address: fake)
+    outcomes = distributed.tag_on_ray(items, "auto", 2, width=1)
+    by_name = {o.name: o for o in outcomes}
+    assert sorted(by_name) == [item.name for item in items]  # every file has its outcome
+    assert [n for n, o in sorted(by_name.items()) if o.error] == (["f5.wav"] if once else ["f0.wav", "f5.wav"])
+    assert "No space left" in by_name["f5.wav"].error
+    if not once:
+        assert "died twice" in by_name["f0.wav"].error
+    assert fake.actors == 2 + (1 if once else 2)  # a new actor for each death
+
+
+def test_a_ray_address_where_nothing_answers_is_one_line_at_once(tmp_path):
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'streamtag[ray]')")
+    for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):  # HOST:PORT hung for minutes in Ray's own retries
+        r = run_cli("tag", EXAMPLES / "dog.flac", "--out", tmp_path / "out", "--ray", address, timeout=60)
+        assert r.returncode == 2 and f"--ray {address}: nothing answers at 127.0.0.1:1" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
 def test_a_rerun_tags_again_what_no_longer_matches_its_outputs(tmp_path, cnn_dir):
     """A done file is skipped only for the same file and settings: --scores added, another threshold, or
     another file under the same output name are tagged again, not answered with stale outputs."""
@@ -293,6 +382,22 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(long_archive, tmp_pat
     assert 1 <= done < 12 and len(_rows(out / "summary.csv")) == done
     r = run_cli("tag", long_archive, "--out", out, "--model", cnn_dir, "--jobs", "2", timeout=300)
     assert r.returncode == 0 and f"{done} already done" in r.stderr and f"tagged {12 - done} files" in r.stderr
+
+
+def test_sigterm_stops_a_ray_run_cleanly_and_counts_what_its_actors_finished(long_archive, tmp_path, cnn_dir):
+    """Ray put its own SIGTERM handler in place of tag's (exit 1 and a crash dump), and the files its actors had
+    finished in a batch not yet reported were counted as not finished."""
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'streamtag[ray]')")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "streamtag", "tag", str(long_archive), "--out", str(out), "--model", str(cnn_dir)]
+    proc = subprocess.Popen([*cmd, "--ray", "auto", "--jobs", "2", "--width", "2"], stderr=subprocess.PIPE, text=True)
+    _wait_for_a_finished_file(proc, out, limit_s=240)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "SIGTERM received" not in err, err
+    done = len(list(out.rglob("*.done.json")))
+    assert f"interrupted; {12 - done} of 12 files not finished" in err, err
+    assert not list(out.rglob("*.part"))
 
 
 def test_a_worker_process_killed_mid_run_fails_its_files_and_the_rest_finish(long_archive, tmp_path, cnn_dir):

@@ -63,7 +63,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..archive import find_inputs, tag_in_processes, write_tables
+    from ..archive import done_marker, find_inputs, tag_in_processes, write_tables
     from . import interrupt_on_signals
     from .run import detector_factory, raw_pcm
 
@@ -144,8 +144,10 @@ def run(args) -> int:
         if args.ray:  # Ray's actors were stopped without their own clean-up: what they left half-written goes
             for part in out.rglob("*.part"):
                 part.unlink(missing_ok=True)
+        reported = {o.name for o in outcomes}  # Ray reports a batch at a time: its finished files have markers
+        unfinished = [i for i in items if i.name not in reported and not done_marker(out, i).exists()]
         print(
-            f"streamtag tag: interrupted; {len(items) - len(outcomes)} of {len(items)} files not finished "
+            f"streamtag tag: interrupted; {len(unfinished)} of {len(items)} files not finished "
             "(nothing half-written was kept); run the same command again to tag them",
             file=sys.stderr,
         )
