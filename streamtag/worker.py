@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -110,6 +110,8 @@ class Summary:
             out.append(f"input: {self.input_problems}")
         if self.reconnects:
             out.append(f"device lost and reopened {self.reconnects} time(s); {self.gap_seconds:.1f} s of audio missed")
+        elif self.gap_seconds:
+            out.append(f"device lost and not back before the stop; {self.gap_seconds:.1f} s of audio missed")
         return out
 
 
@@ -186,8 +188,16 @@ class Worker(threading.Thread):
         Call from the worker thread or before ``start()``."""
         self._write(self.tagger.reset())
 
-    def start(self) -> None:
+    def start(self, open_outputs: Callable[[], Sequence[Output]] | None = None) -> None:
+        """Start the source, then the thread. ``open_outputs``: the outputs, opened once the source is (a device
+        that cannot be opened must not cost the files of an earlier run)."""
         self.source.start(self.ring)
+        if open_outputs is not None:
+            try:
+                self.outputs = list(open_outputs())
+            except BaseException:
+                self.source.stop()
+                raise
         super().start()
 
     # -- the loop ------------------------------------------------------------
@@ -241,12 +251,12 @@ class Worker(threading.Thread):
         while not self._stop_requested.is_set():
             try:
                 self.source.restart()
+                self.reconnects += 1  # only a reopen that worked: a stop while it is away is no reconnect
                 break
             except StreamtagError:
                 self._stop_requested.wait(delay)
                 delay = min(2 * delay, RECONNECT_MAX_DELAY_S)
         now = time.monotonic()
-        self.reconnects += 1
         self.gap_seconds += now - last_data
         return now
 

@@ -1,10 +1,12 @@
 """Live microphone path through real PortAudio, with the virtual microphones (no sound card)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +136,26 @@ def test_device_lost_mid_stream_ends_cleanly(cnn_dir, tmp_path):
     assert proc.returncode == 1, err
     assert "Traceback" not in err
     assert "streamtag: error:" in err and "samples: captured" in err
+    _probs(out)  # whole lines only
+
+
+def test_a_frozen_sound_server_does_not_hold_the_run_or_sigterm(cnn_dir, tmp_path):
+    """A hung PulseAudio (here: SIGSTOP) made the stop wait for the device for ever: the run never ended and
+    SIGTERM was ignored until the daemon was let go."""
+    with pulse_null_sink() as (env, play, _, _):
+        play(np.tile(read_clip(EXAMPLES / "rain.flac"), 4))
+        out = tmp_path / "live.jsonl"
+        proc = _live(cnn_dir, out, env, "--device", "pulse")
+        assert wait_for_lines(out, 5, proc) >= 5
+        daemon = int((Path(env["XDG_RUNTIME_DIR"]) / "pulse" / "pid").read_text().split()[0])
+        os.kill(daemon, signal.SIGSTOP)
+        try:
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)  # before the fix: still running
+        finally:
+            os.kill(daemon, signal.SIGCONT)
+    assert proc.returncode in (0, 1) and "samples: captured" in err and "Traceback" not in err, err
     _probs(out)  # whole lines only
 
 

@@ -145,3 +145,61 @@ def test_reset_every_restarts_state_on_schedule(cnn_dir, tmp_path):
     assert not np.allclose(
         with_resets[100:110], tag_file(backend, EXAMPLES / "chainsaw.flac").probs[100:110], atol=1e-4
     )
+
+
+class _LostDevice:
+    """A live source that is gone: it cannot be opened (``fails_to_open``), or it was lost and never comes back."""
+
+    is_live = True
+    description = "test device"
+    sample_rate = 16000
+
+    def __init__(self, fails_to_open=False):
+        from streamtag.sources.base import SourceStatus
+
+        self.status, self.fails_to_open, self.stopped = SourceStatus(), fails_to_open, 0
+        self.error = "device lost" if not fails_to_open else None
+
+    def start(self, ring):
+        from streamtag.errors import DeviceError
+
+        if self.fails_to_open:
+            raise DeviceError("could not open input device 'test device': Device unavailable")
+
+    def restart(self):
+        from streamtag.errors import DeviceError
+
+        raise DeviceError("input device 'test device' not back yet")
+
+    def stop(self):
+        self.stopped += 1
+
+    @property
+    def finished(self):
+        return self.error is not None
+
+
+def test_a_device_that_cannot_be_opened_opens_no_output(cnn_dir):
+    """The outputs were opened (an earlier run's --events file truncated) before the device failed to open."""
+    from streamtag.errors import DeviceError
+    from streamtag.worker import Worker
+
+    opened = []
+    worker = Worker(_LostDevice(fails_to_open=True), make_backend("onnx", cnn_dir))
+    with pytest.raises(DeviceError):
+        worker.start(lambda: opened.append("outputs") or [])
+    assert opened == []
+
+
+def test_a_device_still_away_at_the_stop_is_not_counted_as_reopened(cnn_dir):
+    import threading
+
+    from streamtag.worker import Worker
+
+    worker = Worker(_LostDevice(), make_backend("onnx", cnn_dir), reconnect=True)
+    worker.start()
+    threading.Timer(0.5, worker.request_stop).start()
+    worker.join(30)
+    summary = worker.summary()
+    assert summary.reconnects == 0 and summary.gap_seconds > 0
+    assert any("not back before the stop" in line for line in summary.lines())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
@@ -332,15 +333,30 @@ def _detector(settings, backend, selection: ClassSelection) -> EventDetector:
         raise ConfigError(f"--event-config: {exc}") from None
 
 
-def _outputs(args, backend, selection, worker_status, extra=(), source: str | None = None) -> list:
-    labels = backend.labels
+@dataclasses.dataclass
+class StreamPlan:
+    """What a run's options make of the model, checked before a device is opened or a file written."""
+
+    selection: ClassSelection  # what is shown, and the classes that may open events
+    detector: EventDetector
+    every: int  # hops per printed update (--rate)
+
+
+def plan_stream(args, backend, event_settings) -> StreamPlan:
     frame_s = backend.config.features.frame_seconds
     if args.rate * frame_s > 1 + 1e-9:
         raise ConfigError(
             f"--rate must be at most {1 / frame_s:g} for this model (one update per {frame_s * 1000:g} ms hop; "
             f"{args.rate:g} given)"
         )
-    every = max(1, round(1.0 / (args.rate * frame_s)))
+    selection = _selection(args, backend.labels)
+    detector = _detector(event_settings, backend, selection)
+    return StreamPlan(selection, detector, max(1, round(1.0 / (args.rate * frame_s))))
+
+
+def _outputs(args, backend, plan: StreamPlan, worker_status, extra=(), source: str | None = None) -> list:
+    labels = backend.labels
+    selection, every = plan.selection, plan.every
     outputs = list(extra)
     if args.jsonl:
         outputs.append(UpdatesJsonl(args.jsonl, selection, every, args.all, source=source, rotation=args.rotate))
@@ -367,23 +383,21 @@ def _open_backend(args):
     return make_backend(args.backend, args.model, **options)
 
 
-def run_stream(args, source, backend, event_settings, extra_outputs=()) -> int:
-    """Run one worker to the end (file end, Ctrl-C, SIGTERM or a lost device); print the summary."""
+def run_stream(args, source, backend, plan: StreamPlan, extra_outputs=()) -> int:
+    """Run one worker to the end (file end, Ctrl-C, SIGTERM or a lost device); print the summary. The outputs
+    are opened once the source is: a device that cannot be opened leaves an earlier run's files as they were."""
     holder: dict = {}
 
     def status() -> tuple[int, float, float, float]:
         w = holder["worker"]
         return w.ring.dropped, w.timer.percentile_ms(99), w.frame_seconds * 1000, w.level_dbfs
 
-    selection = _selection(args, backend.labels)  # what is shown, and the classes that may open events
-    detector = _detector(event_settings, backend, selection)  # before any output file is opened
     name = getattr(source, "path", None) or getattr(source, "device_name", None) or source.description
-    outputs = _outputs(args, backend, selection, status, extra_outputs, source=str(name))
     worker = holder["worker"] = Worker(
         source,
         backend,
-        outputs,
-        detector,
+        (),
+        plan.detector,
         args.reset_every,
         args.reset_on_silence,
         args.buffer_seconds,
@@ -400,7 +414,7 @@ def run_stream(args, source, backend, event_settings, extra_outputs=()) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        worker.start()
+        worker.start(lambda: _outputs(args, backend, plan, status, extra_outputs, source=str(name)))
         while worker.is_alive():
             worker.join(0.1)
     finally:
@@ -443,6 +457,7 @@ def run_replay(args) -> int:
     fmt = raw_pcm(args, from_stdin)
     settings = check_args(args)
     backend = _open_backend(args)
+    plan = plan_stream(args, backend, settings)
     feats = backend.config.features
     speed = 0.0 if args.fast else args.speed
     if from_stdin:
@@ -458,7 +473,7 @@ def run_replay(args) -> int:
         from ..outputs.plots import RecordingPlot
 
         extra.append(RecordingPlot(args.plot, feats, title="stdin" if from_stdin else os.path.basename(args.file)))
-    code = run_stream(args, source, backend, settings, extra)
+    code = run_stream(args, source, backend, plan, extra)
     if source.status.nonfinite_samples:
         print(
             f"streamtag: warning: {source.status.nonfinite_samples} NaN/Inf samples in "
@@ -474,6 +489,13 @@ def run_live(args) -> int:
     settings = check_args(args)
     backend = _open_backend(args)
     feats = backend.config.features
+    plan = plan_stream(args, backend, settings)
     source = MicrophoneSource(feats.sample_rate, args.device, block_size=feats.hop_length)
     print(f"listening on {source.description}; Ctrl-C stops", file=sys.stderr)
-    return run_stream(args, source, backend, settings)
+    code = run_stream(args, source, backend, plan)
+    if source.abandoned:  # a frozen sound server: PortAudio's clean-up at exit would wait for it for ever
+        print("streamtag: the sound device did not stop (is the sound server hung?); leaving it", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

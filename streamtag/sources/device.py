@@ -12,6 +12,8 @@ into the ring (dropping and counting what does not fit), and count status flags.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..errors import BackendUnavailable, DeviceError, UnknownDeviceError
@@ -19,6 +21,7 @@ from ..ring import SpscRing
 from .base import SourceStatus
 
 MAX_CHANNELS = 8  # downmix at most this many device channels
+STOP_TIMEOUT_S = 2.0  # stopping a stream waits this long for the device at most
 
 
 def import_sounddevice():
@@ -94,6 +97,7 @@ class MicrophoneSource:
         self._ring: SpscRing | None = None
         self._mono = np.zeros(self.block_size * 16, dtype=np.float32)
         self._stream = None
+        self.abandoned = False  # a stop that timed out: the device is left to the process's end
         self._stopping = False
 
     def _choose_format(self, device, max_channels: int, model_rate: int, device_rate: int) -> tuple[int, int]:
@@ -166,14 +170,26 @@ class MicrophoneSource:
             raise DeviceError(f"could not open input device '{self.device_name}': {exc}") from None
 
     def stop(self) -> None:
+        """Stop and close the stream, waiting at most :data:`STOP_TIMEOUT_S`: PortAudio waits for the device,
+        and a frozen sound server (a hung PulseAudio) would hold the run, SIGTERM included, for ever. A stream
+        that does not stop in time is left to the process's end."""
         self._stopping = True
-        if self._stream is not None:
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+
+        def close() -> None:
             try:
-                self._stream.stop()
-                self._stream.close()
+                stream.stop()
+                stream.close()
             except Exception:  # a vanished device may fail to stop; the run is ending anyway
                 pass
-            self._stream = None
+
+        closer = threading.Thread(target=close, name="streamtag-device-close", daemon=True)
+        closer.start()
+        closer.join(STOP_TIMEOUT_S)
+        if closer.is_alive():
+            self.abandoned = True  # PortAudio is stuck in it: its clean-up at exit would be stuck too
 
     @property
     def finished(self) -> bool:
