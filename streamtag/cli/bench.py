@@ -6,9 +6,11 @@ lives in ``benchmarks/run_benchmarks.py``; it is for developers, this is for a u
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -23,14 +25,20 @@ def add_parser(subparsers) -> None:
         help="check that this machine runs a model in real time",
         description="Time the engine on this machine: every 10 ms hop through the model and the event detector, "
         "back to back and paced as a microphone delivers it, with the model alone beside it. Says whether the "
-        "model runs in real time and what share of a core one stream takes. Writes JSON only with --out. "
+        "model runs in real time (exit 1 when it does not; judged on the paced run) and what share of a core one "
+        "stream takes. Writes JSON only with --out. "
         "(The full benchmark suite is benchmarks/run_benchmarks.py in the source tree.)",
     )
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
     p.add_argument("--backend", choices=["onnx", "torch"], default="onnx", help="inference backend (default onnx)")
     p.add_argument("--seconds", type=float, default=20.0, help="audio timed back to back (default 20)")
-    p.add_argument("--paced-seconds", type=float, default=2.0, help="audio timed paced, one hop per 10 ms (default 2)")
-    p.add_argument("--out", metavar="JSON", help="also write the figures here")
+    p.add_argument(
+        "--paced-seconds",
+        type=float,
+        default=2.0,
+        help="audio timed paced, one hop per 10 ms, as live runs (default 2; 0 skips it, and the verdict)",
+    )
+    p.add_argument("--out", metavar="JSON", help="also write the figures here (- : to stdout, the text to stderr)")
     p.set_defaults(handler=run)
 
 
@@ -51,12 +59,14 @@ def run(args) -> int:
     from ..modelfile import DEFAULT_MODEL_DIR
     from ..sources import read_audio
 
-    if not 1 <= args.seconds <= 3600 or not 0 <= args.paced_seconds <= 600:
+    if not 1 <= args.seconds <= 3600 or not (args.paced_seconds == 0 or 0.5 <= args.paced_seconds <= 600):
         raise ConfigError(
-            f"--seconds must be in 1..3600 and --paced-seconds in 0..600 ({args.seconds}, {args.paced_seconds})"
+            f"--seconds must be in 1..3600 and --paced-seconds 0 (no paced run, no verdict) or in 0.5..600 "
+            f"({args.seconds}, {args.paced_seconds} given)"
         )
-    if args.out:
+    if args.out and args.out != "-":
         check_output_path(args.out, "--out")
+    say = functools.partial(print, file=sys.stderr if args.out == "-" else sys.stdout)  # - : stdout is the JSON
     options = {"threads": 1} if args.backend == "torch" else {}
     backend = make_backend(args.backend, args.model, **options)
     feats = backend.config.features
@@ -83,12 +93,14 @@ def run(args) -> int:
     paced = int(args.paced_seconds / feats.frame_seconds)
     paced_ns = np.zeros(max(paced, 1), np.int64)
     next_t = time.perf_counter()
+    cpu0 = time.process_time()
     for i in range(paced):  # as a microphone delivers: the core idles between hops, caches go cold
         next_t += feats.frame_seconds
         time.sleep(max(0.0, next_t - time.perf_counter()))
         t0 = time.perf_counter_ns()
         tagger.feed(audio[i * hop : (i + 1) * hop])
         paced_ns[i] = time.perf_counter_ns() - t0
+    paced_cpu_s = time.process_time() - cpu0
     report = {
         "model": str(args.model or "bundled"),
         "arch": backend.config.arch,
@@ -99,28 +111,35 @@ def run(args) -> int:
         "engine": _stats(engine_ns, budget_ms),
         "model_alone": _stats(model_ns, budget_ms),
         "paced": _stats(paced_ns, budget_ms) if paced else None,
-        "core_share_per_stream": cpu_s / (n * feats.frame_seconds),
+        # paced, as a live stream runs (cold caches, the wake-ups): what a stream costs; back to back is less
+        "core_share_per_stream": paced_cpu_s / (paced * feats.frame_seconds) if paced else None,
+        "core_share_back_to_back": cpu_s / (n * feats.frame_seconds),
     }
     worst = max(report["engine"]["p99_ms"], report["paced"]["p99_ms"] if paced else 0.0)
-    report["real_time"] = worst < budget_ms
+    report["real_time"] = worst < budget_ms if paced else None  # judged only with the run live meets
     e, m = report["engine"], report["model_alone"]
-    print(
-        f"model: {report['arch']}, {report['classes']} classes, {args.backend} backend, one thread; {report['machine']}"
-    )
-    print(
+    say(f"model: {report['arch']}, {report['classes']} classes, {args.backend} backend, one thread;", report["machine"])
+    say(
         f"hop (model + events), back to back: p50 {e['p50_ms']:.3f} ms, p99 {e['p99_ms']:.3f} ms, "
         f"max {e['max_ms']:.3f} ms over {e['hops']} hops"
     )
-    print(f"model alone: p50 {m['p50_ms']:.3f} ms, p99 {m['p99_ms']:.3f} ms")
+    say(f"model alone: p50 {m['p50_ms']:.3f} ms, p99 {m['p99_ms']:.3f} ms")
+    back_to_back = f"{report['core_share_back_to_back']:.1%} back to back, warm caches"
     if paced:
         p = report["paced"]
-        print(f"hop, paced every {budget_ms:g} ms (cold caches, as live): p50 {p['p50_ms']:.3f} ms, ", end="")
-        print(f"p99 {p['p99_ms']:.3f} ms")
-    print(f"one real-time stream takes {report['core_share_per_stream']:.1%} of a core")
-    verdict = "yes" if report["real_time"] else "no"
-    print(f"real time: {verdict} (worst p99 {worst:.3f} ms is {worst / budget_ms:.0%} of the {budget_ms:g} ms budget)")
-    if args.out:
+        paced_ms = f"p50 {p['p50_ms']:.3f} ms, p99 {p['p99_ms']:.3f} ms"
+        say(f"hop, paced every {budget_ms:g} ms (cold caches, as live): {paced_ms}")
+        say(f"one real-time stream takes {report['core_share_per_stream']:.1%} of a core, paced ({back_to_back})")
+        verdict = "yes" if report["real_time"] else "no"
+        share = f"{worst / budget_ms:.0%} of the {budget_ms:g} ms budget"
+        say(f"real time: {verdict} (worst p99 {worst:.3f} ms is {share})")
+    else:
+        say(f"one stream takes {back_to_back}; real time: not judged (--paced-seconds 0: no paced run)")
+    if args.out == "-":
+        json.dump(report, sys.stdout, indent=1)
+        print()
+    elif args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-        print(f"report: {args.out}")
-    return 0
+        say(f"report: {args.out}")
+    return 1 if report["real_time"] is False else 0
