@@ -30,6 +30,7 @@ import hmac
 import ipaddress
 import json
 import queue
+import re
 import sys
 import threading
 import time
@@ -595,7 +596,7 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
             stderr=asyncio.subprocess.PIPE,
         )
         errors: collections.deque = collections.deque(maxlen=2)  # ffmpeg's last words, drained as they come
-        drain = asyncio.create_task(_lines(proc.stderr, errors))
+        drain = asyncio.create_task(_lines(proc.stderr, errors, url))
         got_audio, why = False, None
         try:
             stalled = 0.0
@@ -636,12 +637,16 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
     worker.submit("eof", name)
 
 
-async def _lines(stream: asyncio.StreamReader, keep: collections.deque) -> None:
-    """Read a child's stderr to the end (a full pipe would stop it), keeping its last lines."""
+async def _lines(stream: asyncio.StreamReader, keep: collections.deque, url: str) -> None:
+    """Read a child's stderr to the end (a full pipe would stop it), keeping its last lines, with the source's
+    URL and any user:password@ in them hidden (ffmpeg names the URL in its errors)."""
     async for line in stream:
-        text = line.decode(errors="replace").strip()
+        text = USERINFO.sub(r"\1***@", line.decode(errors="replace").strip().replace(url, "<url>"))
         if text:
             keep.append(f"ffmpeg: {text}")
+
+
+USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")  # scheme://user:password@
 
 
 AUDIO_FILE_SUFFIXES = (*AUDIO_SUFFIXES, ".m4a", ".aac", ".wma", ".webm", ".mka")  # and what only ffmpeg reads

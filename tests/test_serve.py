@@ -640,6 +640,10 @@ def test_an_mqtt_prefix_with_wildcards_is_refused_at_start():
         timeout=60,
     )
     assert r.returncode == 2 and "--mqtt-prefix 'home/+'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run(  # an option that would do nothing: refused, not ignored with its bad value unchecked
+        [sys.executable, "-m", "streamtag", "serve", "--mqtt-prefix", "a/#"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and "give it with --mqtt" in r.stderr, r.stderr
 
 
 def test_a_pulled_source_that_hangs_is_started_again_and_does_not_hold_up_a_stop(tmp_path):
@@ -690,6 +694,18 @@ def test_a_pulled_source_that_hangs_is_started_again_and_does_not_hold_up_a_stop
         httpd.shutdown()
     assert proc.returncode == 0, err
     assert err.count("hung: no audio for 10 s; trying again") == 1, err
+
+
+def test_a_pulled_source_s_password_is_never_printed(tmp_path):
+    """ffmpeg names the URL in its errors, and serve passed its line on: the camera's password with it."""
+    if not shutil.which("ffmpeg"):
+        pytest.skip("ffmpeg missing (apt-get install ffmpeg; .ci/setup installs it)")
+    url = f"http://admin:hunter2@127.0.0.1:{_free_port()}/stream"  # nothing listens there
+    with serve(tmp_path, "--pull", f"porch={url}") as (_, proc):
+        time.sleep(3)  # the first failure is said at once
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert "porch: ffmpeg:" in err and "hunter2" not in err and "admin" not in err, err
 
 
 def test_a_sound_card_from_the_config_file_is_a_stream(tmp_path):

@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=8750, help="port (default 8750; 0 picks a free one)")
     p.add_argument("--token", help="required from clients (?token= or Authorization: Bearer); needed off loopback")
     p.add_argument("--mqtt", metavar="mqtt://HOST[:PORT]", help="publish events and states to this broker")
-    p.add_argument("--mqtt-prefix", default="streamtag", help="topic prefix (default streamtag)")
+    p.add_argument("--mqtt-prefix", help="with --mqtt: the topic prefix (default streamtag)")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
     p.add_argument("--max-streams", type=int, default=256, help="streams at once (default 256)")
     p.add_argument("--rate", type=float, default=10.0, help="score messages per second to each client (default 10)")
@@ -90,6 +90,10 @@ def _check(args) -> None:
         raise ConfigError(f"--engines must be in 1..1024 ({args.engines} given)")
     if not loopback and not args.token:
         raise ConfigError(f"--host {args.host} is reachable from other machines: add --token SECRET (clients send it)")
+    if args.mqtt_prefix is not None and not args.mqtt:
+        raise ConfigError("--mqtt-prefix names MQTT topics: give it with --mqtt mqtt://HOST[:PORT]")
+    if args.mqtt_prefix is None:
+        args.mqtt_prefix = "streamtag"
     if args.mqtt:
         from ..outputs.mqtt import check_prefix
 
