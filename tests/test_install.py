@@ -91,6 +91,8 @@ def test_live_runs_without_torch(lite, tmp_path):
         ["train", "{data}", "--out", "{tmp}/m"],
         ["replay", "{dog}", "--backend", "torch", "--fast", "--quiet"],
         ["replay", "{dog}", "--fast", "--quiet", "--plot", "{tmp}/p.png"],
+        ["tag", "{dog}", "--out", "{tmp}/out", "--backend", "torch"],  # was one error per file, exit 1
+        ["eval", "default", "{data}", "--plot", "--report", "{tmp}/out"],  # was after scoring every clip
     ],
 )
 def test_torch_only_commands_name_the_extra(lite, tmp_path, args):
@@ -99,6 +101,7 @@ def test_torch_only_commands_name_the_extra(lite, tmp_path, args):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'streamtag[" in lines[0] and "Traceback" not in r.stderr
+    assert not r.stdout and not (tmp_path / "out").exists()  # checked before any work or output
 
 
 def test_serve_runs_without_torch(lite, tmp_path):
@@ -137,3 +140,20 @@ def test_serve_runs_without_torch(lite, tmp_path):
     finally:
         proc.kill()
         proc.communicate(timeout=30)
+
+
+def test_a_model_without_its_chunk_graph_runs_with_one_line_saying_so(lite, tmp_path):
+    """A model exported with --onnx alone: backlogs go hop by hop (the same scores), said in one line, not as
+    Python's RuntimeWarning with a source path and a line of code."""
+    import shutil
+
+    model = tmp_path / "model"
+    model.mkdir()
+    bundled = REPO / "streamtag" / "assets" / "default_model"
+    for name in ("config.json", "model.safetensors", "model.onnx"):
+        shutil.copy(bundled / name, model / name)
+    env = {"STREAMTAG_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    r = _run(lite, "replay", EXAMPLES / "dog.flac", "--fast", "--quiet", "--model", model, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "streamtag replay: warning: stepping backlogs hop by hop" in r.stderr, r.stderr
+    assert "RuntimeWarning" not in r.stderr and ".py:" not in r.stderr

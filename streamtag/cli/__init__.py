@@ -11,6 +11,8 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
+from pathlib import Path
 from typing import NoReturn
 
 from ..errors import StreamtagError
@@ -66,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str) -> None:
+    """streamtag's own warnings (a model without a chunk graph, ...) as one line a user reads, not Python's
+    file:line and source line."""
+    plain = warnings.formatwarning
+
+    def formatted(message, category, filename, lineno, line=None):
+        if Path(filename).resolve().is_relative_to(PACKAGE):
+            return f"streamtag {command}: warning: {message}\n"
+        return plain(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatted
+
+
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     # numpy's BLAS starts a thread per core when imported (about 40 ms of CPU a process, paid again by every
     # `tag --jobs` worker), and no command does BLAS work in numpy: models run in onnxruntime or torch, with
@@ -73,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    _one_line_warnings(args.command)
     try:
         return args.handler(args)
     except StreamtagError as exc:

@@ -119,6 +119,8 @@ def run(args) -> int:
         raise ConfigError(f"--event-stream must be >= 0 ({args.event_stream} given)")
     if args.agreement_audio and not args.teacher:
         raise ConfigError("--agreement-audio needs --teacher (the scores to agree with)")
+    if args.plot:
+        import matplotlib  # noqa: F401  (missing: one line naming the extra before the clips are scored)
     label_map = read_label_map(args.label_map)
     model_dir = resolve_model_dir(None if args.model == "default" else args.model)
     backend = make_backend(args.backend, None if args.model == "default" else args.model)

@@ -60,7 +60,7 @@ def add_model_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument(
         "--model",
         metavar="DIR",
-        help="model folder (config.json + model.safetensors); default: the bundled ESC-50 model",
+        help="model folder (config.json + model.safetensors); default: the bundled model",
     )
     if backend:
         p.add_argument(

@@ -64,6 +64,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..archive import done_marker, find_inputs, tag_in_processes, write_tables
+    from ..backends import make_backend
     from . import interrupt_on_signals
     from .run import detector_factory, raw_pcm
 
@@ -88,6 +89,7 @@ def run(args) -> int:
         raw_pcm(args, from_stdin=False)  # refuses raw PCM options without stdin
         items = find_inputs(args.inputs, passed_over)
     detectors = detector_factory(args.model, args.event_config, args.on_threshold)
+    make_backend(args.backend, args.model)  # torch missing, or a model with no graph to run: one line, now
     out.mkdir(parents=True, exist_ok=True)
     bar = _Progress(len(items), enabled=not args.quiet and sys.stderr.isatty())
     kwargs = dict(out=out, model=args.model, backend=args.backend, width=args.width, scores=args.scores)
