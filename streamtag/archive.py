@@ -44,6 +44,7 @@ from .sources.file import AUDIO_SUFFIXES, WavReplaySource
 from .steps import Step, StepBlock, write_to
 
 MANIFEST_SUFFIXES = (".csv", ".txt", ".lst")
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 DONE = ".done.json"
 TOP_LABELS = 3
 
@@ -492,7 +493,7 @@ def _shard_main(k: int, shard: list[Item], queue, kwargs: dict) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stopped)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked while it started
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked while it started
     reported: set[str] = set()
 
     def report(outcome: Outcome) -> None:
@@ -535,14 +536,22 @@ def tag_in_processes(
     started: list = []
     try:
         # started with Ctrl-C and SIGTERM blocked (they inherit the mask and then ignore Ctrl-C: this process
-        # stops them); a Ctrl-C meanwhile waits, blocked, and arrives here once they are started, not lost
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        # stops them), and held: a signal can still reach another thread of this process (onnxruntime's), and
+        # its handler would then raise in the middle of a start, leaving a half-started worker unstopped; a
+        # Ctrl-C meanwhile is raised once they are all started, and the clause below stops them
+        held: list[int] = []
+        handlers = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in STOP_SIGNALS}
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             for p in procs:
                 p.start()
                 started.append(p)
-        finally:  # a Ctrl-C that waited arrives here, and the clause below stops what was started
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        if any(handlers[sig] is not signal.SIG_IGN for sig in held):
+            raise KeyboardInterrupt
         while len(ended) < len(procs):
             try:
                 k, got = queue.get(timeout=1.0)

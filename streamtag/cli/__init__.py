@@ -42,6 +42,7 @@ def interrupt_on_signals() -> None:
     def stop(signum, frame):
         raise KeyboardInterrupt
 
+    stop.raises_keyboard_interrupt = True  # main() lets go of it once the command has ended
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
 
@@ -112,3 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. piped into head
         return 0
+    finally:
+        _done_with_signals()
+
+
+def _done_with_signals() -> None:
+    """The command has ended and said how: a Ctrl-C or SIGTERM from here on (as the process exits, while
+    multiprocessing's clean-up runs) would only turn that into a traceback or a death by signal."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if getattr(signal.getsignal(sig), "raises_keyboard_interrupt", False):
+            signal.signal(sig, signal.SIG_IGN)

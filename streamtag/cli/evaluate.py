@@ -215,6 +215,12 @@ def run(args) -> int:
             dataset, targets, feats, cache_dir() / "features", k, len(backend.labels)
         )
         report["baseline_split"] = f"{k}-fold source-grouped CV on these clips"
+    elif k >= 2:
+        print(
+            f"streamtag eval: note: no baseline: {len(dataset.clips)} clips are too few for {k}-fold CV "
+            f"(at least {2 * k}; --baseline-folds sets K)",
+            file=sys.stderr,
+        )
     if bar is not None:
         bar.stop()
     out = write_report(report, args.report, args.plot)
