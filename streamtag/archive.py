@@ -36,6 +36,7 @@ from queue import Empty
 
 import numpy as np
 
+from .backends import one_thread
 from .errors import AudioFileError, ConfigError
 from .events import EventDetector, build_event_settings, model_event_table
 from .multistream import MultiStreamTagger
@@ -292,7 +293,7 @@ def tag_archive(
     if multi is None and len(items) == 1:  # one stream: the chunk step, 128 hops a call, beats a pool of one
         return _tag_alone(items[0], out, model, backend, scores, detector, force, progress)
     if multi is None:
-        multi = MultiStreamTagger(model, backend, capacity=width, events=detector or True)
+        multi = MultiStreamTagger(model, backend, capacity=width, events=detector or True, **one_thread(backend))
     feats = multi.backend.config.features
     key = settings_key(multi.backend.folder, multi.labels, feats.frame_seconds, scores, detector)
     outcomes: list[Outcome] = []
@@ -347,7 +348,7 @@ def _tag_alone(item: Item, out: Path, model, backend: str, scores: bool, detecto
     outcome = job = _open_job(item, out, force, cfg.features, scores, cfg.labels, key)
     if isinstance(job, _Job):
         try:
-            engine = StreamTagger(make_backend(backend, model), events=detector or True)
+            engine = StreamTagger(make_backend(backend, model, **one_thread(backend)), events=detector or True)
             drive(engine, job.chunks, [job])
         except BaseException:
             job.discard()  # no half-written outputs left behind

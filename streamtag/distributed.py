@@ -85,11 +85,13 @@ class _Tagger:
     """The actor: one loaded model and one pool of streams, reused for every batch it is given."""
 
     def __init__(self, kwargs: dict) -> None:
+        from .backends import one_thread
         from .multistream import MultiStreamTagger
 
         self.kwargs = kwargs
+        backend = kwargs["backend"]
         self.multi = MultiStreamTagger(
-            kwargs["model"], kwargs["backend"], capacity=kwargs["width"], events=kwargs["detector"] or True
+            kwargs["model"], backend, capacity=kwargs["width"], events=kwargs["detector"] or True, **one_thread(backend)
         )
 
     def run(self, batch: list[Item]) -> list[Outcome]:

@@ -34,6 +34,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -176,6 +177,8 @@ class ServeWorker(threading.Thread):
         except Exception as exc:  # the engines failed (a Ray cluster gone): say so; the front stops the server
             self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             print(f"streamtag serve: error: the tagging worker stopped ({self.failure})", file=sys.stderr, flush=True)
+            if not isinstance(exc, StreamtagError) and not type(exc).__module__.startswith("ray"):
+                traceback.print_exc()  # a bug: where it is, for the report
 
     def _rounds(self) -> None:
         started, cost = 0.0, 0.0  # when the last round began, and what it took

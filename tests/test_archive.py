@@ -442,3 +442,23 @@ def test_ctrl_c_at_any_moment_of_a_rerun_over_many_finished_files_ends_cleanly(t
         _, err = proc.communicate(timeout=120)  # before the fix: a hang, or a worker's traceback
         assert proc.returncode in (0, 130) and "Traceback" not in err, err
         assert not list(out.rglob("*.part"))
+
+
+def test_a_torch_backend_in_tag_uses_one_thread_a_process(tmp_path, monkeypatch, cnn_dir):
+    """tag --jobs N runs N processes: torch in each started a thread per core (N x cores threads on N cores)."""
+    import streamtag.backends as backends
+    from streamtag.archive import find_inputs, tag_archive
+
+    asked = []
+    real = backends.make_backend
+
+    def recording(name, model=None, batch_size=1, **options):
+        asked.append((name, options))
+        return real("onnx", model, batch_size=batch_size)  # the run itself needs no torch
+
+    monkeypatch.setattr(backends, "make_backend", recording)
+    monkeypatch.setattr("streamtag.multistream.make_backend", recording)
+    items = find_inputs([EXAMPLES / "dog.flac"])
+    tag_archive(items, out=tmp_path / "one", model=cnn_dir, backend="torch")  # one file: the chunk step
+    tag_archive(find_inputs([EXAMPLES]), out=tmp_path / "many", model=cnn_dir, backend="torch", width=2)
+    assert asked == [("torch", {"threads": 1})] * 2

@@ -93,3 +93,9 @@ def make_backend(name: str, model: str | os.PathLike | None = None, batch_size: 
     module_name, class_name = BACKENDS[name].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls(model, batch_size=batch_size, **options)
+
+
+def one_thread(name: str) -> dict:
+    """Options for a backend that must use one core: a process of ``tag --jobs N`` or one live stream (onnx
+    sessions are single-threaded already; torch would otherwise start a thread per core in every process)."""
+    return {"threads": 1} if name == "torch" else {}

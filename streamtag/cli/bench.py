@@ -54,7 +54,7 @@ def _stats(ns: np.ndarray, budget_ms: float) -> dict[str, float]:
 
 
 def run(args) -> int:
-    from ..backends import make_backend
+    from ..backends import make_backend, one_thread
     from ..engine import StreamTagger
     from ..modelfile import DEFAULT_MODEL_DIR
     from ..sources import read_audio
@@ -67,8 +67,7 @@ def run(args) -> int:
     if args.out and args.out != "-":
         check_output_path(args.out, "--out")
     say = functools.partial(print, file=sys.stderr if args.out == "-" else sys.stdout)  # - : stdout is the JSON
-    options = {"threads": 1} if args.backend == "torch" else {}
-    backend = make_backend(args.backend, args.model, **options)
+    backend = make_backend(args.backend, args.model, **one_thread(args.backend))
     feats = backend.config.features
     hop, budget_ms = feats.hop_length, feats.frame_seconds * 1000
     examples = DEFAULT_MODEL_DIR.parent / "examples"

@@ -12,7 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from ..backends import BACKENDS, make_backend
+from ..backends import BACKENDS, make_backend, one_thread
 from ..errors import ConfigError
 from ..events import (
     EventDetector,
@@ -379,8 +379,8 @@ def _outputs(args, backend, plan: StreamPlan, worker_status, extra=(), source: s
 
 def _open_backend(args):
     # one stream, one hop at a time: one torch thread (this process is ours; a library caller chooses its own)
-    options = {"device": args.torch_device or "cpu", "threads": 1} if args.backend == "torch" else {}
-    return make_backend(args.backend, args.model, **options)
+    options = {"device": args.torch_device or "cpu"} if args.backend == "torch" else {}
+    return make_backend(args.backend, args.model, **options, **one_thread(args.backend))
 
 
 def run_stream(args, source, backend, plan: StreamPlan, extra_outputs=()) -> int:
