@@ -32,6 +32,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .events import EventDetector, EventParams, build_event_settings
+from .outputs.selection import split_class_names
 
 try:
     import tomllib
@@ -74,7 +75,7 @@ class StreamSettings:
             if value is None:
                 continue
             if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
+                value = split_class_names([value], labels, f"{where}: {key}") if value.strip() else []
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}: {key} must be a list of class names")
             _known(value, labels, f"{where}: {key}")
@@ -190,7 +191,13 @@ class SettingsBook:
         return merged
 
     def change(self, name: str, data: Any) -> StreamSettings:
-        """Apply a run-time change (a JSON object) to ``name``; checked in full before anything changes."""
+        """Apply a run-time change (a JSON object) to ``name``; checked in full before anything changes.
+        ``{"reset": true}`` drops the run-time changes made so far: the config file's settings again."""
+        if isinstance(data, dict) and "reset" in data:
+            if data != {"reset": True}:
+                raise ConfigError(f"settings for '{name}': reset comes alone, as {{\"reset\": true}}")
+            self.changes.pop(name, None)
+            return self.settings(name)
         layer = StreamSettings.parse(data, self.labels, f"settings for '{name}'")
         previous = self.changes.get(name)
         self.changes[name] = layer if previous is None else layer.over(previous)

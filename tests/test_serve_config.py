@@ -24,6 +24,16 @@ def test_run_time_changes_layer_over_the_config_file_and_an_empty_list_clears():
     assert all(book.settings("porch").enabled(LABELS)) and book.settings("porch").as_dict()["allow"] == []
     book.change("porch", {"deny": ["rain"]})
     assert not book.settings("porch").enabled(LABELS)[LABELS.index("rain")]
+    book.change("porch", {"reset": True})  # back to the config file's settings
+    assert sum(book.settings("porch").enabled(LABELS)) == 1
+    with pytest.raises(ConfigError, match="reset comes alone"):
+        book.change("porch", {"reset": True, "allow": ["cat"]})
+
+
+def test_a_class_name_holding_a_comma_stays_whole_in_a_config_string_as_in_allow():
+    labels = ["dog", "rain", "glass, broken"]
+    assert StreamSettings.parse({"allow": "glass, broken"}, labels, "x").allow == ("glass, broken",)
+    assert StreamSettings.parse({"deny": "dog, rain"}, labels, "x").deny == ("dog", "rain")
 
 
 def test_a_refused_change_leaves_the_settings_as_they_were():

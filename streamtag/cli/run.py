@@ -10,7 +10,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from ..backends import BACKENDS, make_backend, one_thread
 from ..errors import ConfigError
@@ -25,6 +25,7 @@ from ..modelfile import load_config, resolve_model_dir
 from ..outputs import ClassSelection, EventsJsonl, LiveView, PlainLines, ScoresTsv, UpdatesJsonl
 from ..outputs.files import Rotation, check_output_folder, check_output_path
 from ..outputs.plots import check_plot_path
+from ..outputs.selection import split_class_names
 from ..worker import MAX_BUFFER_SECONDS, Worker
 
 
@@ -305,20 +306,8 @@ def detector_factory(model, event_config=None, on_threshold: float | None = None
     return factory
 
 
-def class_names(flag: str, values: list[str] | None, labels: Sequence[str]) -> list[str] | None:
-    """``--allow``/``--deny`` values, each one class or several comma-separated (a label with a comma stays whole)."""
-    if not values:
-        return None
-    names = []
-    for value in values:
-        names += [value] if value in labels else [n.strip() for n in value.split(",") if n.strip()]
-    if not names:
-        raise ConfigError(f"{flag} {','.join(values)!r} names no class")
-    return names
-
-
 def _selection(args, labels) -> ClassSelection:
-    allow, deny = class_names("--allow", args.allow, labels), class_names("--deny", args.deny, labels)
+    allow, deny = split_class_names(args.allow, labels, "--allow"), split_class_names(args.deny, labels, "--deny")
     return ClassSelection(labels, args.max_results, args.score_threshold, allow, deny)
 
 

@@ -9,6 +9,19 @@ import numpy as np
 from ..errors import ConfigError
 
 
+def split_class_names(values: Sequence[str] | None, labels: Sequence[str], where: str) -> list[str] | None:
+    """Class names as a user gives them (``--allow``, a config's ``allow = "dog, rain"``): each value one class
+    or several comma-separated, a label that itself holds a comma kept whole; ``None`` when none are given."""
+    if not values:
+        return None
+    names = []
+    for value in values:
+        names += [value] if value in labels else [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"{where} {','.join(values)!r} names no class")
+    return names
+
+
 class ClassSelection:
     """``pick(probs) -> [(label, prob), ...]`` best first.
 
