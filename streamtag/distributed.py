@@ -181,6 +181,7 @@ class _EngineActor:
 
     def run(self, commands: list) -> tuple[list, dict[str, float], dict[str, dict]]:
         out = []
+        levels: dict[str, float] = {}
         for command in commands:
             kind, name = command[0], command[1]
             if kind == "join":
@@ -193,11 +194,13 @@ class _EngineActor:
             elif kind == "events":  # the audio before it is stepped first, however the commands were grouped
                 out += list(self.multi.step_blocks())
                 out += [(name, s) for s in self.multi.streams[name].set_events(command[2])]
-            elif kind == "leave":
+            elif kind == "leave":  # its level too: a stream that joins, sends and leaves within one call has one
+                engine = self.multi.streams[name]
                 out += [(name, s) for s in self.multi.leave(name, command[2])]
+                levels[name] = engine.stats.recent_dbfs
                 del self.snapped[name]
         out += list(self.multi.step_blocks())
-        levels, snapshots = {}, {}
+        snapshots = {}
         for name, engine in self.multi.streams.items():
             levels[name] = engine.stats.recent_dbfs
             if engine.frames - self.snapped[name] >= self.every:
