@@ -133,7 +133,7 @@ def test_two_streams_at_once_each_get_what_replay_gives(tmp_path, where):
         assert events == ref_events and events  # the bundled model hears rain and a chainsaw
         scores = [m for m in messages if m["type"] == "scores"]
         assert len(scores) == 50  # 10 a second for 5 s
-        assert scores[-1]["level_dbfs"] > -60  # on Ray, a stream that joined and left within one call had -120
+        assert max(m["level_dbfs"] for m in scores) > -60  # on Ray, one that joined and left in one call: -120
         step = {round(s.t, 3): s for s in ref if s.has_scores}
         for m in scores:
             label, p = m["top"][0]
