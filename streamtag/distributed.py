@@ -21,8 +21,12 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .archive import Item, Outcome, tag_archive
-from .errors import BackendUnavailable, ConfigError
+from .errors import BackendUnavailable, ConfigError, StreamtagError
 from .steps import Step, StepBlock, as_steps, named_steps
+
+
+class EnginesLost(StreamtagError):
+    """serve --ray has no engine left to step its streams (the cluster, or every actor, is gone)."""
 
 
 def _ray():
@@ -421,7 +425,7 @@ class RayEnginePool:
         self.actors.pop(engine, None)
         self.ring = [(p, e) for p, e in self.ring if e != engine]
         if not self.ring:
-            raise RuntimeError("every Ray engine of serve --ray is gone")
+            raise EnginesLost("every Ray engine of serve --ray is gone")
         for call in [c for c in self.calls if c[2] == engine]:
             self.calls.remove(call)
             for name, n in call[3].items():

@@ -11,7 +11,7 @@ which cannot wait, has the excess dropped and counted), a round steps at most ``
 of one stream, and every sample is accounted for (received = processed + dropped + pending).
 
 WebSocket protocol, ``ws://HOST:PORT/v1/streams/<name>``: an optional first text message
-``{"sample_rate": 16000, "format": "s16le" | "f32le", "channels": 1}`` (the defaults), then binary
+``{"sample_rate": 16000, "format": "s16le" | "s32le" | "f32le", "channels": 1}`` (the defaults), then binary
 PCM of any size; ``{"type": "eof"}`` ends the stream. The server sends ``{"type": "scores", "t",
 "top": [[label, p], ...]}`` ``rate`` times a second, ``{"type": "open" | "close", "label", "onset",
 "offset", ...}`` for events, and a last ``{"type": "summary", ...}`` before it closes.
@@ -45,9 +45,9 @@ from .errors import ConfigError, StreamtagError
 from .multistream import MultiStreamTagger
 from .serve_config import SettingsBook, valid_name
 from .sources.file import AUDIO_SUFFIXES
+from .sources.pipe import RAW_FORMATS, PcmDecoder, PcmFormat
 from .steps import Step, StepBlock
 
-FORMATS = {"s16le": ("<i2", 32768.0), "f32le": ("<f4", 1.0)}
 PAGE = Path(__file__).parent / "assets" / "serve_page.html"
 
 # close codes (4000-4999 are the application's)
@@ -481,20 +481,12 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def decode(data: bytes, fmt: str, channels: int, carry: bytes) -> tuple[np.ndarray, bytes]:
-    """PCM bytes -> mono float32; a trailing part-frame is carried to the next message."""
-    dtype, scale = FORMATS[fmt]
-    frame = np.dtype(dtype).itemsize * channels
-    data = carry + data
-    usable = len(data) - len(data) % frame
-    x = np.frombuffer(data[:usable], dtype=dtype).astype(np.float32) / np.float32(scale)
-    if channels > 1:
-        x = x.reshape(-1, channels).mean(axis=1, dtype=np.float32)
-    return x, data[usable:]
+def _mono(frames: np.ndarray) -> np.ndarray:
+    return frames[:, 0] if frames.shape[1] == 1 else frames.mean(axis=1, dtype=np.float32)
 
 
-def parse_hello(text: str) -> tuple[int, str, int]:
-    """The optional first text message -> ``(sample_rate, format, channels)``; ConfigError says what is wrong."""
+def parse_hello(text: str) -> PcmFormat:
+    """The optional first text message -> the stream's PCM format; ConfigError says what is wrong."""
     try:
         hello = json.loads(text)
     except ValueError:
@@ -509,11 +501,11 @@ def parse_hello(text: str) -> tuple[int, str, int]:
     rate, fmt, channels = hello.get("sample_rate", 16000), hello.get("format", "s16le"), hello.get("channels", 1)
     if not isinstance(rate, int) or not 8000 <= rate <= 192000:
         raise ConfigError(f"sample_rate must be a whole number in 8000..192000 ({rate!r} given)")
-    if fmt not in FORMATS:
-        raise ConfigError(f"format must be one of {', '.join(FORMATS)} ({fmt!r} given)")
+    if fmt not in RAW_FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(RAW_FORMATS)} ({fmt!r} given)")
     if not isinstance(channels, int) or not 1 <= channels <= 8:
         raise ConfigError(f"channels must be 1..8 ({channels!r} given)")
-    return rate, fmt, channels
+    return PcmFormat.raw(rate, fmt, channels)
 
 
 class Pacer:
@@ -573,7 +565,6 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
     pacer = Pacer(worker, name, 16000, lambda: not (stop.is_set() or refused))
     realtime = ["-re"] if _is_file(url) else []
     delay = 1.0
-    carry = b""
     last_audio = loop.time()
     failing = False  # a failure is said once, until audio comes again (no line per retry)
     while not stop.is_set():
@@ -598,6 +589,7 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
+        decode = PcmDecoder(PcmFormat.raw(16000, "s16le"))  # what ffmpeg is told to write; a part-frame is its own
         errors: collections.deque = collections.deque(maxlen=2)  # ffmpeg's last words, drained as they come
         drain = asyncio.create_task(_lines(proc.stderr, errors, url))
         got_audio, why = False, None
@@ -619,7 +611,7 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
                 if failing:
                     failing = False
                     print(f"streamtag serve: {name}: audio again", file=sys.stderr, flush=True)
-                samples, carry = decode(data, "s16le", 1, carry)
+                samples = _mono(decode(data))
                 if samples.size:
                     await pacer.submit(samples)
         finally:
@@ -879,7 +871,7 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                     await ws.send_str(json.dumps(message))
 
         joining.add(name)
-        rate, fmt, channels, carry, joined = 16000, "s16le", 1, b"", False
+        fmt, joined = PcmFormat.raw(16000, "s16le"), False
         send_task = asyncio.create_task(sender())
         reason, code = None, 1000
         pacer: Pacer | None = None
@@ -909,23 +901,24 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                         break
                     hello_seen = True
                     try:
-                        rate, fmt, channels = parse_hello(msg.data)
+                        fmt = parse_hello(msg.data)
                     except ConfigError as exc:
                         reason, code = str(exc), CLOSE_BAD_REQUEST
                         break
                 elif msg.type == WSMsgType.BINARY:
                     if not joined:
-                        worker.submit("join", name, rate, listener)
-                        joined = True
-                        pacer = Pacer(worker, name, rate, lambda: not send_task.done())
-                    samples, carry = decode(msg.data, fmt, channels, carry)
+                        worker.submit("join", name, fmt.rate, listener)
+                        joined, decode = True, PcmDecoder(fmt)
+                        pacer = Pacer(worker, name, fmt.rate, lambda: not send_task.done())
+                    samples = _mono(decode(msg.data))
                     if samples.size:  # tagged and counted even when this message is the one that closes it
                         await pacer.submit(samples)
                     window_messages, window_samples = window_messages + 1, window_samples + samples.size
                     if window_messages == options.message_window:  # audio messages only, each counted in
-                        if window_samples < window_messages * options.min_message_ms / 1000 * rate:
+                        if window_samples < window_messages * options.min_message_ms / 1000 * fmt.rate:
+                            carried_ms = window_samples / fmt.rate * 1000
                             reason = (
-                                f"{window_messages} messages carried {window_samples / rate * 1000:.0f} ms of audio: "
+                                f"{window_messages} messages carried {carried_ms:.0f} ms of audio: "
                                 f"send at least {options.min_message_ms:g} ms of audio a message"
                             )
                             code = CLOSE_TOO_MANY_MESSAGES

@@ -97,3 +97,21 @@ def test_stdin_with_no_audio_or_the_wrong_format_is_said_plainly(cnn_dir):
     r = _replay(cnn_dir, "-", "--raw-rate", "16000", "--raw-format", "f32le", stdin=s16 * 4)  # read as float
     err = r.stderr.decode()
     assert "RuntimeWarning" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fmt", ["s16le", "s32le", "f32le"])
+def test_pcm_in_pieces_of_any_size_decodes_as_one_piece(fmt):
+    """The one decoder of stdin and serve's WebSocket streams: a part-frame at the end of a piece waits."""
+    from streamtag.sources.pipe import PcmDecoder, PcmFormat
+
+    rng = np.random.default_rng(1)
+    pcm_format = PcmFormat.raw(16000, fmt, channels=2)
+    x = rng.uniform(-0.9, 0.9, (500, 2))
+    dtype, scale = {"s16le": ("<i2", 2**15), "s32le": ("<i4", 2**31), "f32le": ("<f4", 1.0)}[fmt]
+    data = (x * scale).astype(dtype).tobytes()
+    whole = PcmDecoder(pcm_format)(data)
+    decode = PcmDecoder(pcm_format)
+    cuts = sorted(rng.integers(0, len(data), 30))
+    pieces = [decode(part.tobytes()) for part in np.split(np.frombuffer(data, np.uint8), cuts)]
+    np.testing.assert_array_equal(np.concatenate([p for p in pieces if p.size]), whole)
+    np.testing.assert_allclose(whole, x, atol=1e-4)

@@ -823,7 +823,7 @@ def test_when_every_ray_engine_is_gone_the_server_says_so_and_exits_1(tmp_path):
         asyncio.run(scenario())
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
-    assert "streamtag serve: error: the tagging worker stopped (RuntimeError: every Ray engine" in err
+    assert "streamtag serve: error: the tagging worker stopped (EnginesLost: every Ray engine" in err
     assert "Traceback" not in err
 
 

@@ -46,6 +46,32 @@ class PcmFormat:
         return cls(rate, channels, dtype, scale, int(dtype[-1]))
 
 
+class PcmDecoder:
+    """Interleaved PCM bytes in pieces of any size (a pipe's reads, WebSocket messages) -> float32 samples
+    ``(frames, channels)`` in -1..1; a part-frame at the end of a piece waits for the next. NaN/Inf (floats of
+    the wrong format) are passed on: the caller counts or replaces them."""
+
+    def __init__(self, fmt: PcmFormat) -> None:
+        self.fmt = fmt
+        self.frame_bytes = fmt.width * fmt.channels
+        self._carry = b""
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        data = self._carry + data if self._carry else data
+        usable = len(data) - len(data) % self.frame_bytes
+        data, self._carry = data[:usable], data[usable:]
+        fmt = self.fmt
+        if fmt.width == 3:  # 24-bit: widen each sample to the top three bytes of an int32
+            raw = np.frombuffer(data, np.uint8).reshape(-1, 3)
+            wide = np.zeros((raw.shape[0], 4), np.uint8)
+            wide[:, 1:] = raw
+            samples = wide.view("<i4").reshape(-1).astype(np.float32) / fmt.scale
+        else:
+            with np.errstate(invalid="ignore", over="ignore"):
+                samples = np.frombuffer(data, fmt.dtype).astype(np.float32) / np.float32(fmt.scale)
+        return samples.reshape(-1, fmt.channels)
+
+
 def read_wav_header(stream: BinaryIO) -> PcmFormat:
     """Parse a RIFF/WAVE header up to its ``data`` chunk; the stream is left at the first sample."""
 
@@ -115,10 +141,9 @@ class PipeSource(ProducerSource):
     def _samples(self):
         """Mono float32 at the pipe's rate, about ``READ_SECONDS`` at a time, until the pipe or the data ends."""
         fmt = self.fmt
-        frame_bytes = fmt.width * fmt.channels
-        block = max(1, int(fmt.rate * READ_SECONDS)) * frame_bytes
+        decode = PcmDecoder(fmt)
+        block = max(1, int(fmt.rate * READ_SECONDS)) * decode.frame_bytes
         left = fmt.data_bytes
-        pending = b""
         while not self._stop.is_set():
             want = block if left is None else min(block, left)
             data = self.stream.read(want) if want else b""
@@ -132,22 +157,9 @@ class PipeSource(ProducerSource):
                 break
             if left is not None:
                 left -= len(data)
-            data = pending + data
-            usable = len(data) - len(data) % frame_bytes
-            data, pending = data[:usable], data[usable:]
-            mono, nonfinite = mono_finite(self._decode(data).reshape(-1, fmt.channels))
+            mono, nonfinite = mono_finite(decode(data))
             self.status.nonfinite_samples += nonfinite
             yield mono
-
-    def _decode(self, data: bytes) -> np.ndarray:
-        fmt = self.fmt
-        if fmt.width == 3:  # 24-bit: widen each sample to the top three bytes of an int32
-            raw = np.frombuffer(data, np.uint8).reshape(-1, 3)
-            wide = np.zeros((raw.shape[0], 4), np.uint8)
-            wide[:, 1:] = raw
-            return wide.view("<i4").reshape(-1).astype(np.float32) / fmt.scale
-        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf (the wrong --raw-format) are counted after
-            return np.frombuffer(data, fmt.dtype).astype(np.float32) / fmt.scale
 
     def chunks(self):
         """Mono float32 at the model rate as the pipe delivers it; a read error, or a stream that ends before
