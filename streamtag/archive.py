@@ -40,7 +40,7 @@ from .backends import one_thread
 from .errors import AudioFileError, ConfigError
 from .events import EventDetector, build_event_settings, model_event_table
 from .multistream import MultiStreamTagger
-from .outputs.files import row_header
+from .outputs.files import event_line, scores_header, scores_line
 from .sources.file import AUDIO_SUFFIXES, WavReplaySource
 from .steps import Step, StepBlock, write_to
 
@@ -173,7 +173,7 @@ class _Job:
             self.final["scores"] = _with(base, ".scores.tsv")
         self.files = {k: open(_tmp(p), "w", encoding="utf-8") for k, p in self.final.items()}
         if scores:
-            self.files["scores"].write("\t".join(["onset", "offset", *labels]) + "\n")
+            self.files["scores"].write(scores_header(labels))
         self.labels = labels
         self.sums = np.zeros(len(labels), np.float64)
         self.frames = 0
@@ -200,13 +200,12 @@ class _Job:
             self._events(block.events.get(i, ()))
 
     def _score_row(self, onset: float, end: float, probs: np.ndarray) -> None:
-        values = "\t".join(f"{p:.6g}" for p in probs)
-        self.files["scores"].write(f"{onset:.3f}\t{end:.3f}\t{values}\n")
+        self.files["scores"].write(scores_line(onset, end, probs))
 
     def _events(self, events) -> None:
         source = self.item.name if self.item.opener is not None else str(self.item.path)
         for event in events:  # the rows replay --events writes
-            self.files["events"].write(json.dumps({**row_header(source, None), **event.as_dict()}) + "\n")
+            self.files["events"].write(event_line(event, source))
             if event.kind == "open":
                 self.events[event.label] = self.events.get(event.label, 0) + 1
             elif event.offset is not None:  # Audacity: start, end, label

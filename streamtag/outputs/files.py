@@ -238,6 +238,21 @@ class UpdatesJsonl:
         self._file.close()
 
 
+def event_line(event, source: str | None, stream: str | None = None) -> str:
+    """One event as a line of an events file (``replay --events``, ``tag``)."""
+    return json.dumps(row_header(source, stream) | event.as_dict()) + "\n"
+
+
+def scores_header(labels) -> str:
+    return "\t".join(["onset", "offset", *labels]) + "\n"
+
+
+def scores_line(onset: float, end: float, probs) -> str:
+    """One frame of a scores TSV (the sed_scores_eval layout)."""
+    values = "\t".join(f"{p:.6g}" for p in probs)
+    return f"{onset:.3f}\t{end:.3f}\t{values}\n"
+
+
 class EventsJsonl:
     """An "open" line when an event is confirmed, a "close" line with onset, offset and scores when it ends."""
 
@@ -253,8 +268,7 @@ class EventsJsonl:
 
     def write(self, step: Step) -> None:
         for event in step.events:
-            row = row_header(self.source, self.stream) | event.as_dict()
-            self._file.write(json.dumps(row) + "\n")
+            self._file.write(event_line(event, self.source, self.stream))
 
     def close(self) -> None:
         self._file.close()
@@ -267,14 +281,13 @@ class ScoresTsv:
     """
 
     def __init__(self, path: str | os.PathLike, labels, rotation: Rotation | None = None) -> None:
-        header = "\t".join(["onset", "offset", *labels]) + "\n"  # every rotated file starts with it
+        header = scores_header(labels)  # every rotated file starts with it
         self._file = _TextFile(path, line_buffered=False, rotation=rotation, header=header)  # flushed on close
 
     def write(self, step: Step) -> None:
         if not step.has_scores:
             return
-        values = "\t".join(f"{p:.6g}" for p in step.probs)
-        self._file.write(f"{step.onset:.3f}\t{step.t:.3f}\t{values}\n")
+        self._file.write(scores_line(step.onset, step.t, step.probs))
 
     def close(self) -> None:
         self._file.close()
