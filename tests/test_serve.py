@@ -855,32 +855,31 @@ def test_the_front_runs_on_uvloop_when_it_is_installed():
 def test_max_streams_counts_each_connected_stream_once(tmp_path):
     """A stream whose join the worker has taken was counted twice (its connection and its account), so a
     server of --max-streams N refused clients from about N/2 on (close 4429, found under benchmark load)."""
-    rain, _ = _pcm("rain.flac")
     with serve(tmp_path, "--max-streams", "2") as (port, proc):
-
-        async def scenario():
-            async with aiohttp.ClientSession() as session:
-                base = f"ws://127.0.0.1:{port}/v1/streams/"
-                opened, outcome = [], {}
-                for name in ("first", "second", "third"):
-                    ws = await session.ws_connect(base + name)
-                    opened.append(ws)
-                    await ws.send_bytes(rain[:3200])
-                    msg = await ws.receive(timeout=30)  # a scores message once the worker has it, or the close
-                    outcome[name] = (
-                        json.loads(msg.data)["type"] if msg.type == aiohttp.WSMsgType.TEXT else ws.close_code
-                    )
-                for ws in opened:
-                    if not ws.closed:
-                        await ws.send_str(json.dumps({"type": "eof"}))
-                        async for _ in ws:
-                            pass
-                    await ws.close()
-                return outcome
-
-        outcome = asyncio.run(scenario())
+        outcome = asyncio.run(_connect_each(port, ("first", "second", "third")))
         assert proc.poll() is None
-    assert outcome == {"first": "scores", "second": "scores", "third": 4429}
+    assert outcome["first"] == outcome["second"] == "scores" and outcome["third"][0] == 4429
+
+
+async def _connect_each(port, names):
+    """Clients that connect one after another, each sending 0.2 s of rain and staying connected while the next
+    comes: ``{name: "scores" | (close code, reason)}``; then every open one ends its stream."""
+    rain, _ = _pcm("rain.flac")
+    async with aiohttp.ClientSession() as session:
+        opened, outcome = [], {}
+        for name in names:
+            ws = await session.ws_connect(f"ws://127.0.0.1:{port}/v1/streams/{name}")
+            opened.append(ws)
+            await ws.send_bytes(rain[:3200])
+            msg = await ws.receive(timeout=30)  # a scores message once the worker has it, or the close
+            outcome[name] = (ws.close_code, msg.extra) if ws.closed else json.loads(msg.data)["type"]
+        for ws in opened:
+            if not ws.closed:
+                await ws.send_str(json.dumps({"type": "eof"}))
+                async for _ in ws:
+                    pass
+            await ws.close()
+        return outcome
 
 
 def test_a_client_far_ahead_of_real_time_is_held_back_not_dropped_and_others_are_untouched(tmp_path):
@@ -960,27 +959,8 @@ def test_a_pulled_file_is_read_at_its_own_pace(tmp_path):
 def test_a_client_cannot_take_the_name_or_the_slot_of_a_pulled_source(tmp_path):
     """A pulled source's name is its own from the start: a client that took it (or won a race for it) fed its audio
     into the source's stream and, on leaving, ended it."""
-    rain, _ = _pcm("rain.flac")
     with serve(tmp_path, "--max-streams", "2", "--pull", f"porch={EXAMPLES / 'rain.flac'}") as (port, proc):
-
-        async def scenario():
-            async with aiohttp.ClientSession() as session:
-                closes, opened = {}, []
-                for name in ("porch", "other", "third"):  # "other" stays connected while "third" comes
-                    ws = await session.ws_connect(f"ws://127.0.0.1:{port}/v1/streams/{name}")
-                    opened.append(ws)
-                    await ws.send_bytes(rain[:3200])
-                    msg = await ws.receive(timeout=30)
-                    closes[name] = (ws.close_code, msg.extra) if ws.closed else json.loads(msg.data)["type"]
-                for ws in opened:
-                    if not ws.closed:
-                        await ws.send_str(json.dumps({"type": "eof"}))
-                        async for _ in ws:
-                            pass
-                    await ws.close()
-                return closes
-
-        closes = asyncio.run(scenario())
+        closes = asyncio.run(_connect_each(port, ("porch", "other", "third")))
         deadline, state = time.monotonic() + 30, {}
         while time.monotonic() < deadline and not state.get("porch", {}).get("frames"):
             state = asyncio.run(_http("GET", f"http://127.0.0.1:{port}/v1/state"))[1]
