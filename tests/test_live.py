@@ -162,11 +162,11 @@ def test_a_frozen_sound_server_does_not_hold_the_run_or_sigterm(cnn_dir, tmp_pat
 def test_unknown_device_lists_choices(cnn_dir, tmp_path):
     """A --device that names nothing is a usage error (exit 2), by name or by index; a lost device exits 1."""
     env = alsa_file_mic(tmp_path, np.zeros(1600, np.float32))
-    for device in ("no-such-mic", "99"):
+    for device, shown in (("no-such-mic", "no-such-mic"), ("99", "99"), ("", "''")):  # "" matched every device
         r = run_cli("live", "--model", cnn_dir, "--device", device, env=env)
         assert r.returncode == 2 and "Traceback" not in r.stderr
         lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"streamtag live: error: --device {device}: "), r.stderr
+        assert len(lines) == 1 and lines[0].startswith(f"streamtag live: error: --device {shown}: "), r.stderr
         assert ALSA_DEVICE in lines[0]
     r = run_cli("devices", env=env)
     assert r.returncode == 0 and ALSA_DEVICE in r.stdout

@@ -151,8 +151,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         type=number(0, MAX_BUFFER_SECONDS),
         default=2.0,
         metavar="S",
-        help=f"audio buffered between capture and worker before samples are dropped (default 2, "
-        f"at most {MAX_BUFFER_SECONDS:g})",
+        help=f"audio buffered between capture and worker before samples are dropped: at least this much (the "
+        f"buffer is a power of two samples, so up to twice it; default 2, at most {MAX_BUFFER_SECONDS:g})",
     )
 
 

@@ -57,6 +57,8 @@ def _device_choices() -> str:
 def _parse_device(device: str | int | None) -> str | int | None:
     if isinstance(device, str) and device.strip().isdigit():
         return int(device)
+    if isinstance(device, str) and not device.strip():
+        raise UnknownDeviceError(f"--device {device!r}: give a device name or index{_device_choices()}")
     return device
 
 
@@ -75,8 +77,9 @@ class MicrophoneSource:
         device = _parse_device(device)
         try:
             info = sd.query_devices(device, "input")
-        except ValueError as exc:  # no name matches, or several do
-            raise UnknownDeviceError(f"--device {device}: {exc}{_device_choices()}") from None
+        except ValueError as exc:  # no name matches, or several do (sounddevice lists them on lines of its own)
+            first = str(exc).splitlines()[0].rstrip(":")
+            raise UnknownDeviceError(f"--device {device}: {first}{_device_choices()}") from None
         except sd.PortAudioError as exc:
             if device is not None:  # an index with no device behind it
                 raise UnknownDeviceError(f"--device {device}: no device has this index{_device_choices()}") from None
