@@ -357,7 +357,7 @@ def test_gain_and_level_in_the_summary(cnn_dir):
     assert "after --gain -50 dB" in quiet.stderr
 
 
-@pytest.mark.parametrize("columns", [40, 100])
+@pytest.mark.parametrize("columns", [40, 80, 100])
 def test_live_view_keeps_labels_whole_on_narrow_terminals(columns):
     import io
 
@@ -381,6 +381,8 @@ def test_live_view_keeps_labels_whole_on_narrow_terminals(columns):
     assert lines and all(len(line) <= columns for line in lines)
     text = screen.getvalue()
     assert all(label in text for label in labels) and "children_playing" in text
+    if columns >= 80:  # the level meter and the p99 stay on an 80-column terminal
+        assert "p99 0.2" in text and "#" in text
 
 
 def test_the_package_and_the_command_line_start_without_numpy_and_every_exported_name_resolves():

@@ -114,7 +114,10 @@ class LiveView:
             f"t {step.t:7.2f} s | level {level:5.1f} dBFS {_meter(level)} | dropped {dropped} | "
             f"p99 {p99:.3f} ms of {budget:.0f} ms | Ctrl-C stops"
         )
-        if len(status) > width - 4:  # a narrow terminal: the essentials
+        if len(status) > width - 4:  # an 80-column terminal: the same, shorter
+            meter = f"{level:.0f} dBFS {_meter(level)}"
+            status = f"{step.t:.1f} s | {meter} | drop {dropped} | p99 {p99:.2f}/{budget:.0f} ms"
+        if len(status) > width - 4:  # a narrow one: the essentials
             status = f"{step.t:.1f} s | {level:.0f} dBFS | drop {dropped}"
         return Panel(Group(table, *lines), title=self.title, subtitle=status)
 
