@@ -184,7 +184,7 @@ def test_full_disk_for_events_and_plot_names_the_file(tmp_path):
         r = run_cli("replay", EXAMPLES / "rain.flac", "--fast", "--quiet", option, path)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         last = r.stderr.strip().splitlines()[-1]
-        assert last == f"streamtag: error: writing an output failed: {path}: No space left on device"
+        assert last == f"streamtag replay: error: writing an output failed: {path}: No space left on device"
 
 
 ONE_LINE_USAGE_ERRORS = [

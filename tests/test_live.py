@@ -135,7 +135,7 @@ def test_device_lost_mid_stream_ends_cleanly(cnn_dir, tmp_path):
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert "Traceback" not in err
-    assert "streamtag: error:" in err and "samples: captured" in err
+    assert "streamtag live: error:" in err and "samples: captured" in err
     _probs(out)  # whole lines only
 
 

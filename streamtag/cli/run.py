@@ -90,7 +90,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     out.add_argument("--max-results", type=int, default=3, metavar="K", help="top-k classes shown (default 3)")
     out.add_argument(
-        "--score-threshold", type=number(0, 1, low_ok=True), default=0.0, metavar="P", help="hide classes below P"
+        "--score-threshold",
+        type=number(0, 1, low_ok=True),
+        default=0.0,
+        metavar="P",
+        help="hide classes below P (default 0: show the top K whatever their score)",
     )
     for flag, what in (
         ("--allow", "show and open events for only these classes"),
@@ -135,7 +139,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="close an event that has lasted S seconds (reason max_duration) and open a new one if the sound "
         "goes on, so consumers of a never-ending sound are not left waiting (default: no limit)",
     )
-    ev.add_argument("--event-config", metavar="PATH", help="JSON/TOML with 'default' and per-class event settings")
+    ev.add_argument(
+        "--event-config",
+        metavar="PATH",
+        help="JSON/TOML with 'default' and per-class event settings (default: the model's events.toml)",
+    )
     p.add_argument(
         "--gain",
         type=number(-60, 60, low_ok=True),
@@ -413,7 +421,7 @@ def run_stream(args, source, backend, plan: StreamPlan, extra_outputs=()) -> int
     for line in summary.lines():
         print(line, file=sys.stderr)
     if summary.error:
-        print(f"streamtag: error: {summary.error}", file=sys.stderr)
+        print(f"streamtag {args.command}: error: {summary.error}", file=sys.stderr)
         return 1
     if worker.reader_gone:  # | head had what it wanted: stop quietly (no flush error at exit either)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -465,7 +473,7 @@ def run_replay(args) -> int:
     code = run_stream(args, source, backend, plan, extra)
     if source.status.nonfinite_samples:
         print(
-            f"streamtag: warning: {source.status.nonfinite_samples} NaN/Inf samples in "
+            f"streamtag {args.command}: warning: {source.status.nonfinite_samples} NaN/Inf samples in "
             f"{'stdin' if from_stdin else args.file} were replaced by 0",
             file=sys.stderr,
         )

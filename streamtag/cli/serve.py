@@ -39,8 +39,16 @@ def add_parser(subparsers) -> None:
         "through ffmpeg, device = ... a sound card by name); see the README. Settings change at run time too: "
         "PUT /v1/streams/NAME/settings or MQTT PREFIX/NAME/set",
     )
-    p.add_argument("--event-config", metavar="FILE", help="event thresholds per class (TOML or JSON)")
-    p.add_argument("--on-threshold", type=float, help="score that starts an event, for every class")
+    p.add_argument(
+        "--event-config",
+        metavar="FILE",
+        help="event thresholds per class (TOML or JSON; default: the model's events.toml)",
+    )
+    p.add_argument(
+        "--on-threshold",
+        type=float,
+        help="score that starts an event, for every class (default: the model's per-class thresholds)",
+    )
     p.add_argument(
         "--pull",
         action="append",

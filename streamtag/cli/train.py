@@ -106,7 +106,7 @@ def add_parser(subparsers) -> None:
         help="K-fold source-grouped cross-validation: K models, streaming eval and baseline per fold",
     )
     p.add_argument("--jobs", type=int, default=1, help="with --cv: folds trained in parallel (default 1)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores / jobs)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument(
