@@ -672,36 +672,24 @@ PULL_POLL_S = 0.5  # a pulled source's read waits this long at a time, then look
 PULL_STALL_S = 10.0  # a pulled source that gives no audio this long (a hung camera) is started again
 
 
-class _WorkerInbox:
-    """What a :class:`~streamtag.sources.device.MicrophoneSource` pushes into instead of a ring: each block
-    goes to the worker as the stream's audio (copied: PortAudio reuses its buffer)."""
-
-    def __init__(self, name: str, worker: ServeWorker) -> None:
-        self.name, self.worker = name, worker
-        self.doorbell = self  # the source rings it when the device is lost; the capture task polls instead
-        self.last = time.monotonic()  # when audio last came: a device silent this long is taken as lost
-
-    def push(self, samples: np.ndarray) -> None:
-        self.last = time.monotonic()
-        self.worker.submit("audio", self.name, np.array(samples, dtype=np.float32))
-
-    def ring(self) -> None:
-        pass
-
-
 STALL_SECONDS = 2.0  # a sound card that delivers nothing this long is opened again (as live --reconnect)
+CAPTURE_POLL_S = 0.02  # a sound card's ring is read this often; it holds CAPTURE_BUFFER_S, far more
+CAPTURE_BUFFER_S = 2.0
 
 
 async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Event) -> None:
-    """A local sound card, by name (as ``live --device``), tagged as the stream ``name``. A device that is
-    missing, lost or stalled (nothing for :data:`STALL_SECONDS`) is opened again with backoff (1 s
-    doubling to 30 s); the stream stays joined. A name already taken by a client: one line, not tagged."""
+    """A local sound card, by name (as ``live --device``), tagged as the stream ``name``. As in ``live``,
+    PortAudio's callback only copies into a lock-free ring (it must not lock or allocate); this task reads
+    the ring and hands the audio to the worker. A device that is missing, lost or stalled (nothing for
+    :data:`STALL_SECONDS`) is opened again with backoff (1 s doubling to 30 s); the stream stays joined."""
+    from .ring import SpscRing
     from .sources.device import MicrophoneSource
 
     model_rate = worker.model_rate
     source, delay, joined, running, ran = None, 1.0, False, False, False  # ran: it gave audio once
+    ring, buffer, lost_said = None, None, False
+    last = time.monotonic()  # when audio last came: a device silent this long is taken as lost
     refused: list[str] = []
-    inbox = _WorkerInbox(name, worker)
 
     def listener(message) -> None:  # no client: steps go to MQTT and the page; a refused join ends the task
         if message is not None and message.get("type") == "error":
@@ -712,21 +700,23 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
             print(f"streamtag serve: {name}: {refused[0]}; this sound card is not tagged", file=sys.stderr, flush=True)
             source.stop()
             return
-        stalled = running and time.monotonic() - inbox.last > STALL_SECONDS
+        stalled = running and time.monotonic() - last > STALL_SECONDS
         if not running or source.finished or stalled:
             try:
                 if source is None:
                     source = MicrophoneSource(model_rate, device, block_size=model_rate // 10)
+                    ring = SpscRing(1 << int(np.ceil(np.log2(CAPTURE_BUFFER_S * source.sample_rate))))
+                    buffer = np.zeros(ring.capacity, np.float32)
                     if not joined:
                         worker.submit("join", name, source.sample_rate, listener)
                         joined = True
-                    source.start(inbox)
+                    source.start(ring)
                 else:
                     source.restart()
                     if ran:
-                        worker.source_restarted(name, time.monotonic() - inbox.last)
+                        worker.source_restarted(name, time.monotonic() - last)
                 ran = True
-                inbox.last = time.monotonic()
+                last = time.monotonic()
                 running, delay = True, 1.0
             except StreamtagError as exc:
                 running = False
@@ -734,9 +724,21 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
                 await _sleep_unless(stop, delay)
                 delay = min(2 * delay, 30.0)
                 continue
-        await _sleep_unless(stop, 0.2)
+        got = ring.read_into(buffer)
+        if got:
+            worker.submit("audio", name, buffer[:got].copy())
+            last = time.monotonic()
+        if ring.dropped and not lost_said:  # only if this loop was held up for seconds: said once, counted at the end
+            print(f"streamtag serve: {name}: the server fell behind the sound card; samples are lost", file=sys.stderr)
+            lost_said = True
+        await _sleep_unless(stop, CAPTURE_POLL_S)
     if source is not None:
         source.stop()
+        got = ring.read_into(buffer)  # what it gave before it stopped
+        if got:
+            worker.submit("audio", name, buffer[:got].copy())
+        if ring.dropped:
+            print(f"streamtag serve: {name}: {ring.dropped} samples of the sound card were lost", file=sys.stderr)
     if joined:
         worker.submit("eof", name)
 
