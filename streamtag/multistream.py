@@ -153,6 +153,9 @@ class MultiStreamTagger:
         (events and level meter per block, not per hop). Rounds go on until every ready hop is stepped;
         with ``max_hops``, one round of at most that many hops a stream, so a stream far ahead of the
         others (a client sending faster than real time) cannot make the round long for all of them.
+
+        Join, leave or feed only once the generator is done (serve's worker and tag do so between rounds): the
+        hops taken are views of each stream's buffer, and a stream's slot is stepped, until the round ends.
         """
         self.behind = False
         while True:
