@@ -38,7 +38,7 @@ import numpy as np
 
 from .backends import one_thread
 from .errors import AudioFileError, ConfigError
-from .events import EventDetector, build_event_settings, model_event_table
+from .events import EventDetector, model_detector
 from .multistream import MultiStreamTagger
 from .outputs.files import event_line, scores_header, scores_line
 from .sources.file import AUDIO_SUFFIXES, WavReplaySource
@@ -368,7 +368,7 @@ def settings_key(folder: Path, labels: Sequence[str], frame_seconds: float, scor
             digest.update(name.encode() + path.read_bytes())
     events = detector() if detector is not None else None
     if not isinstance(events, EventDetector):
-        events = EventDetector(labels, frame_seconds, *build_event_settings(model_event_table(folder)))
+        events = model_detector(folder, labels, frame_seconds)
     digest.update(events.describe().encode() + (b"scores" if scores else b""))
     return digest.hexdigest()[:20]
 

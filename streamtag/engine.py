@@ -31,7 +31,7 @@ import numpy as np
 
 from .backends import Backend, make_backend
 from .errors import ConfigError, InputError
-from .events import Event, EventDetector, EventParams, build_event_settings, model_event_table
+from .events import Event, EventDetector, EventParams, model_detector
 from .resample import StreamResampler, check_rate
 from .steps import Step, StepBlock, as_steps, write_to
 
@@ -434,7 +434,7 @@ def _detector(events, labels, frame_seconds: float, folder=None) -> EventDetecto
         events.reset_states()
         return events
     if events is True:  # the model folder's own settings (events.toml), else the defaults
-        return EventDetector(labels, frame_seconds, *build_event_settings(model_event_table(folder)))
+        return model_detector(folder, labels, frame_seconds)
     if isinstance(events, EventParams):
         return EventDetector(labels, frame_seconds, events)
     if callable(events):  # a factory: one detector per stream (MultiStreamTagger, tag)

@@ -402,3 +402,14 @@ def build_event_settings(*tables: dict[str, dict[str, Any]]) -> tuple[EventParam
 def load_event_settings(path: str | os.PathLike) -> tuple[EventParams | None, dict[str, EventParams]]:
     """Read ``{"default": {...}, "<label>": {...}}`` from a ``.json`` or ``.toml`` file."""
     return build_event_settings(read_event_table(path))
+
+
+def model_detector(folder: str | os.PathLike | None, labels: Sequence[str], frame_seconds: float) -> EventDetector:
+    """A detector at a model's own event settings (its folder's ``events.toml``, else the defaults): what every
+    runner uses when the user gives none, so tag's resume key, eval and the engines cannot drift apart."""
+    return EventDetector(labels, frame_seconds, *model_event_settings(folder))
+
+
+def model_event_settings(folder: str | os.PathLike | None) -> tuple[EventParams | None, dict[str, EventParams]]:
+    """:func:`build_event_settings` of a model's own table (its ``events.toml``, else the defaults)."""
+    return build_event_settings(model_event_table(folder))

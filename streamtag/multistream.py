@@ -28,7 +28,7 @@ import numpy as np
 from .backends import make_backend
 from .engine import StreamTagger
 from .errors import ConfigError
-from .events import EventDetector, EventParams, build_event_settings, model_event_table
+from .events import EventDetector, EventParams, model_event_settings
 from .steps import Step, StepBlock, named_steps
 
 
@@ -79,7 +79,7 @@ class MultiStreamTagger:
         self.pool = self.backend.new_state(capacity)
         self.streams: dict[str, StreamTagger] = {}
         if events is True:  # the model's events.toml, read once: parsing it at every join cost 1.7 ms a stream
-            settings = build_event_settings(model_event_table(getattr(self.backend, "folder", None)))
+            settings = model_event_settings(getattr(self.backend, "folder", None))
             events = functools.partial(EventDetector, self.labels, self.frame_seconds, *settings)
         elif isinstance(events, EventDetector):  # a template: each stream needs a detector (event state) of its own
             events = functools.partial(copy.deepcopy, events)

@@ -91,7 +91,7 @@ def _levels(text: str) -> list[float]:
 
 def run(args) -> int:
     from ..backends import make_backend
-    from ..events import EventDetector, build_event_settings, model_event_table
+    from ..events import model_detector
     from ..modelfile import cache_dir, resolve_model_dir
     from ..outputs.files import check_output_folder
     from ..training.datasets import TRAINED_ON, load_dataset, read_unlabelled
@@ -162,7 +162,7 @@ def run(args) -> int:
     print(f"streamtag eval: {len(paths)} clips through the {args.backend} backend", file=sys.stderr)
     bar = _progress_bar()
     probs = _with_bar(bar, "clips", len(paths), lambda tick: stream_scores(backend, paths, progress=tick))
-    detector = EventDetector(backend.labels, frame_s, *build_event_settings(model_event_table(backend.folder)))
+    detector = model_detector(backend.folder, backend.labels, frame_s)
     report = {
         "model": args.model,
         "dataset": str(args.dataset),
