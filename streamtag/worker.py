@@ -253,7 +253,11 @@ class Worker(threading.Thread):
                 self.source.restart()
                 self.reconnects += 1  # only a reopen that worked: a stop while it is away is no reconnect
                 break
-            except StreamtagError:
+            except StreamtagError as exc:
+                if getattr(self.source, "abandoned", False):  # a hung sound server: it will not come back
+                    self.error = str(exc)
+                    self._stop_requested.set()
+                    break
                 self._stop_requested.wait(delay)
                 delay = min(2 * delay, RECONNECT_MAX_DELAY_S)
         now = time.monotonic()

@@ -139,18 +139,19 @@ def test_device_lost_mid_stream_ends_cleanly(cnn_dir, tmp_path):
     _probs(out)  # whole lines only
 
 
-def test_a_frozen_sound_server_does_not_hold_the_run_or_sigterm(cnn_dir, tmp_path):
+@pytest.mark.parametrize("reconnect", [[], ["--reconnect"]])
+def test_a_frozen_sound_server_does_not_hold_the_run_or_sigterm(cnn_dir, tmp_path, reconnect):
     """A hung PulseAudio (here: SIGSTOP) made the stop wait for the device for ever: the run never ended and
-    SIGTERM was ignored until the daemon was let go."""
+    SIGTERM was ignored until the daemon was let go (with --reconnect, in PortAudio's re-scan)."""
     with pulse_null_sink() as (env, play, _, _):
         play(np.tile(read_clip(EXAMPLES / "rain.flac"), 4))
         out = tmp_path / "live.jsonl"
-        proc = _live(cnn_dir, out, env, "--device", "pulse")
+        proc = _live(cnn_dir, out, env, "--device", "pulse", *reconnect)
         assert wait_for_lines(out, 5, proc) >= 5
         daemon = int((Path(env["XDG_RUNTIME_DIR"]) / "pulse" / "pid").read_text().split()[0])
         os.kill(daemon, signal.SIGSTOP)
         try:
-            time.sleep(0.5)
+            time.sleep(5 if reconnect else 0.5)  # with --reconnect: stalled, and trying to reopen it
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=60)  # before the fix: still running
         finally:

@@ -140,8 +140,11 @@ class MicrophoneSource:
 
     def restart(self) -> None:
         """Open the device again after it was lost (``live --reconnect``): PortAudio re-scans its devices,
-        so a replugged USB microphone is found again by name. Raises :class:`DeviceError` while it is absent."""
+        so a replugged USB microphone is found again by name. Raises :class:`DeviceError` while it is absent,
+        and for good once a stop was abandoned: PortAudio's re-scan would wait on the stuck stream for ever."""
         self.stop()
+        if self.abandoned:
+            raise DeviceError(f"the sound device '{self.device_name}' did not stop (is the sound server hung?)")
         self._stopping = False
         self.error = None
         sd = self._sd
