@@ -53,6 +53,7 @@ PAGE = Path(__file__).parent / "assets" / "serve_page.html"
 # close codes (4000-4999 are the application's)
 CLOSE_BAD_REQUEST, CLOSE_NAME_TAKEN, CLOSE_FULL, CLOSE_IDLE, CLOSE_UNAUTHORISED = 4400, 4409, 4429, 4408, 4401
 CLOSE_TOO_MANY_MESSAGES = 4420
+LOOPBACK_ONLY = "without --token: requests to 127.0.0.1 or localhost, from no page or a local one (proxies: --token)"
 HEALTH_TIMEOUT_S = 2.0  # /healthz: the worker must answer within this
 
 
@@ -814,7 +815,7 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
             return None
         origin = request.headers.get("Origin")
         if not _is_loopback(request.host) or (origin is not None and not _is_loopback(urlparse(origin).netloc)):
-            return "requests from other sites or host names are refused; open it at http://127.0.0.1:PORT/"
+            return LOOPBACK_ONLY
         return None
 
     def denied(request):
@@ -837,7 +838,7 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
         name = request.match_info["name"]
         reason = refusal(request)
         if reason is not None:
-            await ws.close(code=CLOSE_UNAUTHORISED, message=reason.encode())
+            await ws.close(code=CLOSE_UNAUTHORISED, message=reason.encode()[:120])  # a reason: 123 bytes at most
             return ws
         if not valid_name(name):
             await ws.close(code=CLOSE_BAD_REQUEST, message=b"stream names are 1-64 of A-Z a-z 0-9 _ -")
@@ -871,6 +872,10 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                     return
                 if not ws.closed:
                     await ws.send_str(json.dumps(message))
+                    if message.get("type") == "error" and "code" in message:  # a refused join: closed now, not
+                        await ws.close(
+                            code=message["code"], message=message["message"].encode()[:120]
+                        )  # at its next send
 
         joining.add(name)
         fmt, joined = PcmFormat.raw(16000, "s16le"), False

@@ -115,6 +115,8 @@ class MqttPublisher:
         # after every (re)connect: the broker may have lost retained messages, and states changed meanwhile
         self._send(self.availability, "online", retain=True)
         client.subscribe(f"{self.prefix}/+/set", qos=1)
+        # streams a crashed run left "online" (its last will covers the server, not each stream): set offline
+        client.subscribe(f"{self.prefix}/+/availability", qos=1)
         for stream, (enabled, _) in self._snapshot().items():
             self._discovery(stream, enabled)
             self._send(self._stream_availability(stream), "online", retain=True, qos=1)
@@ -137,6 +139,13 @@ class MqttPublisher:
             )
 
     def _on_message(self, client, userdata, message) -> None:
+        if message.topic.endswith("/availability"):
+            stream = message.topic[len(self.prefix) + 1 : -len("/availability")]
+            with self._lock:
+                joined = stream in self._streams
+            if message.retain and message.payload == b"online" and not joined:
+                self._send(message.topic, "offline", retain=True, qos=1)
+            return
         if message.retain:  # a retained change would be applied again at every reconnect: changes are events
             return
         stream = message.topic[len(self.prefix) + 1 : -len("/set")]
