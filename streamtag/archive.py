@@ -271,6 +271,15 @@ def done_marker(out: Path, item: Item) -> Path:
     return _with(out / item.name, DONE)
 
 
+def marked_since(marker: Path, begun: float) -> bool:
+    """Whether a done marker was written since ``begun`` (``time.time()``), by this run: an older one may be
+    stale (other settings, a changed file) until the run looks at its file."""
+    try:
+        return marker.stat().st_mtime >= begun - 0.05  # the kernel stamps files from a clock a tick behind
+    except OSError:
+        return False
+
+
 def tag_archive(
     items: Iterable[Item],
     out: str | os.PathLike,

@@ -15,12 +15,14 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 
-from .archive import Item, Outcome, tag_archive
+from .archive import Item, Outcome, done_marker, marked_since, tag_archive
 from .errors import BackendUnavailable, ConfigError, StreamtagError
 from .steps import Step, StepBlock, as_steps, named_steps
 
@@ -123,6 +125,7 @@ def tag_on_ray(
         idle = [remote.remote(kwargs) for _ in range(min(n, len(batches)) or 1)]
         running: dict = {}  # task -> (actor, batch, tries)
         outcomes: list[Outcome] = []
+        begun = time.time()
 
         def give(actor, batch, tries: int = 0) -> None:
             running[actor.run.remote(batch)] = (actor, batch, tries)
@@ -134,16 +137,20 @@ def tag_on_ray(
             actor, batch, tries = running.pop(task)
             try:
                 done = ray.get(task)
-            except ray.exceptions.RayActorError as exc:  # the actor died (out of memory, killed): a new one
-                actor = remote.remote(kwargs)  # takes its place; its batch is given once more (the files it
-                if tries == 0:  # finished are skipped by their done markers), then its files fail
-                    give(actor, batch, tries + 1)
+            except ray.exceptions.RayActorError as exc:  # the actor died (out of memory, killed): its batch goes
+                if tries == 0:  # once more to a new actor (the files it finished are skipped by their markers)
+                    give(remote.remote(kwargs), batch, tries + 1)
                     continue
                 done = _failed(batch, f"the Ray actor tagging it died twice ({_first_line(exc)})")
+                actor = remote.remote(kwargs) if batches else None  # a new one only for work still to give
             except ray.exceptions.RayError as exc:  # the task failed (a disk full): its files fail, the rest go on
                 done = _failed(batch, f"the Ray task tagging it failed ({_first_line(exc)})")
-            idle.append(actor)
+            if actor is not None:
+                idle.append(actor)
             for outcome in done:
+                marker = done_marker(Path(kwargs["out"]), Item(Path(outcome.path), outcome.name))
+                if tries and outcome.skipped and marked_since(marker, begun):
+                    outcome.skipped = False  # finished in this run, by the actor that died: tagged, not skipped
                 outcomes.append(outcome)
                 if progress is not None:
                     progress(outcome)

@@ -47,7 +47,7 @@ def as_mono_float32(samples) -> np.ndarray:
     a ``(n, 1)`` or ``(1, n)`` array is taken as mono. Anything else (several channels, other integer
     types, non-numbers) raises :class:`~streamtag.errors.InputError` naming what was given.
     """
-    if not isinstance(samples, (np.ndarray, list, tuple)):
+    if samples is None or isinstance(samples, (str, bytes, bytearray)):  # not audio (bytes: decode PCM first)
         raise InputError(f"samples must be a numpy array (or a list of floats); got {type(samples).__name__}")
     arr = samples if isinstance(samples, np.ndarray) else np.asarray(samples)
     if arr.ndim == 2 and 1 in arr.shape:

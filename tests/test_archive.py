@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -260,7 +261,7 @@ def test_a_ray_actor_that_dies_or_a_task_that_fails_fails_its_own_files_only(tmp
     items = [Item(tmp_path / f"f{i}.wav", f"f{i}.wav") for i in range(6)]
     fake = _FakeRay(dies={"f0.wav"}, fails={"f5.wav"}, once=once)
     monkeypatch.setattr(distributed, "_start_ray", lambda address: fake)
-    outcomes = distributed.tag_on_ray(items, "auto", 2, width=1)
+    outcomes = distributed.tag_on_ray(items, "auto", 2, width=1, out=tmp_path)
     by_name = {o.name: o for o in outcomes}
     assert sorted(by_name) == [item.name for item in items]  # every file has its outcome
     assert [n for n, o in sorted(by_name.items()) if o.error] == (["f5.wav"] if once else ["f0.wav", "f5.wav"])
@@ -382,6 +383,16 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(long_archive, tmp_pat
     assert 1 <= done < 12 and len(_rows(out / "summary.csv")) == done
     r = run_cli("tag", long_archive, "--out", out, "--model", cnn_dir, "--jobs", "2", timeout=300)
     assert r.returncode == 0 and f"{done} already done" in r.stderr and f"tagged {12 - done} files" in r.stderr
+    # again with --scores: every marker is stale now; the count said at a Ctrl-C is what the next run tags
+    proc = subprocess.Popen([*cmd, "--scores"], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not list(out.rglob("*.scores.tsv")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    left = int(re.search(r"interrupted; (\d+) of 12 files not finished", err).group(1))
+    r = run_cli("tag", long_archive, "--out", out, "--model", cnn_dir, "--jobs", "2", "--scores", timeout=300)
+    assert r.returncode == 0 and f"tagged {left} files" in r.stderr, (err, r.stderr)
 
 
 def test_sigterm_stops_a_ray_run_cleanly_and_counts_what_its_actors_finished(long_archive, tmp_path, cnn_dir):

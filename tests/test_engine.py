@@ -112,6 +112,9 @@ def test_input_contract_conversions_and_errors():
         as_mono_float32(np.zeros(160, np.uint8))
     with pytest.raises(InputError, match="non-numbers"):
         as_mono_float32(["a", None])
+    import array
+
+    np.testing.assert_array_equal(as_mono_float32(array.array("f", x)), x)  # anything np.asarray takes
     for wrong in (None, "abc", b"\0\0"):  # not "must be mono ... shape ()"
         with pytest.raises(InputError, match=f"numpy array .*got {type(wrong).__name__}"):
             as_mono_float32(wrong)

@@ -114,7 +114,7 @@ def run(args) -> int:
         "core_share_per_stream": paced_cpu_s / (paced * feats.frame_seconds) if paced else None,
         "core_share_back_to_back": cpu_s / (n * feats.frame_seconds),
     }
-    worst = max(report["engine"]["p99_ms"], report["paced"]["p99_ms"] if paced else 0.0)
+    worst = report["paced"]["p99_ms"] if paced else report["engine"]["p99_ms"]  # the verdict: paced, as live meets
     report["real_time"] = worst < budget_ms if paced else None  # judged only with the run live meets
     e, m = report["engine"], report["model_alone"]
     say(f"model: {report['arch']}, {report['classes']} classes, {args.backend} backend, one thread;", report["machine"])

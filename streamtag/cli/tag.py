@@ -63,7 +63,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..archive import done_marker, find_inputs, tag_in_processes, write_tables
+    from ..archive import done_marker, find_inputs, marked_since, tag_in_processes, write_tables
     from ..backends import make_backend
     from . import interrupt_on_signals
     from .run import detector_factory, raw_pcm
@@ -100,7 +100,7 @@ def run(args) -> int:
         outcomes.append(outcome)
         bar.update(outcome)
 
-    started = time.perf_counter()
+    started, begun = time.perf_counter(), time.time()
     interrupted = False
     interrupt_on_signals()  # SIGTERM too: finished files kept, the summary written, nothing half-written left
     try:
@@ -146,8 +146,8 @@ def run(args) -> int:
         if args.ray:  # Ray's actors were stopped without their own clean-up: what they left half-written goes
             for part in out.rglob("*.part"):
                 part.unlink(missing_ok=True)
-        reported = {o.name for o in outcomes}  # Ray reports a batch at a time: its finished files have markers
-        unfinished = [i for i in items if i.name not in reported and not done_marker(out, i).exists()]
+        reported = {o.name for o in outcomes}  # Ray reports a batch at a time: files it finished have new markers
+        unfinished = [i for i in items if i.name not in reported and not marked_since(done_marker(out, i), begun)]
         print(
             f"streamtag tag: interrupted; {len(unfinished)} of {len(items)} files not finished "
             "(nothing half-written was kept); run the same command again to tag them",
