@@ -271,6 +271,21 @@ def done_marker(out: Path, item: Item) -> Path:
     return _with(out / item.name, DONE)
 
 
+def finished(out: Path, item: Item, key: str, begun: float, force: bool = False) -> bool:
+    """Whether a run begun at ``begun`` (``time.time()``) with settings ``key`` has nothing left to do for
+    ``item``: its done marker was written by the run, or (without ``--force``) matches the file and ``key``.
+    What an interrupted run counts as finished, whatever its workers had reported."""
+    marker = done_marker(out, item)
+    if marked_since(marker, begun):
+        return True
+    if force or item.opener is not None:
+        return False
+    try:
+        return _finished(marker, {"settings": key, "file": _identity(item)}) is not None
+    except OSError:
+        return False
+
+
 def marked_since(marker: Path, begun: float) -> bool:
     """Whether a done marker was written since ``begun`` (``time.time()``), by this run: an older one may be
     stale (other settings, a changed file) until the run looks at its file."""

@@ -63,8 +63,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..archive import done_marker, find_inputs, marked_since, tag_in_processes, write_tables
+    from ..archive import find_inputs, finished, settings_key, tag_in_processes, write_tables
     from ..backends import make_backend
+    from ..modelfile import load_config, resolve_model_dir
     from . import interrupt_on_signals
     from .run import detector_factory, raw_pcm
 
@@ -146,8 +147,11 @@ def run(args) -> int:
         if args.ray:  # Ray's actors were stopped without their own clean-up: what they left half-written goes
             for part in out.rglob("*.part"):
                 part.unlink(missing_ok=True)
-        reported = {o.name for o in outcomes}  # Ray reports a batch at a time: files it finished have new markers
-        unfinished = [i for i in items if i.name not in reported and not marked_since(done_marker(out, i), begun)]
+        reported = {o.name for o in outcomes}  # workers report late (Ray a batch at a time): the markers say
+        folder = resolve_model_dir(args.model)
+        cfg = load_config(folder)
+        key = settings_key(folder, cfg.labels, cfg.features.frame_seconds, args.scores, detectors)
+        unfinished = [i for i in items if i.name not in reported and not finished(out, i, key, begun, args.force)]
         print(
             f"streamtag tag: interrupted; {len(unfinished)} of {len(items)} files not finished "
             "(nothing half-written was kept); run the same command again to tag them",
