@@ -94,6 +94,7 @@ class StreamAccount:
     level_dbfs: float = float("-inf")
     top: list = dataclasses.field(default_factory=list)
     recent: list = dataclasses.field(default_factory=list)  # the last few events, for the page
+    last_audio: float = dataclasses.field(default_factory=time.monotonic)  # when its audio last came
     # (samples processed once a message was taken, when it arrived): how old a hop's audio is when its scores go
     arrivals: collections.deque = dataclasses.field(default_factory=collections.deque)
 
@@ -135,9 +136,16 @@ class ServeWorker(threading.Thread):
 
     def snapshot(self) -> dict:
         """What the live page shows of every stream; from any thread."""
+        now = time.monotonic()
         with self.lock:
             return {
-                name: {"level_dbfs": max(a.level_dbfs, -120.0), "top": a.top, "recent": a.recent, "frames": a.frames}
+                name: {
+                    "level_dbfs": max(a.level_dbfs, -120.0),
+                    "top": a.top,
+                    "recent": a.recent,
+                    "frames": a.frames,
+                    "silent_s": round(now - a.last_audio, 1),  # seconds without audio: the page greys it out
+                }
                 for name, a in self.accounts.items()
             }
 
@@ -272,6 +280,7 @@ class ServeWorker(threading.Thread):
             if account is None:
                 return
             account.received += samples.size
+            account.last_audio = time.monotonic()
             room = int(self.options.max_backlog_s * account.rate) - self._backlog(name)
             if samples.size > room:  # a client far ahead of real time: keep the stream bounded
                 keep = max(room, 0)

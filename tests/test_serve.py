@@ -397,8 +397,18 @@ def test_the_live_page_shows_what_a_stream_hears_in_a_real_browser(tmp_path):
     rain, _ = _pcm("rain.flac")
     with serve(tmp_path) as (port, _):
 
+        async def quiet():  # sends half a second, then nothing while staying connected (a camera that hangs)
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"ws://127.0.0.1:{port}/v1/streams/quiet") as ws:
+                    await ws.send_bytes(rain[:16000])
+                    await asyncio.sleep(8.0)
+                    await ws.send_str(json.dumps({"type": "eof"}))
+                    async for _ in ws:
+                        pass
+
         async def scenario():
             stream = asyncio.create_task(_stream(port, "porch", rain * 3, pace=0.1))  # 15 s of rain, real time
+            silent = asyncio.create_task(quiet())
             await asyncio.sleep(3.0)  # the rain event is open by now
             cmd = [
                 browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -415,11 +425,13 @@ def test_the_live_page_shows_what_a_stream_hears_in_a_real_browser(tmp_path):
                     proc.kill()
                     await proc.wait()
             await stream
+            await silent
             return dom.decode()
 
         dom = asyncio.run(scenario())
-    assert 'data-stream="porch"' in dom
+    assert 'class="stream" data-stream="porch"' in dom
     assert 'data-label="rain"' in dom and "open rain" in dom
+    assert 'class="stream stale" data-stream="quiet"' in dom  # its last picture is not shown as live
 
 
 def test_tagging_goes_on_while_the_broker_restarts(tmp_path):
