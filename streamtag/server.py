@@ -403,7 +403,7 @@ class ServeWorker(threading.Thread):
             if event.kind == "open":
                 account.events += 1
             with self.lock:
-                account.recent = (account.recent + [event.as_dict()])[-8:]
+                account.recent = _recent(account.recent, event.as_dict())
             if self.mqtt is not None:
                 self.mqtt.event(name, event)
             if self.metrics is not None and event.kind == "open":
@@ -787,6 +787,28 @@ class _LoopPost:
         while self.items:
             outbox, message = self.items.popleft()
             outbox.put_nowait(message)
+
+
+RECENT_EVENTS = 8  # ended events the page lists per stream (besides those still open)
+
+
+def _recent(recent: list[dict], row: dict) -> list[dict]:
+    """The page's event list with ``row``: a close replaces its open, and an event still open is never pushed
+    out by newer short ones (a long rain under many barks)."""
+    if row["type"] == "close":
+        recent = [
+            r for r in recent if not (r["type"] == "open" and (r["label"], r["onset"]) == (row["label"], row["onset"]))
+        ]
+    recent = [*recent, row]
+    ended = sum(r["type"] != "open" for r in recent)
+    drop = max(0, ended - RECENT_EVENTS)  # the oldest ended ones go
+    kept = []
+    for r in recent:
+        if r["type"] != "open" and drop:
+            drop -= 1
+            continue
+        kept.append(r)
+    return kept
 
 
 def _settle(future: asyncio.Future, value) -> None:

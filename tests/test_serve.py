@@ -1215,3 +1215,18 @@ def test_hops_stepped_as_a_stream_leaves_are_counted_and_report_its_level(tmp_pa
     assert hops == 500  # the 5 s clip, every hop
     received = float(re.search(r"^streamtag_samples_received_total (\S+)", metrics, re.M).group(1))
     assert received == len(rain) // 2
+
+
+def test_the_page_s_event_list_keeps_an_open_event_under_many_short_ones():
+    """The page's list held the last 8 opens and closes mixed: a long rain under many barks fell off it while
+    still open, and an ended event showed both its open line (styled as open) and its close."""
+    from streamtag.server import RECENT_EVENTS, _recent
+
+    recent = _recent([], {"type": "open", "label": "rain", "onset": 1.0})
+    for i in range(20):
+        recent = _recent(recent, {"type": "open", "label": "dog", "onset": 2.0 + i})
+        recent = _recent(recent, {"type": "close", "label": "dog", "onset": 2.0 + i, "offset": 2.5 + i})
+    assert recent[0] == {"type": "open", "label": "rain", "onset": 1.0}  # still open, still listed
+    assert len(recent) == RECENT_EVENTS + 1 and all(r["type"] == "close" for r in recent[1:])
+    recent = _recent(recent, {"type": "close", "label": "rain", "onset": 1.0, "offset": 30.0})
+    assert not any(r["type"] == "open" for r in recent) and recent[-1]["label"] == "rain"
