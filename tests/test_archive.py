@@ -352,10 +352,11 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
 
 @pytest.fixture()
 def long_archive(tmp_path):
-    """Twelve 60 s files: long enough to stop a run in the middle."""
+    """Twelve 3-minute files: a run of seconds, long enough to stop in the middle on a loaded machine (60 s files
+    left under a second between the first finished file and the end)."""
     folder = tmp_path / "long"
     folder.mkdir()
-    audio = np.tile(read_clip(EXAMPLES / "dog.flac"), 12)
+    audio = np.tile(read_clip(EXAMPLES / "dog.flac"), 36)
     for i in range(12):
         sf.write(folder / f"f{i:02d}.wav", audio, 16000)
     return folder
@@ -388,6 +389,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(long_archive, tmp_pat
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline and not list(out.rglob("*.scores.tsv")):
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     left = int(re.search(r"interrupted; (\d+) of 12 files not finished", err).group(1))

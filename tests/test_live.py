@@ -109,8 +109,10 @@ def test_reconnect_survives_a_sound_server_restart(cnn_dir, tmp_path):
     and the summary counts it."""
     with pulse_null_sink() as (env, play, stop_daemon, start_daemon):
         play(np.tile(read_clip(EXAMPLES / "rain.flac"), 4))
-        out = tmp_path / "live.jsonl"
-        proc = _live(cnn_dir, out, env, "--device", "pulse", "--reconnect")
+        out, events = tmp_path / "live.jsonl", tmp_path / "events.jsonl"
+        proc = _live(
+            cnn_dir, out, env, "--device", "pulse", "--reconnect", "--events", events, "--on-threshold", "0.05"
+        )
         assert wait_for_lines(out, 5, proc) >= 5
         stop_daemon()
         time.sleep(3.0)  # longer than the stall timeout: the worker is waiting for the device now
@@ -123,6 +125,8 @@ def test_reconnect_survives_a_sound_server_restart(cnn_dir, tmp_path):
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "device lost and reopened" in err and "Traceback" not in err
+    closes = [json.loads(line) for line in events.read_text().splitlines() if '"close"' in line]
+    assert "gap" in {row["reason"] for row in closes}  # what was open when the device went closed as a gap
 
 
 def test_device_lost_mid_stream_ends_cleanly(cnn_dir, tmp_path):

@@ -97,6 +97,7 @@ def test_stdin_with_no_audio_or_the_wrong_format_is_said_plainly(cnn_dir):
     r = _replay(cnn_dir, "-", "--raw-rate", "16000", "--raw-format", "f32le", stdin=s16 * 4)  # read as float
     err = r.stderr.decode()
     assert "RuntimeWarning" not in err and "Traceback" not in err
+    assert "is the input format right (e.g. int16 read as float)?" in err  # tagged, and the likely cause said
 
 
 @pytest.mark.parametrize("fmt", ["s16le", "s32le", "f32le"])

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -172,7 +173,11 @@ def test_bad_clients_get_a_clear_close_and_harm_no_one(tmp_path):
                     msg = await ws.receive()
                     closes["idle"] = (ws.close_code, msg.extra)
                 good = asyncio.create_task(_stream(port, "good", rain, pace=0.03))  # still streaming below
-                await asyncio.sleep(0.3)
+                for _ in range(300):  # until its join is taken (not a fixed wait: a loaded machine is slow)
+                    async with session.get(f"http://127.0.0.1:{port}/v1/state") as r:
+                        if "good" in await r.json():
+                            break
+                    await asyncio.sleep(0.1)
                 async with session.ws_connect(base + "good") as ws:  # the same name twice
                     msg = await ws.receive()
                     closes["taken"] = (ws.close_code, msg.extra)
@@ -718,9 +723,16 @@ def test_a_pulled_source_s_password_is_never_printed(tmp_path):
         pytest.skip("ffmpeg missing (apt-get install ffmpeg; .ci/setup installs it)")
     url = f"http://admin:hunter2@127.0.0.1:{_free_port()}/stream"  # nothing listens there
     with serve(tmp_path, "--pull", f"porch={url}") as (_, proc):
-        time.sleep(3)  # the first failure is said at once
+        lines, watchdog = [], threading.Timer(60, proc.terminate)  # a server that never says it still ends
+        watchdog.start()
+        for line in proc.stderr:  # until the first failure is said (at once; no fixed wait)
+            lines.append(line)
+            if "porch:" in line:
+                break
+        watchdog.cancel()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
+        err = "".join(lines) + err
     assert "porch: ffmpeg:" in err and "hunter2" not in err and "admin" not in err, err
 
 

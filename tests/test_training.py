@@ -156,9 +156,12 @@ def test_interrupted_then_resumed_equals_uninterrupted(class_folders, tmp_path):
     resumed = tmp_path / "resumed"
     proc = start_cli(*args(resumed))
     while proc.poll() is None and not (resumed / "checkpoint.pt").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # stop mid-run: the last checkpoint holds a finished epoch
-    proc.communicate(timeout=120)
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGSTOP)  # held at its first epoch (the run is seconds long: a late signal
+    proc.send_signal(signal.SIGINT)  # would find it finished, and the test would resume nothing)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err  # stopped mid-run: the last checkpoint holds a finished epoch
     other = run_cli(*args(resumed, "--resume", "--steps-per-epoch", "97"))  # a schedule of another length
     assert other.returncode == 2 and "--steps-per-epoch" in other.stderr and "Traceback" not in other.stderr
     r = run_cli(*args(resumed, "--resume"))
