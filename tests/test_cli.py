@@ -503,3 +503,13 @@ def test_an_output_fifo_is_written_and_its_reader_leaving_is_an_error(cnn_dir, t
         f.read(1000)  # then gone, with megabytes of scores still to come
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 1 and f"{fifo}: Broken pipe" in err, err
+
+
+def test_score_threshold_hides_classes_below_it(cnn_dir, tmp_path):
+    out = tmp_path / "u.jsonl"
+    r = run_cli("replay", EXAMPLES / "rain.flac", "--model", cnn_dir, "--fast", "--quiet", "--jsonl", out,
+                "--score-threshold", "0.3", "--max-results", "5")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    tops = [json.loads(line)["top"] for line in out.read_text().splitlines()]
+    assert all(p >= 0.3 for top in tops for _, p in top)
+    assert any(len(top) < 5 for top in tops) and any(top for top in tops)  # some hidden, some shown

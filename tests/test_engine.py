@@ -187,3 +187,13 @@ def test_cli_reports_a_poisoned_float_wav_and_stays_finite(cnn_dir, tmp_path, cl
     assert "1 samples beyond full scale (|x| > 1) were clipped" in r.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) >= 29 and all(np.isfinite(list(row["probs"].values())).all() for row in rows if "probs" in row)
+
+
+def test_a_scheduled_reset_closes_open_events_with_reason_reset(cnn_dir):
+    """README: --reset-every and --reset-on-silence close the events open at the reset first (reason reset)."""
+    rain = read_clip(EXAMPLES / "rain.flac")
+    tagger = StreamTagger(cnn_dir, events=EventParams(on_threshold=0.05, min_duration_s=0.05), reset_every_s=2.0)
+    steps = tagger.feed(rain) + tagger.finish()
+    closes = [e for s in steps for e in s.events if e.kind == "close"]
+    resets = [e for e in closes if e.reason == "reset"]
+    assert resets and all(abs(e.offset % 2.0) < 0.02 or abs(e.offset % 2.0 - 2.0) < 0.02 for e in resets)

@@ -1242,3 +1242,29 @@ def test_the_page_s_event_list_keeps_an_open_event_under_many_short_ones():
     assert len(recent) == RECENT_EVENTS + 1 and all(r["type"] == "close" for r in recent[1:])
     recent = _recent(recent, {"type": "close", "label": "rain", "onset": 1.0, "offset": 30.0})
     assert not any(r["type"] == "open" for r in recent) and recent[-1]["label"] == "rain"
+
+
+def test_a_stream_at_another_rate_and_channels_and_a_message_too_big(tmp_path):
+    """README: a hello names the rate, format and channels (resampled and mixed down); a message over 1 MiB
+    closes with 1009."""
+    import soxr
+
+    rain = read_clip(EXAMPLES / "rain.flac")
+    stereo = np.stack([soxr.resample(rain, 16000, 44100)] * 2, axis=1)  # 44.1 kHz, two channels, f32le
+    pcm = stereo.astype("<f4").tobytes()
+    hello = {"sample_rate": 44100, "format": "f32le", "channels": 2}
+    with serve(tmp_path) as (port, _):
+        messages, code = asyncio.run(_stream(port, "cd", pcm, hello=hello, chunk=44100 * 8 // 10))
+
+        async def too_big():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"ws://127.0.0.1:{port}/v1/streams/big") as ws:
+                    await ws.send_bytes(b"\0" * (2 << 20))
+                    await ws.receive()
+                    return ws.close_code
+
+        big = asyncio.run(too_big())
+    assert code == 1000 and ("open", "rain") in [(m["type"], m.get("label")) for m in messages]
+    summary = messages[-1]
+    assert summary["received"] == stereo.shape[0] and summary["dropped"] == 0  # samples at its own rate
+    assert big == 1009
