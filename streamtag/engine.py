@@ -175,6 +175,10 @@ class StreamTagger:
     ) -> None:
         if model is None or isinstance(model, (str, os.PathLike)):
             model = make_backend(backend, model)
+        elif not hasattr(model, "config") or not hasattr(model, "labels"):
+            raise ConfigError(
+                f"model must be a model folder or an open backend (make_backend), not {type(model).__name__}"
+            )
         self.backend = model
         feats = model.config.features
         self.labels = model.labels

@@ -38,6 +38,9 @@ def tag_file(
     ``sample_rate`` (a file is read at its own rate and resampled to the model's)."""
     if "sample_rate" in engine_options:
         raise ConfigError("tag_file reads the file's own sample rate: leave sample_rate out")
+    if not hasattr(backend, "config"):
+        given = f"{backend!r} given"
+        raise ConfigError(f"tag_file takes an open backend, as tag_file(make_backend('onnx'), path) ({given})")
     feats = backend.config.features
     source = WavReplaySource(path, feats.sample_rate, speed=0, min_samples=feats.hop_length)
     tagger = StreamTagger(backend, events=events, **engine_options)

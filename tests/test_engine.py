@@ -197,3 +197,19 @@ def test_a_scheduled_reset_closes_open_events_with_reason_reset(cnn_dir):
     closes = [e for s in steps for e in s.events if e.kind == "close"]
     resets = [e for e in closes if e.reason == "reset"]
     assert resets and all(abs(e.offset % 2.0) < 0.02 or abs(e.offset % 2.0 - 2.0) < 0.02 for e in resets)
+
+
+def test_simple_api_mistakes_are_one_clear_error(cnn_dir):
+    """An int for a model, a backend's name for tag_file, a batch of 0, a rate of 0: each named, not an
+    AttributeError or a numpy reshape error."""
+    from streamtag.pipeline import tag_file
+    from streamtag.sources import read_audio
+
+    for call, message in (
+        (lambda: StreamTagger(123), "model must be a model folder or an open backend"),
+        (lambda: tag_file("onnx", EXAMPLES / "dog.flac"), "tag_file takes an open backend"),
+        (lambda: make_backend("onnx", cnn_dir, batch_size=0), "batch_size must be a whole number >= 1"),
+        (lambda: read_audio(EXAMPLES / "dog.flac", 0), "sample_rate must be a whole number of Hz"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            call()

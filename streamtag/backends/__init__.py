@@ -90,6 +90,8 @@ def make_backend(name: str, model: str | os.PathLike | None = None, batch_size: 
     """Open ``model`` (a folder; the bundled default when ``None``) on the named backend."""
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend '{name}' (choose from: {', '.join(BACKENDS)})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a whole number >= 1 ({batch_size!r} given)")
     module_name, class_name = BACKENDS[name].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls(model, batch_size=batch_size, **options)

@@ -19,7 +19,7 @@ import soundfile as sf
 import soxr
 
 from ..errors import AudioFileError, ConfigError
-from ..resample import resample_chunks
+from ..resample import check_rate, resample_chunks
 from ..ring import SpscRing
 from .base import ProducerSource, mono_finite, push_paced
 
@@ -65,6 +65,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) 
 
     Raises :class:`AudioFileError` with the reason for anything that is not usable audio.
     """
+    check_rate(sample_rate, "sample_rate")
     path = Path(path)
     probe_audio(path)
     try:
