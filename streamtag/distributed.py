@@ -148,9 +148,9 @@ def tag_on_ray(
             if actor is not None:
                 idle.append(actor)
             for outcome in done:
-                marker = done_marker(Path(kwargs["out"]), Item(Path(outcome.path), outcome.name))
-                if tries and outcome.skipped and marked_since(marker, begun):
-                    outcome.skipped = False  # finished in this run, by the actor that died: tagged, not skipped
+                if tries and outcome.skipped:  # finished in this run by the actor that died: tagged, not skipped
+                    marker = done_marker(Path(kwargs["out"]), Item(Path(outcome.path), outcome.name))
+                    outcome.skipped = not marked_since(marker, begun)
                 outcomes.append(outcome)
                 if progress is not None:
                     progress(outcome)

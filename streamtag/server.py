@@ -705,6 +705,13 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
         if message is not None and message.get("type") == "error":
             refused.append(message["message"])
 
+    def hand_over() -> bool:
+        """What the card put in the ring goes to the worker; whether there was any."""
+        got = ring.read_into(buffer)
+        if got:
+            worker.submit("audio", name, buffer[:got].copy())
+        return got > 0
+
     while not stop.is_set():
         if refused:
             print(f"streamtag serve: {name}: {refused[0]}; this sound card is not tagged", file=sys.stderr, flush=True)
@@ -734,9 +741,7 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
                 await _sleep_unless(stop, delay)
                 delay = min(2 * delay, 30.0)
                 continue
-        got = ring.read_into(buffer)
-        if got:
-            worker.submit("audio", name, buffer[:got].copy())
+        if hand_over():
             last = time.monotonic()
         if ring.dropped and not lost_said:  # only if this loop was held up for seconds: said once, counted at the end
             print(f"streamtag serve: {name}: the server fell behind the sound card; samples are lost", file=sys.stderr)
@@ -744,9 +749,7 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
         await _sleep_unless(stop, CAPTURE_POLL_S)
     if source is not None:
         source.stop()
-        got = ring.read_into(buffer)  # what it gave before it stopped
-        if got:
-            worker.submit("audio", name, buffer[:got].copy())
+        hand_over()  # what it gave before it stopped
         if ring.dropped:
             print(f"streamtag serve: {name}: {ring.dropped} samples of the sound card were lost", file=sys.stderr)
     if joined:
@@ -903,10 +906,8 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                     return
                 if not ws.closed:
                     await ws.send_str(json.dumps(message))
-                    if message.get("type") == "error" and "code" in message:  # a refused join: closed now, not
-                        await ws.close(
-                            code=message["code"], message=message["message"].encode()[:120]
-                        )  # at its next send
+                    if message.get("type") == "error" and "code" in message:  # a refused join: closed at once
+                        await ws.close(code=message["code"], message=message["message"].encode()[:120])
 
         joining.add(name)
         fmt, joined = PcmFormat.raw(16000, "s16le"), False

@@ -202,7 +202,7 @@ class MqttPublisher:
     # -- what the server calls ---------------------------------------------------------------------------
     def stream_joined(self, stream: str, enabled: Sequence[bool] | None = None) -> None:
         """A stream joined: discovery for the labels it reports, every state OFF, the stream available."""
-        enabled = [bool(x) for x in enabled] if enabled is not None else [True] * len(self.labels)
+        enabled = self._shown(enabled)
         with self._lock:
             self._streams[stream] = (enabled, set())
         self._discovery(stream, enabled)
@@ -213,7 +213,7 @@ class MqttPublisher:
     def labels_changed(self, stream: str, enabled: Sequence[bool] | None) -> None:
         """A running stream's labels changed: discovery again; a label turned on starts OFF. The states of the
         others stay as they are (a label turned off had its open event closed, OFF, by the server)."""
-        enabled = [bool(x) for x in enabled] if enabled is not None else [True] * len(self.labels)
+        enabled = self._shown(enabled)
         with self._lock:
             before, on = self._streams.get(stream, ([False] * len(self.labels), set()))
             self._streams[stream] = (enabled, on)
@@ -221,6 +221,10 @@ class MqttPublisher:
         for label, was, now in zip(self.labels, before, enabled):
             if now and not was:
                 self._state(stream, label, label in on)
+
+    def _shown(self, enabled: Sequence[bool] | None) -> list[bool]:
+        """Per label, whether the stream reports it (``None``: all of them)."""
+        return [bool(x) for x in enabled] if enabled is not None else [True] * len(self.labels)
 
     def stream_left(self, stream: str) -> None:
         with self._lock:
