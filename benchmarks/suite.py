@@ -277,7 +277,7 @@ def bench_memory(model, path: Path, minutes: float) -> dict[str, float]:
     source = WavReplaySource(
         path, feats.sample_rate, feats.hop_length, speed=0, repeat=max(1, int(round(minutes * 60 / clip_s)))
     )
-    worker = Worker(source, backend, detector=EventDetector(backend.labels, feats.frame_seconds))
+    worker = Worker(source, backend, events=EventDetector(backend.labels, feats.frame_seconds))
     rss0 = _rss_mb()
     worker.start()
     peak = rss0

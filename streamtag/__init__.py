@@ -49,20 +49,21 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .backends import make_backend
+    from .backends import Backend, make_backend
     from .config import FeatureConfig, ModelConfig
     from .engine import StreamTagger
     from .events import Event, EventDetector, EventParams
     from .multistream import MultiStreamTagger
     from .pipeline import FileResult, tag_file
     from .ring import SpscRing
-    from .sources import WavReplaySource, read_audio
-    from .steps import Step
+    from .sources import Source, WavReplaySource, read_audio
+    from .steps import Output, Step, StepBlock
     from .worker import Summary, Worker
 
 # the rest of the API is imported on first use (PEP 562): a command-line process loads only the modules
 # its command needs, which is most of its start-up time when it tags a file in a fraction of a second
 _LAZY = {
+    "Backend": "backends",
     "make_backend": "backends",
     "FeatureConfig": "config",
     "ModelConfig": "config",
@@ -76,7 +77,10 @@ _LAZY = {
     "SpscRing": "ring",
     "WavReplaySource": "sources",
     "read_audio": "sources",
+    "Source": "sources",
+    "Output": "steps",
     "Step": "steps",
+    "StepBlock": "steps",
     "Summary": "worker",
     "Worker": "worker",
 }
@@ -99,6 +103,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AudioFileError",
+    "Backend",
     "BackendUnavailable",
     "ConfigError",
     "DatasetError",
@@ -112,8 +117,11 @@ __all__ = [
     "ModelConfig",
     "ModelFileError",
     "MultiStreamTagger",
+    "Output",
+    "Source",
     "SpscRing",
     "Step",
+    "StepBlock",
     "StreamTagger",
     "StreamtagError",
     "Summary",

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -205,6 +205,9 @@ class _EngineActor:
             elif kind == "events":  # the audio before it is stepped first, however the commands were grouped
                 out += list(self.multi.step_blocks())
                 out += [(name, s) for s in self.multi.streams[name].set_events(command[2])]
+            elif kind == "reset":  # as events: the audio before it is stepped first
+                out += list(self.multi.step_blocks())
+                out += [(name, s) for s in self.multi.streams[name].reset(command[2])]
             elif kind == "leave":  # its level too: a stream that joins, sends and leaves within one call has one
                 engine = self.multi.streams[name]
                 out += [(name, s) for s in self.multi.leave(name, command[2])]
@@ -261,6 +264,13 @@ class _RemoteStream:
         self.pool._send(self.name, ("events", self.name, events))
         return []
 
+    def reset(self, reason: str = "reset") -> list:
+        """Forget the past after the audio already given (a pulled source's gap); the events it closes come back
+        through the pool's next steps."""
+        self.pool._flush(self)
+        self.pool._send(self.name, ("reset", self.name, reason))
+        return []
+
 
 class RayEnginePool:
     """``serve --ray``: the streams spread over ``engines`` Ray actors by a consistent hash of their names,
@@ -315,10 +325,10 @@ class RayEnginePool:
         if stream.buffered_samples >= SEND_SECONDS * stream.rate:
             self._flush(stream)
 
-    def step(self) -> Iterator[tuple[str, Step]]:
-        return named_steps(self.step_blocks())
+    def step(self) -> list[tuple[str, Step]]:
+        return list(named_steps(self.step_blocks()))
 
-    def step_blocks(self, max_hops: int | None = None) -> Iterator[tuple[str, StepBlock | Step]]:
+    def step_blocks(self, max_hops: int | None = None) -> list[tuple[str, StepBlock | Step]]:
         """What the engines have stepped since the last call, as blocks (and event-only steps). ``max_hops`` is
         for a pool in this process: each engine steps what it was sent, in its own process."""
         busy = {c[2] for c in self.calls}
@@ -330,7 +340,7 @@ class RayEnginePool:
             for call in [c for c in self.calls if c[0] in done]:
                 self._collect(call)
         ready, self.ready = self.ready, []
-        yield from ready
+        return ready
 
     def leave(self, name: str, reason: str = "stream_end") -> list[Step]:
         """Send what the stream still holds and its leave, and wait for its engine to answer (following the

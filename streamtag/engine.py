@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,11 +37,16 @@ from .resample import StreamResampler, check_rate
 from .steps import Step, StepBlock, as_steps, write_to
 
 FULL_SCALE = 1.0  # float audio is -1..1; a sample beyond it is clipped (counted), as an ADC would
+ENGINE_OPTIONS = frozenset({"reset_every_s", "reset_on_silence_s", "gain_db"})  # a runner passes these on as given
+PENDING_HOPS = 64  # the hop buffer's usual size; a buffer grown past PENDING_KEEP_HOPS shrinks back once empty
+PENDING_KEEP_HOPS = 1024
+MAX_GAIN_DB = 60.0  # --gain's range too: beyond it a gain is a mistake (a level in dBFS given as a gain?)
 SILENCE_PEAK = 1e-3  # a hop whose peak stays below this (-60 dBFS) counts as silence for reset_on_silence_s
+AudioLike = np.ndarray | Sequence[float]  # what feed() takes: see as_mono_float32
 _INT_SCALE = {np.dtype(np.int16): 1 / 32768.0, np.dtype(np.int32): 1 / 2147483648.0}
 
 
-def as_mono_float32(samples) -> np.ndarray:
+def as_mono_float32(samples: AudioLike) -> np.ndarray:
     """The engines' input contract: a 1-D float32 array of samples in -1..1.
 
     Documented conversions: float64 and float16 (and lists of floats) are cast; int16 and int32 PCM are scaled to -1..1;
@@ -53,14 +59,17 @@ def as_mono_float32(samples) -> np.ndarray:
     if arr.ndim == 2 and 1 in arr.shape:
         arr = arr.reshape(-1)
     if arr.ndim != 1:
+        channels_first = arr.ndim == 2 and arr.shape[0] < arr.shape[1]
+        axis, layout = (0, "(channels, frames)") if channels_first else (1, "(frames, channels)")
         raise InputError(
-            f"samples must be mono, a 1-D array; got shape {arr.shape}: mix channels down first "
-            "(e.g. samples.mean(axis=1) for (frames, channels))"
+            f"samples must be mono, a 1-D array; got shape {arr.shape}"
+            + (f": mix channels down first (samples.mean(axis={axis}) for {layout})" if arr.ndim == 2 else "")
         )
     if arr.dtype == np.float32:
         return arr
-    if arr.dtype in _INT_SCALE:
-        return arr.astype(np.float32) * np.float32(_INT_SCALE[arr.dtype])
+    native = arr.dtype.newbyteorder("=")  # big-endian PCM is PCM too
+    if native in _INT_SCALE:
+        return arr.astype(np.float32) * np.float32(_INT_SCALE[native])
     if arr.dtype.kind == "f":
         return arr.astype(np.float32)
     raise InputError(
@@ -191,8 +200,8 @@ class StreamTagger:
             hop_model.clear()
         self.hop_model = hop_model
         self.detector = _detector(events, self.labels, self.frame_seconds, getattr(model, "folder", None))
-        if not -120.0 <= gain_db <= 120.0:  # NaN fails too
-            raise ConfigError(f"gain_db must be in -120..120 ({gain_db} given)")
+        if isinstance(gain_db, bool) or not isinstance(gain_db, numbers.Real) or not abs(gain_db) <= MAX_GAIN_DB:
+            raise ConfigError(f"gain_db must be a number in -{MAX_GAIN_DB:g}..{MAX_GAIN_DB:g} ({gain_db!r} given)")
         self.gain_db = float(gain_db)
         self._gain = np.float32(10 ** (gain_db / 20))
         for name, value in (("reset_every_s", reset_every_s), ("reset_on_silence_s", reset_on_silence_s)):
@@ -206,18 +215,20 @@ class StreamTagger:
         self._resampler = (
             StreamResampler(self.sample_rate, self.model_rate) if self.sample_rate != self.model_rate else None
         )
-        self._pending = np.zeros(self.hop * 64, np.float32)  # samples not yet a whole hop (grows for big chunks)
+        self._pending = np.zeros(self.hop * PENDING_HOPS, np.float32)  # samples not yet stepped (grows for big chunks)
         self._fill = 0
         self._start = 0  # first pending sample not yet stepped
         self.frames = 0  # hops of this stream so far
         self._silent_run = 0
 
     # -- the three calls -------------------------------------------------------------
-    def feed(self, samples) -> list[Step]:
-        """Take samples (any count); return a step for every hop they complete, in order."""
+    def feed(self, samples: AudioLike) -> list[Step]:
+        """Take samples (any count); return a step for every hop they complete, in order. Each step owns its
+        scores and audio (about 1 KB at 16 kHz): for a long recording, feed blocks of a few seconds and hand
+        the steps on, or use :meth:`feed_blocks`, rather than one call for the whole file."""
         return as_steps(self.feed_blocks(samples))
 
-    def feed_blocks(self, samples) -> list[Step | StepBlock]:
+    def feed_blocks(self, samples: AudioLike) -> list[Step | StepBlock]:
         """:meth:`feed` with the hops of each model call as one :class:`StepBlock` (the event-only steps of a
         reset as they are): what a runner that moves many hops reads, without a Python object per hop."""
         self.push(samples)
@@ -287,7 +298,7 @@ class StreamTagger:
         self.stats = dataclasses.replace(snapshot["stats"])
 
     # -- pieces a batching runner drives (MultiStreamTagger) ----------------------------
-    def push(self, samples) -> None:
+    def push(self, samples: AudioLike) -> None:
         """Check, guard, resample and queue samples; :attr:`ready` hops can then be taken."""
         x = as_mono_float32(samples)
         if x.size == 0:
@@ -359,6 +370,8 @@ class StreamTagger:
         self.frames += k
         if self._start == self._fill:
             self._start = self._fill = 0
+            if self._pending.shape[0] > PENDING_KEEP_HOPS * self.hop:  # one huge feed() is not kept for life
+                self._pending = np.zeros(PENDING_HOPS * self.hop, np.float32)
         return StepBlock(first, probs, found, labels, fs, audio)
 
     # -- internals ----------------------------------------------------------------
@@ -435,6 +448,7 @@ def _detector(events, labels, frame_seconds: float, folder=None) -> EventDetecto
                 f"the EventDetector's {len(events.labels)} labels are not the model's {len(labels)}: "
                 "make it with the model's labels (backend.labels), in the same order"
             )
+        events = copy.deepcopy(events)  # an engine's own: one detector fed by two streams would mix their events
         events.reset_states()
         return events
     if events is True:  # the model folder's own settings (events.toml), else the defaults

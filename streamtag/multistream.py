@@ -17,16 +17,15 @@ a network server stands on::
 
 from __future__ import annotations
 
-import copy
 import functools
 import heapq
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from .backends import make_backend
-from .engine import StreamTagger
+from .engine import ENGINE_OPTIONS, AudioLike, StreamTagger
 from .errors import ConfigError
 from .events import EventDetector, EventParams, model_event_settings
 from .steps import Step, StepBlock, named_steps
@@ -49,8 +48,29 @@ class _PoolSlot:
         self.owner.backend.clear(self.owner.pool, self._slots)
 
 
+class _Left:
+    """The :class:`~streamtag.engine.HopModel` of an engine whose stream has left: its slot may be another
+    stream's now, so stepping it would write into that stream's state."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def step(self, hops: np.ndarray) -> np.ndarray:
+        raise self._closed()
+
+    def clear(self) -> None:
+        raise self._closed()
+
+    def _closed(self) -> ConfigError:
+        return ConfigError(
+            f"stream '{self.name}' has left its MultiStreamTagger: this engine is closed; join again for a new one"
+        )
+
+
 class MultiStreamTagger:
-    """Args:
+    """Many streams, one batched model call a round: ``join``, ``feed``, ``step``, ``leave``.
+
+    Args:
     model: model folder (the bundled default when ``None``).
     backend (str): ``onnx`` or ``torch``.
     capacity (int): most streams at once (state is preallocated for all of them).
@@ -65,7 +85,7 @@ class MultiStreamTagger:
         model: str | os.PathLike | None = None,
         backend: str = "onnx",
         capacity: int = 64,
-        events: bool | EventParams | None = True,
+        events: bool | EventParams | EventDetector | Callable[[], EventDetector] | None = True,
         engine_options: dict | None = None,
         **backend_options,
     ) -> None:
@@ -81,16 +101,22 @@ class MultiStreamTagger:
         if events is True:  # the model's events.toml, read once: parsing it at every join cost 1.7 ms a stream
             settings = model_event_settings(getattr(self.backend, "folder", None))
             events = functools.partial(EventDetector, self.labels, self.frame_seconds, *settings)
-        elif isinstance(events, EventDetector):  # a template: each stream needs a detector (event state) of its own
-            events = functools.partial(copy.deepcopy, events)
         self._events = events
         self._engine_options = dict(engine_options or {})
+        unknown = set(self._engine_options) - ENGINE_OPTIONS
+        if unknown:
+            where = "; give a stream's sample_rate to join()" if "sample_rate" in unknown else ""
+            raise ConfigError(
+                f"engine_options takes {', '.join(sorted(ENGINE_OPTIONS))}, not {', '.join(sorted(unknown))}{where}"
+            )
         self.behind = False  # the last step_blocks(max_hops) left ready hops for the next round
         self._free = list(range(capacity))  # a heap: joining takes the lowest slot, so busy slots stay 0..n-1
 
     def join(self, name: str, sample_rate: int | None = None, events=None) -> StreamTagger:
         """Add a stream (its samples at ``sample_rate``, the model's by default; ``events``: its own event
         settings, as :class:`StreamTagger` takes them, instead of the pool's); returns its engine."""
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"a stream's name is a non-empty string ({name!r} given)")
         if name in self.streams:
             raise ConfigError(f"stream '{name}' has already joined")
         if not self._free:
@@ -129,22 +155,23 @@ class MultiStreamTagger:
         out += engine.finish(reason)
         del self.streams[name]
         heapq.heappush(self._free, engine.hop_model.slot)
+        engine.hop_model = _Left(name)
         return out
 
     def reset(self, name: str) -> list[Step]:
         """Forget a stream's past (model state), keeping its slot; returns the steps of events it closed."""
         return self.streams[self._known(name)].reset()
 
-    def feed(self, name: str, samples) -> None:
+    def feed(self, name: str, samples: AudioLike) -> None:
         """Queue samples for a stream (checked as :meth:`StreamTagger.push` does); :meth:`step` steps them."""
         self.streams[self._known(name)].push(samples)
 
-    def step(self) -> Iterator[tuple[str, Step]]:
-        """Step every hop the streams hold; yields ``(name, step)``, in order within each stream. Steps own
-        their rows."""
-        return named_steps(self.step_blocks())
+    def step(self) -> list[tuple[str, Step]]:
+        """Step every hop the streams hold; returns ``(name, step)`` pairs, in order within each stream. Steps
+        own their rows."""
+        return list(named_steps(self.step_blocks()))
 
-    def step_blocks(self, max_hops: int | None = None) -> Iterator[tuple[str, StepBlock | Step]]:
+    def step_blocks(self, max_hops: int | None = None) -> list[tuple[str, StepBlock | Step]]:
         """:meth:`step` with each stream's hops of a round as one :class:`StepBlock` (and the event-only steps
         of resets as they are): what serve and tag read, without a Python object per hop.
 
@@ -154,9 +181,15 @@ class MultiStreamTagger:
         with ``max_hops``, one round of at most that many hops a stream, so a stream far ahead of the
         others (a client sending faster than real time) cannot make the round long for all of them.
 
-        Join, leave or feed only once the generator is done (serve's worker and tag do so between rounds): the
-        hops taken are views of each stream's buffer, and a stream's slot is stepped, until the round ends.
+        A list, made whole before it is returned: a caller that reads only part of it loses nothing it has not
+        read (a generator stopped early would have dropped hops it had taken), and may join, leave or feed as
+        soon as it has it.
         """
+        if max_hops is not None and (isinstance(max_hops, bool) or not isinstance(max_hops, int) or max_hops < 1):
+            raise ConfigError(f"max_hops must be a whole number >= 1 or None ({max_hops!r} given)")
+        return list(self._rounds(max_hops))
+
+    def _rounds(self, max_hops: int | None) -> Iterator[tuple[str, StepBlock | Step]]:
         self.behind = False
         while True:
             blocks = []

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
 from .backends import Backend
-from .engine import StreamStats, StreamTagger, drive
+from .engine import ENGINE_OPTIONS, StreamStats, StreamTagger, drive
 from .errors import ConfigError
 from .events import Event, EventDetector, EventParams
 from .sources import WavReplaySource
@@ -28,16 +29,20 @@ def tag_file(
     backend: Backend,
     path: str | os.PathLike,
     events: EventDetector | EventParams | bool | None = True,
-    outputs: tuple[Output, ...] = (),
+    outputs: Sequence[Output] = (),
     **engine_options,
 ) -> FileResult:
     """Decode ``path`` a block at a time, feed one :class:`StreamTagger` (a new stream's state) and collect
     every score and event; ``outputs`` get every step too and are closed at the end. No thread: the same
     steps as ``replay --fast``. ``events``: as :class:`StreamTagger`'s (default: the model's own event
     settings, as replay's; ``None`` for scores alone). ``engine_options``: its other options, except
-    ``sample_rate`` (a file is read at its own rate and resampled to the model's)."""
+    ``sample_rate`` (a file is read at its own rate and resampled to the model's). The backend holds this
+    file's state while it runs: two calls at once (two threads) need a backend each."""
     if "sample_rate" in engine_options:
         raise ConfigError("tag_file reads the file's own sample rate: leave sample_rate out")
+    unknown = set(engine_options) - ENGINE_OPTIONS
+    if unknown:
+        raise ConfigError(f"tag_file takes {', '.join(sorted(ENGINE_OPTIONS))}, not {', '.join(sorted(unknown))}")
     if not hasattr(backend, "config"):
         given = f"{backend!r} given"
         raise ConfigError(f"tag_file takes an open backend, as tag_file(make_backend('onnx'), path) ({given})")

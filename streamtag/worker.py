@@ -19,7 +19,7 @@ import numpy as np
 from .backends import Backend
 from .engine import StreamTagger
 from .errors import ConfigError, StreamtagError
-from .events import EventDetector
+from .events import EventDetector, EventParams
 from .ring import SpscRing
 from .sources.base import Source
 from .steps import Output, Step
@@ -115,6 +115,10 @@ class Summary:
         return out
 
 
+class _OutputFailed(Exception):
+    """An output raised something other than an OSError while writing a step."""
+
+
 class Worker(threading.Thread):
     """Runs one stream. ``start()``, then ``join()``; ``request_stop()`` drains and ends it.
 
@@ -122,7 +126,8 @@ class Worker(threading.Thread):
         source: where audio comes from (any :class:`~streamtag.sources.Source`).
         backend: the model runtime, batch size 1.
         outputs: each gets every :class:`~streamtag.steps.Step`.
-        detector: optional :class:`~streamtag.events.EventDetector`.
+        events: as :class:`~streamtag.engine.StreamTagger`'s: ``True`` for the model's own event settings,
+            ``None`` for probabilities only. (Default: ``True``)
         reset_every_s, reset_on_silence_s, gain_db: the engine's (see :class:`~streamtag.engine.StreamTagger`).
         buffer_seconds (float): audio the ring holds before a live source starts dropping, at most
             ``MAX_BUFFER_SECONDS``. (Default: ``2``)
@@ -136,13 +141,14 @@ class Worker(threading.Thread):
         source: Source,
         backend: Backend,
         outputs: Sequence[Output] = (),
-        detector: EventDetector | None = None,
+        events: bool | EventParams | EventDetector | Callable[[], EventDetector] | None = True,
         reset_every_s: float | None = None,
         reset_on_silence_s: float | None = None,
         buffer_seconds: float = RING_SECONDS,
         gain_db: float = 0.0,
         reconnect: bool = False,
     ) -> None:
+        """See the class's docstring."""
         super().__init__(name="streamtag-worker", daemon=True)
         self.reconnect = reconnect and source.is_live and hasattr(source, "restart")
         self.reconnects = 0
@@ -150,7 +156,7 @@ class Worker(threading.Thread):
         self.tagger = StreamTagger(
             backend,
             sample_rate=source.sample_rate,
-            events=detector,
+            events=events,
             reset_every_s=reset_every_s,
             reset_on_silence_s=reset_on_silence_s,
             gain_db=gain_db,
@@ -236,6 +242,9 @@ class Worker(threading.Thread):
                     break
         except OSError as exc:  # an output could not be written (disk full), or its reader is gone
             self._write_error(exc)
+        except _OutputFailed as exc:  # the traceback follows on stderr
+            self.error = str(exc)
+            raise
         except Exception as exc:  # a bug: end the run with an error (the traceback follows on stderr)
             self.error = f"internal error in the worker: {exc!r}"
             raise
@@ -280,7 +289,12 @@ class Worker(threading.Thread):
     def _write(self, steps: list[Step]) -> None:
         for step in steps:
             for out in self.outputs:
-                out.write(step)
+                try:
+                    out.write(step)
+                except OSError:
+                    raise
+                except Exception as exc:  # a custom output's own bug: named as such, not as the worker's
+                    raise _OutputFailed(f"the output {type(out).__name__} failed: {exc!r}") from exc
 
     def _finish(self) -> None:
         ended = "interrupted" if self.interrupted or self.error or self.reader_gone else "stream_end"
@@ -288,6 +302,8 @@ class Worker(threading.Thread):
             self._write(self.tagger.finish(ended))
         except OSError as exc:
             self._write_error(exc)
+        except _OutputFailed as exc:  # the outputs are closed all the same
+            self.error = self.error or str(exc)
         for out in self.outputs:  # close every output, even when one of them fails
             try:
                 out.close()

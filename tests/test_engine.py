@@ -7,6 +7,7 @@ from streamtag.backends import make_backend
 from streamtag.engine import StreamTagger, as_mono_float32
 from streamtag.errors import ConfigError, InputError
 from streamtag.events import EventParams
+from streamtag.pipeline import tag_file
 
 from .conftest import EXAMPLES, read_clip, run_cli
 
@@ -165,6 +166,8 @@ def test_other_rates_and_bad_settings(cnn_dir, clip):
         ({"sample_rate": 44100.5}, "sample_rate"),
         ({"sample_rate": "16000"}, "sample_rate"),
         ({"gain_db": float("nan")}, "gain_db"),
+        ({"gain_db": "3"}, "gain_db"),  # a TypeError from a comparison
+        ({"gain_db": 61.0}, "gain_db"),  # --gain's range: one range for the API and the CLI
         ({"reset_every_s": 0}, "reset_every_s"),
         ({"events": "yes"}, "events must be"),
     ):
@@ -213,3 +216,16 @@ def test_simple_api_mistakes_are_one_clear_error(cnn_dir):
     ):
         with pytest.raises(ConfigError, match=message):
             call()
+
+
+def test_big_endian_pcm_is_pcm_a_channels_first_array_gets_the_right_hint_and_a_huge_feed_is_not_kept(cnn_dir, clip):
+    pcm = (clip * 32767).astype(np.int16)
+    little = StreamTagger(cnn_dir, events=None)
+    big = StreamTagger(cnn_dir, events=None)
+    np.testing.assert_array_equal(_probs(big.feed(pcm.astype(">i2"))), _probs(little.feed(pcm)))
+    with pytest.raises(InputError, match=r"samples.mean\(axis=0\) for \(channels, frames\)"):
+        little.feed(np.stack([clip, clip]))
+    little.feed(np.tile(clip, 20))  # a minute in one call (3.8 MB): the hop buffer grows for it, then shrinks back
+    assert little._pending.nbytes < 1_000_000
+    with pytest.raises(ConfigError, match="tag_file takes gain_db"):
+        tag_file(little.backend, EXAMPLES / "dog.flac", bogus=1)

@@ -274,3 +274,60 @@ def test_the_serve_worker_steps_a_stream_far_ahead_a_capped_round_at_a_time(cnn_
         worker.join(10)
     assert sum(rounds.hops) == 410 and max(rounds.hops) <= 25 + 10, rounds.hops
     assert dropped == {"fast": 0, "slow": 0} and worker.failure is None
+
+
+def test_what_step_returns_is_whole_and_a_left_streams_engine_is_closed(cnn_dir):
+    """step() is a list made whole before it returns: a caller that reads one item and stops loses nothing
+    (a generator dropped the hops it had taken). The engine join() gave steps nothing once its stream left:
+    its slot is another stream's."""
+    clip = read_clip(EXAMPLES / "dog.flac")[:16000]
+    tagger = MultiStreamTagger(cnn_dir, capacity=1, events=LOW)
+    engine = tagger.join("a")
+    tagger.feed("a", clip)
+    steps = tagger.step()
+    first = next(iter(steps))
+    assert first[0] == "a" and len(steps) == 100  # every hop is there, whatever the caller read
+    assert tagger.step() == []
+    tagger.leave("a")
+    tagger.join("b")
+    with pytest.raises(ConfigError, match="has left"):
+        engine.feed(clip[:1600])
+    with pytest.raises(ConfigError, match="max_hops"):
+        tagger.step_blocks(max_hops=0)
+    with pytest.raises(ConfigError, match="non-empty string"):
+        tagger.join(None)
+    with pytest.raises(ConfigError, match="sample_rate to join"):
+        MultiStreamTagger(cnn_dir, engine_options={"sample_rate": 44100})
+
+
+def test_one_event_detector_given_to_two_streams_keeps_their_events_apart(cnn_dir):
+    """An EventDetector given to several engines (or joins) is each one's own copy: fed in turn, each stream's
+    events are those it has alone, every open with its close."""
+    from streamtag.events import EventDetector
+
+    clips = {"a": read_clip(EXAMPLES / "dog.flac")[:32000], "b": read_clip(EXAMPLES / "rain.flac")[:32000]}
+    backend = make_backend("onnx", cnn_dir)
+    shared = EventDetector(backend.labels, backend.config.features.frame_seconds, LOW)
+    tagger = MultiStreamTagger(cnn_dir, capacity=2)
+    got = {name: [] for name in clips}
+    for name in clips:
+        tagger.join(name, events=shared)
+    for start in range(0, 32000, 1600):
+        for name, clip in clips.items():
+            tagger.feed(name, clip[start : start + 1600])
+        for name, step in tagger.step():
+            got[name].append(step)
+    for name in clips:
+        got[name] += tagger.leave(name)
+        _, events = _split(got[name])
+        _, ref = _alone(cnn_dir, "onnx", clips[name])
+        assert events == ref and ref, name
+    one, two = (StreamTagger(make_backend("onnx", cnn_dir), events=shared) for _ in range(2))
+    mixed = {name: [] for name in clips}
+    for start in range(0, 32000, 1600):
+        mixed["a"] += one.feed(clips["a"][start : start + 1600])
+        mixed["b"] += two.feed(clips["b"][start : start + 1600])
+    mixed["a"] += one.finish()
+    mixed["b"] += two.finish()
+    for name in clips:
+        assert _split(mixed[name])[1] == _alone(cnn_dir, "onnx", clips[name])[1], name

@@ -48,6 +48,63 @@ def test_api_refuses_settings_the_cli_refuses(cnn_dir):
     for device in ("tpu", "cuda:99"):
         with pytest.raises(ConfigError, match=f"--torch-device.*{device}"):
             make_backend("torch", cnn_dir, device=device)
+    with pytest.raises(ConfigError, match="block_size"):
+        WavReplaySource(EXAMPLES / "dog.flac", 16000, block_size=0)
+    with pytest.raises(ConfigError, match="no option bogus"):
+        make_backend("onnx", cnn_dir, bogus=1)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the tracebacks, as meant
+def test_a_worker_gives_events_by_default_and_names_a_failing_source_or_output(cnn_dir):
+    """Worker's events default to the model's own, as StreamTagger's and tag_file's do (it gave none); a source
+    whose thread raises, or an output that raises, ends the run with an error naming it (a crashed source ended
+    as a clean run; an output's bug was called the worker's)."""
+    from streamtag.events import EventParams
+    from streamtag.sources import WavReplaySource
+    from streamtag.sources.base import ProducerSource
+    from streamtag.steps import Collector
+    from streamtag.worker import Worker
+
+    bundled = make_backend("onnx")
+    sink = Collector()
+    worker = Worker(WavReplaySource(EXAMPLES / "dog.flac", 16000, speed=0), bundled, [sink])
+    worker.start()
+    worker.join()
+    assert worker.summary().error is None
+    expected = tag_file(bundled, EXAMPLES / "dog.flac").events
+    assert ("open", "dog") in [(e.kind, e.label) for e in expected]
+    assert [(e.kind, e.label, e.onset) for e in sink.events] == [(e.kind, e.label, e.onset) for e in expected]
+    backend = make_backend("onnx", cnn_dir)
+    low = EventParams(on_threshold=0.2, min_duration_s=0.05)
+
+    class Broken(ProducerSource):
+        sample_rate, description = 16000, "broken"
+
+        def _push(self, ring):
+            ring.write_blocking(np.zeros(1600, np.float32))
+            raise RuntimeError("socket reset")
+
+    class Full:
+        def __init__(self):
+            self.seen = 0
+
+        def write(self, step):
+            self.seen += 1
+            if self.seen == 50:
+                raise RuntimeError("disk full")
+
+        def close(self):
+            self.closed = True
+
+    worker = Worker(Broken(), backend, events=low)
+    worker.start()
+    worker.join()
+    assert "Broken failed: RuntimeError('socket reset')" in worker.summary().error
+    full = Full()
+    worker = Worker(WavReplaySource(EXAMPLES / "dog.flac", 16000, speed=0), backend, [full])
+    worker.start()
+    worker.join()
+    assert worker.summary().error == "the output Full failed: RuntimeError('disk full')" and full.closed
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])

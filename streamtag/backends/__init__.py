@@ -1,12 +1,14 @@
 """Runtimes that run the hop step. Chosen once at start-up; the worker never branches on them.
 
-A backend is one class with the :class:`Backend` shape, added to ``BACKENDS``.
+A backend is one class with the :class:`Backend` shape, added to ``BACKENDS`` (the class itself, or
+``"module:Class"`` to import it only when it is chosen).
 Imports are lazy: the onnx backend never imports torch.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Protocol
@@ -80,7 +82,7 @@ class OwnStreams:
         self.clear(self._own, self._all)
 
 
-BACKENDS = {
+BACKENDS: dict[str, str | type] = {
     "onnx": "streamtag.backends.onnx_backend:OnnxBackend",
     "torch": "streamtag.backends.torch_backend:TorchBackend",
 }
@@ -92,8 +94,18 @@ def make_backend(name: str, model: str | os.PathLike | None = None, batch_size: 
         raise ConfigError(f"unknown backend '{name}' (choose from: {', '.join(BACKENDS)})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a whole number >= 1 ({batch_size!r} given)")
-    module_name, class_name = BACKENDS[name].split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = BACKENDS[name]
+    if isinstance(cls, str):
+        module_name, class_name = cls.split(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+    parameters = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(options) - set(parameters))
+        if unknown:
+            known = sorted(set(parameters) - {"model", "batch_size"})
+            raise ConfigError(
+                f"the {name} backend takes no option {', '.join(unknown)} (its options: {', '.join(known) or 'none'})"
+            )
     return cls(model, batch_size=batch_size, **options)
 
 

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from ..backends import BACKENDS, make_backend, one_thread
+from ..engine import MAX_GAIN_DB
 from ..errors import ConfigError
 from ..events import (
     EventDetector,
@@ -146,10 +147,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--gain",
-        type=number(-60, 60, low_ok=True),
+        type=number(-MAX_GAIN_DB, MAX_GAIN_DB, low_ok=True),
         default=0.0,
         metavar="DB",
-        help="gain in dB applied to the input before the model and the level meter, -60..60 (default 0)",
+        help=f"gain in dB applied to the input before the model and the level meter, "
+        f"-{MAX_GAIN_DB:g}..{MAX_GAIN_DB:g} (default 0)",
     )
     st = p.add_argument_group("state")
     st.add_argument("--reset-every", type=number(0), metavar="S", help="reset model state every S seconds")

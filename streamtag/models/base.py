@@ -43,7 +43,10 @@ def architectures() -> list[str]:
 def build_model(cfg: ModelConfig) -> StreamingModel:
     """Instantiate the architecture a config names (weights untrained)."""
     if cfg.arch not in _REGISTRY:
-        raise ConfigError(f"unknown architecture '{cfg.arch}' (known: {', '.join(architectures())})")
+        raise ConfigError(
+            f"unknown architecture '{cfg.arch}' (known: {', '.join(architectures())}); a model class of your own "
+            "runs where its module is imported, or anywhere once exported to ONNX (README, Layout)"
+        )
     try:
         return _REGISTRY[cfg.arch](
             n_mels=cfg.features.n_mels, num_classes=cfg.num_classes, features=cfg.features, **cfg.arch_params

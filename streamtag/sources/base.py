@@ -93,6 +93,9 @@ class ProducerSource:
     def _run(self, ring: SpscRing) -> None:
         try:
             self._push(ring)
+        except Exception as exc:  # a bug (or a custom source's): the run ends with it, not as a clean end
+            self.error = f"the source {type(self).__name__} failed: {exc!r}"
+            raise  # the traceback, on stderr
         finally:
             self._done.set()
             ring.doorbell.ring()
