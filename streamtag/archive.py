@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -330,7 +331,9 @@ def tag_archive(
     active: dict[str, _Job] = {}
     try:
         while queue or active:
+            _check_stop()
             while queue and len(active) < width:
+                _check_stop()  # thousands of finished files can come one after another
                 item = queue.pop()
                 job = _open_job(item, out, force, feats, scores, multi.labels, key)
                 if isinstance(job, Outcome):
@@ -372,7 +375,7 @@ def _tag_alone(item: Item, out: Path, model, backend: str, scores: bool, detecto
     if isinstance(job, _Job):
         try:
             engine = StreamTagger(make_backend(backend, model, **one_thread(backend)), events=detector or True)
-            drive(engine, job.chunks, [job])
+            drive(engine, _until_stopped(job.chunks), [job])
         except BaseException:
             job.discard()  # no half-written outputs left behind
             raise
@@ -507,14 +510,32 @@ def shards(items: Sequence[Item], n: int) -> list[list[Item]]:
     return [s for s in out if s]
 
 
+STOP = threading.Event()  # set by a worker process's SIGTERM; its tagging stops at the next safe point
+
+
+def _check_stop() -> None:
+    """Raise ``SystemExit`` where a stop leaves nothing behind (between rounds, between blocks): raised from the
+    signal handler itself it could land anywhere, between a file's outputs opening and their being listed for
+    removal, or inside a generator's clean-up, which swallows it and goes on."""
+    if STOP.is_set():
+        raise SystemExit(128 + signal.SIGTERM)
+
+
+def _until_stopped(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    for chunk in chunks:
+        _check_stop()
+        yield chunk
+
+
 def _shard_main(k: int, shard: list[Item], queue, kwargs: dict) -> None:
     """One worker process: ``(k, outcome)`` per file, then ``(k, None)``. Ctrl-C is the parent's to handle;
-    SIGTERM (the parent stopping it) ends it through ``SystemExit``, so its half-written outputs go."""
+    SIGTERM (the parent stopping it) ends it through ``SystemExit`` at the next round, so its half-written
+    outputs go."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def stopped(signum, frame):  # what is still queued for a parent that stopped reading is not waited for
         queue.cancel_join_thread()
-        raise SystemExit(128 + signum)
+        STOP.set()
 
     signal.signal(signal.SIGTERM, stopped)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked while it started

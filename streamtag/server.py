@@ -30,7 +30,7 @@ import hmac
 import ipaddress
 import json
 import queue
-import re
+import signal
 import sys
 import threading
 import time
@@ -43,6 +43,7 @@ import numpy as np
 
 from .errors import ConfigError, StreamtagError
 from .multistream import MultiStreamTagger
+from .outputs.mqtt import USERINFO
 from .serve_config import SettingsBook, valid_name
 from .sources.file import AUDIO_SUFFIXES
 from .sources.pipe import RAW_FORMATS, PcmDecoder, PcmFormat
@@ -291,6 +292,18 @@ class ServeWorker(threading.Thread):
                 account.processed += samples.size
                 if self.metrics is not None:
                     account.arrivals.append((account.processed, arrived))
+        elif kind == "source":  # a pulled source or sound card of the server's own went away, or is back
+            _, name, up = command
+            if name not in self.accounts:
+                return
+            if not up:  # its open events close (reason gap) and its state is cleared, as live --reconnect does
+                engine = self.multi.streams[name]
+                for item in engine.feed_blocks(np.zeros(0, np.float32)) if hasattr(engine, "feed_blocks") else ():
+                    self._deliver(name, item)  # the hops before the gap, on the state they belong to
+                for step in engine.reset("gap"):
+                    self._deliver(name, step)
+            if self.mqtt is not None:
+                self.mqtt.stream_available(name, up)
         elif kind == "eof":
             self._leave(command[1], "stream_end")
         elif kind == "gone":
@@ -556,8 +569,10 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
     s16le, which goes to the worker as the stream ``name``. When ffmpeg ends or fails (a camera drops) or
     gives nothing for ``PULL_STALL_S`` (a camera that hangs), it is started again with backoff (1 s
     doubling to 30 s); the stream stays joined, the first failure of a run is said on stderr, and the
-    restarts and the time without audio are counted in ``/metrics``. A file that ends is read again, as a
-    looping source would be."""
+    restarts and the time without audio are counted in ``/metrics``. While it gives no audio the stream is
+    unavailable: its open events close (reason ``gap``), its state is cleared and MQTT says it is
+    ``offline``, until audio comes again. A local file that ends is read again at once (it stands for a live
+    source: a loop, said once on stderr, not a failure)."""
     import shutil
 
     ffmpeg = shutil.which("ffmpeg")
@@ -574,9 +589,12 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
     worker.submit("join", name, 16000, listener)
     pacer = Pacer(worker, name, 16000, lambda: not (stop.is_set() or refused))
     realtime = ["-re"] if _is_file(url) else []
+    local = local_path(url) is not None
     delay = 1.0
-    last_audio = loop.time()
+    last_audio = counted = loop.time()  # counted: the gap metric holds the time without audio up to here
     failing = False  # a failure is said once, until audio comes again (no line per retry)
+    down = False  # the stream is said to be unavailable (a failed try, until audio comes again)
+    looped = False
     while not stop.is_set():
         if refused:
             print(f"streamtag serve: {name}: {refused[0]}; this source is not tagged", file=sys.stderr, flush=True)
@@ -598,11 +616,12 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
             "-",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_die_with_parent,
         )
         decode = PcmDecoder(PcmFormat.raw(16000, "s16le"))  # what ffmpeg is told to write; a part-frame is its own
         errors: collections.deque = collections.deque(maxlen=2)  # ffmpeg's last words, drained as they come
         drain = asyncio.create_task(_lines(proc.stderr, errors, url))
-        got_audio, why = False, None
+        got_audio, why, ended = False, None, False
         try:
             stalled = 0.0
             while not (stop.is_set() or refused):
@@ -615,9 +634,13 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
                         break
                     continue
                 if not data:
+                    ended = True
                     break
                 stalled = 0.0
                 got_audio, last_audio = True, loop.time()
+                if down:
+                    down = False
+                    worker.submit("source", name, True)
                 if failing:
                     failing = False
                     print(f"streamtag serve: {name}: audio again", file=sys.stderr, flush=True)
@@ -631,15 +654,38 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
             await drain
         if stop.is_set() or refused:
             continue
+        if local and ended and got_audio and proc.returncode == 0:  # a file read to its end: again, at once
+            if not looped:
+                looped = True
+                print(
+                    f"streamtag serve: {name}: the file ended; playing it again (a pulled file loops)", file=sys.stderr
+                )
+            continue
+        if not down:
+            down = True
+            worker.submit("source", name, False)
         delay = 1.0 if got_audio else min(2 * delay, 30.0)
         why = why or (errors[-1] if errors else None)
         if why and not failing:  # the URL is not printed: it may hold a camera's password
             failing = True
             print(f"streamtag serve: {name}: {why}; trying again (1 s doubling to 30 s)", file=sys.stderr, flush=True)
         await _sleep_unless(stop, delay)
-        if not stop.is_set():  # the gap: from its last audio, failed tries included
-            worker.source_restarted(name, loop.time() - last_audio)
-    worker.submit("eof", name)
+        if not stop.is_set():  # the gap: the time without audio since it was last counted, failed tries included
+            now = loop.time()
+            worker.source_restarted(name, now - max(last_audio, counted))
+            counted = now
+    worker.submit("gone", name)  # the server is stopping: its open events close as interrupted
+
+
+def _die_with_parent() -> None:
+    """In a pulled source's ffmpeg, before it starts (Linux): killed with the server, even by SIGKILL, rather than
+    left reading a camera for ever."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 async def _lines(stream: asyncio.StreamReader, keep: collections.deque, url: str) -> None:
@@ -649,9 +695,6 @@ async def _lines(stream: asyncio.StreamReader, keep: collections.deque, url: str
         text = USERINFO.sub(r"\1***@", line.decode(errors="replace").strip().replace(url, "<url>"))
         if text:
             keep.append(f"ffmpeg: {text}")
-
-
-USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")  # scheme://user:password@
 
 
 AUDIO_FILE_SUFFIXES = (*AUDIO_SUFFIXES, ".m4a", ".aac", ".wma", ".webm", ".mka")  # and what only ffmpeg reads

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -251,11 +252,18 @@ def test_without_a_token_only_loopback_requests_from_no_page_or_a_loopback_page_
 
 @pytest.fixture()
 def mosquitto(tmp_path):
+    with _mosquitto(tmp_path) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def _mosquitto(tmp_path, settings="allow_anonymous true"):
+    """A mosquitto broker on a free loopback port (a real one: the Debian package); yields the port."""
     if not shutil.which("mosquitto") and not shutil.which("/usr/sbin/mosquitto"):
         pytest.skip("mosquitto missing (apt-get install mosquitto; .ci/setup installs it)")
     port = _free_port()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    conf.write_text(f"listener {port} 127.0.0.1\n{settings}\npersistence false\n")
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -263,16 +271,20 @@ def mosquitto(tmp_path):
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             break
         time.sleep(0.05)
-    yield port
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
-def _subscriber(port):
+def _subscriber(port, login=None):
     import paho.mqtt.client as mqtt
 
     got = []
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    if login:
+        client.username_pw_set(*login)
     client.on_message = lambda c, u, m: got.append((m.topic, m.payload.decode(), m.retain))
     client.connect("127.0.0.1", port)
     client.subscribe([("streamtag/#", 0), ("homeassistant/#", 0)])
@@ -1268,3 +1280,60 @@ def test_a_stream_at_another_rate_and_channels_and_a_message_too_big(tmp_path):
     summary = messages[-1]
     assert summary["received"] == stereo.shape[0] and summary["dropped"] == 0  # samples at its own rate
     assert big == 1009
+
+
+def test_a_pulled_source_that_drops_is_unavailable_until_it_is_back_and_the_broker_login_is_used(tmp_path):
+    """A pulled camera that drops: its open events close (reason gap) and Home Assistant sees the stream offline
+    (its sensors unavailable, not a rain still ON) until audio comes again. The broker asks for a login: the user
+    from the URL, the password from $STREAMTAG_MQTT_PASSWORD; a wrong one is said in one line, tagging goes on."""
+    if not shutil.which("ffmpeg") or not shutil.which("mosquitto_passwd"):
+        pytest.skip("ffmpeg or mosquitto missing (.ci/setup installs them)")
+    import http.server
+
+    readable = Path(tempfile.mkdtemp())  # a broker started as root reads its files as the user mosquitto
+    readable.chmod(0o755)
+    passwords = readable / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "ha", "secret"], check=True)
+    passwords.chmod(0o644)
+    shutil.copy(EXAMPLES / "rain.flac", tmp_path / "rain.flac")
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+    httpd, url = _http_on_loopback(handler, "rain.flac")  # each end of the file is a camera that dropped
+    login = f"allow_anonymous false\npassword_file {passwords}"
+    env = {**os.environ, "STREAMTAG_MQTT_PASSWORD": "secret"}
+    try:
+        with _mosquitto(tmp_path, login) as broker:
+            client, got = _subscriber(broker, login=("ha", "secret"))
+            try:
+                with serve(tmp_path, "--mqtt", f"mqtt://ha@127.0.0.1:{broker}", "--pull", f"porch={url}", env=env) as (
+                    _,
+                    proc,
+                ):
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline:
+                        seen = [p for t, p, _ in got if t == "streamtag/porch/availability"]
+                        rain = [p for t, p, _ in got if t == "streamtag/porch/audio/rain"]
+                        if seen[:3] == ["online", "offline", "online"] and rain.count("ON") >= 2:
+                            break
+                        time.sleep(0.2)
+                    proc.send_signal(signal.SIGTERM)
+                    _, err = proc.communicate(timeout=60)
+                env["STREAMTAG_MQTT_PASSWORD"] = "wrong"
+                with serve(tmp_path, "--mqtt", f"mqtt://ha@127.0.0.1:{broker}", env=env) as (_, wrong):
+                    time.sleep(3.0)
+                    assert wrong.poll() is None  # tagging goes on
+                    wrong.send_signal(signal.SIGTERM)
+                    _, wrong_err = wrong.communicate(timeout=60)
+            finally:
+                client.loop_stop()
+                client.disconnect()
+    finally:
+        httpd.shutdown()
+        shutil.rmtree(readable)
+    assert proc.returncode == 0, err
+    assert seen[:3] == ["online", "offline", "online"], seen
+    events = [json.loads(p) for t, p, _ in got if t == "streamtag/events"]
+    gaps = [e for e in events if e["type"] == "close" and e["reason"] == "gap"]
+    assert gaps and gaps[0]["label"] == "rain", events  # closed when the source went, not left ON through the gap
+    states = [p for t, p, _ in got if t == "streamtag/porch/audio/rain"]
+    assert states.count("ON") >= 2 and states[-1] == "OFF", states  # on again once the audio is back, off at the stop
+    assert wrong_err.count("refused the login") == 1 and "STREAMTAG_MQTT_PASSWORD" in wrong_err, wrong_err

@@ -114,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. piped into head
         return 0
     finally:
-        _done_with_signals()
+        while True:
+            try:
+                _done_with_signals()
+                break
+            except KeyboardInterrupt:  # it came as the command ended: that has been said already
+                continue
 
 
 def _done_with_signals() -> None:

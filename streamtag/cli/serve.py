@@ -26,7 +26,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8750, help="port (default 8750; 0 picks a free one)")
     p.add_argument("--token", help="required from clients (?token= or Authorization: Bearer); needed off loopback")
-    p.add_argument("--mqtt", metavar="mqtt://HOST[:PORT]", help="publish events and states to this broker")
+    p.add_argument(
+        "--mqtt",
+        metavar="URL",
+        help="publish events and states to this broker: mqtt://[USER[:PASSWORD]@]HOST[:PORT], mqtts:// for TLS; "
+        "the password may come from $STREAMTAG_MQTT_PASSWORD instead (the command line is visible to local users)",
+    )
     p.add_argument("--mqtt-prefix", help="with --mqtt: the topic prefix (default streamtag)")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
     p.add_argument("--max-streams", type=int, default=256, help="streams at once (default 256)")

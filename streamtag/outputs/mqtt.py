@@ -4,7 +4,8 @@ Topics (``prefix`` defaults to ``streamtag``), the layout Frigate's audio users 
 
 - ``<prefix>/availability``: ``online`` / ``offline`` (retained; the broker sends ``offline`` as our last
   will when the server dies); ``<prefix>/<stream>/availability``: ``online`` while the stream is
-  connected, ``offline`` once it has left (retained), so a camera that drops shows as unavailable;
+  connected and, for a pulled source or sound card, giving audio; ``offline`` once it has left or while its
+  source gives none (retained), so a camera that drops shows as unavailable;
 - ``<prefix>/<stream>/audio/<label>``: ``ON`` while an event of that label is open, ``OFF`` after (retained);
 - ``<prefix>/<stream>/audio/level``: the stream's level in dBFS, a few times a second;
 - ``<prefix>/events``: one JSON object per event open and close (type, stream, label, onset, offset,
@@ -27,6 +28,7 @@ each way. Nothing here blocks the worker.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -36,11 +38,12 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from ..errors import BackendUnavailable, ConfigError
 from ..events import Event
 
+LOGIN_REFUSED = ("Bad user name or password", "Not authorized")  # paho's names of MQTT 3.1.1's and 5's codes
 OBJECT_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # Home Assistant's discovery topics take ids of these only
 
 
@@ -51,15 +54,39 @@ def check_prefix(prefix: str, flag: str = "--mqtt-prefix") -> str:
     return prefix
 
 
-def parse_broker(url: str) -> tuple[str, int]:
-    """``mqtt://host[:port]`` (1883 by default) -> ``(host, port)``."""
+PASSWORD_VARIABLE = "STREAMTAG_MQTT_PASSWORD"  # a broker's password, kept out of the process list
+
+
+@dataclasses.dataclass(frozen=True)
+class Broker:
+    """Where and how to connect: ``mqtt://[USER[:PASSWORD]@]HOST[:PORT]``, or ``mqtts://`` for TLS (8883 by
+    default, the system's CA certificates); a password may come from ``$STREAMTAG_MQTT_PASSWORD`` instead."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    tls: bool = False
+
+
+def parse_broker(url: str) -> Broker:
+    shown = USERINFO.sub(r"\1***@", url)  # an error line never shows the password
     parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-    if parsed.scheme != "mqtt" or not parsed.hostname:
-        raise ConfigError(f"--mqtt {url!r}: give mqtt://HOST[:PORT]")
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise ConfigError(f"--mqtt {shown!r}: give mqtt://[USER[:PASSWORD]@]HOST[:PORT] (mqtts:// for TLS)")
+    tls = parsed.scheme == "mqtts"
     try:
-        return parsed.hostname, parsed.port or 1883
+        port = parsed.port or (8883 if tls else 1883)
     except ValueError:
-        raise ConfigError(f"--mqtt {url!r}: the port is not a number in 1..65535") from None
+        raise ConfigError(f"--mqtt {shown!r}: the port is not a number in 1..65535") from None
+    username = unquote(parsed.username) if parsed.username else None
+    password = unquote(parsed.password) if parsed.password is not None else os.environ.get(PASSWORD_VARIABLE)
+    if password is not None and username is None:
+        raise ConfigError(f"--mqtt {shown!r}: a password needs a user name, as mqtt://USER@HOST")
+    return Broker(parsed.hostname, port, username, password, tls)
+
+
+USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")  # scheme://user:password@
 
 
 class MqttPublisher:
@@ -77,7 +104,8 @@ class MqttPublisher:
             import paho.mqtt.client as mqtt
         except ImportError:
             raise BackendUnavailable("--mqtt needs paho-mqtt: pip install 'streamtag[serve]'") from None
-        self.host, self.port = parse_broker(url)
+        broker = parse_broker(url)
+        self.host, self.port = broker.host, broker.port
         self.labels, self.prefix, self.discovery_prefix = list(labels), prefix, discovery_prefix
         self.availability = f"{prefix}/availability"
         self.published = 0
@@ -90,12 +118,19 @@ class MqttPublisher:
         self.client.max_queued_messages_set(queue_limit)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
         self.client.will_set(self.availability, "offline", qos=1, retain=True)
+        if broker.username is not None:
+            self.client.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            self.client.tls_set()  # the system's CA certificates
+        self.refused_login: str | None = None  # the broker turned our login down: retrying would not help
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         # joined streams: which labels each reports, and those with an event open (state ON)
         self._streams: dict[str, tuple[list[bool], set[str]]] = {}
+        self._unavailable: set[str] = set()  # joined streams whose source gives no audio now (a camera that dropped)
+        self._settings: dict[str, str] = {}  # each stream's settings in force, as published (retained)
         self._lock = threading.Lock()  # _streams and the counters: the worker and paho's thread both use them
         self._closing = False
         # (stream, change, reply) -> applies a settings change; set by serve to hand it to its worker
@@ -107,6 +142,17 @@ class MqttPublisher:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            if reason_code in LOGIN_REFUSED:  # a wrong user or password: said once, and no retries every second
+                self.refused_login = f"the MQTT broker {self.host}:{self.port} refused the login ({reason_code})"
+                print(
+                    f"streamtag serve: error: {self.refused_login}: check the user in --mqtt and the password "
+                    f"(in the URL or ${PASSWORD_VARIABLE}); tagging goes on without MQTT",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self._closing = True
+                client.disconnect()
+                return
             self._down(f"the MQTT broker {self.host}:{self.port} refused the connection ({reason_code})")
             return
         if self._said_down:
@@ -117,9 +163,13 @@ class MqttPublisher:
         client.subscribe(f"{self.prefix}/+/set", qos=1)
         # streams a crashed run left "online" (its last will covers the server, not each stream): set offline
         client.subscribe(f"{self.prefix}/+/availability", qos=1)
+        with self._lock:
+            down, settings = set(self._unavailable), dict(self._settings)
         for stream, (enabled, _) in self._snapshot().items():
             self._discovery(stream, enabled)
-            self._send(self._stream_availability(stream), "online", retain=True, qos=1)
+            self._send(self._stream_availability(stream), "offline" if stream in down else "online", retain=True, qos=1)
+        for stream, payload in settings.items():  # a broker without persistence lost the retained settings too
+            self._send(f"{self.prefix}/{stream}/settings", payload, retain=True, qos=1)
         self._resend_states()
 
     def _on_connect_fail(self, client, userdata) -> None:
@@ -167,7 +217,10 @@ class MqttPublisher:
 
     def settings(self, stream: str, settings: dict) -> None:
         """The settings in force for ``stream`` (retained), at its join and after every change."""
-        self._send(f"{self.prefix}/{stream}/settings", json.dumps(settings), retain=True, qos=1)
+        payload = json.dumps(settings)
+        with self._lock:
+            self._settings[stream] = payload
+        self._send(f"{self.prefix}/{stream}/settings", payload, retain=True, qos=1)
 
     def _send(self, topic: str, payload: str, retain: bool = False, qos: int = 0) -> None:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
@@ -205,6 +258,7 @@ class MqttPublisher:
         enabled = self._shown(enabled)
         with self._lock:
             self._streams[stream] = (enabled, set())
+            self._unavailable.discard(stream)
         self._discovery(stream, enabled)
         for label in self.labels:
             self._state(stream, label, False)
@@ -226,9 +280,17 @@ class MqttPublisher:
         """Per label, whether the stream reports it (``None``: all of them)."""
         return [bool(x) for x in enabled] if enabled is not None else [True] * len(self.labels)
 
+    def stream_available(self, stream: str, up: bool) -> None:
+        """A pulled source or sound card of the server's own stopped giving audio (``up`` false: its sensors show
+        unavailable in Home Assistant, not a quiet OFF) or gives it again."""
+        with self._lock:
+            (self._unavailable.discard if up else self._unavailable.add)(stream)
+        self._send(self._stream_availability(stream), "online" if up else "offline", retain=True, qos=1)
+
     def stream_left(self, stream: str) -> None:
         with self._lock:
             self._streams.pop(stream, None)
+            self._unavailable.discard(stream)
         self._send(self._stream_availability(stream), "offline", retain=True, qos=1)
 
     def _stream_availability(self, stream: str) -> str:
