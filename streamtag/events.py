@@ -388,15 +388,31 @@ def model_event_table(folder: str | os.PathLike | None) -> dict[str, dict[str, A
 
 
 def build_event_settings(*tables: dict[str, dict[str, Any]]) -> tuple[EventParams | None, dict[str, EventParams]]:
-    """Later tables override earlier ones key by key (a model's settings, then the user's file, then flags);
-    every class entry is completed from the merged default."""
+    """Later tables override earlier ones key by key (a model's settings, then the user's file, then flags); a
+    table's ``default`` is every class's, so it overrides the earlier tables' class entries too (a calibrated
+    per-class threshold of the model gives way to a user's ``on_threshold`` for all), and a class entry of the
+    same table or a later one overrides it. Every class entry is completed from the merged default."""
     merged: dict[str, dict[str, Any]] = {}
     for table in tables:
+        for setting in table.get("default", {}):
+            for key, entry in merged.items():
+                if key != "default":
+                    entry.pop(setting, None)
         for key, value in table.items():
             merged[key] = {**merged.get(key, {}), **value}
     base = merged.get("default", {})
-    per_class = {key: EventParams(**{**base, **value}) for key, value in merged.items() if key != "default"}
-    return (EventParams(**base) if base else None), per_class
+    try:
+        default = EventParams(**base) if base else None
+    except ConfigError as exc:
+        raise ConfigError(f"events.default: {exc}") from None
+    per_class = {}
+    for key, value in merged.items():
+        if key != "default":
+            try:
+                per_class[key] = EventParams(**{**base, **value})
+            except ConfigError as exc:  # which class: a file may name dozens
+                raise ConfigError(f"events.{key}: {exc}") from None
+    return default, per_class
 
 
 def load_event_settings(path: str | os.PathLike) -> tuple[EventParams | None, dict[str, EventParams]]:

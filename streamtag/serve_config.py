@@ -4,9 +4,10 @@
 
 A stream's settings are layered: the model's ``events.toml``, then ``--event-config`` and the flags, then
 the config file's ``[defaults]``, then its ``[streams.<name>]``, then run-time changes, each overriding
-the one before key by key. A label left out by ``allow`` or ``deny`` opens no events, gets no Home
-Assistant sensor and is left out of the scores a client sees; the model still runs on every class, so
-turning a label back on needs no restart and loses no state.
+the one before key by key (a layer's ``events.default`` overrides the class entries below it too). A
+label left out by ``allow`` or ``deny`` opens no events, gets no Home Assistant sensor and is left out of
+the scores a client sees; the model still runs on every class, so turning a label back on needs no
+restart and loses no state.
 
     [defaults]                      # every stream
     deny = ["breathing"]
@@ -23,6 +24,7 @@ turning a label back on needs no restart and loses no state.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -49,6 +51,7 @@ def valid_name(name: str) -> bool:
 
 
 SETTING_KEYS = ("allow", "deny", "events")
+SOURCE_KEYS = ("url", "device")  # a [streams.NAME] table's too: what the server pulls
 EVENT_KEYS = {f.name for f in dataclasses.fields(EventParams)}
 
 
@@ -62,13 +65,15 @@ class StreamSettings:
     events: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def parse(cls, data: Any, labels: Sequence[str], where: str) -> StreamSettings:
-        """Checked settings from a TOML table or a JSON body; one line naming ``where`` and the fix if wrong."""
+    def parse(cls, data: Any, labels: Sequence[str], where: str, also_known: Sequence[str] = ()) -> StreamSettings:
+        """Checked settings from a TOML table or a JSON body; one line naming ``where`` and the fix if wrong.
+        ``also_known``: keys the caller took out before (a stream's url), named when a key is unknown."""
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: settings must be a table/object with keys among {list(SETTING_KEYS)}")
         unknown = sorted(set(data) - set(SETTING_KEYS))
         if unknown:
-            raise ConfigError(f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(SETTING_KEYS)})")
+            known = ", ".join((*SETTING_KEYS, *also_known))
+            raise ConfigError(f"{where}: unknown setting {unknown[0]!r} (known: {known})")
         lists = {}
         for key in ("allow", "deny"):
             value = data.get(key)
@@ -87,8 +92,12 @@ class StreamSettings:
             raise ConfigError(f"{where}: events must map 'default' or a class name to event settings")
         _known([k for k in events if k != "default"], labels, f"{where}: events")
         for key, value in events.items():
-            if not isinstance(value, dict) or set(value) - EVENT_KEYS:
+            if not isinstance(value, dict):
                 raise ConfigError(f"{where}: events.{key} must be a table with keys among {sorted(EVENT_KEYS)}")
+            wrong = sorted(set(value) - EVENT_KEYS)
+            if wrong:
+                known = ", ".join(sorted(EVENT_KEYS))
+                raise ConfigError(f"{where}: events.{key}: unknown key {wrong[0]!r} (known: {known})")
         return cls(lists.get("allow"), lists.get("deny"), {k: dict(v) for k, v in events.items()})
 
     def over(self, below: StreamSettings) -> StreamSettings:
@@ -129,20 +138,25 @@ class ServeConfig:
     defaults: StreamSettings = dataclasses.field(default_factory=StreamSettings)
     streams: dict[str, StreamSettings] = dataclasses.field(default_factory=dict)
     sources: list[PulledSource] = dataclasses.field(default_factory=list)
+    path: str | None = None  # the file, named in the errors found later (a bad combination of layers)
 
 
 def read_serve_config(path: str | os.PathLike, labels: Sequence[str]) -> ServeConfig:
     """Parse and check a config file (TOML, or JSON of the same shape)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+        text = path.read_text(encoding="utf-8-sig")
+        data = json.loads(text, object_pairs_hook=_no_twice) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"--config {path}: cannot read it ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f'--config {path}: give an object of tables, {{"defaults": {{...}}, "streams": {{...}}}}')
     unknown = sorted(set(data) - {"defaults", "streams"})
     if unknown:
         raise ConfigError(f"--config {path}: unknown table [{unknown[0]}] (known: [defaults], [streams.NAME])")
-    config = ServeConfig(StreamSettings.parse(data.get("defaults", {}), labels, f"--config {path}: [defaults]"))
+    config = ServeConfig(
+        StreamSettings.parse(data.get("defaults", {}), labels, f"--config {path}: [defaults]"), path=str(path)
+    )
     streams = data.get("streams", {})
     if not isinstance(streams, dict):
         raise ConfigError(f"--config {path}: streams must be tables, [streams.NAME]")
@@ -159,7 +173,7 @@ def read_serve_config(path: str | os.PathLike, labels: Sequence[str]) -> ServeCo
         for key, value in (("url", url), ("device", device)):
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"{where}: {key} must be a non-empty string")
-        config.streams[name] = StreamSettings.parse(table, labels, where)
+        config.streams[name] = StreamSettings.parse(table, labels, where, also_known=SOURCE_KEYS)
         if url or device:
             config.sources.append(PulledSource(name, url, device))
     return config
@@ -218,11 +232,11 @@ class SettingsBook:
             try:
                 built = build_event_settings(*self.base_tables, settings.events), settings.enabled(self.labels)
             except ConfigError as exc:  # name where the bad value is: a change, a stream's table, or the defaults
-                where = "[defaults] of the config file"
+                where = f"--config {self.config.path}: [defaults]"
                 if name in self.changes:
                     where = f"settings for '{name}'"
                 elif name in self.config.streams:
-                    where = f"[streams.{name}] of the config file"
+                    where = f"--config {self.config.path}: [streams.{name}]"
                 raise ConfigError(f"{where}: {exc}") from None
             if not own:  # a stream with no settings of its own has the defaults': built once, not at every join
                 self._shared = built
@@ -235,4 +249,15 @@ class SettingsBook:
 def _known(names: Sequence[str], labels: Sequence[str], where: str) -> None:
     unknown = [n for n in names if n not in labels]
     if unknown:
-        raise ConfigError(f"{where}: unknown class {unknown[0]!r} (the model's classes are in its config.json)")
+        close = difflib.get_close_matches(unknown[0], labels, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"the model's classes: {', '.join(labels)}"
+        raise ConfigError(f"{where}: unknown class {unknown[0]!r} ({hint})")
+
+
+def _no_twice(pairs: list) -> dict:
+    """A JSON object, refusing a key given twice (json keeps the last one without a word)."""
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ValueError(f"{twice[0]!r} is given twice in one object")
+    return dict(pairs)

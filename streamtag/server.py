@@ -146,6 +146,7 @@ class ServeWorker(threading.Thread):
                     "recent": a.recent,
                     "frames": a.frames,
                     "silent_s": round(now - a.last_audio, 1),  # seconds without audio: the page greys it out
+                    "samples": {"received": a.received, "processed": a.processed, "dropped": a.dropped},
                 }
                 for name, a in self.accounts.items()
             }
@@ -217,8 +218,11 @@ class ServeWorker(threading.Thread):
             if hops and self.metrics is not None:
                 self.metrics.stepped(hops, cost)
             if self._stopping.is_set():
-                for name in list(self.accounts):
+                with self.lock:
+                    accounts = dict(self.accounts)
+                for name in accounts:
                     self._leave(name, "interrupted")
+                _say_stop_summary(accounts)
                 self.round_done()
                 return
             self.round_done()
@@ -559,6 +563,28 @@ class Pacer:
             self.submitted += piece.size
 
 
+def _say_stop_summary(accounts: dict[str, StreamAccount]) -> None:
+    """At a stop, what every stream still connected got, on stderr (the journal of a service): the WebSocket
+    clients had their summaries, the server's own sources and the operator had none."""
+    if not accounts:
+        return
+    rows = [(name, a.received, a.processed, a.dropped, a.events) for name, a in sorted(accounts.items())]
+    totals = [sum(row[i] for row in rows) for i in range(1, 5)]
+    say = lambda text: print(f"streamtag serve: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    say(
+        f"{len(rows)} stream{'s' if len(rows) > 1 else ''} at the stop: samples received {totals[0]}, "
+        f"processed {totals[1]}, dropped {totals[2]}; "
+        f"{totals[3]} events"
+    )
+    for name, received, processed, dropped, events in rows[:STOP_SUMMARY_STREAMS]:
+        say(f"  {name}: received {received}, processed {processed}, dropped {dropped}; {events} events")
+    if len(rows) > STOP_SUMMARY_STREAMS:
+        say(f"  ... and {len(rows) - STOP_SUMMARY_STREAMS} more (each one's figures: /v1/state while it runs)")
+
+
+STOP_SUMMARY_STREAMS = 20  # streams listed one by one in the stop summary
+
+
 def _hops(item: StepBlock | Step) -> int:
     """The hops a delivered item holds (a reset's event-only step holds none)."""
     return len(item) if isinstance(item, StepBlock) else int(item.has_scores)
@@ -740,7 +766,7 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
 
     model_rate = worker.model_rate
     source, delay, joined, running, ran = None, 1.0, False, False, False  # ran: it gave audio once
-    ring, buffer, lost_said = None, None, False
+    ring, buffer, lost_said, failing, down = None, None, False, False, False
     last = time.monotonic()  # when audio last came: a device silent this long is taken as lost
     refused: list[str] = []
 
@@ -761,6 +787,9 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
             source.stop()
             return
         stalled = running and time.monotonic() - last > STALL_SECONDS
+        if running and (source.finished or stalled) and not down:  # lost: its events close, it shows offline
+            down = True
+            worker.submit("source", name, False)
         if not running or source.finished or stalled:
             try:
                 if source is None:
@@ -778,9 +807,22 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
                 ran = True
                 last = time.monotonic()
                 running, delay = True, 1.0
+                if down:
+                    down = False
+                    worker.submit("source", name, True)
+                if failing:
+                    failing = False
+                    print(f"streamtag serve: {name}: the device is open again", file=sys.stderr, flush=True)
             except StreamtagError as exc:
                 running = False
-                print(f"streamtag serve: {name}: {exc}; trying again in {delay:g} s", file=sys.stderr, flush=True)
+                if not failing:  # said once, until it works (no line per retry)
+                    failing = True
+                    why = str(exc).removeprefix("--device ")  # its config key is device = ...
+                    print(
+                        f"streamtag serve: {name}: device {why}; trying again (1 s doubling to 30 s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 await _sleep_unless(stop, delay)
                 delay = min(2 * delay, 30.0)
                 continue
@@ -796,7 +838,7 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
         if ring.dropped:
             print(f"streamtag serve: {name}: {ring.dropped} samples of the sound card were lost", file=sys.stderr)
     if joined:
-        worker.submit("eof", name)
+        worker.submit("gone", name)  # the server is stopping: its open events close as interrupted
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

@@ -120,7 +120,7 @@ def test_fast_paced_replay_never_drops(cnn_dir):
         (["export", "{tmp}/nomodel", "--onnx", "{tmp}/x.onnx"], "the first argument for eval and export"),
         (["train", "{tmp}/nodata", "--out", "{tmp}/o"], "dataset not found"),
         (["eval", "{cnn}", "{tmp}", "--report", "/proc/streamtag_report"], "--report /proc/streamtag_report"),
-        (["tag", "{dog}", "--out", "{tmp}/o", "--on-threshold", "2"], "--on-threshold 2: on_threshold must be"),
+        (["tag", "{dog}", "--out", "{tmp}/o", "--on-threshold", "2"], "--on-threshold 2: events.default: on_threshold"),
         (["eval", "{cnn}", "{tmp}", "--false-alarm-audio", "{tmp}", "--expected", "speach"], "--expected: 'speach'"),
     ],
 )

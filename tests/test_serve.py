@@ -360,6 +360,9 @@ def test_sigterm_mid_stream_closes_open_events_and_exits_0(tmp_path):
     assert proc.returncode == 0, err
     closes = [m for m in messages if m["type"] == "close"]
     assert closes and closes[-1]["reason"] == "interrupted" and messages[-1]["type"] == "summary"
+    summary = messages[-1]  # and the operator's copy, on stderr (the journal of a service)
+    assert "1 stream at the stop: samples received" in err, err
+    assert f"porch: received {summary['received']}, processed {summary['processed']}, dropped 0" in err, err
     opened = [m for m in messages if m["type"] == "open"]
     assert len(opened) == len(closes)  # every open got its close
 
@@ -570,7 +573,7 @@ def test_per_stream_settings_from_the_config_file_and_changed_at_run_time(tmp_pa
             ]
             assert [b[0] for b in bad] == [400] * 5
             assert "unknown class 'raain'" in bad[0][1]["error"] and "unknown setting 'colour'" in bad[1][1]["error"]
-            assert "must be a JSON object" in bad[2][1]["error"] and "keys among" in bad[3][1]["error"]
+            assert "must be a JSON object" in bad[2][1]["error"] and "unknown key 'on'" in bad[3][1]["error"]
             assert "must be a JSON object" in bad[4][1]["error"]
             assert asyncio.run(_http("GET", f"{base}/porch/settings"))[1] == porch_settings  # nothing changed
 
@@ -646,10 +649,14 @@ async def _poll(ws):
         ('[streams."a b"]\n', "stream names are 1-64"),
         ("[extra]\n", "unknown table [extra]"),
         ("[streams.a\n", "cannot read it"),
-        ("[streams.a.events.dog]\non_threshold = 3\n", "[streams.a] of the config file: on_threshold must be in"),
-        ("[defaults.events.default]\non_threshold = 7\n", "[defaults] of the config file: on_threshold must be"),
+        ("[streams.a.events.dog]\non_threshold = 3\n", "serve.toml: [streams.a]: events.dog: on_threshold must be in"),
+        ("[defaults.events.default]\non_threshold = 7\n", "serve.toml: [defaults]: events.default: on_threshold must"),
+        ('[streams.a]\nur = "x"\n', "unknown setting 'ur' (known: allow, deny, events, url, device)"),
+        ("[streams.a.events.dog]\non_treshold = 0.6\n", "events.dog: unknown key 'on_treshold'"),
+        ('[streams.a]\nallow = ["dgo"]\n', "unknown class 'dgo' (did you mean dog"),
         ('[streams.cam]\nurl = "/no/such/cam.wav"\n', "stream 'cam': no such file '/no/such/cam.wav'"),
         ('[streams.cam]\nurl = "file:/no/such/cam.wav"\n', "stream 'cam': no such file '/no/such/cam.wav'"),
+        ('[streams.cam]\nurl = "/proc/version"\n', "stream 'cam': ffmpeg finds no audio to read in '/proc/version'"),
     ],
 )
 def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, text, message):

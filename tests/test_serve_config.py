@@ -88,3 +88,26 @@ def test_the_config_file_names_its_sources(tmp_path):
     config = read_serve_config(path, LABELS)
     assert [(s.name, s.url, s.device) for s in config.sources] == [("cam", "rtsp://x/y", None), ("mic", None, "USB")]
     assert set(config.streams) == {"cam", "mic", "ws"} and config.streams["cam"].allow == ("dog",)
+
+
+def test_a_higher_layer_s_default_moves_every_class_below_it_and_json_of_the_wrong_shape_is_one_line(tmp_path):
+    """The config file's [defaults] overrides the layers below key by key, the class entries they hold included:
+    --on-threshold 0.3 (copied into every class the model's events.toml names) under a file's default 0.8 left
+    dog and rain at 0.3 and the rest at 0.8. A class entry of the same or a higher layer still wins."""
+    from streamtag.cli.run import event_tables
+
+    config = ServeConfig(
+        defaults=StreamSettings(events={"default": {"on_threshold": 0.8}}),
+        streams={"porch": StreamSettings(events={"dog": {"on_threshold": 0.6}})},
+    )
+    book = SettingsBook(LABELS, 0.01, event_tables(None, None, 0.3), config)
+    thresholds = {name: book.detector(name)._on for name in ("porch", "other")}
+    for name, dog in (("porch", 0.6), ("other", 0.8)):
+        assert thresholds[name][LABELS.index("dog")] == pytest.approx(dog)
+        assert thresholds[name][LABELS.index("rain")] == pytest.approx(0.8)
+        assert thresholds[name][LABELS.index("chainsaw")] == pytest.approx(0.8)
+    for text, message in (('[{"a": 1}]', "give an object of tables"), ('{"streams": {}, "streams": {}}', "twice")):
+        path = tmp_path / "serve.json"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_serve_config(path, LABELS)

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from .. import __version__
 from ..errors import BackendUnavailable, ConfigError
 from ..events import Event
 
@@ -131,6 +132,7 @@ class MqttPublisher:
         self._streams: dict[str, tuple[list[bool], set[str]]] = {}
         self._unavailable: set[str] = set()  # joined streams whose source gives no audio now (a camera that dropped)
         self._settings: dict[str, str] = {}  # each stream's settings in force, as published (retained)
+        self._queued = 0  # QoS 1 messages (events, availability, settings) waiting for a broker that is away
         self._lock = threading.Lock()  # _streams and the counters: the worker and paho's thread both use them
         self._closing = False
         # (stream, change, reply) -> applies a settings change; set by serve to hand it to its worker
@@ -155,6 +157,8 @@ class MqttPublisher:
                 return
             self._down(f"the MQTT broker {self.host}:{self.port} refused the connection ({reason_code})")
             return
+        with self._lock:
+            self._queued = 0  # sent now, on this connection
         if self._said_down:
             self._said_down = False
             print(f"streamtag serve: MQTT broker {self.host}:{self.port} connected again", file=sys.stderr, flush=True)
@@ -230,6 +234,8 @@ class MqttPublisher:
                 self.published += 1
             else:
                 self.dropped += 1
+            if info.rc == self._mqtt.MQTT_ERR_NO_CONN and qos > 0:
+                self._queued += 1
 
     def _snapshot(self) -> dict[str, tuple[list[bool], set[str]]]:
         with self._lock:
@@ -323,6 +329,13 @@ class MqttPublisher:
     def close(self) -> None:
         """States OFF were sent by the events' closes; say offline, flush, disconnect."""
         self._closing = True
+        if self._said_down and self._queued:  # the broker is away: what waited for it is lost with the process
+            print(
+                f"streamtag serve: the MQTT broker {self.host}:{self.port} is unreachable: {self._queued} messages "
+                "(events, availability) queued for it since it went away are not delivered",
+                file=sys.stderr,
+                flush=True,
+            )
         info = self.client.publish(self.availability, "offline", qos=1, retain=True)
         try:
             info.wait_for_publish(timeout=2.0)
@@ -332,7 +345,12 @@ class MqttPublisher:
         self.client.loop_stop()
 
     def _discovery(self, stream: str, enabled: Sequence[bool]) -> None:
-        device = {"identifiers": [f"{self.prefix}_{stream}"], "name": f"{self.prefix} {stream}", "model": "streamtag"}
+        device = {
+            "identifiers": [f"{self.prefix}_{stream}"],
+            "name": f"{self.prefix} {stream}",
+            "model": "streamtag",
+            "sw_version": __version__,
+        }
         for label, on in zip(self.labels, enabled):
             uid = f"{self.prefix}_{stream}_{label}"
             topic = f"{self.discovery_prefix}/binary_sensor/{OBJECT_ID_UNSAFE.sub('_', uid)}/config"
@@ -349,5 +367,6 @@ class MqttPublisher:
                 "availability": [{"topic": self.availability}, {"topic": self._stream_availability(stream)}],
                 "availability_mode": "all",
                 "device": device,
+                "origin": {"name": "streamtag", "sw_version": __version__},
             }
             self._send(topic, json.dumps(config), retain=True)
