@@ -111,3 +111,20 @@ def test_a_higher_layer_s_default_moves_every_class_below_it_and_json_of_the_wro
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
             read_serve_config(path, LABELS)
+
+
+def test_a_broker_url_takes_a_login_and_tls_and_never_shows_the_password(monkeypatch):
+    from streamtag.outputs.mqtt import parse_broker
+
+    monkeypatch.delenv("STREAMTAG_MQTT_PASSWORD", raising=False)
+    plain = parse_broker("mqtt://127.0.0.1")
+    assert (plain.host, plain.port, plain.username, plain.password, plain.tls) == ("127.0.0.1", 1883, None, None, False)
+    login = parse_broker("mqtts://ha:p%40ss@broker.local")
+    assert (login.port, login.username, login.password, login.tls) == (8883, "ha", "p@ss", True)
+    assert "p@ss" not in repr(login)
+    monkeypatch.setenv("STREAMTAG_MQTT_PASSWORD", "from-env")
+    assert parse_broker("mqtt://ha@broker.local:1884").password == "from-env"
+    for url, message in (("mqtt://:secret@host", "needs a user name"), ("http://ha:secret@host", "give mqtt://")):
+        with pytest.raises(ConfigError, match=message) as caught:
+            parse_broker(url)
+        assert "secret" not in str(caught.value)
