@@ -55,32 +55,35 @@ TOP_LABELS = 3
 class Item:
     """One file to tag and the name its outputs take under ``out`` (its path below the folder given).
 
-    ``opener(rate)``, when set, makes the source instead of decoding ``path`` (``tag -`` reads stdin)."""
+    ``opener(rate)``, when set, makes the source instead of decoding ``path`` (``tag -`` reads stdin);
+    ``listed_in``: the manifest that listed it (named when the file is missing)."""
 
     path: Path
     name: str
     opener: Callable[[int], object] | None = dataclasses.field(default=None, compare=False)
+    listed_in: str | None = dataclasses.field(default=None, compare=False)
 
 
-def find_inputs(inputs: Sequence[str | os.PathLike], passed_over: list[Path] | None = None) -> list[Item]:
+def find_inputs(
+    inputs: Sequence[str | os.PathLike], passed_over: list[Path] | None = None, out: str | os.PathLike | None = None
+) -> list[Item]:
     """Files, folders (searched recursively for audio) and manifests (``.csv`` with a ``path`` column, or
     ``.txt``/``.lst`` with one path a line; relative paths are taken from the manifest's folder). A file listed
-    twice is tagged once. ``passed_over`` receives the files of a folder that were left out for their
-    extension (not audio by name; a manifest can still list them)."""
+    twice is tagged once. ``passed_over`` receives what a folder search left out and the user may want:
+    files whose extension is not audio (a manifest can still list them), links to folders (not followed: a
+    link back up would loop) and broken links. Hidden files and folders (``.git``, macOS ``._x.wav``) and the
+    output folder ``out`` are never searched."""
     items: list[Item] = []
+    skip = Path(out).resolve() if out is not None else None
     for given in inputs:
         p = Path(given)
         if p.is_dir():
-            found = []
-            for f in sorted(p.rglob("*")):
-                if f.is_file():
-                    taken = f.suffix.lower() in AUDIO_SUFFIXES
-                    (found if taken else passed_over if passed_over is not None else []).append(f)
+            found = [f for f in _search(p, skip, passed_over if passed_over is not None else [])]
             if not found:
                 raise ConfigError(f"{p}: no audio files in this folder ({', '.join(AUDIO_SUFFIXES)})")
             items += [Item(f, str(Path(p.resolve().name) / f.relative_to(p))) for f in found]
         elif p.suffix.lower() in MANIFEST_SUFFIXES and p.is_file():
-            items += [Item(f, _name_in(f, p.parent)) for f in _manifest(p)]
+            items += [Item(f, _name_in(f, p.parent), listed_in=str(p)) for f in _manifest(p)]
         elif p.is_file():
             items.append(Item(p, p.name))
         else:
@@ -103,6 +106,30 @@ def find_inputs(inputs: Sequence[str | os.PathLike], passed_over: list[Path] | N
     return unique
 
 
+def _search(folder: Path, skip: Path | None, passed_over: list[Path]) -> list[Path]:
+    """The audio files below ``folder``, sorted; what is left out but worth a word goes to ``passed_over``."""
+    found = []
+    for root, dirs, names in os.walk(folder):  # links to folders are not walked into (followlinks=False)
+        here = Path(root)
+        for d in sorted(dirs):
+            if d.startswith(".") or (skip is not None and (here / d).resolve() == skip):
+                dirs.remove(d)
+            elif (here / d).is_symlink():
+                passed_over.append(here / d)
+        for n in names:
+            f = here / n
+            if n.startswith("."):
+                continue
+            if not f.is_file():  # a broken link (or a socket, a FIFO)
+                passed_over.append(f)
+            elif f.suffix.lower() in AUDIO_SUFFIXES:
+                found.append(f)
+            else:
+                passed_over.append(f)
+    passed_over.sort()
+    return sorted(found)
+
+
 def _name_in(path: Path, folder: Path) -> str:
     """The output name of a manifest's file: its path below the manifest's folder, else folder/name."""
     try:
@@ -113,12 +140,13 @@ def _name_in(path: Path, folder: Path) -> str:
 
 def _manifest(path: Path) -> list[Path]:
     base = path.parent
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: the byte-order mark Excel starts a CSV with
         if path.suffix.lower() == ".csv":
             reader = csv.DictReader(f)
-            if not reader.fieldnames or "path" not in reader.fieldnames:
+            column = next((k for k in reader.fieldnames or () if k.strip().lower() == "path"), None)
+            if column is None:
                 raise ConfigError(f"{path}: a manifest CSV needs a 'path' column ({reader.fieldnames} found)")
-            rows = [row["path"] for row in reader]
+            rows = [row[column] for row in reader if row[column]]
         else:
             rows = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     out = [p if p.is_absolute() else base / p for p in map(Path, rows)]
@@ -162,6 +190,7 @@ class _Job:
     ) -> None:
         self.item, self.marker, self.stamp = item, done_marker(out, item), stamp
         self.retagged = False
+        self.engine = None  # the StreamTagger that steps it, for its input statistics
         if item.opener is not None:
             self.source = item.opener(rate)
         else:
@@ -170,8 +199,9 @@ class _Job:
         base = out / item.name
         base.parent.mkdir(parents=True, exist_ok=True)
         self.final = {"events": _with(base, ".events.jsonl"), "labels": _with(base, ".labels.txt")}
+        self.stale = [_with(base, ".scores.tsv")]  # an earlier run's output this one does not write
         if scores:
-            self.final["scores"] = _with(base, ".scores.tsv")
+            self.final["scores"] = self.stale.pop()
         self.files = {k: open(_tmp(p), "w", encoding="utf-8") for k, p in self.final.items()}
         if scores:
             self.files["scores"].write(scores_header(labels))
@@ -221,20 +251,38 @@ class _Job:
         if self.frames:
             mean = self.sums / self.frames
             outcome.top = [(self.labels[i], float(mean[i])) for i in np.argsort(-mean)[:TOP_LABELS]]
-        nonfinite = self.source.status.nonfinite_samples
-        if nonfinite:
-            outcome.warning = f"{nonfinite} NaN/Inf samples were replaced by 0"
-        if not self.frames:
+        outcome.warning = self._warning()
+        if not self.frames:  # an earlier run's outputs (and marker) stay: they are still what they say
             outcome.error = self.source.error or "no audio (less than one hop)"
             self.discard()
             return outcome
+        # the old marker goes first: from here to the new one, the outputs are not those it describes
+        self.marker.unlink(missing_ok=True)
         for path in self.final.values():
             os.replace(_tmp(path), path)
+        for path in self.stale:
+            path.unlink(missing_ok=True)
         if self.source.error:  # cut short (a truncated file): what was read is kept, but the file is not done
             outcome.error = self.source.error
             return outcome
         _write_atomic(self.marker, json.dumps({**dataclasses.asdict(outcome), **self.stamp}))
         return outcome
+
+    def _warning(self) -> str | None:
+        """What to know about the input, as replay says it: samples replaced or clipped, silence."""
+        parts = []
+        nonfinite = self.source.status.nonfinite_samples
+        if nonfinite:
+            parts.append(f"{nonfinite} NaN/Inf samples were replaced by 0")
+        stats = self.engine.stats if self.engine is not None else None
+        if stats is not None and self.frames:
+            if stats.problems():
+                parts.append(stats.problems())
+            if stats.peak == 0:
+                parts.append("digital silence: every sample is 0 (is this the right file or channel?)")
+            elif stats.peak_dbfs < -50:
+                parts.append(f"very quiet input (peak {stats.peak_dbfs:.1f} dBFS): check the recording's level")
+        return "; ".join(parts) or None
 
     def discard(self) -> None:
         for key, f in self.files.items():
@@ -339,7 +387,7 @@ def tag_archive(
                 if isinstance(job, Outcome):
                     ended(job)
                     continue
-                multi.join(item.name)
+                job.engine = multi.join(item.name)
                 active[item.name] = job
             for name, job in list(active.items()):
                 chunk = next(job.chunks, None)
@@ -375,6 +423,7 @@ def _tag_alone(item: Item, out: Path, model, backend: str, scores: bool, detecto
     if isinstance(job, _Job):
         try:
             engine = StreamTagger(make_backend(backend, model, **one_thread(backend)), events=detector or True)
+            job.engine = engine
             drive(engine, _until_stopped(job.chunks), [job])
         except BaseException:
             job.discard()  # no half-written outputs left behind
@@ -414,6 +463,9 @@ def _open_job(item: Item, out: Path, force: bool, feats, scores: bool, labels, k
     marker = done_marker(out, item)
     try:
         stamp = {"settings": key, "file": _identity(item)}
+    except FileNotFoundError:
+        where = f"listed in {item.listed_in}" if item.listed_in else "given"
+        return Outcome(item.name, str(item.path), error=f"{item.path} is {where} but missing")
     except OSError as exc:
         return Outcome(item.name, str(item.path), error=_one_line(exc))
     retagged = False
@@ -426,8 +478,7 @@ def _open_job(item: Item, out: Path, force: bool, feats, scores: bool, labels, k
         job = _Job(item, out, feats.sample_rate, feats.hop_length, scores, labels, stamp)
     except (AudioFileError, OSError) as exc:
         return Outcome(item.name, str(item.path), error=_one_line(exc))
-    marker.unlink(missing_ok=True)
-    job.retagged = retagged
+    job.retagged = retagged  # the old marker stays until the new outputs are in place (a stop keeps it)
     return job
 
 
@@ -449,6 +500,60 @@ def _finished(marker: Path, stamp: dict | None = None) -> Outcome | None:
 
 def _one_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+TABLES = {"summary.csv": ["name", "path", "seconds"], "errors.csv": ["name", "path", "error"]}  # how ours start
+
+
+def check_out(items: Sequence[Item], out: Path, force: bool = False) -> None:
+    """Refuse, before any work, what the run would otherwise meet file by file or overwrite unasked: a file
+    where an output folder must go, a ``summary.csv``/``errors.csv`` that is not one of ours, and outputs of
+    another file of the same name (another folder's ``rec/x.wav``) that a run without ``--force`` would replace."""
+    for name, start in TABLES.items():
+        path = out / name
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError, csv.Error):
+            header = []
+        if header[: len(start)] != start:
+            raise ConfigError(
+                f"--out {out}: {path} is not a table streamtag wrote, and a run writes its own there; "
+                "move it away, or give another --out"
+            )
+    folders: set[Path] = set()
+    for item in items:
+        folders.update(Path(item.name).parents)
+    for rel in sorted(folders):
+        if (out / rel).exists() and not (out / rel).is_dir():
+            raise ConfigError(
+                f"--out {out}: {out / rel} is a file where a folder of outputs goes; "
+                "move it away, or give another --out"
+            )
+    if force:
+        return
+    for item in items:
+        marker = done_marker(out, item)
+        if item.opener is not None or not marker.is_file():
+            continue
+        if _other_file(marker, item):
+            raise ConfigError(
+                f"--out {out} already holds the results named '{item.name}' of another file, "
+                f"{_other_file(marker, item)}; give {item.path} another --out, or add --force to replace them"
+            )
+
+
+def _other_file(marker: Path, item: Item) -> str | None:
+    """The file a marker was written for, when that is another file that still exists (not a moved archive)."""
+    try:
+        other = json.loads(marker.read_text(encoding="utf-8"))["file"]["path"]
+        if other != str(item.path.resolve()) and os.path.exists(other) and not os.path.samefile(other, item.path):
+            return other
+    except (OSError, ValueError, TypeError, KeyError):  # unreadable, or an older marker naming no file
+        pass
+    return None
 
 
 def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: bool = False) -> list[Path]:

@@ -88,11 +88,12 @@ class Summary:
     level_rms_dbfs: float = float("-inf")  # over the whole stream, after the gain
     level_peak_dbfs: float = float("-inf")
     gain_db: float = 0.0
+    live: bool = True  # a device (its gain can be turned up), not a file or a pipe
 
     def lines(self) -> list[str]:
         out = [
             f"source: {self.source}",
-            f"audio: {self.audio_seconds:.2f} s, {self.frames} frames",
+            f"audio: {self.audio_seconds:.2f} s tagged, {self.frames} frames",
             f"samples: captured {self.captured}, processed {self.processed}, dropped {self.dropped}, "
             f"unread {self.unread}",
             f"hop compute (model, events, outputs): p50 {self.compute_p50_ms:.3f} ms, "
@@ -101,7 +102,7 @@ class Summary:
             f"model alone {self.model_mean_ms:.3f} ms a hop on average",
             f"level: RMS {self.level_rms_dbfs:.1f} dBFS, peak {self.level_peak_dbfs:.1f} dBFS"
             + (f" (after --gain {self.gain_db:+g} dB)" if self.gain_db else "")
-            + ("; very quiet input: check the microphone or its gain" if self.level_peak_dbfs < -50 else ""),
+            + ("; very quiet input: " + self._quiet_hint() if self.level_peak_dbfs < -50 else ""),
         ]
         problems = {k: v for k, v in self.source_status.items() if v}
         if problems:
@@ -113,6 +114,11 @@ class Summary:
         elif self.gap_seconds:
             out.append(f"device lost and not back before the stop; {self.gap_seconds:.1f} s of audio missed")
         return out
+
+    def _quiet_hint(self) -> str:
+        if self.live:
+            return "check the microphone or its gain"
+        return "the recording is silent or far below full scale (--gain DB raises it)"
 
 
 class _OutputFailed(Exception):
@@ -351,4 +357,5 @@ class Worker(threading.Thread):
             level_rms_dbfs=stats.rms_dbfs,
             level_peak_dbfs=stats.peak_dbfs,
             gain_db=self.tagger.gain_db,
+            live=self.source.is_live,
         )

@@ -292,19 +292,23 @@ def test_a_rerun_tags_again_what_no_longer_matches_its_outputs(tmp_path, cnn_dir
     r = run_cli(*tag, tmp_path / "day1")
     assert "0 files" in r.stderr and "1 already done" in r.stderr
     r = run_cli(*tag, tmp_path / "day1", "--scores")
-    assert r.returncode == 0 and "tagged 1 files" in r.stderr and (out / "day1" / "a.flac.scores.tsv").is_file()
+    assert r.returncode == 0 and "tagged 1 file " in r.stderr and (out / "day1" / "a.flac.scores.tsv").is_file()
     r = run_cli(*tag, tmp_path / "day1", "--scores", "--on-threshold", "0.2")
-    assert r.returncode == 0 and "tagged 1 files" in r.stderr
-    r = run_cli(*tag, tmp_path / "day2" / "day1", "--scores", "--on-threshold", "0.2")
-    assert r.returncode == 0 and "tagged 1 files" in r.stderr
+    assert r.returncode == 0 and "tagged 1 file " in r.stderr
+    r = run_cli(*tag, tmp_path / "day2" / "day1", "--scores", "--on-threshold", "0.2")  # another file, same name
+    assert r.returncode == 2 and "already holds the results named 'day1/a.flac' of another file" in r.stderr
+    assert "--force" in r.stderr and _rows(out / "summary.csv")[0]["path"] == str(tmp_path / "day1" / "a.flac")
+    r = run_cli(*tag, tmp_path / "day2" / "day1", "--scores", "--on-threshold", "0.2", "--force")
+    assert r.returncode == 0 and "tagged 1 file " in r.stderr
     (row,) = _rows(out / "summary.csv")
     assert row["path"] == str(tmp_path / "day2" / "day1" / "a.flac")
+    r = run_cli(*tag, tmp_path / "day2" / "day1", "--on-threshold", "0.2")
     assert "1 of the files tagged had been finished before" in r.stderr  # said, not silently hours of work
     marker = out / "day1" / "a.flac.done.json"  # a marker of an older streamtag names no settings
     old = {k: v for k, v in json.loads(marker.read_text()).items() if k not in ("settings", "file")}
     marker.write_text(json.dumps(old))
     r = run_cli(*tag, tmp_path / "day2" / "day1", "--scores", "--on-threshold", "0.2")
-    assert "tagged 1 files" in r.stderr and "by an older streamtag" in r.stderr
+    assert "tagged 1 file " in r.stderr and "by an older streamtag" in r.stderr
     (tmp_path / "other").mkdir()
     shutil.copy(EXAMPLES / "chainsaw.flac", tmp_path / "other" / "b.flac")
     assert run_cli(*tag, tmp_path / "other").returncode == 0
@@ -340,7 +344,7 @@ def test_duplicates_truncation_nan_and_other_extensions_are_reported(tmp_path, c
         for row in map(json.loads, path.read_text().splitlines()):
             assert row["schema"] == 1 and "time" in row and row["source"].endswith(path.name[: -len(".events.jsonl")])
     r = run_cli("tag", folder / "take.bak", "--out", out, "--model", cnn_dir)  # given by name, it is tagged
-    assert r.returncode == 0 and "tagged 1 files" in r.stderr, r.stderr
+    assert r.returncode == 0 and "tagged 1 file " in r.stderr, r.stderr
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, cnn_dir):
@@ -454,8 +458,8 @@ def test_ctrl_c_at_any_moment_of_a_rerun_over_many_finished_files_ends_cleanly(t
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)  # before the fix: a hang, or a worker's traceback
         assert proc.returncode in (0, 130) and "Traceback" not in err, err
-        if proc.returncode == 130 and "tagged" in err:  # every file was finished before: none is left (it said 4000
-            assert "interrupted; 0 of 4000 files not finished" in err, err  # of 4000); else it was still finding them
+        if proc.returncode == 130 and "tagged" in err:  # every file was finished before: none is left (it said "0 of
+            assert "interrupted after all 4000 files had finished; nothing is left" in err, err  # 4000 ... run again")
         assert not list(out.rglob("*.part"))
 
 
@@ -477,3 +481,124 @@ def test_a_torch_backend_in_tag_uses_one_thread_a_process(tmp_path, monkeypatch,
     tag_archive(items, out=tmp_path / "one", model=cnn_dir, backend="torch")  # one file: the chunk step
     tag_archive(find_inputs([EXAMPLES]), out=tmp_path / "many", model=cnn_dir, backend="torch", width=2)
     assert asked == [("torch", {"threads": 1})] * 2
+
+
+def test_a_retag_leaves_no_output_of_the_earlier_tagging(tmp_path, cnn_dir):
+    """Tagged with --scores, then the file changed and tagged again without: the old scores.tsv stayed, the
+    dog's scores beside the rain's labels."""
+    (tmp_path / "ch").mkdir()
+    f = tmp_path / "ch" / "f.wav"
+    sf.write(f, read_clip(EXAMPLES / "dog.flac"), 16000)
+    out = tmp_path / "out"
+    assert run_cli("tag", tmp_path / "ch", "--out", out, "--model", cnn_dir, "--scores").returncode == 0
+    assert (out / "ch" / "f.wav.scores.tsv").is_file()
+    sf.write(f, read_clip(EXAMPLES / "rain.flac")[:40000], 16000)
+    r = run_cli("tag", tmp_path / "ch", "--out", out, "--model", cnn_dir)
+    assert r.returncode == 0 and "tagged again" in r.stderr, r.stderr
+    assert sorted(p.name for p in (out / "ch").iterdir()) == [
+        "f.wav.done.json",
+        "f.wav.events.jsonl",
+        "f.wav.labels.txt",
+    ]
+
+
+def test_a_summary_parquet_is_kept_up_to_date_by_runs_without_parquet(tmp_path, cnn_dir):
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "out"
+    assert run_cli("tag", EXAMPLES / "dog.flac", "--out", out, "--model", cnn_dir, "--parquet").returncode == 0
+    assert run_cli("tag", EXAMPLES / "rain.flac", "--out", out, "--model", cnn_dir).returncode == 0
+    assert pq.read_table(out / "summary.parquet").column("name").to_pylist() == ["dog.flac", "rain.flac"]
+
+
+def test_a_stopped_rerun_keeps_the_finished_results_it_did_not_redo(tmp_path, cnn_dir):
+    """--force (or new settings) removed every done marker up front: a stop midway left the old outputs
+    without markers, summary.csv empty, and the next plain run tagged everything again."""
+    from streamtag.archive import find_inputs, tag_archive, write_tables
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    sf.write(folder / "a.wav", read_clip(EXAMPLES / "dog.flac")[:16000], 16000)  # ends first
+    sf.write(folder / "b.wav", np.tile(read_clip(EXAMPLES / "rain.flac"), 2), 16000)
+    items = find_inputs([folder])
+    tag_archive(items, out, model=cnn_dir, width=2)
+    markers = {m.name: m.read_bytes() for m in (out / "in").glob("*.done.json")}
+
+    def stop(outcome):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # stopped as a.wav is done again, b.wav still in flight
+        tag_archive(items, out, model=cnn_dir, width=2, force=True, progress=stop)
+    assert (out / "in" / "b.wav.done.json").read_bytes() == markers["b.wav.done.json"]
+    assert not list(out.rglob("*.part"))
+    write_tables([], out)
+    assert [row["name"] for row in _rows(out / "summary.csv")] == ["in/a.wav", "in/b.wav"]
+    assert all(o.skipped for o in tag_archive(items, out, model=cnn_dir, width=2))  # a plain rerun redoes none
+
+
+def test_clipped_nan_and_silent_input_is_a_warning(tmp_path, cnn_dir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sf.write(folder / "zeros.wav", np.zeros(32000, np.float32), 16000)
+    sf.write(folder / "loud.wav", read_clip(EXAMPLES / "dog.flac") * 4, 16000, subtype="FLOAT")
+    sf.write(folder / "fine.wav", read_clip(EXAMPLES / "dog.flac"), 16000)
+    out = tmp_path / "out"
+    r = run_cli("tag", folder, "--out", out, "--model", cnn_dir)
+    assert r.returncode == 0, r.stderr
+    warning = {row["name"]: row["warning"] for row in _rows(out / "summary.csv")}
+    assert "digital silence" in warning["in/zeros.wav"] and "beyond full scale" in warning["in/loud.wav"]
+    assert warning["in/fine.wav"] == "" and "zeros.wav: digital silence" in r.stderr
+
+
+def test_folder_search_skips_hidden_entries_links_to_folders_and_the_output_folder(tmp_path):
+    from streamtag.archive import find_inputs
+
+    root = tmp_path / "rec"
+    (root / ".git").mkdir(parents=True)
+    (root / "sub").mkdir()
+    for f in ("a.wav", "._a.wav", ".hidden.wav", ".git/x.wav", "sub/b.wav"):
+        (root / f).write_bytes(b"x")
+    (root / "up").symlink_to(root)  # a loop
+    (root / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
+    (root / "tags").mkdir()  # --out inside the folder tagged
+    (root / "tags" / "c.wav").write_bytes(b"x")
+    passed: list = []
+    items = find_inputs([root], passed, out=root / "tags")
+    assert [i.name for i in items] == ["rec/a.wav", "rec/sub/b.wav"]
+    assert sorted(p.name for p in passed) == ["gone.wav", "up"]
+    assert [i.name for i in find_inputs([root / "._a.wav"])] == ["._a.wav"]  # given by name, it is tagged
+
+
+def test_a_manifest_from_excel_is_read(tmp_path):
+    from streamtag.archive import find_inputs
+
+    (tmp_path / "a.wav").write_bytes(b"x")
+    manifest = tmp_path / "list.csv"
+    manifest.write_bytes("\ufeffPath,note\r\na.wav,first\r\n".encode())  # a byte-order mark and a capital
+    assert [i.path for i in find_inputs([manifest])] == [tmp_path / "a.wav"]
+
+
+def test_bad_tag_invocations_are_one_line_before_any_work(tmp_path, cnn_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.csv").write_text("item,price\nbread,2\n")  # a user's own table in the --out given
+    r = run_cli("tag", EXAMPLES / "dog.flac", "--out", out, "--model", cnn_dir)
+    assert r.returncode == 2 and "summary.csv is not a table streamtag wrote" in r.stderr, r.stderr
+    assert (out / "summary.csv").read_text() == "item,price\nbread,2\n"
+    (out / "summary.csv").unlink()
+    (out / "examples").write_text("")  # a file where the folder of outputs goes
+    r = run_cli("tag", EXAMPLES, "--out", out, "--model", cnn_dir)
+    assert r.returncode == 2 and "is a file where a folder of outputs goes" in r.stderr and "Errno" not in r.stderr
+    r = run_cli("tag", EXAMPLES / "dog.flac", "--out", out, "--model", cnn_dir, "--name", "porch")
+    assert r.returncode == 2 and "--name names stdin's outputs" in r.stderr
+    r = run_cli("tag", EXAMPLES / "dog.flac", "--out", out, "--model", cnn_dir, "--width", "0")
+    assert r.returncode == 2 and "--width must be a whole number >= 1 (0 given)" in r.stderr
+
+
+def test_a_missing_manifest_entry_and_too_many_jobs_are_said_plainly(tmp_path, cnn_dir):
+    shutil.copy(EXAMPLES / "dog.flac", tmp_path / "dog.flac")
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("dog.flac\ngone.flac\n")
+    jobs = str((os.cpu_count() or 1) + 1)
+    r = run_cli("tag", manifest, "--out", tmp_path / "out", "--model", cnn_dir, "--jobs", jobs)
+    assert r.returncode == 1 and f"gone.flac is listed in {manifest} but missing" in r.stderr, r.stderr
+    assert f"--jobs {jobs} is more than the {os.cpu_count()} cores here" in r.stderr and "Errno" not in r.stderr

@@ -218,3 +218,31 @@ def test_a_truncated_file_is_tagged_as_far_as_it_goes_and_said_so(tmp_path, cnn_
     said = float(re.search(r"the ([0-9.]+) s", errors[0]).group(1))
     assert abs(said - tagged) < 0.02 and tagged > 1.5  # more than the blocks before the broken one
     assert run_cli("replay", whole, "--model", cnn_dir, "--fast", "--quiet").returncode == 0
+
+
+def test_a_wav_streamed_by_ffmpeg_into_a_file_is_whole(tmp_path):
+    """ffmpeg -f wav to a pipe cannot go back to write the sizes: it leaves 0xFFFFFFFF ("until the end"). Such a
+    complete file was reported as 100% truncated, failed and tagged again on every run."""
+    from streamtag.sources import WavReplaySource
+
+    buf = tmp_path / "plain.wav"
+    sf.write(buf, _tone(16000), 16000, subtype="PCM_16")
+    data = bytearray(buf.read_bytes())
+    data[4:8] = data[40:44] = b"\xff\xff\xff\xff"  # the RIFF and data sizes, as a pipe's header has them
+    piped = tmp_path / "piped.wav"
+    piped.write_bytes(bytes(data))
+    source = WavReplaySource(piped, 16000, speed=0)
+    got = np.concatenate(list(source.chunks()))
+    assert source.error is None and got.size == 16000
+
+
+def test_empty_files_and_containers_ffmpeg_reads_say_what_to_do(tmp_path):
+    from streamtag.sources.file import probe_audio
+
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(AudioFileError, match=r"empty\.wav is empty \(0 bytes\)"):
+        probe_audio(tmp_path / "empty.wav")
+    for name in ("talk.m4a", "clip.mp4", "film.mkv", "radio.aac"):
+        (tmp_path / name).write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))
+        with pytest.raises(AudioFileError, match=r"ffmpeg -i .* -f wav - \| streamtag replay -"):
+            probe_audio(tmp_path / name)

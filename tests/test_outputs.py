@@ -124,3 +124,22 @@ def test_plot_of_stdin(tmp_path):
     r = subprocess.run([*cmd, "--fast", "--quiet", "--plot", str(png)], input=pcm, capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert png.stat().st_size > 10_000
+
+
+def test_replay_never_writes_over_the_audio_it_reads(tmp_path, cnn_dir):
+    """replay - --events X < X left X 0 bytes; cat X | replay - --events X truncated the recording too."""
+    import subprocess
+    import sys
+
+    wav = tmp_path / "take.wav"
+    sf.write(wav, read_clip(EXAMPLES / "dog.flac"), 16000)
+    before = wav.read_bytes()
+    cmd = [sys.executable, "-m", "streamtag", "replay", "-", "--model", str(cnn_dir), "--fast", "--quiet"]
+    with open(wav, "rb") as stdin:  # stdin is the file itself
+        r = subprocess.run([*cmd, "--events", str(wav)], stdin=stdin, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "also the file read on stdin" in r.stderr, r.stderr
+    r = subprocess.run([*cmd, "--jsonl", str(wav)], input=before, capture_output=True, timeout=120)  # a pipe
+    assert r.returncode == 2 and b"is an audio file" in r.stderr, r.stderr
+    assert wav.read_bytes() == before
+    with pytest.raises(ConfigError, match="is an audio file"):
+        EventsJsonl(EXAMPLES / "dog.flac")

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import signal
+import stat
 import sys
 from collections.abc import Callable
 
@@ -235,19 +236,30 @@ def _check_output_paths(args) -> None:
                 raise ConfigError(f"{flag} - : standard output is already {taken['-']}; give one of them a file")
             taken["-"] = flag
             continue
+        if getattr(args, "file", None) == "-" and _is_stdin(path):  # replay - < FILE: opening it would truncate it
+            raise ConfigError(f"{flag} {path} is also the file read on stdin: give the output another file")
+        real = os.path.realpath(path)
+        if real in taken and not (os.path.exists(real) and not os.path.isfile(real)):  # /dev/null may repeat
+            raise ConfigError(f"{flag} {path} is also {taken[real]}: give each output a file of its own")
         if flag == "--plot":
             check_plot_path(path)
         else:
             check_output_path(path, flag)
-        real = os.path.realpath(path)
-        if real in taken and not (os.path.exists(real) and not os.path.isfile(real)):  # /dev/null may repeat
-            raise ConfigError(f"{flag} {path} is also {taken[real]}: give each output a file of its own")
         taken[real] = flag
     clips = getattr(args, "save_clips", None)
     if clips:  # a folder that exists already, checked with the files: before any of them is opened (truncated)
         if not os.path.isdir(clips):
             raise ConfigError(f"--save-clips {clips}: no such folder; create it first")
         check_output_folder(clips, "--save-clips")
+
+
+def _is_stdin(path: str) -> bool:
+    """Whether ``path`` is the regular file standard input reads (a pipe or a terminal is no file to lose)."""
+    try:
+        st, given = os.fstat(0), os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (given.st_dev, given.st_ino)
 
 
 def check_args(args) -> tuple[EventParams | None, dict[str, EventParams]]:

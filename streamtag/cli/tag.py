@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
         type=float,
         help="score that starts an event, for every class (default: the model's per-class thresholds, its events.toml)",
     )
-    p.add_argument("--name", default="stdin", help="with -: the name stdin's outputs take (default stdin)")
+    p.add_argument("--name", help="with -: the name stdin's outputs take (default stdin)")
     p.add_argument("--raw-rate", type=int, metavar="HZ", help="with -: raw PCM at this rate (default: a WAV stream)")
     p.add_argument("--raw-format", choices=["s16le", "s32le", "f32le"], help="with -: raw PCM sample format")
     p.add_argument("--raw-channels", type=int, metavar="N", help="with -: raw PCM channels (default 1)")
@@ -63,14 +63,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..archive import find_inputs, finished, settings_key, tag_in_processes, write_tables
+    from ..archive import check_out, find_inputs, finished, settings_key, tag_in_processes, write_tables
     from ..backends import make_backend
     from ..modelfile import load_config, resolve_model_dir
     from . import interrupt_on_signals
     from .run import detector_factory, raw_pcm
 
-    if (args.jobs is not None and args.jobs < 1) or args.width < 1:
-        raise ConfigError(f"--jobs and --width must be >= 1 ({args.jobs}, {args.width} given)")
+    for flag, value in (("--jobs", args.jobs), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be a whole number >= 1 ({value} given)")
     if args.parquet:
         try:
             import pyarrow  # noqa: F401
@@ -79,6 +80,7 @@ def run(args) -> int:
     out = check_output_folder(args.out, "--out")
     passed_over: list[Path] = []
     if "-" in args.inputs:
+        args.name = args.name or "stdin"
         items = [_stdin_item(args)]
         args.jobs = 1  # worker processes cannot share this process's stdin
         if (out / f"{args.name}.events.jsonl").exists() and not args.force:
@@ -88,9 +90,31 @@ def run(args) -> int:
             )
     else:
         raw_pcm(args, from_stdin=False)  # refuses raw PCM options without stdin
-        items = find_inputs(args.inputs, passed_over)
+        if args.name is not None:
+            raise ConfigError("--name names stdin's outputs: give - as the input to read it (files keep their names)")
+        items = find_inputs(args.inputs, passed_over, out=out)
     detectors = detector_factory(args.model, args.event_config, args.on_threshold)
     make_backend(args.backend, args.model)  # torch missing, or a model with no graph to run: one line, now
+    check_out(items, out, args.force)
+    cores = os.cpu_count() or 1
+    if args.jobs is not None and args.jobs > cores and not args.ray:  # more processes only share the same cores
+        print(
+            f"streamtag tag: note: --jobs {args.jobs} is more than the {cores} cores here; using {cores}",
+            file=sys.stderr,
+        )
+        args.jobs = cores
+    parquet = args.parquet or (out / "summary.parquet").is_file()  # one there already is kept up to date
+    if parquet and not args.parquet:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            (out / "summary.parquet").unlink()
+            parquet = False
+            print(
+                f"streamtag tag: note: removed {out / 'summary.parquet'}, which this run could not update "
+                "(no pyarrow here); summary.csv lists every finished file",
+                file=sys.stderr,
+            )
     out.mkdir(parents=True, exist_ok=True)
     bar = _Progress(len(items), enabled=not args.quiet and sys.stderr.isatty())
     kwargs = dict(out=out, model=args.model, backend=args.backend, width=args.width, scores=args.scores)
@@ -110,19 +134,19 @@ def run(args) -> int:
 
             tag_on_ray(items, args.ray, args.jobs, progress=ended, **kwargs)
         else:
-            jobs = args.jobs or os.cpu_count() or 1
+            jobs = args.jobs or cores
             tag_in_processes(items, min(jobs, len(items)), progress=ended, **kwargs)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
     wall = time.perf_counter() - started
-    tables = write_tables(outcomes, out, parquet=args.parquet)
+    tables = write_tables(outcomes, out, parquet=parquet)
     failed = [o for o in outcomes if o.error]
     skipped = sum(o.skipped for o in outcomes)
     tagged_s = sum(o.seconds for o in outcomes if not o.skipped and not o.error)
     print(
-        f"tagged {len(outcomes) - len(failed) - skipped} files ({tagged_s / 3600:.2f} h of audio in {wall:.1f} s, "
+        f"tagged {_files(len(outcomes) - len(failed) - skipped)} ({tagged_s / 3600:.2f} h of audio in {wall:.1f} s, "
         f"{tagged_s / max(wall, 1e-9):.0f}x real time), {skipped} already done, {len(failed)} failed; "
         f"summary in {tables[0]}",
         file=sys.stderr,
@@ -133,14 +157,23 @@ def run(args) -> int:
     if retagged:
         print(
             f"streamtag tag: note: {retagged} of the files tagged had been finished before with other settings, "
-            "as an older version of the file, or by an older streamtag (markers without settings): tagged again",
+            "as an older version of the file, or by an older streamtag (markers without settings): tagged again "
+            "(their earlier outputs replaced)",
             file=sys.stderr,
         )
-    if passed_over:
-        kinds = ", ".join(sorted({f.suffix.lower() or "no extension" for f in passed_over}))
+    links = [f for f in passed_over if f.is_symlink()]  # a folder's links: to folders, or broken
+    others = [f for f in passed_over if not f.is_symlink()]
+    if others:
+        kinds = ", ".join(sorted({f.suffix.lower() or "no extension" for f in others}))
         print(
-            f"streamtag tag: note: {len(passed_over)} files of the folders given were not tagged for their "
-            f"extension ({kinds}; e.g. {passed_over[0]}); list them in a manifest to tag them",
+            f"streamtag tag: note: {_files(len(others))} of the folders given were not tagged for their "
+            f"extension ({kinds}; e.g. {others[0]}); list them in a manifest to tag them",
+            file=sys.stderr,
+        )
+    if links:
+        print(
+            f"streamtag tag: note: {len(links)} link(s) in the folders given were not followed (links to folders, "
+            f"which may loop, and broken links; e.g. {links[0]}); give a linked folder by its own path to tag it",
             file=sys.stderr,
         )
     if interrupted:
@@ -152,13 +185,23 @@ def run(args) -> int:
         cfg = load_config(folder)
         key = settings_key(folder, cfg.labels, cfg.features.frame_seconds, args.scores, detectors)
         unfinished = [i for i in items if i.name not in reported and not finished(out, i, key, begun, args.force)]
-        print(
-            f"streamtag tag: interrupted; {len(unfinished)} of {len(items)} files not finished "
-            "(nothing half-written was kept); run the same command again to tag them",
-            file=sys.stderr,
-        )
+        if not unfinished:
+            print(
+                f"streamtag tag: interrupted after all {_files(len(items))} had finished; nothing is left",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"streamtag tag: interrupted; {len(unfinished)} of {_files(len(items))} not finished "
+                "(nothing half-written was kept); run the same command again to tag them",
+                file=sys.stderr,
+            )
         return 130
     return 1 if failed else 0
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _say_each(kind: str, outcomes: list, what, table: Path, most: int = 5) -> None:

@@ -37,6 +37,10 @@ def row_header(source: str | None, stream: str | None) -> dict:
     return row
 
 
+# how audio files start (WAV, RF64, FLAC, Ogg, AIFF, MP3 with a tag, CAF, AU): no output path may be one
+AUDIO_MAGIC = (b"RIFF", b"RF64", b"fLaC", b"OggS", b"FORM", b"ID3", b"caff", b".snd")
+
+
 def check_output_path(path: str | os.PathLike, flag: str | None = None) -> Path:
     """Refuse a path that cannot be written, before anything is opened (so nothing gets truncated first).
 
@@ -55,8 +59,12 @@ def check_output_path(path: str | os.PathLike, flag: str | None = None) -> Path:
     if path.is_file():  # opened for appending, nothing written: what a write would meet (root passes os.access)
         try:
             open(path, "ab").close()
+            with open(path, "rb") as f:
+                head = f.read(4)
         except OSError as exc:
             raise ConfigError(f"{name}: file {path} is not writable ({exc.strerror or exc})") from None
+        if head.startswith(AUDIO_MAGIC):  # a recording (the one replayed from a pipe, say): never an output of ours
+            raise ConfigError(f"{name}: {path} is an audio file, which this output would replace; give another name")
     elif path.exists():  # a FIFO or a device: opening it would connect to (and end) its reader
         if not os.access(path, os.W_OK):
             raise ConfigError(f"{name}: {path} is not writable")

@@ -9,6 +9,7 @@ memory whole.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -30,6 +31,10 @@ AUDIO_SUFFIXES = (
     *(".sph", ".nist"),
 )
 READ_BLOCK_SECONDS = 1.28  # decoded at a time: 128 hops, one full chunk-graph call
+# containers libsndfile does not read, which ffmpeg turns into a WAV stream for ``replay -`` and ``tag -``
+FFMPEG_SUFFIXES = (".m4a", ".aac", ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".wma", ".avi", ".3gp", ".amr", ".ac3")
+# a data size a writer that cannot seek back (ffmpeg -f wav to a pipe) puts in the header: "until the end"
+_UNKNOWN_SIZES = (0xFFFFFFFF, 0x7FFFFFFF)
 
 
 def _reason(exc: Exception) -> str:
@@ -46,10 +51,23 @@ def probe_audio(path: str | os.PathLike):
     try:
         info = sf.info(str(path))
     except _READ_ERRORS as exc:
-        raise AudioFileError(f"{path} is not a readable audio file ({_reason(exc)}); use WAV, FLAC or OGG") from None
+        raise _unreadable(path, exc) from None
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioFileError(f"{path} holds no audio samples")
     return info
+
+
+def _unreadable(path: Path, exc: Exception) -> AudioFileError:
+    """Why ``path`` cannot be read, and what to do: an empty file, a container ffmpeg reads, anything else."""
+    with contextlib.suppress(OSError):
+        if path.is_file() and path.stat().st_size == 0:
+            return AudioFileError(f"{path} is empty (0 bytes): nothing to tag")
+    if path.suffix.lower() in FFMPEG_SUFFIXES:
+        return AudioFileError(
+            f"{path}: {path.suffix.lower()} files are not read directly; decode with ffmpeg into a pipe: "
+            f"ffmpeg -i '{path}' -f wav - | streamtag replay - (or streamtag tag - --name NAME)"
+        )
+    return AudioFileError(f"{path} is not a readable audio file ({_reason(exc)}); use WAV, FLAC, OGG, MP3 or AIFF")
 
 
 def _check_length(path: Path, samples: float, sample_rate: int, min_samples: int) -> None:
@@ -71,7 +89,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) 
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except _READ_ERRORS as exc:
-        raise AudioFileError(f"{path} is not a readable audio file ({_reason(exc)}); use WAV, FLAC or OGG") from None
+        raise _unreadable(path, exc) from None
     if data.size == 0:
         raise AudioFileError(f"{path} holds no audio samples")
     mono, nonfinite = mono_finite(data)
@@ -88,6 +106,8 @@ def _missing_part(info) -> str | None:
     if not match:
         return None
     promised, present = int(match.group(1)), int(match.group(2))
+    if promised in _UNKNOWN_SIZES:  # a streamed header: the file is as long as it is
+        return None
     return f"{1 - present / promised:.0%}" if promised > present else None
 
 
