@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -36,14 +38,17 @@ def add_parser(subparsers) -> None:
         type=int,
         default=5,
         metavar="K",
-        help="the baseline is scored by K-fold source-grouped CV on the same clips (default 5; 0: none)",
+        help="the baseline is scored by K-fold source-grouped CV on the same clips (default 5; 0: none; needs torch)",
     )
     p.add_argument(
         "--levels",
         default="0,-10,-20,-30,-40",
         metavar="DB,...",
-        help="input gains of the level sweep in dB ('' for none; default 0,-10,-20,-30,-40)",
+        help="input gains of the level sweep in dB, 0 or below ('' for none; default 0,-10,-20,-30,-40); "
+        "--levels=-10,-20 also works where a shell or script splits words",
     )
+    # '--levels -10,-20' is a value, not an option: argparse takes only plain negative numbers as values unless told
+    p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(,-?[\d.]*)+$")
     p.add_argument(
         "--false-alarm-audio",
         action="append",
@@ -53,9 +58,9 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--expected",
-        default="speech,music",
         metavar="A,B",
-        help="classes that may be present in --false-alarm-audio, not counted (default speech,music)",
+        help="classes that may be present in --false-alarm-audio, not counted (default: speech and music, those "
+        "of them the model has)",
     )
     p.add_argument(
         "--event-stream",
@@ -83,10 +88,16 @@ def _levels(text: str) -> list[float]:
         levels = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"--levels {text!r}: expected comma-separated gains in dB, e.g. 0,-20,-40") from None
-    bad = [x for x in levels if not -120 <= x <= 40]
-    if bad:
-        raise ConfigError(f"--levels: {bad[0]} dB is outside -120..40")
+    bad = [x for x in levels if not -120 <= x <= 0]
+    if bad:  # a gain above 0 dB clips the audio: the sweep would measure the clipping
+        raise ConfigError(
+            f"--levels: {bad[0]:g} dB is outside -120..0 (the sweep plays the clips quieter, never louder)"
+        )
     return levels
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word if n == 1 else word + 's'}"
 
 
 def run(args) -> int:
@@ -111,6 +122,13 @@ def run(args) -> int:
     from . import interrupt_on_signals
 
     levels = _levels(args.levels)
+    if args.baseline_folds == 1 or args.baseline_folds < 0:
+        raise ConfigError(f"--baseline-folds must be 0 (no baseline) or >= 2 ({args.baseline_folds} given)")
+    if args.baseline_folds and importlib.util.find_spec("torch") is None:  # found now, not after every clip
+        raise ConfigError(
+            "the baseline needs torch, which is not installed; install it with pip install 'streamtag[train]', "
+            "or add --baseline-folds 0"
+        )
     check_output_folder(args.report, "--report")  # before the clips are scored, not after
     interrupt_on_signals()
     if args.limit is not None and args.limit < 1:
@@ -124,7 +142,10 @@ def run(args) -> int:
     label_map = read_label_map(args.label_map)
     model_dir = resolve_model_dir(None if args.model == "default" else args.model)
     backend = make_backend(args.backend, None if args.model == "default" else args.model)
-    expected = [x.strip() for x in args.expected.split(",") if x.strip()]
+    if args.expected is None:  # the defaults the model has: a model of dogs and rain expects neither
+        expected = [x for x in ("speech", "music") if x in backend.labels]
+    else:
+        expected = [x.strip() for x in args.expected.split(",") if x.strip()]
     unknown_expected = [x for x in expected if x not in backend.labels]
     if args.false_alarm_audio and unknown_expected:  # a typo would count its class's events as false alarms
         raise ConfigError(f"--expected: {unknown_expected[0]!r} is not one of the model's classes (its config.json)")
@@ -135,14 +156,16 @@ def run(args) -> int:
         if real not in seen:
             seen.add(real)
             unique.append(i)
+    for note in dataset.notes:
+        print(f"streamtag eval: note: {note}", file=sys.stderr)
     if len(unique) < len(dataset.clips):
         twice = len(dataset.clips) - len(unique)
-        print(f"streamtag eval: note: {twice} clips listed twice, scored once", file=sys.stderr)
+        print(f"streamtag eval: note: {_plural(twice, 'clip')} listed twice, scored once", file=sys.stderr)
         dataset = dataset.subset(unique)
     _, _, allowed, _ = dataset_targets(dataset, backend.labels, label_map)  # the dataset's classes, before --limit
     if args.limit:  # taken across the classes in turn: the first N of a folder per class would be one class
         dataset = dataset.subset(_spread(dataset, args.limit))
-    _warn_if_seen(model_dir / TRAINED_ON, dataset)
+    warnings = _warn_if_seen(model_dir / TRAINED_ON, dataset)  # also in the report: stderr scrolls away
     targets, hard, _, unknown = dataset_targets(dataset, backend.labels, label_map)
     if allowed.sum() < 2:  # an argmax among one class is right by construction: among every class instead
         print(
@@ -152,11 +175,10 @@ def run(args) -> int:
         )
         allowed = np.ones(len(backend.labels), dtype=bool)
     if unknown:
-        print(
-            f"streamtag eval: warning: {len(unknown)} dataset classes are not model classes and count as "
-            f"errors: {unknown[:5]}",
-            file=sys.stderr,
-        )
+        what = "dataset class is not a model class" if len(unknown) == 1 else "dataset classes are not model classes"
+        warnings.append(f"{len(unknown)} {what} and count as errors: {unknown[:5]}")
+    for line in warnings:
+        print(f"streamtag eval: warning: {line}", file=sys.stderr)
     frame_s = backend.config.features.frame_seconds
     paths = [c.path for c in dataset.clips]
     print(f"streamtag eval: {len(paths)} clips through the {args.backend} backend", file=sys.stderr)
@@ -166,6 +188,7 @@ def run(args) -> int:
     report = {
         "model": args.model,
         "dataset": str(args.dataset),
+        "warnings": warnings,
         "metrics": metrics(probs, targets, backend.labels, frame_s, allowed),
         "f1": f1_scores(np.stack([detected(p, detector) for p in probs]), hard, backend.labels),
     }
@@ -193,7 +216,7 @@ def run(args) -> int:
         )
     if args.false_alarm_audio:
         files = [c.path for path in args.false_alarm_audio for c in read_unlabelled(path)]
-        print(f"streamtag eval: false alarms on {len(files)} files", file=sys.stderr)
+        print(f"streamtag eval: false alarms on {_plural(len(files), 'file')}", file=sys.stderr)
         report["false_alarms"] = false_alarms(backend, detector, files, expected)
     if args.agreement_audio:
         teacher = Teacher(args.teacher, cache=cache_dir() / "teacher")
@@ -204,7 +227,7 @@ def run(args) -> int:
                 # a manifest's group column names a row's source; a folder, or a row without a group, counts
                 # as the source the argument names (read_unlabelled gives such a file its own path as group)
                 groups.append(c.group if c.group != str(c.path) else str(path))
-        print(f"streamtag eval: agreement with the teacher on {len(files)} files", file=sys.stderr)
+        print(f"streamtag eval: agreement with the teacher on {_plural(len(files), 'file')}", file=sys.stderr)
         report["teacher_agreement"] = teacher_agreement(
             backend, teacher, label_map, files, groups=groups if len(set(groups)) > 1 else None
         )
@@ -223,8 +246,11 @@ def run(args) -> int:
         )
     if bar is not None:
         bar.stop()
+    replaced = (Path(args.report) / "report.json").is_file()
     out = write_report(report, args.report, args.plot)
     print((Path(out) / "report.md").read_text())
+    if replaced:  # write_report also removed the plots of that earlier report unless --plot drew new ones
+        print(f"streamtag eval: note: replaced the earlier report in {out}", file=sys.stderr)
     print(f"streamtag eval: report written to {Path(out) / 'report.md'} and report.json", file=sys.stderr)
     return 0
 
@@ -258,20 +284,20 @@ def _with_bar(bar, name: str, total: int, work):
         bar.remove_task(task)
 
 
-def _warn_if_seen(trained_on: Path, dataset) -> None:
-    """Figures on clips a model was trained on are not held-out figures: say so."""
+def _warn_if_seen(trained_on: Path, dataset) -> list[str]:
+    """Figures on clips a model was trained on are not held-out figures: the warning to say so, if any."""
     if not trained_on.is_file():
-        return
+        return []
     from ..training.datasets import clip_identity
 
     seen = set(trained_on.read_text().split("\n"))
     overlap = sum(clip_identity(c.path) in seen for c in dataset.clips)
-    if overlap:
-        print(
-            f"streamtag eval: warning: {overlap} of {len(dataset.clips)} clips were in this model's training set "
-            f"({trained_on}); these figures are not held-out figures",
-            file=sys.stderr,
-        )
+    if not overlap:
+        return []
+    return [
+        f"{overlap} of {len(dataset.clips)} clips {'was' if overlap == 1 else 'were'} in this model's training set "
+        f"({trained_on}); these figures are not held-out figures"
+    ]
 
 
 def _spread(dataset, limit: int) -> list[int]:

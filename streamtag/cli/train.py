@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -62,7 +63,9 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--label-map",
         metavar="TSV",
-        help="label<TAB>AudioSet names<TAB>aliases (default: the packaged map of ESC-50, UrbanSound8K, speech, music)",
+        help="label<TAB>AudioSet names<TAB>aliases; its aliases rename dataset labels, as eval does (default: the "
+        "packaged map of ESC-50, UrbanSound8K, speech, music: dog_bark -> dog, engine_idling -> engine, "
+        "street_music -> music)",
     )
     p.add_argument(
         "--teacher-labels",
@@ -89,7 +92,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--steps-per-epoch",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help="batches per epoch (default: one pass over the clips)",
     )
@@ -103,7 +106,8 @@ def add_parser(subparsers) -> None:
         "--cv",
         type=int,
         metavar="K",
-        help="K-fold source-grouped cross-validation: K models, streaming eval and baseline per fold",
+        help="K-fold source-grouped cross-validation: K models, streaming eval and baseline per fold "
+        "(2 <= K <= the number of source recordings)",
     )
     p.add_argument("--jobs", type=int, default=1, help="with --cv: folds trained in parallel (default 1)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda (default auto)")
@@ -162,7 +166,8 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--init",
         metavar="MODEL",
-        help="start from this trained model's weights (fine-tuning; same --arch, --arch-param and labels)",
+        help="start from this trained model's weights, or 'default' for the bundled model (fine-tuning; same "
+        "--arch, --arch-param and labels)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (default: refuse)")
     p.add_argument("--cache", metavar="DIR", help="feature cache (default: $STREAMTAG_CACHE/features)")
@@ -183,17 +188,25 @@ def _options(args):
 
     if args.arch not in architectures():
         raise ConfigError(f"unknown --arch '{args.arch}' (choose from: {', '.join(architectures())})")
-    if args.steps_per_epoch < 0:
-        raise ConfigError(f"--steps-per-epoch must be >= 0 ({args.steps_per_epoch} given)")
+    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
+        raise ConfigError(
+            f"--steps-per-epoch must be >= 1 ({args.steps_per_epoch} given; leave it out for one pass over the clips)"
+        )
+    if args.cv is not None and args.cv < 2:  # the upper bound, the number of recordings, once the data is read
+        raise ConfigError(f"--cv {args.cv}: K-fold cross-validation needs K >= 2 (or drop --cv to train one model)")
     if not (args.level_seconds >= 0 and args.level_seconds < 3600):
         raise ConfigError(f"--level-seconds must be in 0..3600 ({args.level_seconds} given)")
+    if args.init == "default":  # as eval and replay name the bundled model
+        from ..modelfile import resolve_model_dir
+
+        args.init = str(resolve_model_dir(None))
     if args.init and not (Path(args.init) / "config.json").is_file():
         raise ConfigError(f"--init {args.init}: not a model folder (no config.json there)")
     if (args.unlabelled or args.teacher_labels or args.unmapped_negatives) and not args.teacher:
         raise ConfigError(
             "--unlabelled, --teacher-labels and --unmapped-negatives need --teacher (their targets come from it)"
         )
-    return TrainOptions(
+    opts = TrainOptions(
         arch=args.arch,
         arch_params=dict(args.arch_param),
         epochs=args.epochs,
@@ -204,7 +217,7 @@ def _options(args):
         output=args.output,
         level_seconds=args.level_seconds,
         teacher_weight=args.teacher_weight,
-        steps_per_epoch=args.steps_per_epoch,
+        steps_per_epoch=args.steps_per_epoch or 0,
         init_from=args.init,
         warm_level_p=args.warm_level,
         quiet_lead_p=args.quiet_lead,
@@ -213,6 +226,44 @@ def _options(args):
         unmapped_negatives=args.unmapped_negatives,
         label_frames_db=args.label_frames,
     )
+    _check_arch_params(opts)
+    return opts
+
+
+def _check_arch_params(opts) -> None:
+    """A bad --arch-param fails here in one line naming the architecture's keys, not in torch's words."""
+    import inspect
+
+    from ..models import build_model
+
+    if not opts.arch_params:
+        return
+    try:
+        build_model(opts.model_config(("a", "b")))
+    except (ConfigError, RuntimeError) as exc:
+        keys = set()
+        plain = dataclasses.replace(opts, arch_params={})
+        for cls in type(build_model(plain.model_config(("a", "b")))).__mro__:
+            init = cls.__dict__.get("__init__")
+            if init is not None:
+                keys |= {
+                    name
+                    for name, par in inspect.signature(init).parameters.items()
+                    if par.kind not in (par.VAR_KEYWORD, par.VAR_POSITIONAL)
+                }
+        keys -= {"self", "n_mels", "num_classes", "features"}
+        unknown = sorted(set(opts.arch_params) - keys)
+        raw = [f"{k}={v}" for k, v in opts.arch_params.items() if isinstance(v, str)]  # not JSON: read as text
+        if unknown:
+            reason = f"{opts.arch} has no {', '.join(unknown)}"
+        elif raw:
+            reason = f"{', '.join(raw)} is not a JSON value"
+        else:  # the model's own check (kernel must be ...), or torch's words when nothing better is known
+            reason = str(exc).removeprefix(f"bad arch_params for '{opts.arch}': ").splitlines()[0]
+        raise ConfigError(
+            f"--arch-param: {reason}; {opts.arch} takes {', '.join(sorted(keys))}, each as KEY=VALUE with a JSON "
+            "value (hidden=96, pool_seconds=[0.5,3], pool_gate=true)"
+        ) from None
 
 
 def load_training_data(args):
@@ -221,21 +272,24 @@ def load_training_data(args):
     from ..training.datasets import check_group_weights, combine, load_dataset, read_unlabelled
     from ..training.teacher import Teacher, read_label_map
 
-    label_map = read_label_map(args.label_map) if (args.teacher or args.label_map) else None
+    # always a label map (the packaged one by default), as eval reads labels: a model trained on dog_bark clips
+    # is scored by eval against dog, so it must be trained as dog
+    label_map = read_label_map(args.label_map)
     several = len(args.dataset) > 1 or bool(args.unlabelled or args.teacher_labels)
     datasets = [load_dataset(d, min_classes=1 if several else 2) for d in args.dataset]
+    renamed = sorted({f"{x} -> {label_map.aliases[x]}" for ds in datasets for x in ds.labels if x in label_map.aliases})
+    for note in [n for ds in datasets for n in ds.notes] + (
+        [f"labels renamed by the label map (--label-map): {', '.join(renamed)}"] if renamed else []
+    ):
+        print(f"streamtag train: note: {note}", file=sys.stderr)
     sources = [(str(path), read_unlabelled(path)) for path in args.unlabelled]
     check_group_weights(sources)  # two manifests may share a group name, and then must agree on its weight
     unlabelled = [clip for _, clips in sources for clip in clips]
     extra = tuple(x.strip() for x in args.teacher_labels.split(",") if x.strip())
-    if label_map is not None:
-        missing = [x for x in extra if x not in label_map.targets]
-        if missing:
-            raise ConfigError(f"--teacher-labels {','.join(missing)}: not in the label map (see --label-map)")
-    if len(datasets) == 1 and not unlabelled and not extra and label_map is None:
-        dataset = datasets[0]
-    else:
-        dataset = combine(datasets, label_map.aliases if label_map else {}, unlabelled, extra)
+    missing = [x for x in extra if x not in label_map.targets]
+    if missing:
+        raise ConfigError(f"--teacher-labels {','.join(missing)}: not in the label map (see --label-map)")
+    dataset = combine(datasets, label_map.aliases, unlabelled, extra)
     if len(dataset.labels) < 2:
         raise ConfigError(f"need at least 2 classes to train ({len(dataset.labels)} found: {dataset.labels})")
     teacher = None
@@ -259,6 +313,8 @@ def run(args) -> int:
     cache = Path(args.cache) if args.cache else cache_dir() / "features"
     jobs = max(1, args.jobs if args.cv else 1)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // jobs))
+    if args.cv or not (args.no_val or args.val_fold is not None):
+        _say_if_ungrouped(dataset)
     if args.cv:
         from ..training.crossval import cross_validate
         from ..training.evaluate import write_report
@@ -346,6 +402,18 @@ def _split(dataset, args) -> tuple[np.ndarray, np.ndarray]:
             file=sys.stderr,
         )
     return idx[~val & ~leak], idx[val]
+
+
+def _say_if_ungrouped(dataset) -> None:
+    """Splits keep a group (source recording) on one side; without groups that is each file on its own."""
+    labelled = [c for c in dataset.clips if c.label]
+    if labelled and len({c.group for c in labelled}) == len(labelled):
+        print(
+            "streamtag train: note: every clip is its own source recording here (a folder dataset, or a manifest "
+            "without a group column), so clips cut from one recording may sit on both sides of the split; give a "
+            "CSV manifest with a group column to keep them together",
+            file=sys.stderr,
+        )
 
 
 def _check_out(out: Path, args) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from .datasets import Dataset, compute_features, grouped_folds
 from .evaluate import baseline_accuracy, clip_statistics, metrics, stream_scores
 from .trainer import TrainOptions, train
@@ -62,6 +63,12 @@ def cross_validate(
     """Train on ``k - 1`` source-grouped folds and evaluate through the streaming path on the held-out one,
     for every fold (``jobs`` at a time); the report pools the folds, with the offline baseline beside it.
     Each fold's model is kept in ``out/fold<k>``."""
+    groups = len({c.group for c in dataset.clips if c.label})
+    if not 2 <= k <= groups:  # else a fold has no clip to test on, found only after every fold has trained
+        raise ConfigError(
+            f"--cv {k}: K-fold cross-validation needs 2 <= K <= {groups}, the number of source recordings "
+            "(groups) of labelled clips here"
+        )
     compute_features(dataset, opts.features, cache)  # fill the cache once, before the workers start
     folds = grouped_folds(dataset, k, seed)
     idx = np.arange(len(dataset.clips))

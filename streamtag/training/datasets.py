@@ -2,8 +2,9 @@
 
 Layouts:
 - ESC-50: ``DATASET/meta/esc50.csv`` (filename, fold, category, src_file, ...) and ``DATASET/audio/``;
-- folder per class: ``DATASET/<label>/*.wav|flac|ogg``;
-- CSV manifest: a ``.csv`` file with ``path,label[,fold][,group]`` (paths relative to the file).
+- folder per class: ``DATASET/<label>/*.wav|flac|ogg`` (hidden files and folders, such as macOS ``._*``, skipped);
+- CSV manifest: a ``.csv`` file with ``path,label[,fold][,group]`` (paths relative to the file); rows naming one
+  file again add labels to that clip (a clip with several labels holds each of them).
 
 ``group`` names the source recording: clips of one group never sit on both sides of a split.
 
@@ -45,6 +46,7 @@ class Clip:
     group: str
     source: str = ""  # the dataset it came from: its label set are the clip's known classes
     weight: float = 1.0  # unlabelled audio: how often its group is drawn, relative to other groups
+    also: tuple[str, ...] = ()  # further labels of a multi-label clip (a manifest naming the file again)
 
 
 @dataclasses.dataclass
@@ -53,6 +55,7 @@ class Dataset:
     labels: list[str]
     name: str
     source_labels: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the reader passed over or merged: said once
 
     def targets(self) -> np.ndarray:
         """Class index per clip, -1 for unlabelled audio."""
@@ -66,12 +69,12 @@ class Dataset:
         for n, clip in enumerate(self.clips):
             known = self.source_labels.get(clip.source, tuple(self.labels) if clip.label else ())
             out[n, [index[k] for k in known if k in index]] = 0.0
-            if clip.label:
-                out[n, index[clip.label]] = 1.0
+            for label in (clip.label, *clip.also) if clip.label else ():
+                out[n, index[label]] = 1.0
         return out
 
     def subset(self, indices) -> Dataset:
-        return Dataset([self.clips[i] for i in indices], self.labels, self.name, self.source_labels)
+        return Dataset([self.clips[i] for i in indices], self.labels, self.name, self.source_labels, self.notes)
 
 
 def combine(
@@ -87,11 +90,28 @@ def combine(
     for n, ds in enumerate(datasets):
         source = f"{n}:{ds.name}"
         source_labels[source] = tuple(sorted({aliases.get(x, x) for x in ds.labels}))
-        clips += [dataclasses.replace(c, label=aliases.get(c.label, c.label), source=source) for c in ds.clips]
+        for c in ds.clips:
+            also = tuple(dict.fromkeys(aliases.get(x, x) for x in c.also))
+            clips.append(dataclasses.replace(c, label=aliases.get(c.label, c.label), also=also, source=source))
     clips += [dataclasses.replace(c, label="", source="unlabelled") for c in unlabelled or []]
-    labels = sorted({c.label for c in clips if c.label} | set(extra_labels))
+    labels = sorted({x for c in clips if c.label for x in (c.label, *c.also)} | set(extra_labels))
+    check_label_case(labels, " + ".join(ds.name for ds in datasets))
     name = "+".join(ds.name for ds in datasets) + ("+unlabelled" if unlabelled else "")
-    return Dataset(clips, labels, name, source_labels)
+    return Dataset(clips, labels, name, source_labels, [note for ds in datasets for note in ds.notes])
+
+
+def check_label_case(labels, where: str) -> None:
+    """'Rain' and 'rain' would be two classes that each teach the other absent: refuse, naming both."""
+    seen: dict[str, str] = {}
+    for label in labels:
+        other = seen.setdefault(label.casefold(), label)
+        if other != label:
+            raise DatasetError(f"{where}: labels {other!r} and {label!r} differ only by case; spell each class one way")
+
+
+def _visible(path: Path, root: Path) -> bool:
+    """Not hidden below ``root`` (macOS ``._x.wav`` AppleDouble files, ``.git``, ``.DS_Store``)."""
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def read_unlabelled(path: str | os.PathLike) -> list[Clip]:
@@ -103,10 +123,10 @@ def read_unlabelled(path: str | os.PathLike) -> list[Clip]:
     if not path.exists():
         raise DatasetError(f"unlabelled audio not found: {path}")
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES and _visible(f, path))
         clips = [Clip(f, "", None, str(f)) for f in files]
     else:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's CSV starts with a BOM
             reader = csv.DictReader(f)
             if not reader.fieldnames or "path" not in reader.fieldnames:
                 raise DatasetError(f"{path}: the header must name a 'path' column")
@@ -122,7 +142,9 @@ def read_unlabelled(path: str | os.PathLike) -> list[Clip]:
         raise DatasetError(f"{path}: no audio files found")
     missing = [c.path for c in clips if not c.path.is_file()]
     if missing:
-        raise DatasetError(f"{path}: {len(missing)} listed files are missing, e.g. {missing[0]}")
+        raise DatasetError(
+            f"{path}: {_count(len(missing), 'listed file is', 'listed files are')} missing, e.g. {missing[0]}"
+        )
     return clips
 
 
@@ -159,28 +181,36 @@ def load_dataset(path: str | os.PathLike, min_classes: int = 2) -> Dataset:
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset not found: {path}")
+    notes: list[str] = []
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise DatasetError(f"{path}: a dataset is a folder or a .csv manifest (path,label[,fold])")
-        clips = _read_manifest(path)
+        clips = _read_manifest(path, notes)
     elif (path / "meta" / "esc50.csv").is_file():
         clips = _read_esc50(path)
     else:
-        clips = _read_class_folders(path)
+        clips = _read_class_folders(path, notes)
     if not clips:
         raise DatasetError(f"{path}: no labelled audio clips found")
     missing = [c.path for c in clips if not c.path.is_file()]
     if missing:
-        raise DatasetError(f"{path}: {len(missing)} listed clips are missing, e.g. {missing[0]}")
-    labels = sorted({c.label for c in clips})
+        raise DatasetError(
+            f"{path}: {_count(len(missing), 'listed clip is', 'listed clips are')} missing, e.g. {missing[0]}"
+        )
+    labels = sorted({x for c in clips for x in (c.label, *c.also)})
+    check_label_case(labels, str(path))
     if len(labels) < min_classes:
         raise DatasetError(f"{path}: need at least {min_classes} classes to train ({len(labels)} found)")
-    return Dataset(clips, labels, path.name)
+    return Dataset(clips, labels, path.name, notes=notes)
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def _read_esc50(root: Path) -> list[Clip]:
     clips = []
-    with open(root / "meta" / "esc50.csv", newline="") as f:
+    with open(root / "meta" / "esc50.csv", newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         absent = [c for c in ("filename", "category", "fold") if c not in (reader.fieldnames or ())]
         if absent:
@@ -203,23 +233,43 @@ def _read_esc50(root: Path) -> list[Clip]:
     return clips
 
 
-def _read_class_folders(root: Path) -> list[Clip]:
-    clips = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+def _read_class_folders(root: Path, notes: list[str]) -> list[Clip]:
+    clips, passed_over, empty = [], [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and _visible(p, root)):
+        found = 0
         for f in sorted(folder.rglob("*")):
+            if not f.is_file() or not _visible(f, root):  # hidden: macOS ._x.wav metadata, .DS_Store
+                continue
             if f.suffix.lower() in AUDIO_SUFFIXES:
                 clips.append(Clip(f, folder.name, None, f"{folder.name}/{f.stem}"))
+                found += 1
+            else:
+                passed_over.append(f)
+        if not found:
+            empty.append(folder.name)
+    # a class whose files the reader cannot take would vanish from the label list without a word
+    if passed_over:
+        kinds = ", ".join(sorted({f.suffix.lower() or "no extension" for f in passed_over}))
+        notes.append(
+            f"{root}: {_count(len(passed_over), 'file', 'files')} skipped, the reader does not take {kinds} (e.g. "
+            f"{passed_over[0]}); convert to WAV or FLAC to use"
+        )
+    if empty:
+        notes.append(f"{root}: no audio in {', '.join(empty[:8])}: not a class of this dataset")
     return clips
 
 
-def _read_manifest(path: Path) -> list[Clip]:
-    clips = []
-    with open(path, newline="") as f:
+def _read_manifest(path: Path, notes: list[str]) -> list[Clip]:
+    clips: dict[Path, Clip] = {}  # by resolved path: a file listed again adds a label to its clip
+    repeated = 0
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's CSV starts with a BOM
         reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+        if not reader.fieldnames or not {"path", "label"} <= {x.strip() for x in reader.fieldnames}:
             raise DatasetError(f"{path}: the header must name at least 'path' and 'label' columns")
+        reader.fieldnames = [x.strip() for x in reader.fieldnames]
         for n, row in enumerate(reader, start=2):
-            if not (row.get("path") or "").strip() or not (row.get("label") or "").strip():
+            row = {k: (v or "").strip() for k, v in row.items() if k is not None}  # 'rain ' is rain
+            if not row.get("path") or not row.get("label"):
                 raise DatasetError(f"{path}:{n}: every row needs a path and a label ({row.get('path')!r} given)")
             clip_path = Path(row["path"])
             if not clip_path.is_absolute():
@@ -229,8 +279,25 @@ def _read_manifest(path: Path) -> list[Clip]:
                 fold = int(fold) if fold is not None else None
             except ValueError:
                 raise DatasetError(f"{path}:{n}: fold must be an integer ({fold!r} given)") from None
-            clips.append(Clip(clip_path, row["label"], fold, row.get("group") or str(clip_path)))
-    return clips
+            clip = Clip(clip_path, row["label"], fold, row.get("group") or str(clip_path))
+            key = clip_path.resolve()
+            first = clips.get(key)
+            if first is None:
+                clips[key] = clip
+                continue
+            repeated += 1
+            if (first.fold, first.group) != (clip.fold, clip.group):
+                raise DatasetError(
+                    f"{path}:{n}: {row['path']} is listed before with another fold or group; one file is one clip"
+                )
+            if clip.label != first.label and clip.label not in first.also:
+                clips[key] = dataclasses.replace(first, also=(*first.also, clip.label))
+    if repeated:
+        notes.append(
+            f"{path}: {_count(repeated, 'row names a file', 'rows name files')} listed before: one clip each, "
+            "holding every label its rows give"
+        )
+    return list(clips.values())
 
 
 def grouped_folds(dataset: Dataset, k: int, seed: int = 0) -> np.ndarray:

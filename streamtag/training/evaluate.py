@@ -21,6 +21,7 @@ import numpy as np
 
 DETECT_AFTER_S = (0.25, 0.5, 1.0, 2.0, 5.0)
 LEVELS_DB = (0.0, -10.0, -20.0, -30.0, -40.0)
+PLOTS = ("time_to_detect.png", "confusion.png")  # what plot_report writes
 
 
 def stream_probs(backend, samples: np.ndarray, gain_db: float = 0.0) -> np.ndarray:
@@ -54,14 +55,22 @@ def dataset_targets(dataset, labels: Sequence[str], label_map) -> tuple[np.ndarr
     """A labelled dataset against a model's classes: ``(targets, hard, allowed, unknown)``: each clip's class
     index (-1 for a class the model lacks), hard multi-label targets (NaN outside the dataset's classes),
     the model classes the dataset has, and the dataset classes the model lacks."""
-    names = [label_map.canonical(c.label) for c in dataset.clips]
     index = {label: i for i, label in enumerate(labels)}
+
+    def name(label: str) -> str:  # renamed as train renames it, unless the model has the label itself
+        return label if label in index else label_map.canonical(label)
+
+    names = [name(c.label) for c in dataset.clips]
+    also = [[name(x) for x in c.also] for c in dataset.clips]  # a multi-label clip's other labels
     targets = np.array([index.get(n, -1) for n in names])
-    allowed = np.isin(labels, sorted(set(names)))
+    every = set(names) | {x for row in also for x in row}
+    allowed = np.isin(labels, sorted(every))
     hard = np.full((len(names), len(labels)), np.nan, np.float32)
     hard[:, allowed] = 0.0
     hard[targets >= 0, targets[targets >= 0]] = 1.0
-    return targets, hard, allowed, sorted(set(names) - set(labels))
+    for n, row in enumerate(also):
+        hard[n, [index[x] for x in row if x in index]] = 1.0
+    return targets, hard, allowed, sorted(every - set(labels))
 
 
 def grouped_baseline(dataset, targets: np.ndarray, features, cache, k: int, n_classes: int) -> float:
@@ -390,6 +399,9 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike, plot: bool 
     (out_dir / "report.md").write_text(markdown(report))
     if plot:
         plot_report(report, out_dir)
+    else:  # plots of an earlier report (another model) must not sit beside this one
+        for stale in PLOTS:
+            (out_dir / stale).unlink(missing_ok=True)
     return out_dir
 
 
@@ -401,6 +413,8 @@ def _interval(m: dict, key: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     m = report["metrics"]
     lines = [f"# Evaluation: {report.get('model', '')} on {report.get('dataset', '')}", ""]
+    if report.get("warnings"):
+        lines += [f"**Warning:** {w}" for w in report["warnings"]] + [""]
     lines += [
         f"- clips: {m['clips']}",
         f"- accuracy, last frame: {m['acc_last']:.1%}{_interval(m, 'acc_last_ci95')}",
@@ -420,7 +434,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"| {k} | {v['acc_mean']:.1%} | {v['acc_last']:.1%} |" for k, v in report["levels"].items()]
     f1 = report.get("f1")
     if f1:
-        lines += ["", "## Events at the shipped thresholds (clip level)", ""]
+        lines += ["", "## Events at the model's thresholds (its events.toml, else the defaults; clip level)", ""]
         lines += [f"- micro F1 {f1['micro_f1']:.3f}, macro F1 {f1['macro_f1']:.3f}"]
     fa = report.get("false_alarms")
     if fa:
@@ -443,7 +457,13 @@ def markdown(report: dict[str, Any]) -> str:
     ag = report.get("teacher_agreement")
     if ag:
         lines += ["", "## Agreement with the teacher on unlabelled audio", ""]
-        lines += [f"- {ag['frames']} frames (every 0.5 s) of {ag['files']} files: mAP {ag['map']:.3f}", ""]
+        if not ag["per_class"]:  # no class the teacher heard often enough: nothing to score, not "nan"
+            lines += [
+                f"- {ag['frames']} frames (every 0.5 s) of {ag['files']} file(s): the teacher hears none of the "
+                "model's classes in 5 or more frames, so there is no agreement to measure"
+            ]
+    if ag and ag["per_class"]:
+        lines += [f"- {ag['frames']} frames (every 0.5 s) of {ag['files']} file(s): mAP {ag['map']:.3f}", ""]
         lines += ["| class | teacher positives | AP |", "|---|---|---|"]
         lines += [f"| {k} | {v['positives']} | {v['ap']:.3f} |" for k, v in ag["per_class"].items()]
         if ag.get("per_group"):

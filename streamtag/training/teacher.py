@@ -52,11 +52,15 @@ def read_label_map(path: str | os.PathLike | None = None) -> LabelMap:
     aliases: dict[str, str] = {}
     with open(path, newline="") as f:
         rows = list(csv.reader(f, delimiter="\t"))
-    if rows and rows[0] and rows[0][0].strip().lower() == "label":
-        rows = rows[1:]
-    for row in rows:
+    first = 2 if rows and rows[0] and rows[0][0].strip().lower() == "label" else 1
+    for line, row in enumerate(rows[first - 1 :], start=first):
         if not row or not row[0].strip():
             continue
+        if len(row) < 2:  # a comma-separated or space-separated file would be read as labels that rename nothing
+            raise ConfigError(
+                f"{path}, line {line}: {row[0]!r} has no tab; each row is label<TAB>AudioSet names separated "
+                "by |<TAB>aliases separated by | (e.g. dog<TAB>Dog|Bark<TAB>dog_bark)"
+            )
         label = row[0].strip()
         names = tuple(x.strip() for x in (row[1] if len(row) > 1 else "").split("|") if x.strip())
         targets[label] = names

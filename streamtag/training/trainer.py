@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..config import OUTPUTS, FeatureConfig, ModelConfig
 from ..errors import ConfigError, ModelFileError
 from ..features.functional import mel_filterbank
+from ..modelfile import CHUNK_NAME, ONNX_NAME
 from ..models import build_model
 from ..models.io import save_model
 from ..models.level import white_noise_bands
@@ -394,6 +395,10 @@ def train(
     is a validation set, else the last epoch (cross-validation must not pick epochs on its test fold).
     ``teacher`` (:class:`~streamtag.training.teacher.Teacher`) with ``label_map`` adds soft targets."""
     out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    clips = sorted({clip_identity(dataset.clips[i].path) for i in train_idx})
+    if resume:  # before any work: a checkpoint continued on other classes or clips gives a model of neither
+        _check_same_run(ckpt_path, dataset.labels, clips)
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     feats = compute_features(dataset, opts.features, cache)
@@ -406,6 +411,8 @@ def train(
     cfg = opts.model_config(dataset.labels)
     model = build_model(cfg).to(opts.device)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # written first: a run stopped early leaves a model whose training clips eval must still know
+    (out_dir / TRAINED_ON).write_text("\n".join(clips) + "\n")
     _set_feature_statistics(model, train_feats)
     if opts.init_from:
         _start_from(model, cfg, opts.init_from)
@@ -432,7 +439,6 @@ def train(
     history: list[dict[str, Any]] = []
     best = {"score": -1.0}
     start_epoch = 0
-    ckpt_path = out_dir / CHECKPOINT
     if resume:
         start_epoch, history, best = _load_checkpoint(ckpt_path, model, optim, sched, rng, opts.epochs)
     bar = _progress(progress)
@@ -469,20 +475,22 @@ def train(
             if score > best["score"]:
                 best = {"score": score, **row}
                 save_model(model.cpu(), cfg, out_dir)
+                for stale in (ONNX_NAME, CHUNK_NAME):  # graphs exported from earlier weights no longer match
+                    (out_dir / stale).unlink(missing_ok=True)
                 model.to(opts.device)
             if bar:  # one lasting line per epoch above the bar, which restarts for the next epoch
                 val = f"  val {row['acc_mean']:.1%} mean, {row['acc_last']:.1%} last frame" if "acc_mean" in row else ""
                 bar.console.print(f"epoch {epoch + 1}/{opts.epochs}  loss {row['loss']:.3f}{val}")
             log(json.dumps(row))
-            _save_checkpoint(ckpt_path, epoch + 1, model, optim, sched, rng, history, best, opts.epochs)
+            _save_checkpoint(
+                ckpt_path, epoch + 1, model, optim, sched, rng, history, best, opts.epochs, dataset.labels, clips
+            )
     finally:
         if bar:
             bar.stop()
-    clips = sorted({clip_identity(dataset.clips[i].path) for i in train_idx})
     (out_dir / "train_log.json").write_text(
         json.dumps({"options": dataclasses.asdict(opts), "history": history, "best": best}, indent=1)
     )
-    (out_dir / TRAINED_ON).write_text("\n".join(clips) + "\n")
     return {"best": best, "history": history}
 
 
@@ -505,7 +513,8 @@ def _start_from(model, cfg: ModelConfig, folder: str) -> None:
     ):
         if mine != theirs:
             raise ConfigError(
-                f"--init {folder}: its {what} differ from this run's ({theirs} there, {mine} here); "
+                f"--init {folder}: its {what} {'differs' if what == 'architecture' else 'differ'} from this "
+                f"run's ({theirs} there, {mine} here); "
                 "give the same --arch, --arch-param, --output, --level-seconds and datasets, or train from scratch"
             )
     missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=not adds_gate)
@@ -570,7 +579,9 @@ def _progress(enabled: bool):
     return bar
 
 
-def _save_checkpoint(path: Path, epoch, model, optim, sched, rng, history, best, total_epochs: int) -> None:
+def _save_checkpoint(
+    path: Path, epoch, model, optim, sched, rng, history, best, total_epochs: int, labels, clips
+) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
@@ -583,15 +594,44 @@ def _save_checkpoint(path: Path, epoch, model, optim, sched, rng, history, best,
             "torch_rng": torch.get_rng_state(),
             "history": json.dumps(history),
             "best": json.dumps(best),
+            "labels": json.dumps(list(labels)),  # what --resume checks it continues the same run with
+            "clips": json.dumps(clips),
         },
         tmp,
     )
     tmp.replace(path)
 
 
-def _load_checkpoint(path: Path, model, optim, sched, rng, total_epochs: int):
+def _check_same_run(path: Path, labels, clips: list[str]) -> None:
+    """Refuse to resume onto other classes or other training clips (another dataset, split or label map)."""
     if not path.is_file():
         raise ModelFileError(f"nothing to resume: {path} does not exist (drop --resume to start fresh)")
+    try:
+        ckpt = torch.load(path, weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad or unsafe file
+        raise ModelFileError(f"{path} is not a checkpoint this run can resume ({str(exc).splitlines()[0]})") from None
+    if "labels" not in ckpt:  # a checkpoint of an older streamtag: the model folder's files say the same
+        config, listed = path.with_name("config.json"), path.with_name(TRAINED_ON)
+        ckpt = {
+            "labels": json.dumps(json.loads(config.read_text())["labels"]) if config.is_file() else None,
+            "clips": json.dumps(listed.read_text().split("\n")[:-1]) if listed.is_file() else None,
+        }
+    fix = "resume with the same datasets, split and --label-map, or start again with --overwrite"
+    if ckpt["labels"] is not None and json.loads(ckpt["labels"]) != list(labels):
+        raise ConfigError(
+            f"--resume: {path} was trained on the classes {json.loads(ckpt['labels'])}, this run has "
+            f"{list(labels)}; {fix}"
+        )
+    if ckpt["clips"] is not None and json.loads(ckpt["clips"]) != clips:
+        before = set(json.loads(ckpt["clips"]))
+        new, gone = len(set(clips) - before), len(before - set(clips))
+        raise ConfigError(
+            f"--resume: {path} was trained on other clips ({new} of this run's are new, {gone} of its are not "
+            f"in this run); {fix}"
+        )
+
+
+def _load_checkpoint(path: Path, model, optim, sched, rng, total_epochs: int):
     try:
         ckpt = torch.load(path, weights_only=True)  # never unpickles code
         if ckpt["epochs"] != total_epochs:

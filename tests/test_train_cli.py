@@ -1,0 +1,210 @@
+"""What train and eval say about a new user's data and flags: one line, before any work, never a wrong model."""
+
+import csv
+import json
+import signal
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamtag.cli import main
+from streamtag.errors import ConfigError, DatasetError
+from streamtag.training.datasets import combine, load_dataset
+
+from .conftest import EXAMPLES, read_clip, run_cli
+
+FAST = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "8", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Three classes of three 1 s clips each, cut from the repo's examples."""
+    root = tmp_path_factory.mktemp("tiny")
+    for name in ("chainsaw", "dog", "rain"):
+        audio = read_clip(EXAMPLES / f"{name}.flac")
+        (root / name).mkdir()
+        for k in range(3):
+            sf.write(root / name / f"{name}{k}.wav", audio[k * 16000 : (k + 1) * 16000], 16000)
+    return root
+
+
+@pytest.fixture
+def cli(capsys):
+    """``streamtag ARGS`` in this process: (exit status, stderr); the signal handlers train sets are put back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def call(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        return code, capsys.readouterr().err
+
+    yield call
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def _manifest(path, rows, header=("path", "label"), **open_args):
+    with open(path, "w", newline="", **open_args) as f:
+        w = csv.writer(f, **({"lineterminator": "\r\n"} if open_args else {}))
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_resume_refuses_other_classes_or_clips_and_drops_stale_graphs(folders, tmp_path, cli):
+    from streamtag.training.trainer import TrainOptions, train
+
+    out = tmp_path / "model"
+    ds = combine([load_dataset(folders)])
+    opts = TrainOptions(arch_params={"hidden": 8}, epochs=2, batch_size=8, steps_per_epoch=2)
+
+    def stop(line):  # as a Ctrl-C in the second epoch: the first one's checkpoint is saved
+        if json.loads(line)["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(ds, np.arange(len(ds.clips)), [], opts, out, progress=False, log=stop)
+    assert (out / "trained_on.txt").read_text().count("\n") == 9  # written at the start: eval knows its clips
+
+    common = ["--arch-param", "hidden=8", "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "8"]
+    common += ["--threads", "1", "--quiet", "--no-val", "--resume", "--out", out]
+    other = tmp_path / "other.csv"
+    _manifest(other, [[p, "bird" if p.parent.name == "rain" else p.parent.name] for p in folders.rglob("*.wav")])
+    code, err = cli("train", other, *common)
+    assert code == 2 and "classes" in err and "Traceback" not in err
+    fewer = tmp_path / "fewer.csv"
+    _manifest(fewer, [[p, p.parent.name] for p in sorted(folders.rglob("*.wav"))[1:]])
+    code, err = cli("train", fewer, *common)
+    assert code == 2 and "other clips" in err
+
+    (out / "model.onnx").write_text("a graph of the earlier weights")
+    code, err = cli("train", folders, *common)
+    assert code == 0, err
+    assert not (out / "model.onnx").exists()
+    assert [row["epoch"] for row in json.loads((out / "train_log.json").read_text())["history"]] == [1, 2]
+
+
+def test_train_renames_labels_by_the_packaged_map_as_eval_does(folders, tmp_path, cli):
+    barks = tmp_path / "barks.csv"
+    _manifest(barks, [[p, "dog_bark"] for p in (folders / "dog").iterdir()])
+    code, err = cli("train", folders, barks, "--arch-param", "hidden=8", *FAST, "--out", tmp_path / "m")
+    assert code == 0, err
+    assert "dog_bark -> dog" in err
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["labels"] == ["chainsaw", "dog", "rain"]
+
+
+def test_eval_keeps_a_label_the_model_has_itself():
+    from streamtag.training.datasets import Clip, Dataset
+    from streamtag.training.evaluate import dataset_targets
+    from streamtag.training.teacher import read_label_map
+
+    ds = Dataset([Clip(EXAMPLES / "dog.flac", "dog_bark", None, "a")], ["dog_bark"], "d")
+    targets, _, _, unknown = dataset_targets(ds, ["dog_bark", "rain"], read_label_map())
+    assert targets.tolist() == [0] and unknown == []  # a model trained before train renamed it
+
+
+def test_folder_datasets_skip_hidden_files_and_say_what_they_pass_over(folders, tmp_path):
+    root = tmp_path / "mac"
+    for name in ("dog", "rain"):
+        (root / name).mkdir(parents=True)
+        for f in (folders / name).iterdir():
+            (root / name / f.name).write_bytes(f.read_bytes())
+    (root / "dog" / "._dog0.wav").write_bytes(b"\0\5\26\7 AppleDouble")  # macOS metadata, not audio
+    (root / ".Trashes").mkdir()
+    (root / ".Trashes" / "x.wav").write_bytes(b"junk")
+    (root / "owl").mkdir()
+    (root / "owl" / "hoot.m4a").write_bytes(b"m4a")
+    (root / "cat").mkdir()
+    ds = load_dataset(root)
+    assert ds.labels == ["dog", "rain"] and len(ds.clips) == 6
+    notes = " ".join(ds.notes)
+    assert ".m4a" in notes and "owl" in notes and "cat" in notes
+
+
+def test_manifest_labels_are_trimmed_merged_per_file_and_read_from_excel(folders, tmp_path):
+    dog, rain = sorted((folders / "dog").iterdir()), sorted((folders / "rain").iterdir())
+    rows = [[p, "dog"] for p in dog] + [[p, "rain "] for p in rain[:2]] + [[rain[2], "rain"]]
+    rows += [[dog[0], "rain"], [dog[1], "dog"]]  # dog0 holds rain too; dog1 listed twice
+    ds = load_dataset(_manifest(tmp_path / "m.csv", rows))
+    assert ds.labels == ["dog", "rain"] and len(ds.clips) == 6
+    hard = ds.hard_targets()
+    assert hard[0].tolist() == [1.0, 1.0] and hard[1].tolist() == [1.0, 0.0]  # one clip, two labels
+    assert any("listed before" in n for n in ds.notes)
+    with pytest.raises(DatasetError, match="differ only by case"):
+        load_dataset(_manifest(tmp_path / "c.csv", [[dog[0], "Rain"], [dog[1], "rain"]]))
+    excel = _manifest(tmp_path / "x.csv", [[p, "dog"] for p in dog] + [[p, "rain"] for p in rain], encoding="utf-8-sig")
+    assert excel.read_bytes().startswith(b"\xef\xbb\xbfpath,label\r\n")
+    assert len(load_dataset(excel).clips) == 6
+
+
+def test_a_label_map_without_tabs_is_refused(tmp_path):
+    from streamtag.training.teacher import read_label_map
+
+    bad = tmp_path / "map.tsv"
+    bad.write_text("dog,Dog\n")
+    with pytest.raises(ConfigError, match="no tab"):
+        read_label_map(bad)
+
+
+def test_bad_train_flags_are_one_line_before_any_work(folders, tmp_path, cli):
+    out = ["--out", tmp_path / "m"]
+    for flags, said in (
+        (["--cv", "1"], "K >= 2"),
+        (["--steps-per-epoch", "0"], "--steps-per-epoch must be >= 1"),
+        (["--arch-param", "hidden=abc"], "hidden=abc is not a JSON value"),
+        (["--arch-param", "nosuchkey=3"], "has no nosuchkey"),
+        (["--arch-param", "pool_seconds=0.5,3"], "pool_seconds=[0.5,3]"),
+    ):
+        code, err = cli("train", folders, *flags, *out)
+        assert code == 2 and said in err and "Traceback" not in err, err
+    code, err = cli("train", folders, "--cv", "10", *FAST, *out)  # 9 recordings
+    assert code == 2 and "2 <= K <= 9" in err
+    assert not (tmp_path / "m" / "fold0").exists()
+    code, err = cli("train", folders, "--init", "default", *FAST, *out)  # eval's name of the bundled model
+    assert code == 2 and "labels differ" in err  # found, then refused for its 50 classes, not "not a model folder"
+
+
+def test_eval_flags_checked_up_front(folders, tmp_path, cli, cnn_dir, monkeypatch):
+    for flags, said in (
+        (["--levels", "20"], "outside -120..0"),
+        (["--baseline-folds", "1"], "0 (no baseline) or >= 2"),
+    ):
+        code, err = cli("eval", cnn_dir, folders, *flags, "--report", tmp_path / "r")
+        assert code == 2 and said in err, err
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    code, err = cli("eval", cnn_dir, folders, "--report", tmp_path / "r")
+    assert code == 2 and "--baseline-folds 0" in err and not (tmp_path / "r").exists()
+
+
+def test_eval_report_holds_its_warnings_and_no_stale_plots(folders, tmp_path, cnn_dir):
+    data = tmp_path / "d.csv"
+    _manifest(data, [[p, "siren" if p.stem.endswith("0") else p.parent.name] for p in folders.rglob("*.wav")])
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "confusion.png").write_bytes(b"a plot of another model")
+    (report / "report.json").write_text("{}")
+    r = run_cli(
+        "eval", cnn_dir, data, "--levels", "-10,-20", "--baseline-folds", "0", "--report", report,
+        "--false-alarm-audio", folders / "rain",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert not (report / "confusion.png").exists() and "replaced" in r.stderr
+    saved = json.loads((report / "report.json").read_text())
+    assert list(saved["levels"]) == ["-10", "-20"]
+    assert saved["false_alarms"]["expected"] == []  # the model has neither speech nor music
+    assert any("siren" in w for w in saved["warnings"])
+    assert "siren" in (report / "report.md").read_text()
+
+
+def test_agreement_without_a_counted_class_says_so_not_nan():
+    from streamtag.training.evaluate import markdown
+
+    m = {"clips": 1, "acc_last": 1.0, "acc_mean": 1.0, "macro_map": 1.0, "time_to_detect": {}, "per_class": {}}
+    text = markdown(
+        {"metrics": m, "teacher_agreement": {"files": 1, "frames": 9, "map": float("nan"), "per_class": {}}}
+    )
+    assert "nan" not in text and "no agreement to measure" in text
