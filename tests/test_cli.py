@@ -513,3 +513,17 @@ def test_score_threshold_hides_classes_below_it(cnn_dir, tmp_path):
     tops = [json.loads(line)["top"] for line in out.read_text().splitlines()]
     assert all(p >= 0.3 for top in tops for _, p in top)
     assert any(len(top) < 5 for top in tops) and any(top for top in tops)  # some hidden, some shown
+
+
+def test_a_model_folder_s_own_events_toml_is_named_when_it_is_wrong(cnn_dir, tmp_path):
+    """A model folder given another model's events.toml: the error names that file, not --event-config (which
+    the user never gave)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(cnn_dir, model)
+    (model / "events.toml").write_text("[no_such_class]\non_threshold = 0.7\n")
+    for command in (["replay", EXAMPLES / "dog.flac", "--fast"], ["tag", EXAMPLES / "dog.flac", "--out", tmp_path]):
+        r = run_cli(*command, "--model", model)
+        assert r.returncode == 2 and f"{model / 'events.toml'}: event settings name unknown classes" in r.stderr
+        assert "--event-config" not in r.stderr, r.stderr

@@ -324,8 +324,14 @@ def detector_factory(model, event_config=None, on_threshold: float | None = None
     try:
         factory()
     except ConfigError as exc:
-        raise ConfigError(f"--event-config: {exc}") from None
+        raise ConfigError(f"{settings_source(model, event_config)}: {exc}") from None
     return factory
+
+
+def settings_source(model, event_config=None) -> str:
+    """Where event settings came from, for an error about them: --event-config, or the model folder's own file
+    (a model copied with another model's events.toml names classes it does not have)."""
+    return "--event-config" if event_config else str(resolve_model_dir(model) / "events.toml")
 
 
 def _selection(args, labels) -> ClassSelection:
@@ -333,7 +339,7 @@ def _selection(args, labels) -> ClassSelection:
     return ClassSelection(labels, args.max_results, args.score_threshold, allow, deny)
 
 
-def _detector(settings, backend, selection: ClassSelection) -> EventDetector:
+def _detector(settings, backend, selection: ClassSelection, source: str) -> EventDetector:
     """The stream's detector; a class that ``--allow``/``--deny`` hides opens no events either (as in serve)."""
     default, per_class = settings
     try:
@@ -341,7 +347,7 @@ def _detector(settings, backend, selection: ClassSelection) -> EventDetector:
             backend.labels, backend.config.features.frame_seconds, default, per_class, enabled=selection.enabled
         )
     except ConfigError as exc:
-        raise ConfigError(f"--event-config: {exc}") from None
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 @dataclasses.dataclass
@@ -361,7 +367,8 @@ def plan_stream(args, backend, event_settings) -> StreamPlan:
             f"{args.rate:g} given)"
         )
     selection = _selection(args, backend.labels)
-    detector = _detector(event_settings, backend, selection)
+    source = settings_source(getattr(backend, "folder", None), getattr(args, "event_config", None))
+    detector = _detector(event_settings, backend, selection, source)
     return StreamPlan(selection, detector, max(1, round(1.0 / (args.rate * frame_s))))
 
 
