@@ -268,6 +268,12 @@ class ServeWorker(threading.Thread):
             if not valid_name(name):
                 raise ConfigError("stream names are 1-64 of A-Z a-z 0-9 _ -")
             if change is not None:
+                known = name in self.accounts or name in self.book.config.streams or name in self.book.changes
+                if not known and len(self.book.changes) >= self.options.capacity:  # names never seen, without end
+                    raise ConfigError(
+                        f"settings are kept for at most {self.options.capacity} streams not in the config file; "
+                        f"'{name}' is not connected: set it once it is, or name it in the config file"
+                    )
                 self.book.change(name, change)
                 engine = self.multi.streams.get(name)
                 if engine is not None:  # a running stream: events of changed labels close (reason settings)

@@ -331,3 +331,22 @@ def test_one_event_detector_given_to_two_streams_keeps_their_events_apart(cnn_di
     mixed["b"] += two.finish()
     for name in clips:
         assert _split(mixed[name])[1] == _alone(cnn_dir, "onnx", clips[name])[1], name
+
+
+def test_settings_for_streams_never_seen_are_kept_for_at_most_capacity_names(cnn_dir):
+    """Any client of the broker may send settings for any name: kept by name, they would grow without end. Names
+    in the config file, connected, or already set stay welcome; new ones beyond the capacity are refused."""
+    from streamtag.serve_config import ServeConfig, SettingsBook
+    from streamtag.server import ServeOptions, ServeWorker
+
+    multi = MultiStreamTagger(cnn_dir, capacity=2)
+    book = SettingsBook(multi.labels, multi.frame_seconds, [{}], ServeConfig())
+    worker = ServeWorker(multi, ServeOptions(capacity=2), book=book)
+    replies = []
+    for name in ("ghost1", "ghost2", "ghost3", "ghost1"):
+        try:
+            worker._handle(("settings", name, {"deny": [multi.labels[0]]}, replies.append))
+        except ConfigError as exc:
+            replies.append({"error": str(exc)})
+    assert [("error" in r) for r in replies] == [False, False, True, False], replies
+    assert "at most 2 streams" in replies[2]["error"] and "'ghost3' is not connected" in replies[2]["error"]
