@@ -236,7 +236,7 @@ def bench_e2e_replay(model, path: Path, seconds: float) -> dict[str, float]:
     source = WavReplaySource(
         path, feats.sample_rate, feats.hop_length, speed=1.0, repeat=max(1, int(np.ceil(seconds / 5)))
     )
-    worker = Worker(source, backend)
+    worker = Worker(source, backend, events=None)  # the model alone, as in earlier runs
     worker.start()
     worker.join()
     s = worker.summary()
@@ -250,7 +250,7 @@ def bench_e2e_mic(model, device: str, seconds: float) -> dict[str, float]:
 
     backend = make_backend("onnx", model)
     feats = backend.config.features
-    worker = Worker(MicrophoneSource(feats.sample_rate, device, feats.hop_length), backend)
+    worker = Worker(MicrophoneSource(feats.sample_rate, device, feats.hop_length), backend, events=None)
     worker.start()
     time.sleep(seconds)
     worker.request_stop()

@@ -448,7 +448,9 @@ def _detector(events, labels, frame_seconds: float, folder=None) -> EventDetecto
                 f"the EventDetector's {len(events.labels)} labels are not the model's {len(labels)}: "
                 "make it with the model's labels (backend.labels), in the same order"
             )
-        events = copy.deepcopy(events)  # an engine's own: one detector fed by two streams would mix their events
+        if getattr(events, "_taken", False):  # another engine's already: one detector fed by two would mix them
+            events = copy.deepcopy(events)
+        events._taken = True  # a fresh one (a factory's) is taken as it is: a copy costs most of a join
         events.reset_states()
         return events
     if events is True:  # the model folder's own settings (events.toml), else the defaults

@@ -394,12 +394,7 @@ def build_event_settings(*tables: dict[str, dict[str, Any]]) -> tuple[EventParam
     same table or a later one overrides it. Every class entry is completed from the merged default."""
     merged: dict[str, dict[str, Any]] = {}
     for table in tables:
-        for setting in table.get("default", {}):
-            for key, entry in merged.items():
-                if key != "default":
-                    entry.pop(setting, None)
-        for key, value in table.items():
-            merged[key] = {**merged.get(key, {}), **value}
+        merged = merge_event_tables(merged, table)
     base = merged.get("default", {})
     try:
         default = EventParams(**base) if base else None
@@ -413,6 +408,19 @@ def build_event_settings(*tables: dict[str, dict[str, Any]]) -> tuple[EventParam
             except ConfigError as exc:  # which class: a file may name dozens
                 raise ConfigError(f"events.{key}: {exc}") from None
     return default, per_class
+
+
+def merge_event_tables(below: dict[str, dict[str, Any]], above: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``above`` over ``below``, key by key; ``above``'s ``default`` keys clear the same keys from ``below``'s class
+    entries (a default is every class's), and its own class entries go over that. Neither table is changed."""
+    merged = {key: dict(entry) for key, entry in below.items()}
+    for setting in above.get("default", {}):
+        for key, entry in merged.items():
+            if key != "default":
+                entry.pop(setting, None)
+    for key, value in above.items():
+        merged[key] = {**merged.get(key, {}), **value}
+    return merged
 
 
 def load_event_settings(path: str | os.PathLike) -> tuple[EventParams | None, dict[str, EventParams]]:

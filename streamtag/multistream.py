@@ -17,8 +17,10 @@ a network server stands on::
 
 from __future__ import annotations
 
+import copy
 import functools
 import heapq
+import numbers
 import os
 from collections.abc import Callable, Iterator
 
@@ -101,6 +103,8 @@ class MultiStreamTagger:
         if events is True:  # the model's events.toml, read once: parsing it at every join cost 1.7 ms a stream
             settings = model_event_settings(getattr(self.backend, "folder", None))
             events = functools.partial(EventDetector, self.labels, self.frame_seconds, *settings)
+        elif isinstance(events, EventDetector):  # a template: each stream a copy, the template left as it is
+            events = functools.partial(copy.deepcopy, events)
         self._events = events
         self._engine_options = dict(engine_options or {})
         unknown = set(self._engine_options) - ENGINE_OPTIONS
@@ -185,7 +189,9 @@ class MultiStreamTagger:
         read (a generator stopped early would have dropped hops it had taken), and may join, leave or feed as
         soon as it has it.
         """
-        if max_hops is not None and (isinstance(max_hops, bool) or not isinstance(max_hops, int) or max_hops < 1):
+        if max_hops is not None and (
+            isinstance(max_hops, bool) or not isinstance(max_hops, numbers.Integral) or max_hops < 1
+        ):
             raise ConfigError(f"max_hops must be a whole number >= 1 or None ({max_hops!r} given)")
         return list(self._rounds(max_hops))
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .events import EventDetector, EventParams, build_event_settings
+from .events import EventDetector, EventParams, build_event_settings, merge_event_tables
 from .outputs.selection import split_class_names
 
 try:
@@ -102,15 +102,13 @@ class StreamSettings:
 
     def over(self, below: StreamSettings) -> StreamSettings:
         """This layer on top of ``below``: lists replace (either one given replaces both; an empty one stays,
-        so it clears what is below), events merge by key."""
+        so it clears what is below), events merge by key, and this layer's ``default`` keys clear the same keys
+        from the class entries below (as :func:`~streamtag.events.build_event_settings` does between tables)."""
         if self.allow is not None or self.deny is not None:
             allow, deny = self.allow, self.deny
         else:
             allow, deny = below.allow, below.deny
-        events = {k: dict(v) for k, v in below.events.items()}
-        for key, value in self.events.items():
-            events[key] = {**events.get(key, {}), **value}
-        return StreamSettings(allow, deny, events)
+        return StreamSettings(allow, deny, merge_event_tables(below.events, self.events))
 
     def enabled(self, labels: Sequence[str]) -> list[bool]:
         if self.allow:

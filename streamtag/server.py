@@ -29,6 +29,7 @@ import dataclasses
 import hmac
 import ipaddress
 import json
+import os
 import queue
 import signal
 import sys
@@ -308,8 +309,12 @@ class ServeWorker(threading.Thread):
                 return
             if not up:  # its open events close (reason gap) and its state is cleared, as live --reconnect does
                 engine = self.multi.streams[name]
+                hops = 0
                 for item in engine.feed_blocks(np.zeros(0, np.float32)) if hasattr(engine, "feed_blocks") else ():
+                    hops += _hops(item)
                     self._deliver(name, item)  # the hops before the gap, on the state they belong to
+                if hops and self.metrics is not None:
+                    self.metrics.hops.inc(hops)
                 for step in engine.reset("gap"):
                     self._deliver(name, step)
             if self.mqtt is not None:
@@ -622,6 +627,7 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
     pacer = Pacer(worker, name, 16000, lambda: not (stop.is_set() or refused))
     realtime = ["-re"] if _is_file(url) else []
     local = local_path(url) is not None
+    die_with_parent = _death_signal()
     delay = 1.0
     last_audio = counted = loop.time()  # counted: the gap metric holds the time without audio up to here
     failing = False  # a failure is said once, until audio comes again (no line per retry)
@@ -648,7 +654,7 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
             "-",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         decode = PcmDecoder(PcmFormat.raw(16000, "s16le"))  # what ffmpeg is told to write; a part-frame is its own
         errors: collections.deque = collections.deque(maxlen=2)  # ffmpeg's last words, drained as they come
@@ -706,18 +712,28 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
             now = loop.time()
             worker.source_restarted(name, now - max(last_audio, counted))
             counted = now
-    worker.submit("gone", name)  # the server is stopping: its open events close as interrupted
+    # the server is stopping: worker.stop() ends the stream (events closed as interrupted, in the stop summary)
 
 
-def _die_with_parent() -> None:
-    """In a pulled source's ffmpeg, before it starts (Linux): killed with the server, even by SIGKILL, rather than
-    left reading a camera for ever."""
+def _death_signal() -> Callable[[], None] | None:
+    """What a pulled source's ffmpeg runs between fork and exec (Linux): it is killed with the server, even by
+    SIGKILL, rather than left reading a camera for ever. Looked up here, in the server, so the child (forked from
+    a process with threads) runs no import, only the call; a server gone before the call is seen by its parent
+    changing. ``None`` where prctl is not there."""
     try:
         import ctypes
 
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return die_with_parent
 
 
 async def _lines(stream: asyncio.StreamReader, keep: collections.deque, url: str) -> None:
@@ -794,6 +810,7 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
             return
         stalled = running and time.monotonic() - last > STALL_SECONDS
         if running and (source.finished or stalled) and not down:  # lost: its events close, it shows offline
+            hand_over()  # what it gave before, on the state it belongs to
             down = True
             worker.submit("source", name, False)
         if not running or source.finished or stalled:
@@ -813,9 +830,6 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
                 ran = True
                 last = time.monotonic()
                 running, delay = True, 1.0
-                if down:
-                    down = False
-                    worker.submit("source", name, True)
                 if failing:
                     failing = False
                     print(f"streamtag serve: {name}: the device is open again", file=sys.stderr, flush=True)
@@ -834,6 +848,9 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
                 continue
         if hand_over():
             last = time.monotonic()
+            if down:  # audio again (an open device that gives nothing stays offline)
+                down = False
+                worker.submit("source", name, True)
         if ring.dropped and not lost_said:  # only if this loop was held up for seconds: said once, counted at the end
             print(f"streamtag serve: {name}: the server fell behind the sound card; samples are lost", file=sys.stderr)
             lost_said = True
@@ -843,8 +860,7 @@ async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Eve
         hand_over()  # what it gave before it stopped
         if ring.dropped:
             print(f"streamtag serve: {name}: {ring.dropped} samples of the sound card were lost", file=sys.stderr)
-    if joined:
-        worker.submit("gone", name)  # the server is stopping: its open events close as interrupted
+    # the server is stopping: worker.stop() ends the stream (events closed as interrupted, in the stop summary)
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

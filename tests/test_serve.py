@@ -1337,6 +1337,7 @@ def test_a_pulled_source_that_drops_is_unavailable_until_it_is_back_and_the_brok
         httpd.shutdown()
         shutil.rmtree(readable)
     assert proc.returncode == 0, err
+    assert "1 stream at the stop" in err and "porch: received" in err, err  # a pulled source is in the summary
     assert seen[:3] == ["online", "offline", "online"], seen
     events = [json.loads(p) for t, p, _ in got if t == "streamtag/events"]
     gaps = [e for e in events if e["type"] == "close" and e["reason"] == "gap"]

@@ -106,6 +106,16 @@ def test_a_higher_layer_s_default_moves_every_class_below_it_and_json_of_the_wro
         assert thresholds[name][LABELS.index("dog")] == pytest.approx(dog)
         assert thresholds[name][LABELS.index("rain")] == pytest.approx(0.8)
         assert thresholds[name][LABELS.index("chainsaw")] == pytest.approx(0.8)
+    # the same between the config file's own layers and a change at run time
+    config = ServeConfig(
+        defaults=StreamSettings(events={"dog": {"on_threshold": 0.9}}),
+        streams={"porch": StreamSettings(events={"default": {"on_threshold": 0.6}})},
+    )
+    book = SettingsBook(LABELS, 0.01, event_tables(None), config)
+    assert book.detector("porch")._on[LABELS.index("dog")] == pytest.approx(0.6)
+    assert book.detector("other")._on[LABELS.index("dog")] == pytest.approx(0.9)
+    book.change("other", {"events": {"default": {"on_threshold": 0.7}}})
+    assert book.detector("other")._on[LABELS.index("dog")] == pytest.approx(0.7)
     for text, message in (('[{"a": 1}]', "give an object of tables"), ('{"streams": {}, "streams": {}}', "twice")):
         path = tmp_path / "serve.json"
         path.write_text(text)

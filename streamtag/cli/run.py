@@ -310,9 +310,9 @@ def event_tables(
         flags["on_threshold"] = on_threshold
     if max_event_seconds is not None:
         flags["max_duration_s"] = max_event_seconds
-    # a flag moves every class: also those a file gave their own value (the bundled model's calibrated thresholds)
-    named = {key for table in tables for key in table if key != "default"}
-    return [*tables, {"default": flags, **({key: dict(flags) for key in named} if flags else {})}]
+    # a flag moves every class, also those a file gave their own value (the bundled model's calibrated thresholds):
+    # a later table's default does (build_event_settings)
+    return [*tables, {"default": flags}]
 
 
 def detector_factory(model, event_config=None, on_threshold: float | None = None) -> Callable[[], EventDetector]:

@@ -132,9 +132,11 @@ def _sources(args, config) -> list:
         path = local_path(source.url) if source.url else None
         if path is None:
             continue
-        if not os.path.isfile(path):
+        if not os.path.exists(path) or os.path.isdir(path):
             what = f"{path!r} is a folder, not a file" if os.path.isdir(path) else f"no such file {path!r}"
             raise ConfigError(f"stream '{source.name}': {what} (give a file, or a URL such as rtsp://...)")
+        if not os.path.isfile(path):  # a named pipe or a device: reading a probe from it would take its audio
+            continue
         problem = _not_audio(path)
         if problem:
             raise ConfigError(f"stream '{source.name}': ffmpeg finds no audio to read in {path!r} ({problem})")

@@ -81,9 +81,11 @@ def parse_broker(url: str) -> Broker:
     except ValueError:
         raise ConfigError(f"--mqtt {shown!r}: the port is not a number in 1..65535") from None
     username = unquote(parsed.username) if parsed.username else None
-    password = unquote(parsed.password) if parsed.password is not None else os.environ.get(PASSWORD_VARIABLE)
+    password = unquote(parsed.password) if parsed.password is not None else None
     if password is not None and username is None:
-        raise ConfigError(f"--mqtt {shown!r}: a password needs a user name, as mqtt://USER@HOST")
+        raise ConfigError(f"--mqtt {shown!r}: a password needs a user name, as mqtt://USER:PASSWORD@HOST")
+    if password is None and username is not None:  # the environment's, for a login named in the URL only
+        password = os.environ.get(PASSWORD_VARIABLE) or None
     return Broker(parsed.hostname, port, username, password, tls)
 
 
@@ -123,7 +125,6 @@ class MqttPublisher:
             self.client.username_pw_set(broker.username, broker.password)
         if broker.tls:
             self.client.tls_set()  # the system's CA certificates
-        self.refused_login: str | None = None  # the broker turned our login down: retrying would not help
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
@@ -144,16 +145,16 @@ class MqttPublisher:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            if reason_code in LOGIN_REFUSED:  # a wrong user or password: said once, and no retries every second
-                self.refused_login = f"the MQTT broker {self.host}:{self.port} refused the login ({reason_code})"
-                print(
-                    f"streamtag serve: error: {self.refused_login}: check the user in --mqtt and the password "
-                    f"(in the URL or ${PASSWORD_VARIABLE}); tagging goes on without MQTT",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                self._closing = True
-                client.disconnect()
+            if reason_code in LOGIN_REFUSED:  # a wrong login, or a broker not ready to check it yet: said once
+                if not self._said_down:
+                    self._said_down = True
+                    print(
+                        f"streamtag serve: error: the MQTT broker {self.host}:{self.port} refused the login "
+                        f"({reason_code}): check the user in --mqtt and the password (in the URL or "
+                        f"${PASSWORD_VARIABLE}); tagging goes on, the login is tried again every 30 s at most",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 return
             self._down(f"the MQTT broker {self.host}:{self.port} refused the connection ({reason_code})")
             return
@@ -167,14 +168,23 @@ class MqttPublisher:
         client.subscribe(f"{self.prefix}/+/set", qos=1)
         # streams a crashed run left "online" (its last will covers the server, not each stream): set offline
         client.subscribe(f"{self.prefix}/+/availability", qos=1)
-        with self._lock:
-            down, settings = set(self._unavailable), dict(self._settings)
-        for stream, (enabled, _) in self._snapshot().items():
+        down, settings, streams = self._published()
+        for stream, (enabled, _) in streams.items():
             self._discovery(stream, enabled)
             self._send(self._stream_availability(stream), "offline" if stream in down else "online", retain=True, qos=1)
         for stream, payload in settings.items():  # a broker without persistence lost the retained settings too
             self._send(f"{self.prefix}/{stream}/settings", payload, retain=True, qos=1)
         self._resend_states()
+        # published outside the lock: what the worker changed meanwhile may have been overtaken by the values sent
+        # here, which the broker would then keep; sent once more as it stands now
+        now_down, now_settings, now_streams = self._published()
+        for stream in set(streams) | set(now_streams):
+            if stream not in now_streams or (stream in down) != (stream in now_down):
+                up = stream in now_streams and stream not in now_down
+                self._send(self._stream_availability(stream), "online" if up else "offline", retain=True, qos=1)
+        for stream, payload in now_settings.items():
+            if settings.get(stream) != payload:
+                self._send(f"{self.prefix}/{stream}/settings", payload, retain=True, qos=1)
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._down(f"cannot reach the MQTT broker {self.host}:{self.port}")
@@ -237,6 +247,12 @@ class MqttPublisher:
             if info.rc == self._mqtt.MQTT_ERR_NO_CONN and qos > 0:
                 self._queued += 1
 
+    def _published(self) -> tuple[set[str], dict[str, str], dict[str, tuple[list[bool], set[str]]]]:
+        """The streams that are down, the settings in force and every stream's labels and states, as they are."""
+        with self._lock:
+            down, settings = set(self._unavailable), dict(self._settings)
+        return down, settings, self._snapshot()
+
     def _snapshot(self) -> dict[str, tuple[list[bool], set[str]]]:
         with self._lock:
             return {s: (list(enabled), set(on)) for s, (enabled, on) in self._streams.items()}
@@ -297,6 +313,7 @@ class MqttPublisher:
         with self._lock:
             self._streams.pop(stream, None)
             self._unavailable.discard(stream)
+            self._settings.pop(stream, None)  # published again when it joins; kept by the broker meanwhile
         self._send(self._stream_availability(stream), "offline", retain=True, qos=1)
 
     def _stream_availability(self, stream: str) -> str:
