@@ -36,8 +36,13 @@ from . import OwnStreams
 
 try:
     import onnxruntime as ort
-except ImportError:  # pragma: no cover - onnxruntime is a dependency
-    raise BackendUnavailable("the onnx backend needs onnxruntime: pip install onnxruntime") from None
+except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise BackendUnavailable("the onnx backend needs onnxruntime: pip install onnxruntime") from None
+    # installed but broken (or its import cut short by a Ctrl-C): say what failed, not that it is missing
+    raise BackendUnavailable(f"onnxruntime is installed but failed to import ({exc})") from None
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
