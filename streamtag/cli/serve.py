@@ -41,8 +41,8 @@ def add_parser(subparsers) -> None:
         "--config",
         metavar="FILE",
         help="serve.toml: per-stream labels (allow/deny) and event settings, and streams to pull (url = ... "
-        "through ffmpeg, device = ... a sound card by name); see the README. Settings change at run time too: "
-        "PUT /v1/streams/NAME/settings or MQTT PREFIX/NAME/set",
+        "through ffmpeg, device = ... a sound card by name); a commented example is streamtag/assets/examples/"
+        "serve.toml. Settings change at run time too: PUT /v1/streams/NAME/settings or MQTT PREFIX/NAME/set",
     )
     p.add_argument(
         "--event-config",
