@@ -1,6 +1,6 @@
 """``tag --ray``: an archive tagged by a pool of Ray actors, on one machine or a cluster.
 
-Ray is an optional extra (``pip install 'streamtag[ray]'``), imported only here. Each actor
+Ray is an optional extra (``pip install '.[ray]'``), imported only here. Each actor
 loads the model once and keeps one batched pool of streams; a task is a batch of whole files
 (never part of one), so a stream's state never crosses machines, and every actor writes its
 files' outputs under ``--out`` itself (on a cluster, a path every node shares). The outputs
@@ -35,7 +35,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise BackendUnavailable("--ray needs Ray: pip install 'streamtag[ray]'") from None
+        raise BackendUnavailable("--ray needs Ray: pip install '.[ray]' (streamtag's folder)") from None
     return ray
 
 

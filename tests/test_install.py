@@ -66,7 +66,7 @@ def test_tag_runs_without_torch(lite, tmp_path):
 
 def test_ray_is_an_extra_named_when_missing(lite, tmp_path):
     r = _run(lite, "tag", EXAMPLES, "--out", tmp_path / "out", "--ray", "auto")
-    assert r.returncode == 2 and "pip install 'streamtag[ray]'" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "pip install '.[ray]'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_live_runs_without_torch(lite, tmp_path):
@@ -100,7 +100,7 @@ def test_torch_only_commands_name_the_extra(lite, tmp_path, args):
     r = _run(lite, *[a.format(**fill) for a in args])
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install 'streamtag[" in lines[0] and "Traceback" not in r.stderr
+    assert len(lines) == 1 and "pip install '.[" in lines[0] and "Traceback" not in r.stderr
     assert not r.stdout and not (tmp_path / "out").exists()  # checked before any work or output
 
 

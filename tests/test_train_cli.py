@@ -208,3 +208,23 @@ def test_agreement_without_a_counted_class_says_so_not_nan():
         {"metrics": m, "teacher_agreement": {"files": 1, "frames": 9, "map": float("nan"), "per_class": {}}}
     )
     assert "nan" not in text and "no agreement to measure" in text
+
+
+def test_a_model_trained_before_the_default_label_map_goes_on_under_its_own_labels(tmp_path, cli):
+    """--init (or --resume) of a model trained as dog_bark, before train applied the packaged map by default: its
+    labels are kept, not renamed to dog (which made the model refuse its own dataset)."""
+    data = tmp_path / "data"
+    for name, clip in (("dog_bark", "dog"), ("rain", "rain")):
+        audio = read_clip(EXAMPLES / f"{clip}.flac")
+        (data / name).mkdir(parents=True)
+        for k in range(3):
+            sf.write(data / name / f"{clip}{k}.wav", audio[k * 16000 : (k + 1) * 16000], 16000)
+    plain_map = tmp_path / "map.tsv"
+    plain_map.write_text("label\taudioset_display_names\taliases\nrain\tRain\t\n")
+    old = tmp_path / "old"
+    code, err = cli("train", data, "--out", old, "--label-map", plain_map, "--arch-param", "hidden=8", *FAST)
+    assert code == 0, err
+    assert json.loads((old / "config.json").read_text())["labels"] == ["dog_bark", "rain"]
+    code, err = cli("train", data, "--out", tmp_path / "new", "--init", old, "--arch-param", "hidden=8", *FAST)
+    assert code == 0 and "renamed" not in err, err
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["labels"] == ["dog_bark", "rain"]

@@ -82,8 +82,8 @@ def _open(folder: Path, threads: int, chunk: bool = False) -> tuple[ort.Inferenc
         from ..models.export import export_chunk_onnx, export_onnx
     except ImportError:
         raise BackendUnavailable(
-            f"{folder} has no up-to-date {name}, and exporting one needs torch (pip install 'streamtag[train]'), "
-            "or run 'streamtag export' where torch is installed"
+            f"{folder} has no up-to-date {name}, and exporting one needs torch (the train extra: "
+            "pip install '.[train]'), or run 'streamtag export' where torch is installed"
         ) from None
     if chunk:
         export_chunk_onnx(folder, cached)

@@ -12,7 +12,7 @@ from . import OwnStreams
 try:
     import torch
 except ImportError:  # pragma: no cover - torch is a dependency
-    raise BackendUnavailable("the torch backend needs PyTorch: pip install 'streamtag[train]'") from None
+    raise BackendUnavailable("the torch backend needs PyTorch: pip install '.[train]' (streamtag's folder)") from None
 
 from ..modelfile import resolve_model_dir
 from ..models.io import load_model

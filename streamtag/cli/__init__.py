@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(
             f"streamtag {args.command}: error: this needs {exc.name}, which is not installed; "
-            f"install it with: pip install 'streamtag[{extra}]'",
+            f"install it with: pip install '.[{extra}]' (streamtag's folder)",
             file=sys.stderr,
         )
         return 2

@@ -126,8 +126,8 @@ def run(args) -> int:
         raise ConfigError(f"--baseline-folds must be 0 (no baseline) or >= 2 ({args.baseline_folds} given)")
     if args.baseline_folds and importlib.util.find_spec("torch") is None:  # found now, not after every clip
         raise ConfigError(
-            "the baseline needs torch, which is not installed; install it with pip install 'streamtag[train]', "
-            "or add --baseline-folds 0"
+            "the baseline needs torch, which is not installed; install it with pip install '.[train]' "
+            "in streamtag's folder, or add --baseline-folds 0"
         )
     check_output_folder(args.report, "--report")  # before the clips are scored, not after
     interrupt_on_signals()

@@ -65,7 +65,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--ray",
         metavar="ADDRESS",
-        help="run the streams' engines on Ray (pip install 'streamtag[ray]'): auto (a Ray running here, else a "
+        help="run the streams' engines on Ray (the ray extra, pip install '.[ray]'): auto (a Ray running here, else a "
         "local one) or a cluster address; each stream goes to one engine by a hash of its name",
     )
     p.add_argument("--engines", type=int, default=2, help="with --ray: engine actors (default 2)")

@@ -44,8 +44,8 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--ray",
         metavar="ADDRESS",
-        help="run on Ray (pip install 'streamtag[ray]'): auto (a Ray running here, else a local one) or a cluster "
-        "address; --out must be a path every node shares",
+        help="run on Ray (the ray extra, pip install '.[ray]'): auto (a Ray running here, else a local one) or a "
+        "cluster address; --out must be a path every node shares",
     )
     p.add_argument("--width", type=int, default=64, help="files stepped together per model call (default 64)")
     p.add_argument("--event-config", metavar="FILE", help="event thresholds per class (TOML or JSON), as replay's")
@@ -76,7 +76,9 @@ def run(args) -> int:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise ConfigError("--parquet needs pyarrow: pip install 'streamtag[archive]' (or pyarrow)") from None
+            raise ConfigError(
+                "--parquet needs pyarrow: pip install '.[archive]' in streamtag's folder (or pip install pyarrow)"
+            ) from None
     out = check_output_folder(args.out, "--out")
     passed_over: list[Path] = []
     if "-" in args.inputs:
@@ -96,23 +98,25 @@ def run(args) -> int:
     detectors = detector_factory(args.model, args.event_config, args.on_threshold)
     make_backend(args.backend, args.model)  # torch missing, or a model with no graph to run: one line, now
     check_out(items, out, args.force)
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # a container's
     if args.jobs is not None and args.jobs > cores and not args.ray:  # more processes only share the same cores
         print(
             f"streamtag tag: note: --jobs {args.jobs} is more than the {cores} cores here; using {cores}",
             file=sys.stderr,
         )
         args.jobs = cores
-    parquet = args.parquet or (out / "summary.parquet").is_file()  # one there already is kept up to date
+    # a summary.parquet an earlier run wrote beside its summary.csv is kept up to date; a file of that name with no
+    # summary.csv of ours is the user's, and is left alone
+    ours = (out / "summary.parquet").is_file() and (out / "summary.csv").is_file()
+    parquet = args.parquet or ours
     if parquet and not args.parquet:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            (out / "summary.parquet").unlink()
             parquet = False
             print(
-                f"streamtag tag: note: removed {out / 'summary.parquet'}, which this run could not update "
-                "(no pyarrow here); summary.csv lists every finished file",
+                f"streamtag tag: note: {out / 'summary.parquet'} is not updated by this run (no pyarrow here: pip "
+                "install 'streamtag[archive]'); summary.csv lists every finished file",
                 file=sys.stderr,
             )
     out.mkdir(parents=True, exist_ok=True)

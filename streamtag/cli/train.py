@@ -266,6 +266,17 @@ def _check_arch_params(opts) -> None:
         ) from None
 
 
+def _labels_kept(args) -> set[str]:
+    """Labels of the model a run goes on from (--init, or the checkpoint --resume continues): never renamed, so
+    a model trained as dog_bark before the label map applied by default goes on as dog_bark."""
+    from ..modelfile import load_config
+
+    folders = [Path(args.init)] if args.init else []
+    if args.resume and (Path(args.out) / "config.json").is_file():
+        folders.append(Path(args.out))
+    return {label for folder in folders for label in load_config(folder).labels}
+
+
 def load_training_data(args):
     """The datasets, unlabelled audio, teacher and label map that the arguments name."""
     from ..modelfile import cache_dir
@@ -277,9 +288,11 @@ def load_training_data(args):
     label_map = read_label_map(args.label_map)
     several = len(args.dataset) > 1 or bool(args.unlabelled or args.teacher_labels)
     datasets = [load_dataset(d, min_classes=1 if several else 2) for d in args.dataset]
-    renamed = sorted({f"{x} -> {label_map.aliases[x]}" for ds in datasets for x in ds.labels if x in label_map.aliases})
+    aliases = {x: to for x, to in label_map.aliases.items() if x not in _labels_kept(args)}
+    renamed = sorted({f"{x} -> {aliases[x]}" for ds in datasets for x in ds.labels if x in aliases})
+    which = f"--label-map {args.label_map}" if args.label_map else "the packaged label map; --label-map for another"
     for note in [n for ds in datasets for n in ds.notes] + (
-        [f"labels renamed by the label map (--label-map): {', '.join(renamed)}"] if renamed else []
+        [f"labels renamed ({which}): {', '.join(renamed)}"] if renamed else []
     ):
         print(f"streamtag train: note: {note}", file=sys.stderr)
     sources = [(str(path), read_unlabelled(path)) for path in args.unlabelled]
@@ -289,7 +302,7 @@ def load_training_data(args):
     missing = [x for x in extra if x not in label_map.targets]
     if missing:
         raise ConfigError(f"--teacher-labels {','.join(missing)}: not in the label map (see --label-map)")
-    dataset = combine(datasets, label_map.aliases, unlabelled, extra)
+    dataset = combine(datasets, aliases, unlabelled, extra)
     if len(dataset.labels) < 2:
         raise ConfigError(f"need at least 2 classes to train ({len(dataset.labels)} found: {dataset.labels})")
     teacher = None

@@ -106,7 +106,7 @@ class MqttPublisher:
         try:
             import paho.mqtt.client as mqtt
         except ImportError:
-            raise BackendUnavailable("--mqtt needs paho-mqtt: pip install 'streamtag[serve]'") from None
+            raise BackendUnavailable("--mqtt needs paho-mqtt: pip install '.[serve]' (streamtag's folder)") from None
         broker = parse_broker(url)
         self.host, self.port = broker.host, broker.port
         self.labels, self.prefix, self.discovery_prefix = list(labels), prefix, discovery_prefix
