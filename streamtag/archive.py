@@ -118,7 +118,7 @@ def _search(folder: Path, skip: Path | None, passed_over: list[Path]) -> list[Pa
                 passed_over.append(here / d)
         for n in names:
             f = here / n
-            if n.startswith("."):
+            if n.startswith(".") or (skip is not None and _is_output(f, skip)):
                 continue
             if not f.is_file():  # a broken link (or a socket, a FIFO)
                 passed_over.append(f)
@@ -128,6 +128,17 @@ def _search(folder: Path, skip: Path | None, passed_over: list[Path]) -> list[Pa
                 passed_over.append(f)
     passed_over.sort()
     return sorted(found)
+
+
+OUTPUT_ENDINGS = (".events.jsonl", ".labels.txt", ".scores.tsv", DONE, ".part")  # what tag writes per file
+
+
+def _is_output(f: Path, out: Path) -> bool:
+    """Whether ``f`` is one of tag's outputs in the output folder (``--out`` is the folder given: its outputs sit
+    among the recordings, and are neither tagged nor listed as passed over)."""
+    if f.name in (*TABLES, "summary.parquet"):
+        return f.parent.resolve() == out
+    return f.name.endswith(OUTPUT_ENDINGS) and out in f.resolve().parents
 
 
 def _name_in(path: Path, folder: Path) -> str:
@@ -538,22 +549,28 @@ def check_out(items: Sequence[Item], out: Path, force: bool = False) -> None:
         marker = done_marker(out, item)
         if item.opener is not None or not marker.is_file():
             continue
-        if _other_file(marker, item):
+        other = _other_file(marker, item)
+        if other:
             raise ConfigError(
                 f"--out {out} already holds the results named '{item.name}' of another file, "
-                f"{_other_file(marker, item)}; give {item.path} another --out, or add --force to replace them"
+                f"{other}; give {item.path} another --out, or add --force to replace them"
             )
 
 
 def _other_file(marker: Path, item: Item) -> str | None:
-    """The file a marker was written for, when that is another file that still exists (not a moved archive)."""
+    """The file a marker was written for, when that is another file that still exists: not a moved archive, and
+    not a copy of this one (same size and modification time, as ``cp -p`` or rsync keep them)."""
     try:
-        other = json.loads(marker.read_text(encoding="utf-8"))["file"]["path"]
-        if other != str(item.path.resolve()) and os.path.exists(other) and not os.path.samefile(other, item.path):
-            return other
+        written_for = json.loads(marker.read_text(encoding="utf-8"))["file"]
+        other = written_for["path"]
+        if other == str(item.path.resolve()) or not os.path.exists(other) or os.path.samefile(other, item.path):
+            return None
+        st = item.path.stat()
+        if (written_for["size"], written_for["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+            return None
+        return other
     except (OSError, ValueError, TypeError, KeyError):  # unreadable, or an older marker naming no file
-        pass
-    return None
+        return None
 
 
 def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: bool = False) -> list[Path]:

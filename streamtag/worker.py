@@ -118,7 +118,7 @@ class Summary:
     def _quiet_hint(self) -> str:
         if self.live:
             return "check the microphone or its gain"
-        return "the recording is silent or far below full scale (--gain DB raises it)"
+        return "the input is silent or far below full scale (--gain DB raises it)"  # a file, or a pipe's source
 
 
 class _OutputFailed(Exception):

@@ -604,3 +604,19 @@ def test_a_missing_manifest_entry_and_too_many_jobs_are_said_plainly(tmp_path, c
     r = run_cli("tag", manifest, "--out", tmp_path / "out", "--model", cnn_dir, "--jobs", jobs)
     assert r.returncode == 1 and f"gone.flac is listed in {manifest} but missing" in r.stderr, r.stderr
     assert f"--jobs {jobs} is more than the {os.cpu_count()} cores here" in r.stderr and "Errno" not in r.stderr
+
+
+def test_a_copy_of_an_archive_is_not_another_file_and_outputs_among_the_inputs_are_not_scanned(tmp_path, cnn_dir):
+    """An archive copied with its times kept (cp -p, rsync) and tagged into the same --out is the same recordings,
+    not "another file of the same name"; --out the folder given: its outputs are neither tagged nor noted."""
+    (tmp_path / "a" / "rec").mkdir(parents=True)
+    shutil.copy2(EXAMPLES / "dog.flac", tmp_path / "a" / "rec" / "dog.flac")
+    out = tmp_path / "out"
+    assert run_cli("tag", tmp_path / "a" / "rec", "--out", out, "--model", cnn_dir).returncode == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # copy2: times kept
+    r = run_cli("tag", tmp_path / "b" / "rec", "--out", out, "--model", cnn_dir)
+    assert r.returncode == 0, r.stderr
+    here = tmp_path / "b" / "rec"
+    for _ in range(2):
+        r = run_cli("tag", here, "--out", here, "--model", cnn_dir)
+        assert r.returncode == 0 and "not tagged for their extension" not in r.stderr, r.stderr

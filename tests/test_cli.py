@@ -353,7 +353,7 @@ def test_gain_and_level_in_the_summary(cnn_dir):
     assert plain.returncode == quiet.returncode == 0
     (rms, peak), (rms_q, peak_q) = _level(plain.stderr), _level(quiet.stderr)
     assert rms_q == pytest.approx(rms - 50, abs=0.2) and peak_q == pytest.approx(peak - 50, abs=0.2)
-    assert "very quiet input: the recording is silent" in quiet.stderr and "very quiet input" not in plain.stderr
+    assert "very quiet input: the input is silent" in quiet.stderr and "very quiet input" not in plain.stderr
     assert "after --gain -50 dB" in quiet.stderr
 
 

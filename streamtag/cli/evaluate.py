@@ -124,11 +124,6 @@ def run(args) -> int:
     levels = _levels(args.levels)
     if args.baseline_folds == 1 or args.baseline_folds < 0:
         raise ConfigError(f"--baseline-folds must be 0 (no baseline) or >= 2 ({args.baseline_folds} given)")
-    if args.baseline_folds and importlib.util.find_spec("torch") is None:  # found now, not after every clip
-        raise ConfigError(
-            "the baseline needs torch, which is not installed; install it with pip install '.[train]' "
-            "in streamtag's folder, or add --baseline-folds 0"
-        )
     check_output_folder(args.report, "--report")  # before the clips are scored, not after
     interrupt_on_signals()
     if args.limit is not None and args.limit < 1:
@@ -165,6 +160,12 @@ def run(args) -> int:
     _, _, allowed, _ = dataset_targets(dataset, backend.labels, label_map)  # the dataset's classes, before --limit
     if args.limit:  # taken across the classes in turn: the first N of a folder per class would be one class
         dataset = dataset.subset(_spread(dataset, args.limit))
+    k = args.baseline_folds
+    if k >= 2 and len(dataset.clips) >= 2 * k and importlib.util.find_spec("torch") is None:  # now, not after them
+        raise ConfigError(
+            "the baseline needs torch, which is not installed; install it with pip install '.[train]' "
+            "in streamtag's folder, or add --baseline-folds 0"
+        )
     warnings = _warn_if_seen(model_dir / TRAINED_ON, dataset)  # also in the report: stderr scrolls away
     targets, hard, _, unknown = dataset_targets(dataset, backend.labels, label_map)
     if allowed.sum() < 2:  # an argmax among one class is right by construction: among every class instead
@@ -189,7 +190,7 @@ def run(args) -> int:
         "model": args.model,
         "dataset": str(args.dataset),
         "warnings": warnings,
-        "metrics": metrics(probs, targets, backend.labels, frame_s, allowed),
+        "metrics": metrics(probs, targets, backend.labels, frame_s, allowed, hard),
         "f1": f1_scores(np.stack([detected(p, detector) for p in probs]), hard, backend.labels),
     }
     if levels:
@@ -203,7 +204,7 @@ def run(args) -> int:
                     bar, f"{db:g} dB", len(paths), lambda tick, db=db: stream_scores(backend, paths, db, tick)
                 )
             )
-            m = metrics(quiet, targets, backend.labels, frame_s, allowed)
+            m = metrics(quiet, targets, backend.labels, frame_s, allowed, hard)
             report["levels"][f"{db:g}"] = {"acc_mean": m["acc_mean"], "acc_last": m["acc_last"]}
     if args.event_stream:
         first: dict[str, int] = {}

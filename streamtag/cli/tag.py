@@ -66,6 +66,7 @@ def run(args) -> int:
     from ..archive import check_out, find_inputs, finished, settings_key, tag_in_processes, write_tables
     from ..backends import make_backend
     from ..modelfile import load_config, resolve_model_dir
+    from ..sources.file import FFMPEG_SUFFIXES
     from . import interrupt_on_signals
     from .run import detector_factory, raw_pcm
 
@@ -98,7 +99,7 @@ def run(args) -> int:
     detectors = detector_factory(args.model, args.event_config, args.on_threshold)
     make_backend(args.backend, args.model)  # torch missing, or a model with no graph to run: one line, now
     check_out(items, out, args.force)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # a container's
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if args.jobs is not None and args.jobs > cores and not args.ray:  # more processes only share the same cores
         print(
             f"streamtag tag: note: --jobs {args.jobs} is more than the {cores} cores here; using {cores}",
@@ -169,9 +170,14 @@ def run(args) -> int:
     others = [f for f in passed_over if not f.is_symlink()]
     if others:
         kinds = ", ".join(sorted({f.suffix.lower() or "no extension" for f in others}))
+        piped = [f for f in others if f.suffix.lower() in FFMPEG_SUFFIXES]  # a manifest would not help these
+        how = ["list them in a manifest to tag them"] if len(piped) < len(others) else []
+        if piped:
+            how.append(f"{piped[0].suffix} files through ffmpeg: ffmpeg -i FILE -f wav - | streamtag tag - --name N")
+        how = "; ".join(how)
         print(
-            f"streamtag tag: note: {_files(len(others))} of the folders given were not tagged for their "
-            f"extension ({kinds}; e.g. {others[0]}); list them in a manifest to tag them",
+            f"streamtag tag: note: {_files(len(others))} of the folders given {'was' if len(others) == 1 else 'were'} "
+            f"not tagged for their extension ({kinds}; e.g. {others[0]}); {how}",
             file=sys.stderr,
         )
     if links:

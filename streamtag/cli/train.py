@@ -233,14 +233,21 @@ def _options(args):
 def _check_arch_params(opts) -> None:
     """A bad --arch-param fails here in one line naming the architecture's keys, not in torch's words."""
     import inspect
+    import warnings
+
+    import torch
 
     from ..models import build_model
 
     if not opts.arch_params:
         return
     try:
-        build_model(opts.model_config(("a", "b")))
-    except (ConfigError, RuntimeError) as exc:
+        with warnings.catch_warnings(), torch.no_grad():  # torch's own warnings about a size of 0: said below
+            warnings.simplefilter("ignore")
+            config = opts.model_config(("a", "b"))
+            model = build_model(config)  # a size of 0 builds, and fails at its first frames: here, not later
+            model(torch.zeros(1, 4, config.features.n_mels), model.init_state(1))
+    except (ConfigError, RuntimeError, ValueError) as exc:
         keys = set()
         plain = dataclasses.replace(opts, arch_params={})
         for cls in type(build_model(plain.model_config(("a", "b")))).__mro__:

@@ -279,8 +279,8 @@ def _read_manifest(path: Path, notes: list[str]) -> list[Clip]:
                 fold = int(fold) if fold is not None else None
             except ValueError:
                 raise DatasetError(f"{path}:{n}: fold must be an integer ({fold!r} given)") from None
-            clip = Clip(clip_path, row["label"], fold, row.get("group") or str(clip_path))
-            key = clip_path.resolve()
+            key = clip_path.resolve()  # one file however it is named (../, a link)
+            clip = Clip(clip_path, row["label"], fold, row.get("group") or str(key))
             first = clips.get(key)
             if first is None:
                 clips[key] = clip

@@ -161,9 +161,15 @@ def metrics(
     labels: Sequence[str],
     frame_seconds: float,
     allowed: np.ndarray | None = None,
+    hard: np.ndarray | None = None,
 ) -> dict:
     """Clip figures. ``allowed`` (classes,) restricts the argmax to the classes the dataset can name
-    (a multi-label model also knows speech or music, which an ESC-50 clip is never labelled as)."""
+    (a multi-label model also knows speech or music, which an ESC-50 clip is never labelled as). ``hard``
+    (clips, classes), :func:`dataset_targets`': a clip with several labels is right on any of them."""
+
+    def right(pred: np.ndarray) -> np.ndarray:
+        return pred == targets if hard is None else hard[np.arange(len(pred)), pred] == 1.0
+
     n_classes = len(labels)
     offset = np.zeros(n_classes) if allowed is None else np.where(allowed, 0.0, -np.inf)
     mean = np.stack([p.mean(0) for p in probs])
@@ -182,13 +188,13 @@ def metrics(
     for seconds in DETECT_AFTER_S:
         frame = max(1, int(round(seconds / frame_seconds)))
         preds = np.array([(p[min(frame, len(p)) - 1] + offset).argmax() for p in probs])
-        ttd[f"{seconds:g}"] = float((preds == targets).mean())
+        ttd[f"{seconds:g}"] = float(right(preds).mean())
     return {
         "clips": len(probs),
-        "acc_last": float((pred_last == targets).mean()),
-        "acc_mean": float((pred_mean == targets).mean()),
-        "acc_last_ci95": bootstrap_interval(pred_last == targets),
-        "acc_mean_ci95": bootstrap_interval(pred_mean == targets),
+        "acc_last": float(right(pred_last).mean()),
+        "acc_mean": float(right(pred_mean).mean()),
+        "acc_last_ci95": bootstrap_interval(right(pred_last)),
+        "acc_mean_ci95": bootstrap_interval(right(pred_mean)),
         "macro_map": float(np.nanmean(aps)),
         "time_to_detect": ttd,
         "per_class": per_class,
