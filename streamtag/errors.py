@@ -45,3 +45,8 @@ class DatasetError(StreamtagError):
 
 class InputError(StreamtagError, ValueError):
     """Samples handed to an engine are not what it takes (not mono, not audio, wrong type)."""
+
+
+def count(n: int, one: str, many: str | None = None) -> str:
+    """``n`` things in a message: "1 file", "2 files" (``many`` for a plural that is not ``one`` + s)."""
+    return f"{n} {one if n == 1 else many or one + 's'}"

@@ -18,7 +18,7 @@ from typing import NoReturn
 from ..errors import StreamtagError
 
 SUBCOMMANDS = ["run", "tag", "serve", "devices", "train", "evaluate", "export", "bench"]
-# optional modules -> the extra that installs them (pip install 'streamtag[EXTRA]')
+# optional modules -> the extra that installs them (pip install '.[EXTRA]' in streamtag's folder)
 EXTRAS = {
     "torch": "train",
     "torchaudio": "train",

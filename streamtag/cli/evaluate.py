@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, count
 from .run import BACKENDS
 
 
@@ -96,10 +96,6 @@ def _levels(text: str) -> list[float]:
     return levels
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word if n == 1 else word + 's'}"
-
-
 def run(args) -> int:
     from ..backends import make_backend
     from ..events import model_detector
@@ -155,7 +151,7 @@ def run(args) -> int:
         print(f"streamtag eval: note: {note}", file=sys.stderr)
     if len(unique) < len(dataset.clips):
         twice = len(dataset.clips) - len(unique)
-        print(f"streamtag eval: note: {_plural(twice, 'clip')} listed twice, scored once", file=sys.stderr)
+        print(f"streamtag eval: note: {count(twice, 'clip')} listed twice, scored once", file=sys.stderr)
         dataset = dataset.subset(unique)
     _, _, allowed, _ = dataset_targets(dataset, backend.labels, label_map)  # the dataset's classes, before --limit
     if args.limit:  # taken across the classes in turn: the first N of a folder per class would be one class
@@ -217,7 +213,7 @@ def run(args) -> int:
         )
     if args.false_alarm_audio:
         files = [c.path for path in args.false_alarm_audio for c in read_unlabelled(path)]
-        print(f"streamtag eval: false alarms on {_plural(len(files), 'file')}", file=sys.stderr)
+        print(f"streamtag eval: false alarms on {count(len(files), 'file')}", file=sys.stderr)
         report["false_alarms"] = false_alarms(backend, detector, files, expected)
     if args.agreement_audio:
         teacher = Teacher(args.teacher, cache=cache_dir() / "teacher")
@@ -228,7 +224,7 @@ def run(args) -> int:
                 # a manifest's group column names a row's source; a folder, or a row without a group, counts
                 # as the source the argument names (read_unlabelled gives such a file its own path as group)
                 groups.append(c.group if c.group != str(c.path) else str(path))
-        print(f"streamtag eval: agreement with the teacher on {_plural(len(files), 'file')}", file=sys.stderr)
+        print(f"streamtag eval: agreement with the teacher on {count(len(files), 'file')}", file=sys.stderr)
         report["teacher_agreement"] = teacher_agreement(
             backend, teacher, label_map, files, groups=groups if len(set(groups)) > 1 else None
         )

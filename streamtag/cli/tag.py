@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, count
 from ..outputs.files import check_output_folder
 
 
@@ -151,7 +151,8 @@ def run(args) -> int:
     skipped = sum(o.skipped for o in outcomes)
     tagged_s = sum(o.seconds for o in outcomes if not o.skipped and not o.error)
     print(
-        f"tagged {_files(len(outcomes) - len(failed) - skipped)} ({tagged_s / 3600:.2f} h of audio in {wall:.1f} s, "
+        f"tagged {count(len(outcomes) - len(failed) - skipped, 'file')} ({tagged_s / 3600:.2f} h of audio in "
+        f"{wall:.1f} s, "
         f"{tagged_s / max(wall, 1e-9):.0f}x real time), {skipped} already done, {len(failed)} failed; "
         f"summary in {tables[0]}",
         file=sys.stderr,
@@ -176,8 +177,9 @@ def run(args) -> int:
             how.append(f"{piped[0].suffix} files through ffmpeg: ffmpeg -i FILE -f wav - | streamtag tag - --name N")
         how = "; ".join(how)
         print(
-            f"streamtag tag: note: {_files(len(others))} of the folders given {'was' if len(others) == 1 else 'were'} "
-            f"not tagged for their extension ({kinds}; e.g. {others[0]}); {how}",
+            f"streamtag tag: note: {count(len(others), 'file', 'files')} of the folders given "
+            f"{'was' if len(others) == 1 else 'were'} not tagged for their extension ({kinds}; e.g. {others[0]}); "
+            f"{how}",
             file=sys.stderr,
         )
     if links:
@@ -197,21 +199,17 @@ def run(args) -> int:
         unfinished = [i for i in items if i.name not in reported and not finished(out, i, key, begun, args.force)]
         if not unfinished:
             print(
-                f"streamtag tag: interrupted after all {_files(len(items))} had finished; nothing is left",
+                f"streamtag tag: interrupted after all {count(len(items), 'file')} had finished; nothing is left",
                 file=sys.stderr,
             )
         else:
             print(
-                f"streamtag tag: interrupted; {len(unfinished)} of {_files(len(items))} not finished "
+                f"streamtag tag: interrupted; {len(unfinished)} of {count(len(items), 'file')} not finished "
                 "(nothing half-written was kept); run the same command again to tag them",
                 file=sys.stderr,
             )
         return 130
     return 1 if failed else 0
-
-
-def _files(n: int) -> str:
-    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _say_each(kind: str, outcomes: list, what, table: Path, most: int = 5) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import FeatureConfig
-from ..errors import DatasetError
+from ..errors import DatasetError, count
 from ..sources.file import AUDIO_SUFFIXES
 
 FEATURE_CODE_VERSION = 2  # bump when the feature arithmetic changes: invalidates cached features
@@ -143,7 +143,7 @@ def read_unlabelled(path: str | os.PathLike) -> list[Clip]:
     missing = [c.path for c in clips if not c.path.is_file()]
     if missing:
         raise DatasetError(
-            f"{path}: {_count(len(missing), 'listed file is', 'listed files are')} missing, e.g. {missing[0]}"
+            f"{path}: {count(len(missing), 'listed file is', 'listed files are')} missing, e.g. {missing[0]}"
         )
     return clips
 
@@ -195,17 +195,13 @@ def load_dataset(path: str | os.PathLike, min_classes: int = 2) -> Dataset:
     missing = [c.path for c in clips if not c.path.is_file()]
     if missing:
         raise DatasetError(
-            f"{path}: {_count(len(missing), 'listed clip is', 'listed clips are')} missing, e.g. {missing[0]}"
+            f"{path}: {count(len(missing), 'listed clip is', 'listed clips are')} missing, e.g. {missing[0]}"
         )
     labels = sorted({x for c in clips for x in (c.label, *c.also)})
     check_label_case(labels, str(path))
     if len(labels) < min_classes:
         raise DatasetError(f"{path}: need at least {min_classes} classes to train ({len(labels)} found)")
     return Dataset(clips, labels, path.name, notes=notes)
-
-
-def _count(n: int, one: str, many: str) -> str:
-    return f"{n} {one if n == 1 else many}"
 
 
 def _read_esc50(root: Path) -> list[Clip]:
@@ -251,7 +247,7 @@ def _read_class_folders(root: Path, notes: list[str]) -> list[Clip]:
     if passed_over:
         kinds = ", ".join(sorted({f.suffix.lower() or "no extension" for f in passed_over}))
         notes.append(
-            f"{root}: {_count(len(passed_over), 'file', 'files')} skipped, the reader does not take {kinds} (e.g. "
+            f"{root}: {count(len(passed_over), 'file', 'files')} skipped, the reader does not take {kinds} (e.g. "
             f"{passed_over[0]}); convert to WAV or FLAC to use"
         )
     if empty:
@@ -294,7 +290,7 @@ def _read_manifest(path: Path, notes: list[str]) -> list[Clip]:
                 clips[key] = dataclasses.replace(first, also=(*first.also, clip.label))
     if repeated:
         notes.append(
-            f"{path}: {_count(repeated, 'row names a file', 'rows name files')} listed before: one clip each, "
+            f"{path}: {count(repeated, 'row names a file', 'rows name files')} listed before: one clip each, "
             "holding every label its rows give"
         )
     return list(clips.values())
