@@ -450,8 +450,18 @@ def _check_out(out: Path, args) -> None:
 
 
 def _clear_stale(out: Path) -> None:
-    """A model being replaced loses what would no longer match it (its exported graph, checkpoint, log)."""
-    for stale in ("model.onnx", "chunk.onnx", "checkpoint.pt", "train_log.json", "trained_on.txt"):
+    """A model being replaced loses what would no longer match it (its exported graph, checkpoint, log), and its
+    weights: the new run lists its clips at its start, and old weights beside them would be taken for the new
+    run's by eval's check for training clips if the run failed before its first save. Its events.toml stays."""
+    for stale in (
+        "model.onnx",
+        "chunk.onnx",
+        "checkpoint.pt",
+        "train_log.json",
+        "trained_on.txt",
+        "model.safetensors",
+        "config.json",
+    ):
         (out / stale).unlink(missing_ok=True)
 
 
