@@ -97,6 +97,7 @@ class ServeParts:
     options: ServeOptions
     mqtt: str | None = None  # broker URL
     mqtt_prefix: str = "streamtag"
+    discovery_prefix: str = "homeassistant"  # Home Assistant's MQTT discovery prefix (its MQTT integration's option)
 
 
 def build_worker(parts: ServeParts, multi=None, worker_class: type[ServeWorker] = ServeWorker) -> ServeWorker:
@@ -106,7 +107,11 @@ def build_worker(parts: ServeParts, multi=None, worker_class: type[ServeWorker] 
 
     if multi is None:
         multi = MultiStreamTagger(parts.model, capacity=parts.capacity, events=parts.detectors)
-    mqtt = MqttPublisher(parts.mqtt, multi.labels, prefix=parts.mqtt_prefix) if parts.mqtt else None
+    mqtt = (
+        MqttPublisher(parts.mqtt, multi.labels, prefix=parts.mqtt_prefix, discovery_prefix=parts.discovery_prefix)
+        if parts.mqtt
+        else None
+    )
     worker = worker_class(multi, parts.options, mqtt, book=parts.book)
     worker.metrics = Metrics(lambda: worker.accounts, mqtt)
     if mqtt is not None:

@@ -287,7 +287,7 @@ def _subscriber(port, login=None):
         client.username_pw_set(*login)
     client.on_message = lambda c, u, m: got.append((m.topic, m.payload.decode(), m.retain))
     client.connect("127.0.0.1", port)
-    client.subscribe([("streamtag/#", 0), ("homeassistant/#", 0)])
+    client.subscribe([("streamtag/#", 0), ("homeassistant/#", 0), ("ha/#", 0)])
     client.loop_start()
     return client, got
 
@@ -1311,10 +1311,8 @@ def test_a_pulled_source_that_drops_is_unavailable_until_it_is_back_and_the_brok
         with _mosquitto(tmp_path, login) as broker:
             client, got = _subscriber(broker, login=("ha", "secret"))
             try:
-                with serve(tmp_path, "--mqtt", f"mqtt://ha@127.0.0.1:{broker}", "--pull", f"porch={url}", env=env) as (
-                    _,
-                    proc,
-                ):
+                mqtt = ["--mqtt", f"mqtt://ha@127.0.0.1:{broker}", "--discovery-prefix", "ha"]
+                with serve(tmp_path, *mqtt, "--pull", f"porch={url}", env=env) as (_, proc):
                     deadline = time.monotonic() + 60
                     while time.monotonic() < deadline:
                         seen = [p for t, p, _ in got if t == "streamtag/porch/availability"]
@@ -1338,6 +1336,10 @@ def test_a_pulled_source_that_drops_is_unavailable_until_it_is_back_and_the_brok
         shutil.rmtree(readable)
     assert proc.returncode == 0, err
     assert "1 stream at the stop" in err and "porch: received" in err, err  # a pulled source is in the summary
+    topics = {t for t, _, _ in got}  # Home Assistant's discovery prefix as its MQTT integration sets it
+    assert "ha/binary_sensor/streamtag_porch_rain/config" in topics and not any(
+        t.startswith("homeassistant/") for t in topics
+    )
     assert seen[:3] == ["online", "offline", "online"], seen
     events = [json.loads(p) for t, p, _ in got if t == "streamtag/events"]
     gaps = [e for e in events if e["type"] == "close" and e["reason"] == "gap"]

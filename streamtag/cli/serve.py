@@ -33,6 +33,10 @@ def add_parser(subparsers) -> None:
         "the password may come from $STREAMTAG_MQTT_PASSWORD instead (the command line is visible to local users)",
     )
     p.add_argument("--mqtt-prefix", help="with --mqtt: the topic prefix (default streamtag)")
+    p.add_argument(
+        "--discovery-prefix",
+        help="with --mqtt: Home Assistant's discovery prefix, as set in its MQTT integration (default homeassistant)",
+    )
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
     p.add_argument("--max-streams", type=int, default=256, help="streams at once (default 256)")
     p.add_argument("--rate", type=float, default=10.0, help="score messages per second to each client (default 10)")
@@ -103,14 +107,18 @@ def _check(args) -> None:
         raise ConfigError(f"--engines must be in 1..1024 ({args.engines} given)")
     if not loopback and not args.token:
         raise ConfigError(f"--host {args.host} is reachable from other machines: add --token SECRET (clients send it)")
-    if args.mqtt_prefix is not None and not args.mqtt:
-        raise ConfigError("--mqtt-prefix names MQTT topics: give it with --mqtt mqtt://HOST[:PORT]")
-    if args.mqtt_prefix is None:
-        args.mqtt_prefix = "streamtag"
-    if args.mqtt:
-        from ..outputs.mqtt import check_prefix
+    for flag, value, default in (
+        ("--mqtt-prefix", args.mqtt_prefix, "streamtag"),
+        ("--discovery-prefix", args.discovery_prefix, "homeassistant"),
+    ):
+        if value is not None and not args.mqtt:
+            raise ConfigError(f"{flag} names MQTT topics: give it with --mqtt mqtt://HOST[:PORT]")
+        if value is None:
+            setattr(args, flag[2:].replace("-", "_"), default)
+        elif args.mqtt:
+            from ..outputs.mqtt import check_prefix
 
-        check_prefix(args.mqtt_prefix)
+            check_prefix(value, flag)
 
 
 def _sources(args, config) -> list:
@@ -183,7 +191,9 @@ def run(args) -> int:  # the network stack is imported here, not at the top: eve
     base = event_tables(args.model, args.event_config, args.on_threshold)
     book = SettingsBook(cfg.labels, cfg.features.frame_seconds, base, config)
     options = ServeOptions(capacity=args.max_streams, rate=args.rate, idle_s=args.idle_seconds, token=args.token)
-    parts = ServeParts(args.model, args.max_streams, detectors, book, options, args.mqtt, args.mqtt_prefix)
+    parts = ServeParts(
+        args.model, args.max_streams, detectors, book, options, args.mqtt, args.mqtt_prefix, args.discovery_prefix
+    )
     if args.ray:  # the engines run elsewhere already: the worker stays a thread of this process
         from ..distributed import RayEnginePool
 
