@@ -174,7 +174,7 @@ def test_stdin_is_tagged_as_one_named_file(tmp_path, cnn_dir):
 
 
 def test_ray_writes_exactly_what_a_local_tag_writes(archive, tmp_path, cnn_dir):
-    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'streamtag[ray]')")
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install '.[ray]')")
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     args = ["--model", cnn_dir, "--scores", "--on-threshold", "0.3"]
     assert run_cli("tag", archive, "--out", local, "--jobs", "1", *args).returncode == 1  # the broken file
@@ -272,7 +272,7 @@ def test_a_ray_actor_that_dies_or_a_task_that_fails_fails_its_own_files_only(tmp
 
 
 def test_a_ray_address_where_nothing_answers_is_one_line_at_once(tmp_path):
-    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'streamtag[ray]')")
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install '.[ray]')")
     for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):  # HOST:PORT hung for minutes in Ray's own retries
         r = run_cli("tag", EXAMPLES / "dog.flac", "--out", tmp_path / "out", "--ray", address, timeout=60)
         assert r.returncode == 2 and f"--ray {address}: nothing answers at 127.0.0.1:1" in r.stderr, r.stderr
@@ -404,7 +404,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(long_archive, tmp_pat
 def test_sigterm_stops_a_ray_run_cleanly_and_counts_what_its_actors_finished(long_archive, tmp_path, cnn_dir):
     """Ray put its own SIGTERM handler in place of tag's (exit 1 and a crash dump), and the files its actors had
     finished in a batch not yet reported were counted as not finished."""
-    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'streamtag[ray]')")
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install '.[ray]')")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "streamtag", "tag", str(long_archive), "--out", str(out), "--model", str(cnn_dir)]
     proc = subprocess.Popen([*cmd, "--ray", "auto", "--jobs", "2", "--width", "2"], stderr=subprocess.PIPE, text=True)
@@ -600,10 +600,14 @@ def test_a_missing_manifest_entry_and_too_many_jobs_are_said_plainly(tmp_path, c
     shutil.copy(EXAMPLES / "dog.flac", tmp_path / "dog.flac")
     manifest = tmp_path / "list.txt"
     manifest.write_text("dog.flac\ngone.flac\n")
-    jobs = str((os.cpu_count() or 1) + 1)
+    from streamtag.cli.tag import usable_cores
+    from streamtag.errors import count
+
+    jobs = str(usable_cores() + 1)
     r = run_cli("tag", manifest, "--out", tmp_path / "out", "--model", cnn_dir, "--jobs", jobs)
     assert r.returncode == 1 and f"gone.flac is listed in {manifest} but missing" in r.stderr, r.stderr
-    assert f"--jobs {jobs} is more than the {os.cpu_count()} cores here" in r.stderr and "Errno" not in r.stderr
+    assert f"--jobs {jobs} is more than the {count(usable_cores(), 'core')} here" in r.stderr
+    assert "Errno" not in r.stderr
 
 
 def test_a_copy_of_an_archive_is_not_another_file_and_outputs_among_the_inputs_are_not_scanned(tmp_path, cnn_dir):

@@ -251,6 +251,8 @@ def test_train_never_replaces_a_model_by_surprise(class_folders, tmp_path):
     typo = run_cli("train", tmp_path / "no_such_data", *args[2:], "--overwrite")  # refused before anything goes
     assert typo.returncode == 2 and "not found" in typo.stderr
     assert (out / "model.onnx").exists() and (out / "train_log.json").exists()
+    late = run_cli(*args, "--overwrite", "--val-fold", "1")  # refused by a check after the data is read
+    assert late.returncode == 2 and (out / "model.safetensors").exists() and (out / "config.json").exists()
     unwritable = run_cli("train", class_folders, "--epochs", "1", "--out", "/proc/streamtag_model", "--quiet")
     assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr and "Traceback" not in unwritable.stderr
     replaced = run_cli(*args, "--overwrite")

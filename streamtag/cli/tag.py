@@ -11,6 +11,11 @@ from ..errors import ConfigError, count
 from ..outputs.files import check_output_folder
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "tag",
@@ -38,7 +43,7 @@ def add_parser(subparsers) -> None:
         "--jobs",
         type=int,
         default=None,
-        help=f"local processes, or Ray actors with --ray (default: one per core, {os.cpu_count()} here; with --ray, "
+        help=f"local processes, or Ray actors with --ray (default: one per core, {usable_cores()} here; with --ray, "
         "one per CPU of the cluster)",
     )
     p.add_argument(
@@ -99,10 +104,10 @@ def run(args) -> int:
     detectors = detector_factory(args.model, args.event_config, args.on_threshold)
     make_backend(args.backend, args.model)  # torch missing, or a model with no graph to run: one line, now
     check_out(items, out, args.force)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if args.jobs is not None and args.jobs > cores and not args.ray:  # more processes only share the same cores
         print(
-            f"streamtag tag: note: --jobs {args.jobs} is more than the {cores} cores here; using {cores}",
+            f"streamtag tag: note: --jobs {args.jobs} is more than the {count(cores, 'core')} here; using {cores}",
             file=sys.stderr,
         )
         args.jobs = cores

@@ -295,7 +295,8 @@ def load_training_data(args):
     label_map = read_label_map(args.label_map)
     several = len(args.dataset) > 1 or bool(args.unlabelled or args.teacher_labels)
     datasets = [load_dataset(d, min_classes=1 if several else 2) for d in args.dataset]
-    aliases = {x: to for x, to in label_map.aliases.items() if x not in _labels_kept(args)}
+    kept = _labels_kept(args)
+    aliases = {x: to for x, to in label_map.aliases.items() if x not in kept}
     renamed = sorted({f"{x} -> {aliases[x]}" for ds in datasets for x in ds.labels if x in aliases})
     which = f"--label-map {args.label_map}" if args.label_map else "the packaged label map; --label-map for another"
     for note in [n for ds in datasets for n in ds.notes] + (
@@ -450,18 +451,9 @@ def _check_out(out: Path, args) -> None:
 
 
 def _clear_stale(out: Path) -> None:
-    """A model being replaced loses what would no longer match it (its exported graph, checkpoint, log), and its
-    weights: the new run lists its clips at its start, and old weights beside them would be taken for the new
-    run's by eval's check for training clips if the run failed before its first save. Its events.toml stays."""
-    for stale in (
-        "model.onnx",
-        "chunk.onnx",
-        "checkpoint.pt",
-        "train_log.json",
-        "trained_on.txt",
-        "model.safetensors",
-        "config.json",
-    ):
+    """A model being replaced loses what would no longer match it (its exported graph, checkpoint, log); its
+    weights stay until the new run's first save, so a run refused by a later check costs nothing."""
+    for stale in ("model.onnx", "chunk.onnx", "checkpoint.pt", "train_log.json", "trained_on.txt"):
         (out / stale).unlink(missing_ok=True)
 
 

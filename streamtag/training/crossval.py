@@ -40,7 +40,8 @@ def _one_fold(job):
     targets = dataset.targets()
     train_idx, val_idx = train_idx[targets[train_idx] >= 0], val_idx[targets[val_idx] >= 0]  # labelled clips
     probs = stream_scores(backend, [dataset.clips[i].path for i in val_idx])
-    m = metrics(probs, targets[val_idx], dataset.labels, opts.features.frame_seconds)
+    hard = dataset.hard_targets()[val_idx]  # a clip with several labels is right on any of them, as in eval
+    m = metrics(probs, targets[val_idx], dataset.labels, opts.features.frame_seconds, hard=hard)
     stats = clip_statistics(compute_features(dataset, opts.features, cache))
     base = baseline_accuracy(
         stats[train_idx], targets[train_idx], stats[val_idx], targets[val_idx], len(dataset.labels)
