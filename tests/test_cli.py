@@ -527,3 +527,24 @@ def test_a_model_folder_s_own_events_toml_is_named_when_it_is_wrong(cnn_dir, tmp
         r = run_cli(*command, "--model", model)
         assert r.returncode == 2 and f"{model / 'events.toml'}: event settings name unknown classes" in r.stderr
         assert "--event-config" not in r.stderr, r.stderr
+
+
+def test_an_onnxruntime_that_is_installed_but_fails_to_import_is_said_so(tmp_path):
+    """Not "needs onnxruntime" (it is installed): what failed, in one line."""
+    import os
+
+    from .conftest import REPO
+
+    fake = tmp_path / "onnxruntime"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('libonnxruntime.so: cannot open shared object file')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    r = subprocess.run(
+        [sys.executable, "-m", "streamtag", "replay", str(EXAMPLES / "dog.flac"), "--fast", "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "onnxruntime is installed but failed to import (libonnxruntime.so" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -253,3 +253,12 @@ def test_one_file_named_two_ways_in_a_manifest_is_one_clip(folders, tmp_path):
     rows = [(rain, "rain"), (tmp_path / "sub" / ".." / "link.wav", "dog"), (folders / "dog" / "dog0.wav", "dog")]
     ds = load_dataset(_manifest(tmp_path / "m.csv", rows))
     assert len(ds.clips) == 2 and sorted((c.label, *c.also) for c in ds.clips) == [("dog",), ("rain", "dog")]
+
+
+def test_training_s_validation_scores_a_clip_with_two_labels_as_eval_does():
+    from streamtag.training.trainer import accuracies
+
+    probs = [np.tile([[0.1, 0.9, 0.0]], (5, 1)), np.tile([[0.8, 0.1, 0.1]], (5, 1))]
+    hard = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], np.float32)
+    assert accuracies(probs, np.array([0, 0]))["acc_last"] == 0.5
+    assert accuracies(probs, np.array([0, 0]), hard=hard) == {"acc_last": 1.0, "acc_mean": 1.0}
