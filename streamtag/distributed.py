@@ -342,6 +342,11 @@ class RayEnginePool:
         ready, self.ready = self.ready, []
         return ready
 
+    def reset(self, name: str, reason: str = "reset") -> list[Step]:
+        """As :meth:`MultiStreamTagger.reset`: the engine steps what it was sent first; the steps come back
+        through the next :meth:`step_blocks`."""
+        return self.streams[name].reset(reason)
+
     def leave(self, name: str, reason: str = "stream_end") -> list[Step]:
         """Send what the stream still holds and its leave, and wait for its engine to answer (following the
         stream if that engine dies meanwhile); returns the stream's last steps."""

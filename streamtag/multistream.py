@@ -162,9 +162,12 @@ class MultiStreamTagger:
         engine.hop_model = _Left(name)
         return out
 
-    def reset(self, name: str) -> list[Step]:
-        """Forget a stream's past (model state), keeping its slot; returns the steps of events it closed."""
-        return self.streams[self._known(name)].reset()
+    def reset(self, name: str, reason: str = "reset") -> list[Step]:
+        """Forget a stream's past (model state), keeping its slot; returns the steps of the hops it still held
+        (stepped alone, on the state they belong to, as :meth:`leave` does), then those of the events the
+        reset closed (``reason``)."""
+        engine = self.streams[self._known(name)]
+        return engine.feed(np.zeros(0, np.float32)) + engine.reset(reason)
 
     def feed(self, name: str, samples: AudioLike) -> None:
         """Queue samples for a stream (checked as :meth:`StreamTagger.push` does); :meth:`step` steps them."""

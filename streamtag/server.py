@@ -42,7 +42,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from .errors import ConfigError, StreamtagError
+from .errors import ConfigError, StreamtagError, count
 from .multistream import MultiStreamTagger
 from .outputs.mqtt import USERINFO
 from .serve_config import SettingsBook, valid_name
@@ -308,15 +308,12 @@ class ServeWorker(threading.Thread):
             if name not in self.accounts:
                 return
             if not up:  # its open events close (reason gap) and its state is cleared, as live --reconnect does
-                engine = self.multi.streams[name]
                 hops = 0
-                for item in engine.feed_blocks(np.zeros(0, np.float32)) if hasattr(engine, "feed_blocks") else ():
-                    hops += _hops(item)
-                    self._deliver(name, item)  # the hops before the gap, on the state they belong to
+                for step in self.multi.reset(name, "gap"):  # the hops before the gap first
+                    hops += _hops(step)
+                    self._deliver(name, step)
                 if hops and self.metrics is not None:
                     self.metrics.hops.inc(hops)
-                for step in engine.reset("gap"):
-                    self._deliver(name, step)
             if self.mqtt is not None:
                 self.mqtt.stream_available(name, up)
         elif kind == "eof":
@@ -583,9 +580,8 @@ def _say_stop_summary(accounts: dict[str, StreamAccount]) -> None:
     totals = [sum(row[i] for row in rows) for i in range(1, 5)]
     say = lambda text: print(f"streamtag serve: {text}", file=sys.stderr, flush=True)  # noqa: E731
     say(
-        f"{len(rows)} stream{'s' if len(rows) > 1 else ''} at the stop: samples received {totals[0]}, "
-        f"processed {totals[1]}, dropped {totals[2]}; "
-        f"{totals[3]} events"
+        f"{count(len(rows), 'stream')} at the stop: samples received {totals[0]}, processed {totals[1]}, "
+        f"dropped {totals[2]}; {totals[3]} events"
     )
     for name, received, processed, dropped, events in rows[:STOP_SUMMARY_STREAMS]:
         say(f"  {name}: received {received}, processed {processed}, dropped {dropped}; {events} events")
