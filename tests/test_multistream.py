@@ -350,3 +350,16 @@ def test_settings_for_streams_never_seen_are_kept_for_at_most_capacity_names(cnn
             replies.append({"error": str(exc)})
     assert [("error" in r) for r in replies] == [False, False, True, False], replies
     assert "at most 2 streams" in replies[2]["error"] and "'ghost3' is not connected" in replies[2]["error"]
+
+
+def test_a_reset_steps_the_hops_a_stream_holds_before_it_forgets(cnn_dir):
+    """Audio fed before a reset belongs to the past the reset forgets: its hops are stepped on that state first (a
+    pulled camera's gap), then the reset's events close; none is left to be stepped on the fresh state."""
+    clip = read_clip(EXAMPLES / "rain.flac")[:16000]
+    tagger = MultiStreamTagger(cnn_dir, capacity=1, events=LOW)
+    tagger.join("a")
+    tagger.feed("a", clip)
+    steps = tagger.reset("a", "gap")
+    ref, _ = _alone(cnn_dir, "onnx", clip)
+    np.testing.assert_allclose(np.stack([s.probs for s in steps if s.has_scores]), ref, atol=1e-5)
+    assert tagger.step() == []
