@@ -78,7 +78,7 @@ def find_inputs(
     for given in inputs:
         p = Path(given)
         if p.is_dir():
-            found = [f for f in _search(p, skip, passed_over if passed_over is not None else [])]
+            found = _search(p, skip, passed_over if passed_over is not None else [])
             if not found:
                 raise ConfigError(f"{p}: no audio files in this folder ({', '.join(AUDIO_SUFFIXES)})")
             items += [Item(f, str(Path(p.resolve().name) / f.relative_to(p))) for f in found]
@@ -287,8 +287,9 @@ class _Job:
             parts.append(f"{nonfinite} NaN/Inf samples were replaced by 0")
         stats = self.engine.stats if self.engine is not None else None
         if stats is not None and self.frames:
-            if stats.problems():
-                parts.append(stats.problems())
+            problems = stats.problems()
+            if problems:
+                parts.append(problems)
             if stats.peak == 0:
                 parts.append("digital silence: every sample is 0 (is this the right file or channel?)")
             elif stats.peak_dbfs < -50:

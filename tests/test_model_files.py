@@ -36,13 +36,13 @@ def test_pickled_code_is_never_run_as_weights(cnn_dir, tmp_path):
 def test_pickled_code_is_never_run_as_checkpoint(tmp_path):
     import torch
 
-    from streamtag.training.trainer import _load_checkpoint
+    from streamtag.training.trainer import _check_same_run  # where --resume reads the checkpoint
 
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "checkpoint.pt"
     torch.save({"epoch": 1, "model": _Payload(marker)}, ckpt)
     with pytest.raises(ModelFileError, match="not a checkpoint"):
-        _load_checkpoint(ckpt, torch.nn.Linear(1, 1), None, None, None, 1)
+        _check_same_run(ckpt, ["a", "b"], [])
     assert not marker.exists()
 
 

@@ -157,7 +157,8 @@ def run(args) -> int:
     if args.limit:  # taken across the classes in turn: the first N of a folder per class would be one class
         dataset = dataset.subset(_spread(dataset, args.limit))
     k = args.baseline_folds
-    if k >= 2 and len(dataset.clips) >= 2 * k and importlib.util.find_spec("torch") is None:  # now, not after them
+    baseline = k >= 2 and len(dataset.clips) >= 2 * k  # K-fold CV needs two clips a fold at least
+    if baseline and importlib.util.find_spec("torch") is None:  # said now, not after every clip
         raise ConfigError(
             "the baseline needs torch, which is not installed; install it with pip install '.[train]' "
             "in streamtag's folder, or add --baseline-folds 0"
@@ -228,8 +229,7 @@ def run(args) -> int:
         report["teacher_agreement"] = teacher_agreement(
             backend, teacher, label_map, files, groups=groups if len(set(groups)) > 1 else None
         )
-    k = args.baseline_folds
-    if k >= 2 and len(dataset.clips) >= 2 * k:
+    if baseline:
         feats = backend.config.features
         report["baseline_acc"] = grouped_baseline(
             dataset, targets, feats, cache_dir() / "features", k, len(backend.labels)

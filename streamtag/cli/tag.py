@@ -10,6 +10,16 @@ from pathlib import Path
 from ..errors import ConfigError, count
 from ..outputs.files import check_output_folder
 
+PYARROW_HINT = "pip install '.[archive]' in streamtag's folder (or pip install pyarrow)"
+
+
+def _has_pyarrow() -> bool:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 def usable_cores() -> int:
     """The cores this process may run on (a container's or taskset's share, not the machine's)."""
@@ -78,13 +88,8 @@ def run(args) -> int:
     for flag, value in (("--jobs", args.jobs), ("--width", args.width)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be a whole number >= 1 ({value} given)")
-    if args.parquet:
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "--parquet needs pyarrow: pip install '.[archive]' in streamtag's folder (or pip install pyarrow)"
-            ) from None
+    if args.parquet and not _has_pyarrow():
+        raise ConfigError(f"--parquet needs pyarrow: {PYARROW_HINT}")
     out = check_output_folder(args.out, "--out")
     passed_over: list[Path] = []
     if "-" in args.inputs:
@@ -115,16 +120,13 @@ def run(args) -> int:
     # summary.csv of ours is the user's, and is left alone
     ours = (out / "summary.parquet").is_file() and (out / "summary.csv").is_file()
     parquet = args.parquet or ours
-    if parquet and not args.parquet:
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            parquet = False
-            print(
-                f"streamtag tag: note: {out / 'summary.parquet'} is not updated by this run (no pyarrow here: pip "
-                "install 'streamtag[archive]'); summary.csv lists every finished file",
-                file=sys.stderr,
-            )
+    if parquet and not args.parquet and not _has_pyarrow():
+        parquet = False
+        print(
+            f"streamtag tag: note: {out / 'summary.parquet'} is not updated by this run (no pyarrow here: "
+            f"{PYARROW_HINT}); summary.csv lists every finished file",
+            file=sys.stderr,
+        )
     out.mkdir(parents=True, exist_ok=True)
     bar = _Progress(len(items), enabled=not args.quiet and sys.stderr.isatty())
     kwargs = dict(out=out, model=args.model, backend=args.backend, width=args.width, scores=args.scores)

@@ -155,6 +155,12 @@ def bootstrap_interval(hits: np.ndarray, resamples: int = 2000, level: float = 0
     return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
 
 
+def correct(pred: np.ndarray, targets: np.ndarray, hard: np.ndarray | None = None) -> np.ndarray:
+    """Per clip, whether its predicted class is right: its label, or with ``hard`` (clips, classes) any of its
+    labels (a file listed with two labels is one clip holding both)."""
+    return pred == targets if hard is None else hard[np.arange(len(pred)), pred] == 1.0
+
+
 def metrics(
     probs: list[np.ndarray],
     targets: np.ndarray,
@@ -166,9 +172,6 @@ def metrics(
     """Clip figures. ``allowed`` (classes,) restricts the argmax to the classes the dataset can name
     (a multi-label model also knows speech or music, which an ESC-50 clip is never labelled as). ``hard``
     (clips, classes), :func:`dataset_targets`': a clip with several labels is right on any of them."""
-
-    def right(pred: np.ndarray) -> np.ndarray:
-        return pred == targets if hard is None else hard[np.arange(len(pred)), pred] == 1.0
 
     n_classes = len(labels)
     offset = np.zeros(n_classes) if allowed is None else np.where(allowed, 0.0, -np.inf)
@@ -188,13 +191,14 @@ def metrics(
     for seconds in DETECT_AFTER_S:
         frame = max(1, int(round(seconds / frame_seconds)))
         preds = np.array([(p[min(frame, len(p)) - 1] + offset).argmax() for p in probs])
-        ttd[f"{seconds:g}"] = float(right(preds).mean())
+        ttd[f"{seconds:g}"] = float(correct(preds, targets, hard).mean())
+    right_last, right_mean = correct(pred_last, targets, hard), correct(pred_mean, targets, hard)
     return {
         "clips": len(probs),
-        "acc_last": float(right(pred_last).mean()),
-        "acc_mean": float(right(pred_mean).mean()),
-        "acc_last_ci95": bootstrap_interval(right(pred_last)),
-        "acc_mean_ci95": bootstrap_interval(right(pred_mean)),
+        "acc_last": float(right_last.mean()),
+        "acc_mean": float(right_mean.mean()),
+        "acc_last_ci95": bootstrap_interval(right_last),
+        "acc_mean_ci95": bootstrap_interval(right_mean),
         "macro_map": float(np.nanmean(aps)),
         "time_to_detect": ttd,
         "per_class": per_class,

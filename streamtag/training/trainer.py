@@ -37,6 +37,7 @@ from ..models.io import save_model
 from ..models.level import white_noise_bands
 from ..models.step import probabilities
 from .datasets import TRAINED_ON, Dataset, clip_identity, compute_features
+from .evaluate import correct
 
 CHECKPOINT = "checkpoint.pt"
 DB = math.log(10) / 10  # one decibel of power in log-mel units
@@ -144,11 +145,10 @@ def accuracies(
     offset = np.zeros((len(probs), 1)) if allowed is None else np.where(allowed, 0.0, -np.inf)
     last = np.array([(p[-1] + offset[i]).argmax() for i, p in enumerate(probs)])
     mean = np.array([(p.mean(0) + offset[i]).argmax() for i, p in enumerate(probs)])
-
-    def right(pred: np.ndarray) -> np.ndarray:
-        return pred == targets if hard is None else hard[np.arange(len(pred)), pred] == 1.0
-
-    return {"acc_last": float(right(last).mean()), "acc_mean": float(right(mean).mean())}
+    return {
+        "acc_last": float(correct(last, targets, hard).mean()),
+        "acc_mean": float(correct(mean, targets, hard).mean()),
+    }
 
 
 @dataclasses.dataclass
@@ -404,8 +404,9 @@ def train(
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT
     clips = sorted({clip_identity(dataset.clips[i].path) for i in train_idx})
+    checkpoint = None
     if resume:  # before any work: a checkpoint continued on other classes or clips gives a model of neither
-        _check_same_run(ckpt_path, dataset.labels, clips)
+        checkpoint = _check_same_run(ckpt_path, dataset.labels, clips)
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     feats = compute_features(dataset, opts.features, cache)
@@ -447,7 +448,7 @@ def train(
     best = {"score": -1.0}
     start_epoch = 0
     if resume:
-        start_epoch, history, best = _load_checkpoint(ckpt_path, model, optim, sched, rng, opts.epochs)
+        start_epoch, history, best = _load_checkpoint(ckpt_path, checkpoint, model, optim, sched, rng, opts.epochs)
     bar = _progress(progress)
     task = bar.add_task("training", total=steps) if bar else None
     t_start = time.time()
@@ -609,12 +610,13 @@ def _save_checkpoint(
     tmp.replace(path)
 
 
-def _check_same_run(path: Path, labels, clips: list[str]) -> None:
-    """Refuse to resume onto other classes or other training clips (another dataset, split or label map)."""
+def _check_same_run(path: Path, labels, clips: list[str]) -> dict:
+    """Refuse to resume onto other classes or other training clips (another dataset, split or label map);
+    returns the checkpoint, read once for this check and for :func:`_load_checkpoint`."""
     if not path.is_file():
         raise ModelFileError(f"nothing to resume: {path} does not exist (drop --resume to start fresh)")
     try:
-        ckpt = torch.load(path, weights_only=True)
+        loaded = ckpt = torch.load(path, weights_only=True)  # never unpickles code
     except Exception as exc:  # torch raises many types for a bad or unsafe file
         raise ModelFileError(f"{path} is not a checkpoint this run can resume ({str(exc).splitlines()[0]})") from None
     if "labels" not in ckpt:  # a checkpoint of an older streamtag: the model folder's files say the same
@@ -636,11 +638,12 @@ def _check_same_run(path: Path, labels, clips: list[str]) -> None:
             f"--resume: {path} was trained on other clips ({new} of this run's are new, {gone} of its are not "
             f"in this run); {fix}"
         )
+    return loaded
 
 
-def _load_checkpoint(path: Path, model, optim, sched, rng, total_epochs: int):
+def _load_checkpoint(path: Path, ckpt: dict, model, optim, sched, rng, total_epochs: int):
+    """The run's state from ``ckpt`` (read from ``path`` by :func:`_check_same_run`)."""
     try:
-        ckpt = torch.load(path, weights_only=True)  # never unpickles code
         if ckpt["epochs"] != total_epochs:
             raise ConfigError(
                 f"{path} belongs to a run of --epochs {ckpt['epochs']}; resume with the same --epochs "
