@@ -645,3 +645,37 @@ def test_eval_of_a_class_the_model_lacks_and_of_one_class(class_folders, cnn_dir
     shutil.copytree(class_folders / "dog", tmp_path / "one" / "dog")
     r = run_cli("eval", cnn_dir, tmp_path / "one", "--baseline-folds", "0", "--report", tmp_path / "r1")
     assert r.returncode == 0 and "accuracy is the argmax over all 5" in r.stderr, r.stderr
+
+
+def test_event_stream_tells_a_sound_named_late_from_one_never_named(tmp_path, monkeypatch):
+    """The isolated-sounds figure: a sound whose event opens 0.6 s in is not *found* (onset within 0.3 s) but is
+    *heard*; one never named is neither; and the report says both."""
+    from types import SimpleNamespace
+
+    from streamtag.training import evaluate
+
+    rate, hop = 16000, 160
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("a", "b", "c"):
+        paths.append(tmp_path / f"{name}.wav")
+        sf.write(paths[-1], rng.uniform(-0.5, 0.5, rate).astype(np.float32), rate)
+    feats = SimpleNamespace(sample_rate=rate, hop_length=hop, frame_seconds=hop / rate)
+    backend = SimpleNamespace(config=SimpleNamespace(features=feats), labels=["dog", "cat"])
+
+    def scores(backend, samples):  # dog on time, cat 0.6 s late, the second dog never
+        frames = samples.size // hop
+        loud = np.abs(samples[: frames * hop]).reshape(frames, hop).max(1) > 0.01
+        starts = np.flatnonzero(np.diff(loud.astype(int)) == 1) + 1
+        probs = np.zeros((frames, 2), np.float32)
+        probs[starts[0] : starts[0] + 90, 0] = 0.9
+        probs[starts[1] + 60 : starts[1] + 95, 1] = 0.9
+        return probs
+
+    monkeypatch.setattr(evaluate, "stream_probs", scores)
+    got = evaluate.event_stream(backend, paths, ["dog", "cat", "dog"])
+    assert (got["sounds"], got["found"], got["heard"]) == (3, 1, 2)
+    assert [(r["found"], r["heard"]) for r in got["placed"]] == [(True, True), (False, True), (False, False)]
+    assert got["placed"][1]["onset_delay_s"] == pytest.approx(0.6, abs=0.02)
+    text = "\n".join(evaluate.event_stream_lines(got))
+    assert "1 of 3 sounds found" in text and "named at all" in text and ": 2 of 3" in text

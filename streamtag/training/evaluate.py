@@ -309,6 +309,7 @@ def event_stream(
     level_db: float = -20.0,
     gap_s: float = 3.0,
     onset_tolerance_s: float = 0.3,
+    heard_within_s: float = 1.0,
     seed: int = 0,
     detector=None,
 ) -> dict[str, Any]:
@@ -318,6 +319,9 @@ def event_stream(
     ``gap_s`` of white noise at ``floor_db`` dBFS RMS. A sound is found when an event of its label
     opens with an onset within ``onset_tolerance_s`` of where it was placed (backdating counts, so an
     event that opens late but says when the sound began is found). Other events are false alarms.
+    Whether a sound was recognised at all is told apart from when: it is *heard* when an event of its
+    label opens with an onset from ``onset_tolerance_s`` before it to ``heard_within_s`` after its end
+    (``onset_delay_s``: that onset after the sound's start).
     ``detector``: the event detector to use (default thresholds when ``None``).
     """
     from ..events import EventDetector
@@ -354,12 +358,21 @@ def event_stream(
         ]
         if match:
             used.add(min(match)[1])
-        rows.append({"label": label, "start": round(start, 2), "end": round(end, 2), "found": bool(match)})
+        heard = [
+            e.onset - start
+            for e in events
+            if e.label == label and start - onset_tolerance_s <= e.onset <= end + heard_within_s
+        ]
+        row = {"label": label, "start": round(start, 2), "end": round(end, 2), "found": bool(match)}
+        rows.append(dict(row, heard=bool(heard), onset_delay_s=round(min(heard, key=abs), 2) if heard else None))
     false = [e for n, e in enumerate(events) if n not in used]
     found = [r for r in rows if r["found"]]
+    delays = [r["onset_delay_s"] for r in rows if r["heard"]]
     return {
         "sounds": len(rows),
         "found": len(found),
+        "heard": len(delays),
+        "median_onset_delay_s": round(float(np.median(delays)), 2) if delays else None,
         "false_events": len(false),
         "false_labels": sorted({e.label for e in false}),
         "seconds": round(stream.size / rate, 1),
@@ -454,16 +467,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{fa['events']} events, {fa['per_hour']:.1f} per hour"
         ]
         lines += [f"  - {k}: {v:.1f} per hour" for k, v in list(fa["by_label_per_hour"].items())[:10]]
-    es = report.get("event_stream")
-    if es:
-        lines += ["", "## Isolated sounds over a quiet floor (one stream)", ""]
-        lines += [
-            f"- {es['found']} of {es['sounds']} sounds found with the right label and onset within 0.3 s; "
-            f"{es['false_events']} other events ({', '.join(es['false_labels'][:8]) or 'none'}) in {es['seconds']} s"
-        ]
-        missed = [r["label"] for r in es["placed"] if not r["found"]]
-        if missed:
-            lines += [f"- missed: {', '.join(missed)}"]
+    if report.get("event_stream"):
+        lines += event_stream_lines(report["event_stream"])
     ag = report.get("teacher_agreement")
     if ag:
         lines += ["", "## Agreement with the teacher on unlabelled audio", ""]
@@ -503,6 +508,24 @@ def markdown(report: dict[str, Any]) -> str:
         f1_text = f"{f1_rows[k]['f1']:.2f}" if k in f1_rows else "-"
         lines.append(f"| {k} | {v['n']} | {v['acc_last']:.1%} | {v['ap']:.3f} | {f1_text} |")
     return "\n".join(lines) + "\n"
+
+
+def event_stream_lines(es: dict[str, Any]) -> list[str]:
+    """The report's section on :func:`event_stream`'s result."""
+    lines = ["", "## Isolated sounds over a quiet floor (one stream)", ""]
+    lines += [
+        f"- {es['found']} of {es['sounds']} sounds found with the right label and onset within 0.3 s; "
+        f"{es['false_events']} other events ({', '.join(es['false_labels'][:8]) or 'none'}) in {es['seconds']} s"
+    ]
+    delay = es["median_onset_delay_s"]
+    lines += [
+        f"- named at all (an event of its label with an onset from 0.3 s before the sound to 1 s after it): "
+        f"{es['heard']} of {es['sounds']}" + (f", onset {delay:+.2f} s from the start (median)" if es["heard"] else "")
+    ]
+    missed = [r["label"] for r in es["placed"] if not r["found"]]
+    if missed:
+        lines += [f"- missed: {', '.join(missed)}"]
+    return lines
 
 
 def plot_report(report: dict[str, Any], out_dir: Path) -> None:
