@@ -649,7 +649,7 @@ def test_eval_of_a_class_the_model_lacks_and_of_one_class(class_folders, cnn_dir
 
 def test_event_stream_tells_a_sound_named_late_from_one_never_named(tmp_path, monkeypatch):
     """The isolated-sounds figure: a sound whose event opens 0.6 s in is not *found* (onset within 0.3 s) but is
-    *heard*; one never named is neither; and the report says both."""
+    *heard*; one never named is neither; and the report says both, with how high each label rose."""
     from types import SimpleNamespace
 
     from streamtag.training import evaluate
@@ -677,5 +677,7 @@ def test_event_stream_tells_a_sound_named_late_from_one_never_named(tmp_path, mo
     assert (got["sounds"], got["found"], got["heard"]) == (3, 1, 2)
     assert [(r["found"], r["heard"]) for r in got["placed"]] == [(True, True), (False, True), (False, False)]
     assert got["placed"][1]["onset_delay_s"] == pytest.approx(0.6, abs=0.02)
+    assert [r["peak"] for r in got["placed"]] == pytest.approx([0.9, 0.9, 0.0])
     text = "\n".join(evaluate.event_stream_lines(got))
     assert "1 of 3 sounds found" in text and "named at all" in text and ": 2 of 3" in text
+    assert "cat 0.90, dog 0.00" in text  # the missed, with how near their label came

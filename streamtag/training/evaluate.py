@@ -321,7 +321,7 @@ def event_stream(
     event that opens late but says when the sound began is found). Other events are false alarms.
     Whether a sound was recognised at all is told apart from when: it is *heard* when an event of its
     label opens with an onset from ``onset_tolerance_s`` before it to ``heard_within_s`` after its end
-    (``onset_delay_s``: that onset after the sound's start).
+    (``onset_delay_s``: that onset after the sound's start); ``peak`` is its label's highest score over that span.
     ``detector``: the event detector to use (default thresholds when ``None``).
     """
     from ..events import EventDetector
@@ -364,7 +364,12 @@ def event_stream(
             if e.label == label and start - onset_tolerance_s <= e.onset <= end + heard_within_s
         ]
         row = {"label": label, "start": round(start, 2), "end": round(end, 2), "found": bool(match)}
-        rows.append(dict(row, heard=bool(heard), onset_delay_s=round(min(heard, key=abs), 2) if heard else None))
+        row["heard"], row["onset_delay_s"] = bool(heard), round(min(heard, key=abs), 2) if heard else None
+        span = probs[
+            int(start / feats.frame_seconds) : int((end + heard_within_s) / feats.frame_seconds),
+            list(backend.labels).index(label),
+        ]
+        rows.append(dict(row, peak=round(float(span.max()), 3) if span.size else 0.0))
     false = [e for n, e in enumerate(events) if n not in used]
     found = [r for r in rows if r["found"]]
     delays = [r["onset_delay_s"] for r in rows if r["heard"]]
@@ -522,9 +527,9 @@ def event_stream_lines(es: dict[str, Any]) -> list[str]:
         f"- named at all (an event of its label with an onset from 0.3 s before the sound to 1 s after it): "
         f"{es['heard']} of {es['sounds']}" + (f", onset {delay:+.2f} s from the start (median)" if es["heard"] else "")
     ]
-    missed = [r["label"] for r in es["placed"] if not r["found"]]
+    missed = [f"{r['label']} {r['peak']:.2f}" for r in es["placed"] if not r["found"]]
     if missed:
-        lines += [f"- missed: {', '.join(missed)}"]
+        lines += [f"- missed (its label's highest score, from the sound's start to 1 s after it): {', '.join(missed)}"]
     return lines
 
 
