@@ -529,7 +529,10 @@ def event_stream_lines(es: dict[str, Any]) -> list[str]:
     ]
     missed = [f"{r['label']} {r['peak']:.2f}" for r in es["placed"] if not r["found"]]
     if missed:
-        lines += [f"- missed (its label's highest score, from the sound's start to 1 s after it): {', '.join(missed)}"]
+        lines += [
+            "- not found within 0.3 s (its label's highest score, from the sound's start to 1 s after it): "
+            + ", ".join(missed)
+        ]
     return lines
 
 
