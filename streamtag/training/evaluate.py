@@ -349,27 +349,27 @@ def event_stream(
     events = []
     for f, row in enumerate(probs):
         events += [e for e in detector.update(f, row) if e.kind == "open"]
+    column = {name: c for c, name in enumerate(backend.labels)}
+    frame_s = feats.frame_seconds
     used, rows = set(), []
     for label, start, end in placed:
-        match = [
-            (abs(e.onset - start), n)
-            for n, e in enumerate(events)
-            if e.label == label and n not in used and abs(e.onset - start) <= onset_tolerance_s
-        ]
+        mine = [(n, e.onset - start) for n, e in enumerate(events) if e.label == label]  # offsets from its start
+        match = [(abs(d), n) for n, d in mine if n not in used and abs(d) <= onset_tolerance_s]
         if match:
             used.add(min(match)[1])
-        heard = [
-            e.onset - start
-            for e in events
-            if e.label == label and start - onset_tolerance_s <= e.onset <= end + heard_within_s
-        ]
-        row = {"label": label, "start": round(start, 2), "end": round(end, 2), "found": bool(match)}
-        row["heard"], row["onset_delay_s"] = bool(heard), round(min(heard, key=abs), 2) if heard else None
-        span = probs[
-            int(start / feats.frame_seconds) : int((end + heard_within_s) / feats.frame_seconds),
-            list(backend.labels).index(label),
-        ]
-        rows.append(dict(row, peak=round(float(span.max()), 3) if span.size else 0.0))
+        heard = [d for _, d in mine if -onset_tolerance_s <= d <= end - start + heard_within_s]
+        span = probs[int(start / frame_s) : int((end + heard_within_s) / frame_s), column[label]]
+        rows.append(
+            {
+                "label": label,
+                "start": round(start, 2),
+                "end": round(end, 2),
+                "found": bool(match),
+                "heard": bool(heard),
+                "onset_delay_s": round(min(heard, key=abs), 2) if heard else None,
+                "peak": round(float(span.max()), 3) if span.size else 0.0,
+            }
+        )
     false = [e for n, e in enumerate(events) if n not in used]
     found = [r for r in rows if r["found"]]
     delays = [r["onset_delay_s"] for r in rows if r["heard"]]
@@ -378,6 +378,8 @@ def event_stream(
         "found": len(found),
         "heard": len(delays),
         "median_onset_delay_s": round(float(np.median(delays)), 2) if delays else None,
+        "onset_tolerance_s": onset_tolerance_s,
+        "heard_within_s": heard_within_s,
         "false_events": len(false),
         "false_labels": sorted({e.label for e in false}),
         "seconds": round(stream.size / rate, 1),
@@ -517,21 +519,23 @@ def markdown(report: dict[str, Any]) -> str:
 
 def event_stream_lines(es: dict[str, Any]) -> list[str]:
     """The report's section on :func:`event_stream`'s result."""
+    tol, within = es["onset_tolerance_s"], es["heard_within_s"]
     lines = ["", "## Isolated sounds over a quiet floor (one stream)", ""]
     lines += [
-        f"- {es['found']} of {es['sounds']} sounds found with the right label and onset within 0.3 s; "
+        f"- {es['found']} of {es['sounds']} sounds found with the right label and onset within {tol:g} s; "
         f"{es['false_events']} other events ({', '.join(es['false_labels'][:8]) or 'none'}) in {es['seconds']} s"
     ]
     delay = es["median_onset_delay_s"]
     lines += [
-        f"- named at all (an event of its label with an onset from 0.3 s before the sound to 1 s after it): "
-        f"{es['heard']} of {es['sounds']}" + (f", onset {delay:+.2f} s from the start (median)" if es["heard"] else "")
+        f"- named at all (an event of its label with an onset from {tol:g} s before the sound to {within:g} s after "
+        f"it): {es['heard']} of {es['sounds']}"
+        + (f", onset {delay:+.2f} s from the start (median)" if es["heard"] else "")
     ]
     missed = [f"{r['label']} {r['peak']:.2f}" for r in es["placed"] if not r["found"]]
     if missed:
         lines += [
-            "- not found within 0.3 s (its label's highest score, from the sound's start to 1 s after it): "
-            + ", ".join(missed)
+            f"- not found within {tol:g} s (its label's highest score, from the sound's start to {within:g} s after "
+            "it): " + ", ".join(missed)
         ]
     return lines
 
