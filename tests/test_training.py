@@ -293,6 +293,17 @@ def test_init_starts_from_a_trained_model_and_refuses_another_shape(class_folder
     assert set(d) - set(a) == {"head.gate.weight", "head.gate.bias"}
     assert (1 / (1 + np.exp(-d["head.gate.bias"])) > 0.9).all()
 
+    # a CNN may append conv blocks: the old ones come over, the new ones start with a small scale
+    deeper = tmp_path / "deeper"
+    r = run_cli(*args(deeper, "--epochs", "1", "--lr", "1e-9", "--arch-param", "dilations=[1,2,4]", "--init", base))
+    assert r.returncode == 0, r.stderr
+    e = load_file(deeper / "model.safetensors")
+    np.testing.assert_allclose(e[weight], a[weight], atol=1e-5)
+    assert {n.split(".")[0] + "." + n.split(".")[1] for n in set(e) - set(a)} == {"convs.2", "norms.2"}
+    np.testing.assert_allclose(e["norms.2.weight"], 0.1, atol=1e-5)
+    r = run_cli(*args(tmp_path / "reordered", "--epochs", "1", "--arch-param", "dilations=[2,1,4]", "--init", base))
+    assert r.returncode == 2 and "dilations" in r.stderr and "Traceback" not in r.stderr
+
     r = run_cli(*args(tmp_path / "other", "--epochs", "1", "--arch-param", "hidden=24", "--init", base))
     assert r.returncode == 2 and "--init" in r.stderr and "differ" in r.stderr and "Traceback" not in r.stderr
     r = run_cli(*args(tmp_path / "none", "--epochs", "1", "--init", tmp_path / "missing"))

@@ -505,18 +505,25 @@ def train(
 def _start_from(model, cfg: ModelConfig, folder: str) -> None:
     """Fine-tuning: the weights of a trained model with the same architecture, parameters and labels.
 
-    One difference is allowed: this run may add the head's gate (``pool_gate=true``) to a model
-    trained without one; the gate starts open, so the model starts where the other one ended.
+    Two differences are allowed, each growing the model from where the other one ended: this run may add
+    the head's gate (``pool_gate=true``) to a model trained without one (the gate starts open), and a CNN
+    may append conv blocks to the other model's (``dilations`` that begin with its dilations): the new
+    blocks start with a small batch-norm scale, so the deeper model starts close to the shallower one and
+    training decides what the extra depth is for.
     """
     from ..models.io import load_model
 
     init_cfg, init_model = load_model(folder)
     adds_gate = bool(cfg.arch_params.get("pool_gate")) and not init_cfg.arch_params.get("pool_gate")
-    mine_params = {k: v for k, v in cfg.arch_params.items() if not (adds_gate and k == "pool_gate")}
+    new_blocks = _appended_blocks(model, init_model)
+    grown = {"pool_gate"} if adds_gate else set()
+    grown |= {"dilations"} if new_blocks else set()
+    mine_params = {k: v for k, v in cfg.arch_params.items() if k not in grown}
+    theirs_params = {k: v for k, v in init_cfg.arch_params.items() if k not in grown}
     for what, mine, theirs in (
         ("architecture", cfg.arch, init_cfg.arch),
         ("labels", list(cfg.labels), list(init_cfg.labels)),
-        ("arch parameters", mine_params, init_cfg.arch_params),
+        ("arch parameters", mine_params, theirs_params),
         ("features", cfg.features, init_cfg.features),
     ):
         if mine != theirs:
@@ -525,9 +532,25 @@ def _start_from(model, cfg: ModelConfig, folder: str) -> None:
                 f"run's ({theirs} there, {mine} here); "
                 "give the same --arch, --arch-param, --output, --level-seconds and datasets, or train from scratch"
             )
-    missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=not adds_gate)
-    if adds_gate and (unexpected or any(not k.startswith("head.gate.") for k in missing)):
+    missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=not (adds_gate or new_blocks))
+    new_prefixes = ("head.gate.",) * adds_gate + tuple(f"{m}.{i}." for i in new_blocks for m in ("convs", "norms"))
+    if unexpected or any(not k.startswith(new_prefixes) for k in missing):
         raise ConfigError(f"--init {folder}: its weights do not fit this model ({missing + unexpected})")
+    with torch.no_grad():
+        for i in new_blocks:
+            model.norms[i].weight.fill_(GROWN_BLOCK_SCALE)
+
+
+# small enough to leave the model's output nearly as it was; not zero, since a ReLU held at 0 learns nothing
+GROWN_BLOCK_SCALE = 0.1
+
+
+def _appended_blocks(model, init_model) -> list[int]:
+    """Indices of the conv blocks ``model`` has after all of ``init_model``'s (none unless it only appends)."""
+    mine, theirs = getattr(model, "dilations", None), getattr(init_model, "dilations", None)
+    if mine is None or theirs is None or len(mine) <= len(theirs) or mine[: len(theirs)] != theirs:
+        return []
+    return list(range(len(theirs), len(mine)))
 
 
 def _check_every_class_is_taught(labels, hard: np.ndarray, teacher, label_map) -> None:
