@@ -48,6 +48,11 @@ class Clip:
     weight: float = 1.0  # unlabelled audio: how often its group is drawn, relative to other groups
     also: tuple[str, ...] = ()  # further labels of a multi-label clip (a manifest naming the file again)
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Every class the clip is labelled with; none for unlabelled audio."""
+        return (self.label, *self.also) if self.label else ()
+
 
 @dataclasses.dataclass
 class Dataset:
@@ -69,7 +74,7 @@ class Dataset:
         for n, clip in enumerate(self.clips):
             known = self.source_labels.get(clip.source, tuple(self.labels) if clip.label else ())
             out[n, [index[k] for k in known if k in index]] = 0.0
-            for label in (clip.label, *clip.also) if clip.label else ():
+            for label in clip.labels:
                 out[n, index[label]] = 1.0
         return out
 
@@ -94,7 +99,7 @@ def combine(
             also = tuple(dict.fromkeys(aliases.get(x, x) for x in c.also))
             clips.append(dataclasses.replace(c, label=aliases.get(c.label, c.label), also=also, source=source))
     clips += [dataclasses.replace(c, label="", source="unlabelled") for c in unlabelled or []]
-    labels = sorted({x for c in clips if c.label for x in (c.label, *c.also)} | set(extra_labels))
+    labels = sorted({x for c in clips for x in c.labels} | set(extra_labels))
     check_label_case(labels, " + ".join(ds.name for ds in datasets))
     name = "+".join(ds.name for ds in datasets) + ("+unlabelled" if unlabelled else "")
     return Dataset(clips, labels, name, source_labels, [note for ds in datasets for note in ds.notes])
@@ -197,7 +202,7 @@ def load_dataset(path: str | os.PathLike, min_classes: int = 2) -> Dataset:
         raise DatasetError(
             f"{path}: {count(len(missing), 'listed clip is', 'listed clips are')} missing, e.g. {missing[0]}"
         )
-    labels = sorted({x for c in clips for x in (c.label, *c.also)})
+    labels = sorted({x for c in clips for x in c.labels})
     check_label_case(labels, str(path))
     if len(labels) < min_classes:
         raise DatasetError(f"{path}: need at least {min_classes} classes to train ({len(labels)} found)")
