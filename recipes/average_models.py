@@ -9,8 +9,9 @@ model of its own, often better than each of them and never slower: the same netw
 trained from it with other seeds and target rules (docs/MODEL.md); each stage traded some figures for
 others, and the average kept most of the gains of each.
 
-Every model must have the same config.json (architecture, features and labels). Batch-norm running
-statistics are averaged too, which is only close to what the averaged network computes: one epoch of
+Every model must have the same config.json (architecture, features and labels), except that a CNN
+deepened with `train --init` may be averaged with the model it grew from (see average_models).
+Batch-norm running statistics are averaged too, which is only close to what the averaged network computes: one epoch of
 `streamtag train ... --init OUT --epochs 1 --lr 1e-9` measures them again with the weights unchanged.
 OUT gets config.json, model.safetensors, trained_on.txt (every model's training clips) and train_log.json
 (the models and their own training logs); event settings are the first model's, to be calibrated again
@@ -19,6 +20,7 @@ OUT gets config.json, model.safetensors, trained_on.txt (every model's training 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -34,25 +36,34 @@ from streamtag.training.datasets import TRAINED_ON
 
 
 def average_models(folders: list[Path], out: Path) -> Path:
-    """Write the average of the models in ``folders`` to ``out``; a config that differs is one error line."""
+    """Write the average of the models in ``folders`` to ``out``; a config that differs is one error line.
+
+    One difference is allowed: a CNN deepened with ``train --init`` (conv blocks appended) may be averaged
+    with the shallower model it grew from. The shallower one counts as having those blocks doing nothing
+    (batch-norm scale and shift 0), so each appended block's output is scaled by the share of models that
+    have it, and the average lies on the line between the models' functions, as it does for equal configs.
+    """
     if len(folders) < 2:
         raise StreamtagError("give at least two models to average")
-    first_cfg, model = load_model(folders[0])
-    states = [model.state_dict()]
-    for folder in folders[1:]:
-        cfg, other = load_model(folder)
-        if cfg != first_cfg:
+    loaded = [load_model(folder) for folder in folders]
+    deepest = max(range(len(loaded)), key=lambda i: len(getattr(loaded[i][1], "dilations", ())))
+    first_cfg, model = loaded[deepest]
+    for folder, (cfg, other) in zip(folders, loaded):
+        if _without_dilations(cfg) != _without_dilations(first_cfg) or not _is_prefix(other, model):
             raise StreamtagError(
-                f"{folder / CONFIG_NAME} differs from {folders[0] / CONFIG_NAME}: "
-                "only models of one architecture, feature set and label list can be averaged"
+                f"{folder / CONFIG_NAME} differs from {folders[deepest] / CONFIG_NAME}: only models of one "
+                "architecture, feature set and label list (or a CNN and the deeper one grown from it) can be averaged"
             )
-        states.append(other.state_dict())
+    states = [other.state_dict() for _, other in loaded]
     averaged = {}
-    for name, first in states[0].items():
-        if first.is_floating_point():
-            averaged[name] = torch.stack([s[name] for s in states]).mean(dim=0)
-        else:  # counters (batches seen by a batch norm): the first model's
-            averaged[name] = first
+    for name, reference in model.state_dict().items():
+        have = [s[name] for s in states if name in s]
+        if not reference.is_floating_point():  # counters (batches seen by a batch norm): the first model's
+            averaged[name] = have[0]
+        elif name.startswith("norms.") and name.endswith((".weight", ".bias")):  # absent: a block doing nothing
+            averaged[name] = torch.stack(have).sum(dim=0) / len(states)
+        else:
+            averaged[name] = torch.stack(have).mean(dim=0)
     model.load_state_dict(averaged)
     save_model(model, first_cfg, out)
     clips = set()
@@ -66,6 +77,16 @@ def average_models(folders: list[Path], out: Path) -> Path:
     if (folders[0] / MODEL_EVENTS_NAME).is_file():
         shutil.copyfile(folders[0] / MODEL_EVENTS_NAME, out / MODEL_EVENTS_NAME)
     return out
+
+
+def _without_dilations(cfg):
+    return dataclasses.replace(cfg, arch_params={k: v for k, v in cfg.arch_params.items() if k != "dilations"})
+
+
+def _is_prefix(shallow, deep) -> bool:
+    """``shallow``'s conv blocks are the first of ``deep``'s (the same model when neither is a CNN)."""
+    mine, theirs = getattr(shallow, "dilations", ()), getattr(deep, "dilations", ())
+    return tuple(theirs[: len(mine)]) == tuple(mine)
 
 
 def main(argv: list[str]) -> int:

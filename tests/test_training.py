@@ -606,6 +606,55 @@ def test_averaging_models_writes_the_mean_of_their_weights_and_refuses_another_a
     assert not (tmp_path / "x").exists()
 
 
+def test_averaging_a_cnn_with_the_deeper_one_grown_from_it_scales_the_appended_blocks(tmp_path):
+    """A model deepened by train --init averages with the model it grew from: the shallow one counts as having
+    the appended blocks doing nothing, so their batch-norm scale and shift are halved and the rest averaged."""
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    from safetensors.numpy import load_file
+
+    from streamtag.backends import make_backend
+    from streamtag.models import build_model
+    from streamtag.models.io import load_model, save_model
+
+    from .conftest import make_model
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "average_models.py"
+    spec = importlib.util.spec_from_file_location("average_models", recipe)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shallow = make_model("cnn-ml", tmp_path / "shallow")
+    cfg, small = load_model(shallow)
+    deep_cfg = dataclasses.replace(cfg, arch_params={**cfg.arch_params, "dilations": [*small.dilations, 1]})
+    torch.manual_seed(3)
+    deep = build_model(deep_cfg)
+    deep.load_state_dict(small.state_dict(), strict=False)
+    new = len(small.dilations)
+    with torch.no_grad():
+        deep.norms[new].weight.fill_(0.6)
+        deep.norms[new].bias.fill_(0.2)
+    save_model(deep, deep_cfg, tmp_path / "deep")
+    out = module.average_models([shallow, tmp_path / "deep"], tmp_path / "soup")
+    avg = load_file(str(out / "model.safetensors"))
+    np.testing.assert_allclose(avg[f"norms.{new}.weight"], 0.3, rtol=1e-6)
+    np.testing.assert_allclose(avg[f"norms.{new}.bias"], 0.1, rtol=1e-6)
+    np.testing.assert_allclose(avg["convs.0.weight"], small.state_dict()["convs.0.weight"].numpy(), rtol=1e-6)
+    written = json.loads((out / "config.json").read_text())["arch_params"]
+    assert written["dilations"] == deep_cfg.arch_params["dilations"]
+
+    # an appended block that does nothing: the average computes what the shallow model computes
+    with torch.no_grad():
+        deep.norms[new].weight.zero_()
+        deep.norms[new].bias.zero_()
+    save_model(deep, deep_cfg, tmp_path / "idle")
+    out = module.average_models([tmp_path / "idle", shallow], tmp_path / "idle_soup")
+    audio = np.random.default_rng(0).normal(0, 0.1, (1, 1600)).astype(np.float32)
+    np.testing.assert_allclose(make_backend("torch", out)(audio), make_backend("torch", shallow)(audio), atol=1e-5)
+
+
 def test_the_split_keeps_sources_apart_and_unlabelled_or_lone_classes_in_training(class_folders, tmp_path):
     """No recording on both sides (--val-fold with a shared group), a class of one clip trains (it used to be
     the whole of its validation fold, then 'no training signal'), and a label map without a header keeps its
