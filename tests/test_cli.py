@@ -548,3 +548,14 @@ def test_an_onnxruntime_that_is_installed_but_fails_to_import_is_said_so(tmp_pat
     )
     assert r.returncode == 2 and "onnxruntime is installed but failed to import (libonnxruntime.so" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_list_of_negative_levels_is_read_as_the_value_of_levels():
+    """'--levels -10,-20' starts with a minus, which argparse takes for an option unless the value is glued on."""
+    from streamtag.cli import _glue_negative_values
+
+    glued = _glue_negative_values(["eval", "m", "d", "--levels", "-10,-20", "--report", "r"])
+    assert glued == ["eval", "m", "d", "--levels=-10,-20", "--report", "r"]
+    assert _glue_negative_values(["--levels", "-.5", "x"]) == ["--levels=-.5", "x"]
+    assert _glue_negative_values(["--levels", "--quiet"]) == ["--levels", "--quiet"]  # an option stays one
+    assert _glue_negative_values(["--", "--levels", "-10"]) == ["--", "--levels", "-10"]  # positional after --

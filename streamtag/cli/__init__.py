@@ -85,13 +85,31 @@ def _one_line_warnings(command: str) -> None:
 PACKAGE = Path(__file__).resolve().parents[1]
 
 
+# options whose value is a list that may start with a minus ('--levels -10,-20'): argparse reads only a
+# plain negative number as a value and anything else starting with '-' as an option
+NEGATIVE_LIST_OPTIONS = ("--levels",)
+
+
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """``--levels -10,-20`` as ``--levels=-10,-20``: the one spelling argparse takes without being told."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":  # what follows is positional
+            return out + argv[i:]
+        if out and out[-1] in NEGATIVE_LIST_OPTIONS and arg[:1] == "-" and (arg[1:2].isdigit() or arg[1:2] == "."):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     # numpy's BLAS starts a thread per core when imported (about 40 ms of CPU a process, paid again by every
     # `tag --jobs` worker), and no command does BLAS work in numpy: models run in onnxruntime or torch, with
     # thread pools of their own. One thread, unless the environment already says otherwise.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     _one_line_warnings(args.command)
     try:
         return args.handler(args)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import re
 import sys
 from pathlib import Path
 
@@ -47,8 +46,6 @@ def add_parser(subparsers) -> None:
         help="input gains of the level sweep in dB, 0 or below ('' for none; default 0,-10,-20,-30,-40); "
         "--levels=-10,-20 also works where a shell or script splits words",
     )
-    # '--levels -10,-20' is a value, not an option: argparse takes only plain negative numbers as values unless told
-    p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.]+(,-?[\d.]*)+$")
     p.add_argument(
         "--false-alarm-audio",
         action="append",
