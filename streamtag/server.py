@@ -598,31 +598,61 @@ def _hops(item: StepBlock | Step) -> int:
 
 
 async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) -> None:
-    """A pulled source: ``ffmpeg`` decodes ``url`` (RTSP, HTTP, a file: anything it reads) to 16 kHz mono
-    s16le, which goes to the worker as the stream ``name``. When ffmpeg ends or fails (a camera drops) or
-    gives nothing for ``PULL_STALL_S`` (a camera that hangs), it is started again with backoff (1 s
-    doubling to 30 s); the stream stays joined, the first failure of a run is said on stderr, and the
-    restarts and the time without audio are counted in ``/metrics``. While it gives no audio the stream is
-    unavailable: its open events close (reason ``gap``), its state is cleared and MQTT says it is
-    ``offline``, until audio comes again. A local file that ends is read again at once (it stands for a live
-    source: a loop, said once on stderr, not a failure)."""
+    """A pulled source: ``ffmpeg`` decodes ``url`` (RTSP, HTTP, a file: anything it reads) to mono PCM at the
+    model rate, tagged as the stream ``name`` and kept going by :func:`_child_source`. A local file that ends
+    is read again at once (it stands for a live source: a loop, said once on stderr, not a failure)."""
     import shutil
 
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise ConfigError("--pull needs ffmpeg on the PATH (apt-get install ffmpeg)")
-    loop = asyncio.get_running_loop()
+    rate = worker.model_rate
+    realtime = ["-re"] if _is_file(url) else []
+    decode = [ffmpeg, "-nostdin", "-v", "error", *realtime, "-i", url, "-f", "s16le", "-ac", "1", "-ar", str(rate), "-"]
+    child = ChildSource(decode, PcmFormat.raw(rate, "s16le"), "source", "ffmpeg: ", url, local_path(url) is not None)
+    await _child_source(name, child, worker, stop)
 
+
+async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Event) -> None:
+    """A local sound card, by name (as ``live --device``), tagged as the stream ``name``. It is captured by
+    :mod:`streamtag.sources.device_pipe` in a process of its own: PortAudio finds a card again only by
+    restarting, which would cut off every other card of the server's process. That program ends when the
+    card is missing, lost or silent for 2 s, and is started again as ffmpeg is for a pulled source."""
+    rate = worker.model_rate
+    program = [sys.executable, "-m", "streamtag.sources.device_pipe", device, str(rate)]
+    await _child_source(name, ChildSource(program, PcmFormat.raw(rate, "f32le"), "sound card"), worker, stop)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildSource:
+    """A program that writes a stream's audio to stdout, as :func:`_child_source` runs it."""
+
+    command: list[str]
+    pcm: PcmFormat  # what the program is told to write
+    what: str  # "source", "sound card": for what is said on stderr
+    says: str = ""  # put before each line of its stderr
+    secret: str | None = None  # a URL that may hold a password: never repeated from its stderr
+    loops: bool = False  # a local file: read again at once when it ends
+
+
+async def _child_source(name: str, child: ChildSource, worker: ServeWorker, stop: asyncio.Event) -> None:
+    """Run ``child`` and hand what it writes to the worker as the stream ``name``, joined from the start. When
+    it ends or fails (a camera drops, a card is unplugged) or gives nothing for ``PULL_STALL_S`` (a camera
+    that hangs), it is started again with backoff (1 s doubling to 30 s); the stream stays joined, the first
+    failure of a run of them is said on stderr, and the restarts and the time without audio are counted in
+    ``/metrics``. While it gives no audio the stream is unavailable: its open events close (reason ``gap``),
+    its state is cleared and MQTT says it is ``offline``, until audio comes again."""
+    loop = asyncio.get_running_loop()
     refused: list[str] = []
 
     def listener(message) -> None:  # no client: steps go to MQTT and the page; a refused join ends the task
         if message is not None and message.get("type") == "error":
             refused.append(message["message"])
 
-    worker.submit("join", name, 16000, listener)
-    pacer = Pacer(worker, name, 16000, lambda: not (stop.is_set() or refused))
-    realtime = ["-re"] if _is_file(url) else []
-    local = local_path(url) is not None
+    rate = child.pcm.rate
+    worker.submit("join", name, rate, listener)
+    pacer = Pacer(worker, name, rate, lambda: not (stop.is_set() or refused))
+    read_size = int(0.2 * rate) * child.pcm.width * child.pcm.channels  # 200 ms at most a read
     die_with_parent = _death_signal()
     delay = 1.0
     last_audio = counted = loop.time()  # counted: the gap metric holds the time without audio up to here
@@ -631,36 +661,25 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
     looped = False
     while not stop.is_set():
         if refused:
-            print(f"streamtag serve: {name}: {refused[0]}; this source is not tagged", file=sys.stderr, flush=True)
+            say = f"streamtag serve: {name}: {refused[0]}; this {child.what} is not tagged"
+            print(say, file=sys.stderr, flush=True)
             return
         proc = await asyncio.create_subprocess_exec(
-            ffmpeg,
-            "-nostdin",
-            "-v",
-            "error",
-            *realtime,
-            "-i",
-            url,
-            "-f",
-            "s16le",
-            "-ac",
-            "1",
-            "-ar",
-            "16000",
-            "-",
+            *child.command,
+            stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=die_with_parent,
         )
-        decode = PcmDecoder(PcmFormat.raw(16000, "s16le"))  # what ffmpeg is told to write; a part-frame is its own
-        errors: collections.deque = collections.deque(maxlen=2)  # ffmpeg's last words, drained as they come
-        drain = asyncio.create_task(_lines(proc.stderr, errors, url))
+        decode = PcmDecoder(child.pcm)  # a part-frame is its own
+        errors: collections.deque = collections.deque(maxlen=2)  # the child's last words, drained as they come
+        drain = asyncio.create_task(_lines(proc.stderr, errors, child.says, child.secret))
         got_audio, why, ended = False, None, False
         try:
             stalled = 0.0
             while not (stop.is_set() or refused):
                 try:  # in slices, so a stop or a stalled source (a camera that hangs, not drops) is seen
-                    data = await asyncio.wait_for(proc.stdout.read(6400), timeout=PULL_POLL_S)
+                    data = await asyncio.wait_for(proc.stdout.read(read_size), timeout=PULL_POLL_S)
                 except asyncio.TimeoutError:
                     stalled += PULL_POLL_S
                     if stalled >= PULL_STALL_S:
@@ -688,7 +707,7 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
             await drain
         if stop.is_set() or refused:
             continue
-        if local and ended and got_audio and proc.returncode == 0:  # a file read to its end: again, at once
+        if child.loops and ended and got_audio and proc.returncode == 0:  # a file read to its end: again, at once
             if not looped:
                 looped = True
                 print(
@@ -700,7 +719,7 @@ async def pull(name: str, url: str, worker: ServeWorker, stop: asyncio.Event) ->
             worker.submit("source", name, False)
         delay = 1.0 if got_audio else min(2 * delay, 30.0)
         why = why or (errors[-1] if errors else None)
-        if why and not failing:  # the URL is not printed: it may hold a camera's password
+        if why and not failing:  # a URL is not printed: it may hold a camera's password
             failing = True
             print(f"streamtag serve: {name}: {why}; trying again (1 s doubling to 30 s)", file=sys.stderr, flush=True)
         await _sleep_unless(stop, delay)
@@ -732,13 +751,14 @@ def _death_signal() -> Callable[[], None] | None:
     return die_with_parent
 
 
-async def _lines(stream: asyncio.StreamReader, keep: collections.deque, url: str) -> None:
-    """Read a child's stderr to the end (a full pipe would stop it), keeping its last lines, with the source's
-    URL and any user:password@ in them hidden (ffmpeg names the URL in its errors)."""
+async def _lines(stream: asyncio.StreamReader, keep: collections.deque, says: str, secret: str | None) -> None:
+    """Read a child's stderr to the end (a full pipe would stop it), keeping its last lines, with ``secret``
+    (a source's URL) and any user:password@ in them hidden (ffmpeg names the URL in its errors)."""
     async for line in stream:
-        text = USERINFO.sub(r"\1***@", line.decode(errors="replace").strip().replace(url, "<url>"))
+        text = line.decode(errors="replace").strip()
+        text = USERINFO.sub(r"\1***@", text.replace(secret, "<url>") if secret else text)
         if text:
-            keep.append(f"ffmpeg: {text}")
+            keep.append(f"{says}{text}")
 
 
 AUDIO_FILE_SUFFIXES = (*AUDIO_SUFFIXES, ".m4a", ".aac", ".wma", ".webm", ".mka")  # and what only ffmpeg reads
@@ -767,96 +787,6 @@ def _is_file(url: str) -> bool:
 
 PULL_POLL_S = 0.5  # a pulled source's read waits this long at a time, then looks at the stop flag
 PULL_STALL_S = 10.0  # a pulled source that gives no audio this long (a hung camera) is started again
-
-
-STALL_SECONDS = 2.0  # a sound card that delivers nothing this long is opened again (as live --reconnect)
-CAPTURE_POLL_S = 0.02  # a sound card's ring is read this often; it holds CAPTURE_BUFFER_S, far more
-CAPTURE_BUFFER_S = 2.0
-
-
-async def capture(name: str, device: str, worker: ServeWorker, stop: asyncio.Event) -> None:
-    """A local sound card, by name (as ``live --device``), tagged as the stream ``name``. As in ``live``,
-    PortAudio's callback only copies into a lock-free ring (it must not lock or allocate); this task reads
-    the ring and hands the audio to the worker. A device that is missing, lost or stalled (nothing for
-    :data:`STALL_SECONDS`) is opened again with backoff (1 s doubling to 30 s); the stream stays joined."""
-    from .ring import SpscRing
-    from .sources.device import MicrophoneSource
-
-    model_rate = worker.model_rate
-    source, delay, joined, running, ran = None, 1.0, False, False, False  # ran: it gave audio once
-    ring, buffer, lost_said, failing, down = None, None, False, False, False
-    last = time.monotonic()  # when audio last came: a device silent this long is taken as lost
-    refused: list[str] = []
-
-    def listener(message) -> None:  # no client: steps go to MQTT and the page; a refused join ends the task
-        if message is not None and message.get("type") == "error":
-            refused.append(message["message"])
-
-    def hand_over() -> bool:
-        """What the card put in the ring goes to the worker; whether there was any."""
-        got = ring.read_into(buffer)
-        if got:
-            worker.submit("audio", name, buffer[:got].copy())
-        return got > 0
-
-    while not stop.is_set():
-        if refused:
-            print(f"streamtag serve: {name}: {refused[0]}; this sound card is not tagged", file=sys.stderr, flush=True)
-            source.stop()
-            return
-        stalled = running and time.monotonic() - last > STALL_SECONDS
-        if running and (source.finished or stalled) and not down:  # lost: its events close, it shows offline
-            hand_over()  # what it gave before, on the state it belongs to
-            down = True
-            worker.submit("source", name, False)
-        if not running or source.finished or stalled:
-            try:
-                if source is None:
-                    source = MicrophoneSource(model_rate, device, block_size=model_rate // 10)
-                    ring = SpscRing(1 << int(np.ceil(np.log2(CAPTURE_BUFFER_S * source.sample_rate))))
-                    buffer = np.zeros(ring.capacity, np.float32)
-                    if not joined:
-                        worker.submit("join", name, source.sample_rate, listener)
-                        joined = True
-                    source.start(ring)
-                else:
-                    source.restart()
-                    if ran:
-                        worker.source_restarted(name, time.monotonic() - last)
-                ran = True
-                last = time.monotonic()
-                running, delay = True, 1.0
-                if failing:
-                    failing = False
-                    print(f"streamtag serve: {name}: the device is open again", file=sys.stderr, flush=True)
-            except StreamtagError as exc:
-                running = False
-                if not failing:  # said once, until it works (no line per retry)
-                    failing = True
-                    why = str(exc).removeprefix("--device ")  # its config key is device = ...
-                    print(
-                        f"streamtag serve: {name}: device {why}; trying again (1 s doubling to 30 s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                await _sleep_unless(stop, delay)
-                delay = min(2 * delay, 30.0)
-                continue
-        if hand_over():
-            last = time.monotonic()
-            if down:  # audio again (an open device that gives nothing stays offline)
-                down = False
-                worker.submit("source", name, True)
-        if ring.dropped and not lost_said:  # only if this loop was held up for seconds: said once, counted at the end
-            print(f"streamtag serve: {name}: the server fell behind the sound card; samples are lost", file=sys.stderr)
-            lost_said = True
-        await _sleep_unless(stop, CAPTURE_POLL_S)
-    if source is not None:
-        source.stop()
-        hand_over()  # what it gave before it stopped
-        if ring.dropped:
-            print(f"streamtag serve: {name}: {ring.dropped} samples of the sound card were lost", file=sys.stderr)
-    # the server is stopping: worker.stop() ends the stream (events closed as interrupted, in the stop summary)
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

@@ -774,20 +774,92 @@ def test_a_sound_card_from_the_config_file_is_a_stream(tmp_path):
     assert state["kitchen"]["top"][0][0] == "rain", state
 
 
+def _wait_for(port: int, ready, seconds: float = 60) -> dict:
+    """Poll /v1/state until ``ready(state)`` (bounded); the last state seen."""
+    deadline, state = time.monotonic() + seconds, {}
+    while time.monotonic() < deadline:
+        state = asyncio.run(_http("GET", f"http://127.0.0.1:{port}/v1/state"))[1]
+        if ready(state):
+            break
+        time.sleep(0.2)
+    return state
+
+
+def _restarts(port: int, name: str) -> float:
+    async def get():
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+                return await r.text()
+
+    found = re.search(rf'streamtag_source_restarts_total\{{stream="{name}"\}} (\S+)', asyncio.run(get()))
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_sound_card_missing_at_the_start_is_a_stream_at_once_and_tagged_once_plugged_in(tmp_path):
+    """The card is not there when the server starts: its stream is joined anyway (the page lists it, silent),
+    the failure is said once, and the card is found when it appears (each try is a fresh PortAudio)."""
+    from .virtual_mic import ALSA_DEVICE, alsa_file_mic
+
+    rain = np.tile(read_clip(EXAMPLES / "rain.flac"), 4)
+    env = alsa_file_mic(tmp_path, rain, devices=())  # no such device yet
+    config = tmp_path / "serve.toml"
+    config.write_text(f'[streams.kitchen]\ndevice = "{ALSA_DEVICE}"\n')
+    with serve(tmp_path, "--config", config, env=env) as (port, proc):
+        first = _wait_for(port, lambda state: "kitchen" in state)
+        watchdog = threading.Timer(60, proc.terminate)  # a server that never says it still ends
+        watchdog.start()
+        for line in proc.stderr:  # the failure, said at once
+            if "kitchen:" in line:
+                break
+        watchdog.cancel()
+        alsa_file_mic(tmp_path, rain)  # plugged in
+        state = _wait_for(port, lambda s: s["kitchen"]["frames"] > 200 and s["kitchen"]["top"][0][0] == "rain")
+    assert first.get("kitchen", {}).get("frames") == 0, first
+    assert f"kitchen: device {ALSA_DEVICE}: No input device matching" in line and "trying again" in line, line
+    assert state["kitchen"]["frames"] > 200 and state["kitchen"]["top"][0][0] == "rain", state
+
+
+def test_a_sound_card_lost_costs_the_other_cards_nothing(tmp_path):
+    """Two cards; one's capture dies (its process killed, as a card unplugged mid-stream takes it down): it is
+    started again, and the other goes on untouched (no restart of its own). PortAudio can look for a card
+    again only by restarting, which closes every stream of its process, so each card has a process."""
+    from .virtual_mic import alsa_file_mic
+
+    env = alsa_file_mic(tmp_path, np.tile(read_clip(EXAMPLES / "rain.flac"), 4), devices=("vmic_a", "vmic_b"))
+    config = tmp_path / "serve.toml"
+    config.write_text('[streams.a]\ndevice = "vmic_a"\n[streams.b]\ndevice = "vmic_b"\n')
+    with serve(tmp_path, "--config", config, env=env) as (port, proc):
+        going = _wait_for(port, lambda s: all(s.get(n, {}).get("frames", 0) > 100 for n in "ab"))
+        module = b"streamtag.sources.device_pipe"
+        cards = {args[args.index(module) + 1]: pid for pid, args in _children(proc.pid).items() if module in args}
+        os.kill(cards[b"vmic_a"], signal.SIGKILL)
+        again = _wait_for(port, lambda s: _restarts(port, "a") >= 1 and s["a"]["frames"] > going["a"]["frames"] + 300)
+        a_restarts, b_restarts = _restarts(port, "a"), _restarts(port, "b")
+        after = _children(proc.pid)
+    assert set(cards) == {b"vmic_a", b"vmic_b"}, cards
+    assert a_restarts >= 1 and again["a"]["frames"] > going["a"]["frames"] + 300, again
+    assert b_restarts == 0 and cards[b"vmic_b"] in after, (b_restarts, after)
+    assert again["b"]["frames"] > going["b"]["frames"], again
+
+
 def _parent(pid: int) -> int:
     with contextlib.suppress(OSError, ValueError, IndexError):
         return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
     return 0
 
 
-def _children_args(pid: int) -> list[list[bytes]]:
-    """The command lines of a process's children (those that exit meanwhile are left out)."""
-    out = []
+def _children(pid: int) -> dict[int, list[bytes]]:
+    """The command lines of a process's children by pid (those that exit meanwhile are left out)."""
+    out = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and _parent(int(entry.name)) == pid:
             with contextlib.suppress(OSError):
-                out.append((entry / "cmdline").read_bytes().split(b"\0"))
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().split(b"\0")
     return out
+
+
+def _children_args(pid: int) -> list[list[bytes]]:
+    return list(_children(pid).values())
 
 
 def _engine_pids(server: int) -> list[int]:

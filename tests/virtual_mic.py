@@ -30,15 +30,19 @@ def require_portaudio() -> None:
         pytest.skip("PortAudio missing (apt-get install libportaudio2; .ci/setup installs it)")
 
 
-def alsa_file_mic(folder: Path, samples: np.ndarray) -> dict[str, str]:
-    """Recipe A: an ALSA capture device reading ``samples`` (float32, the format we open streams in)."""
+def alsa_file_mic(folder: Path, samples: np.ndarray, devices: tuple[str, ...] = (ALSA_DEVICE,)) -> dict[str, str]:
+    """Recipe A: ALSA capture devices reading ``samples`` (float32, the format we open streams in); called
+    again on the same folder, it rewrites the devices a process opening ALSA afterwards finds."""
     require_portaudio()
     raw = folder / "mic.raw"
     samples.astype(np.float32).tofile(raw)
     conf = folder / "asound.conf"
     conf.write_text(
         "</usr/share/alsa/alsa.conf>\n"
-        f'pcm.{ALSA_DEVICE} {{\n type file\n slave.pcm "null"\n file "/dev/null"\n infile "{raw}"\n format "raw"\n}}\n'
+        + "".join(
+            f'pcm.{name} {{\n type file\n slave.pcm "null"\n file "/dev/null"\n infile "{raw}"\n format "raw"\n}}\n'
+            for name in devices
+        )
     )
     return {**os.environ, "ALSA_CONFIG_PATH": str(conf)}
 
