@@ -86,6 +86,8 @@ def find_inputs(
             items += [Item(f, _name_in(f, p.parent), listed_in=str(p)) for f in _manifest(p)]
         elif p.is_file():
             items.append(Item(p, p.name))
+        elif p.exists():  # a named pipe, <(...), a device: one stream, which - reads
+            raise ConfigError(f"{p} is a pipe or a device, not a file: tag it as - --name NAME, fed on stdin")
         else:
             raise ConfigError(f"{p}: no such file or folder")
     seen: dict[str, Path] = {}

@@ -26,6 +26,8 @@ def test_rotation_values():
     for bad in ("1x", "-1h", "0m", "h"):
         with pytest.raises(ConfigError, match="--rotate"):
             Rotation.parse(bad)
+    with pytest.raises(ConfigError, match="100m for minutes or 100MB for megabytes"):
+        Rotation.parse("100M")
 
 
 def test_scores_rotate_by_size_losing_no_row_and_keeping_the_header(tmp_path):

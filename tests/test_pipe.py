@@ -63,6 +63,7 @@ def test_a_wav_stream_of_another_rate_and_width(cnn_dir, tmp_path):
         (["{dog}", "--raw-rate", "16000", "--raw-format", "s16le"], b"", "describe stdin"),
         (["{dog}", "--raw-channels", "2"], b"", "--raw-channels describes raw PCM"),
         (["-", "--raw-channels", "2"], b"\0" * 3200, "--raw-channels describes raw PCM"),
+        (["-", "--raw-rate", "16000", "--raw-format", "s16le", "--raw-channels", "0"], b"\0" * 3200, "1..64"),
     ],
 )
 def test_bad_pipe_input_is_one_line(cnn_dir, tmp_path, args, stdin, message):
@@ -116,3 +117,23 @@ def test_pcm_in_pieces_of_any_size_decodes_as_one_piece(fmt):
     pieces = [decode(part.tobytes()) for part in np.split(np.frombuffer(data, np.uint8), cuts)]
     np.testing.assert_array_equal(np.concatenate([p for p in pieces if p.size]), whole)
     np.testing.assert_allclose(whole, x, atol=1e-4)
+
+
+def test_a_named_pipe_given_as_a_file_is_refused_with_the_way_to_read_it(cnn_dir, tmp_path):
+    """A FIFO (or <(...)) has no rewind: probed, then opened again, it waited for a writer for ever, deaf to
+    SIGTERM. replay and tag say at once that it is to be fed on stdin; nothing opens the pipe."""
+    import os
+
+    fifo = tmp_path / "audio.fifo"
+    os.mkfifo(fifo)
+    r = _replay(cnn_dir, fifo)
+    t = subprocess.run(
+        [sys.executable, "-m", "streamtag", "tag", str(fifo), "--model", str(cnn_dir), "--out", str(tmp_path / "t")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "is a pipe or a device, not a file: give - as the input" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert t.returncode == 2 and "is a pipe or a device, not a file: tag it as - --name NAME" in t.stderr, t.stderr

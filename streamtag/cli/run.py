@@ -465,7 +465,7 @@ def raw_pcm(args, from_stdin: bool):
         return None
     if not from_stdin:
         raise ConfigError("--raw-rate and --raw-format describe stdin: give - as the input to read it")
-    return PcmFormat.raw(args.raw_rate, args.raw_format, args.raw_channels or 1)
+    return PcmFormat.raw(args.raw_rate, args.raw_format, 1 if args.raw_channels is None else args.raw_channels)
 
 
 def run_replay(args) -> int:

@@ -149,6 +149,9 @@ class Rotation:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|kb|mb|gb)\s*", text.lower())
         if not match:
             raise ConfigError(f"--rotate {text!r}: give a duration (30m, 1h, 1d) or a size (100MB, 1GB)")
+        if text.strip().endswith("M"):  # 100M: megabytes to most, minutes to the pattern
+            n = match.group(1)
+            raise ConfigError(f"--rotate {text!r}: write {n}m for minutes or {n}MB for megabytes")
         value, unit = float(match.group(1)), match.group(2)
         if value <= 0:
             raise ConfigError(f"--rotate {text!r} must be above 0")

@@ -49,6 +49,8 @@ def probe_audio(path: str | os.PathLike):
         raise AudioFileError(f"{path}: no such file")
     if path.is_dir():
         raise AudioFileError(f"{path} is a directory, not an audio file")
+    if not path.is_file():  # a named pipe or <(...) would be read twice (the probe, then the run): it has no rewind
+        raise AudioFileError(f"{path} is a pipe or a device, not a file: give - as the input and feed it on stdin")
     try:
         info = sf.info(str(path))
     except _READ_ERRORS as exc:
