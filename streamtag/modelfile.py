@@ -33,12 +33,15 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 def resolve_model_dir(path: str | os.PathLike | None) -> Path:
     """The folder a ``--model`` option names (the bundled default when ``None``), checked to exist."""
     folder = DEFAULT_MODEL_DIR if path is None else Path(path)
+    if str(path) == "default" and not folder.exists():  # the bundled model's name, as eval and train --init take it
+        folder = DEFAULT_MODEL_DIR
     if folder.is_file() and folder.name in (CONFIG_NAME, WEIGHTS_NAME, ONNX_NAME):
         folder = folder.parent
     if not folder.is_dir():
+        what = "is a file, not a model folder" if folder.exists() else "model folder not found"
         raise ModelFileError(
-            f"model folder not found: {folder} (give a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}: "
-            "--model DIR for live, replay and bench, the first argument for eval and export)"
+            f"{folder}: {what} (give a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}, or default for the bundled "
+            "model: --model DIR for live, replay, tag, bench and serve, the first argument for eval and export)"
         )
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
@@ -72,3 +75,19 @@ def cache_dir() -> Path:
     if os.environ.get("STREAMTAG_CACHE"):
         return Path(os.environ["STREAMTAG_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamtag"
+
+
+def writable_cache(folder: Path, option: str = "STREAMTAG_CACHE") -> Path:
+    """``folder`` made if need be, or ConfigError naming the fix: a service with a read-only home (systemd's
+    ProtectSystem=strict) or a typo in ``--cache`` must get a line, not a traceback mid-run."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"cannot write the cache folder {folder} ({why}): set {option} to a folder you can write"
+        ) from None
+    return folder

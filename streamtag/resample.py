@@ -42,5 +42,10 @@ def resample_chunks(chunks: Iterable[np.ndarray], in_rate: int, out_rate: int) -
         return
     stream = StreamResampler(in_rate, out_rate)
     for chunk in chunks:
-        yield stream.process(chunk)
+        out = stream.process(chunk)
+        if out.size and chunk.size and float(np.max(np.abs(chunk))) <= 1.0:
+            # a loud recording within full scale overshoots it a little once filtered (its peaks between
+            # samples): clipped here, or the engine's guard would call it a wrong input format
+            np.clip(out, -1.0, 1.0, out=out)
+        yield out
     yield stream.process(np.zeros(0, np.float32), last=True)

@@ -96,14 +96,10 @@ class Summary:
             f"audio: {self.audio_seconds:.2f} s tagged, {self.frames} frames",
             f"samples: captured {self.captured}, processed {self.processed}, dropped {self.dropped}, "
             f"unread {self.unread}",
-            f"hop compute (model, events, outputs): p50 {self.compute_p50_ms:.3f} ms, "
-            f"p99 {self.compute_p99_ms:.3f} ms, "
-            f"max {self.compute_max_ms:.3f} ms (budget {self.budget_ms:.1f} ms, {self.deadline_misses} over); "
-            f"model alone {self.model_mean_ms:.3f} ms a hop on average",
-            f"level: RMS {self.level_rms_dbfs:.1f} dBFS, peak {self.level_peak_dbfs:.1f} dBFS"
-            + (f" (after --gain {self.gain_db:+g} dB)" if self.gain_db else "")
-            + ("; very quiet input: " + self._quiet_hint() if self.level_peak_dbfs < -50 else ""),
         ]
+        if self.compute_p50_ms == self.compute_p50_ms:  # NaN: no hop was timed or its level measured (no audio,
+            # or the first write failed): no figures, and no "very quiet input" for audio that was never looked at
+            out += self._hop_lines()
         problems = {k: v for k, v in self.source_status.items() if v}
         if problems:
             out.append("source status: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in problems.items()))
@@ -114,6 +110,17 @@ class Summary:
         elif self.gap_seconds:
             out.append(f"device lost and not back before the stop; {self.gap_seconds:.1f} s of audio missed")
         return out
+
+    def _hop_lines(self) -> list[str]:
+        return [
+            f"hop compute (model, events, outputs): p50 {self.compute_p50_ms:.3f} ms, "
+            f"p99 {self.compute_p99_ms:.3f} ms, "
+            f"max {self.compute_max_ms:.3f} ms (budget {self.budget_ms:.1f} ms, {self.deadline_misses} over); "
+            f"model alone {self.model_mean_ms:.3f} ms a hop on average",
+            f"level: RMS {self.level_rms_dbfs:.1f} dBFS, peak {self.level_peak_dbfs:.1f} dBFS"
+            + (f" (after --gain {self.gain_db:+g} dB)" if self.gain_db else "")
+            + ("; very quiet input: " + self._quiet_hint() if self.level_peak_dbfs < -50 else ""),
+        ]
 
     def _quiet_hint(self) -> str:
         if self.live:

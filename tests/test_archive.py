@@ -543,11 +543,18 @@ def test_clipped_nan_and_silent_input_is_a_warning(tmp_path, cnn_dir):
     sf.write(folder / "zeros.wav", np.zeros(32000, np.float32), 16000)
     sf.write(folder / "loud.wav", read_clip(EXAMPLES / "dog.flac") * 4, 16000, subtype="FLOAT")
     sf.write(folder / "fine.wav", read_clip(EXAMPLES / "dog.flac"), 16000)
+    import soxr
+
+    dog48 = soxr.resample(read_clip(EXAMPLES / "dog.flac"), 16000, 48000)
+    sf.write(folder / "full48.wav", dog48 / np.abs(dog48).max(), 48000, subtype="PCM_16")  # peaks at 0 dBFS
+    sf.write(folder / "loud48.wav", dog48 * 4, 48000, subtype="FLOAT")
     out = tmp_path / "out"
     r = run_cli("tag", folder, "--out", out, "--model", cnn_dir)
     assert r.returncode == 0, r.stderr
     warning = {row["name"]: row["warning"] for row in _rows(out / "summary.csv")}
     assert "digital silence" in warning["in/zeros.wav"] and "beyond full scale" in warning["in/loud.wav"]
+    assert "beyond full scale" in warning["in/loud48.wav"]  # resampled: still said
+    assert warning["in/full48.wav"] == ""  # within full scale: its resampling's overshoot is not the input's
     assert warning["in/fine.wav"] == "" and "zeros.wav: digital silence" in r.stderr
 
 

@@ -1,6 +1,7 @@
 """The CLI as a user runs it: replay end to end, outputs, and one-line errors."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def test_fast_paced_replay_never_drops(cnn_dir):
         (["replay", "{tmp}"], "is a directory"),
         (["replay", "{tmp}/text.wav"], "not a readable audio file"),
         (["replay", "{dog}", "--model", "{tmp}/nomodel"], "model folder not found"),
+        (["replay", "{dog}", "--model", "{dog}"], "dog.flac: is a file, not a model folder"),
         (["replay", "{dog}", "--allow", "dog", "--deny", "rain"], "mutually exclusive"),
         (["replay", "{dog}", "--allow", "unicorn"], "unknown class names"),
         (["replay", "{dog}", "--speed", "-1"], "argument --speed: must be a finite number > 0 (-1 given)"),
@@ -559,3 +561,19 @@ def test_a_list_of_negative_levels_is_read_as_the_value_of_levels():
     assert _glue_negative_values(["--levels", "-.5", "x"]) == ["--levels=-.5", "x"]
     assert _glue_negative_values(["--levels", "--quiet"]) == ["--levels", "--quiet"]  # an option stays one
     assert _glue_negative_values(["--", "--levels", "-10"]) == ["--", "--levels", "-10"]  # positional after --
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(cnn_dir):
+    """A model without its exported step is exported into the cache: a service whose home is read-only
+    (ProtectSystem=strict) got a traceback from that."""
+    env = {**os.environ, "STREAMTAG_CACHE": "/proc/streamtag_cache"}
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--quiet", env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot write the cache folder /proc/streamtag_cache/onnx" in r.stderr and "STREAMTAG_CACHE" in r.stderr
+
+
+def test_default_names_the_bundled_model_for_every_command():
+    """eval and train --init took 'default'; replay, tag, bench and export said 'model folder not found'."""
+    r = run_cli("replay", EXAMPLES / "rain.flac", "--model", "default", "--fast", "--quiet", "--events", "-")
+    assert r.returncode == 0, r.stderr
+    assert '"label": "rain"' in r.stdout

@@ -137,3 +137,11 @@ def test_a_named_pipe_given_as_a_file_is_refused_with_the_way_to_read_it(cnn_dir
     assert r.returncode == 2 and "is a pipe or a device, not a file: give - as the input" in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert t.returncode == 2 and "is a pipe or a device, not a file: tag it as - --name NAME" in t.stderr, t.stderr
+
+
+def test_a_run_with_no_audio_reports_no_timing_or_level(cnn_dir):
+    """Empty stdin: the summary said p50 nan ms and called the input very quiet before the real error."""
+    r = _replay(cnn_dir, "-", "--raw-rate", "16000", "--raw-format", "s16le", stdin=b"")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "stdin ended with no audio" in err, err
+    assert "nan" not in err and "very quiet" not in err and "processed 0" in err, err

@@ -156,6 +156,10 @@ def test_bad_train_flags_are_one_line_before_any_work(folders, tmp_path, cli):
         (["--arch-param", "nosuchkey=3"], "has no nosuchkey"),
         (["--arch-param", "pool_seconds=0.5,3"], "pool_seconds=[0.5,3]"),
         (["--arch-param", "hidden=0"], "--arch-param: "),  # builds, and failed at the first batch with a traceback
+        (["--device", "tpu"], "--device tpu: choose auto, cpu or cuda"),  # these three were torch's tracebacks
+        (["--threads", "-1"], "--threads must be 1 or more"),
+        (["--seed", "-1"], "--seed must be in 0.."),
+        (["--cache", "/proc/streamtag-cache"], "cannot write the cache folder /proc/streamtag-cache"),
     ):
         code, err = cli("train", folders, *flags, *out)
         assert code == 2 and said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -170,9 +174,13 @@ def test_eval_flags_checked_up_front(folders, tmp_path, cli, cnn_dir, monkeypatc
     for flags, said in (
         (["--levels", "20"], "outside -120..0"),
         (["--baseline-folds", "1"], "0 (no baseline) or >= 2"),
+        (["--false-alarm-audio", tmp_path / "nosuch"], "unlabelled audio not found"),  # was read after scoring
+        (["--teacher", tmp_path / "t.onnx"], "give that too, or drop --teacher"),  # was ignored without a word
+        (["--expected", "dog"], "give that too, or drop it"),
     ):
         code, err = cli("eval", cnn_dir, folders, *flags, "--report", tmp_path / "r")
-        assert code == 2 and said in err, err
+        assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "r").exists()
     import importlib.util
 
     real = importlib.util.find_spec

@@ -31,6 +31,7 @@ from ..modelfile import (
     fingerprint,
     load_config,
     resolve_model_dir,
+    writable_cache,
 )
 from . import OwnStreams
 
@@ -85,6 +86,7 @@ def _open(folder: Path, threads: int, chunk: bool = False) -> tuple[ort.Inferenc
             f"{folder} has no up-to-date {name}, and exporting one needs torch (the train extra: "
             "pip install '.[train]'), or run 'streamtag export' where torch is installed"
         ) from None
+    writable_cache(cached.parent)
     if chunk:
         export_chunk_onnx(folder, cached)
     else:  # the chunk graph too, now: opened mid-stream later (a backlog), it must not cost an export then

@@ -96,7 +96,7 @@ def _levels(text: str) -> list[float]:
 def run(args) -> int:
     from ..backends import make_backend
     from ..events import model_detector
-    from ..modelfile import cache_dir, resolve_model_dir
+    from ..modelfile import cache_dir, resolve_model_dir, writable_cache
     from ..outputs.files import check_output_folder
     from ..training.datasets import TRAINED_ON, load_dataset, read_unlabelled
     from ..training.evaluate import (
@@ -125,6 +125,13 @@ def run(args) -> int:
         raise ConfigError(f"--event-stream must be >= 0 ({args.event_stream} given)")
     if args.agreement_audio and not args.teacher:
         raise ConfigError("--agreement-audio needs --teacher (the scores to agree with)")
+    if args.teacher and not args.agreement_audio:
+        raise ConfigError("--teacher is compared with on --agreement-audio: give that too, or drop --teacher")
+    if args.expected is not None and not args.false_alarm_audio:
+        raise ConfigError("--expected names the classes --false-alarm-audio may hold: give that too, or drop it")
+    # the audio and the teacher of the last parts, read before the clips are scored (a typo must not cost that)
+    unlabelled = {p: read_unlabelled(p) for p in [*(args.false_alarm_audio or []), *(args.agreement_audio or [])]}
+    teacher = Teacher(args.teacher, cache=writable_cache(cache_dir() / "teacher")) if args.agreement_audio else None
     if args.plot:
         import matplotlib  # noqa: F401  (missing: one line naming the extra before the clips are scored)
     label_map = read_label_map(args.label_map)
@@ -210,14 +217,13 @@ def run(args) -> int:
             backend, [paths[i] for i in first.values()], list(first), detector=detector
         )
     if args.false_alarm_audio:
-        files = [c.path for path in args.false_alarm_audio for c in read_unlabelled(path)]
+        files = [c.path for path in args.false_alarm_audio for c in unlabelled[path]]
         print(f"streamtag eval: false alarms on {count(len(files), 'file')}", file=sys.stderr)
         report["false_alarms"] = false_alarms(backend, detector, files, expected)
     if args.agreement_audio:
-        teacher = Teacher(args.teacher, cache=cache_dir() / "teacher")
         files, groups = [], []
         for path in args.agreement_audio:
-            for c in read_unlabelled(path):
+            for c in unlabelled[path]:
                 files.append(c.path)
                 # a manifest's group column names a row's source; a folder, or a row without a group, counts
                 # as the source the argument names (read_unlabelled gives such a file its own path as group)
@@ -229,7 +235,7 @@ def run(args) -> int:
     if baseline:
         feats = backend.config.features
         report["baseline_acc"] = grouped_baseline(
-            dataset, targets, feats, cache_dir() / "features", k, len(backend.labels)
+            dataset, targets, feats, writable_cache(cache_dir() / "features"), k, len(backend.labels)
         )
         report["baseline_split"] = f"{k}-fold source-grouped CV on these clips"
     elif k >= 2:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -181,6 +182,12 @@ def _options(args):
 
     from ..training.trainer import TrainOptions
 
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise ConfigError(f"--device {args.device}: choose auto, cpu or cuda (cuda:N for one GPU of several)")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be 1 or more ({args.threads} given; leave it out for all cores)")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must be in 0..{2**32 - 1} ({args.seed} given)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -287,7 +294,7 @@ def _labels_kept(args) -> set[str]:
 
 def load_training_data(args):
     """The datasets, unlabelled audio, teacher and label map that the arguments name."""
-    from ..modelfile import cache_dir
+    from ..modelfile import cache_dir, writable_cache
     from ..training.datasets import check_group_weights, combine, load_dataset, read_unlabelled
     from ..training.teacher import Teacher, read_label_map
 
@@ -316,14 +323,14 @@ def load_training_data(args):
         raise ConfigError(f"need at least 2 classes to train ({len(dataset.labels)} found: {dataset.labels})")
     teacher = None
     if args.teacher:
-        teacher = Teacher(args.teacher, cache=cache_dir() / "teacher")
+        teacher = Teacher(args.teacher, cache=writable_cache(cache_dir() / "teacher"))
     return dataset, teacher, label_map
 
 
 def run(args) -> int:
     import torch
 
-    from ..modelfile import cache_dir
+    from ..modelfile import cache_dir, writable_cache
     from ..training.trainer import train
     from . import interrupt_on_signals
 
@@ -332,7 +339,7 @@ def run(args) -> int:
     dataset, teacher, label_map = load_training_data(args)
     if args.overwrite:  # only once the data checked out: a typo in a dataset path must not cost the old model
         _clear_stale(Path(args.out))
-    cache = Path(args.cache) if args.cache else cache_dir() / "features"
+    cache = writable_cache(Path(args.cache), "--cache") if args.cache else writable_cache(cache_dir() / "features")
     jobs = max(1, args.jobs if args.cv else 1)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // jobs))
     if args.cv or not (args.no_val or args.val_fold is not None):
