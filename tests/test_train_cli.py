@@ -159,6 +159,8 @@ def test_bad_train_flags_are_one_line_before_any_work(folders, tmp_path, cli):
         (["--device", "tpu"], "--device tpu: choose auto, cpu or cuda"),  # these three were torch's tracebacks
         (["--threads", "-1"], "--threads must be 1 or more"),
         (["--seed", "-1"], "--seed must be in 0.."),
+        (["--audible-snr", "nan"], "--audible-snr must be 0 dB or more"),
+        (["--cv", "2", "--jobs", "-2"], "--jobs must be 1 or more"),
         (["--cache", "/proc/streamtag-cache"], "cannot write the cache folder /proc/streamtag-cache"),
     ):
         code, err = cli("train", folders, *flags, *out)
@@ -270,3 +272,16 @@ def test_training_s_validation_scores_a_clip_with_two_labels_as_eval_does():
     hard = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], np.float32)
     assert accuracies(probs, np.array([0, 0]))["acc_last"] == 0.5
     assert accuracies(probs, np.array([0, 0]), hard=hard) == {"acc_last": 1.0, "acc_mean": 1.0}
+
+
+def test_eval_limit_takes_the_models_classes_first():
+    """--limit 4 on ESC-50 with a dog-and-rain model scored 4 classes it does not have: 0%, mAP nan."""
+    from types import SimpleNamespace
+
+    from streamtag.cli.evaluate import _spread
+
+    labels = ["airplane", "dog", "dog", "rain", "zebra", "dog", "rain", "airplane"]
+    data = SimpleNamespace(clips=[SimpleNamespace(label=x) for x in labels])
+    assert [labels[i] for i in _spread(data, 4, {"dog", "rain"})] == ["dog", "dog", "rain", "rain"]
+    assert sorted(labels[i] for i in _spread(data, 7, {"dog", "rain"})) == sorted(labels[1:7] + ["airplane"])
+    assert len(_spread(data, 99, {"dog"})) == len(labels)

@@ -159,7 +159,7 @@ def run(args) -> int:
         dataset = dataset.subset(unique)
     _, _, allowed, _ = dataset_targets(dataset, backend.labels, label_map)  # the dataset's classes, before --limit
     if args.limit:  # taken across the classes in turn: the first N of a folder per class would be one class
-        dataset = dataset.subset(_spread(dataset, args.limit))
+        dataset = dataset.subset(_spread(dataset, args.limit, set(backend.labels)))
     k = args.baseline_folds
     baseline = k >= 2 and len(dataset.clips) >= 2 * k  # K-fold CV needs two clips a fold at least
     if baseline and importlib.util.find_spec("torch") is None:  # said now, not after every clip
@@ -300,15 +300,17 @@ def _warn_if_seen(trained_on: Path, dataset) -> list[str]:
     ]
 
 
-def _spread(dataset, limit: int) -> list[int]:
-    """``limit`` clip indices taken from each class in turn (in dataset order within a class)."""
+def _spread(dataset, limit: int, known: set[str]) -> list[int]:
+    """``limit`` clip indices taken from each class in turn (in dataset order within a class), the model's
+    ``known`` classes first: a small look at a large dataset should score what the model can name."""
     by_class: dict[str, list[int]] = {}
     for i, clip in enumerate(dataset.clips):
         by_class.setdefault(clip.label, []).append(i)
-    queues = [list(reversed(v)) for _, v in sorted(by_class.items())]
     picked: list[int] = []
-    while len(picked) < min(limit, len(dataset.clips)):
-        for q in queues:
-            if q and len(picked) < limit:
-                picked.append(q.pop())
+    for model_knows in (True, False):  # the classes of another model only once the model's own run out
+        queues = [list(reversed(v)) for label, v in sorted(by_class.items()) if (label in known) == model_knows]
+        while len(picked) < limit and any(queues):
+            for q in queues:
+                if q and len(picked) < limit:
+                    picked.append(q.pop())
     return sorted(picked)

@@ -184,6 +184,10 @@ def _options(args):
 
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise ConfigError(f"--device {args.device}: choose auto, cpu or cuda (cuda:N for one GPU of several)")
+    if not 0 <= args.audible_snr < float("inf"):
+        raise ConfigError(f"--audible-snr must be 0 dB or more ({args.audible_snr} given; 25 or more: always heard)")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be 1 or more ({args.jobs} given)")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be 1 or more ({args.threads} given; leave it out for all cores)")
     if not 0 <= args.seed < 2**32:
