@@ -285,3 +285,14 @@ def test_eval_limit_takes_the_models_classes_first():
     assert [labels[i] for i in _spread(data, 4, {"dog", "rain"})] == ["dog", "dog", "rain", "rain"]
     assert sorted(labels[i] for i in _spread(data, 7, {"dog", "rain"})) == sorted(labels[1:7] + ["airplane"])
     assert len(_spread(data, 99, {"dog"})) == len(labels)
+
+
+def test_eval_refuses_an_unreadable_clip_before_scoring_any(folders, tmp_path, cli, cnn_dir):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(folders, data)
+    (data / "dog" / "empty.wav").write_bytes(b"")
+    code, err = cli("eval", cnn_dir, data, "--report", tmp_path / "r")
+    assert code == 2 and "1 clip of the dataset cannot be read" in err and "empty (0 bytes)" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists(), err

@@ -160,6 +160,7 @@ def run(args) -> int:
     _, _, allowed, _ = dataset_targets(dataset, backend.labels, label_map)  # the dataset's classes, before --limit
     if args.limit:  # taken across the classes in turn: the first N of a folder per class would be one class
         dataset = dataset.subset(_spread(dataset, args.limit, set(backend.labels)))
+    _check_readable(dataset)
     k = args.baseline_folds
     baseline = k >= 2 and len(dataset.clips) >= 2 * k  # K-fold CV needs two clips a fold at least
     if baseline and importlib.util.find_spec("torch") is None:  # said now, not after every clip
@@ -298,6 +299,21 @@ def _warn_if_seen(trained_on: Path, dataset) -> list[str]:
         f"{overlap} of {len(dataset.clips)} clips {'was' if overlap == 1 else 'were'} in this model's training set "
         f"({trained_on}); these figures are not held-out figures"
     ]
+
+
+def _check_readable(dataset) -> None:
+    """Every clip opens as audio, or one line before any is scored: a bad file found mid-run cost the report."""
+    from ..errors import AudioFileError
+    from ..sources.file import probe_audio
+
+    bad = []
+    for clip in dataset.clips:
+        try:
+            probe_audio(clip.path)
+        except AudioFileError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise ConfigError(f"{count(len(bad), 'clip')} of the dataset cannot be read ({bad[0]}): fix or remove them")
 
 
 def _spread(dataset, limit: int, known: set[str]) -> list[int]:
