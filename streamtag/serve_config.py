@@ -252,6 +252,18 @@ def _known(names: Sequence[str], labels: Sequence[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown class {unknown[0]!r} ({hint})")
 
 
+def parse_change(body: str | bytes) -> dict:
+    """A settings change sent over HTTP or MQTT -> its JSON object; ConfigError says what is wrong with it."""
+    try:
+        change = json.loads(body, object_pairs_hook=_no_twice)
+    except ValueError as exc:
+        twice = "given twice" in str(exc)
+        raise ConfigError(str(exc) if twice else 'the body must be a JSON object, e.g. {"allow": ["dog"]}') from None
+    if not isinstance(change, dict):
+        raise ConfigError('the body must be a JSON object, e.g. {"allow": ["dog"]}')
+    return change
+
+
 def _no_twice(pairs: list) -> dict:
     """A JSON object, refusing a key given twice (json keeps the last one without a word)."""
     keys = [key for key, _ in pairs]

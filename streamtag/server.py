@@ -45,7 +45,7 @@ import numpy as np
 from .errors import ConfigError, StreamtagError, count
 from .multistream import MultiStreamTagger
 from .outputs.mqtt import USERINFO
-from .serve_config import SettingsBook, valid_name
+from .serve_config import SettingsBook, parse_change, valid_name
 from .sources.file import AUDIO_SUFFIXES
 from .sources.pipe import RAW_FORMATS, PcmDecoder, PcmFormat
 from .steps import Step, StepBlock
@@ -520,6 +520,10 @@ def _mono(frames: np.ndarray) -> np.ndarray:
     return frames[:, 0] if frames.shape[1] == 1 else frames.mean(axis=1, dtype=np.float32)
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no channel count
+
+
 def parse_hello(text: str) -> PcmFormat:
     """The optional first text message -> the stream's PCM format; ConfigError says what is wrong."""
     try:
@@ -534,11 +538,11 @@ def parse_hello(text: str) -> PcmFormat:
     if unknown:
         raise ConfigError(f"unknown keys {sorted(unknown)} (sample_rate, format, channels)")
     rate, fmt, channels = hello.get("sample_rate", 16000), hello.get("format", "s16le"), hello.get("channels", 1)
-    if not isinstance(rate, int) or not 8000 <= rate <= 192000:
+    if not _whole(rate) or not 8000 <= rate <= 192000:
         raise ConfigError(f"sample_rate must be a whole number in 8000..192000 ({rate!r} given)")
     if fmt not in RAW_FORMATS:
         raise ConfigError(f"format must be one of {', '.join(RAW_FORMATS)} ({fmt!r} given)")
-    if not isinstance(channels, int) or not 1 <= channels <= 8:
+    if not _whole(channels) or not 1 <= channels <= 8:
         raise ConfigError(f"channels must be 1..8 ({channels!r} given)")
     return PcmFormat.raw(rate, fmt, channels)
 
@@ -893,7 +897,7 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
         return web.Response(status=401 if options.token is not None else 403, text=f"{reason}\n")
 
     async def stream(request):
-        ws = web.WebSocketResponse(max_msg_size=options.max_message_bytes, heartbeat=20)
+        ws = web.WebSocketResponse(max_msg_size=options.max_message_bytes + 1, heartbeat=20)  # aiohttp: >= refused
         await ws.prepare(request)
         sockets.add(ws)
         try:
@@ -999,6 +1003,10 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                 else:  # closed, closing or an error (a message over the size limit closes with 1009)
                     reason = "gone"
                     break
+        except Exception:  # a fault of ours: this stream ends with 1011, the stream leaves the worker, others go on
+            print(f"streamtag serve: {name}: internal error; the stream is closed", file=sys.stderr, flush=True)
+            traceback.print_exc()  # a bug: where it is, for the report
+            reason, code = "internal error: see the server log", 1011
         finally:
             joining.discard(name)
         if joined and not refused:
@@ -1058,13 +1066,9 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
         change = None
         if request.method == "PUT":
             try:
-                change = await request.json()
-            except ValueError:
-                change = None
-            if not isinstance(change, dict):
-                return web.json_response(
-                    {"error": 'the body must be a JSON object, e.g. {"allow": ["dog"]}'}, status=400
-                )
+                change = parse_change(await request.read())
+            except ConfigError as exc:
+                return web.json_response({"error": str(exc)}, status=400)
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
         worker.submit("settings", name, change, lambda m: loop.call_soon_threadsafe(_settle, answer, m))

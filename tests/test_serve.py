@@ -164,6 +164,12 @@ def test_bad_clients_get_a_clear_close_and_harm_no_one(tmp_path):
                     await ws.send_str(json.dumps({"sample_rate": 16000, "format": "mp3"}))
                     msg = await ws.receive()
                     closes["format"] = (ws.close_code, msg.extra)
+                async with session.ws_connect(base + "flag") as ws:  # JSON true is no channel count
+                    await ws.send_str(json.dumps({"channels": True}))
+                    await ws.send_bytes(rain[:3200])
+                    msg = await ws.receive()
+                    closes["flag"] = (ws.close_code, msg.extra)
+                closes["flag again"] = await _stream(port, "flag", rain[:16000])  # the name was given back
                 async with session.ws_connect(base + "bad%20name") as ws:
                     msg = await ws.receive()
                     closes["name"] = (ws.close_code, msg.extra)
@@ -189,6 +195,9 @@ def test_bad_clients_get_a_clear_close_and_harm_no_one(tmp_path):
     assert closes["garbage"][0] == 4400
     assert closes["format"][0] == 4400 and "format must be one of" in closes["format"][1]
     assert closes["name"][0] == 4400 and "stream names" in closes["name"][1]
+    assert closes["flag"][0] == 4400 and "channels must be" in closes["flag"][1]
+    again, again_code = closes["flag again"]
+    assert again_code == 1000 and again[-1]["type"] == "summary" and again[-1]["received"] == 8000
     assert closes["newline"][0] == 4400
     assert closes["idle"][0] == 4408 and "idle" in closes["idle"][1]
     assert closes["taken"][0] == 4409 and "already connected" in closes["taken"][1]
@@ -570,8 +579,10 @@ def test_per_stream_settings_from_the_config_file_and_changed_at_run_time(tmp_pa
                 asyncio.run(_http("PUT", f"{base}/porch/settings", "not json")),
                 asyncio.run(_http("PUT", f"{base}/porch/settings", json.dumps({"events": {"rain": {"on": 2}}}))),
                 asyncio.run(_http("PUT", f"{base}/porch/settings", "null")),  # not a read
+                asyncio.run(_http("PUT", f"{base}/porch/settings", '{"allow": ["rain"], "allow": ["dog"]}')),
             ]
-            assert [b[0] for b in bad] == [400] * 5
+            assert [b[0] for b in bad] == [400] * 6
+            assert "'allow' is given twice" in bad[5][1]["error"]
             assert "unknown class 'raain'" in bad[0][1]["error"] and "unknown setting 'colour'" in bad[1][1]["error"]
             assert "must be a JSON object" in bad[2][1]["error"] and "unknown key 'on'" in bad[3][1]["error"]
             assert "must be a JSON object" in bad[4][1]["error"]
@@ -657,11 +668,15 @@ async def _poll(ws):
         ('[streams.cam]\nurl = "/no/such/cam.wav"\n', "stream 'cam': no such file '/no/such/cam.wav'"),
         ('[streams.cam]\nurl = "file:/no/such/cam.wav"\n', "stream 'cam': no such file '/no/such/cam.wav'"),
         ('[streams.cam]\nurl = "/proc/version"\n', "stream 'cam': ffmpeg finds no audio to read in '/proc/version'"),
+        ('[streams.cam]\nurl = "{tmp}/empty.wav"\n', "/empty.wav' (the file holds 0 samples)"),
     ],
 )
 def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, text, message):
+    import soundfile as sf
+
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)  # a header and no frames
     config = tmp_path / "serve.toml"
-    config.write_text(text)
+    config.write_text(text.replace("{tmp}", str(tmp_path)))
     r = subprocess.run(
         [sys.executable, "-m", "streamtag", "serve", "--config", str(config)],
         capture_output=True,
@@ -684,6 +699,20 @@ def test_an_mqtt_prefix_with_wildcards_is_refused_at_start():
         [sys.executable, "-m", "streamtag", "serve", "--mqtt-prefix", "a/#"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 2 and "give it with --mqtt" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--port-file", "/nonexistent/folder/port"], "--port-file /nonexistent/folder/port: cannot write"),
+        (["--engines", "4"], "give it with --ray"),
+        (["--max-streams", "1", "--pull", "a=/dev/null", "--pull", "b=/dev/null"], "raise --max-streams to at least 2"),
+    ],
+)
+def test_serve_flags_that_cannot_work_are_one_line_at_start(flags, says):
+    r = subprocess.run([sys.executable, "-m", "streamtag", "serve", *flags], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_a_pulled_source_that_hangs_is_started_again_and_does_not_hold_up_a_stop(tmp_path):
@@ -1350,15 +1379,17 @@ def test_a_stream_at_another_rate_and_channels_and_a_message_too_big(tmp_path):
         async def too_big():
             async with aiohttp.ClientSession() as session:
                 async with session.ws_connect(f"ws://127.0.0.1:{port}/v1/streams/big") as ws:
-                    await ws.send_bytes(b"\0" * (2 << 20))
+                    await ws.send_bytes(b"\0" * ((1 << 20) + 2))  # one sample over
                     await ws.receive()
                     return ws.close_code
 
         big = asyncio.run(too_big())
+        largest, largest_code = asyncio.run(_stream(port, "largest", b"\0" * (1 << 20), chunk=1 << 20))
     assert code == 1000 and ("open", "rain") in [(m["type"], m.get("label")) for m in messages]
     summary = messages[-1]
     assert summary["received"] == stereo.shape[0] and summary["dropped"] == 0  # samples at its own rate
     assert big == 1009
+    assert largest_code == 1000 and largest[-1]["received"] == 1 << 19  # 1 MiB exactly is within the limit
 
 
 def test_a_pulled_source_that_drops_is_unavailable_until_it_is_back_and_the_broker_login_is_used(tmp_path):

@@ -138,3 +138,23 @@ def test_a_broker_url_takes_a_login_and_tls_and_never_shows_the_password(monkeyp
         with pytest.raises(ConfigError, match=message) as caught:
             parse_broker(url)
         assert "secret" not in str(caught.value)
+
+
+def test_a_broker_that_cannot_be_reached_is_said_with_its_cause():
+    """paho's connect failure has no cause: a typo in the host, a broker down and a TLS port mismatch each say
+    what to check."""
+    import socket
+
+    pytest.importorskip("paho.mqtt")
+    from streamtag.outputs.mqtt import MqttPublisher
+
+    with socket.socket() as closed:  # a free loopback port, then nothing listening on it
+        closed.bind(("127.0.0.1", 0))
+        free = closed.getsockname()[1]
+    assert "connection refused" in MqttPublisher(f"mqtt://127.0.0.1:{free}", LABELS)._why_unreachable()
+    assert "no such host" in MqttPublisher("mqtt://no-such-broker.invalid", LABELS)._why_unreachable()
+    with socket.socket() as listening:  # something listens, but the TLS handshake does not happen
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert "TLS handshake" in MqttPublisher(f"mqtts://127.0.0.1:{port}", LABELS)._why_unreachable()

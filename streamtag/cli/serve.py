@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 
 from ..errors import ConfigError
 from ..serve_config import valid_name
@@ -72,7 +73,7 @@ def add_parser(subparsers) -> None:
         help="run the streams' engines on Ray (the ray extra, pip install '.[ray]'): auto (a Ray running here, else a "
         "local one) or a cluster address; each stream goes to one engine by a hash of its name",
     )
-    p.add_argument("--engines", type=int, default=2, help="with --ray: engine actors (default 2)")
+    p.add_argument("--engines", type=int, default=None, help="with --ray: engine actors (default 2)")
     p.add_argument(
         "--one-process",
         action="store_true",
@@ -103,8 +104,15 @@ def _check(args) -> None:
             raise ConfigError(f"--pull {item!r}: give NAME=URL, NAME 1-64 of A-Z a-z 0-9 _ -")
     if len({item.partition("=")[0] for item in args.pull}) < len(args.pull):
         raise ConfigError("--pull: two sources have the same NAME")
+    if args.engines is not None and not args.ray:
+        raise ConfigError("--engines sets the Ray engine actors: give it with --ray auto (or a cluster address)")
+    args.engines = 2 if args.engines is None else args.engines
     if not 1 <= args.engines <= 1024:
         raise ConfigError(f"--engines must be in 1..1024 ({args.engines} given)")
+    if args.port_file:
+        where = Path(args.port_file).expanduser().resolve().parent
+        if Path(args.port_file).is_dir() or not where.is_dir() or not os.access(where, os.W_OK):
+            raise ConfigError(f"--port-file {args.port_file}: cannot write there; give a path in your own folder")
     if not loopback and not args.token:
         raise ConfigError(f"--host {args.host} is reachable from other machines: add --token SECRET (clients send it)")
     for flag, value, default in (
@@ -156,16 +164,18 @@ def _not_audio(path: str) -> str | None:
     decoded, which takes a few tens of ms."""
     import subprocess
 
-    command = [shutil.which("ffmpeg"), "-nostdin", "-v", "error", "-i", path, "-vn", "-t", "0.1", "-f", "null", "-"]
+    command = [shutil.which("ffmpeg"), "-nostdin", "-v", "error", "-i", path, "-vn", "-t", "0.1"]
+    command += ["-ac", "1", "-ar", "16000", "-f", "s16le", "-"]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        done = subprocess.run(command, capture_output=True, timeout=30)
     except subprocess.TimeoutExpired:
         return None  # a slow disk: the source says more when it runs
-    if "does not contain any stream" in done.stderr:
+    stderr = done.stderr.decode(errors="replace")
+    if "does not contain any stream" in stderr:
         return "it has no audio track"
     if done.returncode == 0:
-        return None
-    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        return None if done.stdout else "the file holds 0 samples"
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     return lines[-1].replace(path, "<file>") if lines else f"ffmpeg exit code {done.returncode}"
 
 
@@ -181,6 +191,11 @@ def run(args) -> int:  # the network stack is imported here, not at the top: eve
     cfg = load_config(resolve_model_dir(args.model))
     config = read_serve_config(args.config, cfg.labels) if args.config else ServeConfig()
     sources = _sources(args, config)
+    if len(sources) > args.max_streams:  # each takes a slot for good: the extra ones would never be tagged
+        raise ConfigError(
+            f"{len(sources)} pulled streams and sound cards, more than --max-streams {args.max_streams}: "
+            f"raise --max-streams to at least {len(sources)}"
+        )
 
     if args.mqtt:
         parse_broker(args.mqtt)
@@ -251,8 +266,11 @@ async def _serve(args, worker, options, sources) -> int:
         flush=True,
     )
     if args.port_file:
-        with open(args.port_file, "w") as f:
-            f.write(f"{port}\n")
+        try:
+            Path(args.port_file).write_text(f"{port}\n")
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError(f"--port-file {args.port_file}: cannot write it ({exc.strerror or exc})") from None
     stop = asyncio.Event()
     got = {}
     loop = asyncio.get_running_loop()

@@ -43,6 +43,7 @@ from urllib.parse import unquote, urlparse
 from .. import __version__
 from ..errors import BackendUnavailable, ConfigError
 from ..events import Event
+from ..serve_config import parse_change
 
 LOGIN_REFUSED = ("Bad user name or password", "Not authorized")  # paho's names of MQTT 3.1.1's and 5's codes
 OBJECT_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # Home Assistant's discovery topics take ids of these only
@@ -108,7 +109,7 @@ class MqttPublisher:
         except ImportError:
             raise BackendUnavailable("--mqtt needs paho-mqtt: pip install '.[serve]' (streamtag's folder)") from None
         broker = parse_broker(url)
-        self.host, self.port = broker.host, broker.port
+        self.host, self.port, self.tls = broker.host, broker.port, broker.tls
         self.labels, self.prefix, self.discovery_prefix = list(labels), prefix, discovery_prefix
         self.availability = f"{prefix}/availability"
         self.published = 0
@@ -187,7 +188,23 @@ class MqttPublisher:
                 self._send(f"{self.prefix}/{stream}/settings", payload, retain=True, qos=1)
 
     def _on_connect_fail(self, client, userdata) -> None:
-        self._down(f"cannot reach the MQTT broker {self.host}:{self.port}")
+        if not self._said_down:  # paho gives no cause: find it once (a typo in the name, a broker down, TLS)
+            self._down(f"cannot reach the MQTT broker {self.host}:{self.port} ({self._why_unreachable()})")
+
+    def _why_unreachable(self) -> str:
+        try:
+            socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except OSError:
+            return f"no such host {self.host!r}: check the name in --mqtt"
+        try:
+            socket.create_connection((self.host, self.port), timeout=3).close()
+        except ConnectionRefusedError:
+            return "connection refused: is the broker running, and on this port?"
+        except OSError as exc:
+            return f"{exc.strerror or exc}: check the address and any firewall"
+        if self.tls:
+            return "the TLS handshake failed: is it an mqtts:// port, with a certificate this machine trusts?"
+        return "the connection was closed at once: is it an MQTT port?"
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if not self._closing:
@@ -216,11 +233,9 @@ class MqttPublisher:
         if not message.payload:  # an empty message clears a retained one: not a change
             return
         try:
-            change = json.loads(message.payload)
-        except ValueError:
-            change = None
-        if not isinstance(change, dict):
-            self._settings_error(stream, {"error": 'the payload must be a JSON object, e.g. {"allow": ["dog"]}'})
+            change = parse_change(message.payload)
+        except ConfigError as exc:
+            self._settings_error(stream, {"error": str(exc).replace("the body", "the payload")})
             return
         if self.on_settings is not None:  # the settings in force are published by the server once applied
             self.on_settings(stream, change, lambda reply: self._settings_error(stream, reply))
