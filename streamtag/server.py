@@ -1019,6 +1019,9 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                     reason, code = "the server is stopping", 1011
                     break
         else:
+            if reason is None and not ws.closed:  # eof before any audio: the summary a client waits for, all 0
+                empty = ServeWorker._summary(StreamAccount(fmt.rate))
+                await outbox.put({"type": "summary", "reason": "stream_end", **empty})
             await outbox.put(None)
             await send_task
         if not ws.closed:

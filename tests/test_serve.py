@@ -170,6 +170,7 @@ def test_bad_clients_get_a_clear_close_and_harm_no_one(tmp_path):
                     msg = await ws.receive()
                     closes["flag"] = (ws.close_code, msg.extra)
                 closes["flag again"] = await _stream(port, "flag", rain[:16000])  # the name was given back
+                closes["no audio"] = await _stream(port, "silent", b"")  # eof at once: a summary all the same
                 async with session.ws_connect(base + "bad%20name") as ws:
                     msg = await ws.receive()
                     closes["name"] = (ws.close_code, msg.extra)
@@ -198,6 +199,9 @@ def test_bad_clients_get_a_clear_close_and_harm_no_one(tmp_path):
     assert closes["flag"][0] == 4400 and "channels must be" in closes["flag"][1]
     again, again_code = closes["flag again"]
     assert again_code == 1000 and again[-1]["type"] == "summary" and again[-1]["received"] == 8000
+    (silent,), silent_code = closes["no audio"]  # one message: the summary, with a real one's keys, all 0
+    assert silent_code == 1000 and silent.keys() == again[-1].keys() and silent["reason"] == "stream_end"
+    assert all(silent[k] == 0 for k in ("received", "processed", "dropped", "frames", "events"))
     assert closes["newline"][0] == 4400
     assert closes["idle"][0] == 4408 and "idle" in closes["idle"][1]
     assert closes["taken"][0] == 4409 and "already connected" in closes["taken"][1]
