@@ -165,6 +165,8 @@ def test_bad_train_flags_are_one_line_before_any_work(folders, tmp_path, cli):
     ):
         code, err = cli("train", folders, *flags, *out)
         assert code == 2 and said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    code, err = cli("train", folders, "--out", folders)  # the model's files among the audio
+    assert code == 2 and "is the dataset folder" in err and not (folders / "config.json").exists(), err
     code, err = cli("train", folders, "--cv", "10", *FAST, *out)  # 9 recordings
     assert code == 2 and "2 <= K <= 9" in err
     assert not (tmp_path / "m" / "fold0").exists()

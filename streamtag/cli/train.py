@@ -456,6 +456,12 @@ def _check_out(out: Path, args) -> None:
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: folder {out.parent} does not exist; create it first")
     check_output_folder(out, "--out")  # a file in its place, or a place nothing can be written
+    for data in args.dataset:
+        if Path(data).is_dir() and out.resolve() == Path(data).resolve():
+            raise ConfigError(
+                f"--out {out} is the dataset folder: the model's files would go among its audio; "
+                f"give a folder of its own, e.g. --out {out.resolve().name}_model"
+            )
     if args.cv and any(out.glob("fold*/config.json")) and not args.overwrite:
         raise ConfigError(f"--out {out} already holds cross-validation models; add --overwrite to replace them")
     if (out / "config.json").exists() and not (args.resume or args.overwrite or args.cv):
