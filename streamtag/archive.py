@@ -48,6 +48,7 @@ from .steps import Step, StepBlock, write_to
 MANIFEST_SUFFIXES = (".csv", ".txt", ".lst")
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 DONE = ".done.json"
+FIRST_OUTPUTS = (".events.jsonl", ".labels.txt")  # what every done file has (markers before 2026-12-04 list none)
 TOP_LABELS = 3
 
 
@@ -111,7 +112,14 @@ def find_inputs(
 def _search(folder: Path, skip: Path | None, passed_over: list[Path]) -> list[Path]:
     """The audio files below ``folder``, sorted; what is left out but worth a word goes to ``passed_over``."""
     found = []
-    for root, dirs, names in os.walk(folder):  # links to folders are not walked into (followlinks=False)
+
+    def unreadable(exc: OSError) -> None:  # a folder os.walk cannot list: said, never skipped in silence
+        raise ConfigError(
+            f"{exc.filename}: cannot read this folder ({exc.strerror or exc}); fix its permissions, or tag the "
+            "other folders by their own paths"
+        )
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable):  # links to folders: not walked (followlinks=False)
         here = Path(root)
         for d in sorted(dirs):
             if d.startswith(".") or (skip is not None and (here / d).resolve() == skip):
@@ -181,6 +189,7 @@ class Outcome:
     warning: str | None = None  # tagged, with something to know (NaN samples replaced)
     skipped: bool = False  # finished by an earlier run
     retagged: bool = False  # finished before, with other settings or an older file or streamtag: tagged again
+    worker_lost: bool = False  # failed because the worker tagging it was lost (a Ray actor), not for the file
 
     def row(self) -> dict[str, object]:
         return {
@@ -278,7 +287,8 @@ class _Job:
         if self.source.error:  # cut short (a truncated file): what was read is kept, but the file is not done
             outcome.error = self.source.error
             return outcome
-        _write_atomic(self.marker, json.dumps({**dataclasses.asdict(outcome), **self.stamp}))
+        outputs = sorted(p.name[len(self.marker.name) - len(DONE) :] for p in self.final.values())
+        _write_atomic(self.marker, json.dumps({**dataclasses.asdict(outcome), **self.stamp, "outputs": outputs}))
         return outcome
 
     def _warning(self) -> str | None:
@@ -347,6 +357,19 @@ def finished(out: Path, item: Item, key: str, begun: float, force: bool = False)
         return _finished(marker, {"settings": key, "file": _identity(item)}) is not None
     except OSError:
         return False
+
+
+def settled(items: Sequence[Item], out: Path, key: str, begun: float, force: bool = False) -> list[Outcome]:
+    """The outcomes, read from their done markers, of ``items`` that are finished though no worker reported them
+    (a stop came first): tagged by this run, or (``skipped``) done before with the same file and settings."""
+    outcomes = []
+    for item in items:
+        if finished(out, item, key, begun, force):
+            marker = done_marker(out, item)
+            outcome = _finished(marker) or Outcome(item.name, str(item.path))
+            outcome.skipped = not marked_since(marker, begun)
+            outcomes.append(outcome)
+    return outcomes
 
 
 def marked_since(marker: Path, begun: float) -> bool:
@@ -503,6 +526,9 @@ def _finished(marker: Path, stamp: dict | None = None) -> Outcome | None:
         data = json.loads(marker.read_text(encoding="utf-8"))
         if stamp is not None and any(data.get(k) != v for k, v in stamp.items()):
             return None
+        base = marker.parent / marker.name[: -len(DONE)]
+        if stamp is not None and not all(_with(base, o).is_file() for o in data.get("outputs", FIRST_OUTPUTS)):
+            return None  # an output deleted since: made again
         outcome = Outcome(**{k: data[k] for k in ("name", "path", "seconds", "events", "error")})
         outcome.top = [tuple(x) for x in data.get("top", [])]
         outcome.warning = data.get("warning")
@@ -510,6 +536,33 @@ def _finished(marker: Path, stamp: dict | None = None) -> Outcome | None:
         return None
     outcome.skipped = True
     return outcome
+
+
+LOCK = ".streamtag-tag.lock"  # hidden: never searched as an input
+
+
+def lock_out(out: Path):
+    """Hold ``out`` for this run (an open file with an exclusive lock, released when the process ends): two runs
+    into one folder at once renamed each other's half-written outputs away and one died with a traceback."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; runs into one folder at once are the user's to avoid
+        return None
+    f = open(out / LOCK, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(
+            f"--out {out} is in use by another streamtag tag run ({holder}); wait for it to end, or give another --out"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _one_line(exc: BaseException) -> str:
@@ -594,7 +647,8 @@ def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: b
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pylist([r for r in rows if not r["error"]], schema=_parquet_schema(pa))
+        done = [{k: _utf8(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows if not r["error"]]
+        table = pa.Table.from_pylist(done, schema=_parquet_schema(pa))
         with _replaced(out / "summary.parquet") as tmp:
             pq.write_table(table, tmp)
         written.append(out / "summary.parquet")
@@ -616,8 +670,14 @@ def _parquet_schema(pa):
     )
 
 
+def _utf8(text: str) -> str:
+    """``text`` as valid UTF-8: a file name's bytes that are not (a legacy Latin-1 name) shown as ``\\udce9``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    with _replaced(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    """A table any UTF-8 reader opens: a file name that is not UTF-8 is written with its odd bytes escaped."""
+    with _replaced(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)

@@ -119,6 +119,13 @@ def tag_on_ray(
     ray = _start_ray(address)
     try:
         n = actors or max(1, int(ray.available_resources().get("CPU", 1)))
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if n > cpus:  # an actor takes a CPU: those beyond the cluster's never start, and their batches never end
+            print(
+                f"streamtag tag: note: --jobs {n} is more than the {cpus} CPU(s) the Ray cluster has; using {cpus}",
+                file=sys.stderr,
+            )
+            n = cpus
         size = max(1, min(kwargs["width"], -(-len(items) // n)))  # every actor gets work, a batch fills a pool
         batches = collections.deque(list(items[i : i + size]) for i in range(0, len(items), size))
         remote = ray.remote(num_cpus=1)(_Tagger)
@@ -160,7 +167,7 @@ def tag_on_ray(
 
 
 def _failed(batch: Sequence[Item], why: str) -> list[Outcome]:
-    return [Outcome(item.name, str(item.path), error=why) for item in batch]
+    return [Outcome(item.name, str(item.path), error=why, worker_lost=True) for item in batch]
 
 
 def _first_line(exc: BaseException) -> str:

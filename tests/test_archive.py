@@ -178,8 +178,10 @@ def test_ray_writes_exactly_what_a_local_tag_writes(archive, tmp_path, cnn_dir):
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     args = ["--model", cnn_dir, "--scores", "--on-threshold", "0.3"]
     assert run_cli("tag", archive, "--out", local, "--jobs", "1", *args).returncode == 1  # the broken file
-    r = run_cli("tag", archive, "--out", on_ray, "--ray", "auto", "--jobs", "2", *args, timeout=300)
+    jobs = (os.cpu_count() or 1) + 2  # actors beyond the CPUs never started, and the run waited on them for ever
+    r = run_cli("tag", archive, "--out", on_ray, "--ray", "auto", "--jobs", jobs, *args, timeout=300)
     assert r.returncode == 1 and "1 failed" in r.stderr, r.stderr
+    assert re.search(rf"--jobs {jobs} is more than the \d+ CPU\(s\) the Ray cluster has", r.stderr), r.stderr
     assert _rows(on_ray / "summary.csv") == _rows(local / "summary.csv")
     assert _rows(on_ray / "errors.csv") == _rows(local / "errors.csv")
     for f in local.rglob("*.events.jsonl"):
@@ -210,6 +212,9 @@ class _FakeRay:
         self.dies, self.fails, self.once, self.actors = dies, fails, once, 0
 
     def available_resources(self):
+        return {"CPU": 2}
+
+    def cluster_resources(self):
         return {"CPU": 2}
 
     def remote(self, num_cpus):
@@ -293,6 +298,10 @@ def test_a_rerun_tags_again_what_no_longer_matches_its_outputs(tmp_path, cnn_dir
     assert "0 files" in r.stderr and "1 already done" in r.stderr
     r = run_cli(*tag, tmp_path / "day1", "--scores")
     assert r.returncode == 0 and "tagged 1 file " in r.stderr and (out / "day1" / "a.flac.scores.tsv").is_file()
+    (out / "day1" / "a.flac.scores.tsv").unlink()  # an output deleted by hand: made again, not "already done"
+    r = run_cli(*tag, tmp_path / "day1", "--scores")
+    assert r.returncode == 0 and "tagged 1 file " in r.stderr and (out / "day1" / "a.flac.scores.tsv").is_file()
+    assert "outputs since deleted" in r.stderr
     r = run_cli(*tag, tmp_path / "day1", "--scores", "--on-threshold", "0.2")
     assert r.returncode == 0 and "tagged 1 file " in r.stderr
     r = run_cli(*tag, tmp_path / "day2" / "day1", "--scores", "--on-threshold", "0.2")  # another file, same name
@@ -401,19 +410,27 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(long_archive, tmp_pat
     assert r.returncode == 0 and f"tagged {left} files" in r.stderr, (err, r.stderr)
 
 
-def test_sigterm_stops_a_ray_run_cleanly_and_counts_what_its_actors_finished(long_archive, tmp_path, cnn_dir):
+@pytest.mark.parametrize("how", ["SIGTERM to tag", "Ctrl-C at a terminal"])
+def test_a_stop_ends_a_ray_run_cleanly_and_counts_what_its_actors_finished(long_archive, tmp_path, cnn_dir, how):
     """Ray put its own SIGTERM handler in place of tag's (exit 1 and a crash dump), and the files its actors had
-    finished in a batch not yet reported were counted as not finished."""
+    finished in a batch not yet reported were counted as not finished. A Ctrl-C reaches the whole process group,
+    Ray's actors too: their files were counted as failed and the summary line did not add up."""
     pytest.importorskip("ray", reason="Ray is an optional extra (pip install '.[ray]')")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "streamtag", "tag", str(long_archive), "--out", str(out), "--model", str(cnn_dir)]
-    proc = subprocess.Popen([*cmd, "--ray", "auto", "--jobs", "2", "--width", "2"], stderr=subprocess.PIPE, text=True)
+    cmd += ["--ray", "auto", "--jobs", "2", "--width", "2"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_a_finished_file(proc, out, limit_s=240)
-    proc.send_signal(signal.SIGTERM)
+    if how == "SIGTERM to tag":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err and "SIGTERM received" not in err, err
     done = len(list(out.rglob("*.done.json")))
     assert f"interrupted; {12 - done} of 12 files not finished" in err, err
+    assert re.search(rf"tagged {done} files? .* 0 already done, 0 failed", err), err
+    assert len(_rows(out / "summary.csv")) == done and not (out / "errors.csv").read_text().strip().count("\n")
     assert not list(out.rglob("*.part"))
 
 
@@ -451,6 +468,8 @@ def test_ctrl_c_at_any_moment_of_a_rerun_over_many_finished_files_ends_cleanly(t
         marker.parent.mkdir(parents=True, exist_ok=True)
         row = {"name": item.name, "path": str(item.path), "seconds": 0.1, "events": {}, "error": None}
         marker.write_text(json.dumps({**row, "settings": key, "file": _identity(item)}))
+        for output in (".events.jsonl", ".labels.txt"):  # a marker stands for its outputs only while they exist
+            (out / (item.name + output)).write_text("")
     cmd = [sys.executable, "-m", "streamtag", "tag", str(folder), "--out", str(out), "--jobs", "2"]
     for delay in (0.6, 1.0, 1.4):
         proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -577,6 +596,84 @@ def test_folder_search_skips_hidden_entries_links_to_folders_and_the_output_fold
     assert [i.name for i in find_inputs([root / "._a.wav"])] == ["._a.wav"]  # given by name, it is tagged
 
 
+def test_a_folder_that_cannot_be_listed_is_one_line_not_skipped(tmp_path, monkeypatch):
+    """os.walk passes over a folder it cannot list unless asked: its files were silently left out of the run."""
+    from streamtag.archive import find_inputs
+    from streamtag.errors import ConfigError
+
+    root = tmp_path / "rec"
+    (root / "locked").mkdir(parents=True)
+    (root / "a.wav").write_bytes(b"x")
+    (root / "locked" / "b.wav").write_bytes(b"x")
+    scandir = os.scandir
+
+    def denied(path="."):  # what a folder of mode 000 gives a user who is not root
+        if Path(path) == root / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(ConfigError, match=r"locked: cannot read this folder \(Permission denied\)"):
+        find_inputs([root], [])
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse names that are not UTF-8")
+def test_a_file_name_that_is_not_utf8_is_tagged_and_listed(tmp_path, cnn_dir):
+    """A legacy Latin-1 name (b"caf\xe9.flac"): it crashed the summary with a traceback, on every rerun."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "dog.flac", folder / "dog.flac")
+    latin = os.fsdecode(bytes(folder) + b"/caf\xe9.flac")
+    shutil.copy(EXAMPLES / "rain.flac", latin)
+    tag = ["tag", folder, "--out", tmp_path / "out", "--model", cnn_dir, "--jobs", "1", "--parquet"]
+    r = run_cli(*tag)
+    assert r.returncode == 0 and "tagged 2 files " in r.stderr and "Traceback" not in r.stderr, r.stderr
+    names = [row["name"] for row in _rows(tmp_path / "out" / "summary.csv")]  # read as UTF-8
+    assert names == ["in/caf\\udce9.flac", "in/dog.flac"]
+    r = run_cli(*tag)
+    assert r.returncode == 0 and "2 already done" in r.stderr, r.stderr
+
+
+def test_a_file_that_cannot_be_opened_says_permission_denied(tmp_path, monkeypatch):
+    import streamtag.sources.file as file_source
+
+    path = tmp_path / "x.flac"
+    shutil.copy(EXAMPLES / "dog.flac", path)
+
+    def denied(*args, **kwargs):  # what a file of mode 000 gives a user who is not root
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(file_source.sf, "info", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("System error.")))
+    monkeypatch.setattr(file_source, "open", denied, raising=False)
+    with pytest.raises(file_source.AudioFileError, match="x.flac: permission denied"):
+        file_source.probe_audio(path)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no advisory locks on Windows")
+def test_two_runs_into_one_output_folder_at_once_are_refused(tmp_path, cnn_dir):
+    """The second run renamed the first one's half-written outputs away and died with a traceback."""
+    from streamtag.archive import lock_out
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = lock_out(out)  # as a run in progress holds it
+    r = run_cli("tag", EXAMPLES / "dog.flac", "--out", out, "--model", cnn_dir, "--jobs", "1")
+    assert r.returncode == 2 and f"is in use by another streamtag tag run (pid {os.getpid()})" in r.stderr, r.stderr
+    assert not (out / "summary.csv").exists()
+    held.close()  # the run ended
+    assert run_cli("tag", EXAMPLES / "dog.flac", "--out", out, "--model", cnn_dir, "--jobs", "1").returncode == 0
+
+
+def test_a_named_pipe_in_a_folder_is_said_as_such(tmp_path, cnn_dir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "dog.flac", folder / "dog.flac")
+    os.mkfifo(folder / "pipe.wav")  # an audio name, not a file to read to its end
+    r = run_cli("tag", folder, "--out", tmp_path / "out", "--model", cnn_dir, "--jobs", "1")
+    assert r.returncode == 0 and "tagged 1 file " in r.stderr, r.stderr
+    assert "1 entry in the folders given is not a regular file" in r.stderr and "for their extension" not in r.stderr
+
+
 def test_a_manifest_from_excel_is_read(tmp_path):
     from streamtag.archive import find_inputs
 
@@ -601,6 +698,10 @@ def test_bad_tag_invocations_are_one_line_before_any_work(tmp_path, cnn_dir):
     assert r.returncode == 2 and "--name names stdin's outputs" in r.stderr
     r = run_cli("tag", EXAMPLES / "dog.flac", "--out", out, "--model", cnn_dir, "--width", "0")
     assert r.returncode == 2 and "--width must be a whole number >= 1 (0 given)" in r.stderr
+    r = run_cli("tag", EXAMPLES / "dog.flac", "--out", "", "--model", cnn_dir)  # an unset shell variable
+    assert r.returncode == 2 and "--out is empty" in r.stderr, r.stderr
+    r = run_cli("tag", EXAMPLES / "dog.flac", "--out", tmp_path / ("x" * 300) / "out", "--model", cnn_dir)
+    assert r.returncode == 2 and "File name too long" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_a_missing_manifest_entry_and_too_many_jobs_are_said_plainly(tmp_path, cnn_dir):

@@ -577,3 +577,17 @@ def test_default_names_the_bundled_model_for_every_command():
     r = run_cli("replay", EXAMPLES / "rain.flac", "--model", "default", "--fast", "--quiet", "--events", "-")
     assert r.returncode == 0, r.stderr
     assert '"label": "rain"' in r.stdout
+
+
+def test_a_pipe_other_than_stdout_closing_is_an_error_not_a_quiet_exit(monkeypatch, capsys):
+    """Only a stdout reader that left (| head) ends a command quietly with 0; any other closed pipe (a worker
+    process gone) is an error: it had exited 0 with nothing written."""
+    import streamtag.cli.devices as devices
+    from streamtag.cli import main
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(devices, "run", broken)
+    assert main(["devices"]) == 1
+    assert "streamtag devices: error: a pipe closed under it (Broken pipe)" in capsys.readouterr().err

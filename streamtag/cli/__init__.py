@@ -103,6 +103,19 @@ def _glue_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _stdout_closed() -> bool:
+    """Whether the reader of stdout has gone (a flush fails); stdout then points at /dev/null so that Python's own
+    flush at exit does not print a second error."""
+    try:
+        sys.stdout.flush()
+        return False
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return True
+    except (OSError, ValueError):  # stdout closed or detached: nothing to tell apart
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     # numpy's BLAS starts a thread per core when imported (about 40 ms of CPU a process, paid again by every
     # `tag --jobs` worker), and no command does BLAS work in numpy: models run in onnxruntime or torch, with
@@ -129,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a command that stops cleanly says what it kept itself; the rest say this much
         print(f"streamtag {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. piped into head
-        return 0
+    except BrokenPipeError as exc:
+        if _stdout_closed():  # piped into head, which has seen enough: not an error
+            return 0
+        print(f"streamtag {args.command}: error: a pipe closed under it ({exc.strerror or exc})", file=sys.stderr)
+        return 1
     finally:
         while True:
             try:

@@ -78,7 +78,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..archive import check_out, find_inputs, finished, settings_key, tag_in_processes, write_tables
+    from ..archive import check_out, find_inputs, lock_out, settings_key, settled, tag_in_processes, write_tables
     from ..backends import make_backend
     from ..modelfile import load_config, resolve_model_dir
     from ..sources.file import FFMPEG_SUFFIXES
@@ -128,6 +128,7 @@ def run(args) -> int:
             file=sys.stderr,
         )
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_out(out)  # noqa: F841  (held until this process ends)
     bar = _Progress(len(items), enabled=not args.quiet and sys.stderr.isatty())
     kwargs = dict(out=out, model=args.model, backend=args.backend, width=args.width, scores=args.scores)
     kwargs.update(detector=detectors, force=args.force)
@@ -153,6 +154,22 @@ def run(args) -> int:
     finally:
         bar.close()
     wall = time.perf_counter() - started
+    unfinished: list = []
+    if interrupted:  # workers report late (Ray a batch at a time): the done markers say what else finished
+        if args.ray:  # Ray's actors were stopped without their own clean-up: what they left half-written goes
+            for part in out.rglob("*.part"):
+                part.unlink(missing_ok=True)
+        # a Ctrl-C at a terminal reaches Ray's actors too: the files of the ones it stopped are not finished,
+        # not failed
+        outcomes = [o for o in outcomes if not o.worker_lost]
+        folder = resolve_model_dir(args.model)
+        cfg = load_config(folder)
+        key = settings_key(folder, cfg.labels, cfg.features.frame_seconds, args.scores, detectors)
+        reported = {o.name for o in outcomes}
+        late = settled([i for i in items if i.name not in reported], out, key, begun, args.force)
+        outcomes += late
+        reported |= {o.name for o in late}
+        unfinished = [i for i in items if i.name not in reported]
     tables = write_tables(outcomes, out, parquet=parquet)
     failed = [o for o in outcomes if o.error]
     skipped = sum(o.skipped for o in outcomes)
@@ -170,12 +187,21 @@ def run(args) -> int:
     if retagged:
         print(
             f"streamtag tag: note: {retagged} of the files tagged had been finished before with other settings, "
-            "as an older version of the file, or by an older streamtag (markers without settings): tagged again "
+            "as an older version of the file, with outputs since deleted, or by an older streamtag (markers "
+            "without settings): tagged again "
             "(their earlier outputs replaced)",
             file=sys.stderr,
         )
     links = [f for f in passed_over if f.is_symlink()]  # a folder's links: to folders, or broken
-    others = [f for f in passed_over if not f.is_symlink()]
+    special = [f for f in passed_over if not f.is_symlink() and f.exists() and not f.is_file()]
+    others = [f for f in passed_over if not f.is_symlink() and f not in special]
+    if special:  # a named pipe, a socket, a device: whatever its name, not a file to read to its end
+        print(
+            f"streamtag tag: note: {count(len(special), 'entry', 'entries')} in the folders given "
+            f"{'is' if len(special) == 1 else 'are'} not a regular file (a named pipe, a socket or a device; e.g. "
+            f"{special[0]}); tag a pipe as - --name NAME, fed on stdin",
+            file=sys.stderr,
+        )
     if others:
         kinds = ", ".join(sorted({f.suffix.lower() or "no extension" for f in others}))
         piped = [f for f in others if f.suffix.lower() in FFMPEG_SUFFIXES]  # a manifest would not help these
@@ -196,14 +222,6 @@ def run(args) -> int:
             file=sys.stderr,
         )
     if interrupted:
-        if args.ray:  # Ray's actors were stopped without their own clean-up: what they left half-written goes
-            for part in out.rglob("*.part"):
-                part.unlink(missing_ok=True)
-        reported = {o.name for o in outcomes}  # workers report late (Ray a batch at a time): the markers say
-        folder = resolve_model_dir(args.model)
-        cfg = load_config(folder)
-        key = settings_key(folder, cfg.labels, cfg.features.frame_seconds, args.scores, detectors)
-        unfinished = [i for i in items if i.name not in reported and not finished(out, i, key, begun, args.force)]
         if not unfinished:
             print(
                 f"streamtag tag: interrupted after all {count(len(items), 'file')} had finished; nothing is left",

@@ -77,12 +77,17 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
     """Refuse an output folder that cannot be written, before any work is done: a file in its place, or a
     location where not even a probe file can be made (read-only, /proc), found by trying rather than from
     permission bits (root passes those everywhere). A missing folder is checked at its nearest existing parent."""
+    if not str(path).strip():  # an unset shell variable: the current folder would be taken without a word
+        raise ConfigError(f"{flag} is empty; give a folder (. for the current one)")
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{flag} {path} is a file; give a folder")
-    where = path
-    while not where.exists() and where != where.parent:
-        where = where.parent
+    try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{flag} {path} is a file; give a folder")
+        where = path
+        while not where.exists() and where != where.parent:
+            where = where.parent
+    except OSError as exc:  # a name longer than the file system takes, a loop of links
+        raise ConfigError(f"{flag} {path}: {exc.strerror or exc}") from None
     if not where.is_dir():
         raise ConfigError(f"{flag} {path}: {where} is not a folder")
     _probe(where, f"{flag} {path}")

@@ -52,7 +52,7 @@ def probe_audio(path: str | os.PathLike):
     if not path.is_file():  # a named pipe or <(...) would be read twice (the probe, then the run): it has no rewind
         raise AudioFileError(f"{path} is a pipe or a device, not a file: give - as the input and feed it on stdin")
     try:
-        info = sf.info(str(path))
+        info = sf.info(_native(path))
     except _READ_ERRORS as exc:
         raise _unreadable(path, exc) from None
     if info.frames <= 0 or info.samplerate <= 0:
@@ -60,11 +60,23 @@ def probe_audio(path: str | os.PathLike):
     return info
 
 
+def _native(path: str | os.PathLike) -> str | bytes:
+    """The name to give libsndfile: bytes on POSIX, so a name that is not UTF-8 (a legacy Latin-1 archive) opens
+    (soundfile encodes a str strictly and fails on it); Windows takes the str."""
+    return str(path) if os.name == "nt" else os.fsencode(path)
+
+
 def _unreadable(path: Path, exc: Exception) -> AudioFileError:
     """Why ``path`` cannot be read, and what to do: an empty file, a container ffmpeg reads, anything else."""
     with contextlib.suppress(OSError):
         if path.is_file() and path.stat().st_size == 0:
             return AudioFileError(f"{path} is empty (0 bytes): nothing to tag")
+    try:
+        open(path, "rb").close()
+    except PermissionError:
+        return AudioFileError(f"{path}: permission denied; give this user read access to it")
+    except OSError:
+        pass
     if path.suffix.lower() in FFMPEG_SUFFIXES:
         return AudioFileError(
             f"{path}: {path.suffix.lower()} files are not read directly; decode with ffmpeg into a pipe: "
@@ -90,7 +102,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) 
     path = Path(path)
     probe_audio(path)
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(_native(path), dtype="float32", always_2d=True)
     except _READ_ERRORS as exc:
         raise _unreadable(path, exc) from None
     if data.size == 0:
@@ -184,7 +196,7 @@ class WavReplaySource(ProducerSource):
         self._frames_read = 0
         frames = max(1, int(self.file_rate * READ_BLOCK_SECONDS))
         small = max(1, self.file_rate // 10)
-        f = sf.SoundFile(str(self.path))
+        f = sf.SoundFile(_native(self.path))
         try:
             while True:  # read(), not blocks(): blocks() seeks back before every block (for overlaps)
                 try:
@@ -194,7 +206,7 @@ class WavReplaySource(ProducerSource):
                         raise
                     # a broken block loses its good start too: decode up to it again, then 0.1 s at a time
                     f.close()
-                    f = sf.SoundFile(str(self.path))
+                    f = sf.SoundFile(_native(self.path))
                     for _ in range(self._frames_read // small):
                         f.read(small, dtype="float32")
                     f.read(self._frames_read % small, dtype="float32")
