@@ -295,6 +295,8 @@ class _Job:
         """What to know about the input, as replay says it: samples replaced or clipped, silence."""
         parts = []
         nonfinite = self.source.status.nonfinite_samples
+        if getattr(self.source, "warning", None):  # stdin's: a part-frame at its end
+            parts.append(self.source.warning)
         if nonfinite:
             parts.append(f"{nonfinite} NaN/Inf samples were replaced by 0")
         stats = self.engine.stats if self.engine is not None else None

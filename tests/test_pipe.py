@@ -1,8 +1,10 @@
 """`replay -`: a WAV stream or raw PCM on stdin gives the scores of the same audio from a file."""
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -145,3 +147,77 @@ def test_a_run_with_no_audio_reports_no_timing_or_level(cnn_dir):
     err = r.stderr.decode()
     assert r.returncode == 1 and "stdin ended with no audio" in err, err
     assert "nan" not in err and "very quiet" not in err and "processed 0" in err, err
+
+
+def _until_read(pipe, limit_s: float = 60) -> None:
+    """Wait until the reader of ``pipe`` (a writing end, or a process whose stdin it is) has read everything
+    written to it: it then waits for more. Not a timed assertion: a slow machine only waits longer."""
+    import fcntl
+    import termios
+
+    fd = pipe if isinstance(pipe, int) else pipe.stdin.fileno()
+    waiting = bytearray(4)
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        fcntl.ioctl(fd, termios.FIONREAD, waiting)  # bytes in the pipe (Linux: either end)
+        if int.from_bytes(waiting, sys.byteorder) == 0:
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 0), ("SIGINT", 130)])
+def test_a_stop_while_stdin_is_stalled_ends_cleanly(cnn_dir, tmp_path, sig, code):
+    """A camera's ffmpeg that stops sending without closing the pipe (here a named pipe, as `< fifo` gives),
+    then a stop: the reader thread was blocked in a read on sys.stdin's buffer, and the interpreter aborted at
+    exit (exit 134, "Fatal Python error: ... could not acquire lock for <_io.BufferedReader name='<stdin>'>")."""
+    import os
+    import signal
+
+    fifo, scores = tmp_path / "camera", tmp_path / "s.tsv"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)  # held open and silent, as a stalled ffmpeg holds it
+    cmd = [sys.executable, "-m", "streamtag", "replay", "-", "--raw-rate", "16000", "--raw-format", "s16le"]
+    cmd += ["--model", str(cnn_dir), "--scores", str(scores), "--quiet"]
+    with open(fifo, "rb") as stdin:
+        proc = subprocess.Popen(cmd, stdin=stdin, stderr=subprocess.PIPE)
+    samples, _ = sf.read(EXAMPLES / "dog.flac", dtype="int16", frames=8000)
+    os.write(writer, samples.astype("<i2").tobytes())  # half a second, then nothing
+    _until_read(writer)
+    time.sleep(1)  # not an assertion: the half second is paced out, and the reader waits in a read
+    proc.send_signal(getattr(signal, sig))
+    err = proc.communicate(timeout=60)[1].decode()
+    os.close(writer)
+    assert proc.returncode == code and "Fatal Python error" not in err, err
+    frames = int(re.search(r"tagged, (\d+) frames", err).group(1))
+    assert frames > 0 and len(scores.read_text().splitlines()) == 1 + frames  # flushed: a row for every hop
+
+
+def test_a_stop_while_the_wav_header_is_awaited_is_an_interrupt(cnn_dir):
+    """SIGTERM before any byte came killed the process with no word (exit 143)."""
+    import signal
+
+    cmd = [sys.executable, "-m", "streamtag", "replay", "-", "--model", str(cnn_dir), "--quiet"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(b"RIFF")  # the start of a header, and no more
+    proc.stdin.flush()
+    _until_read(proc)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 130 and err.strip().endswith("streamtag replay: interrupted"), err
+
+
+def test_what_arrives_short_of_its_format_is_said(cnn_dir):
+    """A part-frame at the end of raw PCM was dropped without a word (a wrong --raw-channels shows this way), and a
+    WAV stream cut short said "100% missing" however much had come."""
+    import io
+
+    samples, _ = sf.read(EXAMPLES / "dog.flac", dtype="int16", frames=16000)
+    pcm = samples.astype("<i2").tobytes()
+    r = _replay(cnn_dir, "-", "--raw-rate", 16000, "--raw-format", "s16le", stdin=pcm + b"\x01")
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "captured 16000" in err, err
+    assert "warning: stdin ended 1 byte(s) into a frame (2 bytes a frame)" in err and "--raw-channels" in err
+    wav = io.BytesIO()
+    sf.write(wav, samples, 16000, format="WAV", subtype="PCM_16")  # a header announcing 1 s
+    r = _replay(cnn_dir, "-", stdin=wav.getvalue()[: 44 + 8000 * 2])  # and half of it
+    assert r.returncode == 1 and "0.50 s of the 1.00 s of audio its WAV header announced arrived" in r.stderr.decode()

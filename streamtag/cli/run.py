@@ -479,9 +479,11 @@ def run_replay(args) -> int:
     feats = backend.config.features
     speed = 0.0 if args.fast else args.speed
     if from_stdin:
-        from ..sources.pipe import PipeSource
+        from ..sources.pipe import PipeSource, stdin_stream
+        from . import interrupt_on_signals
 
-        source = PipeSource(sys.stdin.buffer, feats.sample_rate, fmt, block_size=feats.hop_length, speed=speed)
+        interrupt_on_signals()  # a stop while the WAV header is awaited: an interrupt, not a death by SIGTERM
+        source = PipeSource(stdin_stream(), feats.sample_rate, fmt, block_size=feats.hop_length, speed=speed)
     else:
         source = WavReplaySource(
             args.file, feats.sample_rate, block_size=feats.hop_length, speed=speed, min_samples=feats.hop_length
@@ -492,6 +494,8 @@ def run_replay(args) -> int:
 
         extra.append(RecordingPlot(args.plot, feats, title="stdin" if from_stdin else os.path.basename(args.file)))
     code = run_stream(args, source, backend, plan, extra)
+    if getattr(source, "warning", None):
+        print(f"streamtag {args.command}: warning: {source.warning}", file=sys.stderr)
     if source.status.nonfinite_samples:
         print(
             f"streamtag {args.command}: warning: {source.status.nonfinite_samples} NaN/Inf samples in "

@@ -249,7 +249,7 @@ def _say_each(kind: str, outcomes: list, what, table: Path, most: int = 5) -> No
 def _stdin_item(args):
     """``tag -``: stdin as one file named ``--name``, a WAV stream or raw PCM as ``replay -`` reads it."""
     from ..archive import Item
-    from ..sources.pipe import PipeSource
+    from ..sources.pipe import PipeSource, stdin_stream
     from .run import raw_pcm
 
     if args.inputs != ["-"]:
@@ -257,7 +257,7 @@ def _stdin_item(args):
     fmt = raw_pcm(args, from_stdin=True)
     if not args.name or "/" in args.name or args.name.startswith("."):
         raise ConfigError(f"--name {args.name!r}: give a plain file name for stdin's outputs")
-    stream = sys.stdin.buffer
+    stream = stdin_stream()
     pipe = {}
 
     def opener(rate):

@@ -71,6 +71,21 @@ class PcmDecoder:
                 samples = np.frombuffer(data, fmt.dtype).astype(np.float32) / np.float32(fmt.scale)
         return samples.reshape(-1, fmt.channels)
 
+    @property
+    def pending(self) -> int:
+        """Bytes of a part-frame waiting for the rest."""
+        return len(self._carry)
+
+
+def stdin_stream() -> BinaryIO:
+    """Standard input as a buffered stream of its own. Its reader thread may be blocked in a read when the run
+    stops (a camera's ffmpeg stalled, then SIGTERM); on ``sys.stdin.buffer`` that thread held the lock Python
+    takes to close stdin at exit, and the interpreter aborted ("could not acquire lock", exit 134)."""
+    import io
+    import sys
+
+    return io.BufferedReader(io.FileIO(sys.stdin.fileno(), "rb", closefd=False))
+
 
 def read_wav_header(stream: BinaryIO) -> PcmFormat:
     """Parse a RIFF/WAVE header up to its ``data`` chunk; the stream is left at the first sample."""
@@ -137,6 +152,7 @@ class PipeSource(ProducerSource):
         self.fmt = fmt if fmt is not None else read_wav_header(stream)  # a bad header fails here, before any work
         self.sample_rate, self.block_size, self.speed = sample_rate, block_size, speed
         self.description = f"stdin ({self.fmt.rate} Hz, {self.fmt.channels} ch)"
+        self.warning: str | None = None  # said after the run: what arrived that could not be used
 
     def _samples(self):
         """Mono float32 at the pipe's rate, about ``READ_SECONDS`` at a time, until the pipe or the data ends."""
@@ -148,11 +164,17 @@ class PipeSource(ProducerSource):
             want = block if left is None else min(block, left)
             data = self.stream.read(want) if want else b""
             if not data:
+                seconds = lambda n: n / decode.frame_bytes / fmt.rate  # noqa: E731
                 if left:  # the header named a length the stream did not deliver: say so, as a short file does
-                    missing = left / (fmt.data_bytes or 1)
                     self.error = (
-                        f"stdin ended early: {missing:.0%} of the audio its WAV header announced is missing; "
+                        f"stdin ended early: {seconds(fmt.data_bytes - left):.2f} s of the "
+                        f"{seconds(fmt.data_bytes):.2f} s of audio its WAV header announced arrived; "
                         "what arrived was tagged"
+                    )
+                elif decode.pending:  # not a whole frame: a wrong --raw-format or --raw-channels shows so
+                    self.warning = (
+                        f"stdin ended {decode.pending} byte(s) into a frame ({decode.frame_bytes} bytes a frame); "
+                        "they were not tagged: check --raw-format and --raw-channels"
                     )
                 break
             if left is not None:
