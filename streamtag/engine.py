@@ -265,6 +265,15 @@ class StreamTagger:
         self.hop_model.clear()
         return out
 
+    def skip(self, seconds: float) -> None:
+        """Move stream time on over audio that never came (a microphone away, then back), after :meth:`reset`:
+        the steps after it keep their place on the recording's clock instead of closing up the gap. Whole
+        hops; the samples of a part-hop before the gap are dropped."""
+        if not seconds > 0:
+            return
+        self._fill = self._start = 0
+        self.frames += round(seconds / self.frame_seconds)
+
     def set_events(self, events, reason: str = "settings") -> list[Step]:
         """New event settings (as the ``events`` argument) from the next hop on; events still open close first
         with ``reason``, so every open keeps its close, unless its class's settings are the same in the new ones.

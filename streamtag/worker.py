@@ -284,6 +284,7 @@ class Worker(threading.Thread):
                 delay = min(2 * delay, RECONNECT_MAX_DELAY_S)
         now = time.monotonic()
         self.gap_seconds += now - last_data
+        self.tagger.skip(now - last_data)  # what comes next is stamped where it was heard, not closing up the gap
         return now
 
     def _consume(self, samples: np.ndarray, written_ns: int) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,9 @@ def test_reconnect_survives_a_sound_server_restart(cnn_dir, tmp_path):
     assert "device lost and reopened" in err and "Traceback" not in err
     closes = [json.loads(line) for line in events.read_text().splitlines() if '"close"' in line]
     assert "gap" in {row["reason"] for row in closes}  # what was open when the device went closed as a gap
+    missed = float(re.search(r"([\d.]+) s of audio missed", err).group(1))
+    jump = max(np.diff([row["t"] for row in _probs(out)]))  # the times after the gap keep their place on the
+    assert missed > 2 and jump >= missed - 0.05, (missed, jump)  # clock: they closed it up before
 
 
 def test_device_lost_mid_stream_ends_cleanly(cnn_dir, tmp_path):
