@@ -48,7 +48,20 @@ def test_scores_rotate_by_size_losing_no_row_and_keeping_the_header(tmp_path):
         assert lines[0] == "onset\toffset\tdog\train"
         rows += lines[1:]
     assert len(files) > 5 and len(rows) == 500
-    assert sorted(float(r.split("\t")[0]) for r in rows) == [round(i * 0.01, 3) for i in range(500)]
+    # the names sort in time order (cat scores.*.tsv): a "-1" for a second file in one second sorted first
+    assert [float(r.split("\t")[0]) for r in rows] == [round(i * 0.01, 3) for i in range(500)]
+
+
+def test_rotated_files_sort_in_time_order(tmp_path):
+    """Pieces closed within one second were named x.<time>Z.tsv, then x.<time>Z-1.tsv, which sorts before it."""
+    path = tmp_path / "scores.tsv"
+    out = ScoresTsv(path, LABELS, rotation=Rotation(bytes=300))
+    for i in range(60):
+        out.write(_step(i))
+    out.close()
+    pieces = sorted(tmp_path.glob("scores.*.tsv")) + [path]  # the current file last
+    onsets = [float(line.split("\t")[0]) for f in pieces for line in f.read_text().splitlines()[1:]]
+    assert len(pieces) > 3 and onsets == [round(i * 0.01, 3) for i in range(60)]
 
 
 def test_events_rotate_by_age(tmp_path):

@@ -142,7 +142,7 @@ class Rotation:
     """When an output file is closed and a fresh one started (``--rotate 1h``, ``--rotate 100MB``).
 
     The closed file keeps its name with the UTC time it was started inserted before the suffix
-    (``events.jsonl`` -> ``events.2026-12-02T01-06-29Z.jsonl``); the path given is always the current one.
+    (``events.jsonl`` -> ``events.2026-12-02T01-06-29.417Z.jsonl``); the path given is always the current one.
     A file already at the path when the run starts is rotated away first, never truncated.
     """
 
@@ -166,13 +166,15 @@ class Rotation:
 
 
 def rotated_name(path: Path, started: datetime.datetime) -> Path:
-    stamp = started.strftime("%Y-%m-%dT%H-%M-%SZ")
-    candidate = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
-    n = 1
-    while candidate.exists():  # two rotations in one second
-        candidate = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
-        n += 1
-    return candidate
+    """``path`` with the UTC time its file was started, to the millisecond: the names sort in time order (``ls``,
+    ``cat scores.*.tsv``). Two started in one millisecond: the later one takes the next free millisecond (a
+    ``-1`` suffix sorted before the name without it)."""
+    while True:
+        stamp = f"{started:%Y-%m-%dT%H-%M-%S}.{started.microsecond // 1000:03d}Z"
+        candidate = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+        started += datetime.timedelta(milliseconds=1)
 
 
 class _TextFile:
