@@ -236,6 +236,29 @@ def test_bad_values_are_refused_before_any_work_in_one_line(extra, message, cnn_
     assert not kept.exists() and not (tmp_path / "missing").exists()
 
 
+def test_view_options_that_shape_nothing_are_refused_and_all_keeps_to_the_allowed(cnn_dir, tmp_path):
+    """--quiet turns the console view off: --plain, --max-results, --score-threshold and --rate then shaped
+    nothing (accepted, silently); --jsonl --all wrote a class --deny named."""
+    jsonl = tmp_path / "u.jsonl"
+    for extra, says in (
+        (["--plain"], "--plain shapes what is shown, but --quiet turns the console view off and there is no --jsonl"),
+        (["--max-results", "5"], "--max-results shapes what is shown"),
+        (["--rate", "50"], "--rate shapes what is shown"),
+        (["--jsonl", jsonl, "--all", "--score-threshold", "0.5"], "and --jsonl --all writes every class"),
+    ):
+        r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--quiet", *extra)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--quiet", "--jsonl", jsonl, "--all")
+    assert r.returncode == 0 and '"dog"' in jsonl.read_text()
+    r = run_cli(
+        "replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--quiet", "--jsonl", jsonl, "--all",
+        "--deny", "dog", "--rate", "20",
+    )  # fmt: skip
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert r.returncode == 0 and len(rows) == 100 and all("dog" not in row["probs"] for row in rows)
+    assert set(rows[0]["probs"]) == {"rain", "chainsaw", "rooster", "other"}
+
+
 def test_an_output_never_overwrites_the_input_or_another_output(cnn_dir, tmp_path):
     import shutil
 

@@ -86,15 +86,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--rate",
         type=number(0),
-        default=10.0,
+        default=None,  # 10; None tells an option given from one left out (see _check_view_options)
         metavar="HZ",
         help="updates shown per second, at most one per hop (100 for 10 ms hops); every hop is computed; default 10",
     )
-    out.add_argument("--max-results", type=int, default=3, metavar="K", help="top-k classes shown (default 3)")
+    out.add_argument("--max-results", type=int, default=None, metavar="K", help="top-k classes shown (default 3)")
     out.add_argument(
         "--score-threshold",
         type=number(0, 1, low_ok=True),
-        default=0.0,
+        default=None,
         metavar="P",
         help="hide classes below P (default 0: show the top K whatever their score)",
     )
@@ -106,7 +106,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
             flag, action="append", metavar="CLASS[,CLASS]", help=f"{what} (comma-separated, or repeat {flag})"
         )
     out.add_argument("--jsonl", metavar="PATH", help="write one JSON object per update")
-    out.add_argument("--all", action="store_true", help="with --jsonl: every class's probability, not the top-k")
+    out.add_argument(
+        "--all",
+        action="store_true",
+        help="with --jsonl: every class's probability (those --allow/--deny leave in), not the top-k",
+    )
     out.add_argument("--events", metavar="PATH", help="write events as JSONL (an open line, then a close line)")
     out.add_argument("--scores", metavar="PATH", help="write every frame's scores as a sed_scores_eval TSV")
     out.add_argument(
@@ -269,12 +273,35 @@ def check_args(args) -> tuple[EventParams | None, dict[str, EventParams]]:
     """
     if args.all and not args.jsonl:
         raise ConfigError("--all selects what --jsonl writes: add --jsonl PATH, or drop --all")
+    _check_view_options(args)
     if args.rotate and not any(p and p != "-" for p in (args.jsonl, args.events, args.scores)):
         raise ConfigError("--rotate applies to --jsonl, --events and --scores files: give one, or drop --rotate")
     if args.torch_device is not None and args.backend != "torch":
         raise ConfigError(f"--torch-device {args.torch_device} needs --backend torch ({args.backend} runs on the CPU)")
     _check_output_paths(args)
     return event_settings(args.model, args.event_config, args.on_threshold, args.max_event_seconds)
+
+
+VIEW_DEFAULTS = {"rate": 10.0, "max_results": 3, "score_threshold": 0.0}
+
+
+def _check_view_options(args) -> None:
+    """Refuse an option that shapes what nothing shows (the console view is off with --quiet; --jsonl --all writes
+    every class), then put in the defaults of those left out."""
+    view = not args.quiet
+    top_k = view or (args.jsonl and not args.all)
+    shaped = {"--plain": view, "--max-results": top_k, "--score-threshold": top_k, "--rate": view or args.jsonl}
+    given = {"--plain": args.plain or None, "--max-results": args.max_results}
+    given.update({"--score-threshold": args.score_threshold, "--rate": args.rate})
+    for flag, value in given.items():
+        if value is not None and not shaped[flag]:
+            why = "--quiet turns the console view off" + ("" if args.jsonl else " and there is no --jsonl")
+            if args.jsonl and args.all and flag != "--plain":
+                why += ", and --jsonl --all writes every class"
+            raise ConfigError(f"{flag} shapes what is shown, but {why}: drop {flag}")
+    for name, default in VIEW_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def event_settings(

@@ -247,7 +247,8 @@ class UpdatesJsonl:
         row = row_header(self.source, self.stream)
         row["t"] = round(step.t, 3)
         if self.all_classes:
-            row["probs"] = {label: round(float(p), 5) for label, p in zip(step.labels, step.probs)}
+            probs, labels = step.probs, step.labels  # every class --allow/--deny leave in
+            row["probs"] = {labels[i]: round(float(probs[i]), 5) for i in self.selection.indices}
         else:
             row["top"] = [[label, round(p, 5)] for label, p in self.selection.pick(step.probs)]
         self._file.write(json.dumps(row) + "\n")
