@@ -175,6 +175,7 @@ class Worker(threading.Thread):
             gain_db=gain_db,
         )
         self.source, self.backend, self.outputs = source, backend, list(outputs)
+        self._open_outputs: Callable[[], Sequence[Output]] | None = None
         self.frame_seconds = self.tagger.frame_seconds
         self.labels = self.tagger.labels
         if not 0 < buffer_seconds <= MAX_BUFFER_SECONDS:  # NaN fails too
@@ -211,7 +212,9 @@ class Worker(threading.Thread):
         """Start the source, then the thread. ``open_outputs``: the outputs, opened once the source is (a device
         that cannot be opened must not cost the files of an earlier run)."""
         self.source.start(self.ring)
-        if open_outputs is not None:
+        if open_outputs is not None and getattr(self.source, "outputs_wait_for_audio", False):
+            self._open_outputs = open_outputs  # a pipe: opened by the thread at its first audio (see run)
+        elif open_outputs is not None:
             try:
                 self.outputs = list(open_outputs())
             except BaseException:
@@ -231,6 +234,8 @@ class Worker(threading.Thread):
                 written_ns = self.ring.last_write_ns  # read before the data: never later than our samples
                 got = self.ring.read_into(self._read_buf)
                 if got:
+                    if self._open_outputs is not None:  # an empty pipe leaves an earlier run's files as they were
+                        self.outputs, self._open_outputs = list(self._open_outputs()), None
                     self.processed += got
                     last_data = time.monotonic()
                     self._consume(self._read_buf[:got], written_ns)
@@ -255,6 +260,8 @@ class Worker(threading.Thread):
                     break
         except OSError as exc:  # an output could not be written (disk full), or its reader is gone
             self._write_error(exc)
+        except StreamtagError as exc:  # an output opened at a pipe's first audio could not be
+            self.error = str(exc)
         except _OutputFailed as exc:  # the traceback follows on stderr
             self.error = str(exc)
             raise

@@ -91,11 +91,15 @@ def test_events_to_stdout_carry_nothing_else(cnn_dir):
     assert both.returncode == 2 and b"standard output is already" in both.stderr
 
 
-def test_stdin_with_no_audio_or_the_wrong_format_is_said_plainly(cnn_dir):
+def test_stdin_with_no_audio_or_the_wrong_format_is_said_plainly(cnn_dir, tmp_path):
     raw = ["-", "--raw-rate", "16000", "--raw-format", "s16le"]
     for stdin in (b"", b"abc"):  # nothing, or not one whole hop
         r = _replay(cnn_dir, *raw, stdin=stdin)
         assert r.returncode == 1 and "stdin ended with no audio to tag" in r.stderr.decode()
+    scores = tmp_path / "s.tsv"
+    scores.write_text("an earlier run's scores\n")  # an upstream command that failed: its empty pipe costs nothing
+    r = _replay(cnn_dir, *raw, "--scores", scores, stdin=b"")
+    assert r.returncode == 1 and scores.read_text() == "an earlier run's scores\n"
     s16 = (np.sin(np.arange(32000) / 5) * 30000).astype("<i2").tobytes()
     r = _replay(cnn_dir, "-", "--raw-rate", "16000", "--raw-format", "f32le", stdin=s16 * 4)  # read as float
     err = r.stderr.decode()

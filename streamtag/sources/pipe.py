@@ -137,6 +137,7 @@ class PipeSource(ProducerSource):
     """
 
     thread_name = "streamtag-pipe"
+    outputs_wait_for_audio = True  # an empty stdin (a failed upstream command) must not cost the last run's files
     join_timeout = 1.0  # a reader blocked on an idle pipe ends with the process
 
     def __init__(
