@@ -102,7 +102,9 @@ class Summary:
             out += self._hop_lines()
         problems = {k: v for k, v in self.source_status.items() if v}
         if problems:
-            out.append("source status: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in problems.items()))
+            said = {"nonfinite_samples": "{} NaN/Inf samples replaced by 0"}
+            parts = [said.get(k, k.replace("_", " ") + " {}").format(v) for k, v in problems.items()]
+            out.append("source status: " + ", ".join(parts))
         if self.input_problems:
             out.append(f"input: {self.input_problems}")
         if self.reconnects:

@@ -215,6 +215,7 @@ ONE_LINE_USAGE_ERRORS = [
         ["--event-config", "{tmp}/events.yaml"],
         "--event-config: event settings {tmp}/events.yaml: give a .json or .toml",
     ),
+    (["--save-clips", "{tmp}/events.yaml"], "--save-clips {tmp}/events.yaml is a file; give a folder"),
     (["--plot", "{tmp}/missing/p.png"], "--plot {tmp}/missing/p.png: output folder {tmp}/missing does not exist"),
     (["--events", "{tmp}/missing/e.jsonl"], "--events {tmp}/missing/e.jsonl: output folder {tmp}/missing does not"),
     (["--scores", "{tmp}/events.yaml/s.tsv"], "--scores {tmp}/events.yaml/s.tsv: {tmp}/events.yaml is not a folder"),

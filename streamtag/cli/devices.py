@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..sources.device import import_sounddevice, list_input_devices
 
 
@@ -19,7 +21,11 @@ def run(args) -> int:
     sd = import_sounddevice()
     rows = list_input_devices()
     if not rows:
-        print("no input devices found")
+        print(
+            "streamtag devices: no input devices found: plug in a microphone, or check that this user may use "
+            "audio (the audio group) and that PortAudio sees the sound server (PulseAudio, PipeWire, ALSA)",
+            file=sys.stderr,
+        )
         return 1
     try:
         default_in = sd.default.device[0]

@@ -252,6 +252,8 @@ def _check_output_paths(args) -> None:
         taken[real] = flag
     clips = getattr(args, "save_clips", None)
     if clips:  # a folder that exists already, checked with the files: before any of them is opened (truncated)
+        if os.path.exists(clips) and not os.path.isdir(clips):
+            raise ConfigError(f"--save-clips {clips} is a file; give a folder")
         if not os.path.isdir(clips):
             raise ConfigError(f"--save-clips {clips}: no such folder; create it first")
         check_output_folder(clips, "--save-clips")
@@ -523,12 +525,6 @@ def run_replay(args) -> int:
     code = run_stream(args, source, backend, plan, extra)
     if getattr(source, "warning", None):
         print(f"streamtag {args.command}: warning: {source.warning}", file=sys.stderr)
-    if source.status.nonfinite_samples:
-        print(
-            f"streamtag {args.command}: warning: {source.status.nonfinite_samples} NaN/Inf samples in "
-            f"{'stdin' if from_stdin else args.file} were replaced by 0",
-            file=sys.stderr,
-        )
     return code
 
 
