@@ -219,6 +219,7 @@ class StreamTagger:
         self._fill = 0
         self._start = 0  # first pending sample not yet stepped
         self.frames = 0  # hops of this stream so far
+        self._skipped = 0.0  # samples of a gap not yet a whole hop (skip)
         self._silent_run = 0
 
     # -- the three calls -------------------------------------------------------------
@@ -255,6 +256,7 @@ class StreamTagger:
         self.hop_model.clear()
         self._fill = self._start = 0
         self.frames = 0
+        self._skipped = 0.0
         self._silent_run = 0
         return out
 
@@ -266,13 +268,17 @@ class StreamTagger:
         return out
 
     def skip(self, seconds: float) -> None:
-        """Move stream time on over audio that never came (a microphone away, then back), after :meth:`reset`:
-        the steps after it keep their place on the recording's clock instead of closing up the gap. Whole
-        hops; the samples of a part-hop before the gap are dropped."""
+        """Move stream time on over audio that never came (a microphone away, then back, after a :meth:`reset`;
+        samples a slow reader dropped): the steps after it keep their place on the recording's clock instead of
+        closing up the gap. Whole hops (the rest is carried to the next gap); a part-hop of samples from before
+        the gap is stepped with the first ones after it, so every sample taken is still tagged."""
         if not seconds > 0:
             return
-        self._fill = self._start = 0
-        self.frames += round(seconds / self.frame_seconds)
+        # in samples at the model rate, a part-hop carried to the next skip: many small drops add up exactly
+        self._skipped += seconds * self.model_rate
+        hops = int(self._skipped // self.hop)
+        self._skipped -= hops * self.hop
+        self.frames += hops
 
     def set_events(self, events, reason: str = "settings") -> list[Step]:
         """New event settings (as the ``events`` argument) from the next hop on; events still open close first

@@ -17,6 +17,7 @@ writer wait: one non-blocking ``os.write`` to a pipe.
 
 from __future__ import annotations
 
+import collections
 import os
 import select
 import time
@@ -42,6 +43,9 @@ class SpscRing:
         self._write_count = 0  # written by the producer only
         self._read_count = 0  # written by the consumer only
         self._dropped = 0  # written by the producer only
+        # where samples were dropped: (samples written before the drop, samples dropped), appended by the producer
+        # (deque.append is atomic), taken by the reader once it has read up to there: the gap's place in the stream
+        self.gaps: collections.deque[tuple[int, int]] = collections.deque()
         self.last_write_ns = 0  # perf_counter_ns of the latest publish, for end-to-end latency
         self.doorbell = Doorbell()
 
@@ -81,6 +85,7 @@ class SpscRing:
             self._copy_in(samples, accepted)
         if accepted < n:
             self._dropped += n - accepted
+            self.gaps.append((self._write_count, n - accepted))
         self.doorbell.ring()
         return accepted
 

@@ -234,13 +234,14 @@ class Worker(threading.Thread):
                     self.source.stop()  # first silence the producer, then drain what it left
                     source_stopped = True
                 written_ns = self.ring.last_write_ns  # read before the data: never later than our samples
+                first = self.ring.read
                 got = self.ring.read_into(self._read_buf)
                 if got:
                     if self._open_outputs is not None:  # an empty pipe leaves an earlier run's files as they were
                         self.outputs, self._open_outputs = list(self._open_outputs()), None
                     self.processed += got
                     last_data = time.monotonic()
-                    self._consume(self._read_buf[:got], written_ns)
+                    self._consume_across_gaps(self._read_buf[:got], first, written_ns)
                     continue
                 if source_stopped:
                     break
@@ -295,6 +296,21 @@ class Worker(threading.Thread):
         self.gap_seconds += now - last_data
         self.tagger.skip(now - last_data)  # what comes next is stamped where it was heard, not closing up the gap
         return now
+
+    def _consume_across_gaps(self, samples: np.ndarray, first: int, written_ns: int) -> None:
+        """:meth:`_consume`, with stream time moved on where the ring dropped samples (a worker that fell
+        behind): what follows a drop keeps its place on the clock, as after a reconnect. Events stay open and the
+        state is kept: a few blocks missing are not a new stream."""
+        gaps = self.ring.gaps
+        while gaps and gaps[0][0] <= first + samples.shape[0]:
+            where, lost = gaps.popleft()
+            cut = max(0, where - first)
+            if cut:
+                self._consume(samples[:cut], written_ns)
+            samples, first = samples[cut:], first + cut
+            self.tagger.skip(lost / self.tagger.sample_rate)
+        if samples.shape[0]:
+            self._consume(samples, written_ns)
 
     def _consume(self, samples: np.ndarray, written_ns: int) -> None:
         t0 = time.perf_counter_ns()

@@ -260,3 +260,63 @@ def test_a_device_still_away_at_the_stop_is_not_counted_as_reopened(cnn_dir):
     summary = worker.summary()
     assert summary.reconnects == 0 and summary.gap_seconds > 0
     assert any("not back before the stop" in line for line in summary.lines())
+
+
+def test_audio_after_samples_the_ring_dropped_keeps_its_place_on_the_clock(cnn_dir):
+    """A worker that fell behind: the ring drops what does not fit. The steps after the drop were stamped as if
+    the dropped audio had never been, so events drifted earlier than the sound, by every drop so far."""
+    import threading
+    import time
+
+    from streamtag.sources.base import SourceStatus
+    from streamtag.worker import Worker
+
+    audio = read_clip(EXAMPLES / "dog.flac")
+
+    class Dropping:  # a live source whose reader is late: fills the ring, loses 0.5 s, then goes on
+        sample_rate, description, is_live, error = 16000, "test", False, None
+
+        def __init__(self):
+            self.status, self.done = SourceStatus(), threading.Event()
+
+        def start(self, ring):
+            def run():
+                full = ring.capacity
+                ring.push(audio[:full])
+                assert ring.push(audio[full : full + 8000]) == 0  # 0.5 s dropped: the ring is full
+                while ring.read_available:  # until the worker has read what was before the drop
+                    time.sleep(0.01)
+                ring.push(audio[full + 8000 : full + 24000])  # 1 s more
+                self.done.set()
+                ring.doorbell.ring()
+
+            threading.Thread(target=run, daemon=True).start()
+
+        def stop(self):
+            pass
+
+        @property
+        def finished(self):
+            return self.done.is_set()
+
+    class Times:
+        def __init__(self):
+            self.t = []
+
+        def write(self, step):
+            if step.has_scores:
+                self.t.append(step.t)
+
+        def close(self):
+            pass
+
+    times = Times()
+    worker = Worker(Dropping(), make_backend("onnx", cnn_dir), [times], buffer_seconds=1.0)
+    worker.start()
+    worker.join(timeout=60)
+    full = worker.ring.capacity
+    summary = worker.summary()
+    assert summary.dropped == 8000 and summary.processed == full + 16000
+    jumps = np.diff(times.t)
+    (at,) = np.flatnonzero(jumps > 0.011)  # one jump, where the dropped half second was
+    assert abs(jumps[at] - 0.5) <= 0.011 and abs(times.t[-1] - (full + 24000) / 16000) <= 0.011
