@@ -45,7 +45,8 @@ class SpscRing:
         self._dropped = 0  # written by the producer only
         # where samples were dropped: (samples written before the drop, samples dropped), appended by the producer
         # (deque.append is atomic), taken by the reader once it has read up to there: the gap's place in the stream
-        self.gaps: collections.deque[tuple[int, int]] = collections.deque()
+        # (bounded: a reader that never looks at them, serve's sound card pipe, holds a few KB at most)
+        self.gaps: collections.deque[tuple[int, int]] = collections.deque(maxlen=4096)
         self.last_write_ns = 0  # perf_counter_ns of the latest publish, for end-to-end latency
         self.doorbell = Doorbell()
 
