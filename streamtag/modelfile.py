@@ -45,9 +45,10 @@ def resolve_model_dir(path: str | os.PathLike | None) -> Path:
         )
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
-            raise ModelFileError(
-                f"model folder {folder} lacks {name} (train one with 'streamtag train', or give another model folder)"
-            )
+            fix = "train one with 'streamtag train', or give another model folder"
+            if (folder / ONNX_NAME).is_file():  # an exported graph alone: it runs from beside its model's files
+                fix = f"an exported graph runs from a copy of its model's folder: copy {CONFIG_NAME}, {WEIGHTS_NAME} in"
+            raise ModelFileError(f"model folder {folder} lacks {name} ({fix})")
     return folder
 
 

@@ -83,10 +83,11 @@ def test_bench_says_whether_this_machine_runs_the_model_in_real_time(cnn_dir, tm
     assert r.returncode == (0 if "real time: yes" in r.stdout else 1), r.stderr
     assert "real time: " in r.stdout and "of a core, paced" in r.stdout and list(tmp_path.iterdir()) == []
     out = tmp_path / "b.json"
-    r = run_cli("bench", "--model", cnn_dir, "--seconds", "1", "--paced-seconds", "0", "--out", out)
+    r = run_cli("bench", "--model", cnn_dir, "--seconds", "2.3", "--paced-seconds", "0", "--out", out)
     assert r.returncode == 0 and "not judged" in r.stdout
     report = json.loads(out.read_text())
-    assert report["engine"]["hops"] == 100 and report["paced"] is None and report["real_time"] is None
+    assert report["engine"]["hops"] == 230 and report["paced"] is None and report["real_time"] is None  # not 229
+    assert report["model"] == str(cnn_dir.resolve())  # where it was, not as typed
     assert report["engine"]["p99_ms"] >= report["engine"]["p50_ms"] > 0
     assert report["core_share_per_stream"] is None and report["core_share_back_to_back"] > 0
     r = run_cli("bench", "--model", cnn_dir, "--seconds", "1", "--paced-seconds", "0.5", "--out", "-", cwd=tmp_path)
@@ -94,7 +95,9 @@ def test_bench_says_whether_this_machine_runs_the_model_in_real_time(cnn_dir, tm
     assert report["paced"]["hops"] == 50 and report["core_share_per_stream"] > 0 and "real time: " in r.stderr
     assert list(tmp_path.iterdir()) == [out]
     r = run_cli("bench", "--model", cnn_dir, "--paced-seconds", "0.005")
-    assert r.returncode == 2 and "--paced-seconds 0 (no paced run, no verdict) or in 0.5..600" in r.stderr
+    assert r.returncode == 2 and "--paced-seconds must be 0 (no paced run) or in 0.5..600 (0.005 given)" in r.stderr
+    r = run_cli("bench", "--model", cnn_dir, "--seconds", "0.5")
+    assert r.returncode == 2 and "--seconds must be in 1..3600 (0.5 given)" in r.stderr and "paced" not in r.stderr
 
 
 def test_bench_checks_its_paths_before_measuring(tmp_path):

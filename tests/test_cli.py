@@ -168,6 +168,16 @@ def test_export_writes_a_graph_that_the_onnx_backend_uses(cnn_dir, tmp_path):
     assert open_session(model, chunk=True)._model_path != str(model / "chunk.onnx")
     r = run_cli("export", model)
     assert r.returncode == 2 and "give --onnx OUT, --chunk-onnx OUT or both" in r.stderr
+    (model / "chunk.onnx").unlink()  # the two graphs swapped on a first export: accepted, then unusable
+    r = run_cli("export", model, "--onnx", model / "chunk.onnx")
+    assert r.returncode == 2 and "name it model.onnx there, not chunk.onnx" in r.stderr
+    assert not (model / "chunk.onnx").exists()
+    alone = tmp_path / "alone"  # a graph exported out of its folder: it says how to run it, and so does replay
+    alone.mkdir()
+    r = run_cli("export", model, "--onnx", alone / "model.onnx")
+    assert r.returncode == 0 and "in a copy of" in r.stderr, r.stderr
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", alone, "--fast")
+    assert r.returncode == 2 and "an exported graph runs from a copy of its model's folder" in r.stderr
 
 
 def test_full_disk_ends_the_run_with_one_error(cnn_dir):

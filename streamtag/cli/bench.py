@@ -31,12 +31,12 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
     p.add_argument("--backend", choices=["onnx", "torch"], default="onnx", help="inference backend (default onnx)")
-    p.add_argument("--seconds", type=float, default=20.0, help="audio timed back to back (default 20)")
+    p.add_argument("--seconds", type=float, default=20.0, help="audio timed back to back, 1..3600 (default 20)")
     p.add_argument(
         "--paced-seconds",
         type=float,
         default=2.0,
-        help="audio timed paced, one hop per 10 ms, as live runs (default 2; 0 skips it, and the verdict)",
+        help="audio timed paced, one hop per 10 ms, as live runs, 0.5..600 (default 2; 0 skips it, and the verdict)",
     )
     p.add_argument("--out", metavar="JSON", help="also write the figures here (- : to stdout, the text to stderr)")
     p.set_defaults(handler=run)
@@ -56,23 +56,23 @@ def _stats(ns: np.ndarray, budget_ms: float) -> dict[str, float]:
 def run(args) -> int:
     from ..backends import make_backend, one_thread
     from ..engine import StreamTagger
-    from ..modelfile import DEFAULT_MODEL_DIR
+    from ..modelfile import DEFAULT_MODEL_DIR, resolve_model_dir
     from ..sources import read_audio
 
-    if not 1 <= args.seconds <= 3600 or not (args.paced_seconds == 0 or 0.5 <= args.paced_seconds <= 600):
-        raise ConfigError(
-            f"--seconds must be in 1..3600 and --paced-seconds 0 (no paced run, no verdict) or in 0.5..600 "
-            f"({args.seconds}, {args.paced_seconds} given)"
-        )
+    if not 1 <= args.seconds <= 3600:
+        raise ConfigError(f"--seconds must be in 1..3600 ({args.seconds:g} given)")
+    if not (args.paced_seconds == 0 or 0.5 <= args.paced_seconds <= 600):
+        raise ConfigError(f"--paced-seconds must be 0 (no paced run) or in 0.5..600 ({args.paced_seconds:g} given)")
     if args.out and args.out != "-":
         check_output_path(args.out, "--out")
     say = functools.partial(print, file=sys.stderr if args.out == "-" else sys.stdout)  # - : stdout is the JSON
     backend = make_backend(args.backend, args.model, **one_thread(args.backend))
+    folder = resolve_model_dir(args.model).resolve()  # in the JSON: where it was, not how it was typed
     feats = backend.config.features
     hop, budget_ms = feats.hop_length, feats.frame_seconds * 1000
     examples = DEFAULT_MODEL_DIR.parent / "examples"
     clips = np.concatenate([read_audio(examples / n, feats.sample_rate)[0] for n in ("dog.flac", "rain.flac")])
-    n = int(args.seconds / feats.frame_seconds)
+    n = round(args.seconds / feats.frame_seconds)  # int() of 2.3 / 0.01 is 229
     audio = np.resize(clips, (n + 100) * hop).astype(np.float32)
     tagger = StreamTagger(backend)
     for i in range(100):  # warm-up
@@ -89,7 +89,7 @@ def run(args) -> int:
         t0 = time.perf_counter_ns()
         backend(audio[i * hop : (i + 1) * hop])
         model_ns[i] = time.perf_counter_ns() - t0
-    paced = int(args.paced_seconds / feats.frame_seconds)
+    paced = round(args.paced_seconds / feats.frame_seconds)
     paced_ns = np.zeros(max(paced, 1), np.int64)
     next_t = time.perf_counter()
     cpu0 = time.process_time()
@@ -101,7 +101,7 @@ def run(args) -> int:
         paced_ns[i] = time.perf_counter_ns() - t0
     paced_cpu_s = time.process_time() - cpu0
     report = {
-        "model": str(args.model or "bundled"),
+        "model": "bundled" if folder == DEFAULT_MODEL_DIR.resolve() else str(folder),
         "arch": backend.config.arch,
         "classes": len(backend.labels),
         "backend": args.backend,

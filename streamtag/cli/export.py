@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -38,6 +39,8 @@ def run(args) -> int:
         if real in chosen:
             raise ConfigError(f"{flag} {path} is also {chosen[real]}: give each graph a file of its own")
         chosen[real] = flag
+        if real.parent == folder and real.name != own and real.name in ("model.onnx", "chunk.onnx"):
+            raise ConfigError(f"{flag} writes the {own} of a model folder: name it {own} there, not {real.name}")
         if real.parent == folder and real.name != own and real.exists():  # the model's weights, config, ...
             raise ConfigError(f"{flag} {path} would replace the model's own {real.name}; write it elsewhere")
     from ..models.export import export_chunk_onnx, export_onnx
@@ -45,4 +48,11 @@ def run(args) -> int:
     for path, export in ((args.onnx, export_onnx), (args.chunk_onnx, export_chunk_onnx)):
         if path:
             print(f"wrote {export(args.model, path)}")
+    elsewhere = [p for p in chosen if p.parent != folder]
+    if elsewhere:  # for another runtime; streamtag itself runs a graph from its model's folder
+        print(
+            f"note: to run {elsewhere[0].name} with streamtag, put it, named model.onnx (chunk.onnx for the chunk "
+            f"step), in a copy of {folder} (its config.json and model.safetensors)",
+            file=sys.stderr,
+        )
     return 0
