@@ -215,6 +215,9 @@ class _EngineActor:
             elif kind == "reset":  # as events: the audio before it is stepped first
                 out += list(self.multi.step_blocks())
                 out += [(name, s) for s in self.multi.streams[name].reset(command[2])]
+            elif kind == "skip":  # the same: the time moves on after the audio before it
+                out += list(self.multi.step_blocks())
+                self.multi.skip(name, command[2])
             elif kind == "leave":  # its level too: a stream that joins, sends and leaves within one call has one
                 engine = self.multi.streams[name]
                 out += [(name, s) for s in self.multi.leave(name, command[2])]
@@ -353,6 +356,11 @@ class RayEnginePool:
         """As :meth:`MultiStreamTagger.reset`: the engine steps what it was sent first; the steps come back
         through the next :meth:`step_blocks`."""
         return self.streams[name].reset(reason)
+
+    def skip(self, name: str, seconds: float) -> None:
+        """As :meth:`MultiStreamTagger.skip`, after the audio already given."""
+        self._flush(self.streams[name])
+        self._send(name, ("skip", name, seconds))
 
     def leave(self, name: str, reason: str = "stream_end") -> list[Step]:
         """Send what the stream still holds and its leave, and wait for its engine to answer (following the

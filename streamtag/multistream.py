@@ -169,6 +169,10 @@ class MultiStreamTagger:
         engine = self.streams[self._known(name)]
         return engine.feed(np.zeros(0, np.float32)) + engine.reset(reason)
 
+    def skip(self, name: str, seconds: float) -> None:
+        """Move a stream's time on over audio that never came (:meth:`StreamTagger.skip`)."""
+        self.streams[self._known(name)].skip(seconds)
+
     def feed(self, name: str, samples: AudioLike) -> None:
         """Queue samples for a stream (checked as :meth:`StreamTagger.push` does); :meth:`step` steps them."""
         self.streams[self._known(name)].push(samples)

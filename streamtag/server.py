@@ -314,6 +314,8 @@ class ServeWorker(threading.Thread):
                     self._deliver(name, step)
                 if hops and self.metrics is not None:
                     self.metrics.hops.inc(hops)
+            else:  # back: its time moves on over the gap, so what it hears now keeps its place on the clock
+                self.multi.skip(name, time.monotonic() - self.accounts[name].last_audio)
             if self.mqtt is not None:
                 self.mqtt.stream_available(name, up)
         elif kind == "eof":

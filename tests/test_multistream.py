@@ -363,3 +363,22 @@ def test_a_reset_steps_the_hops_a_stream_holds_before_it_forgets(cnn_dir):
     ref, _ = _alone(cnn_dir, "onnx", clip)
     np.testing.assert_allclose(np.stack([s.probs for s in steps if s.has_scores]), ref, atol=1e-5)
     assert tagger.step() == []
+
+
+def test_a_stream_s_time_moves_on_over_a_gap_in_the_pool_and_on_a_ray_engine(cnn_dir):
+    """serve: a pulled camera back after a gap; its next hops are stamped after the gap, in the pool and in the
+    commands a Ray engine runs (the engine side, run here in this process)."""
+    from streamtag.distributed import _EngineActor
+
+    audio = read_clip(EXAMPLES / "dog.flac")[:16000]
+    pool = MultiStreamTagger(cnn_dir, capacity=2)
+    pool.join("cam")
+    pool.feed("cam", audio)
+    pool.step()
+    pool.skip("cam", 2.0)
+    pool.feed("cam", audio)
+    assert [s.frame_index for _, s in pool.step()][0] == 300
+    engine = _EngineActor(cnn_dir, capacity=2)
+    blocks, _, _ = engine.run([("join", "cam", 16000, None, None), ("audio", "cam", audio), ("skip", "cam", 2.0)])
+    blocks, _, _ = engine.run([("audio", "cam", audio)])
+    assert blocks[0][1] == 300  # (name, first frame, probs, events)

@@ -1451,6 +1451,10 @@ def test_a_pulled_source_that_drops_is_unavailable_until_it_is_back_and_the_brok
     events = [json.loads(p) for t, p, _ in got if t == "streamtag/events"]
     gaps = [e for e in events if e["type"] == "close" and e["reason"] == "gap"]
     assert gaps and gaps[0]["label"] == "rain", events  # closed when the source went, not left ON through the gap
+    after = next(e for e in events if e["type"] == "open" and e["onset"] > gaps[0]["offset"])
+    # the clip again from its start: rain opens about 2.2 s in, and the gap (a second's wait, then ffmpeg's start)
+    # comes before that on the stream's clock; closed up, it came 2.2 s after the close
+    assert after["onset"] - gaps[0]["offset"] > 2.2 + 0.8, (gaps[0], after)
     states = [p for t, p, _ in got if t == "streamtag/porch/audio/rain"]
     assert states.count("ON") >= 2 and states[-1] == "OFF", states  # on again once the audio is back, off at the stop
     assert wrong_err.count("refused the login") == 1 and "STREAMTAG_MQTT_PASSWORD" in wrong_err, wrong_err
