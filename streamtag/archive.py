@@ -601,6 +601,15 @@ def check_out(items: Sequence[Item], out: Path, force: bool = False) -> None:
                 f"--out {out}: {out / rel} is a file where a folder of outputs goes; "
                 "move it away, or give another --out"
             )
+    for item in items:  # a file of the user's own where an output goes (no marker: nothing says it is ours)
+        base = out / item.name
+        if item.opener is None and not done_marker(out, item).is_file():
+            for ending in (".events.jsonl", ".labels.txt", ".scores.tsv"):
+                if not _ours(_with(base, ending)):
+                    raise ConfigError(
+                        f"--out {out}: {_with(base, ending)} is not a file streamtag wrote, and tagging "
+                        f"{item.path} writes one there; move it away, or give another --out"
+                    )
     if force:
         return
     for item in items:
@@ -613,6 +622,29 @@ def check_out(items: Sequence[Item], out: Path, force: bool = False) -> None:
                 f"--out {out} already holds the results named '{item.name}' of another file, "
                 f"{other}; give {item.path} another --out, or add --force to replace them"
             )
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is missing or looks like an output of ours (a file cut short keeps its outputs and no
+    marker): events as JSON lines with a schema, Audacity labels, a scores table."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if not first:
+        return True
+    if path.name.endswith(".events.jsonl"):
+        return first.startswith('{"schema"')
+    if path.name.endswith(".scores.tsv"):
+        return first.startswith("onset\toffset\t")
+    parts = first.rstrip("\n").split("\t")  # labels: start, end, label
+    try:
+        return len(parts) == 3 and float(parts[0]) <= float(parts[1])
+    except ValueError:
+        return False
 
 
 def _other_file(marker: Path, item: Item) -> str | None:

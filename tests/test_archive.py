@@ -698,6 +698,12 @@ def test_bad_tag_invocations_are_one_line_before_any_work(tmp_path, cnn_dir):
     assert r.returncode == 2 and "--name names stdin's outputs" in r.stderr
     r = run_cli("tag", EXAMPLES / "dog.flac", "--out", out, "--model", cnn_dir, "--width", "0")
     assert r.returncode == 2 and "--width must be a whole number >= 1 (0 given)" in r.stderr
+    (out / "dog.flac.labels.txt").write_text("my own notes on the dog\n")  # a file of the user's at an output path
+    r = run_cli("tag", EXAMPLES / "dog.flac", "--out", out, "--model", cnn_dir)
+    assert r.returncode == 2 and "dog.flac.labels.txt is not a file streamtag wrote" in r.stderr, r.stderr
+    assert (out / "dog.flac.labels.txt").read_text() == "my own notes on the dog\n"
+    (out / "dog.flac.labels.txt").write_text("1.000\t2.500\tdog\n")  # ours, from a file cut short: replaced
+    assert run_cli("tag", EXAMPLES / "dog.flac", "--out", out, "--model", cnn_dir).returncode == 0
     r = run_cli("tag", EXAMPLES / "dog.flac", "--out", "", "--model", cnn_dir)  # an unset shell variable
     assert r.returncode == 2 and "--out is empty" in r.stderr, r.stderr
     r = run_cli("tag", EXAMPLES / "dog.flac", "--out", tmp_path / ("x" * 300) / "out", "--model", cnn_dir)
