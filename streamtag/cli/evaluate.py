@@ -16,7 +16,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
         help="evaluate a model on labelled audio through the streaming path",
-        description="Step every clip of DATASET hop by hop through the backend and report clip accuracy (last "
+        description="Feed every clip of DATASET to the streaming engine (its hops on the chunk step, equal to hop "
+        "by hop within 1e-5) and report clip accuracy (last "
         "frame and mean over frames, argmax among the dataset's classes), macro mAP, per-class AP and F1 at "
         "the event thresholds, a confusion matrix, a time-to-detect curve and a level sweep, beside an "
         "offline logistic-regression baseline. Optionally: false alarms per hour on audio without these "
