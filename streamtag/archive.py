@@ -48,7 +48,8 @@ from .steps import Step, StepBlock, write_to
 MANIFEST_SUFFIXES = (".csv", ".txt", ".lst")
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 DONE = ".done.json"
-FIRST_OUTPUTS = (".events.jsonl", ".labels.txt")  # what every done file has (markers before 2026-12-04 list none)
+OUTPUTS = {"events": ".events.jsonl", "labels": ".labels.txt", "scores": ".scores.tsv"}  # a file's, by kind
+FIRST_OUTPUTS = (OUTPUTS["events"], OUTPUTS["labels"])  # what every done file has (older markers list none)
 TOP_LABELS = 3
 
 
@@ -140,7 +141,7 @@ def _search(folder: Path, skip: Path | None, passed_over: list[Path]) -> list[Pa
     return sorted(found)
 
 
-OUTPUT_ENDINGS = (".events.jsonl", ".labels.txt", ".scores.tsv", DONE, ".part")  # what tag writes per file
+OUTPUT_ENDINGS = (*OUTPUTS.values(), DONE, ".part")  # what tag writes per file
 
 
 def _is_output(f: Path, out: Path) -> bool:
@@ -220,10 +221,9 @@ class _Job:
         self.chunks: Iterator[np.ndarray] = iter(self.source.chunks())
         base = out / item.name
         base.parent.mkdir(parents=True, exist_ok=True)
-        self.final = {"events": _with(base, ".events.jsonl"), "labels": _with(base, ".labels.txt")}
-        self.stale = [_with(base, ".scores.tsv")]  # an earlier run's output this one does not write
-        if scores:
-            self.final["scores"] = self.stale.pop()
+        kinds = ("events", "labels", "scores") if scores else ("events", "labels")
+        self.final = {k: _with(base, OUTPUTS[k]) for k in kinds}
+        self.stale = [] if scores else [_with(base, OUTPUTS["scores"])]  # an earlier run's, not written by this one
         self.files = {k: open(_tmp(p), "w", encoding="utf-8") for k, p in self.final.items()}
         if scores:
             self.files["scores"].write(scores_header(labels))
@@ -287,7 +287,7 @@ class _Job:
         if self.source.error:  # cut short (a truncated file): what was read is kept, but the file is not done
             outcome.error = self.source.error
             return outcome
-        outputs = sorted(p.name[len(self.marker.name) - len(DONE) :] for p in self.final.values())
+        outputs = sorted(OUTPUTS[k] for k in self.final)
         _write_atomic(self.marker, json.dumps({**dataclasses.asdict(outcome), **self.stamp, "outputs": outputs}))
         return outcome
 
@@ -604,7 +604,7 @@ def check_out(items: Sequence[Item], out: Path, force: bool = False) -> None:
     for item in items:  # a file of the user's own where an output goes (no marker: nothing says it is ours)
         base = out / item.name
         if item.opener is None and not done_marker(out, item).is_file():
-            for ending in (".events.jsonl", ".labels.txt", ".scores.tsv"):
+            for ending in OUTPUTS.values():
                 if not _ours(_with(base, ending)):
                     raise ConfigError(
                         f"--out {out}: {_with(base, ending)} is not a file streamtag wrote, and tagging "
@@ -636,9 +636,9 @@ def _ours(path: Path) -> bool:
         return False
     if not first:
         return True
-    if path.name.endswith(".events.jsonl"):
+    if path.name.endswith(OUTPUTS["events"]):
         return first.startswith('{"schema"')
-    if path.name.endswith(".scores.tsv"):
+    if path.name.endswith(OUTPUTS["scores"]):
         return first.startswith("onset\toffset\t")
     parts = first.rstrip("\n").split("\t")  # labels: start, end, label
     try:

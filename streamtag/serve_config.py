@@ -252,15 +252,22 @@ def _known(names: Sequence[str], labels: Sequence[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown class {unknown[0]!r} ({hint})")
 
 
-def parse_change(body: str | bytes) -> dict:
-    """A settings change sent over HTTP or MQTT -> its JSON object; ConfigError says what is wrong with it."""
+class _KeyTwice(ValueError):
+    """A JSON object naming a key twice (its own message: the generic hint would hide it)."""
+
+
+def parse_change(body: str | bytes, what: str = "the body") -> dict:
+    """A settings change sent over HTTP or MQTT (``what``: the body, the payload) -> its JSON object; ConfigError
+    says what is wrong with it."""
+    hint = f'{what} must be a JSON object, e.g. {{"allow": ["dog"]}}'
     try:
         change = json.loads(body, object_pairs_hook=_no_twice)
-    except ValueError as exc:
-        twice = "given twice" in str(exc)
-        raise ConfigError(str(exc) if twice else 'the body must be a JSON object, e.g. {"allow": ["dog"]}') from None
+    except _KeyTwice as exc:
+        raise ConfigError(str(exc)) from None
+    except ValueError:
+        raise ConfigError(hint) from None
     if not isinstance(change, dict):
-        raise ConfigError('the body must be a JSON object, e.g. {"allow": ["dog"]}')
+        raise ConfigError(hint)
     return change
 
 
@@ -269,5 +276,5 @@ def _no_twice(pairs: list) -> dict:
     keys = [key for key, _ in pairs]
     twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:
-        raise ValueError(f"{twice[0]!r} is given twice in one object")
+        raise _KeyTwice(f"{twice[0]!r} is given twice in one object")
     return dict(pairs)

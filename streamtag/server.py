@@ -100,6 +100,16 @@ class StreamAccount:
     # (samples processed once a message was taken, when it arrived): how old a hop's audio is when its scores go
     arrivals: collections.deque = dataclasses.field(default_factory=collections.deque)
 
+    def summary(self) -> dict:
+        """The counts a client's last message carries."""
+        return {
+            "received": self.received,
+            "processed": self.processed,
+            "dropped": self.dropped,
+            "frames": self.frames,
+            "events": self.events,
+        }
+
 
 class ServeWorker(threading.Thread):
     """The one batched worker. Commands come through :meth:`submit` from any thread."""
@@ -357,22 +367,12 @@ class ServeWorker(threading.Thread):
             account = self.accounts.pop(name)
         listener = self.listeners.pop(name)
         self.enabled.pop(name, None)
-        listener({"type": "summary", "reason": reason, **self._summary(account)})
+        listener({"type": "summary", "reason": reason, **account.summary()})
         listener(None)  # the connection may close now
         if self.mqtt is not None:
             self.mqtt.stream_left(name)
         if self.metrics is not None:
             self.metrics.left(account)
-
-    @staticmethod
-    def _summary(account: StreamAccount) -> dict:
-        return {
-            "received": account.received,
-            "processed": account.processed,
-            "dropped": account.dropped,
-            "frames": account.frames,
-            "events": account.events,
-        }
 
     # -- steps out -----------------------------------------------------------------------------------------
     def _deliver(self, name: str, item: Step | StepBlock) -> None:
@@ -1022,8 +1022,7 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                     break
         else:
             if reason is None and not ws.closed:  # eof before any audio: the summary a client waits for, all 0
-                empty = ServeWorker._summary(StreamAccount(fmt.rate))
-                await outbox.put({"type": "summary", "reason": "stream_end", **empty})
+                await outbox.put({"type": "summary", "reason": "stream_end", **StreamAccount(fmt.rate).summary()})
             await outbox.put(None)
             await send_task
         if not ws.closed:

@@ -708,7 +708,10 @@ def test_an_mqtt_prefix_with_wildcards_is_refused_at_start():
 @pytest.mark.parametrize(
     "flags, says",
     [
-        (["--port-file", "/nonexistent/folder/port"], "--port-file /nonexistent/folder/port: cannot write"),
+        (
+            ["--port-file", "/nonexistent/folder/port"],
+            "--port-file /nonexistent/folder/port: output folder /nonexistent/folder does not exist",
+        ),
         (["--engines", "4"], "give it with --ray"),
         (["--max-streams", "1", "--pull", "a=/dev/null", "--pull", "b=/dev/null"], "raise --max-streams to at least 2"),
     ],

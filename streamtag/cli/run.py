@@ -293,8 +293,12 @@ def _check_view_options(args) -> None:
     view = not args.quiet
     top_k = view or (args.jsonl and not args.all)
     shaped = {"--plain": view, "--max-results": top_k, "--score-threshold": top_k, "--rate": view or args.jsonl}
-    given = {"--plain": args.plain or None, "--max-results": args.max_results}
-    given.update({"--score-threshold": args.score_threshold, "--rate": args.rate})
+    given = {
+        "--plain": args.plain or None,
+        "--max-results": args.max_results,
+        "--score-threshold": args.score_threshold,
+        "--rate": args.rate,
+    }
     for flag, value in given.items():
         if value is not None and not shaped[flag]:
             why = "--quiet turns the console view off" + ("" if args.jsonl else " and there is no --jsonl")

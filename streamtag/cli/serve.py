@@ -110,9 +110,9 @@ def _check(args) -> None:
     if not 1 <= args.engines <= 1024:
         raise ConfigError(f"--engines must be in 1..1024 ({args.engines} given)")
     if args.port_file:
-        where = Path(args.port_file).expanduser().resolve().parent
-        if Path(args.port_file).is_dir() or not where.is_dir() or not os.access(where, os.W_OK):
-            raise ConfigError(f"--port-file {args.port_file}: cannot write there; give a path in your own folder")
+        from ..outputs.files import check_output_path
+
+        check_output_path(args.port_file, "--port-file")  # a folder that is missing or takes no file: before work
     if not loopback and not args.token:
         raise ConfigError(f"--host {args.host} is reachable from other machines: add --token SECRET (clients send it)")
     for flag, value, default in (

@@ -233,9 +233,9 @@ class MqttPublisher:
         if not message.payload:  # an empty message clears a retained one: not a change
             return
         try:
-            change = parse_change(message.payload)
+            change = parse_change(message.payload, "the payload")
         except ConfigError as exc:
-            self._settings_error(stream, {"error": str(exc).replace("the body", "the payload")})
+            self._settings_error(stream, {"error": str(exc)})
             return
         if self.on_settings is not None:  # the settings in force are published by the server once applied
             self.on_settings(stream, change, lambda reply: self._settings_error(stream, reply))

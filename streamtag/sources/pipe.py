@@ -165,7 +165,10 @@ class PipeSource(ProducerSource):
             want = block if left is None else min(block, left)
             data = self.stream.read(want) if want else b""
             if not data:
-                seconds = lambda n: n / decode.frame_bytes / fmt.rate  # noqa: E731
+
+                def seconds(n: int) -> float:
+                    return n / decode.frame_bytes / fmt.rate
+
                 if left:  # the header named a length the stream did not deliver: say so, as a short file does
                     self.error = (
                         f"stdin ended early: {seconds(fmt.data_bytes - left):.2f} s of the "
