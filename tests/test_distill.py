@@ -191,3 +191,82 @@ def test_caches_follow_the_audio_not_its_path_or_time(teacher_dir, tmp_path, mon
     moved_set = Dataset([Clip(moved / "rain.flac", "rain", 0, "g")], ["rain"], "d")
     moved_feats = compute_features(moved_set, FeatureConfig(), cache / "features")
     np.testing.assert_array_equal(moved_feats[0], feats)
+
+
+def test_a_training_pack_carries_the_prepared_data_and_trains_elsewhere(small_data, teacher_dir, tmp_path):
+    """recipes/train_pack.py: what `train` prepares (features, teacher targets, labels, groups) survives the
+    pack to within the quantiser's half step, a share of the unlabelled audio keeps every group, and the pack
+    trains a model folder with batch workers, as on a GPU machine without the audio."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from streamtag.cli.train import _options, load_training_data
+    from streamtag.modelfile import cache_dir
+    from streamtag.training.trainer import prepare
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "train_pack.py"
+    spec = importlib.util.spec_from_file_location("train_pack", recipe)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "more").mkdir()
+    for k in range(4):  # a second unlabelled group, four files
+        sf.write(tmp_path / "more" / f"{k}.wav", read_clip(EXAMPLES / "dog.flac")[k * 8000 : k * 8000 + 48000], 16000)
+    manifest = tmp_path / "unlabelled.csv"
+    rows = [f"{small_data / 'unlabelled' / f'{k}.wav'},rain_pkg" for k in range(2)]
+    rows += [f"{tmp_path / 'more' / f'{k}.wav'},dog_pkg" for k in range(4)]
+    manifest.write_text("path,group\n" + "\n".join(rows) + "\n")
+    train_args = [
+        str(small_data / "a"), str(small_data / "b"), "--unlabelled", str(manifest),
+        "--teacher", str(teacher_dir / "tiny.onnx"), "--label-map", str(teacher_dir / "map.tsv"),
+        "--teacher-labels", "hum", "--arch-param", "hidden=16", "--arch-param", "dilations=[1,2]",
+        "--steps-per-epoch", "3", "--batch-size", "4", "--no-val",
+    ]  # fmt: skip
+    pack = tmp_path / "data.npz"
+    done = subprocess.run(
+        [sys.executable, str(recipe), "pack", "--unlabelled-hours", "0.001", str(pack), *train_args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    packed, opts = module.load(pack, {"epochs": 2})
+    assert opts.epochs == 2 and opts.steps_per_epoch == 3 and opts.arch_params["dilations"] == [1, 2]
+
+    from streamtag.cli import build_parser
+
+    args = build_parser().parse_args(["train", *train_args, "--out", str(tmp_path / "unused")])
+    dataset, teacher, label_map = load_training_data(args)
+    every = np.arange(len(dataset.clips))
+    here = prepare(dataset, every, [], _options(args), cache_dir() / "features", teacher, label_map)
+    assert set(packed.groups) == set(here.groups)  # every unlabelled package keeps a clip
+    assert len(packed.feats) < len(here.feats)  # but not every clip: 0.001 h asked for
+    labelled = np.nan_to_num(here.hard, nan=0.0).max(1) > 0
+    assert len(packed.feats) >= labelled.sum()  # every labelled clip is kept
+    assert set(packed.clips) < set(here.clips)  # trained_on.txt lists what the pack holds
+    # match packed clips to prepared ones by their features' shape and content
+    for k, x in enumerate(packed.feats):
+        matches = [j for j, y in enumerate(here.feats) if y.shape == x.shape and np.abs(y - x).max() <= 0.125 + 1e-4]
+        assert matches, f"packed clip {k} matches no prepared clip within half a step"
+        j = matches[0]
+        np.testing.assert_array_equal(packed.hard[k], here.hard[j])
+        mine, theirs = packed.soft(k, 3, 50), here.soft(j, 3, 50)
+        np.testing.assert_array_equal(np.isnan(mine), np.isnan(theirs))
+        np.testing.assert_allclose(mine[~np.isnan(mine)], theirs[~np.isnan(theirs)], atol=1e-3)
+    out = tmp_path / "model"
+    done = subprocess.run(
+        [sys.executable, str(recipe), "train", str(pack), str(out), "--set", "epochs=2", "--set", "loader_workers=2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    history = json.loads((out / "train_log.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    replay = run_cli("replay", EXAMPLES / "dog.flac", "--model", out, "--fast", "--quiet")
+    assert replay.returncode == 0, replay.stderr
+    wrong = subprocess.run(
+        [sys.executable, str(recipe), "train", str(pack), str(out), "--set", "epoks=2"], capture_output=True, text=True
+    )
+    assert wrong.returncode != 0 and "no training option 'epoks'" in wrong.stderr

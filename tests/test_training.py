@@ -123,7 +123,8 @@ def test_tiny_training_lowers_loss_and_round_trips(class_folders, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(class_folders, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["batches in-process", "two batch workers"])
+def test_interrupted_then_resumed_equals_uninterrupted(class_folders, tmp_path, workers):
     from safetensors.numpy import load_file
 
     from .conftest import start_cli
@@ -131,6 +132,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(class_folders, tmp_path):
     def args(out, *extra):
         return [
             "train",
+            "--loader-workers",
+            str(workers),
             class_folders,
             "--arch",
             "cnn",
@@ -326,6 +329,29 @@ def test_some_crops_start_with_a_settled_level_estimate():
     assert np.all(level0[settled, 1].numpy() == 300.0) and np.all(level0[~settled].numpy() == 0.0)
     offset = (level0[settled, 0] - x[settled].mean(dim=(1, 2))).numpy() / DB
     assert offset.min() >= -50.01 and offset.max() <= 10.01 and offset.max() - offset.min() > 20
+
+
+def test_batch_workers_draw_the_same_batches_however_many_there_are():
+    """Batch ``step`` of ``epoch`` comes from its own seed: two workers or three, the run sees the same data."""
+    from streamtag.training.trainer import BatchMaker, TrainOptions, _Batches
+
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(-5.0, 1.0, size=(400, 64)).astype(np.float32) for _ in range(6)]
+    hard = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]]
+
+    def draw(workers: int, epoch: int) -> list:
+        batches = _Batches(feats, hard, None, TrainOptions(batch_size=4), -20.7, np.random.default_rng(1), np.zeros(64))
+        with BatchMaker(batches, workers) as maker:
+            return [(x.numpy(), y.numpy(), lv.numpy()) for x, y, lv in maker.epoch(7, epoch, 5)]
+
+    two, three = draw(2, 0), draw(3, 0)
+    assert len(two) == len(three) == 5
+    for a, b in zip(two, three):
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    assert not np.array_equal(two[0][0], two[1][0])  # each step its own batch
+    assert not np.array_equal(two[0][0], draw(2, 1)[0][0])  # and each epoch
+    assert len(draw(0, 0)) == 5  # in-process: the run's own generator, as before
 
 
 def test_bootstrap_interval_of_an_accuracy_narrows_with_more_clips():

@@ -113,6 +113,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--jobs", type=int, default=1, help="with --cv: folds trained in parallel (default 1)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu or cuda (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores / jobs)")
+    p.add_argument(
+        "--loader-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="processes that make the augmented batches (on a GPU they, not the model, are what a run waits for; "
+        "try the number of cores less one); each batch then has its own seed, so a run's batches differ from "
+        "those of the same run with 0 (default 0: in the training process)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument(
         "--warm-level",
@@ -188,6 +197,8 @@ def _options(args):
         raise ConfigError(f"--audible-snr must be 0 dB or more ({args.audible_snr} given; 25 or more: always heard)")
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be 1 or more ({args.jobs} given)")
+    if not 0 <= args.loader_workers <= 256:
+        raise ConfigError(f"--loader-workers must be in 0..256 ({args.loader_workers} given; 0: batches in-process)")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be 1 or more ({args.threads} given; leave it out for all cores)")
     if not 0 <= args.seed < 2**32:
@@ -237,6 +248,7 @@ def _options(args):
         audible_snr_db=args.audible_snr,
         unmapped_negatives=args.unmapped_negatives,
         label_frames_db=args.label_frames,
+        loader_workers=args.loader_workers,
     )
     _check_arch_params(opts)
     return opts

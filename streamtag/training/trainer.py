@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ class TrainOptions:
     steps_per_epoch: int = 0  # 0: one pass over the training clips
     seed: int = 0
     device: str = "cpu"
+    loader_workers: int = 0  # processes making augmented batches (BatchMaker); 0: the training process
     # a floor 30 dB below 16-bit quantisation noise: quiet input stays above it, so gain stays a pure shift
     features: FeatureConfig = dataclasses.field(default_factory=lambda: FeatureConfig(log_floor=1e-9))
 
@@ -384,6 +386,23 @@ def _ranked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(dist * F.log_softmax(logits[rows], dim=-1)).sum(-1).mean()
 
 
+@dataclasses.dataclass
+class Prepared:
+    """What the training loop reads, the audio already turned into features and targets: :func:`train` makes
+    it from a dataset; ``recipes/train_pack.py`` carries it to a machine without the audio (a GPU box)."""
+
+    labels: list[str]
+    clips: list[str]  # identities of the training clips (written to trained_on.txt, checked by --resume)
+    feats: list[np.ndarray]  # (frames, n_mels) log-mel of each training clip
+    hard: np.ndarray  # (clips, classes) labels: 1, 0 or NaN (unknown)
+    soft: Callable[[int, int, int], np.ndarray | None] | None  # teacher targets of training clip i, or None
+    groups: list[str]
+    weights: list[float]
+    val_feats: list[np.ndarray] = dataclasses.field(default_factory=list)  # labelled validation clips
+    val_targets: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    val_hard: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.float32))
+
+
 def train(
     dataset: Dataset,
     train_idx,
@@ -401,98 +420,133 @@ def train(
     """Train and save a model folder in ``out_dir``: the epoch best on validation when ``keep_best`` and there
     is a validation set, else the last epoch (cross-validation must not pick epochs on its test fold).
     ``teacher`` (:class:`~streamtag.training.teacher.Teacher`) with ``label_map`` adds soft targets."""
-    out_dir = Path(out_dir)
-    ckpt_path = out_dir / CHECKPOINT
-    clips = sorted({clip_identity(dataset.clips[i].path) for i in train_idx})
     checkpoint = None
     if resume:  # before any work: a checkpoint continued on other classes or clips gives a model of neither
-        checkpoint = _check_same_run(ckpt_path, dataset.labels, clips)
-    torch.manual_seed(opts.seed)
-    rng = np.random.default_rng(opts.seed)
+        checkpoint = _check_same_run(Path(out_dir) / CHECKPOINT, dataset.labels, training_clips(dataset, train_idx))
+    prepared = prepare(dataset, train_idx, val_idx, opts, cache, teacher, label_map)
+    return fit(prepared, opts, out_dir, checkpoint, progress, log, keep_best)
+
+
+def training_clips(dataset: Dataset, train_idx) -> list[str]:
+    return sorted({clip_identity(dataset.clips[i].path) for i in train_idx})
+
+
+def prepare(
+    dataset: Dataset, train_idx, val_idx, opts: TrainOptions, cache: Path | None = None, teacher=None, label_map=None
+) -> Prepared:
+    """Features (cached) and targets of the training and validation clips."""
     feats = compute_features(dataset, opts.features, cache)
     targets = dataset.targets()
     hard = dataset.hard_targets()
     soft = _soft_targets(dataset, opts, teacher, label_map)
-    train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
-    train_feats = [feats[i] for i in train_idx]
+    train_idx, val_idx = np.asarray(train_idx, dtype=np.int64), np.asarray(val_idx, dtype=np.int64)
     _check_every_class_is_taught(dataset.labels, hard[train_idx], teacher, label_map)
-    cfg = opts.model_config(dataset.labels)
+    val_labelled = val_idx[targets[val_idx] >= 0] if len(val_idx) else val_idx
+    return Prepared(
+        labels=list(dataset.labels),
+        clips=training_clips(dataset, train_idx),
+        feats=[feats[i] for i in train_idx],
+        hard=hard[train_idx],
+        soft=None if soft is None else (lambda i, first, n: soft(int(train_idx[i]), first, n)),
+        groups=[dataset.clips[i].group for i in train_idx],
+        weights=[dataset.clips[i].weight for i in train_idx],
+        val_feats=[feats[i] for i in val_labelled],
+        val_targets=targets[val_labelled],
+        val_hard=hard[val_labelled],
+    )
+
+
+def fit(
+    data: Prepared,
+    opts: TrainOptions,
+    out_dir: str | Path,
+    checkpoint: dict | None = None,
+    progress: bool = True,
+    log=print,
+    keep_best: bool = True,
+) -> dict[str, Any]:
+    """The training loop over prepared data; ``checkpoint`` (read by :func:`_check_same_run`) resumes a run."""
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    cfg = opts.model_config(data.labels)
     model = build_model(cfg).to(opts.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     # written first: a run stopped early leaves a model whose training clips eval must still know
-    (out_dir / TRAINED_ON).write_text("\n".join(clips) + "\n")
-    _set_feature_statistics(model, train_feats)
+    (out_dir / TRAINED_ON).write_text("\n".join(data.clips) + "\n")
+    _set_feature_statistics(model, data.feats)
     if opts.init_from:
         _start_from(model, cfg, opts.init_from)
     floor = float(math.log(opts.features.log_floor))
     batches = _Batches(
-        train_feats,
-        hard[train_idx],
-        None if soft is None else (lambda i, first, n: soft(int(train_idx[i]), first, n)),
+        data.feats,
+        data.hard,
+        data.soft,
         opts,
         floor,
         rng,
         np.log(white_noise_bands(opts.features).numpy()).astype(np.float32),
-        [dataset.clips[i].group for i in train_idx],
-        [dataset.clips[i].weight for i in train_idx],
+        data.groups,
+        data.weights,
     )
     if model.level is not None:
         batches.settled_frames = float(model.level.frames)
-    steps = opts.steps_per_epoch or max(1, math.ceil(len(train_idx) / opts.batch_size))
+    steps = opts.steps_per_epoch or max(1, math.ceil(len(data.feats) / opts.batch_size))
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=opts.lr, total_steps=opts.epochs * steps)
     warm = int(round(opts.warmup_s / opts.features.frame_seconds))
-    val_labelled = val_idx[targets[val_idx] >= 0] if len(val_idx) else val_idx
-    allowed = ~np.isnan(hard[val_labelled]) if len(val_labelled) else None
+    validating = len(data.val_feats) > 0
+    allowed = ~np.isnan(data.val_hard) if validating else None
     history: list[dict[str, Any]] = []
     best = {"score": -1.0}
     start_epoch = 0
-    if resume:
+    if checkpoint is not None:
         start_epoch, history, best = _load_checkpoint(ckpt_path, checkpoint, model, optim, sched, rng, opts.epochs)
     bar = _progress(progress)
     task = bar.add_task("training", total=steps) if bar else None
     t_start = time.time()
     try:
-        for epoch in range(start_epoch, opts.epochs):
-            model.train()
-            total = 0.0
-            if bar:
-                bar.reset(task, total=steps, description=f"epoch {epoch + 1}/{opts.epochs}")
-            for _ in range(steps):
-                x, y, level0 = batches.batch()
-                x, y = x.to(opts.device), y.to(opts.device)
-                state = model.init_state(x.shape[0])
-                if model.level is not None:  # the level's state is the last entry
-                    state = state[:-1] + (level0.to(opts.device),)
-                logits, _ = model(x, state)
-                loss = frame_loss(logits[:, warm:], y[:, warm:], cfg.multi_label)
-                optim.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                optim.step()
-                sched.step()
-                total += loss.item()
+        with BatchMaker(batches, opts.loader_workers) as maker:
+            for epoch in range(start_epoch, opts.epochs):
+                model.train()
+                total = 0.0
                 if bar:
-                    bar.update(task, advance=1)
-            row = {"epoch": epoch + 1, "loss": total / steps, "seconds": round(time.time() - t_start, 1)}
-            if len(val_labelled):
-                probs = clip_scores(model, [feats[i] for i in val_labelled], cfg, opts.device)
-                row.update(accuracies(probs, targets[val_labelled], allowed, hard[val_labelled]))
-            score = row["acc_mean"] + row["acc_last"] if keep_best and len(val_labelled) else float(epoch)
-            history.append(row)
-            if score > best["score"]:
-                best = {"score": score, **row}
-                save_model(model.cpu(), cfg, out_dir)
-                for stale in (ONNX_NAME, CHUNK_NAME):  # graphs exported from earlier weights no longer match
-                    (out_dir / stale).unlink(missing_ok=True)
-                model.to(opts.device)
-            if bar:  # one lasting line per epoch above the bar, which restarts for the next epoch
-                val = f"  val {row['acc_mean']:.1%} mean, {row['acc_last']:.1%} last frame" if "acc_mean" in row else ""
-                bar.console.print(f"epoch {epoch + 1}/{opts.epochs}  loss {row['loss']:.3f}{val}")
-            log(json.dumps(row))
-            _save_checkpoint(
-                ckpt_path, epoch + 1, model, optim, sched, rng, history, best, opts.epochs, dataset.labels, clips
-            )
+                    bar.reset(task, total=steps, description=f"epoch {epoch + 1}/{opts.epochs}")
+                for x, y, level0 in maker.epoch(opts.seed, epoch, steps):
+                    x, y = x.to(opts.device), y.to(opts.device)
+                    state = model.init_state(x.shape[0])
+                    if model.level is not None:  # the level's state is the last entry
+                        state = state[:-1] + (level0.to(opts.device),)
+                    logits, _ = model(x, state)
+                    loss = frame_loss(logits[:, warm:], y[:, warm:], cfg.multi_label)
+                    optim.zero_grad()
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                    optim.step()
+                    sched.step()
+                    total += loss.item()
+                    if bar:
+                        bar.update(task, advance=1)
+                row = {"epoch": epoch + 1, "loss": total / steps, "seconds": round(time.time() - t_start, 1)}
+                if validating:
+                    probs = clip_scores(model, data.val_feats, cfg, opts.device)
+                    row.update(accuracies(probs, data.val_targets, allowed, data.val_hard))
+                score = row["acc_mean"] + row["acc_last"] if keep_best and validating else float(epoch)
+                history.append(row)
+                if score > best["score"]:
+                    best = {"score": score, **row}
+                    save_model(model.cpu(), cfg, out_dir)
+                    for stale in (ONNX_NAME, CHUNK_NAME):  # graphs exported from earlier weights no longer match
+                        (out_dir / stale).unlink(missing_ok=True)
+                    model.to(opts.device)
+                if bar:  # one lasting line per epoch above the bar, which restarts for the next epoch
+                    val = f"  val {row['acc_mean']:.1%} mean, {row['acc_last']:.1%} last frame" if validating else ""
+                    bar.console.print(f"epoch {epoch + 1}/{opts.epochs}  loss {row['loss']:.3f}{val}")
+                log(json.dumps(row))
+                _save_checkpoint(
+                    ckpt_path, epoch + 1, model, optim, sched, rng, history, best, opts.epochs, data.labels, data.clips
+                )
     finally:
         if bar:
             bar.stop()
@@ -500,6 +554,66 @@ def train(
         json.dumps({"options": dataclasses.asdict(opts), "history": history, "best": best}, indent=1)
     )
     return {"best": best, "history": history}
+
+
+class BatchMaker:
+    """Augmented batches for an epoch, made in this process (``workers`` 0) or by that many forked processes.
+
+    On a GPU the model's step takes a few milliseconds and one core's augmentation of a batch tens of them, so
+    the batches are what a run waits for. With workers, batch ``step`` of ``epoch`` is drawn from its own
+    generator seeded by ``(seed, epoch, step)``: the same batches whatever the number of workers, and a
+    resumed run draws what the uninterrupted one would have. Without workers the run's one generator draws
+    them in turn, as before workers existed.
+    """
+
+    def __init__(self, batches: _Batches, workers: int = 0) -> None:
+        self.batches, self.workers, self._pool = batches, workers, None
+
+    def __enter__(self) -> BatchMaker:
+        if self.workers > 0:
+            import multiprocessing
+
+            global _WORKER_BATCHES
+            _WORKER_BATCHES = self.batches  # inherited by the forked workers, never pickled
+            self._pool = multiprocessing.get_context("fork").Pool(self.workers)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def epoch(self, seed: int, epoch: int, steps: int):
+        if self._pool is None:
+            for _ in range(steps):
+                yield self.batches.batch()
+            return
+        import collections
+
+        pending: collections.deque = collections.deque()
+        todo = iter(range(steps))
+        for step in todo:  # at most two batches a worker in flight: each is tens of megabytes
+            pending.append(self._pool.apply_async(_worker_batch, ((seed, epoch, step),)))
+            if len(pending) >= 2 * self.workers:
+                break
+        while pending:
+            x, y, level0 = pending.popleft().get()
+            step = next(todo, None)
+            if step is not None:
+                pending.append(self._pool.apply_async(_worker_batch, ((seed, epoch, step),)))
+            yield torch.from_numpy(x).float(), torch.from_numpy(y).float(), torch.from_numpy(level0)
+
+
+_WORKER_BATCHES: _Batches | None = None
+
+
+def _worker_batch(key: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    batches = _WORKER_BATCHES
+    batches.rng = np.random.default_rng(list(key))
+    x, y, level0 = batches.batch()
+    # sent as float16, half the bytes through the pipe: 0.016 log-mel units (0.07 dB) at the loudest, targets to 1e-3
+    return x.numpy().astype(np.float16), y.numpy().astype(np.float16), level0.numpy()
 
 
 def _start_from(model, cfg: ModelConfig, folder: str) -> None:
