@@ -66,13 +66,8 @@ def pack(path: Path, train_argv: list[str], unlabelled_hours: float | None = Non
         ends, scores, counts = [], [], []
         for i in train_idx:
             w = teacher.windows(dataset.clips[int(i)].path, opts.features.sample_rate)
-            raw = w["scores"].astype(np.float32)
-            mapped = np.full((raw.shape[0], len(mapping)), np.nan, np.float32)
-            for c, idx in enumerate(mapping):
-                if idx.size:
-                    mapped[:, c] = raw[:, idx].max(axis=1)
             ends.append(w["ends"])
-            scores.append(mapped.astype(np.float16))
+            scores.append(teacher.map_windows(w, mapping).astype(np.float16))
             counts.append(len(w["ends"]))
         arrays.update(
             window_ends=np.concatenate(ends), window_scores=np.concatenate(scores), window_counts=np.array(counts)
@@ -136,13 +131,12 @@ def load(path: Path, overrides: dict):
     soft = None
     if "window_ends" in arrays:
         bounds = np.concatenate([[0], np.cumsum(arrays["window_counts"])])
-        identity = [np.array([c]) for c in range(len(meta["labels"]))]
         frame_s = opts.features.frame_seconds
+        scores = arrays["window_scores"].astype(np.float32)  # NaN stays NaN: a class the teacher has no word for
 
         def soft(i: int, first: int, n: int) -> np.ndarray:
             a, b = bounds[i], bounds[i + 1]
-            windows = {"ends": arrays["window_ends"][a:b], "scores": arrays["window_scores"][a:b]}
-            return Teacher.frame_targets(windows, n, frame_s, identity, first)  # NaN stays NaN: unmapped
+            return Teacher.frames(arrays["window_ends"][a:b], scores[a:b], n, frame_s, first)
 
     prepared = Prepared(
         labels=meta["labels"],

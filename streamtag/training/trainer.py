@@ -704,12 +704,13 @@ def _soft_targets(dataset: Dataset, opts: TrainOptions, teacher, label_map):
         raise ConfigError("--teacher: none of the model's labels is in the label map (--label-map)")
     paths = [c.path for c in dataset.clips]
     fill_cache(teacher, paths, opts.features.sample_rate)
-    windows: dict[int, dict[str, np.ndarray]] = {}
+    mapped: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # clip -> (window ends, its classes' scores)
 
     def soft(i: int, first: int, n: int) -> np.ndarray:
-        if i not in windows:
-            windows[i] = teacher.windows(dataset.clips[i].path, opts.features.sample_rate)
-        return teacher.frame_targets(windows[i], n, opts.features.frame_seconds, mapping, first)
+        if i not in mapped:
+            windows = teacher.windows(dataset.clips[i].path, opts.features.sample_rate)
+            mapped[i] = (windows["ends"], teacher.map_windows(windows, mapping))
+        return teacher.frames(*mapped[i], n, opts.features.frame_seconds, first)
 
     return soft
 
