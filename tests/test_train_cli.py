@@ -155,7 +155,7 @@ def test_bad_train_flags_are_one_line_before_any_work(folders, tmp_path, cli):
         (["--arch-param", "hidden=abc"], "hidden=abc is not a JSON value"),
         (["--arch-param", "nosuchkey=3"], "has no nosuchkey"),
         (["--arch-param", "pool_seconds=0.5,3"], "pool_seconds=[0.5,3]"),
-        (["--arch-param", "hidden=0"], "--arch-param: "),  # builds, and failed at the first batch with a traceback
+        (["--arch-param", "hidden=0"], "--arch-param: hidden must be a whole number of channels, at least 1 (0 given)"),
         (["--device", "tpu"], "--device tpu: choose auto, cpu or cuda"),  # these three were torch's tracebacks
         (["--threads", "-1"], "--threads must be 1 or more"),
         (["--seed", "-1"], "--seed must be in 0.."),

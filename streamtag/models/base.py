@@ -96,6 +96,8 @@ class StreamingModel(nn.Module):
         :class:`~streamtag.models.level.LevelNorm` in front (models saved before it have none);
         ``pool_gate`` lets the head learn which frames its running means keep (:class:`PooledHead`)."""
         super().__init__()
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a whole number of channels, at least 1 ({hidden!r} given)")
         features = features or FeatureConfig(n_mels=n_mels)
         # Per-band statistics of the training features, set by the trainer.
         self.register_buffer("feat_mean", torch.zeros(n_mels))
