@@ -261,7 +261,9 @@ class _Batches:
 
     @staticmethod
     def _level(x: np.ndarray) -> float:
-        return float(np.logaddexp.reduce(x, axis=None) - math.log(x.size))
+        """Log of the mean power; as ``logaddexp.reduce`` but vectorised (that one was a fifth of a batch)."""
+        top = float(x.max())
+        return top + math.log(float(np.exp(x - top, dtype=np.float64).sum())) - math.log(x.size)
 
     def _mix(self, a: _Crop, b: _Crop, snr_db: float) -> _Crop:
         shift = self._level(a.x) - self._level(b.x) - snr_db * DB
