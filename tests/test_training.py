@@ -331,6 +331,35 @@ def test_some_crops_start_with_a_settled_level_estimate():
     assert offset.min() >= -50.01 and offset.max() <= 10.01 and offset.max() - offset.min() > 20
 
 
+def test_ctrl_c_at_a_terminal_stops_a_run_with_batch_workers_cleanly(class_folders, tmp_path):
+    """A terminal's Ctrl-C signals the whole process group, the batch workers too: the run saves and says how
+    to resume (exit 130), no worker prints a traceback, and none is left behind."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "model"
+    cmd = [sys.executable, "-m", "streamtag", "train", str(class_folders), "--loader-workers", "2", "--epochs", "500"]
+    cmd += ["--batch-size", "4", "--no-val", "--arch-param", "hidden=16", "--quiet", "--out", str(out)]
+    cmd += ["--cache", str(tmp_path / "cache")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while proc.poll() is None and not (out / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err, err
+    for _ in range(200):  # the workers end with the run; give them a moment to be reaped
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("batch workers outlived the run")
+
+
 def test_batch_workers_draw_the_same_batches_however_many_there_are():
     """Batch ``step`` of ``epoch`` comes from its own seed: two workers or three, the run sees the same data."""
     from streamtag.training.trainer import BatchMaker, TrainOptions, _Batches

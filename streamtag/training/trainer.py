@@ -577,7 +577,7 @@ class BatchMaker:
 
             global _WORKER_BATCHES
             _WORKER_BATCHES = self.batches  # inherited by the forked workers, never pickled
-            self._pool = multiprocessing.get_context("fork").Pool(self.workers)
+            self._pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_quiet_worker)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -608,6 +608,16 @@ class BatchMaker:
 
 
 _WORKER_BATCHES: _Batches | None = None
+
+
+def _quiet_worker() -> None:
+    """A Ctrl-C at a terminal reaches the workers too: they leave it to the training process, which saves,
+    says how to resume and ends them; and that end (SIGTERM) is a plain exit, not the training process's
+    handler inherited through fork, which turned it into a traceback per worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _worker_batch(key: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
