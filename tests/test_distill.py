@@ -270,3 +270,11 @@ def test_a_training_pack_carries_the_prepared_data_and_trains_elsewhere(small_da
         [sys.executable, str(recipe), "train", str(pack), str(out), "--set", "epoks=2"], capture_output=True, text=True
     )
     assert wrong.returncode != 0 and "no training option 'epoks'" in wrong.stderr
+    for extra, said in (
+        (["--set", "device=cuda"], "the value is not JSON"),
+        (["--minutes", "1", "--set", "steps_per_epoch=0"], "--minutes needs a number of steps an epoch"),
+    ):
+        wrong = subprocess.run(
+            [sys.executable, str(recipe), "train", str(pack), str(out), *extra], capture_output=True, text=True
+        )
+        assert wrong.returncode != 0 and said in wrong.stderr and "Traceback" not in wrong.stderr, wrong.stderr

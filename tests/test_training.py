@@ -383,6 +383,25 @@ def test_batch_workers_draw_the_same_batches_however_many_there_are():
     assert len(draw(0, 0)) == 5  # in-process: the run's own generator, as before
 
 
+def test_a_batch_worker_killed_mid_run_is_one_clear_error_not_a_hang(monkeypatch):
+    """The kernel's out-of-memory killer takes a worker: the run says so and how to go on, it does not wait."""
+    import os
+
+    from streamtag.errors import StreamtagError
+    from streamtag.training import trainer
+
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(-5.0, 1.0, size=(400, 64)).astype(np.float32) for _ in range(4)]
+    batches = trainer._Batches(
+        feats, np.eye(2, dtype=np.float32)[[0, 1, 0, 1]], None, trainer.TrainOptions(batch_size=2), -20.7, rng,
+        np.zeros(64),
+    )  # fmt: skip
+    monkeypatch.setattr(trainer._Batches, "batch", lambda self: os.kill(os.getpid(), signal.SIGKILL))
+    with trainer.BatchMaker(batches, 2) as maker:
+        with pytest.raises(StreamtagError, match="a batch worker died .*--resume"):
+            list(maker.epoch(0, 0, 3))
+
+
 def test_bootstrap_interval_of_an_accuracy_narrows_with_more_clips():
     """eval's 95% interval: around the accuracy, about +-1.96 standard errors wide, narrower for more clips."""
     from streamtag.training.evaluate import bootstrap_interval

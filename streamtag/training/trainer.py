@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import OUTPUTS, FeatureConfig, ModelConfig
-from ..errors import ConfigError, ModelFileError
+from ..errors import ConfigError, ModelFileError, StreamtagError
 from ..features.functional import mel_filterbank
 from ..modelfile import CHUNK_NAME, ONNX_NAME
 from ..models import build_model
@@ -574,16 +574,19 @@ class BatchMaker:
     def __enter__(self) -> BatchMaker:
         if self.workers > 0:
             import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
             global _WORKER_BATCHES
             _WORKER_BATCHES = self.batches  # inherited by the forked workers, never pickled
-            self._pool = multiprocessing.get_context("fork").Pool(self.workers, initializer=_quiet_worker)
+            # an executor, not a Pool: a worker killed (out of memory) breaks it at once, where a Pool waits for ever
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("fork"), initializer=_quiet_worker
+            )
         return self
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)  # what runs is a batch: milliseconds
             self._pool = None
 
     def epoch(self, seed: int, epoch: int, steps: int):
@@ -592,18 +595,25 @@ class BatchMaker:
                 yield self.batches.batch()
             return
         import collections
+        from concurrent.futures.process import BrokenProcessPool
 
         pending: collections.deque = collections.deque()
         todo = iter(range(steps))
         for step in todo:  # at most two batches a worker in flight: each is tens of megabytes
-            pending.append(self._pool.apply_async(_worker_batch, ((seed, epoch, step),)))
+            pending.append(self._pool.submit(_worker_batch, (seed, epoch, step)))
             if len(pending) >= 2 * self.workers:
                 break
         while pending:
-            x, y, level0 = pending.popleft().get()
+            try:
+                x, y, level0 = pending.popleft().result()
+            except BrokenProcessPool:
+                raise StreamtagError(
+                    "a batch worker died (killed, out of memory?); the last checkpoint holds the finished "
+                    "epochs: resume with --resume, with fewer --loader-workers"
+                ) from None
             step = next(todo, None)
             if step is not None:
-                pending.append(self._pool.apply_async(_worker_batch, ((seed, epoch, step),)))
+                pending.append(self._pool.submit(_worker_batch, (seed, epoch, step)))
             yield torch.from_numpy(x).float(), torch.from_numpy(y).float(), torch.from_numpy(level0)
 
 
