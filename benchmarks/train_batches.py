@@ -57,8 +57,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_batches.json")
     args = p.parse_args()
-    from streamtag.models.level import white_noise_bands
-    from streamtag.training.trainer import _Batches
+    from streamtag.training.trainer import batches_of
 
     if args.pack:
         from train_pack import load
@@ -66,11 +65,7 @@ def main() -> None:
         prepared, opts = load(args.pack, {})
     else:
         prepared, opts = _synthetic()
-    bands = np.log(white_noise_bands(opts.features).numpy()).astype(np.float32)
-    batches = _Batches(
-        prepared.feats, prepared.hard, prepared.soft, opts, math.log(opts.features.log_floor),
-        np.random.default_rng(0), bands, prepared.groups, prepared.weights,
-    )  # fmt: skip
+    batches = batches_of(prepared, opts, np.random.default_rng(0))
     batches.batch()
     best = math.inf
     for _ in range(3):

@@ -35,8 +35,7 @@ LOW = float(np.log(1e-9))  # the recipe's log floor: nothing is below it
 
 def pack(path: Path, train_argv: list[str], unlabelled_hours: float | None = None) -> None:
     from streamtag.cli import build_parser
-    from streamtag.cli.train import _options, _split, load_training_data
-    from streamtag.modelfile import cache_dir, writable_cache
+    from streamtag.cli.train import _options, _split, feature_cache, load_training_data
     from streamtag.training.datasets import clip_identity
     from streamtag.training.trainer import prepare
 
@@ -46,7 +45,7 @@ def pack(path: Path, train_argv: list[str], unlabelled_hours: float | None = Non
         sys.exit("train_pack: the pack's quantiser assumes the log floor 1e-9")
     dataset, teacher, label_map = load_training_data(args)
     train_idx, val_idx = _split(dataset, args)
-    prepared = prepare(dataset, train_idx, val_idx, opts, writable_cache(cache_dir() / "features"), teacher, label_map)
+    prepared = prepare(dataset, train_idx, val_idx, opts, feature_cache(args), teacher, label_map)
     keep = _keep(prepared, opts, unlabelled_hours)
     train_idx = np.asarray(train_idx)[keep]
     feats = np.concatenate([prepared.feats[k] for k in keep])
@@ -155,24 +154,11 @@ def _epochs_within(prepared, opts, minutes: float) -> int:
     """As many epochs as the batches made in ``minutes`` fill, timed on a few batches (the learning-rate
     schedule needs the number of steps up front, so a run on a lent machine sizes itself before it starts)."""
     import collections
-    import math
     import time
 
-    from streamtag.training.trainer import BatchMaker, _Batches
+    from streamtag.training.trainer import BatchMaker, batches_of
 
-    floor = math.log(opts.features.log_floor)
-    bands = np.zeros(opts.features.n_mels, np.float32)
-    batches = _Batches(
-        prepared.feats,
-        prepared.hard,
-        prepared.soft,
-        opts,
-        floor,
-        np.random.default_rng(0),
-        bands,
-        prepared.groups,
-        prepared.weights,
-    )
+    batches = batches_of(prepared, opts, np.random.default_rng(0))
     probe = max(8, 4 * opts.loader_workers)
     with BatchMaker(batches, opts.loader_workers) as maker:
         stream = maker.epoch(opts.seed + 1, 0, 2 * probe)
@@ -201,24 +187,15 @@ def _step_seconds(batch, prepared, opts) -> float:
     import torch
 
     from streamtag.models import build_model
-    from streamtag.training.trainer import frame_loss
+    from streamtag.training.trainer import training_step
 
     cfg = opts.model_config(prepared.labels)
     model = build_model(cfg).to(opts.device)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y, level0 = (t.to(opts.device) for t in batch)
     times = []
     for _ in range(13):
         start = time.perf_counter()
-        state = model.init_state(x.shape[0])
-        if model.level is not None:
-            state = state[:-1] + (level0,)
-        logits, _ = model(x, state)
-        loss = frame_loss(logits, y, cfg.multi_label)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        loss.item()  # waits for the device, as the training loop does each step
+        training_step(model, optim, batch, cfg, 0, opts.device)
         times.append(time.perf_counter() - start)
     return float(np.median(times[3:]))
 

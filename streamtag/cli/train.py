@@ -343,10 +343,16 @@ def load_training_data(args):
     return dataset, teacher, label_map
 
 
+def feature_cache(args) -> Path:
+    """--cache, or the features folder of the cache directory."""
+    from ..modelfile import cache_dir, writable_cache
+
+    return writable_cache(Path(args.cache), "--cache") if args.cache else writable_cache(cache_dir() / "features")
+
+
 def run(args) -> int:
     import torch
 
-    from ..modelfile import cache_dir, writable_cache
     from ..training.trainer import train
     from . import interrupt_on_signals
 
@@ -355,7 +361,7 @@ def run(args) -> int:
     dataset, teacher, label_map = load_training_data(args)
     if args.overwrite:  # only once the data checked out: a typo in a dataset path must not cost the old model
         _clear_stale(Path(args.out))
-    cache = writable_cache(Path(args.cache), "--cache") if args.cache else writable_cache(cache_dir() / "features")
+    cache = feature_cache(args)
     jobs = max(1, args.jobs if args.cv else 1)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // jobs))
     if args.cv or not (args.no_val or args.val_fold is not None):

@@ -480,18 +480,7 @@ def fit(
     _set_feature_statistics(model, data.feats)
     if opts.init_from:
         _start_from(model, cfg, opts.init_from)
-    floor = float(math.log(opts.features.log_floor))
-    batches = _Batches(
-        data.feats,
-        data.hard,
-        data.soft,
-        opts,
-        floor,
-        rng,
-        np.log(white_noise_bands(opts.features).numpy()).astype(np.float32),
-        data.groups,
-        data.weights,
-    )
+    batches = batches_of(data, opts, rng)
     if model.level is not None:
         batches.settled_frames = float(model.level.frames)
     steps = opts.steps_per_epoch or max(1, math.ceil(len(data.feats) / opts.batch_size))
@@ -515,19 +504,9 @@ def fit(
                 total = 0.0
                 if bar:
                     bar.reset(task, total=steps, description=f"epoch {epoch + 1}/{opts.epochs}")
-                for x, y, level0 in maker.epoch(opts.seed, epoch, steps):
-                    x, y = x.to(opts.device), y.to(opts.device)
-                    state = model.init_state(x.shape[0])
-                    if model.level is not None:  # the level's state is the last entry
-                        state = state[:-1] + (level0.to(opts.device),)
-                    logits, _ = model(x, state)
-                    loss = frame_loss(logits[:, warm:], y[:, warm:], cfg.multi_label)
-                    optim.zero_grad()
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                    optim.step()
+                for batch in maker.epoch(opts.seed, epoch, steps):
+                    total += training_step(model, optim, batch, cfg, warm, opts.device)
                     sched.step()
-                    total += loss.item()
                     if bar:
                         bar.update(task, advance=1)
                 row = {"epoch": epoch + 1, "loss": total / steps, "seconds": round(time.time() - t_start, 1)}
@@ -556,6 +535,29 @@ def fit(
         json.dumps({"options": dataclasses.asdict(opts), "history": history, "best": best}, indent=1)
     )
     return {"best": best, "history": history}
+
+
+def batches_of(data: Prepared, opts: TrainOptions, rng: np.random.Generator) -> _Batches:
+    """The augmented batches of a run over ``data``."""
+    bands = np.log(white_noise_bands(opts.features).numpy()).astype(np.float32)
+    floor = float(math.log(opts.features.log_floor))
+    return _Batches(data.feats, data.hard, data.soft, opts, floor, rng, bands, data.groups, data.weights)
+
+
+def training_step(model, optim, batch, cfg: ModelConfig, warm: int, device: str) -> float:
+    """One update on one batch ``(x, y, level0)``; returns its loss (waiting for the device, as a run does)."""
+    x, y, level0 = batch
+    x, y = x.to(device), y.to(device)
+    state = model.init_state(x.shape[0])
+    if model.level is not None:  # the level's state is the last entry
+        state = state[:-1] + (level0.to(device),)
+    logits, _ = model(x, state)
+    loss = frame_loss(logits[:, warm:], y[:, warm:], cfg.multi_label)
+    optim.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    optim.step()
+    return loss.item()
 
 
 class BatchMaker:
