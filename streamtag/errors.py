@@ -50,3 +50,14 @@ class InputError(StreamtagError, ValueError):
 def count(n: int, one: str, many: str | None = None) -> str:
     """``n`` things in a message: "1 file", "2 files" (``many`` for a plural that is not ``one`` + s)."""
     return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def raise_if_interrupted(exc: BaseException) -> None:
+    """A Ctrl-C that lands while a compiled extension initialises comes back as pybind11's
+    ``ImportError("initialization failed")`` caused by the KeyboardInterrupt: raise that as the user's stop
+    it is, before a caller reports the import as a broken install."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        seen = seen.__cause__ or seen.__context__

@@ -565,25 +565,47 @@ def test_a_model_folder_s_own_events_toml_is_named_when_it_is_wrong(cnn_dir, tmp
         assert "--event-config" not in r.stderr, r.stderr
 
 
-def test_an_onnxruntime_that_is_installed_but_fails_to_import_is_said_so(tmp_path):
-    """Not "needs onnxruntime" (it is installed): what failed, in one line."""
+BROKEN_ONNXRUNTIME = "raise ImportError('libonnxruntime.so: cannot open shared object file')\n"
+# what pybind11 makes of a Ctrl-C that lands while onnxruntime's extension initialises
+ONNXRUNTIME_IMPORT_INTERRUPTED = """
+try:
+    raise KeyboardInterrupt
+except KeyboardInterrupt as exc:
+    raise ImportError('initialization failed') from exc
+"""
+
+
+def _replay_with_fake_onnxruntime(tmp_path, source: str) -> subprocess.CompletedProcess:
     import os
 
     from .conftest import REPO
 
     fake = tmp_path / "onnxruntime"
     fake.mkdir()
-    (fake / "__init__.py").write_text("raise ImportError('libonnxruntime.so: cannot open shared object file')\n")
+    (fake / "__init__.py").write_text(source)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
-    r = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "streamtag", "replay", str(EXAMPLES / "dog.flac"), "--fast", "--quiet"],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_an_onnxruntime_that_is_installed_but_fails_to_import_is_said_so(tmp_path):
+    """Not "needs onnxruntime" (it is installed): what failed, in one line."""
+    r = _replay_with_fake_onnxruntime(tmp_path, BROKEN_ONNXRUNTIME)
     assert r.returncode == 2 and "onnxruntime is installed but failed to import (libonnxruntime.so" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_ctrl_c_while_onnxruntime_imports_is_an_interruption_not_a_broken_install(tmp_path):
+    """A Ctrl-C early in a run (CI caught it 0.6 s into `tag`) reached onnxruntime's import: it said the
+    install was broken, exit 2, where the user had stopped the command (exit 130)."""
+    r = _replay_with_fake_onnxruntime(tmp_path, ONNXRUNTIME_IMPORT_INTERRUPTED)
+    assert r.returncode == 130 and "interrupted" in r.stderr, r.stderr
+    assert "failed to import" not in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_a_list_of_negative_levels_is_read_as_the_value_of_levels():
@@ -625,3 +647,16 @@ def test_a_pipe_other_than_stdout_closing_is_an_error_not_a_quiet_exit(monkeypat
     monkeypatch.setattr(devices, "run", broken)
     assert main(["devices"]) == 1
     assert "streamtag devices: error: a pipe closed under it (Broken pipe)" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_while_the_commands_load_is_an_interruption(monkeypatch, capsys):
+    """The first moments of a run import every subcommand's module: a Ctrl-C there is exit 130 and one line,
+    not a traceback."""
+    import streamtag.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["tag", "x"]) == 130
+    assert capsys.readouterr().err == "streamtag: interrupted\n"

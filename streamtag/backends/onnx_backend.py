@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailable, ModelFileError
+from ..errors import BackendUnavailable, ModelFileError, raise_if_interrupted
 from ..modelfile import (
     CHUNK_KEY,
     CHUNK_NAME,
@@ -42,7 +42,8 @@ except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
 
     if importlib.util.find_spec("onnxruntime") is None:
         raise BackendUnavailable("the onnx backend needs onnxruntime: pip install onnxruntime") from None
-    # installed but broken (or its import cut short by a Ctrl-C): say what failed, not that it is missing
+    raise_if_interrupted(exc)  # installed, its import cut short by a Ctrl-C
+    # installed but broken: say what failed, not that it is missing
     raise BackendUnavailable(f"onnxruntime is installed but failed to import ({exc})") from None
 
 

@@ -6,12 +6,13 @@ import os
 
 import numpy as np
 
-from ..errors import BackendUnavailable, ConfigError
+from ..errors import BackendUnavailable, ConfigError, raise_if_interrupted
 from . import OwnStreams
 
 try:
     import torch
-except ImportError:  # pragma: no cover - torch is a dependency
+except ImportError as exc:  # pragma: no cover - torch is a dependency
+    raise_if_interrupted(exc)
     raise BackendUnavailable("the torch backend needs PyTorch: pip install '.[train]' (streamtag's folder)") from None
 
 from ..modelfile import resolve_model_dir

@@ -121,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     # `tag --jobs` worker), and no command does BLAS work in numpy: models run in onnxruntime or torch, with
     # thread pools of their own. One thread, unless the environment already says otherwise.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports every subcommand's module: a Ctrl-C in the first moments lands here
+    except KeyboardInterrupt:
+        print("streamtag: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     _one_line_warnings(args.command)
     try:
