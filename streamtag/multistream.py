@@ -40,11 +40,8 @@ class _PoolSlot:
         self.owner, self.slot = owner, slot
         self._slots = np.array([slot], np.int64)
 
-    def step(self, hops: np.ndarray) -> np.ndarray:  # used when a stream is fed through its engine alone
-        b, out = self.owner.backend, np.empty((len(hops), len(self.owner.labels)), np.float32)
-        for i in range(len(hops)):  # each call's rows are valid until the next
-            out[i] = b.step(self.owner.pool, self._slots, hops[i : i + 1])[0]
-        return out
+    def step(self, hops: np.ndarray) -> np.ndarray:  # a stream fed through its engine alone (leaving, resetting)
+        return self.owner.backend.step_slot_hops(self.owner.pool, self.slot, hops)
 
     def clear(self) -> None:
         self.owner.backend.clear(self.owner.pool, self._slots)

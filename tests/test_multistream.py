@@ -93,6 +93,36 @@ def test_rounds_keep_their_rows_and_slots_step_in_any_subset(cnn_dir, backend):
         np.testing.assert_allclose(np.stack(got[name]), ref, atol=1e-5, err_msg=f"stream {name}")
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_a_leaving_stream_s_backlog_is_stepped_in_chunks_exactly_and_leaves_the_others_alone(cnn_dir, backend):
+    """A stream that leaves with seconds of audio not yet stepped has them stepped at once, alone (the chunk
+    graph, from its slot's state and delay lines): the same steps as the stream alone, and the streams that
+    stay go on as if it had never been there."""
+    clips = {n: read_clip(EXAMPLES / f"{n}.flac") for n in ("dog", "rain", "chainsaw")}
+    tagger = MultiStreamTagger(cnn_dir, backend, capacity=3, events=LOW)
+    got = {name: [] for name in clips}
+    for name, clip in clips.items():
+        tagger.join(name)
+        tagger.feed(name, clip[:3200])  # 20 hops each, stepped together
+    for name, step in tagger.step():
+        got[name].append(step)
+    tagger.feed("rain", clips["rain"][3200:51200])  # 300 hops more: a backlog of several chunks
+    got["rain"] += tagger.leave("rain")
+    if backend == "onnx":
+        assert tagger.backend._chunk is not None  # stepped on the chunk graph, not hop by hop
+    for name in ("dog", "chainsaw"):
+        tagger.feed(name, clips[name][3200:6400])
+    for name, step in tagger.step():
+        got[name].append(step)
+    for name, n in (("rain", 51200), ("dog", 6400), ("chainsaw", 6400)):
+        probs, events = _split(got[name])
+        ref_probs, ref_events = _alone(cnn_dir, backend, clips[name][:n])
+        if name != "rain":  # still joined: its open events are not closed yet
+            ref_events = [e for e in ref_events if e[0] != "close" or e[3] != "stream_end"]
+        np.testing.assert_allclose(probs, ref_probs, atol=1e-5, err_msg=name)
+        assert events == ref_events, name
+
+
 def test_a_round_of_max_hops_leaves_a_stream_far_ahead_for_the_next_rounds(cnn_dir):
     """step_blocks(max_hops): one round, at most that many hops a stream; `behind` says hops are left, and the
     rounds that follow give each stream exactly the steps of a stream alone."""

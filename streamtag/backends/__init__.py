@@ -44,6 +44,11 @@ class Backend(Protocol):
         """``k`` hops of every stream of a lockstep state, ``(n, k, hop) -> (n, k, classes)``: the results of ``k``
         :meth:`step` calls (to float rounding), in as few calls as the backend can (a backlog, a file)."""
 
+    def step_slot_hops(self, state: object, slot: int, audio: np.ndarray) -> np.ndarray:
+        """``k`` hops of one stream of a pool, ``(k, hop) -> (k, classes)``: the results of ``k`` :meth:`step`
+        calls of that slot, in as few calls as the backend can (the backlog of a stream that leaves or resets,
+        which does not wait for the others' rounds). Other slots keep their state."""
+
     def snapshot(self, state: object, slot: int) -> list[np.ndarray]:
         """Copies of one stream's state in a pool (host arrays: it may travel to another process)."""
 

@@ -158,6 +158,12 @@ class Rings:
         size = int(self.sizes[line]) - 1
         return (end - size + np.arange(size)) % self.frames
 
+    def slot_history(self, line: int, end: int) -> np.ndarray:
+        """Rows of a pool slot holding ``line``'s history before hop ``end``, oldest first (as :meth:`history`
+        for a time-major ring): hop ``f`` of a line lives in row ``base + f % size``."""
+        size = int(self.sizes[line])
+        return self.base[line] + (end - (size - 1) + np.arange(size - 1)) % size
+
     def write_rows(self, ring: np.ndarray, slots: np.ndarray, frames: np.ndarray | int, rows: np.ndarray) -> None:
         """Store each slot's new row of every line: ``ring`` is ``(slots, rows_per_slot, width)``."""
         at = self.base + np.reshape(frames, (-1, 1)) % self.sizes  # (n or 1, lines)
@@ -392,6 +398,39 @@ class OnnxBackend(OwnStreams):
             feeds = dict(zip(names, new))
         self._store_chunk_state(state, feeds, k)
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def step_slot_hops(self, pool: OnnxPool, slot: int, audio: np.ndarray) -> np.ndarray:
+        """``k`` hops of one pool stream, ``(k, hop) -> (k, classes)``, on the chunk graph: its state and delay
+        lines are read out of the pool, stepped, and written back (:meth:`step_hops` does the same for a
+        lockstep state). A leaving stream's backlog stepped hop by hop, one stream a call, held a busy server's
+        worker for seconds."""
+        k = len(audio)
+        session = self._chunk_session() if k >= MIN_CHUNK_HOPS else None
+        if session is None:
+            slots, out = np.array([slot]), np.empty((k, self.config.num_classes), np.float32)
+            for i in range(k):
+                out[i] = self._step_pool(pool, slots, audio[i : i + 1])[0]
+            return out
+        feeds = {name: arr[slot : slot + 1].copy() for name, arr in zip(self._state_inputs, pool.state)}
+        r, end = self.rings, 0
+        if r is not None:
+            end = int(pool.frames[slot])
+            for line, name in enumerate(self._line_names):
+                feeds[name] = pool.ring[slot, r.slot_history(line, end)][None]
+        parts = []
+        for start in range(0, k, self._chunk_hops):
+            piece = np.ascontiguousarray(audio[start : start + self._chunk_hops]).reshape(1, -1)
+            probs, *new = session.run(None, {"audio": piece, **feeds})
+            parts.append(probs[0])
+            feeds = dict(zip(self._chunk_state, new))
+        for name, arr in zip(self._state_inputs, pool.state):
+            arr[slot] = feeds[name][0]
+        if r is not None:
+            for line, name in enumerate(self._line_names):
+                pool.ring[slot, r.slot_history(line, end + k)] = feeds[name][0]
+            pool.frames[slot] = end + k
+        pool.high_water = max(pool.high_water, slot + 1)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _step_each(self, state: LockstepState, audio: np.ndarray) -> np.ndarray:
         n, k, _ = audio.shape

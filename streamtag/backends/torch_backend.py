@@ -118,6 +118,14 @@ class TorchBackend(OwnStreams):
         return probs.cpu().numpy()
 
     @torch.inference_mode()
+    def step_slot_hops(self, state: TorchState, slot: int, audio: np.ndarray) -> np.ndarray:
+        one = TorchState([t[slot : slot + 1].clone() for t in state.tensors])  # a pool's and a lockstep's are alike
+        probs = self.step_hops(one, audio[None])[0]
+        for t, row in zip(state.tensors, one.tensors):
+            t[slot] = row[0]
+        return probs
+
+    @torch.inference_mode()
     def step_hops(self, state: TorchState, audio: np.ndarray) -> np.ndarray:
         """``k`` hops of every stream of ``state``: ``(n, k, hop) -> (n, k, classes)``, one forward over them."""
         n = audio.shape[0]
