@@ -291,7 +291,9 @@ class WorkerProcess:
         self._loop, self._loop_thread = None, None
         self._ended = threading.Event()  # the child said its last word, or is gone
         self._exited = False  # it said its last word
-        self._out = bytearray()  # framed commands the pipe has not taken yet
+        # framed commands the pipe has not taken yet, a frame each: one bytearray grown at the end and cut at the
+        # front copied all of it at every append, megabytes a time once the worker fell behind
+        self._out: collections.deque[memoryview] = collections.deque()
         self._writing = False  # the loop is waiting for the pipe to take them
 
     def _wait_ready(self) -> tuple[float, int]:
@@ -403,7 +405,7 @@ class WorkerProcess:
             batch, self._pending = self._pending, []
         if not batch or self._ended.is_set():
             return
-        self._out += _frame(batch)
+        self._out.append(memoryview(_frame(batch)))
         self._write_out()
 
     def _write_out(self) -> None:
@@ -416,7 +418,12 @@ class WorkerProcess:
         try:
             while self._out:
                 try:
-                    del self._out[: os.write(fd, self._out)]
+                    head = self._out[0]
+                    taken = os.write(fd, head)
+                    if taken == len(head):
+                        self._out.popleft()
+                    else:
+                        self._out[0] = head[taken:]
                 except BlockingIOError:
                     if on_loop:
                         if not self._writing:
