@@ -831,6 +831,44 @@ class _LoopPost:
             outbox.put_nowait(message)
 
 
+class _IdleWatch:
+    """Ends a connection's wait for its next message once it has waited ``idle_s``: the wait's task is cancelled.
+
+    One timer per connection, looked at once per ``idle_s`` and moved on if a message came meanwhile, where
+    ``asyncio.wait_for`` around every receive made a task and a timer per message (an eighth of the network
+    front's time at hundreds of streams). Only a wait for the client counts: time spent handing audio to a
+    busy worker does not."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.loop, self.task, self.idle_s = asyncio.get_running_loop(), asyncio.current_task(), idle_s
+        self.since: float | None = None  # when the wait now going on began; None between waits
+        self.fired = False
+        self.timer = self.loop.call_later(idle_s, self._check)
+
+    def waiting(self) -> None:
+        self.since = self.loop.time()
+
+    def got(self) -> None:
+        self.since = None
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if self.since is not None and now - self.since >= self.idle_s:
+            self.fired = True
+            self.task.cancel()
+            return
+        self.timer = self.loop.call_at((now if self.since is None else self.since) + self.idle_s, self._check)
+
+    def interrupted(self) -> bool:
+        """Whether a cancellation was this watch's (then taken back, so the task goes on to close cleanly)."""
+        if self.fired and hasattr(self.task, "uncancel"):  # Python 3.11+: a later timeout must not see it
+            self.task.uncancel()
+        return self.fired
+
+    def close(self) -> None:
+        self.timer.cancel()
+
+
 RECENT_EVENTS = 8  # ended events the page lists per stream (besides those still open)
 
 
@@ -955,15 +993,20 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
         pacer: Pacer | None = None
         hello_seen = False
         window_messages, window_samples = 0, 0  # audio messages, and their samples, since the last check
+        # a watch of our own: aiohttp's receive(timeout) starts again at every ping, so a client sending only pings
+        # would never be idle
+        idle = _IdleWatch(options.idle_s)
         try:
             while True:
+                idle.waiting()
                 try:
-                    # an outer timeout: aiohttp's receive(timeout) starts again at every ping, so a client sending
-                    # only pings would never be idle
-                    msg = await asyncio.wait_for(ws.receive(), timeout=options.idle_s)
-                except asyncio.TimeoutError:
+                    msg = await ws.receive()
+                except asyncio.CancelledError:
+                    if not idle.interrupted():
+                        raise
                     reason, code = f"idle for {options.idle_s:g} s", CLOSE_IDLE
                     break
+                idle.got()
                 if refused:
                     reason, code = refused[0]["message"], refused[0]["code"]
                     break
@@ -1010,6 +1053,7 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
             traceback.print_exc()  # a bug: where it is, for the report
             reason, code = "internal error: see the server log", 1011
         finally:
+            idle.close()
             joining.discard(name)
         if joined and not refused:
             worker.submit("eof" if reason is None else "gone", name)

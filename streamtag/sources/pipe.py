@@ -66,9 +66,10 @@ class PcmDecoder:
             wide = np.zeros((raw.shape[0], 4), np.uint8)
             wide[:, 1:] = raw
             samples = wide.view("<i4").reshape(-1).astype(np.float32) / fmt.scale
-        else:
-            with np.errstate(invalid="ignore", over="ignore"):
-                samples = np.frombuffer(data, fmt.dtype).astype(np.float32) / np.float32(fmt.scale)
+        elif fmt.scale == 1.0:  # floats as they are (NaN and Inf too: the caller counts or replaces them)
+            samples = np.frombuffer(data, fmt.dtype).astype(np.float32)
+        else:  # integers: converted and scaled in one pass (a server decodes thousands of messages a second)
+            samples = np.divide(np.frombuffer(data, fmt.dtype), np.float32(fmt.scale), dtype=np.float32)
         return samples.reshape(-1, fmt.channels)
 
     @property
