@@ -56,8 +56,9 @@ def raise_if_interrupted(exc: BaseException) -> None:
     """A Ctrl-C that lands while a compiled extension initialises comes back as pybind11's
     ``ImportError("initialization failed")`` caused by the KeyboardInterrupt: raise that as the user's stop
     it is, before a caller reports the import as a broken install."""
-    seen = exc
-    while seen is not None:
+    seen, passed = exc, set()
+    while seen is not None and id(seen) not in passed:  # causes only: an interrupt being handled is a __context__
         if isinstance(seen, KeyboardInterrupt):
             raise KeyboardInterrupt from None
-        seen = seen.__cause__ or seen.__context__
+        passed.add(id(seen))
+        seen = seen.__cause__

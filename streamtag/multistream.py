@@ -41,7 +41,13 @@ class _PoolSlot:
         self._slots = np.array([slot], np.int64)
 
     def step(self, hops: np.ndarray) -> np.ndarray:  # a stream fed through its engine alone (leaving, resetting)
-        return self.owner.backend.step_slot_hops(self.owner.pool, self.slot, hops)
+        b = self.owner.backend
+        if hasattr(b, "step_slot_hops"):
+            return b.step_slot_hops(self.owner.pool, self.slot, hops)
+        out = np.empty((len(hops), len(self.owner.labels)), np.float32)  # a backend of the older shape: a hop a call
+        for i in range(len(hops)):  # each call's rows are valid until the next
+            out[i] = b.step(self.owner.pool, self._slots, hops[i : i + 1])[0]
+        return out
 
     def clear(self) -> None:
         self.owner.backend.clear(self.owner.pool, self._slots)

@@ -860,10 +860,12 @@ class _IdleWatch:
         self.timer = self.loop.call_at((now if self.since is None else self.since) + self.idle_s, self._check)
 
     def interrupted(self) -> bool:
-        """Whether a cancellation was this watch's (then taken back, so the task goes on to close cleanly)."""
-        if self.fired and hasattr(self.task, "uncancel"):  # Python 3.11+: a later timeout must not see it
-            self.task.uncancel()
-        return self.fired
+        """Whether a cancellation was this watch's alone (then taken back, so the task goes on to close cleanly).
+        One that came with another (the server shutting down in the same pass) is the other's: passed on."""
+        if not self.fired:
+            return False
+        uncancel = getattr(self.task, "uncancel", None)  # Python 3.11+; 3.10 cannot tell two cancels apart
+        return uncancel is None or uncancel() == 0
 
     def close(self) -> None:
         self.timer.cancel()

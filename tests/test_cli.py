@@ -660,3 +660,24 @@ def test_a_ctrl_c_while_the_commands_load_is_an_interruption(monkeypatch, capsys
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["tag", "x"]) == 130
     assert capsys.readouterr().err == "streamtag: interrupted\n"
+
+
+def test_only_an_interrupt_that_caused_an_import_error_is_taken_for_a_ctrl_c():
+    """pybind11 gives the interrupt as the ImportError's cause; a broken install imported while an interrupt was
+    being handled has it only as its context, and stays a broken install."""
+    from streamtag.errors import raise_if_interrupted
+
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as interrupt:
+        caused = ImportError("initialization failed")
+        caused.__cause__ = interrupt
+        broken = ImportError("libonnxruntime.so: cannot open shared object file")  # raised here: context only
+        try:
+            raise broken
+        except ImportError:
+            pass
+    assert isinstance(broken.__context__, KeyboardInterrupt)
+    raise_if_interrupted(broken)  # returns: the caller reports the broken install
+    with pytest.raises(KeyboardInterrupt):
+        raise_if_interrupted(caused)

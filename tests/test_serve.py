@@ -1126,6 +1126,57 @@ def test_a_client_cannot_take_the_name_or_the_slot_of_a_pulled_source(tmp_path):
     assert state["porch"]["frames"] > 0  # still tagged
 
 
+def _idle_handler(idle_s: float, inbox: asyncio.Queue, log: list):
+    """The shape of the WebSocket handler's loop around its idle watch: wait, got, and closing work after."""
+    from streamtag.server import _IdleWatch
+
+    async def handler():
+        idle = _IdleWatch(idle_s)
+        log.append(idle)
+        try:
+            while True:
+                idle.waiting()
+                try:
+                    message = await inbox.get()
+                except asyncio.CancelledError:
+                    if not idle.interrupted():
+                        raise
+                    log.append("idle")
+                    break
+                idle.got()
+                log.append(message)
+                await asyncio.sleep(idle_s * 1.5)  # handing audio to a busy worker: not a wait for the client
+        finally:
+            idle.close()
+        await asyncio.sleep(0.01)  # the summary and the close come after
+        log.append("closed cleanly")
+
+    return handler()
+
+
+def test_the_idle_watch_counts_only_waits_for_the_client_and_yields_to_a_shutdown():
+    async def idle_after_a_slow_hand_over():
+        inbox, log = asyncio.Queue(), []
+        task = asyncio.create_task(_idle_handler(0.1, inbox, log))
+        inbox.put_nowait("audio")
+        await task
+        return log[1:]
+
+    assert asyncio.run(idle_after_a_slow_hand_over()) == ["audio", "idle", "closed cleanly"]
+
+    async def shutdown_in_the_same_pass():
+        inbox, log = asyncio.Queue(), []
+        task = asyncio.create_task(_idle_handler(0.1, inbox, log))
+        await asyncio.sleep(0)
+        asyncio.get_running_loop().call_at(log[0].timer.when(), task.cancel)  # the server's cancel, with the watch's
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return log[1:]
+
+    if sys.version_info >= (3, 11):  # 3.10 cannot tell two cancels of a task apart
+        assert asyncio.run(shutdown_in_the_same_pass()) == []
+
+
 def test_a_client_sending_only_pings_is_idle_and_settings_come_once(tmp_path):
     """Pings are not audio: a client that only pings is closed as idle (4408); a second settings message is
     refused (4400) rather than taken."""

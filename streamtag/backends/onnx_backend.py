@@ -285,8 +285,13 @@ class OnnxBackend(OwnStreams):
 
     # -- the primitive ------------------------------------------------------------
     def new_state(self, capacity: int, lockstep: bool = False) -> OnnxPool | LockstepState:
-        """State for ``capacity`` streams. ``lockstep``: every step steps all of them (fastest: prebuilt)."""
-        return LockstepState(self, capacity) if lockstep else OnnxPool(self, capacity)
+        """State for ``capacity`` streams. ``lockstep``: every step steps all of them (fastest: prebuilt).
+        A pool's chunk graph (a leaving stream's backlog, :meth:`step_slot_hops`) is opened now, not in the middle
+        of a busy server's round."""
+        if lockstep:
+            return LockstepState(self, capacity)
+        self._chunk_session()
+        return OnnxPool(self, capacity)
 
     def clear(self, state: OnnxPool | LockstepState, slots: Sequence[int]) -> None:
         """These streams back to a new stream's state."""
