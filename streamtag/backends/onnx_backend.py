@@ -392,17 +392,23 @@ class OnnxBackend(OwnStreams):
         session = self._chunk_session()
         if session is None:  # no chunk graph to be had: hop by hop, the same results
             return self._step_each(state, audio)
+        probs, feeds = self._run_chunks(session, audio, self._chunk_feeds(state))
+        self._store_chunk_state(state, feeds, audio.shape[1])
+        return probs
+
+    def _run_chunks(
+        self, session: ort.InferenceSession, audio: np.ndarray, feeds: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``(n, k, hop)`` audio through the chunk graph from state ``feeds``, a chunk a call: probabilities
+        ``(n, k, classes)`` and the state after the last hop."""
         n, k, _ = audio.shape
-        names = self._chunk_state
-        feeds = self._chunk_feeds(state)
         parts = []
         for start in range(0, k, self._chunk_hops):
             piece = np.ascontiguousarray(audio[:, start : start + self._chunk_hops]).reshape(n, -1)
             probs, *new = session.run(None, {"audio": piece, **feeds})
             parts.append(probs)
-            feeds = dict(zip(names, new))
-        self._store_chunk_state(state, feeds, k)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+            feeds = dict(zip(self._chunk_state, new))
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)), feeds
 
     def step_slot_hops(self, pool: OnnxPool, slot: int, audio: np.ndarray) -> np.ndarray:
         """``k`` hops of one pool stream, ``(k, hop) -> (k, classes)``, on the chunk graph: its state and delay
@@ -422,12 +428,7 @@ class OnnxBackend(OwnStreams):
             end = int(pool.frames[slot])
             for line, name in enumerate(self._line_names):
                 feeds[name] = pool.ring[slot, r.slot_history(line, end)][None]
-        parts = []
-        for start in range(0, k, self._chunk_hops):
-            piece = np.ascontiguousarray(audio[start : start + self._chunk_hops]).reshape(1, -1)
-            probs, *new = session.run(None, {"audio": piece, **feeds})
-            parts.append(probs[0])
-            feeds = dict(zip(self._chunk_state, new))
+        probs, feeds = self._run_chunks(session, audio[None], feeds)
         for name, arr in zip(self._state_inputs, pool.state):
             arr[slot] = feeds[name][0]
         if r is not None:
@@ -435,7 +436,7 @@ class OnnxBackend(OwnStreams):
                 pool.ring[slot, r.slot_history(line, end + k)] = feeds[name][0]
             pool.frames[slot] = end + k
         pool.high_water = max(pool.high_water, slot + 1)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return probs[0]
 
     def _step_each(self, state: LockstepState, audio: np.ndarray) -> np.ndarray:
         n, k, _ = audio.shape
