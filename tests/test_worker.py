@@ -280,10 +280,13 @@ def test_audio_after_samples_the_ring_dropped_keeps_its_place_on_the_clock(cnn_d
             self.status, self.done = SourceStatus(), threading.Event()
 
         def start(self, ring):
+            # filled and overfilled here, before the worker's thread starts: a thread of our own could be
+            # scheduled after the worker had read some, and then nothing would drop
+            full = ring.capacity
+            ring.push(audio[:full])
+            assert ring.push(audio[full : full + 8000]) == 0  # 0.5 s dropped: the ring is full
+
             def run():
-                full = ring.capacity
-                ring.push(audio[:full])
-                assert ring.push(audio[full : full + 8000]) == 0  # 0.5 s dropped: the ring is full
                 while ring.read_available:  # until the worker has read what was before the drop
                     time.sleep(0.01)
                 ring.push(audio[full + 8000 : full + 24000])  # 1 s more
