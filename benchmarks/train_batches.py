@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """How fast training batches are made: what a GPU run waits for (docs/MODEL.md, "Trained on a GPU").
 
-On a GPU the model's step takes milliseconds and the CPU's augmentation of a batch tens of them, so
-crops per second per core bounds what a lent GPU can learn in its minutes. This times
-``_Batches.batch`` in one process on a training pack (``recipes/train_pack.py pack``), or on synthetic
-clips with random teacher windows when none is given, and prints milliseconds per batch and crops per
-second; the best of three repeats.
+On a GPU the model's step takes milliseconds and the CPU's batch tens of them, so crops per second
+per core bounds what a lent GPU can learn in its minutes. A batch is drawn (clips picked, crops cut,
+targets and random choices made: ``_Batches.draw``) and then augmented (``_Batches.augment``: mixing,
+reverberation, noise, gain, masks as whole-batch tensor operations). This times both on the CPU in one
+process, and the augmentation on the GPU when there is one (a GPU run's batch workers only draw), on a
+training pack (``recipes/train_pack.py pack``) or on synthetic clips with random teacher windows when
+none is given; milliseconds per batch and crops per second, the best of three repeats.
 
     python benchmarks/train_batches.py [PACK.npz] [--batches 20] [--out results/train_batches.json]
 """
@@ -65,21 +67,48 @@ def main() -> None:
         prepared, opts = load(args.pack, {})
     else:
         prepared, opts = _synthetic()
+    import torch
+
+    torch.set_num_threads(1)  # per core, as a batch worker runs
     batches = batches_of(prepared, opts, np.random.default_rng(0))
-    batches.batch()
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(args.batches):
-            batches.batch()
-        best = min(best, (time.perf_counter() - start) / args.batches)
+    plans = [batches.draw() for _ in range(args.batches)]
+
+    def best_of_three(work) -> float:  # seconds a batch
+        work()
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            work()
+            best = min(best, (time.perf_counter() - start) / args.batches)
+        return best
+
+    def on(device: str):
+        def work():
+            for plan in plans:
+                x, _, _ = batches.augment(plan, device)
+            x.sum().item()  # wait for the device
+
+        return work
+
+    times = {
+        "draw": best_of_three(lambda: [batches.draw() for _ in range(args.batches)]),
+        "augment_cpu": best_of_three(on("cpu")),
+    }
+    if torch.cuda.is_available():
+        times["augment_cuda"] = best_of_three(on("cuda"))
+    b = opts.batch_size
     report = {
         "data": str(args.pack) if args.pack else "synthetic",
-        "batch_size": opts.batch_size,
-        "ms_per_batch": round(best * 1000, 2),
-        "crops_per_second_per_core": round(opts.batch_size / best),
+        "batch_size": b,
+        "ms_per_batch": {k: round(v * 1000, 2) for k, v in times.items()},
+        "crops_per_second_per_core": {
+            "cpu": round(b / (times["draw"] + times["augment_cpu"])),  # a CPU run's worker: draws and augments
+            "drawing_only": round(b / times["draw"]),  # a GPU run's worker
+        },
     }
-    print(f"{report['ms_per_batch']} ms a batch of {opts.batch_size}: {report['crops_per_second_per_core']} crops/s")
+    for k, v in times.items():
+        print(f"{k}: {v * 1000:.2f} ms a batch of {b}")
+    print(f"crops a second a core: {report['crops_per_second_per_core']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 

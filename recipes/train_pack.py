@@ -160,7 +160,7 @@ def _epochs_within(prepared, opts, minutes: float) -> int:
 
     batches = batches_of(prepared, opts, np.random.default_rng(0))
     probe = max(8, 4 * opts.loader_workers)
-    with BatchMaker(batches, opts.loader_workers) as maker:
+    with BatchMaker(batches, opts.loader_workers, opts.device) as maker:
         stream = maker.epoch(opts.seed + 1, 0, 2 * probe)
         for _ in range(probe):  # the workers' start and first batches are not the rate
             next(stream)

@@ -396,7 +396,7 @@ def test_a_batch_worker_killed_mid_run_is_one_clear_error_not_a_hang(monkeypatch
         feats, np.eye(2, dtype=np.float32)[[0, 1, 0, 1]], None, trainer.TrainOptions(batch_size=2), -20.7, rng,
         np.zeros(64),
     )  # fmt: skip
-    monkeypatch.setattr(trainer._Batches, "batch", lambda self: os.kill(os.getpid(), signal.SIGKILL))
+    monkeypatch.setattr(trainer._Batches, "draw", lambda self: os.kill(os.getpid(), signal.SIGKILL))
     with trainer.BatchMaker(batches, 2) as maker:
         with pytest.raises(StreamtagError, match="a batch worker died .*--resume"):
             list(maker.epoch(0, 0, 3))
@@ -450,12 +450,11 @@ def test_a_recording_mixed_far_under_is_left_out_of_the_loss_not_taught_as_heard
     feats = [np.full((400, 64), 2.0, np.float32), np.full((400, 64), 1.0, np.float32)]
     hard = np.array([[1, 0, 0], [0, 1, 0]], np.float32)  # class 2: known absent from both
     batches = _Batches(feats, hard, None, opts, float(np.log(1e-9)), rng, np.zeros(64, np.float32))
-    dog, music = batches._crop(0), batches._crop(1)
-    near, far = batches._mix(dog, music, 6.0), batches._mix(dog, music, 20.0)
-    assert (near.y[:, 0] == 1).all() and (near.y[:, 1] == 1).all() and (near.y[:, 2] == 0).all()
-    assert (far.y[:, 0] == 1).all() and np.isnan(far.y[:, 1]).all() and (far.y[:, 2] == 0).all()
-    assert np.allclose(near.x, far.x, atol=0.5) and not np.allclose(near.x, far.x)  # the audio: 14 dB apart
-    assert (batches._mix(music, dog, 20.0).y[:, 1] == 1).all()  # the louder one is always heard
+    dog, music = batches._crop(0).y, batches._crop(1).y
+    near, far = batches._mix_targets(dog, music, 6.0), batches._mix_targets(dog, music, 20.0)
+    assert (near[:, 0] == 1).all() and (near[:, 1] == 1).all() and (near[:, 2] == 0).all()
+    assert (far[:, 0] == 1).all() and np.isnan(far[:, 1]).all() and (far[:, 2] == 0).all()
+    assert (batches._mix_targets(music, dog, 20.0)[:, 1] == 1).all()  # the louder one is always heard
 
 
 def test_quiet_lead_crops_start_quiet_with_nothing_to_detect():
@@ -815,3 +814,108 @@ def test_event_stream_tells_a_sound_named_late_from_one_never_named(tmp_path, mo
     text = "\n".join(evaluate.event_stream_lines(got))
     assert "1 of 3 sounds found" in text and "named at all" in text and ": 2 of 3" in text
     assert "not found within 0.3 s" in text and "cat 0.90, dog 0.00" in text  # with how near each label came
+
+
+def _plan(batch: int = 4, frames: int = 120, bands: int = 8, value: float = 2.0):
+    from streamtag.training.augment import Plan
+
+    plan = Plan.empty(batch, frames, bands, 3, 0)
+    plan.x[:] = value
+    plan.y[:] = 0.0
+    return plan
+
+
+def test_each_augmentation_step_does_what_it_says():
+    """The batch augmentation, step by step on hand-made plans: a recording mixed at its SNR, the band limit,
+    the reverberation tail (the recursive filter it stands for, to float precision), the noise floor, the gain
+    as a pure shift above the floor, the quiet lead, the level estimate's start and the SpecAugment masks."""
+    from streamtag.training.augment import DB, augment
+
+    floor, bands = float(np.log(1e-9)), np.zeros(8, np.float32)
+
+    def run(plan, settled=300.0):
+        x, y, level0 = augment(plan, floor, bands, 0.01, settled)
+        return x.numpy(), y.numpy(), level0.numpy()
+
+    plan = _plan()
+    plan.mixed, plan.under, plan.snr_db = np.array([1]), np.full((1, 120, 8), -3.0, np.float32), np.array([6.0])
+    plan.cut[2] = 5
+    plan.gain_db[3] = -20.0
+    x, _, level0 = run(plan)
+    assert np.allclose(x[1], 2.0 + np.log1p(10**-0.6), atol=1e-5)  # 6 dB under: its level, whatever it was
+    assert np.allclose(x[2, :, :5], 2.0) and np.allclose(
+        x[2, :, 5:], floor + np.log(2)
+    )  # the floor, plus the gain's floor
+    assert np.allclose(x[3], np.logaddexp(2.0 - 20 * DB, floor), atol=1e-5)
+    assert np.allclose(x[0], 2.0) and not level0.any()
+
+    plan = _plan()  # reverberation: against tail[t] = a tail[t-1] + (1 - a) p[t], in float64
+    plan.x[0] = np.random.default_rng(0).normal(-4.0, 2.0, size=(120, 8))
+    plan.rt60[0], plan.wet_db[0] = 0.5, -3.0
+    x, _, _ = run(plan)
+    a, p = np.exp(-6.9 * 0.01 / 0.5), np.exp(plan.x[0].astype(np.float64))
+    tail, acc = np.empty_like(p), np.zeros(8)
+    for t in range(120):
+        acc = a * acc + (1 - a) * p[t]
+        tail[t] = acc
+    np.testing.assert_allclose(x[0], np.log(p + 10**-0.3 * tail), atol=1e-4)
+    assert np.allclose(x[1:], 2.0)
+
+    plan = _plan(value=floor)  # the noise floor: about its level above silence, and never the same twice
+    plan.noise_db[0], plan.noise_db[1] = -50.0, -70.0
+    x, _, _ = run(plan)
+    assert abs(x[0].mean() - x[1].mean() - 20 * DB) < 0.1 and x[0].std() > 0.1
+    assert np.allclose(x[2:], floor + np.log(2))
+
+    plan = _plan()  # the quiet lead, the level estimate's start, the masks
+    plan.lead[0], plan.lead_noise_db[0] = 30, -90.0
+    plan.warm_db[1] = -10.0
+    plan.masks = np.zeros((4, 1, 4), np.int64)
+    plan.masks[2, 0] = 3, 2, 50, 10  # bands 3-4, frames 50-59
+    x, _, level0 = run(plan)
+    assert np.all(x[0, :30] < -15.0) and np.allclose(x[0, 30:], 2.0)
+    assert np.allclose(level0[1], [2.0 - 10 * DB, 300.0]) and not level0[[0, 2, 3]].any()
+    masked = np.zeros((120, 8), bool)
+    masked[:, 3:5] = masked[50:60] = True
+    assert np.all(x[2][masked] == floor) and np.allclose(x[2][~masked], 2.0)
+
+
+def test_a_drawn_batch_augmented_in_the_training_process_is_the_one_a_worker_makes():
+    """Training on a GPU, batch workers only draw and the GPU augments; the batch is the one a worker would
+    have made whole (to the float16 the workers send), and a plan augments alike every time."""
+    from streamtag.training.trainer import BatchMaker, TrainOptions, _Batches
+
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(-5.0, 1.0, size=(400, 64)).astype(np.float32) for _ in range(6)]
+    hard = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]]
+    opts = TrainOptions(batch_size=8, quiet_lead_p=0.3, band_limit_p=0.5)
+    batches = _Batches(feats, hard, None, opts, -20.7, np.random.default_rng(1), np.zeros(64, np.float32))
+    plan = batches.draw()
+    first, again = batches.augment(plan), batches.augment(plan)
+    for u, v in zip(first, again):
+        np.testing.assert_array_equal(u.numpy(), v.numpy())
+    with BatchMaker(batches, 2) as whole:
+        made = list(whole.epoch(3, 0, 3))
+    with BatchMaker(batches, 2) as drawing:
+        drawing._augment_here = True  # what a GPU run does, here on the CPU
+        augmented_here = list(drawing.epoch(3, 0, 3))
+    for (x, y, lv), (x2, y2, lv2) in zip(made, augmented_here):
+        np.testing.assert_allclose(x.numpy(), x2.numpy(), atol=0.05)
+        np.testing.assert_allclose(y.numpy(), y2.numpy(), atol=1e-3)
+        np.testing.assert_allclose(lv.numpy(), lv2.numpy(), atol=0.05)
+    assert not np.allclose(made[0][0].numpy(), made[1][0].numpy())
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_plan_augments_on_a_gpu_as_on_the_cpu():
+    """The same plan on the GPU: the same batch but for the noise, whose generator is the device's."""
+    from streamtag.training.trainer import TrainOptions, _Batches
+
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(-5.0, 1.0, size=(400, 64)).astype(np.float32) for _ in range(6)]
+    hard = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]]
+    opts = TrainOptions(batch_size=16, noise_floor_p=0.0, quiet_lead_p=0.0, reverb_p=0.5)
+    batches = _Batches(feats, hard, None, opts, -20.7, np.random.default_rng(1), np.zeros(64, np.float32))
+    plan = batches.draw()
+    for u, v in zip(batches.augment(plan), batches.augment(plan, "cuda")):
+        np.testing.assert_allclose(u.numpy(), v.cpu().numpy(), atol=1e-3)

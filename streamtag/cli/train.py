@@ -118,9 +118,9 @@ def add_parser(subparsers) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="processes that make the augmented batches (on a GPU they, not the model, are what a run waits for; "
-        "try the number of cores less one); each batch then has its own seed, so a run's batches differ from "
-        "those of the same run with 0 (default 0: in the training process)",
+        help="processes that draw the batches (crops, targets; on the CPU they augment them too, on a GPU the GPU "
+        "does); a GPU waits for them, so try the number of cores less one; each batch then has its own seed, so a "
+        "run's batches differ from those of the same run with 0 (default 0: in the training process)",
     )
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument(

@@ -37,11 +37,11 @@ from ..models import build_model
 from ..models.io import save_model
 from ..models.level import white_noise_bands
 from ..models.step import probabilities
+from .augment import DB, Plan, augment
 from .datasets import TRAINED_ON, Dataset, clip_identity, compute_features
 from .evaluate import correct
 
 CHECKPOINT = "checkpoint.pt"
-DB = math.log(10) / 10  # one decibel of power in log-mel units
 
 
 @dataclasses.dataclass
@@ -93,7 +93,7 @@ class TrainOptions:
     steps_per_epoch: int = 0  # 0: one pass over the training clips
     seed: int = 0
     device: str = "cpu"
-    loader_workers: int = 0  # processes making augmented batches (BatchMaker); 0: the training process
+    loader_workers: int = 0  # processes drawing batches (BatchMaker); 0: the training process
     # a floor 30 dB below 16-bit quantisation noise: quiet input stays above it, so gain stays a pure shift
     features: FeatureConfig = dataclasses.field(default_factory=lambda: FeatureConfig(log_floor=1e-9))
 
@@ -259,98 +259,68 @@ class _Batches:
             self._loud[i] = np.lib.stride_tricks.sliding_window_view(padded, 2 * pad + 1).any(axis=1)
         return self._loud[i]
 
-    @staticmethod
-    def _level(x: np.ndarray) -> float:
-        """Log of the mean power; as ``logaddexp.reduce`` but vectorised (that one was a fifth of a batch)."""
-        top = float(x.max())
-        return top + math.log(float(np.exp(x - top, dtype=np.float64).sum())) - math.log(x.size)
-
-    def _mix(self, a: _Crop, b: _Crop, snr_db: float) -> _Crop:
-        shift = self._level(a.x) - self._level(b.x) - snr_db * DB
-        x = np.logaddexp(a.x, b.x + shift)
-        under = b.y
+    def _mix_targets(self, y: np.ndarray, under: np.ndarray, snr_db: float) -> np.ndarray:
+        """Targets of a crop with a recording mixed ``snr_db`` under it: a class either holds is heard, unless
+        the quieter one is further under than ``audible_snr_db`` (then its classes are unknown, not heard)."""
         if snr_db > self.opts.audible_snr_db:  # what the quieter one holds may be masked: unknown, not heard
-            under = np.where(b.y >= 0.2, np.float32(np.nan), b.y)
-        both = np.fmax(a.y, under)  # a class either recording holds is heard
-        known = (~np.isnan(a.y) & ~np.isnan(under)) | (both >= 0.5)
-        return _Crop(x.astype(np.float32), np.where(known, both, np.nan).astype(np.float32))
+            under = np.where(under >= 0.2, np.float32(np.nan), under)
+        both = np.fmax(y, under)  # a class either recording holds is heard
+        known = (~np.isnan(y) & ~np.isnan(under)) | (both >= 0.5)
+        return np.where(known, both, np.nan).astype(np.float32)
 
-    def _band_limit(self, x: np.ndarray) -> np.ndarray:
-        """Nothing above a random cutoff: the bands centred above it drop to the log floor (the microphone
-        noise floor added after this fills them as it would an upsampled telephone recording)."""
-        cut = int(np.searchsorted(self.band_centres, self.rng.uniform(*self.opts.band_limit_hz)))
-        x = x.copy()
-        x[:, cut:] = self.floor
-        return x
-
-    def _reverb(self, x: np.ndarray) -> np.ndarray:
-        """A late-reverberation tail per band: power smeared by an exponential decay (RT60 0.2-1.2 s)."""
-        rt60 = self.rng.uniform(0.2, 1.2)
-        a = math.exp(-6.9 * self.frame_s / rt60)
-        wet = 10 ** (self.rng.uniform(-12, 0) / 10)
-        p = np.exp(x)
-        tail = np.empty_like(p)
-        acc = np.zeros(p.shape[1], dtype=np.float64)
-        for t in range(p.shape[0]):
-            acc = a * acc + (1 - a) * p[t]
-            tail[t] = acc
-        return np.log(p + wet * tail).astype(np.float32)
-
-    def _noise_floor(self, x: np.ndarray) -> np.ndarray:
-        """A microphone's self-noise: white to pink, fluctuating, at a random level."""
-        level = self.rng.uniform(*self.opts.noise_floor_db) * DB
-        tilt = self.rng.uniform(0.0, 1.0) * np.log(np.arange(1, x.shape[1] + 1))
-        noise = self.noise_bands + level - tilt + self.rng.normal(0, 0.3, size=x.shape).astype(np.float32)
-        return np.logaddexp(x, noise).astype(np.float32)
-
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x, y, level0)``: features, targets and each crop's starting level-estimate state
-        ``(level, frames counted)``; zeros (a fresh stream) or settled ``warm_level_db`` off the crop's level."""
+    def draw(self) -> Plan:
+        """A batch's crops, targets and random choices (:class:`~streamtag.training.augment.Plan`); cheap, on
+        the CPU. :meth:`augment` makes it a batch, on the training device."""
         o, rng, b = self.opts, self.rng, self.opts.batch_size
-        xs, ys = [], []
-        level0 = np.zeros((b, 2), dtype=np.float32)
-        for _ in range(b):
+        frames, bands = self.crop, self.feats[0].shape[1]
+        plan = Plan.empty(b, frames, bands, self.n_classes, o.spec_masks)
+        mixed, under, snrs = [], [], []
+        for k in range(b):
             if rng.random() < o.silence_p:
-                item = _Crop(
-                    np.full((self.crop, self.feats[0].shape[1]), self.floor, np.float32),
-                    np.zeros((self.crop, self.n_classes), np.float32),
-                )
+                plan.x[k], plan.y[k] = self.floor, 0.0
             else:
                 item = self._crop(self._pick())
+                plan.x[k], plan.y[k] = item.x, item.y
             if rng.random() < o.background_p:  # half the time a recording without labels (music, speech, noise)
                 use_unlabelled = self.unlabelled.size and rng.random() < 0.5
                 other = self._crop(self._pick_unlabelled() if use_unlabelled else int(rng.integers(len(self.feats))))
-                item = self._mix(item, other, rng.uniform(*o.snr_db))
-            x = item.x
-            if rng.random() < o.band_limit_p:
-                x = self._band_limit(x)
+                snr = rng.uniform(*o.snr_db)
+                plan.y[k] = self._mix_targets(plan.y[k], other.y, snr)
+                mixed.append(k)
+                under.append(other.x)
+                snrs.append(snr)
+            if rng.random() < o.band_limit_p:  # nothing above a random cutoff (telephone, 8 kHz recorders)
+                plan.cut[k] = int(np.searchsorted(self.band_centres, rng.uniform(*o.band_limit_hz)))
             if rng.random() < o.reverb_p:
-                x = self._reverb(x)
-            if rng.random() < o.noise_floor_p:
-                x = self._noise_floor(x)
-            # a gain scales power; the log floor stays where it is
-            x = np.logaddexp(x + np.float32(rng.uniform(*o.gain_db) * DB), np.float32(self.floor))
-            y = item.y
+                plan.rt60[k], plan.wet_db[k] = rng.uniform(0.2, 1.2), rng.uniform(-12, 0)
+            if rng.random() < o.noise_floor_p:  # a microphone's self-noise: white to pink, at a random level
+                plan.noise_db[k], plan.tilt[k] = rng.uniform(*o.noise_floor_db), rng.uniform(0.0, 1.0)
+            plan.gain_db[k] = rng.uniform(*o.gain_db)
             if rng.random() < o.quiet_lead_p:
-                x, y = self._quiet_lead(x, y)
+                lead = min(int(rng.uniform(*o.quiet_lead_s) / self.frame_s), frames // 2)
+                plan.lead[k] = lead
+                plan.lead_noise_db[k], plan.lead_tilt[k] = rng.uniform(*o.noise_floor_db), rng.uniform(0.0, 1.0)
+                plan.y[k] = np.concatenate([np.zeros_like(plan.y[k, :lead]), plan.y[k, : frames - lead]])
             elif rng.random() < o.warm_level_p:
-                level0[len(xs)] = (x.mean() + rng.uniform(*o.warm_level_db) * DB, self.settled_frames)
-            for _ in range(o.spec_masks):  # SpecAugment: a band and a stretch of time set to silence
-                f0, fw = rng.integers(0, x.shape[1]), rng.integers(0, 8)
-                x[:, f0 : f0 + fw] = self.floor
-                t0, tw = rng.integers(0, x.shape[0]), rng.integers(0, 25)
-                x[t0 : t0 + tw] = self.floor
-            xs.append(x)
-            ys.append(y)
-        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)), torch.from_numpy(level0)
+                plan.warm_db[k] = rng.uniform(*o.warm_level_db)
+            for m in range(o.spec_masks):
+                f0, fw = rng.integers(0, bands), rng.integers(0, 8)  # a band
+                t0, tw = rng.integers(0, frames), rng.integers(0, 25)  # and a stretch of time
+                plan.masks[k, m] = f0, fw, t0, tw
+        if mixed:
+            plan.mixed, plan.under, plan.snr_db = np.array(mixed), np.stack(under), np.array(snrs)
+        plan.seed = int(rng.integers(2**63))
+        return plan
 
-    def _quiet_lead(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The crop shifted later behind ``quiet_lead_s`` of a quiet microphone floor (targets 0 there): the
-        sound's onset then meets running means and a level estimate filled with quiet, as in a live stream."""
-        lead = min(int(self.rng.uniform(*self.opts.quiet_lead_s) / self.opts.features.frame_seconds), len(x) // 2)
-        quiet = self._noise_floor(np.full((lead, x.shape[1]), self.floor, np.float32))
-        shifted = np.concatenate([np.zeros_like(y[:lead]), y[: len(y) - lead]])
-        return np.concatenate([quiet, x[: len(x) - lead]]), shifted
+    def augment(self, plan: Plan, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, y, level0)`` of a drawn batch, on ``device`` (:func:`~streamtag.training.augment.augment`)."""
+        return augment(plan, self.floor, self.noise_bands, self.frame_s, self.settled_frames, device)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, y, level0)``: features, targets and each crop's starting level-estimate state
+        ``(level, frames counted)``; zeros (a fresh stream) or settled ``warm_level_db`` off the crop's level.
+        Drawn and augmented here, on the CPU."""
+        return self.augment(self.draw())
 
 
 def _by_group(groups: list[str], members: np.ndarray) -> list[np.ndarray]:
@@ -498,7 +468,7 @@ def fit(
     task = bar.add_task("training", total=steps) if bar else None
     t_start = time.time()
     try:
-        with BatchMaker(batches, opts.loader_workers) as maker:
+        with BatchMaker(batches, opts.loader_workers, opts.device) as maker:
             for epoch in range(start_epoch, opts.epochs):
                 model.train()
                 total = 0.0
@@ -561,17 +531,20 @@ def training_step(model, optim, batch, cfg: ModelConfig, warm: int, device: str)
 
 
 class BatchMaker:
-    """Augmented batches for an epoch, made in this process (``workers`` 0) or by that many forked processes.
+    """Augmented batches for an epoch, drawn in this process (``workers`` 0) or by that many forked processes.
 
-    On a GPU the model's step takes a few milliseconds and one core's augmentation of a batch tens of them, so
-    the batches are what a run waits for. With workers, batch ``step`` of ``epoch`` is drawn from its own
-    generator seeded by ``(seed, epoch, step)``: the same batches whatever the number of workers, and a
-    resumed run draws what the uninterrupted one would have. Without workers the run's one generator draws
-    them in turn, as before workers existed.
+    On a GPU the model's step takes a few milliseconds and one core's batch tens of them, so the batches are
+    what a run waits for. Training on a GPU (``device`` not the CPU), the workers only draw batches and the
+    augmentation runs on the GPU in this process, where it takes about as long as the step; on the CPU each
+    worker augments what it draws. With workers, batch ``step`` of ``epoch`` is drawn from its own generator
+    seeded by ``(seed, epoch, step)``: the same batches whatever the number of workers (on one device: a GPU's
+    noise generator is not the CPU's), and a resumed run draws what the uninterrupted one would have. Without
+    workers the run's one generator draws them in turn, as before workers existed.
     """
 
-    def __init__(self, batches: _Batches, workers: int = 0) -> None:
-        self.batches, self.workers, self._pool = batches, workers, None
+    def __init__(self, batches: _Batches, workers: int = 0, device: str = "cpu") -> None:
+        self.batches, self.workers, self.device, self._pool = batches, workers, device, None
+        self._augment_here = torch.device(device).type != "cpu"
 
     def __enter__(self) -> BatchMaker:
         if self.workers > 0:
@@ -594,7 +567,7 @@ class BatchMaker:
     def epoch(self, seed: int, epoch: int, steps: int):
         if self._pool is None:
             for _ in range(steps):
-                yield self.batches.batch()
+                yield self.batches.augment(self.batches.draw(), self.device)
             return
         import collections
         from concurrent.futures.process import BrokenProcessPool
@@ -602,12 +575,12 @@ class BatchMaker:
         pending: collections.deque = collections.deque()
         todo = iter(range(steps))
         for step in todo:  # at most two batches a worker in flight: each is tens of megabytes
-            pending.append(self._pool.submit(_worker_batch, (seed, epoch, step)))
+            pending.append(self._pool.submit(_worker_batch, (seed, epoch, step), self._augment_here))
             if len(pending) >= 2 * self.workers:
                 break
         while pending:
             try:
-                x, y, level0 = pending.popleft().result()
+                made = pending.popleft().result()
             except BrokenProcessPool:
                 raise StreamtagError(
                     "a batch worker died (killed, out of memory?); the last checkpoint holds the finished "
@@ -615,8 +588,12 @@ class BatchMaker:
                 ) from None
             step = next(todo, None)
             if step is not None:
-                pending.append(self._pool.submit(_worker_batch, (seed, epoch, step)))
-            yield torch.from_numpy(x).float(), torch.from_numpy(y).float(), torch.from_numpy(level0)
+                pending.append(self._pool.submit(_worker_batch, (seed, epoch, step), self._augment_here))
+            if self._augment_here:
+                yield self.batches.augment(made, self.device)
+            else:
+                x, y, level0 = made
+                yield torch.from_numpy(x).float(), torch.from_numpy(y).float(), torch.from_numpy(level0)
 
 
 _WORKER_BATCHES: _Batches | None = None
@@ -630,13 +607,18 @@ def _quiet_worker() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    torch.set_num_threads(1)  # one core a worker; and a forked child must not enter the parent's thread pool
 
 
-def _worker_batch(key: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _worker_batch(key: tuple[int, int, int], draw_only: bool) -> Plan | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch ``key`` drawn (for a GPU to augment) or drawn and augmented, its audio and targets as float16:
+    half the bytes through the pipe, 0.016 log-mel units (0.07 dB) at the loudest, targets to 1e-3."""
     batches = _WORKER_BATCHES
     batches.rng = np.random.default_rng(list(key))
-    x, y, level0 = batches.batch()
-    # sent as float16, half the bytes through the pipe: 0.016 log-mel units (0.07 dB) at the loudest, targets to 1e-3
+    plan = batches.draw()
+    if draw_only:
+        return plan.compact()
+    x, y, level0 = batches.augment(plan)
     return x.numpy().astype(np.float16), y.numpy().astype(np.float16), level0.numpy()
 
 
