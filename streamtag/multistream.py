@@ -228,7 +228,13 @@ class MultiStreamTagger:
             for i, b in enumerate(blocks):
                 audio[: lengths[i], i] = b[3]
             out = np.empty((audio.shape[0], nb, len(self.labels)), np.float32)
-            for r in range(audio.shape[0]):
+            together = int(lengths.min())  # the rounds every block takes part in: one call for all of them
+            step_rounds = getattr(self.backend, "step_rounds", None)  # a backend of the older protocol has none
+            if step_rounds is None or together < 2:
+                together = 0
+            else:
+                out[:together] = step_rounds(self.pool, slots, audio[:together])
+            for r in range(together, audio.shape[0]):
                 members = np.flatnonzero(lengths > r)
                 if members.size == nb:
                     out[r] = self.backend.step(self.pool, slots, audio[r])

@@ -93,14 +93,43 @@ def test_rounds_keep_their_rows_and_slots_step_in_any_subset(cnn_dir, backend):
         np.testing.assert_allclose(np.stack(got[name]), ref, atol=1e-5, err_msg=f"stream {name}")
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_rounds_of_gathered_slots_step_as_hop_by_hop_and_leave_the_others_alone(model_dir, backend):
+    """step_rounds: k hops of streams that are not slots 0..n-1 (a server's round), their state gathered and
+    scattered once: the probabilities and state of k step calls, the slots not named untouched, and the pool
+    goes on from there alike."""
+    b = make_backend(backend, model_dir)
+    hop = b.config.features.hop_length
+    rng = np.random.default_rng(0)
+    warm = (rng.standard_normal((6, 5, hop)) * 0.1).astype(np.float32)
+    audio = (rng.standard_normal((7, 3, hop)) * 0.1).astype(np.float32)
+    slots, others = np.array([1, 3, 4]), [0, 2, 5]
+    pools = [b.new_state(6), b.new_state(6)]
+    for pool in pools:  # every slot with some history first
+        for r in range(5):
+            b.step(pool, np.arange(6), warm[:, r])
+    before = [b.snapshot(pools[0], s) for s in others]
+    rounds = b.step_rounds(pools[0], slots, audio)
+    one_by_one = np.stack([np.array(b.step(pools[1], slots, audio[r])) for r in range(7)])
+    np.testing.assert_allclose(rounds, one_by_one, atol=1e-6)
+    for s, rows in zip(others, before):
+        for u, v in zip(b.snapshot(pools[0], s), rows):
+            np.testing.assert_array_equal(u, v)
+    for s in range(6):
+        for u, v in zip(b.snapshot(pools[0], s), b.snapshot(pools[1], s)):
+            np.testing.assert_allclose(u, v, atol=1e-6)
+    after = (rng.standard_normal((6, hop)) * 0.1).astype(np.float32)
+    np.testing.assert_allclose(b.step(pools[0], np.arange(6), after), b.step(pools[1], np.arange(6), after), atol=1e-6)
+
+
 class _OlderBackend:
-    """A backend written before step_slot_hops: everything else of the real one."""
+    """A backend written before step_slot_hops and step_rounds: everything else of the real one."""
 
     def __init__(self, backend) -> None:
         self._backend = backend
 
     def __getattr__(self, name):
-        if name == "step_slot_hops":
+        if name in ("step_slot_hops", "step_rounds"):
             raise AttributeError(name)
         return getattr(self._backend, name)
 

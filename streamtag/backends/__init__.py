@@ -44,6 +44,10 @@ class Backend(Protocol):
         """``k`` hops of every stream of a lockstep state, ``(n, k, hop) -> (n, k, classes)``: the results of ``k``
         :meth:`step` calls (to float rounding), in as few calls as the backend can (a backlog, a file)."""
 
+    def step_rounds(self, state: object, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        """``k`` hops of the streams in ``slots`` of a pool, ``(k, n, hop) -> (k, n, classes)``: the results of ``k``
+        :meth:`step` calls, the slots' state gathered and scattered once (optional: without it, ``k`` calls)."""
+
     def step_slot_hops(self, state: object, slot: int, audio: np.ndarray) -> np.ndarray:
         """``k`` hops of one stream of a pool, ``(k, hop) -> (k, classes)``: the results of ``k`` :meth:`step`
         calls of that slot, in as few calls as the backend can (the backlog of a stream that leaves or resets,

@@ -339,30 +339,14 @@ class OnnxBackend(OwnStreams):
         second set, which then becomes current (nothing copied when no other slot is in use); otherwise the
         slots' state is gathered, stepped and scattered back."""
         n = len(slots)
-        in_place = slots[0] == 0 and slots[-1] == n - 1 and bool((slots == pool.all_slots[:n]).all())
+        in_place = self._in_place(pool, slots)
         pool.high_water = max(pool.high_water, int(slots.max()) + 1)
         pool.audio[:n] = audio
         if not in_place:
             for src, dst in zip(pool.state, pool.state_in):
                 np.take(src, slots, axis=0, out=dst[:n])
-        if self.rings is not None:
-            taps = pool.taps[: pool.taps.size // pool.capacity * n].reshape(self.rings.lines, n, -1)
-            frames = pool.frames[slots]
-            if frames[0] == frames[-1] and (frames == frames[0]).all():
-                frames = int(frames[0])  # streams in step
-            self.rings.pool_taps(slots, frames, taps)
-        key = (in_place, n, pool.current if in_place else 0)
-        binding = pool.bindings.get(key)
-        if binding is None:
-            state_in, state_out = (
-                (pool.state, pool.sets[1 - pool.current]) if in_place else (pool.state_in, pool.state_out)
-            )
-            ring_args = () if self.rings is None else (pool.ring, taps, pool.rows[:n])
-            binding = self._bind(
-                pool.audio[:n], [a[:n] for a in state_in], pool.probs[:n], [a[:n] for a in state_out], *ring_args
-            )
-            pool.bindings[key] = binding
-        self.session.run_with_iobinding(binding)
+        frames, taps = self._pool_taps(pool, slots)
+        self.session.run_with_iobinding(self._pool_binding(pool, (in_place, n, pool.current if in_place else 0), taps))
         if in_place:
             successor = pool.sets[1 - pool.current]
             for dst, src in zip(successor, pool.state):  # slots not stepped carry over
@@ -375,6 +359,65 @@ class OnnxBackend(OwnStreams):
             self.rings.write_rows(pool.ring, slots, frames, pool.rows[:n])
             pool.frames[slots] += 1
         return pool.probs[:n]
+
+    def step_rounds(self, pool: OnnxPool, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        """``k`` hops of the streams in ``slots``, ``(k, n, hop) -> (k, n, classes)``: what ``k`` calls of
+        :meth:`step` give, with the slots' state gathered once and scattered once instead of every hop (a server's
+        round: each stream's 100 ms message is 10 hops, and its streams are seldom slots ``0..n-1``)."""
+        k, n = audio.shape[:2]
+        out = np.empty((k, n, self.config.num_classes), np.float32)
+        if k == 1 or self._in_place(pool, slots):  # stepped in place: nothing gathered to save
+            for r in range(k):
+                out[r] = self._step_pool(pool, slots, audio[r])
+            return out
+        pool.high_water = max(pool.high_water, int(slots.max()) + 1)
+        for src, dst in zip(pool.state, pool.state_in):
+            np.take(src, slots, axis=0, out=dst[:n])
+        buffers = (pool.state_in, pool.state_out)  # hop r reads buffers[r % 2] and writes the other
+        for r in range(k):
+            pool.audio[:n] = audio[r]
+            frames, taps = self._pool_taps(pool, slots)
+            self.session.run_with_iobinding(self._pool_binding(pool, (False, n, r % 2), taps))
+            out[r] = pool.probs[:n]
+            if self.rings is not None:
+                self.rings.write_rows(pool.ring, slots, frames, pool.rows[:n])
+                pool.frames[slots] += 1
+        for dst, src in zip(pool.state, buffers[k % 2]):
+            dst[slots] = src[:n]
+        return out
+
+    @staticmethod
+    def _in_place(pool: OnnxPool, slots: np.ndarray) -> bool:
+        n = len(slots)
+        return bool(slots[0] == 0 and slots[-1] == n - 1 and (slots == pool.all_slots[:n]).all())
+
+    def _pool_taps(self, pool: OnnxPool, slots: np.ndarray) -> tuple[np.ndarray | int, np.ndarray | None]:
+        """The slots' places in their rings (one int when all have stepped as often) and the tap rows the next
+        hop reads, written into the pool's tap buffer for ``len(slots)`` streams; ``(0, None)`` without rings."""
+        if self.rings is None:
+            return 0, None
+        n = len(slots)
+        taps = pool.taps[: pool.taps.size // pool.capacity * n].reshape(self.rings.lines, n, -1)
+        frames = pool.frames[slots]
+        if frames[0] == frames[-1] and (frames == frames[0]).all():
+            frames = int(frames[0])  # streams in step
+        self.rings.pool_taps(slots, frames, taps)
+        return frames, taps
+
+    def _pool_binding(self, pool: OnnxPool, key: tuple[bool, int, int], taps: np.ndarray | None) -> ort.IOBinding:
+        """The binding of a pool hop of ``n`` streams, ``key = (in_place, n, which)``, made once: in place, from
+        state set ``which`` to the other; gathered, from ``state_in`` to ``state_out`` (``which`` 0) or back (1)."""
+        binding = pool.bindings.get(key)
+        if binding is None:
+            in_place, n, which = key
+            sets = pool.sets if in_place else (pool.state_in, pool.state_out)
+            state_in, state_out = sets[which], sets[1 - which]
+            ring_args = () if self.rings is None else (pool.ring, taps, pool.rows[:n])
+            binding = self._bind(
+                pool.audio[:n], [a[:n] for a in state_in], pool.probs[:n], [a[:n] for a in state_out], *ring_args
+            )
+            pool.bindings[key] = binding
+        return binding
 
     # -- a backlog: many hops of a lockstep state in one call -------------------------
     def step_hops(self, state: LockstepState, audio: np.ndarray) -> np.ndarray:

@@ -118,6 +118,24 @@ class TorchBackend(OwnStreams):
         return probs.cpu().numpy()
 
     @torch.inference_mode()
+    def step_rounds(self, state: TorchState, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        """``k`` hops of the streams in ``slots``, ``(k, n, hop) -> (k, n, classes)``, their state gathered and
+        scattered once (see the onnx backend's)."""
+        k, n = audio.shape[:2]
+        if k == 1 or (n == state.capacity and bool((np.asarray(slots) == np.arange(n)).all())):
+            return np.stack([self.step(state, slots, audio[r]) for r in range(k)])
+        index = torch.as_tensor(np.asarray(slots), dtype=torch.long, device=self.device)
+        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32).reshape(k, n, -1)).to(self.device)
+        tensors = [t.index_select(0, index) for t in state.tensors]
+        out = []
+        for r in range(k):
+            probs, *tensors = self.step_module(x[r], *tensors)
+            out.append(probs)
+        for t, rows in zip(state.tensors, tensors):
+            t.index_copy_(0, index, rows)
+        return torch.stack(out).cpu().numpy()
+
+    @torch.inference_mode()
     def step_slot_hops(self, state: TorchState, slot: int, audio: np.ndarray) -> np.ndarray:
         one = TorchState([t[slot : slot + 1].clone() for t in state.tensors])  # a pool's and a lockstep's are alike
         probs = self.step_hops(one, audio[None])[0]
