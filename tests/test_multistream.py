@@ -109,6 +109,7 @@ def test_rounds_of_gathered_slots_step_as_hop_by_hop_and_leave_the_others_alone(
         for r in range(5):
             b.step(pool, np.arange(6), warm[:, r])
     before = [b.snapshot(pools[0], s) for s in others]
+    assert b.step_rounds(pools[0], slots, audio[:0]).shape == (0, 3, len(b.labels))  # no hops: nothing stepped
     rounds = b.step_rounds(pools[0], slots, audio)
     one_by_one = np.stack([np.array(b.step(pools[1], slots, audio[r])) for r in range(7)])
     np.testing.assert_allclose(rounds, one_by_one, atol=1e-6)

@@ -122,6 +122,8 @@ class TorchBackend(OwnStreams):
         """``k`` hops of the streams in ``slots``, ``(k, n, hop) -> (k, n, classes)``, their state gathered and
         scattered once (see the onnx backend's)."""
         k, n = audio.shape[:2]
+        if k == 0:
+            return np.zeros((0, n, len(self.labels)), np.float32)
         if k == 1 or (n == state.capacity and bool((np.asarray(slots) == np.arange(n)).all())):
             return np.stack([self.step(state, slots, audio[r]) for r in range(k)])
         index = torch.as_tensor(np.asarray(slots), dtype=torch.long, device=self.device)

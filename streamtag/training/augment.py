@@ -141,7 +141,7 @@ def augment(
         f0, fw, t0, tw = (torch.as_tensor(plan.masks[:, m, j], device=dev).view(-1, 1, 1) for j in range(4))
         masked = ((band >= f0) & (band < f0 + fw)) | ((t[:, None] >= t0) & (t[:, None] < t0 + tw))
         x = torch.where(masked, floor, x)
-    return x, torch.as_tensor(plan.y, device=dev).float(), level0
+    return x, torch.tensor(plan.y, device=dev, dtype=torch.float32), level0  # copies: the plan stays as drawn
 
 
 def _level(x: torch.Tensor) -> torch.Tensor:
