@@ -168,8 +168,11 @@ def _epochs_within(prepared, opts, minutes: float) -> int:
         batch = collections.deque(stream, maxlen=1)[0]  # the rest of the probe, timed; the last kept
         per_batch = (time.perf_counter() - start) / probe
     per_step = _step_seconds(batch, prepared, opts)
-    # the slower of the two sets the pace; a tenth spare for the epochs' saving and the machine's noise
-    pace = 1.1 * max(per_batch, per_step)
+    # on the CPU the workers make whole batches while the step runs: the slower of the two sets the pace; on a
+    # GPU this process augments each batch before its step (the probe timed that), so the two add up (at most);
+    # a tenth spare for the epochs' saving and the machine's noise
+    on_device = opts.device != "cpu"
+    pace = 1.1 * (per_batch + per_step if on_device else max(per_batch, per_step))
     epochs = max(1, int(minutes * 60 / pace / opts.steps_per_epoch))
     print(
         f"{per_batch * 1000:.1f} ms a batch of {opts.batch_size}, {per_step * 1000:.1f} ms a training step: "
