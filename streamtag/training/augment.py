@@ -115,6 +115,8 @@ def augment(
         a, b = x[i], torch.as_tensor(plan.under, device=dev).float()
         shift = _level(a) - _level(b) - rows(plan.snr_db) * DB
         x[i] = torch.logaddexp(a, b + shift)
+    # band limits: the bands centred above the cutoff drop to the log floor (the noise floor added after this
+    # fills them, as it would an upsampled telephone recording)
     x = torch.where(band >= torch.as_tensor(plan.cut, device=dev).view(-1, 1, 1), floor, x)
     r = np.flatnonzero(plan.rt60 > 0)
     if r.size:
@@ -124,7 +126,8 @@ def augment(
         x[index(n)] = torch.logaddexp(x[index(n)], noise(plan.noise_db[n], plan.tilt[n]))
     x = torch.logaddexp(x + rows(plan.gain_db) * DB, torch.tensor(floor, device=dev))
     q = np.flatnonzero(plan.lead > 0)
-    if q.size:  # the crop later by `lead` frames, behind a quiet floor
+    if q.size:  # the crop later by `lead` frames, behind a quiet floor: its onset then meets running means and a
+        # level estimate filled with quiet, as a sound in a live stream does
         lead = torch.as_tensor(plan.lead[q], device=dev).view(-1, 1)
         t = torch.arange(frames, device=dev)
         source = (t - lead).clamp(min=0)[:, :, None].expand(-1, -1, bands)
