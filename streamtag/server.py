@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -845,11 +845,18 @@ class _IdleWatch:
         self.fired = False
         self.timer = self.loop.call_later(idle_s, self._check)
 
-    def waiting(self) -> None:
+    async def receive(self, message: Awaitable):
+        """``await message`` (the client's next one) under the watch; ``None`` once the client has been idle
+        ``idle_s``. A cancellation that is not the watch's own (a server shutdown) goes on up."""
         self.since = self.loop.time()
-
-    def got(self) -> None:
-        self.since = None
+        try:
+            return await message
+        except asyncio.CancelledError:
+            if not self.interrupted():
+                raise
+            return None
+        finally:
+            self.since = None
 
     def _check(self) -> None:
         now = self.loop.time()
@@ -1000,15 +1007,10 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
         idle = _IdleWatch(options.idle_s)
         try:
             while True:
-                idle.waiting()
-                try:
-                    msg = await ws.receive()
-                except asyncio.CancelledError:
-                    if not idle.interrupted():
-                        raise
+                msg = await idle.receive(ws.receive())
+                if msg is None:
                     reason, code = f"idle for {options.idle_s:g} s", CLOSE_IDLE
                     break
-                idle.got()
                 if refused:
                     reason, code = refused[0]["message"], refused[0]["code"]
                     break

@@ -1127,7 +1127,7 @@ def test_a_client_cannot_take_the_name_or_the_slot_of_a_pulled_source(tmp_path):
 
 
 def _idle_handler(idle_s: float, inbox: asyncio.Queue, log: list):
-    """The shape of the WebSocket handler's loop around its idle watch: wait, got, and closing work after."""
+    """The shape of the WebSocket handler's loop around its idle watch: receive under it, and closing work after."""
     from streamtag.server import _IdleWatch
 
     async def handler():
@@ -1135,15 +1135,10 @@ def _idle_handler(idle_s: float, inbox: asyncio.Queue, log: list):
         log.append(idle)
         try:
             while True:
-                idle.waiting()
-                try:
-                    message = await inbox.get()
-                except asyncio.CancelledError:
-                    if not idle.interrupted():
-                        raise
+                message = await idle.receive(inbox.get())
+                if message is None:
                     log.append("idle")
                     break
-                idle.got()
                 log.append(message)
                 await asyncio.sleep(idle_s * 1.5)  # handing audio to a busy worker: not a wait for the client
         finally:
