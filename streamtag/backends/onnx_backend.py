@@ -337,54 +337,56 @@ class OnnxBackend(OwnStreams):
     def _step_pool(self, pool: OnnxPool, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
         """When ``slots`` is ``0..n-1`` the state is read in place and the new state written to the pool's
         second set, which then becomes current (nothing copied when no other slot is in use); otherwise the
-        slots' state is gathered, stepped and scattered back."""
+        slots' state is gathered, stepped and scattered back (:meth:`_step_gathered`)."""
+        if not self._in_place(pool, slots):
+            return self._step_gathered(pool, slots, audio[None])[0]
         n = len(slots)
-        in_place = self._in_place(pool, slots)
-        pool.high_water = max(pool.high_water, int(slots.max()) + 1)
+        pool.high_water = max(pool.high_water, n)
         pool.audio[:n] = audio
-        if not in_place:
-            for src, dst in zip(pool.state, pool.state_in):
-                np.take(src, slots, axis=0, out=dst[:n])
         frames, taps = self._pool_taps(pool, slots)
-        self.session.run_with_iobinding(self._pool_binding(pool, (in_place, n, pool.current if in_place else 0), taps))
-        if in_place:
-            successor = pool.sets[1 - pool.current]
-            for dst, src in zip(successor, pool.state):  # slots not stepped carry over
-                dst[n : pool.high_water] = src[n : pool.high_water]
-            pool.current = 1 - pool.current
-        else:
-            for dst, src in zip(pool.state, pool.state_out):
-                dst[slots] = src[:n]
-        if self.rings is not None:
-            self.rings.write_rows(pool.ring, slots, frames, pool.rows[:n])
-            pool.frames[slots] += 1
+        self.session.run_with_iobinding(self._pool_binding(pool, (True, n, pool.current), taps))
+        successor = pool.sets[1 - pool.current]
+        for dst, src in zip(successor, pool.state):  # slots not stepped carry over
+            dst[n : pool.high_water] = src[n : pool.high_water]
+        pool.current = 1 - pool.current
+        self._advance_rings(pool, slots, frames)
         return pool.probs[:n]
 
     def step_rounds(self, pool: OnnxPool, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
         """``k`` hops of the streams in ``slots``, ``(k, n, hop) -> (k, n, classes)``: what ``k`` calls of
         :meth:`step` give, with the slots' state gathered once and scattered once instead of every hop (a server's
         round: each stream's 100 ms message is 10 hops, and its streams are seldom slots ``0..n-1``)."""
+        if not self._in_place(pool, slots):
+            return self._step_gathered(pool, slots, audio)
+        out = np.empty((len(audio), len(slots), self.config.num_classes), np.float32)
+        for r in range(len(audio)):  # stepped in place: nothing gathered to save
+            out[r] = self._step_pool(pool, slots, audio[r])
+        return out
+
+    def _step_gathered(self, pool: OnnxPool, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
+        """``k`` hops ``(k, n, hop)`` of slots that are not ``0..n-1``: their state gathered into ``state_in``, hop
+        ``r`` reading one of ``state_in`` / ``state_out`` and writing the other, the last written scattered back."""
         k, n = audio.shape[:2]
         out = np.empty((k, n, self.config.num_classes), np.float32)
-        if k == 1 or self._in_place(pool, slots):  # stepped in place: nothing gathered to save
-            for r in range(k):
-                out[r] = self._step_pool(pool, slots, audio[r])
-            return out
         pool.high_water = max(pool.high_water, int(slots.max()) + 1)
         for src, dst in zip(pool.state, pool.state_in):
             np.take(src, slots, axis=0, out=dst[:n])
-        buffers = (pool.state_in, pool.state_out)  # hop r reads buffers[r % 2] and writes the other
+        buffers = (pool.state_in, pool.state_out)
         for r in range(k):
             pool.audio[:n] = audio[r]
             frames, taps = self._pool_taps(pool, slots)
             self.session.run_with_iobinding(self._pool_binding(pool, (False, n, r % 2), taps))
             out[r] = pool.probs[:n]
-            if self.rings is not None:
-                self.rings.write_rows(pool.ring, slots, frames, pool.rows[:n])
-                pool.frames[slots] += 1
+            self._advance_rings(pool, slots, frames)
         for dst, src in zip(pool.state, buffers[k % 2]):
             dst[slots] = src[:n]
         return out
+
+    def _advance_rings(self, pool: OnnxPool, slots: np.ndarray, frames: np.ndarray | int) -> None:
+        """Store the hop's new delay-line rows (``pool.rows``) and move the slots on a place in their rings."""
+        if self.rings is not None:
+            self.rings.write_rows(pool.ring, slots, frames, pool.rows[: len(slots)])
+            pool.frames[slots] += 1
 
     @staticmethod
     def _in_place(pool: OnnxPool, slots: np.ndarray) -> bool:

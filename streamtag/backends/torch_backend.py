@@ -102,7 +102,7 @@ class TorchBackend(OwnStreams):
     @torch.inference_mode()
     def step(self, state: TorchState, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
         n = len(slots)
-        whole = n == state.capacity and bool((np.asarray(slots) == np.arange(n)).all())
+        whole = self._whole(state, slots)
         x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32).reshape(n, -1))
         if self._pinned:
             x = x.pin_memory()
@@ -124,7 +124,7 @@ class TorchBackend(OwnStreams):
         k, n = audio.shape[:2]
         if k == 0:
             return np.zeros((0, n, len(self.labels)), np.float32)
-        if k == 1 or (n == state.capacity and bool((np.asarray(slots) == np.arange(n)).all())):
+        if k == 1 or self._whole(state, slots):
             return np.stack([self.step(state, slots, audio[r]) for r in range(k)])
         index = torch.as_tensor(np.asarray(slots), dtype=torch.long, device=self.device)
         x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32).reshape(k, n, -1)).to(self.device)
@@ -136,6 +136,12 @@ class TorchBackend(OwnStreams):
         for t, rows in zip(state.tensors, tensors):
             t.index_copy_(0, index, rows)
         return torch.stack(out).cpu().numpy()
+
+    @staticmethod
+    def _whole(state: TorchState, slots: np.ndarray) -> bool:
+        """Every stream of the state, in order: stepped with no gather or scatter."""
+        n = len(slots)
+        return n == state.capacity and bool((np.asarray(slots) == np.arange(n)).all())
 
     @torch.inference_mode()
     def step_slot_hops(self, state: TorchState, slot: int, audio: np.ndarray) -> np.ndarray:
