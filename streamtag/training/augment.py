@@ -101,7 +101,8 @@ def augment(
     def index(which: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(which, device=dev)
 
-    band = torch.arange(bands, device=dev)
+    band, t = torch.arange(bands, device=dev), torch.arange(frames, device=dev)
+    log_floor = torch.tensor(floor, device=dev)
     tilt_shape = torch.log(band + 1.0)  # pink noise falls by this (times the tilt) from white
     white = torch.as_tensor(noise_bands, device=dev).float()
 
@@ -120,26 +121,27 @@ def augment(
     x = torch.where(band >= torch.as_tensor(plan.cut, device=dev).view(-1, 1, 1), floor, x)
     r = np.flatnonzero(plan.rt60 > 0)
     if r.size:
-        x[index(r)] = reverberate(x[index(r)], plan.rt60[r], plan.wet_db[r], frame_s)
+        i = index(r)
+        x[i] = reverberate(x[i], plan.rt60[r], plan.wet_db[r], frame_s)
     n = np.flatnonzero(~np.isnan(plan.noise_db))
     if n.size:
-        x[index(n)] = torch.logaddexp(x[index(n)], noise(plan.noise_db[n], plan.tilt[n]))
-    x = torch.logaddexp(x + rows(plan.gain_db) * DB, torch.tensor(floor, device=dev))
+        i = index(n)
+        x[i] = torch.logaddexp(x[i], noise(plan.noise_db[n], plan.tilt[n]))
+    x = torch.logaddexp(x + rows(plan.gain_db) * DB, log_floor)
     q = np.flatnonzero(plan.lead > 0)
     if q.size:  # the crop later by `lead` frames, behind a quiet floor: its onset then meets running means and a
         # level estimate filled with quiet, as a sound in a live stream does
-        lead = torch.as_tensor(plan.lead[q], device=dev).view(-1, 1)
-        t = torch.arange(frames, device=dev)
+        i, lead = index(q), torch.as_tensor(plan.lead[q], device=dev).view(-1, 1)
         source = (t - lead).clamp(min=0)[:, :, None].expand(-1, -1, bands)
-        shifted = torch.gather(x[index(q)], 1, source)
-        quiet = torch.logaddexp(noise(plan.lead_noise_db[q], plan.lead_tilt[q]), torch.tensor(floor, device=dev))
-        x[index(q)] = torch.where((t < lead)[:, :, None], quiet, shifted)
+        shifted = torch.gather(x[i], 1, source)
+        quiet = torch.logaddexp(noise(plan.lead_noise_db[q], plan.lead_tilt[q]), log_floor)
+        x[i] = torch.where((t < lead)[:, :, None], quiet, shifted)
     level0 = torch.zeros((batch, 2), device=dev)
     w = np.flatnonzero(~np.isnan(plan.warm_db))
     if w.size:
-        level0[index(w), 0] = x[index(w)].mean(dim=(1, 2)) + torch.as_tensor(plan.warm_db[w], device=dev).float() * DB
-        level0[index(w), 1] = float(settled_frames)
-    t = torch.arange(frames, device=dev)
+        i = index(w)
+        level0[i, 0] = x[i].mean(dim=(1, 2)) + torch.as_tensor(plan.warm_db[w], device=dev).float() * DB
+        level0[i, 1] = float(settled_frames)
     for m in range(plan.masks.shape[1]):  # SpecAugment: a band and a stretch of time set to silence
         f0, fw, t0, tw = (torch.as_tensor(plan.masks[:, m, j], device=dev).view(-1, 1, 1) for j in range(4))
         masked = ((band >= f0) & (band < f0 + fw)) | ((t[:, None] >= t0) & (t[:, None] < t0 + tw))
