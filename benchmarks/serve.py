@@ -12,12 +12,14 @@ p99 again in steady state, over the messages sent while every client was connect
 once at the start and leave together at the end: bursts a real site rarely has, so they are counted in
 the first figure and left out of the second), samples dropped (from each stream's summary), and the
 server's CPU per stream (from /proc). The clients run in this process, on the same machine: on a
-small machine they compete with the server for the cores. ``--mqtt`` also starts a mosquitto broker on
+small machine they compete with the server for the cores. Each client starts its 100 ms schedule at a random
+point (``--phases random``, as independent devices do) or all at once (``--phases together``: every
+client's message in the same few milliseconds, the worst case for rounds). ``--mqtt`` also starts a mosquitto broker on
 loopback and has the server publish to it (messages per second from /metrics).
 The last lines name the most streams that met issue 14's bar (nothing dropped and p99 under 50 ms),
 over the whole run and in steady state.
 
-    python benchmarks/serve.py --streams 10,50,100,200 --seconds 10 [--mqtt] [--out results/serve.json]
+    python benchmarks/serve.py --streams 10,50,100,200 --seconds 10 [--phases together] [--mqtt] [--out F.json]
 """
 
 from __future__ import annotations
@@ -48,9 +50,17 @@ def _pcm() -> np.ndarray:
 
 
 async def _client(
-    port: int, name: str, pcm: np.ndarray, seconds: float, latencies: list, summaries: list, spans: list
+    port: int,
+    name: str,
+    pcm: np.ndarray,
+    seconds: float,
+    latencies: list,
+    summaries: list,
+    spans: list,
+    phase: float = 0.0,
 ) -> None:
-    """One real-time client; appends ``(sent, latency)`` per scores message and ``(connected, eof)`` to ``spans``."""
+    """One real-time client; appends ``(sent, latency)`` per scores message and ``(connected, eof)`` to ``spans``.
+    It sends its first message ``phase`` seconds after connecting, and one every 100 ms from then."""
     import aiohttp
 
     chunk = 1600  # 100 ms at 16 kHz
@@ -67,7 +77,7 @@ async def _client(
                         summaries.append(m)
 
             receiver = asyncio.create_task(receive())
-            start = time.perf_counter()
+            start = time.perf_counter() + phase
             span = [start, None]
             spans.append(span)
             n = int(seconds * 10)
@@ -152,7 +162,13 @@ def _server_latency(samples: list) -> tuple[float | None, float | None]:
 
 
 def run_one(
-    n: int, seconds: float, pcm: np.ndarray, mqtt: bool = False, model: str | None = None, one_process: bool = False
+    n: int,
+    seconds: float,
+    pcm: np.ndarray,
+    mqtt: bool = False,
+    model: str | None = None,
+    one_process: bool = False,
+    phases: str = "random",
 ) -> dict:
     with tempfile.TemporaryDirectory() as tmp, _broker(tmp) if mqtt else contextlib.nullcontext() as broker:
         port_file = Path(tmp) / "port"
@@ -178,8 +194,15 @@ def run_one(
             cpu0 = _cpu_seconds(server.pid)
             published0 = _value(_metrics(port), "streamtag_mqtt_published") if broker else 0.0
 
+            # independent devices send on clocks of their own: each client's 100 ms starts at a random point;
+            # "together": every client's messages in the same few milliseconds (they all connect at once), the
+            # worst case for a server that steps them in rounds
+            offsets = np.random.default_rng(n).uniform(0, 0.1, n) if phases == "random" else np.zeros(n)
+
             async def all_clients():
-                clients = (_client(port, f"s{i}", pcm, seconds, latencies, summaries, spans) for i in range(n))
+                clients = (
+                    _client(port, f"s{i}", pcm, seconds, latencies, summaries, spans, offsets[i]) for i in range(n)
+                )
                 return await asyncio.gather(*clients, return_exceptions=True)
 
             client_cpu0 = time.process_time()  # the clients share the machine: what they take is not the server's
@@ -204,6 +227,7 @@ def run_one(
     return {
         "streams": n,
         "seconds": seconds,
+        "phases": phases,
         "latency_p50_ms": float(np.percentile(ms, 50)) if ms.size else None,
         "latency_p99_ms": float(np.percentile(ms, 99)) if ms.size else None,
         "steady_seconds": max(0.0, steady_to - steady_from),
@@ -239,6 +263,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model", help="model folder (default: the bundled model)")
     p.add_argument("--mqtt", action="store_true", help="also publish to a local mosquitto (needs mosquitto)")
     p.add_argument("--one-process", action="store_true", help="serve --one-process: the worker a thread of the server")
+    p.add_argument(
+        "--phases",
+        choices=("random", "together"),
+        default="random",
+        help="when in each 100 ms the clients send: at random points, as independent devices do (default), or "
+        "all at the same moment (the worst case)",
+    )
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     pcm = _pcm()
@@ -250,7 +281,7 @@ def main(argv: list[str]) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for n in (int(x) for x in args.streams.split(",")):
-        row = run_one(n, args.seconds, pcm, args.mqtt, args.model, args.one_process)
+        row = run_one(n, args.seconds, pcm, args.mqtt, args.model, args.one_process, args.phases)
         rows.append(row)
         mqtt = "-" if row["mqtt_messages_per_s"] is None else f"{row['mqtt_messages_per_s']:.0f}"
         failed = row["clients_failed"]

@@ -311,6 +311,8 @@ class RayEnginePool:
         self.ready: list[tuple[str, StepBlock | Step]] = []  # blocks and steps back, not handed out yet
         self.moved = 0
         self.behind = False  # as MultiStreamTagger's: an engine always steps all it holds
+        self.left_out = 0
+        self.waiting = 0  # for ServeWorker's wait before a round: the engines do not wait for it
         self._ids = 0
 
     # -- what ServeWorker calls -----------------------------------------------------------------------------
@@ -338,9 +340,11 @@ class RayEnginePool:
     def step(self) -> list[tuple[str, Step]]:
         return list(named_steps(self.step_blocks()))
 
-    def step_blocks(self, max_hops: int | None = None) -> list[tuple[str, StepBlock | Step]]:
-        """What the engines have stepped since the last call, as blocks (and event-only steps). ``max_hops`` is
-        for a pool in this process: each engine steps what it was sent, in its own process."""
+    def step_blocks(
+        self, max_hops: int | None = None, max_streams: int | None = None
+    ) -> list[tuple[str, StepBlock | Step]]:
+        """What the engines have stepped since the last call, as blocks (and event-only steps). ``max_hops`` and
+        ``max_streams`` are for a pool in this process: each engine steps what it was sent, in its own process."""
         busy = {c[2] for c in self.calls}
         for engine, commands in list(self.queued.items()):
             if commands and engine not in busy:  # one call in flight per engine keeps each one's order

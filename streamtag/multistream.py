@@ -117,6 +117,10 @@ class MultiStreamTagger:
                 f"engine_options takes {', '.join(sorted(ENGINE_OPTIONS))}, not {', '.join(sorted(unknown))}{where}"
             )
         self.behind = False  # the last step_blocks(max_hops) left ready hops for the next round
+        self.left_out = 0  # ready streams the last step_blocks(max_streams) left for the next round
+        # the streams whose fed audio waits to be stepped, longest waiting first: the ones a round looks at (not
+        # all of them), and those a round of at most max_streams takes first
+        self._waiting: dict[str, None] = {}
         self._free = list(range(capacity))  # a heap: joining takes the lowest slot, so busy slots stay 0..n-1
 
     def join(self, name: str, sample_rate: int | None = None, events=None) -> StreamTagger:
@@ -143,6 +147,11 @@ class MultiStreamTagger:
         self.streams[name] = engine
         return engine
 
+    @property
+    def waiting(self) -> int:
+        """Streams with audio not yet stepped (a part-hop counts): how full the next round would be."""
+        return len(self._waiting)
+
     def snapshot(self, name: str) -> dict:
         """A stream's whole state (engine and model), to :meth:`restore` into a pool of the same model."""
         engine = self.streams[self._known(name)]
@@ -153,6 +162,8 @@ class MultiStreamTagger:
         engine = self.streams[self._known(name)]
         engine.restore(snapshot["engine"])
         self.backend.restore(self.pool, engine.hop_model.slot, snapshot["model"])
+        if engine.pending_samples:  # audio it held there waits here
+            self._waiting.setdefault(name)
 
     def leave(self, name: str, reason: str = "stream_end") -> list[Step]:
         """Remove a stream; returns its last steps (the hops it still held, then its events closed with
@@ -161,6 +172,7 @@ class MultiStreamTagger:
         out = engine.feed(np.zeros(0, np.float32))  # its last hops, stepped alone: a leaver does not wait
         out += engine.finish(reason)
         del self.streams[name]
+        self._waiting.pop(name, None)
         heapq.heappush(self._free, engine.hop_model.slot)
         engine.hop_model = _Left(name)
         return out
@@ -179,13 +191,16 @@ class MultiStreamTagger:
     def feed(self, name: str, samples: AudioLike) -> None:
         """Queue samples for a stream (checked as :meth:`StreamTagger.push` does); :meth:`step` steps them."""
         self.streams[self._known(name)].push(samples)
+        self._waiting.setdefault(name)  # a stream already waiting keeps its place
 
     def step(self) -> list[tuple[str, Step]]:
         """Step every hop the streams hold; returns ``(name, step)`` pairs, in order within each stream. Steps
         own their rows."""
         return list(named_steps(self.step_blocks()))
 
-    def step_blocks(self, max_hops: int | None = None) -> list[tuple[str, StepBlock | Step]]:
+    def step_blocks(
+        self, max_hops: int | None = None, max_streams: int | None = None
+    ) -> list[tuple[str, StepBlock | Step]]:
         """:meth:`step` with each stream's hops of a round as one :class:`StepBlock` (and the event-only steps
         of resets as they are): what serve and tag read, without a Python object per hop.
 
@@ -198,24 +213,43 @@ class MultiStreamTagger:
         A list, made whole before it is returned: a caller that reads only part of it loses nothing it has not
         read (a generator stopped early would have dropped hops it had taken), and may join, leave or feed as
         soon as it has it.
-        """
-        if max_hops is not None and (
-            isinstance(max_hops, bool) or not isinstance(max_hops, numbers.Integral) or max_hops < 1
-        ):
-            raise ConfigError(f"max_hops must be a whole number >= 1 or None ({max_hops!r} given)")
-        return list(self._rounds(max_hops))
 
-    def _rounds(self, max_hops: int | None) -> Iterator[tuple[str, StepBlock | Step]]:
-        self.behind = False
+        ``max_streams`` also makes it one round, of at most that many streams: those whose audio has waited
+        longest (fed first). The scores of a round's streams go out when its model calls are done, so a round of
+        hundreds of streams makes every one of them wait for all; rounds of a hundred cost a few percent more a
+        hop and hand each stream's scores on sooner. :attr:`left_out` counts the ready streams it left.
+        """
+        for value, what in ((max_hops, "max_hops"), (max_streams, "max_streams")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ConfigError(f"{what} must be a whole number >= 1 or None ({value!r} given)")
+        return list(self._rounds(max_hops, max_streams))
+
+    def _waiting_streams(self) -> Iterator[tuple[str, StreamTagger]]:
+        """The streams with fed audio not yet stepped, longest waiting first."""
+        for name in list(self._waiting):
+            engine = self.streams[name]
+            if engine.pending_samples:
+                yield name, engine
+            else:  # stepped alone since (a reset): its next audio waits from when it comes
+                del self._waiting[name]
+
+    def _rounds(self, max_hops: int | None, max_streams: int | None = None) -> Iterator[tuple[str, StepBlock | Step]]:
+        self.behind, self.left_out = False, 0
         while True:
             blocks = []
-            for name, engine in self.streams.items():
+            for name, engine in self._waiting_streams():
                 if not engine.ready:
+                    continue
+                if len(blocks) == max_streams:
+                    self.left_out += 1
                     continue
                 for step in engine.before_hop():  # a due reset clears the slot before the block
                     yield name, step
                 k = engine.block_length() if max_hops is None else min(engine.block_length(), max_hops)
                 blocks.append((engine.hop_model.slot, name, engine, engine.take(k)))
+                self._waiting.pop(name, None)
+                if engine.ready or engine.pending_samples:  # what it still holds waits from now
+                    self._waiting[name] = None
                 if max_hops is not None and engine.ready:  # capped, or a block cut short by a reset due
                     self.behind = True
             if not blocks:
@@ -243,7 +277,7 @@ class MultiStreamTagger:
             probs = [out[: lengths[i], i] for i in range(nb)]
             for (_, name, engine, hops), p in zip(blocks, probs):
                 yield name, engine.complete_block(hops, p)
-            if max_hops is not None:
+            if max_hops is not None or max_streams is not None:
                 return
 
     def _known(self, name: str) -> str:

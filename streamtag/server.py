@@ -71,6 +71,11 @@ class ServeOptions:
     # A round steps at most this many hops of one stream, so one far ahead (a file pushed unpaced) cannot make
     # the round long for every other; it gets the rounds that follow (not with --ray: engines step all they get).
     max_round_hops: int = 25
+    # A round steps at most this many streams, those whose audio has waited longest; the rest go in the next
+    # round, at once. Scores go out when a round's model calls are done, so one round of 500 streams held each
+    # stream's for all 500 (about 65 ms here); rounds of 100 cost 4% more a hop and hand scores on within about
+    # 15 ms (benchmarks/serve_worker.py --groups, benchmarks/serve.py).
+    max_round_streams: int = 50
     # Every `message_window` messages must carry this much audio on average: a flood of tiny messages costs
     # the front per message, whatever the audio, and is closed (CLOSE_TOO_MANY_MESSAGES).
     min_message_ms: float = 5.0
@@ -205,14 +210,18 @@ class ServeWorker(threading.Thread):
     def _rounds(self) -> None:
         started, cost = 0.0, 0.0  # when the last round began, and what it took
         behind = False  # the last round left ready hops (a stream far ahead): the next round is due, not idle
+        left_out = 0  # ready streams the last round had no room for: the next round is due now
+        gather = max(1, self.options.max_round_streams // 2)
 
-        def until_next_round() -> float:  # a busy worker lets messages gather up to twice its last round's cost
+        def until_next_round() -> float:  # a busy worker lets messages gather up to twice its last round's cost,
+            if left_out or self.multi.waiting >= gather:  # or until half a round's streams wait
+                return 0.0
             return started + min(self.options.round_s, 2.0 * cost) - time.perf_counter()
 
         while True:
             # Idle, wait for audio; behind, the next round starts when a busy worker's would, so a stream far
             # ahead has at most about half the worker's time.
-            command = self.next_command(until_next_round() if behind else 0.05)
+            command = self.next_command(until_next_round() if behind or left_out else 0.05)
             while command is not None:  # take commands until the next round is due
                 try:
                     self._handle(command)
@@ -221,10 +230,13 @@ class ServeWorker(threading.Thread):
                 command = self.next_command(until_next_round())
             t0 = started = time.perf_counter()
             hops = 0
-            for name, item in self.multi.step_blocks(max_hops=self.options.max_round_hops):
+            stepped = self.multi.step_blocks(
+                max_hops=self.options.max_round_hops, max_streams=self.options.max_round_streams
+            )
+            for name, item in stepped:
                 hops += _hops(item)
                 self._deliver(name, item)
-            behind = self.multi.behind
+            behind, left_out = self.multi.behind, self.multi.left_out
             cost = time.perf_counter() - t0
             if hops and self.metrics is not None:
                 self.metrics.stepped(hops, cost)

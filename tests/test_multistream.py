@@ -209,6 +209,59 @@ def test_a_round_of_max_hops_leaves_a_stream_far_ahead_for_the_next_rounds(cnn_d
     assert blocks == [1, 1, 1]
 
 
+def test_a_round_of_max_streams_takes_the_longest_waiting_first_and_steps_them_exactly(cnn_dir):
+    """step_blocks(max_streams): one round of at most that many streams, those fed first; the streams it left
+    out (`left_out`) are first in the next round, ahead of audio fed since; each stream's steps are those of a
+    stream alone, however the rounds cut them."""
+    names = ["a", "b", "c", "d"]
+    clips = {
+        n: read_clip(EXAMPLES / f)[: 16000 * 2]
+        for n, f in zip(names, ("dog.flac", "rain.flac", "chainsaw.flac", "rain.flac"))
+    }
+    clips["d"] = clips["d"][8000:]  # not the same audio as b
+    tagger = MultiStreamTagger(cnn_dir, "onnx", capacity=4, events=LOW)
+    for name in names:
+        tagger.join(name)
+    got = {name: [] for name in names}
+    pos = dict.fromkeys(names, 0)
+
+    def feed(name, n):
+        tagger.feed(name, clips[name][pos[name] : pos[name] + n])
+        pos[name] += n
+
+    for name in ("c", "a", "d", "b"):  # the order they wait in
+        feed(name, 1600)
+    assert tagger.waiting == 4
+    rounds = []
+    first = tagger.step_blocks(max_streams=2)
+    rounds.append(sorted(name for name, _ in first))
+    assert rounds[0] == ["a", "c"] and tagger.left_out == 2
+    for name, block in first:
+        got[name] += block.steps()
+    feed("c", 1600)  # c again: behind d and b, which waited longer
+    second = tagger.step_blocks(max_streams=2)
+    assert sorted(name for name, _ in second) == ["b", "d"] and tagger.left_out == 1
+    for name, block in second:
+        got[name] += block.steps()
+    rng = np.random.default_rng(1)
+    while any(pos[n] < clips[n].size for n in names) or tagger.waiting:
+        for name in names:
+            if pos[name] < clips[name].size and rng.random() < 0.6:
+                feed(name, int(rng.integers(100, 2400)))
+        for name, block in tagger.step_blocks(max_streams=int(rng.integers(1, 4))):
+            got[name] += block.steps()
+    assert tagger.left_out == 0 and tagger.waiting == 0
+    for name in names:
+        got[name] += tagger.leave(name)
+        probs, events = _split(got[name])
+        ref_probs, ref_events = _alone(cnn_dir, "onnx", clips[name])
+        assert probs.shape == ref_probs.shape, name
+        np.testing.assert_allclose(probs, ref_probs, atol=1e-5, err_msg=name)
+        assert events == ref_events, name
+    with pytest.raises(ConfigError, match="max_streams must be a whole number >= 1"):
+        tagger.step_blocks(max_streams=0)
+
+
 def test_a_stream_at_another_rate_is_resampled_like_a_single_engine(cnn_dir):
     audio = read_clip(EXAMPLES / "dog.flac")[:16000]
     import soxr
@@ -354,6 +407,61 @@ def test_the_serve_worker_steps_a_stream_far_ahead_a_capped_round_at_a_time(cnn_
         worker.join(10)
     assert sum(rounds.hops) == 410 and max(rounds.hops) <= 25 + 10, rounds.hops
     assert dropped == {"fast": 0, "slow": 0} and worker.failure is None
+
+
+def test_the_serve_worker_steps_at_most_max_round_streams_a_round_and_sends_what_one_round_would(cnn_dir):
+    """The running serve worker with rounds of at most 2 streams, handed 0.3 s of 5 streams at once: no round
+    steps more than 2 streams, every hop is stepped, and each client gets the messages a worker stepping them
+    all in one round sends."""
+    import threading
+
+    from streamtag.server import ServeOptions, ServeWorker
+
+    def run(max_round_streams):
+        class Rounds:  # what the worker reports of each round
+            def __init__(self):
+                self.hops, self.done = [], threading.Event()
+
+            def stepped(self, hops, seconds):
+                self.hops.append(hops)
+                if sum(self.hops) >= 150:
+                    self.done.set()
+
+            def latency(self, seconds):
+                pass
+
+            def event(self, label):
+                pass
+
+            def left(self, account):
+                pass
+
+        multi = MultiStreamTagger(cnn_dir, capacity=5, events=LOW)
+        worker = ServeWorker(multi, ServeOptions(capacity=5, max_round_streams=max_round_streams))
+        worker.metrics = rounds = Rounds()
+        messages = {f"s{i}": [] for i in range(5)}
+        clips = [read_clip(EXAMPLES / n) for n in ("rain.flac", "dog.flac", "chainsaw.flac")]
+        for name in messages:
+            worker.submit("join", name, 16000, messages[name].append)
+        for i, name in enumerate(messages):
+            worker.submit("audio", name, clips[i % 3][i * 1600 : i * 1600 + 4800])  # 30 hops each
+        worker.start()
+        try:
+            assert rounds.done.wait(60), rounds.hops
+        finally:
+            worker.stop()
+            worker.join(10)
+        assert worker.failure is None
+        return rounds.hops, messages
+
+    capped, got = run(2)
+    whole, expected = run(100)
+    assert sum(capped) == 150 and max(capped) <= 2 * 25 and len(capped) >= 3, capped  # 2 streams, 25 hops each
+    assert max(whole) == 5 * 25  # the uncapped worker took all five in one round (max_round_hops 25)
+    for name in got:
+        assert [m["type"] for m in got[name] if m is not None].count("scores") == 3, got[name]
+        assert got[name] == expected[name], name
+    assert any(m["type"] == "open" for name in got for m in got[name] if m is not None)  # events compared too
 
 
 def test_what_step_returns_is_whole_and_a_left_streams_engine_is_closed(cnn_dir):
