@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -89,6 +88,13 @@ class StreamStats:
     peak: float = 0.0  # after the gain
     recent_power: float = 0.0  # mean square of the last ~0.3 s, for a level meter
     model_ns: int = 0  # time in the model's step calls
+
+    def add(self, level: BlockLevel, hops: int) -> None:
+        """Count a block of ``hops`` hops in."""
+        self.frames += hops
+        self.power_sum += level.power_sum
+        self.recent_power = level.carry * self.recent_power + level.recent
+        self.peak = max(self.peak, level.peak)
 
     @property
     def rms_dbfs(self) -> float:
@@ -364,17 +370,26 @@ class StreamTagger:
         probs = np.array(probs[:k], dtype=np.float32)  # the steps own their rows
         audio = np.array(hops, dtype=np.float32)  # and their samples (clip saving)
         s = self.stats
-        s.frames += k
         if k == 1:  # the live case: scalars, no temporaries
             power = float(np.dot(audio[0], audio[0])) / self.hop
             s.power_sum += power
             s.recent_power = 0.97 * s.recent_power + 0.03 * power
+            s.peak = max(s.peak, float(np.abs(audio).max()))
+            s.frames += 1
         else:
-            powers = np.einsum("ij,ij->i", audio, audio) / self.hop
-            s.power_sum += float(powers.sum())
-            s.recent_power = float(0.97**k * s.recent_power + 0.03 * (_decay(k) * powers).sum())
-        s.peak = max(s.peak, float(np.abs(audio).max()))
-        fs, labels, first = self.frame_seconds, self.labels, self.frames
+            (level,) = block_levels(audio[None], np.array([k]))
+            s.add(level, k)
+        return self._finish_block(audio, probs)
+
+    def complete_round_block(self, audio: np.ndarray, probs: np.ndarray, level: BlockLevel) -> StepBlock:
+        """:meth:`complete_block` for a block of a round whose level figures were computed for all its streams at
+        once (:func:`block_levels`); ``audio`` and ``probs`` (``(k, hop)``, ``(k, classes)``) are the block's own
+        rows, kept as they are."""
+        self.stats.add(level, audio.shape[0])
+        return self._finish_block(audio, probs)
+
+    def _finish_block(self, audio: np.ndarray, probs: np.ndarray) -> StepBlock:
+        k, first = probs.shape[0], self.frames
         if self.detector is None:
             found = {}
         elif k == 1:
@@ -387,7 +402,7 @@ class StreamTagger:
             self._start = self._fill = 0
             if self._pending.shape[0] > PENDING_KEEP_HOPS * self.hop:  # one huge feed() is not kept for life
                 self._pending = np.zeros(PENDING_HOPS * self.hop, np.float32)
-        return StepBlock(first, probs, found, labels, fs, audio)
+        return StepBlock(first, probs, found, self.labels, self.frame_seconds, audio)
 
     # -- internals ----------------------------------------------------------------
     def block_length(self) -> int:
@@ -480,12 +495,31 @@ def _detector(events, labels, frame_seconds: float, folder=None) -> EventDetecto
     )
 
 
-@functools.lru_cache(maxsize=256)
-def _decay(k: int) -> np.ndarray:
-    """The level meter's weights for a block of ``k`` hops, oldest first (a block's length repeats: cached)."""
-    weights = 0.97 ** np.arange(k - 1, -1, -1)
-    weights.flags.writeable = False  # shared by every stream
-    return weights
+class BlockLevel(NamedTuple):
+    """What a block of hops adds to its stream's level meter (:class:`StreamStats`)."""
+
+    power_sum: float  # the sum of its hops' mean squares
+    carry: float  # 0.97 ** k: the share of the meter's last value that stays
+    recent: float  # 0.03 * its hops' mean squares, the newest weighing most
+    peak: float
+
+
+def block_levels(audio: np.ndarray, lengths: np.ndarray) -> list[BlockLevel]:
+    """The level figures of ``n`` blocks in a few array operations, not a few per block (a server's round has
+    hundreds): ``audio`` ``(n, rows, hop)``, block ``i`` in rows ``:lengths[i]`` and zeros after them."""
+    _, rows, hop = audio.shape
+    powers = np.einsum("srh,srh->sr", audio, audio) / hop
+    age = lengths[:, None] - 1 - np.arange(rows)  # hops after each row in its block; < 0 past the block's end
+    weights = np.where(age >= 0, 0.97 ** np.maximum(age, 0), 0.0)
+    return list(
+        map(
+            BlockLevel,
+            powers.sum(axis=1).tolist(),
+            (0.97 ** lengths.astype(np.float64)).tolist(),
+            (0.03 * (powers * weights).sum(axis=1)).tolist(),
+            np.abs(audio).max(axis=(1, 2), initial=0.0).tolist(),
+        )
+    )
 
 
 def _dbfs(power: float) -> float:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from .backends import make_backend
-from .engine import ENGINE_OPTIONS, AudioLike, StreamTagger
+from .engine import ENGINE_OPTIONS, AudioLike, StreamTagger, block_levels
 from .errors import ConfigError
 from .events import EventDetector, EventParams, model_event_settings
 from .steps import Step, StepBlock, named_steps
@@ -258,25 +258,29 @@ class MultiStreamTagger:
             nb = len(blocks)
             lengths = np.array([b[3].shape[0] for b in blocks])
             slots = np.array([b[0] for b in blocks], dtype=np.int64)
-            audio = np.zeros((int(lengths.max()), nb, self.hop), np.float32)  # (round, stream, hop)
+            # (stream, round, ...): each stream's rows in one piece, which its block keeps (the round's arrays are
+            # its own); the backend reads and writes a round's rows across the streams
+            audio = np.zeros((nb, int(lengths.max()), self.hop), np.float32)
             for i, b in enumerate(blocks):
-                audio[: lengths[i], i] = b[3]
-            out = np.empty((audio.shape[0], nb, len(self.labels)), np.float32)
+                audio[i, : lengths[i]] = b[3]
+            out = np.empty((nb, audio.shape[1], len(self.labels)), np.float32)
             together = int(lengths.min())  # the rounds every block takes part in: one call for all of them
             step_rounds = getattr(self.backend, "step_rounds", None)  # a backend of the older protocol has none
             if step_rounds is None or together < 2:
                 together = 0
             else:
-                out[:together] = step_rounds(self.pool, slots, audio[:together])
-            for r in range(together, audio.shape[0]):
+                rounds = step_rounds(self.pool, slots, audio[:, :together].transpose(1, 0, 2))  # (round, stream, ...)
+                out[:, :together] = rounds.transpose(1, 0, 2)
+            for r in range(together, audio.shape[1]):
                 members = np.flatnonzero(lengths > r)
                 if members.size == nb:
-                    out[r] = self.backend.step(self.pool, slots, audio[r])
+                    out[:, r] = self.backend.step(self.pool, slots, audio[:, r])
                 else:
-                    out[r, members] = self.backend.step(self.pool, slots[members], audio[r, members])
-            probs = [out[: lengths[i], i] for i in range(nb)]
-            for (_, name, engine, hops), p in zip(blocks, probs):
-                yield name, engine.complete_block(hops, p)
+                    out[members, r] = self.backend.step(self.pool, slots[members], audio[members, r])
+            levels = block_levels(audio, lengths)
+            for i, (_, name, engine, _) in enumerate(blocks):
+                k = lengths[i]
+                yield name, engine.complete_round_block(audio[i, :k], out[i, :k], levels[i])
             if max_hops is not None or max_streams is not None:
                 return
 

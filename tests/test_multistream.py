@@ -262,6 +262,35 @@ def test_a_round_of_max_streams_takes_the_longest_waiting_first_and_steps_them_e
         tagger.step_blocks(max_streams=0)
 
 
+def test_a_pooled_stream_s_level_meter_reads_as_the_stream_alone_hop_by_hop(cnn_dir):
+    """The level figures of a round's blocks, computed for all its streams at once (blocks of unequal
+    lengths, so some rows are padding), equal those of each stream's engine fed one hop at a time."""
+    clips = {
+        "loud": read_clip(EXAMPLES / "chainsaw.flac")[:16000],
+        "soft": 0.01 * read_clip(EXAMPLES / "dog.flac")[:16000],
+    }
+    tagger = MultiStreamTagger(cnn_dir, "onnx", capacity=2, events=None)
+    for name in clips:
+        tagger.join(name)
+    rng = np.random.default_rng(3)
+    pos = dict.fromkeys(clips, 0)
+    while any(pos[n] < clips[n].size for n in clips):
+        for name, clip in clips.items():
+            n = int(rng.integers(1, 2400))
+            tagger.feed(name, clip[pos[name] : pos[name] + n])
+            pos[name] += n
+        tagger.step_blocks()
+    for name, clip in clips.items():
+        alone = StreamTagger(make_backend("onnx", cnn_dir), events=None)
+        for i in range(0, clip.size, 160):
+            alone.feed(clip[i : i + 160])
+        pooled = tagger.streams[name].stats
+        assert pooled.frames == alone.stats.frames == 100, name
+        for field in ("power_sum", "recent_power", "peak"):
+            assert getattr(pooled, field) == pytest.approx(getattr(alone.stats, field), rel=1e-5), (name, field)
+    assert tagger.streams["soft"].stats.recent_dbfs < tagger.streams["loud"].stats.recent_dbfs - 30
+
+
 def test_a_stream_at_another_rate_is_resampled_like_a_single_engine(cnn_dir):
     audio = read_clip(EXAMPLES / "dog.flac")[:16000]
     import soxr
