@@ -18,6 +18,7 @@ Times are in stream seconds: frame ``i`` covers ``[i * hop, (i + 1) * hop)``.
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import json
 import math
@@ -180,8 +181,18 @@ class EventDetector:
         rows = [f"{k}:{on:g}/{off:g}/{a}/{b}/{c}" for k, on, off, a, b, c in per_class]
         return f"{self.frame_seconds:g};{self._patience};" + ";".join(rows)
 
+    def fresh(self) -> EventDetector:
+        """A detector with these settings and no events yet, the settings shared rather than worked out again
+        (they are not changed after ``__init__``): how a server makes one per stream, hundreds joining at once."""
+        new = copy.copy(self)
+        new.__dict__.pop("_taken", None)  # an engine's mark (engine._detector): the new one is nobody's yet
+        new.reset_states()
+        return new
+
     def reset_states(self) -> None:
-        self._tracks = [_Track() for _ in self.labels]
+        # a class's track is made when it first goes above its threshold (an idle track holds nothing): a new
+        # stream's detector is made at every join, and most of its classes never start an event
+        self._tracks: list[_Track | None] = [None] * len(self.labels)
         self._busy: set[int] = set()  # classes not idle: the only ones looked at below threshold
 
     def update(self, frame_index: int, probs: np.ndarray) -> list[Event]:
@@ -260,6 +271,8 @@ class EventDetector:
 
     def _advance(self, i: int, f: int, p: float) -> Event | None:
         tr = self._tracks[i]
+        if tr is None:
+            tr = self._tracks[i] = _Track()
         on, off = self._on[i], self._off[i]
         if tr.state == _IDLE:  # p >= on here
             tr.state, tr.onset, tr.run, tr.best_run, tr.n = _PENDING, f, 0, 0, 0

@@ -105,7 +105,7 @@ class MultiStreamTagger:
         self.streams: dict[str, StreamTagger] = {}
         if events is True:  # the model's events.toml, read once: parsing it at every join cost 1.7 ms a stream
             settings = model_event_settings(getattr(self.backend, "folder", None))
-            events = functools.partial(EventDetector, self.labels, self.frame_seconds, *settings)
+            events = EventDetector(self.labels, self.frame_seconds, *settings).fresh
         elif isinstance(events, EventDetector):  # a template: each stream a copy, the template left as it is
             events = functools.partial(copy.deepcopy, events)
         self._events = events

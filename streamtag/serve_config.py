@@ -226,22 +226,22 @@ class SettingsBook:
     def detector(self, name: str) -> EventDetector:
         settings = self.settings(name)
         own = name in self.config.streams or name in self.changes
-        if own or self._shared is None:
-            try:
-                built = build_event_settings(*self.base_tables, settings.events), settings.enabled(self.labels)
-            except ConfigError as exc:  # name where the bad value is: a change, a stream's table, or the defaults
-                where = f"--config {self.config.path}: [defaults]"
-                if name in self.changes:
-                    where = f"settings for '{name}'"
-                elif name in self.config.streams:
-                    where = f"--config {self.config.path}: [streams.{name}]"
-                raise ConfigError(f"{where}: {exc}") from None
-            if not own:  # a stream with no settings of its own has the defaults': built once, not at every join
-                self._shared = built
-        else:
-            built = self._shared
-        (default, per_class), enabled = built
-        return EventDetector(self.labels, self.frame_seconds, default, per_class, enabled=enabled)
+        if not own and self._shared is not None:  # the defaults' detector, made once, not at every join
+            return self._shared.fresh()
+        try:
+            default, per_class = build_event_settings(*self.base_tables, settings.events)
+            enabled = settings.enabled(self.labels)
+        except ConfigError as exc:  # name where the bad value is: a change, a stream's table, or the defaults
+            where = f"--config {self.config.path}: [defaults]"
+            if name in self.changes:
+                where = f"settings for '{name}'"
+            elif name in self.config.streams:
+                where = f"--config {self.config.path}: [streams.{name}]"
+            raise ConfigError(f"{where}: {exc}") from None
+        detector = EventDetector(self.labels, self.frame_seconds, default, per_class, enabled=enabled)
+        if not own:
+            self._shared = detector
+        return detector.fresh()
 
 
 def _known(names: Sequence[str], labels: Sequence[str], where: str) -> None:

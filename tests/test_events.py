@@ -360,3 +360,21 @@ def test_event_calibration_refuses_a_manifest_without_a_path_column_in_one_line(
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip() == f"calibrate_events: error: {manifest}: the header must name a 'path' column"
+
+
+def test_a_fresh_detector_has_the_settings_and_none_of_the_events():
+    """fresh(): what a server makes for each joining stream from one detector; the settings are shared, an open
+    event of the one it came from is not, and the new one runs as a detector made from scratch does."""
+    template = EventDetector(["a", "b"], HOP, EventParams(on_threshold=0.3, min_duration_s=0.05))
+    template._taken = True  # an engine's already
+    loud = np.array([0.9, 0.0], np.float32)
+    assert [e.kind for f in range(10) for e in template.update(f, loud)] == ["open"]
+    fresh = template.fresh()
+    assert not getattr(fresh, "_taken", False) and fresh._on is template._on
+    assert fresh.flush(10) == []  # the template's open event is not its own
+    scratch = EventDetector(["a", "b"], HOP, EventParams(on_threshold=0.3, min_duration_s=0.05))
+    scores = [0.0] * 5 + [0.5] * 20 + [0.0] * 30
+    for f, p in enumerate(scores):
+        row = np.array([p, 0.0], np.float32)
+        assert fresh.update(f, row) == scratch.update(f, row), f
+    assert [e.kind for e in template.flush(10)] == ["close"]  # and the template's own goes on as it was

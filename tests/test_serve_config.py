@@ -79,7 +79,10 @@ def test_streams_without_settings_of_their_own_share_the_defaults_and_the_others
     assert opened("a") == opened("b") == ["dog"] and opened("porch") == []
     book.change("c", {"events": {"dog": {"on_threshold": 0.7}}})
     assert opened("c") == [] and opened("d") == ["dog"] and opened("a") == ["dog"]
-    assert book.detector("a")._on is not book.detector("b")._on  # each stream's detector has its own state
+    first, second = book.detector("a"), book.detector("b")
+    assert first._on is second._on  # the settings made once, shared
+    assert [e.kind for f in range(50) for e in first.update(f, probs)] == ["open"]
+    assert second.flush(50) == [] and [e.kind for e in first.flush(50)] == ["close"]  # each its own events
 
 
 def test_the_config_file_names_its_sources(tmp_path):

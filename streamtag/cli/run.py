@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -353,12 +352,10 @@ def detector_factory(model, event_config=None, on_threshold: float | None = None
     so worker processes and Ray actors build their own. A bad class name or threshold fails here."""
     cfg = load_config(resolve_model_dir(model))
     settings = event_settings(model, event_config, on_threshold)
-    factory = functools.partial(EventDetector, cfg.labels, cfg.features.frame_seconds, *settings)
     try:
-        factory()
+        return EventDetector(cfg.labels, cfg.features.frame_seconds, *settings).fresh
     except ConfigError as exc:
         raise ConfigError(f"{settings_source(model, event_config)}: {exc}") from None
-    return factory
 
 
 def settings_source(model, event_config=None) -> str:
