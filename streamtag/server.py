@@ -3,8 +3,9 @@
 Two halves. An asyncio front (aiohttp) speaks to the network: WebSocket streams in, JSON back,
 ``/metrics``, ``/healthz`` and the live page. One worker (a thread here, or in a process of its own:
 :mod:`streamtag.serve_process`) owns a :class:`~streamtag.multistream.MultiStreamTagger`: it takes
-decoded audio from an inbox, steps every stream that has a hop in one batched call a round, and
-hands each step to that stream's client, to MQTT and to the metrics. The network never waits on the
+decoded audio from an inbox, steps the streams that have hops in one batched call a round (at most
+``max_round_streams`` of them, those whose audio has waited longest), and hands each step to that
+stream's client, to MQTT and to the metrics. The network never waits on the
 model and the model never waits on the network: a client (or pulled source) sending faster than
 real time is not read while ``max_backlog_s`` of its audio waits (:class:`Pacer`; a sound card,
 which cannot wait, has the excess dropped and counted), a round steps at most ``max_round_hops``
@@ -127,6 +128,10 @@ class ServeWorker(threading.Thread):
         self.book = book  # per-stream settings (serve --config, run-time changes); None: the pool's for all
         self.enabled: dict[str, np.ndarray] = {}  # per stream: the classes its settings let through
         self._leaving: dict[str, object] = {}  # a leaving stream's engine: its last hops still report its level
+        # streams whose client has ended (eof, or gone) with hops not yet stepped, and why: they leave once a
+        # round has stepped those with everyone else's (a leave steps what is left alone, which hundreds of
+        # clients ending at once made a quarter of a second of the worker's time)
+        self._ending: dict[str, str] = {}
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.accounts: dict[str, StreamAccount] = {}
         self.listeners: dict[str, Callable[[dict], None]] = {}
@@ -236,6 +241,8 @@ class ServeWorker(threading.Thread):
             for name, item in stepped:
                 hops += _hops(item)
                 self._deliver(name, item)
+            for name in [n for n in self._ending if not self._held_hops(n)]:
+                self._leave(name, self._ending.pop(name))
             behind, left_out = self.multi.behind, self.multi.left_out
             cost = time.perf_counter() - t0
             if hops and self.metrics is not None:
@@ -244,7 +251,7 @@ class ServeWorker(threading.Thread):
                 with self.lock:
                     accounts = dict(self.accounts)
                 for name in accounts:
-                    self._leave(name, "interrupted")
+                    self._leave(name, self._ending.pop(name, "interrupted"))
                 _say_stop_summary(accounts)
                 self.round_done()
                 return
@@ -340,10 +347,14 @@ class ServeWorker(threading.Thread):
                 self.multi.skip(name, time.monotonic() - self.accounts[name].last_audio)
             if self.mqtt is not None:
                 self.mqtt.stream_available(name, up)
-        elif kind == "eof":
-            self._leave(command[1], "stream_end")
-        elif kind == "gone":
-            self._leave(command[1], "interrupted")
+        elif kind in ("eof", "gone"):  # the first word on a stream's end stands
+            name = command[1]
+            reason = self._ending.get(name) or ("stream_end" if kind == "eof" else "interrupted")
+            if name in self.accounts and self._held_hops(name):
+                self._ending[name] = reason
+            else:
+                self._ending.pop(name, None)
+                self._leave(name, reason)
 
     def stepped_samples(self, name: str) -> int:
         """Samples of a stream (at its own rate) whose hops are stepped; 0 before its join is taken. Read from the
@@ -357,6 +368,11 @@ class ServeWorker(threading.Thread):
             return None
         enabled = np.asarray(self.book.settings(name).enabled(self.multi.labels), dtype=bool)
         return None if enabled.all() else enabled
+
+    def _held_hops(self, name: str) -> int:
+        """Whole hops of a stream not yet stepped; 0 on a Ray engine's stream, which steps what it holds as it
+        leaves."""
+        return getattr(self.multi.streams.get(name), "ready", 0)
 
     def _backlog(self, name: str) -> int:
         engine = self.multi.streams[name]

@@ -493,6 +493,76 @@ def test_the_serve_worker_steps_at_most_max_round_streams_a_round_and_sends_what
     assert any(m["type"] == "open" for name in got for m in got[name] if m is not None)  # events compared too
 
 
+def test_streams_that_end_with_hops_held_leave_after_a_round_steps_them_with_the_others(cnn_dir):
+    """Clients that send their last audio and eof at once (hundreds at the end of a benchmark, or of a
+    site's shift): their hops are stepped in the next round, batched, not one stream at a time as each leave
+    would, then they leave with the reason they ended with; each client gets what it gets when its hops were
+    stepped before its eof came."""
+    import threading
+
+    from streamtag.server import ServeOptions, ServeWorker
+
+    clips = [read_clip(EXAMPLES / n) for n in ("rain.flac", "dog.flac", "chainsaw.flac")]
+
+    def run(eof_with_audio):
+        class Metrics:  # what the worker reports: hops stepped in rounds, and those a leave stepped alone
+            def __init__(self):
+                self.rounds, self.alone, self.done = [], [], threading.Event()
+                self.hops = self
+
+            def stepped(self, hops, seconds):
+                self.rounds.append(hops)
+
+            def inc(self, hops):
+                self.alone.append(hops)
+
+            def latency(self, seconds):
+                pass
+
+            def event(self, label):
+                pass
+
+            def left(self, account):
+                if not worker.accounts:
+                    self.done.set()
+
+        multi = MultiStreamTagger(cnn_dir, capacity=3, events=LOW)
+        worker = ServeWorker(multi, ServeOptions(capacity=3))
+        worker.metrics = metrics = Metrics()
+        messages = {name: [] for name in ("a", "b", "c")}
+        for name in messages:
+            worker.submit("join", name, 16000, messages[name].append)
+        for i, name in enumerate(messages):
+            worker.submit("audio", name, clips[i][:4800])  # 30 hops each
+        if eof_with_audio:
+            worker.submit("eof", "a")
+            worker.submit("gone", "b")  # a client that went away
+            worker.submit("eof", "b")  # and the front's word after it: the first stands
+            worker.submit("eof", "c")
+        worker.start()
+        try:
+            if not eof_with_audio:
+                while sum(metrics.rounds) < 90:
+                    time.sleep(0.01)
+                for name, kind in (("a", "eof"), ("b", "gone"), ("c", "eof")):
+                    worker.submit(kind, name)
+            assert metrics.done.wait(60)
+        finally:
+            worker.stop()
+            worker.join(10)
+        assert worker.failure is None
+        return metrics, messages
+
+    import time
+
+    ended, got = run(True)
+    _, expected = run(False)
+    assert sum(ended.rounds) == 90 and max(ended.rounds) == 75 and not any(ended.alone), (ended.rounds, ended.alone)
+    assert got == expected
+    assert [got[name][-2]["reason"] for name in "abc"] == ["stream_end", "interrupted", "stream_end"]
+    assert all(got[name][-2]["processed"] == 4800 and got[name][-1] is None for name in "abc")
+
+
 def test_what_step_returns_is_whole_and_a_left_streams_engine_is_closed(cnn_dir):
     """step() is a list made whole before it returns: a caller that reads one item and stops loses nothing
     (a generator dropped the hops it had taken). The engine join() gave steps nothing once its stream left:
