@@ -98,6 +98,9 @@ class ServeParts:
     mqtt: str | None = None  # broker URL
     mqtt_prefix: str = "streamtag"
     discovery_prefix: str = "homeassistant"  # Home Assistant's MQTT discovery prefix (its MQTT integration's option)
+    # the link to an MQTT process the front started (outputs.mqtt_process.MqttProcess): the worker's MQTT calls
+    # go to it; without one, to a publisher in the worker's own process
+    mqtt_link: object | None = None
 
 
 def build_worker(parts: ServeParts, multi=None, worker_class: type[ServeWorker] = ServeWorker) -> ServeWorker:
@@ -107,11 +110,11 @@ def build_worker(parts: ServeParts, multi=None, worker_class: type[ServeWorker] 
 
     if multi is None:
         multi = MultiStreamTagger(parts.model, capacity=parts.capacity, events=parts.detectors)
-    mqtt = (
-        MqttPublisher(parts.mqtt, multi.labels, prefix=parts.mqtt_prefix, discovery_prefix=parts.discovery_prefix)
-        if parts.mqtt
-        else None
-    )
+    mqtt = parts.mqtt_link
+    if mqtt is None and parts.mqtt:
+        mqtt = MqttPublisher(
+            parts.mqtt, multi.labels, prefix=parts.mqtt_prefix, discovery_prefix=parts.discovery_prefix
+        )
     worker = worker_class(multi, parts.options, mqtt, book=parts.book)
     worker.metrics = Metrics(lambda: worker.accounts, mqtt)
     if mqtt is not None:

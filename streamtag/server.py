@@ -253,9 +253,18 @@ class ServeWorker(threading.Thread):
                 for name in accounts:
                     self._leave(name, self._ending.pop(name, "interrupted"))
                 _say_stop_summary(accounts)
+                self._flush_mqtt()
                 self.round_done()
                 return
+            self._flush_mqtt()
             self.round_done()
+
+    def _flush_mqtt(self) -> None:
+        """What the round had for MQTT goes to its process in one message (a publisher in this process has no
+        flush: it sent each as it came)."""
+        flush = getattr(self.mqtt, "flush", None)
+        if flush is not None:
+            flush()
 
     def next_command(self, timeout: float):
         """The next command, waiting at most ``timeout`` seconds for one (none: ``None``)."""

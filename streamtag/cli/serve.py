@@ -183,8 +183,8 @@ def run(args) -> int:  # the network stack is imported here, not at the top: eve
     from ..modelfile import load_config, resolve_model_dir
     from ..outputs.mqtt import parse_broker
     from ..serve_config import ServeConfig, SettingsBook, read_serve_config
-    from ..serve_process import ServeParts, WorkerProcess, build_worker, close_worker
-    from ..server import ServeOptions, ServeWorker
+    from ..serve_process import ServeParts
+    from ..server import ServeOptions
     from .run import detector_factory, event_tables
 
     _check(args)
@@ -209,6 +209,25 @@ def run(args) -> int:  # the network stack is imported here, not at the top: eve
     parts = ServeParts(
         args.model, args.max_streams, detectors, book, options, args.mqtt, args.mqtt_prefix, args.discovery_prefix
     )
+    mqtt_child = None
+    if args.mqtt:  # publishing in a process of its own: a burst of joins (115 messages each) never holds up tagging
+        from ..outputs.mqtt_process import MqttProcess
+
+        mqtt_child = MqttProcess(args.mqtt, cfg.labels, args.mqtt_prefix, args.discovery_prefix)
+        parts.mqtt_link = mqtt_child.link
+    try:
+        return _start_and_serve(args, parts, options, sources, mqtt_child)
+    finally:
+        if mqtt_child is not None:  # offline said and flushed once the worker's last calls are made
+            mqtt_child.close()
+
+
+def _start_and_serve(args, parts, options, sources, mqtt_child) -> int:
+    from ..serve_process import WorkerProcess, build_worker, close_worker
+    from ..server import ServeWorker
+
+    if mqtt_child is not None:
+        mqtt_child.start()
     if args.ray:  # the engines run elsewhere already: the worker stays a thread of this process
         from ..distributed import RayEnginePool
 
