@@ -1507,3 +1507,39 @@ def test_a_pulled_source_that_drops_is_unavailable_until_it_is_back_and_the_brok
     states = [p for t, p, _ in got if t == "streamtag/porch/audio/rain"]
     assert states.count("ON") >= 2 and states[-1] == "OFF", states  # on again once the audio is back, off at the stop
     assert wrong_err.count("refused the login") == 1 and "STREAMTAG_MQTT_PASSWORD" in wrong_err, wrong_err
+
+
+def test_the_mqtt_link_never_waits_for_its_process_and_sends_every_call_in_order():
+    """The worker's MQTT calls go to the MQTT process through a pipe: a child busy with a burst of joins stops
+    reading, and the worker's flush must not wait for it (it did: seconds of every stream's scores held up
+    at 500 joins); once the child reads again it gets every call, in order, and the close last."""
+    import multiprocessing
+    import threading
+
+    from streamtag.outputs.mqtt_process import MqttLink
+
+    ours, child = multiprocessing.Pipe()
+    link = MqttLink(ours, multiprocessing.Array("q", 2))
+    link.start()
+    big = "x" * 20_000  # far more than the pipe holds, unread
+    flushed = threading.Event()
+
+    def worker():
+        for i in range(200):
+            link.settings(f"s{i}", {"note": big})
+            link.level(f"s{i}", -20.0)
+            link.flush()
+        flushed.set()
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    assert flushed.wait(30), "flush waited for a child that does not read"
+    link_closed = threading.Thread(target=link.close, daemon=True)
+    link_closed.start()  # the close waits for the sender, which waits for the reader below
+    got = []
+    while not got or got[-1] != ("close",):
+        got += child.recv()
+    link_closed.join(30)
+    assert not link_closed.is_alive()
+    expected = [c for i in range(200) for c in (("settings", f"s{i}", {"note": big}), ("level", f"s{i}", -20.0))]
+    assert got == [*expected, ("close",)]

@@ -11,6 +11,7 @@ MQTT come back up the same pipe to the worker, and its reply goes down again.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import multiprocessing
@@ -80,6 +81,11 @@ class MqttLink:
         self._lock = threading.Lock()  # the calls: the worker thread keeps them, settings replies come from it too
         self._gone = False
         self._reader: threading.Thread | None = None
+        # flushed batches, for the sender thread: a child busy with a burst of joins stops reading for a while, the
+        # pipe fills, and a send from the worker's thread would wait for it (seconds, with hundreds of joins)
+        self._outbox: collections.deque = collections.deque()
+        self._ready = threading.Condition(self._lock)
+        self._sender: threading.Thread | None = None
         # (stream, change, reply) -> applies a settings change; set by serve to hand it to its worker
         self.on_settings: Callable[[str, Any, Callable[[dict], None]], None] | None = None
 
@@ -91,9 +97,11 @@ class MqttLink:
         self._setup()
 
     def start(self) -> None:
-        """Start reading the settings changes that come over MQTT (where the worker runs)."""
+        """Start sending, and reading the settings changes that come over MQTT (where the worker runs)."""
         self._reader = threading.Thread(target=self._read, name="streamtag-mqtt-reader", daemon=True)
         self._reader.start()
+        self._sender = threading.Thread(target=self._send, name="streamtag-mqtt-sender", daemon=True)
+        self._sender.start()
 
     # -- the publisher's calls ------------------------------------------------------------------------------
     def stream_joined(self, stream: str, enabled: Sequence[bool] | None = None) -> None:
@@ -131,20 +139,49 @@ class MqttLink:
             self._calls.append(call)
 
     def flush(self) -> None:
-        """Send the calls kept since the last flush, in one message."""
+        """Hand the calls kept since the last flush to the sender, as one message; never waits for the child."""
         with self._lock:
             calls, self._calls = self._calls, []
-            if not calls or self._gone:
-                return
+            if calls and not self._gone:
+                self._outbox.append(calls)
+                self._ready.notify()
+            if self._sender is None:  # not started (the front's own link, at the end): sent from here
+                self._drain()
+
+    def close(self) -> None:
+        """Send what is kept and a close: the child says offline, flushes and disconnects. Waits until the
+        sender has handed everything to the pipe."""
+        self._keep("close")
+        self.flush()
+        sender = self._sender
+        if sender is not None:
+            with self._lock:
+                self._outbox.append(None)  # the sender's last
+                self._ready.notify()
+            sender.join(CLOSE_TIMEOUT_S)
+
+    def _send(self) -> None:
+        with self._lock:
+            while True:
+                while not self._outbox:
+                    self._ready.wait()
+                if self._outbox[0] is None:
+                    return
+                self._drain()
+
+    def _drain(self) -> None:
+        """Send the batches waiting (called holding the lock; the pipe's write is made without it)."""
+        while self._outbox and self._outbox[0] is not None:
+            calls = self._outbox.popleft()
+            if self._gone:
+                continue
+            self._lock.release()
             try:
                 self._conn.send(calls)
             except OSError:  # the child is gone (or has closed): tagging goes on without MQTT
                 self._gone = True
-
-    def close(self) -> None:
-        """Send what is kept and a close: the child says offline, flushes and disconnects."""
-        self._keep("close")
-        self.flush()
+            finally:
+                self._lock.acquire()
 
     def _read(self) -> None:
         """The child's messages: settings changes that came over MQTT, each answered through the pipe."""
