@@ -1,5 +1,7 @@
 """MultiStreamTagger: many engines, one batched call a round, the same steps as each stream alone."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,35 @@ def _split(steps):
     probs = np.stack([s.probs for s in steps if s.has_scores])
     events = [(e.kind, e.label, round(e.onset, 3), e.reason) for s in steps for e in s.events]
     return probs, events
+
+
+class _WorkerMetrics:
+    """What a running ServeWorker reports, for the tests that watch one: the hops each round stepped
+    (``rounds``) and those a leave stepped alone (``alone``). ``done`` is set once ``hops_until`` hops were
+    stepped in rounds, or once ``done_when()`` holds after a stream left."""
+
+    def __init__(self, hops_until=None, done_when=None):
+        self.rounds, self.alone, self.done = [], [], threading.Event()
+        self.hops = self  # a leave counts its hops with metrics.hops.inc
+        self._until, self._done_when = hops_until, done_when
+
+    def stepped(self, hops, seconds):
+        self.rounds.append(hops)
+        if self._until is not None and sum(self.rounds) >= self._until:
+            self.done.set()
+
+    def inc(self, hops):
+        self.alone.append(hops)
+
+    def latency(self, seconds):
+        pass
+
+    def event(self, label):
+        pass
+
+    def left(self, account):
+        if self._done_when is not None and self._done_when():
+            self.done.set()
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
@@ -399,28 +430,11 @@ def test_blocks_are_the_steps_and_serve_sends_the_same_messages_from_either(cnn_
 def test_the_serve_worker_steps_a_stream_far_ahead_a_capped_round_at_a_time(cnn_dir):
     """The running serve worker, handed 4 s of one stream and 0.1 s of another at once: no round steps more
     than max_round_hops of a stream, and every hop is stepped (the rounds after the first follow on their own)."""
-    import threading
-
     from streamtag.server import ServeOptions, ServeWorker
-
-    class Rounds:  # what the worker reports of each round
-        def __init__(self):
-            self.hops, self.done = [], threading.Event()
-
-        def stepped(self, hops, seconds):
-            self.hops.append(hops)
-            if sum(self.hops) >= 410:
-                self.done.set()
-
-        def latency(self, seconds):
-            pass
-
-        def left(self, account):
-            pass
 
     multi = MultiStreamTagger(cnn_dir, capacity=2, events=None)
     worker = ServeWorker(multi, ServeOptions(capacity=2, max_round_hops=25))
-    worker.metrics = rounds = Rounds()
+    worker.metrics = rounds = _WorkerMetrics(hops_until=410)
     rain = read_clip(EXAMPLES / "rain.flac")
     worker.submit("join", "fast", 16000, lambda message: None)
     worker.submit("join", "slow", 16000, lambda message: None)
@@ -428,13 +442,13 @@ def test_the_serve_worker_steps_a_stream_far_ahead_a_capped_round_at_a_time(cnn_
     worker.submit("audio", "slow", rain[:1_600])  # 10 hops
     worker.start()
     try:
-        assert rounds.done.wait(60), rounds.hops
+        assert rounds.done.wait(60), rounds.rounds
         with worker.lock:
             dropped = {name: account.dropped for name, account in worker.accounts.items()}
     finally:
         worker.stop()
         worker.join(10)
-    assert sum(rounds.hops) == 410 and max(rounds.hops) <= 25 + 10, rounds.hops
+    assert sum(rounds.rounds) == 410 and max(rounds.rounds) <= 25 + 10, rounds.rounds
     assert dropped == {"fast": 0, "slow": 0} and worker.failure is None
 
 
@@ -442,32 +456,12 @@ def test_the_serve_worker_steps_at_most_max_round_streams_a_round_and_sends_what
     """The running serve worker with rounds of at most 2 streams, handed 0.3 s of 5 streams at once: no round
     steps more than 2 streams, every hop is stepped, and each client gets the messages a worker stepping them
     all in one round sends."""
-    import threading
-
     from streamtag.server import ServeOptions, ServeWorker
 
     def run(max_round_streams):
-        class Rounds:  # what the worker reports of each round
-            def __init__(self):
-                self.hops, self.done = [], threading.Event()
-
-            def stepped(self, hops, seconds):
-                self.hops.append(hops)
-                if sum(self.hops) >= 150:
-                    self.done.set()
-
-            def latency(self, seconds):
-                pass
-
-            def event(self, label):
-                pass
-
-            def left(self, account):
-                pass
-
         multi = MultiStreamTagger(cnn_dir, capacity=5, events=LOW)
         worker = ServeWorker(multi, ServeOptions(capacity=5, max_round_streams=max_round_streams))
-        worker.metrics = rounds = Rounds()
+        worker.metrics = rounds = _WorkerMetrics(hops_until=150)
         messages = {f"s{i}": [] for i in range(5)}
         clips = [read_clip(EXAMPLES / n) for n in ("rain.flac", "dog.flac", "chainsaw.flac")]
         for name in messages:
@@ -476,12 +470,12 @@ def test_the_serve_worker_steps_at_most_max_round_streams_a_round_and_sends_what
             worker.submit("audio", name, clips[i % 3][i * 1600 : i * 1600 + 4800])  # 30 hops each
         worker.start()
         try:
-            assert rounds.done.wait(60), rounds.hops
+            assert rounds.done.wait(60), rounds.rounds
         finally:
             worker.stop()
             worker.join(10)
         assert worker.failure is None
-        return rounds.hops, messages
+        return rounds.rounds, messages
 
     capped, got = run(2)
     whole, expected = run(100)
@@ -498,37 +492,16 @@ def test_streams_that_end_with_hops_held_leave_after_a_round_steps_them_with_the
     site's shift): their hops are stepped in the next round, batched, not one stream at a time as each leave
     would, then they leave with the reason they ended with; each client gets what it gets when its hops were
     stepped before its eof came."""
-    import threading
+    import time
 
     from streamtag.server import ServeOptions, ServeWorker
 
     clips = [read_clip(EXAMPLES / n) for n in ("rain.flac", "dog.flac", "chainsaw.flac")]
 
     def run(eof_with_audio):
-        class Metrics:  # what the worker reports: hops stepped in rounds, and those a leave stepped alone
-            def __init__(self):
-                self.rounds, self.alone, self.done = [], [], threading.Event()
-                self.hops = self
-
-            def stepped(self, hops, seconds):
-                self.rounds.append(hops)
-
-            def inc(self, hops):
-                self.alone.append(hops)
-
-            def latency(self, seconds):
-                pass
-
-            def event(self, label):
-                pass
-
-            def left(self, account):
-                if not worker.accounts:
-                    self.done.set()
-
         multi = MultiStreamTagger(cnn_dir, capacity=3, events=LOW)
         worker = ServeWorker(multi, ServeOptions(capacity=3))
-        worker.metrics = metrics = Metrics()
+        worker.metrics = metrics = _WorkerMetrics(done_when=lambda: not worker.accounts)
         messages = {name: [] for name in ("a", "b", "c")}
         for name in messages:
             worker.submit("join", name, 16000, messages[name].append)
@@ -552,8 +525,6 @@ def test_streams_that_end_with_hops_held_leave_after_a_round_steps_them_with_the
             worker.join(10)
         assert worker.failure is None
         return metrics, messages
-
-    import time
 
     ended, got = run(True)
     _, expected = run(False)
