@@ -74,8 +74,9 @@ class ServeOptions:
     max_round_hops: int = 25
     # A round steps at most this many streams, those whose audio has waited longest; the rest go in the next
     # round, at once. Scores go out when a round's model calls are done, so one round of 500 streams held each
-    # stream's for all 500 (about 65 ms here); rounds of 100 cost 4% more a hop and hand scores on within about
-    # 15 ms (benchmarks/serve_worker.py --groups, benchmarks/serve.py).
+    # stream's for all 500 (about 65 ms here). Rounds of 50 cost about 10% more a stream than rounds of 500 (a
+    # model call costs ~90 us whatever the batch; benchmarks/serve_worker.py --groups); at 500 streams 50 gave
+    # the lowest latency of 20, 32, 50, 100 and 200, and 20 and 32 fell behind for good (benchmarks/serve.py).
     max_round_streams: int = 50
     # Every `message_window` messages must carry this much audio on average: a flood of tiny messages costs
     # the front per message, whatever the audio, and is closed (CLOSE_TOO_MANY_MESSAGES).
