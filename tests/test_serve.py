@@ -1543,3 +1543,23 @@ def test_the_mqtt_link_never_waits_for_its_process_and_sends_every_call_in_order
     assert not link_closed.is_alive()
     expected = [c for i in range(200) for c in (("settings", f"s{i}", {"note": big}), ("level", f"s{i}", -20.0))]
     assert got == [*expected, ("close",)]
+
+
+def test_an_mqtt_process_that_died_is_said_once_and_the_worker_goes_on(capfd):
+    """The MQTT process killed (out of memory, a bug): the worker's calls have nowhere to go; it says so once,
+    in one line, and its flushes go on returning."""
+    import multiprocessing
+
+    from streamtag.outputs.mqtt_process import MqttLink
+
+    ours, child = multiprocessing.Pipe()
+    link = MqttLink(ours, multiprocessing.Array("q", 2))
+    link.start()
+    child.close()  # the other end is gone
+    for i in range(5):
+        link.level(f"s{i}", -20.0)
+        link.flush()
+    link.close()
+    err = capfd.readouterr().err
+    assert err.count("the MQTT process ended; tagging goes on without MQTT") == 1, err
+    assert "Traceback" not in err

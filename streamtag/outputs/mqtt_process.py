@@ -17,6 +17,7 @@ import itertools
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -179,6 +180,13 @@ class MqttLink:
             try:
                 self._conn.send(calls)
             except OSError:  # the child is gone (or has closed): tagging goes on without MQTT
+                if not self._gone and calls[-1] != ("close",):
+                    print(
+                        "streamtag serve: error: the MQTT process ended; tagging goes on without MQTT (restart the "
+                        "server to publish again)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 self._gone = True
             finally:
                 self._lock.acquire()
