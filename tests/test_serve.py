@@ -305,13 +305,17 @@ def _subscriber(port, login=None):
     return client, got
 
 
-def test_mqtt_events_states_discovery_and_a_clean_stop(tmp_path, mosquitto):
+@pytest.mark.parametrize("where", ["worker process", "--one-process"])
+def test_mqtt_events_states_discovery_and_a_clean_stop(tmp_path, mosquitto, where):
+    """The MQTT process publishes for a worker in a process of its own (the default) or in the server's
+    (--one-process) alike."""
     rain, audio = _pcm("rain.flac")
     client, got = _subscriber(mosquitto)
     # a stream of a run that crashed: still "online" on the broker (the last will speaks for the server only)
     client.publish("streamtag/ghost/availability", "online", qos=1, retain=True).wait_for_publish(timeout=10)
+    extra = ("--one-process",) if where == "--one-process" else ()
     try:
-        with serve(tmp_path, "--mqtt", f"mqtt://127.0.0.1:{mosquitto}") as (port, proc):
+        with serve(tmp_path, "--mqtt", f"mqtt://127.0.0.1:{mosquitto}", *extra) as (port, proc):
             messages, _ = asyncio.run(_stream(port, "porch", rain + rain))  # rain, open past the first file
             time.sleep(0.5)
 

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..events import Event
 
 NICE = 10  # the child's priority below the server's: on a busy machine MQTT waits, not the scores
 CLOSE_TIMEOUT_S = 10.0  # the child says offline and flushes (2 s at most), then disconnects
+CONNECT_WAIT_S = 5.0  # calls wait this long at most for the first connection to the broker
 
 
 class MqttProcess:
@@ -223,6 +225,11 @@ def _child_main(conn, counts, url: str, labels: list[str], prefix: str, discover
 
     publisher.on_settings = on_settings
     publisher.start()
+    # the server's first streams join as it starts (pulled sources at once): their discovery and states wait
+    # for the broker's first answer rather than being dropped as sent to no connection
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    while not publisher.client.is_connected() and not publisher._said_down and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         while True:
             try:
