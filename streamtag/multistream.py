@@ -248,7 +248,7 @@ class MultiStreamTagger:
                 k = engine.block_length() if max_hops is None else min(engine.block_length(), max_hops)
                 blocks.append((engine.hop_model.slot, name, engine, engine.take(k)))
                 self._waiting.pop(name, None)
-                if engine.ready or engine.pending_samples:  # what it still holds waits from now
+                if engine.pending_samples:  # what it still holds waits from now
                     self._waiting[name] = None
                 if max_hops is not None and engine.ready:  # capped, or a block cut short by a reset due
                     self.behind = True

@@ -188,9 +188,9 @@ class SettingsBook:
         self.base_tables = list(base_tables)
         self.config = config
         self.changes: dict[str, StreamSettings] = {}
-        # the event settings of a stream with none of its own (most): building them was most of a join's cost,
-        # and hundreds of clients joining at once held up every stream for a quarter of a second
-        self._shared = None
+        # the event detector of a stream with no settings of its own (most), made once: building one was most of a
+        # join's cost, and hundreds of clients joining at once held up every stream for a quarter of a second
+        self._shared: EventDetector | None = None
         for name in config.streams:  # a bad combination in the file fails at start, not at the stream's join
             self.detector(name)
         self.detector("")  # the defaults' (no stream has an empty name)
@@ -224,10 +224,10 @@ class SettingsBook:
         return self.settings(name)
 
     def detector(self, name: str) -> EventDetector:
-        settings = self.settings(name)
         own = name in self.config.streams or name in self.changes
         if not own and self._shared is not None:  # the defaults' detector, made once, not at every join
             return self._shared.fresh()
+        settings = self.settings(name)
         try:
             default, per_class = build_event_settings(*self.base_tables, settings.events)
             enabled = settings.enabled(self.labels)

@@ -261,11 +261,9 @@ class ServeWorker(threading.Thread):
             self.round_done()
 
     def _flush_mqtt(self) -> None:
-        """What the round had for MQTT goes to its process in one message (a publisher in this process has no
-        flush: it sent each as it came)."""
-        flush = getattr(self.mqtt, "flush", None)
-        if flush is not None:
-            flush()
+        """What the round had for MQTT goes out (to the MQTT process, in one message)."""
+        if self.mqtt is not None:
+            self.mqtt.flush()
 
     def next_command(self, timeout: float):
         """The next command, waiting at most ``timeout`` seconds for one (none: ``None``)."""

@@ -359,6 +359,10 @@ class MqttPublisher:
     def level(self, stream: str, dbfs: float) -> None:
         self._send(f"{self.prefix}/{stream}/audio/level", f"{max(dbfs, -120.0):.1f}")
 
+    def flush(self) -> None:
+        """Nothing waits here: each call was handed to paho as it came (an MqttLink, the worker's other
+        publisher, sends a round's calls at its end)."""
+
     def close(self) -> None:
         """States OFF were sent by the events' closes; say offline, flush, disconnect."""
         self._closing = True

@@ -83,7 +83,6 @@ class MqttLink:
         self._calls: list[tuple] = []
         self._lock = threading.Lock()  # the calls: the worker thread keeps them, settings replies come from it too
         self._gone = False
-        self._reader: threading.Thread | None = None
         # flushed batches, for the sender thread: a child busy with a burst of joins stops reading for a while, the
         # pipe fills, and a send from the worker's thread would wait for it (seconds, with hundreds of joins)
         self._outbox: collections.deque = collections.deque()
@@ -101,17 +100,16 @@ class MqttLink:
 
     def start(self) -> None:
         """Start sending, and reading the settings changes that come over MQTT (where the worker runs)."""
-        self._reader = threading.Thread(target=self._read, name="streamtag-mqtt-reader", daemon=True)
-        self._reader.start()
+        threading.Thread(target=self._read, name="streamtag-mqtt-reader", daemon=True).start()
         self._sender = threading.Thread(target=self._send, name="streamtag-mqtt-sender", daemon=True)
         self._sender.start()
 
     # -- the publisher's calls ------------------------------------------------------------------------------
     def stream_joined(self, stream: str, enabled: Sequence[bool] | None = None) -> None:
-        self._keep("stream_joined", stream, None if enabled is None else [bool(x) for x in enabled])
+        self._keep("stream_joined", stream, enabled)
 
     def labels_changed(self, stream: str, enabled: Sequence[bool] | None) -> None:
-        self._keep("labels_changed", stream, None if enabled is None else [bool(x) for x in enabled])
+        self._keep("labels_changed", stream, enabled)
 
     def stream_available(self, stream: str, up: bool) -> None:
         self._keep("stream_available", stream, up)
