@@ -72,11 +72,12 @@ class ServeOptions:
     # A round steps at most this many hops of one stream, so one far ahead (a file pushed unpaced) cannot make
     # the round long for every other; it gets the rounds that follow (not with --ray: engines step all they get).
     max_round_hops: int = 25
-    # A round steps at most this many streams, those whose audio has waited longest; the rest go in the next
-    # round, at once. Scores go out when a round's model calls are done, so one round of 500 streams held each
-    # stream's for all 500 (about 65 ms here). Rounds of 50 cost about 10% more a stream than rounds of 500 (a
-    # model call costs ~90 us whatever the batch; benchmarks/serve_worker.py --groups); at 500 streams 50 gave
-    # the lowest latency of 20, 32, 50, 100 and 200, and 20 and 32 fell behind for good (benchmarks/serve.py).
+    # A round steps at most this many streams, those whose audio has waited longest (twice as many when more
+    # than two rounds' worth wait: ServeWorker._round_streams); the rest go in the next round, at once. Scores
+    # go out when a round's model calls are done, so one round of 500 streams held each stream's for all 500
+    # (about 65 ms here). Rounds of 50 cost about 10% more a stream than rounds of 500 (a model call costs
+    # ~90 us whatever the batch; benchmarks/serve_worker.py --groups); at 500 streams 50 gave the lowest
+    # latency of 20, 32, 50, 100 and 200, and 20 and 32 fell behind for good (benchmarks/serve.py).
     max_round_streams: int = 50
     # Every `message_window` messages must carry this much audio on average: a flood of tiny messages costs
     # the front per message, whatever the audio, and is closed (CLOSE_TOO_MANY_MESSAGES).
@@ -236,9 +237,7 @@ class ServeWorker(threading.Thread):
                 command = self.next_command(until_next_round())
             t0 = started = time.perf_counter()
             hops = 0
-            stepped = self.multi.step_blocks(
-                max_hops=self.options.max_round_hops, max_streams=self.options.max_round_streams
-            )
+            stepped = self.multi.step_blocks(max_hops=self.options.max_round_hops, max_streams=self._round_streams())
             for name, item in stepped:
                 hops += _hops(item)
                 self._deliver(name, item)
@@ -259,6 +258,15 @@ class ServeWorker(threading.Thread):
                 return
             self._flush_mqtt()
             self.round_done()
+
+    def _round_streams(self) -> int:
+        """How many streams the next round takes: ``max_round_streams``, or twice that when more than two rounds'
+        worth wait. A worker behind (a burst of joins, the machine busy with something else) then pays a model
+        call's fixed cost once for twice the streams and catches up sooner: at 600 streams on a 2-core machine,
+        more than it carries, the median latency stayed at 17-56 ms with the doubling and reached 74-516 ms
+        without it (benchmarks/serve.py; README, "How many streams")."""
+        streams = self.options.max_round_streams
+        return 2 * streams if self.multi.waiting > 2 * streams else streams
 
     def _flush_mqtt(self) -> None:
         """What the round had for MQTT goes out (to the MQTT process, in one message)."""

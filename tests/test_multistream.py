@@ -453,9 +453,10 @@ def test_the_serve_worker_steps_a_stream_far_ahead_a_capped_round_at_a_time(cnn_
 
 
 def test_the_serve_worker_steps_at_most_max_round_streams_a_round_and_sends_what_one_round_would(cnn_dir):
-    """The running serve worker with rounds of at most 2 streams, handed 0.3 s of 5 streams at once: no round
-    steps more than 2 streams, every hop is stepped, and each client gets the messages a worker stepping them
-    all in one round sends."""
+    """The running serve worker handed 0.3 s of 5 streams at once. With rounds of at most 3 streams (5 wait: not
+    behind) no round steps more than 3; with rounds of 2 (more than two rounds' worth wait: behind) the first
+    round takes twice that, 4. Every hop is stepped, and each client gets the messages a worker stepping them all
+    in one round sends."""
     from streamtag.server import ServeOptions, ServeWorker
 
     def run(max_round_streams):
@@ -477,13 +478,15 @@ def test_the_serve_worker_steps_at_most_max_round_streams_a_round_and_sends_what
         assert worker.failure is None
         return rounds.rounds, messages
 
-    capped, got = run(2)
+    capped, got = run(3)
+    doubled, got_doubled = run(2)
     whole, expected = run(100)
-    assert sum(capped) == 150 and max(capped) <= 2 * 25 and len(capped) >= 3, capped  # 2 streams, 25 hops each
+    assert sum(capped) == 150 and max(capped) <= 3 * 25 and len(capped) >= 3, capped  # 3 streams, 25 hops each
+    assert sum(doubled) == 150 and doubled[0] == 4 * 25 and max(doubled) <= 4 * 25, doubled
     assert max(whole) == 5 * 25  # the uncapped worker took all five in one round (max_round_hops 25)
     for name in got:
         assert [m["type"] for m in got[name] if m is not None].count("scores") == 3, got[name]
-        assert got[name] == expected[name], name
+        assert got[name] == expected[name] == got_doubled[name], name
     assert any(m["type"] == "open" for name in got for m in got[name] if m is not None)  # events compared too
 
 
