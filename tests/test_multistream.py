@@ -128,7 +128,9 @@ def test_rounds_keep_their_rows_and_slots_step_in_any_subset(cnn_dir, backend):
 def test_rounds_of_gathered_slots_step_as_hop_by_hop_and_leave_the_others_alone(model_dir, backend):
     """step_rounds: k hops of streams that are not slots 0..n-1 (a server's round), their state gathered and
     scattered once: the probabilities and state of k step calls, the slots not named untouched, and the pool
-    goes on from there alike."""
+    goes on from there alike; each stream's probabilities and state are those of the stream stepped alone. The slots
+    have stepped different numbers of hops before (their delay lines at different places), as a server's streams
+    have."""
     b = make_backend(backend, model_dir)
     hop = b.config.features.hop_length
     rng = np.random.default_rng(0)
@@ -136,14 +138,24 @@ def test_rounds_of_gathered_slots_step_as_hop_by_hop_and_leave_the_others_alone(
     audio = (rng.standard_normal((7, 3, hop)) * 0.1).astype(np.float32)
     slots, others = np.array([1, 3, 4]), [0, 2, 5]
     pools = [b.new_state(6), b.new_state(6)]
-    for pool in pools:  # every slot with some history first
+    for pool in pools:  # every slot with some history first, slots 1 and 4 two hops more
         for r in range(5):
             b.step(pool, np.arange(6), warm[:, r])
+        b.step(pool, np.array([1, 4]), warm[[1, 4], 4])
+        b.step(pool, np.array([4]), warm[[4], 3])
     before = [b.snapshot(pools[0], s) for s in others]
+    start = [b.snapshot(pools[0], s) for s in slots]
     assert b.step_rounds(pools[0], slots, audio[:0]).shape == (0, 3, len(b.labels))  # no hops: nothing stepped
     rounds = b.step_rounds(pools[0], slots, audio)
     one_by_one = np.stack([np.array(b.step(pools[1], slots, audio[r])) for r in range(7)])
     np.testing.assert_allclose(rounds, one_by_one, atol=1e-6)
+    for i, s in enumerate(slots):  # each stream alone in a pool of its own, stepped in place (nothing gathered)
+        alone = b.new_state(1)
+        b.restore(alone, 0, start[i])
+        probs = np.stack([np.array(b.step(alone, np.array([0]), audio[r, i : i + 1]))[0] for r in range(7)])
+        np.testing.assert_allclose(rounds[:, i], probs, atol=1e-6)
+        for u, v in zip(b.snapshot(alone, 0), b.snapshot(pools[0], s)):
+            np.testing.assert_allclose(u, v, atol=1e-6)
     for s, rows in zip(others, before):
         for u, v in zip(b.snapshot(pools[0], s), rows):
             np.testing.assert_array_equal(u, v)
