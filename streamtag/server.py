@@ -263,8 +263,8 @@ class ServeWorker(threading.Thread):
         """How many streams the next round takes: ``max_round_streams``, or twice that when more than two rounds'
         worth wait. A worker behind (a burst of joins, the machine busy with something else) then pays a model
         call's fixed cost once for twice the streams and catches up sooner: at 600 streams on a 2-core machine,
-        more than it carries, the median latency was 17-56 ms with the doubling and 22-516 ms
-        without it (benchmarks/serve.py; README, "How many streams")."""
+        more than it carries, the median latency was 17-56 ms with the doubling and 22-516 ms without it
+        (benchmarks/serve.py; README, "How many streams")."""
         streams = self.options.max_round_streams
         return 2 * streams if self.multi.waiting > 2 * streams else streams
 
