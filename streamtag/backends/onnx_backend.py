@@ -144,14 +144,6 @@ class Rings:
         b = np.arange(streams, dtype=np.int64)[:, None]
         return np.ascontiguousarray((t[:, None, :] * streams + b) * self.lines + self._line)
 
-    def pool_taps(self, slots: np.ndarray, frames: np.ndarray | int, out: np.ndarray) -> None:
-        """``(lines, n, taps)`` row indices into a pool's rings for slots that have stepped ``frames`` hops.
-
-        ``frames`` is one int when every slot has stepped as often (the usual case): less index work.
-        """
-        t = (np.reshape(frames, (1, -1, 1)) - self.lags[:, None, :]) % self.sizes[:, None, None]  # (lines, n|1, taps)
-        np.add(t + self.base[:, None, None], (slots * self.rows_per_slot)[:, None], out=out)
-
     def history(self, line: int, end: int) -> np.ndarray:
         """Positions in a time-major ring of ``line``'s history before hop ``end``, oldest first: as many rows
         as its longest lag reads (what the chunk graph takes and gives back as that line's state)."""
@@ -166,7 +158,7 @@ class Rings:
 
     def round_rows(self, slots: np.ndarray, frames: np.ndarray, hops: int) -> tuple[np.ndarray, np.ndarray]:
         """Every row index ``hops`` hops of pool slots need, from ``frames`` (each slot's hops so far) on: the rows
-        hop ``h`` reads, ``taps[h]`` ``(lines, n, taps)`` as :meth:`pool_taps` gives them, and the rows its new
+        hop ``h`` reads, ``taps[h]`` ``(lines, n, taps)`` (the graph's ``ring_taps``), and the rows its new
         delay-line rows go to, ``writes[h]`` ``(n * lines)`` into the ring seen as ``(rows, width)``. Worked out
         for a round's hops in one go: hop by hop it took 4-10% of a server's round of 50 streams."""
         hop = np.arange(hops)[:, None, None]
@@ -177,10 +169,33 @@ class Rings:
         writes = at % self.sizes + self.base + first  # (hops, n, lines)
         return taps, writes.reshape(hops, len(slots) * self.lines)
 
-    def write_rows(self, ring: np.ndarray, slots: np.ndarray, frames: np.ndarray | int, rows: np.ndarray) -> None:
-        """Store each slot's new row of every line: ``ring`` is ``(slots, rows_per_slot, width)``."""
-        at = self.base + np.reshape(frames, (-1, 1)) % self.sizes  # (n or 1, lines)
-        ring[slots[:, None], at] = rows.reshape(len(slots), self.lines, self.width)
+
+class _PoolRings:
+    """A pool's delay lines through ``hops`` hops of ``slots`` (:meth:`Rings.round_rows`): hop ``r`` puts its
+    taps in the pool's tap buffer (bound to the graph) with :meth:`before` and stores its new rows with
+    :meth:`after`; :meth:`done` moves the slots on. Without rings (a model with none) every call does nothing."""
+
+    def __init__(self, rings: Rings | None, pool: OnnxPool, slots: np.ndarray, hops: int) -> None:
+        self.taps = None
+        if rings is None:
+            return
+        n = len(slots)
+        self.pool, self.slots, self.hops = pool, slots, hops
+        self.taps = pool.taps[: pool.taps.size // pool.capacity * n].reshape(rings.lines, n, -1)
+        self._taps, self._writes = rings.round_rows(slots, pool.frames[slots], hops)
+        self._ring, self._rows = pool.ring.reshape(-1, rings.width), pool.rows[:n].reshape(-1, rings.width)
+
+    def before(self, r: int) -> None:
+        if self.taps is not None:
+            self.taps[...] = self._taps[r]
+
+    def after(self, r: int) -> None:
+        if self.taps is not None:
+            self._ring[self._writes[r]] = self._rows
+
+    def done(self) -> None:
+        if self.taps is not None:
+            self.pool.frames[self.slots] += self.hops
 
 
 class OnnxPool:
@@ -356,13 +371,15 @@ class OnnxBackend(OwnStreams):
         n = len(slots)
         pool.high_water = max(pool.high_water, n)
         pool.audio[:n] = audio
-        frames, taps = self._pool_taps(pool, slots)
-        self.session.run_with_iobinding(self._pool_binding(pool, (True, n, pool.current), taps))
+        rings = _PoolRings(self.rings, pool, slots, 1)
+        rings.before(0)
+        self.session.run_with_iobinding(self._pool_binding(pool, (True, n, pool.current), rings.taps))
         successor = pool.sets[1 - pool.current]
         for dst, src in zip(successor, pool.state):  # slots not stepped carry over
             dst[n : pool.high_water] = src[n : pool.high_water]
         pool.current = 1 - pool.current
-        self._advance_rings(pool, slots, frames)
+        rings.after(0)
+        rings.done()
         return pool.probs[:n]
 
     def step_rounds(self, pool: OnnxPool, slots: np.ndarray, audio: np.ndarray) -> np.ndarray:
@@ -385,48 +402,22 @@ class OnnxBackend(OwnStreams):
         for src, dst in zip(pool.state, pool.state_in):
             np.take(src, slots, axis=0, out=dst[:n])
         buffers = (pool.state_in, pool.state_out)
-        rings, taps = self.rings, None
-        if rings is not None:
-            all_taps, writes = rings.round_rows(slots, pool.frames[slots], k)
-            taps = pool.taps[: pool.taps.size // pool.capacity * n].reshape(rings.lines, n, -1)
-            ring_rows, new_rows = pool.ring.reshape(-1, rings.width), pool.rows[:n].reshape(-1, rings.width)
+        rings = _PoolRings(self.rings, pool, slots, k)
         for r in range(k):
             pool.audio[:n] = audio[r]
-            if taps is not None:
-                taps[...] = all_taps[r]
-            self.session.run_with_iobinding(self._pool_binding(pool, (False, n, r % 2), taps))
+            rings.before(r)
+            self.session.run_with_iobinding(self._pool_binding(pool, (False, n, r % 2), rings.taps))
             out[r] = pool.probs[:n]
-            if taps is not None:
-                ring_rows[writes[r]] = new_rows
-        if rings is not None:
-            pool.frames[slots] += k
+            rings.after(r)
+        rings.done()
         for dst, src in zip(pool.state, buffers[k % 2]):
             dst[slots] = src[:n]
         return out
-
-    def _advance_rings(self, pool: OnnxPool, slots: np.ndarray, frames: np.ndarray | int) -> None:
-        """Store the hop's new delay-line rows (``pool.rows``) and move the slots on a place in their rings."""
-        if self.rings is not None:
-            self.rings.write_rows(pool.ring, slots, frames, pool.rows[: len(slots)])
-            pool.frames[slots] += 1
 
     @staticmethod
     def _in_place(pool: OnnxPool, slots: np.ndarray) -> bool:
         n = len(slots)
         return bool(slots[0] == 0 and slots[-1] == n - 1 and (slots == pool.all_slots[:n]).all())
-
-    def _pool_taps(self, pool: OnnxPool, slots: np.ndarray) -> tuple[np.ndarray | int, np.ndarray | None]:
-        """The slots' places in their rings (one int when all have stepped as often) and the tap rows the next
-        hop reads, written into the pool's tap buffer for ``len(slots)`` streams; ``(0, None)`` without rings."""
-        if self.rings is None:
-            return 0, None
-        n = len(slots)
-        taps = pool.taps[: pool.taps.size // pool.capacity * n].reshape(self.rings.lines, n, -1)
-        frames = pool.frames[slots]
-        if frames[0] == frames[-1] and (frames == frames[0]).all():
-            frames = int(frames[0])  # streams in step
-        self.rings.pool_taps(slots, frames, taps)
-        return frames, taps
 
     def _pool_binding(self, pool: OnnxPool, key: tuple[bool, int, int], taps: np.ndarray | None) -> ort.IOBinding:
         """The binding of a pool hop of ``n`` streams, ``key = (in_place, n, which)``, made once: in place, from
