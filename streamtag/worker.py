@@ -20,6 +20,7 @@ from .backends import Backend
 from .engine import StreamTagger
 from .errors import ConfigError, StreamtagError
 from .events import EventDetector, EventParams
+from .outputs.files import STDOUT
 from .ring import SpscRing
 from .sources.base import Source
 from .steps import Output, Step
@@ -191,6 +192,7 @@ class Worker(threading.Thread):
         self.error: str | None = None
         self.interrupted = False
         self.reader_gone = False  # standard output was closed by its reader (| head): the run stopped there
+        self.stdout_closed = False  # ... and a stdout output was dropped (the run stopped if it was the only one)
         self._stop_requested = threading.Event()
         self._read_buf = np.zeros(capacity, dtype=np.float32)
 
@@ -315,7 +317,13 @@ class Worker(threading.Thread):
     def _consume(self, samples: np.ndarray, written_ns: int) -> None:
         t0 = time.perf_counter_ns()
         steps = self.tagger.feed(samples)
-        self._write(steps)
+        try:
+            self._write(steps)
+        finally:  # counted even when the write stopped the run (| head): the summary reports those hops too
+            self._count(steps, t0, written_ns)
+
+    def _count(self, steps: list[Step], t0: int, written_ns: int) -> None:
+        """The hop compute times (since ``t0``) and the latency of ``steps`` into the summary's figures."""
         if steps:
             done = time.perf_counter_ns()
             hops = sum(1 for s in steps if s.has_scores) or 1
@@ -330,6 +338,9 @@ class Worker(threading.Thread):
             for out in self.outputs:
                 try:
                     out.write(step)
+                except BrokenPipeError as exc:
+                    if exc.filename not in (None, STDOUT) or not self._left_by_reader(out):
+                        raise
                 except OSError:
                     raise
                 except Exception as exc:  # a custom output's own bug: named as such, not as the worker's
@@ -349,10 +360,17 @@ class Worker(threading.Thread):
             except OSError as exc:
                 self._write_error(exc)
 
+    def _left_by_reader(self, out: Output) -> bool:
+        """Standard output's reader is gone (``| head``): ``out`` (writing there) is dropped and the others go on
+        to the end, as they would have without it (``tee -p``). False when it was the last one: the run stops."""
+        self.outputs = [o for o in self.outputs if o is not out]  # a new list: a loop over the old one goes on
+        self.stdout_closed = True
+        return bool(self.outputs)
+
     def _write_error(self, exc: OSError) -> None:
         """Standard output closed by its reader (``| head``) stops the run quietly; any other failed write
         (a full disk, the reader of an --events pipe gone) is the run's error."""
-        if isinstance(exc, BrokenPipeError) and exc.filename in (None, "-"):
+        if isinstance(exc, BrokenPipeError) and exc.filename in (None, STDOUT):
             self.reader_gone = True
         else:
             self.error = self.error or _write_failed(exc)

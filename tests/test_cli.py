@@ -513,6 +513,30 @@ def test_a_reader_that_stops_reading_ends_the_run_quietly(cnn_dir, tmp_path):
     assert proc.wait(timeout=120) == 0 and "error" not in err and "Exception ignored" not in err, err
 
 
+def test_a_console_reader_leaving_does_not_cut_the_files_short(cnn_dir, tmp_path):
+    """replay ... --scores F --events E | head: the console stops, the files go on to the end of the clip (they
+    had stopped with the console, a few seconds in, exit 0: silently short), and the summary counts every hop."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    long = tmp_path / "long.wav"
+    sf.write(long, np.tile(read_clip(EXAMPLES / "dog.flac"), 12), 16000)  # 60 s: 6000 lines, more than a pipe holds
+    scores, events = tmp_path / "s.tsv", tmp_path / "e.jsonl"
+    cmd = [sys.executable, "-m", "streamtag", "replay", str(long), "--model", str(cnn_dir), "--fast", "--plain"]
+    cmd += ["--rate", "100", "--scores", str(scores), "--events", str(events)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline()
+    proc.stdout.close()  # as head does after its lines
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "error" not in err and "Exception ignored" not in err, err
+    assert len(scores.read_text().splitlines()) == 1 + 6000  # header, then every hop of the 60 s
+    assert "6000 frames" in err and "hop compute" in err, err
+    closes = [json.loads(line) for line in events.read_text().splitlines() if '"close"' in line]
+    assert all(c["reason"] != "interrupted" for c in closes), closes
+
+
 def test_an_output_fifo_is_written_and_its_reader_leaving_is_an_error(cnn_dir, tmp_path):
     """--events into a named pipe (mkfifo ev; jq . < ev &): the check before the run must not open it (that
     ends its reader); a reader that leaves mid-run is an error naming the file, unlike | head on stdout."""

@@ -474,8 +474,9 @@ def run_stream(args, source, backend, plan: StreamPlan, extra_outputs=()) -> int
     if summary.error:
         print(f"streamtag {args.command}: error: {summary.error}", file=sys.stderr)
         return 1
-    if worker.reader_gone:  # | head had what it wanted: stop quietly (no flush error at exit either)
+    if worker.stdout_closed:  # | head had what it wanted: no flush error at exit (the files went on to the end)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if worker.reader_gone:  # ... and it was the only output: the run stopped quietly
         return 0
     return 130 if got["signal"] == signal.SIGINT else 0
 
