@@ -232,6 +232,10 @@ class _Job:
         self.frames = 0
         self.events: dict[str, int] = {}
 
+    def broke_off(self) -> bool:
+        """Whether its decoding ended in an error (a truncated file): its open events close as ``interrupted``."""
+        return bool(self.source.error)
+
     def write(self, step: Step) -> None:
         if step.has_scores:
             self.sums += step.probs
@@ -431,7 +435,7 @@ def tag_archive(
             for name, job in list(active.items()):
                 chunk = next(job.chunks, None)
                 if chunk is None:
-                    for step in multi.leave(name):
+                    for step in multi.leave(name, "interrupted" if job.broke_off() else "stream_end"):
                         job.write(step)
                     ended(job.finish(feats.frame_seconds))
                     del active[name]
@@ -463,7 +467,7 @@ def _tag_alone(item: Item, out: Path, model, backend: str, scores: bool, detecto
         try:
             engine = StreamTagger(make_backend(backend, model, **one_thread(backend)), events=detector or True)
             job.engine = engine
-            drive(engine, _until_stopped(job.chunks), [job])
+            drive(engine, _until_stopped(job.chunks), [job], broke_off=job.broke_off)
         except BaseException:
             job.discard()  # no half-written outputs left behind
             raise

@@ -457,14 +457,17 @@ class StreamTagger:
         return [Step(self.frames - 1, self.frames * self.frame_seconds, empty, events, self.labels, self.frame_seconds)]
 
 
-def drive(tagger: StreamTagger, chunks: Iterable[np.ndarray], outputs: Sequence) -> None:
+def drive(
+    tagger: StreamTagger, chunks: Iterable[np.ndarray], outputs: Sequence, broke_off: Callable[[], bool] | None = None
+) -> None:
     """Feed every chunk of one stream to ``tagger``, hand each step to every output (``write``), then finish
-    the stream: a file in a plain loop, no thread (tag_file, tag of a single file)."""
+    the stream: a file in a plain loop, no thread (tag_file, tag of a single file). ``broke_off()``, asked at the
+    end: the input ended in an error (a truncated file), so open events close as ``interrupted``, as replay's."""
     for chunk in chunks:
         for item in tagger.feed_blocks(chunk):
             for out in outputs:
                 write_to(out, item)
-    for step in tagger.finish():
+    for step in tagger.finish("interrupted" if broke_off is not None and broke_off() else "stream_end"):
         for out in outputs:
             out.write(step)
 

@@ -51,7 +51,7 @@ def tag_file(
     tagger = StreamTagger(backend, events=events, **engine_options)
     sink = Collector()
     try:
-        drive(tagger, source.chunks(), [sink, *outputs])
+        drive(tagger, source.chunks(), [sink, *outputs], broke_off=lambda: bool(source.error))
     finally:
         for out in outputs:
             out.close()

@@ -738,3 +738,24 @@ def test_a_copy_of_an_archive_is_not_another_file_and_outputs_among_the_inputs_a
     for _ in range(2):
         r = run_cli("tag", here, "--out", here, "--model", cnn_dir)
         assert r.returncode == 0 and "not tagged for their extension" not in r.stderr, r.stderr
+
+
+def test_a_truncated_file_closes_its_open_events_as_interrupted_as_replay_does(tmp_path):
+    """A file that breaks off mid-event: tag closed the event as ``stream_end`` (the file ended), replay as
+    ``interrupted`` (the input failed); both now say ``interrupted``, alone (the chunk step) and in a pool."""
+    buffer = io.BytesIO()
+    sf.write(buffer, read_clip(EXAMPLES / "rain.flac"), 16000, format="WAV", subtype="PCM_16")
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(buffer.getvalue()[: 44 + 4 * 16000 * 2])  # 4 of its 5 s: the rain event (from 2.2 s) is open
+
+    def reasons(rows: str) -> list:
+        return [(r["type"], r["label"], r["onset"], r.get("offset"), r.get("reason")) for r in map(json.loads, rows)]
+
+    r = run_cli("replay", cut, "--fast", "--quiet", "--events", "-")
+    assert r.returncode == 1, r.stderr
+    replayed = reasons(r.stdout.splitlines())
+    assert replayed[-1][0] == "close" and replayed[-1][-1] == "interrupted", replayed
+    for given, out in (([cut], tmp_path / "alone"), ([cut, EXAMPLES / "dog.flac"], tmp_path / "pool")):
+        r = run_cli("tag", *given, "--out", out, "--jobs", "1")
+        assert r.returncode == 1 and "cut.wav is truncated" in r.stderr, r.stderr
+        assert reasons((out / "cut.wav.events.jsonl").read_text().splitlines()) == replayed, out.name
