@@ -289,6 +289,15 @@ def test_eval_limit_takes_the_models_classes_first():
     assert len(_spread(data, 99, {"dog"})) == len(labels)
 
 
+def test_eval_refuses_a_dataset_with_none_of_the_models_classes(folders, tmp_path, cli, cnn_dir):
+    """It printed "the dataset has one of the model's classes", a numpy warning and a report of nothing (every
+    clip an error), exit 0."""
+    data = _manifest(tmp_path / "d.csv", [[p, "whistle"] for p in folders.rglob("*.wav")])
+    code, err = cli("eval", cnn_dir, data, "--report", tmp_path / "r")
+    assert code == 2 and "none of the dataset's classes (whistle) is one of the model's" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists(), err
+
+
 def test_eval_refuses_an_unreadable_clip_before_scoring_any(folders, tmp_path, cli, cnn_dir):
     import shutil
 

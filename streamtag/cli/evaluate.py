@@ -158,7 +158,12 @@ def run(args) -> int:
         twice = len(dataset.clips) - len(unique)
         print(f"streamtag eval: note: {count(twice, 'clip')} listed twice, scored once", file=sys.stderr)
         dataset = dataset.subset(unique)
-    _, _, allowed, _ = dataset_targets(dataset, backend.labels, label_map)  # the dataset's classes, before --limit
+    _, _, allowed, unknown = dataset_targets(dataset, backend.labels, label_map)  # the dataset's, before --limit
+    if not allowed.any():  # every clip would count as an error: a report of nothing, not a figure
+        raise ConfigError(
+            f"none of the dataset's classes ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}) is one "
+            f"of the model's {len(backend.labels)} (streamtag eval --model FOLDER for a model trained on them)"
+        )
     if args.limit:  # taken across the classes in turn: the first N of a folder per class would be one class
         dataset = dataset.subset(_spread(dataset, args.limit, set(backend.labels)))
     _check_readable(dataset)
