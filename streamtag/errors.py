@@ -47,6 +47,16 @@ class InputError(StreamtagError, ValueError):
     """Samples handed to an engine are not what it takes (not mono, not audio, wrong type)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a command that stops cleanly sees it: a stop like Ctrl-C's, asked for by a service manager,
+    so the command exits 0 once it has stopped cleanly (Ctrl-C: 130)."""
+
+
+def stop_exit_code(stop: KeyboardInterrupt) -> int:
+    """The exit status of a command stopped cleanly by ``stop``: 0 for SIGTERM, 130 for Ctrl-C."""
+    return 0 if isinstance(stop, Terminated) else 130
+
+
 def count(n: int, one: str, many: str | None = None) -> str:
     """``n`` things in a message: "1 file", "2 files" (``many`` for a plural that is not ``one`` + s)."""
     return f"{n} {one if n == 1 else many or one + 's'}"

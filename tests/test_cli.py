@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -671,6 +672,32 @@ def test_a_pipe_other_than_stdout_closing_is_an_error_not_a_quiet_exit(monkeypat
     monkeypatch.setattr(devices, "run", broken)
     assert main(["devices"]) == 1
     assert "streamtag devices: error: a pipe closed under it (Broken pipe)" in capsys.readouterr().err
+
+
+def test_sigterm_stops_train_tag_and_eval_with_exit_0_and_ctrl_c_with_130(monkeypatch, capsys):
+    """As live, replay and serve exit: tag, train and eval returned 130 for SIGTERM too (a service stopped by
+    systemd read as failed), against the README's "exit 130 for SIGINT, 0 for SIGTERM"."""
+    import signal
+
+    import streamtag.cli.devices as devices
+    from streamtag.cli import interrupt_on_signals, main
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for sig, code in ((signal.SIGTERM, 0), (signal.SIGINT, 130)):
+
+            def stopped(args, sig=sig):  # a command that stops on the signal, as train, tag and eval do
+                interrupt_on_signals()
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the handler raises first
+                raise AssertionError("no stop")
+
+            monkeypatch.setattr(devices, "run", stopped)
+            assert main(["devices"]) == code
+            assert capsys.readouterr().err == "streamtag devices: interrupted\n"
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def test_a_ctrl_c_while_the_commands_load_is_an_interruption(monkeypatch, capsys):

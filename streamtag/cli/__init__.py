@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
-from ..errors import StreamtagError
+from ..errors import StreamtagError, Terminated, stop_exit_code
 
 SUBCOMMANDS = ["run", "tag", "serve", "devices", "train", "evaluate", "export", "bench"]
 # optional modules -> the extra that installs them (pip install '.[EXTRA]' in streamtag's folder)
@@ -36,11 +36,12 @@ EXTRAS = {
 def interrupt_on_signals() -> None:
     """Ctrl-C and SIGTERM raise KeyboardInterrupt, for a command that stops cleanly on it (train, tag, eval),
     also when started in the background from a script (where the shell sets SIGINT to be ignored, so Python
-    never turns it into KeyboardInterrupt) and when stopped by a service manager (SIGTERM)."""
+    never turns it into KeyboardInterrupt) and when stopped by a service manager (SIGTERM: :class:`Terminated`,
+    exit 0 as for live, replay and serve)."""
     import signal
 
     def stop(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     stop.raises_keyboard_interrupt = True  # main() lets go of it once the command has ended
     signal.signal(signal.SIGINT, stop)
@@ -143,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:  # a command that stops cleanly says what it kept itself; the rest say this much
+    except KeyboardInterrupt as stop:  # a command that stops cleanly says what it kept itself; the rest say this much
         print(f"streamtag {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return stop_exit_code(stop)
     except BrokenPipeError as exc:
         if _stdout_closed():  # piped into head, which has seen enough: not an error
             return 0

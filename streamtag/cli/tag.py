@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ConfigError, count
+from ..errors import ConfigError, count, stop_exit_code
 from ..outputs.files import check_output_folder
 
 PYARROW_HINT = "pip install '.[archive]' in streamtag's folder (or pip install pyarrow)"
@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
         "NAME.done.json; summary.csv (every finished file under --out; summary.parquet with --parquet) and errors.csv "
         "(this run's failures). A rerun skips the files finished with the same model and settings and tags the "
         "others (new, changed, or finished with other settings); Ctrl-C stops cleanly, and the same command "
-        "resumes. Exit 1 when any file failed (see errors.csv), 130 when interrupted.",
+        "resumes. Exit 1 when any file failed (see errors.csv), 130 when stopped by Ctrl-C (0 by SIGTERM).",
     )
     p.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="audio files, folders, or manifests (.csv/.txt); - reads stdin"
@@ -139,7 +139,7 @@ def run(args) -> int:
         bar.update(outcome)
 
     started, begun = time.perf_counter(), time.time()
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None  # the stop (Ctrl-C or SIGTERM), if one came
     interrupt_on_signals()  # SIGTERM too: finished files kept, the summary written, nothing half-written left
     try:
         if args.ray:
@@ -149,13 +149,13 @@ def run(args) -> int:
         else:
             jobs = args.jobs or cores
             tag_in_processes(items, min(jobs, len(items)), progress=ended, **kwargs)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as stop:
+        interrupted = stop
     finally:
         bar.close()
     wall = time.perf_counter() - started
     unfinished: list = []
-    if interrupted:  # workers report late (Ray a batch at a time): the done markers say what else finished
+    if interrupted is not None:  # workers report late (Ray a batch at a time): the done markers say what else finished
         if args.ray:  # Ray's actors were stopped without their own clean-up: what they left half-written goes
             for part in out.rglob("*.part"):
                 part.unlink(missing_ok=True)
@@ -221,7 +221,7 @@ def run(args) -> int:
             f"which may loop, and broken links; e.g. {links[0]}); give a linked folder by its own path to tag it",
             file=sys.stderr,
         )
-    if interrupted:
+    if interrupted is not None:
         if not unfinished:
             print(
                 f"streamtag tag: interrupted after all {count(len(items), 'file')} had finished; nothing is left",
@@ -233,7 +233,7 @@ def run(args) -> int:
                 "(nothing half-written was kept); run the same command again to tag them",
                 file=sys.stderr,
             )
-        return 130
+        return stop_exit_code(interrupted)
     return 1 if failed else 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, stop_exit_code
 
 
 def _arch_param(text: str):
@@ -396,9 +396,9 @@ def run(args) -> int:
             teacher=teacher,
             label_map=label_map,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         _say_how_to_resume(args)
-        return 130
+        return stop_exit_code(stop)
     best = result["best"]
     figures = (
         f", validation {best['acc_mean']:.1%} mean over frames, {best['acc_last']:.1%} last frame"
