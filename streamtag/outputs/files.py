@@ -167,8 +167,8 @@ class Rotation:
 
 def rotated_name(path: Path, started: datetime.datetime) -> Path:
     """``path`` with the UTC time its file was started, to the millisecond: the names sort in time order (``ls``,
-    ``cat scores.*.tsv``). Two started in one millisecond: the later one takes the next free millisecond (a
-    ``-1`` suffix sorted before the name without it)."""
+    ``cat scores.*.tsv``). A name already taken (two files started in one millisecond) moves on to the next free
+    millisecond, so the order stays that of the names (a ``-1`` suffix would sort before the name without it)."""
     while True:
         stamp = f"{started:%Y-%m-%dT%H-%M-%S}.{started.microsecond // 1000:03d}Z"
         candidate = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
@@ -189,8 +189,9 @@ class _TextFile:
         self.line_buffered, self.header = line_buffered, header
         self.rotation = rotation if str(path) != STDOUT else None
         if self.rotation is not None and self.path.is_file() and self.path.stat().st_size:
-            started = datetime.datetime.fromtimestamp(self.path.stat().st_mtime, datetime.timezone.utc)
-            os.replace(self.path, rotated_name(self.path, started))  # a restart never truncates the last run's file
+            # a restart never truncates the last run's file; it is named by its last write (its start is not kept)
+            written = datetime.datetime.fromtimestamp(self.path.stat().st_mtime, datetime.timezone.utc)
+            os.replace(self.path, rotated_name(self.path, written))
         self._open()
 
     def _open(self) -> None:
