@@ -91,6 +91,11 @@ def test_train_renames_labels_by_the_packaged_map_as_eval_does(folders, tmp_path
     code, err = cli("train", folders, barks, "--arch-param", "hidden=8", *FAST, "--out", tmp_path / "m")
     assert code == 0, err
     assert "dog_bark -> dog" in err
+    assert "every clip is a group of its own here" in err  # a folder dataset, a manifest without groups
+    grouped = _manifest(tmp_path / "g.csv", [[p, p.parent.name, p.stem[-1]] for p in folders.rglob("*.wav")],
+                        header=("path", "label", "group"))  # fmt: skip
+    code, err = cli("train", grouped, "--arch-param", "hidden=8", *FAST, "--out", tmp_path / "g")
+    assert code == 0 and "group of its own" not in err, err
     assert json.loads((tmp_path / "m" / "config.json").read_text())["labels"] == ["chainsaw", "dog", "rain"]
 
 

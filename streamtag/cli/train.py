@@ -460,9 +460,10 @@ def _say_if_ungrouped(dataset) -> None:
     labelled = [c for c in dataset.clips if c.label]
     if labelled and len({c.group for c in labelled}) == len(labelled):
         print(
-            "streamtag train: note: every clip is its own source recording here (a folder dataset, or a manifest "
-            "without a group column), so clips cut from one recording may sit on both sides of the split; give a "
-            "CSV manifest with a group column to keep them together",
+            "streamtag train: note: every clip is a group of its own here (a folder dataset, a manifest without a "
+            "group column, or one that gives each clip its own group), so clips cut from one recording may sit on "
+            "both sides of the split; name each clip's source recording in a CSV manifest's group column to keep "
+            "them together",
             file=sys.stderr,
         )
 
