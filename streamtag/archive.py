@@ -101,10 +101,13 @@ def find_inputs(
             continue
         other = seen.setdefault(item.name, item.path)
         if other is not item.path:
-            raise ConfigError(
-                f"{other} and {item.path} would both write outputs named '{item.name}': "
+            fix = (
                 "give their folders instead (outputs keep the path below each folder)"
+                if "/" not in item.name  # two files given by themselves
+                else "give folders above these that differ in name (outputs keep the path from each folder given "
+                "down, its own name first), or tag them into separate --out folders"
             )
+            raise ConfigError(f"{other} and {item.path} would both write outputs named '{item.name}': {fix}")
         files.add(real)
         unique.append(item)
     return unique

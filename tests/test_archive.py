@@ -141,6 +141,12 @@ def test_bad_invocations_say_what_to_fix(tmp_path, cnn_dir):
     shutil.copy(EXAMPLES / "dog.flac", tmp_path / "b" / "dog.flac")
     r = run_cli("tag", tmp_path / "a" / "dog.flac", tmp_path / "b" / "dog.flac", "--out", tmp_path / "o")
     assert r.returncode == 2 and "would both write outputs named 'dog.flac'" in r.stderr
+    assert "give their folders instead" in r.stderr
+    for site in ("c1", "c2"):  # folders given, of one name: giving folders is no fix, folders above them are
+        (tmp_path / site / "rec").mkdir(parents=True)
+        shutil.copy(EXAMPLES / "dog.flac", tmp_path / site / "rec" / "dog.flac")
+    r = run_cli("tag", tmp_path / "c1" / "rec", tmp_path / "c2" / "rec", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "named 'rec/dog.flac': give folders above these" in r.stderr, r.stderr
     (tmp_path / "empty").mkdir()
     r = run_cli("tag", tmp_path / "empty", "--out", tmp_path / "o")
     assert r.returncode == 2 and "no audio files" in r.stderr
