@@ -177,6 +177,7 @@ def test_bad_train_flags_are_one_line_before_any_work(folders, tmp_path, cli):
     assert not (tmp_path / "m" / "fold0").exists()
     code, err = cli("train", folders, "--init", "default", *FAST, *out)  # eval's name of the bundled model
     assert code == 2 and "labels differ" in err  # found, then refused for its 50 classes, not "not a model folder"
+    assert not (tmp_path / "m").exists()  # nothing written for a run that never started (it left trained_on.txt)
 
 
 def test_eval_flags_checked_up_front(folders, tmp_path, cli, cnn_dir, monkeypatch):

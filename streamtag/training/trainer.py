@@ -444,12 +444,12 @@ def fit(
     rng = np.random.default_rng(opts.seed)
     cfg = opts.model_config(data.labels)
     model = build_model(cfg).to(opts.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # written first: a run stopped early leaves a model whose training clips eval must still know
-    (out_dir / TRAINED_ON).write_text("\n".join(data.clips) + "\n")
     _set_feature_statistics(model, data.feats)
-    if opts.init_from:
+    if opts.init_from:  # before anything is written: an --init that does not fit leaves no folder behind
         _start_from(model, cfg, opts.init_from)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # written before training: a run stopped early leaves a model whose training clips eval must still know
+    (out_dir / TRAINED_ON).write_text("\n".join(data.clips) + "\n")
     batches = batches_of(data, opts, rng)
     if model.level is not None:
         batches.settled_frames = float(model.level.frames)
