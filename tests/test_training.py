@@ -235,7 +235,7 @@ def test_sigterm_saves_and_says_how_to_resume(class_folders, tmp_path):
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 0, err  # a clean stop asked for (Ctrl-C: 130)
     assert "--resume" in err and "Traceback" not in err
     import torch
 
