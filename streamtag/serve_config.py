@@ -24,7 +24,6 @@ restart and loses no state.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .events import EventDetector, EventParams, build_event_settings, merge_event_tables
-from .outputs.selection import split_class_names
+from .outputs.selection import check_class_names, split_class_names
 
 try:
     import tomllib
@@ -83,14 +82,14 @@ class StreamSettings:
                 value = split_class_names([value], labels, f"{where}: {key}") if value.strip() else []
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{where}: {key} must be a list of class names")
-            _known(value, labels, f"{where}: {key}")
+            check_class_names(value, labels, f"{where}: {key}")
             lists[key] = tuple(value)
         if lists.get("allow") and lists.get("deny"):
             raise ConfigError(f"{where}: give allow or deny, not both")
         events = data.get("events", {})
         if not isinstance(events, dict):
             raise ConfigError(f"{where}: events must map 'default' or a class name to event settings")
-        _known([k for k in events if k != "default"], labels, f"{where}: events")
+        check_class_names([k for k in events if k != "default"], labels, f"{where}: events")
         for key, value in events.items():
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: events.{key} must be a table with keys among {sorted(EVENT_KEYS)}")
@@ -242,14 +241,6 @@ class SettingsBook:
         if not own:
             self._shared = detector
         return detector.fresh()
-
-
-def _known(names: Sequence[str], labels: Sequence[str], where: str) -> None:
-    unknown = [n for n in names if n not in labels]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], labels, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"the model's classes: {', '.join(labels)}"
-        raise ConfigError(f"{where}: unknown class {unknown[0]!r} ({hint})")
 
 
 class _KeyTwice(ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +21,16 @@ def split_class_names(values: Sequence[str] | None, labels: Sequence[str], where
     if not names:
         raise ConfigError(f"{where} {','.join(values)!r} names no class")
     return names
+
+
+def check_class_names(names: Sequence[str], labels: Sequence[str], where: str) -> None:
+    """A name that is not one of the model's classes is refused in one line naming the nearest ones (a typo,
+    a capital letter), or every class when none is near."""
+    unknown = [n for n in names if n not in labels]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], labels, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"the model's classes: {', '.join(labels)}"
+        raise ConfigError(f"{where}: unknown class {unknown[0]!r} ({hint})")
 
 
 class ClassSelection:
@@ -48,9 +59,7 @@ class ClassSelection:
             raise ConfigError(f"--score-threshold must be in [0, 1] ({score_threshold} given)")
         self.labels = list(labels)
         named = list(allow or deny or [])
-        unknown = [n for n in named if n not in self.labels]
-        if unknown:
-            raise ConfigError(f"unknown class names {unknown[:5]}; known: {', '.join(self.labels[:10])}...")
+        check_class_names(named, self.labels, "--allow" if allow else "--deny")
         mask = np.ones(len(self.labels), dtype=bool)
         if allow:
             mask[:] = False

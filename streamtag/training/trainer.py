@@ -622,6 +622,20 @@ def _worker_batch(key: tuple[int, int, int], draw_only: bool) -> Plan | tuple[np
     return x.numpy().astype(np.float16), y.numpy().astype(np.float16), level0.numpy()
 
 
+def _difference(theirs: list[str], mine: list[str]) -> str:
+    """Two label lists in a line: how many each has and a few of the names only one of them has (a model's
+    57 classes written out made a line hundreds of characters long)."""
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    only_there, only_here = [x for x in theirs if x not in mine], [x for x in mine if x not in theirs]
+    parts = [f"{len(theirs)} there, {len(mine)} here"]
+    parts += [f"only there: {some(only_there)}"] if only_there else []
+    parts += [f"only here: {some(only_here)}"] if only_here else []
+    return "; ".join(parts) if only_there or only_here else f"{parts[0]}, in another order"
+
+
 def _start_from(model, cfg: ModelConfig, folder: str) -> None:
     """Fine-tuning: the weights of a trained model with the same architecture, parameters and labels.
 
@@ -649,7 +663,7 @@ def _start_from(model, cfg: ModelConfig, folder: str) -> None:
         if mine != theirs:
             raise ConfigError(
                 f"--init {folder}: its {what} {'differs' if what == 'architecture' else 'differ'} from this "
-                f"run's ({theirs} there, {mine} here); "
+                f"run's ({_difference(theirs, mine) if what == 'labels' else f'{theirs} there, {mine} here'}); "
                 "give the same --arch, --arch-param, --output, --level-seconds and datasets, or train from scratch"
             )
     missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=not (adds_gate or new_blocks))
