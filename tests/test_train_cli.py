@@ -178,7 +178,7 @@ def test_bad_train_flags_are_one_line_before_any_work(folders, tmp_path, cli):
     code, err = cli("train", folders, "--init", "default", *FAST, *out)  # eval's name of the bundled model
     assert code == 2 and "labels differ" in err  # found, then refused for its 50 classes, not "not a model folder"
     assert "(57 there, 3 here; only there: air_conditioner, airplane, breathing, brushing_teeth and 50 more)" in err
-    assert all(len(line) < 300 for line in err.splitlines()), err  # not every class written out
+    assert len(err.splitlines()[-1]) < 400, err  # the error, last: not every class written out (it was over 1000)
     assert not (tmp_path / "m").exists()  # nothing written for a run that never started (it left trained_on.txt)
 
 
