@@ -1030,14 +1030,19 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
             post(outbox, message)
 
         async def sender():
+            broken = False  # the connection broke under a write (the client killed, its network gone)
             while True:
                 message = await outbox.get()
                 if message is None:
                     return
-                if not ws.closed:
+                if broken or ws.closed:  # drained unsent to the end: the stream's audio is still tagged and paced
+                    continue
+                try:
                     await ws.send_str(json.dumps(message))
                     if message.get("type") == "error" and "code" in message:  # a refused join: closed at once
                         await ws.close(code=message["code"], message=message["message"].encode()[:120])
+                except ConnectionError:  # ws.closed is not yet set while the transport closes
+                    broken = True
 
         joining.add(name)
         fmt, joined = PcmFormat.raw(16000, "s16le"), False

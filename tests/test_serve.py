@@ -1066,6 +1066,51 @@ def test_a_client_far_ahead_of_real_time_is_held_back_not_dropped_and_others_are
         assert times == sorted(set(times)) and len(times) == round(audio.size / 1600)
 
 
+_PUSH_AND_HANG = """
+import asyncio, sys, aiohttp
+async def main(port, path):
+    pcm = open(path, "rb").read()
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"ws://127.0.0.1:{port}/v1/streams/doomed") as ws:
+            for i in range(0, len(pcm), 3200):  # as fast as the socket takes it; nothing read back
+                await ws.send_bytes(pcm[i : i + 3200])
+            await asyncio.sleep(120)
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"""
+
+
+def test_a_client_killed_while_far_ahead_costs_no_samples_and_no_traceback(tmp_path):
+    """A client pushing a long file unpaced, killed mid-push: its writes broke (the connection reset) and the
+    sender task died with "Task exception was never retrieved" and a traceback in the log; the pacer, which
+    went by that task, then handed the audio already read to the worker at once, and everything past its
+    5 s backlog was dropped (724,800 samples of a 60 s push). Now what was received is tagged at the worker's
+    pace and counted as processed, and the stream leaves."""
+    rain, _ = _pcm("rain.flac")
+    pcm = tmp_path / "push.raw"
+    pcm.write_bytes(rain * 12)  # 60 s
+    with serve(tmp_path) as (port, proc):
+        client = subprocess.Popen([sys.executable, "-c", _PUSH_AND_HANG, str(port), str(pcm)])
+        try:
+            state = _wait_for(port, lambda s: s.get("doomed", {}).get("samples", {}).get("received", 0) > 16000 * 6)
+            assert state.get("doomed"), state  # held back by the pacer: more than its backlog has come
+        finally:
+            client.kill()  # SIGKILL: unread replies in its socket, so the server's next write is reset
+            client.wait(timeout=30)
+        _wait_for(port, lambda s: "doomed" not in s)  # it left once what was read was tagged
+
+        async def metrics():
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    return await r.text()
+
+        text = asyncio.run(metrics())
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    received = float(re.search(r"^streamtag_samples_received_total (\S+)", text, re.M).group(1))
+    assert received > 16000 * 6 and re.search(r"^streamtag_samples_dropped_total 0\.0$", text, re.M), text
+    assert "Traceback" not in err and "never retrieved" not in err, err
+
+
 def test_a_flood_of_tiny_messages_is_closed_with_a_reason(tmp_path):
     """Messages of 1 ms of audio (the front pays per message): closed once 200 of them carry less than 5 ms each
     on average, with a code and a reason that says what to send; a stream beside it is untouched."""
