@@ -105,18 +105,20 @@ class StreamAccount:
     top: list = dataclasses.field(default_factory=list)
     recent: list = dataclasses.field(default_factory=list)  # the last few events, for the page
     last_audio: float = dataclasses.field(default_factory=time.monotonic)  # when its audio last came
+    warning: str | None = None  # samples replaced or clipped: the input format is likely wrong (said once)
     # (samples processed once a message was taken, when it arrived): how old a hop's audio is when its scores go
     arrivals: collections.deque = dataclasses.field(default_factory=collections.deque)
 
     def summary(self) -> dict:
-        """The counts a client's last message carries."""
-        return {
+        """The counts a client's last message carries (and a ``warning`` about its samples, when there is one)."""
+        counts = {
             "received": self.received,
             "processed": self.processed,
             "dropped": self.dropped,
             "frames": self.frames,
             "events": self.events,
         }
+        return counts if self.warning is None else {**counts, "warning": self.warning}
 
 
 class ServeWorker(threading.Thread):
@@ -170,6 +172,7 @@ class ServeWorker(threading.Thread):
                     "frames": a.frames,
                     "silent_s": round(now - a.last_audio, 1),  # seconds without audio: the page greys it out
                     "samples": {"received": a.received, "processed": a.processed, "dropped": a.dropped},
+                    **({} if a.warning is None else {"warning": a.warning}),
                 }
                 for name, a in self.accounts.items()
             }
@@ -346,6 +349,8 @@ class ServeWorker(threading.Thread):
             if samples.size:
                 self.multi.feed(name, samples)
                 account.processed += samples.size
+                if account.warning is None:
+                    self._check_samples(name, account)
                 if self.metrics is not None:
                     account.arrivals.append((account.processed, arrived))
         elif kind == "source":  # a pulled source or sound card of the server's own went away, or is back
@@ -394,10 +399,19 @@ class ServeWorker(threading.Thread):
         engine = self.multi.streams[name]
         return int(engine.pending_samples * self.accounts[name].rate / engine.model_rate)
 
+    def _check_samples(self, name: str, account: StreamAccount) -> None:
+        """Samples replaced (NaN, Inf) or clipped (beyond full scale) say that the client's format is likely not
+        what it sends (s16le sent as f32le): said once in the log, and in the stream's state and summary, where
+        it had been tagged as noise without a word."""
+        stats = self.multi.streams[name].stats  # (a stream on a Ray engine counts none here: serve --ray)
+        if getattr(stats, "nonfinite", 0) or getattr(stats, "clipped", 0):
+            account.warning = stats.problems()
+            print(f"streamtag serve: warning: stream '{name}': {account.warning}", file=sys.stderr, flush=True)
+
     def _leave(self, name: str, reason: str) -> None:
         if name not in self.accounts:
             return
-        self._leaving[name] = self.multi.streams.get(name)
+        engine = self._leaving[name] = self.multi.streams.get(name)
         try:
             hops = 0
             for step in self.multi.leave(name, reason):  # the hops it still held are stepped here
@@ -409,6 +423,8 @@ class ServeWorker(threading.Thread):
             self.metrics.hops.inc(hops)
         with self.lock:
             account = self.accounts.pop(name)
+        if account.warning is not None:
+            account.warning = engine.stats.problems()  # the counts at the end
         listener = self.listeners.pop(name)
         self.enabled.pop(name, None)
         listener({"type": "summary", "reason": reason, **account.summary()})

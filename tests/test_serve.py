@@ -1111,6 +1111,26 @@ def test_a_client_killed_while_far_ahead_costs_no_samples_and_no_traceback(tmp_p
     assert "Traceback" not in err and "never retrieved" not in err, err
 
 
+def test_pcm_in_another_format_than_the_hello_says_is_warned_about(tmp_path):
+    """s16le sent as f32le was tagged as noise without a word (replay --raw-format says "is the input format
+    right?"): the summary and /v1/state carry the warning, the log says it once; a right stream has none."""
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path) as (port, proc):
+
+        async def both():
+            wrong = _stream(port, "wrong", rain, hello={"format": "f32le"}, pace=0.02)
+            return await asyncio.gather(wrong, _stream(port, "right", rain, pace=0.02))
+
+        (wrong, _), (right, _) = asyncio.run(both())
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "is the input format right" in wrong[-1].get("warning", ""), wrong[-1]
+    assert wrong[-1]["received"] == wrong[-1]["processed"] == len(rain) // 4  # the counts stay whole
+    assert right[-1]["type"] == "summary" and "warning" not in right[-1], right[-1]
+    said = [line for line in err.splitlines() if "warning: stream" in line]
+    assert len(said) == 1 and "stream 'wrong'" in said[0], err
+
+
 def test_a_flood_of_tiny_messages_is_closed_with_a_reason(tmp_path):
     """Messages of 1 ms of audio (the front pays per message): closed once 200 of them carry less than 5 ms each
     on average, with a code and a reason that says what to send; a stream beside it is untouched."""
