@@ -717,6 +717,9 @@ def test_an_mqtt_prefix_with_wildcards_is_refused_at_start():
             "--port-file /nonexistent/folder/port: output folder /nonexistent/folder does not exist",
         ),
         (["--engines", "4"], "give it with --ray"),
+        (["--token", ""], "--token is empty: give a secret"),  # it started a server that refused every request
+        (["--host", "0.0.0.0", "--token", " "], "--token is empty"),
+        (["--token", "s3cret "], "--token begins or ends with a space"),
         (["--max-streams", "1", "--pull", "a=/dev/null", "--pull", "b=/dev/null"], "raise --max-streams to at least 2"),
     ],
 )

@@ -113,6 +113,12 @@ def _check(args) -> None:
         from ..outputs.files import check_output_path
 
         check_output_path(args.port_file, "--port-file")  # a folder that is missing or takes no file: before work
+    if args.token is not None and (not args.token.strip() or args.token.strip() != args.token):
+        what = "is empty" if not args.token.strip() else "begins or ends with a space"
+        raise ConfigError(  # no client could send it (a Bearer header is stripped): refused, not a server nobody uses
+            f'--token {what}: give a secret of visible characters (an unset variable in --token "$TOKEN" '
+            "gives an empty one)"
+        )
     if not loopback and not args.token:
         raise ConfigError(f"--host {args.host} is reachable from other machines: add --token SECRET (clients send it)")
     for flag, value, default in (
