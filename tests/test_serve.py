@@ -673,9 +673,9 @@ async def _poll(ws):
         ('[streams.a]\nur = "x"\n', "unknown setting 'ur' (known: allow, deny, events, url, device)"),
         ("[streams.a.events.dog]\non_treshold = 0.6\n", "events.dog: unknown key 'on_treshold'"),
         ('[streams.a]\nallow = ["dgo"]\n', "unknown class 'dgo' (did you mean dog"),
-        ('[streams.cam]\nurl = "/no/such/cam.wav"\n', "stream 'cam': no such file '/no/such/cam.wav'"),
-        ('[streams.cam]\nurl = "file:/no/such/cam.wav"\n', "stream 'cam': no such file '/no/such/cam.wav'"),
-        ('[streams.cam]\nurl = "/proc/version"\n', "stream 'cam': ffmpeg finds no audio to read in '/proc/version'"),
+        ('[streams.cam]\nurl = "/no/such/cam.wav"\n', "serve.toml: [streams.cam] url: no such file '/no/such/cam.wav'"),
+        ('[streams.cam]\nurl = "file:/no/such/cam.wav"\n', "[streams.cam] url: no such file '/no/such/cam.wav'"),
+        ('[streams.cam]\nurl = "/proc/version"\n', "[streams.cam] url: ffmpeg finds no audio to read in '/proc"),
         ('[streams.cam]\nurl = "{tmp}/empty.wav"\n', "/empty.wav' (the file holds 0 samples)"),
     ],
 )
@@ -693,6 +693,19 @@ def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, text, message):
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_start_line_on_an_ipv6_loopback_gives_urls_that_open(tmp_path):
+    """--host ::1 said http://::1:8750/, which no browser or client takes: an IPv6 address goes in brackets."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    with serve(tmp_path, "--host", "::1") as (port, proc):
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert f"listening on http://[::1]:{port}/ (streams: ws://[::1]:{port}/v1/streams/NAME)" in err, err
 
 
 def test_an_mqtt_prefix_with_wildcards_is_refused_at_start():
@@ -717,6 +730,7 @@ def test_an_mqtt_prefix_with_wildcards_is_refused_at_start():
             "--port-file /nonexistent/folder/port: output folder /nonexistent/folder does not exist",
         ),
         (["--engines", "4"], "give it with --ray"),
+        (["--pull", "cam=/no/such/cam.wav"], "--pull cam: no such file '/no/such/cam.wav'"),
         (["--token", ""], "--token is empty: give a secret"),  # it started a server that refused every request
         (["--host", "0.0.0.0", "--token", " "], "--token is empty"),
         (["--token", "s3cret "], "--token begins or ends with a space"),

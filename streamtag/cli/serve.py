@@ -141,9 +141,11 @@ def _sources(args, config) -> list:
     from ..server import local_path
 
     sources = list(config.sources)
+    where = {s.name: f"--config {config.path}: [streams.{s.name}] url" for s in sources}  # for an error about one
     for item in args.pull:
         name, url = item.split("=", 1)
         sources.append(PulledSource(name, url=url))
+        where.setdefault(name, f"--pull {name}")
     names = [s.name for s in sources]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -156,12 +158,12 @@ def _sources(args, config) -> list:
             continue
         if not os.path.exists(path) or os.path.isdir(path):
             what = f"{path!r} is a folder, not a file" if os.path.isdir(path) else f"no such file {path!r}"
-            raise ConfigError(f"stream '{source.name}': {what} (give a file, or a URL such as rtsp://...)")
+            raise ConfigError(f"{where[source.name]}: {what} (give a file, or a URL such as rtsp://...)")
         if not os.path.isfile(path):  # a named pipe or a device: reading a probe from it would take its audio
             continue
         problem = _not_audio(path)
         if problem:
-            raise ConfigError(f"stream '{source.name}': ffmpeg finds no audio to read in {path!r} ({problem})")
+            raise ConfigError(f"{where[source.name]}: ffmpeg finds no audio to read in {path!r} ({problem})")
     return sources
 
 
@@ -285,8 +287,9 @@ async def _serve(args, worker, options, sources) -> int:
         await runner.cleanup()
         raise ConfigError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
     port = site._server.sockets[0].getsockname()[1]
+    netloc = f"[{args.host}]:{port}" if ":" in args.host else f"{args.host}:{port}"  # IPv6 in a URL: [::1]:8750
     print(
-        f"streamtag serve: listening on http://{args.host}:{port}/ (streams: ws://{args.host}:{port}/v1/streams/NAME)",
+        f"streamtag serve: listening on http://{netloc}/ (streams: ws://{netloc}/v1/streams/NAME)",
         file=sys.stderr,
         flush=True,
     )
