@@ -596,7 +596,12 @@ def parse_hello(text: str) -> PcmFormat:
         ) from None
     if not isinstance(hello, dict):
         raise ConfigError("the first text message must be a JSON object")
-    unknown = set(hello) - {"sample_rate", "format", "channels", "type"}
+    if "type" in hello:  # {"type": "eof"} is taken before: any other type is a message this server has none of
+        raise ConfigError(
+            f"no message has type {hello['type']!r}: the first message gives the format without a type, e.g. "
+            '{"sample_rate": 16000, "format": "s16le"}, and {"type": "eof"} ends the stream'
+        )
+    unknown = set(hello) - {"sample_rate", "format", "channels"}
     if unknown:
         raise ConfigError(f"unknown keys {sorted(unknown)} (sample_rate, format, channels)")
     rate, fmt, channels = hello.get("sample_rate", 16000), hello.get("format", "s16le"), hello.get("channels", 1)

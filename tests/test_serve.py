@@ -208,6 +208,16 @@ def test_bad_clients_get_a_clear_close_and_harm_no_one(tmp_path):
     assert code == 1000 and messages[-1]["type"] == "summary" and messages[-1]["dropped"] == 0
 
 
+def test_a_first_message_of_another_type_than_eof_is_refused():
+    """{"type": "foo"} was taken as a format message of all defaults, without a word."""
+    from streamtag.errors import ConfigError
+    from streamtag.server import parse_hello
+
+    with pytest.raises(ConfigError, match="no message has type 'start': the first message gives the format"):
+        parse_hello('{"type": "start", "sample_rate": 16000}')
+    assert parse_hello('{"sample_rate": 8000}').rate == 8000
+
+
 def test_off_loopback_needs_a_token_and_the_token_is_checked(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "streamtag", "serve", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60
