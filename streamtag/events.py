@@ -72,7 +72,10 @@ class EventParams:
         if not 0.0 < self.on_threshold <= 1.0:
             raise ConfigError(f"on_threshold must be in (0, 1] ({self.on_threshold} given)")
         if self.off_threshold is not None and not 0.0 <= self.off_threshold <= self.on_threshold:
-            raise ConfigError(f"off_threshold must be in [0, on_threshold] ({self.off_threshold} given)")
+            raise ConfigError(
+                f"off_threshold must be in [0, on_threshold], on_threshold {self.on_threshold:g} here "
+                f"({self.off_threshold} given)"
+            )
         if self.min_duration_s < 0 or self.min_gap_s < 0:
             raise ConfigError("min_duration_s and min_gap_s must be >= 0")
         if self.max_duration_s is not None and not self.max_duration_s > self.min_duration_s:

@@ -205,6 +205,11 @@ class SettingsBook:
         """Apply a run-time change (a JSON object) to ``name``; checked in full before anything changes.
         ``{"reset": true}`` drops the run-time changes made so far: the config file's settings again."""
         if isinstance(data, dict) and "reset" in data:
+            if data.get("reset") is not True:  # {"reset": false} would read as "change nothing": a mistake
+                raise ConfigError(
+                    f"settings for '{name}': reset takes true, as {{\"reset\": true}} (back to the config file's "
+                    f"settings); to change settings, send them without it ({data['reset']!r} given)"
+                )
             if data != {"reset": True}:
                 raise ConfigError(f"settings for '{name}': reset comes alone, as {{\"reset\": true}}")
             self.changes.pop(name, None)

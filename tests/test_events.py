@@ -99,6 +99,12 @@ def test_bad_params_are_refused(kwargs):
         EventParams(**kwargs)
 
 
+def test_an_off_threshold_above_on_names_the_on_threshold_in_force():
+    """Layered settings (a model's, a file's, a change) leave the user guessing which on_threshold applied."""
+    with pytest.raises(ConfigError, match=r"on_threshold 0\.35 here \(0\.4 given\)"):
+        EventParams(on_threshold=0.35, off_threshold=0.4)
+
+
 def test_settings_file_must_be_json_or_toml(tmp_path):
     for name in ("events.yaml", "events"):
         path = tmp_path / name

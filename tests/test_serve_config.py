@@ -28,6 +28,8 @@ def test_run_time_changes_layer_over_the_config_file_and_an_empty_list_clears():
     assert sum(book.settings("porch").enabled(LABELS)) == 1
     with pytest.raises(ConfigError, match="reset comes alone"):
         book.change("porch", {"reset": True, "allow": ["cat"]})
+    with pytest.raises(ConfigError, match="reset takes true, as"):  # it said "reset comes alone" to a lone reset
+        book.change("porch", {"reset": False})
 
 
 def test_a_class_name_holding_a_comma_stays_whole_in_a_config_string_as_in_allow():
