@@ -121,10 +121,13 @@ def test_folder_datasets_skip_hidden_files_and_say_what_they_pass_over(folders, 
     (root / "owl").mkdir()
     (root / "owl" / "hoot.m4a").write_bytes(b"m4a")
     (root / "cat").mkdir()
+    (root / "stray.wav").write_bytes((folders / "dog" / "dog0.wav").read_bytes())  # beside the class folders
+    (root / "._stray.wav").write_bytes(b"\0\5\26\7 AppleDouble")
     ds = load_dataset(root)
     assert ds.labels == ["dog", "rain"] and len(ds.clips) == 6
     notes = " ".join(ds.notes)
     assert ".m4a" in notes and "owl" in notes and "cat" in notes
+    assert "1 audio file beside the class folders (e.g. stray.wav) left out" in notes  # it was left out unsaid
 
 
 def test_manifest_labels_are_trimmed_merged_per_file_and_read_from_excel(folders, tmp_path):
