@@ -59,6 +59,7 @@ def test_a_wav_stream_of_another_rate_and_width(cnn_dir, tmp_path):
     "args, stdin, message",
     [
         (["-"], (EXAMPLES / "rain.flac").read_bytes(), "stdin is not a WAV stream"),
+        (["-"], b"", "stdin is empty: nothing was piped in"),  # it said "not a WAV stream"
         (["-", "--raw-rate", "16000"], b"\0" * 3200, "needs both --raw-rate and --raw-format"),
         (["-", "--raw-rate", "5", "--raw-format", "s16le"], b"\0" * 3200, "--raw-rate must be a whole number of Hz in"),
         (["-", "--raw-rate", "0", "--raw-format", "s16le"], b"\0" * 3200, "--raw-rate must be a whole number of Hz in"),

@@ -98,6 +98,8 @@ def read_wav_header(stream: BinaryIO) -> PcmFormat:
         return data
 
     head = stream.read(12)
+    if not head:
+        raise AudioFileError("stdin is empty: nothing was piped in (did the command before the | fail?)")
     if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
         raise AudioFileError(
             "stdin is not a WAV stream: pipe WAV (ffmpeg ... -f wav -) or raw PCM with --raw-rate and --raw-format"
