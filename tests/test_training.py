@@ -177,7 +177,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(class_folders, tmp_path, 
     r = run_cli(*args(resumed, "--resume")[:-6], "--epochs", "9", "--no-val", "--out", resumed, "--resume")
     assert r.returncode != 0 and "resume with the same --epochs" in r.stderr
     r = run_cli(*args(tmp_path / "none", "--resume"))
-    assert r.returncode != 0 and "nothing to resume" in r.stderr
+    assert r.returncode == 2 and "nothing to resume" in r.stderr
+    assert "training" not in r.stderr  # said before the dataset is read and its features computed
 
 
 def test_eval_report_on_a_small_real_subset(class_folders, tmp_path):

@@ -483,6 +483,8 @@ def _check_out(out: Path, args) -> None:
             )
     if args.cv and any(out.glob("fold*/config.json")) and not args.overwrite:
         raise ConfigError(f"--out {out} already holds cross-validation models; add --overwrite to replace them")
+    if args.resume and not args.cv and not (out / "checkpoint.pt").is_file():  # said before the dataset is read
+        raise ConfigError(f"nothing to resume: {out / 'checkpoint.pt'} does not exist (drop --resume to start fresh)")
     if (out / "config.json").exists() and not (args.resume or args.overwrite or args.cv):
         raise ConfigError(f"--out {out} already holds a model; add --overwrite to replace it or --resume to continue")
 
