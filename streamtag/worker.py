@@ -339,7 +339,7 @@ class Worker(threading.Thread):
                 try:
                     out.write(step)
                 except BrokenPipeError as exc:
-                    if exc.filename not in (None, STDOUT) or not self._left_by_reader(out):
+                    if exc.filename != STDOUT or not self._left_by_reader(out):  # another pipe's reader: an error
                         raise
                 except OSError:
                     raise
@@ -370,7 +370,7 @@ class Worker(threading.Thread):
     def _write_error(self, exc: OSError) -> None:
         """Standard output closed by its reader (``| head``) stops the run quietly; any other failed write
         (a full disk, the reader of an --events pipe gone) is the run's error."""
-        if isinstance(exc, BrokenPipeError) and exc.filename in (None, STDOUT):
+        if isinstance(exc, BrokenPipeError) and exc.filename == STDOUT:
             self.reader_gone = True
         else:
             self.error = self.error or _write_failed(exc)

@@ -107,6 +107,38 @@ def test_a_worker_gives_events_by_default_and_names_a_failing_source_or_output(c
     assert worker.summary().error == "the output Full failed: RuntimeError('disk full')" and full.closed
 
 
+def test_a_closed_pipe_of_an_output_of_ones_own_is_an_error_not_stdout_s_reader_leaving(cnn_dir):
+    """Only an output writing stdout may be dropped quietly when its reader leaves (| head); a custom output whose
+    socket closed (a BrokenPipeError naming no file) is the run's error, with every hop still written to the
+    others: it had been dropped without a word and stdout pointed at /dev/null."""
+    from streamtag.sources import WavReplaySource
+    from streamtag.worker import Worker
+
+    class Socket:
+        def write(self, step):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def close(self):
+            pass
+
+    class Sink:
+        frames = 0
+
+        def write(self, step):
+            self.frames += step.has_scores
+
+        def close(self):
+            pass
+
+    sink = Sink()
+    worker = Worker(
+        WavReplaySource(EXAMPLES / "dog.flac", 16000, speed=0), make_backend("onnx", cnn_dir), [Socket(), sink]
+    )
+    worker.start()
+    worker.join()
+    assert "Broken pipe" in (worker.summary().error or "") and not worker.stdout_closed and not worker.reader_gone
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
 def test_signals_drain_flush_and_summarise(sig, code, cnn_dir, tmp_path):
     out, events = tmp_path / "u.jsonl", tmp_path / "e.jsonl"

@@ -9,6 +9,7 @@ from typing import TextIO
 
 from ..events import Event
 from ..steps import Step
+from .files import STDOUT, named_error
 from .selection import ClassSelection
 
 BAR_WIDTH = 30
@@ -43,12 +44,17 @@ class PlainLines:
         self.stream = stream or sys.stdout
 
     def write(self, step: Step) -> None:
-        if self.show_events:
-            for event in step.events:
-                print(format_event(event, step.t), file=self.stream)
-        if step.has_scores and (step.frame_index + 1) % self.every == 0:
-            picks = "  ".join(f"{label} {p:.2f}" for label, p in self.selection.pick(step.probs))
-            print(f"{step.t:8.2f}s  {picks}", file=self.stream, flush=True)
+        try:
+            if self.show_events:
+                for event in step.events:
+                    print(format_event(event, step.t), file=self.stream)
+            if step.has_scores and (step.frame_index + 1) % self.every == 0:
+                picks = "  ".join(f"{label} {p:.2f}" for label, p in self.selection.pick(step.probs))
+                print(f"{step.t:8.2f}s  {picks}", file=self.stream, flush=True)
+        except BrokenPipeError as exc:  # named as stdout's, as a file output at - is: its reader has left (| head)
+            if self.stream is not sys.stdout:
+                raise
+            raise named_error(exc, STDOUT) from None
 
     def close(self) -> None:
         self.stream.flush()
