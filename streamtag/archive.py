@@ -92,22 +92,25 @@ def find_inputs(
             raise ConfigError(f"{p} is a pipe or a device, not a file: tag it as - --name NAME, fed on stdin")
         else:
             raise ConfigError(f"{p}: no such file or folder")
-    seen: dict[str, Path] = {}
+    seen: dict[str, Item] = {}
     files: set[Path] = set()
     unique = []
     for item in items:
         real = item.path.resolve()
         if real in files:  # the same file twice (listed, or also in a folder given): tagged once
             continue
-        other = seen.setdefault(item.name, item.path)
-        if other is not item.path:
-            fix = (
-                "give their folders instead (outputs keep the path below each folder)"
-                if "/" not in item.name  # two files given by themselves
-                else "give folders above these that differ in name (outputs keep the path from each folder given "
-                "down, its own name first), or tag them into separate --out folders"
-            )
-            raise ConfigError(f"{other} and {item.path} would both write outputs named '{item.name}': {fix}")
+        other = seen.setdefault(item.name, item)
+        if other is not item:
+            if item.listed_in or other.listed_in:  # a manifest names its files by their paths below its folder
+                fix = "list them in one manifest in a folder above both, or tag them into separate --out folders"
+            elif "/" not in item.name:  # two files given by themselves
+                fix = "give their folders instead (outputs keep the path below each folder)"
+            else:
+                fix = (
+                    "give folders above these that differ in name (outputs keep the path from each folder given "
+                    "down, its own name first), or tag them into separate --out folders"
+                )
+            raise ConfigError(f"{other.path} and {item.path} would both write outputs named '{item.name}': {fix}")
         files.add(real)
         unique.append(item)
     return unique
@@ -821,7 +824,10 @@ def tag_in_processes(
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        if any(handlers[sig] is not signal.SIG_IGN for sig in held):
+        stops = [sig for sig in held if handlers[sig] is not signal.SIG_IGN]
+        if stops:  # raised as the command's own handler raises it (tag's: Terminated for SIGTERM, exit 0)
+            if callable(handlers[stops[0]]):
+                handlers[stops[0]](stops[0], None)
             raise KeyboardInterrupt
         while len(ended) < len(procs):
             try:

@@ -69,6 +69,6 @@ def raise_if_interrupted(exc: BaseException) -> None:
     seen, passed = exc, set()
     while seen is not None and id(seen) not in passed:  # causes only: an interrupt being handled is a __context__
         if isinstance(seen, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
+            raise type(seen)() from None  # Terminated (SIGTERM) stays Terminated: its exit status differs
         passed.add(id(seen))
         seen = seen.__cause__

@@ -91,6 +91,9 @@ class ServeOptions:
     round_s: float = 0.02
 
 
+CLIPPED_SHARE = 0.01  # more of a stream's samples than this beyond full scale: its format is likely not what it said
+
+
 @dataclasses.dataclass
 class StreamAccount:
     """Per stream: every sample received is processed, dropped, or still pending."""
@@ -404,7 +407,8 @@ class ServeWorker(threading.Thread):
         what it sends (s16le sent as f32le): said once in the log, and in the stream's state and summary, where
         it had been tagged as noise without a word."""
         stats = self.multi.streams[name].stats  # (a stream on a Ray engine counts none here: serve --ray)
-        if getattr(stats, "nonfinite", 0) or getattr(stats, "clipped", 0):
+        # a few samples just over full scale are a float source's overshoot, not another format
+        if getattr(stats, "nonfinite", 0) or getattr(stats, "clipped", 0) > CLIPPED_SHARE * account.processed:
             account.warning = stats.problems()
             print(f"streamtag serve: warning: stream '{name}': {account.warning}", file=sys.stderr, flush=True)
 
@@ -596,12 +600,12 @@ def parse_hello(text: str) -> PcmFormat:
         ) from None
     if not isinstance(hello, dict):
         raise ConfigError("the first text message must be a JSON object")
-    if "type" in hello:  # {"type": "eof"} is taken before: any other type is a message this server has none of
+    if "type" in hello and not set(hello) & {"sample_rate", "format", "channels"}:  # a format message may be typed
         raise ConfigError(
             f"no message has type {hello['type']!r}: the first message gives the format without a type, e.g. "
             '{"sample_rate": 16000, "format": "s16le"}, and {"type": "eof"} ends the stream'
         )
-    unknown = set(hello) - {"sample_rate", "format", "channels"}
+    unknown = set(hello) - {"sample_rate", "format", "channels", "type"}
     if unknown:
         raise ConfigError(f"unknown keys {sorted(unknown)} (sample_rate, format, channels)")
     rate, fmt, channels = hello.get("sample_rate", 16000), hello.get("format", "s16le"), hello.get("channels", 1)

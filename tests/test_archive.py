@@ -147,6 +147,12 @@ def test_bad_invocations_say_what_to_fix(tmp_path, cnn_dir):
         shutil.copy(EXAMPLES / "dog.flac", tmp_path / site / "rec" / "dog.flac")
     r = run_cli("tag", tmp_path / "c1" / "rec", tmp_path / "c2" / "rec", "--out", tmp_path / "o")
     assert r.returncode == 2 and "named 'rec/dog.flac': give folders above these" in r.stderr, r.stderr
+    for site in ("c1", "c2"):  # two manifests, each naming its dog.flac
+        (tmp_path / site / "rec" / "list.txt").write_text("dog.flac\n")
+    r = run_cli(
+        "tag", tmp_path / "c1" / "rec" / "list.txt", tmp_path / "c2" / "rec" / "list.txt", "--out", tmp_path / "o"
+    )
+    assert r.returncode == 2 and "'dog.flac': list them in one manifest" in r.stderr, r.stderr
     (tmp_path / "empty").mkdir()
     r = run_cli("tag", tmp_path / "empty", "--out", tmp_path / "o")
     assert r.returncode == 2 and "no audio files" in r.stderr
@@ -442,6 +448,29 @@ def test_a_stop_ends_a_ray_run_cleanly_and_counts_what_its_actors_finished(long_
     assert re.search(rf"tagged {done} files? .* 0 already done, 0 failed", err), err
     assert len(_rows(out / "summary.csv")) == done and not (out / "errors.csv").read_text().strip().count("\n")
     assert not list(out.rglob("*.part"))
+
+
+def test_a_sigterm_while_the_worker_processes_start_is_still_a_sigterm(archive, tmp_path, cnn_dir, monkeypatch):
+    """Signals are held while tag's processes start, then raised: a held SIGTERM came back as a Ctrl-C (exit 130
+    where a SIGTERM stops tag with 0)."""
+    import multiprocessing.context
+
+    from streamtag.cli import main
+
+    real_start = multiprocessing.context.SpawnProcess.start
+
+    def start_under_a_sigterm(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # held until every process has started
+        real_start(self)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start_under_a_sigterm)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = main(["tag", str(archive), "--out", str(tmp_path / "out"), "--model", str(cnn_dir), "--jobs", "2"])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert code == 0
 
 
 def test_a_worker_process_killed_mid_run_fails_its_files_and_the_rest_finish(long_archive, tmp_path, cnn_dir):

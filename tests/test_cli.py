@@ -733,3 +733,8 @@ def test_only_an_interrupt_that_caused_an_import_error_is_taken_for_a_ctrl_c():
     raise_if_interrupted(broken)  # returns: the caller reports the broken install
     with pytest.raises(KeyboardInterrupt):
         raise_if_interrupted(caused)
+    from streamtag.errors import Terminated
+
+    caused.__cause__ = Terminated()  # a SIGTERM while onnxruntime loads: still a SIGTERM (exit 0), not a Ctrl-C
+    with pytest.raises(Terminated):
+        raise_if_interrupted(caused)

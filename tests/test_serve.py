@@ -209,13 +209,15 @@ def test_bad_clients_get_a_clear_close_and_harm_no_one(tmp_path):
 
 
 def test_a_first_message_of_another_type_than_eof_is_refused():
-    """{"type": "foo"} was taken as a format message of all defaults, without a word."""
+    """{"type": "foo"} was taken as a format message of all defaults, without a word; a format message with a type
+    of the client's own is still one."""
     from streamtag.errors import ConfigError
     from streamtag.server import parse_hello
 
     with pytest.raises(ConfigError, match="no message has type 'start': the first message gives the format"):
-        parse_hello('{"type": "start", "sample_rate": 16000}')
+        parse_hello('{"type": "start"}')
     assert parse_hello('{"sample_rate": 8000}').rate == 8000
+    assert parse_hello('{"type": "hello", "sample_rate": 8000}').rate == 8000
 
 
 def test_off_loopback_needs_a_token_and_the_token_is_checked(tmp_path):
@@ -744,7 +746,7 @@ def test_an_mqtt_prefix_with_wildcards_is_refused_at_start():
         (["--pull", "cam=/no/such/cam.wav"], "--pull cam: no such file '/no/such/cam.wav'"),
         (["--token", ""], "--token is empty: give a secret"),  # it started a server that refused every request
         (["--host", "0.0.0.0", "--token", " "], "--token is empty"),
-        (["--token", "s3cret "], "--token begins or ends with a space"),
+        (["--token", "s3cret "], "--token begins or ends with whitespace"),
         (["--max-streams", "1", "--pull", "a=/dev/null", "--pull", "b=/dev/null"], "raise --max-streams to at least 2"),
     ],
 )
@@ -1157,6 +1159,23 @@ def test_pcm_in_another_format_than_the_hello_says_is_warned_about(tmp_path):
     assert right[-1]["type"] == "summary" and "warning" not in right[-1], right[-1]
     said = [line for line in err.splitlines() if "warning: stream" in line]
     assert len(said) == 1 and "stream 'wrong'" in said[0], err
+
+
+def test_a_float_stream_s_few_overshoots_are_no_format_warning():
+    """A right f32le stream whose audio goes just over full scale now and then (a browser's capture, decoded
+    lossy audio) is not told its format is wrong; one mostly beyond full scale is."""
+    from streamtag.multistream import MultiStreamTagger
+    from streamtag.server import ServeOptions, ServeWorker
+
+    worker = ServeWorker(MultiStreamTagger(capacity=2), ServeOptions(capacity=2))
+    for name in ("overshoot", "wrong"):
+        worker._handle(("join", name, 16000, lambda message: None))
+    _, audio = _pcm("rain.flac")
+    audio[::500] = 1.05  # 0.2% of the samples
+    worker._handle(("audio", "overshoot", audio, time.perf_counter()))
+    worker._handle(("audio", "wrong", audio * 40, time.perf_counter()))
+    assert worker.accounts["overshoot"].warning is None
+    assert "is the input format right" in worker.accounts["wrong"].warning
 
 
 def test_a_flood_of_tiny_messages_is_closed_with_a_reason(tmp_path):

@@ -306,6 +306,7 @@ def test_eval_refuses_a_dataset_with_none_of_the_models_classes(folders, tmp_pat
     data = _manifest(tmp_path / "d.csv", [[p, "whistle"] for p in folders.rglob("*.wav")])
     code, err = cli("eval", cnn_dir, data, "--report", tmp_path / "r")
     assert code == 2 and "none of the dataset's classes (whistle) is one of the model's" in err, err
+    assert "(streamtag eval MODEL_FOLDER DATASET)" in err, err  # eval has no --model: the model comes first
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists(), err
 
 

@@ -162,7 +162,8 @@ def run(args) -> int:
     if not allowed.any():  # every clip would count as an error: a report of nothing, not a figure
         raise ConfigError(
             f"none of the dataset's classes ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}) is one "
-            f"of the model's {len(backend.labels)} (streamtag eval --model FOLDER for a model trained on them)"
+            f"of the model's {len(backend.labels)}: evaluate a model trained on them "
+            "(streamtag eval MODEL_FOLDER DATASET)"
         )
     if args.limit:  # taken across the classes in turn: the first N of a folder per class would be one class
         dataset = dataset.subset(_spread(dataset, args.limit, set(backend.labels)))

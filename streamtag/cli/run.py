@@ -476,7 +476,7 @@ def run_stream(args, source, backend, plan: StreamPlan, extra_outputs=()) -> int
         return 1
     if worker.stdout_closed:  # | head had what it wanted: no flush error at exit (the files went on to the end)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    if worker.reader_gone:  # ... and it was the only output: the run stopped quietly
+    if worker.reader_gone and got["signal"] != signal.SIGINT:  # ... and it was the only output: stopped quietly
         return 0
     return 130 if got["signal"] == signal.SIGINT else 0
 

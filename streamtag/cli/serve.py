@@ -114,7 +114,7 @@ def _check(args) -> None:
 
         check_output_path(args.port_file, "--port-file")  # a folder that is missing or takes no file: before work
     if args.token is not None and (not args.token.strip() or args.token.strip() != args.token):
-        what = "is empty" if not args.token.strip() else "begins or ends with a space"
+        what = "is empty" if not args.token.strip() else "begins or ends with whitespace"
         raise ConfigError(  # no client could send it (a Bearer header is stripped): refused, not a server nobody uses
             f'--token {what}: give a secret of visible characters (an unset variable in --token "$TOKEN" '
             "gives an empty one)"
@@ -285,9 +285,9 @@ async def _serve(args, worker, options, sources) -> int:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
+        raise ConfigError(f"cannot listen on {_netloc(args.host, args.port)} ({exc.strerror or exc})") from None
     port = site._server.sockets[0].getsockname()[1]
-    netloc = f"[{args.host}]:{port}" if ":" in args.host else f"{args.host}:{port}"  # IPv6 in a URL: [::1]:8750
+    netloc = _netloc(args.host, port)
     print(
         f"streamtag serve: listening on http://{netloc}/ (streams: ws://{netloc}/v1/streams/NAME)",
         file=sys.stderr,
@@ -330,3 +330,8 @@ async def _serve(args, worker, options, sources) -> int:
     if got.get("failed"):
         return 1
     return 130 if got.get("signal") == signal.SIGINT else 0
+
+
+def _netloc(host: str, port: int) -> str:
+    """``host:port`` as a URL has it: an IPv6 address in brackets (``[::1]:8750``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -233,7 +233,8 @@ def run(args) -> int:
                 "(nothing half-written was kept); run the same command again to tag them",
                 file=sys.stderr,
             )
-        return stop_exit_code(interrupted)
+        code = stop_exit_code(interrupted)  # 130 for Ctrl-C; a SIGTERM's 0 unless files failed
+        return 1 if failed and code == 0 else code
     return 1 if failed else 0
 
 

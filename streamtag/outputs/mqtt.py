@@ -46,7 +46,7 @@ from ..errors import BackendUnavailable, ConfigError
 from ..events import Event
 from ..serve_config import parse_change
 
-UNSPECIFIED = 128  # paho's reason code "Unspecified error": what it gives for a connection that closed
+UNSPECIFIED = 128  # paho's reason code "Unspecified error": what it gives for a connection it lost
 LOGIN_REFUSED = ("Bad user name or password", "Not authorized")  # paho's names of MQTT 3.1.1's and 5's codes
 OBJECT_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # Home Assistant's discovery topics take ids of these only
 
@@ -152,7 +152,7 @@ class MqttPublisher:
                 if not self._said_down:
                     self._said_down = True
                     print(
-                        f"streamtag serve: warning: the MQTT broker {self.host}:{self.port} refused the login "
+                        f"streamtag serve: the MQTT broker {self.host}:{self.port} refused the login "
                         f"({reason_code}): check the user in --mqtt and the password (in the URL or "
                         f"${PASSWORD_VARIABLE}); tagging goes on, the login is tried again every 30 s at most",
                         file=sys.stderr,
@@ -209,8 +209,8 @@ class MqttPublisher:
         return "the connection was closed at once: is it an MQTT port?"
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if not self._closing:  # paho says "Unspecified error" for a connection that simply closed
-            why = "the connection closed" if getattr(reason_code, "value", None) == UNSPECIFIED else str(reason_code)
+        if not self._closing:  # paho says "Unspecified error" for a connection it lost (closed, reset, TLS)
+            why = "the connection was lost" if getattr(reason_code, "value", None) == UNSPECIFIED else str(reason_code)
             self._down(f"lost the MQTT broker {self.host}:{self.port} ({why})")
 
     def _down(self, what: str) -> None:

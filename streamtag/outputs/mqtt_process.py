@@ -182,7 +182,7 @@ class MqttLink:
             except OSError:  # the child is gone (or has closed): tagging goes on without MQTT
                 if not self._gone and calls[-1] != ("close",):
                     print(
-                        "streamtag serve: warning: the MQTT process ended; tagging goes on without MQTT (restart the "
+                        "streamtag serve: the MQTT process ended; tagging goes on without MQTT (restart the "
                         "server to publish again)",
                         file=sys.stderr,
                         flush=True,

@@ -29,7 +29,8 @@ def check_class_names(names: Sequence[str], labels: Sequence[str], where: str) -
     unknown = [n for n in names if n not in labels]
     if unknown:
         close = difflib.get_close_matches(unknown[0], labels, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"the model's classes: {', '.join(labels)}"
+        some = ", ".join(labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
+        hint = f"did you mean {', '.join(close)}?" if close else f"the model's classes: {some}"
         raise ConfigError(f"{where}: unknown class {unknown[0]!r} ({hint})")
 
 
