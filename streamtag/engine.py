@@ -31,7 +31,7 @@ import numpy as np
 
 from .backends import Backend, make_backend
 from .errors import ConfigError, InputError
-from .events import Event, EventDetector, EventParams, model_detector
+from .events import Event, EventDetector, EventParams, check_close_reason, model_detector
 from .resample import StreamResampler, check_rate
 from .steps import Step, StepBlock, as_steps, write_to
 
@@ -40,9 +40,16 @@ ENGINE_OPTIONS = frozenset({"reset_every_s", "reset_on_silence_s", "gain_db"})  
 PENDING_HOPS = 64  # the hop buffer's usual size; a buffer grown past PENDING_KEEP_HOPS shrinks back once empty
 PENDING_KEEP_HOPS = 1024
 MAX_GAIN_DB = 60.0  # --gain's range too: beyond it a gain is a mistake (a level in dBFS given as a gain?)
+SNAPSHOT_KEYS = frozenset({"pending", "frames", "silent_run", "detector", "stats"})  # what restore() needs
+MAX_SKIP_S = 1e9  # about 30 years: more is a mistake (a timestamp given as a duration?)
 SILENCE_PEAK = 1e-3  # a hop whose peak stays below this (-60 dBFS) counts as silence for reset_on_silence_s
 AudioLike = np.ndarray | Sequence[float]  # what feed() takes: see as_mono_float32
 _INT_SCALE = {np.dtype(np.int16): 1 / 32768.0, np.dtype(np.int32): 1 / 2147483648.0}
+
+
+def _real(value) -> bool:
+    """A number, not a bool (True is 1 to Python, and no one means 1 by it)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def as_mono_float32(samples: AudioLike) -> np.ndarray:
@@ -54,7 +61,10 @@ def as_mono_float32(samples: AudioLike) -> np.ndarray:
     """
     if samples is None or isinstance(samples, (str, bytes, bytearray)):  # not audio (bytes: decode PCM first)
         raise InputError(f"samples must be a numpy array (or a list of floats); got {type(samples).__name__}")
-    arr = samples if isinstance(samples, np.ndarray) else np.asarray(samples)
+    try:
+        arr = samples if isinstance(samples, np.ndarray) else np.asarray(samples)
+    except ValueError:  # a ragged list: rows of different lengths
+        raise InputError("samples must be a 1-D array of numbers; got rows of different lengths") from None
     if arr.ndim == 2 and 1 in arr.shape:
         arr = arr.reshape(-1)
     if arr.ndim != 1:
@@ -138,19 +148,28 @@ class SingleStream:
             raise ConfigError(f"an engine steps one stream: its backend needs batch_size 1 ({backend.batch_size})")
         self.backend = backend
 
+    def take(self) -> None:
+        """Make the backend's state this stream's, from a new one: an open backend may hold another stream's,
+        whose engine is refused from then on."""
+        self.backend.reset_states()
+        self.backend._stream_owner = self  # the stream whose state the backend holds
+
     def step(self, hops: np.ndarray) -> np.ndarray:
-        if getattr(self.backend, "_stream_owner", self) is not self:  # its state is another stream's now
-            raise ConfigError(
-                "this backend holds one stream's state and a newer StreamTagger took it: give each stream its own "
-                "backend (make_backend), or use MultiStreamTagger for many"
-            )
+        self._check_owner()
         if hops.shape[0] == 1:
             return self.backend(hops[:1])
         return self.backend.steps(hops[None])[0]
 
     def clear(self) -> None:
+        self._check_owner()  # an older engine's reset or finish would wipe the newer one's state
         self.backend.reset_states()
-        self.backend._stream_owner = self  # the stream whose state the backend holds
+
+    def _check_owner(self) -> None:
+        if getattr(self.backend, "_stream_owner", self) is not self:  # its state is another stream's now
+            raise ConfigError(
+                "this backend holds one stream's state and a newer StreamTagger took it: give each stream its own "
+                "backend (make_backend), or use MultiStreamTagger for many"
+            )
 
 
 class StreamTagger:
@@ -201,18 +220,18 @@ class StreamTagger:
         self.frame_seconds = feats.frame_seconds
         self.model_rate = feats.sample_rate
         self.sample_rate = self.model_rate if sample_rate is None else check_rate(sample_rate)
-        if hop_model is None:  # an open backend may hold another stream's state: start from a new one
-            hop_model = SingleStream(model)
-            hop_model.clear()
-        self.hop_model = hop_model
-        self.detector = _detector(events, self.labels, self.frame_seconds, getattr(model, "folder", None))
-        if isinstance(gain_db, bool) or not isinstance(gain_db, numbers.Real) or not abs(gain_db) <= MAX_GAIN_DB:
+        if not (_real(gain_db) and abs(gain_db) <= MAX_GAIN_DB):
             raise ConfigError(f"gain_db must be a number in -{MAX_GAIN_DB:g}..{MAX_GAIN_DB:g} ({gain_db!r} given)")
+        for name, value in (("reset_every_s", reset_every_s), ("reset_on_silence_s", reset_on_silence_s)):
+            if value is not None and not (_real(value) and 0 < value < float("inf")):
+                raise ConfigError(f"{name} must be a finite number > 0 ({value!r} given)")
+        self.detector = _detector(events, self.labels, self.frame_seconds, getattr(model, "folder", None))
+        if hop_model is None:  # an open backend may hold another stream's state: start from a new one (once the
+            hop_model = SingleStream(model)  # arguments are checked: a refused engine takes no one's backend)
+            hop_model.take()
+        self.hop_model = hop_model
         self.gain_db = float(gain_db)
         self._gain = np.float32(10 ** (gain_db / 20))
-        for name, value in (("reset_every_s", reset_every_s), ("reset_on_silence_s", reset_on_silence_s)):
-            if value is not None and not 0 < value < float("inf"):
-                raise ConfigError(f"{name} must be a finite number > 0 ({value} given)")
         self._reset_every = None if reset_every_s is None else max(1, round(reset_every_s / self.frame_seconds))
         self._silence_frames = (
             None if reset_on_silence_s is None else max(1, round(reset_on_silence_s / self.frame_seconds))
@@ -253,13 +272,14 @@ class StreamTagger:
     def finish(self, reason: str = "stream_end") -> list[Step]:
         """End of the stream: step what the resampler still holds, close open events (``reason``) and start
         a new stream (state, time and hop buffer cleared; a last part-hop is not tagged)."""
+        check_close_reason(reason)  # before anything changes
         out: list[Step] = []
         if self._resampler is not None:
             self._append(self._resampler.process(np.zeros(0, np.float32), last=True))
             out += self.feed(np.zeros(0, np.float32))
             self._resampler.reset_states()
+        self.hop_model.clear()  # first: refused (nothing changed) when another engine has taken the backend
         out += self._close_events(reason)
-        self.hop_model.clear()
         self._fill = self._start = 0
         self.frames = 0
         self._skipped = 0.0
@@ -269,17 +289,17 @@ class StreamTagger:
     def reset(self, reason: str = "reset") -> list[Step]:
         """Forget the past (model state, audio context); open events close with ``reason``. Stream time
         goes on; samples not yet a whole hop are kept, and so is the resampler's few ms of filter delay."""
-        out = self._close_events(reason)
-        self.hop_model.clear()
-        return out
+        check_close_reason(reason)  # before anything changes
+        self.hop_model.clear()  # first: refused (nothing changed) when another engine has taken the backend
+        return self._close_events(reason)
 
     def skip(self, seconds: float) -> None:
         """Move stream time on over audio that never came (a microphone away, then back, after a :meth:`reset`;
         samples a slow reader dropped): the steps after it keep their place on the recording's clock instead of
         closing up the gap. Whole hops (the rest is carried to the next gap); a part-hop of samples from before
         the gap is stepped with the first ones after it, so every sample taken is still tagged."""
-        if not seconds > 0:
-            return
+        if not (_real(seconds) and 0 <= seconds < MAX_SKIP_S):
+            raise ConfigError(f"skip takes seconds, 0 <= seconds < {MAX_SKIP_S:g} ({seconds!r} given)")
         # in samples at the model rate, a part-hop carried to the next skip: many small drops add up exactly
         self._skipped += seconds * self.model_rate
         hops = int(self._skipped // self.hop)
@@ -300,21 +320,32 @@ class StreamTagger:
 
     def snapshot(self) -> dict:
         """This engine's state outside the model (hop buffer, stream time, event tracks, counters), to
-        :meth:`restore` on another engine of the same model (``serve --ray`` moving a stream). The
-        resampler's few ms of filter state are not kept: a restored resampling stream restarts its filter."""
+        :meth:`restore` on another engine of the same model (``serve --ray`` moving a stream). The model's state
+        is not in it: :meth:`MultiStreamTagger.snapshot` takes both, the way to move a stream whole; an engine
+        restored from this one alone goes on with a fresh model state. The resampler's few ms of filter state
+        are not kept: a restored resampling stream restarts its filter."""
         return {
             "pending": self._pending[self._start : self._fill].copy(),
             "frames": self.frames,
             "silent_run": self._silent_run,
+            "skipped": self._skipped,  # a part-hop of skipped time: many small drops add up exactly
             "detector": None if self.detector is None else copy.deepcopy(self.detector),
             "stats": dataclasses.replace(self.stats),
         }
 
     def restore(self, snapshot: dict) -> None:
+        """Take the state :meth:`snapshot` took (checked whole first: nothing changes when it is not one)."""
+        missing = SNAPSHOT_KEYS - set(snapshot) if isinstance(snapshot, dict) else SNAPSHOT_KEYS
+        if missing or not isinstance(snapshot["pending"], np.ndarray):
+            raise ConfigError(
+                f"not an engine snapshot (missing {', '.join(sorted(missing)) or 'its pending samples'}): restore what "
+                "StreamTagger.snapshot() returned"
+            )
         pending = snapshot["pending"]
         self._start, self._fill = 0, 0
         self._append(pending)
         self.frames, self._silent_run = snapshot["frames"], snapshot["silent_run"]
+        self._skipped = snapshot.get("skipped", 0.0)
         self.detector = copy.deepcopy(snapshot["detector"])  # a snapshot may be restored more than once
         self.stats = dataclasses.replace(snapshot["stats"])
 

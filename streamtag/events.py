@@ -94,6 +94,12 @@ class EventParams:
 CLOSE_REASONS = ("ended", "stream_end", "interrupted", "reset", "max_duration", "gap", "settings")
 
 
+def check_close_reason(reason: str) -> None:
+    """A close reason is one of :data:`CLOSE_REASONS` (what consumers of events switch on)."""
+    if reason not in CLOSE_REASONS:
+        raise ConfigError(f"unknown close reason {reason!r} (one of {', '.join(CLOSE_REASONS)})")
+
+
 @dataclasses.dataclass(frozen=True)
 class Event:
     """``kind`` is ``"open"`` (confirmed, still going; ``offset`` is None) or ``"close"``.
@@ -357,8 +363,7 @@ class EventDetector:
 
         ``reason`` is why the stream stops (see :class:`Event`); an event whose sound had already
         ended, waiting out its gap, closes as ``ended``. ``classes``: only these (by index)."""
-        if reason not in CLOSE_REASONS:
-            raise ValueError(f"unknown close reason {reason!r}")
+        check_close_reason(reason)
         events = []
         for i in sorted(self._busy if classes is None else self._busy & classes):
             tr = self._tracks[i]

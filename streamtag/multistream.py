@@ -94,8 +94,8 @@ class MultiStreamTagger:
         engine_options: dict | None = None,
         **backend_options,
     ) -> None:
-        if capacity < 1:
-            raise ConfigError(f"capacity must be >= 1 ({capacity} given)")
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
+            raise ConfigError(f"capacity must be a whole number >= 1 ({capacity!r} given)")  # before the model loads
         self.backend = make_backend(backend, model, **backend_options)
         self.labels = self.backend.labels
         self.hop = self.backend.config.features.hop_length
@@ -116,6 +116,8 @@ class MultiStreamTagger:
             raise ConfigError(
                 f"engine_options takes {', '.join(sorted(ENGINE_OPTIONS))}, not {', '.join(sorted(unknown))}{where}"
             )
+        # their values checked now, as every join would check them: an engine of no stream, on no slot
+        StreamTagger(self.backend, events=None, hop_model=_Left("(a check)"), **self._engine_options)
         self.behind = False  # the last step_blocks(max_hops) left ready hops for the next round
         self.left_out = 0  # ready streams the last step_blocks(max_streams) left for the next round
         # the streams whose fed audio waits to be stepped, longest waiting first: the ones a round looks at (not
@@ -125,7 +127,8 @@ class MultiStreamTagger:
 
     def join(self, name: str, sample_rate: int | None = None, events=None) -> StreamTagger:
         """Add a stream (its samples at ``sample_rate``, the model's by default; ``events``: its own event
-        settings, as :class:`StreamTagger` takes them, instead of the pool's); returns its engine."""
+        settings, as :class:`StreamTagger` takes them, instead of the pool's: ``None``, the default, is the pool's
+        and ``False`` none); returns its engine."""
         if not isinstance(name, str) or not name:
             raise ConfigError(f"a stream's name is a non-empty string ({name!r} given)")
         if name in self.streams:
@@ -158,9 +161,17 @@ class MultiStreamTagger:
         return {"engine": engine.snapshot(), "model": self.backend.snapshot(self.pool, engine.hop_model.slot)}
 
     def restore(self, name: str, snapshot: dict) -> None:
-        """Give a joined stream the state a :meth:`snapshot` took (here or in another process)."""
+        """Give a joined stream the state a :meth:`snapshot` took (here or in another process), in a pool of the same
+        model and backend; checked whole first, so a snapshot that does not fit changes nothing."""
         engine = self.streams[self._known(name)]
-        engine.restore(snapshot["engine"])
+        rows = snapshot.get("model") if isinstance(snapshot, dict) else None
+        here = self.backend.snapshot(self.pool, engine.hop_model.slot)
+        if not isinstance(rows, list) or [np.shape(r) for r in rows] != [np.shape(r) for r in here]:
+            raise ConfigError(  # another model's or backend's rows failed half-way, or broadcast into place unsaid
+                f"stream '{name}': not a snapshot this pool can restore: take it with MultiStreamTagger.snapshot() "
+                "from a pool of the same model and backend"
+            )
+        engine.restore(snapshot.get("engine"))
         self.backend.restore(self.pool, engine.hop_model.slot, snapshot["model"])
         if engine.pending_samples:  # audio it held there waits here
             self._waiting.setdefault(name)

@@ -47,10 +47,10 @@ def tag_file(
         given = f"{backend!r} given"
         raise ConfigError(f"tag_file takes an open backend, as tag_file(make_backend('onnx'), path) ({given})")
     feats = backend.config.features
-    source = WavReplaySource(path, feats.sample_rate, speed=0, min_samples=feats.hop_length)
-    tagger = StreamTagger(backend, events=events, **engine_options)
-    sink = Collector()
-    try:
+    try:  # the outputs are closed however it ends, a file that cannot be opened included
+        source = WavReplaySource(path, feats.sample_rate, speed=0, min_samples=feats.hop_length)
+        tagger = StreamTagger(backend, events=events, **engine_options)
+        sink = Collector()
         drive(tagger, source.chunks(), [sink, *outputs], broke_off=lambda: bool(source.error))
     finally:
         for out in outputs:

@@ -43,6 +43,14 @@ def test_two_engines_cannot_share_one_backend(cnn_dir, clip):
     second.feed(clip[:1600])
     with pytest.raises(ConfigError, match="give each stream its own backend"):
         first.feed(clip[1600:3200])
+    kept = second.feed(clip[1600:16000])
+    for stop in (first.reset, first.finish):  # they wiped the newer engine's state and took the backend back
+        with pytest.raises(ConfigError, match="give each stream its own backend"):
+            stop()
+    alone = StreamTagger(make_backend("onnx", cnn_dir), events=None)
+    alone.feed(clip[:1600]), alone.feed(clip[1600:16000])  # the same blocks: the same arithmetic
+    np.testing.assert_array_equal(_probs(second.feed(clip[16000:])), _probs(alone.feed(clip[16000:])))
+    assert kept
 
 
 def test_any_chunking_gives_the_same_steps_as_one_call(cnn_dir, clip):
@@ -85,6 +93,16 @@ def test_audio_after_a_gap_keeps_its_place_on_the_clock(cnn_dir, clip):
     for _ in range(3):  # three drops of 15 ms: 4.5 hops in all, not 3 hops rounded down, nor 6 rounded up
         tagger.skip(0.015)
     assert tagger.frames == 450 + 4
+    moved = StreamTagger(cnn_dir, events=None)  # the half hop carried goes with a snapshot (it was lost)
+    moved.restore(tagger.snapshot())
+    for engine in (tagger, moved):
+        engine.skip(0.005)
+    assert tagger.frames == moved.frames == 455
+    for bad in (float("inf"), float("nan"), -1, "1", None, True):  # inf broke the engine for good
+        with pytest.raises(ConfigError, match="skip takes seconds"):
+            tagger.skip(bad)
+    tagger.skip(0.01)
+    assert tagger.frames == 456
 
 
 def test_reset_every_equals_a_fresh_engine_on_each_piece(cnn_dir, clip):
@@ -244,3 +262,50 @@ def test_big_endian_pcm_is_pcm_a_channels_first_array_gets_the_right_hint_and_a_
     assert little._pending.nbytes < 1_000_000
     with pytest.raises(ConfigError, match="tag_file takes gain_db"):
         tag_file(little.backend, EXAMPLES / "dog.flac", bogus=1)
+
+
+def test_misuse_of_the_python_api_is_one_streamtag_error_and_changes_nothing(cnn_dir, clip, tmp_path):
+    """Each was a numpy, Python or broadcast error, or took effect half-way (found by trying the API as a user)."""
+    from streamtag.multistream import MultiStreamTagger
+
+    tagger = StreamTagger(cnn_dir, events=None)
+    with pytest.raises(InputError, match="rows of different lengths"):
+        tagger.feed([[0.1], [0.1, 0.2]])
+    tagger.feed(clip[:1600])
+    for stop in (tagger.finish, tagger.reset):
+        with pytest.raises(ConfigError, match="unknown close reason 'bogus'"):
+            stop("bogus")
+    assert tagger.frames == 10  # nothing was cleared
+    for bad in ({}, {"pending": [1, 2]}, None):
+        with pytest.raises(ConfigError, match="not an engine snapshot"):
+            tagger.restore(bad)
+    for option in ({"reset_every_s": "1"}, {"reset_every_s": True}, {"gain_db": "3"}):
+        with pytest.raises(ConfigError, match="must be a"):
+            StreamTagger(cnn_dir, **option)
+    for backend, options in ((["onnx"], {}), ("onnx", {"threads": "x"}), ("onnx", {"threads": 0})):
+        with pytest.raises(ConfigError, match="unknown backend|threads must be"):
+            make_backend(backend, cnn_dir, **options)
+    backend = make_backend("onnx", cnn_dir)
+    owner = StreamTagger(backend, events=None)
+    with pytest.raises(ConfigError):
+        StreamTagger(backend, gain_db=99)  # refused: the backend stays the first engine's
+    owner.feed(clip[:1600])
+    for capacity in ("4", None, 2.5, True, 0):
+        with pytest.raises(ConfigError, match="capacity must be a whole number"):
+            MultiStreamTagger(cnn_dir, capacity=capacity)
+    with pytest.raises(ConfigError, match="gain_db must be"):  # at creation, not at every join
+        MultiStreamTagger(cnn_dir, capacity=2, engine_options={"gain_db": 100})
+
+    class Counted:
+        closed = 0
+
+        def write(self, step):
+            pass
+
+        def close(self):
+            self.closed += 1
+
+    out = Counted()
+    with pytest.raises(Exception, match="no such file"):
+        tag_file(make_backend("onnx", cnn_dir), tmp_path / "missing.wav", outputs=[out])
+    assert out.closed == 1  # the docstring's "closed at the end", a file that cannot be opened included

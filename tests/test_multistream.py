@@ -352,6 +352,33 @@ def test_a_stream_at_another_rate_is_resampled_like_a_single_engine(cnn_dir):
     np.testing.assert_allclose(_split(steps)[0], _split(ref)[0], atol=1e-5)
 
 
+def test_a_snapshot_that_does_not_fit_the_pool_changes_nothing(cnn_dir):
+    """Another backend's snapshot (or a damaged one) was half-applied: the engine restored, the model not, and a
+    numpy error (or, for a row of the wrong size, a broadcast into place without a word)."""
+    from streamtag.multistream import MultiStreamTagger
+
+    audio = read_clip(EXAMPLES / "rain.flac")
+    pool = MultiStreamTagger(cnn_dir, capacity=2, events=None)
+    pool.join("a")
+    pool.feed("a", audio[:16000])
+    pool.step()
+    good = pool.snapshot("a")
+    pool.join("b")
+    pool.feed("b", audio[:8000])
+    pool.step()
+    before = pool.snapshot("b")
+    short = {**good, "model": good["model"][:1] + [np.zeros(1, np.float32)] * (len(good["model"]) - 1)}
+    for bad in (short, {**good, "model": good["model"][:-1]}, {"model": good["model"]}, {}, None):
+        with pytest.raises(ConfigError, match="not a|snapshot"):
+            pool.restore("b", bad)
+        after = pool.snapshot("b")
+        assert after["engine"]["frames"] == before["engine"]["frames"] == 50
+        for x, y in zip(after["model"], before["model"]):
+            np.testing.assert_array_equal(x, y)
+    pool.restore("b", good)
+    assert pool.streams["b"].frames == 100
+
+
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
 def test_a_stream_snapshot_restored_in_another_pool_goes_on_exactly(cnn_dir, backend):
     """serve --ray moves a stream by snapshot: engine state (hop buffer, time, event tracks) and model state

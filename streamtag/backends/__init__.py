@@ -99,10 +99,13 @@ BACKENDS: dict[str, str | type] = {
 
 def make_backend(name: str, model: str | os.PathLike | None = None, batch_size: int = 1, **options) -> Backend:
     """Open ``model`` (a folder; the bundled default when ``None``) on the named backend."""
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown backend '{name}' (choose from: {', '.join(BACKENDS)})")
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r} (choose from: {', '.join(BACKENDS)})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a whole number >= 1 ({batch_size!r} given)")
+    threads = options.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a whole number >= 1 ({threads!r} given)")
     cls = BACKENDS[name]
     if isinstance(cls, str):
         module_name, class_name = cls.split(":")

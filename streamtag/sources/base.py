@@ -50,7 +50,9 @@ class Source(Protocol):
     is_live: bool  # True: a clock drives it and it may stall (device lost); False: a file
     error: str | None  # set when the source failed for good (device gone)
 
-    def start(self, ring: SpscRing) -> None: ...
+    def start(self, ring: SpscRing) -> None:
+        """Begin filling ``ring`` and return: the worker's thread starts after this, so a start that writes more
+        than the ring holds (a few seconds) waits for ever (:class:`ProducerSource` fills it from a thread)."""
 
     def stop(self) -> None: ...
 
