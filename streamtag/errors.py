@@ -52,9 +52,16 @@ class Terminated(KeyboardInterrupt):
     so the command exits 0 once it has stopped cleanly (Ctrl-C: 130)."""
 
 
+STOP_SIGNALS_SEEN: list[int] = []  # the signals cli.interrupt_on_signals' handler took, in order, this command
+
+
 def stop_exit_code(stop: KeyboardInterrupt) -> int:
-    """The exit status of a command stopped cleanly by ``stop``: 0 for SIGTERM, 130 for Ctrl-C."""
-    return 0 if isinstance(stop, Terminated) else 130
+    """The exit status of a command stopped cleanly by ``stop``: 0 for SIGTERM, 130 for Ctrl-C. A SIGTERM that a
+    library turned into a plain KeyboardInterrupt on its way up (Ray's calls do) is known by the signal seen."""
+    import signal
+
+    first = STOP_SIGNALS_SEEN[0] if STOP_SIGNALS_SEEN else None
+    return 0 if isinstance(stop, Terminated) or first == signal.SIGTERM else 130
 
 
 def count(n: int, one: str, many: str | None = None) -> str:

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
-from ..errors import StreamtagError, Terminated, stop_exit_code
+from ..errors import STOP_SIGNALS_SEEN, StreamtagError, Terminated, stop_exit_code
 
 SUBCOMMANDS = ["run", "tag", "serve", "devices", "train", "evaluate", "export", "bench"]
 # optional modules -> the extra that installs them (pip install '.[EXTRA]' in streamtag's folder)
@@ -41,8 +41,10 @@ def interrupt_on_signals() -> None:
     import signal
 
     def stop(signum, frame):
+        STOP_SIGNALS_SEEN.append(signum)
         raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
+    STOP_SIGNALS_SEEN.clear()  # a new command (main() runs more than one in a test's process)
     stop.raises_keyboard_interrupt = True  # main() lets go of it once the command has ended
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     _one_line_warnings(args.command)
+    STOP_SIGNALS_SEEN.clear()
     try:
         return args.handler(args)
     except StreamtagError as exc:
