@@ -65,6 +65,10 @@ def as_mono_float32(samples: AudioLike) -> np.ndarray:
         arr = samples if isinstance(samples, np.ndarray) else np.asarray(samples)
     except ValueError:  # a ragged list: rows of different lengths
         raise InputError("samples must be a 1-D array of numbers; got rows of different lengths") from None
+    if arr.ndim == 0 and arr.dtype == object:  # a generator, a dict: numpy wraps it whole
+        raise InputError(f"samples must be a numpy array (or a list of floats); got {type(samples).__name__}")
+    if arr.size == 0 and arr.ndim == 2:  # no samples in any layout: nothing to do, not a channel question
+        return np.zeros(0, np.float32)
     if arr.ndim == 2 and 1 in arr.shape:
         arr = arr.reshape(-1)
     if arr.ndim != 1:
@@ -81,9 +85,15 @@ def as_mono_float32(samples: AudioLike) -> np.ndarray:
         return arr.astype(np.float32) * np.float32(_INT_SCALE[native])
     if arr.dtype.kind == "f":
         return arr.astype(np.float32)
+    listed = not isinstance(samples, np.ndarray)
     raise InputError(
         f"samples must be float32 in -1..1 (int16 and int32 PCM are scaled); got dtype {arr.dtype}"
         + (" (a list with non-numbers?)" if arr.dtype == object else "")
+        + (  # [0] * 160 is silence or PCM to numpy alike: which one is the caller's to say
+            ": a list of whole numbers is floats in -1..1 or PCM, say which (np.array(x, np.float32) or np.int16)"
+            if listed and arr.dtype.kind in "iu"
+            else ""
+        )
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -91,6 +91,7 @@ def as_steps(items: Iterable[Step | StepBlock]) -> list[Step]:
     return [step for item in items for step in _steps_of(item)]
 
 
+@runtime_checkable
 class Output(Protocol):
     """Gets every step; decides itself what to show or write. An output may also have
     ``write_block(block)`` for a :class:`StepBlock` (else it gets the block's steps one by one)."""

@@ -271,6 +271,11 @@ def test_misuse_of_the_python_api_is_one_streamtag_error_and_changes_nothing(cnn
     tagger = StreamTagger(cnn_dir, events=None)
     with pytest.raises(InputError, match="rows of different lengths"):
         tagger.feed([[0.1], [0.1, 0.2]])
+    with pytest.raises(InputError, match="got generator"):  # "got shape ()"
+        tagger.feed(x for x in (0.1, 0.2))
+    with pytest.raises(InputError, match="a list of whole numbers is floats in -1..1 or PCM, say which"):
+        tagger.feed([0] * 160)
+    assert tagger.feed(np.zeros((0, 2), np.float32)) == []  # an empty stereo chunk is nothing, not a mix-down
     tagger.feed(clip[:1600])
     for stop in (tagger.finish, tagger.reset):
         with pytest.raises(ConfigError, match="unknown close reason 'bogus'"):
@@ -305,7 +310,10 @@ def test_misuse_of_the_python_api_is_one_streamtag_error_and_changes_nothing(cnn
         def close(self):
             self.closed += 1
 
+    from streamtag import Output
+
     out = Counted()
+    assert isinstance(out, Output)  # the protocol can be checked (it raised TypeError)
     with pytest.raises(Exception, match="no such file"):
         tag_file(make_backend("onnx", cnn_dir), tmp_path / "missing.wav", outputs=[out])
     assert out.closed == 1  # the docstring's "closed at the end", a file that cannot be opened included
