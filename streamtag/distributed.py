@@ -24,6 +24,7 @@ import numpy as np
 
 from .archive import Item, Outcome, done_marker, marked_since, tag_archive
 from .errors import BackendUnavailable, ConfigError, StreamtagError
+from .events import check_close_reason
 from .steps import Step, StepBlock, as_steps, named_steps
 
 
@@ -359,6 +360,7 @@ class RayEnginePool:
     def reset(self, name: str, reason: str = "reset") -> list[Step]:
         """As :meth:`MultiStreamTagger.reset`: the engine steps what it was sent first; the steps come back
         through the next :meth:`step_blocks`."""
+        check_close_reason(reason)  # here, not in an actor mid-command
         return self.streams[name].reset(reason)
 
     def skip(self, name: str, seconds: float) -> None:
@@ -369,6 +371,7 @@ class RayEnginePool:
     def leave(self, name: str, reason: str = "stream_end") -> list[Step]:
         """Send what the stream still holds and its leave, and wait for its engine to answer (following the
         stream if that engine dies meanwhile); returns the stream's last steps."""
+        check_close_reason(reason)  # here, not in an actor mid-command
         self._flush(self.streams[name])
         self._send(name, ("leave", name, reason))
         while True:

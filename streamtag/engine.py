@@ -63,8 +63,9 @@ def as_mono_float32(samples: AudioLike) -> np.ndarray:
         raise InputError(f"samples must be a numpy array (or a list of floats); got {type(samples).__name__}")
     try:
         arr = samples if isinstance(samples, np.ndarray) else np.asarray(samples)
-    except ValueError:  # a ragged list: rows of different lengths
-        raise InputError("samples must be a 1-D array of numbers; got rows of different lengths") from None
+    except ValueError as exc:  # a ragged list (rows of different lengths), or an object that is no array
+        why = "rows of different lengths" if "inhomogeneous" in str(exc) else str(exc).splitlines()[0]
+        raise InputError(f"samples must be a 1-D array of numbers; got {why}") from None
     if arr.ndim == 0 and arr.dtype == object:  # a generator, a dict: numpy wraps it whole
         raise InputError(f"samples must be a numpy array (or a list of floats); got {type(samples).__name__}")
     if arr.size == 0 and arr.ndim == 2:  # no samples in any layout: nothing to do, not a channel question
@@ -158,23 +159,23 @@ class SingleStream:
             raise ConfigError(f"an engine steps one stream: its backend needs batch_size 1 ({backend.batch_size})")
         self.backend = backend
 
-    def take(self) -> None:
+    def claim(self) -> None:
         """Make the backend's state this stream's, from a new one: an open backend may hold another stream's,
         whose engine is refused from then on."""
         self.backend.reset_states()
         self.backend._stream_owner = self  # the stream whose state the backend holds
 
     def step(self, hops: np.ndarray) -> np.ndarray:
-        self._check_owner()
+        self.check_owner()
         if hops.shape[0] == 1:
             return self.backend(hops[:1])
         return self.backend.steps(hops[None])[0]
 
     def clear(self) -> None:
-        self._check_owner()  # an older engine's reset or finish would wipe the newer one's state
+        self.check_owner()  # an older engine's reset or finish would wipe the newer one's state
         self.backend.reset_states()
 
-    def _check_owner(self) -> None:
+    def check_owner(self) -> None:
         if getattr(self.backend, "_stream_owner", self) is not self:  # its state is another stream's now
             raise ConfigError(
                 "this backend holds one stream's state and a newer StreamTagger took it: give each stream its own "
@@ -238,7 +239,7 @@ class StreamTagger:
         self.detector = _detector(events, self.labels, self.frame_seconds, getattr(model, "folder", None))
         if hop_model is None:  # an open backend may hold another stream's state: start from a new one (once the
             hop_model = SingleStream(model)  # arguments are checked: a refused engine takes no one's backend)
-            hop_model.take()
+            hop_model.claim()
         self.hop_model = hop_model
         self.gain_db = float(gain_db)
         self._gain = np.float32(10 ** (gain_db / 20))
@@ -283,6 +284,7 @@ class StreamTagger:
         """End of the stream: step what the resampler still holds, close open events (``reason``) and start
         a new stream (state, time and hop buffer cleared; a last part-hop is not tagged)."""
         check_close_reason(reason)  # before anything changes
+        getattr(self.hop_model, "check_owner", lambda: None)()  # (a backend a newer engine took: refused here)
         out: list[Step] = []
         if self._resampler is not None:
             self._append(self._resampler.process(np.zeros(0, np.float32), last=True))

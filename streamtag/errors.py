@@ -76,6 +76,6 @@ def raise_if_interrupted(exc: BaseException) -> None:
     seen, passed = exc, set()
     while seen is not None and id(seen) not in passed:  # causes only: an interrupt being handled is a __context__
         if isinstance(seen, KeyboardInterrupt):
-            raise type(seen)() from None  # Terminated (SIGTERM) stays Terminated: its exit status differs
+            raise (Terminated if isinstance(seen, Terminated) else KeyboardInterrupt)() from None  # exit 0 or 130
         passed.add(id(seen))
         seen = seen.__cause__

@@ -29,7 +29,7 @@ import numpy as np
 from .backends import make_backend
 from .engine import ENGINE_OPTIONS, AudioLike, StreamTagger, block_levels
 from .errors import ConfigError
-from .events import EventDetector, EventParams, model_event_settings
+from .events import EventDetector, EventParams, check_close_reason, model_event_settings
 from .steps import Step, StepBlock, named_steps
 
 
@@ -179,6 +179,7 @@ class MultiStreamTagger:
     def leave(self, name: str, reason: str = "stream_end") -> list[Step]:
         """Remove a stream; returns its last steps (the hops it still held, then its events closed with
         ``reason``)."""
+        check_close_reason(reason)  # before its held hops are stepped: a refused call changes nothing
         engine = self.streams[self._known(name)]
         out = engine.feed(np.zeros(0, np.float32))  # its last hops, stepped alone: a leaver does not wait
         out += engine.finish(reason)
@@ -192,6 +193,7 @@ class MultiStreamTagger:
         """Forget a stream's past (model state), keeping its slot; returns the steps of the hops it still held
         (stepped alone, on the state they belong to, as :meth:`leave` does), then those of the events the
         reset closed (``reason``)."""
+        check_close_reason(reason)  # before its held hops are stepped: a refused call changes nothing
         engine = self.streams[self._known(name)]
         return engine.feed(np.zeros(0, np.float32)) + engine.reset(reason)
 

@@ -169,6 +169,8 @@ class Worker(threading.Thread):
         self.reconnect = reconnect and source.is_live and hasattr(source, "restart")
         self.reconnects = 0
         self.gap_seconds = 0.0
+        if not 0 < buffer_seconds <= MAX_BUFFER_SECONDS:  # NaN fails too; before the engine takes the backend
+            raise ConfigError(f"buffer_seconds must be in (0, {MAX_BUFFER_SECONDS:g}] ({buffer_seconds} given)")
         self.tagger = StreamTagger(
             backend,
             sample_rate=source.sample_rate,
@@ -181,8 +183,6 @@ class Worker(threading.Thread):
         self._open_outputs: Callable[[], Sequence[Output]] | None = None
         self.frame_seconds = self.tagger.frame_seconds
         self.labels = self.tagger.labels
-        if not 0 < buffer_seconds <= MAX_BUFFER_SECONDS:  # NaN fails too
-            raise ConfigError(f"buffer_seconds must be in (0, {MAX_BUFFER_SECONDS:g}] ({buffer_seconds} given)")
         hop_at_source = max(1, round(self.tagger.hop * source.sample_rate / self.tagger.model_rate))
         capacity = 1 << int(np.ceil(np.log2(max(buffer_seconds * source.sample_rate, 4 * hop_at_source))))
         self.ring = SpscRing(capacity)

@@ -47,6 +47,15 @@ def test_two_engines_cannot_share_one_backend(cnn_dir, clip):
     for stop in (first.reset, first.finish):  # they wiped the newer engine's state and took the backend back
         with pytest.raises(ConfigError, match="give each stream its own backend"):
             stop()
+    older = StreamTagger(backend, events=None, sample_rate=44100)  # a refused finish changes nothing, the
+    older.feed(np.zeros(4410, np.float32))  # resampler's tail included
+    held = older.pending_samples
+    StreamTagger(backend, events=None)
+    with pytest.raises(ConfigError, match="give each stream its own backend"):
+        older.finish()
+    assert older.pending_samples == held
+    second = StreamTagger(backend, events=None)
+    second.feed(clip[:1600]), second.feed(clip[1600:16000])
     alone = StreamTagger(make_backend("onnx", cnn_dir), events=None)
     alone.feed(clip[:1600]), alone.feed(clip[1600:16000])  # the same blocks: the same arithmetic
     np.testing.assert_array_equal(_probs(second.feed(clip[16000:])), _probs(alone.feed(clip[16000:])))

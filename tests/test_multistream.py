@@ -352,6 +352,20 @@ def test_a_stream_at_another_rate_is_resampled_like_a_single_engine(cnn_dir):
     np.testing.assert_allclose(_split(steps)[0], _split(ref)[0], atol=1e-5)
 
 
+def test_a_bad_close_reason_for_leave_or_reset_changes_nothing(cnn_dir):
+    """The held hops were stepped (and their steps lost) before the reason was found unknown."""
+    from streamtag.multistream import MultiStreamTagger
+
+    pool = MultiStreamTagger(cnn_dir, capacity=1, events=None)
+    pool.join("a")
+    pool.feed("a", read_clip(EXAMPLES / "rain.flac")[:16000])
+    for call in (pool.leave, pool.reset):
+        with pytest.raises(ConfigError, match="unknown close reason 'bogus'"):
+            call("a", "bogus")
+    assert pool.streams["a"].frames == 0 and pool.streams["a"].pending_samples == 16000
+    assert sum(len(s.probs) for _, s in pool.step_blocks()) == 100
+
+
 def test_a_snapshot_that_does_not_fit_the_pool_changes_nothing(cnn_dir):
     """Another backend's snapshot (or a damaged one) was half-applied: the engine restored, the model not, and a
     numpy error (or, for a row of the wrong size, a broadcast into place without a word)."""

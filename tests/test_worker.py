@@ -107,6 +107,30 @@ def test_a_worker_gives_events_by_default_and_names_a_failing_source_or_output(c
     assert worker.summary().error == "the output Full failed: RuntimeError('disk full')" and full.closed
 
 
+def test_stdout_s_reader_gone_before_the_last_event_lines_is_still_a_reader_gone(cnn_dir, monkeypatch):
+    """Event lines wait in stdout's buffer: a reader gone after the last score line is found by the console's
+    last flush, which named no file, and the run ended with "writing an output failed: Broken pipe"."""
+    import io
+
+    from streamtag.events import EventParams
+    from streamtag.outputs.console import PlainLines
+    from streamtag.outputs.selection import ClassSelection
+    from streamtag.sources import WavReplaySource
+    from streamtag.worker import Worker
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    stdout = io.TextIOWrapper(io.FileIO(write, "w"), write_through=False)
+    monkeypatch.setattr("sys.stdout", stdout)
+    backend = make_backend("onnx", cnn_dir)
+    console = PlainLines(ClassSelection(backend.labels), every_frames=10**9)  # event lines only, never flushed
+    source = WavReplaySource(EXAMPLES / "rain.flac", 16000, speed=0)
+    worker = Worker(source, backend, [console], events=EventParams(on_threshold=0.05))
+    worker.start()
+    worker.join()
+    assert worker.summary().error is None and worker.reader_gone
+
+
 def test_a_closed_pipe_of_an_output_of_ones_own_is_an_error_not_stdout_s_reader_leaving(cnn_dir):
     """Only an output writing stdout may be dropped quietly when its reader leaves (| head); a custom output whose
     socket closed (a BrokenPipeError naming no file) is the run's error, with every hop still written to the

@@ -51,13 +51,18 @@ class PlainLines:
             if step.has_scores and (step.frame_index + 1) % self.every == 0:
                 picks = "  ".join(f"{label} {p:.2f}" for label, p in self.selection.pick(step.probs))
                 print(f"{step.t:8.2f}s  {picks}", file=self.stream, flush=True)
-        except BrokenPipeError as exc:  # named as stdout's, as a file output at - is: its reader has left (| head)
-            if self.stream is not sys.stdout:
-                raise
-            raise named_error(exc, STDOUT) from None
+        except BrokenPipeError as exc:
+            raise self._named(exc) from None
 
     def close(self) -> None:
-        self.stream.flush()
+        try:  # event lines wait in the buffer: a reader gone after the last score line is found here
+            self.stream.flush()
+        except BrokenPipeError as exc:
+            raise self._named(exc) from None
+
+    def _named(self, exc: BrokenPipeError) -> OSError:
+        """Named as stdout's, as a file output at - is: its reader has left (| head); another stream's is its own."""
+        return named_error(exc, STDOUT) if self.stream is sys.stdout else exc
 
 
 class LiveView:
