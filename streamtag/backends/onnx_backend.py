@@ -85,7 +85,8 @@ def _open(folder: Path, threads: int, chunk: bool = False) -> tuple[ort.Inferenc
     except ImportError:
         raise BackendUnavailable(
             f"{folder} has no up-to-date {name}, and exporting one needs torch (the train extra: "
-            "pip install '.[train]'), or run 'streamtag export' where torch is installed"
+            "pip install '.[train]'), or export it into the folder where torch is installed: "
+            f"streamtag export {folder} --onnx {folder}/model.onnx --chunk-onnx {folder}/chunk.onnx"
         ) from None
     writable_cache(cached.parent)
     if chunk:

@@ -211,7 +211,8 @@ def run(args) -> int:
         how = "; ".join(how)
         print(
             f"streamtag tag: note: {count(len(others), 'file', 'files')} of the folders given "
-            f"{'was' if len(others) == 1 else 'were'} not tagged for their extension ({kinds}; e.g. {others[0]}); "
+            f"{'was' if len(others) == 1 else 'were'} not tagged: an extension tag does not read ({kinds}; e.g. "
+            f"{others[0]}); "
             f"{how}",
             file=sys.stderr,
         )
