@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -45,12 +46,12 @@ def _start_ray(address: str):
     address that does not answer is refused at once (Ray itself would retry for minutes), and the signal
     handlers Ray puts in place of ours are put back (its SIGTERM handler exits 1 with a crash dump)."""
     ray = _ray()
+    if not address:
+        raise ConfigError("--ray needs an address: auto, ray://HOST:10001 or HOST:6379")
     if address != "auto":
-        host, port = _host_port(address)
-        try:
-            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
-        except OSError as exc:
-            raise ConfigError(f"--ray {address}: nothing answers at {host}:{port} ({exc.strerror or exc})") from None
+        _check_speaks_ray(address, f"--ray {address}")
+    elif os.environ.get("RAY_ADDRESS", "auto") not in ("auto", "local"):  # auto connects there: checked alike
+        _check_speaks_ray(os.environ["RAY_ADDRESS"], f"--ray auto: RAY_ADDRESS={os.environ['RAY_ADDRESS']}")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         ray.init(
@@ -79,13 +80,40 @@ CONNECT_TIMEOUT_S = 5.0  # a cluster address must answer within this
 def _host_port(address: str) -> tuple[str, int]:
     """``ray://HOST:PORT`` (Ray Client, port 10001 by default) or ``HOST:PORT`` (a cluster's GCS, 6379)."""
     parsed = urlparse(address if "://" in address else f"gcs://{address}")
-    try:
-        port = parsed.port
-    except ValueError:
-        port = None
     if not parsed.hostname or (parsed.scheme not in ("ray", "gcs")):
         raise ConfigError(f"--ray {address}: give auto, ray://HOST:10001 or HOST:6379")
+    try:
+        port = parsed.port
+    except ValueError:  # 99999, or not a number: said as it is, not replaced by the default port
+        raise ConfigError(f"--ray {address}: the port must be a number in 1..65535") from None
     return parsed.hostname, port or (10001 if parsed.scheme == "ray" else 6379)
+
+
+# An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS and its client server are
+# gRPC) answers with a SETTINGS frame of its own; an HTTP/1 server, a database or anything else does not.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS_FRAME = 4
+
+
+def _check_speaks_ray(address: str, where: str) -> None:
+    """Refuse at once an address where nothing answers, or where what answers is not Ray's gRPC: ray.init would
+    retry for minutes, printing its own logs, and Ctrl-C would not stop it meanwhile."""
+    host, port = _host_port(address)
+    try:
+        conn = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    except OSError as exc:
+        raise ConfigError(f"{where}: nothing answers at {host}:{port} ({exc.strerror or exc})") from None
+    with conn:
+        try:
+            conn.sendall(_HTTP2_PREFACE)
+            head = conn.recv(9)
+        except OSError:  # reset, or silent for CONNECT_TIMEOUT_S
+            head = b""
+    if len(head) < 4 or head[3] != _SETTINGS_FRAME:
+        raise ConfigError(
+            f"{where}: what answers at {host}:{port} is not Ray (give the head node's GCS port, 6379 by default, "
+            "or ray://HOST:10001 for Ray Client)"
+        )
 
 
 class _Tagger:

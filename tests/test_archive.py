@@ -294,6 +294,26 @@ def test_a_ray_address_where_nothing_answers_is_one_line_at_once(tmp_path):
         r = run_cli("tag", EXAMPLES / "dog.flac", "--out", tmp_path / "out", "--ray", address, timeout=60)
         assert r.returncode == 2 and f"--ray {address}: nothing answers at 127.0.0.1:1" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+    # something that answers but is not Ray (hung the same way, with Ray's logs), auto sent elsewhere by
+    # RAY_ADDRESS (the same), a port out of range (said as the default port), an empty address (ran locally)
+    import http.server
+    import threading
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    web = f"127.0.0.1:{httpd.server_address[1]}"
+    try:
+        for ray, env, said in (
+            (web, {}, f"--ray {web}: what answers at {web} is not Ray"),
+            ("auto", {"RAY_ADDRESS": "127.0.0.1:1"}, "--ray auto: RAY_ADDRESS=127.0.0.1:1: nothing answers"),
+            ("127.0.0.1:99999", {}, "the port must be a number in 1..65535"),
+            ("", {}, "argument --ray: needs an address"),
+        ):
+            cmd = ("tag", EXAMPLES / "dog.flac", "--out", tmp_path / "out", f"--ray={ray}")
+            r = run_cli(*cmd, env={**os.environ, **env}, timeout=60)
+            assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        httpd.shutdown()
 
 
 def test_a_rerun_tags_again_what_no_longer_matches_its_outputs(tmp_path, cnn_dir):

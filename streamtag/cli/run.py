@@ -51,6 +51,13 @@ def number(low: float, high: float = math.inf, low_ok: bool = False, hint: str =
     return parse
 
 
+def ray_address(text: str) -> str:
+    """argparse ``type=`` for ``--ray``: not empty (``--ray "$ADDR"`` with the variable unset ran locally)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("needs an address: auto, ray://HOST:10001 or HOST:6379")
+    return text.strip()
+
+
 def torch_device(text: str) -> str:
     """argparse ``type=`` for ``--torch-device``: cpu, cuda or cuda:N."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):

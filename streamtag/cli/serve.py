@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..serve_config import valid_name
+from .run import ray_address
 
 
 def add_parser(subparsers) -> None:
@@ -70,6 +71,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--ray",
         metavar="ADDRESS",
+        type=ray_address,
         help="run the streams' engines on Ray (the ray extra, pip install '.[ray]'): auto (a Ray running here, else a "
         "local one) or a cluster address; each stream goes to one engine by a hash of its name",
     )

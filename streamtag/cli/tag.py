@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, count, stop_exit_code
 from ..outputs.files import check_output_folder
+from .run import ray_address
 
 PYARROW_HINT = "pip install '.[archive]' in streamtag's folder (or pip install pyarrow)"
 
@@ -59,6 +60,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--ray",
         metavar="ADDRESS",
+        type=ray_address,
         help="run on Ray (the ray extra, pip install '.[ray]'): auto (a Ray running here, else a local one) or a "
         "cluster address; --out must be a path every node shares",
     )
