@@ -314,6 +314,9 @@ def test_a_ray_address_where_nothing_answers_is_one_line_at_once(tmp_path):
             assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     finally:
         httpd.shutdown()
+    r = run_cli("tag", "-", "--out", tmp_path / "piped", "--ray", "auto", input="")  # said before stdin is read
+    assert r.returncode == 2 and "stdin (-) is tagged locally, without --ray" in r.stderr, r.stderr
+    assert not (tmp_path / "piped").exists()  # and before --out is made
 
 
 def test_a_rerun_tags_again_what_no_longer_matches_its_outputs(tmp_path, cnn_dir):

@@ -743,6 +743,7 @@ def test_an_mqtt_prefix_with_wildcards_is_refused_at_start():
             "--port-file /nonexistent/folder/port: output folder /nonexistent/folder does not exist",
         ),
         (["--engines", "4"], "give it with --ray"),
+        (["--ray", "auto", "--one-process"], "--one-process is what --ray does already"),  # was taken silently
         (["--pull", "cam=/no/such/cam.wav"], "--pull cam: no such file '/no/such/cam.wav'"),
         (["--token", ""], "--token is empty: give a secret"),  # it started a server that refused every request
         (["--host", "0.0.0.0", "--token", " "], "--token is empty"),

@@ -106,6 +106,8 @@ def _check(args) -> None:
             raise ConfigError(f"--pull {item!r}: give NAME=URL, NAME 1-64 of A-Z a-z 0-9 _ -")
     if len({item.partition("=")[0] for item in args.pull}) < len(args.pull):
         raise ConfigError("--pull: two sources have the same NAME")
+    if args.one_process and args.ray:  # with --ray the worker is a thread of this process already
+        raise ConfigError("--one-process is what --ray does already (its engines are Ray's): give one of them")
     if args.engines is not None and not args.ray:
         raise ConfigError("--engines sets the Ray engine actors: give it with --ray auto (or a cluster address)")
     args.engines = 2 if args.engines is None else args.engines

@@ -92,6 +92,8 @@ def run(args) -> int:
             raise ConfigError(f"{flag} must be a whole number >= 1 ({value} given)")
     if args.parquet and not _has_pyarrow():
         raise ConfigError(f"--parquet needs pyarrow: {PYARROW_HINT}")
+    if args.ray and "-" in args.inputs:  # before --out is made and stdin read
+        raise ConfigError("--ray tags files: stdin (-) is tagged locally, without --ray")
     out = check_output_folder(args.out, "--out")
     passed_over: list[Path] = []
     if "-" in args.inputs:
