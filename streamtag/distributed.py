@@ -104,6 +104,8 @@ def _check_speaks_ray(address: str, where: str) -> None:
     except OSError as exc:
         raise ConfigError(f"{where}: nothing answers at {host}:{port} ({exc.strerror or exc})") from None
     with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):  # gRPC inside TLS: no plain handshake
+            return
         try:
             conn.sendall(_HTTP2_PREFACE)
             head = conn.recv(9)
