@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +29,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from .backends import Backend, make_backend
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, is_real
 from .events import Event, EventDetector, EventParams, check_close_reason, model_detector
 from .resample import StreamResampler, check_rate
 from .steps import Step, StepBlock, as_steps, write_to
@@ -45,11 +44,6 @@ MAX_SKIP_S = 1e9  # about 30 years: more is a mistake (a timestamp given as a du
 SILENCE_PEAK = 1e-3  # a hop whose peak stays below this (-60 dBFS) counts as silence for reset_on_silence_s
 AudioLike = np.ndarray | Sequence[float]  # what feed() takes: see as_mono_float32
 _INT_SCALE = {np.dtype(np.int16): 1 / 32768.0, np.dtype(np.int32): 1 / 2147483648.0}
-
-
-def _real(value) -> bool:
-    """A number, not a bool (True is 1 to Python, and no one means 1 by it)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def as_mono_float32(samples: AudioLike) -> np.ndarray:
@@ -231,10 +225,10 @@ class StreamTagger:
         self.frame_seconds = feats.frame_seconds
         self.model_rate = feats.sample_rate
         self.sample_rate = self.model_rate if sample_rate is None else check_rate(sample_rate)
-        if not (_real(gain_db) and abs(gain_db) <= MAX_GAIN_DB):
+        if not (is_real(gain_db) and abs(gain_db) <= MAX_GAIN_DB):
             raise ConfigError(f"gain_db must be a number in -{MAX_GAIN_DB:g}..{MAX_GAIN_DB:g} ({gain_db!r} given)")
         for name, value in (("reset_every_s", reset_every_s), ("reset_on_silence_s", reset_on_silence_s)):
-            if value is not None and not (_real(value) and 0 < value < float("inf")):
+            if value is not None and not (is_real(value) and 0 < value < float("inf")):
                 raise ConfigError(f"{name} must be a finite number > 0 ({value!r} given)")
         self.detector = _detector(events, self.labels, self.frame_seconds, getattr(model, "folder", None))
         if hop_model is None:  # an open backend may hold another stream's state: start from a new one (once the
@@ -310,7 +304,7 @@ class StreamTagger:
         samples a slow reader dropped): the steps after it keep their place on the recording's clock instead of
         closing up the gap. Whole hops (the rest is carried to the next gap); a part-hop of samples from before
         the gap is stepped with the first ones after it, so every sample taken is still tagged."""
-        if not (_real(seconds) and 0 <= seconds < MAX_SKIP_S):
+        if not (is_real(seconds) and 0 <= seconds < MAX_SKIP_S):
             raise ConfigError(f"skip takes seconds, 0 <= seconds < {MAX_SKIP_S:g} ({seconds!r} given)")
         # in samples at the model rate, a part-hop carried to the next skip: many small drops add up exactly
         self._skipped += seconds * self.model_rate

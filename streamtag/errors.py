@@ -1,8 +1,11 @@
 """Exceptions a user can meet. Each message names the problem and the fix.
 
 The CLI turns any :class:`StreamtagError` into one line on stderr and a non-zero
-exit; anything else is a bug and keeps its traceback.
+exit; anything else is a bug and keeps its traceback. Beside them, the few helpers their checks and
+messages share.
 """
+
+import numbers
 
 
 class StreamtagError(Exception):
@@ -62,6 +65,16 @@ def stop_exit_code(stop: KeyboardInterrupt) -> int:
 
     first = STOP_SIGNALS_SEEN[0] if STOP_SIGNALS_SEEN else None
     return 0 if isinstance(stop, Terminated) or first == signal.SIGTERM else 130
+
+
+def is_real(value) -> bool:
+    """A number, not a bool (True is 1 to Python, and no one means 1 by it): the type check of numeric settings."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_whole(value) -> bool:
+    """A whole number, not a bool (a count: capacity, block size, hops)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def count(n: int, one: str, many: str | None = None) -> str:

@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import json
 import math
-import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
-from .errors import ConfigError
+from .errors import ConfigError, is_real, is_whole
 
 OFF_MARGIN = 0.15  # silero-vad's neg_threshold = threshold - 0.15
 
@@ -65,9 +64,9 @@ class EventParams:
             value = getattr(self, field.name)
             if value is None and field.name in ("off_threshold", "max_duration_s"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if not is_real(value) or not math.isfinite(value):
                 raise ConfigError(f"{field.name} must be a finite number ({value!r} given)")
-        if not isinstance(self.patience_frames, numbers.Integral):
+        if not is_whole(self.patience_frames):
             raise ConfigError(f"patience_frames must be a whole number ({self.patience_frames!r} given)")
         if not 0.0 < self.on_threshold <= 1.0:
             raise ConfigError(f"on_threshold must be in (0, 1] ({self.on_threshold} given)")

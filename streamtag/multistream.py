@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import functools
 import heapq
-import numbers
 import os
 from collections.abc import Callable, Iterator
 
@@ -28,7 +27,7 @@ import numpy as np
 
 from .backends import make_backend
 from .engine import ENGINE_OPTIONS, AudioLike, StreamTagger, block_levels
-from .errors import ConfigError
+from .errors import ConfigError, is_whole
 from .events import EventDetector, EventParams, check_close_reason, model_event_settings
 from .steps import Step, StepBlock, named_steps
 
@@ -94,7 +93,7 @@ class MultiStreamTagger:
         engine_options: dict | None = None,
         **backend_options,
     ) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
+        if not is_whole(capacity) or capacity < 1:
             raise ConfigError(f"capacity must be a whole number >= 1 ({capacity!r} given)")  # before the model loads
         self.backend = make_backend(backend, model, **backend_options)
         self.labels = self.backend.labels
@@ -233,7 +232,7 @@ class MultiStreamTagger:
         hop and hand each stream's scores on sooner. :attr:`left_out` counts the ready streams it left.
         """
         for value, what in ((max_hops, "max_hops"), (max_streams, "max_streams")):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            if value is not None and (not is_whole(value) or value < 1):
                 raise ConfigError(f"{what} must be a whole number >= 1 or None ({value!r} given)")
         return list(self._rounds(max_hops, max_streams))
 

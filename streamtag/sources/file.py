@@ -10,7 +10,6 @@ memory whole.
 from __future__ import annotations
 
 import contextlib
-import numbers
 import os
 import re
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from ..errors import AudioFileError, ConfigError
+from ..errors import AudioFileError, ConfigError, is_whole
 from ..resample import check_rate, resample_chunks
 from ..ring import SpscRing
 from .base import ProducerSource, mono_finite, push_paced
@@ -159,7 +158,7 @@ class WavReplaySource(ProducerSource):
             raise ConfigError(f"speed must be a finite number >= 0 ({speed} given; 0 means as fast as possible)")
         if repeat < 1:
             raise ConfigError(f"repeat must be >= 1 ({repeat} given)")
-        if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
+        if not is_whole(block_size) or block_size < 1:
             raise ConfigError(f"block_size must be a whole number of samples >= 1 ({block_size!r} given)")
         self.path = Path(path)
         info = probe_audio(self.path)
