@@ -77,6 +77,13 @@ def is_whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def some(names, most: int) -> str:
+    """The first ``most`` of ``names`` in a message, and how many more: "a, b, c and 54 more" (a model's 57
+    classes written out make a line hundreds of characters long)."""
+    names = list(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def count(n: int, one: str, many: str | None = None) -> str:
     """``n`` things in a message: "1 file", "2 files" (``many`` for a plural that is not ``one`` + s)."""
     return f"{n} {one if n == 1 else many or one + 's'}"

@@ -192,7 +192,7 @@ class Worker(threading.Thread):
         self.error: str | None = None
         self.interrupted = False
         self.reader_gone = False  # standard output was closed by its reader (| head): the run stopped there
-        self.stdout_closed = False  # ... and a stdout output was dropped (the run stopped if it was the only one)
+        self.stdout_closed = False  # stdout's reader left: its output dropped (the run stopped if it was the only one)
         self._stop_requested = threading.Event()
         self._read_buf = np.zeros(capacity, dtype=np.float32)
 
@@ -371,7 +371,7 @@ class Worker(threading.Thread):
         """Standard output closed by its reader (``| head``) stops the run quietly; any other failed write
         (a full disk, the reader of an --events pipe gone) is the run's error."""
         if isinstance(exc, BrokenPipeError) and exc.filename == STDOUT:
-            self.reader_gone = True
+            self.reader_gone = self.stdout_closed = True
         else:
             self.error = self.error or _write_failed(exc)
 

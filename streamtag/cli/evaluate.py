@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, count
+from ..errors import ConfigError, count, some
 from .run import BACKENDS
 
 
@@ -161,7 +161,7 @@ def run(args) -> int:
     _, _, allowed, unknown = dataset_targets(dataset, backend.labels, label_map)  # the dataset's, before --limit
     if not allowed.any():  # every clip would count as an error: a report of nothing, not a figure
         raise ConfigError(
-            f"none of the dataset's classes ({', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}) is one "
+            f"none of the dataset's classes ({some(unknown, 5)}) is one "
             f"of the model's {len(backend.labels)}: evaluate a model trained on them "
             "(streamtag eval MODEL_FOLDER DATASET)"
         )

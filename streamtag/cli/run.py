@@ -481,7 +481,7 @@ def run_stream(args, source, backend, plan: StreamPlan, extra_outputs=()) -> int
     if summary.error:
         print(f"streamtag {args.command}: error: {summary.error}", file=sys.stderr)
         return 1
-    if worker.stdout_closed or worker.reader_gone:  # | head had what it wanted: no flush error at exit either
+    if worker.stdout_closed:  # | head had what it wanted: no flush error at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 130 if got["signal"] == signal.SIGINT else 0  # a reader that left: quietly 0
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, some
 
 
 def split_class_names(values: Sequence[str] | None, labels: Sequence[str], where: str) -> list[str] | None:
@@ -29,8 +29,7 @@ def check_class_names(names: Sequence[str], labels: Sequence[str], where: str) -
     unknown = [n for n in names if n not in labels]
     if unknown:
         close = difflib.get_close_matches(unknown[0], labels, n=3)
-        some = ", ".join(labels[:10]) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
-        hint = f"did you mean {', '.join(close)}?" if close else f"the model's classes: {some}"
+        hint = f"did you mean {', '.join(close)}?" if close else f"the model's classes: {some(labels, 10)}"
         raise ConfigError(f"{where}: unknown class {unknown[0]!r} ({hint})")
 
 

@@ -257,8 +257,8 @@ def _read_class_folders(root: Path, notes: list[str]) -> list[Clip]:
         )
     if empty:
         notes.append(f"{root}: no audio in {', '.join(empty[:8])}: not a class of this dataset")
-    loose = [p for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
-    loose = [p for p in loose if _visible(p, root)]
+    audio = (p for p in sorted(root.iterdir()) if p.suffix.lower() in AUDIO_SUFFIXES)
+    loose = [p for p in audio if p.is_file() and _visible(p, root)]
     if loose:  # a class is a folder: audio beside the folders has none
         notes.append(
             f"{root}: {count(len(loose), 'audio file')} beside the class folders (e.g. {loose[0].name}) left out: "

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import OUTPUTS, FeatureConfig, ModelConfig
-from ..errors import ConfigError, ModelFileError, StreamtagError
+from ..errors import ConfigError, ModelFileError, StreamtagError, some
 from ..features.functional import mel_filterbank
 from ..modelfile import CHUNK_NAME, ONNX_NAME
 from ..models import build_model
@@ -623,16 +623,11 @@ def _worker_batch(key: tuple[int, int, int], draw_only: bool) -> Plan | tuple[np
 
 
 def _difference(theirs: list[str], mine: list[str]) -> str:
-    """Two label lists in a line: how many each has and a few of the names only one of them has (a model's
-    57 classes written out made a line hundreds of characters long)."""
-
-    def some(names: list[str]) -> str:
-        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
+    """Two label lists in a line: how many each has and a few of the names only one of them has."""
     only_there, only_here = [x for x in theirs if x not in mine], [x for x in mine if x not in theirs]
     parts = [f"{len(theirs)} there, {len(mine)} here"]
-    parts += [f"only there: {some(only_there)}"] if only_there else []
-    parts += [f"only here: {some(only_here)}"] if only_here else []
+    parts += [f"only there: {some(only_there, 4)}"] if only_there else []
+    parts += [f"only here: {some(only_here, 4)}"] if only_here else []
     return "; ".join(parts) if only_there or only_here else f"{parts[0]}, in another order"
 
 
