@@ -254,13 +254,21 @@ def test_view_options_that_shape_nothing_are_refused_and_all_keeps_to_the_allowe
     nothing (accepted, silently); --jsonl --all wrote a class --deny named."""
     jsonl = tmp_path / "u.jsonl"
     for extra, says in (
-        (["--plain"], "--plain shapes what is shown, but --quiet turns the console view off and there is no --jsonl"),
+        (["--plain"], "--plain shapes what is shown, but --quiet turns the console view off: drop --plain"),
         (["--max-results", "5"], "--max-results shapes what is shown"),
         (["--rate", "50"], "--rate shapes what is shown"),
         (["--jsonl", jsonl, "--all", "--score-threshold", "0.5"], "and --jsonl --all writes every class"),
     ):
         r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--quiet", *extra)
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for extra, says in (  # a file on standard output turns the console view off as well
+        (["--events", "-", "--plain"], "--plain shapes what is shown, but --events - takes standard output: drop"),
+        (["--scores", "-", "--max-results", "5"], "but --scores - takes standard output and there is no --jsonl"),
+    ):
+        r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", *extra)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--jsonl", "-", "--max-results", "1")
+    assert r.returncode == 0 and all(len(json.loads(line)["top"]) == 1 for line in r.stdout.splitlines()), r.stdout
     r = run_cli("replay", EXAMPLES / "dog.flac", "--model", cnn_dir, "--fast", "--quiet", "--jsonl", jsonl, "--all")
     assert r.returncode == 0 and '"dog"' in jsonl.read_text()
     r = run_cli(

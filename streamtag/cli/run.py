@@ -294,9 +294,10 @@ VIEW_DEFAULTS = {"rate": 10.0, "max_results": 3, "score_threshold": 0.0}
 
 
 def _check_view_options(args) -> None:
-    """Refuse an option that shapes what nothing shows (the console view is off with --quiet; --jsonl --all writes
-    every class), then put in the defaults of those left out."""
-    view = not args.quiet
+    """Refuse an option that shapes what nothing shows (the console view is off with --quiet and when a file goes
+    to standard output; --jsonl --all writes every class), then put in the defaults of those left out."""
+    to_stdout = next((f"--{n} -" for n in ("jsonl", "events", "scores") if getattr(args, n) == "-"), None)
+    view = not args.quiet and not to_stdout
     top_k = view or (args.jsonl and not args.all)
     shaped = {"--plain": view, "--max-results": top_k, "--score-threshold": top_k, "--rate": view or args.jsonl}
     given = {
@@ -307,7 +308,8 @@ def _check_view_options(args) -> None:
     }
     for flag, value in given.items():
         if value is not None and not shaped[flag]:
-            why = "--quiet turns the console view off" + ("" if args.jsonl else " and there is no --jsonl")
+            off = "--quiet turns the console view off" if args.quiet else f"{to_stdout} takes standard output"
+            why = off + ("" if args.jsonl or flag == "--plain" else " and there is no --jsonl")
             if args.jsonl and args.all and flag != "--plain":
                 why += ", and --jsonl --all writes every class"
             raise ConfigError(f"{flag} shapes what is shown, but {why}: drop {flag}")
