@@ -384,6 +384,25 @@ def settled(items: Sequence[Item], out: Path, key: str, begun: float, force: boo
     return outcomes
 
 
+def done_before(items: Sequence[Item], out: Path, key: str) -> tuple[list[Outcome], list[Item]]:
+    """``items`` split into the outcomes of those an earlier run finished with settings ``key`` (their done markers
+    match the file and its outputs are there) and the rest: what a run sets aside before it starts workers that
+    cost seconds (Ray), so a rerun of a finished archive does not start them. A file that cannot be looked at is
+    left to its job, which says why."""
+    outcomes, rest = [], []
+    for item in items:
+        try:
+            stamp = None if item.opener is not None else {"settings": key, "file": _identity(item)}
+        except OSError:
+            stamp = None
+        done = _finished(done_marker(out, item), stamp) if stamp is not None else None
+        if done is None:
+            rest.append(item)
+        else:
+            outcomes.append(done)
+    return outcomes, rest
+
+
 def marked_since(marker: Path, begun: float) -> bool:
     """Whether a done marker was written since ``begun`` (``time.time()``), by this run: an older one may be
     stale (other settings, a changed file) until the run looks at its file."""

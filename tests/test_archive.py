@@ -204,6 +204,22 @@ def test_ray_writes_exactly_what_a_local_tag_writes(archive, tmp_path, cnn_dir):
         )
 
 
+def test_a_ray_rerun_of_a_finished_archive_starts_no_ray(archive, tmp_path, cnn_dir):
+    """Every file done by an earlier run: --ray started Ray (seconds, and a cluster's logs) only to skip them all.
+    Now the done files are set aside first, so an address where nothing answers is never asked."""
+    (archive / "garden" / "broken.wav").unlink()
+    out = tmp_path / "out"
+    assert run_cli("tag", archive, "--out", out, "--model", cnn_dir, "--jobs", "1").returncode == 0
+    before = _rows(out / "summary.csv")
+    r = run_cli("tag", archive, "--out", out, "--model", cnn_dir, "--ray", "127.0.0.1:1", timeout=60)
+    assert r.returncode == 0 and "3 already done, 0 failed" in r.stderr, r.stderr
+    assert _rows(out / "summary.csv") == before
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install '.[ray]')")
+    (archive / "dog.flac").touch()  # a changed file is tagged again: that one asks Ray
+    r = run_cli("tag", archive, "--out", out, "--model", cnn_dir, "--ray", "127.0.0.1:1", timeout=60)
+    assert r.returncode == 2 and "nothing answers at 127.0.0.1:1" in r.stderr, r.stderr
+
+
 class _Task:  # what a fake remote call returns (Ray's object refs are hashable)
     def __init__(self, value):
         self.value = value

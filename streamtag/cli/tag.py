@@ -80,7 +80,16 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..archive import check_out, find_inputs, lock_out, settings_key, settled, tag_in_processes, write_tables
+    from ..archive import (
+        check_out,
+        done_before,
+        find_inputs,
+        lock_out,
+        settings_key,
+        settled,
+        tag_in_processes,
+        write_tables,
+    )
     from ..backends import make_backend
     from ..modelfile import load_config, resolve_model_dir
     from ..sources.file import FFMPEG_SUFFIXES
@@ -142,6 +151,9 @@ def run(args) -> int:
         outcomes.append(outcome)
         bar.update(outcome)
 
+    folder = resolve_model_dir(args.model)
+    cfg = load_config(folder)
+    key = settings_key(folder, cfg.labels, cfg.features.frame_seconds, args.scores, detectors)
     started, begun = time.perf_counter(), time.time()
     interrupted: KeyboardInterrupt | None = None  # the stop (Ctrl-C or SIGTERM), if one came
     interrupt_on_signals()  # SIGTERM too: finished files kept, the summary written, nothing half-written left
@@ -149,7 +161,11 @@ def run(args) -> int:
         if args.ray:
             from ..distributed import tag_on_ray
 
-            tag_on_ray(items, args.ray, args.jobs, progress=ended, **kwargs)
+            done, rest = ([], items) if args.force else done_before(items, out, key)
+            for outcome in done:  # a rerun of a finished archive starts no Ray (seconds, a cluster's logs)
+                ended(outcome)
+            if rest:
+                tag_on_ray(rest, args.ray, args.jobs, progress=ended, **kwargs)
         else:
             jobs = args.jobs or cores
             tag_in_processes(items, min(jobs, len(items)), progress=ended, **kwargs)
@@ -166,9 +182,6 @@ def run(args) -> int:
         # a Ctrl-C at a terminal reaches Ray's actors too: the files of the ones it stopped are not finished,
         # not failed
         outcomes = [o for o in outcomes if not o.worker_lost]
-        folder = resolve_model_dir(args.model)
-        cfg = load_config(folder)
-        key = settings_key(folder, cfg.labels, cfg.features.frame_seconds, args.scores, detectors)
         reported = {o.name for o in outcomes}
         late = settled([i for i in items if i.name not in reported], out, key, begun, args.force)
         outcomes += late
