@@ -3,7 +3,7 @@
 
 ``benchmarks/serve.py`` measures the whole server, and on a small machine its figures mix the worker,
 the network front and the load generator competing for the cores and for Python's one lock. This runs
-the worker's path alone in one thread: N streams joined to a :class:`~streamtag.server.ServeWorker`;
+the worker's path alone in one thread: N streams joined to a :class:`~streamtag.serve.worker.ServeWorker`;
 every 100 ms of audio each stream gets one message (the bundled clips, at random offsets), and the
 streams arrive in ``--groups`` rounds, as a server's clients do (a fifth of them per round by default).
 A round is what the worker does: take the messages, step every ready hop in batched model calls,
@@ -29,7 +29,7 @@ from serve import _pcm  # noqa: E402  (the same clips as the server benchmark)
 
 def measure(n: int, groups: int, pcm: np.ndarray, repeats: int = 5, rounds: int = 8) -> dict:
     from streamtag.multistream import MultiStreamTagger
-    from streamtag.server import Metrics, ServeOptions, ServeWorker
+    from streamtag.serve.worker import Metrics, ServeOptions, ServeWorker
 
     multi = MultiStreamTagger(capacity=n)
     worker = ServeWorker(multi, ServeOptions(capacity=n))

@@ -278,7 +278,7 @@ class _Stats:
 
 
 class _RemoteStream:
-    """The front's view of one stream on an engine: what :class:`~streamtag.server.ServeWorker` asks of an
+    """The front's view of one stream on an engine: what :class:`~streamtag.serve.worker.ServeWorker` asks of an
     engine, and what it takes to move the stream: its last snapshot and every command sent since."""
 
     def __init__(self, pool: RayEnginePool, name: str, rate: int, model_rate: int, events) -> None:

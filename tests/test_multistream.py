@@ -431,7 +431,7 @@ def test_a_stream_snapshot_restored_in_another_pool_goes_on_exactly(cnn_dir, bac
 def test_blocks_are_the_steps_and_serve_sends_the_same_messages_from_either(cnn_dir):
     """step_blocks() is step() a block at a time (same hops, times, scores, events), and the serve worker
     sends the same messages whether it is handed blocks or the steps inside them."""
-    from streamtag.server import ServeOptions, ServeWorker, StreamAccount
+    from streamtag.serve.worker import ServeOptions, ServeWorker, StreamAccount
     from streamtag.steps import StepBlock, as_steps
 
     clips = {"a": read_clip(EXAMPLES / "dog.flac"), "b": read_clip(EXAMPLES / "rain.flac")[:37_000]}
@@ -483,7 +483,7 @@ def test_blocks_are_the_steps_and_serve_sends_the_same_messages_from_either(cnn_
 def test_the_serve_worker_steps_a_stream_far_ahead_a_capped_round_at_a_time(cnn_dir):
     """The running serve worker, handed 4 s of one stream and 0.1 s of another at once: no round steps more
     than max_round_hops of a stream, and every hop is stepped (the rounds after the first follow on their own)."""
-    from streamtag.server import ServeOptions, ServeWorker
+    from streamtag.serve.worker import ServeOptions, ServeWorker
 
     multi = MultiStreamTagger(cnn_dir, capacity=2, events=None)
     worker = ServeWorker(multi, ServeOptions(capacity=2, max_round_hops=25))
@@ -510,7 +510,7 @@ def test_the_serve_worker_steps_at_most_max_round_streams_a_round_and_sends_what
     behind) no round steps more than 3; with rounds of 2 (more than two rounds' worth wait: behind) the first
     round takes twice that, 4. Every hop is stepped, and each client gets the messages a worker stepping them all
     in one round sends."""
-    from streamtag.server import ServeOptions, ServeWorker
+    from streamtag.serve.worker import ServeOptions, ServeWorker
 
     def run(max_round_streams):
         multi = MultiStreamTagger(cnn_dir, capacity=5, events=LOW)
@@ -550,7 +550,7 @@ def test_streams_that_end_with_hops_held_leave_after_a_round_steps_them_with_the
     stepped before its eof came."""
     import time
 
-    from streamtag.server import ServeOptions, ServeWorker
+    from streamtag.serve.worker import ServeOptions, ServeWorker
 
     clips = [read_clip(EXAMPLES / n) for n in ("rain.flac", "dog.flac", "chainsaw.flac")]
 
@@ -650,8 +650,8 @@ def test_one_event_detector_given_to_two_streams_keeps_their_events_apart(cnn_di
 def test_settings_for_streams_never_seen_are_kept_for_at_most_capacity_names(cnn_dir):
     """Any client of the broker may send settings for any name: kept by name, they would grow without end. Names
     in the config file, connected, or already set stay welcome; new ones beyond the capacity are refused."""
-    from streamtag.serve_config import ServeConfig, SettingsBook
-    from streamtag.server import ServeOptions, ServeWorker
+    from streamtag.serve.config import ServeConfig, SettingsBook
+    from streamtag.serve.worker import ServeOptions, ServeWorker
 
     multi = MultiStreamTagger(cnn_dir, capacity=2)
     book = SettingsBook(multi.labels, multi.frame_seconds, [{}], ServeConfig())

@@ -212,7 +212,7 @@ def test_a_first_message_of_another_type_than_eof_is_refused():
     """{"type": "foo"} was taken as a format message of all defaults, without a word; a format message with a type
     of the client's own is still one."""
     from streamtag.errors import ConfigError
-    from streamtag.server import parse_hello
+    from streamtag.serve.protocol import parse_hello
 
     with pytest.raises(ConfigError, match="no message has type 'start': the first message gives the format"):
         parse_hello('{"type": "start"}')
@@ -1166,7 +1166,7 @@ def test_a_float_stream_s_few_overshoots_are_no_format_warning():
     """A right f32le stream whose audio goes just over full scale now and then (a browser's capture, decoded
     lossy audio) is not told its format is wrong; one mostly beyond full scale is."""
     from streamtag.multistream import MultiStreamTagger
-    from streamtag.server import ServeOptions, ServeWorker
+    from streamtag.serve.worker import ServeOptions, ServeWorker
 
     worker = ServeWorker(MultiStreamTagger(capacity=2), ServeOptions(capacity=2))
     for name in ("overshoot", "wrong"):
@@ -1245,7 +1245,7 @@ def test_a_client_cannot_take_the_name_or_the_slot_of_a_pulled_source(tmp_path):
 
 def _idle_handler(idle_s: float, inbox: asyncio.Queue, log: list):
     """The shape of the WebSocket handler's loop around its idle watch: receive under it, and closing work after."""
-    from streamtag.server import _IdleWatch
+    from streamtag.serve.front import _IdleWatch
 
     async def handler():
         idle = _IdleWatch(idle_s)
@@ -1397,7 +1397,7 @@ def test_when_the_worker_process_dies_the_server_says_so_and_exits_1(tmp_path):
 
 def test_frames_come_back_whole_from_any_split_of_the_bytes():
     """The front reads the worker's pipe without blocking, so a message arrives in pieces of any size."""
-    from streamtag.serve_process import _Frames, _write_frame
+    from streamtag.serve.process import _Frames, _write_frame
 
     objects = [[("msg", 1, {"type": "scores", "t": 0.1})], [("stepped", {"a": 1600})] * 300, [("left", "a")]]
     read, write = os.pipe()
@@ -1418,8 +1418,8 @@ def test_a_flood_both_ways_through_default_size_pipes_does_not_deadlock(monkeypa
     pipe waiting for the other to read, both would hang (seen with 64 KiB pipes, which a system that cannot
     widen them has). Forty streams of 12 s each handed over a second at a time, scores every hop: every summary
     comes."""
-    from streamtag import serve_process
-    from streamtag.server import ServeOptions
+    from streamtag.serve import process as serve_process
+    from streamtag.serve.worker import ServeOptions
 
     monkeypatch.setattr(serve_process, "_widen", lambda conn: None)
     audio = np.resize(_pcm("rain.flac")[1], 12 * 16000)
@@ -1522,7 +1522,7 @@ def test_hops_stepped_as_a_stream_leaves_are_counted_and_report_its_level(tmp_pa
 def test_the_page_s_event_list_keeps_an_open_event_under_many_short_ones():
     """The page's list held the last 8 opens and closes mixed: a long rain under many barks fell off it while
     still open, and an ended event showed both its open line (styled as open) and its close."""
-    from streamtag.server import RECENT_EVENTS, _recent
+    from streamtag.serve.worker import RECENT_EVENTS, _recent
 
     recent = _recent([], {"type": "open", "label": "rain", "onset": 1.0})
     for i in range(20):

@@ -4,7 +4,7 @@ import pytest
 
 from streamtag.errors import ConfigError
 from streamtag.modelfile import load_config, resolve_model_dir
-from streamtag.serve_config import ServeConfig, SettingsBook, StreamSettings, read_serve_config
+from streamtag.serve.config import ServeConfig, SettingsBook, StreamSettings, read_serve_config
 
 LABELS = load_config(resolve_model_dir(None)).labels
 

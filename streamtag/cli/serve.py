@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..serve_config import valid_name
+from ..serve.config import valid_name
 from .run import ray_address
 
 
@@ -141,8 +141,8 @@ def _check(args) -> None:
 
 def _sources(args, config) -> list:
     """The config file's pulled streams and sound cards, then --pull's; names must differ."""
-    from ..serve_config import PulledSource
-    from ..server import local_path
+    from ..serve.config import PulledSource
+    from ..serve.pulled import local_path
 
     sources = list(config.sources)
     where = {s.name: f"--config {config.path}: [streams.{s.name}] url" for s in sources}  # for an error about one
@@ -194,9 +194,9 @@ def _not_audio(path: str) -> str | None:
 def run(args) -> int:  # the network stack is imported here, not at the top: every other command starts without it
     from ..modelfile import load_config, resolve_model_dir
     from ..outputs.mqtt import parse_broker
-    from ..serve_config import ServeConfig, SettingsBook, read_serve_config
-    from ..serve_process import ServeParts
-    from ..server import ServeOptions
+    from ..serve.config import ServeConfig, SettingsBook, read_serve_config
+    from ..serve.process import ServeParts
+    from ..serve.worker import ServeOptions
     from .run import detector_factory, event_tables
 
     _check(args)
@@ -235,8 +235,8 @@ def run(args) -> int:  # the network stack is imported here, not at the top: eve
 
 
 def _start_and_serve(args, parts, options, sources, mqtt_child) -> int:
-    from ..serve_process import WorkerProcess, build_worker, close_worker
-    from ..server import ServeWorker
+    from ..serve.process import WorkerProcess, build_worker, close_worker
+    from ..serve.worker import ServeWorker
 
     if mqtt_child is not None:
         mqtt_child.start()
@@ -277,7 +277,7 @@ async def _serve(args, worker, options, sources) -> int:
 
     from aiohttp import web
 
-    from ..server import build_app
+    from ..serve.front import build_app
 
     worker.attach(asyncio.get_running_loop())
     gc.freeze()  # the imports and the model live as long as the process: a full collection need not walk them
@@ -308,7 +308,7 @@ async def _serve(args, worker, options, sources) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda s=sig: (got.setdefault("signal", s), stop.set()))
-    from ..server import capture, pull
+    from ..serve.pulled import capture, pull
 
     pulls = [
         asyncio.create_task(pull(s.name, s.url, worker, stop) if s.url else capture(s.name, s.device, worker, stop))

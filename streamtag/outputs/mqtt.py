@@ -44,7 +44,7 @@ from urllib.parse import unquote, urlparse
 from .. import __version__
 from ..errors import BackendUnavailable, ConfigError
 from ..events import Event
-from ..serve_config import parse_change
+from ..serve.config import parse_change
 
 UNSPECIFIED = 128  # paho's reason code "Unspecified error": what it gives for a connection it lost
 LOGIN_REFUSED = ("Bad user name or password", "Not authorized")  # paho's names of MQTT 3.1.1's and 5's codes

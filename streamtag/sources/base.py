@@ -60,9 +60,14 @@ class Source(Protocol):
     def finished(self) -> bool: ...
 
 
+def downmix(frames: np.ndarray) -> np.ndarray:
+    """``(frames, channels)`` -> mono: the one channel as it is, or the channels' mean as float32."""
+    return frames[:, 0] if frames.shape[1] == 1 else frames.mean(axis=1, dtype=np.float32)
+
+
 def mono_finite(data: np.ndarray) -> tuple[np.ndarray, int]:
     """``(frames, channels)`` -> mono float32 with NaN/Inf replaced by 0; and how many were replaced."""
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    mono = downmix(data)
     bad = ~np.isfinite(mono)
     nonfinite = int(bad.sum())
     if nonfinite:

@@ -31,9 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .events import EventDetector, EventParams, build_event_settings, merge_event_tables
-from .outputs.selection import check_class_names, split_class_names
+from ..errors import ConfigError
+from ..events import EventDetector, EventParams, build_event_settings, merge_event_tables
+from ..outputs.selection import check_class_names, split_class_names
 
 try:
     import tomllib

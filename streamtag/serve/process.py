@@ -6,7 +6,7 @@ hundred streams each waits for the other and latency grows long before either is
 and the front talks to it through two pipes, in batches both ways: down, every command and piece of audio
 that arrived since the last send; up, everything a round produced (clients' messages, how far each stream
 is stepped, joins and leaves) in one message. :class:`WorkerProcess` is what the front holds; it answers
-the calls of :class:`~streamtag.server.ServeWorker` the front makes, so the front does not know which one
+the calls of :class:`~streamtag.serve.worker.ServeWorker` the front makes, so the front does not know which one
 it has.
 """
 
@@ -29,8 +29,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .errors import StreamtagError
-from .server import Metrics, ServeOptions, ServeWorker, _settle
+from ..errors import StreamtagError
+from .front import _settle
+from .worker import Metrics, ServeOptions, ServeWorker
 
 START_TIMEOUT_S = 120.0  # loading the model in the child; a slow disk or a cold import cache takes seconds
 PIPE_BYTES = 1 << 20  # each way: a round's audio at hundreds of streams fits, so neither side waits on a write
@@ -93,7 +94,7 @@ class ServeParts:
     model: str | None
     capacity: int
     detectors: Callable | None  # one EventDetector per stream (cli.run.detector_factory)
-    book: object | None  # serve_config.SettingsBook
+    book: object | None  # config.SettingsBook
     options: ServeOptions
     mqtt: str | None = None  # broker URL
     mqtt_prefix: str = "streamtag"
@@ -105,8 +106,8 @@ class ServeParts:
 
 def build_worker(parts: ServeParts, multi=None, worker_class: type[ServeWorker] = ServeWorker) -> ServeWorker:
     """The worker with its engines (``multi``, else local ones), metrics and MQTT publisher (started)."""
-    from .multistream import MultiStreamTagger
-    from .outputs.mqtt import MqttPublisher
+    from ..multistream import MultiStreamTagger
+    from ..outputs.mqtt import MqttPublisher
 
     if multi is None:
         multi = MultiStreamTagger(parts.model, capacity=parts.capacity, events=parts.detectors)
@@ -263,7 +264,7 @@ def _child_main(commands, results, parts: ServeParts) -> None:
 # -- the front's side -----------------------------------------------------------------------------------------
 class WorkerProcess:
     """The front's handle on a worker in a child process: :meth:`submit`, :meth:`stepped_samples`,
-    :meth:`connected`, :meth:`ask`, :meth:`stop`, :meth:`join` as :class:`~streamtag.server.ServeWorker`.
+    :meth:`connected`, :meth:`ask`, :meth:`stop`, :meth:`join` as :class:`~streamtag.serve.worker.ServeWorker`.
     The pipe is read and written on the front's event loop (:meth:`attach`): what the loop's callbacks
     submit in one pass goes down in one message."""
 
