@@ -115,7 +115,8 @@ class _IdleWatch:
         self.timer.cancel()
 
 
-def _settle(future: asyncio.Future, value) -> None:
+def settle(future: asyncio.Future, value) -> None:
+    """Answer a request's future, unless it was answered (or given up on) already."""
     if not future.done():
         future.set_result(value)
 
@@ -343,7 +344,7 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                 return web.json_response({"error": str(exc)}, status=400)
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
-        worker.submit("settings", name, change, lambda m: loop.call_soon_threadsafe(_settle, answer, m))
+        worker.submit("settings", name, change, lambda m: loop.call_soon_threadsafe(settle, answer, m))
         try:
             message = await asyncio.wait_for(answer, timeout=10)
         except asyncio.TimeoutError:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import StreamtagError
-from .front import _settle
+from .front import settle
 from .worker import Metrics, ServeOptions, ServeWorker
 
 START_TIMEOUT_S = 120.0  # loading the model in the child; a slow disk or a cold import cache takes seconds
@@ -364,7 +364,7 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
         request = next(self._ids)
-        self._replies[request] = lambda value: _settle(answer, value)
+        self._replies[request] = lambda value: settle(answer, value)
         self.submit("ask", request, what)
         try:
             value = await asyncio.wait_for(answer, timeout=timeout)
