@@ -583,6 +583,9 @@ def test_score_threshold_hides_classes_below_it(cnn_dir, tmp_path):
     tops = [json.loads(line)["top"] for line in out.read_text().splitlines()]
     assert all(p >= 0.3 for top in tops for _, p in top)
     assert any(len(top) < 5 for top in tops) and any(top for top in tops)  # some hidden, some shown
+    r = run_cli("replay", EXAMPLES / "rain.flac", "--model", cnn_dir, "--fast", "--plain", "--score-threshold", "1")
+    lines = [line for line in r.stdout.splitlines() if line.strip().endswith("s  -")]
+    assert r.returncode == 0 and len(lines) == 50, r.stdout  # a plain line with none above says so, not blank
 
 
 def test_a_model_folder_s_own_events_toml_is_named_when_it_is_wrong(cnn_dir, tmp_path):

@@ -50,7 +50,7 @@ class PlainLines:
                     print(format_event(event, step.t), file=self.stream)
             if step.has_scores and (step.frame_index + 1) % self.every == 0:
                 picks = "  ".join(f"{label} {p:.2f}" for label, p in self.selection.pick(step.probs))
-                print(f"{step.t:8.2f}s  {picks}", file=self.stream, flush=True)
+                print(f"{step.t:8.2f}s  {picks or '-'}", file=self.stream, flush=True)  # -: none above the threshold
         except BrokenPipeError as exc:
             raise self._named(exc) from None
 
