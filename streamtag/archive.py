@@ -22,6 +22,7 @@ the markers; ``errors.csv`` the files of this run that failed, one line each.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import dataclasses
@@ -168,19 +169,31 @@ def _name_in(path: Path, folder: Path) -> str:
 
 def _manifest(path: Path) -> list[Path]:
     base = path.parent
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: the byte-order mark Excel starts a CSV with
-        if path.suffix.lower() == ".csv":
-            reader = csv.DictReader(f)
-            column = next((k for k in reader.fieldnames or () if k.strip().lower() == "path"), None)
-            if column is None:
-                raise ConfigError(f"{path}: a manifest CSV needs a 'path' column ({reader.fieldnames} found)")
-            rows = [row[column] for row in reader if row[column]]
-        else:
-            rows = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    with open(path, "rb") as f:
+        utf16 = f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # Excel's "Unicode text"
+    # UTF-8 (-sig: the byte-order mark Excel starts a CSV with); bytes that are not UTF-8 are kept as the file
+    # system's own (a listing made by find of names in another encoding names those files)
+    encoding, errors = ("utf-16", "strict") if utf16 else ("utf-8-sig", "surrogateescape")
+    try:
+        rows = _manifest_rows(path, encoding, errors)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a readable UTF-16 text (it starts like one); save it as UTF-8") from None
     out = [p if p.is_absolute() else base / p for p in map(Path, rows)]
     if not out:
         raise ConfigError(f"{path}: the manifest lists no files")
     return out
+
+
+def _manifest_rows(path: Path, encoding: str, errors: str) -> list[str]:
+    """The paths a manifest lists, as written (a CSV's ``path`` column, or a text file's lines), trimmed."""
+    with open(path, newline="", encoding=encoding, errors=errors) as f:
+        if path.suffix.lower() != ".csv":
+            return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        reader = csv.DictReader(f)
+        column = next((k for k in reader.fieldnames or () if k.strip().lower() == "path"), None)
+        if column is None:
+            raise ConfigError(f"{path}: a manifest CSV needs a 'path' column ({reader.fieldnames} found)")
+        return [row[column].strip() for row in reader if row[column] and row[column].strip()]
 
 
 @dataclasses.dataclass
@@ -298,7 +311,9 @@ class _Job:
             outcome.error = self.source.error
             return outcome
         outputs = sorted(OUTPUTS[k] for k in self.final)
-        _write_atomic(self.marker, json.dumps({**dataclasses.asdict(outcome), **self.stamp, "outputs": outputs}))
+        given = os.path.abspath(self.item.path)  # the path as given: a link pointed elsewhere since is still it
+        marker = {**dataclasses.asdict(outcome), **self.stamp, "outputs": outputs, "given": given}
+        _write_atomic(self.marker, json.dumps(marker))
         return outcome
 
     def _warning(self) -> str | None:
@@ -382,6 +397,45 @@ def settled(items: Sequence[Item], out: Path, key: str, begun: float, force: boo
             outcome.skipped = not marked_since(marker, begun)
             outcomes.append(outcome)
     return outcomes
+
+
+LONGEST_ENDING = ".events.jsonl.part"  # the longest name tag gives a file's output: its name and this
+
+
+def name_limit(out: Path) -> int:
+    """The longest file name, in bytes, that ``out``'s file system takes (asked of its nearest existing folder)."""
+    folder = Path(out).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not said (Windows): the usual limit
+        return 255
+
+
+def name_too_long(name: str, limit: int) -> str | None:
+    """Why the file system would refuse the outputs' names of a file named ``name`` (its name and
+    ``.events.jsonl.part`` over ``limit`` bytes); ``None`` when they fit."""
+    size = len(os.fsencode(Path(name).name + LONGEST_ENDING))
+    if size <= limit:
+        return None
+    return f"its outputs' names would be {size} bytes long, more than the {limit} the file system of --out takes"
+
+
+def names_too_long(items: Sequence[Item], out: Path) -> tuple[list[Outcome], list[Item]]:
+    """``items`` split into the failed outcomes of those whose outputs' names the file system would refuse, and
+    the rest: such a file fails alone, saying why (it made every file of its worker fail, and the next run stop
+    with a traceback)."""
+    limit = name_limit(out)
+    failed, rest = [], []
+    for item in items:
+        why = name_too_long(item.name, limit)
+        if why is None:
+            rest.append(item)
+        else:
+            fix = "give it a shorter name, or tag it as - --name NAME on stdin"
+            failed.append(Outcome(item.name, str(item.path), error=f"{why}: {fix}"))
+    return failed, rest
 
 
 def done_before(items: Sequence[Item], out: Path, key: str) -> tuple[list[Outcome], list[Item]]:
@@ -493,6 +547,19 @@ def _tag_alone(item: Item, out: Path, model, backend: str, scores: bool, detecto
             engine = StreamTagger(make_backend(backend, model, **one_thread(backend)), events=detector or True)
             job.engine = engine
             drive(engine, _until_stopped(job.chunks), [job], broke_off=job.broke_off)
+        except KeyboardInterrupt:
+            if item.opener is None or job.engine is None:
+                job.discard()  # a file is tagged again by the next run: no half-written outputs left behind
+                raise
+            # stdin cannot be read again: what came before the stop is kept, its open events closed as interrupted
+            for step in job.engine.finish("interrupted"):
+                job.write(step)
+            outcome = job.finish(cfg.features.frame_seconds)
+            stopped = "stopped before stdin ended: tagged up to the stop"
+            outcome.warning = "; ".join(filter(None, [stopped, outcome.warning]))
+            if progress is not None:
+                progress(outcome)
+            raise
         except BaseException:
             job.discard()  # no half-written outputs left behind
             raise
@@ -533,7 +600,10 @@ def _open_job(item: Item, out: Path, force: bool, feats, scores: bool, labels, k
         stamp = {"settings": key, "file": _identity(item)}
     except FileNotFoundError:
         where = f"listed in {item.listed_in}" if item.listed_in else "given"
-        return Outcome(item.name, str(item.path), error=f"{item.path} is {where} but missing")
+        error = f"{item.path} is {where} but missing"
+        if item.listed_in and not str(item.path).isprintable():  # a byte that is not UTF-8 in the manifest
+            error += " (the manifest is not UTF-8 text: save it as UTF-8)"
+        return Outcome(item.name, str(item.path), error=error)
     except OSError as exc:
         return Outcome(item.name, str(item.path), error=_one_line(exc))
     retagged = False
@@ -680,9 +750,11 @@ def _other_file(marker: Path, item: Item) -> str | None:
     """The file a marker was written for, when that is another file that still exists: not a moved archive, and
     not a copy of this one (same size and modification time, as ``cp -p`` or rsync keep them)."""
     try:
-        written_for = json.loads(marker.read_text(encoding="utf-8"))["file"]
-        other = written_for["path"]
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        written_for, other = data["file"], data["file"]["path"]
         if other == str(item.path.resolve()) or not os.path.exists(other) or os.path.samefile(other, item.path):
+            return None
+        if data.get("given") == os.path.abspath(item.path):  # the same input path, a link now pointed elsewhere
             return None
         st = item.path.stat()
         if (written_for["size"], written_for["mtime_ns"]) == (st.st_size, st.st_mtime_ns):

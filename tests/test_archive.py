@@ -1,5 +1,6 @@
 """streamtag tag: whole folders and manifests, results equal to replay, resumable, bad files recorded."""
 
+import array
 import csv
 import io
 import json
@@ -183,6 +184,115 @@ def test_stdin_is_tagged_as_one_named_file(tmp_path, cnn_dir):
     assert r.returncode == 1 and b"stdin ended early" in r.stderr  # the header announced more than came
     r = subprocess.run(cmd, input=b"not a wav header at all", capture_output=True, timeout=120)
     assert r.returncode == 2 and b"not a WAV stream" in r.stderr
+
+
+def _wait_idle(pid: int, deadline: float) -> None:
+    """Until every thread of ``pid`` sleeps and its CPU time stands still for three looks in a row (none runnable:
+    a starved thread shows R): what it was given is done, by no clock of ours."""
+
+    def state() -> tuple[bool, int]:
+        asleep, ticks = True, 0
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            asleep &= fields[0] in "SD"
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return asleep, ticks
+
+    still, last = 0, None
+    while still < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        asleep, ticks = state()
+        still = still + 1 if asleep and ticks == last else 0
+        last = ticks
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_keeps_what_stdin_gave_and_closes_its_open_event(tmp_path, cnn_dir, how):
+    """stdin cannot be read again: a stop threw away everything tagged and advised running the command again.
+    Now what came before the stop is kept, the event open at the stop closed as interrupted."""
+    import fcntl
+    import termios
+
+    pcm = (read_clip(EXAMPLES / "dog.flac")[: int(2.9 * 16000)] * 32767).astype("<i2").tobytes()  # an event open
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "streamtag", "tag", "-", "--out", str(out), "--model", str(cnn_dir), "--name", "cam"]
+    proc = subprocess.Popen(
+        [*cmd, "--raw-rate", "16000", "--raw-format", "s16le"], stdin=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdin.write(pcm)
+    proc.stdin.flush()
+    deadline = time.monotonic() + 120
+    unread = array.array("i", [1])
+    while unread[0] and time.monotonic() < deadline:  # until tag has read it all (the pipe open still)
+        time.sleep(0.2)
+        fcntl.ioctl(proc.stdin.fileno(), termios.FIONREAD, unread)
+    _wait_idle(proc.pid, deadline)  # and has tagged it: waiting for more
+    proc.send_signal(how)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == (0 if how == signal.SIGTERM else 130), err
+    assert "stdin's audio up to the stop is tagged" in err and "run the same command again" not in err, err
+    rows = [json.loads(line) for line in (out / "cam.events.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["type"] == "close" and rows[-1]["reason"] == "interrupted", rows  # open at the stop
+    (row,) = _rows(out / "summary.csv")
+    assert float(row["seconds"]) == pytest.approx(2.9, abs=0.011) and "stopped before stdin ended" in row["warning"]
+    assert not list(out.rglob("*.part"))
+
+
+def test_a_file_whose_output_names_are_too_long_fails_alone(tmp_path, cnn_dir):
+    """A 251-byte file name (valid) made tag's outputs' names too long: the other files of its worker failed with
+    its error, and every later run into that --out stopped with a traceback."""
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    for name in ("a.flac", "b.flac", "x" * 240 + ".flac"):
+        shutil.copy(EXAMPLES / "dog.flac", folder / name)
+    out = tmp_path / "out"
+    for run in range(2):
+        r = run_cli("tag", folder, "--out", out, "--model", cnn_dir, "--jobs", "1")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"{'2 already done' if run else '2 files'}" in r.stderr and "1 failed" in r.stderr, r.stderr
+        assert "its outputs' names would be 263 bytes long, more than the 255" in r.stderr, r.stderr
+        (error,) = _rows(out / "errors.csv")
+        assert error["name"] == "rec/" + "x" * 240 + ".flac" and "give it a shorter name" in error["error"]
+    assert sorted(row["name"] for row in _rows(out / "summary.csv")) == ["rec/a.flac", "rec/b.flac"]
+    for name, says in (("N" * 250, "--name is too long"), ("", "--name '': give a plain file name")):
+        r = run_cli("tag", "-", "--out", out, "--model", cnn_dir, "--name", name, input="")
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_manifests_in_other_encodings_and_with_spaces(tmp_path, cnn_dir):
+    """A manifest of names that are not UTF-8 (find over a Latin-1 archive) or saved as UTF-16 (Excel's Unicode
+    text) stopped with a UnicodeDecodeError traceback; a CSV cell's space before the path made it 'missing'."""
+    folder = tmp_path / "lat"
+    folder.mkdir()
+    latin = os.fsdecode(b"caf\xe9.flac")  # a name in Latin-1 bytes
+    shutil.copy(EXAMPLES / "dog.flac", folder / latin)
+    shutil.copy(EXAMPLES / "rain.flac", folder / "rain.flac")
+    (tmp_path / "find.txt").write_bytes(b"lat/caf\xe9.flac\nlat/rain.flac\n")
+    (tmp_path / "excel.csv").write_text("label,path\ndog, lat/rain.flac\n", encoding="utf-16")
+    (tmp_path / "cp1252.csv").write_bytes("path\nlat/café.flac\n".encode("cp1252"))  # UTF-8 names on disk: missing
+    for manifest, tagged in (("find.txt", 2), ("excel.csv", 1)):
+        r = run_cli("tag", tmp_path / manifest, "--out", tmp_path / manifest.replace(".", "_"), "--model", cnn_dir)
+        assert r.returncode == 0 and f"tagged {tagged} file" in r.stderr, r.stderr
+    (tmp_path / "lat" / latin).rename(tmp_path / "lat" / "café.flac")
+    (tmp_path / "lat" / "rain.flac").unlink()
+    r = run_cli("tag", tmp_path / "cp1252.csv", "--out", tmp_path / "o", "--model", cnn_dir)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "but missing (the manifest is not UTF-8 text: save it as UTF-8)" in r.stderr, r.stderr
+
+
+def test_a_link_pointed_at_another_recording_is_tagged_again_not_refused(tmp_path, cnn_dir):
+    """A 'latest.flac' link re-pointed between runs refused the whole run as results 'of another file'."""
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    (folder / "latest.flac").symlink_to(EXAMPLES / "rain.flac")
+    out = tmp_path / "out"
+    assert run_cli("tag", folder, "--out", out, "--model", cnn_dir).returncode == 0
+    (folder / "latest.flac").unlink()
+    (folder / "latest.flac").symlink_to(EXAMPLES / "dog.flac")
+    r = run_cli("tag", folder, "--out", out, "--model", cnn_dir)
+    assert r.returncode == 0 and "tagged 1 file" in r.stderr, r.stderr
+    marker = json.loads((out / "rec" / "latest.flac.done.json").read_text())
+    assert marker["file"]["path"] == str(EXAMPLES.resolve() / "dog.flac")  # the outputs are the new recording's
 
 
 def test_ray_writes_exactly_what_a_local_tag_writes(archive, tmp_path, cnn_dir):

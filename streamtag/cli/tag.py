@@ -85,6 +85,7 @@ def run(args) -> int:
         done_before,
         find_inputs,
         lock_out,
+        names_too_long,
         settings_key,
         settled,
         tag_in_processes,
@@ -106,7 +107,7 @@ def run(args) -> int:
     out = check_output_folder(args.out, "--out")
     passed_over: list[Path] = []
     if "-" in args.inputs:
-        args.name = args.name or "stdin"
+        args.name = "stdin" if args.name is None else args.name
         items = [_stdin_item(args)]
         args.jobs = 1  # worker processes cannot share this process's stdin
         if (out / f"{args.name}.events.jsonl").exists() and not args.force:
@@ -119,6 +120,7 @@ def run(args) -> int:
         if args.name is not None:
             raise ConfigError("--name names stdin's outputs: give - as the input to read it (files keep their names)")
         items = find_inputs(args.inputs, passed_over, out=out)
+    too_long, items = names_too_long(items, out)  # each fails alone, said with the others at the end
     detectors = detector_factory(args.model, args.event_config, args.on_threshold)
     make_backend(args.backend, args.model)  # torch missing, or a model with no graph to run: one line, now
     check_out(items, out, args.force)
@@ -151,6 +153,9 @@ def run(args) -> int:
         outcomes.append(outcome)
         bar.update(outcome)
 
+    for outcome in too_long:
+        ended(outcome)
+
     folder = resolve_model_dir(args.model)
     cfg = load_config(folder)
     key = settings_key(folder, cfg.labels, cfg.features.frame_seconds, args.scores, detectors)
@@ -166,7 +171,7 @@ def run(args) -> int:
                 ended(outcome)
             if rest:
                 tag_on_ray(rest, args.ray, args.jobs, progress=ended, **kwargs)
-        else:
+        elif items:
             jobs = args.jobs or cores
             tag_in_processes(items, min(jobs, len(items)), progress=ended, **kwargs)
     except KeyboardInterrupt as stop:
@@ -240,7 +245,13 @@ def run(args) -> int:
             file=sys.stderr,
         )
     if interrupted is not None:
-        if not unfinished:
+        if items and items[0].opener is not None:  # stdin cannot be read again: what came is kept
+            print(
+                "streamtag tag: stopped; stdin's audio up to the stop is tagged (its open events closed as "
+                "interrupted)",
+                file=sys.stderr,
+            )
+        elif not unfinished:
             print(
                 f"streamtag tag: interrupted after all {count(len(items), 'file')} had finished; nothing is left",
                 file=sys.stderr,
@@ -248,7 +259,12 @@ def run(args) -> int:
         else:
             print(
                 f"streamtag tag: interrupted; {len(unfinished)} of {count(len(items), 'file')} not finished "
-                "(nothing half-written was kept); run the same command again to tag them",
+                "(nothing half-written was kept); "
+                + (
+                    "--force tags every file again: run it again to redo them all"
+                    if args.force
+                    else "run the same command again to tag them"
+                ),
                 file=sys.stderr,
             )
         code = stop_exit_code(interrupted)  # 130 for Ctrl-C; a SIGTERM's 0 unless files failed
@@ -267,15 +283,18 @@ def _say_each(kind: str, outcomes: list, what, table: Path, most: int = 5) -> No
 
 def _stdin_item(args):
     """``tag -``: stdin as one file named ``--name``, a WAV stream or raw PCM as ``replay -`` reads it."""
-    from ..archive import Item
+    from ..archive import Item, name_limit, name_too_long
     from ..sources.pipe import PipeSource, stdin_stream
     from .run import raw_pcm
 
     if args.inputs != ["-"]:
         raise ConfigError("- (stdin) is tagged alone: give it as the only INPUT")
     fmt = raw_pcm(args, from_stdin=True)
-    if not args.name or "/" in args.name or args.name.startswith("."):
+    if not args.name.strip() or "/" in args.name or args.name.startswith("."):
         raise ConfigError(f"--name {args.name!r}: give a plain file name for stdin's outputs")
+    why = name_too_long(args.name, name_limit(check_output_folder(args.out, "--out")))
+    if why:
+        raise ConfigError(f"--name is too long: {why}; give a shorter one")
     stream = stdin_stream()
     pipe = {}
 
