@@ -337,7 +337,8 @@ class _Job:
 
     def discard(self) -> None:
         for key, f in self.files.items():
-            f.close()
+            with contextlib.suppress(OSError):  # its buffer cannot be written (a full disk): it goes anyway
+                f.close()
             _tmp(self.final[key]).unlink(missing_ok=True)
 
 

@@ -259,6 +259,24 @@ def test_a_file_whose_output_names_are_too_long_fails_alone(tmp_path, cnn_dir):
         assert r.returncode == 2 and says in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to stand for a full disk")
+@pytest.mark.parametrize("files", [1, 2])
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, cnn_dir, files):
+    """A full disk under --out: a traceback (three chained), the file's .part outputs left behind. The .part of one
+    output is made a link to /dev/full, where every write fails as on a full disk."""
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    for i in range(files):
+        shutil.copy(EXAMPLES / "rain.flac", folder / f"{i}.flac")
+    out = tmp_path / "out"
+    (out / "rec").mkdir(parents=True)
+    (out / "rec" / "0.flac.scores.tsv.part").symlink_to("/dev/full")
+    r = run_cli("tag", folder, "--out", out, "--model", cnn_dir, "--scores", "--jobs", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "No space left on device" in r.stderr and "run it again" in r.stderr, r.stderr
+    assert not list(out.rglob("*.part")) and not list(out.rglob("*.done.json"))
+
+
 def test_manifests_in_other_encodings_and_with_spaces(tmp_path, cnn_dir):
     """A manifest of names that are not UTF-8 (find over a Latin-1 archive) or saved as UTF-16 (Excel's Unicode
     text) stopped with a UnicodeDecodeError traceback; a CSV cell's space before the path made it 'missing'."""

@@ -8,6 +8,7 @@ error (a value out of range, a missing argument) is one line too, exit 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -17,6 +18,7 @@ from typing import NoReturn
 
 from ..errors import STOP_SIGNALS_SEEN, StreamtagError, Terminated, stop_exit_code
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # writing outputs cannot go on: one line, not a traceback
 SUBCOMMANDS = ["run", "tag", "serve", "devices", "train", "evaluate", "export", "bench"]
 # optional modules -> the extra that installs them (pip install '.[EXTRA]' in streamtag's folder)
 EXTRAS = {
@@ -154,6 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         if _stdout_closed():  # piped into head, which has seen enough: not an error
             return 0
         print(f"streamtag {args.command}: error: a pipe closed under it ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"streamtag {args.command}: error: {where}{exc.strerror} (writing outputs); make room there, or write "
+            "them elsewhere, and run it again",
+            file=sys.stderr,
+        )
         return 1
     finally:
         while True:
