@@ -575,6 +575,18 @@ def test_an_output_fifo_is_written_and_its_reader_leaving_is_an_error(cnn_dir, t
     assert proc.returncode == 1 and f"{fifo}: Broken pipe" in err, err
 
 
+def test_a_file_named_like_an_option_gets_the_way_to_give_it(tmp_path):
+    """tag -x.flac said only 'the following arguments are required: INPUT', naming neither the file nor the fix."""
+    import shutil
+
+    shutil.copy(EXAMPLES / "dog.flac", tmp_path / "-x.flac")
+    r = run_cli("replay", "-x.flac", "--fast", cwd=tmp_path)
+    assert r.returncode == 2 and "a file whose name starts with - is given as ./-x.flac" in r.stderr, r.stderr
+    assert run_cli("replay", "./-x.flac", "--fast", "--quiet", cwd=tmp_path).returncode == 0
+    r = run_cli("replay", "-y.flac", "--fast", cwd=tmp_path)  # no such file: argparse's own words alone
+    assert r.returncode == 2 and "starts with -" not in r.stderr, r.stderr
+
+
 def test_score_threshold_hides_classes_below_it(cnn_dir, tmp_path):
     out = tmp_path / "u.jsonl"
     r = run_cli("replay", EXAMPLES / "rain.flac", "--model", cnn_dir, "--fast", "--quiet", "--jsonl", out,

@@ -55,7 +55,12 @@ def interrupt_on_signals() -> None:
 class Parser(argparse.ArgumentParser):
     """Usage errors are one line too, exit 2: ``streamtag replay: error: argument --rate: ... (nan given)``."""
 
+    given: tuple[str, ...] = ()  # the command line, set by main(): for the hint below
+
     def error(self, message: str) -> NoReturn:
+        dashed = next((a for a in self.given if a.startswith("-") and a != "-" and os.path.exists(a)), None)
+        if dashed is not None:  # argparse took a file named -x.wav for an option
+            message += f"; a file whose name starts with - is given as ./{dashed}"
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
@@ -131,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamtag: interrupted", file=sys.stderr)
         return 130
-    args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    given = _glue_negative_values(sys.argv[1:] if argv is None else list(argv))
+    Parser.given = tuple(given)
+    args = parser.parse_args(given)
     _one_line_warnings(args.command)
     STOP_SIGNALS_SEEN.clear()
     try:
