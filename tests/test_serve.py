@@ -1680,3 +1680,117 @@ def test_an_mqtt_process_that_died_is_said_once_and_the_worker_goes_on(capfd):
     err = capfd.readouterr().err
     assert err.count("the MQTT process ended; tagging goes on without MQTT") == 1, err
     assert "Traceback" not in err
+
+
+def test_a_name_taken_again_as_its_stream_ends_mixes_no_audio(tmp_path):
+    """A client joining a name the moment its last holder sent eof passed the front's check (the worker process
+    had not yet said the first one joined), its join was refused, and its audio went into the other stream: a
+    chainsaw event in a dog stream, and samples 'dropped' from a WebSocket client."""
+    dog, _ = _pcm("dog.flac")
+    chainsaw, _ = _pcm("chainsaw.flac")
+    eof = json.dumps({"type": "eof"})
+
+    async def collect(ws):
+        messages = [json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT]
+        return messages, ws.close_code
+
+    async def one_try(session, name):
+        url = f"ws://127.0.0.1:{port}/v1/streams/{name}"
+        first = await session.ws_connect(url)
+        await first.send_bytes(dog[:32000])  # 1 s
+        await first.send_str(eof)
+        second = await session.ws_connect(url)  # as the first one ends
+        with contextlib.suppress(aiohttp.ClientConnectionResetError, ConnectionResetError):
+            await second.send_bytes(chainsaw[:96000])  # 3 s
+            await second.send_str(eof)
+        return await collect(first), await collect(second)
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            return [await one_try(session, f"cam{i}") for i in range(20)]
+
+    with serve(tmp_path) as (port, proc):
+        tries = asyncio.run(scenario())
+        assert proc.poll() is None
+    for (first, _), (second, code) in tries:
+        summary = first[-1]
+        assert summary["type"] == "summary" and (summary["received"], summary["dropped"]) == (16000, 0), summary
+        assert summary["processed"] == 16000
+        if code == 4409:  # refused: nothing of its audio tagged anywhere
+            assert not [m for m in second if m["type"] == "summary"]
+        else:  # let in once the first had ended: a stream of its own
+            assert code == 1000 and second[-1]["received"] == 48000 and second[-1]["dropped"] == 0, second[-1]
+
+
+def _not_reading_client(port: int, name: str, seconds: float):
+    """A raw WebSocket client that sends audio as fast as the server takes it and reads nothing (a tiny receive
+    buffer); returns a thread and a dict that gets 'cut' (seconds until the server cut it) or 'open'."""
+    import base64
+    import threading
+
+    result: dict = {}
+
+    def run():
+        noise = np.random.default_rng(0).integers(-3000, 3000, 1600).astype("<i2").tobytes()
+        mask = bytes(4)  # a zero mask: the payload goes as it is
+        frame = bytes([0x82, 0x80 | 126]) + len(noise).to_bytes(2, "big") + mask + noise
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            key = base64.b64encode(bytes(16)).decode()
+            s.sendall(
+                f"GET /v1/streams/{name} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(1)
+            start = time.monotonic()
+            s.settimeout(1.0)
+            try:
+                while time.monotonic() - start < seconds:
+                    with contextlib.suppress(socket.timeout):
+                        s.sendall(frame)
+                result["open"] = True
+            except OSError:
+                result["cut"] = time.monotonic() - start
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_a_client_that_reads_nothing_is_cut_off_and_harms_no_one(tmp_path):
+    """A client that sent audio and never read made the server's memory grow without end (every scores message
+    queued for it), and was never closed, even once idle; its name stayed taken."""
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path, "--rate", "100", "--stall-seconds", "1") as (port, proc):
+        thread, result = _not_reading_client(port, "deaf", seconds=120)
+        messages, code = asyncio.run(_stream(port, "neighbour", rain, pace=0.1))  # 5 s in real time meanwhile
+        thread.join(timeout=150)
+        again, again_code = asyncio.run(_stream(port, "deaf", rain[:32000]))  # the name is free again
+        assert proc.poll() is None
+    assert "cut" in result, result
+    assert code == 1000 and messages[-1]["received"] == len(rain) // 2 and messages[-1]["dropped"] == 0
+    assert again_code == 1000 and again[-1]["received"] == 16000
+
+
+def test_a_stop_with_a_client_that_reads_nothing_tells_every_other_client_and_exits_0(tmp_path):
+    """SIGTERM with one client not reading: the stop waited on its close, aiohttp cancelled the wait, and the
+    server exited 1 with a traceback, every other client closed 1006 with no summary."""
+    rain, _ = _pcm("rain.flac")
+    with serve(tmp_path, "--rate", "100", "--stall-seconds", "5") as (port, proc):
+        thread, result = _not_reading_client(port, "deaf", seconds=120)
+
+        async def scenario():
+            task = asyncio.create_task(_stream(port, "porch", rain * 4, pace=0.1))  # 20 s in real time
+            await asyncio.sleep(3.0)
+            proc.send_signal(signal.SIGTERM)
+            return await task
+
+        messages, code = asyncio.run(scenario())
+        _, err = proc.communicate(timeout=60)
+        thread.join(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert code == 1001 and messages[-1]["type"] == "summary" and messages[-1]["reason"] == "interrupted"
+    assert "cut" in result, result

@@ -44,6 +44,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rate", type=float, default=10.0, help="score messages per second to each client (default 10)")
     p.add_argument("--idle-seconds", type=float, default=30.0, help="close a client silent this long (default 30)")
     p.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=10.0,
+        help="cut off a client that reads nothing the server sends for this long (default 10)",
+    )
+    p.add_argument(
         "--config",
         metavar="FILE",
         help="serve.toml: per-stream labels (allow/deny) and event settings, and streams to pull (url = ... "
@@ -96,6 +102,8 @@ def _check(args) -> None:
         raise ConfigError(f"--rate must be in (0, 100] updates per second ({args.rate} given)")
     if not 1 <= args.idle_seconds <= 86400:
         raise ConfigError(f"--idle-seconds must be in 1..86400 ({args.idle_seconds} given)")
+    if not 0.5 <= args.stall_seconds <= 3600:
+        raise ConfigError(f"--stall-seconds must be in 0.5..3600 ({args.stall_seconds} given)")
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -217,7 +225,13 @@ def run(args) -> int:  # the network stack is imported here, not at the top: eve
     detectors = detector_factory(args.model, args.event_config, args.on_threshold)  # checks --event-config
     base = event_tables(args.model, args.event_config, args.on_threshold)
     book = SettingsBook(cfg.labels, cfg.features.frame_seconds, base, config)
-    options = ServeOptions(capacity=args.max_streams, rate=args.rate, idle_s=args.idle_seconds, token=args.token)
+    options = ServeOptions(
+        capacity=args.max_streams,
+        rate=args.rate,
+        idle_s=args.idle_seconds,
+        stall_s=args.stall_seconds,
+        token=args.token,
+    )
     parts = ServeParts(
         args.model, args.max_streams, detectors, book, options, args.mqtt, args.mqtt_prefix, args.discovery_prefix
     )

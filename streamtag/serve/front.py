@@ -27,6 +27,7 @@ from .protocol import (
     CLOSE_FULL,
     CLOSE_IDLE,
     CLOSE_NAME_TAKEN,
+    CLOSE_STALLED,
     CLOSE_TOO_MANY_MESSAGES,
     CLOSE_UNAUTHORISED,
     parse_hello,
@@ -115,6 +116,11 @@ class _IdleWatch:
         self.timer.cancel()
 
 
+def _cut_if_stuck(transport: asyncio.Transport) -> None:
+    if transport.get_write_buffer_size():  # still unwritten: the client reads nothing
+        transport.abort()
+
+
 def settle(future: asyncio.Future, value) -> None:
     """Answer a request's future, unless it was answered (or given up on) already."""
     if not future.done():
@@ -164,11 +170,11 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
     async def stream(request):
         ws = web.WebSocketResponse(max_msg_size=options.max_message_bytes + 1, heartbeat=20)  # aiohttp: >= refused
         await ws.prepare(request)
-        sockets.add(ws)
+        sockets[ws] = request
         try:
             return await handle(ws, request)
         finally:
-            sockets.discard(ws)
+            sockets.pop(ws, None)
 
     async def handle(ws, request):
         name = request.match_info["name"]
@@ -183,12 +189,22 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
         if name in sources:
             await ws.close(code=CLOSE_NAME_TAKEN, message=f"stream '{name}' is a source of this server".encode())
             return ws
-        if name in held or name in joining:
+        if name in held or name in claimed:
             await ws.close(code=CLOSE_NAME_TAKEN, message=f"stream '{name}' is already connected".encode())
             return ws
-        if len(joining | held | sources) >= options.capacity:  # a union: a joined client is in two of them
+        if len(claimed | held | sources) >= options.capacity:  # a union: a joined client is in two of them
             await ws.close(code=CLOSE_FULL, message=f"server full ({options.capacity} streams)".encode())
             return ws
+        # the name is this connection's until it has ended: the worker may not have said it joined (a process's
+        # word comes after its round), and another client let in meanwhile had its audio added to this stream
+        claimed.add(name)
+        try:
+            return await serve_stream(ws, request, name)
+        finally:
+            claimed.discard(name)
+
+    async def serve_stream(ws, request, name: str):
+        """One client's stream, from its first message to its close; its name is claimed throughout."""
         nonlocal post
         if post is None:
             post = _LoopPost(asyncio.get_running_loop())
@@ -201,6 +217,11 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                 refused.append(message)
             post(outbox, message)
 
+        writing_since: list[float] = []  # when the write going on began: a client that does not read stops it
+
+        def not_reading() -> bool:
+            return bool(writing_since) and loop.time() - writing_since[0] > options.stall_s
+
         async def sender():
             broken = False  # the connection broke under a write (the client killed, its network gone)
             while True:
@@ -210,13 +231,15 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                 if broken or ws.closed:  # drained unsent to the end: the stream's audio is still tagged and paced
                     continue
                 try:
+                    writing_since.append(loop.time())
                     await ws.send_str(json.dumps(message))
+                    writing_since.clear()
                     if message.get("type") == "error" and "code" in message:  # a refused join: closed at once
                         await ws.close(code=message["code"], message=message["message"].encode()[:120])
                 except ConnectionError:  # ws.closed is not yet set while the transport closes
                     broken = True
 
-        joining.add(name)
+        loop = asyncio.get_running_loop()
         fmt, joined = PcmFormat.raw(16000, "s16le"), False
         send_task = asyncio.create_task(sender())
         reason, code = None, 1000
@@ -235,6 +258,12 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                 if refused:
                     reason, code = refused[0]["message"], refused[0]["code"]
                     break
+                if not_reading():  # its messages would pile up here without end
+                    reason, code = (
+                        f"not reading: nothing sent could be written for {options.stall_s:g} s",
+                        CLOSE_STALLED,
+                    )
+                    break
                 if msg.type == WSMsgType.TEXT:
                     try:
                         body = json.loads(msg.data)
@@ -243,7 +272,8 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                     if isinstance(body, dict) and body.get("type") == "eof":
                         break
                     if joined or hello_seen:
-                        reason, code = "settings come once, before any audio", CLOSE_BAD_REQUEST
+                        once = 'after audio only {"type": "eof"} may come' if joined else "settings come once"
+                        reason, code = f"{once} (the format message comes first, once)", CLOSE_BAD_REQUEST
                         break
                     hello_seen = True
                     try:
@@ -279,7 +309,6 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
             reason, code = "internal error: see the server log", 1011
         finally:
             idle.close()
-            joining.discard(name)
         if joined and not refused:
             worker.submit("eof" if reason is None else "gone", name)
             while not send_task.done():  # the summary, then the end; nothing more if the worker has stopped
@@ -289,14 +318,40 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                     send_task.cancel()
                     reason, code = "the server is stopping", 1011
                     break
+                if not_reading():  # the summary cannot be written: the client is cut off, its stream has ended
+                    send_task.cancel()
+                    reason, code = reason or "not reading", CLOSE_STALLED
+                    break
         else:
             if reason is None and not ws.closed:  # eof before any audio: the summary a client waits for, all 0
                 await outbox.put({"type": "summary", "reason": "stream_end", **StreamAccount(fmt.rate).summary()})
             await outbox.put(None)
             await send_task
-        if not ws.closed:
-            await ws.close(code=code, message=(reason or "done").encode()[:120])
+        if code == CLOSE_STALLED and request.transport is not None:
+            request.transport.abort()  # its close frame could not be written either: the connection is cut
+        elif not ws.closed:
+            await close_or_cut(ws, request, code, reason or "done")
         return ws
+
+    async def close_or_cut(ws, request, code: int, reason: str) -> None:
+        """Close ``ws`` with ``code`` and ``reason``. A client that does not read cannot take the close frame
+        either: waiting on it held a server's stop for ever, and closing its transport waits to flush what it
+        holds, so a connection with unwritten bytes ``stall_s`` later is cut."""
+        transport = request.transport  # taken first: aiohttp lets go of it as it closes
+        try:
+            await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), options.stall_s)
+        except asyncio.TimeoutError:  # the close frame was not taken in all that time
+            if transport is not None:
+                transport.abort()
+            return
+        except ConnectionError:
+            pass
+        except asyncio.CancelledError:  # the connection was lost under the close (aiohttp cancels its wait)
+            task = asyncio.current_task()
+            if task is not None and getattr(task, "cancelling", lambda: 0)():  # this task's own cancel: passed on
+                raise
+        if transport is not None and transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(options.stall_s, _cut_if_stuck, transport)
 
     async def healthz(request):
         if not worker.is_alive():
@@ -351,13 +406,12 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
             return web.json_response({"error": "the tagging worker did not answer in 10 s"}, status=503)
         return web.json_response(message, status=400 if "error" in message else 200)
 
-    async def close_all(app) -> None:  # on shutdown: every client is told, none waited for
-        for ws in list(sockets):
-            await ws.close(code=1001, message=b"server stopping")
+    async def close_all(app) -> None:  # on shutdown: every client is told at once; one that does not read is cut
+        await asyncio.gather(*(close_or_cut(ws, request, 1001, "server stopping") for ws, request in sockets.items()))
 
     post: _LoopPost | None = None  # made on the first connection, in the running loop
-    joining: set[str] = set()  # streams whose client is connected (the worker's accounts add pulled sources)
-    sockets: set = set()
+    claimed: set[str] = set()  # streams whose client is connected (the worker's accounts add pulled sources)
+    sockets: dict = {}  # every open WebSocket -> its request (its transport, to cut it)
     app = web.Application()
     app.on_shutdown.append(close_all)
     app.router.add_get("/v1/streams/{name}", stream)

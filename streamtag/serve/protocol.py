@@ -17,6 +17,7 @@ from ..sources.pipe import RAW_FORMATS, PcmFormat
 # close codes (4000-4999 are the application's)
 CLOSE_BAD_REQUEST, CLOSE_NAME_TAKEN, CLOSE_FULL, CLOSE_IDLE, CLOSE_UNAUTHORISED = 4400, 4409, 4429, 4408, 4401
 CLOSE_TOO_MANY_MESSAGES = 4420
+CLOSE_STALLED = 4410  # the client does not read what the server sends: its messages would pile up without end
 
 
 def _whole(value) -> bool:

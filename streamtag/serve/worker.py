@@ -53,6 +53,7 @@ class ServeOptions:
     min_message_ms: float = 5.0
     message_window: int = 200
     idle_s: float = 30.0  # a client that sends nothing this long is closed
+    stall_s: float = 10.0  # a client that reads nothing this long (one write waits on it) is closed, or cut off
     token: str | None = None
     # Rounds start at most this often under load. A round of one stream costs the model about ten times more per
     # hop than a round of a hundred (one call per hop either way), so a busy worker lets clients' messages gather
