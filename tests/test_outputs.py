@@ -97,14 +97,17 @@ def test_replay_saves_clips_and_refuses_a_missing_folder(tmp_path):
     r = run_cli("replay", EXAMPLES / "rain.flac", "--fast", "--quiet", "--save-clips", clips)
     assert r.returncode == 2 and "--save-clips" in r.stderr and "create it first" in r.stderr
     clips.mkdir()
-    r = run_cli("replay", EXAMPLES / "rain.flac", "--fast", "--quiet", "--save-clips", clips)
-    assert r.returncode == 0, r.stderr
-    (clip,) = clips.glob("rain_*.flac")  # the bundled model hears the rain
-    x, _ = sf.read(clip, dtype="float32")
-    onset = float(clip.stem.rsplit("_", 1)[1].removesuffix("s"))  # rain_<time>_<onset>s.flac
-    start = max(0, round((onset - 2.0) * 16000))  # 2 s of pre-roll before the onset
-    np.testing.assert_allclose(x, read_clip(EXAMPLES / "rain.flac")[start : start + x.size], atol=1 / 32768)
-    assert start + x.size == 80000  # the event ran to the end of the clip
+    for gain in ("0", "20"):  # with --gain, a clip is still what came in (it was the raised audio, squared off)
+        folder = clips / gain
+        folder.mkdir()
+        r = run_cli("replay", EXAMPLES / "rain.flac", "--fast", "--quiet", "--save-clips", folder, "--gain", gain)
+        assert r.returncode == 0, r.stderr
+        (clip,) = folder.glob("rain_*.flac")  # the bundled model hears the rain
+        x, _ = sf.read(clip, dtype="float32")
+        onset = float(clip.stem.rsplit("_", 1)[1].removesuffix("s"))  # rain_<time>_<onset>s.flac
+        start = max(0, round((onset - 2.0) * 16000))  # 2 s of pre-roll before the onset
+        np.testing.assert_allclose(x, read_clip(EXAMPLES / "rain.flac")[start : start + x.size], atol=1 / 32768)
+        assert start + x.size == 80000  # the event ran to the end of the clip
 
 
 def test_plot_keeps_a_bounded_number_of_columns_and_every_peak(tmp_path, monkeypatch):

@@ -424,7 +424,7 @@ def _outputs(args, backend, plan: StreamPlan, worker_status, extra=(), source: s
     if args.save_clips:
         from ..outputs.clips import ClipSaver
 
-        outputs.append(ClipSaver(args.save_clips, backend.config.features.sample_rate))
+        outputs.append(ClipSaver(args.save_clips, backend.config.features.sample_rate, gain_db=args.gain))
     writes_stdout = "-" in (args.jsonl, args.events, args.scores)
     if not args.quiet and not writes_stdout:  # standard output carries that file alone
         if sys.stdout.isatty() and not args.plain:

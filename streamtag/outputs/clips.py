@@ -30,7 +30,8 @@ class _Clip:
 
 
 class ClipSaver:
-    """An output: one FLAC per event in ``folder`` (``<label>_<UTC start>_<onset>s.flac``)."""
+    """An output: one FLAC per event in ``folder`` (``<label>_<UTC start>_<onset>s.flac``), the audio as it came
+    in (``gain_db``: the gain the steps' audio carries, taken off again)."""
 
     def __init__(
         self,
@@ -39,6 +40,7 @@ class ClipSaver:
         pre_s: float = 2.0,
         post_s: float = 1.0,
         max_s: float = 30.0,
+        gain_db: float = 0.0,
     ) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -46,6 +48,9 @@ class ClipSaver:
         if not os.access(self.folder, os.W_OK):
             raise ConfigError(f"--save-clips {folder}: folder is not writable")
         self.rate, self.pre_s, self.post_s, self.max_s = sample_rate, pre_s, post_s, max_s
+        # the steps' audio carries --gain; a clip is what came in (a quiet microphone's clips, raised 20 dB, had
+        # a third of their samples squared off at full scale)
+        self.undo_gain = float(10.0 ** (-gain_db / 20.0))
         self._recent = np.zeros(int((pre_s + BACKDATE_SLACK_S) * sample_rate), np.float32)
         self._filled = 0  # samples ever written to the ring
         self._t = 0.0  # stream time at the end of the audio seen
@@ -103,7 +108,7 @@ class ClipSaver:
         audio = np.concatenate(clip.parts)[: int(self.max_s * self.rate)]
         path = self.folder / clip.name
         try:
-            sf.write(str(path), np.clip(audio, -1.0, 1.0), self.rate, format="FLAC", subtype="PCM_16")
+            sf.write(str(path), np.clip(audio * self.undo_gain, -1.0, 1.0), self.rate, format="FLAC", subtype="PCM_16")
         except (OSError, RuntimeError) as exc:  # soundfile raises LibsndfileError (a RuntimeError)
             raise named_error(OSError(str(exc)), path) from None
         self.saved.append(path)
