@@ -575,6 +575,23 @@ def test_an_output_fifo_is_written_and_its_reader_leaving_is_an_error(cnn_dir, t
     assert proc.returncode == 1 and f"{fifo}: Broken pipe" in err, err
 
 
+def test_a_sigterm_in_the_first_moments_is_a_stop_exit_0():
+    """A service stopped right after its start: SIGTERM while the commands' modules were imported killed the
+    process (exit 143) where the README promises exit 0."""
+    script = (
+        "import os, signal, sys\n"
+        "import streamtag.cli as cli\n"
+        "real = cli.build_parser\n"
+        "def parser():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real()\n"
+        "cli.build_parser = parser\n"
+        "sys.exit(cli.main(['devices']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr.strip() == "streamtag: interrupted", (r.returncode, r.stderr)
+
+
 def test_a_file_named_like_an_option_gets_the_way_to_give_it(tmp_path):
     """tag -x.flac said only 'the following arguments are required: INPUT', naming neither the file nor the fix."""
     import shutil

@@ -131,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     # `tag --jobs` worker), and no command does BLAS work in numpy: models run in onnxruntime or torch, with
     # thread pools of their own. One thread, unless the environment already says otherwise.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    interrupt_on_signals()  # from the start: a SIGTERM before a command sets its own stop is a stop too, exit 0
     try:
         parser = build_parser()  # imports every subcommand's module: a Ctrl-C in the first moments lands here
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("streamtag: interrupted", file=sys.stderr)
-        return 130
+        return stop_exit_code(stop)
     given = _glue_negative_values(sys.argv[1:] if argv is None else list(argv))
     Parser.given = tuple(given)
     args = parser.parse_args(given)
