@@ -495,6 +495,9 @@ class Metrics:
         self.received = Counter(
             "streamtag_samples_received", "samples received, streams that left", registry=self.registry
         )
+        self.processed = Counter(
+            "streamtag_samples_processed", "samples processed, streams that left", registry=self.registry
+        )
         self.dropped = Counter(
             "streamtag_samples_dropped", "samples dropped, streams that left", registry=self.registry
         )
@@ -520,6 +523,10 @@ class Metrics:
             "streamtag_samples_received_open", "samples received, streams still open", registry=self.registry
         )
         live_received.set_function(lambda: sum(a.received for a in list(worker_accounts().values())))
+        live_processed = Gauge(  # received = processed + dropped, and the audio still waiting for its hop
+            "streamtag_samples_processed_open", "samples processed, streams still open", registry=self.registry
+        )
+        live_processed.set_function(lambda: sum(a.processed for a in list(worker_accounts().values())))
         if mqtt is not None:  # what the broker got, and what did not fit paho's queue while it was away
             published = Gauge("streamtag_mqtt_published", "MQTT messages handed to the client", registry=self.registry)
             published.set_function(lambda: mqtt.published)
@@ -544,6 +551,7 @@ class Metrics:
 
     def left(self, account: StreamAccount) -> None:
         self.received.inc(account.received)
+        self.processed.inc(account.processed)
         self.dropped.inc(account.dropped)
 
     def text(self) -> bytes:
