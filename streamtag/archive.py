@@ -549,17 +549,10 @@ def _tag_alone(item: Item, out: Path, model, backend: str, scores: bool, detecto
             job.engine = engine
             drive(engine, _until_stopped(job.chunks), [job], broke_off=job.broke_off)
         except KeyboardInterrupt:
-            if item.opener is None or job.engine is None:
+            if item.opener is not None and job.engine is not None:
+                _keep_stopped_stdin(job, cfg.features.frame_seconds, progress)
+            else:
                 job.discard()  # a file is tagged again by the next run: no half-written outputs left behind
-                raise
-            # stdin cannot be read again: what came before the stop is kept, its open events closed as interrupted
-            for step in job.engine.finish("interrupted"):
-                job.write(step)
-            outcome = job.finish(cfg.features.frame_seconds)
-            stopped = "stopped before stdin ended: tagged up to the stop"
-            outcome.warning = "; ".join(filter(None, [stopped, outcome.warning]))
-            if progress is not None:
-                progress(outcome)
             raise
         except BaseException:
             job.discard()  # no half-written outputs left behind
@@ -568,6 +561,25 @@ def _tag_alone(item: Item, out: Path, model, backend: str, scores: bool, detecto
     if progress is not None:
         progress(outcome)
     return [outcome]
+
+
+def _keep_stopped_stdin(job: _Job, frame_seconds: float, progress) -> None:
+    """stdin cannot be read again: what came before a stop is kept, its open events closed as interrupted. With
+    nothing stepped there is nothing to keep, and the stop is no failure; a second stop meanwhile keeps nothing
+    half-written either."""
+    try:
+        for step in job.engine.finish("interrupted"):
+            job.write(step)
+        if not job.frames:
+            job.discard()
+            return
+        outcome = job.finish(frame_seconds)
+    except BaseException:
+        job.discard()
+        raise
+    outcome.warning = "; ".join(filter(None, ["stopped before stdin ended: tagged up to the stop", outcome.warning]))
+    if progress is not None:
+        progress(outcome)
 
 
 def settings_key(folder: Path, labels: Sequence[str], frame_seconds: float, scores: bool, detector) -> str:

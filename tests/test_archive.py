@@ -238,6 +238,21 @@ def test_a_stop_keeps_what_stdin_gave_and_closes_its_open_event(tmp_path, cnn_di
     assert not list(out.rglob("*.part"))
 
 
+def test_a_stop_before_stdin_gave_any_audio_is_no_failure(tmp_path, cnn_dir):
+    """A service stopping an idle `tag -` (no audio yet): kept nothing, and is neither a failure nor a claim that
+    audio was tagged."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "streamtag", "tag", "-", "--out", str(out), "--model", str(cnn_dir), "--name", "cam"]
+    proc = subprocess.Popen(
+        [*cmd, "--raw-rate", "16000", "--raw-format", "s16le"], stdin=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    _wait_idle(proc.pid, time.monotonic() + 120)  # waiting for its first audio
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 0 and "nothing was written" in err and "0 failed" in err, err
+    assert not list(out.glob("cam*"))
+
+
 def test_a_file_whose_output_names_are_too_long_fails_alone(tmp_path, cnn_dir):
     """A 251-byte file name (valid) made tag's outputs' names too long: the other files of its worker failed with
     its error, and every later run into that --out stopped with a traceback."""

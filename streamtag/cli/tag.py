@@ -246,9 +246,11 @@ def run(args) -> int:
         )
     if interrupted is not None:
         if items and items[0].opener is not None:  # stdin cannot be read again: what came is kept
+            kept = any(not o.error for o in outcomes)
             print(
-                "streamtag tag: stopped; stdin's audio up to the stop is tagged (its open events closed as "
-                "interrupted)",
+                "streamtag tag: stopped; stdin's audio up to the stop is tagged (its open events closed as interrupted)"
+                if kept
+                else "streamtag tag: stopped before stdin gave a hop of audio; nothing was written",
                 file=sys.stderr,
             )
         elif not unfinished:

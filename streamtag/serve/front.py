@@ -38,6 +38,7 @@ PAGE = Path(__file__).parent.parent / "assets" / "serve_page.html"
 
 LOOPBACK_ONLY = "without --token: requests to 127.0.0.1 or localhost, from no page or a local one (proxies: --token)"
 HEALTH_TIMEOUT_S = 2.0  # /healthz: the worker must answer within this
+STOP_CLOSE_S = 5.0  # at a stop, a client that has not taken its close frame by then is cut
 
 
 class _LoopPost:
@@ -240,6 +241,7 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                     broken = True
 
         loop = asyncio.get_running_loop()
+        transport = request.transport  # taken now: aiohttp lets go of it once it has closed the connection
         fmt, joined = PcmFormat.raw(16000, "s16le"), False
         send_task = asyncio.create_task(sender())
         reason, code = None, 1000
@@ -327,19 +329,21 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                 await outbox.put({"type": "summary", "reason": "stream_end", **StreamAccount(fmt.rate).summary()})
             await outbox.put(None)
             await send_task
-        if code == CLOSE_STALLED and request.transport is not None:
-            request.transport.abort()  # its close frame could not be written either: the connection is cut
+        if code == CLOSE_STALLED and transport is not None:
+            transport.abort()  # its close frame could not be written either: the connection is cut
         elif not ws.closed:
             await close_or_cut(ws, request, code, reason or "done")
+        elif transport is not None and transport.get_write_buffer_size():  # closed by aiohttp itself (a missed
+            loop.call_later(options.stall_s, _cut_if_stuck, transport)  # heartbeat), with bytes it cannot write
         return ws
 
-    async def close_or_cut(ws, request, code: int, reason: str) -> None:
+    async def close_or_cut(ws, request, code: int, reason: str, wait_s: float | None = None) -> None:
         """Close ``ws`` with ``code`` and ``reason``. A client that does not read cannot take the close frame
         either: waiting on it held a server's stop for ever, and closing its transport waits to flush what it
         holds, so a connection with unwritten bytes ``stall_s`` later is cut."""
         transport = request.transport  # taken first: aiohttp lets go of it as it closes
         try:
-            await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), options.stall_s)
+            await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), wait_s or options.stall_s)
         except asyncio.TimeoutError:  # the close frame was not taken in all that time
             if transport is not None:
                 transport.abort()
@@ -407,7 +411,10 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
         return web.json_response(message, status=400 if "error" in message else 200)
 
     async def close_all(app) -> None:  # on shutdown: every client is told at once; one that does not read is cut
-        await asyncio.gather(*(close_or_cut(ws, request, 1001, "server stopping") for ws, request in sockets.items()))
+        wait_s = min(options.stall_s, STOP_CLOSE_S)  # a stop waits on no client for long
+        await asyncio.gather(
+            *(close_or_cut(ws, request, 1001, "server stopping", wait_s) for ws, request in sockets.items())
+        )
 
     post: _LoopPost | None = None  # made on the first connection, in the running loop
     claimed: set[str] = set()  # streams whose client is connected (the worker's accounts add pulled sources)
