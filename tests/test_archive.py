@@ -288,7 +288,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, cnn_d
     (out / "rec" / "0.flac.scores.tsv.part").symlink_to("/dev/full")
     r = run_cli("tag", folder, "--out", out, "--model", cnn_dir, "--scores", "--jobs", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "No space left on device" in r.stderr and "run it again" in r.stderr, r.stderr
+    assert f"{out}: No space left on device" in r.stderr and "run it again" in r.stderr, r.stderr
     assert not list(out.rglob("*.part")) and not list(out.rglob("*.done.json"))
 
 

@@ -176,6 +176,9 @@ def run(args) -> int:
             tag_in_processes(items, min(jobs, len(items)), progress=ended, **kwargs)
     except KeyboardInterrupt as stop:
         interrupted = stop
+    except OSError as exc:  # a write to --out failed (a full disk): said by main(), naming the folder
+        exc.filename = exc.filename or str(out)
+        raise
     finally:
         bar.close()
     wall = time.perf_counter() - started
