@@ -59,7 +59,8 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         dashed = next((a for a in self.given if a.startswith("-") and a != "-" and os.path.exists(a)), None)
-        if dashed is not None:  # argparse took a file named -x.wav for an option
+        taken = "arguments are required" in message or "unrecognized arguments" in message
+        if dashed is not None and taken:  # argparse took a file named -x.wav for an option
             message += f"; a file whose name starts with - is given as ./{dashed}"
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
