@@ -231,14 +231,15 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
                     return
                 if broken or ws.closed:  # drained unsent to the end: the stream's audio is still tagged and paced
                     continue
+                writing_since.append(loop.time())
                 try:
-                    writing_since.append(loop.time())
                     await ws.send_str(json.dumps(message))
-                    writing_since.clear()
                     if message.get("type") == "error" and "code" in message:  # a refused join: closed at once
                         await ws.close(code=message["code"], message=message["message"].encode()[:120])
                 except ConnectionError:  # ws.closed is not yet set while the transport closes
                     broken = True
+                finally:
+                    writing_since.clear()  # a broken write is no client that does not read
 
         loop = asyncio.get_running_loop()
         transport = request.transport  # taken now: aiohttp lets go of it once it has closed the connection
