@@ -1795,3 +1795,77 @@ def test_a_stop_with_a_client_that_reads_nothing_tells_every_other_client_and_ex
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert code == 1001 and messages[-1]["type"] == "summary" and messages[-1]["reason"] == "interrupted"
     assert "cut" in result, result
+
+
+def test_a_state_whose_end_the_broker_missed_is_not_left_on(tmp_path):
+    """An event open when the broker went away, its stream ended meanwhile: states are QoS 0, so its OFF was
+    dropped, and on reconnect only joined streams' states were sent again: a persistent broker kept
+    `audio/rain ON` for good."""
+    binary = shutil.which("mosquitto") or shutil.which("/usr/sbin/mosquitto")
+    if binary is None:
+        pytest.skip("mosquitto missing (apt-get install mosquitto; .ci/setup installs it)")
+    import paho.mqtt.client as mqtt
+
+    port = _free_port()
+    conf = tmp_path / "mosquitto.conf"  # persistent: a retained ON outlives the broker's restart
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {tmp_path}/\n"
+    )
+    brokers = []
+
+    def broker():
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        brokers.append(proc)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.05)
+        return proc
+
+    def retained_rain() -> str | None:  # what a new subscriber is told the state is
+        got = []
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        client.on_message = lambda c, u, m: got.append(m.payload.decode())
+        try:
+            client.connect("127.0.0.1", port)
+        except OSError:
+            return None
+        client.subscribe("streamtag/shed/audio/rain")
+        deadline = time.monotonic() + 2
+        while not got and time.monotonic() < deadline:
+            client.loop(timeout=0.1)
+        client.disconnect()
+        return got[-1] if got else None
+
+    def wait_for(state: str, seconds: float) -> str | None:
+        deadline, seen = time.monotonic() + seconds, None
+        while time.monotonic() < deadline and seen != state:
+            seen = retained_rain()
+        return seen
+
+    first = broker()
+    rain, _ = _pcm("rain.flac")
+    try:
+        with serve(tmp_path, "--mqtt", f"mqtt://127.0.0.1:{port}") as (server_port, proc):
+
+            async def scenario():
+                async with aiohttp.ClientSession() as session:
+                    async with session.ws_connect(f"ws://127.0.0.1:{server_port}/v1/streams/shed") as ws:
+                        for i in range(0, len(rain), 3200):  # the rain event opens, retained ON
+                            await ws.send_bytes(rain[i : i + 3200])
+                        assert await asyncio.to_thread(wait_for, "ON", 30) == "ON"
+                        first.terminate()
+                        await asyncio.to_thread(first.wait, 10)
+                        await ws.send_str(json.dumps({"type": "eof"}))  # the end, with the broker away
+                        async for _ in ws:
+                            pass
+
+            asyncio.run(scenario())
+            broker()  # back, with the ON it kept
+            assert wait_for("OFF", 30) == "OFF"
+            assert proc.poll() is None
+    finally:
+        for b in brokers:
+            b.terminate()
+            b.wait(timeout=10)

@@ -136,6 +136,7 @@ class MqttPublisher:
         self._streams: dict[str, tuple[list[bool], set[str]]] = {}
         self._unavailable: set[str] = set()  # joined streams whose source gives no audio now (a camera that dropped)
         self._settings: dict[str, str] = {}  # each stream's settings in force, as published (retained)
+        self._unsent_states: dict[str, str] = {}  # state topic -> the payload the broker missed (it was away)
         self._queued = 0  # QoS 1 messages (events, availability, settings) waiting for a broker that is away
         self._lock = threading.Lock()  # _streams and the counters: the worker and paho's thread both use them
         self._closing = False
@@ -254,7 +255,8 @@ class MqttPublisher:
             self._settings[stream] = payload
         self._send(f"{self.prefix}/{stream}/settings", payload, retain=True, qos=1)
 
-    def _send(self, topic: str, payload: str, retain: bool = False, qos: int = 0) -> None:
+    def _send(self, topic: str, payload: str, retain: bool = False, qos: int = 0) -> bool:
+        """Hand one message to paho; whether it went (or, QoS 1, waits in paho's queue for the broker)."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         sent = info.rc == self._mqtt.MQTT_ERR_SUCCESS or (info.rc == self._mqtt.MQTT_ERR_NO_CONN and qos > 0)
         with self._lock:  # with no connection paho queues QoS 1 and sends it on reconnect, and drops QoS 0
@@ -264,6 +266,7 @@ class MqttPublisher:
                 self.dropped += 1
             if info.rc == self._mqtt.MQTT_ERR_NO_CONN and qos > 0:
                 self._queued += 1
+        return sent
 
     def _published(self) -> tuple[set[str], dict[str, str], dict[str, tuple[list[bool], set[str]]]]:
         """The streams that are down, the settings in force and every stream's labels and states, as they are."""
@@ -276,12 +279,24 @@ class MqttPublisher:
             return {s: (list(enabled), set(on)) for s, (enabled, on) in self._streams.items()}
 
     def _state(self, stream: str, label: str, on: bool) -> None:
-        self._send(f"{self.prefix}/{stream}/audio/{label}", "ON" if on else "OFF", retain=True)
+        topic, payload = f"{self.prefix}/{stream}/audio/{label}", "ON" if on else "OFF"
+        sent = self._send(topic, payload, retain=True)
+        with self._lock:  # a state the broker missed is sent on reconnect, even for a stream gone or a label off
+            if sent:
+                self._unsent_states.pop(topic, None)
+            else:
+                self._unsent_states[topic] = payload
 
     def _resend_states(self) -> None:
         """Every stream's state again (on paho's thread, after a reconnect). Published outside the lock (paho
         may call back while publishing), so an event the worker publishes meanwhile could be overtaken by
         the stale state sent here: what changed during the pass is sent once more, after it."""
+        with self._lock:  # first what the broker missed (an OFF of a stream that left meanwhile), then the rest
+            missed, self._unsent_states = self._unsent_states, {}
+        for topic, payload in missed.items():
+            if not self._send(topic, payload, retain=True):
+                with self._lock:
+                    self._unsent_states.setdefault(topic, payload)
         before = self._snapshot()
         for stream, (enabled, on) in before.items():
             for label, shown in zip(self.labels, enabled):
