@@ -1869,3 +1869,32 @@ def test_a_state_whose_end_the_broker_missed_is_not_left_on(tmp_path):
         for b in brokers:
             b.terminate()
             b.wait(timeout=10)
+
+
+def test_a_second_server_on_a_taken_port_leaves_the_running_one_online(tmp_path, mosquitto):
+    """The same command started twice (a service overlap): the second one connected to MQTT before it found the
+    port taken, and its way out said the running server and its streams were offline, for good."""
+    import paho.mqtt.client as mqtt
+
+    def availability() -> str | None:
+        got = []
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        client.on_message = lambda c, u, m: got.append(m.payload.decode())
+        client.connect("127.0.0.1", mosquitto)
+        client.subscribe("streamtag/availability")
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            client.loop(timeout=0.1)
+        client.disconnect()
+        return got[-1] if got else None
+
+    broker = ["--mqtt", f"mqtt://127.0.0.1:{mosquitto}"]
+    with serve(tmp_path, *broker) as (port, proc):
+        deadline = time.monotonic() + 30
+        while availability() != "online" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        cmd = [sys.executable, "-m", "streamtag", "serve", "--port", str(port), *broker]
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert availability() == "online" and proc.poll() is None

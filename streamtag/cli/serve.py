@@ -235,6 +235,7 @@ def run(args) -> int:  # the network stack is imported here, not at the top: eve
     parts = ServeParts(
         args.model, args.max_streams, detectors, book, options, args.mqtt, args.mqtt_prefix, args.discovery_prefix
     )
+    _check_can_listen(args.host, args.port)  # before MQTT: a second server must not say the first one is offline
     mqtt_child = None
     if args.mqtt:  # publishing in a process of its own: a burst of joins (115 messages each) never holds up tagging
         from ..outputs.mqtt_process import MqttProcess
@@ -348,6 +349,22 @@ async def _serve(args, worker, options, sources) -> int:
     if got.get("failed"):
         return 1
     return 130 if got.get("signal") == signal.SIGINT else 0
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Refuse a port taken (another server running) before anything is started or published: a second server
+    that connected to MQTT first said the running one's streams were offline, and left them so."""
+    import socket
+
+    if port == 0:  # any free port: taken when listening
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket is made
+            probe.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {_netloc(host, port)} ({exc.strerror or exc})") from None
 
 
 def _netloc(host: str, port: int) -> str:
