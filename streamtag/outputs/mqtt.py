@@ -54,7 +54,8 @@ OBJECT_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # Home Assistant's discovery t
 def check_prefix(prefix: str, flag: str = "--mqtt-prefix") -> str:
     """A topic prefix we can publish under: no MQTT wildcards, no empty levels."""
     if not prefix or any(c in prefix for c in "+#\0") or "" in prefix.split("/"):
-        raise ConfigError(f"{flag} {prefix!r}: give topic levels without + or # and none empty, e.g. home/audio")
+        example = "homeassistant" if flag == "--discovery-prefix" else "home/audio"
+        raise ConfigError(f"{flag} {prefix!r}: give topic levels without + or # and none empty, e.g. {example}")
     return prefix
 
 
@@ -117,6 +118,7 @@ class MqttPublisher:
         self.published = 0
         self.dropped = 0
         self._said_down = False  # a lost or unreachable broker is said once, until it is back
+        self._connected_once = False
         self._mqtt = mqtt
         # a client id of its own: two servers on one broker with the same id would throw each other off
         client_id = f"streamtag-{socket.gethostname()}-{os.getpid()}"[:64]
@@ -166,7 +168,9 @@ class MqttPublisher:
             self._queued = 0  # sent now, on this connection
         if self._said_down:
             self._said_down = False
-            print(f"streamtag serve: MQTT broker {self.host}:{self.port} connected again", file=sys.stderr, flush=True)
+            again = " again" if self._connected_once else ""  # a broker down at the start was never connected
+            print(f"streamtag serve: MQTT broker {self.host}:{self.port} connected{again}", file=sys.stderr, flush=True)
+        self._connected_once = True
         # after every (re)connect: the broker may have lost retained messages, and states changed meanwhile
         self._send(self.availability, "online", retain=True)
         client.subscribe(f"{self.prefix}/+/set", qos=1)

@@ -530,7 +530,11 @@ class Metrics:
         if mqtt is not None:  # what the broker got, and what did not fit paho's queue while it was away
             published = Gauge("streamtag_mqtt_published", "MQTT messages handed to the client", registry=self.registry)
             published.set_function(lambda: mqtt.published)
-            dropped = Gauge("streamtag_mqtt_dropped", "MQTT messages dropped (queue full)", registry=self.registry)
+            dropped = Gauge(
+                "streamtag_mqtt_dropped",
+                "MQTT messages dropped (states and levels while the broker is away, or the queue full)",
+                registry=self.registry,
+            )
             dropped.set_function(lambda: mqtt.dropped)
 
     def stepped(self, hops: int, seconds: float) -> None:
