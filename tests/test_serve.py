@@ -303,6 +303,55 @@ def _mosquitto(tmp_path, settings="allow_anonymous true"):
         proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def _restartable_mosquitto(tmp_path, settings="persistence false"):
+    """A mosquitto on a free loopback port that a test stops and starts again; yields (port, start), ``start()``
+    starting one more and returning its process. Every one started is stopped at the end."""
+    binary = shutil.which("mosquitto") or shutil.which("/usr/sbin/mosquitto")
+    if binary is None:
+        pytest.skip("mosquitto missing (apt-get install mosquitto; .ci/setup installs it)")
+    port = _free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n{settings}\n")
+    brokers = []
+
+    def start():
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        brokers.append(proc)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.05)
+        return proc
+
+    try:
+        yield port, start
+    finally:
+        for proc in brokers:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _retained(port: int, topic: str, wait_s: float = 2.0) -> str | None:
+    """What a new subscriber to ``topic`` is told (its retained message); ``None``: nothing, or no broker."""
+    import paho.mqtt.client as mqtt
+
+    got = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, m: got.append(m.payload.decode())
+    try:
+        client.connect("127.0.0.1", port)
+    except OSError:
+        return None
+    client.subscribe(topic)
+    deadline = time.monotonic() + wait_s
+    while not got and time.monotonic() < deadline:
+        client.loop(timeout=0.1)
+    client.disconnect()
+    return got[-1] if got else None
+
+
 def _subscriber(port, login=None):
     import paho.mqtt.client as mqtt
 
@@ -486,27 +535,13 @@ def test_the_live_page_shows_what_a_stream_hears_in_a_real_browser(tmp_path):
 def test_tagging_goes_on_while_the_broker_restarts(tmp_path):
     """mosquitto stopped mid-stream and started again on the same port: the stream is not disturbed, the
     server reconnects, and the events after the restart reach a subscriber."""
-    binary = shutil.which("mosquitto") or shutil.which("/usr/sbin/mosquitto")
-    if binary is None:
-        pytest.skip("mosquitto missing (apt-get install mosquitto; .ci/setup installs it)")
     import paho.mqtt.client as mqtt
 
-    port = _free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    with _restartable_mosquitto(tmp_path) as (port, broker):
+        _tag_through_a_broker_restart(tmp_path, port, broker, mqtt)
 
-    brokers = []  # every broker started here is stopped at the end, whatever happens
 
-    def broker():
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        brokers.append(proc)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-            time.sleep(0.05)
-        return proc
-
+def _tag_through_a_broker_restart(tmp_path, port, broker, mqtt):
     got, states = [], []
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
     # again after every reconnect; dog opens no event in this clip, so its state after the restart is the resend
@@ -544,9 +579,6 @@ def test_tagging_goes_on_while_the_broker_restarts(tmp_path):
     finally:
         sub.loop_stop()
         sub.disconnect()
-        for b in brokers:
-            b.terminate()
-            b.wait(timeout=10)
     assert code == 1000 and messages[-1]["type"] == "summary" and messages[-1]["dropped"] == 0
     after = [e for t, e in got if t > restarted]
     assert any(e["type"] == "close" and e["stream"] == "porch" for e in after)  # the stream's end, after the restart
@@ -1801,92 +1833,46 @@ def test_a_state_whose_end_the_broker_missed_is_not_left_on(tmp_path):
     """An event open when the broker went away, its stream ended meanwhile: states are QoS 0, so its OFF was
     dropped, and on reconnect only joined streams' states were sent again: a persistent broker kept
     `audio/rain ON` for good."""
-    binary = shutil.which("mosquitto") or shutil.which("/usr/sbin/mosquitto")
-    if binary is None:
-        pytest.skip("mosquitto missing (apt-get install mosquitto; .ci/setup installs it)")
-    import paho.mqtt.client as mqtt
+    persistent = f"persistence true\npersistence_location {tmp_path}/"  # a retained ON outlives a restart
+    with _restartable_mosquitto(tmp_path, persistent) as (port, broker):
+        _end_a_stream_while_the_broker_is_away(tmp_path, port, broker)
 
-    port = _free_port()
-    conf = tmp_path / "mosquitto.conf"  # persistent: a retained ON outlives the broker's restart
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {tmp_path}/\n"
-    )
-    brokers = []
 
-    def broker():
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        brokers.append(proc)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            time.sleep(0.05)
-        return proc
-
-    def retained_rain() -> str | None:  # what a new subscriber is told the state is
-        got = []
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        client.on_message = lambda c, u, m: got.append(m.payload.decode())
-        try:
-            client.connect("127.0.0.1", port)
-        except OSError:
-            return None
-        client.subscribe("streamtag/shed/audio/rain")
-        deadline = time.monotonic() + 2
-        while not got and time.monotonic() < deadline:
-            client.loop(timeout=0.1)
-        client.disconnect()
-        return got[-1] if got else None
-
+def _end_a_stream_while_the_broker_is_away(tmp_path, port, broker):
     def wait_for(state: str, seconds: float) -> str | None:
         deadline, seen = time.monotonic() + seconds, None
         while time.monotonic() < deadline and seen != state:
-            seen = retained_rain()
+            seen = _retained(port, "streamtag/shed/audio/rain")
         return seen
 
     first = broker()
     rain, _ = _pcm("rain.flac")
-    try:
-        with serve(tmp_path, "--mqtt", f"mqtt://127.0.0.1:{port}") as (server_port, proc):
+    with serve(tmp_path, "--mqtt", f"mqtt://127.0.0.1:{port}") as (server_port, proc):
 
-            async def scenario():
-                async with aiohttp.ClientSession() as session:
-                    async with session.ws_connect(f"ws://127.0.0.1:{server_port}/v1/streams/shed") as ws:
-                        for i in range(0, len(rain), 3200):  # the rain event opens, retained ON
-                            await ws.send_bytes(rain[i : i + 3200])
-                        assert await asyncio.to_thread(wait_for, "ON", 30) == "ON"
-                        first.terminate()
-                        await asyncio.to_thread(first.wait, 10)
-                        await ws.send_str(json.dumps({"type": "eof"}))  # the end, with the broker away
-                        async for _ in ws:
-                            pass
+        async def scenario():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"ws://127.0.0.1:{server_port}/v1/streams/shed") as ws:
+                    for i in range(0, len(rain), 3200):  # the rain event opens, retained ON
+                        await ws.send_bytes(rain[i : i + 3200])
+                    assert await asyncio.to_thread(wait_for, "ON", 30) == "ON"
+                    first.terminate()
+                    await asyncio.to_thread(first.wait, 10)
+                    await ws.send_str(json.dumps({"type": "eof"}))  # the end, with the broker away
+                    async for _ in ws:
+                        pass
 
-            asyncio.run(scenario())
-            broker()  # back, with the ON it kept
-            assert wait_for("OFF", 30) == "OFF"
-            assert proc.poll() is None
-    finally:
-        for b in brokers:
-            b.terminate()
-            b.wait(timeout=10)
+        asyncio.run(scenario())
+        broker()  # back, with the ON it kept
+        assert wait_for("OFF", 30) == "OFF"
+        assert proc.poll() is None
 
 
 def test_a_second_server_on_a_taken_port_leaves_the_running_one_online(tmp_path, mosquitto):
     """The same command started twice (a service overlap): the second one connected to MQTT before it found the
     port taken, and its way out said the running server and its streams were offline, for good."""
-    import paho.mqtt.client as mqtt
 
     def availability() -> str | None:
-        got = []
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        client.on_message = lambda c, u, m: got.append(m.payload.decode())
-        client.connect("127.0.0.1", mosquitto)
-        client.subscribe("streamtag/availability")
-        deadline = time.monotonic() + 5
-        while not got and time.monotonic() < deadline:
-            client.loop(timeout=0.1)
-        client.disconnect()
-        return got[-1] if got else None
+        return _retained(mosquitto, "streamtag/availability", wait_s=5)
 
     broker = ["--mqtt", f"mqtt://127.0.0.1:{mosquitto}"]
     with serve(tmp_path, *broker) as (port, proc):
