@@ -382,7 +382,7 @@ def finished(out: Path, item: Item, key: str, begun: float, force: bool = False)
     if force or item.opener is not None:
         return False
     try:
-        return _finished(marker, {"settings": key, "file": _identity(item)}) is not None
+        return _finished(marker, _stamp(item, key)) is not None
     except OSError:
         return False
 
@@ -447,7 +447,7 @@ def done_before(items: Sequence[Item], out: Path, key: str) -> tuple[list[Outcom
     outcomes, rest = [], []
     for item in items:
         try:
-            stamp = None if item.opener is not None else {"settings": key, "file": _identity(item)}
+            stamp = None if item.opener is not None else _stamp(item, key)
         except OSError:
             stamp = None
         done = _finished(done_marker(out, item), stamp) if stamp is not None else None
@@ -597,6 +597,11 @@ def settings_key(folder: Path, labels: Sequence[str], frame_seconds: float, scor
     return digest.hexdigest()[:20]
 
 
+def _stamp(item: Item, key: str) -> dict:
+    """What a done marker records its outputs depend on: the settings ``key`` and the file (:func:`_identity`)."""
+    return {"settings": key, "file": _identity(item)}
+
+
 def _identity(item: Item) -> dict | None:
     """The file a marker was written for: a file of the same name elsewhere, or this one changed, is not it."""
     if item.opener is not None:
@@ -610,7 +615,7 @@ def _open_job(item: Item, out: Path, force: bool, feats, scores: bool, labels, k
     the same settings (its done marker says so; stdin is new audio every time), or not readable."""
     marker = done_marker(out, item)
     try:
-        stamp = {"settings": key, "file": _identity(item)}
+        stamp = _stamp(item, key)
     except FileNotFoundError:
         where = f"listed in {item.listed_in}" if item.listed_in else "given"
         error = f"{item.path} is {where} but missing"

@@ -304,7 +304,7 @@ async def _serve(args, worker, options, sources) -> int:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError(f"cannot listen on {_netloc(args.host, args.port)} ({exc.strerror or exc})") from None
+        raise _cannot_listen(args.host, args.port, exc) from None
     port = site._server.sockets[0].getsockname()[1]
     netloc = _netloc(args.host, port)
     print(
@@ -364,7 +364,11 @@ def _check_can_listen(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket is made
             probe.bind(address)
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {_netloc(host, port)} ({exc.strerror or exc})") from None
+        raise _cannot_listen(host, port, exc) from None
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot listen on {_netloc(host, port)} ({exc.strerror or exc})")
 
 
 def _netloc(host: str, port: int) -> str:

@@ -108,7 +108,7 @@ def run(args) -> int:
     passed_over: list[Path] = []
     if "-" in args.inputs:
         args.name = "stdin" if args.name is None else args.name
-        items = [_stdin_item(args)]
+        items = [_stdin_item(args, out)]
         args.jobs = 1  # worker processes cannot share this process's stdin
         if (out / f"{args.name}.events.jsonl").exists() and not args.force:
             raise ConfigError(
@@ -286,8 +286,9 @@ def _say_each(kind: str, outcomes: list, what, table: Path, most: int = 5) -> No
         print(f"streamtag tag: ... and {len(outcomes) - most} more in {table}", file=sys.stderr)
 
 
-def _stdin_item(args):
-    """``tag -``: stdin as one file named ``--name``, a WAV stream or raw PCM as ``replay -`` reads it."""
+def _stdin_item(args, out: Path):
+    """``tag -``: stdin as one file named ``--name`` (its outputs under ``out``), a WAV stream or raw PCM as
+    ``replay -`` reads it."""
     from ..archive import Item, name_limit, name_too_long
     from ..sources.pipe import PipeSource, stdin_stream
     from .run import raw_pcm
@@ -297,7 +298,7 @@ def _stdin_item(args):
     fmt = raw_pcm(args, from_stdin=True)
     if not args.name.strip() or "/" in args.name or args.name.startswith("."):
         raise ConfigError(f"--name {args.name!r}: give a plain file name for stdin's outputs")
-    why = name_too_long(args.name, name_limit(check_output_folder(args.out, "--out")))
+    why = name_too_long(args.name, name_limit(out))
     if why:
         raise ConfigError(f"--name is too long: {why}; give a shorter one")
     stream = stdin_stream()

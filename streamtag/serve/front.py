@@ -117,6 +117,13 @@ class _IdleWatch:
         self.timer.cancel()
 
 
+def _cut_later_if_stuck(transport: asyncio.Transport | None, after_s: float) -> None:
+    """A closed connection whose transport still holds bytes waits for a flush that a client that reads nothing
+    never allows: cut it if they are still there ``after_s`` from now."""
+    if transport is not None and transport.get_write_buffer_size():
+        asyncio.get_running_loop().call_later(after_s, _cut_if_stuck, transport)
+
+
 def _cut_if_stuck(transport: asyncio.Transport) -> None:
     if transport.get_write_buffer_size():  # still unwritten: the client reads nothing
         transport.abort()
@@ -334,8 +341,8 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
             transport.abort()  # its close frame could not be written either: the connection is cut
         elif not ws.closed:
             await close_or_cut(ws, request, code, reason or "done")
-        elif transport is not None and transport.get_write_buffer_size():  # closed by aiohttp itself (a missed
-            loop.call_later(options.stall_s, _cut_if_stuck, transport)  # heartbeat), with bytes it cannot write
+        else:  # closed by aiohttp itself (a missed heartbeat), maybe with bytes it cannot write
+            _cut_later_if_stuck(transport, options.stall_s)
         return ws
 
     async def close_or_cut(ws, request, code: int, reason: str, wait_s: float | None = None) -> None:
@@ -355,8 +362,7 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
             task = asyncio.current_task()
             if task is not None and getattr(task, "cancelling", lambda: 0)():  # this task's own cancel: passed on
                 raise
-        if transport is not None and transport.get_write_buffer_size():
-            asyncio.get_running_loop().call_later(options.stall_s, _cut_if_stuck, transport)
+        _cut_later_if_stuck(transport, options.stall_s)
 
     async def healthz(request):
         if not worker.is_alive():
