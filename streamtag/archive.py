@@ -43,7 +43,7 @@ from .errors import AudioFileError, ConfigError
 from .events import EventDetector, model_detector
 from .multistream import MultiStreamTagger
 from .outputs.files import event_line, scores_header, scores_line
-from .sources.file import AUDIO_SUFFIXES, WavReplaySource
+from .sources.file import AUDIO_SUFFIXES, WavReplaySource, is_url
 from .steps import Step, StepBlock, write_to
 
 MANIFEST_SUFFIXES = (".csv", ".txt", ".lst")
@@ -67,6 +67,12 @@ class Item:
     listed_in: str | None = dataclasses.field(default=None, compare=False)
 
 
+_URL_FIX = (
+    "a URL, not a file; tag reads files (download it first) or stdin: "
+    "ffmpeg -i URL -f wav - | streamtag tag - --name NAME (a live stream: streamtag serve pulls it)"
+)
+
+
 def find_inputs(
     inputs: Sequence[str | os.PathLike], passed_over: list[Path] | None = None, out: str | os.PathLike | None = None
 ) -> list[Item]:
@@ -79,6 +85,8 @@ def find_inputs(
     items: list[Item] = []
     skip = Path(out).resolve() if out is not None else None
     for given in inputs:
+        if is_url(given):
+            raise ConfigError(f"{given}: {_URL_FIX}")
         p = Path(given)
         if p.is_dir():
             found = _search(p, skip, passed_over if passed_over is not None else [])
@@ -178,6 +186,9 @@ def _manifest(path: Path) -> list[Path]:
         rows = _manifest_rows(path, encoding, errors)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a readable UTF-16 text (it starts like one); save it as UTF-8") from None
+    url = next((row for row in rows if is_url(row)), None)
+    if url is not None:
+        raise ConfigError(f"{path} lists {url}: {_URL_FIX}")
     out = [p if p.is_absolute() else base / p for p in map(Path, rows)]
     if not out:
         raise ConfigError(f"{path}: the manifest lists no files")
@@ -326,7 +337,7 @@ class _Job:
             parts.append(f"{nonfinite} NaN/Inf samples were replaced by 0")
         stats = self.engine.stats if self.engine is not None else None
         if stats is not None and self.frames:
-            problems = stats.problems()
+            problems = stats.problems(overshoot=False)  # a lossy file's few samples over: not worth a column
             if problems:
                 parts.append(problems)
             if stats.peak == 0:

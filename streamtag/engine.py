@@ -35,6 +35,8 @@ from .resample import StreamResampler, check_rate
 from .steps import Step, StepBlock, as_steps, write_to
 
 FULL_SCALE = 1.0  # float audio is -1..1; a sample beyond it is clipped (counted), as an ADC would
+CLIPPED_SHARE = 0.01  # more of a stream's samples than this clipped: its format or level is wrong, not overshoot
+OVERSHOOT_PEAK = 10 ** (1.5 / 20)  # a lossy codec's or a resampler's overshoot stays below this (+1.5 dBFS)
 ENGINE_OPTIONS = frozenset({"reset_every_s", "reset_on_silence_s", "gain_db"})  # a runner passes these on as given
 PENDING_HOPS = 64  # the hop buffer's usual size; a buffer grown past PENDING_KEEP_HOPS shrinks back once empty
 PENDING_KEEP_HOPS = 1024
@@ -99,6 +101,8 @@ class StreamStats:
     frames: int = 0  # hops stepped
     nonfinite: int = 0  # NaN/Inf samples replaced by 0
     clipped: int = 0  # samples beyond full scale, clipped to it
+    clipped_peak: float = 0.0  # the largest of them, before clipping
+    samples: int = 0  # samples pushed (at the input's rate): what ``clipped`` is a share of
     power_sum: float = 0.0  # sum of hop mean squares (after the gain): the stream's RMS
     peak: float = 0.0  # after the gain
     recent_power: float = 0.0  # mean square of the last ~0.3 s, for a level meter
@@ -123,15 +127,25 @@ class StreamStats:
     def recent_dbfs(self) -> float:
         return _dbfs(self.recent_power)
 
-    def problems(self) -> str | None:
-        """One line about samples that were replaced, or None."""
+    def problems(self, overshoot: bool = True) -> str | None:
+        """One line about samples that were replaced, or None: what it likely means, and what to do.
+        ``overshoot=False`` leaves out a few samples just over full scale (a lossy codec's, a loud mix's)."""
         parts = []
         if self.nonfinite:
             parts.append(f"{self.nonfinite} NaN/Inf samples were replaced by 0")
         if self.clipped:
-            parts.append(f"{self.clipped} samples beyond full scale (|x| > 1) were clipped")
+            peak = 20 * np.log10(max(self.clipped_peak, FULL_SCALE))
+            parts.append(f"{self.clipped} samples beyond full scale (|x| > 1) were clipped (peak {peak:+.1f} dBFS)")
         if not parts:
             return None
+        if not self.nonfinite and self.clipped <= CLIPPED_SHARE * self.samples and self.clipped_peak < OVERSHOOT_PEAK:
+            return parts[0] + ": a loud recording's overshoot, too little to matter" if overshoot else None
+        if not self.nonfinite:  # floats that are floats: a mix with headroom loses its peaks here
+            return (
+                f"{parts[0]}: a float recording louder than full scale? turn it down before tagging "
+                f"(ffmpeg -i FILE -af volume=-{np.ceil(peak):.0f}dB -f wav - | streamtag replay -); "
+                "or is the input format right (e.g. int16 read as float)?"
+            )
         return "; ".join(parts) + ": is the input format right (e.g. int16 read as float)?"
 
 
@@ -453,6 +467,7 @@ class StreamTagger:
         return k
 
     def _guard(self, x: np.ndarray) -> np.ndarray:
+        self.stats.samples += x.size
         peak = float(np.max(np.abs(x)))
         if peak <= FULL_SCALE:  # the usual chunk: one reduction
             return x
@@ -466,6 +481,7 @@ class StreamTagger:
         n_over = int(over.sum())
         if n_over:
             self.stats.clipped += n_over
+            self.stats.clipped_peak = max(self.stats.clipped_peak, float(np.abs(x).max()))
             np.clip(x, -FULL_SCALE, FULL_SCALE, out=x)
         return x
 

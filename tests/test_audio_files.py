@@ -198,10 +198,11 @@ def test_file_cut_short_mid_replay_ends_with_an_error(cnn_dir, tmp_path):
     assert worker.frames == 100
 
 
-@pytest.mark.parametrize("suffix", ["wav", "flac"])
+@pytest.mark.parametrize("suffix", ["wav", "flac", "mp3"])
 def test_a_truncated_file_is_tagged_as_far_as_it_goes_and_said_so(tmp_path, cnn_dir, suffix):
-    """A WAV whose data stops early (libsndfile reads on quietly) and a FLAC cut mid-stream: what is
-    there is tagged, then one line names the damage, exit 1; never a silent success."""
+    """A WAV whose data stops early (libsndfile reads on quietly), a FLAC cut mid-stream and an MP3 whose header
+    counts its frames (libmpg123 only warns): what is there is tagged, then one line names the damage, exit 1;
+    never a silent success."""
     import soundfile as sf
 
     whole = tmp_path / f"whole.{suffix}"
@@ -236,6 +237,95 @@ def test_a_wav_streamed_by_ffmpeg_into_a_file_is_whole(tmp_path):
     assert source.error is None and got.size == 16000
 
 
+def _zero_sizes(data: bytes, data_size: int = 0) -> bytes:
+    """A 44-byte-header WAV with its RIFF size 0 and its data size ``data_size``, as a recorder that stopped
+    before going back to write them leaves it."""
+    data = bytearray(data)
+    assert data[36:40] == b"data"
+    data[4:8] = bytes(4)
+    data[40:44] = data_size.to_bytes(4, "little")
+    return bytes(data)
+
+
+def test_a_wav_whose_header_was_never_finished_is_read_to_its_end(tmp_path, monkeypatch):
+    """A recorder that crashed leaves the sizes 0: libsndfile reads nothing ("holds no audio samples" for 15 s of
+    PCM); a data chunk past 4 GiB keeps only the remainder of its size (libsndfile read that much, silently).
+    Both are read to the end of the file, by replay and by read_audio, with the samples of the whole file."""
+    from streamtag.sources import WavReplaySource
+    from streamtag.sources import file as file_source
+
+    whole = tmp_path / "whole.wav"
+    stereo = _tone(16000, seconds=2.0, channels=2)
+    sf.write(whole, stereo, 16000, subtype="PCM_16")
+    want = sf.read(whole, dtype="float32")[0].mean(axis=1)
+    crashed = tmp_path / "crashed.wav"
+    crashed.write_bytes(_zero_sizes(whole.read_bytes()))
+    assert sf.info(crashed).frames == 0  # what libsndfile makes of it
+    wrapped = tmp_path / "wrapped.wav"  # a size that lost 4 GiB, scaled down: the wrap is 16 KiB here
+    monkeypatch.setattr(file_source, "SIZE_WRAP", 1 << 14)
+    wrapped.write_bytes(_zero_sizes(whole.read_bytes(), 4 * 32000 - 5 * (1 << 14)))
+    assert sf.info(wrapped).frames < 32000 // 2
+    for path in (crashed, wrapped):
+        source = WavReplaySource(path, 16000, speed=0)
+        got = np.concatenate(list(source.chunks()))
+        assert source.error is None and source.warning is None
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        np.testing.assert_allclose(read_audio(path, 16000)[0], want, atol=1e-4)
+    assert WavReplaySource(whole, 16000, speed=0).info.headerless is None  # a whole file goes to libsndfile
+
+
+def test_a_cut_ogg_and_cancelling_channels_are_said(tmp_path):
+    """An Ogg cut mid-stream (no end-of-stream mark: how much is lost is not known) and stereo whose channels
+    cancel in the mono mix (a phase-inverted one) were tagged without a word, the latter as digital silence."""
+    from streamtag.sources import WavReplaySource
+
+    tone = _tone(16000, seconds=4.0).astype(np.float32)
+    ogg = tmp_path / "whole.ogg"
+    sf.write(ogg, read_clip(EXAMPLES / "rain.flac"), 16000)
+    cut = tmp_path / "cut.ogg"
+    cut.write_bytes(ogg.read_bytes()[: ogg.stat().st_size // 2])
+    inverted = tmp_path / "inverted.wav"
+    sf.write(inverted, np.stack([tone, -tone], axis=1), 16000)
+    stereo = tmp_path / "stereo.wav"
+    sf.write(stereo, np.stack([tone, 0.5 * tone], axis=1), 16000)
+
+    def warning(path):
+        source = WavReplaySource(path, 16000, speed=0)
+        assert sum(c.size for c in source.chunks()) > 0 and source.error is None
+        return source.warning
+
+    assert "ends without its end-of-stream mark" in warning(cut)
+    assert "channels cancel out" in warning(inverted) and "pan=mono|c0=c0" in warning(inverted)
+    assert warning(ogg) is None and warning(stereo) is None
+
+
+def test_a_url_is_not_taken_for_a_path(tmp_path, cnn_dir):
+    """http://host/x.wav became http:/host/x.wav ("no such file"); it is named as given, with the pipe that reads it."""
+    for command in (["replay", "http://127.0.0.1:9/x.wav", "--model", cnn_dir], ["tag", "rtsp://cam/live"]):
+        r = run_cli(*command, "--out", tmp_path / "out") if command[0] == "tag" else run_cli(*command)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert f"{command[1]}: a URL, not a file" in r.stderr and "ffmpeg -i" in r.stderr
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("http://host/a.wav\n")
+    r = run_cli("tag", manifest, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "lists http://host/a.wav: a URL" in r.stderr
+
+
+def test_clipped_samples_are_told_apart_from_overshoot():
+    """A few samples over full scale (a lossy codec's overshoot) are not a wrong format; many are a float mix
+    louder than full scale, clipped here, and the way to turn it down comes with its peak."""
+    from streamtag.engine import StreamStats
+
+    few = StreamStats(clipped=1, clipped_peak=1.05, samples=16000)
+    assert "too little to matter" in few.problems() and few.problems(overshoot=False) is None
+    many = StreamStats(clipped=3000, clipped_peak=3.9, samples=16000)
+    assert "peak +11.8 dBFS" in many.problems() and "volume=-12dB" in many.problems()
+    peaks = StreamStats(clipped=30, clipped_peak=4.0, samples=16000)  # a loud mix's peaks: few, but far over
+    assert "turn it down" in peaks.problems(overshoot=False)
+    garbage = StreamStats(nonfinite=5, clipped=1, clipped_peak=2.0, samples=16000)
+    assert "is the input format right" in garbage.problems(overshoot=False)
+
+
 def test_empty_files_and_containers_ffmpeg_reads_say_what_to_do(tmp_path):
     from streamtag.sources.file import probe_audio
 
@@ -246,3 +336,15 @@ def test_empty_files_and_containers_ffmpeg_reads_say_what_to_do(tmp_path):
         (tmp_path / name).write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))
         with pytest.raises(AudioFileError, match=r"ffmpeg -i .* -f wav - \| streamtag replay -"):
             probe_audio(tmp_path / name)
+    # the command is quoted for a shell ('it's.m4a' broke it), and a WAV of an encoding only ffmpeg reads (G.726)
+    # is sent there too, where it was told to "use WAV"
+    (tmp_path / "it's.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))
+    with pytest.raises(AudioFileError) as said:
+        probe_audio(tmp_path / "it's.m4a")
+    assert f"ffmpeg -i '{tmp_path}/it'\"'\"'s.m4a' -f wav -" in str(said.value)
+    fmt = (0x64).to_bytes(2, "little") + (1).to_bytes(2, "little") + (8000).to_bytes(4, "little")
+    fmt += (4000).to_bytes(4, "little") + (1).to_bytes(2, "little") + (4).to_bytes(2, "little")
+    body = b"WAVE" + b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + (4000).to_bytes(4, "little")
+    (tmp_path / "g726.wav").write_bytes(b"RIFF" + (len(body) + 4000).to_bytes(4, "little") + body + bytes(4000))
+    with pytest.raises(AudioFileError, match=r"g726\.wav cannot be read .*only ffmpeg decodes; try ffmpeg -i"):
+        probe_audio(tmp_path / "g726.wav")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..engine import CLIPPED_SHARE
 from ..errors import ConfigError, StreamtagError, count
 from ..multistream import MultiStreamTagger
 from ..steps import Step, StepBlock
@@ -59,9 +60,6 @@ class ServeOptions:
     # hop than a round of a hundred (one call per hop either way), so a busy worker lets clients' messages gather
     # for up to twice what its last round cost, up to this; a lightly loaded one (short rounds) barely waits.
     round_s: float = 0.02
-
-
-CLIPPED_SHARE = 0.01  # more of a stream's samples than this beyond full scale: its format is likely not what it said
 
 
 @dataclasses.dataclass

@@ -10,8 +10,10 @@ memory whole.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from ..errors import AudioFileError, ConfigError, is_whole
 from ..resample import check_rate, resample_chunks
 from ..ring import SpscRing
 from .base import ProducerSource, mono_finite, push_paced
+from .pipe import PcmDecoder, PcmFormat, read_wav_header
 
 _READ_ERRORS = (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError, OSError)
 # the extensions of files libsndfile reads (a folder is searched for these by tag, train and eval)
@@ -35,14 +38,48 @@ READ_BLOCK_SECONDS = 1.28  # decoded at a time: 128 hops, one full chunk-graph c
 FFMPEG_SUFFIXES = (".m4a", ".aac", ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".wma", ".avi", ".3gp", ".amr", ".ac3")
 # a data size a writer that cannot seek back (ffmpeg -f wav to a pipe) puts in the header: "until the end"
 _UNKNOWN_SIZES = (0xFFFFFFFF, 0x7FFFFFFF)
+SIZE_WRAP = 1 << 32  # a WAV header's sizes are 32-bit: a longer data chunk's size keeps only the remainder
+# a file read shorter than its header announces (an MP3's frame count, FLAC's sample count) by more than this
+# share, and a second, is cut short; within it, an MP3's count may be an encoder's estimate
+SHORT_SHARE, SHORT_SECONDS = 0.01, 1.0
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(given: str | os.PathLike) -> bool:
+    """``given`` names a stream (http://, rtsp://, ...), not a file (``Path`` would fold its ``//`` into one)."""
+    return isinstance(given, str) and bool(_URL.match(given))
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeaderlessWav:
+    """A WAV file whose header does not say how long it is: its PCM is read to the end of the file."""
+
+    fmt: PcmFormat
+    start: int  # the first sample's byte offset
+    frames: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioInfo:
+    """What :func:`probe_audio` learnt of a file."""
+
+    frames: int
+    samplerate: int
+    extra_info: str
+    headerless: _HeaderlessWav | None = None  # read past libsndfile, which takes the header at its word
 
 
 def _reason(exc: Exception) -> str:
     return str(exc).split(":")[-1].strip() or type(exc).__name__
 
 
-def probe_audio(path: str | os.PathLike):
-    """``soundfile.info`` of a usable audio file, or :class:`AudioFileError` saying what is wrong."""
+def probe_audio(path: str | os.PathLike) -> AudioInfo:
+    """What a usable audio file holds, or :class:`AudioFileError` saying what is wrong."""
+    if is_url(path):
+        raise AudioFileError(
+            f"{path}: a URL, not a file; decode it with ffmpeg into a pipe: "
+            f"ffmpeg -i {shlex.quote(str(path))} -f wav - | streamtag replay - (or streamtag tag - --name NAME)"
+        )
     path = Path(path)
     if not path.exists():
         raise AudioFileError(f"{path}: no such file")
@@ -54,9 +91,52 @@ def probe_audio(path: str | os.PathLike):
         info = sf.info(_native(path))
     except _READ_ERRORS as exc:
         raise _unreadable(path, exc) from None
+    headerless = _headerless_wav(path, info.frames)
+    if headerless is not None:
+        return AudioInfo(headerless.frames, headerless.fmt.rate, info.extra_info, headerless)
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioFileError(f"{path} holds no audio samples")
-    return info
+    return AudioInfo(info.frames, info.samplerate, info.extra_info)
+
+
+def _headerless_wav(path: Path, frames: int) -> _HeaderlessWav | None:
+    """A WAV file whose header does not give its length, which libsndfile takes at its word: a data size of 0
+    (a recorder stopped before it went back to write it: libsndfile reads nothing) or one that wrapped past
+    4 GiB (a long recording by a writer that knows no RF64: libsndfile reads the remainder). Its samples are
+    read to the end of the file, as a pipe's are. None for any other file."""
+    try:
+        with open(_native(path), "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            f.seek(0)
+            fmt = read_wav_header(f)
+            start = f.tell()
+            usable = os.fstat(f.fileno()).st_size - start
+    except (AudioFileError, OSError, ValueError):  # not a WAV read_wav_header reads (8-bit, ADPCM): libsndfile's
+        return None
+    frame_bytes = fmt.width * fmt.channels
+    if fmt.data_bytes is None:  # 0, or "unknown": libsndfile reads the latter to the end itself
+        cut = frames <= 0
+    else:  # the true size less a whole number of 4 GiB (a chunk after the data would break this: left alone)
+        cut = usable > fmt.data_bytes and (usable - fmt.data_bytes) % SIZE_WRAP == 0
+    if not cut or usable < frame_bytes:
+        return None
+    return _HeaderlessWav(dataclasses.replace(fmt, data_bytes=None), start, usable // frame_bytes)
+
+
+def _headerless_blocks(path: Path, wav: _HeaderlessWav, frames: int) -> Iterator[np.ndarray]:
+    """A headerless WAV's samples ``(frames, channels)``, ``frames`` at a time, to the end of the file."""
+    decode = PcmDecoder(wav.fmt)
+    left = wav.frames * decode.frame_bytes
+    with open(_native(path), "rb") as f:
+        f.seek(wav.start)
+        while left > 0:
+            data = f.read(min(left, frames * decode.frame_bytes))
+            if not data:
+                return
+            left -= len(data)
+            yield decode(data)
 
 
 def _native(path: str | os.PathLike) -> str | bytes:
@@ -79,9 +159,31 @@ def _unreadable(path: Path, exc: Exception) -> AudioFileError:
     if path.suffix.lower() in FFMPEG_SUFFIXES:
         return AudioFileError(
             f"{path}: {path.suffix.lower()} files are not read directly; decode with ffmpeg into a pipe: "
-            f"ffmpeg -i '{path}' -f wav - | streamtag replay - (or streamtag tag - --name NAME)"
+            f"{_ffmpeg_pipe(path)}"
+        )
+    if _container(path):  # a WAV or AIFF holding an encoding libsndfile lacks (G.726, some ADPCM)
+        return AudioFileError(
+            f"{path} cannot be read ({_reason(exc)}): its encoding may be one only ffmpeg decodes; try "
+            f"{_ffmpeg_pipe(path)}"
         )
     return AudioFileError(f"{path} is not a readable audio file ({_reason(exc)}); use WAV, FLAC, OGG, MP3 or AIFF")
+
+
+def _container(path: Path) -> bool:
+    """``path`` starts as a WAV or AIFF does (so a failure to read it is its encoding, not garbage)."""
+    try:
+        with open(_native(path), "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return (head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE") or (
+        head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC")
+    )
+
+
+def _ffmpeg_pipe(path: Path) -> str:
+    """The command that decodes ``path`` into ``replay -``, quoted for a POSIX shell."""
+    return f"ffmpeg -i {shlex.quote(str(path))} -f wav - | streamtag replay - (or streamtag tag - --name NAME)"
 
 
 def _check_length(path: Path, samples: float, sample_rate: int, min_samples: int) -> None:
@@ -98,10 +200,14 @@ def read_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) 
     Raises :class:`AudioFileError` with the reason for anything that is not usable audio.
     """
     check_rate(sample_rate, "sample_rate")
+    info = probe_audio(path)
     path = Path(path)
-    probe_audio(path)
+    rate = info.samplerate
     try:
-        data, rate = sf.read(_native(path), dtype="float32", always_2d=True)
+        if info.headerless is not None:
+            data = np.concatenate(list(_headerless_blocks(path, info.headerless, max(info.frames, 1))))
+        else:
+            data, rate = sf.read(_native(path), dtype="float32", always_2d=True)
     except _READ_ERRORS as exc:
         raise _unreadable(path, exc) from None
     if data.size == 0:
@@ -113,7 +219,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int, min_samples: int = 1) 
     return mono, nonfinite
 
 
-def _missing_part(info) -> str | None:
+def _missing_part(info: AudioInfo) -> str | None:
     """How much of a WAV/AIFF file its header promises but the file lacks (libsndfile reads what is there
     and only notes the shortfall in its log), e.g. ``"50%"``; None for a whole file."""
     match = re.search(r"^(?:data|SSND)\s*:\s*(\d+) \(should be (\d+)\)", info.extra_info or "", re.MULTILINE)
@@ -160,10 +266,12 @@ class WavReplaySource(ProducerSource):
             raise ConfigError(f"repeat must be >= 1 ({repeat} given)")
         if not is_whole(block_size) or block_size < 1:
             raise ConfigError(f"block_size must be a whole number of samples >= 1 ({block_size!r} given)")
+        info = probe_audio(path)
         self.path = Path(path)
-        info = probe_audio(self.path)
+        self.info = info
         self.file_rate = info.samplerate
         self._short_by = _missing_part(info)
+        self.warning: str | None = None  # said after the run: something about the file worth knowing
         _check_length(self.path, info.frames * sample_rate / info.samplerate, sample_rate, min_samples)
         self.sample_rate = sample_rate
         self.block_size = block_size
@@ -185,16 +293,45 @@ class WavReplaySource(ProducerSource):
                 f"the {delivered / self.sample_rate:.2f} s before that were tagged"
             )
             return
+        read = self._frames_read / self.file_rate
+        missing = self.info.frames - self._frames_read  # an MP3's or FLAC's header counts its samples too
+        if self._short_by is None and missing > max(SHORT_SHARE * self.info.frames, SHORT_SECONDS * self.file_rate):
+            self._short_by = f"{missing / self.info.frames:.0%}"
         if self._short_by is not None:
             self.error = (
                 f"{self.path} is truncated: {self._short_by} of its audio is missing; "
-                f"the {self._frames_read / self.file_rate:.2f} s that could be read were tagged"
+                f"the {read:.2f} s that could be read were tagged"
+            )
+        elif "Last page lacks an end-of-stream bit" in self.info.extra_info:  # Ogg: how much is lost is not known
+            self.warning = (
+                f"{self.path.name} ends without its end-of-stream mark (cut short?): its {read:.2f} s were tagged"
+            )
+        elif self._power_mix < 1e-3 * self._power_channels and self._power_channels > 1e-8 * self._frames_read:
+            self.warning = (
+                f"{self.path.name}: its channels cancel out when averaged to mono (one is phase-inverted?); tag one "
+                f"channel: ffmpeg -i {shlex.quote(str(self.path))} -af 'pan=mono|c0=c0' -f wav - | streamtag replay -"
             )
 
     def _file_chunks(self) -> Iterator[np.ndarray]:
         self._frames_read = 0
+        self._power_channels = self._power_mix = 0.0  # sums of squares: the channels' mean, and their mix's
+        for data in self._blocks():
+            self._frames_read += data.shape[0]
+            mono, nonfinite = mono_finite(data)
+            self.status.nonfinite_samples += nonfinite
+            if data.shape[1] > 1 and not nonfinite:
+                self._power_channels += float(np.square(data, dtype=np.float64).sum()) / data.shape[1]
+                self._power_mix += float(np.square(mono, dtype=np.float64).sum())
+            yield mono
+
+    def _blocks(self) -> Iterator[np.ndarray]:
+        """The file's samples ``(frames, channels)``, about ``READ_BLOCK_SECONDS`` at a time."""
         frames = max(1, int(self.file_rate * READ_BLOCK_SECONDS))
+        if self.info.headerless is not None:
+            yield from _headerless_blocks(self.path, self.info.headerless, frames)
+            return
         small = max(1, self.file_rate // 10)
+        read = 0
         f = sf.SoundFile(_native(self.path))
         try:
             while True:  # read(), not blocks(): blocks() seeks back before every block (for overlaps)
@@ -206,17 +343,15 @@ class WavReplaySource(ProducerSource):
                     # a broken block loses its good start too: decode up to it again, then 0.1 s at a time
                     f.close()
                     f = sf.SoundFile(_native(self.path))
-                    for _ in range(self._frames_read // small):
+                    for _ in range(read // small):
                         f.read(small, dtype="float32")
-                    f.read(self._frames_read % small, dtype="float32")
+                    f.read(read % small, dtype="float32")
                     frames = small
                     continue
                 if not data.shape[0]:
                     break
-                self._frames_read += data.shape[0]
-                mono, nonfinite = mono_finite(data)
-                self.status.nonfinite_samples += nonfinite
-                yield mono
+                read += data.shape[0]
+                yield data
         finally:
             f.close()
 
