@@ -814,6 +814,8 @@ def test_event_stream_tells_a_sound_named_late_from_one_never_named(tmp_path, mo
     assert [r["peak"] for r in got["placed"]] == pytest.approx([0.9, 0.9, 0.0])
     text = "\n".join(evaluate.event_stream_lines(got))
     assert "1 of 3 sounds found" in text and "named at all" in text and ": 2 of 3" in text
+    assert got["false_events"] == 0 and "0 other events" in text  # the late cat is named, not "other"
+    assert "0.3 s before the sound to 1 s after its end" in text
     assert "not found within 0.3 s" in text and "cat 0.90, dog 0.00" in text  # with how near each label came
 
 

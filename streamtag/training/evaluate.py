@@ -351,13 +351,15 @@ def event_stream(
         events += [e for e in detector.update(f, row) if e.kind == "open"]
     column = {name: c for c, name in enumerate(backend.labels)}
     frame_s = feats.frame_seconds
-    used, rows = set(), []
+    used, late, rows = set(), set(), []  # events that found a sound in time, and that named one late
     for label, start, end in placed:
         mine = [(n, e.onset - start) for n, e in enumerate(events) if e.label == label]  # offsets from its start
         match = [(abs(d), n) for n, d in mine if n not in used and abs(d) <= onset_tolerance_s]
         if match:
             used.add(min(match)[1])
-        heard = [d for _, d in mine if -onset_tolerance_s <= d <= end - start + heard_within_s]
+        named = [(n, d) for n, d in mine if -onset_tolerance_s <= d <= end - start + heard_within_s]
+        late.update(n for n, _ in named)
+        heard = [d for _, d in named]
         span = probs[int(start / frame_s) : int((end + heard_within_s) / frame_s), column[label]]
         rows.append(
             {
@@ -370,7 +372,7 @@ def event_stream(
                 "peak": round(float(span.max()), 3) if span.size else 0.0,
             }
         )
-    false = [e for n, e in enumerate(events) if n not in used]
+    false = [e for n, e in enumerate(events) if n not in used and n not in late]  # a late one is not "other"
     found = [r for r in rows if r["found"]]
     delays = [r["onset_delay_s"] for r in rows if r["heard"]]
     return {
@@ -528,14 +530,14 @@ def event_stream_lines(es: dict[str, Any]) -> list[str]:
     delay = es["median_onset_delay_s"]
     lines += [
         f"- named at all (an event of its label with an onset from {tol:g} s before the sound to {within:g} s after "
-        f"it): {es['heard']} of {es['sounds']}"
+        f"its end): {es['heard']} of {es['sounds']}"
         + (f", onset {delay:+.2f} s from the start (median)" if es["heard"] else "")
     ]
     missed = [f"{r['label']} {r['peak']:.2f}" for r in es["placed"] if not r["found"]]
     if missed:
         lines += [
             f"- not found within {tol:g} s (its label's highest score, from the sound's start to {within:g} s after "
-            "it): " + ", ".join(missed)
+            "its end): " + ", ".join(missed)
         ]
     return lines
 
