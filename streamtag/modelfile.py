@@ -32,9 +32,10 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 
 def resolve_model_dir(path: str | os.PathLike | None) -> Path:
     """The folder a ``--model`` option names (the bundled default when ``None``), checked to exist."""
-    folder = DEFAULT_MODEL_DIR if path is None else Path(path)
-    if str(path) == "default" and not folder.exists():  # the bundled model's name, as eval and train --init take it
-        folder = DEFAULT_MODEL_DIR
+    # the word "default" is the bundled model in every command (a folder of that name is ./default): eval and
+    # train --init took it so while --model default took a ./default folder first. A Path is always a folder
+    # (Path("./default") reads as "default": a folder resolved once is passed on as one)
+    folder = DEFAULT_MODEL_DIR if path is None or path == "default" else Path(path)
     if folder.is_file() and folder.name in (CONFIG_NAME, WEIGHTS_NAME, ONNX_NAME):
         folder = folder.parent
     if not folder.is_dir():

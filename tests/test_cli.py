@@ -10,6 +10,8 @@ import time
 import numpy as np
 import pytest
 
+from streamtag.modelfile import DEFAULT_MODEL_DIR
+
 from .conftest import EXAMPLES, LABELS, read_clip, run_cli
 
 
@@ -694,11 +696,24 @@ def test_a_cache_that_cannot_be_written_is_one_line(cnn_dir):
     assert "cannot write the cache folder /proc/streamtag_cache/onnx" in r.stderr and "STREAMTAG_CACHE" in r.stderr
 
 
-def test_default_names_the_bundled_model_for_every_command():
-    """eval and train --init took 'default'; replay, tag, bench and export said 'model folder not found'."""
-    r = run_cli("replay", EXAMPLES / "rain.flac", "--model", "default", "--fast", "--quiet", "--events", "-")
-    assert r.returncode == 0, r.stderr
-    assert '"label": "rain"' in r.stdout
+def test_default_names_the_bundled_model_for_every_command(cnn_dir, tmp_path):
+    """eval and train --init took 'default'; replay, tag, bench and export said 'model folder not found'. Then a
+    ./default folder (train --out default) was what --model default meant, but eval still took the bundled one."""
+    import shutil
+
+    shutil.copytree(cnn_dir, tmp_path / "default")  # a user's model in ./default: reached as ./default
+    clip = str(EXAMPLES / "rain.flac")
+
+    def events(model):
+        r = run_cli("replay", clip, "--model", model, "--fast", "--quiet", "--events", "-", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return [(e["label"], e["onset"], e["score_max"]) for e in map(json.loads, r.stdout.splitlines())]
+
+    bundled = events("default")
+    assert ("rain", 2.21) in [e[:2] for e in bundled]
+    assert events("./default") != bundled and events(str(DEFAULT_MODEL_DIR)) == bundled
+    r = run_cli("train", str(EXAMPLES), "--out", "default", cwd=tmp_path)
+    assert r.returncode == 2 and "'default' names the bundled model" in r.stderr, r.stderr
 
 
 def test_a_pipe_other_than_stdout_closing_is_an_error_not_a_quiet_exit(monkeypatch, capsys):
@@ -788,3 +803,18 @@ def test_only_an_interrupt_that_caused_an_import_error_is_taken_for_a_ctrl_c():
     caused.__cause__ = Terminated()  # a SIGTERM while onnxruntime loads: still a SIGTERM (exit 0), not a Ctrl-C
     with pytest.raises(Terminated):
         raise_if_interrupted(caused)
+
+
+def test_an_unknown_option_is_said_by_its_command_with_the_likely_one(capsys):
+    """A typo went to the top level ("see 'streamtag --help'") with no hint; another command's option (live
+    --plot) read as if it were no option at all."""
+    from streamtag.cli import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(["replay", "x.wav", "--fats"])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and err.startswith("streamtag replay: error: unrecognized arguments: --fats")
+    assert "(did you mean --fast?)" in err and "see 'streamtag replay --help'" in err
+    with pytest.raises(SystemExit):
+        main(["live", "--plot", "x.png"])
+    assert "(--plot is an option of eval, replay, not of live); see 'streamtag live --help'" in capsys.readouterr().err

@@ -77,7 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__name__}.{name}").add_parser(subparsers)
+    parser.commands = subparsers.choices  # each command's own parser: an unknown option is said by it
     return parser
+
+
+def _unknown_options(parser, command: str, extra: list[str]) -> NoReturn:
+    """An option the command does not take, said by the command (``see 'streamtag replay --help'``, not the top
+    level's), with the option it likely meant, or the commands that take it."""
+    import difflib
+
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    sub = parser.commands[command]
+    wrong = next((a.split("=")[0] for a in extra if a.startswith("--")), None)
+    if wrong is not None:
+        options = {o for action in sub._actions for o in action.option_strings if o.startswith("--")}
+        close = difflib.get_close_matches(wrong, sorted(options), n=1)
+        others = sorted(
+            name
+            for name, other in parser.commands.items()
+            if name != command and any(wrong in action.option_strings for action in other._actions)
+        )
+        if others:  # exactly another command's option: more likely than a typo of one of this command's
+            message += f" ({wrong} is an option of {', '.join(others)}, not of {command})"
+        elif close:
+            message += f" (did you mean {close[0]}?)"
+    sub.error(message)
 
 
 def _one_line_warnings(command: str) -> None:
@@ -140,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         return stop_exit_code(stop)
     given = _glue_negative_values(sys.argv[1:] if argv is None else list(argv))
     Parser.given = tuple(given)
-    args = parser.parse_args(given)
+    args, extra = parser.parse_known_args(given)
+    if extra:
+        _unknown_options(parser, args.command, extra)
     _one_line_warnings(args.command)
     STOP_SIGNALS_SEEN.clear()
     try:

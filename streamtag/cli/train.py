@@ -472,6 +472,8 @@ def _check_out(out: Path, args) -> None:
     """Never replace a trained model by surprise, and find an unwritable --out before the features are computed."""
     from ..outputs.files import check_output_folder
 
+    if str(args.out) == "default":  # --model default and eval default would not find it
+        raise ConfigError("--out default: 'default' names the bundled model in every command; give another name")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: folder {out.parent} does not exist; create it first")
     check_output_folder(out, "--out")  # a file in its place, or a place nothing can be written
