@@ -10,6 +10,7 @@ are exactly those of a local ``tag``: the same engine runs inside each actor.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import logging
 import os
@@ -147,6 +148,13 @@ def tag_on_ray(
     ``actors``: how many (default: one per CPU Ray offers)."""
     if any(item.opener is not None for item in items):
         raise ConfigError("--ray tags files: stdin (-) is tagged locally, without --ray")
+    # an actor's working folder is the cluster's, not this one: relative paths sent there found no files, and
+    # a relative --out put every output under the cluster's folder while the run said "tagged"
+    given = {str(item.path.absolute()): str(item.path) for item in items}
+    items = [dataclasses.replace(item, path=item.path.absolute()) for item in items]
+    kwargs["out"] = Path(kwargs["out"]).absolute()
+    if kwargs.get("model") not in (None, "default"):
+        kwargs["model"] = os.path.abspath(kwargs["model"])
     ray = _start_ray(address)
     try:
         n = actors or max(1, int(ray.available_resources().get("CPU", 1)))
@@ -189,6 +197,7 @@ def tag_on_ray(
                 if tries and outcome.skipped:  # finished in this run by the actor that died: tagged, not skipped
                     marker = done_marker(Path(kwargs["out"]), Item(Path(outcome.path), outcome.name))
                     outcome.skipped = not marked_since(marker, begun)
+                outcome.path = given.get(outcome.path, outcome.path)  # in the summary as given, as a local run
                 outcomes.append(outcome)
                 if progress is not None:
                     progress(outcome)

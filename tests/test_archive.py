@@ -347,6 +347,65 @@ def test_ray_writes_exactly_what_a_local_tag_writes(archive, tmp_path, cnn_dir):
         )
 
 
+def test_ray_actors_get_absolute_paths_so_a_cluster_elsewhere_finds_files_and_out(
+    archive, tmp_path, cnn_dir, monkeypatch
+):
+    """An actor works in the cluster's folder, not the caller's: relative inputs failed ("given but missing") and
+    a relative --out put every output under the cluster's folder while the run said "tagged". Here a stand-in for
+    Ray runs each actor's batch from another folder."""
+    import types
+
+    from streamtag import distributed
+    from streamtag.archive import find_inputs
+    from streamtag.cli.run import detector_factory
+
+    elsewhere = tmp_path / "cluster_cwd"
+    elsewhere.mkdir()
+
+    class Done:  # a finished task: its result, got at once
+        def __init__(self, value):
+            self.value = value
+
+    def remote(**_):
+        def wrap(cls):
+            def make(kwargs):
+                actor = cls(kwargs)
+
+                def run_elsewhere(batch):
+                    here = os.getcwd()
+                    os.chdir(elsewhere)
+                    try:
+                        return Done(actor.run(batch))
+                    finally:
+                        os.chdir(here)
+
+                return types.SimpleNamespace(run=types.SimpleNamespace(remote=run_elsewhere))
+
+            return types.SimpleNamespace(remote=make)
+
+        return wrap
+
+    fake = types.SimpleNamespace(
+        available_resources=lambda: {"CPU": 1},
+        cluster_resources=lambda: {"CPU": 1},
+        remote=remote,
+        wait=lambda tasks, num_returns: (tasks[:1], tasks[1:]),
+        get=lambda task: task.value,
+        shutdown=lambda: None,
+        exceptions=types.SimpleNamespace(RayActorError=RuntimeError, RayError=RuntimeError),
+    )
+    monkeypatch.setattr(distributed, "_start_ray", lambda address: fake)
+    monkeypatch.chdir(tmp_path)
+    items = [i for i in find_inputs([archive.name]) if not i.name.endswith("broken.wav")]  # relative paths
+    detector = detector_factory(str(cnn_dir))
+    kwargs = dict(out=Path("out"), model=str(cnn_dir), backend="onnx", width=4, scores=False, detector=detector)
+    outcomes = distributed.tag_on_ray(items, "auto", **kwargs, force=False)
+    assert [o.error for o in outcomes] == [None] * len(items)
+    assert sorted(o.path for o in outcomes) == sorted(str(i.path) for i in items)  # as given, as a local run
+    assert len(list((tmp_path / "out").rglob("*.events.jsonl"))) == len(items)
+    assert not list(elsewhere.rglob("*"))
+
+
 def test_a_ray_rerun_of_a_finished_archive_starts_no_ray(archive, tmp_path, cnn_dir):
     """Every file done by an earlier run: --ray started Ray (seconds, and a cluster's logs) only to skip them all.
     Now the done files are set aside first, so an address where nothing answers is never asked."""
