@@ -136,6 +136,13 @@ class _Tagger:
         return tag_archive(batch, multi=self.multi, **self.kwargs)
 
 
+class ClusterLost(StreamtagError):
+    """The Ray cluster went away mid-run (its head stopped, the network lost): the files finished so far are
+    kept, the rest are not finished; a rerun tags them."""
+
+    exit_code = 1
+
+
 def tag_on_ray(
     items: Sequence[Item],
     address: str,
@@ -177,9 +184,12 @@ def tag_on_ray(
             running[actor.run.remote(batch)] = (actor, batch, tries)
 
         while batches or running:
-            while idle and batches:
-                give(idle.pop(), batches.popleft())
-            (task,), _ = ray.wait(list(running), num_returns=1)
+            try:
+                while idle and batches:
+                    give(idle.pop(), batches.popleft())
+                (task,), _ = ray.wait(list(running), num_returns=1)
+            except (ConnectionError, ray.exceptions.RaySystemError) as exc:  # Ray Client's link, or the GCS, gone
+                raise ClusterLost(f"the Ray cluster was lost ({_first_line(exc)})") from None
             actor, batch, tries = running.pop(task)
             try:
                 done = ray.get(task)
@@ -189,6 +199,8 @@ def tag_on_ray(
                     continue
                 done = _failed(batch, f"the Ray actor tagging it died twice ({_first_line(exc)})")
                 actor = remote.remote(kwargs) if batches else None  # a new one only for work still to give
+            except (ConnectionError, ray.exceptions.RaySystemError) as exc:
+                raise ClusterLost(f"the Ray cluster was lost ({_first_line(exc)})") from None
             except ray.exceptions.RayError as exc:  # the task failed (a disk full): its files fail, the rest go on
                 done = _failed(batch, f"the Ray task tagging it failed ({_first_line(exc)})")
             if actor is not None:

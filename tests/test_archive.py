@@ -347,24 +347,16 @@ def test_ray_writes_exactly_what_a_local_tag_writes(archive, tmp_path, cnn_dir):
         )
 
 
-def test_ray_actors_get_absolute_paths_so_a_cluster_elsewhere_finds_files_and_out(
-    archive, tmp_path, cnn_dir, monkeypatch
-):
-    """An actor works in the cluster's folder, not the caller's: relative inputs failed ("given but missing") and
-    a relative --out put every output under the cluster's folder while the run said "tagged". Here a stand-in for
-    Ray runs each actor's batch from another folder."""
+def _stand_in_ray(cwd: Path, lost_after: int | None = None):
+    """A stand-in for the ``ray`` module: each actor runs its batch at once, in ``cwd`` (a cluster's own working
+    folder); after ``lost_after`` batches, the next wait fails as Ray Client's does when the cluster goes."""
     import types
-
-    from streamtag import distributed
-    from streamtag.archive import find_inputs
-    from streamtag.cli.run import detector_factory
-
-    elsewhere = tmp_path / "cluster_cwd"
-    elsewhere.mkdir()
 
     class Done:  # a finished task: its result, got at once
         def __init__(self, value):
             self.value = value
+
+    ran = []
 
     def remote(**_):
         def wrap(cls):
@@ -373,8 +365,9 @@ def test_ray_actors_get_absolute_paths_so_a_cluster_elsewhere_finds_files_and_ou
 
                 def run_elsewhere(batch):
                     here = os.getcwd()
-                    os.chdir(elsewhere)
+                    os.chdir(cwd)
                     try:
+                        ran.append(batch)
                         return Done(actor.run(batch))
                     finally:
                         os.chdir(here)
@@ -385,25 +378,67 @@ def test_ray_actors_get_absolute_paths_so_a_cluster_elsewhere_finds_files_and_ou
 
         return wrap
 
-    fake = types.SimpleNamespace(
+    def wait(tasks, num_returns):
+        if lost_after is not None and len(ran) > lost_after:
+            raise ConnectionError("[Errno None] None: '/tmp/out'")
+        return tasks[:1], tasks[1:]
+
+    class RaySystemError(Exception):
+        pass
+
+    return types.SimpleNamespace(
         available_resources=lambda: {"CPU": 1},
         cluster_resources=lambda: {"CPU": 1},
         remote=remote,
-        wait=lambda tasks, num_returns: (tasks[:1], tasks[1:]),
+        wait=wait,
         get=lambda task: task.value,
         shutdown=lambda: None,
-        exceptions=types.SimpleNamespace(RayActorError=RuntimeError, RayError=RuntimeError),
+        exceptions=types.SimpleNamespace(
+            RayActorError=RuntimeError, RayError=RuntimeError, RaySystemError=RaySystemError
+        ),
     )
-    monkeypatch.setattr(distributed, "_start_ray", lambda address: fake)
+
+
+def test_ray_actors_get_absolute_paths_so_a_cluster_elsewhere_finds_files_and_out(
+    archive, tmp_path, cnn_dir, monkeypatch
+):
+    """An actor works in the cluster's folder, not the caller's: relative inputs failed ("given but missing") and
+    a relative --out put every output under the cluster's folder while the run said "tagged"."""
+    from streamtag import distributed
+    from streamtag.archive import find_inputs
+    from streamtag.cli.run import detector_factory
+
+    elsewhere = tmp_path / "cluster_cwd"
+    elsewhere.mkdir()
+    monkeypatch.setattr(distributed, "_start_ray", lambda address: _stand_in_ray(elsewhere))
     monkeypatch.chdir(tmp_path)
     items = [i for i in find_inputs([archive.name]) if not i.name.endswith("broken.wav")]  # relative paths
-    detector = detector_factory(str(cnn_dir))
-    kwargs = dict(out=Path("out"), model=str(cnn_dir), backend="onnx", width=4, scores=False, detector=detector)
-    outcomes = distributed.tag_on_ray(items, "auto", **kwargs, force=False)
+    kwargs = dict(out=Path("out"), model=str(cnn_dir), backend="onnx", width=4, scores=False)
+    outcomes = distributed.tag_on_ray(items, "auto", **kwargs, detector=detector_factory(str(cnn_dir)), force=False)
     assert [o.error for o in outcomes] == [None] * len(items)
     assert sorted(o.path for o in outcomes) == sorted(str(i.path) for i in items)  # as given, as a local run
     assert len(list((tmp_path / "out").rglob("*.events.jsonl"))) == len(items)
     assert not list(elsewhere.rglob("*"))
+
+
+def test_a_ray_cluster_lost_mid_run_keeps_what_finished_and_says_so(archive, tmp_path, cnn_dir, monkeypatch, capsys):
+    """The cluster gone mid-run (ray:// link lost) ended tag with a traceback, no summary and .part files left."""
+    from streamtag import distributed
+    from streamtag.cli import main
+
+    (archive / "garden" / "broken.wav").unlink()
+    monkeypatch.setattr(distributed, "_start_ray", lambda address: _stand_in_ray(tmp_path, lost_after=1))
+    out = tmp_path / "out"
+    args = ["tag", str(archive), "--out", str(out), "--model", str(cnn_dir), "--ray", "ray://127.0.0.1:10001"]
+    assert main([*args, "--width", "1", "--jobs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "streamtag tag: error: the Ray cluster was lost (ConnectionError" in err
+    # the second batch ended before the link went: its marker says so
+    assert "1 of 3 files not finished" in err and "run the same command again" in err, err
+    assert len(_rows(out / "summary.csv")) == 2 and not list(out.rglob("*.part"))
+    monkeypatch.setattr(distributed, "_start_ray", lambda address: _stand_in_ray(tmp_path))
+    assert main([*args, "--jobs", "1"]) == 0
+    assert "tagged 1 file" in capsys.readouterr().err and len(_rows(out / "summary.csv")) == 3
 
 
 def test_a_ray_rerun_of_a_finished_archive_starts_no_ray(archive, tmp_path, cnn_dir):

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ConfigError, count, stop_exit_code
+from ..errors import ConfigError, StreamtagError, count, stop_exit_code
 from ..outputs.files import check_output_folder
 from .run import ray_address
 
@@ -160,7 +160,8 @@ def run(args) -> int:
     cfg = load_config(folder)
     key = settings_key(folder, cfg.labels, cfg.features.frame_seconds, args.scores, detectors)
     started, begun = time.perf_counter(), time.time()
-    interrupted: KeyboardInterrupt | None = None  # the stop (Ctrl-C or SIGTERM), if one came
+    interrupted: KeyboardInterrupt | StreamtagError | None = None  # the stop (Ctrl-C or SIGTERM), if one came
+    lost: StreamtagError | None = None  # the Ray cluster, gone mid-run (also in ``interrupted``)
     interrupt_on_signals()  # SIGTERM too: finished files kept, the summary written, nothing half-written left
     try:
         if args.ray:
@@ -176,6 +177,12 @@ def run(args) -> int:
             tag_in_processes(items, min(jobs, len(items)), progress=ended, **kwargs)
     except KeyboardInterrupt as stop:
         interrupted = stop
+    except StreamtagError as exc:  # the Ray cluster lost mid-run: what finished is kept and summed up, as a stop
+        from ..distributed import ClusterLost
+
+        if not isinstance(exc, ClusterLost):
+            raise
+        interrupted = lost = exc
     except OSError as exc:  # a write to --out failed (a full disk): said by main(), naming the folder
         exc.filename = exc.filename or str(out)
         raise
@@ -256,6 +263,13 @@ def run(args) -> int:
                 else "streamtag tag: stopped before stdin gave a hop of audio; nothing was written",
                 file=sys.stderr,
             )
+        elif lost is not None:
+            print(
+                f"streamtag tag: error: {lost}; {len(unfinished)} of {count(len(items), 'file')} not finished "
+                "(nothing half-written was kept): run the same command again once the cluster is back",
+                file=sys.stderr,
+            )
+            return lost.exit_code
         elif not unfinished:
             print(
                 f"streamtag tag: interrupted after all {count(len(items), 'file')} had finished; nothing is left",
