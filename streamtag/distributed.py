@@ -67,7 +67,13 @@ def _start_ray(address: str):
             raise ConfigError(
                 f"--ray {address}: a cluster is reached through Ray Client: pip install 'ray[client]'"
             ) from None
-        raise ConfigError(f"--ray {address}: cannot connect to Ray there ({str(exc).splitlines()[0]})") from None
+        hint = ""
+        if address != "auto" and not os.environ.get("RAY_AUTH_MODE"):  # auto finds a local cluster's token itself
+            hint = (
+                "; a cluster started by `ray start` of Ray 2.59 or later asks for a token: set RAY_AUTH_MODE=token "
+                "(the token from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            )
+        raise ConfigError(f"--ray {address}: cannot connect to Ray there ({str(exc).splitlines()[0]}){hint}") from None
     finally:
         for sig, handler in handlers.items():
             if handler is not None:

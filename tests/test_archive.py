@@ -1074,3 +1074,25 @@ def test_a_truncated_file_closes_its_open_events_as_interrupted_as_replay_does(t
         r = run_cli("tag", *given, "--out", out, "--jobs", "1")
         assert r.returncode == 1 and "cut.wav is truncated" in r.stderr, r.stderr
         assert reasons((out / "cut.wav.events.jsonl").read_text().splitlines()) == replayed, out.name
+
+
+def test_a_refused_ray_address_names_the_token_a_new_cluster_asks_for(monkeypatch):
+    """Ray 2.59+'s `ray start` turns token authentication on: --ray HOST:6379 then failed with Ray's own
+    "Failed to connect" and nothing about the RAY_AUTH_MODE=token that --ray auto does without."""
+    import types
+
+    from streamtag import distributed
+    from streamtag.errors import ConfigError
+
+    def refuse(**_):
+        raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6379")
+
+    monkeypatch.setattr(distributed, "_ray", lambda: types.SimpleNamespace(init=refuse))
+    monkeypatch.setattr(distributed, "_check_speaks_ray", lambda address, where: None)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(ConfigError, match=r"cannot connect to Ray there .*set RAY_AUTH_MODE=token"):
+        distributed._start_ray("127.0.0.1:6379")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set already: the hint would mislead
+    with pytest.raises(ConfigError) as refused:
+        distributed._start_ray("127.0.0.1:6379")
+    assert "RAY_AUTH_MODE" not in str(refused.value)
