@@ -1176,17 +1176,21 @@ def test_a_client_killed_while_far_ahead_costs_no_samples_and_no_traceback(tmp_p
 
 def test_pcm_in_another_format_than_the_hello_says_is_warned_about(tmp_path):
     """s16le sent as f32le was tagged as noise without a word (replay --raw-format says "is the input format
-    right?"): the summary and /v1/state carry the warning, the log says it once; a right stream has none."""
+    right?"): the summary and /v1/state carry the warning, the log says it once; a right stream has none. A
+    stream ending part-way into a frame (3 bytes of s16le) said nothing either, where replay - does."""
     rain, _ = _pcm("rain.flac")
     with serve(tmp_path) as (port, proc):
 
         async def both():
             wrong = _stream(port, "wrong", rain, hello={"format": "f32le"}, pace=0.02)
-            return await asyncio.gather(wrong, _stream(port, "right", rain, pace=0.02))
+            cut = _stream(port, "cut", rain + b"\x01", pace=0.02)
+            return await asyncio.gather(wrong, _stream(port, "right", rain, pace=0.02), cut)
 
-        (wrong, _), (right, _) = asyncio.run(both())
+        (wrong, _), (right, _), (cut, _) = asyncio.run(both())
         proc.terminate()
         _, err = proc.communicate(timeout=60)
+    assert "ended 1 byte(s) into a frame (2 bytes a frame)" in cut[-1].get("warning", ""), cut[-1]
+    assert cut[-1]["received"] == cut[-1]["processed"] == len(rain) // 2
     assert "is the input format right" in wrong[-1].get("warning", ""), wrong[-1]
     assert wrong[-1]["received"] == wrong[-1]["processed"] == len(rain) // 4  # the counts stay whole
     assert right[-1]["type"] == "summary" and "warning" not in right[-1], right[-1]

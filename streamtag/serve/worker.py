@@ -77,6 +77,7 @@ class StreamAccount:
     recent: list = dataclasses.field(default_factory=list)  # the last few events, for the page
     last_audio: float = dataclasses.field(default_factory=time.monotonic)  # when its audio last came
     warning: str | None = None  # samples replaced or clipped: the input format is likely wrong (said once)
+    cut: str | None = None  # bytes short of a frame when the stream ended (the front says how many)
     # (samples processed once a message was taken, when it arrived): how old a hop's audio is when its scores go
     arrivals: collections.deque = dataclasses.field(default_factory=collections.deque)
 
@@ -89,7 +90,8 @@ class StreamAccount:
             "frames": self.frames,
             "events": self.events,
         }
-        return counts if self.warning is None else {**counts, "warning": self.warning}
+        said = "; ".join(w for w in (self.warning, self.cut) if w)
+        return {**counts, "warning": said} if said else counts
 
 
 class ServeWorker(threading.Thread):
@@ -341,6 +343,8 @@ class ServeWorker(threading.Thread):
                 self.mqtt.stream_available(name, up)
         elif kind in ("eof", "gone"):  # the first word on a stream's end stands
             name = command[1]
+            if len(command) > 2 and name in self.accounts:  # a part-frame at the end, said in the summary
+                self.accounts[name].cut = command[2]
             reason = self._ending.get(name) or ("stream_end" if kind == "eof" else "interrupted")
             if name in self.accounts and self._held_hops(name):
                 self._ending[name] = reason
