@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -165,9 +166,9 @@ class EventDetector:
         self.frame_seconds = frame_seconds
         default = params or EventParams()
         per_class = per_class or {}
-        unknown = sorted(set(per_class) - set(self.labels))
-        if unknown:
-            raise ConfigError(f"event settings name unknown classes: {unknown[:5]}")
+        from .outputs.selection import check_class_names  # (outputs import this module)
+
+        check_class_names(sorted(set(per_class) - set(self.labels)), self.labels, "event settings")
         chosen = [per_class.get(label, default) for label in self.labels]
         self._on = np.array([p.on_threshold for p in chosen], dtype=np.float32)
         if enabled is not None:  # a class turned off never reaches its threshold
@@ -392,10 +393,15 @@ def read_event_table(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"cannot read event settings {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"event settings {path} must map class names to settings")
-    fields = {f.name for f in dataclasses.fields(EventParams)}
+    fields = sorted(f.name for f in dataclasses.fields(EventParams))
     for key, value in data.items():
-        if not isinstance(value, dict) or set(value) - fields:
-            raise ConfigError(f"event settings {path}: '{key}' must be a table with keys among {sorted(fields)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"event settings {path}: '{key}' must be a table with keys among {fields}")
+        wrong = sorted(set(value) - set(fields))
+        if wrong:
+            close = difflib.get_close_matches(wrong[0], fields, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"keys are among {fields}"
+            raise ConfigError(f"event settings {path}: [{key}] has an unknown key '{wrong[0]}' ({hint})")
     return data
 
 

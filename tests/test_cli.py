@@ -629,8 +629,22 @@ def test_a_model_folder_s_own_events_toml_is_named_when_it_is_wrong(cnn_dir, tmp
     (model / "events.toml").write_text("[no_such_class]\non_threshold = 0.7\n")
     for command in (["replay", EXAMPLES / "dog.flac", "--fast"], ["tag", EXAMPLES / "dog.flac", "--out", tmp_path]):
         r = run_cli(*command, "--model", model)
-        assert r.returncode == 2 and f"{model / 'events.toml'}: event settings name unknown classes" in r.stderr
+        assert r.returncode == 2 and f"{model / 'events.toml'}: event settings: unknown class" in r.stderr
         assert "--event-config" not in r.stderr, r.stderr
+
+
+def test_event_settings_name_the_wrong_key_and_the_likely_class(tmp_path):
+    """[dog] min_gap = 0.8 said "'dog' must be a table with keys among [...]" without naming min_gap; [dgo] gave
+    no "did you mean dog" where --allow dgo does."""
+    from streamtag.errors import ConfigError
+    from streamtag.events import EventDetector, EventParams, read_event_table
+
+    wrong_key = tmp_path / "key.toml"
+    wrong_key.write_text("[dog]\nmin_gap = 0.8\n")
+    with pytest.raises(ConfigError, match=r"\[dog\] has an unknown key 'min_gap' \(did you mean min_gap_s\?\)"):
+        read_event_table(wrong_key)
+    with pytest.raises(ConfigError, match=r"unknown class 'dgo' \(did you mean dog\?\)"):
+        EventDetector(list(LABELS), 0.01, per_class={"dgo": EventParams()})
 
 
 BROKEN_ONNXRUNTIME = "raise ImportError('libonnxruntime.so: cannot open shared object file')\n"

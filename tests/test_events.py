@@ -75,9 +75,9 @@ def test_per_class_settings_file(tmp_path):
     assert per_class["dog"].on_threshold == 0.7 and per_class["dog"].min_gap_s == 1.0
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"dog": {"on_treshold": 0.5}}))
-    with pytest.raises(ConfigError, match="keys among"):
+    with pytest.raises(ConfigError, match="unknown key 'on_treshold' \\(did you mean on_threshold"):
         load_event_settings(bad)
-    with pytest.raises(ConfigError, match="unknown classes"):
+    with pytest.raises(ConfigError, match="unknown class 'dog'"):
         EventDetector(["a"], HOP, per_class={"dog": EventParams()})
 
 
