@@ -83,6 +83,13 @@ def test_resume_refuses_other_classes_or_clips_and_drops_stale_graphs(folders, t
     assert code == 0, err
     assert not (out / "model.onnx").exists()
     assert [row["epoch"] for row in json.loads((out / "train_log.json").read_text())["history"]] == [1, 2]
+    code, err = cli("train", folders, *common)  # a finished run: it saved the same model again, without a word
+    assert code == 2 and "finished all its 2 epochs; nothing is left to train" in err and f"--init {out}" in err
+
+
+def test_a_class_folder_given_as_the_dataset_names_the_folder_above(folders, cli, tmp_path):
+    code, err = cli("train", folders / "dog", *FAST, "--out", tmp_path / "m")
+    assert code == 2 and "(audio files, but no class folders); give the folder above it" in err, err
 
 
 def test_train_renames_labels_by_the_packaged_map_as_eval_does(folders, tmp_path, cli):

@@ -196,7 +196,12 @@ def load_dataset(path: str | os.PathLike, min_classes: int = 2) -> Dataset:
     else:
         clips = _read_class_folders(path, notes)
     if not clips:
-        raise DatasetError(f"{path}: no labelled audio clips found")
+        loose = path.is_dir() and any(f.suffix.lower() in AUDIO_SUFFIXES for f in path.iterdir() if f.is_file())
+        fix = (  # one class's folder given for the dataset's
+            " (audio files, but no class folders); give the folder above it (one subfolder of clips per class) "
+            "or a .csv manifest"
+        )
+        raise DatasetError(f"{path}: no labelled audio clips found{fix if loose else ''}")
     missing = [c.path for c in clips if not c.path.is_file()]
     if missing:
         raise DatasetError(

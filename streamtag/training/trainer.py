@@ -464,6 +464,11 @@ def fit(
     start_epoch = 0
     if checkpoint is not None:
         start_epoch, history, best = _load_checkpoint(ckpt_path, checkpoint, model, optim, sched, rng, opts.epochs)
+        if start_epoch >= opts.epochs:  # it went through an empty loop and saved the same model again
+            raise ConfigError(
+                f"--resume: the run in {out_dir} finished all its {opts.epochs} epochs; nothing is left to train. To "
+                f"train it further, start a new run from it: --init {out_dir} --out NEW_FOLDER"
+            )
     bar = _progress(progress)
     task = bar.add_task("training", total=steps) if bar else None
     t_start = time.time()
