@@ -68,11 +68,17 @@ def _start_ray(address: str):
                 f"--ray {address}: a cluster is reached through Ray Client: pip install 'ray[client]'"
             ) from None
         hint = ""
-        if address != "auto" and not os.environ.get("RAY_AUTH_MODE"):  # auto finds a local cluster's token itself
-            hint = (
-                "; a cluster started by `ray start` of Ray 2.59 or later asks for a token: set RAY_AUTH_MODE=token "
-                "(the token from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
-            )
+        if address != "auto":
+            host, port = _host_port(address)
+            if address.startswith("ray://") and port == 6379:
+                hint = f"; 6379 is a cluster's own port, reached as {host}:6379 (ray:// is Ray Client's, 10001)"
+            elif not address.startswith("ray://") and port == 10001:
+                hint = f"; 10001 is Ray Client's port, reached as ray://{host}:10001"
+            elif not os.environ.get("RAY_AUTH_MODE"):  # auto finds a local cluster's token itself
+                hint = (
+                    "; a cluster started by `ray start` of Ray 2.59 or later asks for a token: set "
+                    "RAY_AUTH_MODE=token (the token from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+                )
         raise ConfigError(f"--ray {address}: cannot connect to Ray there ({str(exc).splitlines()[0]}){hint}") from None
     finally:
         for sig, handler in handlers.items():

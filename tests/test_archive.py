@@ -1096,3 +1096,8 @@ def test_a_refused_ray_address_names_the_token_a_new_cluster_asks_for(monkeypatc
     with pytest.raises(ConfigError) as refused:
         distributed._start_ray("127.0.0.1:6379")
     assert "RAY_AUTH_MODE" not in str(refused.value)
+    # each port in the other's form: the form it needs
+    with pytest.raises(ConfigError, match=r"10001 is Ray Client's port, reached as ray://127\.0\.0\.1:10001"):
+        distributed._start_ray("127.0.0.1:10001")
+    with pytest.raises(ConfigError, match=r"6379 is a cluster's own port, reached as 127\.0\.0\.1:6379"):
+        distributed._start_ray("ray://127.0.0.1:6379")
