@@ -237,6 +237,27 @@ def test_a_wav_streamed_by_ffmpeg_into_a_file_is_whole(tmp_path):
     assert source.error is None and got.size == 16000
 
 
+def test_an_mp3_whose_length_libsndfile_guessed_is_not_called_truncated(tmp_path, cnn_dir):
+    """Without a Xing/Info frame libsndfile guesses an MP3's length from its size and first bitrate: a whole file
+    that opens quietly (low bitrate) was read to its end and then failed as "59% missing"."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed (.ci/setup installs it)")
+    quiet_then_loud = np.concatenate([np.zeros(2 * 44100), 0.3 * np.random.default_rng(0).standard_normal(3 * 44100)])
+    sf.write(tmp_path / "mix.wav", quiet_then_loud.astype(np.float32), 44100)
+    mp3 = tmp_path / "guessed.mp3"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-i", tmp_path / "mix.wav", "-c:a", "libmp3lame", "-q:a", "2"]
+        + ["-write_xing", "0", mp3],
+        check=True,
+    )
+    assert sf.info(mp3).frames > 1.5 * 5 * 44100  # the guess: far longer than the file
+    r = run_cli("replay", mp3, "--model", cnn_dir, "--fast", "--quiet")
+    assert r.returncode == 0 and "truncated" not in r.stderr, r.stderr
+
+
 def _zero_sizes(data: bytes, data_size: int = 0) -> bytes:
     """A 44-byte-header WAV with its RIFF size 0 and its data size ``data_size``, as a recorder that stopped
     before going back to write them leaves it."""

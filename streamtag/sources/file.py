@@ -294,8 +294,15 @@ class WavReplaySource(ProducerSource):
             )
             return
         read = self._frames_read / self.file_rate
-        missing = self.info.frames - self._frames_read  # an MP3's or FLAC's header counts its samples too
-        if self._short_by is None and missing > max(SHORT_SHARE * self.info.frames, SHORT_SECONDS * self.file_rate):
+        # an MP3's Xing/Info frame and FLAC's header count their samples; an MP3 without one has a count libsndfile
+        # estimated from the size and first bitrate ("constant"), which a complete file may fall far short of
+        counted = "bitrate mode   : constant" not in self.info.extra_info
+        missing = self.info.frames - self._frames_read
+        if (
+            self._short_by is None
+            and counted
+            and missing > max(SHORT_SHARE * self.info.frames, SHORT_SECONDS * self.file_rate)
+        ):
             self._short_by = f"{missing / self.info.frames:.0%}"
         if self._short_by is not None:
             self.error = (
