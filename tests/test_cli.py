@@ -830,5 +830,8 @@ def test_an_unknown_option_is_said_by_its_command_with_the_likely_one(capsys):
     assert ended.value.code == 2 and err.startswith("streamtag replay: error: unrecognized arguments: --fats")
     assert "(did you mean --fast?)" in err and "see 'streamtag replay --help'" in err
     with pytest.raises(SystemExit):
+        main(["tag", "a.wav", "--out", "o", "--xyz"])
+    assert "did you mean" not in capsys.readouterr().err  # --xyz is near nothing (it was "did you mean --ray?")
+    with pytest.raises(SystemExit):
         main(["live", "--plot", "x.png"])
     assert "(--plot is an option of eval, replay, not of live); see 'streamtag live --help'" in capsys.readouterr().err

@@ -90,8 +90,8 @@ def _unknown_options(parser, command: str, extra: list[str]) -> NoReturn:
     sub = parser.commands[command]
     wrong = next((a.split("=")[0] for a in extra if a.startswith("--")), None)
     if wrong is not None:
-        options = {o for action in sub._actions for o in action.option_strings if o.startswith("--")}
-        close = difflib.get_close_matches(wrong, sorted(options), n=1)
+        options = {o[2:]: o for action in sub._actions for o in action.option_strings if o.startswith("--")}
+        close = [options[o] for o in difflib.get_close_matches(wrong[2:], sorted(options), n=1, cutoff=0.7)]
         others = sorted(
             name
             for name, other in parser.commands.items()

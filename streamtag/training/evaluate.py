@@ -351,14 +351,15 @@ def event_stream(
         events += [e for e in detector.update(f, row) if e.kind == "open"]
     column = {name: c for c, name in enumerate(backend.labels)}
     frame_s = feats.frame_seconds
-    used, late, rows = set(), set(), []  # events that found a sound in time, and that named one late
+    used, late, rows = set(), set(), []  # the events that found a sound in time, and that named one late
     for label, start, end in placed:
         mine = [(n, e.onset - start) for n, e in enumerate(events) if e.label == label]  # offsets from its start
         match = [(abs(d), n) for n, d in mine if n not in used and abs(d) <= onset_tolerance_s]
         if match:
             used.add(min(match)[1])
         named = [(n, d) for n, d in mine if -onset_tolerance_s <= d <= end - start + heard_within_s]
-        late.update(n for n, _ in named)
+        if named and not match:  # the one event that named it late is not "other"; a second one still is
+            late.add(min(named, key=lambda nd: abs(nd[1]))[0])
         heard = [d for _, d in named]
         span = probs[int(start / frame_s) : int((end + heard_within_s) / frame_s), column[label]]
         rows.append(
