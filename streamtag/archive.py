@@ -42,7 +42,7 @@ from .backends import one_thread
 from .errors import AudioFileError, ConfigError
 from .events import EventDetector, model_detector
 from .multistream import MultiStreamTagger
-from .outputs.files import event_line, scores_header, scores_line
+from .outputs.files import event_line, scores_header, scores_line, valid_utf8
 from .sources.file import AUDIO_SUFFIXES, WavReplaySource, is_url
 from .steps import Step, StepBlock, write_to
 
@@ -811,7 +811,7 @@ def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: b
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        done = [{k: _utf8(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows if not r["error"]]
+        done = [{k: valid_utf8(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows if not r["error"]]
         table = pa.Table.from_pylist(done, schema=_parquet_schema(pa))
         with _replaced(out / "summary.parquet") as tmp:
             pq.write_table(table, tmp)
@@ -832,11 +832,6 @@ def _parquet_schema(pa):
             ("warning", pa.string()),
         ]
     )
-
-
-def _utf8(text: str) -> str:
-    """``text`` as valid UTF-8: a file name's bytes that are not (a legacy Latin-1 name) shown as ``\\udce9``."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:

@@ -945,6 +945,11 @@ def test_a_file_name_that_is_not_utf8_is_tagged_and_listed(tmp_path, cnn_dir):
     assert r.returncode == 0 and "tagged 2 files " in r.stderr and "Traceback" not in r.stderr, r.stderr
     names = [row["name"] for row in _rows(tmp_path / "out" / "summary.csv")]  # read as UTF-8
     assert names == ["in/caf\\udce9.flac", "in/dog.flac"]
+    # its events too: a lone surrogate in the JSON (\udce9 as an escape) broke strict readers (DuckDB, Arrow)
+    events = os.fsencode(tmp_path / "out" / "in") + b"/caf\xe9.flac.events.jsonl"
+    for line in open(events, encoding="utf-8").read().splitlines():
+        json.loads(line)["source"].encode("utf-8")  # raises on a lone surrogate
+        assert "caf\\\\udce9.flac" in line  # the name as the tables write it
     r = run_cli(*tag)
     assert r.returncode == 0 and "2 already done" in r.stderr, r.stderr
 

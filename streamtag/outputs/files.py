@@ -24,6 +24,12 @@ from .selection import ClassSelection
 SCHEMA_VERSION = 1  # of the JSONL rows below; bumped when a field changes meaning or goes away
 
 
+def valid_utf8(text: str) -> str:
+    """``text`` as valid UTF-8: a file name's bytes that are not (a legacy Latin-1 name, kept by Python as lone
+    surrogates) shown as ``\\udce9``, as the archive's tables write it, so strict readers (DuckDB, Arrow) open it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def row_header(source: str | None, stream: str | None) -> dict:
     """The fields every JSONL row starts with: schema version, wall-clock time (UTC), source and stream."""
     row: dict = {
@@ -31,7 +37,7 @@ def row_header(source: str | None, stream: str | None) -> dict:
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
     }
     if source is not None:
-        row["source"] = source
+        row["source"] = valid_utf8(source)  # json.dumps would write a lone surrogate as \udce9: not UTF-8
     if stream is not None:
         row["stream"] = stream
     return row
