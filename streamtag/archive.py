@@ -644,9 +644,23 @@ def _open_job(item: Item, out: Path, force: bool, feats, scores: bool, labels, k
     try:
         job = _Job(item, out, feats.sample_rate, feats.hop_length, scores, labels, stamp)
     except (AudioFileError, OSError) as exc:
+        if retagged:  # what an earlier run left is of another version of the file, which now fails: it goes, or
+            _drop_finished(marker)  # a later run's summary (built from the markers) listed the file as tagged
         return Outcome(item.name, str(item.path), error=_one_line(exc))
     job.retagged = retagged  # the old marker stays until the new outputs are in place (a stop keeps it)
     return job
+
+
+def _drop_finished(marker: Path) -> None:
+    """A done marker and the outputs it lists, gone."""
+    base = marker.parent / marker.name[: -len(DONE)]
+    try:
+        outputs = json.loads(marker.read_text(encoding="utf-8")).get("outputs", FIRST_OUTPUTS)
+    except (OSError, ValueError):
+        outputs = FIRST_OUTPUTS
+    marker.unlink(missing_ok=True)  # first: from here on no output claims to be finished
+    for output in {*outputs, *OUTPUTS.values()}:
+        _with(base, output).unlink(missing_ok=True)
 
 
 def _finished(marker: Path, stamp: dict | None = None) -> Outcome | None:

@@ -1106,3 +1106,24 @@ def test_a_refused_ray_address_names_the_token_a_new_cluster_asks_for(monkeypatc
         distributed._start_ray("127.0.0.1:10001")
     with pytest.raises(ConfigError, match=r"6379 is a cluster's own port, reached as 127\.0\.0\.1:6379"):
         distributed._start_ray("ray://127.0.0.1:6379")
+
+
+def test_a_file_that_fails_now_loses_the_outputs_of_its_earlier_version(tmp_path, cnn_dir):
+    """A finished file overwritten by junk failed on the rerun, but its old outputs and marker stayed: the next
+    run that did not list it (a manifest of another file) put its old row back in the summary, exit 0."""
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "dog.flac", folder / "dog.flac")
+    shutil.copy(EXAMPLES / "rain.flac", folder / "rain.flac")
+    out = tmp_path / "out"
+    tag = ["--out", out, "--model", cnn_dir, "--jobs", "1"]
+    assert run_cli("tag", folder, *tag).returncode == 0
+    (folder / "rain.flac").write_bytes(os.urandom(20000))  # the recording replaced by junk
+    r = run_cli("tag", folder, *tag)
+    assert r.returncode == 1 and "rain.flac" in r.stderr, r.stderr
+    assert not list(out.glob("rec/rain.flac.*"))  # the outputs of the version that is gone
+    manifest = tmp_path / "one.txt"
+    manifest.write_text(str(folder / "dog.flac") + "\n")
+    r = run_cli("tag", manifest, *tag)
+    assert r.returncode == 0, r.stderr
+    assert [row["name"] for row in _rows(out / "summary.csv")] == ["rec/dog.flac"]
