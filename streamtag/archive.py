@@ -825,12 +825,18 @@ def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: b
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        done = [{k: valid_utf8(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows if not r["error"]]
+        done = [{k: _cell(v) for k, v in r.items()} for r in rows if not r["error"]]
         table = pa.Table.from_pylist(done, schema=_parquet_schema(pa))
         with _replaced(out / "summary.parquet") as tmp:
             pq.write_table(table, tmp)
         written.append(out / "summary.parquet")
     return written
+
+
+def _cell(value):
+    """A summary value for Parquet: text as valid UTF-8, an empty cell as null (as pandas and DuckDB read the
+    CSV's: an '' answered `where warning is null` otherwise than the CSV did)."""
+    return (valid_utf8(value) or None) if isinstance(value, str) else value
 
 
 def _parquet_schema(pa):

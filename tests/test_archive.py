@@ -843,7 +843,9 @@ def test_a_summary_parquet_is_kept_up_to_date_by_runs_without_parquet(tmp_path, 
     out = tmp_path / "out"
     assert run_cli("tag", EXAMPLES / "dog.flac", "--out", out, "--model", cnn_dir, "--parquet").returncode == 0
     assert run_cli("tag", EXAMPLES / "rain.flac", "--out", out, "--model", cnn_dir).returncode == 0
-    assert pq.read_table(out / "summary.parquet").column("name").to_pylist() == ["dog.flac", "rain.flac"]
+    table = pq.read_table(out / "summary.parquet")
+    assert table.column("name").to_pylist() == ["dog.flac", "rain.flac"]
+    assert table.column("warning").to_pylist() == [None, None]  # empty, as the CSV's cell reads: not ''
 
 
 def test_a_stopped_rerun_keeps_the_finished_results_it_did_not_redo(tmp_path, cnn_dir):
