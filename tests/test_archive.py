@@ -1129,3 +1129,19 @@ def test_a_file_that_fails_now_loses_the_outputs_of_its_earlier_version(tmp_path
     r = run_cli("tag", manifest, *tag)
     assert r.returncode == 0, r.stderr
     assert [row["name"] for row in _rows(out / "summary.csv")] == ["rec/dog.flac"]
+
+
+def test_a_rerun_counts_as_tagged_again_only_the_files_it_tagged(tmp_path, cnn_dir):
+    """'tagged 0 files ... 1 failed' then 'note: 1 of the files tagged had been finished before': a file cut
+    short since (tagged as far as it goes, but failed) was counted in the note and not in the headline."""
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    sf.write(folder / "rain.wav", read_clip(EXAMPLES / "rain.flac"), 16000)
+    out = tmp_path / "out"
+    tag = ["tag", folder, "--out", out, "--model", cnn_dir, "--jobs", "1"]
+    assert run_cli(*tag).returncode == 0
+    data = (folder / "rain.wav").read_bytes()
+    (folder / "rain.wav").write_bytes(data[: len(data) // 2])  # cut short since
+    r = run_cli(*tag)
+    assert r.returncode == 1 and "tagged 0 files" in r.stderr and "1 failed" in r.stderr, r.stderr
+    assert "had been finished before" not in r.stderr, r.stderr

@@ -215,7 +215,7 @@ def run(args) -> int:
     )
     _say_each("error", failed, lambda o: o.error, tables[1])
     _say_each("warning", [o for o in outcomes if o.warning], lambda o: o.warning, tables[0])
-    retagged = sum(o.retagged for o in outcomes)
+    retagged = sum(o.retagged and not o.error for o in outcomes)  # of the files tagged: a failed one is not
     if retagged:
         print(
             f"streamtag tag: note: {retagged} of the files tagged had been finished before with other settings, "
