@@ -833,6 +833,28 @@ def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: b
     return written
 
 
+def earlier_stale(out: str | os.PathLike, outcomes: Sequence[Outcome], key: str) -> tuple[list[str], list[str]]:
+    """Of the files the summary lists from earlier runs (not in ``outcomes``): those no longer at the path they
+    were tagged from (deleted, moved), and those tagged with settings other than ``key``. Their rows stay (the
+    summary is every finished file under ``out``); an analyst should know they are there."""
+    out, mine = Path(out), {o.name for o in outcomes}
+    gone, other = [], []
+    for marker in sorted(out.rglob("*" + DONE)):
+        name = str(marker.relative_to(out))[: -len(DONE)]
+        if name in mine:
+            continue
+        try:
+            data = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        source = (data.get("file") or {}).get("path")
+        if source is not None and not os.path.exists(source):
+            gone.append(name)
+        elif data.get("settings") != key:
+            other.append(name)
+    return gone, other
+
+
 def _cell(value):
     """A summary value for Parquet: text as valid UTF-8, an empty cell as null (as pandas and DuckDB read the
     CSV's: an '' answered `where warning is null` otherwise than the CSV did)."""

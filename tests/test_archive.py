@@ -1145,3 +1145,24 @@ def test_a_rerun_counts_as_tagged_again_only_the_files_it_tagged(tmp_path, cnn_d
     r = run_cli(*tag)
     assert r.returncode == 1 and "tagged 0 files" in r.stderr and "1 failed" in r.stderr, r.stderr
     assert "had been finished before" not in r.stderr, r.stderr
+
+
+def test_a_run_says_which_earlier_rows_are_of_files_gone_or_other_settings(tmp_path, cnn_dir):
+    """The summary lists every finished file under --out: a deleted recording's row stayed, and rows of earlier
+    runs with other thresholds sat beside this run's, without a word to the analyst reading it."""
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(EXAMPLES / "dog.flac", folder / f"{name}.flac")
+    out = tmp_path / "out"
+    tag = ["--out", out, "--model", cnn_dir, "--jobs", "1"]
+    r = run_cli("tag", folder, *tag)
+    assert r.returncode == 0 and "note" not in r.stderr, r.stderr
+    (folder / "b.flac").unlink()
+    manifest = tmp_path / "a.txt"
+    manifest.write_text(str(folder / "a.flac") + "\n")
+    r = run_cli("tag", manifest, *tag, "--on-threshold", "0.3")
+    assert r.returncode == 0, r.stderr
+    assert "1 file in" in r.stderr and "no longer at the path they were tagged from" in r.stderr
+    assert "e.g. rec/b.flac" in r.stderr and "other settings (" in r.stderr and "e.g. rec/c.flac" in r.stderr
+    assert [row["name"] for row in _rows(out / "summary.csv")] == ["rec/a.flac", "rec/b.flac", "rec/c.flac"]

@@ -83,6 +83,7 @@ def run(args) -> int:
     from ..archive import (
         check_out,
         done_before,
+        earlier_stale,
         find_inputs,
         lock_out,
         names_too_long,
@@ -203,6 +204,7 @@ def run(args) -> int:
         reported |= {o.name for o in late}
         unfinished = [i for i in items if i.name not in reported]
     tables = write_tables(outcomes, out, parquet=parquet)
+    gone, other = earlier_stale(out, outcomes, key)
     failed = [o for o in outcomes if o.error]
     skipped = sum(o.skipped for o in outcomes)
     tagged_s = sum(o.seconds for o in outcomes if not o.skipped and not o.error)
@@ -246,6 +248,19 @@ def run(args) -> int:
             f"{'was' if len(others) == 1 else 'were'} not tagged: an extension tag does not read ({kinds}; e.g. "
             f"{others[0]}); "
             f"{how}",
+            file=sys.stderr,
+        )
+    if gone:
+        print(
+            f"streamtag tag: note: {count(len(gone), 'file')} in {tables[0]} from earlier runs are no longer at the "
+            f"path they were tagged from (deleted or moved; e.g. {gone[0]}): their rows stay until their outputs "
+            f"under {out} are deleted",
+            file=sys.stderr,
+        )
+    if other:
+        print(
+            f"streamtag tag: note: {count(len(other), 'file')} in {tables[0]} were tagged by earlier runs with other "
+            f"settings (model, event settings or --scores; e.g. {other[0]}): tag them with these to make it alike",
             file=sys.stderr,
         )
     if links:
