@@ -833,26 +833,32 @@ def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: b
     return written
 
 
-def earlier_stale(out: str | os.PathLike, outcomes: Sequence[Outcome], key: str) -> tuple[list[str], list[str]]:
-    """Of the files the summary lists from earlier runs (not in ``outcomes``): those no longer at the path they
-    were tagged from (deleted, moved), and those tagged with settings other than ``key``. Their rows stay (the
-    summary is every finished file under ``out``); an analyst should know they are there."""
+def summary_notes(
+    out: str | os.PathLike, outcomes: Sequence[Outcome], key: str
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """What an analyst should know of the summary's rows (every finished file under ``out``): of the files from
+    earlier runs (not in ``outcomes``), those no longer at the path they were tagged from (deleted, moved) and
+    those tagged with settings other than ``key``; and pairs of names that are one recording tagged twice (its
+    folder given at another level, or by itself)."""
     out, mine = Path(out), {o.name for o in outcomes}
-    gone, other = [], []
+    gone, other, names_of = [], [], {}
     for marker in sorted(out.rglob("*" + DONE)):
         name = str(marker.relative_to(out))[: -len(DONE)]
-        if name in mine:
-            continue
         try:
             data = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         source = (data.get("file") or {}).get("path")
+        if source is not None:
+            names_of.setdefault(source, []).append(name)
+        if name in mine:
+            continue
         if source is not None and not os.path.exists(source):
             gone.append(name)
         elif data.get("settings") != key:
             other.append(name)
-    return gone, other
+    twice = [(names[0], names[1]) for names in names_of.values() if len(names) > 1]
+    return gone, other, twice
 
 
 def _cell(value):

@@ -1166,3 +1166,6 @@ def test_a_run_says_which_earlier_rows_are_of_files_gone_or_other_settings(tmp_p
     assert "1 file in" in r.stderr and "no longer at the path they were tagged from" in r.stderr
     assert "e.g. rec/b.flac" in r.stderr and "other settings (" in r.stderr and "e.g. rec/c.flac" in r.stderr
     assert [row["name"] for row in _rows(out / "summary.csv")] == ["rec/a.flac", "rec/b.flac", "rec/c.flac"]
+    assert "twice" not in r.stderr
+    r = run_cli("tag", folder / "c.flac", *tag)  # the same recording by itself: a second name, c.flac
+    assert r.returncode == 0 and "1 recording in" in r.stderr and "e.g. c.flac and rec/c.flac" in r.stderr, r.stderr

@@ -83,12 +83,12 @@ def run(args) -> int:
     from ..archive import (
         check_out,
         done_before,
-        earlier_stale,
         find_inputs,
         lock_out,
         names_too_long,
         settings_key,
         settled,
+        summary_notes,
         tag_in_processes,
         write_tables,
     )
@@ -204,7 +204,7 @@ def run(args) -> int:
         reported |= {o.name for o in late}
         unfinished = [i for i in items if i.name not in reported]
     tables = write_tables(outcomes, out, parquet=parquet)
-    gone, other = earlier_stale(out, outcomes, key)
+    gone, other, twice = summary_notes(out, outcomes, key)
     failed = [o for o in outcomes if o.error]
     skipped = sum(o.skipped for o in outcomes)
     tagged_s = sum(o.seconds for o in outcomes if not o.skipped and not o.error)
@@ -261,6 +261,13 @@ def run(args) -> int:
         print(
             f"streamtag tag: note: {count(len(other), 'file')} in {tables[0]} were tagged by earlier runs with other "
             f"settings (model, event settings or --scores; e.g. {other[0]}): tag them with these to make it alike",
+            file=sys.stderr,
+        )
+    if twice:
+        print(
+            f"streamtag tag: note: {count(len(twice), 'recording')} in {tables[0]} are there twice, under two names "
+            f"(e.g. {twice[0][0]} and {twice[0][1]}: a folder given at two levels into one --out); delete one's "
+            "outputs to count each once",
             file=sys.stderr,
         )
     if links:
