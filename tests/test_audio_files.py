@@ -369,3 +369,13 @@ def test_empty_files_and_containers_ffmpeg_reads_say_what_to_do(tmp_path):
     (tmp_path / "g726.wav").write_bytes(b"RIFF" + (len(body) + 4000).to_bytes(4, "little") + body + bytes(4000))
     with pytest.raises(AudioFileError, match=r"g726\.wav cannot be read .*only ffmpeg decodes; try ffmpeg -i"):
         probe_audio(tmp_path / "g726.wav")
+
+
+def test_replay_of_telephone_audio_says_what_the_model_cannot_hear(tmp_path, cnn_dir):
+    """An 8 kHz recording has nothing above 4 kHz: its weaker labels came with no word of why."""
+    sf.write(tmp_path / "phone.wav", _tone(8000, seconds=1.0), 8000)
+    r = run_cli("replay", tmp_path / "phone.wav", "--model", cnn_dir, "--fast", "--quiet")
+    assert r.returncode == 0 and "note: the input is 8000 Hz: nothing above 4 kHz reaches the model" in r.stderr
+    sf.write(tmp_path / "wide.wav", _tone(16000, seconds=1.0), 16000)
+    r = run_cli("replay", tmp_path / "wide.wav", "--model", cnn_dir, "--fast", "--quiet")
+    assert r.returncode == 0 and "note:" not in r.stderr, r.stderr

@@ -534,6 +534,14 @@ def run_replay(args) -> int:
     code = run_stream(args, source, backend, plan, extra)
     if getattr(source, "warning", None):
         print(f"streamtag {args.command}: warning: {source.warning}", file=sys.stderr)
+    rate = source.fmt.rate if from_stdin else source.file_rate
+    if rate < feats.sample_rate:  # telephone audio: weak labels, and nothing said why
+        print(
+            f"streamtag {args.command}: note: the input is {rate} Hz: nothing above {rate / 2000:g} kHz reaches the "
+            f"model, which hears up to {feats.sample_rate / 2000:g} kHz; sounds that live higher (birds, alarms, "
+            "glass) score lower",
+            file=sys.stderr,
+        )
     return code
 
 
