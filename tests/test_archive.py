@@ -347,100 +347,6 @@ def test_ray_writes_exactly_what_a_local_tag_writes(archive, tmp_path, cnn_dir):
         )
 
 
-def _stand_in_ray(cwd: Path, lost_after: int | None = None):
-    """A stand-in for the ``ray`` module: each actor runs its batch at once, in ``cwd`` (a cluster's own working
-    folder); after ``lost_after`` batches, the next wait fails as Ray Client's does when the cluster goes."""
-    import types
-
-    class Done:  # a finished task: its result, got at once
-        def __init__(self, value):
-            self.value = value
-
-    ran = []
-
-    def remote(**_):
-        def wrap(cls):
-            def make(kwargs):
-                actor = cls(kwargs)
-
-                def run_elsewhere(batch):
-                    here = os.getcwd()
-                    os.chdir(cwd)
-                    try:
-                        ran.append(batch)
-                        return Done(actor.run(batch))
-                    finally:
-                        os.chdir(here)
-
-                return types.SimpleNamespace(run=types.SimpleNamespace(remote=run_elsewhere))
-
-            return types.SimpleNamespace(remote=make)
-
-        return wrap
-
-    def wait(tasks, num_returns):
-        if lost_after is not None and len(ran) > lost_after:
-            raise ConnectionError("[Errno None] None: '/tmp/out'")
-        return tasks[:1], tasks[1:]
-
-    class RaySystemError(Exception):
-        pass
-
-    return types.SimpleNamespace(
-        available_resources=lambda: {"CPU": 1},
-        cluster_resources=lambda: {"CPU": 1},
-        remote=remote,
-        wait=wait,
-        get=lambda task: task.value,
-        shutdown=lambda: None,
-        exceptions=types.SimpleNamespace(
-            RayActorError=RuntimeError, RayError=RuntimeError, RaySystemError=RaySystemError
-        ),
-    )
-
-
-def test_ray_actors_get_absolute_paths_so_a_cluster_elsewhere_finds_files_and_out(
-    archive, tmp_path, cnn_dir, monkeypatch
-):
-    """An actor works in the cluster's folder, not the caller's: relative inputs failed ("given but missing") and
-    a relative --out put every output under the cluster's folder while the run said "tagged"."""
-    from streamtag import distributed
-    from streamtag.archive import find_inputs
-    from streamtag.cli.run import detector_factory
-
-    elsewhere = tmp_path / "cluster_cwd"
-    elsewhere.mkdir()
-    monkeypatch.setattr(distributed, "_start_ray", lambda address: _stand_in_ray(elsewhere))
-    monkeypatch.chdir(tmp_path)
-    items = [i for i in find_inputs([archive.name]) if not i.name.endswith("broken.wav")]  # relative paths
-    kwargs = dict(out=Path("out"), model=str(cnn_dir), backend="onnx", width=4, scores=False)
-    outcomes = distributed.tag_on_ray(items, "auto", **kwargs, detector=detector_factory(str(cnn_dir)), force=False)
-    assert [o.error for o in outcomes] == [None] * len(items)
-    assert sorted(o.path for o in outcomes) == sorted(str(i.path) for i in items)  # as given, as a local run
-    assert len(list((tmp_path / "out").rglob("*.events.jsonl"))) == len(items)
-    assert not list(elsewhere.rglob("*"))
-
-
-def test_a_ray_cluster_lost_mid_run_keeps_what_finished_and_says_so(archive, tmp_path, cnn_dir, monkeypatch, capsys):
-    """The cluster gone mid-run (ray:// link lost) ended tag with a traceback, no summary and .part files left."""
-    from streamtag import distributed
-    from streamtag.cli import main
-
-    (archive / "garden" / "broken.wav").unlink()
-    monkeypatch.setattr(distributed, "_start_ray", lambda address: _stand_in_ray(tmp_path, lost_after=1))
-    out = tmp_path / "out"
-    args = ["tag", str(archive), "--out", str(out), "--model", str(cnn_dir), "--ray", "ray://127.0.0.1:10001"]
-    assert main([*args, "--width", "1", "--jobs", "1"]) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "streamtag tag: error: the Ray cluster was lost (ConnectionError" in err
-    # the second batch ended before the link went: its marker says so
-    assert "1 of 3 files not finished" in err and "run the same command again" in err, err
-    assert len(_rows(out / "summary.csv")) == 2 and not list(out.rglob("*.part"))
-    monkeypatch.setattr(distributed, "_start_ray", lambda address: _stand_in_ray(tmp_path))
-    assert main([*args, "--jobs", "1"]) == 0
-    assert "tagged 1 file" in capsys.readouterr().err and len(_rows(out / "summary.csv")) == 3
-
-
 def test_a_ray_rerun_of_a_finished_archive_starts_no_ray(archive, tmp_path, cnn_dir):
     """Every file done by an earlier run: --ray started Ray (seconds, and a cluster's logs) only to skip them all.
     Now the done files are set aside first, so an address where nothing answers is never asked."""
@@ -471,6 +377,9 @@ class _FakeRay:
             pass
 
         class RayActorError(RayError):
+            pass
+
+        class RaySystemError(RayError):
             pass
 
     def __init__(self, dies, fails, once):
@@ -539,6 +448,92 @@ def test_a_ray_actor_that_dies_or_a_task_that_fails_fails_its_own_files_only(tmp
     if not once:
         assert "died twice" in by_name["f0.wav"].error
     assert fake.actors == 2 + (1 if once else 2)  # a new actor for each death
+
+
+class _ClusterElsewhere(_FakeRay):
+    """A :class:`_FakeRay` whose actors are the real ones, each batch run from ``cwd`` (a cluster's own working
+    folder); after ``lost_after`` batches the next wait fails as Ray Client's does when the cluster goes."""
+
+    def __init__(self, cwd: Path, lost_after: int | None = None):
+        super().__init__(dies=set(), fails=set(), once=True)
+        self.cwd, self.lost_after, self.ran = cwd, lost_after, 0
+
+    def available_resources(self):
+        return {"CPU": 1}
+
+    def cluster_resources(self):
+        return {"CPU": 1}
+
+    def remote(self, num_cpus):
+        import types
+
+        fake = self
+
+        def wrap(cls):
+            def make(kwargs):
+                actor = cls(kwargs)
+
+                def run_elsewhere(batch):
+                    here = os.getcwd()
+                    os.chdir(fake.cwd)
+                    try:
+                        fake.ran += 1
+                        return _Task(actor.run(batch))
+                    finally:
+                        os.chdir(here)
+
+                return types.SimpleNamespace(run=types.SimpleNamespace(remote=run_elsewhere))
+
+            return types.SimpleNamespace(remote=make)
+
+        return wrap
+
+    def wait(self, tasks, num_returns):
+        if self.lost_after is not None and self.ran > self.lost_after:
+            raise ConnectionError("[Errno None] None: '/tmp/out'")
+        return super().wait(tasks, num_returns)
+
+
+def test_ray_actors_get_absolute_paths_so_a_cluster_elsewhere_finds_files_and_out(
+    archive, tmp_path, cnn_dir, monkeypatch
+):
+    """An actor works in the cluster's folder, not the caller's: relative inputs failed ("given but missing") and
+    a relative --out put every output under the cluster's folder while the run said "tagged"."""
+    from streamtag import distributed
+    from streamtag.archive import find_inputs
+    from streamtag.cli.run import detector_factory
+
+    elsewhere = tmp_path / "cluster_cwd"
+    elsewhere.mkdir()
+    monkeypatch.setattr(distributed, "_start_ray", lambda address: _ClusterElsewhere(elsewhere))
+    monkeypatch.chdir(tmp_path)
+    items = [i for i in find_inputs([archive.name]) if not i.name.endswith("broken.wav")]  # relative paths
+    kwargs = dict(out=Path("out"), model=str(cnn_dir), backend="onnx", width=4, scores=False)
+    outcomes = distributed.tag_on_ray(items, "auto", **kwargs, detector=detector_factory(str(cnn_dir)), force=False)
+    assert [o.error for o in outcomes] == [None] * len(items)
+    assert sorted(o.path for o in outcomes) == sorted(str(i.path) for i in items)  # as given, as a local run
+    assert len(list((tmp_path / "out").rglob("*.events.jsonl"))) == len(items)
+    assert not list(elsewhere.rglob("*"))
+
+
+def test_a_ray_cluster_lost_mid_run_keeps_what_finished_and_says_so(archive, tmp_path, cnn_dir, monkeypatch, capsys):
+    """The cluster gone mid-run (ray:// link lost) ended tag with a traceback, no summary and .part files left."""
+    from streamtag import distributed
+    from streamtag.cli import main
+
+    (archive / "garden" / "broken.wav").unlink()
+    monkeypatch.setattr(distributed, "_start_ray", lambda address: _ClusterElsewhere(tmp_path, lost_after=1))
+    out = tmp_path / "out"
+    args = ["tag", str(archive), "--out", str(out), "--model", str(cnn_dir), "--ray", "ray://127.0.0.1:10001"]
+    assert main([*args, "--width", "1", "--jobs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "streamtag tag: error: the Ray cluster was lost (ConnectionError" in err
+    # the second batch ended before the link went: its marker says so
+    assert "1 of 3 files not finished" in err and "run the same command again" in err, err
+    assert len(_rows(out / "summary.csv")) == 2 and not list(out.rglob("*.part"))
+    monkeypatch.setattr(distributed, "_start_ray", lambda address: _ClusterElsewhere(tmp_path))
+    assert main([*args, "--jobs", "1"]) == 0
+    assert "tagged 1 file" in capsys.readouterr().err and len(_rows(out / "summary.csv")) == 3
 
 
 def test_a_ray_address_where_nothing_answers_is_one_line_at_once(tmp_path):
