@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol
@@ -159,26 +161,58 @@ class HopModel(Protocol):
         """Back to a new stream's state."""
 
 
+ONE_THREAD = "it belongs to one thread at a time (give each thread its own, or hold one lock around every call)"
+
+
+def one_thread(method):
+    """Refuse a call made while another thread is inside the object (two threads feeding one engine scrambled its
+    audio, silently: hops stepped twice, others never). The same thread may call in again (``finish`` feeds).
+    The object holds an ``RLock`` as ``_one_thread``; taken without waiting, so a race is an error, not a wait."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        lock = self._one_thread
+        if not lock.acquire(blocking=False):
+            raise ConfigError(
+                f"{type(self).__name__}.{method.__name__}() was called while another thread is inside it: "
+                + getattr(self, "busy", ONE_THREAD)
+            )
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            lock.release()
+
+    return guarded
+
+
 class SingleStream:
     """A :class:`HopModel` over a backend of batch size 1: a backlog goes to the backend in one call."""
+
+    busy = "its backend is stepping another thread's stream (give each thread its own backend: make_backend)"
 
     def __init__(self, backend: Backend) -> None:
         if backend.batch_size != 1:
             raise ConfigError(f"an engine steps one stream: its backend needs batch_size 1 ({backend.batch_size})")
         self.backend = backend
+        # one lock a backend, whichever engine holds it: an engine made on another thread (tag_file twice at once)
+        # reset the state under a step still running, and the stepping one's scores went wrong without a word
+        self._one_thread = backend.__dict__.setdefault("_one_thread", threading.RLock())
 
+    @one_thread
     def claim(self) -> None:
         """Make the backend's state this stream's, from a new one: an open backend may hold another stream's,
         whose engine is refused from then on."""
         self.backend.reset_states()
         self.backend._stream_owner = self  # the stream whose state the backend holds
 
+    @one_thread
     def step(self, hops: np.ndarray) -> np.ndarray:
         self.check_owner()
         if hops.shape[0] == 1:
             return self.backend(hops[:1])
         return self.backend.steps(hops[None])[0]
 
+    @one_thread
     def clear(self) -> None:
         self.check_owner()  # an older engine's reset or finish would wipe the newer one's state
         self.backend.reset_states()
@@ -256,6 +290,7 @@ class StreamTagger:
             None if reset_on_silence_s is None else max(1, round(reset_on_silence_s / self.frame_seconds))
         )
         self.stats = StreamStats()
+        self._one_thread = threading.RLock()  # a call from a second thread while one is inside: refused
         self._resampler = (
             StreamResampler(self.sample_rate, self.model_rate) if self.sample_rate != self.model_rate else None
         )
@@ -273,6 +308,7 @@ class StreamTagger:
         the steps on, or use :meth:`feed_blocks`, rather than one call for the whole file."""
         return as_steps(self.feed_blocks(samples))
 
+    @one_thread
     def feed_blocks(self, samples: AudioLike) -> list[Step | StepBlock]:
         """:meth:`feed` with the hops of each model call as one :class:`StepBlock` (the event-only steps of a
         reset as they are): what a runner that moves many hops reads, without a Python object per hop."""
@@ -288,6 +324,7 @@ class StreamTagger:
             out.append(self.complete_block(hops, probs))
         return out
 
+    @one_thread
     def finish(self, reason: str = "stream_end") -> list[Step]:
         """End of the stream: step what the resampler still holds, close open events (``reason``) and start
         a new stream (state, time and hop buffer cleared; a last part-hop is not tagged)."""
@@ -306,6 +343,7 @@ class StreamTagger:
         self._silent_run = 0
         return out
 
+    @one_thread
     def reset(self, reason: str = "reset") -> list[Step]:
         """Forget the past (model state, audio context); open events close with ``reason``. Stream time
         goes on; samples not yet a whole hop are kept, and so is the resampler's few ms of filter delay."""
@@ -313,6 +351,7 @@ class StreamTagger:
         self.hop_model.clear()  # first: refused (nothing changed) when another engine has taken the backend
         return self._close_events(reason)
 
+    @one_thread
     def skip(self, seconds: float) -> None:
         """Move stream time on over audio that never came (a microphone away, then back, after a :meth:`reset`;
         samples a slow reader dropped): the steps after it keep their place on the recording's clock instead of
@@ -326,6 +365,7 @@ class StreamTagger:
         self._skipped -= hops * self.hop
         self.frames += hops
 
+    @one_thread
     def set_events(self, events, reason: str = "settings") -> list[Step]:
         """New event settings (as the ``events`` argument) from the next hop on; events still open close first
         with ``reason``, so every open keeps its close, unless its class's settings are the same in the new ones.
@@ -353,6 +393,7 @@ class StreamTagger:
             "stats": dataclasses.replace(self.stats),
         }
 
+    @one_thread
     def restore(self, snapshot: dict) -> None:
         """Take the state :meth:`snapshot` took (checked whole first: nothing changes when it is not one)."""
         missing = SNAPSHOT_KEYS - set(snapshot) if isinstance(snapshot, dict) else SNAPSHOT_KEYS

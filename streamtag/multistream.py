@@ -21,12 +21,13 @@ import copy
 import functools
 import heapq
 import os
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from .backends import make_backend
-from .engine import ENGINE_OPTIONS, AudioLike, StreamTagger, block_levels
+from .engine import ENGINE_OPTIONS, AudioLike, StreamTagger, block_levels, one_thread
 from .errors import ConfigError, is_whole
 from .events import EventDetector, EventParams, check_close_reason, model_event_settings
 from .steps import Step, StepBlock, named_steps
@@ -123,7 +124,11 @@ class MultiStreamTagger:
         # all of them), and those a round of at most max_streams takes first
         self._waiting: dict[str, None] = {}
         self._free = list(range(capacity))  # a heap: joining takes the lowest slot, so busy slots stay 0..n-1
+        # feed() on one thread while step() runs on another scrambled streams' audio: refused (ServeWorker feeds
+        # and steps on its own thread)
+        self._one_thread = threading.RLock()
 
+    @one_thread
     def join(self, name: str, sample_rate: int | None = None, events=None) -> StreamTagger:
         """Add a stream (its samples at ``sample_rate``, the model's by default; ``events``: its own event
         settings, as :class:`StreamTagger` takes them, instead of the pool's: ``None``, the default, is the pool's
@@ -154,11 +159,13 @@ class MultiStreamTagger:
         """Streams with audio not yet stepped (a part-hop counts): how full the next round would be."""
         return len(self._waiting)
 
+    @one_thread
     def snapshot(self, name: str) -> dict:
         """A stream's whole state (engine and model), to :meth:`restore` into a pool of the same model."""
         engine = self.streams[self._known(name)]
         return {"engine": engine.snapshot(), "model": self.backend.snapshot(self.pool, engine.hop_model.slot)}
 
+    @one_thread
     def restore(self, name: str, snapshot: dict) -> None:
         """Give a joined stream the state a :meth:`snapshot` took (here or in another process), in a pool of the same
         model and backend; checked whole first, so a snapshot that does not fit changes nothing."""
@@ -175,6 +182,7 @@ class MultiStreamTagger:
         if engine.pending_samples:  # audio it held there waits here
             self._waiting.setdefault(name)
 
+    @one_thread
     def leave(self, name: str, reason: str = "stream_end") -> list[Step]:
         """Remove a stream; returns its last steps (the hops it still held, then its events closed with
         ``reason``)."""
@@ -188,6 +196,7 @@ class MultiStreamTagger:
         engine.hop_model = _Left(name)
         return out
 
+    @one_thread
     def reset(self, name: str, reason: str = "reset") -> list[Step]:
         """Forget a stream's past (model state), keeping its slot; returns the steps of the hops it still held
         (stepped alone, on the state they belong to, as :meth:`leave` does), then those of the events the
@@ -196,20 +205,24 @@ class MultiStreamTagger:
         engine = self.streams[self._known(name)]
         return engine.feed(np.zeros(0, np.float32)) + engine.reset(reason)
 
+    @one_thread
     def skip(self, name: str, seconds: float) -> None:
         """Move a stream's time on over audio that never came (:meth:`StreamTagger.skip`)."""
         self.streams[self._known(name)].skip(seconds)
 
+    @one_thread
     def feed(self, name: str, samples: AudioLike) -> None:
         """Queue samples for a stream (checked as :meth:`StreamTagger.push` does); :meth:`step` steps them."""
         self.streams[self._known(name)].push(samples)
         self._waiting.setdefault(name)  # a stream already waiting keeps its place
 
+    @one_thread
     def step(self) -> list[tuple[str, Step]]:
         """Step every hop the streams hold; returns ``(name, step)`` pairs, in order within each stream. Steps
         own their rows."""
         return list(named_steps(self.step_blocks()))
 
+    @one_thread
     def step_blocks(
         self, max_hops: int | None = None, max_streams: int | None = None
     ) -> list[tuple[str, StepBlock | Step]]:

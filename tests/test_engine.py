@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from streamtag.backends import make_backend
-from streamtag.engine import StreamTagger, as_mono_float32
+from streamtag.engine import StreamTagger, as_mono_float32, one_thread
 from streamtag.errors import ConfigError, InputError
 from streamtag.events import EventParams
 from streamtag.pipeline import tag_file
@@ -60,6 +60,53 @@ def test_two_engines_cannot_share_one_backend(cnn_dir, clip):
     alone.feed(clip[:1600]), alone.feed(clip[1600:16000])  # the same blocks: the same arithmetic
     np.testing.assert_array_equal(_probs(second.feed(clip[16000:])), _probs(alone.feed(clip[16000:])))
     assert kept
+
+
+def _inside(obj, method: str, args: tuple, call):
+    """Run ``call`` on this thread while another thread is inside ``obj.method(*args)`` (held there)."""
+    import threading
+
+    entered, leave = threading.Event(), threading.Event()
+    real = getattr(type(obj), method).__wrapped__  # the method without its guard: the guard is taken here
+
+    def held(self, *args):
+        entered.set()
+        leave.wait(10)
+        return real(self, *args)
+
+    worker = threading.Thread(target=one_thread(held), args=(obj, *args))
+    worker.start()
+    try:
+        assert entered.wait(10)
+        return call()
+    finally:
+        leave.set()
+        worker.join(10)
+
+
+def test_an_engine_refuses_a_second_thread_instead_of_scrambling_its_audio(cnn_dir, clip):
+    """Two threads feeding one StreamTagger stepped some hops twice and others never, without a word; a feed
+    while a MultiStreamTagger steps on another thread scrambled its streams; tag_file twice at once on one
+    backend reset the state under the other's step (0.47 off in probability). Each is refused now."""
+    from streamtag.multistream import MultiStreamTagger
+
+    engine = StreamTagger(make_backend("onnx", cnn_dir), events=None)
+    with pytest.raises(ConfigError, match=r"StreamTagger.feed_blocks\(\) was called while another thread is inside"):
+        _inside(engine, "feed_blocks", (clip[:1600],), lambda: engine.feed(clip[:1600]))
+    assert engine.frames == 10  # the held call went on; the refused one changed nothing
+    multi = MultiStreamTagger(cnn_dir, capacity=2, events=False)
+    multi.join("a")
+    with pytest.raises(ConfigError, match=r"MultiStreamTagger.feed\(\) was called while another thread"):
+        _inside(multi, "step_blocks", (), lambda: multi.feed("a", clip[:1600]))
+    backend = make_backend("onnx", cnn_dir)
+    first = StreamTagger(backend, events=None)
+    with pytest.raises(ConfigError, match="its backend is stepping another thread's stream"):
+        hops = np.zeros((1, first.hop), np.float32)
+        _inside(first.hop_model, "step", (hops,), lambda: tag_file(backend, EXAMPLES / "dog.flac", events=False))
+    np.testing.assert_array_equal(  # one thread after the other: as before, the same scores
+        _probs(StreamTagger(backend, events=None).feed(clip)),
+        _probs(StreamTagger(make_backend("onnx", cnn_dir), events=None).feed(clip)),
+    )
 
 
 def test_any_chunking_gives_the_same_steps_as_one_call(cnn_dir, clip):
