@@ -31,7 +31,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from .backends import Backend, make_backend
-from .errors import ConfigError, InputError, is_real
+from .errors import ConfigError, InputError, is_real, is_whole
 from .events import Event, EventDetector, EventParams, check_close_reason, model_detector
 from .resample import StreamResampler, check_rate
 from .steps import Step, StepBlock, as_steps, write_to
@@ -225,6 +225,20 @@ class SingleStream:
             )
 
 
+def _snapshot_checks(snapshot: dict) -> list[tuple[str, bool]]:
+    """Each part of an engine snapshot, and whether it is what :meth:`StreamTagger.snapshot` makes (a restore
+    that failed part-way had lost the engine's pending audio)."""
+    pending, detector = snapshot["pending"], snapshot["detector"]
+    return [
+        ("pending", isinstance(pending, np.ndarray) and pending.ndim == 1 and pending.dtype == np.float32),
+        ("frames", is_whole(snapshot["frames"]) and snapshot["frames"] >= 0),
+        ("silent_run", is_whole(snapshot["silent_run"]) and snapshot["silent_run"] >= 0),
+        ("skipped", is_real(snapshot.get("skipped", 0.0)) and 0 <= snapshot.get("skipped", 0.0) < MAX_SKIP_S),
+        ("detector", detector is None or isinstance(detector, EventDetector)),
+        ("stats", isinstance(snapshot["stats"], StreamStats)),
+    ]
+
+
 class StreamTagger:
     """One stream: ``feed(samples) -> list[Step]``, ``finish() -> list[Step]``, ``reset() -> list[Step]``.
 
@@ -397,10 +411,11 @@ class StreamTagger:
     def restore(self, snapshot: dict) -> None:
         """Take the state :meth:`snapshot` took (checked whole first: nothing changes when it is not one)."""
         missing = SNAPSHOT_KEYS - set(snapshot) if isinstance(snapshot, dict) else SNAPSHOT_KEYS
-        if missing or not isinstance(snapshot["pending"], np.ndarray):
+        wrong = sorted(missing) or [key for key, ok in _snapshot_checks(snapshot) if not ok]
+        if wrong:
+            what = "missing" if missing else "wrong"
             raise ConfigError(
-                f"not an engine snapshot (missing {', '.join(sorted(missing)) or 'its pending samples'}): restore what "
-                "StreamTagger.snapshot() returned"
+                f"not an engine snapshot ({what}: {', '.join(wrong)}): restore what StreamTagger.snapshot() returned"
             )
         pending = snapshot["pending"]
         self._start, self._fill = 0, 0

@@ -340,6 +340,12 @@ def test_misuse_of_the_python_api_is_one_streamtag_error_and_changes_nothing(cnn
     for bad in ({}, {"pending": [1, 2]}, None):
         with pytest.raises(ConfigError, match="not an engine snapshot"):
             tagger.restore(bad)
+    tagger.feed(clip[1600:1640])  # 40 samples pending: a restore refused part-way had lost them
+    snap = tagger.snapshot()
+    for part, value in (("pending", np.zeros((3, 3), np.float32)), ("stats", None), ("frames", "x"), ("frames", -5)):
+        with pytest.raises(ConfigError, match=rf"not an engine snapshot \(wrong: {part}\)"):
+            tagger.restore({**snap, part: value})
+    assert tagger.pending_samples == 40 and tagger.frames == 10
     for option in ({"reset_every_s": "1"}, {"reset_every_s": True}, {"gain_db": "3"}):
         with pytest.raises(ConfigError, match="must be a"):
             StreamTagger(cnn_dir, **option)
