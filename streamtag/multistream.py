@@ -72,6 +72,9 @@ class _Left:
         )
 
 
+MAX_CAPACITY = 100_000  # streams in one pool: about 1,000 a core are stepped in real time, so more is a mistake
+
+
 class MultiStreamTagger:
     """Many streams, one batched model call a round: ``join``, ``feed``, ``step``, ``leave``.
 
@@ -94,8 +97,10 @@ class MultiStreamTagger:
         engine_options: dict | None = None,
         **backend_options,
     ) -> None:
-        if not is_whole(capacity) or capacity < 1:
-            raise ConfigError(f"capacity must be a whole number >= 1 ({capacity!r} given)")  # before the model loads
+        if not is_whole(capacity) or not 1 <= capacity <= MAX_CAPACITY:  # before the model loads; a huge one was
+            raise ConfigError(  # a bare MemoryError ("873 TiB")
+                f"capacity must be a whole number in 1..{MAX_CAPACITY} ({capacity!r} given)"
+            )
         self.backend = make_backend(backend, model, **backend_options)
         self.labels = self.backend.labels
         self.hop = self.backend.config.features.hop_length
@@ -108,6 +113,11 @@ class MultiStreamTagger:
             events = EventDetector(self.labels, self.frame_seconds, *settings).fresh
         elif isinstance(events, EventDetector):  # a template: each stream a copy, the template left as it is
             events = functools.partial(copy.deepcopy, events)
+        if not (events is None or isinstance(events, (bool, EventParams)) or callable(events)):  # said now, not
+            raise ConfigError(  # at every join
+                f"events must be True, None, EventParams, an EventDetector or a function making one "
+                f"({type(events).__name__} given)"
+            )
         self._events = events
         self._engine_options = dict(engine_options or {})
         unknown = set(self._engine_options) - ENGINE_OPTIONS

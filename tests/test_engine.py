@@ -357,11 +357,13 @@ def test_misuse_of_the_python_api_is_one_streamtag_error_and_changes_nothing(cnn
     with pytest.raises(ConfigError):
         StreamTagger(backend, gain_db=99)  # refused: the backend stays the first engine's
     owner.feed(clip[:1600])
-    for capacity in ("4", None, 2.5, True, 0):
+    for capacity in ("4", None, 2.5, True, 0, 10**12):  # the last was a bare MemoryError ("873 TiB")
         with pytest.raises(ConfigError, match="capacity must be a whole number"):
             MultiStreamTagger(cnn_dir, capacity=capacity)
     with pytest.raises(ConfigError, match="gain_db must be"):  # at creation, not at every join
         MultiStreamTagger(cnn_dir, capacity=2, engine_options={"gain_db": 100})
+    with pytest.raises(ConfigError, match=r"events must be .*\(str given\)"):  # at creation: every join failed
+        MultiStreamTagger(cnn_dir, capacity=2, events="yes")
 
     class Counted:
         closed = 0
