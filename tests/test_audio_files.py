@@ -353,6 +353,10 @@ def test_empty_files_and_containers_ffmpeg_reads_say_what_to_do(tmp_path):
     (tmp_path / "empty.wav").write_bytes(b"")
     with pytest.raises(AudioFileError, match=r"empty\.wav is empty \(0 bytes\)"):
         probe_audio(tmp_path / "empty.wav")
+    from streamtag.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"given by its path, a str or Path \(NoneType given\)"):
+        read_audio(None, 16000)
     for name in ("talk.m4a", "clip.mp4", "film.mkv", "radio.aac"):
         (tmp_path / name).write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(200))
         with pytest.raises(AudioFileError, match=r"ffmpeg -i .* -f wav - \| streamtag replay -"):

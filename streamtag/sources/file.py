@@ -75,6 +75,8 @@ def _reason(exc: Exception) -> str:
 
 def probe_audio(path: str | os.PathLike) -> AudioInfo:
     """What a usable audio file holds, or :class:`AudioFileError` saying what is wrong."""
+    if not isinstance(path, (str, os.PathLike)):  # read_audio(None) was a bare TypeError from pathlib
+        raise ConfigError(f"an audio file is given by its path, a str or Path ({type(path).__name__} given)")
     if is_url(path):
         raise AudioFileError(
             f"{path}: a URL, not a file; decode it with ffmpeg into a pipe: "
