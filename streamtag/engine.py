@@ -83,6 +83,11 @@ def as_mono_float32(samples: AudioLike) -> np.ndarray:
     if native in _INT_SCALE:
         return arr.astype(np.float32) * np.float32(_INT_SCALE[native])
     if arr.dtype.kind == "f":
+        if arr.dtype.itemsize > 4:  # a finite sample beyond float32's range became Inf (said as NaN/Inf, with a
+            top = np.finfo(np.float32).max  # RuntimeWarning): it is beyond full scale, and clipped as such
+            big = np.isfinite(arr) & (np.abs(arr) > top)
+            if big.any():
+                arr = np.where(big, np.sign(arr) * top, arr)
         return arr.astype(np.float32)
     listed = not isinstance(samples, np.ndarray)
     raise InputError(

@@ -1,5 +1,7 @@
 """StreamTagger: the input contract, the guard, chunking, multi-hop calls, finish and reset."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -238,6 +240,13 @@ def test_a_poisoned_sample_never_reaches_the_model_state(cnn_dir, clip):
     click[12345], click[23456] = 1.0, 0.0
     np.testing.assert_array_equal(probs, _probs(StreamTagger(cnn_dir, events=None).feed(click)))
     assert bad[12345] == 1e30  # the caller's array is left as it was
+    wide = bad.astype(np.float64)
+    wide[12345] = 1e300  # beyond float32: it became Inf on the cast (a RuntimeWarning, then "NaN/Inf")
+    other = StreamTagger(cnn_dir, events=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(_probs(other.feed(wide)), probs)
+    assert other.stats.clipped == 1 and other.stats.nonfinite == 1
 
 
 def test_other_rates_and_bad_settings(cnn_dir, clip):
