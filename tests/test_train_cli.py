@@ -326,3 +326,23 @@ def test_eval_refuses_an_unreadable_clip_before_scoring_any(folders, tmp_path, c
     code, err = cli("eval", cnn_dir, data, "--report", tmp_path / "r")
     assert code == 2 and "1 clip of the dataset cannot be read" in err and "empty (0 bytes)" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists(), err
+
+
+def test_a_fine_tuned_model_knows_the_clips_of_the_model_it_started_from(folders, tmp_path, cli):
+    """train --init wrote only its own run's clips to trained_on.txt: eval of the fine-tuned model on clips the
+    starting model had learned from gave no warning, and its validation split held them without a word."""
+    first = tmp_path / "first"
+    code, err = cli("train", folders, "--arch-param", "hidden=8", *FAST, "--out", first, "--no-val")
+    assert code == 0, err
+    few = _manifest(tmp_path / "few.csv", [[p, p.parent.name] for p in sorted(folders.rglob("*.wav")) if "0" in p.stem])
+    second = tmp_path / "second"
+    code, err = cli("train", few, "--init", first, "--arch-param", "hidden=8", *FAST, "--out", second, "--no-val")
+    assert code == 0, err
+    listed = (second / "trained_on.txt").read_text().splitlines()
+    assert len(listed) == 3 + 1 + 6 and listed[3].startswith("# and, through train --init")
+    code, err = cli("eval", second, folders, "--levels", "0", "--baseline-folds", "0", "--report", tmp_path / "r")
+    assert code == 0 and "9 of 9 clips were in this model's training set" in err, err
+    code, err = cli("train", folders, "--init", first, "--arch-param", "hidden=8", *FAST, "--out", tmp_path / "v")
+    assert code == 0 and "validation clips were in the training set of --init" in err, err
+    code, err = cli("train", few, "--arch-param", "hidden=8", *FAST, "--out", second, "--no-val", "--resume")
+    assert code == 2 and "nothing is left to train" in err, err  # the inherited lines are not this run's clips

@@ -381,6 +381,17 @@ def run(args) -> int:
         f"training {opts.arch} on {len(train_idx)} clips, validating on {len(val_idx)}, {len(dataset.labels)} classes",
         file=sys.stderr,
     )
+    if args.init and len(val_idx):  # a validation clip the --init model learned from is not held out
+        from ..training.datasets import clip_identity, trained_on
+
+        learned = set(sum(trained_on(args.init), []))
+        seen = sum(clip_identity(dataset.clips[i].path) in learned for i in val_idx)
+        if seen:
+            print(
+                f"streamtag train: note: {seen} of the {len(val_idx)} validation clips were in the training set of "
+                f"--init {args.init}: the validation figures are not held-out figures",
+                file=sys.stderr,
+            )
     interrupt_on_signals()
     try:
         result = train(

@@ -31,6 +31,19 @@ from ..sources.file import AUDIO_SUFFIXES
 
 FEATURE_CODE_VERSION = 2  # bump when the feature arithmetic changes: invalidates cached features
 TRAINED_ON = "trained_on.txt"  # in a model folder: its training clips, so eval can warn about clips it has seen
+# in trained_on.txt, before the clips a model learned from the model it started from (train --init)
+INHERITED = "# and, through train --init, the clips of the model it started from:"
+
+
+def trained_on(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """A model folder's training clips (identities): its own run's, and those its ``--init`` model learned from
+    (empty lists when it has no ``trained_on.txt``)."""
+    path = Path(folder) / TRAINED_ON
+    if not path.is_file():
+        return [], []
+    lines = [line for line in path.read_text().split("\n") if line]
+    cut = lines.index(INHERITED) if INHERITED in lines else len(lines)
+    return lines[:cut], lines[cut + 1 :]
 
 
 def clip_identity(path: Path) -> str:

@@ -38,7 +38,7 @@ from ..models.io import save_model
 from ..models.level import white_noise_bands
 from ..models.step import probabilities
 from .augment import DB, Plan, augment
-from .datasets import TRAINED_ON, Dataset, clip_identity, compute_features
+from .datasets import INHERITED, TRAINED_ON, Dataset, clip_identity, compute_features, trained_on
 from .evaluate import correct
 
 CHECKPOINT = "checkpoint.pt"
@@ -448,8 +448,11 @@ def fit(
     if opts.init_from:  # before anything is written: an --init that does not fit leaves no folder behind
         _start_from(model, cfg, opts.init_from)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # written before training: a run stopped early leaves a model whose training clips eval must still know
-    (out_dir / TRAINED_ON).write_text("\n".join(data.clips) + "\n")
+    # written before training: a run stopped early leaves a model whose training clips eval must still know; a
+    # fine-tuned model has learned from its --init model's clips too, which eval must know as well
+    inherited = sorted(set(sum(trained_on(opts.init_from), [])) - set(data.clips)) if opts.init_from else []
+    listed = data.clips + ([INHERITED, *inherited] if inherited else [])
+    (out_dir / TRAINED_ON).write_text("\n".join(listed) + "\n")
     batches = batches_of(data, opts, rng)
     if model.level is not None:
         batches.settled_frames = float(model.level.frames)
@@ -781,7 +784,7 @@ def _check_same_run(path: Path, labels, clips: list[str]) -> dict:
         config, listed = path.with_name("config.json"), path.with_name(TRAINED_ON)
         ckpt = {
             "labels": json.dumps(json.loads(config.read_text())["labels"]) if config.is_file() else None,
-            "clips": json.dumps(listed.read_text().split("\n")[:-1]) if listed.is_file() else None,
+            "clips": json.dumps(trained_on(path.parent)[0]) if listed.is_file() else None,
         }
     fix = "resume with the same datasets, split and --label-map, or start again with --overwrite"
     if ckpt["labels"] is not None and json.loads(ckpt["labels"]) != list(labels):
