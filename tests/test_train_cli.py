@@ -65,7 +65,7 @@ def test_resume_refuses_other_classes_or_clips_and_drops_stale_graphs(folders, t
 
     with pytest.raises(KeyboardInterrupt):
         train(ds, np.arange(len(ds.clips)), [], opts, out, progress=False, log=stop)
-    assert (out / "trained_on.txt").read_text().count("\n") == 9  # written at the start: eval knows its clips
+    assert (out / "trained_on.txt").read_text().count("\n") == 9  # written with the first save: eval knows its clips
 
     common = ["--arch-param", "hidden=8", "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "8"]
     common += ["--threads", "1", "--quiet", "--no-val", "--resume", "--out", out]
@@ -346,3 +346,23 @@ def test_a_fine_tuned_model_knows_the_clips_of_the_model_it_started_from(folders
     assert code == 0 and "validation clips were in the training set of --init" in err, err
     code, err = cli("train", few, "--arch-param", "hidden=8", *FAST, "--out", second, "--no-val", "--resume")
     assert code == 2 and "nothing is left to train" in err, err  # the inherited lines are not this run's clips
+
+
+def test_an_overwrite_stopped_before_its_first_save_leaves_the_old_model_whole(folders, tmp_path, cli, monkeypatch):
+    """train --overwrite stopped in its first epoch left the old weights beside the new run's trained_on.txt: eval
+    warned about the wrong clips (9 of 38 where the weights had learned 30)."""
+    from streamtag.training import trainer
+
+    out = tmp_path / "m"
+    code, err = cli("train", folders, "--arch-param", "hidden=8", *FAST, "--out", out, "--no-val")
+    assert code == 0, err
+    before = {f: (out / f).read_bytes() for f in ("model.safetensors", "config.json", "trained_on.txt")}
+    few = _manifest(tmp_path / "few.csv", [[p, p.parent.name] for p in sorted(folders.rglob("*.wav")) if "0" in p.stem])
+
+    def stopped(*args, **kwargs):  # a Ctrl-C just before the first save
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_model", stopped)
+    code, err = cli("train", few, "--arch-param", "hidden=8", *FAST, "--out", out, "--no-val", "--overwrite")
+    assert code == 130 and "before the first epoch ended" in err, err
+    assert {f: (out / f).read_bytes() for f in before} == before  # the old model, whole

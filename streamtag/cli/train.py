@@ -504,8 +504,9 @@ def _check_out(out: Path, args) -> None:
 
 def _clear_stale(out: Path) -> None:
     """A model being replaced loses what would no longer match it (its exported graph, checkpoint, log); its
-    weights stay until the new run's first save, so a run refused by a later check costs nothing."""
-    for stale in ("model.onnx", "chunk.onnx", "checkpoint.pt", "train_log.json", "trained_on.txt"):
+    weights and their trained_on.txt stay until the new run's first save replaces them together, so a run
+    refused by a later check, or stopped before its first epoch ended, leaves the old model whole."""
+    for stale in ("model.onnx", "chunk.onnx", "checkpoint.pt", "train_log.json"):
         (out / stale).unlink(missing_ok=True)
 
 

@@ -448,11 +448,10 @@ def fit(
     if opts.init_from:  # before anything is written: an --init that does not fit leaves no folder behind
         _start_from(model, cfg, opts.init_from)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # written before training: a run stopped early leaves a model whose training clips eval must still know; a
-    # fine-tuned model has learned from its --init model's clips too, which eval must know as well
+    # written with the weights, so the two always go together (a run stopped before its first save left the old
+    # weights beside this run's list); a fine-tuned model has learned from its --init model's clips too
     inherited = sorted(set(sum(trained_on(opts.init_from), [])) - set(data.clips)) if opts.init_from else []
-    listed = data.clips + ([INHERITED, *inherited] if inherited else [])
-    (out_dir / TRAINED_ON).write_text("\n".join(listed) + "\n")
+    listed = "\n".join(data.clips + ([INHERITED, *inherited] if inherited else [])) + "\n"
     batches = batches_of(data, opts, rng)
     if model.level is not None:
         batches.settled_frames = float(model.level.frames)
@@ -496,6 +495,7 @@ def fit(
                 if score > best["score"]:
                     best = {"score": score, **row}
                     save_model(model.cpu(), cfg, out_dir)
+                    (out_dir / TRAINED_ON).write_text(listed)
                     for stale in (ONNX_NAME, CHUNK_NAME):  # graphs exported from earlier weights no longer match
                         (out_dir / stale).unlink(missing_ok=True)
                     model.to(opts.device)
