@@ -366,3 +366,14 @@ def test_an_overwrite_stopped_before_its_first_save_leaves_the_old_model_whole(f
     code, err = cli("train", few, "--arch-param", "hidden=8", *FAST, "--out", out, "--no-val", "--overwrite")
     assert code == 130 and "before the first epoch ended" in err, err
     assert {f: (out / f).read_bytes() for f in before} == before  # the old model, whole
+
+
+def test_a_label_that_cannot_be_a_column_or_a_topic_is_refused(folders, tmp_path, cli):
+    """'car horn/#1' and 'my<TAB>appliance' were trained: then serve's MQTT died with a traceback (a wildcard in a
+    topic) and a --scores TSV had more header columns than scores, each class paired with the next one's."""
+    for label in ("car horn/#1", "my\tappliance", "a:b"):
+        rows = [[p, label if p.parent.name == "rain" else p.parent.name] for p in folders.rglob("*.wav")]
+        manifest = _manifest(tmp_path / "weird.csv", rows)
+        code, err = cli("train", manifest, *FAST, "--out", tmp_path / "m")
+        assert code == 2 and f"label {label!r} holds" in err and "rename it" in err, err
+        assert not (tmp_path / "m").exists()

@@ -113,13 +113,26 @@ def combine(
             clips.append(dataclasses.replace(c, label=aliases.get(c.label, c.label), also=also, source=source))
     clips += [dataclasses.replace(c, label="", source="unlabelled") for c in unlabelled or []]
     labels = sorted({x for c in clips for x in c.labels} | set(extra_labels))
-    check_label_case(labels, " + ".join(ds.name for ds in datasets))
+    check_labels(labels, " + ".join(ds.name for ds in datasets))
     name = "+".join(ds.name for ds in datasets) + ("+unlabelled" if unlabelled else "")
     return Dataset(clips, labels, name, source_labels, [note for ds in datasets for note in ds.notes])
 
 
-def check_label_case(labels, where: str) -> None:
-    """'Rain' and 'rain' would be two classes that each teach the other absent: refuse, naming both."""
+# a label is a TSV column header (--scores), an MQTT topic level and a key in tag's "label:count;..." cells
+UNSAFE_IN_LABELS = "#+/:;"
+
+
+def check_labels(labels, where: str) -> None:
+    """'Rain' and 'rain' would be two classes that each teach the other absent: refuse, naming both. A label
+    that cannot be a column, a topic level or a summary key (a tab, '#', '/') is refused too: it was trained,
+    and then broke serve's MQTT (a traceback) and shifted every score column after it in a TSV."""
+    for label in labels:
+        bad = sorted({c for c in label if c in UNSAFE_IN_LABELS or not c.isprintable()})
+        if bad:
+            raise DatasetError(
+                f"{where}: label {label!r} holds {' '.join(repr(c) for c in bad)}: a label names a column, an MQTT "
+                f"topic and a summary key, so it may not hold {' '.join(UNSAFE_IN_LABELS)} or tabs; rename it"
+            )
     seen: dict[str, str] = {}
     for label in labels:
         other = seen.setdefault(label.casefold(), label)
@@ -221,7 +234,7 @@ def load_dataset(path: str | os.PathLike, min_classes: int = 2) -> Dataset:
             f"{path}: {count(len(missing), 'listed clip is', 'listed clips are')} missing, e.g. {missing[0]}"
         )
     labels = sorted({x for c in clips for x in c.labels})
-    check_label_case(labels, str(path))
+    check_labels(labels, str(path))
     if len(labels) < min_classes:
         raise DatasetError(f"{path}: need at least {min_classes} classes to train ({len(labels)} found)")
     return Dataset(clips, labels, path.name, notes=notes)
