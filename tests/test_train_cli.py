@@ -377,3 +377,23 @@ def test_a_label_that_cannot_be_a_column_or_a_topic_is_refused(folders, tmp_path
         code, err = cli("train", manifest, *FAST, "--out", tmp_path / "m")
         assert code == 2 and f"label {label!r} holds" in err and "rename it" in err, err
         assert not (tmp_path / "m").exists()
+
+
+def test_an_overwritten_model_loses_the_old_event_thresholds(folders, tmp_path, cli):
+    """--overwrite kept the old model's events.toml: its thresholds were for other weights, and one naming a class
+    the new model lacks made every later command on the folder fail; eval found that only after scoring every
+    clip, in a line that did not name the file."""
+    out = tmp_path / "m"
+    code, err = cli("train", folders, "--arch-param", "hidden=8", *FAST, "--out", out, "--no-val")
+    assert code == 0, err
+    (out / "events.toml").write_text("[chainsaw]\non_threshold = 0.9\n")
+    code, err = cli("eval", out, folders, "--levels", "0", "--baseline-folds", "0", "--report", tmp_path / "r")
+    assert code == 0, err  # the model's own thresholds are its to have
+    rows = [[p, p.parent.name] for p in folders.rglob("*.wav") if p.parent.name != "chainsaw"]
+    two = _manifest(tmp_path / "two.csv", rows)
+    code, err = cli("train", two, "--arch-param", "hidden=8", *FAST, "--out", out, "--no-val", "--overwrite")
+    assert code == 0 and f"removed {out / 'events.toml'}" in err and not (out / "events.toml").exists(), err
+    (out / "events.toml").write_text("[chainsaw]\non_threshold = 0.9\n")  # a user's, naming a class it lacks
+    code, err = cli("eval", out, folders, "--levels", "0", "--baseline-folds", "0", "--report", tmp_path / "r2")
+    assert code == 2 and f"{out / 'events.toml'}: event settings: unknown class 'chainsaw'" in err, err
+    assert "clips through the" not in err  # said before any clip was scored

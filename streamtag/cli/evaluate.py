@@ -138,6 +138,10 @@ def run(args) -> int:
     label_map = read_label_map(args.label_map)
     model_dir = resolve_model_dir(None if args.model == "default" else args.model)
     backend = make_backend(args.backend, None if args.model == "default" else args.model)
+    try:  # before any clip is scored (a wrong one was found after all of them), naming the file
+        detector = model_detector(backend.folder, backend.labels, backend.config.features.frame_seconds)
+    except ConfigError as exc:
+        raise ConfigError(f"{Path(backend.folder) / 'events.toml'}: {exc}") from None
     if args.expected is None:  # the defaults the model has: a model of dogs and rain expects neither
         expected = [x for x in ("speech", "music") if x in backend.labels]
     else:
@@ -185,8 +189,9 @@ def run(args) -> int:
         )
         allowed = np.ones(len(backend.labels), dtype=bool)
     if unknown:
-        what = "dataset class is not a model class" if len(unknown) == 1 else "dataset classes are not model classes"
-        warnings.append(f"{len(unknown)} {what} and count as errors: {unknown[:5]}")
+        one = len(unknown) == 1
+        what = "class is not a model class; its" if one else "classes are not model classes; their"
+        warnings.append(f"{len(unknown)} dataset {what} clips count as errors: {unknown[:5]}")
     for line in warnings:
         print(f"streamtag eval: warning: {line}", file=sys.stderr)
     frame_s = backend.config.features.frame_seconds
@@ -194,7 +199,6 @@ def run(args) -> int:
     print(f"streamtag eval: {len(paths)} clips through the {args.backend} backend", file=sys.stderr)
     bar = _progress_bar()
     probs = _with_bar(bar, "clips", len(paths), lambda tick: stream_scores(backend, paths, progress=tick))
-    detector = model_detector(backend.folder, backend.labels, frame_s)
     report = {
         "model": args.model,
         "dataset": str(args.dataset),

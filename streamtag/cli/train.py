@@ -408,8 +408,12 @@ def run(args) -> int:
             label_map=label_map,
         )
     except KeyboardInterrupt as stop:
+        if args.overwrite and (Path(args.out) / "checkpoint.pt").is_file():  # new weights saved: the old go
+            _drop_old_events(Path(args.out))
         _say_how_to_resume(args)
         return stop_exit_code(stop)
+    if args.overwrite:
+        _drop_old_events(Path(args.out))
     best = result["best"]
     figures = (
         f", validation {best['acc_mean']:.1%} mean over frames, {best['acc_last']:.1%} last frame"
@@ -508,6 +512,19 @@ def _clear_stale(out: Path) -> None:
     refused by a later check, or stopped before its first epoch ended, leaves the old model whole."""
     for stale in ("model.onnx", "chunk.onnx", "checkpoint.pt", "train_log.json"):
         (out / stale).unlink(missing_ok=True)
+
+
+def _drop_old_events(out: Path) -> None:
+    """The replaced model's events.toml goes with its weights: its thresholds were calibrated for them, and one
+    naming a class the new model lacks made every later command on the folder fail."""
+    events = out / "events.toml"
+    if events.is_file():
+        events.unlink()
+        print(
+            f"streamtag train: note: removed {events}, the replaced model's event thresholds (calibrate the new "
+            "model's, e.g. recipes/calibrate_events.py, or give --event-config when you use it)",
+            file=sys.stderr,
+        )
 
 
 def _say_how_to_resume(args) -> None:
