@@ -397,3 +397,15 @@ def test_an_overwritten_model_loses_the_old_event_thresholds(folders, tmp_path, 
     code, err = cli("eval", out, folders, "--levels", "0", "--baseline-folds", "0", "--report", tmp_path / "r2")
     assert code == 2 and f"{out / 'events.toml'}: event settings: unknown class 'chainsaw'" in err, err
     assert "clips through the" not in err  # said before any clip was scored
+
+
+def test_init_takes_the_starting_model_s_architecture(folders, tmp_path, cli):
+    """--init refused a run that did not repeat the starting model's --arch-param values by hand ("its arch
+    parameters differ"): they come with the model now, and any given still override them."""
+    first = tmp_path / "first"
+    assert cli("train", folders, "--arch-param", "hidden=8", *FAST, "--out", first, "--no-val")[0] == 0
+    code, err = cli("train", folders, "--init", first, *FAST, "--out", tmp_path / "second", "--no-val")
+    assert code == 0, err
+    assert json.loads((tmp_path / "second" / "config.json").read_text())["arch_params"]["hidden"] == 8
+    code, err = cli("train", folders, "--init", first, "--arch-param", "hidden=16", *FAST, "--out", tmp_path / "x")
+    assert code == 2 and "arch parameters differ" in err, err

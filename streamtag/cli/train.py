@@ -229,9 +229,15 @@ def _options(args):
         raise ConfigError(
             "--unlabelled, --teacher-labels and --unmapped-negatives need --teacher (their targets come from it)"
         )
+    arch_params = dict(args.arch_param)
+    if args.init and not arch_params:  # fine-tuning: the starting model's parameters (given by hand, before)
+        from ..modelfile import load_config
+
+        start = load_config(Path(args.init))
+        arch_params = dict(start.arch_params) if start.arch == args.arch else {}
     opts = TrainOptions(
         arch=args.arch,
-        arch_params=dict(args.arch_param),
+        arch_params=arch_params,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
