@@ -644,11 +644,24 @@ def _open_job(item: Item, out: Path, force: bool, feats, scores: bool, labels, k
     try:
         job = _Job(item, out, feats.sample_rate, feats.hop_length, scores, labels, stamp)
     except (AudioFileError, OSError) as exc:
-        if retagged:  # what an earlier run left is of another version of the file, which now fails: it goes, or
-            _drop_finished(marker)  # a later run's summary (built from the markers) listed the file as tagged
-        return Outcome(item.name, str(item.path), error=_one_line(exc))
+        error = _one_line(exc)
+        # what an earlier run left is of another version of the file, which cannot be read now: it goes, or a later
+        # run's summary (built from the markers) listed the file as tagged; not for a failure of our own (a full
+        # disk) or for new settings alone, where the outputs still say what the file holds
+        if retagged and isinstance(exc, AudioFileError) and _marked_file(marker) != stamp["file"]:
+            _drop_finished(marker)
+            error += "; the outputs of its earlier version were removed"
+        return Outcome(item.name, str(item.path), error=error)
     job.retagged = retagged  # the old marker stays until the new outputs are in place (a stop keeps it)
     return job
+
+
+def _marked_file(marker: Path) -> dict | None:
+    """The file identity a done marker was written for (None when it cannot be read)."""
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("file")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _drop_finished(marker: Path) -> None:
@@ -663,11 +676,12 @@ def _drop_finished(marker: Path) -> None:
         _with(base, output).unlink(missing_ok=True)
 
 
-def _finished(marker: Path, stamp: dict | None = None) -> Outcome | None:
-    """The outcome a done marker keeps; ``None`` when it is unreadable or, given ``stamp``, was written for
-    other settings or another version of the file (the file is tagged again)."""
+def _finished(marker: Path, stamp: dict | None = None, data: dict | None = None) -> Outcome | None:
+    """The outcome a done marker keeps (``data``: its contents, when read already); ``None`` when it is
+    unreadable or, given ``stamp``, was written for other settings or another version of the file (the file is
+    tagged again)."""
     try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
+        data = json.loads(marker.read_text(encoding="utf-8")) if data is None else data
         if stamp is not None and any(data.get(k) != v for k, v in stamp.items()):
             return None
         base = marker.parent / marker.name[: -len(DONE)]
@@ -807,20 +821,61 @@ def _other_file(marker: Path, item: Item) -> str | None:
         return None
 
 
-def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: bool = False) -> list[Path]:
+@dataclasses.dataclass
+class Tables:
+    """What :func:`write_tables` wrote, and what an analyst should know of the summary's rows (every finished
+    file under ``--out``): of the files from earlier runs, those no longer at the path they were tagged from
+    (deleted, moved) and those tagged with other settings; and pairs of names that are one recording tagged
+    twice (its folder given at another level, or by itself)."""
+
+    summary: Path
+    errors: Path
+    gone: list[str] = dataclasses.field(default_factory=list)
+    other: list[str] = dataclasses.field(default_factory=list)
+    twice: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def write_tables(
+    outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: bool = False, key: str | None = None
+) -> Tables:
     """``summary.csv`` (one row per finished file under ``out``: this run's and, from their markers, those
-    of earlier runs; Parquet too when asked) and ``errors.csv`` (the files of this run that failed)."""
+    of earlier runs; Parquet too when asked) and ``errors.csv`` (the files of this run that failed). ``key``,
+    this run's settings: earlier rows of other settings are named in the result."""
     out = Path(out)
+    tables = Tables(out / "summary.csv", out / "errors.csv")
     mine = {o.name for o in outcomes}
-    markers = (m for m in out.rglob("*" + DONE) if str(m.relative_to(out))[: -len(DONE)] not in mine)
-    earlier = [_finished(m) for m in markers]  # this run's files are in ``outcomes`` already: not read again
-    outcomes = [*outcomes, *(o for o in earlier if o is not None)]
+    names_of: dict[str, list[str]] = {}  # recording -> the names it is in the summary under
+    for o in outcomes:  # this run's: from their paths (their markers are not read again)
+        if not o.error and o.path != "-":
+            names_of.setdefault(os.path.realpath(o.path), []).append(o.name)
+    earlier = []
+    for marker in sorted(out.rglob("*" + DONE)):
+        name = str(marker.relative_to(out))[: -len(DONE)]
+        if name in mine:
+            continue
+        try:
+            data = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        outcome = _finished(marker, data=data)
+        if outcome is None:
+            continue
+        earlier.append(outcome)
+        source = (data.get("file") or {}).get("path") if isinstance(data, dict) else None
+        if source is not None:
+            names_of.setdefault(source, []).append(name)
+            if not os.path.exists(source):
+                tables.gone.append(name)
+                continue
+        if key is not None and data.get("settings") != key:
+            tables.other.append(name)
+    tables.twice = [(names[0], names[1]) for names in names_of.values() if len(names) > 1]
+    outcomes = [*outcomes, *earlier]
     rows = [o.row() for o in sorted(outcomes, key=lambda o: o.name)]
     fields = list(Outcome("", "").row())
-    written = [out / "summary.csv", out / "errors.csv"]
-    _write_csv(written[0], fields, [r for r in rows if not r["error"]])
+    _write_csv(tables.summary, fields, [r for r in rows if not r["error"]])
     failed = [{k: r[k] for k in ("name", "path", "error")} for r in rows if r["error"]]
-    _write_csv(written[1], ["name", "path", "error"], failed)
+    _write_csv(tables.errors, ["name", "path", "error"], failed)
     if parquet:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -829,36 +884,7 @@ def write_tables(outcomes: Sequence[Outcome], out: str | os.PathLike, parquet: b
         table = pa.Table.from_pylist(done, schema=_parquet_schema(pa))
         with _replaced(out / "summary.parquet") as tmp:
             pq.write_table(table, tmp)
-        written.append(out / "summary.parquet")
-    return written
-
-
-def summary_notes(
-    out: str | os.PathLike, outcomes: Sequence[Outcome], key: str
-) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-    """What an analyst should know of the summary's rows (every finished file under ``out``): of the files from
-    earlier runs (not in ``outcomes``), those no longer at the path they were tagged from (deleted, moved) and
-    those tagged with settings other than ``key``; and pairs of names that are one recording tagged twice (its
-    folder given at another level, or by itself)."""
-    out, mine = Path(out), {o.name for o in outcomes}
-    gone, other, names_of = [], [], {}
-    for marker in sorted(out.rglob("*" + DONE)):
-        name = str(marker.relative_to(out))[: -len(DONE)]
-        try:
-            data = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        source = (data.get("file") or {}).get("path")
-        if source is not None:
-            names_of.setdefault(source, []).append(name)
-        if name in mine:
-            continue
-        if source is not None and not os.path.exists(source):
-            gone.append(name)
-        elif data.get("settings") != key:
-            other.append(name)
-    twice = [(names[0], names[1]) for names in names_of.values() if len(names) > 1]
-    return gone, other, twice
+    return tables
 
 
 def _cell(value):

@@ -1117,7 +1117,7 @@ def test_a_file_that_fails_now_loses_the_outputs_of_its_earlier_version(tmp_path
     assert run_cli("tag", folder, *tag).returncode == 0
     (folder / "rain.flac").write_bytes(os.urandom(20000))  # the recording replaced by junk
     r = run_cli("tag", folder, *tag)
-    assert r.returncode == 1 and "rain.flac" in r.stderr, r.stderr
+    assert r.returncode == 1 and "the outputs of its earlier version were removed" in r.stderr, r.stderr
     assert not list(out.glob("rec/rain.flac.*"))  # the outputs of the version that is gone
     manifest = tmp_path / "one.txt"
     manifest.write_text(str(folder / "dog.flac") + "\n")
@@ -1158,9 +1158,34 @@ def test_a_run_says_which_earlier_rows_are_of_files_gone_or_other_settings(tmp_p
     manifest.write_text(str(folder / "a.flac") + "\n")
     r = run_cli("tag", manifest, *tag, "--on-threshold", "0.3")
     assert r.returncode == 0, r.stderr
-    assert "1 file in" in r.stderr and "no longer at the path they were tagged from" in r.stderr
-    assert "e.g. rec/b.flac" in r.stderr and "other settings (" in r.stderr and "e.g. rec/c.flac" in r.stderr
+    assert "1 file in" in r.stderr and "from earlier runs is no longer at the path tagged from" in r.stderr
+    assert "e.g. rec/b.flac" in r.stderr and "was tagged by earlier runs with other settings" in r.stderr
+    assert "e.g. rec/c.flac" in r.stderr
     assert [row["name"] for row in _rows(out / "summary.csv")] == ["rec/a.flac", "rec/b.flac", "rec/c.flac"]
     assert "twice" not in r.stderr
     r = run_cli("tag", folder / "c.flac", *tag)  # the same recording by itself: a second name, c.flac
-    assert r.returncode == 0 and "1 recording in" in r.stderr and "e.g. c.flac and rec/c.flac" in r.stderr, r.stderr
+    assert r.returncode == 0 and "is there twice" in r.stderr and "c.flac and rec/c.flac" in r.stderr, r.stderr
+
+
+def test_a_file_that_fails_for_new_settings_or_our_own_fault_keeps_its_outputs(tmp_path, cnn_dir, monkeypatch):
+    """Only a file changed since into one that cannot be read loses its earlier outputs: the first version of that
+    fix dropped them for a read error under new settings alone (--scores), or a failure of our own (a full disk)."""
+    from streamtag import archive
+    from streamtag.errors import AudioFileError
+
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "dog.flac", folder / "dog.flac")
+    out = tmp_path / "out"
+    items = archive.find_inputs([folder])
+    archive.tag_archive(items, out, model=cnn_dir, width=2)
+    before = sorted(p.name for p in out.rglob("*"))
+    for fault in (AudioFileError("rec/dog.flac: Input/output error"), OSError(28, "No space left on device")):
+
+        def failing(*args, fault=fault, **kwargs):
+            raise fault
+
+        monkeypatch.setattr(archive, "WavReplaySource", failing)
+        (outcome,) = archive.tag_archive(items, out, model=cnn_dir, width=2, scores=True)  # new settings
+        assert outcome.error and "earlier version" not in outcome.error
+        assert sorted(p.name for p in out.rglob("*")) == before

@@ -88,7 +88,6 @@ def run(args) -> int:
         names_too_long,
         settings_key,
         settled,
-        summary_notes,
         tag_in_processes,
         write_tables,
     )
@@ -203,8 +202,7 @@ def run(args) -> int:
         outcomes += late
         reported |= {o.name for o in late}
         unfinished = [i for i in items if i.name not in reported]
-    tables = write_tables(outcomes, out, parquet=parquet)
-    gone, other, twice = summary_notes(out, outcomes, key)
+    tables = write_tables(outcomes, out, parquet=parquet, key=key)
     failed = [o for o in outcomes if o.error]
     skipped = sum(o.skipped for o in outcomes)
     tagged_s = sum(o.seconds for o in outcomes if not o.skipped and not o.error)
@@ -212,11 +210,11 @@ def run(args) -> int:
         f"tagged {count(len(outcomes) - len(failed) - skipped, 'file')} ({tagged_s / 3600:.2f} h of audio in "
         f"{wall:.1f} s, "
         f"{tagged_s / max(wall, 1e-9):.0f}x real time), {skipped} already done, {len(failed)} failed; "
-        f"summary in {tables[0]}",
+        f"summary in {tables.summary}",
         file=sys.stderr,
     )
-    _say_each("error", failed, lambda o: o.error, tables[1])
-    _say_each("warning", [o for o in outcomes if o.warning], lambda o: o.warning, tables[0])
+    _say_each("error", failed, lambda o: o.error, tables.errors)
+    _say_each("warning", [o for o in outcomes if o.warning], lambda o: o.warning, tables.summary)
     retagged = sum(o.retagged and not o.error for o in outcomes)  # of the files tagged: a failed one is not
     if retagged:
         print(
@@ -250,24 +248,26 @@ def run(args) -> int:
             f"{how}",
             file=sys.stderr,
         )
-    if gone:
+    if tables.gone:
         print(
-            f"streamtag tag: note: {count(len(gone), 'file')} in {tables[0]} from earlier runs are no longer at the "
-            f"path they were tagged from (deleted or moved; e.g. {gone[0]}): their rows stay until their outputs "
-            f"under {out} are deleted",
+            f"streamtag tag: note: {count(len(tables.gone), 'file')} in {tables.summary} from earlier runs "
+            f"{'is' if len(tables.gone) == 1 else 'are'} no longer at the path tagged from (deleted or moved; e.g. "
+            f"{tables.gone[0]}): the rows stay until their outputs under {out} are deleted",
             file=sys.stderr,
         )
-    if other:
+    if tables.other:
         print(
-            f"streamtag tag: note: {count(len(other), 'file')} in {tables[0]} were tagged by earlier runs with other "
-            f"settings (model, event settings or --scores; e.g. {other[0]}): tag them with these to make it alike",
+            f"streamtag tag: note: {count(len(tables.other), 'file')} in {tables.summary} "
+            f"{'was' if len(tables.other) == 1 else 'were'} tagged by earlier runs with other settings (model, "
+            f"event settings or --scores; e.g. {tables.other[0]}): tag them with these to make it alike",
             file=sys.stderr,
         )
-    if twice:
+    if tables.twice:
+        first, second = tables.twice[0]
         print(
-            f"streamtag tag: note: {count(len(twice), 'recording')} in {tables[0]} are there twice, under two names "
-            f"(e.g. {twice[0][0]} and {twice[0][1]}: a folder given at two levels into one --out); delete one's "
-            "outputs to count each once",
+            f"streamtag tag: note: {count(len(tables.twice), 'recording')} in {tables.summary} "
+            f"{'is' if len(tables.twice) == 1 else 'are'} there twice, under two names (e.g. {first} and {second}: "
+            "a folder given at two levels into one --out); delete one's outputs to count each once",
             file=sys.stderr,
         )
     if links:
