@@ -370,13 +370,25 @@ def test_an_overwrite_stopped_before_its_first_save_leaves_the_old_model_whole(f
 
 def test_a_label_that_cannot_be_a_column_or_a_topic_is_refused(folders, tmp_path, cli):
     """'car horn/#1' and 'my<TAB>appliance' were trained: then serve's MQTT died with a traceback (a wildcard in a
-    topic) and a --scores TSV had more header columns than scores, each class paired with the next one's."""
+    topic) and a --scores TSV had more header columns than scores, each class paired with the next one's. A
+    dataset label a --label-map renames, and one eval only compares, may hold them."""
     for label in ("car horn/#1", "my\tappliance", "a:b"):
         rows = [[p, label if p.parent.name == "rain" else p.parent.name] for p in folders.rglob("*.wav")]
         manifest = _manifest(tmp_path / "weird.csv", rows)
         code, err = cli("train", manifest, *FAST, "--out", tmp_path / "m")
         assert code == 2 and f"label {label!r} holds" in err and "rename it" in err, err
         assert not (tmp_path / "m").exists()
+    rows = [[p, "rain/heavy" if p.parent.name == "rain" else p.parent.name] for p in folders.rglob("*.wav")]
+    manifest = _manifest(tmp_path / "aliased.csv", rows)
+    label_map = tmp_path / "map.tsv"
+    label_map.write_text("rain\tRain\train/heavy\n")
+    small = ["--arch-param", "hidden=8", *FAST]
+    code, err = cli("train", manifest, "--label-map", label_map, *small, "--out", tmp_path / "a")
+    assert code == 0, err
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["labels"] == ["chainsaw", "dog", "rain"]
+    report = ["--levels", "0", "--baseline-folds", "0", "--report", tmp_path / "r"]
+    code, err = cli("eval", tmp_path / "a", manifest, *report)
+    assert code == 0, err
 
 
 def test_an_overwritten_model_loses_the_old_event_thresholds(folders, tmp_path, cli):
@@ -409,3 +421,7 @@ def test_init_takes_the_starting_model_s_architecture(folders, tmp_path, cli):
     assert json.loads((tmp_path / "second" / "config.json").read_text())["arch_params"]["hidden"] == 8
     code, err = cli("train", folders, "--init", first, "--arch-param", "hidden=16", *FAST, "--out", tmp_path / "x")
     assert code == 2 and "arch parameters differ" in err, err
+    code, err = cli("train", folders, "--init", first, "--arch-param", "pool_gate=true", *FAST, "--out", tmp_path / "g")
+    assert code == 0, err  # grown: the gate added, the rest of its parameters still the starting model's
+    grown = json.loads((tmp_path / "g" / "config.json").read_text())["arch_params"]
+    assert grown["hidden"] == 8 and grown["pool_gate"] is True

@@ -141,7 +141,8 @@ def run(args) -> int:
     try:  # before any clip is scored (a wrong one was found after all of them), naming the file
         detector = model_detector(backend.folder, backend.labels, backend.config.features.frame_seconds)
     except ConfigError as exc:
-        raise ConfigError(f"{Path(backend.folder) / 'events.toml'}: {exc}") from None
+        where = str(Path(backend.folder) / "events.toml")
+        raise ConfigError(str(exc) if where in str(exc) else f"{where}: {exc}") from None
     if args.expected is None:  # the defaults the model has: a model of dogs and rain expects neither
         expected = [x for x in ("speech", "music") if x in backend.labels]
     else:

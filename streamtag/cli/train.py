@@ -230,11 +230,12 @@ def _options(args):
             "--unlabelled, --teacher-labels and --unmapped-negatives need --teacher (their targets come from it)"
         )
     arch_params = dict(args.arch_param)
-    if args.init and not arch_params:  # fine-tuning: the starting model's parameters (given by hand, before)
+    if args.init:  # fine-tuning: the starting model's parameters (given by hand, before), any given on top
         from ..modelfile import load_config
 
         start = load_config(Path(args.init))
-        arch_params = dict(start.arch_params) if start.arch == args.arch else {}
+        if start.arch == args.arch:
+            arch_params = {**start.arch_params, **arch_params}
     opts = TrainOptions(
         arch=args.arch,
         arch_params=arch_params,

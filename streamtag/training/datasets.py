@@ -122,11 +122,12 @@ def combine(
 UNSAFE_IN_LABELS = "#+/:;"
 
 
-def check_labels(labels, where: str) -> None:
-    """'Rain' and 'rain' would be two classes that each teach the other absent: refuse, naming both. A label
-    that cannot be a column, a topic level or a summary key (a tab, '#', '/') is refused too: it was trained,
-    and then broke serve's MQTT (a traceback) and shifted every score column after it in a TSV."""
-    for label in labels:
+def check_labels(labels, where: str, trained: bool = True) -> None:
+    """'Rain' and 'rain' would be two classes that each teach the other absent: refuse, naming both. A class a
+    model is ``trained`` on (after the label map) that cannot be a column, a topic level or a summary key (a
+    tab, '#', '/') is refused too: it was trained, then broke serve's MQTT (a traceback) and shifted every score
+    column after it in a TSV. A dataset's own labels may hold them (a map renames them; eval only compares)."""
+    for label in labels if trained else ():
         bad = sorted({c for c in label if c in UNSAFE_IN_LABELS or not c.isprintable()})
         if bad:
             raise DatasetError(
@@ -234,7 +235,7 @@ def load_dataset(path: str | os.PathLike, min_classes: int = 2) -> Dataset:
             f"{path}: {count(len(missing), 'listed clip is', 'listed clips are')} missing, e.g. {missing[0]}"
         )
     labels = sorted({x for c in clips for x in c.labels})
-    check_labels(labels, str(path))
+    check_labels(labels, str(path), trained=False)
     if len(labels) < min_classes:
         raise DatasetError(f"{path}: need at least {min_classes} classes to train ({len(labels)} found)")
     return Dataset(clips, labels, path.name, notes=notes)
