@@ -382,14 +382,14 @@ class _FakeRay:
         class RaySystemError(RayError):
             pass
 
-    def __init__(self, dies, fails, once):
-        self.dies, self.fails, self.once, self.actors = dies, fails, once, 0
+    def __init__(self, dies, fails, once, cpus: int = 2):
+        self.dies, self.fails, self.once, self.actors, self.cpus = dies, fails, once, 0, cpus
 
     def available_resources(self):
-        return {"CPU": 2}
+        return {"CPU": self.cpus}
 
     def cluster_resources(self):
-        return {"CPU": 2}
+        return {"CPU": self.cpus}
 
     def remote(self, num_cpus):
         fake = self
@@ -455,14 +455,8 @@ class _ClusterElsewhere(_FakeRay):
     folder); after ``lost_after`` batches the next wait fails as Ray Client's does when the cluster goes."""
 
     def __init__(self, cwd: Path, lost_after: int | None = None):
-        super().__init__(dies=set(), fails=set(), once=True)
+        super().__init__(dies=set(), fails=set(), once=True, cpus=1)
         self.cwd, self.lost_after, self.ran = cwd, lost_after, 0
-
-    def available_resources(self):
-        return {"CPU": 1}
-
-    def cluster_resources(self):
-        return {"CPU": 1}
 
     def remote(self, num_cpus):
         import types
