@@ -76,8 +76,9 @@ class EventParams:
                 f"off_threshold must be in [0, on_threshold], on_threshold {self.on_threshold:g} here "
                 f"({self.off_threshold} given)"
             )
-        if self.min_duration_s < 0 or self.min_gap_s < 0:
-            raise ConfigError("min_duration_s and min_gap_s must be >= 0")
+        for key in ("min_duration_s", "min_gap_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0 ({getattr(self, key)} given)")
         if self.max_duration_s is not None and not self.max_duration_s > self.min_duration_s:
             raise ConfigError(
                 f"max_duration_s must be longer than min_duration_s ({self.max_duration_s} given, "

@@ -1215,6 +1215,25 @@ def test_a_float_stream_s_few_overshoots_are_no_format_warning():
     assert "is the input format right" in worker.accounts["wrong"].warning
 
 
+def test_a_pulled_source_gone_shows_no_scores_on_the_page_or_in_state():
+    """While a pulled source was away, /v1/state and the page kept its last scores and level (rain at -20 dBFS),
+    as if it were still heard; the README says its state is cleared."""
+    from streamtag.multistream import MultiStreamTagger
+    from streamtag.serve.worker import ServeOptions, ServeWorker
+
+    worker = ServeWorker(MultiStreamTagger(capacity=2), ServeOptions(capacity=2))
+    worker._handle(("join", "porch", 16000, lambda message: None))
+    _, audio = _pcm("rain.flac")
+    worker._handle(("audio", "porch", audio, time.perf_counter()))
+    for name, item in worker.multi.step_blocks():
+        worker._deliver(name, item)
+    heard = worker.snapshot()["porch"]
+    assert heard["top"] and heard["level_dbfs"] > -60, heard
+    worker._handle(("source", "porch", False))  # the camera dropped
+    gone = worker.snapshot()["porch"]
+    assert gone["top"] == [] and gone["level_dbfs"] == -120.0, gone
+
+
 def test_a_flood_of_tiny_messages_is_closed_with_a_reason(tmp_path):
     """Messages of 1 ms of audio (the front pays per message): closed once 200 of them carry less than 5 ms each
     on average, with a code and a reason that says what to send; a stream beside it is untouched."""
@@ -1888,3 +1907,48 @@ def test_a_second_server_on_a_taken_port_leaves_the_running_one_online(tmp_path,
         assert second.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in second.stderr, second.stderr
         assert len(second.stderr.strip().splitlines()) == 1, second.stderr
         assert availability() == "online" and proc.poll() is None
+
+
+def test_a_pulled_source_s_gap_is_counted_until_its_audio_comes_again(tmp_path):
+    """streamtag_source_gap_seconds counted only the backoff waits: the time from the last try's start until its
+    audio came (ffmpeg connecting and probing, 5 s of a 21 s outage) was never added."""
+    from streamtag.serve.pulled import ChildSource, _child_source
+    from streamtag.serve.worker import ServeOptions
+    from streamtag.sources.pipe import PcmFormat
+
+    script = (  # 0.5 s of audio, then a failure; the next try takes 1.5 s before its audio comes, then hangs
+        f"if [ -f {tmp_path}/tried ]; then sleep 1.5; head -c 32000 /dev/zero; exec sleep 30; "
+        f"else touch {tmp_path}/tried; head -c 16000 /dev/zero; exit 1; fi"
+    )
+    child = ChildSource(["sh", "-c", script], PcmFormat.raw(16000, "s16le"), "source")
+    said, gaps = [], []
+
+    class Worker:  # what _child_source asks of the serve worker
+        frame_seconds = 0.01
+        options = ServeOptions()
+
+        def submit(self, *command):
+            said.append(command[:3] if command[0] == "source" else command[0])
+
+        def source_restarted(self, name, gap_seconds, restarted=True):
+            gaps.append((round(gap_seconds, 1), restarted))
+
+        def stepped_samples(self, name):
+            return 10**9
+
+        def is_alive(self):
+            return True
+
+    async def run():
+        stop = asyncio.Event()
+        task = asyncio.create_task(_child_source("porch", child, Worker(), stop))
+        deadline = time.monotonic() + 20
+        while ("source", "porch", True) not in said and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(run())
+    assert ("source", "porch", False) in said and ("source", "porch", True) in said, said
+    total = sum(g for g, _ in gaps)
+    assert [r for _, r in gaps] == [True, False] and 2.3 <= total <= 4.0, gaps  # 1 s of backoff + 1.5 s of start

@@ -204,7 +204,7 @@ class _ChildWorker(ServeWorker):
             _, request, what = command
             self._out.append(("reply", request, self.answer(what)))
         elif kind == "restarted":
-            self.source_restarted(command[1], command[2])
+            self.source_restarted(*command[1:])
         elif kind == "stop":
             self.stop()
         else:
@@ -376,8 +376,8 @@ class WorkerProcess:
             raise StreamtagError("the tagging worker stopped")
         return value
 
-    def source_restarted(self, name: str, gap_seconds: float) -> None:
-        self.submit("restarted", name, gap_seconds)
+    def source_restarted(self, name: str, gap_seconds: float, restarted: bool = True) -> None:
+        self.submit("restarted", name, gap_seconds, restarted)
 
     def stepped_samples(self, name: str) -> int:
         return self._stepped.get(name, 0)

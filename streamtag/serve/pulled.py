@@ -114,10 +114,13 @@ async def _child_source(name: str, child: ChildSource, worker: ServeWorker, stop
                     ended = True
                     break
                 stalled = 0.0
-                got_audio, last_audio = True, loop.time()
-                if down:
+                now = loop.time()
+                if down:  # the rest of the gap: from the last try's start (counted then) until audio came
                     down = False
                     worker.submit("source", name, True)
+                    worker.source_restarted(name, now - max(last_audio, counted), restarted=False)
+                    counted = now
+                got_audio, last_audio = True, now
                 if failing:
                     failing = False
                     print(f"streamtag serve: {name}: audio again", file=sys.stderr, flush=True)

@@ -167,10 +167,11 @@ class ServeWorker(threading.Thread):
         """The front's event loop, once it runs (a :class:`~streamtag.serve.process.WorkerProcess` talks
         through it); this thread posts to each client's own queue and needs nothing."""
 
-    def source_restarted(self, name: str, gap_seconds: float) -> None:
-        """A pulled source or sound card of the server's own was started again (counted in /metrics)."""
+    def source_restarted(self, name: str, gap_seconds: float, restarted: bool = True) -> None:
+        """A pulled source or sound card of the server's own was started again (counted in /metrics), or, with
+        ``restarted`` False, gave audio again: the rest of its time without audio is counted."""
         if self.metrics is not None:
-            self.metrics.source_restarted(name, gap_seconds)
+            self.metrics.source_restarted(name, gap_seconds, restarted)
 
     def submit(self, *command) -> None:
         if command[0] == "audio":  # stamped on arrival: the latency metric counts the wait for the worker too
@@ -337,6 +338,9 @@ class ServeWorker(threading.Thread):
                     self._deliver(name, step)
                 if hops and self.metrics is not None:
                     self.metrics.hops.inc(hops)
+                with self.lock:  # what the page and /v1/state show: not the last scores, as if still heard
+                    account = self.accounts[name]
+                    account.top, account.level_dbfs = [], float("-inf")
             else:  # back: its time moves on over the gap, so what it hears now keeps its place on the clock
                 self.multi.skip(name, time.monotonic() - self.accounts[name].last_audio)
             if self.mqtt is not None:
@@ -549,10 +553,11 @@ class Metrics:
     def event(self, label: str) -> None:
         self.events.labels(label).inc()
 
-    def source_restarted(self, stream: str, gap_seconds: float) -> None:
+    def source_restarted(self, stream: str, gap_seconds: float, restarted: bool = True) -> None:
         """A pulled source or sound card of the server's own was started again after ``gap_seconds`` without
-        audio."""
-        self.restarts.labels(stream).inc()
+        audio (or, not ``restarted``, gave audio again ``gap_seconds`` after its last start)."""
+        if restarted:
+            self.restarts.labels(stream).inc()
         self.gap_seconds.labels(stream).inc(max(gap_seconds, 0.0))
 
     def left(self, account: StreamAccount) -> None:
