@@ -169,6 +169,10 @@ class Worker(threading.Thread):
         self.reconnect = reconnect and source.is_live and hasattr(source, "restart")
         self.reconnects = 0
         self.gap_seconds = 0.0
+        # a reopened device's gap runs until its first samples (perf_counter seconds it began), not until its
+        # reopen: PulseAudio's ALSA device delivers its first block about 1.5 s after start, and events after a
+        # reconnect came that much early
+        self._gap_from: float | None = None
         if not 0 < buffer_seconds <= MAX_BUFFER_SECONDS:  # NaN fails too; before the engine takes the backend
             raise ConfigError(f"buffer_seconds must be in (0, {MAX_BUFFER_SECONDS:g}] ({buffer_seconds} given)")
         self.tagger = StreamTagger(
@@ -239,6 +243,9 @@ class Worker(threading.Thread):
                 first = self.ring.read
                 got = self.ring.read_into(self._read_buf)
                 if got:
+                    if self._gap_from is not None:  # the first audio after a reopen: the gap ends where it began
+                        began = written_ns / 1e9 - got / self.tagger.sample_rate
+                        self._end_gap(max(0.0, began - self._gap_from))
                     if self._open_outputs is not None:  # an empty pipe leaves an earlier run's files as they were
                         self.outputs, self._open_outputs = list(self._open_outputs()), None
                     self.processed += got
@@ -281,6 +288,8 @@ class Worker(threading.Thread):
         """The live source is gone: close events (reason ``gap``), clear the state, reopen with backoff until
         it is back or a stop is asked for. Returns the time audio may be expected from again."""
         self._write(self.tagger.reset("gap"))
+        if self._gap_from is None:  # (a reopened device that never delivered is the same gap)
+            self._gap_from = time.perf_counter() - (time.monotonic() - last_data)
         delay = 0.25
         while not self._stop_requested.is_set():
             try:
@@ -294,10 +303,14 @@ class Worker(threading.Thread):
                     break
                 self._stop_requested.wait(delay)
                 delay = min(2 * delay, RECONNECT_MAX_DELAY_S)
-        now = time.monotonic()
-        self.gap_seconds += now - last_data
-        self.tagger.skip(now - last_data)  # what comes next is stamped where it was heard, not closing up the gap
-        return now
+        return time.monotonic()
+
+    def _end_gap(self, seconds: float) -> None:
+        """A gap in a live source is over (``seconds`` long): counted, and stream time moves on by it, so what
+        comes next is stamped where it was heard, not closing up the gap."""
+        self.gap_seconds += seconds
+        self.tagger.skip(seconds)
+        self._gap_from = None
 
     def _consume_across_gaps(self, samples: np.ndarray, first: int, written_ns: int) -> None:
         """:meth:`_consume`, with stream time moved on where the ring dropped samples (a worker that fell
@@ -347,6 +360,9 @@ class Worker(threading.Thread):
                     raise _OutputFailed(f"the output {type(out).__name__} failed: {exc!r}") from exc
 
     def _finish(self) -> None:
+        if self._gap_from is not None:  # away (or reopened but silent) until the stop
+            self.gap_seconds += time.perf_counter() - self._gap_from
+            self._gap_from = None
         ended = "interrupted" if self.interrupted or self.error or self.reader_gone else "stream_end"
         try:
             self._write(self.tagger.finish(ended))
