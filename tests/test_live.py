@@ -239,3 +239,27 @@ def test_no_input_device_is_one_line(cnn_dir):
     r = run_cli("live", "--model", cnn_dir, env=env)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("streamtag live: error: no input device available")
+
+
+def test_a_device_name_that_matches_several_says_which(monkeypatch):
+    """--device a: "Multiple input devices found for 'a'" and then every device, without the ones it matched."""
+    import types
+
+    from streamtag.errors import UnknownDeviceError
+    from streamtag.sources import device
+
+    devices = [
+        {"name": "USB Audio Mic", "max_input_channels": 1, "default_samplerate": 48000.0},
+        {"name": "Webcam Audio", "max_input_channels": 2, "default_samplerate": 16000.0},
+    ]
+
+    def query_devices(which=None, kind=None):
+        if which is None:
+            return devices
+        raise ValueError(f"Multiple input devices found for {which!r}:\n[0] USB Audio Mic\n[1] Webcam Audio")
+
+    fake = types.SimpleNamespace(query_devices=query_devices, PortAudioError=OSError)
+    monkeypatch.setattr(device, "import_sounddevice", lambda: fake)
+    with pytest.raises(UnknownDeviceError) as said:
+        device.MicrophoneSource(16000, "audio")
+    assert "([0] USB Audio Mic; [1] Webcam Audio): give more of the name, or the index" in str(said.value)

@@ -1,5 +1,7 @@
 """File outputs over long runs: rotation (--rotate) and event clips (--save-clips)."""
 
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -161,3 +163,14 @@ def test_replay_never_writes_over_the_audio_it_reads(tmp_path, cnn_dir):
     assert wav.read_bytes() == before
     with pytest.raises(ConfigError, match="is an audio file"):
         EventsJsonl(EXAMPLES / "dog.flac")
+
+
+def test_a_folder_that_takes_no_files_is_said_so(tmp_path):
+    """--save-clips /proc said "cannot write in /proc (No such file or directory)" of a folder that exists."""
+    from streamtag.errors import ConfigError
+    from streamtag.outputs.files import check_output_folder
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc")
+    with pytest.raises(ConfigError, match=r"cannot write in /proc \(it takes no new files\)"):
+        check_output_folder("/proc", "--save-clips")

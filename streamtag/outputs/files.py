@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import re
@@ -106,8 +107,9 @@ def _probe(folder: Path, name: str) -> None:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".streamtag-probe-")
         os.close(fd)
         os.unlink(probe)
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot write in {folder} ({exc.strerror or exc})") from None
+    except OSError as exc:  # (a folder that takes no files, /proc, answers "no such file")
+        why = "it takes no new files" if exc.errno == errno.ENOENT and folder.is_dir() else exc.strerror or exc
+        raise ConfigError(f"{name}: cannot write in {folder} ({why})") from None
 
 
 def named_error(exc: OSError, path: str | os.PathLike) -> OSError:

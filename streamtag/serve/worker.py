@@ -603,10 +603,10 @@ def _say_stop_summary(accounts: dict[str, StreamAccount]) -> None:
     say = lambda text: print(f"streamtag serve: {text}", file=sys.stderr, flush=True)  # noqa: E731
     say(
         f"{count(len(rows), 'stream')} at the stop: samples received {totals[0]}, processed {totals[1]}, "
-        f"dropped {totals[2]}; {totals[3]} events"
+        f"dropped {totals[2]}; {count(totals[3], 'event')}"
     )
     for name, received, processed, dropped, events in rows[:STOP_SUMMARY_STREAMS]:
-        say(f"  {name}: received {received}, processed {processed}, dropped {dropped}; {events} events")
+        say(f"  {name}: received {received}, processed {processed}, dropped {dropped}; {count(events, 'event')}")
     if len(rows) > STOP_SUMMARY_STREAMS:
         say(f"  ... and {len(rows) - STOP_SUMMARY_STREAMS} more (each one's figures: /v1/state while it runs)")
 

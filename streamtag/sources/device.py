@@ -78,7 +78,10 @@ class MicrophoneSource:
         try:
             info = sd.query_devices(device, "input")
         except ValueError as exc:  # no name matches, or several do (sounddevice lists them on lines of its own)
-            first = str(exc).splitlines()[0].rstrip(":")
+            lines = str(exc).splitlines()
+            first, matches = lines[0].rstrip(":"), [line.strip() for line in lines[1:] if line.strip()]
+            if matches:  # the ones the name matched, then how to pick one (the full list follows)
+                first += f" ({'; '.join(matches)}): give more of the name, or the index"
             raise UnknownDeviceError(f"--device {device}: {first}{_device_choices()}") from None
         except sd.PortAudioError as exc:
             if device is not None:  # an index with no device behind it
