@@ -173,6 +173,7 @@ class Worker(threading.Thread):
         # reopen: PulseAudio's ALSA device delivers its first block about 1.5 s after start, and events after a
         # reconnect came that much early
         self._gap_from: float | None = None
+        self._gap_at: int | None = None  # where in the ring the reopened device's samples start
         if not 0 < buffer_seconds <= MAX_BUFFER_SECONDS:  # NaN fails too; before the engine takes the backend
             raise ConfigError(f"buffer_seconds must be in (0, {MAX_BUFFER_SECONDS:g}] ({buffer_seconds} given)")
         self.tagger = StreamTagger(
@@ -243,14 +244,18 @@ class Worker(threading.Thread):
                 first = self.ring.read
                 got = self.ring.read_into(self._read_buf)
                 if got:
-                    if self._gap_from is not None:  # the first audio after a reopen: the gap ends where it began
-                        began = written_ns / 1e9 - got / self.tagger.sample_rate
-                        self._end_gap(max(0.0, began - self._gap_from))
                     if self._open_outputs is not None:  # an empty pipe leaves an earlier run's files as they were
                         self.outputs, self._open_outputs = list(self._open_outputs()), None
                     self.processed += got
                     last_data = time.monotonic()
-                    self._consume_across_gaps(self._read_buf[:got], first, written_ns)
+                    cut = got
+                    if self._gap_at is not None and first + got > self._gap_at:  # the reopened device's first audio
+                        cut = max(0, self._gap_at - first)  # (what the lost one left in the ring comes before it)
+                    if cut:
+                        self._consume_across_gaps(self._read_buf[:cut], first, written_ns)
+                    if cut < got:
+                        self._end_gap(got - cut)
+                        self._consume_across_gaps(self._read_buf[cut:got], first + cut, written_ns)
                     continue
                 if source_stopped:
                     break
@@ -295,6 +300,7 @@ class Worker(threading.Thread):
             try:
                 self.source.restart()
                 self.reconnects += 1  # only a reopen that worked: a stop while it is away is no reconnect
+                self._gap_at = self.ring.written  # the reopened device's samples start here (the old one stopped)
                 break
             except StreamtagError as exc:
                 if getattr(self.source, "abandoned", False):  # a hung sound server: it will not come back
@@ -305,12 +311,17 @@ class Worker(threading.Thread):
                 delay = min(2 * delay, RECONNECT_MAX_DELAY_S)
         return time.monotonic()
 
-    def _end_gap(self, seconds: float) -> None:
-        """A gap in a live source is over (``seconds`` long): counted, and stream time moves on by it, so what
-        comes next is stamped where it was heard, not closing up the gap."""
+    def _end_gap(self, new: int) -> None:
+        """The reopened device's first ``new`` samples are in: the gap, from the last audio before the loss to
+        where these began (the ring's stamp of their write, less their length), is counted, and stream time
+        moves on by it, so what comes next is stamped where it was heard, not closing up the gap."""
+        began = self.ring.last_write_ns / 1e9 - new / self.tagger.sample_rate
+        if began < self._gap_from:  # the stamp not yet updated for this write (it follows the count): now, then
+            began = time.perf_counter() - new / self.tagger.sample_rate
+        seconds = max(0.0, began - self._gap_from)
         self.gap_seconds += seconds
         self.tagger.skip(seconds)
-        self._gap_from = None
+        self._gap_from = self._gap_at = None
 
     def _consume_across_gaps(self, samples: np.ndarray, first: int, written_ns: int) -> None:
         """:meth:`_consume`, with stream time moved on where the ring dropped samples (a worker that fell
@@ -362,7 +373,7 @@ class Worker(threading.Thread):
     def _finish(self) -> None:
         if self._gap_from is not None:  # away (or reopened but silent) until the stop
             self.gap_seconds += time.perf_counter() - self._gap_from
-            self._gap_from = None
+            self._gap_from = self._gap_at = None
         ended = "interrupted" if self.interrupted or self.error or self.reader_gone else "stream_end"
         try:
             self._write(self.tagger.finish(ended))
