@@ -318,6 +318,20 @@ def test_a_device_still_away_at_the_stop_is_not_counted_as_reopened(cnn_dir):
     assert any("not back before the stop" in line for line in summary.lines())
 
 
+class _StepTimes:
+    """An output that keeps each scored step's stream time."""
+
+    def __init__(self):
+        self.t = []
+
+    def write(self, step):
+        if step.has_scores:
+            self.t.append(step.t)
+
+    def close(self):
+        pass
+
+
 def test_audio_after_samples_the_ring_dropped_keeps_its_place_on_the_clock(cnn_dir):
     """A worker that fell behind: the ring drops what does not fit. The steps after the drop were stamped as if
     the dropped audio had never been, so events drifted earlier than the sound, by every drop so far."""
@@ -358,18 +372,7 @@ def test_audio_after_samples_the_ring_dropped_keeps_its_place_on_the_clock(cnn_d
         def finished(self):
             return self.done.is_set()
 
-    class Times:
-        def __init__(self):
-            self.t = []
-
-        def write(self, step):
-            if step.has_scores:
-                self.t.append(step.t)
-
-        def close(self):
-            pass
-
-    times = Times()
+    times = _StepTimes()
     worker = Worker(Dropping(), make_backend("onnx", cnn_dir), [times], buffer_seconds=1.0)
     worker.start()
     worker.join(timeout=60)
@@ -430,18 +433,7 @@ def test_a_reopened_device_s_gap_runs_until_its_first_samples(cnn_dir):
                 self.ring.push(audio[:1600])
             return self.error is not None
 
-    class Times:
-        def __init__(self):
-            self.t = []
-
-        def write(self, step):
-            if step.has_scores:
-                self.t.append(step.t)
-
-        def close(self):
-            pass
-
-    source, times = Late(), Times()
+    source, times = Late(), _StepTimes()
     worker = Worker(source, make_backend("onnx", cnn_dir), [times], reconnect=True)
     worker.start()
     deadline = time.monotonic() + 30
