@@ -648,7 +648,7 @@ def _open_job(item: Item, out: Path, force: bool, feats, scores: bool, labels, k
         # what an earlier run left is of another version of the file, which cannot be read now: it goes, or a later
         # run's summary (built from the markers) listed the file as tagged; not for a failure of our own (a full
         # disk) or for new settings alone, where the outputs still say what the file holds
-        if retagged and isinstance(exc, AudioFileError) and _marked_file(marker) != stamp["file"]:
+        if retagged and isinstance(exc, AudioFileError) and (_marker_data(marker) or {}).get("file") != stamp["file"]:
             _drop_finished(marker)
             error += "; the outputs of its earlier version were removed"
         return Outcome(item.name, str(item.path), error=error)
@@ -656,23 +656,20 @@ def _open_job(item: Item, out: Path, force: bool, feats, scores: bool, labels, k
     return job
 
 
-def _marked_file(marker: Path) -> dict | None:
-    """The file identity a done marker was written for (None when it cannot be read)."""
+def _marker_data(marker: Path) -> dict | None:
+    """A done marker's contents; None when it is missing, unreadable or not one of ours."""
     try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("file")
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _drop_finished(marker: Path) -> None:
-    """A done marker and the outputs it lists, gone."""
+    """A done marker and every output a file can have, gone."""
     base = marker.parent / marker.name[: -len(DONE)]
-    try:
-        outputs = json.loads(marker.read_text(encoding="utf-8")).get("outputs", FIRST_OUTPUTS)
-    except (OSError, ValueError):
-        outputs = FIRST_OUTPUTS
     marker.unlink(missing_ok=True)  # first: from here on no output claims to be finished
-    for output in {*outputs, *OUTPUTS.values()}:
+    for output in OUTPUTS.values():
         _with(base, output).unlink(missing_ok=True)
 
 
@@ -680,8 +677,10 @@ def _finished(marker: Path, stamp: dict | None = None, data: dict | None = None)
     """The outcome a done marker keeps (``data``: its contents, when read already); ``None`` when it is
     unreadable or, given ``stamp``, was written for other settings or another version of the file (the file is
     tagged again)."""
+    data = _marker_data(marker) if data is None else data
+    if data is None:
+        return None
     try:
-        data = json.loads(marker.read_text(encoding="utf-8")) if data is None else data
         if stamp is not None and any(data.get(k) != v for k, v in stamp.items()):
             return None
         base = marker.parent / marker.name[: -len(DONE)]
@@ -806,8 +805,10 @@ def _ours(path: Path) -> bool:
 def _other_file(marker: Path, item: Item) -> str | None:
     """The file a marker was written for, when that is another file that still exists: not a moved archive, and
     not a copy of this one (same size and modification time, as ``cp -p`` or rsync keep them)."""
+    data = _marker_data(marker)
+    if data is None:
+        return None
     try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
         written_for, other = data["file"], data["file"]["path"]
         if other == str(item.path.resolve()) or not os.path.exists(other) or os.path.samefile(other, item.path):
             return None
@@ -853,15 +854,12 @@ def write_tables(
         name = str(marker.relative_to(out))[: -len(DONE)]
         if name in mine:
             continue
-        try:
-            data = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        outcome = _finished(marker, data=data)
+        data = _marker_data(marker)
+        outcome = _finished(marker, data=data) if data is not None else None
         if outcome is None:
             continue
         earlier.append(outcome)
-        source = (data.get("file") or {}).get("path") if isinstance(data, dict) else None
+        source = (data.get("file") or {}).get("path")
         if source is not None:
             names_of.setdefault(source, []).append(name)
             if not os.path.exists(source):
