@@ -108,17 +108,13 @@ def _headerless_wav(path: Path, frames: int) -> _HeaderlessWav | None:
     read to the end of the file, as a pipe's are. None for any other file."""
     try:
         with open(_native(path), "rb") as f:
-            head = f.read(12)
-            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-                return None
-            f.seek(0)
             fmt = read_wav_header(f)
             start = f.tell()
             usable = os.fstat(f.fileno()).st_size - start
-    except (AudioFileError, OSError, ValueError):  # not a WAV read_wav_header reads (8-bit, ADPCM): libsndfile's
+    except (AudioFileError, OSError, ValueError):  # not a WAV, or one read_wav_header does not read (8-bit, ADPCM)
         return None
     frame_bytes = fmt.width * fmt.channels
-    if fmt.data_bytes is None:  # 0, or "unknown": libsndfile reads the latter to the end itself
+    if fmt.data_bytes is None:  # 0 or "unknown" (RF64's too): libsndfile reads those it counts frames of itself
         cut = frames <= 0
     else:  # the true size less a whole number of 4 GiB (a chunk after the data would break this: left alone)
         cut = usable > fmt.data_bytes and (usable - fmt.data_bytes) % SIZE_WRAP == 0
