@@ -60,6 +60,11 @@ def test_a_wav_stream_of_another_rate_and_width(cnn_dir, tmp_path):
     [
         (["-"], (EXAMPLES / "rain.flac").read_bytes(), "stdin is not a WAV stream"),
         (["-"], b"", "stdin is empty: nothing was piped in"),  # it said "not a WAV stream"
+        (  # a fmt chunk too short: a bare struct.error traceback
+            ["-"],
+            b"RIFF\x64\0\0\0WAVEfmt \x04\0\0\0\x01\0\x01\0data\0\0\0\0",
+            "fmt chunk is 4 bytes, not the 16 it needs",
+        ),
         (["-", "--raw-rate", "16000"], b"\0" * 3200, "needs both --raw-rate and --raw-format"),
         (["-", "--raw-rate", "5", "--raw-format", "s16le"], b"\0" * 3200, "--raw-rate must be a whole number of Hz in"),
         (["-", "--raw-rate", "0", "--raw-format", "s16le"], b"\0" * 3200, "--raw-rate must be a whole number of Hz in"),

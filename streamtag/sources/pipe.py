@@ -109,6 +109,8 @@ def read_wav_header(stream: BinaryIO) -> PcmFormat:
         chunk_id, size = struct.unpack("<4sI", need(8))
         if chunk_id == b"fmt ":
             body = need(size + (size & 1))
+            if size < 16:  # (a bare struct.error from the unpack below)
+                raise AudioFileError(f"stdin: the WAV stream's fmt chunk is {size} bytes, not the 16 it needs")
             code, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
             if code == 0xFFFE and size >= 26:  # WAVE_FORMAT_EXTENSIBLE: the sub-format's first two bytes
                 code = struct.unpack("<H", body[24:26])[0]
