@@ -32,7 +32,7 @@ from streamtag.errors import StreamtagError
 from streamtag.events import MODEL_EVENTS_NAME
 from streamtag.modelfile import CONFIG_NAME
 from streamtag.models.io import load_model, save_model
-from streamtag.training.datasets import TRAINED_ON, trained_on
+from streamtag.training.datasets import TRAINED_ON, learned_clips
 
 
 def average_models(folders: list[Path], out: Path) -> Path:
@@ -68,7 +68,7 @@ def average_models(folders: list[Path], out: Path) -> Path:
     save_model(model, first_cfg, out)
     clips = set()
     for folder in folders:
-        clips.update(*trained_on(folder))  # its own run's and its --init model's: all learned from
+        clips |= learned_clips(folder)  # its own run's and its --init model's
     (out / TRAINED_ON).write_text("".join(f"{c}\n" for c in sorted(clips)))
     logs = {str(f): json.loads((f / "train_log.json").read_text()) for f in folders if (f / "train_log.json").is_file()}
     log = {"averaged": [str(f) for f in folders], "their_logs": logs}

@@ -99,7 +99,7 @@ def run(args) -> int:
     from ..events import model_detector
     from ..modelfile import cache_dir, resolve_model_dir, writable_cache
     from ..outputs.files import check_output_folder
-    from ..training.datasets import TRAINED_ON, load_dataset, read_unlabelled
+    from ..training.datasets import load_dataset, read_unlabelled
     from ..training.evaluate import (
         dataset_targets,
         detected,
@@ -136,8 +136,8 @@ def run(args) -> int:
     if args.plot:
         import matplotlib  # noqa: F401  (missing: one line naming the extra before the clips are scored)
     label_map = read_label_map(args.label_map)
-    model_dir = resolve_model_dir(None if args.model == "default" else args.model)
-    backend = make_backend(args.backend, None if args.model == "default" else args.model)
+    model_dir = resolve_model_dir(args.model)  # "default": the bundled model, as everywhere
+    backend = make_backend(args.backend, args.model)
     try:  # before any clip is scored (a wrong one was found after all of them), naming the file
         detector = model_detector(backend.folder, backend.labels, backend.config.features.frame_seconds)
     except ConfigError as exc:
@@ -180,7 +180,7 @@ def run(args) -> int:
             "the baseline needs torch, which is not installed; install it with pip install '.[train]' "
             "in streamtag's folder, or add --baseline-folds 0"
         )
-    warnings = _warn_if_seen(model_dir / TRAINED_ON, dataset)  # also in the report: stderr scrolls away
+    warnings = _warn_if_seen(model_dir, dataset)  # also in the report: stderr scrolls away
     targets, hard, _, unknown = dataset_targets(dataset, backend.labels, label_map)
     if allowed.sum() < 2:  # an argmax among one class is right by construction: among every class instead
         print(
@@ -297,19 +297,17 @@ def _with_bar(bar, name: str, total: int, work):
         bar.remove_task(task)
 
 
-def _warn_if_seen(trained_on: Path, dataset) -> list[str]:
+def _warn_if_seen(model_dir: Path, dataset) -> list[str]:
     """Figures on clips a model was trained on are not held-out figures: the warning to say so, if any."""
-    if not trained_on.is_file():
-        return []
-    from ..training.datasets import clip_identity
+    from ..training.datasets import TRAINED_ON, clip_identity, learned_clips
 
-    seen = set(trained_on.read_text().split("\n"))
+    seen = learned_clips(model_dir)
     overlap = sum(clip_identity(c.path) in seen for c in dataset.clips)
     if not overlap:
         return []
     return [
         f"{overlap} of {len(dataset.clips)} clips {'was' if overlap == 1 else 'were'} in this model's training set "
-        f"({trained_on}); these figures are not held-out figures"
+        f"({model_dir / TRAINED_ON}); these figures are not held-out figures"
     ]
 
 

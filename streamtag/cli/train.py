@@ -389,9 +389,9 @@ def run(args) -> int:
         file=sys.stderr,
     )
     if args.init and len(val_idx):  # a validation clip the --init model learned from is not held out
-        from ..training.datasets import clip_identity, trained_on
+        from ..training.datasets import clip_identity, learned_clips
 
-        learned = set(sum(trained_on(args.init), []))
+        learned = learned_clips(args.init)
         seen = sum(clip_identity(dataset.clips[i].path) in learned for i in val_idx)
         if seen:
             print(

@@ -46,6 +46,12 @@ def trained_on(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
     return lines[:cut], lines[cut + 1 :]
 
 
+def learned_clips(folder: str | os.PathLike) -> set[str]:
+    """Every clip a model folder's weights learned from (:func:`trained_on`, both parts)."""
+    own, inherited = trained_on(folder)
+    return {*own, *inherited}
+
+
 def clip_identity(path: Path) -> str:
     """File name and size: the same clip on another machine or under another folder is still recognised."""
     return f"{path.name}\t{path.stat().st_size}"

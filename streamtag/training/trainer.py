@@ -38,7 +38,7 @@ from ..models.io import save_model
 from ..models.level import white_noise_bands
 from ..models.step import probabilities
 from .augment import DB, Plan, augment
-from .datasets import INHERITED, TRAINED_ON, Dataset, clip_identity, compute_features, trained_on
+from .datasets import INHERITED, TRAINED_ON, Dataset, clip_identity, compute_features, learned_clips, trained_on
 from .evaluate import correct
 
 CHECKPOINT = "checkpoint.pt"
@@ -450,7 +450,7 @@ def fit(
     out_dir.mkdir(parents=True, exist_ok=True)
     # written with the weights, so the two always go together (a run stopped before its first save left the old
     # weights beside this run's list); a fine-tuned model has learned from its --init model's clips too
-    inherited = sorted(set(sum(trained_on(opts.init_from), [])) - set(data.clips)) if opts.init_from else []
+    inherited = sorted(learned_clips(opts.init_from) - set(data.clips)) if opts.init_from else []
     listed = "\n".join(data.clips + ([INHERITED, *inherited] if inherited else [])) + "\n"
     batches = batches_of(data, opts, rng)
     if model.level is not None:
