@@ -320,12 +320,7 @@ def build_app(worker: ServeWorker, options: ServeOptions, sources: frozenset[str
         finally:
             idle.close()
         if joined and not refused:
-            cut = None  # bytes short of a whole frame at the end: a wrong format or channel count shows so
-            if decode.pending:
-                cut = (
-                    f"the stream ended {decode.pending} byte(s) into a frame ({decode.frame_bytes} bytes a frame); "
-                    "they were not tagged: check format and channels"
-                )
+            cut = decode.ended_short("the stream", "check format and channels")  # said in its summary
             worker.submit("eof" if reason is None else "gone", name, cut)
             while not send_task.done():  # the summary, then the end; nothing more if the worker has stopped
                 alive = worker.is_alive()  # seen before the wait: a dead worker's last messages arrive within it

@@ -77,6 +77,16 @@ class PcmDecoder:
         """Bytes of a part-frame waiting for the rest."""
         return len(self._carry)
 
+    def ended_short(self, what: str, fix: str) -> str | None:
+        """What to say of a stream (``what``) that ended part-way into a frame, its bytes untagged (a wrong format
+        or channel count shows so); None when it ended on a whole frame."""
+        if not self.pending:
+            return None
+        return (
+            f"{what} ended {self.pending} byte(s) into a frame ({self.frame_bytes} bytes a frame); they were not "
+            f"tagged: {fix}"
+        )
+
 
 def stdin_stream() -> BinaryIO:
     """Standard input as a buffered stream of its own. Its reader thread may be blocked in a read when the run
@@ -180,11 +190,8 @@ class PipeSource(ProducerSource):
                         f"{seconds(fmt.data_bytes):.2f} s of audio its WAV header announced arrived; "
                         "what arrived was tagged"
                     )
-                elif decode.pending:  # not a whole frame: a wrong --raw-format or --raw-channels shows so
-                    self.warning = (
-                        f"stdin ended {decode.pending} byte(s) into a frame ({decode.frame_bytes} bytes a frame); "
-                        "they were not tagged: check --raw-format and --raw-channels"
-                    )
+                else:
+                    self.warning = decode.ended_short("stdin", "check --raw-format and --raw-channels")
                 break
             if left is not None:
                 left -= len(data)
