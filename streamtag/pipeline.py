@@ -46,6 +46,12 @@ def tag_file(
     if not hasattr(backend, "config"):
         given = f"{backend!r} given"
         raise ConfigError(f"tag_file takes an open backend, as tag_file(make_backend('onnx'), path) ({given})")
+    outputs = list(outputs)  # a generator would be used up by the check
+    wrong = [o for o in outputs if not (callable(getattr(o, "write", None)) and callable(getattr(o, "close", None)))]
+    if wrong:  # an AttributeError at the first step, after the file was opened
+        raise ConfigError(
+            f"tag_file's outputs each need write(step) and close(), as streamtag.outputs' do ({wrong[0]!r} given)"
+        )
     feats = backend.config.features
     try:  # the outputs are closed however it ends, a file that cannot be opened included
         source = WavReplaySource(path, feats.sample_rate, speed=0, min_samples=feats.hop_length)

@@ -309,6 +309,7 @@ def test_simple_api_mistakes_are_one_clear_error(cnn_dir):
     for call, message in (
         (lambda: StreamTagger(123), "model must be a model folder or an open backend"),
         (lambda: tag_file("onnx", EXAMPLES / "dog.flac"), "tag_file takes an open backend"),
+        (lambda: tag_file(make_backend("onnx", cnn_dir), EXAMPLES / "dog.flac", outputs=[1]), "need write"),
         (lambda: make_backend("onnx", cnn_dir, batch_size=0), "batch_size must be a whole number >= 1"),
         (lambda: read_audio(EXAMPLES / "dog.flac", 0), "sample_rate must be a whole number of Hz"),
     ):
