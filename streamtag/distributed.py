@@ -191,6 +191,7 @@ def tag_on_ray(
         running: dict = {}  # task -> (actor, batch, tries)
         outcomes: list[Outcome] = []
         begun = time.time()
+        link_lost = (ConnectionError, ray.exceptions.RaySystemError)  # waiting or getting: the cluster is gone
 
         def give(actor, batch, tries: int = 0) -> None:
             running[actor.run.remote(batch)] = (actor, batch, tries)
@@ -200,7 +201,7 @@ def tag_on_ray(
                 while idle and batches:
                     give(idle.pop(), batches.popleft())
                 (task,), _ = ray.wait(list(running), num_returns=1)
-            except (ConnectionError, ray.exceptions.RaySystemError) as exc:  # Ray Client's link, or the GCS, gone
+            except link_lost as exc:  # Ray Client's link, or the GCS, gone
                 raise ClusterLost(f"the Ray cluster was lost ({_first_line(exc)})") from None
             actor, batch, tries = running.pop(task)
             try:
@@ -211,7 +212,7 @@ def tag_on_ray(
                     continue
                 done = _failed(batch, f"the Ray actor tagging it died twice ({_first_line(exc)})")
                 actor = remote.remote(kwargs) if batches else None  # a new one only for work still to give
-            except (ConnectionError, ray.exceptions.RaySystemError) as exc:
+            except link_lost as exc:
                 raise ClusterLost(f"the Ray cluster was lost ({_first_line(exc)})") from None
             except ray.exceptions.RayError as exc:  # the task failed (a disk full): its files fail, the rest go on
                 done = _failed(batch, f"the Ray task tagging it failed ({_first_line(exc)})")
