@@ -372,8 +372,14 @@ def test_mqtt_events_states_discovery_and_a_clean_stop(tmp_path, mosquitto, wher
     (--one-process) alike."""
     rain, audio = _pcm("rain.flac")
     client, got = _subscriber(mosquitto)
-    # a stream of a run that crashed: still "online" on the broker (the last will speaks for the server only)
-    client.publish("streamtag/ghost/availability", "online", qos=1, retain=True).wait_for_publish(timeout=10)
+    # a stream of a run that crashed: still "online" on the broker with a state ON (the last will speaks for the
+    # server only, and said it offline)
+    for topic, payload in (
+        ("streamtag/availability", "offline"),
+        ("streamtag/ghost/audio/dog", "ON"),
+        ("streamtag/ghost/availability", "online"),
+    ):
+        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(timeout=10)
     extra = ("--one-process",) if where == "--one-process" else ()
     try:
         with serve(tmp_path, "--mqtt", f"mqtt://127.0.0.1:{mosquitto}", *extra) as (port, proc):
@@ -412,6 +418,14 @@ def test_mqtt_events_states_discovery_and_a_clean_stop(tmp_path, mosquitto, wher
     # the stream is available while connected, not after it left (its sensors would show a stale OFF)
     assert [p for t, p, _ in got if t == "streamtag/porch/availability"] == ["online", "offline"]
     assert [p for t, p, _ in got if t == "streamtag/ghost/availability"][-1] == "offline"  # set so at the start
+    assert [p for t, p, _ in got if t == "streamtag/ghost/audio/dog"][-1] == "OFF"  # not ON for good
+    # ...before the server says it is online: Home Assistant never shows the ghost's ON as live, even for a moment
+    live = [(t, p) for t, p, retained in got if not retained]
+    assert live.index(("streamtag/ghost/availability", "offline")) < live.index(("streamtag/availability", "online"))
+    assert live.index(("streamtag/ghost/audio/dog", "OFF")) < live.index(("streamtag/availability", "online"))
+    level = next(json.loads(p) for t, p, _ in got if t == "homeassistant/sensor/streamtag_porch_level/config")
+    assert level["state_topic"] == "streamtag/porch/audio/level" and level["unit_of_measurement"] == "dBFS"
+    assert level["enabled_by_default"] is False and level["availability"] == config["availability"]
     states = [p for t, p, _ in got if t == "streamtag/porch/audio/rain"]
     assert states[0] == "OFF" and "ON" in states and states[-1] == "OFF"
     events = [json.loads(p) for t, p, _ in got if t == "streamtag/events"]
@@ -419,8 +433,8 @@ def test_mqtt_events_states_discovery_and_a_clean_stop(tmp_path, mosquitto, wher
     assert [(e["type"], e["label"], e["onset"]) for e in events] == [(m["type"], m["label"], m["onset"]) for m in sent]
     assert all(e["stream"] == "porch" and e["time"].endswith("+00:00") for e in events)
     assert "streamtag/porch/audio/level" in topics
-    availability = [p for t, p, _ in got if t == "streamtag/availability"]
-    assert availability[0] == "online" and availability[-1] == "offline"
+    availability = [p for t, p, retained in got if t == "streamtag/availability" and not retained]
+    assert availability[-3:] == ["offline", "online", "offline"] and availability.count("online") == 1
 
 
 def test_sigterm_mid_stream_closes_open_events_and_exits_0(tmp_path):
@@ -751,6 +765,64 @@ def test_the_start_line_on_an_ipv6_loopback_gives_urls_that_open(tmp_path):
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     assert f"listening on http://[::1]:{port}/ (streams: ws://[::1]:{port}/v1/streams/NAME)" in err, err
+
+
+def test_home_assistant_starting_again_gets_discovery_and_states_again(mosquitto):
+    """Home Assistant's birth message (``homeassistant/status`` ``online``) asks every device for its discovery:
+    a device deleted in Home Assistant (which clears its retained configs) comes back at its next start."""
+    from streamtag.outputs.mqtt import MqttPublisher
+
+    publisher = MqttPublisher(f"mqtt://127.0.0.1:{mosquitto}", ["dog", "rain"])
+    client, got = _subscriber(mosquitto)
+    try:
+        publisher.start()
+        publisher.stream_joined("porch", [True, False])
+        topic = "homeassistant/binary_sensor/streamtag_porch_dog/config"
+        deadline = time.monotonic() + 10
+        while ("streamtag/availability", "online", False) not in got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        configs = len([t for t, p, _ in got if t == topic and p])
+        states = len([t for t, _, _ in got if t == "streamtag/porch/audio/dog"])
+        client.publish("homeassistant/status", "online").wait_for_publish(timeout=10)
+        while len([t for t, p, _ in got if t == topic and p]) == configs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        publisher.close()
+        client.loop_stop()
+        client.disconnect()
+    assert configs == 1 and len([t for t, p, _ in got if t == topic and p]) == 2
+    assert [p for t, p, _ in got if t == "streamtag/porch/audio/dog"] == ["OFF"] * (states + 1)
+    assert not any(t == "streamtag/porch/audio/rain" for t, _, _ in got)  # a label left out keeps no state
+
+
+@pytest.mark.parametrize(
+    "label, says",
+    [
+        ("rain+hail", "holds '+'"),
+        ("level", "the stream's level topic"),
+        ("rain/hail", "holds '/'"),
+        ("rain hail", "one Home Assistant id"),
+    ],
+)
+def test_labels_that_cannot_be_topics_are_refused_at_start(tmp_path, label, says):
+    """A model trained before train refused such labels, or a hand-edited config.json: MQTT died at the first join
+    (a wildcard), or a label took the level's topic, or two labels one sensor."""
+    model = tmp_path / "model"
+    shutil.copytree(EXAMPLES.parent / "default_model", model)
+    config = json.loads((model / "config.json").read_text())
+    config["labels"][0] = label
+    if label == "rain hail":
+        config["labels"][1] = "rain_hail"
+    (model / "config.json").write_text(json.dumps(config))
+    r = subprocess.run(
+        [sys.executable, "-m", "streamtag", "serve", "--model", str(model), "--mqtt", "mqtt://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and says in r.stderr and "config.json" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_an_mqtt_prefix_with_wildcards_is_refused_at_start():

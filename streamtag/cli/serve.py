@@ -201,7 +201,7 @@ def _not_audio(path: str) -> str | None:
 
 def run(args) -> int:  # the network stack is imported here, not at the top: every other command starts without it
     from ..modelfile import load_config, resolve_model_dir
-    from ..outputs.mqtt import parse_broker
+    from ..outputs.mqtt import check_labels, parse_broker
     from ..serve.config import ServeConfig, SettingsBook, read_serve_config
     from ..serve.process import ServeParts
     from ..serve.worker import ServeOptions
@@ -219,6 +219,7 @@ def run(args) -> int:  # the network stack is imported here, not at the top: eve
 
     if args.mqtt:
         parse_broker(args.mqtt)
+        check_labels(cfg.labels, f"model {args.model}")
     import aiohttp  # noqa: F401  (missing: one line naming the extra)
     import prometheus_client  # noqa: F401
 
@@ -237,7 +238,7 @@ def run(args) -> int:  # the network stack is imported here, not at the top: eve
     )
     _check_can_listen(args.host, args.port)  # before MQTT: a second server must not say the first one is offline
     mqtt_child = None
-    if args.mqtt:  # publishing in a process of its own: a burst of joins (115 messages each) never holds up tagging
+    if args.mqtt:  # publishing in a process of its own: a burst of joins (116 messages each) never holds up tagging
         from ..outputs.mqtt_process import MqttProcess
 
         mqtt_child = MqttProcess(args.mqtt, cfg.labels, args.mqtt_prefix, args.discovery_prefix)

@@ -13,7 +13,9 @@ Topics (``prefix`` defaults to ``streamtag``), the layout Frigate's audio users 
 - ``homeassistant/binary_sensor/<prefix>_<stream>_<label>/config``: discovery (retained), one device per
   stream, one ``binary_sensor`` with ``device_class: sound`` per enabled label, available while both the
   server and the stream are (a label turned off gets an empty config, which removes its sensor; in the
-  topic, characters Home Assistant does not take in an id, such as the ``/`` of ``home/audio``, are ``_``);
+  topic, characters Home Assistant does not take in an id, such as the ``/`` of ``home/audio``, are ``_``),
+  and its level as a ``sensor`` (disabled until enabled in Home Assistant); published again when Home
+  Assistant's birth message (``homeassistant/status`` ``online``) comes;
 - ``<prefix>/<stream>/set`` (subscribed): a JSON settings change (``allow``, ``deny``, ``events``), as
   ``PUT /v1/streams/<stream>/settings`` takes it; the settings in force are retained on
   ``<prefix>/<stream>/settings`` (sent when the stream joins and after every change, over MQTT or HTTP),
@@ -24,7 +26,7 @@ up to ``queue_limit`` event messages (QoS 1) meanwhile; states and levels (QoS 0
 are counted in ``dropped``, and every state is published again on reconnect, so Home Assistant never
 keeps an ``ON`` the broker missed the end of. Losing and regaining the broker is said on stderr, once
 each way. ``serve`` runs this publisher in a process of its own (:mod:`streamtag.outputs.mqtt_process`), so
-its Python (a join is 115 messages) never runs in the tagging worker's process.
+its Python (a join is 116 messages) never runs in the tagging worker's process.
 """
 
 from __future__ import annotations
@@ -57,6 +59,30 @@ def check_prefix(prefix: str, flag: str = "--mqtt-prefix") -> str:
         example = "homeassistant" if flag == "--discovery-prefix" else "home/audio"
         raise ConfigError(f"{flag} {prefix!r}: give topic levels without + or # and none empty, e.g. {example}")
     return prefix
+
+
+LEVEL = "level"  # <prefix>/<stream>/audio/level: the stream's level, beside its labels' states
+
+
+def check_labels(labels: Sequence[str], model: str = "the model") -> None:
+    """Labels that can each be a topic level and a Home Assistant id of their own. A model trained before
+    ``train`` refused such labels, or a hand-edited config.json, had MQTT die at its first join (a ``+`` is a
+    wildcard), a label ``level`` get the level readings as its state, and two labels share one discovery topic."""
+    ids: dict[str, str] = {}
+    for label in labels:
+        bad = sorted({c for c in label if c in "+#/" or not c.isprintable()})
+        if bad or label == LEVEL:
+            why = f"holds {' '.join(repr(c) for c in bad)}" if bad else "is the stream's level topic"
+            raise ConfigError(
+                f"--mqtt: {model}'s label {label!r} {why}: a label is an MQTT topic level; rename it in the "
+                "labels of the model's config.json (the names only: the model is unchanged)"
+            )
+        other = ids.setdefault(OBJECT_ID_UNSAFE.sub("_", label), label)
+        if other != label:
+            raise ConfigError(
+                f"--mqtt: {model}'s labels {other!r} and {label!r} give one Home Assistant id: rename one in the "
+                "labels of the model's config.json"
+            )
 
 
 PASSWORD_VARIABLE = "STREAMTAG_MQTT_PASSWORD"  # a broker's password, kept out of the process list
@@ -112,6 +138,7 @@ class MqttPublisher:
         except ImportError:
             raise BackendUnavailable("--mqtt needs paho-mqtt: pip install '.[serve]' (streamtag's folder)") from None
         broker = parse_broker(url)
+        check_labels(labels)
         self.host, self.port, self.tls = broker.host, broker.port, broker.tls
         self.labels, self.prefix, self.discovery_prefix = list(labels), prefix, discovery_prefix
         self.availability = f"{prefix}/availability"
@@ -119,6 +146,9 @@ class MqttPublisher:
         self.dropped = 0
         self._said_down = False  # a lost or unreachable broker is said once, until it is back
         self._connected_once = False
+        # the first connection says the server online only once the streams a crashed run left "online" are set
+        # offline: the retained server availability, subscribed to last, marks the end of theirs
+        self._online_after_stale = False
         self._mqtt = mqtt
         # a client id of its own: two servers on one broker with the same id would throw each other off
         client_id = f"streamtag-{socket.gethostname()}-{os.getpid()}"[:64]
@@ -170,12 +200,28 @@ class MqttPublisher:
             self._said_down = False
             again = " again" if self._connected_once else ""  # a broker down at the start was never connected
             print(f"streamtag serve: MQTT broker {self.host}:{self.port} connected{again}", file=sys.stderr, flush=True)
-        self._connected_once = True
-        # after every (re)connect: the broker may have lost retained messages, and states changed meanwhile
-        self._send(self.availability, "online", retain=True)
+        first, self._connected_once = not self._connected_once, True
         client.subscribe(f"{self.prefix}/+/set", qos=1)
-        # streams a crashed run left "online" (its last will covers the server, not each stream): set offline
-        client.subscribe(f"{self.prefix}/+/availability", qos=1)
+        client.subscribe(f"{self.discovery_prefix}/status", qos=1)  # Home Assistant's birth message
+        # streams a crashed run left "online" with a state ON (its last will covers the server, not each stream)
+        # are set OFF and offline. Until then the server stays offline, or Home Assistant would show that stale
+        # ON as live for a moment (an automation on "to: on" fires). Published offline first, the server's
+        # availability is sure to be retained; subscribed to after the streams', it comes after theirs (in
+        # the order the filters are given, as mosquitto sends them) and says the server online.
+        if first:
+            self._online_after_stale = True
+            self._send(self.availability, "offline", retain=True, qos=1)
+            client.subscribe([(f"{self.prefix}/+/availability", 1), (self.availability, 1)])
+        else:  # a broker back: streams of a crashed run were set offline at the first connection
+            self._online_after_stale = False
+            client.subscribe(f"{self.prefix}/+/availability", qos=1)
+        self._republish()
+        if not first:
+            self._send(self.availability, "online", retain=True)
+
+    def _republish(self) -> None:
+        """Every joined stream's discovery, availability, settings and states again: after every (re)connect (the
+        broker may have lost retained messages, and states changed meanwhile) and when Home Assistant starts."""
         down, settings, streams = self._published()
         for stream, (enabled, _) in streams.items():
             self._discovery(stream, enabled)
@@ -228,11 +274,22 @@ class MqttPublisher:
             )
 
     def _on_message(self, client, userdata, message) -> None:
+        if message.topic == self.availability:  # the end of the retained stream availabilities (_on_connect)
+            if message.retain and self._online_after_stale:
+                self._online_after_stale = False
+                self._send(self.availability, "online", retain=True)
+            return
+        if message.topic == f"{self.discovery_prefix}/status":  # Home Assistant started: it asks for discovery again
+            if message.payload == b"online":
+                self._republish()
+            return
         if message.topic.endswith("/availability"):
             stream = message.topic[len(self.prefix) + 1 : -len("/availability")]
             with self._lock:
                 joined = stream in self._streams
-            if message.retain and message.payload == b"online" and not joined:
+            if message.retain and message.payload == b"online" and not joined:  # a crashed run's: every state OFF
+                for label in self.labels:
+                    self._send(f"{self.prefix}/{stream}/audio/{label}", "OFF", retain=True)
                 self._send(message.topic, "offline", retain=True, qos=1)
             return
         if message.retain:  # a retained change would be applied again at every reconnect: changes are events
@@ -319,8 +376,9 @@ class MqttPublisher:
             self._streams[stream] = (enabled, set())
             self._unavailable.discard(stream)
         self._discovery(stream, enabled)
-        for label in self.labels:
-            self._state(stream, label, False)
+        for label, shown in zip(self.labels, enabled):  # a label left out gets no sensor, and no state to keep
+            if shown:
+                self._state(stream, label, False)
         self._send(self._stream_availability(stream), "online", retain=True, qos=1)
 
     def labels_changed(self, stream: str, enabled: Sequence[bool] | None) -> None:
@@ -378,7 +436,7 @@ class MqttPublisher:
         self._send(f"{self.prefix}/events", json.dumps(row), qos=1)
 
     def level(self, stream: str, dbfs: float) -> None:
-        self._send(f"{self.prefix}/{stream}/audio/level", f"{max(dbfs, -120.0):.1f}")
+        self._send(f"{self.prefix}/{stream}/audio/{LEVEL}", f"{max(dbfs, -120.0):.1f}")
 
     def flush(self) -> None:
         """Nothing waits here: each call was handed to paho as it came (an MqttLink, the worker's other
@@ -409,6 +467,31 @@ class MqttPublisher:
             "model": "streamtag",
             "sw_version": __version__,
         }
+        common = {
+            "availability": [{"topic": self.availability}, {"topic": self._stream_availability(stream)}],
+            "availability_mode": "all",
+            "device": device,
+            "origin": {"name": "streamtag", "sw_version": __version__},
+        }
+        # the level, in dBFS (no sound_pressure device class: Home Assistant takes dB and dBA for it), disabled
+        # until a user enables it: two readings a second a stream would fill its recorder
+        level_uid = f"{self.prefix}_{stream}_{LEVEL}"
+        level = {
+            "name": LEVEL,
+            "unique_id": level_uid,
+            "state_topic": f"{self.prefix}/{stream}/audio/{LEVEL}",
+            "unit_of_measurement": "dBFS",
+            "state_class": "measurement",
+            "suggested_display_precision": 1,
+            "entity_category": "diagnostic",
+            "enabled_by_default": False,
+            **common,
+        }
+        self._send(
+            f"{self.discovery_prefix}/sensor/{OBJECT_ID_UNSAFE.sub('_', level_uid)}/config",
+            json.dumps(level),
+            retain=True,
+        )
         for label, on in zip(self.labels, enabled):
             uid = f"{self.prefix}_{stream}_{label}"
             topic = f"{self.discovery_prefix}/binary_sensor/{OBJECT_ID_UNSAFE.sub('_', uid)}/config"
@@ -422,9 +505,6 @@ class MqttPublisher:
                 "device_class": "sound",
                 "payload_on": "ON",
                 "payload_off": "OFF",
-                "availability": [{"topic": self.availability}, {"topic": self._stream_availability(stream)}],
-                "availability_mode": "all",
-                "device": device,
-                "origin": {"name": "streamtag", "sw_version": __version__},
+                **common,
             }
             self._send(topic, json.dumps(config), retain=True)
