@@ -796,6 +796,32 @@ def test_home_assistant_starting_again_gets_discovery_and_states_again(mosquitto
     assert not any(t == "streamtag/porch/audio/rain" for t, _, _ in got)  # a label left out keeps no state
 
 
+def test_a_broker_that_never_sends_back_the_servers_availability_still_sees_it_online(mosquitto):
+    """The first connection waits for the retained server availability (the end of a crashed run's streams) before
+    saying online; a broker that never sends it (an ACL refusing the subscription) gets online a few seconds later."""
+    from streamtag.outputs.mqtt import MqttPublisher
+
+    publisher = MqttPublisher(f"mqtt://127.0.0.1:{mosquitto}", ["dog"])
+    passed = publisher.client.on_message
+
+    def refused(client, userdata, message):  # what such a broker does: nothing on that topic
+        if message.topic != "streamtag/availability":
+            passed(client, userdata, message)
+
+    publisher.client.on_message = refused
+    client, got = _subscriber(mosquitto)
+    try:
+        publisher.start()
+        deadline = time.monotonic() + 15
+        while ("streamtag/availability", "online", False) not in got and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        publisher.close()
+        client.loop_stop()
+        client.disconnect()
+    assert [p for t, p, _ in got if t == "streamtag/availability"] == ["offline", "online", "offline"]
+
+
 @pytest.mark.parametrize(
     "label, says",
     [

@@ -61,6 +61,7 @@ def check_prefix(prefix: str, flag: str = "--mqtt-prefix") -> str:
     return prefix
 
 
+ONLINE_AFTER_STALE_S = 3.0  # the first connection says the server online by then, stale streams or not
 LEVEL = "level"  # <prefix>/<stream>/audio/level: the stream's level, beside its labels' states
 
 
@@ -212,11 +213,22 @@ class MqttPublisher:
             self._online_after_stale = True
             self._send(self.availability, "offline", retain=True, qos=1)
             client.subscribe([(f"{self.prefix}/+/availability", 1), (self.availability, 1)])
+            # a broker that does not send it back (an ACL that refuses the subscription) must not keep us offline
+            timer = threading.Timer(ONLINE_AFTER_STALE_S, self._say_online)
+            timer.daemon = True
+            timer.start()
         else:  # a broker back: streams of a crashed run were set offline at the first connection
             self._online_after_stale = False
             client.subscribe(f"{self.prefix}/+/availability", qos=1)
         self._republish()
         if not first:
+            self._send(self.availability, "online", retain=True)
+
+    def _say_online(self) -> None:
+        """The server online, once the first connection's stale streams are set offline (or said online already)."""
+        with self._lock:
+            waiting, self._online_after_stale = self._online_after_stale, False
+        if waiting and not self._closing:
             self._send(self.availability, "online", retain=True)
 
     def _republish(self) -> None:
@@ -275,9 +287,8 @@ class MqttPublisher:
 
     def _on_message(self, client, userdata, message) -> None:
         if message.topic == self.availability:  # the end of the retained stream availabilities (_on_connect)
-            if message.retain and self._online_after_stale:
-                self._online_after_stale = False
-                self._send(self.availability, "online", retain=True)
+            if message.retain:
+                self._say_online()
             return
         if message.topic == f"{self.discovery_prefix}/status":  # Home Assistant started: it asks for discovery again
             if message.payload == b"online":
