@@ -151,6 +151,15 @@ def test_manifest_labels_are_trimmed_merged_per_file_and_read_from_excel(folders
     excel = _manifest(tmp_path / "x.csv", [[p, "dog"] for p in dog] + [[p, "rain"] for p in rain], encoding="utf-8-sig")
     assert excel.read_bytes().startswith(b"\xef\xbb\xbfpath,label\r\n")
     assert len(load_dataset(excel).clips) == 6
+    # Excel's "Unicode text" (UTF-16, tab-separated) is read; its plain "CSV" in a Windows code page is one line
+    lines = ["path\tlabel"] + [f"{p}\tdog" for p in dog] + [f"{p}\train" for p in rain]
+    unicode_text = tmp_path / "u.csv"
+    unicode_text.write_bytes("\r\n".join(lines).encode("utf-16"))
+    assert len(load_dataset(unicode_text).clips) == 6
+    cp1252 = tmp_path / "w.csv"
+    cp1252.write_bytes(f"path,label\n{dog[0]},dog\n{dog[1]},d\u00e9g\n".encode("cp1252"))
+    with pytest.raises(DatasetError, match=r"w.csv:3: not UTF-8 text \(byte 0xe9\); save it as \"CSV UTF-8\""):
+        load_dataset(cp1252)
 
 
 def test_a_label_map_without_tabs_is_refused(tmp_path):

@@ -17,9 +17,11 @@ nothing and learns from a teacher alone.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -164,7 +166,7 @@ def read_unlabelled(path: str | os.PathLike) -> list[Clip]:
         files = sorted(f for f in path.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES and _visible(f, path))
         clips = [Clip(f, "", None, str(f)) for f in files]
     else:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's CSV starts with a BOM
+        with csv_text(path) as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or "path" not in reader.fieldnames:
                 raise DatasetError(f"{path}: the header must name a 'path' column")
@@ -305,10 +307,30 @@ def _read_class_folders(root: Path, notes: list[str]) -> list[Clip]:
     return clips
 
 
+def csv_text(path: Path) -> io.StringIO:
+    """A CSV's text: UTF-8 (Excel's "CSV UTF-8" starts with a byte-order mark), or UTF-16 with its mark (Excel's
+    "Unicode text"); anything else (Excel's plain "CSV" in a Windows code page) is refused with the line it fails
+    on, not a traceback, and not read as other characters than were meant."""
+    data = Path(path).read_bytes()
+    utf16 = data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    try:
+        text = data.decode("utf-16" if utf16 else "utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DatasetError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as \"CSV UTF-8\" (Excel) or UTF-8"
+        ) from None
+    if utf16 and "\t" in text.split("\n", 1)[0]:  # "Unicode text" is tab-separated: as CSV, quoted where needed
+        out = io.StringIO(newline="")
+        csv.writer(out).writerows(csv.reader(io.StringIO(text, newline=""), delimiter="\t"))
+        text = out.getvalue()
+    return io.StringIO(text, newline="")
+
+
 def _read_manifest(path: Path, notes: list[str]) -> list[Clip]:
     clips: dict[Path, Clip] = {}  # by resolved path: a file listed again adds a label to its clip
     repeated = 0
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's CSV starts with a BOM
+    with csv_text(path) as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"path", "label"} <= {x.strip() for x in reader.fieldnames}:
             raise DatasetError(f"{path}: the header must name at least 'path' and 'label' columns")
