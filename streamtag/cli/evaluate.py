@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine import MAX_GAIN_DB
 from ..errors import ConfigError, count, some
 from .run import BACKENDS
 
@@ -44,7 +45,7 @@ def add_parser(subparsers) -> None:
         "--levels",
         default="0,-10,-20,-30,-40",
         metavar="DB,...",
-        help="input gains of the level sweep in dB, 0 or below ('' for none; default 0,-10,-20,-30,-40); "
+        help=f"input gains of the level sweep in dB, -{MAX_GAIN_DB:g}..0 ('' for none; default 0,-10,-20,-30,-40); "
         "--levels=-10,-20 also works where a shell or script splits words",
     )
     p.add_argument(
@@ -86,10 +87,10 @@ def _levels(text: str) -> list[float]:
         levels = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"--levels {text!r}: expected comma-separated gains in dB, e.g. 0,-20,-40") from None
-    bad = [x for x in levels if not -120 <= x <= 0]
-    if bad:  # a gain above 0 dB clips the audio: the sweep would measure the clipping
+    bad = [x for x in levels if not -MAX_GAIN_DB <= x <= 0]
+    if bad:  # a gain above 0 dB clips the audio: the sweep would measure the clipping; the engine's gain stops at -60
         raise ConfigError(
-            f"--levels: {bad[0]:g} dB is outside -120..0 (the sweep plays the clips quieter, never louder)"
+            f"--levels: {bad[0]:g} dB is outside -{MAX_GAIN_DB:g}..0 (the sweep plays the clips quieter, never louder)"
         )
     return levels
 

@@ -176,9 +176,9 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--init",
         metavar="MODEL",
-        help="start from this trained model's weights, or 'default' for the bundled model (fine-tuning; same "
-        "--arch, --arch-param and labels, except that it may add pool_gate=true, and a CNN's dilations may "
-        "append blocks to the other model's)",
+        help="start from this trained model's weights, or 'default' for the bundled model (fine-tuning: its "
+        "--arch-param values come with it; it may add pool_gate=true, and a CNN's dilations may append blocks; "
+        "classes of your data it has go on from what it learned, new ones start untrained, its others are left out)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out (default: refuse)")
     p.add_argument("--cache", metavar="DIR", help="feature cache (default: $STREAMTAG_CACHE/features)")

@@ -318,7 +318,7 @@ def csv_text(path: Path) -> io.StringIO:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise DatasetError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as \"CSV UTF-8\" (Excel) or UTF-8"
+            f'{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as "CSV UTF-8" (Excel) or UTF-8'
         ) from None
     if utf16 and "\t" in text.split("\n", 1)[0]:  # "Unicode text" is tab-separated: as CSV, quoted where needed
         out = io.StringIO(newline="")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import OUTPUTS, FeatureConfig, ModelConfig
-from ..errors import ConfigError, ModelFileError, StreamtagError, some
+from ..errors import ConfigError, ModelFileError, StreamtagError, count, some
 from ..features.functional import mel_filterbank
 from ..modelfile import CHUNK_NAME, ONNX_NAME
 from ..models import build_model
@@ -446,7 +447,9 @@ def fit(
     model = build_model(cfg).to(opts.device)
     _set_feature_statistics(model, data.feats)
     if opts.init_from:  # before anything is written: an --init that does not fit leaves no folder behind
-        _start_from(model, cfg, opts.init_from)
+        note = _start_from(model, cfg, opts.init_from)
+        if note:  # on stderr whatever --quiet says: which classes start untrained is not progress
+            print(note, file=sys.stderr, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     # written with the weights, so the two always go together (a run stopped before its first save left the old
     # weights beside this run's list); a fine-tuned model has learned from its --init model's clips too
@@ -630,17 +633,16 @@ def _worker_batch(key: tuple[int, int, int], draw_only: bool) -> Plan | tuple[np
     return x.numpy().astype(np.float16), y.numpy().astype(np.float16), level0.numpy()
 
 
-def _difference(theirs: list[str], mine: list[str]) -> str:
-    """Two label lists in a line: how many each has and a few of the names only one of them has."""
-    only_there, only_here = [x for x in theirs if x not in mine], [x for x in mine if x not in theirs]
-    parts = [f"{len(theirs)} there, {len(mine)} here"]
-    parts += [f"only there: {some(only_there, 4)}"] if only_there else []
-    parts += [f"only here: {some(only_here, 4)}"] if only_here else []
-    return "; ".join(parts) if only_there or only_here else f"{parts[0]}, in another order"
+CLASS_ROWS = ("head.proj.weight", "head.proj.bias")  # the output layer: one row per class
 
 
-def _start_from(model, cfg: ModelConfig, folder: str) -> None:
-    """Fine-tuning: the weights of a trained model with the same architecture, parameters and labels.
+def _start_from(model, cfg: ModelConfig, folder: str) -> str | None:
+    """Fine-tuning: the weights of a trained model with the same architecture and parameters; returns a note
+    when the labels differ.
+
+    Another label set is transfer learning, what a user fine-tuning the bundled model on their own sounds
+    expects: every weight is taken except the output layer's rows, which are taken for the classes both
+    have (by name) and start untrained for the new ones; the starting model's other classes are dropped.
 
     Two differences are allowed, each growing the model from where the other one ended: this run may add
     the head's gate (``pool_gate=true``) to a model trained without one (the gate starts open), and a CNN
@@ -659,23 +661,40 @@ def _start_from(model, cfg: ModelConfig, folder: str) -> None:
     theirs_params = {k: v for k, v in init_cfg.arch_params.items() if k not in grown}
     for what, mine, theirs in (
         ("architecture", cfg.arch, init_cfg.arch),
-        ("labels", list(cfg.labels), list(init_cfg.labels)),
         ("arch parameters", mine_params, theirs_params),
         ("features", cfg.features, init_cfg.features),
     ):
         if mine != theirs:
             raise ConfigError(
                 f"--init {folder}: its {what} {'differs' if what == 'architecture' else 'differ'} from this "
-                f"run's ({_difference(theirs, mine) if what == 'labels' else f'{theirs} there, {mine} here'}); "
-                "give the same --arch, --arch-param, --output, --level-seconds and datasets, or train from scratch"
+                f"run's ({theirs} there, {mine} here); give the same --arch, --arch-param, --output and "
+                "--level-seconds, or train from scratch"
             )
-    missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=not (adds_gate or new_blocks))
+    state, note = init_model.state_dict(), None
+    labels, init_labels = list(cfg.labels), list(init_cfg.labels)
+    if labels != init_labels:
+        own = model.state_dict()
+        shared = [(i, init_labels.index(x)) for i, x in enumerate(labels) if x in init_labels]
+        for key in CLASS_ROWS:
+            rows = own[key].clone()
+            for i, j in shared:
+                rows[i] = state[key][j]
+            state[key] = rows
+        new = [x for x in labels if x not in init_labels]
+        dropped = [x for x in init_labels if x not in labels]
+        note = (
+            f"--init {folder}: {len(shared)} of its {len(init_labels)} classes go on as they were learned"
+            + (f"; {count(len(new), 'new class starts', 'new classes start')} untrained ({some(new, 4)})" * bool(new))
+            + (f"; {len(dropped)} it had are left out ({some(dropped, 4)})" if dropped else "")
+        )
+    missing, unexpected = model.load_state_dict(state, strict=not (adds_gate or new_blocks))
     new_prefixes = ("head.gate.",) * adds_gate + tuple(f"{m}.{i}." for i in new_blocks for m in ("convs", "norms"))
     if unexpected or any(not k.startswith(new_prefixes) for k in missing):
         raise ConfigError(f"--init {folder}: its weights do not fit this model ({missing + unexpected})")
     with torch.no_grad():
         for i in new_blocks:
             model.norms[i].weight.fill_(GROWN_BLOCK_SCALE)
+    return note
 
 
 # small enough to leave the model's output nearly as it was; not zero, since a ReLU held at 0 learns nothing
