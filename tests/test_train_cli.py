@@ -373,6 +373,16 @@ def test_a_fine_tuned_model_knows_the_clips_of_the_model_it_started_from(folders
     assert len(listed) == 3 + 1 + 6 and listed[3].startswith("# and, through train --init")
     code, err = cli("eval", second, folders, "--levels", "0", "--baseline-folds", "0", "--report", tmp_path / "r")
     assert code == 0 and "9 of 9 clips were in this model's training set" in err, err
+    assert "chainsaw0.wav, chainsaw1.wav, chainsaw2.wav and 6 more" in err  # which ones, not only how many
+    # each clip in clips.csv: what was said, whether it is right as the report counts it, and that it was learned
+    with open(tmp_path / "r" / "clips.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    report = json.loads((tmp_path / "r" / "report.json").read_text())["metrics"]
+    assert len(rows) == 9 and {r["in_training"] for r in rows} == {"1"}
+    assert sum(int(r["right_mean"]) for r in rows) / 9 == pytest.approx(report["acc_mean"])
+    assert sum(int(r["right_last"]) for r in rows) / 9 == pytest.approx(report["acc_last"])
+    assert all(r["right_mean"] == str(int(r["predicted_mean"] == r["labels"])) for r in rows)
+    assert all(0 <= float(r["label_score_mean"]) <= float(r["label_score_max"]) <= 1 for r in rows)
     code, err = cli("train", folders, "--init", first, "--arch-param", "hidden=8", *FAST, "--out", tmp_path / "v")
     assert code == 0 and "validation clips were in the training set of --init" in err, err
     code, err = cli("train", few, "--arch-param", "hidden=8", *FAST, "--out", second, "--no-val", "--resume")

@@ -102,6 +102,7 @@ def run(args) -> int:
     from ..outputs.files import check_output_folder
     from ..training.datasets import load_dataset, read_unlabelled
     from ..training.evaluate import (
+        clip_rows,
         dataset_targets,
         detected,
         event_stream,
@@ -181,7 +182,7 @@ def run(args) -> int:
             "the baseline needs torch, which is not installed; install it with pip install '.[train]' "
             "in streamtag's folder, or add --baseline-folds 0"
         )
-    warnings = _warn_if_seen(model_dir, dataset)  # also in the report: stderr scrolls away
+    warnings, in_training = _warn_if_seen(model_dir, dataset)  # also in the report: stderr scrolls away
     targets, hard, _, unknown = dataset_targets(dataset, backend.labels, label_map)
     if allowed.sum() < 2:  # an argmax among one class is right by construction: among every class instead
         print(
@@ -261,11 +262,15 @@ def run(args) -> int:
     if bar is not None:
         bar.stop()
     replaced = (Path(args.report) / "report.json").is_file()
-    out = write_report(report, args.report, args.plot)
+    clips = clip_rows(dataset.clips, probs, targets, hard, backend.labels, allowed, in_training)
+    out = write_report(report, args.report, args.plot, clips)
     print((Path(out) / "report.md").read_text())
     if replaced:  # write_report also removed the plots of that earlier report unless --plot drew new ones
         print(f"streamtag eval: note: replaced the earlier report in {out}", file=sys.stderr)
-    print(f"streamtag eval: report written to {Path(out) / 'report.md'} and report.json", file=sys.stderr)
+    print(
+        f"streamtag eval: report written to {Path(out) / 'report.md'}, report.json and clips.csv (each clip)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -298,18 +303,22 @@ def _with_bar(bar, name: str, total: int, work):
         bar.remove_task(task)
 
 
-def _warn_if_seen(model_dir: Path, dataset) -> list[str]:
-    """Figures on clips a model was trained on are not held-out figures: the warning to say so, if any."""
+def _warn_if_seen(model_dir: Path, dataset) -> tuple[list[str], list[bool]]:
+    """Figures on clips a model was trained on are not held-out figures: the warning to say so, if any, naming a
+    few (clips.csv marks each), and per clip whether it was."""
     from ..training.datasets import TRAINED_ON, clip_identity, learned_clips
 
     seen = learned_clips(model_dir)
-    overlap = sum(clip_identity(c.path) in seen for c in dataset.clips)
+    flags = [clip_identity(c.path) in seen for c in dataset.clips]
+    overlap = sum(flags)
     if not overlap:
-        return []
+        return [], flags
+    names = [c.path.name for c, f in zip(dataset.clips, flags) if f]
     return [
         f"{overlap} of {len(dataset.clips)} clips {'was' if overlap == 1 else 'were'} in this model's training set "
-        f"({model_dir / TRAINED_ON}); these figures are not held-out figures"
-    ]
+        f"({model_dir / TRAINED_ON}: {some(names, 3)}; clips.csv's in_training marks each); these figures are "
+        "not held-out figures"
+    ], flags
 
 
 def _check_readable(dataset) -> None:

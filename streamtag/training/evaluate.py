@@ -11,6 +11,7 @@ alarms per hour; against a teacher it measures agreement on unlabelled audio.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -425,11 +426,70 @@ def baseline_accuracy(
     return float((pred == test_y).mean())
 
 
-def write_report(report: dict[str, Any], out_dir: str | os.PathLike, plot: bool = False) -> Path:
+CLIP_COLUMNS = (
+    "path",
+    "labels",
+    "predicted_mean",
+    "predicted_last",
+    "right_mean",
+    "right_last",
+    "label_score_mean",
+    "label_score_max",
+    "in_training",
+)
+
+
+def clip_rows(
+    clips: Sequence,
+    probs: list[np.ndarray],
+    targets: np.ndarray,
+    hard: np.ndarray,
+    labels: Sequence[str],
+    allowed: np.ndarray,
+    in_training: Sequence[bool],
+) -> list[dict[str, Any]]:
+    """One row per clip (``CLIP_COLUMNS``): what the model said, whether that is right (as :func:`metrics` counts
+    it) and how high its own label scored, so a user can find the clips it gets wrong (a quiet recorder, a
+    class it confuses) and those it learned from."""
+    offset = np.where(allowed, 0.0, -np.inf)
+    mean = np.stack([p.mean(0) for p in probs])
+    last = np.stack([p[-1] for p in probs])
+    pred_mean, pred_last = (mean + offset).argmax(1), (last + offset).argmax(1)
+    right_mean, right_last = correct(pred_mean, targets, hard), correct(pred_last, targets, hard)
+    rows = []
+    for i, clip in enumerate(clips):
+        own = targets[i]
+        rows.append(
+            {
+                "path": str(clip.path),
+                "labels": ";".join(clip.labels),
+                "predicted_mean": labels[pred_mean[i]],
+                "predicted_last": labels[pred_last[i]],
+                "right_mean": int(right_mean[i]),
+                "right_last": int(right_last[i]),
+                "label_score_mean": f"{mean[i, own]:.4f}" if own >= 0 else "",  # a class the model lacks: none
+                "label_score_max": f"{probs[i][:, own].max():.4f}" if own >= 0 else "",
+                "in_training": int(in_training[i]),
+            }
+        )
+    return rows
+
+
+def write_report(
+    report: dict[str, Any], out_dir: str | os.PathLike, plot: bool = False, clips: list[dict[str, Any]] | None = None
+) -> Path:
+    """report.json and report.md (and the plots, and ``clips.csv`` with :func:`clip_rows`' rows) in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "report.md").write_text(markdown(report))
+    if clips is None:  # an earlier report's clips must not sit beside this one
+        (out_dir / "clips.csv").unlink(missing_ok=True)
+    else:
+        with open(out_dir / "clips.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.DictWriter(f, CLIP_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(clips)
     if plot:
         plot_report(report, out_dir)
     else:  # plots of an earlier report (another model) must not sit beside this one
