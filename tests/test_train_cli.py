@@ -138,6 +138,17 @@ def test_folder_datasets_skip_hidden_files_and_say_what_they_pass_over(folders, 
     assert "1 audio file beside the class folders (e.g. stray.wav) left out" in notes  # it was left out unsaid
 
 
+def test_too_few_classes_says_what_was_left_out(folders, tmp_path):
+    """ "need at least 2 classes (1 found)" for a folder whose other class held only files the reader does not
+    take: the notes that said why were printed only once a dataset had loaded."""
+    root = tmp_path / "ds"
+    shutil.copytree(folders / "dog", root / "dog")
+    (root / "kazoo").mkdir()
+    (root / "kazoo" / "k.m4a").write_bytes(b"\0" * 64)
+    with pytest.raises(DatasetError, match=r"\(1 found\); .*1 file skipped, the reader does not take .m4a"):
+        load_dataset(root)
+
+
 def test_manifest_labels_are_trimmed_merged_per_file_and_read_from_excel(folders, tmp_path):
     dog, rain = sorted((folders / "dog").iterdir()), sorted((folders / "rain").iterdir())
     rows = [[p, "dog"] for p in dog] + [[p, "rain "] for p in rain[:2]] + [[rain[2], "rain"]]

@@ -244,8 +244,9 @@ def load_dataset(path: str | os.PathLike, min_classes: int = 2) -> Dataset:
         )
     labels = sorted({x for c in clips for x in c.labels})
     check_labels(labels, str(path), trained=False)
-    if len(labels) < min_classes:
-        raise DatasetError(f"{path}: need at least {min_classes} classes to train ({len(labels)} found)")
+    if len(labels) < min_classes:  # what was left out is why, often (the notes are printed after a dataset loads)
+        why = f"; {notes[0]}" if notes else ""
+        raise DatasetError(f"{path}: need at least {min_classes} classes to train ({len(labels)} found){why}")
     return Dataset(clips, labels, path.name, notes=notes)
 
 
