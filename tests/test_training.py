@@ -923,3 +923,21 @@ def test_a_plan_augments_on_a_gpu_as_on_the_cpu():
     plan = batches.draw()
     for u, v in zip(batches.augment(plan), batches.augment(plan, "cuda")):
         np.testing.assert_allclose(u.numpy(), v.cpu().numpy(), atol=1e-3)
+
+
+def test_the_confusion_plot_shows_the_dataset_s_classes(tmp_path):
+    """A 3-class dataset scored by the 57-class bundled model drew a 57 x 57 matrix of empty rows and columns (its
+    argmax is among the dataset's classes)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    from streamtag.training.evaluate import plot_report
+
+    labels = [f"class{i}" for i in range(57)]
+    confusion = np.zeros((57, 57), int)
+    confusion[[3, 9, 20], [3, 20, 20]] = 1
+    metrics = {"time_to_detect": {"1": 0.5}, "confusion": confusion.tolist(), "labels": labels}
+    plot_report({"metrics": {**metrics, "per_class": {labels[i]: {} for i in (3, 9, 20)}}}, tmp_path)
+    small = matplotlib.image.imread(tmp_path / "confusion.png").shape
+    plot_report({"metrics": {**metrics, "per_class": {x: {} for x in labels}}}, tmp_path)
+    assert small[1] < 0.6 * matplotlib.image.imread(tmp_path / "confusion.png").shape[1]

@@ -605,6 +605,7 @@ def event_stream_lines(es: dict[str, Any]) -> list[str]:
 
 def plot_report(report: dict[str, Any], out_dir: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -617,6 +618,7 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> None:
         ax.axhline(report["baseline_acc"], color="grey", ls="--", label="offline baseline (whole clip)")
     ax.set_xscale("log")
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the log axis' own labels overlapped ours
     ax.set_xlabel("audio heard (s)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -625,13 +627,18 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "time_to_detect.png", dpi=110)
     plt.close(fig)
-    conf = np.array(m["confusion"], dtype=np.float64)
+    # the dataset's classes only: a 6-class dataset's argmax is among its 6, so the model's other rows and
+    # columns are empty
+    keep = [i for i, label in enumerate(m["labels"]) if label in m["per_class"]]
+    keep = keep if len(keep) >= 2 else list(range(len(m["labels"])))
+    names = [m["labels"][i] for i in keep]
+    conf = np.array(m["confusion"], dtype=np.float64)[np.ix_(keep, keep)]
     conf = conf / np.maximum(conf.sum(1, keepdims=True), 1)
-    size = max(5, 0.18 * len(m["labels"]))
+    size = max(5, 0.18 * len(names))
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(conf, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(m["labels"])), m["labels"], rotation=90, fontsize=6)
-    ax.set_yticks(range(len(m["labels"])), m["labels"], fontsize=6)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6 if len(names) > 20 else 9)
+    ax.set_yticks(range(len(names)), names, fontsize=6 if len(names) > 20 else 9)
     ax.set_xlabel("predicted (last frame)")
     ax.set_ylabel("true")
     fig.tight_layout()
