@@ -2,6 +2,7 @@
 thresholds); the onnx path never imports torch."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -107,3 +108,17 @@ def test_bench_checks_its_paths_before_measuring(tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr and "measuring" not in r.stderr
         assert r.stderr.strip().startswith(f"streamtag bench: error: {option} {path}: output folder ")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_machine_too_slow_is_told_what_to_try(cnn_dir, monkeypatch, capsys):
+    """A "no" said only the figure; it names what to try (the clock made slow here: every hop takes 20 ms)."""
+    import itertools
+
+    from streamtag.cli import bench, main
+
+    ticks = itertools.count(0, 20_000_000)
+    monkeypatch.setattr(bench.time, "perf_counter_ns", lambda: next(ticks))
+    code = main(["bench", "--model", str(cnn_dir), "--seconds", "1", "--paced-seconds", "0.5", "--backend", "torch"])
+    out = capsys.readouterr().out
+    assert code == 1 and re.search(r"real time: no \(paced p99 [\d.]+ ms is \d+% of the 10 ms budget", out), out
+    assert "a longer --paced-seconds" in out and "the onnx backend is faster" in out

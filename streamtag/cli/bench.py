@@ -131,7 +131,11 @@ def run(args) -> int:
         say(f"one real-time stream takes {report['core_share_per_stream']:.1%} of a core, paced ({back_to_back})")
         verdict = "yes" if report["real_time"] else "no"
         share = f"{worst / budget_ms:.0%} of the {budget_ms:g} ms budget"
-        say(f"real time: {verdict} (worst p99 {worst:.3f} ms is {share})")
+        hint = ""
+        if not report["real_time"]:  # a busy machine, a short run or the slower backend: what to try next
+            hint = "; other programs busy? a longer --paced-seconds measures more hops"
+            hint += "; the onnx backend is faster" if args.backend != "onnx" else ""
+        say(f"real time: {verdict} (paced p99 {worst:.3f} ms is {share}{hint})")
     else:
         say(f"one stream takes {back_to_back}; real time: not judged (--paced-seconds 0: no paced run)")
     if args.out == "-":
