@@ -238,7 +238,7 @@ def test_eval_flags_checked_up_front(folders, tmp_path, cli, cnn_dir, monkeypatc
         (["--levels", "20"], "outside -60..0"),
         (["--levels=-100"], "-100 dB is outside -60..0"),  # taken, then refused by the engine after the clean pass
         (["--baseline-folds", "1"], "0 (no baseline) or >= 2"),
-        (["--false-alarm-audio", tmp_path / "nosuch"], "unlabelled audio not found"),  # was read after scoring
+        (["--false-alarm-audio", tmp_path / "nosuch"], "--false-alarm-audio: unlabelled audio not found"),
         (["--teacher", tmp_path / "t.onnx"], "give that too, or drop --teacher"),  # was ignored without a word
         (["--expected", "dog"], "give that too, or drop it"),
     ):
@@ -360,13 +360,16 @@ def test_eval_refuses_a_dataset_with_none_of_the_models_classes(folders, tmp_pat
 
 
 def test_eval_refuses_an_unreadable_clip_before_scoring_any(folders, tmp_path, cli, cnn_dir):
-    import shutil
-
     data = tmp_path / "data"
     shutil.copytree(folders, data)
     (data / "dog" / "empty.wav").write_bytes(b"")
     code, err = cli("eval", cnn_dir, data, "--report", tmp_path / "r")
-    assert code == 2 and "1 clip of the dataset cannot be read" in err and "empty (0 bytes)" in err, err
+    assert code == 2 and "1 clip of the dataset cannot be scored" in err and "empty (0 bytes)" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists(), err
+    (data / "dog" / "empty.wav").unlink()  # a clip shorter than a hop: found after every clip before it was scored
+    sf.write(data / "dog" / "tiny.wav", np.full(100, 0.1, np.float32), 16000)
+    code, err = cli("eval", cnn_dir, data, "--report", tmp_path / "r")
+    assert code == 2 and "tiny.wav is 6.2 ms long, shorter than one hop (10 ms)" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists(), err
 
 

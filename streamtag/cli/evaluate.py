@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine import MAX_GAIN_DB
-from ..errors import ConfigError, count, some
+from ..errors import ConfigError, DatasetError, count, some
 from .run import BACKENDS
 
 
@@ -133,7 +133,13 @@ def run(args) -> int:
     if args.expected is not None and not args.false_alarm_audio:
         raise ConfigError("--expected names the classes --false-alarm-audio may hold: give that too, or drop it")
     # the audio and the teacher of the last parts, read before the clips are scored (a typo must not cost that)
-    unlabelled = {p: read_unlabelled(p) for p in [*(args.false_alarm_audio or []), *(args.agreement_audio or [])]}
+    unlabelled = {}
+    for flag, paths in (("--false-alarm-audio", args.false_alarm_audio), ("--agreement-audio", args.agreement_audio)):
+        for path in paths or []:
+            try:
+                unlabelled[path] = read_unlabelled(path)
+            except DatasetError as exc:  # which option it was, of the several that read audio
+                raise DatasetError(f"{flag}: {exc}") from None
     teacher = Teacher(args.teacher, cache=writable_cache(cache_dir() / "teacher")) if args.agreement_audio else None
     if args.plot:
         import matplotlib  # noqa: F401  (missing: one line naming the extra before the clips are scored)
@@ -174,7 +180,7 @@ def run(args) -> int:
         )
     if args.limit:  # taken across the classes in turn: the first N of a folder per class would be one class
         dataset = dataset.subset(_spread(dataset, args.limit, set(backend.labels)))
-    _check_readable(dataset)
+    _check_readable(dataset, backend.config.features.frame_seconds)
     k = args.baseline_folds
     baseline = k >= 2 and len(dataset.clips) >= 2 * k  # K-fold CV needs two clips a fold at least
     if baseline and importlib.util.find_spec("torch") is None:  # said now, not after every clip
@@ -321,19 +327,24 @@ def _warn_if_seen(model_dir: Path, dataset) -> tuple[list[str], list[bool]]:
     ], flags
 
 
-def _check_readable(dataset) -> None:
-    """Every clip opens as audio, or one line before any is scored: a bad file found mid-run cost the report."""
+def _check_readable(dataset, hop_s: float) -> None:
+    """Every clip opens as audio and holds a hop, or one line before any is scored: a bad file found mid-run cost
+    the report."""
     from ..errors import AudioFileError
     from ..sources.file import probe_audio
 
     bad = []
     for clip in dataset.clips:
         try:
-            probe_audio(clip.path)
+            info = probe_audio(clip.path)
         except AudioFileError as exc:
             bad.append(str(exc))
+            continue
+        if info.frames < hop_s * info.samplerate:
+            seconds = info.frames / info.samplerate
+            bad.append(f"{clip.path} is {seconds * 1000:.1f} ms long, shorter than one hop ({hop_s * 1000:g} ms)")
     if bad:
-        raise ConfigError(f"{count(len(bad), 'clip')} of the dataset cannot be read ({bad[0]}): fix or remove them")
+        raise ConfigError(f"{count(len(bad), 'clip')} of the dataset cannot be scored ({bad[0]}): fix or remove them")
 
 
 def _spread(dataset, limit: int, known: set[str]) -> list[int]:
