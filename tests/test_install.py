@@ -104,6 +104,23 @@ def test_torch_only_commands_name_the_extra(lite, tmp_path, args):
     assert not r.stdout and not (tmp_path / "out").exists()  # checked before any work or output
 
 
+def test_eval_runs_without_torch_leaving_out_the_baseline_it_needs(lite, tmp_path):
+    """The README's quick look (eval default DATA --levels 0) failed without torch once a dataset had 10 clips:
+    the baseline, a comparison, needed it. Left out with a note now, unless --baseline-folds asks for it."""
+    import soundfile as sf
+
+    for name in ("dog", "rain"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        audio = read_clip(EXAMPLES / f"{name}.flac")
+        for k in range(5):
+            sf.write(tmp_path / "data" / name / f"{k}.wav", audio[k * 16000 : (k + 1) * 16000], 16000)
+    r = _run(lite, "eval", "default", tmp_path / "data", "--levels", "0", "--report", tmp_path / "r")
+    assert r.returncode == 0 and "note: no baseline (it needs torch" in r.stderr, r.stderr
+    assert "baseline_acc" not in json.loads((tmp_path / "r" / "report.json").read_text())
+    r = _run(lite, "eval", "default", tmp_path / "data", "--baseline-folds", "5", "--report", tmp_path / "r2")
+    assert r.returncode == 2 and "the baseline needs torch" in r.stderr and not (tmp_path / "r2").exists(), r.stderr
+
+
 def test_serve_runs_without_torch(lite, tmp_path):
     import asyncio
     import json
