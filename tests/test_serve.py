@@ -1501,13 +1501,15 @@ def test_discovery_of_many_streams_joining_at_once_is_all_published_even_when_cl
     client.subscribe("homeassistant/#")
     client.loop_start()
     for _ in range(200):  # retained messages arrive at once; bounded wait
-        if len(configs) >= 20 * len(labels):
+        if len(configs) >= 20 * (len(labels) + 1):
             break
         time.sleep(0.05)
     client.loop_stop()
     client.disconnect()
-    assert len(configs) == 20 * len(labels)
-    assert all(retained and body["device_class"] == "sound" for body, retained in configs.values())
+    assert len(configs) == 20 * (len(labels) + 1)  # a binary_sensor per label, and the level's sensor
+    assert all(retained for _, retained in configs.values())
+    assert all(body.get("device_class") == "sound" for t, (body, _) in configs.items() if "/binary_sensor/" in t)
+    assert all(body["unit_of_measurement"] == "dBFS" for t, (body, _) in configs.items() if "/sensor/" in t)
     assert configs["homeassistant/binary_sensor/streamtag_s7_dog/config"][0]["state_topic"] == "streamtag/s7/audio/dog"
 
 
