@@ -291,13 +291,8 @@ class ServeWorker(threading.Thread):
             if not valid_name(name):
                 raise ConfigError("stream names are 1-64 of A-Z a-z 0-9 _ -")
             if change is not None:
-                known = name in self.accounts or name in self.book.config.streams or name in self.book.changes
-                if not known and len(self.book.changes) >= self.options.capacity:  # names never seen, without end
-                    raise ConfigError(
-                        f"settings are kept for at most {self.options.capacity} streams not in the config file; "
-                        f"'{name}' is not connected: set it once it is, or name it in the config file"
-                    )
                 self.book.change(name, change)
+                self._keep_settings_of(name)
                 engine = self.multi.streams.get(name)
                 if engine is not None:  # a running stream: events of changed labels close (reason settings)
                     for step in engine.set_events(self.book.detector(name)):
@@ -356,6 +351,17 @@ class ServeWorker(threading.Thread):
                 self._ending.pop(name, None)
                 self._leave(name, reason)
 
+    def _keep_settings_of(self, name: str) -> None:
+        """Run-time settings belong to a name, so a client that reconnects keeps them; those of names neither
+        connected nor in the config file are kept for the ``capacity`` most recently changed or left, the oldest
+        forgotten (every name that ever connected was kept, and 256 names never seen filled the book for good)."""
+        changes = self.book.changes
+        if name in changes:
+            changes[name] = changes.pop(name)  # the most recent, last
+        away = [n for n in changes if n not in self.accounts and n not in self.book.config.streams]
+        for old in away[: max(0, len(away) - self.options.capacity)]:
+            del changes[old]
+
     def stepped_samples(self, name: str) -> int:
         """Samples of a stream (at its own rate) whose hops are stepped; 0 before its join is taken. Read from the
         front's thread to pace a sender: an int read, no lock."""
@@ -407,6 +413,8 @@ class ServeWorker(threading.Thread):
             account.warning = engine.stats.problems()  # the counts at the end
         listener = self.listeners.pop(name)
         self.enabled.pop(name, None)
+        if self.book is not None and name in self.book.changes:
+            self._keep_settings_of(name)  # kept for its return, among the most recent
         listener({"type": "summary", "reason": reason, **account.summary()})
         listener(None)  # the connection may close now
         if self.mqtt is not None:
