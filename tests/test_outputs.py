@@ -87,7 +87,8 @@ def test_clips_hold_pre_roll_event_and_post_roll(tmp_path):
             events = [Event("close", "dog", 3.0, 4.0, 0.9, 0.8, "ended")]
         saver.write(_step(i, events, audio[i * hop : (i + 1) * hop]))
     saver.close()
-    (clip,) = saver.saved
+    assert saver.saved == 1 and len(list(tmp_path.iterdir())) == 1
+    clip = saver.last_saved
     x, got_rate = sf.read(clip, dtype="float32")
     assert got_rate == rate and clip.name.startswith("dog_") and clip.name.endswith("_3.00s.flac")
     assert x.size == int((4.5 - 2.0) * rate)  # from onset - 1 s to offset + 0.5 s

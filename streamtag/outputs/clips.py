@@ -55,7 +55,8 @@ class ClipSaver:
         self._filled = 0  # samples ever written to the ring
         self._t = 0.0  # stream time at the end of the audio seen
         self._clips: list[_Clip] = []
-        self.saved: list[Path] = []
+        self.saved = 0  # clips written; a list of them grew for as long as live ran
+        self.last_saved: Path | None = None
 
     def write(self, step: Step) -> None:
         if step.audio is not None and step.has_scores:
@@ -111,4 +112,5 @@ class ClipSaver:
             sf.write(str(path), np.clip(audio * self.undo_gain, -1.0, 1.0), self.rate, format="FLAC", subtype="PCM_16")
         except (OSError, RuntimeError) as exc:  # soundfile raises LibsndfileError (a RuntimeError)
             raise named_error(OSError(str(exc)), path) from None
-        self.saved.append(path)
+        self.saved += 1
+        self.last_saved = path
