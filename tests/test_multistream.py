@@ -651,12 +651,15 @@ def test_settings_of_names_not_connected_are_kept_for_the_capacity_most_recent(c
     """Any client of the broker may send settings for any name, and every name that ever connected kept its
     settings for good: the book grew without end (0.8 KB a name), and 256 names never seen filled it for good.
     The ``capacity`` most recently changed or left are kept; a connected stream's and the config file's never go."""
+    from unittest import mock
+
     from streamtag.serve.config import ServeConfig, SettingsBook
     from streamtag.serve.worker import ServeOptions, ServeWorker
 
     multi = MultiStreamTagger(cnn_dir, capacity=2)
     book = SettingsBook(multi.labels, multi.frame_seconds, [{}], ServeConfig())
-    worker = ServeWorker(multi, ServeOptions(capacity=2), book=book)
+    mqtt = mock.Mock()
+    worker = ServeWorker(multi, ServeOptions(capacity=2), mqtt=mqtt, book=book)
     replies = []
     deny = {"deny": [multi.labels[0]]}
     for name in ("ghost1", "ghost2", "ghost3"):
@@ -669,6 +672,8 @@ def test_settings_of_names_not_connected_are_kept_for_the_capacity_most_recent(c
     assert list(book.changes) == ["cam", "ghost4", "ghost5"]  # connected: not counted, not forgotten
     worker._leave("cam", "stream_end")
     assert list(book.changes) == ["ghost5", "cam"]  # left: kept for its return, as the most recent
+    forgotten = [c.args[0] for c in mqtt.settings_forgotten.call_args_list]
+    assert forgotten == ["ghost1", "ghost2", "ghost3", "ghost4"]  # their retained settings cleared on the broker
     assert book.settings("cam").as_dict()["deny"] == [multi.labels[0]]
 
 

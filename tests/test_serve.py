@@ -822,6 +822,103 @@ def test_a_broker_that_never_sends_back_the_servers_availability_still_sees_it_o
     assert [p for t, p, _ in got if t == "streamtag/availability"] == ["offline", "online", "offline"]
 
 
+class _Said:
+    """What a publisher that is never connected hands to paho, in order, as (topic, payload)."""
+
+    def __init__(self, publisher) -> None:
+        self.messages: list[tuple[str, str]] = []
+        publisher._send = self.send
+
+    def send(self, topic, payload, retain=False, qos=0) -> bool:
+        self.messages.append((topic, payload))
+        return True
+
+
+def _connected(publisher) -> None:
+    """paho's on_connect, as a successful (re)connection calls it (subscriptions made on a client that is not)."""
+    from types import SimpleNamespace
+
+    publisher._on_connect(publisher.client, None, None, SimpleNamespace(is_failure=False), None)
+
+
+def test_the_server_is_said_online_after_the_sweep_of_the_connection_that_finished_it():
+    """A broker that restarted during the first connection's sweep: the reconnect said online at once, before the
+    stale streams came; a timer of the first connection must not speak for the second; nor online after close."""
+    from types import SimpleNamespace
+
+    from streamtag.outputs.mqtt import MqttPublisher
+
+    publisher = MqttPublisher("mqtt://127.0.0.1:9", ["dog"])
+    said = _Said(publisher)
+    publisher.client.subscribe = lambda *a, **k: None
+    _connected(publisher)
+    first = publisher._sweep
+    _connected(publisher)  # the broker went and came back before the retained availability did
+    assert ("streamtag/availability", "online") not in said.messages
+    assert said.messages.count(("streamtag/availability", "offline")) == 2  # the sweep again
+    publisher._say_online(first)  # the first connection's timer: not this connection's
+    assert ("streamtag/availability", "online") not in said.messages
+    retained = SimpleNamespace(topic="streamtag/availability", payload=b"offline", retain=True)
+    publisher._on_message(None, None, retained)
+    assert said.messages[-1] == ("streamtag/availability", "online")
+    _connected(publisher)  # swept: a later reconnect says online at once
+    assert (
+        said.messages[-1] == ("streamtag/availability", "online")
+        and said.messages.count(("streamtag/availability", "offline")) == 2
+    )
+    closing = MqttPublisher("mqtt://127.0.0.1:9", ["dog"])
+    said = _Said(closing)
+    closing.client.subscribe = lambda *a, **k: None
+    _connected(closing)
+    closing.close()
+    closing._say_online(closing._sweep)  # the timer, or the retained message, after close: not online for good
+    assert ("streamtag/availability", "online") not in said.messages
+
+
+def test_a_stream_that_joins_while_its_stale_namesake_is_swept_stays_online():
+    """A pulled source joins at once, while a crashed run's retained "online" of the same name is swept: the
+    sweep's OFF and offline came after the stream's own online, and left it unavailable."""
+    from streamtag.events import Event
+    from streamtag.outputs.mqtt import MqttPublisher
+
+    publisher = MqttPublisher("mqtt://127.0.0.1:9", ["dog", "rain"])
+    said = _Said(publisher)
+    send = said.send
+
+    def joining_midway(topic, payload, retain=False, qos=0):
+        if topic == "streamtag/cam/audio/rain" and "cam" not in publisher._streams:
+            publisher.stream_joined("cam")
+            publisher.event("cam", Event("open", "dog", 0.5, None, 0.9, 0.8))
+        return send(topic, payload, retain, qos)
+
+    publisher._send = joining_midway
+    publisher._sweep_stale("cam")
+    last = {topic: payload for topic, payload in said.messages}
+    assert last["streamtag/cam/availability"] == "online" and last["streamtag/cam/audio/dog"] == "ON"
+
+
+def test_birth_messages_and_settings_of_names_not_joined():
+    """A retained birth message (some set it so) republished everything at every reconnect; Home Assistant's
+    birth topic is homeassistant/status whatever the discovery prefix. Settings of a name never joined were kept
+    and republished for good; forgotten by the server, they are cleared on the broker."""
+    from types import SimpleNamespace
+
+    from streamtag.outputs.mqtt import MqttPublisher
+
+    publisher = MqttPublisher("mqtt://127.0.0.1:9", ["dog"], discovery_prefix="ha")
+    said = _Said(publisher)
+    publisher.stream_joined("porch")
+    for topic, retain, again in (("homeassistant/status", True, False), ("homeassistant/status", False, True)):
+        before = len(said.messages)
+        publisher._on_message(None, None, SimpleNamespace(topic=topic, payload=b"online", retain=retain))
+        assert ("ha/binary_sensor/streamtag_porch_dog/config" in dict(said.messages[before:])) == again
+    publisher.settings("ghost", {"deny": ["dog"]})
+    publisher.settings("porch", {"deny": []})
+    assert list(publisher._settings) == ["porch"]
+    publisher.settings_forgotten("ghost")
+    assert said.messages[-1] == ("streamtag/ghost/settings", "")
+
+
 @pytest.mark.parametrize(
     "label, says",
     [

@@ -172,6 +172,10 @@ def test_manifest_labels_are_trimmed_merged_per_file_and_read_from_excel(folders
     cp1252.write_bytes(f"path,label\n{dog[0]},dog\n{dog[1]},d\u00e9g\n".encode("cp1252"))
     with pytest.raises(DatasetError, match=r"w.csv:3: not UTF-8 text \(byte 0xe9\); save it as \"CSV UTF-8\""):
         load_dataset(cp1252)
+    unmarked = tmp_path / "n.csv"
+    unmarked.write_bytes("path,label\n".encode("utf-16-le"))
+    with pytest.raises(DatasetError, match="UTF-16 text without a byte-order mark"):
+        load_dataset(unmarked)
 
 
 def test_a_label_map_without_tabs_is_refused(tmp_path):

@@ -219,7 +219,7 @@ def run(args) -> int:  # the network stack is imported here, not at the top: eve
 
     if args.mqtt:
         parse_broker(args.mqtt)
-        check_labels(cfg.labels, f"model {args.model}")
+        check_labels(cfg.labels, f"model {args.model}" if args.model else "the bundled model")
     import aiohttp  # noqa: F401  (missing: one line naming the extra)
     import prometheus_client  # noqa: F401
 

@@ -147,9 +147,17 @@ class MqttPublisher:
         self.dropped = 0
         self._said_down = False  # a lost or unreachable broker is said once, until it is back
         self._connected_once = False
-        # the first connection says the server online only once the streams a crashed run left "online" are set
-        # offline: the retained server availability, subscribed to last, marks the end of theirs
+        # the server is said online only once the streams a crashed run left "online" are set offline (the sweep,
+        # on connections until one finishes it): the retained server availability, subscribed to last, marks the
+        # end of theirs. ``_online_lock`` orders saying online against close()'s offline
+        self._swept = False
+        self._sweep = 0  # which connection's sweep a timer or a retained message belongs to
         self._online_after_stale = False
+        self._online_lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        # Home Assistant's birth message: on its own topic, homeassistant/status unless its settings changed it,
+        # which some set beside their discovery prefix
+        self.birth_topics = {"homeassistant/status", f"{discovery_prefix}/status"}
         self._mqtt = mqtt
         # a client id of its own: two servers on one broker with the same id would throw each other off
         client_id = f"streamtag-{socket.gethostname()}-{os.getpid()}"[:64]
@@ -205,35 +213,42 @@ class MqttPublisher:
             self._said_down = False
             again = " again" if self._connected_once else ""  # a broker down at the start was never connected
             print(f"streamtag serve: MQTT broker {self.host}:{self.port} connected{again}", file=sys.stderr, flush=True)
-        first, self._connected_once = not self._connected_once, True
+        self._connected_once = True
         client.subscribe(f"{self.prefix}/+/set", qos=1)
-        client.subscribe(f"{self.discovery_prefix}/status", qos=1)  # Home Assistant's birth message
-        # streams a crashed run left "online" with a state ON (its last will covers the server, not each stream)
+        client.subscribe([(topic, 1) for topic in sorted(self.birth_topics)])
+        # Streams a crashed run left "online" with a state ON (its last will covers the server, not each stream)
         # are set OFF and offline. Until then the server stays offline, or Home Assistant would show that stale
         # ON as live for a moment (an automation on "to: on" fires). Published offline first, the server's
         # availability is sure to be retained; subscribed to after the streams', it comes after theirs (in
         # the order the filters are given, as mosquitto sends them) and says the server online.
-        if first:
-            self._online_after_stale = True
+        with self._online_lock:
+            sweep = not self._swept
+            self._sweep += 1
+            self._online_after_stale = sweep
+            if self._timer is not None:
+                self._timer.cancel()
+            if sweep:
+                # a broker that does not send it back (an ACL refusing the subscription) must not keep us offline
+                self._timer = threading.Timer(ONLINE_AFTER_STALE_S, self._say_online, (self._sweep,))
+                self._timer.daemon = True
+                self._timer.start()
+        if sweep:
             self._send(self.availability, "offline", retain=True, qos=1)
             client.subscribe([(f"{self.prefix}/+/availability", 1), (self.availability, 1)])
-            # a broker that does not send it back (an ACL that refuses the subscription) must not keep us offline
-            timer = threading.Timer(ONLINE_AFTER_STALE_S, self._say_online)
-            timer.daemon = True
-            timer.start()
-        else:  # a broker back: streams of a crashed run were set offline at the first connection
-            self._online_after_stale = False
+        else:  # a broker back after the sweep: nothing stale to wait for
             client.subscribe(f"{self.prefix}/+/availability", qos=1)
         self._republish()
-        if not first:
-            self._send(self.availability, "online", retain=True)
+        if not sweep:
+            self._send(self.availability, "online", retain=True, qos=1)
 
-    def _say_online(self) -> None:
-        """The server online, once the first connection's stale streams are set offline (or said online already)."""
-        with self._lock:
-            waiting, self._online_after_stale = self._online_after_stale, False
-        if waiting and not self._closing:
-            self._send(self.availability, "online", retain=True)
+    def _say_online(self, sweep: int) -> None:
+        """The server online once connection ``sweep``'s stale streams are set offline, unless said already, a later
+        connection sweeps again, or the publisher is closing (whose offline must come last)."""
+        with self._online_lock:
+            if not self._online_after_stale or sweep != self._sweep or self._closing:
+                return
+            self._online_after_stale, self._swept = False, True
+            self._send(self.availability, "online", retain=True, qos=1)
 
     def _republish(self) -> None:
         """Every joined stream's discovery, availability, settings and states again: after every (re)connect (the
@@ -292,20 +307,15 @@ class MqttPublisher:
     def _on_message(self, client, userdata, message) -> None:
         if message.topic == self.availability:  # the end of the retained stream availabilities (_on_connect)
             if message.retain:
-                self._say_online()
+                self._say_online(self._sweep)
             return
-        if message.topic == f"{self.discovery_prefix}/status":  # Home Assistant started: it asks for discovery again
-            if message.payload == b"online":
+        if message.topic in self.birth_topics:  # Home Assistant started: it asks for discovery again
+            if message.payload == b"online" and not message.retain:  # a retained one comes at every (re)connect
                 self._republish()
             return
         if message.topic.endswith("/availability"):
-            stream = message.topic[len(self.prefix) + 1 : -len("/availability")]
-            with self._lock:
-                joined = stream in self._streams
-            if message.retain and message.payload == b"online" and not joined:  # a crashed run's: every state OFF
-                for label in self.labels:
-                    self._send(f"{self.prefix}/{stream}/audio/{label}", "OFF", retain=True)
-                self._send(message.topic, "offline", retain=True, qos=1)
+            if message.retain and message.payload == b"online":
+                self._sweep_stale(message.topic[len(self.prefix) + 1 : -len("/availability")])
             return
         if message.retain:  # a retained change would be applied again at every reconnect: changes are events
             return
@@ -320,6 +330,30 @@ class MqttPublisher:
         if self.on_settings is not None:  # the settings in force are published by the server once applied
             self.on_settings(stream, change, lambda reply: self._settings_error(stream, reply))
 
+    def _sweep_stale(self, stream: str) -> None:
+        """A stream a crashed run left online: every state OFF, then offline. A stream of that name that joins
+        meanwhile (a pulled source starts at once) is published again after it, or the sweep's OFF and offline
+        would overwrite its own online."""
+        with self._lock:
+            if stream in self._streams:
+                return
+        for label in self.labels:
+            self._send(f"{self.prefix}/{stream}/audio/{label}", "OFF", retain=True)
+        self._send(self._stream_availability(stream), "offline", retain=True, qos=1)
+        with self._lock:
+            entry = self._streams.get(stream)
+            down, settings = stream in self._unavailable, self._settings.get(stream)
+        if entry is None:
+            return
+        enabled, on = entry
+        self._discovery(stream, enabled)
+        for label, shown in zip(self.labels, enabled):
+            if shown:
+                self._state(stream, label, label in on)
+        if settings is not None:
+            self._send(f"{self.prefix}/{stream}/settings", settings, retain=True, qos=1)
+        self._send(self._stream_availability(stream), "offline" if down else "online", retain=True, qos=1)
+
     def _settings_error(self, stream: str, reply: dict) -> None:
         if "error" in reply:
             self._send(f"{self.prefix}/{stream}/settings/error", json.dumps(reply), qos=1)
@@ -327,9 +361,14 @@ class MqttPublisher:
     def settings(self, stream: str, settings: dict) -> None:
         """The settings in force for ``stream`` (retained), at its join and after every change."""
         payload = json.dumps(settings)
-        with self._lock:
-            self._settings[stream] = payload
+        with self._lock:  # published again on reconnect while it is joined (a name never connected: sent once)
+            if stream in self._streams:
+                self._settings[stream] = payload
         self._send(f"{self.prefix}/{stream}/settings", payload, retain=True, qos=1)
+
+    def settings_forgotten(self, stream: str) -> None:
+        """The server forgot the run-time settings of a stream not connected: its retained settings go too."""
+        self._send(f"{self.prefix}/{stream}/settings", "", retain=True, qos=1)
 
     def _send(self, topic: str, payload: str, retain: bool = False, qos: int = 0) -> bool:
         """Hand one message to paho; whether it went (or, QoS 1, waits in paho's queue for the broker)."""
@@ -470,7 +509,10 @@ class MqttPublisher:
 
     def close(self) -> None:
         """States OFF were sent by the events' closes; say offline, flush, disconnect."""
-        self._closing = True
+        with self._online_lock:  # an online said after this offline would stay: a clean disconnect has no last will
+            self._closing = True
+            if self._timer is not None:
+                self._timer.cancel()
         if self._said_down and self._queued:  # the broker is away: what waited for it is lost with the process
             print(
                 f"streamtag serve: the MQTT broker {self.host}:{self.port} is unreachable: {self._queued} messages "

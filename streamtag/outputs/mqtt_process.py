@@ -120,6 +120,9 @@ class MqttLink:
     def settings(self, stream: str, settings: dict) -> None:
         self._keep("settings", stream, settings)
 
+    def settings_forgotten(self, stream: str) -> None:
+        self._keep("settings_forgotten", stream)
+
     def event(self, stream: str, event: Event) -> None:
         self._keep("event", stream, event)
 

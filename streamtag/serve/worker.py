@@ -361,6 +361,8 @@ class ServeWorker(threading.Thread):
         away = [n for n in changes if n not in self.accounts and n not in self.book.config.streams]
         for old in away[: max(0, len(away) - self.options.capacity)]:
             del changes[old]
+            if self.mqtt is not None:  # its retained settings no longer hold
+                self.mqtt.settings_forgotten(old)
 
     def stepped_samples(self, name: str) -> int:
         """Samples of a stream (at its own rate) whose hops are stepped; 0 before its join is taken. Read from the

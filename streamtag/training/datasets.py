@@ -314,13 +314,14 @@ def csv_text(path: Path) -> io.StringIO:
     on, not a traceback, and not read as other characters than were meant."""
     data = Path(path).read_bytes()
     utf16 = data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    if not utf16 and b"\0" in data[:200]:  # UTF-16 without its mark: read as UTF-8, a header of NULs
+        raise DatasetError(f'{path}: UTF-16 text without a byte-order mark; save it as "CSV UTF-8" (Excel) or UTF-8')
     try:
         text = data.decode("utf-16" if utf16 else "utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise DatasetError(
-            f'{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as "CSV UTF-8" (Excel) or UTF-8'
-        ) from None
+        what = "UTF-16 text (it starts like it)" if utf16 else f"UTF-8 text (byte 0x{data[exc.start]:02x})"
+        raise DatasetError(f'{path}:{line}: not {what}; save it as "CSV UTF-8" (Excel) or UTF-8') from None
     if utf16 and "\t" in text.split("\n", 1)[0]:  # "Unicode text" is tab-separated: as CSV, quoted where needed
         out = io.StringIO(newline="")
         csv.writer(out).writerows(csv.reader(io.StringIO(text, newline=""), delimiter="\t"))
