@@ -896,6 +896,41 @@ def test_the_server_is_said_online_after_the_sweep_of_the_connection_that_finish
     assert ("streamtag/availability", "online") not in said.messages
 
 
+def test_the_sweep_s_timer_waits_for_the_republish_and_the_retained_burst_and_dies_with_its_connection(monkeypatch):
+    """Found in review: the 3 s timer started before the reconnect's republish (seconds, at hundreds of streams)
+    and said online before the stale streams came; a timer of a connection that dropped marked the sweep done;
+    a close() during a swept reconnect's republish was followed by its online, for good."""
+    from types import SimpleNamespace
+
+    from streamtag.outputs import mqtt
+
+    monkeypatch.setattr(mqtt, "ONLINE_AFTER_STALE_S", 0.2)
+    online = ("streamtag/availability", "online")
+    publisher = mqtt.MqttPublisher("mqtt://127.0.0.1:9", ["dog"])
+    said = _Said(publisher)
+    publisher.client.subscribe = lambda *a, **k: None
+    republish = publisher._republish
+    publisher._republish = lambda: (time.sleep(0.5), republish())
+    _connected(publisher)
+    assert online not in said.messages  # not during the republish
+    stale = SimpleNamespace(topic="streamtag/ghost/availability", payload=b"offline", retain=True)
+    for _ in range(4):  # the retained burst goes on: the timer waits from its last message
+        time.sleep(0.1)
+        publisher._on_message(None, None, stale)
+    assert online not in said.messages
+    publisher._on_disconnect(None, None, None, SimpleNamespace(value=0), None)  # gone before the sweep finished
+    time.sleep(0.4)
+    assert online not in said.messages and not publisher._swept
+    publisher._republish = republish
+    _connected(publisher)  # the sweep again, then online once the burst is over
+    assert said.messages.count(("streamtag/availability", "offline")) == 2
+    time.sleep(0.4)
+    assert said.messages[-1] == online and publisher._swept
+    publisher._republish = publisher.close  # a stop while a (swept) reconnect republishes
+    _connected(publisher)
+    assert said.messages.count(online) == 1  # close()'s offline (to paho directly) is the last word
+
+
 def test_a_stream_that_joins_while_its_stale_namesake_is_swept_stays_online():
     """A pulled source joins at once, while a crashed run's retained "online" of the same name is swept: the
     sweep's OFF and offline came after the stream's own online, and left it unavailable."""

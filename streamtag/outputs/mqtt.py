@@ -222,32 +222,43 @@ class MqttPublisher:
         # availability is sure to be retained; subscribed to after the streams', it comes after theirs (in
         # the order the filters are given, as mosquitto sends them) and says the server online.
         with self._online_lock:
-            sweep = not self._swept
             self._sweep += 1
-            self._online_after_stale = sweep
-            if self._timer is not None:
-                self._timer.cancel()
-            if sweep:
-                # a broker that does not send it back (an ACL refusing the subscription) must not keep us offline
-                self._timer = threading.Timer(ONLINE_AFTER_STALE_S, self._say_online, (self._sweep,))
-                self._timer.daemon = True
-                self._timer.start()
-        if sweep:
+            sweep, sweeping = self._sweep, not self._swept
+            self._online_after_stale = sweeping
+        if sweeping:
             self._send(self.availability, "offline", retain=True, qos=1)
             client.subscribe([(f"{self.prefix}/+/availability", 1), (self.availability, 1)])
         else:  # a broker back after the sweep: nothing stale to wait for
             client.subscribe(f"{self.prefix}/+/availability", qos=1)
         self._republish()
-        if not sweep:
-            self._send(self.availability, "online", retain=True, qos=1)
+        if sweeping:  # after the republish, which may take seconds: the retained messages come once it is done
+            self._arm_timer(sweep)
+        else:
+            self._say_online(sweep)
+
+    def _arm_timer(self, sweep: int) -> None:
+        """While connection ``sweep`` sweeps, say online ``ONLINE_AFTER_STALE_S`` after the last retained stream
+        availability came (a broker that does not send the server's back, an ACL refusing the subscription, must
+        not keep it offline; one still sending stale streams must not see it online before they are done)."""
+        with self._online_lock:
+            if sweep != self._sweep or self._closing or not self._online_after_stale:
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(ONLINE_AFTER_STALE_S, self._say_online, (sweep,))
+            self._timer.daemon = True
+            self._timer.start()
 
     def _say_online(self, sweep: int) -> None:
-        """The server online once connection ``sweep``'s stale streams are set offline, unless said already, a later
-        connection sweeps again, or the publisher is closing (whose offline must come last)."""
+        """The server online on connection ``sweep``: once its stale streams are set offline (or at once, swept
+        before), unless a later connection has come or gone, or the publisher is closing (whose offline must
+        come last: a clean disconnect has no last will)."""
         with self._online_lock:
-            if not self._online_after_stale or sweep != self._sweep or self._closing:
+            if sweep != self._sweep or self._closing or not (self._online_after_stale or self._swept):
                 return
             self._online_after_stale, self._swept = False, True
+            if self._timer is not None:
+                self._timer.cancel()
             self._send(self.availability, "online", retain=True, qos=1)
 
     def _republish(self) -> None:
@@ -291,6 +302,11 @@ class MqttPublisher:
         return "the connection was closed at once: is it an MQTT port?"
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._online_lock:  # a sweep cut short is not done: its timer must not say online, nor mark it swept
+            self._sweep += 1
+            self._online_after_stale = False
+            if self._timer is not None:
+                self._timer.cancel()
         if not self._closing:  # paho says "Unspecified error" for a connection it lost (closed, reset, TLS)
             why = "the connection was lost" if getattr(reason_code, "value", None) == UNSPECIFIED else str(reason_code)
             self._down(f"lost the MQTT broker {self.host}:{self.port} ({why})")
@@ -316,6 +332,8 @@ class MqttPublisher:
         if message.topic.endswith("/availability"):
             if message.retain and message.payload == b"online":
                 self._sweep_stale(message.topic[len(self.prefix) + 1 : -len("/availability")])
+            if message.retain:  # more of the retained burst: the timer waits from here
+                self._arm_timer(self._sweep)
             return
         if message.retain:  # a retained change would be applied again at every reconnect: changes are events
             return
