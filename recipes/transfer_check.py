@@ -3,6 +3,9 @@
 
 usage: python recipes/transfer_check.py SHARED OUT
 
+SHARED is this project's shared material (``../shared``: its ``data/urbansound8k`` holds the clips with a
+``manifest.csv`` and a ``provenance.csv`` naming each clip's UrbanSound8K fold), OUT a folder for the manifests.
+
 UrbanSound8K's fold 10 (which the bundled model never trained on) under new names (``u_dog_bark``, ...: no
 output row of the bundled model comes over, only what its network learned), split in two source-grouped
 halves: OUT/train.csv and OUT/test.csv. Then, in OUT:

@@ -172,6 +172,8 @@ def test_manifest_labels_are_trimmed_merged_per_file_and_read_from_excel(folders
     cp1252.write_bytes(f"path,label\n{dog[0]},dog\n{dog[1]},d\u00e9g\n".encode("cp1252"))
     with pytest.raises(DatasetError, match=r"w.csv:3: not UTF-8 text \(byte 0xe9\); save it as \"CSV UTF-8\""):
         load_dataset(cp1252)
+    unicode_text.rename(tmp_path / "u.txt")  # as Excel names it
+    assert len(load_dataset(tmp_path / "u.txt").clips) == 6
     unmarked = tmp_path / "n.csv"
     unmarked.write_bytes("path,label\n".encode("utf-16-le"))
     with pytest.raises(DatasetError, match="UTF-16 text without a byte-order mark"):
@@ -226,7 +228,7 @@ def test_init_on_another_label_set_keeps_what_both_know_and_starts_new_classes_u
     out = tmp_path / "mine"
     code, err = cli("train", data, "--init", "default", *FAST, "--lr", "1e-12", "--no-val", "--out", out)
     assert code == 0, err
-    assert "2 of its 57 classes go on as they were learned; 1 new class starts untrained (kazoo); 55 it had are " in err
+    assert "2 of its 57 classes go on as learned (dog, rain); 1 new class starts untrained (kazoo); 55 it had " in err
     bundled = json.loads((EXAMPLES.parent / "default_model" / "config.json").read_text())["labels"]
     assert json.loads((out / "config.json").read_text())["labels"] == ["dog", "kazoo", "rain"]
     before, after = (load_file(m / "model.safetensors") for m in (EXAMPLES.parent / "default_model", out))
@@ -437,6 +439,11 @@ def test_a_label_that_cannot_be_a_column_or_a_topic_is_refused(folders, tmp_path
         code, err = cli("train", manifest, *FAST, "--out", tmp_path / "m")
         assert code == 2 and f"label {label!r} holds" in err and "rename it" in err, err
         assert not (tmp_path / "m").exists()
+    for rain, chainsaw, says in (("level", "chainsaw", "MQTT topic of the level"), ("r x", "r_x", "one Home")):
+        renamed = {"rain": rain, "chainsaw": chainsaw}  # trained, then refused by serve --mqtt
+        rows = [[p, renamed.get(p.parent.name, p.parent.name)] for p in folders.rglob("*.wav")]
+        code, err = cli("train", _manifest(tmp_path / "mqtt.csv", rows), *FAST, "--out", tmp_path / "m")
+        assert code == 2 and says in err and "rename" in err and not (tmp_path / "m").exists(), err
     rows = [[p, "rain/heavy" if p.parent.name == "rain" else p.parent.name] for p in folders.rglob("*.wav")]
     manifest = _manifest(tmp_path / "aliased.csv", rows)
     label_map = tmp_path / "map.tsv"

@@ -238,7 +238,7 @@ def run(args) -> int:  # the network stack is imported here, not at the top: eve
     )
     _check_can_listen(args.host, args.port)  # before MQTT: a second server must not say the first one is offline
     mqtt_child = None
-    if args.mqtt:  # publishing in a process of its own: a burst of joins (116 messages each) never holds up tagging
+    if args.mqtt:  # publishing in a process of its own: a burst of joins (117 messages each) never holds up tagging
         from ..outputs.mqtt_process import MqttProcess
 
         mqtt_child = MqttProcess(args.mqtt, cfg.labels, args.mqtt_prefix, args.discovery_prefix)

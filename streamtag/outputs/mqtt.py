@@ -26,7 +26,7 @@ up to ``queue_limit`` event messages (QoS 1) meanwhile; states and levels (QoS 0
 are counted in ``dropped``, and every state is published again on reconnect, so Home Assistant never
 keeps an ``ON`` the broker missed the end of. Losing and regaining the broker is said on stderr, once
 each way. ``serve`` runs this publisher in a process of its own (:mod:`streamtag.outputs.mqtt_process`), so
-its Python (a join is 116 messages) never runs in the tagging worker's process.
+its Python (a join is 117 messages) never runs in the tagging worker's process.
 """
 
 from __future__ import annotations

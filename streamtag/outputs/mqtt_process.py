@@ -1,7 +1,7 @@
 """The serve worker's MQTT publisher in a process of its own, so publishing never holds up tagging.
 
-A stream's join publishes 116 retained messages (a discovery config and an ``OFF`` state per label, the
-level sensor's config, its availability): about 1.7 ms of Python in paho's ``publish``, and paho's network
+A stream's join publishes 117 retained messages (a discovery config and an ``OFF`` state per label, the
+level sensor's config, its availability and settings): about 1.7 ms of Python in paho's ``publish``, and paho's network
 thread then takes Python's lock to write them. In the worker's process, 500 clients joining in the same
 second held every stream's scores for over a second (``benchmarks/serve.py --mqtt``). Here the worker's
 calls are kept as they come and sent after each round in one message down a pipe; a child process runs the real

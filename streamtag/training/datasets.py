@@ -135,12 +135,22 @@ def check_labels(labels, where: str, trained: bool = True) -> None:
     model is ``trained`` on (after the label map) that cannot be a column, a topic level or a summary key (a
     tab, '#', '/') is refused too: it was trained, then broke serve's MQTT (a traceback) and shifted every score
     column after it in a TSV. A dataset's own labels may hold them (a map renames them; eval only compares)."""
+    from ..outputs.mqtt import LEVEL, OBJECT_ID_UNSAFE
+
+    ids: dict[str, str] = {}
     for label in labels if trained else ():
         bad = sorted({c for c in label if c in UNSAFE_IN_LABELS or not c.isprintable()})
         if bad:
             raise DatasetError(
                 f"{where}: label {label!r} holds {' '.join(repr(c) for c in bad)}: a label names a column, an MQTT "
                 f"topic and a summary key, so it may not hold {' '.join(UNSAFE_IN_LABELS)} or tabs; rename it"
+            )
+        if label == LEVEL:  # serve --mqtt refused the model only then
+            raise DatasetError(f"{where}: a class named {LEVEL!r} would be serve's MQTT topic of the level; rename it")
+        other = ids.setdefault(OBJECT_ID_UNSAFE.sub("_", label), label)
+        if other != label:
+            raise DatasetError(
+                f"{where}: labels {other!r} and {label!r} would be one Home Assistant id (serve --mqtt); rename one"
             )
     seen: dict[str, str] = {}
     for label in labels:
@@ -223,8 +233,8 @@ def load_dataset(path: str | os.PathLike, min_classes: int = 2) -> Dataset:
         raise DatasetError(f"dataset not found: {path}")
     notes: list[str] = []
     if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise DatasetError(f"{path}: a dataset is a folder or a .csv manifest (path,label[,fold])")
+        if path.suffix.lower() not in MANIFEST_SUFFIXES:
+            raise DatasetError(f"{path}: a dataset is a folder or a .csv manifest (path,label[,fold][,group])")
         clips = _read_manifest(path, notes)
     elif (path / "meta" / "esc50.csv").is_file():
         clips = _read_esc50(path)
@@ -308,6 +318,9 @@ def _read_class_folders(root: Path, notes: list[str]) -> list[Clip]:
     return clips
 
 
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".txt")  # Excel's "Unicode text" is a tab-separated .txt
+
+
 def csv_text(path: Path) -> io.StringIO:
     """A CSV's text: UTF-8 (Excel's "CSV UTF-8" starts with a byte-order mark), or UTF-16 with its mark (Excel's
     "Unicode text"); anything else (Excel's plain "CSV" in a Windows code page) is refused with the line it fails
@@ -322,7 +335,8 @@ def csv_text(path: Path) -> io.StringIO:
         line = data[: exc.start].count(b"\n") + 1
         what = "UTF-16 text (it starts like it)" if utf16 else f"UTF-8 text (byte 0x{data[exc.start]:02x})"
         raise DatasetError(f'{path}:{line}: not {what}; save it as "CSV UTF-8" (Excel) or UTF-8') from None
-    if utf16 and "\t" in text.split("\n", 1)[0]:  # "Unicode text" is tab-separated: as CSV, quoted where needed
+    header = text.split("\n", 1)[0]
+    if "\t" in header and "," not in header:  # tab-separated (Excel's "Unicode text"): as CSV, quoted where needed
         out = io.StringIO(newline="")
         csv.writer(out).writerows(csv.reader(io.StringIO(text, newline=""), delimiter="\t"))
         text = out.getvalue()

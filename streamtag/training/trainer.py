@@ -682,8 +682,10 @@ def _start_from(model, cfg: ModelConfig, folder: str) -> str | None:
             state[key] = rows
         new = [x for x in labels if x not in init_labels]
         dropped = [x for x in init_labels if x not in labels]
+        kept = [x for x in labels if x in init_labels]
         note = (
-            f"--init {folder}: {len(shared)} of its {len(init_labels)} classes go on as they were learned"
+            f"--init {folder}: {len(shared)} of its {len(init_labels)} classes "
+            f"{'goes' if len(shared) == 1 else 'go'} on as learned ({some(kept, 4) if kept else 'none'})"
             + (f"; {count(len(new), 'new class starts', 'new classes start')} untrained ({some(new, 4)})" * bool(new))
             + (f"; {len(dropped)} it had are left out ({some(dropped, 4)})" if dropped else "")
         )
