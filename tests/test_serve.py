@@ -781,6 +781,8 @@ def test_home_assistant_starting_again_gets_discovery_and_states_again(mosquitto
         deadline = time.monotonic() + 10
         while ("streamtag/availability", "online", False) not in got and time.monotonic() < deadline:
             time.sleep(0.05)
+        time.sleep(0.3)
+        # one config, or two when the join came after the connection and before its republish
         configs = len([t for t, p, _ in got if t == topic and p])
         states = len([t for t, _, _ in got if t == "streamtag/porch/audio/dog"])
         client.publish("homeassistant/status", "online").wait_for_publish(timeout=10)
@@ -791,7 +793,7 @@ def test_home_assistant_starting_again_gets_discovery_and_states_again(mosquitto
         publisher.close()
         client.loop_stop()
         client.disconnect()
-    assert configs == 1 and len([t for t, p, _ in got if t == topic and p]) == 2
+    assert configs >= 1 and len([t for t, p, _ in got if t == topic and p]) == configs + 1
     assert [p for t, p, _ in got if t == "streamtag/porch/audio/dog"] == ["OFF"] * (states + 1)
     assert not any(t == "streamtag/porch/audio/rain" for t, _, _ in got)  # a label left out keeps no state
 
@@ -904,13 +906,13 @@ def test_the_sweep_s_timer_waits_for_the_republish_and_the_retained_burst_and_di
 
     from streamtag.outputs import mqtt
 
-    monkeypatch.setattr(mqtt, "ONLINE_AFTER_STALE_S", 0.2)
+    monkeypatch.setattr(mqtt, "ONLINE_AFTER_STALE_S", 1.0)
     online = ("streamtag/availability", "online")
     publisher = mqtt.MqttPublisher("mqtt://127.0.0.1:9", ["dog"])
     said = _Said(publisher)
     publisher.client.subscribe = lambda *a, **k: None
     republish = publisher._republish
-    publisher._republish = lambda: (time.sleep(0.5), republish())
+    publisher._republish = lambda: (time.sleep(1.5), republish())  # longer than the timer
     _connected(publisher)
     assert online not in said.messages  # not during the republish
     stale = SimpleNamespace(topic="streamtag/ghost/availability", payload=b"offline", retain=True)
@@ -919,12 +921,12 @@ def test_the_sweep_s_timer_waits_for_the_republish_and_the_retained_burst_and_di
         publisher._on_message(None, None, stale)
     assert online not in said.messages
     publisher._on_disconnect(None, None, None, SimpleNamespace(value=0), None)  # gone before the sweep finished
-    time.sleep(0.4)
+    time.sleep(1.3)
     assert online not in said.messages and not publisher._swept
     publisher._republish = republish
     _connected(publisher)  # the sweep again, then online once the burst is over
     assert said.messages.count(("streamtag/availability", "offline")) == 2
-    time.sleep(0.4)
+    time.sleep(1.3)
     assert said.messages[-1] == online and publisher._swept
     publisher._republish = publisher.close  # a stop while a (swept) reconnect republishes
     _connected(publisher)
