@@ -61,29 +61,47 @@ def check_prefix(prefix: str, flag: str = "--mqtt-prefix") -> str:
     return prefix
 
 
-ONLINE_AFTER_STALE_S = 3.0  # the first connection says the server online by then, stale streams or not
+ONLINE_AFTER_STALE_S = 3.0  # a sweep says the server online this long after the last retained stream availability
 LEVEL = "level"  # <prefix>/<stream>/audio/level: the stream's level, beside its labels' states
+
+
+def topic_clash(labels: Sequence[str]) -> tuple[str, str | None] | None:
+    """The first label that cannot have topics and a Home Assistant id of its own: ``(label, None)`` for one named
+    ``level`` (the stream's level topic), ``(other, label)`` for two that give one id (``rain hail`` and
+    ``rain_hail``); ``None`` when there is none. ``train`` and ``serve --mqtt`` each say it their own way."""
+    ids: dict[str, str] = {}
+    for label in labels:
+        if label == LEVEL:
+            return label, None
+        other = ids.setdefault(OBJECT_ID_UNSAFE.sub("_", label), label)
+        if other != label:
+            return other, label
+    return None
 
 
 def check_labels(labels: Sequence[str], model: str = "the model") -> None:
     """Labels that can each be a topic level and a Home Assistant id of their own. A model trained before
     ``train`` refused such labels, or a hand-edited config.json, had MQTT die at its first join (a ``+`` is a
     wildcard), a label ``level`` get the level readings as its state, and two labels share one discovery topic."""
-    ids: dict[str, str] = {}
     for label in labels:
         bad = sorted({c for c in label if c in "+#/" or not c.isprintable()})
-        if bad or label == LEVEL:
-            why = f"holds {' '.join(repr(c) for c in bad)}" if bad else "is the stream's level topic"
+        if bad:
             raise ConfigError(
-                f"--mqtt: {model}'s label {label!r} {why}: a label is an MQTT topic level; rename it in the "
-                "labels of the model's config.json (the names only: the model is unchanged)"
+                f"--mqtt: {model}'s label {label!r} holds {' '.join(repr(c) for c in bad)}: a label is an MQTT "
+                "topic level; rename it in the labels of the model's config.json (the names only: the model is "
+                "unchanged)"
             )
-        other = ids.setdefault(OBJECT_ID_UNSAFE.sub("_", label), label)
-        if other != label:
-            raise ConfigError(
-                f"--mqtt: {model}'s labels {other!r} and {label!r} give one Home Assistant id: rename one in the "
-                "labels of the model's config.json"
-            )
+    clash = topic_clash(labels)
+    if clash is not None and clash[1] is None:
+        raise ConfigError(
+            f"--mqtt: {model}'s label {clash[0]!r} is the stream's level topic: a label is an MQTT topic level; "
+            "rename it in the labels of the model's config.json (the names only: the model is unchanged)"
+        )
+    if clash is not None:
+        raise ConfigError(
+            f"--mqtt: {model}'s labels {clash[0]!r} and {clash[1]!r} give one Home Assistant id: rename one in the "
+            "labels of the model's config.json"
+        )
 
 
 PASSWORD_VARIABLE = "STREAMTAG_MQTT_PASSWORD"  # a broker's password, kept out of the process list
@@ -421,12 +439,20 @@ class MqttPublisher:
         with self._lock:
             if sent:
                 self._unsent_states.pop(topic, None)
-                (self._broker_on.add if payload == "ON" else self._broker_on.discard)(topic)
-            elif payload == "ON" or topic in self._broker_on:
+                self._broker_got(topic, payload)
+            elif self._broker_needs(topic, payload):
                 self._unsent_states[topic] = payload
             else:  # the broker holds OFF or nothing there: nothing to put right
                 self._unsent_states.pop(topic, None)
         return sent
+
+    def _broker_got(self, topic: str, payload: str) -> None:
+        """(Under the lock.) A state the broker now holds."""
+        (self._broker_on.add if payload == "ON" else self._broker_on.discard)(topic)
+
+    def _broker_needs(self, topic: str, payload: str) -> bool:
+        """(Under the lock.) Whether a state the broker missed must reach it: an ON, or the OFF of an ON it holds."""
+        return payload == "ON" or topic in self._broker_on
 
     def _resend_states(self) -> None:
         """Every stream's state again (on paho's thread, after a reconnect). Published outside the lock (paho
@@ -438,8 +464,8 @@ class MqttPublisher:
             sent = self._send(topic, payload, retain=True)
             with self._lock:  # what the worker published meanwhile (it failed too) is the newer: kept
                 if sent:
-                    (self._broker_on.add if payload == "ON" else self._broker_on.discard)(topic)
-                elif payload == "ON" or topic in self._broker_on:
+                    self._broker_got(topic, payload)
+                elif self._broker_needs(topic, payload):
                     self._unsent_states.setdefault(topic, payload)
         before = self._snapshot()
         for stream, (enabled, on) in before.items():

@@ -135,9 +135,8 @@ def check_labels(labels, where: str, trained: bool = True) -> None:
     model is ``trained`` on (after the label map) that cannot be a column, a topic level or a summary key (a
     tab, '#', '/') is refused too: it was trained, then broke serve's MQTT (a traceback) and shifted every score
     column after it in a TSV. A dataset's own labels may hold them (a map renames them; eval only compares)."""
-    from ..outputs.mqtt import LEVEL, OBJECT_ID_UNSAFE
+    from ..outputs.mqtt import topic_clash
 
-    ids: dict[str, str] = {}
     for label in labels if trained else ():
         bad = sorted({c for c in label if c in UNSAFE_IN_LABELS or not c.isprintable()})
         if bad:
@@ -145,13 +144,13 @@ def check_labels(labels, where: str, trained: bool = True) -> None:
                 f"{where}: label {label!r} holds {' '.join(repr(c) for c in bad)}: a label names a column, an MQTT "
                 f"topic and a summary key, so it may not hold {' '.join(UNSAFE_IN_LABELS)} or tabs; rename it"
             )
-        if label == LEVEL:  # serve --mqtt refused the model only then
-            raise DatasetError(f"{where}: a class named {LEVEL!r} would be serve's MQTT topic of the level; rename it")
-        other = ids.setdefault(OBJECT_ID_UNSAFE.sub("_", label), label)
-        if other != label:
-            raise DatasetError(
-                f"{where}: labels {other!r} and {label!r} would be one Home Assistant id (serve --mqtt); rename one"
-            )
+    clash = topic_clash(labels) if trained else None  # serve --mqtt refused the model only then
+    if clash is not None and clash[1] is None:
+        raise DatasetError(f"{where}: a class named {clash[0]!r} would be serve's MQTT topic of the level; rename it")
+    if clash is not None:
+        raise DatasetError(
+            f"{where}: labels {clash[0]!r} and {clash[1]!r} would be one Home Assistant id (serve --mqtt); rename one"
+        )
     seen: dict[str, str] = {}
     for label in labels:
         other = seen.setdefault(label.casefold(), label)
