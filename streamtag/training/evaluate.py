@@ -162,6 +162,22 @@ def correct(pred: np.ndarray, targets: np.ndarray, hard: np.ndarray | None = Non
     return pred == targets if hard is None else hard[np.arange(len(pred)), pred] == 1.0
 
 
+def _argmax_offset(allowed: np.ndarray | None) -> np.ndarray | float:
+    """Added to scores before an argmax: the classes not ``allowed`` never win."""
+    return 0.0 if allowed is None else np.where(allowed, 0.0, -np.inf)
+
+
+def predictions(
+    probs: list[np.ndarray], allowed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per clip: its mean scores over its frames, and the class said by them and by its last frame, argmax among
+    the ``allowed`` classes (all when ``None``): ``(mean, pred_mean, pred_last)``."""
+    offset = _argmax_offset(allowed)
+    mean = np.stack([p.mean(0) for p in probs])
+    last = np.stack([p[-1] for p in probs])
+    return mean, (mean + offset).argmax(1), (last + offset).argmax(1)
+
+
 def metrics(
     probs: list[np.ndarray],
     targets: np.ndarray,
@@ -175,10 +191,8 @@ def metrics(
     (clips, classes), :func:`dataset_targets`': a clip with several labels is right on any of them."""
 
     n_classes = len(labels)
-    offset = np.zeros(n_classes) if allowed is None else np.where(allowed, 0.0, -np.inf)
-    mean = np.stack([p.mean(0) for p in probs])
-    last = np.stack([p[-1] for p in probs])
-    pred_mean, pred_last = (mean + offset).argmax(1), (last + offset).argmax(1)
+    offset = _argmax_offset(allowed)
+    mean, pred_mean, pred_last = predictions(probs, allowed)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     known = targets >= 0  # a clip of a class the model lacks has no row
     np.add.at(confusion, (targets[known], pred_last[known]), 1)
@@ -451,10 +465,7 @@ def clip_rows(
     """One row per clip (``CLIP_COLUMNS``): what the model said, whether that is right (as :func:`metrics` counts
     it) and how high its own label scored, so a user can find the clips it gets wrong (a quiet recorder, a
     class it confuses) and those it learned from."""
-    offset = np.where(allowed, 0.0, -np.inf)
-    mean = np.stack([p.mean(0) for p in probs])
-    last = np.stack([p[-1] for p in probs])
-    pred_mean, pred_last = (mean + offset).argmax(1), (last + offset).argmax(1)
+    mean, pred_mean, pred_last = predictions(probs, allowed)
     right_mean, right_last = correct(pred_mean, targets, hard), correct(pred_last, targets, hard)
     rows = []
     for i, clip in enumerate(clips):

@@ -680,15 +680,18 @@ def _start_from(model, cfg: ModelConfig, folder: str) -> str | None:
             for i, j in shared:
                 rows[i] = state[key][j]
             state[key] = rows
+        kept = [labels[i] for i, _ in shared]
         new = [x for x in labels if x not in init_labels]
         dropped = [x for x in init_labels if x not in labels]
-        kept = [x for x in labels if x in init_labels]
-        note = (
-            f"--init {folder}: {len(shared)} of its {len(init_labels)} classes "
-            f"{'goes' if len(shared) == 1 else 'go'} on as learned ({some(kept, 4) if kept else 'none'})"
-            + (f"; {count(len(new), 'new class starts', 'new classes start')} untrained ({some(new, 4)})" * bool(new))
-            + (f"; {len(dropped)} it had are left out ({some(dropped, 4)})" if dropped else "")
-        )
+        parts = [
+            f"{len(kept)} of its {len(init_labels)} classes {'goes' if len(kept) == 1 else 'go'} on as learned "
+            f"({some(kept, 4) or 'none'})"
+        ]
+        if new:
+            parts.append(f"{count(len(new), 'new class starts', 'new classes start')} untrained ({some(new, 4)})")
+        if dropped:
+            parts.append(f"{len(dropped)} it had are left out ({some(dropped, 4)})")
+        note = f"--init {folder}: " + "; ".join(parts)
     missing, unexpected = model.load_state_dict(state, strict=not (adds_gate or new_blocks))
     new_prefixes = ("head.gate.",) * adds_gate + tuple(f"{m}.{i}." for i in new_blocks for m in ("convs", "norms"))
     if unexpected or any(not k.startswith(new_prefixes) for k in missing):
